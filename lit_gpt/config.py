@@ -1,0 +1,335 @@
+"""Model configuration: one dataclass and a table of named configs.
+
+Field names follow litgpt's so that its users feel at home. A named config is plain data; checkpoints carry their
+own `model_config.yaml`, written at conversion time from the checkpoint's own Hugging Face `config.json`, so a
+fine-tuned variant or an unlisted size never depends on this table.
+"""
+
+from __future__ import annotations
+
+import difflib
+from copy import deepcopy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONFIG_FILENAME = "model_config.yaml"
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass
+class Config:
+    name: str = ""
+    hf_config: dict = field(default_factory=dict)  # {"org": ..., "name": ...}
+    block_size: int = 4096
+    vocab_size: int = 50254
+    padding_multiple: int = 512
+    padded_vocab_size: Optional[int] = None
+    n_layer: int = 16
+    n_head: int = 32
+    head_size: Optional[int] = None
+    n_embd: int = 4096
+    n_query_groups: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    # "rope" for rotary position embeddings, "learned" for GPT-2's absolute position table
+    pos_embedding: Literal["rope", "learned"] = "rope"
+    rotary_percentage: float = 1.0
+    rope_base: float = 10000.0
+    # Llama-3.1 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_seq_len"}; None for plain RoPE
+    rope_adjustments: Optional[dict] = None
+    parallel_residual: bool = False
+    shared_attention_norm: bool = False
+    bias: bool = True  # bias of every linear layer unless overridden below
+    attn_bias: Optional[bool] = None  # bias of the fused QKV projection (Qwen2: True while `bias` is False)
+    lm_head_bias: bool = False
+    tie_embeddings: bool = False
+    norm_class_name: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    norm_eps: float = 1e-5
+    mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP"] = "GptNeoxMLP"
+    # "none" is exact GELU (Pythia), "tanh" the approximation (GPT-2's and Phi's gelu_new)
+    gelu_approximate: Literal["none", "tanh"] = "none"
+
+    def __post_init__(self) -> None:
+        if not self.name and self.hf_config.get("name"):
+            self.name = self.hf_config["name"]
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_size.")
+            self.head_size = self.n_embd // self.n_head
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = find_multiple(self.vocab_size, self.padding_multiple)
+        else:
+            # a padded size smaller than the vocabulary cuts off real tokens
+            self.vocab_size = min(self.vocab_size, self.padded_vocab_size)
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.n_head % self.n_query_groups:
+            raise ValueError(
+                f"n_head={self.n_head} must be a multiple of n_query_groups={self.n_query_groups}."
+            )
+        if self.intermediate_size is None:
+            if self.mlp_class_name == "LLaMAMLP":
+                raise ValueError(f"Config {self.name!r}: LLaMAMLP needs an explicit intermediate_size.")
+            self.intermediate_size = 4 * self.n_embd
+        if self.attn_bias is None:
+            self.attn_bias = self.bias
+        self.rope_n_elem = int(self.rotary_percentage * self.head_size) if self.pos_embedding == "rope" else 0
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        """A named config (see `name_to_config`), with any field overridden, e.g. `n_layer=2` for a test model."""
+        conf = name_to_config.get(name)
+        if conf is None:
+            conf = hf_name_to_config.get(name)
+        if conf is None:
+            close = difflib.get_close_matches(name, list(name_to_config), n=4, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"Unknown model name {name!r}.{hint} Run `python scripts/download.py` to list the known names."
+            )
+        conf = deepcopy(conf)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown Config field(s) {sorted(unknown)} for model {name!r}.")
+        if "vocab_size" in overrides and "padded_vocab_size" not in overrides:
+            # the padded size is derived from the vocabulary; recompute it for the overridden one
+            conf.pop("padded_vocab_size", None)
+        conf.update(overrides)
+        return cls(**conf)
+
+    @classmethod
+    def from_file(cls, path: Path | str, **overrides: Any) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Model config {str(path)!r} does not exist.")
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        data.update(overrides)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Path | str, **overrides: Any) -> "Config":
+        checkpoint_dir = Path(checkpoint_dir)
+        path = checkpoint_dir / CONFIG_FILENAME
+        if path.is_file():
+            return cls.from_file(path, **overrides)
+        if not checkpoint_dir.is_dir():
+            raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
+        raise FileNotFoundError(
+            f"{str(path)!r} is missing: convert the checkpoint first with "
+            f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`."
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, checkpoint_dir: Path | str) -> Path:
+        from lit_gpt.utils import atomic_write_text
+
+        path = Path(checkpoint_dir) / CONFIG_FILENAME
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+###################################################################################################
+# Named configs. Sizes are those of each model's Hugging Face `config.json`.
+###################################################################################################
+configs: list[dict] = []
+
+
+def _llama(org: str, name: str, **kw: Any) -> dict:
+    base = dict(
+        hf_config=dict(org=org, name=name),
+        padding_multiple=64,
+        bias=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        parallel_residual=False,
+    )
+    base.update(kw)
+    return base
+
+
+# Llama 2
+for size, layers, embd, heads, groups, inter in (
+    ("7b", 32, 4096, 32, 32, 11008),
+    ("13b", 40, 5120, 40, 40, 13824),
+    ("70b", 80, 8192, 64, 8, 28672),
+):
+    for suffix in ("-hf", "-chat-hf"):
+        configs.append(
+            _llama(
+                "meta-llama", f"Llama-2-{size}{suffix}", block_size=4096, vocab_size=32000, padding_multiple=64,
+                n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=groups, intermediate_size=inter,
+                norm_eps=1e-5,
+            )
+        )
+
+# Llama 3 / 3.1 / 3.2
+_llama31_rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+_llama32_rope = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+for size, layers, embd, heads, inter in (("8B", 32, 4096, 32, 14336), ("70B", 80, 8192, 64, 28672)):
+    for instruct in ("", "-Instruct"):
+        configs.append(
+            _llama(
+                "meta-llama", f"Meta-Llama-3-{size}{instruct}", block_size=8192, vocab_size=128000,
+                padded_vocab_size=128256, n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=8,
+                intermediate_size=inter, norm_eps=1e-5, rope_base=500000,
+            )
+        )
+        configs.append(
+            _llama(
+                "meta-llama", f"Llama-3.1-{size}{instruct}", block_size=131072, vocab_size=128000,
+                padded_vocab_size=128256, n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=8,
+                intermediate_size=inter, norm_eps=1e-5, rope_base=500000, rope_adjustments=dict(_llama31_rope),
+            )
+        )
+for size, layers, embd, heads, groups, inter in (("1B", 16, 2048, 32, 8, 8192), ("3B", 28, 3072, 24, 8, 8192)):
+    for instruct in ("", "-Instruct"):
+        configs.append(
+            _llama(
+                "meta-llama", f"Llama-3.2-{size}{instruct}", block_size=131072, vocab_size=128000,
+                padded_vocab_size=128256, n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=groups,
+                intermediate_size=inter, norm_eps=1e-5, rope_base=500000, rope_adjustments=dict(_llama32_rope),
+                tie_embeddings=True,
+            )
+        )
+
+# Mistral
+configs.append(
+    _llama(
+        "mistralai", "Mistral-7B-v0.1", block_size=4096, vocab_size=32000, padded_vocab_size=32000, n_layer=32,
+        n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
+    )
+)
+configs.append(
+    _llama(
+        "mistralai", "Mistral-7B-Instruct-v0.1", block_size=4096, vocab_size=32000, padded_vocab_size=32000,
+        n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
+    )
+)
+for instruct in ("", "-Instruct"):
+    configs.append(
+        _llama(
+            "mistralai", f"Mistral-7B{instruct}-v0.3", block_size=32768, vocab_size=32768, padded_vocab_size=32768,
+            n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
+            rope_base=1000000,
+        )
+    )
+
+# TinyLlama
+configs.append(
+    _llama(
+        "TinyLlama", "TinyLlama-1.1B-Chat-v1.0", block_size=2048, vocab_size=32000, padded_vocab_size=32000,
+        n_layer=22, n_embd=2048, n_head=32, n_query_groups=4, intermediate_size=5632, norm_eps=1e-5,
+    )
+)
+configs.append(
+    _llama(
+        "TinyLlama", "TinyLlama-1.1B-intermediate-step-1431k-3T", block_size=2048, vocab_size=32000,
+        padded_vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_query_groups=4, intermediate_size=5632,
+        norm_eps=1e-5,
+    )
+)
+
+# SmolLM2
+for size, layers, embd, heads, groups, inter, base, block in (
+    ("135M", 30, 576, 9, 3, 1536, 100000, 8192),
+    ("360M", 32, 960, 15, 5, 2560, 100000, 8192),
+    ("1.7B", 24, 2048, 32, 32, 8192, 130000, 8192),
+):
+    for instruct in ("", "-Instruct"):
+        configs.append(
+            _llama(
+                "HuggingFaceTB", f"SmolLM2-{size}{instruct}", block_size=block, vocab_size=49152,
+                padded_vocab_size=49152, n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=groups,
+                intermediate_size=inter, norm_eps=1e-5, rope_base=base, tie_embeddings=True,
+            )
+        )
+
+# Qwen2.5
+for size, layers, embd, heads, groups, inter, tied in (
+    ("0.5B", 24, 896, 14, 2, 4864, True),
+    ("1.5B", 28, 1536, 12, 2, 8960, True),
+    ("3B", 36, 2048, 16, 2, 11008, True),
+    ("7B", 28, 3584, 28, 4, 18944, False),
+):
+    for instruct in ("", "-Instruct"):
+        configs.append(
+            _llama(
+                "Qwen", f"Qwen2.5-{size}{instruct}", block_size=32768, vocab_size=151643,
+                padded_vocab_size=151936 if size in ("0.5B", "1.5B", "3B") else 152064, n_layer=layers,
+                n_embd=embd, n_head=heads, n_query_groups=groups, intermediate_size=inter, norm_eps=1e-6,
+                rope_base=1000000, attn_bias=True, tie_embeddings=tied,
+            )
+        )
+
+# Phi
+configs.append(
+    dict(
+        hf_config=dict(org="microsoft", name="phi-1_5"), block_size=2048, vocab_size=50257, padded_vocab_size=51200,
+        n_layer=24, n_embd=2048, n_head=32, rotary_percentage=0.5, parallel_residual=True,
+        shared_attention_norm=True, bias=True, lm_head_bias=True, norm_class_name="LayerNorm", norm_eps=1e-5,
+        mlp_class_name="GptNeoxMLP", gelu_approximate="tanh", intermediate_size=8192,
+    )
+)
+configs.append(
+    dict(
+        hf_config=dict(org="microsoft", name="phi-2"), block_size=2048, vocab_size=50257, padded_vocab_size=51200,
+        n_layer=32, n_embd=2560, n_head=32, rotary_percentage=0.4, parallel_residual=True,
+        shared_attention_norm=True, bias=True, lm_head_bias=True, norm_class_name="LayerNorm", norm_eps=1e-5,
+        mlp_class_name="GptNeoxMLP", gelu_approximate="tanh", intermediate_size=10240,
+    )
+)
+
+# GPT-2
+for hf_name, layers, embd, heads in (
+    ("gpt2", 12, 768, 12),
+    ("gpt2-medium", 24, 1024, 16),
+    ("gpt2-large", 36, 1280, 20),
+    ("gpt2-xl", 48, 1600, 25),
+):
+    configs.append(
+        dict(
+            hf_config=dict(org="openai-community", name=hf_name), block_size=1024, vocab_size=50257,
+            padded_vocab_size=50257, n_layer=layers, n_embd=embd, n_head=heads, pos_embedding="learned",
+            bias=True, tie_embeddings=True, norm_class_name="LayerNorm", norm_eps=1e-5,
+            mlp_class_name="GptNeoxMLP", gelu_approximate="tanh",
+        )
+    )
+
+# Pythia
+for size, layers, embd, heads, padded in (
+    ("14m", 6, 128, 4, 50304),
+    ("31m", 6, 256, 8, 50304),
+    ("70m", 6, 512, 8, 50304),
+    ("160m", 12, 768, 12, 50304),
+    ("410m", 24, 1024, 16, 50304),
+    ("1b", 16, 2048, 8, 50304),
+    ("1.4b", 24, 2048, 16, 50304),
+    ("2.8b", 32, 2560, 32, 50304),
+    ("6.9b", 32, 4096, 32, 50432),
+    ("12b", 36, 5120, 40, 50688),
+):
+    configs.append(
+        dict(
+            hf_config=dict(org="EleutherAI", name=f"pythia-{size}"), block_size=2048, vocab_size=50254,
+            padded_vocab_size=padded, n_layer=layers, n_embd=embd, n_head=heads, rotary_percentage=0.25,
+            parallel_residual=True, shared_attention_norm=False, bias=True, norm_class_name="LayerNorm",
+            norm_eps=1e-5, mlp_class_name="GptNeoxMLP", gelu_approximate="none",
+        )
+    )
+
+for c in configs:
+    c.setdefault("name", c["hf_config"]["name"])
+
+name_to_config: dict[str, dict] = {c["name"]: c for c in configs}
+hf_name_to_config: dict[str, dict] = {f"{c['hf_config']['org']}/{c['hf_config']['name']}": c for c in configs}

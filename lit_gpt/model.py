@@ -1,0 +1,289 @@
+"""One decoder-only transformer covering every family in `lit_gpt.config`.
+
+Module names (stable; adapters, converters and FSDP wrapping rely on them):
+
+    transformer.wte                 token embedding
+    transformer.wpe                 learned positions (GPT-2 only)
+    transformer.h[i].norm_1         pre-attention norm
+    transformer.h[i].attn.qkv       fused projection; rows are [all query heads | all key heads | all value heads]
+    transformer.h[i].attn.proj      attention output
+    transformer.h[i].norm_2         pre-MLP norm (absent when the attention norm is shared, Phi)
+    transformer.h[i].mlp.fc_1/fc_2  SwiGLU gate / up (LLaMAMLP);   .mlp.fc  (GptNeoxMLP)
+    transformer.h[i].mlp.proj       MLP output
+    transformer.ln_f                final norm
+    lm_head                         output projection (shares `wte.weight` when `tie_embeddings`)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_gpt.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=build_norm(config),
+            )
+        )
+        if config.pos_embedding == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        # (length, device) -> (cos, sin) in float32; rebuilt on demand, never saved
+        self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_dir: Path | str,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "GPT":
+        """Build the model described by `checkpoint_dir/model_config.yaml` and load `lit_model.pth` into it."""
+        from lit_gpt.utils import check_checkpoint_dir, load_model_weights
+
+        checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+        config = Config.from_checkpoint(checkpoint_dir)
+        with torch.device("meta"):
+            model = cls(config)
+        load_model_weights(model, checkpoint_dir / "lit_model.pth", device=device, dtype=dtype)
+        return model
+
+    def tie_weights(self) -> None:
+        """Re-share the output projection with the embedding (after a load that replaced parameters)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    # ------------------------------------------------------------------ rope
+    def rope_cache(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self._rope_cache
+        if cache is None or cache[0].size(0) < length or cache[0].device != device:
+            # grow geometrically so generation does not rebuild it every token
+            n = max(length, 2 * cache[0].size(0) if cache is not None else 0, 256)
+            cache = build_rope_cache(n, self.config, device)
+            self._rope_cache = cache
+        return cache
+
+    # ------------------------------------------------------------------ kv cache
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None
+    ) -> None:
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(
+                f"A KV cache of {max_seq_length} tokens exceeds the model's block_size {self.config.block_size}."
+            )
+        ref = self.transformer.wte.weight
+        device = device or ref.device
+        dtype = dtype or ref.dtype
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, max_seq_length, self.config, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *, lm_head: bool = True
+    ) -> torch.Tensor:
+        """Logits `(B, T, padded_vocab_size)` for token ids `(B, T)`.
+
+        `input_pos` (shape `(T,)`) are the positions of `idx` when decoding with a KV cache (`set_kv_cache`).
+        `lm_head=False` returns the final normalised hidden states instead, for losses that chunk the vocabulary.
+        """
+        T = idx.size(1)
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(
+                    f"Cannot forward a sequence of {T} tokens: the model's block_size is {self.config.block_size}."
+                )
+            positions = torch.arange(T, device=idx.device)
+            needed = T
+        else:
+            positions = input_pos
+            needed = self.transformer.h[0].attn.kv_cache.k.size(2)
+
+        x = self.transformer.wte(idx)
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(positions)
+        cos = sin = None
+        if self.config.rope_n_elem > 0:
+            cos, sin = self.rope_cache(needed, idx.device)
+            if input_pos is None:
+                cos, sin = cos[:T], sin[:T]
+            else:
+                cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, input_pos)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x) if lm_head else x
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, block_idx: int) -> None:
+        super().__init__()
+        self.norm_1 = build_norm(config)
+        self.attn = CausalSelfAttention(config, block_idx)
+        self.norm_2 = None if config.shared_attention_norm else build_norm(config)
+        self.mlp = LLaMAMLP(config) if config.mlp_class_name == "LLaMAMLP" else GptNeoxMLP(config)
+        self.parallel_residual = config.parallel_residual
+
+    def forward(self, x, cos, sin, input_pos=None):
+        x_normed = self.norm_1(x)
+        h = self.attn(x_normed, cos, sin, input_pos)
+        if self.parallel_residual:
+            mlp_in = x_normed if self.norm_2 is None else self.norm_2(x)
+            return x + h + self.mlp(mlp_in)
+        x = x + h
+        return x + self.mlp(self.norm_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config, block_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.block_idx = block_idx
+        hs = config.head_size
+        self.q_size = config.n_head * hs
+        self.kv_size = config.n_query_groups * hs
+        self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.attn_bias)
+        self.proj = nn.Linear(self.q_size, config.n_embd, bias=config.bias)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, input_pos=None):
+        B, T, _ = x.shape
+        c = self.config
+        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)
+        k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+        if c.rope_n_elem > 0:
+            q = apply_rope(q, cos, sin, c.rope_n_elem)
+            k = apply_rope(k, cos, sin, c.rope_n_elem)
+
+        mask = None
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos was given but no KV cache is set: call model.set_kv_cache() first.")
+            k, v = self.kv_cache(input_pos, k, v)
+            mask = input_pos[:, None] >= torch.arange(k.size(2), device=k.device)[None, :]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            scale=1.0 / math.sqrt(c.head_size),
+            enable_gqa=c.n_query_groups != c.n_head,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.q_size)
+        return self.proj(y)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, max_seq_length: int, config: Config, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k = self.k.to(k.dtype)
+        self.v = self.v.to(v.dtype)
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class GptNeoxMLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class LLaMAMLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the input dtype (as Llama's reference does)."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def build_norm(config: Config) -> nn.Module:
+    if config.norm_class_name == "RMSNorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+def rope_inv_freq(config: Config, device=None) -> torch.Tensor:
+    n = config.rope_n_elem
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, device=device, dtype=torch.float32) / n))
+    adj = config.rope_adjustments
+    if adj:
+        # Llama-3.1 scaling: long wavelengths are slowed by `factor`, short ones kept, the band between blended
+        factor, lo, hi = adj["factor"], adj["low_freq_factor"], adj["high_freq_factor"]
+        old_len = adj["original_max_seq_len"]
+        wavelen = 2 * math.pi / inv_freq
+        blend = ((old_len / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)
+        inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
+    return inv_freq
+
+
+def build_rope_cache(length: int, config: Config, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(config, device)
+    t = torch.arange(length, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (length, rope_n_elem), the "rotate half" layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
+    """Rotate the first `n_elem` features of each head (all of them unless the rotary percentage is partial)."""
+    if n_elem < x.size(-1):
+        return torch.cat((apply_rope(x[..., :n_elem], cos, sin, n_elem), x[..., n_elem:]), dim=-1)
+    half = n_elem // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
