@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lit_gpt.config import Config
 
@@ -45,6 +46,8 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         # (length, device) -> (cos, sin) in float32; rebuilt on demand, never saved
         self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # recompute each block in backward instead of keeping its activations (set by the training loop)
+        self.activation_checkpointing = False
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -100,12 +103,20 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *, lm_head: bool = True
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        *,
+        lm_head: bool = True,
+        labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits `(B, T, padded_vocab_size)` for token ids `(B, T)`.
 
         `input_pos` (shape `(T,)`) are the positions of `idx` when decoding with a KV cache (`set_kv_cache`).
-        `lm_head=False` returns the final normalised hidden states instead, for losses that chunk the vocabulary.
+        `lm_head=False` returns the final normalised hidden states instead.
+        `labels` (`(B, T)`, -100 where no loss is wanted) returns the mean next-token cross-entropy instead, computed
+        here so that sharded (FSDP) training gathers the output projection once, and computed in chunks so that
+        full-vocabulary logits never exist for all tokens at once.
         """
         T = idx.size(1)
         if input_pos is None:
@@ -130,10 +141,42 @@ class GPT(nn.Module):
             else:
                 cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x, cos, sin, input_pos)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, input_pos)
         x = self.transformer.ln_f(x)
+        if labels is not None:
+            return chunked_cross_entropy(x[:, :-1], labels[:, 1:], self.lm_head)
         return self.lm_head(x) if lm_head else x
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of `head(hidden)` against `targets`, over the positions whose target is not ignored.
+
+    Only those positions go through the output projection (prompt tokens masked out of the loss cost nothing there),
+    and when they exceed `chunk_size` each chunk's logits are recomputed in backward rather than kept.
+    """
+    keep = targets != ignore_index
+    hidden, targets = hidden[keep], targets[keep]
+    n = targets.numel()
+    if n == 0:  # a micro-batch whose answers were all truncated away: a zero that still has a graph
+        return hidden.sum() * 0.0 + sum(p.sum() for p in head.parameters() if p.requires_grad) * 0.0
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    if n <= chunk_size:
+        return chunk_loss(hidden, targets) / n
+    total = sum(
+        torch.utils.checkpoint.checkpoint(chunk_loss, h, t, use_reentrant=False)
+        for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))
+    )
+    return total / n
 
 
 class Block(nn.Module):
