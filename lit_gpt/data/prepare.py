@@ -1,0 +1,407 @@
+"""Turn instruction data (instruction / input / output rows) into tokenized `train.pt` and `test.pt` files.
+
+Every `scripts/prepare_*.py` is a thin CLI over these helpers: find or download the raw file, read and check its
+rows, split them, tokenize with the checkpoint's tokenizer and write the result. A prepared directory holds
+
+* `train.pt`, `test.pt`: lists of ``{"input_ids", "labels", "instruction", "input", "output"}``; the two tensors are
+  1-D int64 of equal length, loadable with ``torch.load(weights_only=True)``;
+* `prepare_config.yaml`: what it was prepared with (prompt style, tokenizer directory, max_seq_length, ...), which
+  training, chat and eval read back instead of guessing.
+
+Tokenization. The prompt (BOS per the tokenizer's default) and the response (EOS appended) are encoded separately
+and concatenated. At inference the prompt is encoded alone and the model continues it, so training on exactly
+those prompt tokens matches what the model will see, and the masked positions are exactly the prompt's tokens
+(encoding ``prompt + response`` as one string can merge tokens across the boundary). `labels` equals `input_ids`
+with the prompt positions set to `ignore_index` when `mask_inputs`; the loss shifts them by one position.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import yaml
+
+from lit_gpt.data.prompts import PromptStyle, prompt_style_from_name
+from lit_gpt.utils import atomic_path, atomic_save, atomic_write_text
+
+TRAIN_FILENAME = "train.pt"
+TEST_FILENAME = "test.pt"
+PREPARE_CONFIG_FILENAME = "prepare_config.yaml"
+
+
+class DataPreparationError(ValueError):
+    """A user-facing problem with the data or the flags; the message is one sentence that says how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# where the raw data comes from
+
+
+def download_url(url: str, target: Path) -> None:
+    """Fetch `url` into `target`; a failed download leaves nothing behind."""
+    with urllib.request.urlopen(url, timeout=60) as response, atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+
+
+def download_hf(repo_id: str, filename: str, target: Path, token: Optional[str] = None) -> None:
+    """Fetch one file of a Hugging Face dataset repository into `target` (through the hub's local cache)."""
+    from huggingface_hub import hf_hub_download
+
+    cached = hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", token=token)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(cached, tmp)
+
+
+@dataclass
+class Source:
+    """Where a raw data file is downloaded from: a plain URL, or a file in a Hugging Face dataset repository."""
+
+    url: Optional[str] = None
+    hf_repo_id: Optional[str] = None
+    hf_filename: Optional[str] = None
+    token: Optional[str] = field(default=None, repr=False)
+    hint: str = ""  # extra advice when the download fails (e.g. a gated repository)
+
+    def describe(self) -> str:
+        if self.url:
+            return self.url
+        return f"the Hugging Face dataset {self.hf_repo_id!r} (file {self.hf_filename!r})"
+
+    def fetch(self, target: Path) -> None:
+        # module-level lookups so that tests can replace the downloaders
+        module = sys.modules[__name__]
+        if self.url:
+            module.download_url(self.url, target)
+        else:
+            module.download_hf(self.hf_repo_id, self.hf_filename, target, token=self.token)
+
+
+def local_data_file(data_file_path: Path | str) -> Path:
+    data_file_path = Path(data_file_path)
+    if not data_file_path.is_file():
+        raise DataPreparationError(f"--data_file_path {str(data_file_path)!r} does not exist.")
+    print(f"Using the local data file {str(data_file_path)!r}.")
+    return data_file_path
+
+
+def fetch_data_file(
+    destination_path: Path, data_file_name: str, source: Source, data_file_path: Optional[Path] = None
+) -> Path:
+    """The raw data file: `--data_file_path` if given, else a copy already in the destination, else a download."""
+    if data_file_path is not None:
+        return local_data_file(data_file_path)
+    target = Path(destination_path) / data_file_name
+    if target.is_file() and target.stat().st_size > 0:
+        print(f"Using the data file already at {str(target)!r}.")
+        return target
+    print(f"Downloading {source.describe()} to {str(target)!r} ...")
+    try:
+        source.fetch(target)
+    except Exception as e:  # network, HTTP, hub and file errors all mean the same thing to the user
+        hint = f" {source.hint}" if source.hint else ""
+        raise DataPreparationError(
+            f"Could not download {source.describe()} ({type(e).__name__}: {e}).{hint} If you have the file, pass "
+            f"it with --data_file_path FILE (or put it at {str(target)!r}) and run again."
+        ) from e
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading and checking rows
+
+
+def read_records(path: Path | str) -> list[dict]:
+    """Rows of a JSON array, a JSON Lines file or a CSV file with a header line (chosen by the file's content)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataPreparationError(f"The data file {str(path)!r} does not exist.")
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path)
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise DataPreparationError(f"The data file {str(path)!r} is empty.")
+    if path.suffix.lower() != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first value means JSON Lines
+                raise DataPreparationError(
+                    f"{str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}); expected a list of objects or "
+                    "JSON Lines (one object per line)."
+                ) from None
+        else:
+            if isinstance(data, dict):  # a single object is one row of JSON Lines
+                return [data]
+            if not isinstance(data, list):
+                raise DataPreparationError(
+                    f"{str(path)!r} holds a JSON {type(data).__name__}; expected a list of objects with "
+                    "instruction/input/output keys."
+                )
+            return data
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataPreparationError(
+                f"{str(path)!r} line {line_number} is not valid JSON ({e.msg}); JSON Lines needs one object per line."
+            ) from None
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataPreparationError(
+                f"The CSV file {str(path)!r} is empty; it needs a header line naming instruction,input,output."
+            )
+        rows = []
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise DataPreparationError(
+                    f"{str(path)!r} row {len(rows) + 1} has more cells than the header has columns "
+                    f"({', '.join(reader.fieldnames)}); quote cells that contain commas."
+                )
+            rows.append(row)
+    return rows
+
+
+def check_rows(
+    rows: Sequence[Any], path: Path | str, required: Sequence[str], optional: Sequence[str] = (),
+    rename: Optional[dict[str, str]] = None,
+) -> list[dict[str, str]]:
+    """Keep the `required` and `optional` text fields of every row, renamed with `rename`.
+
+    A row that is not an object, lacks a required field, or holds a non-text value stops preparation with one
+    sentence naming the file, the row (counting from 1) and the field. A missing optional field becomes "".
+    """
+    rename = rename or {}
+    checked = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataPreparationError(
+                f"{str(path)!r} row {number} is a {type(row).__name__}, not an object with the fields "
+                f"{', '.join(required)}."
+            )
+        out = {}
+        for key in (*required, *optional):
+            value = row.get(key)
+            if value is None:
+                if key in required:
+                    raise DataPreparationError(
+                        f"{str(path)!r} row {number} has no {key!r} field (every row needs "
+                        f"{' and '.join(repr(k) for k in required)})."
+                    )
+                value = ""
+            if not isinstance(value, str):
+                raise DataPreparationError(
+                    f"{str(path)!r} row {number} field {key!r} is a {type(value).__name__}; it must be text."
+                )
+            out[rename.get(key, key)] = value
+        checked.append(out)
+    if not checked:
+        raise DataPreparationError(f"{str(path)!r} has no rows.")
+    return checked
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# splitting, tokenizing, writing
+
+
+def split_rows(rows: Sequence[dict], test_split_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A random train/test split that depends only on (len(rows), test_split_fraction, seed).
+
+    The test set has ``floor(n * fraction)`` rows (at least one when the fraction is positive), drawn with
+    `torch.utils.data.random_split` as lit-gpt did, so the same seed selects the same test rows as lit-gpt's
+    prepare scripts (Alpaca with the default 0.03865 gets exactly 2,000 test rows).
+    """
+    if not 0.0 <= test_split_fraction < 1.0:
+        raise DataPreparationError(f"--test_split_fraction must be in [0, 1), got {test_split_fraction}.")
+    n = len(rows)
+    n_test = int(n * test_split_fraction)
+    if test_split_fraction > 0 and n_test == 0:
+        n_test = 1
+    if n - n_test < 1:
+        raise DataPreparationError(f"{n} rows leave nothing to train on with --test_split_fraction {test_split_fraction}.")
+    train, test = torch.utils.data.random_split(
+        list(rows), [n - n_test, n_test], generator=torch.Generator().manual_seed(seed)
+    )
+    return list(train), list(test)
+
+
+def resolve_max_seq_length(checkpoint_dir: Path, max_seq_length: Optional[int]) -> int:
+    """`max_seq_length` if given, else the model's context length from the checkpoint's `model_config.yaml`."""
+    if max_seq_length is not None:
+        if max_seq_length < 1:
+            raise DataPreparationError(f"--max_seq_length must be positive, got {max_seq_length}.")
+        return max_seq_length
+    from lit_gpt.config import CONFIG_FILENAME, Config
+
+    if not (Path(checkpoint_dir) / CONFIG_FILENAME).is_file():
+        raise DataPreparationError(
+            f"Pass --max_seq_length: without it the model's context length is read from "
+            f"{str(Path(checkpoint_dir) / CONFIG_FILENAME)!r}, which does not exist."
+        )
+    return Config.from_checkpoint(checkpoint_dir).block_size
+
+
+def default_destination(checkpoint_dir: Path, dataset: str, max_seq_length: int) -> Path:
+    """`<checkpoint_dir>/<dataset>-t<max_seq_length>`, the directory the ETHER recipes train from."""
+    return Path(checkpoint_dir) / f"{dataset}-t{max_seq_length}"
+
+
+def load_tokenizer(checkpoint_dir: Path) -> Any:
+    from lit_gpt.tokenizer import Tokenizer
+
+    return Tokenizer(checkpoint_dir)
+
+
+def encode_example(
+    prompt: str, response: str, tokenizer: Any, max_seq_length: int, mask_inputs: bool = True,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Token ids and labels for one example, the prompt length, and whether it was cut to `max_seq_length`."""
+    prompt_ids = tokenizer.encode(prompt).long()
+    response_ids = tokenizer.encode(response, bos=False, eos=True).long()
+    input_ids = torch.cat((prompt_ids, response_ids))
+    labels = input_ids.clone()
+    if mask_inputs:
+        labels[: len(prompt_ids)] = ignore_index
+    truncated = len(input_ids) > max_seq_length
+    return input_ids[:max_seq_length].clone(), labels[:max_seq_length].clone(), len(prompt_ids), truncated
+
+
+@dataclass
+class SplitStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0  # the prompt alone filled max_seq_length: no response token left to learn from
+    longest: int = 0
+
+
+def tokenize_rows(
+    rows: Iterable[dict], tokenizer: Any, prompt_style: PromptStyle, max_seq_length: int, mask_inputs: bool,
+    ignore_index: int, desc: str = "",
+) -> tuple[list[dict], SplitStats]:
+    from tqdm import tqdm
+
+    rows = list(rows)
+    samples, stats = [], SplitStats(rows=len(rows))
+    for row in tqdm(rows, desc=desc, disable=None, mininterval=2.0):
+        prompt = prompt_style.apply(row["instruction"], row.get("input", ""))
+        input_ids, labels, _, truncated = encode_example(
+            prompt, row["output"], tokenizer, max_seq_length, mask_inputs, ignore_index
+        )
+        stats.truncated += truncated
+        # a row without one response token left trains nothing, and a batch of only such rows has a NaN loss
+        if mask_inputs and bool((labels == ignore_index).all()):
+            stats.dropped += 1
+            continue
+        stats.longest = max(stats.longest, len(input_ids))
+        samples.append({"input_ids": input_ids, "labels": labels, "instruction": row["instruction"],
+                        "input": row.get("input", ""), "output": row["output"]})
+    stats.kept = len(samples)
+    return samples, stats
+
+
+def write_prepared(
+    destination_path: Path, train_rows: Sequence[dict], test_rows: Sequence[dict], *, dataset: str,
+    checkpoint_dir: Path, max_seq_length: int, prompt_style: str = "alpaca", system_prompt: Optional[str] = None,
+    mask_inputs: bool = True, ignore_index: int = -100, tokenizer: Any = None, extra: Optional[dict] = None,
+) -> dict:
+    """Tokenize both splits and write `train.pt`, `test.pt` and `prepare_config.yaml`; returns the config."""
+    destination_path = Path(destination_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
+    style = prompt_style_from_name(prompt_style, checkpoint_dir=checkpoint_dir, system_prompt=system_prompt,
+                                   tokenizer=tokenizer)
+    stats = {}
+    for split, rows, filename in (("train", train_rows, TRAIN_FILENAME), ("test", test_rows, TEST_FILENAME)):
+        samples, stats[split] = tokenize_rows(rows, tokenizer, style, max_seq_length, mask_inputs, ignore_index,
+                                              desc=f"{dataset} {split}")
+        atomic_save(samples, destination_path / filename)
+    if stats["train"].kept == 0:
+        raise DataPreparationError(
+            f"No training example has a response token within --max_seq_length {max_seq_length}; raise it."
+        )
+    config = {
+        "dataset": dataset,
+        "prompt_style": prompt_style,
+        "system_prompt": system_prompt,
+        "checkpoint_dir": str(checkpoint_dir),
+        "max_seq_length": max_seq_length,
+        "mask_inputs": mask_inputs,
+        "ignore_index": ignore_index,
+        "bos_id": getattr(tokenizer, "bos_id", None),
+        "eos_id": getattr(tokenizer, "eos_id", None),
+        "vocab_size": getattr(tokenizer, "vocab_size", None),
+        "longest_seq_length": max(stats["train"].longest, stats["test"].longest),
+        **(extra or {}),
+        "splits": {split: vars(s) for split, s in stats.items()},
+    }
+    atomic_write_text(destination_path / PREPARE_CONFIG_FILENAME, yaml.safe_dump(config, sort_keys=False))
+    for split, s in stats.items():
+        dropped = f", {s.dropped:,} dropped (prompt alone fills it)" if s.dropped else ""
+        print(f"{split}: {s.kept:,} examples written; {s.truncated:,} of {s.rows:,} rows truncated to "
+              f"max_seq_length={max_seq_length}{dropped}; longest {s.longest} tokens.")
+    print(f"Wrote {str(destination_path / TRAIN_FILENAME)!r}, {TEST_FILENAME} and {PREPARE_CONFIG_FILENAME}.")
+    return config
+
+
+def prepare_instruction_data(
+    *, dataset: str, checkpoint_dir: Path, destination_path: Optional[Path], max_seq_length: Optional[int],
+    load_rows: Callable[[Path], tuple[list[dict], Optional[list[dict]]]], test_split_fraction: float = 0.1,
+    seed: int = 42, mask_inputs: bool = True, ignore_index: int = -100, prompt_style: str = "alpaca",
+    system_prompt: Optional[str] = None, extra: Optional[dict] = None,
+) -> Path:
+    """The steps every prepare script shares, in the order that fails fastest.
+
+    `load_rows(destination_path)` returns checked rows (instruction/input/output) and, for datasets that ship their
+    own test split, the test rows; otherwise the rows are split with `test_split_fraction` and `seed`.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    max_seq_length = resolve_max_seq_length(checkpoint_dir, max_seq_length)
+    destination_path = Path(destination_path) if destination_path else default_destination(
+        checkpoint_dir, dataset, max_seq_length)
+    print(f"Loading the tokenizer from {str(checkpoint_dir)!r} ...")
+    tokenizer = load_tokenizer(checkpoint_dir)  # before any download: a missing tokenizer stops right away
+    # the chat template is read now, not after the download, for the same reason
+    prompt_style_from_name(prompt_style, checkpoint_dir=checkpoint_dir, system_prompt=system_prompt,
+                           tokenizer=tokenizer)
+    destination_path.mkdir(parents=True, exist_ok=True)
+    rows, test_rows = load_rows(destination_path)
+    if test_rows is None:
+        train_rows, test_rows = split_rows(rows, test_split_fraction, seed)
+        extra = {"seed": seed, "test_split_fraction": test_split_fraction, **(extra or {})}
+    else:
+        train_rows = rows
+    print(f"train has {len(train_rows):,} rows, test has {len(test_rows):,} rows.")
+    write_prepared(
+        destination_path, train_rows, test_rows, dataset=dataset, checkpoint_dir=checkpoint_dir,
+        max_seq_length=max_seq_length, prompt_style=prompt_style, system_prompt=system_prompt,
+        mask_inputs=mask_inputs, ignore_index=ignore_index, tokenizer=tokenizer, extra=extra,
+    )
+    return destination_path
+
+
+def run_cli(fn: Callable) -> None:
+    """`jsonargparse.CLI(fn)`, printing a user error as one line instead of a traceback."""
+    from jsonargparse import CLI
+
+    try:
+        CLI(fn, as_positional=False)
+    except (FileNotFoundError, ValueError) as e:  # DataPreparationError and the tokenizer's own errors
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)

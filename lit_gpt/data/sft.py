@@ -1,0 +1,271 @@
+"""The training side of instruction data: load a prepared directory, batch it, and walk it in a resumable order.
+
+API for a training loop (one process per rank)::
+
+    train = SFTDataset.from_dir(data_dir, "train")          # clear error if scripts/prepare_*.py was not run
+    loader = MicroBatchLoader(train, micro_batch_size=4, seed=1337, rank=fabric.global_rank,
+                              world_size=fabric.world_size, pad_id=0, max_seq_length=256)
+    loader.load_state_dict(checkpoint["data"])              # on resume: continue exactly where the run stopped
+    for batch in loader:                                    # endless; epochs follow each other
+        logits = model(batch["input_ids"])                  # (B, T)
+        loss = cross_entropy(logits[:, :-1], batch["labels"][:, 1:], ignore_index=-100)
+        ...
+        checkpoint["data"] = loader.state_dict()            # {"epoch", "step", ...}: the next micro-batch
+
+Order. Epoch `e` is a permutation of the dataset drawn from `(seed, e)` alone. It is cut into global steps of
+`world_size * micro_batch_size` consecutive indices, and rank `r` takes the `r`-th micro-batch of every global step,
+so the ranks' shards are disjoint and every rank gets the same number of equally sized micro-batches (collective
+ops never wait on a rank that ran out). The last global step is completed with indices from the start of the
+permutation (as `torch.utils.data.DistributedSampler` pads), or dropped with `drop_last`. Resuming at
+`(epoch, step)` yields exactly the micro-batches an uninterrupted run would have yielded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sized
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import yaml
+
+from lit_gpt.data.prepare import PREPARE_CONFIG_FILENAME, TEST_FILENAME, TRAIN_FILENAME
+from lit_gpt.data.prompts import PromptStyle, prompt_style_from_name
+
+SPLIT_FILES = {"train": TRAIN_FILENAME, "test": TEST_FILENAME, "val": TEST_FILENAME}
+
+
+def _missing_data_message(path: Path) -> str:
+    return (
+        f"{str(path)!r} does not exist: run scripts/prepare_alpaca.py first (or another scripts/prepare_*.py, "
+        f"with --destination_path {str(path.parent)!r})."
+    )
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Prepared examples, each ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}`` (plus raw text fields).
+
+    `max_seq_length` (optional) truncates every example on access; `lengths` are the lengths after truncation.
+    """
+
+    def __init__(self, samples: Sequence[dict], max_seq_length: Optional[int] = None, source: str = "") -> None:
+        where = f"{source!r}" if source else "the dataset"
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, dict) or "input_ids" not in sample or "labels" not in sample:
+                raise ValueError(f"Example {i} of {where} lacks 'input_ids'/'labels'; prepare the data again.")
+            ids, labels = sample["input_ids"], sample["labels"]
+            if not (isinstance(ids, torch.Tensor) and isinstance(labels, torch.Tensor)) or ids.ndim != 1 \
+                    or ids.shape != labels.shape:
+                raise ValueError(
+                    f"Example {i} of {where} must hold two 1-D tensors of equal length as 'input_ids' and 'labels'; "
+                    "prepare the data again."
+                )
+        if max_seq_length is not None and max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be positive, got {max_seq_length}.")
+        self.samples = list(samples)
+        self.max_seq_length = max_seq_length
+        self.source = source
+
+    @classmethod
+    def from_dir(cls, data_dir: Path | str, split: str = "train", max_seq_length: Optional[int] = None
+                 ) -> "SFTDataset":
+        """Load `train.pt` (`split="train"`) or `test.pt` (`"test"` or `"val"`) from a prepared directory."""
+        if split not in SPLIT_FILES:
+            raise ValueError(f"Unknown split {split!r}; choose 'train' or 'test'.")
+        path = Path(data_dir) / SPLIT_FILES[split]
+        if not path.is_file():
+            raise FileNotFoundError(_missing_data_message(path))
+        samples = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(samples, list):
+            raise ValueError(f"{str(path)!r} holds a {type(samples).__name__}, not a list of examples; prepare it again.")
+        return cls(samples, max_seq_length=max_seq_length, source=str(path))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        end = self.max_seq_length
+        return {"input_ids": sample["input_ids"][:end].long(), "labels": sample["labels"][:end].long()}
+
+    @property
+    def lengths(self) -> list[int]:
+        cap = self.max_seq_length or float("inf")
+        return [int(min(len(s["input_ids"]), cap)) for s in self.samples]
+
+    @property
+    def longest_seq_length(self) -> int:
+        return max(self.lengths, default=0)
+
+
+def read_prepare_config(data_dir: Path | str) -> dict:
+    """The `prepare_config.yaml` a prepare script wrote (prompt style, tokenizer directory, max_seq_length...)."""
+    path = Path(data_dir) / PREPARE_CONFIG_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(_missing_data_message(path))
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} is not a mapping; prepare the data again.")
+    return config
+
+
+def load_prompt_style(data_dir: Path | str, checkpoint_dir: Optional[Path | str] = None) -> PromptStyle:
+    """The prompt style a directory was prepared with, so chat and eval prompt the model the way it was trained.
+
+    `checkpoint_dir` overrides the recorded tokenizer directory (needed only by the `chat_template` style).
+    """
+    config = read_prepare_config(data_dir)
+    return prompt_style_from_name(
+        config.get("prompt_style", "alpaca"),
+        checkpoint_dir=checkpoint_dir or config.get("checkpoint_dir"),
+        system_prompt=config.get("system_prompt"),
+    )
+
+
+def collate(
+    batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0, ignore_index: int = -100,
+    max_seq_length: Optional[int] = None, pad_to_length: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """Stack examples into ``{"input_ids": (B, T), "labels": (B, T)}`` int64 tensors.
+
+    Each example is first cut to `max_seq_length`; then `input_ids` are right-padded with `pad_id` and `labels` with
+    `ignore_index` to the longest example, or to `pad_to_length` (fixed shapes, e.g. for a compiled model). The pad
+    id never reaches the loss, so the tokenizer's EOS or 0 both work.
+    """
+    if not batch:
+        raise ValueError("collate() got an empty batch.")
+    ids = [b["input_ids"][:max_seq_length] for b in batch]
+    labels = [b["labels"][:max_seq_length] for b in batch]
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        if x.ndim != 1 or x.shape != y.shape:
+            raise ValueError(f"Example {i} of the batch has input_ids {tuple(x.shape)} and labels {tuple(y.shape)}.")
+    length = max(len(x) for x in ids)
+    if pad_to_length is not None:
+        if pad_to_length < length:
+            raise ValueError(f"pad_to_length={pad_to_length} is shorter than the longest example ({length} tokens).")
+        length = pad_to_length
+    out_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    out_labels = torch.full((len(ids), length), ignore_index, dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        out_ids[i, : len(x)] = x
+        out_labels[i, : len(y)] = y
+    return {"input_ids": out_ids, "labels": out_labels}
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """A permutation of `range(num_samples)` that depends only on `(seed, epoch)`."""
+    # hashing keeps (seed, epoch) pairs apart: seed + epoch would give runs with seeds 1 and 2 shifted copies
+    digest = hashlib.sha256(f"lit_gpt.data:{seed}:{epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randperm(num_samples, generator=generator)
+
+
+def make_batches(
+    dataset: Sized | int, micro_batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+    skip: int = 0, shuffle: bool = True, drop_last: bool = False, lengths: Optional[Sequence[int]] = None,
+    longest_first: bool = False,
+) -> list[list[int]]:
+    """This rank's micro-batches (lists of dataset indices) for one epoch, minus the first `skip` of them.
+
+    `dataset` is a dataset or its size. `shuffle=False` walks the data in order (evaluation). With
+    `longest_first` (needs `lengths`, or a dataset with a `lengths` attribute) the micro-batch holding this rank's
+    longest example comes first, so an out-of-memory error shows at the first step rather than hours later.
+    """
+    n = dataset if isinstance(dataset, int) else len(dataset)
+    if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"Need micro_batch_size >= 1 and 0 <= rank < world_size, got {micro_batch_size}, "
+                         f"rank={rank}, world_size={world_size}.")
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}.")
+    if n == 0:
+        raise ValueError("Cannot batch an empty dataset.")
+    order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
+    step = world_size * micro_batch_size
+    if drop_last:
+        if n < step:
+            raise ValueError(f"{n} examples do not fill one global step of {world_size} x {micro_batch_size}; "
+                             "lower the micro-batch size or drop drop_last.")
+        order = order[: n - n % step]
+    elif n % step:
+        pad = step - n % step
+        order = torch.cat([order] + [order] * (pad // n) + [order[: pad % n]])
+    order = order.view(-1, world_size, micro_batch_size)[:, rank]  # (steps, micro_batch_size)
+    batches = order.tolist()
+    if longest_first:
+        if lengths is None:
+            lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            raise ValueError("longest_first needs the example lengths (pass lengths= or a dataset with .lengths).")
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
+    return batches[skip:]
+
+
+class MicroBatchLoader:
+    """An endless, resumable iterator over collated micro-batches for one rank (see the module docstring).
+
+    `epoch` and `step` always name the next micro-batch to be yielded; they are the same on every rank, so rank 0's
+    `state_dict()` can be saved for all. It also holds the settings that define the order, and `load_state_dict()`
+    refuses a state from a run whose order would differ.
+    """
+
+    def __init__(
+        self, dataset: SFTDataset, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+        pad_id: int = 0, ignore_index: int = -100, max_seq_length: Optional[int] = None,
+        shuffle: bool = True, drop_last: bool = False, longest_first: bool = False,
+        pad_to_length: Optional[int] = None,
+    ) -> None:
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.pad_id = pad_id
+        self.ignore_index = ignore_index
+        self.max_seq_length = max_seq_length
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.longest_first = longest_first
+        self.pad_to_length = pad_to_length
+        self._lengths = dataset.lengths if longest_first else None
+        self.epoch = 0
+        self.step = 0
+        self.batches_per_epoch = len(self._batches(0))
+
+    def _batches(self, epoch: int, skip: int = 0) -> list[list[int]]:
+        return make_batches(self.dataset, self.micro_batch_size, self.seed, epoch, self.rank, self.world_size,
+                            skip=skip, shuffle=self.shuffle, drop_last=self.drop_last, lengths=self._lengths,
+                            longest_first=self.longest_first)
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on this rank."""
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            for indices in self._batches(self.epoch, skip=self.step):
+                batch = collate([self.dataset[i] for i in indices], self.pad_id, self.ignore_index,
+                                self.max_seq_length, self.pad_to_length)
+                self.step += 1
+                yield batch
+            self.epoch += 1
+            self.step = 0
+
+    def _order_settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
+                "num_samples": len(self.dataset), "shuffle": self.shuffle,
+                "drop_last": self.drop_last, "longest_first": self.longest_first}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, **self._order_settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        differ = {k: (state[k], v) for k, v in self._order_settings().items() if k in state and state[k] != v}
+        if differ:
+            detail = ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in differ.items())
+            raise ValueError(f"Cannot resume the data order: {detail}; resume with the original settings.")
+        if not 0 <= state["step"] <= self.batches_per_epoch:
+            raise ValueError(f"Saved step {state['step']} is outside an epoch of {self.batches_per_epoch} micro-batches.")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
