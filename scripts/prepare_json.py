@@ -1,0 +1,58 @@
+"""Prepare your own instruction data from JSON (a list of objects) or JSON Lines (one object per line)."""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_gpt.data.prompts import PromptStyleName
+from lit_gpt.data.prepare import DataPreparationError, check_rows, prepare_instruction_data, read_records, run_cli
+
+
+def prepare(
+    json_path: Path,
+    destination_path: Optional[Path] = None,
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
+    test_split_fraction: float = 0.1,
+    seed: int = 42,
+    mask_inputs: bool = True,
+    ignore_index: int = -100,
+    max_seq_length: Optional[int] = None,
+    prompt_style: PromptStyleName = "alpaca",
+    system_prompt: Optional[str] = None,
+) -> Path:
+    """Tokenize a JSON or JSON Lines file of instruction/input/output objects into train.pt and test.pt.
+
+    Each object needs "instruction" and "output"; "input" is optional.
+
+    Args:
+        json_path: The JSON (.json) or JSON Lines (.jsonl) file.
+        destination_path: Output directory (default: <checkpoint_dir>/<json file name>-t<max_seq_length>).
+        checkpoint_dir: Checkpoint whose tokenizer to use.
+        test_split_fraction: Fraction of rows held out as test.pt.
+        seed: Seed of the train/test split.
+        mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
+        ignore_index: Label value of positions without a loss.
+        max_seq_length: Truncate examples to this many tokens (default: the model's context length).
+        prompt_style: Template the examples are written in (chatml or chat_template for chat models).
+        system_prompt: System message for the chatml/chat_template styles.
+    """
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise DataPreparationError(f"--json_path {str(json_path)!r} does not exist.")
+
+    def load_rows(destination: Path):
+        return check_rows(read_records(json_path), json_path, required=("instruction", "output"),
+                          optional=("input",)), None
+
+    return prepare_instruction_data(
+        dataset=json_path.stem, checkpoint_dir=checkpoint_dir, destination_path=destination_path,
+        max_seq_length=max_seq_length, load_rows=load_rows, test_split_fraction=test_split_fraction, seed=seed,
+        mask_inputs=mask_inputs, ignore_index=ignore_index, prompt_style=prompt_style, system_prompt=system_prompt,
+        extra={"source": str(json_path)},
+    )
+
+
+if __name__ == "__main__":
+    run_cli(prepare)
