@@ -1,0 +1,655 @@
+"""Instruction data: prompt styles, the prepare scripts, collate and the resumable sampler.
+
+Everything runs on local files. The expected token ids are computed with the `tokenizers` library directly (not our
+`Tokenizer`) from template text written out here, so a wrong template, a lost BOS/EOS or a shifted mask shows up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import lit_gpt.data.prepare as prep
+from lit_gpt.config import Config
+from lit_gpt.data import (
+    DataPreparationError,
+    MicroBatchLoader,
+    SFTDataset,
+    collate,
+    load_prompt_style,
+    make_batches,
+    prompt_style_from_name,
+    read_prepare_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import prepare_alpaca  # noqa: E402
+import prepare_csv  # noqa: E402
+import prepare_dolly  # noqa: E402
+import prepare_flan  # noqa: E402
+import prepare_json  # noqa: E402
+import prepare_lima  # noqa: E402
+import prepare_longform  # noqa: E402
+
+# Stanford Alpaca's template (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), written out by hand
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+ROWS = [
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "Eat well, exercise and sleep enough."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+    {"instruction": "Summarise the text.", "input": "The cat sat on the mat all day long.",
+     "output": "A cat rested."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue"},
+    {"instruction": "Write a haiku about rain.", "input": "",
+     "output": "Soft rain on the roof\nwhispers to the sleeping town\nmorning smells of earth"},
+    {"instruction": "Classify the sentiment.", "input": "I love this film", "output": "positive"},
+    {"instruction": "Spell the word backwards.", "input": "stressed", "output": "desserts"},
+    {"instruction": "Is water wet?", "input": "", "output": "It makes things wet."},
+]
+
+
+# --------------------------------------------------------------------------------------------- a tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """A checkpoint directory with only a tiny byte-level BPE tokenizer (BOS <s>, EOS </s>) and a model config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [ALPACA_INPUT, ALPACA_NO_INPUT] + [" ".join(r.values()) for r in ROWS]
+    tok.train_from_iterator(corpus, trainer)
+    d = tmp_path_factory.mktemp("ckpt")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    Config(name="tiny", block_size=512, n_layer=1, n_head=2, n_embd=8, vocab_size=400).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint_dir):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
+    return tok, tok.token_to_id("<s>"), tok.token_to_id("</s>")
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def load_split(d: Path, split: str) -> list[dict]:
+    return torch.load(d / f"{split}.pt", weights_only=True)
+
+
+def no_download(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("no download may happen in this test")
+
+    monkeypatch.setattr(prep, "download_url", fail)
+    monkeypatch.setattr(prep, "download_hf", fail)
+
+
+# --------------------------------------------------------------------------------------------- prompt styles
+
+
+def test_alpaca_template_text_with_and_without_input():
+    style = prompt_style_from_name("alpaca")
+    assert style.apply("Do X.", "some input") == ALPACA_INPUT.format(instruction="Do X.", input="some input")
+    assert style.apply("Do X.") == ALPACA_NO_INPUT.format(instruction="Do X.")
+    assert style.apply("Do X.", "") == ALPACA_NO_INPUT.format(instruction="Do X.")
+    # Dolly and LIMA were prepared in the Alpaca format by lit-gpt
+    for name in ("dolly", "lima"):
+        assert prompt_style_from_name(name).apply("Do X.", "ctx") == style.apply("Do X.", "ctx")
+
+
+def test_other_prompt_styles():
+    assert prompt_style_from_name("flan").apply("Premise: a. Hypothesis: b.") == ALPACA_NO_INPUT.format(
+        instruction="Premise: a. Hypothesis: b.")
+    assert prompt_style_from_name("longform").apply("Write an essay.") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nWrite an essay.\n\n"
+        "### Response:")
+    assert prompt_style_from_name("chatml").apply("Hi", "there") == (
+        "<|im_start|>user\nHi\n\nthere<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt_style_from_name("chatml", system_prompt="Be brief.").apply("Hi") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="Unknown prompt style 'nope'; choose one of alpaca"):
+        prompt_style_from_name("nope")
+    with pytest.raises(ValueError, match="no chat template"):
+        prompt_style_from_name("chat_template", checkpoint_dir=None, tokenizer=type("T", (), {"chat_template": None})())
+
+
+def test_chat_template_style_matches_transformers(tmp_path, checkpoint_dir):
+    """The `chat_template` style renders the checkpoint's template as transformers does."""
+    from transformers import PreTrainedTokenizerFast
+
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    d = tmp_path / "chat"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((checkpoint_dir / "tokenizer.json").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": template}))
+    style = prompt_style_from_name("chat_template", checkpoint_dir=d, system_prompt="Be brief.")
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), eos_token="<|im_end|>")
+    expected = hf.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n\nthere"}],
+        chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert style.apply("Hi", "there") == expected
+    assert expected == prompt_style_from_name("chatml", system_prompt="Be brief.").apply("Hi", "there")
+
+
+# --------------------------------------------------------------------------------------------- prepare: Alpaca
+
+
+def expected_tokens(reference, row: dict, max_seq_length: int = 10**9):
+    tok, bos, eos = reference
+    template = ALPACA_INPUT if row["input"] else ALPACA_NO_INPUT
+    prompt = [bos] + tok.encode(template.format(**row), add_special_tokens=False).ids
+    response = tok.encode(row["output"], add_special_tokens=False).ids + [eos]
+    ids = (prompt + response)[:max_seq_length]
+    labels = ([-100] * len(prompt) + response)[:max_seq_length]
+    return ids, labels
+
+
+def test_prepare_alpaca_tokens_masks_and_files(tmp_path, checkpoint_dir, reference, monkeypatch):
+    no_download(monkeypatch)
+    data = write_json(tmp_path / "alpaca.json", ROWS)
+    out = prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                                 data_file_path=data, test_split_fraction=0.2, max_seq_length=512)
+    assert out == tmp_path / "out"
+    train, test = load_split(out, "train"), load_split(out, "test")
+    assert (len(train), len(test)) == (8, 2)
+    by_instruction = {r["instruction"]: r for r in ROWS}
+    tok, bos, eos = reference
+    for sample in train + test:
+        row = by_instruction[sample["instruction"]]
+        assert (sample["input"], sample["output"]) == (row["input"], row["output"])
+        ids, labels = expected_tokens(reference, row)
+        assert sample["input_ids"].dtype == torch.long and sample["labels"].dtype == torch.long
+        assert sample["input_ids"].tolist() == ids
+        assert sample["labels"].tolist() == labels
+        assert sample["input_ids"][0] == bos and sample["input_ids"][-1] == eos
+        template = ALPACA_INPUT if row["input"] else ALPACA_NO_INPUT
+        assert tok.decode(sample["input_ids"][1:-1].tolist()) == template.format(**row) + row["output"]
+    config = read_prepare_config(out)
+    assert config["prompt_style"] == "alpaca" and config["max_seq_length"] == 512
+    assert config["checkpoint_dir"] == str(checkpoint_dir) and config["eos_id"] == eos
+    assert config["splits"]["train"]["truncated"] == 0
+    assert load_prompt_style(out).apply("Do X.") == ALPACA_NO_INPUT.format(instruction="Do X.")
+    # the training side reads the same files
+    ds = SFTDataset.from_dir(out, "train")
+    assert len(ds) == 8 and ds.longest_seq_length == max(len(s["input_ids"]) for s in train)
+
+
+def test_prepare_without_masking_keeps_prompt_labels(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    data = write_json(tmp_path / "alpaca.json", ROWS)
+    out = prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                                 data_file_path=data, mask_inputs=False, max_seq_length=512)
+    for sample in load_split(out, "train"):
+        assert torch.equal(sample["input_ids"], sample["labels"])
+
+
+def test_truncation_is_reported_and_prompt_only_rows_are_dropped(tmp_path, checkpoint_dir, reference, monkeypatch,
+                                                                 capsys):
+    no_download(monkeypatch)
+    data = write_json(tmp_path / "alpaca.json", ROWS)
+    full = {r["instruction"]: expected_tokens(reference, r) for r in ROWS}
+    prompt_lengths = {k: labels.count(-100) for k, (_, labels) in full.items()}
+    limit = min(prompt_lengths.values()) + 1  # the shortest prompts keep one response token, longer ones none
+    out = prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                                 data_file_path=data, test_split_fraction=0.0, max_seq_length=limit)
+    samples = load_split(out, "train")
+    expected_dropped = sum(length >= limit for length in prompt_lengths.values())
+    expected_truncated = sum(len(ids) > limit for ids, _ in full.values())
+    assert 0 < expected_dropped < expected_truncated
+    assert len(samples) == len(ROWS) - expected_dropped
+    for sample in samples:
+        ids, labels = expected_tokens(reference, by_name(sample["instruction"]), max_seq_length=limit)
+        assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
+        assert len(ids) <= limit and any(x != -100 for x in labels)
+    stats = read_prepare_config(out)["splits"]["train"]
+    assert (stats["truncated"], stats["dropped"], stats["kept"]) == (
+        expected_truncated, expected_dropped, len(ROWS) - expected_dropped)
+    printed = capsys.readouterr().out
+    assert f"{expected_truncated:,} of {len(ROWS):,} rows truncated to max_seq_length={limit}" in printed
+    assert f"{expected_dropped:,} dropped" in printed
+
+
+def by_name(instruction: str) -> dict:
+    return next(r for r in ROWS if r["instruction"] == instruction)
+
+
+def test_split_is_deterministic_per_seed(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    data = write_json(tmp_path / "alpaca.json", ROWS * 3)  # 30 rows: enough for seeds to disagree
+    tests = {}
+    for run, seed in (("a", 1), ("b", 1), ("c", 2)):
+        out = prepare_alpaca.prepare(destination_path=tmp_path / run, checkpoint_dir=checkpoint_dir,
+                                     data_file_path=data, seed=seed, test_split_fraction=0.3, max_seq_length=512)
+        tests[run] = [s["input_ids"].tolist() for s in load_split(out, "test")]
+        assert len(tests[run]) == 9 and len(load_split(out, "train")) == 21
+    assert tests["a"] == tests["b"]
+    assert tests["a"] != tests["c"]
+    # the split itself: disjoint and complete, as torch's random_split would draw it
+    train, test = prep.split_rows(list(range(30)), 0.3, seed=1)
+    assert sorted(train + test) == list(range(30)) and len(test) == 9
+    assert (train, test) == prep.split_rows(list(range(30)), 0.3, seed=1)
+    with pytest.raises(DataPreparationError, match="--test_split_fraction must be in"):
+        prep.split_rows(list(range(30)), 1.0, seed=1)
+
+
+def test_default_destination_names(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    ckpt = tmp_path / "checkpoints" / "org" / "model"
+    ckpt.mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "model_config.yaml"):
+        (ckpt / f).write_bytes((checkpoint_dir / f).read_bytes())
+    data = write_json(tmp_path / "alpaca.json", ROWS)
+    assert prepare_alpaca.prepare(checkpoint_dir=ckpt, data_file_path=data, max_seq_length=256) == ckpt / "alpaca-t256"
+    assert (ckpt / "alpaca-t256" / "train.pt").is_file() and (ckpt / "alpaca-t256" / "test.pt").is_file()
+    # without --max_seq_length the model's context length (block_size 512 in model_config.yaml) is used
+    assert prepare_alpaca.prepare(checkpoint_dir=ckpt, data_file_path=data) == ckpt / "alpaca-t512"
+    assert read_prepare_config(ckpt / "alpaca-t512")["max_seq_length"] == 512
+    (ckpt / "model_config.yaml").unlink()
+    with pytest.raises(DataPreparationError, match="Pass --max_seq_length"):
+        prepare_alpaca.prepare(checkpoint_dir=ckpt, data_file_path=data)
+
+
+def test_file_in_destination_is_used_without_download(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    write_json(dest / "alpaca_data_cleaned_archive.json", ROWS)
+    prepare_alpaca.prepare(destination_path=dest, checkpoint_dir=checkpoint_dir, max_seq_length=512)
+    assert len(load_split(dest, "train")) + len(load_split(dest, "test")) == len(ROWS)
+
+
+def test_download_is_used_when_online(tmp_path, checkpoint_dir, monkeypatch):
+    calls = []
+
+    def fake_download(url, target):
+        calls.append(url)
+        write_json(target, ROWS)
+
+    monkeypatch.setattr(prep, "download_url", fake_download)
+    out = prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                                 max_seq_length=512)
+    assert calls == [prepare_alpaca.DATA_FILE_URL]
+    assert (out / "alpaca_data_cleaned_archive.json").is_file()
+
+
+def test_offline_without_file_says_how_to_pass_it(tmp_path, checkpoint_dir, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(prep, "download_url", offline)
+    monkeypatch.setattr(prep, "download_hf", offline)
+    with pytest.raises(DataPreparationError, match=r"Could not download https://.*pass it with --data_file_path FILE"):
+        prepare_alpaca.prepare(destination_path=tmp_path / "a", checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    assert not (tmp_path / "a" / "alpaca_data_cleaned_archive.json").exists()
+    with pytest.raises(DataPreparationError, match="databricks/databricks-dolly-15k.*--data_file_path FILE"):
+        prepare_dolly.prepare(destination_path=tmp_path / "d", checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    with pytest.raises(DataPreparationError, match="gated.*--access_token TOKEN or set HF_TOKEN.*--data_file_path"):
+        prepare_lima.prepare(destination_path=tmp_path / "l", checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    with pytest.raises(DataPreparationError, match="--data_file_path 'nope.json' does not exist"):
+        prepare_alpaca.prepare(destination_path=tmp_path / "a", checkpoint_dir=checkpoint_dir, max_seq_length=64,
+                               data_file_path=Path("nope.json"))
+
+
+def test_malformed_row_names_file_row_and_field(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    rows = [dict(r) for r in ROWS]
+    del rows[2]["output"]
+    data = write_json(tmp_path / "bad.json", rows)
+    with pytest.raises(DataPreparationError) as e:
+        prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                               data_file_path=data, max_seq_length=64)
+    assert str(e.value) == (f"{str(data)!r} row 3 has no 'output' field (every row needs 'instruction' and "
+                            "'output').")
+    rows = [dict(r) for r in ROWS]
+    rows[4]["instruction"] = 7
+    with pytest.raises(DataPreparationError, match=r"row 5 field 'instruction' is a int; it must be text"):
+        prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                               data_file_path=write_json(tmp_path / "bad2.json", rows), max_seq_length=64)
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", \n')
+    with pytest.raises(DataPreparationError, match=r"line 2 is not valid JSON"):
+        prepare_json.prepare(json_path=tmp_path / "bad.jsonl", destination_path=tmp_path / "out",
+                             checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    (tmp_path / "bad.csv").write_text("instruction,output\nq1,a1\nq2\n")
+    with pytest.raises(DataPreparationError, match=r"bad.csv' row 2 has no 'output' field"):
+        prepare_csv.prepare(csv_path=tmp_path / "bad.csv", destination_path=tmp_path / "out",
+                            checkpoint_dir=checkpoint_dir, max_seq_length=64)
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
+    no_download(monkeypatch)
+    data = write_json(tmp_path / "alpaca.json", ROWS)
+    empty = tmp_path / "empty_ckpt"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=empty, data_file_path=data,
+                               max_seq_length=64)
+    assert not (tmp_path / "out" / "train.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------- other datasets
+
+
+def test_prepare_dolly_maps_context_and_response(tmp_path, checkpoint_dir, reference, monkeypatch):
+    no_download(monkeypatch)
+    rows = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"], "category": "qa"}
+            for r in ROWS]
+    data = write_jsonl(tmp_path / "dolly.jsonl", rows)
+    out = prepare_dolly.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                                data_file_path=data, max_seq_length=512)
+    samples = load_split(out, "train") + load_split(out, "test")
+    assert len(samples) == len(ROWS)
+    for sample in samples:
+        ids, labels = expected_tokens(reference, by_name(sample["instruction"]))
+        assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
+    assert read_prepare_config(out)["prompt_style"] == "dolly"
+
+
+def test_prepare_dolly_downloads_from_the_hub(tmp_path, checkpoint_dir, monkeypatch):
+    calls = []
+
+    def fake_hf(repo_id, filename, target, token=None):
+        calls.append((repo_id, filename))
+        write_jsonl(target, [{"instruction": "q", "context": "", "response": "a"}] * 4)
+
+    monkeypatch.setattr(prep, "download_hf", fake_hf)
+    out = prepare_dolly.prepare(checkpoint_dir=checkpoint_dir, destination_path=tmp_path / "out", max_seq_length=64)
+    assert calls == [("databricks/databricks-dolly-15k", "databricks-dolly-15k.jsonl")]
+    assert len(load_split(out, "train")) == 3
+
+
+def test_prepare_lima_turns(tmp_path, checkpoint_dir, reference, monkeypatch):
+    no_download(monkeypatch)
+    conversations = [
+        {"conversations": ["What is 2+2?", "4", "And 3+3?", "6"], "source": "x"},
+        {"conversations": ["Name a colour.", "Blue"], "source": "y"},
+    ]
+    data = write_jsonl(tmp_path / "lima.jsonl", conversations)
+    out = prepare_lima.prepare(destination_path=tmp_path / "first", checkpoint_dir=checkpoint_dir,
+                               data_file_path=data, test_split_fraction=0.0, max_seq_length=512)
+    pairs = {(s["instruction"], s["output"]) for s in load_split(out, "train")}
+    assert pairs == {("What is 2+2?", "4"), ("Name a colour.", "Blue")}
+    tok, bos, eos = reference
+    sample = next(s for s in load_split(out, "train") if s["output"] == "Blue")
+    prompt = [bos] + tok.encode(ALPACA_NO_INPUT.format(instruction="Name a colour."), add_special_tokens=False).ids
+    assert sample["input_ids"].tolist() == prompt + tok.encode("Blue", add_special_tokens=False).ids + [eos]
+    out = prepare_lima.prepare(destination_path=tmp_path / "all", checkpoint_dir=checkpoint_dir,
+                               data_file_path=data, test_split_fraction=0.0, max_seq_length=512,
+                               include_multiturn_conversations=True)
+    pairs = {(s["instruction"], s["output"]) for s in load_split(out, "train")}
+    assert pairs == {("What is 2+2?", "4"), ("And 3+3?", "6"), ("Name a colour.", "Blue")}
+    bad = write_jsonl(tmp_path / "bad.jsonl", conversations + [{"conversations": ["only a question"]}])
+    with pytest.raises(DataPreparationError, match=r"bad.jsonl' row 3 field 'conversations' must be a list"):
+        prepare_lima.prepare(destination_path=tmp_path / "bad", checkpoint_dir=checkpoint_dir,
+                             data_file_path=bad, max_seq_length=64)
+
+
+def test_prepare_flan_subsets_and_local_file(tmp_path, checkpoint_dir, reference, monkeypatch):
+    calls = []
+
+    def fake_hf(repo_id, filename, target, token=None):
+        calls.append((repo_id, filename))
+        split = filename.split("/")[0]
+        write_jsonl(target, [{"inputs": f"{split} question {i}", "targets": f"answer {i}", "task": "t"}
+                             for i in range(3)])
+
+    monkeypatch.setattr(prep, "download_hf", fake_hf)
+    out = prepare_flan.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                               subsets="arc_easy_10templates,piqa_10templates", max_seq_length=512)
+    assert calls == [("Muennighoff/flan", "train/arc_easy_10templates_train.jsonl"),
+                     ("Muennighoff/flan", "test/arc_easy_10templates_test.jsonl"),
+                     ("Muennighoff/flan", "train/piqa_10templates_train.jsonl"),
+                     ("Muennighoff/flan", "test/piqa_10templates_test.jsonl")]
+    train, test = load_split(out, "train"), load_split(out, "test")
+    assert len(train) == len(test) == 6
+    assert all(s["instruction"].startswith("train") for s in train)
+    assert all(s["instruction"].startswith("test") for s in test)
+    tok, bos, eos = reference
+    prompt = [bos] + tok.encode(ALPACA_NO_INPUT.format(instruction=train[0]["instruction"]),
+                                add_special_tokens=False).ids
+    assert train[0]["input_ids"][: len(prompt)].tolist() == prompt
+    with pytest.raises(DataPreparationError, match="unknown FLAN subsets \\['nope'\\]"):
+        prepare_flan.prepare(checkpoint_dir=checkpoint_dir, subsets="nope", max_seq_length=64)
+    no_download(monkeypatch)
+    data = write_jsonl(tmp_path / "flan.jsonl", [{"inputs": f"q{i}", "targets": f"a{i}"} for i in range(10)])
+    out = prepare_flan.prepare(destination_path=tmp_path / "local", checkpoint_dir=checkpoint_dir,
+                               data_file_path=data, max_seq_length=512)
+    assert (len(load_split(out, "train")), len(load_split(out, "test"))) == (9, 1)
+
+
+def test_prepare_longform(tmp_path, checkpoint_dir, reference, monkeypatch):
+    def fake_download(url, target):
+        write_json(target, [{"input": f"{target.stem} essay {i}", "output": "text", "source": "s"}
+                            for i in range(2)])
+
+    monkeypatch.setattr(prep, "download_url", fake_download)
+    out = prepare_longform.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                                   max_seq_length=512)
+    train, test = load_split(out, "train"), load_split(out, "test")
+    assert {s["instruction"] for s in train} == {"train essay 0", "train essay 1"}
+    assert {s["instruction"] for s in test} == {"val essay 0", "val essay 1"}
+    tok, bos, eos = reference
+    prompt_text = prompt_style_from_name("longform").apply("train essay 0")
+    sample = next(s for s in train if s["instruction"] == "train essay 0")
+    assert sample["input_ids"].tolist() == ([bos] + tok.encode(prompt_text, add_special_tokens=False).ids
+                                            + tok.encode("text", add_special_tokens=False).ids + [eos])
+
+
+def test_prepare_csv_and_json(tmp_path, checkpoint_dir, reference, monkeypatch):
+    no_download(monkeypatch)
+    import csv
+
+    with open(tmp_path / "mine.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["instruction", "output"])  # no input column at all
+        for r in ROWS:
+            writer.writerow([r["instruction"], r["output"]])
+    out = prepare_csv.prepare(csv_path=tmp_path / "mine.csv", checkpoint_dir=checkpoint_dir, max_seq_length=512)
+    assert out == checkpoint_dir / "mine-t512"
+    for sample in load_split(out, "train") + load_split(out, "test"):
+        row = dict(by_name(sample["instruction"]), input="")
+        ids, labels = expected_tokens(reference, row)
+        assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
+    for name, writer in (("mine.json", write_json), ("mine.jsonl", write_jsonl)):
+        out = prepare_json.prepare(json_path=writer(tmp_path / name, ROWS), destination_path=tmp_path / name[:-5],
+                                   checkpoint_dir=checkpoint_dir, max_seq_length=512)
+        samples = load_split(out, "train") + load_split(out, "test")
+        assert len(samples) == len(ROWS)
+        for sample in samples:
+            ids, labels = expected_tokens(reference, by_name(sample["instruction"]))
+            assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
+
+
+# --------------------------------------------------------------------------------------------- training side
+
+
+def test_missing_prepared_data_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.pt' does not exist: run scripts/prepare_alpaca.py first"):
+        SFTDataset.from_dir(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="run scripts/prepare_alpaca.py first"):
+        read_prepare_config(tmp_path)
+
+
+def test_collate_pads_and_truncates():
+    batch = [
+        {"input_ids": torch.tensor([5, 6, 7, 8]), "labels": torch.tensor([-100, -100, 7, 8])},
+        {"input_ids": torch.tensor([9, 10]), "labels": torch.tensor([-100, 10])},
+    ]
+    out = collate(batch, pad_id=2)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 2, 2]]
+    assert out["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
+    assert out["input_ids"].dtype == out["labels"].dtype == torch.long
+    out = collate(batch, pad_id=0, ignore_index=-1, max_seq_length=3)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [9, 10, 0]]
+    assert out["labels"].tolist() == [[-100, -100, 7], [-100, 10, -1]]
+    out = collate(batch, pad_to_length=6)
+    assert out["input_ids"].shape == (2, 6) and out["labels"][1].tolist() == [-100, 10] + [-100] * 4
+    with pytest.raises(ValueError, match="shorter than the longest example"):
+        collate(batch, pad_to_length=3)
+    with pytest.raises(ValueError, match="empty batch"):
+        collate([])
+
+
+def test_sampler_same_order_for_same_seed_and_epoch():
+    a = make_batches(50, 4, seed=7, epoch=3)
+    assert a == make_batches(50, 4, seed=7, epoch=3)
+    assert a != make_batches(50, 4, seed=7, epoch=4)
+    assert a != make_batches(50, 4, seed=8, epoch=3)
+    assert make_batches(10, 3, seed=0, epoch=0, shuffle=False) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]]
+
+
+@pytest.mark.parametrize("n, micro_batch_size, world_size", [(48, 4, 3), (50, 4, 3), (7, 2, 4), (5, 1, 1)])
+def test_sampler_shards_are_disjoint_and_cover_the_data(n, micro_batch_size, world_size):
+    shards = [sum(make_batches(n, micro_batch_size, 1, 0, rank, world_size), []) for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of micro-batches
+    flat = sum(shards, [])
+    assert set(flat) == set(range(n))
+    pad = len(flat) - n
+    assert 0 <= pad < micro_batch_size * world_size
+    if pad == 0:
+        assert sorted(flat) == list(range(n))  # disjoint
+    else:  # only the padding repeats indices, and only ones from the start of the epoch's permutation
+        perm = sum((b for step in zip(*[make_batches(n, micro_batch_size, 1, 0, r, world_size)
+                                        for r in range(world_size)]) for b in step), [])
+        assert perm[n:] == perm[:pad] and sorted(perm[:n]) == list(range(n))
+    # drop_last: disjoint, equal shards, only a tail of fewer than one global step left out
+    shards = [sum(make_batches(n, micro_batch_size, 1, 0, r, world_size, drop_last=True), [])
+              for r in range(world_size)] if n >= micro_batch_size * world_size else None
+    if shards:
+        flat = sum(shards, [])
+        assert len(flat) == len(set(flat)) and n - len(flat) < micro_batch_size * world_size
+
+
+def test_sampler_skip_equals_tail_and_longest_first():
+    for rank in range(2):
+        full = make_batches(41, 3, seed=5, epoch=2, rank=rank, world_size=2)
+        for skip in (0, 1, 4, len(full)):
+            assert make_batches(41, 3, seed=5, epoch=2, rank=rank, world_size=2, skip=skip) == full[skip:]
+    lengths = [int(x) for x in torch.randint(1, 100, (41,), generator=torch.Generator().manual_seed(0))]
+    lengths[17] = 1000
+    batches = [make_batches(41, 3, 5, 2, r, 2, lengths=lengths, longest_first=True) for r in range(2)]
+    plain = [make_batches(41, 3, 5, 2, r, 2) for r in range(2)]
+    for got, ref in zip(batches, plain):
+        assert sorted(got) == sorted(ref)
+        assert max(lengths[i] for i in got[0]) == max(lengths[i] for b in got for i in b)
+    assert any(17 in b[0] for b in batches)
+
+
+def make_dataset(n: int) -> SFTDataset:
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(n):
+        length = int(torch.randint(2, 9, (1,), generator=g))
+        ids = torch.full((length,), i)
+        samples.append({"input_ids": ids, "labels": torch.cat([torch.full((1,), -100), ids[1:]])})
+    return SFTDataset(samples)
+
+
+def test_loader_resumes_with_the_exact_same_batches():
+    ds = make_dataset(11)
+    kwargs = dict(micro_batch_size=2, seed=3, rank=1, world_size=2, pad_id=0, max_seq_length=6)
+    reference = MicroBatchLoader(ds, **kwargs)
+    assert len(reference) == 3  # ceil(11 / 4) global steps
+    it = iter(reference)
+    seen = [next(it) for _ in range(5)]
+    state = reference.state_dict()
+    assert (state["epoch"], state["step"]) == (1, 2)
+    upcoming = [next(it) for _ in range(4)]  # crosses into epoch 2
+    resumed = MicroBatchLoader(ds, **kwargs)
+    resumed.load_state_dict(state)
+    again = [b for _, b in zip(range(4), resumed)]
+    for a, b in zip(upcoming, again):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    # batch contents are the sampler's indices, collated and cut to max_seq_length
+    epoch0 = make_batches(ds, 2, 3, 0, 1, 2)
+    assert [row[0].item() for row in seen[0]["input_ids"]] == epoch0[0]
+    assert max(b["input_ids"].shape[1] for b in seen + upcoming) <= 6
+    with pytest.raises(ValueError, match="world_size was 2, now 4"):
+        MicroBatchLoader(ds, **dict(kwargs, world_size=4, rank=0)).load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------- the CLIs
+
+
+@pytest.mark.slow
+def test_every_prepare_cli_runs(tmp_path, checkpoint_dir):
+    """Each script once as a subprocess from the repo root, without install (no network: local files only)."""
+    write_json(tmp_path / "alpaca.json", ROWS)
+    write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": r["instruction"], "context": r["input"],
+                                            "response": r["output"]} for r in ROWS])
+    write_jsonl(tmp_path / "lima.jsonl", [{"conversations": [r["instruction"], r["output"]]} for r in ROWS])
+    write_jsonl(tmp_path / "flan.jsonl", [{"inputs": r["instruction"], "targets": r["output"]} for r in ROWS])
+    write_json(tmp_path / "longform.json", [{"input": r["instruction"], "output": r["output"]} for r in ROWS])
+    write_json(tmp_path / "mine.json", ROWS)
+    (tmp_path / "mine.csv").write_text("instruction,input,output\n" + "".join(
+        f"\"{r['instruction']}\",\"{r['input']}\",\"{r['output']}\"\n" for r in ROWS), encoding="utf-8")
+    commands = {
+        "alpaca": ["--data_file_path", tmp_path / "alpaca.json"],
+        "dolly": ["--data_file_path", tmp_path / "dolly.jsonl"],
+        "lima": ["--data_file_path", tmp_path / "lima.jsonl"],
+        "flan": ["--data_file_path", tmp_path / "flan.jsonl"],
+        "longform": ["--data_file_path", tmp_path / "longform.json"],
+        "csv": ["--csv_path", tmp_path / "mine.csv"],
+        "json": ["--json_path", tmp_path / "mine.json"],
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for name, args in commands.items():
+        dest = tmp_path / f"out_{name}"
+        cmd = [sys.executable, f"scripts/prepare_{name}.py", "--checkpoint_dir", checkpoint_dir,
+               "--destination_path", dest, "--max_seq_length", "128", *args]
+        result = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, (name, result.stderr)
+        assert "truncated to max_seq_length=128" in result.stdout
+        samples = torch.load(dest / "train.pt", weights_only=True) + torch.load(dest / "test.pt", weights_only=True)
+        assert len(samples) == len(ROWS), name
+    # a user error prints one line, no traceback
+    result = subprocess.run(
+        [sys.executable, "scripts/prepare_alpaca.py", "--checkpoint_dir", str(tmp_path / "nowhere"),
+         "--max_seq_length", "64", "--data_file_path", str(tmp_path / "alpaca.json")],
+        cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Tokenizer directory")
