@@ -2,5 +2,6 @@
 
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
 
-__all__ = ["GPT", "Config"]
+__all__ = ["GPT", "Config", "Tokenizer"]
