@@ -218,6 +218,21 @@ def test_prepare_alpaca_tokens_masks_and_files(tmp_path, checkpoint_dir, referen
     assert len(ds) == 8 and ds.longest_seq_length == max(len(s["input_ids"]) for s in train)
 
 
+def test_bos_follows_the_tokenizer_default(tmp_path, checkpoint_dir, reference, monkeypatch):
+    """A model whose prompts start without BOS (add_bos_token false, like SmolLM2) gets none; EOS stays."""
+    no_download(monkeypatch)
+    d = tmp_path / "nobos"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((checkpoint_dir / "tokenizer.json").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}))
+    out = prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=d, max_seq_length=512,
+                                 data_file_path=write_json(tmp_path / "alpaca.json", ROWS))
+    for sample in load_split(out, "train"):
+        ids, labels = expected_tokens(reference, by_name(sample["instruction"]))
+        assert sample["input_ids"].tolist() == ids[1:] and sample["labels"].tolist() == labels[1:]
+
+
 def test_prepare_without_masking_keeps_prompt_labels(tmp_path, checkpoint_dir, monkeypatch):
     no_download(monkeypatch)
     data = write_json(tmp_path / "alpaca.json", ROWS)
