@@ -1,0 +1,763 @@
+"""Hugging Face transformers checkpoints <-> lit_gpt checkpoints.
+
+Import (`convert_hf_checkpoint`) reads a folder as `huggingface_hub.snapshot_download` leaves it (`config.json`,
+`*.safetensors` or `pytorch_model*.bin`, sharded or not) and writes `lit_model.pth` + `model_config.yaml` next to
+it. The `Config` comes from the folder's own `config.json` (`config_from_hf`), never from the named-config table, so
+fine-tuned variants and unlisted sizes convert as they are.
+
+Export (`convert_lit_checkpoint`) writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
+`config.json` (`config_to_hf`), safetensors weights, `generation_config.json` and the tokenizer files.
+
+Families: llama, mistral, qwen2, phi, gpt2, gpt_neox. Both directions work tensor by tensor (safetensors `safe_open`
+per shard, `.bin` shards memory-mapped), so a conversion holds one copy of the weights, not two.
+
+Decisions worth knowing:
+* Sliding-window attention (Mistral v0.1, Qwen2 with `use_sliding_window`) equals full causal attention for
+  sequences no longer than the window, so such a model is imported with `block_size` capped at the window: inside it
+  the logits are exact, and `GPT` refuses longer inputs instead of silently attending too far.
+* Export picks the architecture from the config's shape. A Mistral checkpoint is exported as `llama` (the same
+  computation once the window is the block size); a model with a bias on the QKV projection only is exported as
+  `qwen2`, because transformers' llama `attention_bias` also puts a bias on `o_proj`.
+* Export writes one `model.safetensors` up to `max_shard_bytes` (5 GB by default, the size the Hub recommends per
+  file) and numbered shards plus `model.safetensors.index.json` beyond it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from lit_gpt.config import Config, hf_name_to_config, name_to_config
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "gpt2", "gpt_neox")
+HF_CONFIG_FILENAME = "config.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# files a transformers model folder needs besides weights and config.json; copied as they are on export
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+class ConversionError(ValueError):
+    """A checkpoint or config that cannot be converted; the message says which file/field and what to do."""
+
+
+# Defaults of transformers' config classes for keys a `config.json` may leave out (older files often do).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+    ),
+    "mistral": dict(
+        hidden_act="silu", max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, sliding_window=4096,
+    ),
+    "qwen2": dict(
+        hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+    ),
+    "phi": dict(
+        hidden_act="gelu_new", max_position_embeddings=2048, layer_norm_eps=1e-5, rope_theta=10000.0,
+        partial_rotary_factor=0.5, tie_word_embeddings=False, qk_layernorm=False,
+    ),
+    "gpt2": dict(
+        activation_function="gelu_new", n_positions=1024, n_inner=None, layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+    ),
+    "gpt_neox": dict(
+        hidden_act="gelu", max_position_embeddings=2048, layer_norm_eps=1e-5, rotary_emb_base=10000.0,
+        rotary_pct=0.25, tie_word_embeddings=False, use_parallel_residual=True, attention_bias=True,
+    ),
+}
+
+_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+###################################################################################################
+# config.json <-> Config
+###################################################################################################
+def config_from_hf(hf_config: dict, name: str = "") -> Config:
+    """The `Config` of a Hugging Face `config.json` (as a dict) for the families in `SUPPORTED_MODEL_TYPES`."""
+    model_type = hf_config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(
+            f"config.json has model_type {model_type!r}, which lit_gpt cannot import; supported model types are "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    hf = dict(_HF_DEFAULTS[model_type])
+    hf.update(hf_config)
+
+    def need(key: str) -> Any:
+        if hf.get(key) is None:
+            raise ConversionError(f"config.json (model_type {model_type!r}) lacks the required field {key!r}.")
+        return hf[key]
+
+    if model_type == "gpt2":
+        n_embd, n_head = int(need("n_embd")), int(need("n_head"))
+        if not hf["scale_attn_weights"] or hf["scale_attn_by_inverse_layer_idx"]:
+            raise ConversionError(
+                "config.json sets scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true; lit_gpt only "
+                "supports GPT-2's standard 1/sqrt(head_size) attention scale."
+            )
+        arch = dict(
+            n_layer=int(need("n_layer")), n_embd=n_embd, n_head=n_head, n_query_groups=n_head,
+            intermediate_size=int(hf["n_inner"] or 4 * n_embd), block_size=int(need("n_positions")),
+            pos_embedding="learned", bias=True, norm_class_name="LayerNorm", norm_eps=float(hf["layer_norm_epsilon"]),
+            mlp_class_name="GptNeoxMLP", gelu_approximate=_gelu(hf["activation_function"], "activation_function"),
+        )
+    else:
+        n_embd, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
+        head_size = hf.get("head_dim") or n_embd // n_head
+        n_query_groups = int(hf.get("num_key_value_heads") or n_head)
+        rope_base, rope_adjustments, partial = _rope_from_hf(hf, model_type)
+        arch = dict(
+            n_layer=int(need("num_hidden_layers")), n_embd=n_embd, n_head=n_head, head_size=int(head_size),
+            n_query_groups=n_query_groups, intermediate_size=int(need("intermediate_size")),
+            block_size=int(need("max_position_embeddings")), pos_embedding="rope", rope_base=float(rope_base),
+            rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
+        )
+        if model_type in ("llama", "mistral", "qwen2"):
+            if hf["hidden_act"] != "silu":
+                raise ConversionError(
+                    f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
+                    "SwiGLU with 'silu'."
+                )
+            if model_type == "llama":
+                if bool(hf["attention_bias"]) != bool(hf["mlp_bias"]):
+                    raise ConversionError(
+                        f"config.json sets attention_bias={hf['attention_bias']} but mlp_bias={hf['mlp_bias']}; "
+                        "lit_gpt's Config can only give every linear layer a bias or none (or the QKV projection "
+                        "only, as Qwen2 does)."
+                    )
+                bias = attn_bias = bool(hf["attention_bias"])
+            else:
+                bias, attn_bias = False, model_type == "qwen2"
+            arch.update(
+                bias=bias, attn_bias=attn_bias, norm_class_name="RMSNorm", norm_eps=float(hf["rms_norm_eps"]),
+                mlp_class_name="LLaMAMLP", parallel_residual=False,
+            )
+            window = _sliding_window(hf, model_type)
+            if window is not None and window < arch["block_size"]:
+                # full causal attention is exactly sliding-window attention up to the window length
+                arch["block_size"] = int(window)
+        elif model_type == "phi":
+            if hf["qk_layernorm"]:
+                raise ConversionError("config.json sets qk_layernorm=true, which lit_gpt's Phi does not implement.")
+            arch.update(
+                parallel_residual=True, shared_attention_norm=True, bias=True, lm_head_bias=True,
+                norm_class_name="LayerNorm", norm_eps=float(hf["layer_norm_eps"]), mlp_class_name="GptNeoxMLP",
+                gelu_approximate=_gelu(hf["hidden_act"], "hidden_act"),
+            )
+        else:  # gpt_neox
+            if not hf["attention_bias"]:
+                raise ConversionError(
+                    "config.json sets attention_bias=false; lit_gpt's Config cannot drop the attention biases while "
+                    "keeping GPT-NeoX's MLP biases."
+                )
+            if n_query_groups != n_head or head_size * n_head != n_embd:
+                raise ConversionError("config.json gives GPT-NeoX key/value heads or a head_dim it does not support.")
+            arch.update(
+                parallel_residual=bool(hf["use_parallel_residual"]), shared_attention_norm=False, bias=True,
+                norm_class_name="LayerNorm", norm_eps=float(hf["layer_norm_eps"]), mlp_class_name="GptNeoxMLP",
+                gelu_approximate=_gelu(hf["hidden_act"], "hidden_act"),
+            )
+    # the HF vocab_size is the embedding's row count, padding included
+    vocab = int(need("vocab_size"))
+    org, short = _split_name(name or hf_config.get("_name_or_path") or "")
+    return Config(
+        name=short or model_type, hf_config=dict(org=org, name=short or model_type), vocab_size=vocab,
+        padded_vocab_size=vocab, tie_embeddings=bool(hf["tie_word_embeddings"]), **arch,
+    )
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    name = str(name).rstrip("/")
+    if not name:
+        return "", ""
+    known = hf_name_to_config.get(name) or name_to_config.get(name)
+    if known is not None:
+        return known["hf_config"]["org"], known["hf_config"]["name"]
+    parts = name.split("/")
+    # "org/name" as on the Hub; anything longer is a local path, whose last part is the name
+    return (parts[0], parts[1]) if len(parts) == 2 else ("", parts[-1])
+
+
+def _gelu(act: str, field: str) -> str:
+    if act not in _GELU:
+        raise ConversionError(
+            f"config.json sets {field}={act!r}; lit_gpt's MLP supports {', '.join(repr(a) for a in _GELU)}."
+        )
+    return _GELU[act]
+
+
+def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], float]:
+    """(base, llama3 adjustments or None, rotary fraction) from either the transformers 4 keys (`rope_theta`,
+    `rope_scaling`, `partial_rotary_factor`, GPT-NeoX's `rotary_emb_base`/`rotary_pct`) or transformers 5's
+    `rope_parameters`."""
+    params = dict(hf.get("rope_parameters") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ConversionError("config.json gives per-layer-type rope_parameters, which lit_gpt does not support.")
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    if model_type == "gpt_neox":
+        base = merged.get("rope_theta", hf.get("rope_theta", hf["rotary_emb_base"]))
+        partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf["rotary_pct"]))
+    else:
+        base = merged.get("rope_theta", hf["rope_theta"])
+        partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if rope_type == "default":
+        return base, None, partial
+    if rope_type == "llama3":
+        try:
+            adjustments = dict(
+                factor=float(merged["factor"]),
+                low_freq_factor=float(merged["low_freq_factor"]),
+                high_freq_factor=float(merged["high_freq_factor"]),
+                original_max_seq_len=int(merged["original_max_position_embeddings"]),
+            )
+        except KeyError as missing:
+            raise ConversionError(f"config.json's llama3 rope scaling lacks the field {missing.args[0]!r}.") from None
+        return base, adjustments, partial
+    raise ConversionError(
+        f"config.json uses rope scaling type {rope_type!r}; lit_gpt supports plain RoPE and 'llama3' scaling only."
+    )
+
+
+def _sliding_window(hf: dict, model_type: str) -> Optional[int]:
+    if model_type == "mistral":
+        return hf.get("sliding_window")
+    if model_type == "qwen2":
+        window = hf["sliding_window"] if hf["use_sliding_window"] else None
+        if window is None:
+            return None
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf["max_window_layers"] else "full_attention"
+            for i in range(hf["num_hidden_layers"])
+        ]
+        return window if "sliding_attention" in layer_types else None
+    return None
+
+
+def hf_model_type(config: Config) -> str:
+    """The transformers architecture that computes exactly what `GPT(config)` computes."""
+    if config.pos_embedding == "learned":
+        return "gpt2"
+    if config.mlp_class_name == "LLaMAMLP":
+        return "qwen2" if config.attn_bias and not config.bias else "llama"
+    return "phi" if config.shared_attention_norm else "gpt_neox"
+
+
+def config_to_hf(config: Config) -> dict:
+    """A `config.json` (as a dict) that transformers loads into a model computing the same logits as `GPT(config)`.
+
+    Raises `ConversionError` naming the field when no supported transformers architecture matches the config.
+    """
+    c = config
+    model_type = hf_model_type(c)
+    problems = []
+
+    def require(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    gelu = {"none": "gelu", "tanh": "gelu_new"}[c.gelu_approximate]
+    if model_type in ("llama", "qwen2"):
+        require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
+        require(not c.parallel_residual, "parallel_residual=True")
+        require(c.rotary_percentage == 1.0, f"rotary_percentage={c.rotary_percentage} (needs 1.0)")
+        require(not c.lm_head_bias, "lm_head_bias=True")
+        require(c.bias == c.attn_bias or model_type == "qwen2", "bias=True with attn_bias=False")
+        hf = dict(
+            architectures=["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
+            model_type=model_type, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_query_groups,
+            head_dim=c.head_size, hidden_act="silu", max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+            rope_theta=c.rope_base, rope_scaling=_rope_scaling_to_hf(c),
+        )
+        if model_type == "llama":
+            hf.update(attention_bias=c.bias, mlp_bias=c.bias)
+        else:
+            hf.update(use_sliding_window=False, sliding_window=None)
+    elif model_type == "phi":
+        require(c.norm_class_name == "LayerNorm", f"norm_class_name={c.norm_class_name!r} (needs 'LayerNorm')")
+        require(c.parallel_residual, "parallel_residual=False with a shared attention norm")
+        require(c.bias, "bias=False (Phi has biases on every linear layer)")
+        require(c.attn_bias, "attn_bias=False")
+        require(c.rope_adjustments is None, "rope_adjustments (Phi has no llama3 rope scaling)")
+        hf = dict(
+            architectures=["PhiForCausalLM"], model_type="phi", hidden_size=c.n_embd,
+            intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_query_groups, hidden_act=gelu, max_position_embeddings=c.block_size,
+            layer_norm_eps=c.norm_eps, rope_theta=c.rope_base, partial_rotary_factor=c.rotary_percentage,
+            qk_layernorm=False, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+        )
+        if c.head_size * c.n_head != c.n_embd:
+            hf["head_dim"] = c.head_size
+    elif model_type == "gpt_neox":
+        require(c.norm_class_name == "LayerNorm", f"norm_class_name={c.norm_class_name!r} (needs 'LayerNorm')")
+        require(c.bias and c.attn_bias, "bias=False (GPT-NeoX has biases on every linear layer)")
+        require(not c.lm_head_bias, "lm_head_bias=True")
+        require(c.n_query_groups == c.n_head, f"n_query_groups={c.n_query_groups} (GPT-NeoX has no grouped KV)")
+        require(c.head_size * c.n_head == c.n_embd, f"head_size={c.head_size} (needs n_embd / n_head)")
+        require(c.rope_adjustments is None, "rope_adjustments (GPT-NeoX has no llama3 rope scaling)")
+        hf = dict(
+            architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", hidden_size=c.n_embd,
+            intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+            hidden_act=gelu, max_position_embeddings=c.block_size, layer_norm_eps=c.norm_eps,
+            rotary_emb_base=c.rope_base, rotary_pct=c.rotary_percentage, use_parallel_residual=c.parallel_residual,
+            attention_bias=True,
+        )
+    else:  # gpt2
+        require(c.norm_class_name == "LayerNorm", f"norm_class_name={c.norm_class_name!r} (needs 'LayerNorm')")
+        require(c.mlp_class_name == "GptNeoxMLP", f"mlp_class_name={c.mlp_class_name!r} (needs 'GptNeoxMLP')")
+        require(not c.parallel_residual, "parallel_residual=True")
+        require(c.bias and c.attn_bias, "bias=False (GPT-2 has biases on every linear layer)")
+        require(not c.lm_head_bias, "lm_head_bias=True")
+        require(c.n_query_groups == c.n_head, f"n_query_groups={c.n_query_groups} (GPT-2 has no grouped KV)")
+        require(c.head_size * c.n_head == c.n_embd, f"head_size={c.head_size} (needs n_embd / n_head)")
+        hf = dict(
+            architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, n_inner=c.intermediate_size, n_positions=c.block_size, n_ctx=c.block_size,
+            activation_function=gelu, layer_norm_epsilon=c.norm_eps,
+        )
+    if problems:
+        raise ConversionError(
+            f"Config {c.name!r} cannot be exported as a transformers {model_type!r} model: {'; '.join(problems)}."
+        )
+    hf.update(vocab_size=c.padded_vocab_size, tie_word_embeddings=c.tie_embeddings)
+    return hf
+
+
+def _rope_scaling_to_hf(config: Config) -> Optional[dict]:
+    adj = config.rope_adjustments
+    if not adj:
+        return None
+    return dict(
+        rope_type="llama3", factor=adj["factor"], low_freq_factor=adj["low_freq_factor"],
+        high_freq_factor=adj["high_freq_factor"], original_max_position_embeddings=adj["original_max_seq_len"],
+    )
+
+
+###################################################################################################
+# state dicts
+###################################################################################################
+_PREFIX = re.compile(r"^(?:model|transformer|gpt_neox)\.")
+_LAYER = re.compile(r"^(?:layers|h)\.(\d+)\.(.+)\.(weight|bias)$")
+_GLOBALS = {
+    "embed_tokens": "transformer.wte", "wte": "transformer.wte", "embed_in": "transformer.wte",
+    "wpe": "transformer.wpe",
+    "norm": "transformer.ln_f", "final_layernorm": "transformer.ln_f", "final_layer_norm": "transformer.ln_f",
+    "ln_f": "transformer.ln_f",
+    "lm_head": "lm_head", "embed_out": "lm_head",
+}
+# per-layer HF module -> (lit module, GPT-2 Conv1D weight stored transposed)
+_LAYER_MODULES = {
+    "input_layernorm": ("norm_1", False), "ln_1": ("norm_1", False),
+    "post_attention_layernorm": ("norm_2", False), "ln_2": ("norm_2", False),
+    "self_attn.o_proj": ("attn.proj", False), "self_attn.dense": ("attn.proj", False),
+    "attention.dense": ("attn.proj", False), "attn.c_proj": ("attn.proj", True),
+    "attn.c_attn": ("attn.qkv", True),
+    "mlp.gate_proj": ("mlp.fc_1", False), "mlp.up_proj": ("mlp.fc_2", False), "mlp.down_proj": ("mlp.proj", False),
+    "mlp.fc1": ("mlp.fc", False), "mlp.fc2": ("mlp.proj", False),
+    "mlp.dense_h_to_4h": ("mlp.fc", False), "mlp.dense_4h_to_h": ("mlp.proj", False),
+    "mlp.c_fc": ("mlp.fc", True), "mlp.c_proj": ("mlp.proj", True),
+}
+_SPLIT_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
+# buffers some checkpoints carry (causal masks, RoPE frequencies); recomputed by the model, never weights
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|^(?:layers|h)\.\d+\.(?:attn|attention)\.(?:bias|masked_bias))$")
+
+
+def iter_hf_to_lit(
+    tensors: Iterable[tuple[str, torch.Tensor]], config: Config, dtype: Optional[torch.dtype] = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Lit (name, tensor) pairs from HF ones, in one pass: only the q/k/v pieces of a layer wait for each other."""
+    hs = config.head_size
+    pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    for hf_key, t in tensors:
+        key = _PREFIX.sub("", hf_key)
+        if _IGNORED.search(key):
+            continue
+        module, _, param = key.rpartition(".")
+        if module in _GLOBALS and param in ("weight", "bias"):
+            lit_key = f"{_GLOBALS[module]}.{param}"
+            if lit_key == "lm_head.weight" and config.tie_embeddings:
+                continue  # transformers ties it to the embedding; lit stores the shared tensor once
+            yield lit_key, cast(t)
+            continue
+        m = _LAYER.match(key)
+        if m is None:
+            raise ConversionError(f"Unexpected tensor {hf_key!r}: lit_gpt does not know where it belongs.")
+        layer, module, param = int(m.group(1)), m.group(2), m.group(3)
+        prefix = f"transformer.h.{layer}"
+        if module in _SPLIT_QKV:
+            parts = pending.setdefault((layer, param), {})
+            parts[_SPLIT_QKV[module]] = t
+            if len(parts) == 3:
+                del pending[(layer, param)]
+                yield f"{prefix}.attn.qkv.{param}", cast(torch.cat((parts["q"], parts["k"], parts["v"])))
+        elif module == "attention.query_key_value":
+            # GPT-NeoX interleaves per head: rows are [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]
+            t = t.reshape(config.n_head, 3, hs, *t.shape[1:])
+            qkv = torch.cat([t[:, i].reshape(config.n_head * hs, *t.shape[3:]) for i in range(3)])
+            yield f"{prefix}.attn.qkv.{param}", cast(qkv)
+        elif module in _LAYER_MODULES:
+            lit_module, transposed = _LAYER_MODULES[module]
+            if transposed and param == "weight":
+                t = t.t().contiguous()
+            yield f"{prefix}.{lit_module}.{param}", cast(t)
+        else:
+            raise ConversionError(f"Unexpected tensor {hf_key!r}: lit_gpt does not know where it belongs.")
+    if pending:
+        (layer, param), parts = next(iter(pending.items()))
+        missing = sorted({"q", "k", "v"} - set(parts))
+        raise ConversionError(
+            f"The checkpoint has no {'/'.join(f'{p}_proj' for p in missing)}.{param} for layer {layer}; "
+            "it is incomplete (a shard missing?)."
+        )
+
+
+def hf_to_lit_state_dict(hf_sd: dict, config: Config, dtype: Optional[torch.dtype] = None) -> dict:
+    """A lit state dict (as `lit_model.pth` stores it) from a transformers state dict of any supported family."""
+    lit_sd = dict(iter_hf_to_lit(hf_sd.items(), config, dtype))
+    check_lit_state_dict(lit_sd, config, "the converted checkpoint")
+    return lit_sd
+
+
+def expected_lit_shapes(config: Config) -> dict[str, torch.Size]:
+    from lit_gpt.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def check_lit_state_dict(sd: dict, config: Config, where: str) -> None:
+    """Fail with one sentence when `sd` does not fit `GPT(config)` (names, shapes)."""
+    expected = expected_lit_shapes(config)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        hint = ""
+        if any(("adapter" in k or "lora" in k or "ether" in k or "oft" in k) for k in unexpected):
+            hint = " It holds adapter weights: merge them into the base first (scripts/merge_ether.py, merge_lora.py)."
+        raise ConversionError(
+            f"The tensors of {where} do not match the model config: missing {missing[:4]}"
+            f"{' …' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}."
+            + hint
+        )
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise ConversionError(
+                f"Tensor {k!r} of {where} has shape {tuple(sd[k].shape)} but the model config needs {tuple(shape)}."
+            )
+
+
+def iter_lit_to_hf(
+    tensors: Iterable[tuple[str, torch.Tensor]], config: Config, model_type: str, dtype: Optional[torch.dtype] = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs, named as `save_pretrained` of `model_type` names them, from lit ones."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
+    c = config
+    llama_like = model_type in ("llama", "mistral", "qwen2")
+    prefix = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}.get(model_type, "model.")
+    layers = "h" if model_type == "gpt2" else "layers"
+    globals_ = {
+        "transformer.wte": {"gpt2": "wte", "gpt_neox": "embed_in"}.get(model_type, "embed_tokens"),
+        "transformer.wpe": "wpe",
+        "transformer.ln_f": {"gpt2": "ln_f", "gpt_neox": "final_layer_norm", "phi": "final_layernorm"}.get(
+            model_type, "norm"
+        ),
+    }
+    modules = {
+        "norm_1": "ln_1" if model_type == "gpt2" else "input_layernorm",
+        "norm_2": "ln_2" if model_type == "gpt2" else "post_attention_layernorm",
+        "attn.proj": {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense", "phi": "self_attn.dense"}.get(
+            model_type, "self_attn.o_proj"
+        ),
+        "mlp.fc_1": "mlp.gate_proj", "mlp.fc_2": "mlp.up_proj",
+        "mlp.proj": {"gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h", "phi": "mlp.fc2"}.get(
+            model_type, "mlp.down_proj"
+        ),
+        "mlp.fc": {"gpt2": "mlp.c_fc", "gpt_neox": "mlp.dense_h_to_4h"}.get(model_type, "mlp.fc1"),
+    }
+    lm_head = "embed_out" if model_type == "gpt_neox" else "lm_head"
+    q_size, kv_size = c.n_head * c.head_size, c.n_query_groups * c.head_size
+    seen_lm_head_bias = False
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    for key, t in tensors:
+        key = key.removeprefix("_orig_mod.")
+        module, _, param = key.rpartition(".")
+        if module == "lm_head":
+            if param == "weight" and c.tie_embeddings:
+                continue
+            seen_lm_head_bias |= param == "bias"
+            yield f"{lm_head}.{param}", cast(t)
+            continue
+        if module in globals_:
+            yield f"{prefix}{globals_[module]}.{param}", cast(t)
+            continue
+        m = re.match(r"^transformer\.h\.(\d+)\.(.+)$", module)
+        if m is None:
+            raise ConversionError(f"Unexpected tensor {key!r} in the lit checkpoint.")
+        layer, sub = m.group(1), m.group(2)
+        base = f"{prefix}{layers}.{layer}"
+        if sub == "attn.qkv":
+            q, k, v = t.split((q_size, kv_size, kv_size))
+            if model_type == "gpt2":
+                fused = torch.cat((q, k, v))
+                yield f"{base}.attn.c_attn.{param}", cast(fused.t() if param == "weight" else fused)
+            elif model_type == "gpt_neox":
+                rest = t.shape[1:]
+                heads = [x.reshape(c.n_head, c.head_size, *rest) for x in (q, k, v)]
+                yield f"{base}.attention.query_key_value.{param}", cast(
+                    torch.stack(heads, dim=1).reshape(3 * q_size, *rest)
+                )
+            else:
+                # clones: the three slices must not share storage in a safetensors file
+                for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                    yield f"{base}.self_attn.{name}.{param}", cast(part.clone())
+            continue
+        if sub not in modules or (sub in ("mlp.fc_1", "mlp.fc_2") and not llama_like):
+            raise ConversionError(f"Unexpected tensor {key!r} in the lit checkpoint for a {model_type} export.")
+        transposed = model_type == "gpt2" and param == "weight" and sub in ("attn.proj", "mlp.fc", "mlp.proj")
+        yield f"{base}.{modules[sub]}.{param}", cast(t.t() if transposed else t)
+    if model_type == "phi" and not seen_lm_head_bias:
+        # transformers' Phi always has an output bias; zeros compute what a bias-free head computes
+        yield "lm_head.bias", torch.zeros(c.padded_vocab_size, dtype=dtype or torch.float32)
+
+
+def lit_to_hf_state_dict(lit_sd: dict, config: Config, model_type: Optional[str] = None) -> dict:
+    """A transformers state dict of `model_type` (default: `hf_model_type(config)`) from a lit state dict."""
+    return dict(iter_lit_to_hf(lit_sd.items(), config, model_type or hf_model_type(config)))
+
+
+###################################################################################################
+# folders
+###################################################################################################
+def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def find_hf_weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The weight files of a transformers folder: safetensors preferred, then `pytorch_model*.bin`; an index file
+    (`*.index.json`) decides which shards belong to the model."""
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            files = [checkpoint_dir / f for f in dict.fromkeys(weight_map.values())]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise ConversionError(
+                    f"{index} lists {absent[0]!r}, which is missing from {checkpoint_dir}: the download is "
+                    "incomplete; run scripts/download.py again."
+                )
+            return files
+        # Mistral repos also ship `consolidated.safetensors` in Mistral's own layout: not a transformers file
+        files = sorted(p for p in checkpoint_dir.glob(pattern) if not p.name.startswith("consolidated"))
+        if files:
+            return files
+    return []
+
+
+def iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from each weight file in turn, one tensor in memory at a time for safetensors."""
+    from lit_gpt.utils import load_file
+
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            sd = load_file(path)  # torch.load(weights_only=True, mmap=True): no pickled code runs
+            if not isinstance(sd, dict):
+                raise ConversionError(f"{path} does not hold a state dict.")
+            for key in list(sd):
+                yield key, sd.pop(key)
+            del sd
+
+
+def convert_hf_checkpoint(
+    checkpoint_dir: Path | str, dtype: Optional[str | torch.dtype] = None, model_name: Optional[str] = None
+) -> Config:
+    """Write `lit_model.pth` and `model_config.yaml` into `checkpoint_dir`, a transformers model folder.
+
+    The config is derived from the folder's `config.json`; `model_name` (e.g. `meta-llama/Llama-2-7b-hf`) only names
+    it (default: the folder's name). Floats are cast to `dtype` when given, else kept as stored.
+    """
+    from lit_gpt.utils import WEIGHTS_FILENAME, atomic_save
+
+    checkpoint_dir = Path(checkpoint_dir)
+    torch_dtype = parse_dtype(dtype)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
+    hf_config_path = checkpoint_dir / HF_CONFIG_FILENAME
+    if not hf_config_path.is_file():
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} has no config.json: download the model with "
+            "`python scripts/download.py --repo_id ORG/NAME` (it fetches config.json with the weights)."
+        )
+    try:
+        hf_config = json.loads(hf_config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{hf_config_path} is not valid JSON ({e}); download it again.") from None
+    config = config_from_hf(hf_config, name=model_name or checkpoint_dir.name)
+    files = find_hf_weight_files(checkpoint_dir)
+    if not files:
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} has no weights (*.safetensors or pytorch_model*.bin): download them with "
+            "`python scripts/download.py --repo_id ORG/NAME`."
+        )
+    lit_sd = dict(iter_hf_to_lit(iter_hf_tensors(files), config, torch_dtype))
+    check_lit_state_dict(lit_sd, config, f"the checkpoint in {checkpoint_dir}")
+    atomic_save(lit_sd, checkpoint_dir / WEIGHTS_FILENAME)
+    config.save(checkpoint_dir)
+    return config
+
+
+def convert_lit_checkpoint(
+    checkpoint_dir: Path | str,
+    output_dir: Path | str,
+    dtype: Optional[str | torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a transformers model folder for the lit checkpoint in `checkpoint_dir` into `output_dir`."""
+    from lit_gpt.utils import WEIGHTS_FILENAME, atomic_write_text, check_checkpoint_dir, load_file
+
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    output_dir = Path(output_dir)
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise ConversionError(
+            f"--output_dir {str(output_dir)!r} is the checkpoint directory itself; pick a new folder so the export "
+            "does not overwrite the original config.json and weights."
+        )
+    torch_dtype = parse_dtype(dtype)
+    config = Config.from_checkpoint(checkpoint_dir)
+    hf_config = config_to_hf(config)
+    model_type = hf_config["model_type"]
+
+    lit_sd = load_file(checkpoint_dir / WEIGHTS_FILENAME)
+    if "model" in lit_sd and isinstance(lit_sd["model"], dict):  # a training checkpoint
+        lit_sd = lit_sd["model"]
+    lit_sd = {k.removeprefix("_orig_mod."): v for k, v in lit_sd.items()}
+    if config.tie_embeddings:
+        lit_sd.pop("lm_head.weight", None)
+    check_lit_state_dict(lit_sd, config, str(checkpoint_dir / WEIGHTS_FILENAME))
+    floats = [v.dtype for v in lit_sd.values() if v.is_floating_point()]
+    out_dtype = torch_dtype or (floats[0] if floats else torch.float32)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(lambda sd: iter_lit_to_hf(sd.items(), config, model_type, out_dtype), lit_sd, output_dir,
+                      max_shard_bytes)
+
+    source_hf = _read_json(checkpoint_dir / HF_CONFIG_FILENAME)
+    generation = _read_json(checkpoint_dir / "generation_config.json")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        hf_config[key] = source_hf.get(key, generation.get(key))
+    hf_config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    atomic_write_text(output_dir / HF_CONFIG_FILENAME, json.dumps(hf_config, indent=2) + "\n")
+    if generation:
+        _copy(checkpoint_dir / "generation_config.json", output_dir)
+    else:
+        ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config[k] is not None}
+        atomic_write_text(output_dir / "generation_config.json", json.dumps(ids, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (checkpoint_dir / name).is_file():
+            _copy(checkpoint_dir / name, output_dir)
+    return output_dir
+
+
+def _save_safetensors(convert, lit_sd: dict, output_dir: Path, max_shard_bytes: int) -> None:
+    """Write `convert(lit_sd)` as safetensors, holding one shard's converted tensors in memory at a time.
+
+    A first pass over meta tensors (free: no data) sizes the tensors, which fixes the shard count up front.
+    """
+    from safetensors.torch import save_file
+
+    from lit_gpt.utils import atomic_path, atomic_write_text
+
+    plan: list[list[str]] = [[]]
+    shard_bytes = total = 0
+    for name, t in convert({k: v.to("meta") for k, v in lit_sd.items()}):
+        size = t.numel() * t.element_size()
+        if plan[-1] and shard_bytes + size > max_shard_bytes:
+            plan.append([])
+            shard_bytes = 0
+        plan[-1].append(name)
+        shard_bytes += size
+        total += size
+    n = len(plan)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    shard_of = {name: i for i, names_in in enumerate(plan) for name in names_in}
+
+    def write(i: int, tensors: dict) -> None:
+        with atomic_path(output_dir / names[i]) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+
+    current, buffer = 0, {}
+    for name, t in convert(lit_sd):
+        if shard_of[name] != current:
+            write(current, buffer)
+            current, buffer = shard_of[name], {}
+        buffer[name] = t
+    write(current, buffer)
+    index = output_dir / "model.safetensors.index.json"
+    if n > 1:
+        weight_map = {name: names[i] for name, i in shard_of.items()}
+        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    elif index.exists():
+        index.unlink()  # a stale index from an earlier sharded export would point transformers at old shards
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _copy(src: Path, output_dir: Path) -> None:
+    from lit_gpt.utils import atomic_path
+
+    with atomic_path(output_dir / src.name) as tmp:
+        shutil.copyfile(src, tmp)

@@ -1,0 +1,44 @@
+"""Convert a Hugging Face transformers checkpoint folder into a lit checkpoint, in place."""
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jsonargparse import CLI  # noqa: E402
+
+from lit_gpt.convert_hf import ConversionError, convert_hf_checkpoint  # noqa: E402
+
+
+def main(
+    checkpoint_dir: Path,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    model_name: Optional[str] = None,
+) -> None:
+    """Write lit_model.pth and model_config.yaml next to the transformers files in `checkpoint_dir`.
+
+    Reads config.json and the weights (model.safetensors, pytorch_model.bin, or their shards with an index file) one
+    tensor at a time. The model config is derived from the folder's own config.json, so fine-tuned variants and sizes
+    missing from lit_gpt's named-config table convert as they are. Supported model types: llama, mistral, qwen2, phi,
+    gpt2, gpt_neox.
+
+    Args:
+        checkpoint_dir: A folder as `scripts/download.py` leaves it (e.g. checkpoints/meta-llama/Llama-2-7b-hf).
+        dtype: Cast the weights to this dtype; by default they keep the dtype they are stored in.
+        model_name: Name recorded in model_config.yaml (e.g. meta-llama/Llama-2-7b-hf); defaults to the folder name.
+            It only names the config: every size comes from config.json.
+    """
+    config = convert_hf_checkpoint(checkpoint_dir, dtype=dtype, model_name=model_name)
+    print(
+        f"Converted {config.name!r} ({config.n_layer} layers, width {config.n_embd}, vocabulary "
+        f"{config.padded_vocab_size}) into {checkpoint_dir / 'lit_model.pth'}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    try:
+        CLI(main, as_positional=False)
+    except (ConversionError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

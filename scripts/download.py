@@ -1,0 +1,210 @@
+"""Download a model from the Hugging Face Hub (and convert it to a lit checkpoint), or list the named models."""
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from huggingface_hub import HfApi, snapshot_download  # noqa: E402
+from huggingface_hub.errors import (  # noqa: E402
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from jsonargparse import CLI  # noqa: E402
+from jsonargparse.typing import SecretStr  # noqa: E402
+
+from lit_gpt.config import configs  # noqa: E402
+from lit_gpt.convert_hf import ConversionError, convert_hf_checkpoint  # noqa: E402
+
+# what a transformers model folder needs besides its weights
+CONFIG_FILES = ["config.json", "generation_config.json"]
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+
+
+class DownloadError(RuntimeError):
+    """A download that cannot go on; the message says why and what to do, and never contains the token."""
+
+
+def main(
+    repo_id: Optional[str] = None,
+    access_token: Optional[SecretStr] = None,
+    from_safetensors: bool = True,
+    tokenizer_only: bool = False,
+    checkpoint_dir: Optional[Path] = None,
+    convert_checkpoint: bool = True,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+) -> None:
+    """Download a transformers model from the Hugging Face Hub into `checkpoints/<repo_id>` and convert it.
+
+    Without --repo_id, prints the models lit_gpt has a named config for, one `org/name` per line
+    (`python scripts/download.py | grep meta`). Any Hub repo of a supported type (llama, mistral, qwen2, phi, gpt2,
+    gpt_neox) works, listed or not: the conversion reads the repo's own config.json.
+
+    Only what a lit checkpoint needs is fetched: config.json, generation_config.json, the tokenizer files and the
+    weights, either the safetensors files or (when the repo has none, or with --from_safetensors false) the
+    pytorch_model*.bin files. After the download, `scripts/convert_hf_checkpoint.py` runs on the folder unless
+    --convert_checkpoint false, in which case the command to run is printed.
+
+    Args:
+        repo_id: The Hub repository, e.g. meta-llama/Llama-2-7b-hf.
+        access_token: A Hugging Face token, needed for gated models (Llama, some Mistral repos) once you accepted
+            their license on the Hub. Defaults to the HF_TOKEN environment variable (then to `hf auth login`).
+        from_safetensors: Download the safetensors weights (falls back to .bin when the repo has none); false
+            forces the pytorch_model*.bin files.
+        tokenizer_only: Download the tokenizer files (and generation_config.json) only.
+        checkpoint_dir: Where to put the files; default checkpoints/<repo_id>.
+        convert_checkpoint: Convert the download to lit_model.pth + model_config.yaml right away.
+        dtype: Dtype of the converted weights; by default they keep the dtype they are stored in.
+    """
+    if repo_id is None:
+        try:
+            for c in configs:
+                print(f"{c['hf_config']['org']}/{c['hf_config']['name']}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head` closed the pipe: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+
+    if isinstance(access_token, SecretStr):  # the CLI's type, so that --print_config masks it
+        access_token = access_token.get_secret_value()
+    token = access_token or os.environ.get("HF_TOKEN") or None
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path("checkpoints") / repo_id
+    with hub_errors(repo_id, token):
+        if tokenizer_only:
+            patterns = TOKENIZER_FILES + ["generation_config.json"]
+        else:
+            files = [s.rfilename for s in (HfApi(token=token).model_info(repo_id).siblings or [])]
+            patterns = CONFIG_FILES + TOKENIZER_FILES + weight_files(files, repo_id, from_safetensors)
+        snapshot_download(repo_id, local_dir=checkpoint_dir, allow_patterns=patterns, token=token)
+    print(f"Downloaded {repo_id} to {checkpoint_dir}", file=sys.stderr)
+
+    if tokenizer_only:
+        return
+    if convert_checkpoint:
+        config = convert_hf_checkpoint(checkpoint_dir, dtype=dtype, model_name=repo_id)
+        print(f"Converted {config.name!r} into {checkpoint_dir / 'lit_model.pth'}", file=sys.stderr)
+    else:
+        print(
+            "Next, convert it with:\n"
+            f"  python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}"
+            + (f" --dtype {dtype}" if dtype else "")
+        )
+
+
+def weight_files(files: list[str], repo_id: str, from_safetensors: bool) -> list[str]:
+    """The weight files to fetch among a repo's files: top-level transformers weights only (not the `original/`
+    Meta checkpoints or Mistral's `consolidated.safetensors`, which duplicate them in another layout)."""
+    top = [f for f in files if "/" not in f]
+    safetensors = [f for f in top if f.endswith(".safetensors") and not f.startswith("consolidated")]
+    safetensors += [f for f in top if f == "model.safetensors.index.json"]
+    bins = [f for f in top if f.startswith("pytorch_model") and (f.endswith(".bin") or f.endswith(".bin.index.json"))]
+    if from_safetensors and safetensors:
+        return safetensors
+    if not from_safetensors and bins:
+        return bins
+    if from_safetensors and bins:
+        print(f"{repo_id} has no safetensors weights; downloading its pytorch_model*.bin files.", file=sys.stderr)
+        return bins
+    if safetensors:
+        raise DownloadError(
+            f"{repo_id} has no pytorch_model*.bin weights, only safetensors: run again without --from_safetensors false."
+        )
+    raise DownloadError(
+        f"{repo_id} has no transformers weights (model*.safetensors or pytorch_model*.bin) at its top level; "
+        "pick the repo of the transformers version of the model."
+    )
+
+
+class hub_errors:
+    """Turn Hub failures into one `DownloadError` sentence; the token is redacted from anything that is kept."""
+
+    def __init__(self, repo_id: str, token: Optional[str]) -> None:
+        self.repo_id, self.token = repo_id, token
+
+    def __enter__(self) -> "hub_errors":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, DownloadError):
+            return False
+        message = explain_hub_error(exc, self.repo_id, self.token is not None)
+        if message is None:
+            return False
+        if self.token:
+            message = message.replace(self.token, "***")
+        raise DownloadError(message) from None
+
+
+def explain_hub_error(error: BaseException, repo_id: str, has_token: bool) -> Optional[str]:
+    """One sentence for a failed Hub call, or None for an error that is not the Hub's (a bug: keep the traceback).
+
+    snapshot_download re-raises some failures as a local-cache miss, so the chain of causes is searched for the most
+    specific error first.
+    """
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    url = f"https://huggingface.co/{repo_id}"
+    token_hint = "pass --access_token or set HF_TOKEN" if not has_token else "check that your token is valid"
+    for e in chain:
+        if isinstance(e, GatedRepoError):
+            return (
+                f"{repo_id} is a gated repository: accept its license at {url} while logged in, then {token_hint} "
+                "with a token of that account."
+            )
+    for e in chain:
+        if isinstance(e, RevisionNotFoundError):
+            return f"{repo_id} has no such revision on the Hugging Face Hub."
+        if isinstance(e, RepositoryNotFoundError):
+            return (
+                f"{repo_id} was not found on the Hugging Face Hub (or it is private and you have no access): check "
+                f"the repo id (`python scripts/download.py` lists known models), or {token_hint}."
+            )
+    for e in chain:
+        if isinstance(e, HfHubHTTPError):
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status == 401:
+                return f"The Hugging Face Hub rejected the request for {repo_id} (401): {token_hint}."
+            return f"The Hugging Face Hub answered HTTP {status} for {repo_id}; try again later."
+    for e in chain:
+        if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or _is_connection_error(e):
+            return (
+                f"Could not reach the Hugging Face Hub to download {repo_id} (offline, HF_HUB_OFFLINE set, or a "
+                "proxy/firewall in the way): check the network connection and try again."
+            )
+    return None
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    # huggingface_hub's HTTP stack changed across versions (requests, httpx, httpx2): recognise their network
+    # errors by origin rather than importing each one
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    root = type(error).__module__.split(".")[0]
+    return root in ("requests", "urllib3", "httpx", "httpx2", "httpcore", "socket") and any(
+        word in type(error).__name__ for word in ("Connect", "Timeout", "Network", "Proxy")
+    )
+
+
+if __name__ == "__main__":
+    try:
+        CLI(main, as_positional=False)
+    except (DownloadError, ConversionError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,355 @@
+"""HF transformers <-> lit conversion, checked against transformers' own models.
+
+Every family is built as a small random transformers model, saved the way the Hub stores it, converted with the same
+`main` the CLI runs, loaded with `GPT.from_checkpoint` and compared on logits; the export is then loaded back with
+`AutoModelForCausalLM.from_pretrained` and compared again.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from lit_gpt import GPT, Config  # noqa: E402
+from lit_gpt.convert_hf import (  # noqa: E402
+    ConversionError,
+    config_from_hf,
+    config_to_hf,
+    convert_hf_checkpoint,
+    convert_lit_checkpoint,
+    hf_to_lit_state_dict,
+    lit_to_hf_state_dict,
+)
+from lit_gpt.utils import load_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 128
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_hf_script = load_script("convert_hf_checkpoint")
+convert_lit_script = load_script("convert_lit_checkpoint")
+
+_LLAMA = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+    max_position_embeddings=64, rms_norm_eps=1e-5,
+)
+# (model_type, HF config kwargs, transformers class, lit fields the conversion must produce)
+FAMILIES = {
+    "llama": ("llama", dict(_LLAMA, num_key_value_heads=4), "LlamaForCausalLM", dict(tie_embeddings=False)),
+    "llama_tied": ("llama", dict(_LLAMA, tie_word_embeddings=True), "LlamaForCausalLM", dict(tie_embeddings=True)),
+    "llama_bias": (
+        "llama", dict(_LLAMA, attention_bias=True, mlp_bias=True), "LlamaForCausalLM", dict(bias=True, attn_bias=True)
+    ),
+    "llama3_rope": (
+        "llama",
+        dict(
+            _LLAMA, num_key_value_heads=2, max_position_embeddings=256,
+            # original length 64 with head_size 16 puts RoPE frequencies in all three llama3 bands
+            rope_parameters=dict(
+                rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+        "LlamaForCausalLM",
+        dict(rope_adjustments=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=64)),
+    ),
+    "mistral_gqa": (
+        "mistral", dict(_LLAMA, num_key_value_heads=2, sliding_window=16, max_position_embeddings=64),
+        "LlamaForCausalLM", dict(n_query_groups=2, block_size=16),
+    ),
+    "qwen2_qkv_bias": (
+        "qwen2", dict(_LLAMA, num_key_value_heads=2, rope_theta=1e6), "Qwen2ForCausalLM",
+        dict(bias=False, attn_bias=True, rope_base=1e6),
+    ),
+    "phi": (
+        "phi",
+        dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+            partial_rotary_factor=0.5, max_position_embeddings=64,
+        ),
+        "PhiForCausalLM",
+        dict(rotary_percentage=0.5, lm_head_bias=True, shared_attention_norm=True, gelu_approximate="tanh"),
+    ),
+    "gpt2": (
+        "gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0),
+        "GPT2LMHeadModel", dict(pos_embedding="learned", block_size=32, tie_embeddings=True),
+    ),
+    "gpt_neox": (
+        "gpt_neox",
+        dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+            rotary_pct=0.25, max_position_embeddings=64,
+        ),
+        "GPTNeoXForCausalLM", dict(rotary_percentage=0.25, parallel_residual=True, gelu_approximate="none"),
+    ),
+    "gpt_neox_sequential": (
+        "gpt_neox",
+        dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+            rotary_pct=0.5, max_position_embeddings=64, use_parallel_residual=False, hidden_act="gelu_new",
+        ),
+        "GPTNeoXForCausalLM", dict(parallel_residual=False, gelu_approximate="tanh"),
+    ),
+}
+
+
+def make_hf_model(model_type: str, seed: int = 0, **kwargs):
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    # transformers initialises biases to zero and norms to one: randomise everything so a misplaced bias, norm or
+    # transposition changes the logits
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def save_hf(model, path: Path, mode: str) -> None:
+    if mode == "safetensors":
+        model.save_pretrained(path)
+    elif mode == "sharded":
+        model.save_pretrained(path, max_shard_size="20KB")
+        assert (path / "model.safetensors.index.json").is_file()
+    elif mode == "bin":
+        # a transformers-4 style `pytorch_model.bin` with the legacy layout of the Hub's gpt2 files: no
+        # "transformer." prefix and the causal-mask buffers stored as tensors
+        model.config.save_pretrained(path)
+        sd = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        n = model.config.n_positions
+        for i in range(model.config.n_layer):
+            sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n)
+            sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(sd, path / "pytorch_model.bin")
+    else:
+        raise ValueError(mode)
+
+
+def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def lit_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(idx)
+
+
+SAVE_MODE = {"gpt2": "bin", "qwen2_qkv_bias": "sharded"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_and_export_match_transformers(family, tmp_path):
+    model_type, kwargs, export_class, expected_fields = FAMILIES[family]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_dir, out_dir = tmp_path / "hf", tmp_path / "export"
+    save_hf(hf_model, hf_dir, SAVE_MODE.get(family, "safetensors"))
+
+    convert_hf_script.main(checkpoint_dir=hf_dir)
+    config = Config.from_checkpoint(hf_dir)
+    for field, value in expected_fields.items():
+        assert getattr(config, field) == value, field
+    model = GPT.from_checkpoint(hf_dir).eval()
+    assert next(model.parameters()).dtype == torch.float32
+    idx = torch.randint(0, VOCAB, (2, min(16, config.block_size)), generator=torch.Generator().manual_seed(1))
+    expected = hf_logits(hf_model, idx)
+    torch.testing.assert_close(lit_logits(model, idx), expected, **TOL)
+
+    convert_lit_script.main(checkpoint_dir=hf_dir, output_dir=out_dir)
+    exported = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(exported).__name__ == export_class
+    torch.testing.assert_close(hf_logits(exported, idx), expected, **TOL)
+
+
+def test_llama3_rope_scaling_changes_the_logits(tmp_path):
+    """Guards the llama3 case above from passing vacuously: without the adjustments the logits must differ."""
+    model_type, kwargs, _, _ = FAMILIES["llama3_rope"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_model.save_pretrained(tmp_path)
+    convert_hf_checkpoint(tmp_path)
+    config = Config.from_checkpoint(tmp_path)
+    plain = GPT(Config(**{**config.to_dict(), "rope_adjustments": None}))
+    plain.load_state_dict(GPT.from_checkpoint(tmp_path).state_dict())
+    idx = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert (lit_logits(plain.eval(), idx) - hf_logits(hf_model, idx)).abs().max() > 1e-3
+
+
+def test_mistral_sliding_window_caps_block_size(tmp_path):
+    """Sliding-window attention equals causal attention up to the window: import caps block_size there."""
+    model_type, kwargs, _, _ = FAMILIES["mistral_gqa"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_model.save_pretrained(tmp_path)
+    convert_hf_checkpoint(tmp_path)
+    model = GPT.from_checkpoint(tmp_path).eval()
+    assert model.config.block_size == kwargs["sliding_window"]
+    idx = torch.randint(0, VOCAB, (1, kwargs["sliding_window"] + 1))
+    torch.testing.assert_close(lit_logits(model, idx[:, :-1]), hf_logits(hf_model, idx[:, :-1]), **TOL)
+    # one token past the window the two attentions differ, so lit refuses instead of answering differently
+    with pytest.raises(ValueError, match="block_size"):
+        model(idx)
+
+
+@pytest.mark.parametrize("family", ["llama3_rope", "qwen2_qkv_bias", "phi", "gpt2", "gpt_neox"])
+def test_state_dict_round_trip_reproduces_the_hf_files(family, tmp_path):
+    """hf -> lit -> hf gives back exactly the tensors transformers wrote, names included."""
+    model_type, kwargs, _, _ = FAMILIES[family]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_model.save_pretrained(tmp_path)
+    hf_sd = load_safetensors(tmp_path / "model.safetensors")
+    config = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    lit_sd = hf_to_lit_state_dict(hf_sd, config)
+    back = lit_to_hf_state_dict(lit_sd, config, config_to_hf(config)["model_type"])
+    assert sorted(back) == sorted(hf_sd)
+    for k in hf_sd:
+        torch.testing.assert_close(back[k], hf_sd[k], atol=0, rtol=0)
+
+
+def test_dtype_and_sharded_export(tmp_path):
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_dir = tmp_path / "hf"
+    hf_model.save_pretrained(hf_dir)
+    convert_hf_checkpoint(hf_dir, dtype="bfloat16")
+    assert {v.dtype for v in load_file(hf_dir / "lit_model.pth").values()} == {torch.bfloat16}
+
+    out = convert_lit_checkpoint(hf_dir, tmp_path / "out", dtype="float32", max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    lit = GPT.from_checkpoint(hf_dir, dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
+
+
+def test_export_copies_tokenizer_and_generation_files(tmp_path):
+    model_type, kwargs, _, _ = FAMILIES["llama_tied"]
+    hf_dir = tmp_path / "hf"
+    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text('{"version": "1.0"}')
+    (hf_dir / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (hf_dir / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.5}')
+    convert_hf_checkpoint(hf_dir)
+    out = convert_lit_checkpoint(hf_dir, tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_text() == (hf_dir / name).read_text()
+    exported = json.loads((out / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)
+    # a tied model stores the embedding once, as transformers does
+    assert not any(k.startswith("lm_head") for k in load_safetensors(out / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------- clear errors
+def test_missing_directory_config_or_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_hf_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json.*download.py"):
+        convert_hf_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="llama", **_LLAMA)))
+    with pytest.raises(FileNotFoundError, match=r"has no weights \(\*\.safetensors or pytorch_model\*\.bin\)"):
+        convert_hf_checkpoint(tmp_path)
+
+
+def test_unsupported_model_type_and_fields():
+    with pytest.raises(ConversionError, match="model_type 'bert'.*supported model types are llama, mistral"):
+        config_from_hf({"model_type": "bert", "hidden_size": 64})
+    with pytest.raises(ConversionError, match="rope scaling type 'yarn'"):
+        config_from_hf(dict(_LLAMA, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ConversionError, match="attention_bias=True but mlp_bias=False"):
+        config_from_hf(dict(_LLAMA, model_type="llama", attention_bias=True))
+    with pytest.raises(ConversionError, match="hidden_act='gelu'"):
+        config_from_hf(dict(_LLAMA, model_type="llama", hidden_act="gelu"))
+    with pytest.raises(ConversionError, match="qk_layernorm"):
+        config_from_hf(dict(FAMILIES["phi"][1], model_type="phi", qk_layernorm=True))
+    with pytest.raises(ConversionError, match="lacks the required field 'num_hidden_layers'"):
+        config_from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4})
+    with pytest.raises(ConversionError, match="cannot be exported.*norm_class_name='LayerNorm'"):
+        config_to_hf(Config(n_layer=1, n_embd=64, n_head=4, mlp_class_name="LLaMAMLP", intermediate_size=96,
+                            norm_class_name="LayerNorm", bias=False))
+
+
+def test_bad_checkpoint_contents(tmp_path):
+    model_type, kwargs, _, _ = FAMILIES["qwen2_qkv_bias"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    config = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    sd = dict(hf_model.state_dict())
+
+    with pytest.raises(ConversionError, match="Unexpected tensor 'model.layers.0.self_attn.q_norm.weight'"):
+        hf_to_lit_state_dict({**sd, "model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, config)
+    with pytest.raises(ConversionError, match=r"no k_proj.weight for layer 1"):
+        hf_to_lit_state_dict({k: v for k, v in sd.items() if k != "model.layers.1.self_attn.k_proj.weight"}, config)
+    with pytest.raises(ConversionError, match="missing.*transformer.h.1.mlp.fc_1.weight"):
+        hf_to_lit_state_dict({k: v for k, v in sd.items() if k != "model.layers.1.mlp.gate_proj.weight"}, config)
+    wide = dict(sd, **{"model.norm.weight": torch.ones(65)})
+    with pytest.raises(ConversionError, match=r"'transformer.ln_f.weight'.*shape \(65,\).*\(64,\)"):
+        hf_to_lit_state_dict(wide, config)
+
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / shard).unlink()
+    with pytest.raises(ConversionError, match=f"lists '{shard}', which is missing"):
+        convert_hf_checkpoint(tmp_path)
+
+
+def test_export_refuses_adapter_weights_and_its_own_directory(tmp_path):
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    make_hf_model(model_type, **kwargs).save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf")
+    with pytest.raises(ConversionError, match="is the checkpoint directory itself"):
+        convert_lit_checkpoint(tmp_path / "hf", tmp_path / "hf")
+    sd = load_file(tmp_path / "hf" / "lit_model.pth", mmap=False)  # not mmapped: the file is rewritten below
+    sd["transformer.h.0.attn.qkv.adapter.u"] = torch.zeros(4)
+    torch.save(sd, tmp_path / "hf" / "lit_model.pth")
+    with pytest.raises(ConversionError, match="adapter weights: merge them"):
+        convert_lit_checkpoint(tmp_path / "hf", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_cli_entry_points(tmp_path):
+    """Both scripts run as `python scripts/x.py` (no install needed) and fail in one sentence, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(script: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, env=env,
+            cwd=tmp_path, timeout=300,
+        )
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = run("convert_hf_checkpoint.py", "--checkpoint_dir", str(empty))
+    assert failed.returncode != 0
+    assert "error:" in failed.stderr and "config.json" in failed.stderr and "Traceback" not in failed.stderr
+
+    model_type, kwargs, _, _ = FAMILIES["gpt_neox"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_model.save_pretrained(tmp_path / "hf")
+    done = run("convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "hf"), "--model_name", "org/tiny-neox")
+    assert done.returncode == 0, done.stderr
+    assert Config.from_checkpoint(tmp_path / "hf").hf_config == {"org": "org", "name": "tiny-neox"}
+    done = run(
+        "convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "out")
+    )
+    assert done.returncode == 0, done.stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, attn_implementation="eager")
+    idx = torch.randint(0, VOCAB, (1, 10))
+    torch.testing.assert_close(hf_logits(exported.eval(), idx), hf_logits(hf_model, idx), **TOL)
