@@ -1,0 +1,482 @@
+"""Import a GGUF model (llama.cpp's file format) as a lit checkpoint.
+
+The `gguf` package reads the file and dequantizes its tensors; this module maps them onto `lit_gpt.GPT`'s names,
+undoes the row permutation llama.cpp applies to Llama's query/key weights, derives the `Config` from the file's
+metadata and rebuilds a Hugging Face `tokenizer.json` from the `tokenizer.ggml.*` vocabulary.
+
+Why the permutation: Hugging Face Llama checkpoints rotate the two halves of each head ("rotate half"), llama.cpp
+rotates adjacent pairs. Its converter therefore reorders the rows of every head of `attn_q`/`attn_k` so that the
+rows forming a rotation pair sit next to each other: HF row `s * hd/2 + j` (half `s`, frequency `j`) becomes GGUF
+row `2 * j + s`. Qwen2 uses llama.cpp's "neox" rope, which is rotate-half already, so its weights are stored as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from lit_gpt.config import Config
+from lit_gpt.utils import WEIGHTS_FILENAME, atomic_save, atomic_write_text
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
+_PERMUTED_QK = ("llama",)
+
+# llama.cpp token types (llama_token_type in llama.h / gguf.TokenType)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "transformer.wte.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_TENSORS = {
+    "attn_norm.weight": "norm_1.weight",
+    "ffn_norm.weight": "norm_2.weight",
+    "attn_output.weight": "attn.proj.weight",
+    "attn_output.bias": "attn.proj.bias",
+    "ffn_gate.weight": "mlp.fc_1.weight",
+    "ffn_up.weight": "mlp.fc_2.weight",
+    "ffn_down.weight": "mlp.proj.weight",
+}
+_QKV = ("attn_q", "attn_k", "attn_v")
+
+
+class GGUFImportError(ValueError):
+    """A GGUF file this importer cannot turn into a lit checkpoint; the message says which file and why."""
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def open_gguf(path: Path | str):
+    """A `gguf.GGUFReader` over `path` (memory-mapped; tensors are read when touched)."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError) as e:
+        raise GGUFImportError(f"{str(path)!r} is not a readable GGUF file ({e}).") from None
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    """Every key/value of the file as Python values (strings, numbers, lists)."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _require(metadata: dict, key: str, path: Path) -> Any:
+    if key not in metadata:
+        raise GGUFImportError(f"{str(path)!r} lacks the metadata key {key!r}, which the import needs.")
+    return metadata[key]
+
+
+def _architecture(metadata: dict, path: Path) -> str:
+    arch = _require(metadata, "general.architecture", path)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFImportError(
+            f"{str(path)!r} holds a {arch!r} model; only {', '.join(SUPPORTED_ARCHITECTURES)} GGUF files can be "
+            "imported."
+        )
+    return arch
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], path: Path | str,
+                     rope_freqs: Optional[np.ndarray] = None) -> Config:
+    """The lit `Config` a GGUF file describes. `tensor_shapes` are numpy-order shapes (`(out, in)`)."""
+    path = Path(path)
+    arch = _architecture(metadata, path)
+
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+
+    n_embd = int(_require(metadata, key("embedding_length"), path))
+    n_head = int(_require(metadata, key("attention.head_count"), path))
+    n_kv = metadata.get(key("attention.head_count_kv"), n_head)
+    if isinstance(n_kv, list):
+        raise GGUFImportError(f"{str(path)!r} has a different number of KV heads per layer, which GPT cannot express.")
+    head_size = int(metadata.get(key("attention.key_length"), n_embd // n_head))
+    if int(metadata.get(key("attention.value_length"), head_size)) != head_size:
+        raise GGUFImportError(f"{str(path)!r} has value heads of another size than key heads, which GPT cannot express.")
+    rope_dims = int(metadata.get(key("rope.dimension_count"), head_size))
+    if arch in _PERMUTED_QK and rope_dims != head_size:
+        # llama.cpp rotates the first `rope_dims` features in its interleaved layout; in the rotate-half layout the
+        # un-permuted rows would need a different subset, which Config cannot describe
+        raise GGUFImportError(
+            f"{str(path)!r} rotates {rope_dims} of {head_size} features per head; partial RoPE is only supported "
+            "for qwen2-style files."
+        )
+    if "token_embd.weight" not in tensor_shapes:
+        raise GGUFImportError(f"{str(path)!r} has no token_embd.weight tensor.")
+    padded_vocab = tensor_shapes["token_embd.weight"][0]
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens) if tokens else int(metadata.get(key("vocab_size"), padded_vocab))
+    attn_bias = "blk.0.attn_q.bias" in tensor_shapes
+    general_name = metadata.get("general.name") or path.stem
+
+    return Config(
+        name=str(general_name),
+        block_size=int(metadata.get(key("context_length"), 4096)),
+        vocab_size=min(vocab_size, padded_vocab),
+        padded_vocab_size=padded_vocab,
+        n_layer=int(_require(metadata, key("block_count"), path)),
+        n_head=n_head,
+        n_query_groups=int(n_kv),
+        head_size=head_size,
+        n_embd=n_embd,
+        intermediate_size=int(_require(metadata, key("feed_forward_length"), path)),
+        rotary_percentage=rope_dims / head_size,
+        rope_base=float(metadata.get(key("rope.freq_base"), 10000.0)),
+        rope_adjustments=_rope_adjustments(metadata, arch, path, rope_freqs, rope_dims),
+        bias=False,
+        attn_bias=attn_bias,
+        tie_embeddings="output.weight" not in tensor_shapes,
+        norm_class_name="RMSNorm",
+        norm_eps=float(metadata.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+        mlp_class_name="LLaMAMLP",
+        parallel_residual=False,
+    )
+
+
+def _rope_adjustments(metadata: dict, arch: str, path: Path, rope_freqs: Optional[np.ndarray],
+                      rope_dims: int) -> Optional[dict]:
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(metadata.get(f"{arch}.rope.scaling.factor", 1.0))
+    if scaling not in ("none", "") and factor != 1.0:
+        raise GGUFImportError(
+            f"{str(path)!r} uses {scaling!r} RoPE scaling (factor {factor}); only Llama-3.1-style frequency "
+            "scaling (a rope_freqs tensor) can be imported."
+        )
+    if rope_freqs is None:
+        return None
+    return _llama3_rope_from_factors(
+        np.asarray(rope_freqs, dtype=np.float64), float(metadata.get(f"{arch}.rope.freq_base", 10000.0)), rope_dims,
+        int(metadata.get(f"{arch}.rope.scaling.original_context_length", 8192)), path,
+    )
+
+
+def _llama3_rope_from_factors(factors: np.ndarray, base: float, rope_dims: int, original_len: int,
+                              path: Path) -> Optional[dict]:
+    """Llama-3.1 scaling parameters that reproduce llama.cpp's per-frequency `rope_freqs` divisors.
+
+    llama.cpp stores the divisors `f_i` instead of the parameters. With `blend_i` the share of the unscaled
+    frequency, `1/f_i = (1 - blend_i)/factor + blend_i` and `blend_i = (L/wavelen_i - lo)/(hi - lo)` clamped to
+    [0, 1]. Only `L/(hi - lo)` and `lo/(hi - lo)` are identifiable, so `L` is fixed (to the file's original
+    context length when it states one) and `lo`, `hi` are solved from the frequencies inside the blend band.
+    """
+    if factors.shape != (rope_dims // 2,):
+        raise GGUFImportError(f"{str(path)!r}: rope_freqs has {factors.size} entries, expected {rope_dims // 2}.")
+    factor = float(factors.max())
+    if np.allclose(factors, 1.0):
+        return None
+    inv_freq = base ** (-np.arange(0, rope_dims, 2, dtype=np.float64) / rope_dims)
+    wavelen = 2 * math.pi / inv_freq
+    blend = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    inside = (blend > 1e-6) & (blend < 1 - 1e-6)
+    result = None
+    if inside.sum() >= 2:
+        slope, intercept = np.polyfit(1 / wavelen[inside], blend[inside], 1)
+        span = original_len / slope  # hi - lo
+        lo = -intercept * span
+        result = dict(factor=factor, low_freq_factor=float(lo), high_freq_factor=float(lo + span),
+                      original_max_seq_len=original_len)
+        predicted = np.clip((original_len / wavelen - lo) / span, 0.0, 1.0)
+        if not np.allclose(1 / ((1 - predicted) / factor + predicted), factors, rtol=1e-4):
+            result = None
+    if result is None:
+        raise GGUFImportError(
+            f"{str(path)!r}: the rope_freqs tensor does not follow Llama-3.1 frequency scaling with at least two "
+            "frequencies in its blend band, so it cannot be expressed as Config.rope_adjustments."
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+def dequantize(tensor, path: Path | str) -> torch.Tensor:
+    """One GGUF tensor as float32 in PyTorch's layout (`(out, in)` for a linear weight)."""
+    import gguf
+
+    qtype = tensor.tensor_type
+    integer_types = {gguf.GGMLQuantizationType[n] for n in ("I8", "I16", "I32", "I64")}
+    if qtype in integer_types:
+        raise GGUFImportError(
+            f"{str(path)!r}: tensor {tensor.name!r} has integer type {qtype.name}, which is not a weight type."
+        )
+    try:
+        array = gguf.quants.dequantize(tensor.data, qtype)
+    except NotImplementedError:
+        raise GGUFImportError(
+            f"{str(path)!r}: tensor {tensor.name!r} has type {qtype.name}, which the gguf package cannot dequantize."
+        ) from None
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    array = np.asarray(array, dtype=np.float32).reshape(shape)
+    if not array.flags.writeable:  # an F32 tensor is a view of the read-only memory map
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleaving of a query or key projection (weight or bias)."""
+    rows = weight.shape[0]
+    head_size = rows // n_heads
+    return (
+        weight.reshape(n_heads, head_size // 2, 2, *weight.shape[1:])
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def iter_lit_weights(reader, config: Config, arch: str, path: Path | str,
+                     dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(lit name, tensor)` pairs, dequantized one tensor at a time so memory holds the output plus one layer."""
+    path = Path(path)
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    for tensor in reader.tensors:
+        name = tensor.name
+        if name == "rope_freqs.weight":  # folded into config.rope_adjustments
+            continue
+        if name in _GLOBAL_TENSORS:
+            if name == "output.weight" and config.tie_embeddings:
+                continue
+            yield _GLOBAL_TENSORS[name], dequantize(tensor, path).to(dtype)
+            continue
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
+            raise GGUFImportError(f"{str(path)!r}: tensor {name!r} has no counterpart in a {arch} GPT.")
+        layer, local = int(parts[1]), parts[2]
+        if layer >= config.n_layer:
+            raise GGUFImportError(f"{str(path)!r}: tensor {name!r} is beyond the file's block_count {config.n_layer}.")
+        prefix = f"transformer.h.{layer}."
+        if local in _BLOCK_TENSORS:
+            yield prefix + _BLOCK_TENSORS[local], dequantize(tensor, path).to(dtype)
+            continue
+        stem, _, kind = local.rpartition(".")
+        if stem not in _QKV or kind not in ("weight", "bias"):
+            raise GGUFImportError(f"{str(path)!r}: tensor {name!r} has no counterpart in a {arch} GPT.")
+        value = dequantize(tensor, path)
+        if arch in _PERMUTED_QK and stem != "attn_v":
+            value = unpermute_qk(value, config.n_head if stem == "attn_q" else config.n_query_groups)
+        group = pending.setdefault(layer * 2 + (kind == "bias"), {})
+        group[stem] = value
+        if len(group) == 3:
+            del pending[layer * 2 + (kind == "bias")]
+            fused = torch.cat([group[s] for s in _QKV], dim=0).to(dtype)
+            yield f"{prefix}attn.qkv.{kind}", fused
+    if pending:
+        incomplete = sorted({key // 2 for key in pending})
+        raise GGUFImportError(f"{str(path)!r}: layers {incomplete} lack one of attn_q, attn_k, attn_v.")
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+_GPT2_GROUP = ("gpt-2", "gpt2", "default", "phi-2", "jina-es", "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de",
+               "jina-v2-code", "roberta-bpe", "gigachat", "mpt", "olmo", "jais", "exaone4", "trillion",
+               "granite-docling")
+_DIGITS_GROUP = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_GROUP = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "dbrx",
+                 "smaug-bpe")
+_QWEN2_GROUP = ("qwen2", "stablelm2", "deepseek-r1-qwen", "hunyuan", "megrez")
+# Llama-3's tokenizer.json sets ignore_merges (a word that is a vocabulary entry is one token), as llama.cpp does
+_IGNORE_MERGES = ("llama3", "llama-v3", "llama-bpe")
+
+
+def _byte_level_pre_tokenizer(pre: str, path: Path):
+    from tokenizers import Regex, pre_tokenizers
+
+    # the pattern each `tokenizer.ggml.pre` names is the one in llama.cpp's llama-vocab.cpp
+    if pre in _GPT2_GROUP:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_GROUP:
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+    for group, pattern in ((_LLAMA3_GROUP, _LLAMA3_SPLIT), (_QWEN2_GROUP, _QWEN2_SPLIT)):
+        if pre in group:
+            return pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            )
+    known = sorted(_GPT2_GROUP + _DIGITS_GROUP + _LLAMA3_GROUP + _QWEN2_GROUP)
+    raise GGUFImportError(
+        f"{str(path)!r}: pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported (known: {', '.join(known)})."
+    )
+
+
+def _unique_vocab(tokens: list[str]) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)  # a duplicated string keeps its first id, as llama.cpp's lookup does
+    return vocab
+
+
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    # llama.cpp's SentencePiece tokenizer repeatedly joins the adjacent pair whose joined piece scores highest.
+    # A BPE whose merges are ranked by the score of their result does the same.
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (_NORMAL, _USER_DEFINED)}
+    ranked = []
+    for piece, pid in vocab.items():
+        if types[pid] != _NORMAL or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[pid], pid, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def tokenizer_from_gguf(metadata: dict, path: Path | str):
+    """A `tokenizers.Tokenizer` equivalent to the GGUF vocabulary (byte-level BPE or SentencePiece-style)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    path = Path(path)
+    model = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise GGUFImportError(f"{str(path)!r} has no tokenizer.ggml.tokens; it does not carry its tokenizer.")
+    types = list(metadata.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+
+    if model == "gpt2":
+        merges = []
+        for merge in metadata.get("tokenizer.ggml.merges") or []:
+            left, sep, right = merge.partition(" ")
+            if not sep:
+                raise GGUFImportError(f"{str(path)!r}: merge {merge!r} is not two tokens separated by a space.")
+            merges.append((left, right))
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        tokenizer = Tokenizer(models.BPE(vocab=_unique_vocab(tokens), merges=merges, fuse_unk=False,
+                                         byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES))
+        tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre, path)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    elif model == "llama":
+        scores = list(metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+        unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if unk_id is not None else None
+        tokenizer = Tokenizer(models.BPE(vocab=_unique_vocab(tokens), merges=_spm_merges(tokens, scores, types),
+                                         unk_token=unk, fuse_unk=True, byte_fallback=True))
+        steps = [normalizers.Replace(" ", "\u2581")]
+        if metadata.get("tokenizer.ggml.add_space_prefix", True):
+            # llama.cpp prefixes every text fragment (the start, and the text after a special token) with a space
+            steps.insert(0, normalizers.Prepend("\u2581"))
+        tokenizer.normalizer = normalizers.Sequence(steps)
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+            + ([decoders.Strip(" ", 1, 0)] if metadata.get("tokenizer.ggml.add_space_prefix", True) else [])
+        )
+    else:
+        raise GGUFImportError(
+            f"{str(path)!r}: tokenizer model tokenizer.ggml.model={model!r} is not supported (gpt2 or llama)."
+        )
+
+    # control tokens (<|im_start|>, <s>) and user-defined ones are matched whole before the model splits the text
+    added = []
+    for token, kind in zip(tokens, types):
+        if kind == _CONTROL or (kind == _UNKNOWN and model == "llama"):
+            added.append(AddedToken(token, special=True, normalized=False))
+        elif kind == _USER_DEFINED:
+            added.append(AddedToken(token, special=False, normalized=False))
+    if added:
+        tokenizer.add_tokens(added)
+    return tokenizer
+
+
+def tokenizer_configs_from_gguf(metadata: dict, block_size: int) -> tuple[dict, dict]:
+    """`(tokenizer_config.json, generation_config.json)` contents with the file's special tokens and template."""
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    model = metadata.get("tokenizer.ggml.model")
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+
+    def token(key: str) -> tuple[Optional[int], Optional[str]]:
+        i = metadata.get(f"tokenizer.ggml.{key}")
+        if i is None or not 0 <= int(i) < len(tokens):
+            return None, None
+        return int(i), tokens[int(i)]
+
+    bos_id, bos = token("bos_token_id")
+    eos_id, eos = token("eos_token_id")
+    eot_id, _ = token("eot_token_id")
+    _, unk = token("unknown_token_id")
+    pad_id, pad = token("padding_token_id")
+    # llama.cpp's defaults when the flag is absent: SentencePiece and Llama-3 vocabularies start with BOS
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", model == "llama" or pre in _LLAMA3_GROUP)
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(add_bos) and bos is not None,
+        "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "model_max_length": block_size,
+    }
+    for name, value in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)):
+        if value is not None:
+            tokenizer_config[name] = value
+    if metadata.get("tokenizer.chat_template"):
+        tokenizer_config["chat_template"] = metadata["tokenizer.chat_template"]
+
+    generation_config: dict[str, Any] = {}
+    if bos_id is not None:
+        generation_config["bos_token_id"] = bos_id
+    stop = [i for i in (eos_id, eot_id) if i is not None]
+    stop = list(dict.fromkeys(stop))
+    if stop:
+        generation_config["eos_token_id"] = stop[0] if len(stop) == 1 else stop
+    if pad_id is not None:
+        generation_config["pad_token_id"] = pad_id
+    return tokenizer_config, generation_config
+
+
+# ---------------------------------------------------------------------------------------------------- import
+def convert_gguf(gguf_path: Path | str, checkpoint_dir: Path | str, dtype: torch.dtype = torch.float32) -> Config:
+    """Write `checkpoint_dir` (lit_model.pth, model_config.yaml, tokenizer files) from the GGUF file."""
+    gguf_path, checkpoint_dir = Path(gguf_path), Path(checkpoint_dir)
+    reader = open_gguf(gguf_path)
+    metadata = read_metadata(reader)
+    arch = _architecture(metadata, gguf_path)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    rope_freqs = next((dequantize(t, gguf_path).numpy() for t in reader.tensors if t.name == "rope_freqs.weight"),
+                      None)
+    config = config_from_gguf(metadata, shapes, gguf_path, rope_freqs=rope_freqs)
+    # build the tokenizer before the long weight pass so a vocabulary problem fails fast
+    tokenizer = tokenizer_from_gguf(metadata, gguf_path)
+    tokenizer_config, generation_config = tokenizer_configs_from_gguf(metadata, config.block_size)
+
+    state_dict = dict(iter_lit_weights(reader, config, arch, gguf_path, dtype))
+    _check_complete(state_dict, config, gguf_path)
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save(state_dict, checkpoint_dir / WEIGHTS_FILENAME)
+    config.save(checkpoint_dir)
+    atomic_write_text(checkpoint_dir / "tokenizer.json", tokenizer.to_str())
+    atomic_write_text(checkpoint_dir / "tokenizer_config.json",
+                      json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(checkpoint_dir / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")
+    return config
+
+
+def _check_complete(state_dict: dict, config: Config, path: Path) -> None:
+    from lit_gpt.model import GPT
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise GGUFImportError(f"{str(path)!r} lacks tensors for {missing[:4]}{' …' if len(missing) > 4 else ''}.")
+    for name, shape in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise GGUFImportError(
+                f"{str(path)!r}: {name} has shape {tuple(state_dict[name].shape)} but the metadata implies {shape}."
+            )

