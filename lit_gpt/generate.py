@@ -1,0 +1,175 @@
+"""Autoregressive generation: one streaming loop with a KV cache, and `generate` built on it.
+
+The prompt is prefilled in one forward pass, then one token is decoded per step against the cache. Stop sequences
+are matched on token ids; tokens that might begin a stop sequence are held back until it is clear they do not, so a
+stream never shows text that `generate` would later cut off.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+StopTokens = Iterable[Union[int, Sequence[int]]]
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with every token outside the nucleus set to -inf.
+
+    The nucleus is the smallest set of most probable tokens whose probabilities sum to at least `top_p` (Holtzman
+    et al., 2019, arXiv 1904.09751); the most probable token is always kept.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    # mass of the tokens strictly more probable than each one: a token is in the nucleus while that is < top_p
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove_sorted = mass_before >= top_p
+    remove_sorted[..., 0] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """The next token id(s) from logits of shape `(..., vocab)`; temperature 0 is greedy (argmax)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if temperature == 0.0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    flat = probs.reshape(-1, probs.size(-1))
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def _normalize_stops(stop_tokens: StopTokens, eos_id: Union[int, Sequence[int], None]) -> list[tuple[int, ...]]:
+    stops: list[tuple[int, ...]] = []
+    eos = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    for stop in [*eos, *stop_tokens]:
+        seq = (int(stop),) if isinstance(stop, int) else tuple(int(t) for t in stop)
+        if not seq:
+            raise ValueError("An empty stop sequence would stop generation before it starts.")
+        if seq not in stops:
+            stops.append(seq)
+    return stops
+
+
+def _held_back(tokens: list[int], stops: list[tuple[int, ...]]) -> int:
+    """How many trailing tokens could still be the start of a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(tokens)), longest, -1):
+            if tuple(tokens[-n:]) == stop[:n]:
+                longest = n
+                break
+    return longest
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    stop_tokens: StopTokens = (),
+    eos_id: Union[int, Sequence[int], None] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[int]:
+    """Yield new token ids one by one as they are decided.
+
+    Args:
+        model: A `lit_gpt.GPT` (anything with `config.block_size`, `set_kv_cache` and `model(idx, input_pos)`).
+        prompt: 1-D tensor of prompt token ids, on the model's device.
+        max_new_tokens: At most this many tokens are generated; fewer when the prompt plus them would exceed the
+            model's `block_size`.
+        temperature: Softmax temperature; 0 picks the most likely token (greedy).
+        top_k: Sample only among the `top_k` most likely tokens.
+        top_p: Sample only from the nucleus of probability mass `top_p`.
+        stop_tokens: Stop sequences: each an int or a sequence of ids (e.g. a chat template's end-of-turn).
+        eos_id: End-of-sequence id(s); generation stops there. Neither EOS nor a stop sequence is yielded.
+        generator: Random generator for reproducible sampling.
+    """
+    if prompt.ndim != 1:
+        raise ValueError(f"generate expects a 1-D prompt of token ids, got shape {tuple(prompt.shape)}.")
+    T = prompt.size(0)
+    if T == 0:
+        raise ValueError("The prompt is empty; generation needs at least one token to condition on.")
+    block_size = model.config.block_size
+    if T >= block_size:
+        raise ValueError(f"The prompt has {T} tokens; the model's block_size {block_size} leaves no room to generate.")
+    max_new_tokens = min(max_new_tokens, block_size - T)
+    if max_new_tokens <= 0:
+        return
+    stops = _normalize_stops(stop_tokens, eos_id)
+    device = prompt.device
+
+    model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens, device=device)
+    try:
+        logits = model(prompt.view(1, -1), input_pos=torch.arange(T, device=device))[0, -1]
+        generated: list[int] = []
+        emitted = 0
+        input_pos = torch.tensor([T], device=device)
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            generated.append(int(token))
+            for stop in stops:
+                if len(generated) - emitted >= len(stop) and tuple(generated[-len(stop):]) == stop:
+                    yield from generated[emitted:len(generated) - len(stop)]
+                    return
+            safe = len(generated) - _held_back(generated[emitted:], stops)
+            yield from generated[emitted:safe]
+            emitted = safe
+            if step + 1 == max_new_tokens:
+                break
+            logits = model(token.view(1, 1), input_pos=input_pos)[0, -1]
+            input_pos.add_(1)
+        yield from generated[emitted:]
+    finally:
+        model.clear_kv_cache()
+
+
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    stop_tokens: StopTokens = (),
+    eos_id: Union[int, Sequence[int], None] = None,
+    generator: Optional[torch.Generator] = None,
+    include_prompt: bool = True,
+) -> torch.Tensor:
+    """The prompt followed by the generated ids (1-D), without the EOS/stop tokens that ended it.
+
+    Same arguments as `generate_stream`; `include_prompt=False` returns only the new tokens.
+    """
+    new = list(
+        generate_stream(
+            model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            stop_tokens=stop_tokens, eos_id=eos_id, generator=generator,
+        )
+    )
+    new_tensor = torch.tensor(new, dtype=prompt.dtype, device=prompt.device)
+    return torch.cat((prompt, new_tensor)) if include_prompt else new_tensor

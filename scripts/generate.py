@@ -1,0 +1,94 @@
+"""Generate text from a lit checkpoint, streaming the answer to stdout."""
+
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from jsonargparse import CLI  # noqa: E402
+
+from lit_gpt import GPT, Tokenizer  # noqa: E402
+from lit_gpt.generate import generate_stream  # noqa: E402
+
+
+def main(
+    checkpoint_dir: Path,
+    prompt: str = "What food do llamas eat?",
+    max_new_tokens: int = 256,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: float = 1.0,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    device: Optional[str] = None,
+    chat_template: bool = True,
+    system_prompt: Optional[str] = None,
+    seed: int = 1234,
+) -> None:
+    """Generate an answer to `--prompt` with the model in `--checkpoint_dir` and print tokens/s to stderr.
+
+    Args:
+        checkpoint_dir: A lit checkpoint (lit_model.pth, model_config.yaml and tokenizer files).
+        prompt: The user's message (or the raw text to continue with --chat_template false).
+        max_new_tokens: Stop after this many new tokens (fewer if the model's context ends first).
+        temperature: Sampling temperature; 0 always picks the most likely token.
+        top_k: Sample among the k most likely tokens only (None: all).
+        top_p: Sample from the smallest set of tokens whose probability adds up to top_p (1.0: all).
+        dtype: Weight and compute dtype; default bfloat16 on a GPU that supports it, else float32.
+        device: "cpu", "cuda", "cuda:1", ...; default the first GPU if there is one.
+        chat_template: Wrap the prompt in the checkpoint's chat template when it has one.
+        system_prompt: A system message for the chat template.
+        seed: Random seed for sampling.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        torch_dtype = torch.bfloat16 if bf16 else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=torch_dtype).eval()
+
+    text = prompt
+    if chat_template and tokenizer.chat_template is not None:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(text, device=device)
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    count = 0
+
+    def counted(tokens: Iterator[int]) -> Iterator[int]:
+        nonlocal count
+        for token in tokens:
+            count += 1
+            yield token
+
+    start = time.perf_counter()
+    stream = generate_stream(
+        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_id=tokenizer.stop_ids, generator=generator,
+    )
+    for piece in tokenizer.decode_stream(counted(stream)):
+        print(piece, end="", flush=True)
+    print(flush=True)
+    elapsed = time.perf_counter() - start
+    print(
+        f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.2f} tokens/s (prompt of {ids.numel()} tokens, "
+        f"{device.type}, {str(torch_dtype).removeprefix('torch.')})",
+        file=sys.stderr,
+    )
+    if device.type == "cuda":
+        print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.02f} GB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    try:
+        CLI(main, as_positional=False)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

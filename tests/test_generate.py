@@ -1,0 +1,207 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_gpt import GPT, Config
+from lit_gpt.generate import generate, generate_stream, sample, top_p_filter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**kw) -> Config:
+    base = dict(name="tiny", n_layer=2, n_embd=32, n_head=4, n_query_groups=2, vocab_size=50, padded_vocab_size=64,
+                block_size=32, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=48)
+    base.update(kw)
+    return Config(**base)
+
+
+GPT2_LIKE = dict(pos_embedding="learned", norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", bias=True,
+                 n_query_groups=4, intermediate_size=None, tie_embeddings=True)
+
+
+def tiny_model(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**kw)).eval()
+    with torch.no_grad():  # larger than default-init weights, so that greedy picks are far from ties
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.5)
+    return model
+
+
+def greedy_without_cache(model: GPT, prompt: torch.Tensor, n: int) -> list[int]:
+    seq = prompt.tolist()
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[prompt.numel():]
+
+
+@pytest.mark.parametrize("kw", [{}, GPT2_LIKE], ids=["llama", "gpt2"])
+def test_kv_cache_generation_equals_full_recomputation(kw):
+    model = tiny_model(**kw)
+    prompt = torch.tensor([3, 14, 15, 9, 26, 5])
+    expected = greedy_without_cache(model, prompt, 12)
+    out = generate(model, prompt, 12, temperature=0.0)
+    assert out[: prompt.numel()].tolist() == prompt.tolist()
+    assert out[prompt.numel():].tolist() == expected
+    assert len(set(expected)) > 2  # a degenerate repetition would hide position bugs
+    assert model.transformer.h[0].attn.kv_cache is None  # freed: the model can train again
+
+
+def test_top_k_1_is_greedy_at_any_temperature():
+    model = tiny_model(1)
+    prompt = torch.tensor([1, 2, 3])
+    greedy = generate(model, prompt, 10, temperature=0.0)
+    for temperature in (0.5, 1.0, 5.0):
+        assert torch.equal(generate(model, prompt, 10, temperature=temperature, top_k=1), greedy)
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log()
+    kept = lambda p: set(torch.isfinite(top_p_filter(logits, p)).nonzero().flatten().tolist())  # noqa: E731
+    assert kept(0.3) == {1}  # the most likely token alone already holds 0.5
+    assert kept(0.7) == {1, 3}
+    assert kept(0.84) == {1, 3, 2}
+    assert kept(0.96) == {0, 1, 2, 3}
+    assert kept(1.0) == {0, 1, 2, 3}
+    # sampling stays inside the nucleus and renormalises it: 0.5 / 0.8 and 0.3 / 0.8
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, 1.0, top_p=0.7, generator=g) for _ in range(4000)])
+    assert set(draws.tolist()) == {1, 3}
+    assert abs((draws == 1).float().mean().item() - 0.625) < 0.03
+
+
+@pytest.mark.slow
+def test_top_p_matches_transformers_warper():
+    logits_process = pytest.importorskip("transformers.generation.logits_process")
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100) * 3
+    for p in (0.1, 0.5, 0.9, 0.99):
+        ref = logits_process.TopPLogitsWarper(p)(None, logits.clone())
+        assert torch.equal(torch.isfinite(top_p_filter(logits, p)), torch.isfinite(ref))
+
+
+def test_sampling_follows_the_tempered_softmax():
+    logits = torch.tensor([1.0, 2.0, 0.5, -1.0])
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0.7, 2.0):
+        draws = sample(logits.expand(20000, 4), temperature, generator=g)
+        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+        torch.testing.assert_close(freq, torch.softmax(logits / temperature, -1), atol=0.015, rtol=0)
+    draws = sample(logits.expand(5000, 4), 1.0, top_k=2, generator=g)
+    assert set(draws.tolist()) == {0, 1}
+
+
+def first_occurrence(seq: list[int], pattern: list[int]) -> int:
+    return next(i for i in range(len(seq)) if seq[i:i + len(pattern)] == pattern)
+
+
+def test_stop_sequences_and_eos_end_generation_without_being_returned():
+    model = tiny_model(2)
+    prompt = torch.tensor([7, 8, 9])
+    free = generate(model, prompt, 16, temperature=0.0, include_prompt=False).tolist()
+    assert len(free) == 16
+
+    def run(**kw):
+        out = generate(model, prompt, 16, temperature=0.0, include_prompt=False, **kw).tolist()
+        assert list(generate_stream(model, prompt, 16, temperature=0.0, **kw)) == out
+        return out
+
+    # EOS (an int or a list of ids) stops at its first occurrence
+    assert run(eos_id=free[4]) == free[: free.index(free[4])]
+    assert run(eos_id=[999, free[6]]) == free[: free.index(free[6])]
+    # a two-token stop sequence
+    pair = free[5:7]
+    assert run(stop_tokens=[pair]) == free[: first_occurrence(free, pair)]
+    # a sequence whose first token occurs but whose second never follows: held-back tokens come out in full
+    assert run(stop_tokens=[(free[3], 10_000)]) == free
+    # the stop sequence may begin in the very first generated token
+    assert run(stop_tokens=[free[:3]]) == []
+
+
+def test_stream_is_held_back_only_while_a_stop_sequence_may_be_starting():
+    model = tiny_model(2)
+    prompt = torch.tensor([7, 8, 9])
+    free = generate(model, prompt, 16, temperature=0.0, include_prompt=False).tolist()
+    assert free[2] not in free[:2]
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    calls_at_yield = []
+    for token in generate_stream(model, prompt, 5, temperature=0.0, stop_tokens=[(free[2], 10_000)]):
+        calls_at_yield.append(len(forwards))
+    # token i is sampled from the logits of forward i + 1 and normally comes out before the next forward; free[2]
+    # could start the stop sequence, so it waits until free[3] shows that it does not
+    assert calls_at_yield == [1, 2, 4, 4, 5]
+
+
+def test_streaming_yields_what_generate_returns_when_sampling():
+    model = tiny_model(3)
+    prompt = torch.tensor([4, 5])
+    kw = dict(temperature=1.3, top_k=20, top_p=0.9)
+    streamed = list(generate_stream(model, prompt, 12, generator=torch.Generator().manual_seed(7), **kw))
+    returned = generate(model, prompt, 12, generator=torch.Generator().manual_seed(7), include_prompt=False, **kw)
+    assert streamed == returned.tolist() and len(streamed) == 12
+
+
+def test_max_new_tokens_is_capped_by_block_size():
+    model = tiny_model(4, block_size=16)
+    prompt = torch.arange(1, 11)
+    out = generate(model, prompt, 50, temperature=0.0)
+    assert out.numel() == 16
+    assert out[10:].tolist() == greedy_without_cache(model, prompt, 6)
+    with pytest.raises(ValueError, match="block_size 16 leaves no room"):
+        generate(model, torch.arange(16), 4)
+    with pytest.raises(ValueError, match="1-D prompt"):
+        generate(model, prompt[None], 4)
+    assert generate(model, prompt, 0).tolist() == prompt.tolist()
+
+
+def test_bad_sampling_arguments_are_clear_errors():
+    logits = torch.zeros(5)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample(logits, 1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k must be"):
+        sample(logits, 1.0, top_k=0)
+    with pytest.raises(ValueError, match="temperature must be"):
+        sample(logits, -1.0)
+
+
+@pytest.mark.slow
+def test_generate_script_streams_the_greedy_answer(tmp_path):
+    """scripts/generate.py on a tiny checkpoint: stdout is the decoded greedy continuation, tokens/s on stderr."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lit_gpt.tokenizer import Tokenizer
+    from lit_gpt.utils import save_model_weights
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["the llama eats grass and hay in the field"] * 5, trainer=trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "add_bos_token": False}))
+    vocab = hf.get_vocab_size()
+    model = tiny_model(5, vocab_size=vocab, padded_vocab_size=vocab, block_size=64)
+    model.config.save(tmp_path)
+    save_model_weights(model, tmp_path)
+
+    tok = Tokenizer(tmp_path)
+    prompt = "the llama eats"
+    expected = generate(model, tok.encode(prompt), 10, temperature=0.0, eos_id=tok.stop_ids, include_prompt=False)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "generate.py"), "--checkpoint_dir", str(tmp_path),
+         "--prompt", prompt, "--max_new_tokens", "10", "--temperature", "0"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tok.decode(expected) + "\n"
+    assert "tokens/s" in result.stderr
