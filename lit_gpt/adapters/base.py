@@ -1,0 +1,485 @@
+"""The machinery every adapter method shares: the adapted layer, placement, merge, enable/disable.
+
+An adapted layer (`AdaptedLinear`) keeps the frozen base weight and bias under their original names (so
+`model.state_dict()` still has every base key, and a merged model has exactly those) and holds one adapter per
+*slice* of output rows: a whole layer is one slice (`full`); the fused QKV projection of a `lit_gpt.GPT` has three
+(`query`, `key`, `value`) of which only the targeted ones carry an adapter.
+
+A method is one file that registers a builder with `register_method`; the builder returns a `SliceAdapter`:
+either a multiplicative one (a block-diagonal transform on the input side, the output side, or both) or an
+additive one (LoRA). How the adapted layer computes its output is chosen here, per layer, for speed:
+
+* one slice, input side: the transform is applied to the activations (`x' = H x`, O(d) per token for the
+  Householder family, a batched block matmul for OFT) and one GEMM runs on `x'`;
+* fused slices, Householder family, input side: `W_s H_s x = W_s x + sum_j s_j (W_s Û_j)(Û_jᵀ x)`, a rank-`nb`
+  correction per block vector added onto ONE fused GEMM of the plain input, so un-targeted rows are bit-for-bit the
+  base layer's output and no GEMM is split;
+* fused slices otherwise (OFT input side, or input dropout while training): one GEMM per group of rows that share
+  an input, concatenated;
+* output side: the transform is applied to the GEMM output of its slice, and the bias added after it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_gpt.adapters.config import ALL_LINEAR, GPT_TARGETS, AdapterConfig
+
+FULL = "full"  # the slice name of a layer adapted as a whole
+QKV_SLICES = ("query", "key", "value")
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Float64 stays float64 (tests against the formulas); everything else is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's `Conv1D` (weight stored `(in, out)`), detected by name so transformers is never imported."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks a method provides
+# ---------------------------------------------------------------------------------------------------------------
+class BlockTransform(nn.Module):
+    """A block-diagonal operator `H = diag(H_1..H_nb)` on one side of size `size = nb * k`.
+
+    Subclasses apply it to activations (`forward`, last dimension, never forming a block for the Householder family)
+    and return its blocks (`blocks`, only for merging and tests). `block_dropout` replaces each block by `I` with
+    that probability on every training forward.
+    """
+
+    def __init__(self, size: int, nb: int, block_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.size, self.nb, self.k = size, nb, size // nb
+        self.block_dropout = block_dropout
+
+    def keep_mask(self, device: torch.device) -> Optional[torch.Tensor]:
+        """`(nb,)` booleans, True where a block is kept; None when nothing is dropped (eval, or p == 0)."""
+        if not (self.training and self.block_dropout > 0):
+            return None
+        return torch.rand(self.nb, device=device) >= self.block_dropout
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def blocks(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """The `(nb, k, k)` blocks (no dropout) in float32, or float64 for float64 parameters."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, nb={self.nb}, k={self.k}" + (
+            f", block_dropout={self.block_dropout}" if self.block_dropout else ""
+        )
+
+
+class SliceAdapter(nn.Module):
+    """The adapter of one slice of output rows."""
+
+    additive = False
+
+
+class MultiplicativeAdapter(SliceAdapter):
+    """`y_s = H_out (W_s H_in x) + b_s`; either transform may be absent."""
+
+    def __init__(self, input: Optional[BlockTransform] = None, output: Optional[BlockTransform] = None) -> None:
+        super().__init__()
+        self.input = input
+        self.output = output
+
+    def low_rank_input(self) -> bool:
+        """Whether the input side can be written as `I + sum_j s_j Û_j Û_jᵀ` (the Householder family)."""
+        return self.input is not None and hasattr(self.input, "rank_update")
+
+
+# method name -> builder(config, layer_name, in_features, out_features, device, dtype) -> SliceAdapter
+Builder = Callable[[AdapterConfig, str, int, int, torch.device, torch.dtype], SliceAdapter]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register_method(*names: str) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        for name in names:
+            _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def num_blocks(config: AdapterConfig, size: int, layer: str, side: str) -> int:
+    """`nb` for the `side` ("input"/"output") of `layer`, with the error METHODS.md asks for when it does not divide."""
+    if config.block_size is not None:
+        if size % config.block_size:
+            raise ValueError(
+                f"block_size={config.block_size} does not divide the {size} {side} features of {layer}: "
+                f"choose a block_size that divides {size}."
+            )
+        return size // config.block_size
+    if size % config.nb:
+        raise ValueError(
+            f"nb={config.nb} does not divide the {size} {side} features of {layer}: choose an nb that divides {size}."
+        )
+    return config.nb
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd helper: add per-slice low-rank products into column ranges of a fresh GEMM output, in place
+# ---------------------------------------------------------------------------------------------------------------
+class _AddSliceProducts(torch.autograd.Function):
+    """`y[..., lo:hi] += C_s @ P_sᵀ` for each slice, in place on `y` (the output of the layer's GEMM, which that
+    GEMM's backward does not need), so un-touched columns keep their exact values and nothing is copied."""
+
+    @staticmethod
+    def forward(ctx, y, ranges, *tensors):
+        m = y.shape[-1]
+        y2 = y.view(-1, m)
+        for (lo, hi), C, P in zip(ranges, tensors[0::2], tensors[1::2]):
+            target = y2 if (lo, hi) == (0, m) else y2[:, lo:hi]
+            target.addmm_(C.reshape(-1, C.shape[-1]), P.t())
+        ctx.mark_dirty(y)
+        ctx.ranges = ranges
+        ctx.save_for_backward(*tensors)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        tensors = ctx.saved_tensors
+        m = g.shape[-1]
+        g2 = g.reshape(-1, m)
+        grads = []
+        for i, ((lo, hi), C, P) in enumerate(zip(ctx.ranges, tensors[0::2], tensors[1::2])):
+            gs = g2 if (lo, hi) == (0, m) else g2[:, lo:hi]
+            gC = (gs @ P).view(C.shape) if ctx.needs_input_grad[2 + 2 * i] else None
+            gP = gs.t() @ C.reshape(-1, C.shape[-1]) if ctx.needs_input_grad[3 + 2 * i] else None
+            grads += [gC, gP]
+        return (g, None, *grads)
+
+
+def add_slice_products(y: torch.Tensor, ranges: list[tuple[int, int]], tensors: list[torch.Tensor]) -> torch.Tensor:
+    return _AddSliceProducts.apply(y, tuple(ranges), *tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapted layer
+# ---------------------------------------------------------------------------------------------------------------
+class AdaptedLinear(nn.Module):
+    """A frozen `nn.Linear` / `Conv1D` plus one adapter per targeted slice of its output rows."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        slices: list[tuple[str, int, int]],
+        adapters: dict[str, SliceAdapter],
+        config: AdapterConfig,
+    ) -> None:
+        super().__init__()
+        self.transposed = is_conv1d(base)
+        # the base parameters are registered here under their original names; the base module is kept (without
+        # them) only to be put back, with the merged weight, by `merge_adapters`
+        self.weight = base.weight
+        self.bias = base.bias if getattr(base, "bias", None) is not None else None
+        base._parameters["weight"] = None
+        if "bias" in base._parameters:
+            base._parameters["bias"] = None
+        self.__dict__["_base_module"] = base
+        self.out_features, self.in_features = self.weight.shape[::-1] if self.transposed else self.weight.shape
+        self.slices = [tuple(s) for s in slices]
+        self.adapters = nn.ModuleDict(adapters)
+        self.config = config
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.adapters_enabled = True
+
+    # ------------------------------------------------------------------ helpers
+    def base_weight(self) -> torch.Tensor:
+        """The weight as `(out, in)` (a view for `Conv1D`)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def _adapter(self, name: str) -> Optional[SliceAdapter]:
+        return self.adapters[name] if name in self.adapters else None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = self.base_weight()
+        if not self.adapters_enabled or len(self.adapters) == 0:
+            return F.linear(x, W, self.bias)
+        if next(iter(self.adapters.values())).additive:
+            return self._forward_additive(x, W)
+        return self._forward_multiplicative(x, W)
+
+    def _forward_additive(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, W, self.bias)
+        xd = self.dropout(x) if self.dropout is not None else x
+        ranges, tensors = [], []
+        for name, lo, hi in self.slices:
+            ad = self._adapter(name)
+            if ad is not None:
+                ranges.append((lo, hi))
+                tensors += ad.factors(xd)
+        return add_slice_products(y, ranges, tensors)
+
+    def _forward_multiplicative(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        m = self.out_features
+        dropping = self.dropout is not None and self.training
+        xd = self.dropout(x) if dropping else x
+        if len(self.slices) == 1:
+            ad = self._adapter(self.slices[0][0])
+            inp = ad.input(xd) if ad.input is not None else xd
+            if ad.output is None:
+                return F.linear(inp, W, b)
+            y = ad.output(F.linear(inp, W))
+            return y if b is None else y + b
+
+        adapted = [(name, lo, hi, self._adapter(name)) for name, lo, hi in self.slices]
+        adapted = [a for a in adapted if a[3] is not None]
+        if not dropping and all(ad.input is None or ad.low_rank_input() for *_, ad in adapted):
+            # one fused GEMM of the plain input; input-side transforms as low-rank corrections on their rows
+            y = F.linear(x, W, b)
+            ranges, tensors = [], []
+            for name, lo, hi, ad in adapted:
+                if ad.input is not None:
+                    Wv = W[lo:hi]
+                    C, P = ad.input.rank_update(x, Wv)
+                    ranges.append((lo, hi))
+                    tensors += [C, P]
+            if ranges:
+                y = add_slice_products(y, ranges, tensors)
+            if not any(ad.output is not None for *_, ad in adapted):
+                return y
+            return self._output_side(y, b)
+
+        # one GEMM per run of rows sharing an input; un-adapted runs use the plain input
+        groups: list[list] = []  # [lo, hi, input, adapter]
+        for name, lo, hi in self.slices:
+            ad = self._adapter(name)
+            if ad is None:
+                if groups and groups[-1][3] is None:
+                    groups[-1][1] = hi
+                    continue
+                groups.append([lo, hi, x, None])
+            else:
+                groups.append([lo, hi, ad.input(xd) if ad.input is not None else xd, ad])
+        outs = []
+        for lo, hi, inp, ad in groups:
+            Ws = W if (lo, hi) == (0, m) else W[lo:hi]
+            bs = None if b is None else b[lo:hi]
+            if ad is not None and ad.output is not None:
+                z = ad.output(F.linear(inp, Ws))
+                outs.append(z if bs is None else z + bs)
+            else:
+                outs.append(F.linear(inp, Ws, bs))
+        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+
+    def _output_side(self, y: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        """Apply the output-side transforms of the adapted slices of the fused output `y = W x' + b`."""
+        outs = []
+        for name, lo, hi in self.slices:
+            ys = y[..., lo:hi]
+            ad = self._adapter(name)
+            if ad is not None and ad.output is not None:
+                if b is None:
+                    ys = ad.output(ys)
+                else:
+                    ys = ad.output(ys - b[lo:hi]) + b[lo:hi]
+            outs.append(ys)
+        return torch.cat(outs, dim=-1)
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """`W'_s = H_out W_s H_in` (or `W_s + (alpha/r) B A`) for every slice, computed in float32, in the base
+        weight's dtype and storage layout."""
+        W = self.base_weight()
+        Wm = W.to(compute_dtype(W)).clone()
+        for name, lo, hi in self.slices:
+            ad = self._adapter(name)
+            if ad is None:
+                continue
+            if ad.additive:
+                Wm[lo:hi] += ad.delta_weight().to(Wm.dtype)
+                continue
+            Ws = Wm[lo:hi]
+            if ad.input is not None:
+                H = ad.input.blocks().to(Wm.dtype)
+                Ws = torch.einsum("mik,ikl->mil", Ws.reshape(hi - lo, H.shape[0], H.shape[1]), H).reshape(Ws.shape)
+            if ad.output is not None:
+                H = ad.output.blocks().to(Wm.dtype)
+                Ws = torch.einsum("ijk,ikn->ijn", H, Ws.reshape(H.shape[0], H.shape[1], -1)).reshape(Ws.shape)
+            Wm[lo:hi] = Ws
+        Wm = Wm.to(W.dtype)
+        return Wm.t().contiguous() if self.transposed else Wm
+
+    def to_base(self) -> nn.Module:
+        """The base module with the adapters folded into its weight."""
+        base = self.__dict__["_base_module"]
+        base.weight = nn.Parameter(self.merged_weight(), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            base.bias = self.bias
+        return base
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.transposed else "Linear"
+        slices = ", ".join(f"{n}[{lo}:{hi}]" for n, lo, hi in self.slices if n in self.adapters)
+        return f"{kind}(in={self.in_features}, out={self.out_features}), adapted: {slices}, method={self.config.method}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Placement
+# ---------------------------------------------------------------------------------------------------------------
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+def _match(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _plan_gpt(model: nn.Module, named: set[str]) -> dict[str, list[str]]:
+    """module name -> adapted slice names, for the named targets of a `lit_gpt.GPT`."""
+    plan: dict[str, list[str]] = {}
+    qkv = [s for s in QKV_SLICES if s in named]
+    for i, block in enumerate(model.transformer.h):
+        prefix = f"transformer.h.{i}"
+        if qkv:
+            plan[f"{prefix}.attn.qkv"] = qkv
+        if "projection" in named:
+            plan[f"{prefix}.attn.proj"] = [FULL]
+        if "mlp" in named:
+            for child, module in block.mlp.named_children():
+                if is_adaptable(module):
+                    plan[f"{prefix}.mlp.{child}"] = [FULL]
+    if "head" in named:
+        plan["lm_head"] = [FULL]
+    return plan
+
+
+def _slice_layout(model: nn.Module, name: str, module: nn.Module) -> list[tuple[str, int, int]]:
+    if name.endswith("attn.qkv") and _is_gpt(model):
+        c = model.config
+        q, kv = c.n_head * c.head_size, c.n_query_groups * c.head_size
+        return [("query", 0, q), ("key", q, q + kv), ("value", q + kv, q + 2 * kv)]
+    out_features = module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
+    return [(FULL, 0, out_features)]
+
+
+def _is_gpt(model: nn.Module) -> bool:
+    from lit_gpt.model import GPT
+
+    return isinstance(model, GPT)
+
+
+def _resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str]]:
+    modules = dict(model.named_modules())
+    gpt = _is_gpt(model)
+    named = set()
+    patterns = []
+    for t in config.targets:
+        if gpt and t == ALL_LINEAR:
+            named.update(("query", "key", "value", "projection", "mlp"))
+        elif gpt and t in GPT_TARGETS:
+            named.add(t)
+        else:
+            patterns.append(t)
+    plan = _plan_gpt(model, named) if named else {}
+
+    candidates = [n for n, m in modules.items() if n and is_adaptable(m)]
+    for pattern in patterns:
+        hits = [n for n in candidates if _match(pattern, n)]
+        if not hits:
+            what = (
+                f"; the named targets of a lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}" if gpt else ""
+            )
+            raise ValueError(
+                f"Adapter target {pattern!r} matches no nn.Linear or Conv1D module of {type(model).__name__}{what}."
+            )
+        for n in hits:
+            if n in plan:
+                raise ValueError(f"Layer {n!r} is matched by more than one adapter target: list it once.")
+            plan[n] = [FULL]
+    return plan
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Replace the targeted layers by `AdaptedLinear` modules, freeze every other parameter, return `model`."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"apply_adapters needs an AdapterConfig, got {type(config).__name__}.")
+    config.validate()
+    if any(True for _ in adapted_layers(model)):
+        raise ValueError("The model already has adapters: merge them (merge_adapters) or start from a fresh model.")
+    builder = _BUILDERS[config.method]
+    plan = _resolve_targets(model, config)
+
+    # a weight shared with another module (tied embeddings) cannot take a merged W' without changing the other
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, slice_names in plan.items():
+        module = model.get_submodule(name)
+        shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+        if shared:
+            raise ValueError(
+                f"{name}.weight is tied to {shared[0]}; an adapter on {name!r} could not be merged back into the "
+                f"base architecture: remove it from the targets."
+            )
+        layout = _slice_layout(model, name, module)
+        W = module.weight
+        n = W.shape[0] if is_conv1d(module) else W.shape[1]
+        adapters = {}
+        for sname, lo, hi in layout:
+            if sname in slice_names:
+                where = name if sname == FULL else f"{name} ({sname} rows)"
+                adapters[sname] = builder(config, where, n, hi - lo, W.device, W.dtype)
+        new = AdaptedLinear(module, layout, adapters, config)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    for _, layer in adapted_layers(model):
+        for p in layer.adapters.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into plain weights (`W' = H_out W H_in`, bias untouched) and put the base modules back,
+    so `model.state_dict()` has exactly the base model's keys."""
+    for name, layer in list(adapted_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.to_base())
+    return model
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> nn.Module:
+    """A disabled adapter makes its layer compute exactly the base layer (PEFT's `disable_adapter`)."""
+    for _, layer in adapted_layers(model):
+        layer.adapters_enabled = bool(enabled)
+    return model
+
+
+def adapter_config_of(model: nn.Module) -> Optional[AdapterConfig]:
+    for _, layer in adapted_layers(model):
+        return layer.config
+    return None

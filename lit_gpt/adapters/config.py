@@ -1,0 +1,160 @@
+"""`AdapterConfig`: what to adapt and how, as plain data (it is written to a run's `hyperparameters.yaml` and into
+every adapter file, so merge, chat and eval rebuild the adapters from it instead of parsing directory names).
+
+The paper's and the reference CLI's words are kept as field names (`nb`, `flip_side`, `Htype` values as `method`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+# every method an `AdapterConfig` accepts; the multiplicative ones share the block machinery
+MULTIPLICATIVE_METHODS = ("ether", "etherplus", "etherplusHH", "oft")
+METHODS = MULTIPLICATIVE_METHODS + ("lora",)
+
+# the named targets of a `lit_gpt.GPT` (see the module names at the top of `lit_gpt/model.py`)
+GPT_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
+# PEFT's "all-linear" convention: every linear layer of the blocks, not the output head
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class AdapterConfig:
+    """How adapters are placed and parametrised (METHODS.md is the definition of every formula).
+
+    Args:
+        method: ``ether``, ``etherplus``, ``etherplusHH``, ``oft`` or ``lora``.
+        nb: number of diagonal blocks on each adapted side (``d % nb == 0``).
+        block_size: block size ``k`` instead of ``nb`` (how OFT users size blocks); when set it wins over ``nb`` and
+            each side gets ``nb = d / block_size`` blocks.
+        targets: on a ``lit_gpt.GPT``: ``query``, ``key``, ``value``, ``projection``, ``mlp``, ``head`` or
+            ``all-linear`` (everything but ``head``). On any model (GPT included): module names matched against
+            the dotted module path, PEFT-style: ``q_proj`` matches every module whose name ends in ``.q_proj``;
+            a pattern with ``*``/``?``/``[`` is an ``fnmatch`` glob on the full name; ``re:<regex>`` is a
+            regular expression that must match the full name. Only ``nn.Linear`` and GPT-2 ``Conv1D`` are adapted.
+        flip_side: put the one-sided transform on the output side (``y = H W x + b``) instead of the input side.
+        dropout: ordinary dropout on the input of the adapted computation (the reference ``ether_dropout``;
+            LoRA's ``lora_dropout``).
+        block_dropout: multiplicative dropout: while training, each block is replaced by ``I`` with this
+            probability, drawn anew every forward (never in eval mode). Multiplicative methods only.
+        r: LoRA rank.
+        alpha: LoRA scale numerator (the update is ``alpha / r * B A x``).
+        coft: constrained OFT: each skew block ``S_i`` is rescaled inside the forward so ``‖S_i‖_F <= eps``.
+        eps: the COFT radius, per block. 6e-5 is the OFT authors' and PEFT's default number; note that their
+            code bounds ``‖S_i‖_F`` by ``eps / sqrt(nb)``: pass that value to reproduce their constraint.
+        block_share: OFT with one ``R`` shared by all blocks of a side.
+        neumann_terms: OFT with ``K > 0`` replaces ``(I - S)^-1`` by ``sum_{j=0..K} S^j`` (OFTv2); 0 is exact.
+        upper_triangle: OFT stores only the strict upper triangle of each ``R_i`` (``k(k-1)/2`` numbers, ``R_i``'s
+            lower triangle is zero), half the parameters of full blocks for the same set of rotations.
+    """
+
+    method: str = "ether"
+    nb: int = 32
+    block_size: Optional[int] = None
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    flip_side: bool = False
+    dropout: float = 0.0
+    block_dropout: float = 0.0
+    r: int = 8
+    alpha: float = 16.0
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    neumann_terms: int = 0
+    upper_triangle: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        else:
+            self.targets = list(self.targets)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            hint = " (full fine-tuning takes no AdapterConfig: pass None)" if self.method == "full" else ""
+            raise ValueError(
+                f"Unknown adapter method {self.method!r}{hint}: choose one of {', '.join(METHODS)}."
+            )
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"targets must be a non-empty list of module names, got {self.targets!r}.")
+        if not isinstance(self.nb, int) or self.nb < 1:
+            raise ValueError(f"nb must be a positive number of blocks, got {self.nb!r}.")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or None, got {self.block_size!r}.")
+        for name in ("dropout", "block_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}.")
+        if not isinstance(self.neumann_terms, int) or self.neumann_terms < 0:
+            raise ValueError(f"neumann_terms must be 0 (exact Cayley) or a positive integer, got {self.neumann_terms!r}.")
+        if not self.eps > 0:
+            raise ValueError(f"eps (the COFT radius) must be positive, got {self.eps!r}.")
+
+        if self.method == "lora":
+            if not isinstance(self.r, int) or self.r < 1:
+                raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
+            if not self.alpha > 0:
+                raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}.")
+            for name in ("flip_side", "coft", "block_share", "upper_triangle"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} does not apply to LoRA: it is an option of the multiplicative methods.")
+            if self.block_dropout:
+                raise ValueError("block_dropout does not apply to LoRA (it has no blocks): use dropout instead.")
+            if self.neumann_terms:
+                raise ValueError("neumann_terms is an OFT option and does not apply to LoRA.")
+            if self.block_size is not None:
+                raise ValueError("block_size does not apply to LoRA: set its rank with r.")
+        if self.method != "oft":
+            for name in ("coft", "block_share", "upper_triangle"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is an OFT option; method {self.method!r} does not use it.")
+            if self.neumann_terms:
+                raise ValueError(f"neumann_terms is an OFT option; method {self.method!r} does not use it.")
+        if self.method == "etherplusHH" and self.flip_side:
+            raise ValueError("etherplusHH already transforms both sides: drop flip_side.")
+
+    # ------------------------------------------------------------------ plain data
+    @property
+    def multiplicative(self) -> bool:
+        return self.method in MULTIPLICATIVE_METHODS
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str/int/float/bool/list/None): safe for YAML and for `torch.load(weights_only=True)`."""
+        data = asdict(self)
+        data["targets"] = list(self.targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"An adapter config must be a mapping of field names to values, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown adapter config field(s) {unknown}: the known fields are {sorted(known)}.")
+        return cls(**data)
+
+    def describe(self) -> str:
+        """One line for logs and the dry-run report."""
+        if self.method == "lora":
+            parts = [f"r={self.r}", f"alpha={self.alpha:g}"]
+        else:
+            parts = [f"block_size={self.block_size}" if self.block_size else f"nb={self.nb}"]
+            if self.flip_side:
+                parts.append("output side")
+            if self.method == "oft":
+                if self.upper_triangle:
+                    parts.append("upper-triangle storage")
+                if self.block_share:
+                    parts.append("block_share")
+                if self.coft:
+                    parts.append(f"coft eps={self.eps:g}")
+                parts.append(f"neumann_terms={self.neumann_terms}" if self.neumann_terms else "exact Cayley")
+            if self.block_dropout:
+                parts.append(f"block_dropout={self.block_dropout:g}")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout:g}")
+        return f"{self.method} ({', '.join(parts)}; targets {', '.join(self.targets)})"

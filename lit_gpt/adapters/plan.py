@@ -1,0 +1,70 @@
+"""The fine-tuning CLIs' `--dry_run`: parameter counts and the memory the weights and optimizer will need, computed
+on the `meta` device (no weights are read, no memory is used: a 70B model is planned in a second)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lit_gpt.adapters.base import adapted_layers, apply_adapters
+from lit_gpt.adapters.config import AdapterConfig
+from lit_gpt.config import Config
+from lit_gpt.utils import num_parameters
+
+# Lightning precision -> (bytes of a stored parameter, what it means). Mixed precision keeps float32 weights, and
+# AdamW keeps its two state tensors in the parameter's dtype.
+PRECISION_BYTES = {
+    "64-true": (8, "float64 weights"),
+    "32-true": (4, "float32 weights"),
+    "32": (4, "float32 weights"),
+    "bf16-mixed": (4, "float32 weights, bfloat16 compute"),
+    "16-mixed": (4, "float32 weights, float16 compute"),
+    "bf16-true": (2, "bfloat16 weights"),
+    "16-true": (2, "float16 weights"),
+}
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def plan_report(model_name: str, config: Optional[AdapterConfig], precision: str = "bf16-true") -> str:
+    """A plain-text plan for fine-tuning `model_name` (a name of `Config.from_name`) with `config`
+    (`None`: full fine-tuning) at Lightning `precision`."""
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}.")
+    model_config = Config.from_name(model_name)
+    from lit_gpt.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+        if config is not None:
+            apply_adapters(model, config)
+    trainable = num_parameters(model, requires_grad=True)
+    frozen = num_parameters(model, requires_grad=False)
+    nbytes, meaning = PRECISION_BYTES[precision]
+    weights = (trainable + frozen) * nbytes
+    grads = trainable * nbytes
+    adam = 2 * trainable * nbytes
+    method = "full fine-tuning" if config is None else config.describe()
+    lines = [
+        f"model: {model_config.name} ({model_config.n_layer} layers, width {model_config.n_embd})",
+        f"method: {method}",
+    ]
+    if config is not None:
+        lines.append(f"adapted layers: {sum(1 for _ in adapted_layers(model))}")
+    lines += [
+        f"trainable parameters: {trainable:,}",
+        f"frozen parameters: {frozen:,}",
+        f"precision: {precision} ({meaning}, {nbytes} bytes per parameter)",
+        f"weights: {format_bytes(weights)}",
+        f"gradients: {format_bytes(grads)}",
+        f"AdamW state: {format_bytes(adam)} (2 tensors per trainable parameter)",
+        f"total before activations: {format_bytes(weights + grads + adam)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Adapters on models and layers we did not write: HF transformers Llama (generic module names) and GPT-2
+(`Conv1D`), a `lit_gpt.GPT` against an HF Llama with the same weights and adapter tensors, and HF PEFT 0.21's
+LoRA and OFT layers with the same parameters."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from lit_gpt import GPT, Config  # noqa: E402
+from lit_gpt.adapters import AdaptedLinear, AdapterConfig, apply_adapters, merge_adapters  # noqa: E402
+from test_adapters import CASES, make_config, randomize_adapters, ref_slice_output  # noqa: E402
+
+V, N, HEADS, GROUPS, HS, INTER, LAYERS = 64, 32, 4, 2, 8, 48, 2
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=N, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=GROUPS, vocab_size=V, max_position_embeddings=64, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, attn_implementation="eager",
+    )
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    with torch.no_grad():  # RMSNorm weights start at 1; make them matter for the weight mapping check
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def lit_from_hf_llama(hf) -> GPT:
+    """The same weights in a lit GPT, mapped by hand (fused QKV rows: [q | k | v])."""
+    config = Config(
+        name="tiny-llama", block_size=64, vocab_size=V, padded_vocab_size=V, n_layer=LAYERS, n_head=HEADS,
+        n_query_groups=GROUPS, n_embd=N, intermediate_size=INTER, norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP", bias=False, norm_eps=1e-5, rope_base=10000,
+    )
+    model = GPT(config).double().eval()
+    sd = hf.state_dict()
+    own = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(LAYERS):
+        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+        own[q + "norm_1.weight"] = sd[p + "input_layernorm.weight"]
+        own[q + "norm_2.weight"] = sd[p + "post_attention_layernorm.weight"]
+        own[q + "attn.qkv.weight"] = torch.cat([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        own[q + "attn.proj.weight"] = sd[p + "self_attn.o_proj.weight"]
+        own[q + "mlp.fc_1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        own[q + "mlp.fc_2.weight"] = sd[p + "mlp.up_proj.weight"]
+        own[q + "mlp.proj.weight"] = sd[p + "mlp.down_proj.weight"]
+    model.load_state_dict(own, strict=True)
+    return model
+
+
+IDX = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method,opts", CASES)
+def test_lit_gpt_query_value_equals_hf_llama_q_proj_v_proj(hf_llama, method, opts):
+    lit = lit_from_hf_llama(hf_llama)
+    with torch.no_grad():
+        ref = hf_llama(IDX).logits
+        # the mapping itself is right (both build RoPE's cos/sin in float32, hence the tolerance)
+        torch.testing.assert_close(lit(IDX), ref, rtol=0, atol=1e-6)
+
+    hf = apply_adapters(copy.deepcopy(hf_llama), make_config(method, opts, ["q_proj", "v_proj"]))
+    randomize_adapters(hf, scale=0.5)
+    apply_adapters(lit, make_config(method, opts, ["query", "value"]))
+    with torch.no_grad():
+        for name, p in lit.named_parameters():
+            if ".adapters." in name:
+                i = name.split(".")[2]
+                slot, rest = name.split(".adapters.")[1].split(".", 1)
+                src = f"model.layers.{i}.self_attn.{slot[0]}_proj.adapters.full.{rest}"
+                p.copy_(hf.get_parameter(src))
+        out = hf(IDX).logits
+        assert (out - ref).abs().max() > 1e-3  # the adapters do something
+        torch.testing.assert_close(lit(IDX), out, rtol=0, atol=1e-6)
+
+    # the generic path on a model we did not write: the formula, then merged == adapted with the base keys back
+    layer = hf.model.layers[1].self_attn.v_proj
+    assert isinstance(layer, AdaptedLinear)
+    x = torch.randn(3, N, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), ref_slice_output(layer.adapters["full"], layer.weight, None, x))
+    merged = merge_adapters(copy.deepcopy(hf))
+    assert type(merged.model.layers[1].self_attn.v_proj) is nn.Linear
+    assert list(merged.state_dict()) == list(hf_llama.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDX).logits, out, rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=N, n_layer=LAYERS, n_head=HEADS, vocab_size=V, n_positions=32,
+                                     attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("method,opts", CASES)
+def test_gpt2_conv1d_layers(hf_gpt2, method, opts):
+    from transformers.pytorch_utils import Conv1D
+
+    model = apply_adapters(copy.deepcopy(hf_gpt2), make_config(method, opts, ["c_attn", "mlp.c_proj"]))
+    randomize_adapters(model, scale=0.5)
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, AdaptedLinear))
+    assert names == sorted([f"transformer.h.{i}.attn.c_attn" for i in range(LAYERS)]
+                           + [f"transformer.h.{i}.mlp.c_proj" for i in range(LAYERS)])
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"):
+        layer = model.get_submodule(name)
+        x = torch.randn(3, layer.in_features, dtype=torch.float64)
+        expected = ref_slice_output(layer.adapters["full"], layer.weight.T, layer.bias, x)  # Conv1D: (in, out)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        out = model(IDX).logits
+    merged = merge_adapters(copy.deepcopy(model))
+    assert type(merged.transformer.h[0].attn.c_attn) is Conv1D
+    assert list(merged.state_dict()) == list(hf_gpt2.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDX).logits, out, rtol=1e-9, atol=1e-9)
+
+
+def test_gpt2_tied_head_is_refused(hf_gpt2):
+    with pytest.raises(ValueError, match="lm_head.weight is tied to transformer.wte.weight"):
+        apply_adapters(copy.deepcopy(hf_gpt2), AdapterConfig(method="lora", targets=["lm_head"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF PEFT 0.21
+# ---------------------------------------------------------------------------------------------------------------
+class Holder(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.lin = layer
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def peft_model(base, config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_lora_equals_peft_lora(hf_gpt2, kind):
+    torch.manual_seed(0)
+    base = Holder(nn.Linear(N, 24).double()) if kind == "linear" else Holder(copy.deepcopy(hf_gpt2.transformer.h[0].attn.c_attn))
+    theirs = peft_model(base, peft.LoraConfig(r=4, lora_alpha=12, target_modules=["lin"], lora_dropout=0.0,
+                                              fan_in_fan_out=kind == "conv1d"))
+    ours = apply_adapters(copy.deepcopy(base), AdapterConfig(method="lora", r=4, alpha=12, targets=["lin"]))
+    layer = theirs.base_model.model.lin
+    with torch.no_grad():
+        A, B = torch.randn_like(layer.lora_A["default"].weight), torch.randn_like(layer.lora_B["default"].weight)
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+        ours.lin.adapters["full"].A.copy_(A)
+        ours.lin.adapters["full"].B.copy_(B)
+    x = torch.randn(2, 5, N, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "peft_kw,ours_kw,sign",
+    [
+        pytest.param(dict(use_cayley_neumann=False), {}, 2.0, id="exact"),
+        pytest.param(dict(use_cayley_neumann=True, num_cayley_neumann_terms=5), dict(neumann_terms=3), -2.0, id="neumann5"),
+        pytest.param(dict(use_cayley_neumann=True, num_cayley_neumann_terms=7), dict(neumann_terms=5), -2.0, id="neumann7"),
+        pytest.param(dict(use_cayley_neumann=False, block_share=True), dict(block_share=True), 2.0, id="share"),
+        pytest.param(dict(use_cayley_neumann=False, coft=True, eps=0.25), dict(coft=True, eps=0.125), 2.0, id="coft"),
+    ],
+)
+def test_oft_equals_peft_oft(peft_kw, ours_kw, sign):
+    """PEFT stores q (the strict upper triangle of its skew Q) per block: exact Cayley is our S = Q, its Neumann
+    series builds the transposed rotation (S = -Q) with T terms = our K = T - 2; its COFT radius is eps/sqrt(nb)
+    (computed in float32, so the COFT case uses radii float32 holds exactly)."""
+    torch.manual_seed(0)
+    k, nb = 8, 4
+    base = Holder(nn.Linear(k * nb, 24).double())
+    theirs = peft_model(base, peft.OFTConfig(r=0, oft_block_size=k, target_modules=["lin"], **peft_kw)).double()
+    ours = apply_adapters(copy.deepcopy(base), AdapterConfig(method="oft", block_size=k, targets=["lin"],
+                                                             upper_triangle=True, **ours_kw))
+    rot = theirs.base_model.model.lin.oft_R["default"]
+    with torch.no_grad():
+        q = torch.randn_like(rot.weight) * 0.2
+        rot.weight.copy_(q)
+        ours.lin.adapters["full"].input.R_upper.copy_(sign * q)
+    if ours_kw.get("coft"):  # the constraint must bind for the case to test anything
+        S = ours.lin.adapters["full"].input.skew()
+        assert (torch.linalg.matrix_norm(S) > ours_kw["eps"] * 0.999).all()
+    x = torch.randn(2, 5, k * nb, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
