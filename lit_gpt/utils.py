@@ -33,6 +33,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
+        # again: writers that replace the file themselves (safetensors' save_file) bring back 0600
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
