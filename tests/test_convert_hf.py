@@ -255,6 +255,11 @@ def test_export_copies_tokenizer_and_generation_files(tmp_path):
     assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)
     # a tied model stores the embedding once, as transformers does
     assert not any(k.startswith("lm_head") for k in load_safetensors(out / "model.safetensors"))
+    # an ordinary file mode (safetensors writes its file as 0600 unless atomic_path fixes it)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 # ---------------------------------------------------------------------------------------------- clear errors
@@ -353,3 +358,30 @@ def test_cli_entry_points(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, attn_implementation="eager")
     idx = torch.randint(0, VOCAB, (1, 10))
     torch.testing.assert_close(hf_logits(exported.eval(), idx), hf_logits(hf_model, idx), **TOL)
+
+
+@pytest.mark.slow
+def test_real_smollm2_weights_round_trip(smollm2_checkpoint, tmp_path):
+    """Real weights at real size (SmolLM2-135M-Instruct: 30 layers, 9 heads in 3 KV groups, tied embeddings):
+    export the lit checkpoint, load it with transformers, compare logits; import that folder back, compare again."""
+    lit = GPT.from_checkpoint(smollm2_checkpoint, dtype=torch.float32).eval()
+    out = convert_lit_checkpoint(smollm2_checkpoint, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert (out / "tokenizer.json").is_file()
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    idx = torch.randint(0, lit.config.padded_vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    expected = hf_logits(reference, idx)
+    torch.testing.assert_close(lit_logits(lit, idx), expected, atol=1e-4, rtol=1e-4)
+
+    convert_hf_checkpoint(out)
+    config = Config.from_checkpoint(out)
+    assert arch_of(config) == arch_of(lit.config)
+    reimported = GPT.from_checkpoint(out).eval()
+    torch.testing.assert_close(lit_logits(reimported, idx), expected, atol=1e-4, rtol=1e-4)
+
+
+def arch_of(config: Config) -> dict:
+    d = config.to_dict()
+    for field in ("name", "hf_config", "vocab_size", "padding_multiple"):
+        d.pop(field)
+    return d
