@@ -2,8 +2,9 @@
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,14 +63,16 @@ def main(
     --convert_checkpoint false, in which case the command to run is printed.
 
     Args:
-        repo_id: The Hub repository, e.g. meta-llama/Llama-2-7b-hf.
+        repo_id: The Hub repository, e.g. meta-llama/Llama-2-7b-hf. Without it, the models lit_gpt has a named
+            config for are listed, one org/name per line; other repos of a supported type work too.
         access_token: A Hugging Face token, needed for gated models (Llama, some Mistral repos) once you accepted
             their license on the Hub. Defaults to the HF_TOKEN environment variable (then to `hf auth login`).
         from_safetensors: Download the safetensors weights (falls back to .bin when the repo has none); false
             forces the pytorch_model*.bin files.
         tokenizer_only: Download the tokenizer files (and generation_config.json) only.
         checkpoint_dir: Where to put the files; default checkpoints/<repo_id>.
-        convert_checkpoint: Convert the download to lit_model.pth + model_config.yaml right away.
+        convert_checkpoint: Convert the download to lit_model.pth + model_config.yaml right away (as
+            scripts/convert_hf_checkpoint.py does); false prints that command instead.
         dtype: Dtype of the converted weights; by default they keep the dtype they are stored in.
     """
     if repo_id is None:
@@ -123,7 +126,8 @@ def weight_files(files: list[str], repo_id: str, from_safetensors: bool) -> list
         return bins
     if safetensors:
         raise DownloadError(
-            f"{repo_id} has no pytorch_model*.bin weights, only safetensors: run again without --from_safetensors false."
+            f"{repo_id} has no pytorch_model*.bin weights, only safetensors: run again without "
+            "--from_safetensors false."
         )
     raise DownloadError(
         f"{repo_id} has no transformers weights (model*.safetensors or pytorch_model*.bin) at its top level; "
@@ -131,23 +135,19 @@ def weight_files(files: list[str], repo_id: str, from_safetensors: bool) -> list
     )
 
 
-class hub_errors:
-    """Turn Hub failures into one `DownloadError` sentence; the token is redacted from anything that is kept."""
-
-    def __init__(self, repo_id: str, token: Optional[str]) -> None:
-        self.repo_id, self.token = repo_id, token
-
-    def __enter__(self) -> "hub_errors":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None or isinstance(exc, DownloadError):
-            return False
-        message = explain_hub_error(exc, self.repo_id, self.token is not None)
+@contextmanager
+def hub_errors(repo_id: str, token: Optional[str]) -> Iterator[None]:
+    """Turn a Hub failure into one `DownloadError` sentence, without the token and without the Hub's own text."""
+    try:
+        yield
+    except DownloadError:
+        raise
+    except Exception as error:
+        message = explain_hub_error(error, repo_id, token is not None)
         if message is None:
-            return False
-        if self.token:
-            message = message.replace(self.token, "***")
+            raise
+        if token:
+            message = message.replace(token, "***")
         raise DownloadError(message) from None
 
 
