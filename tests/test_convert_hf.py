@@ -262,6 +262,35 @@ def test_export_copies_tokenizer_and_generation_files(tmp_path):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+@pytest.mark.parametrize(
+    "name, overrides, export_class",
+    [
+        # no output bias: transformers' Phi always has one, so the export writes zeros
+        ("phi-2", dict(lm_head_bias=False), "PhiForCausalLM"),
+        ("pythia-14m", dict(tie_embeddings=True), "GPTNeoXForCausalLM"),
+        ("Qwen2.5-0.5B", dict(n_query_groups=2, intermediate_size=96), "Qwen2ForCausalLM"),
+    ],
+)
+def test_export_of_lit_native_checkpoints(name, overrides, export_class, tmp_path):
+    """Checkpoints that never were transformers models (trained or imported from GGUF) export exactly too."""
+    from lit_gpt.utils import save_model_weights
+
+    small = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, padded_vocab_size=VOCAB, block_size=64)
+    config = Config.from_name(name, **{**small, **overrides})
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    save_model_weights(model, tmp_path / "lit")
+    config.save(tmp_path / "lit")
+    out = convert_lit_checkpoint(tmp_path / "lit", tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(exported).__name__ == export_class
+    idx = torch.randint(0, VOCAB, (2, 12))
+    torch.testing.assert_close(hf_logits(exported, idx), lit_logits(model, idx), **TOL)
+
+
 # ---------------------------------------------------------------------------------------------- clear errors
 def test_missing_directory_config_or_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
