@@ -75,7 +75,9 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ rope
     def rope_cache(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self._rope_cache
-        if cache is None or cache[0].size(0) < length or cache[0].device != device:
+        # a cache built under torch.inference_mode (generation, evaluation) cannot take part in a training forward
+        stale = cache is not None and cache[0].is_inference() and not torch.is_inference_mode_enabled()
+        if cache is None or stale or cache[0].size(0) < length or cache[0].device != device:
             # grow geometrically so generation does not rebuild it every token
             n = max(length, 2 * cache[0].size(0) if cache is not None else 0, 256)
             cache = build_rope_cache(n, self.config, device)

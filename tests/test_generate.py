@@ -205,3 +205,14 @@ def test_generate_script_streams_the_greedy_answer(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == tok.decode(expected) + "\n"
     assert "tokens/s" in result.stderr
+
+
+def test_model_trains_after_generating():
+    """Generation runs under inference_mode; nothing it caches on the model (KV cache, RoPE tables) may leak into
+    a later training step."""
+    model = tiny_model(6)
+    generate(model, torch.tensor([1, 2, 3]), 5, temperature=0.0)
+    model.train()
+    x = torch.randint(0, 50, (2, 12))
+    model(x, labels=x).backward()
+    assert model.transformer.wte.weight.grad is not None
