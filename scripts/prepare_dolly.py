@@ -7,7 +7,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
-from lit_gpt.data.prepare import Source, check_rows, fetch_data_file, prepare_instruction_data, read_records, run_cli
+from lit_gpt.cli import run_cli
+from lit_gpt.data.prepare import Source, check_rows, fetch_data_file, prepare_instruction_data, read_records
 
 
 def prepare(

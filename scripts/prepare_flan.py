@@ -7,6 +7,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
+from lit_gpt.cli import run_cli
 from lit_gpt.data.prepare import (
     DataPreparationError,
     Source,
@@ -15,7 +16,6 @@ from lit_gpt.data.prepare import (
     local_data_file,
     prepare_instruction_data,
     read_records,
-    run_cli,
 )
 
 # the "*_10templates" subsets of Muennighoff/flan, as lit-gpt lists them

@@ -8,6 +8,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
+from lit_gpt.cli import run_cli
 from lit_gpt.data.prepare import (
     DataPreparationError,
     Source,
@@ -15,7 +16,6 @@ from lit_gpt.data.prepare import (
     fetch_data_file,
     prepare_instruction_data,
     read_records,
-    run_cli,
 )
 
 

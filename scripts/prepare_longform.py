@@ -7,6 +7,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
+from lit_gpt.cli import run_cli
 from lit_gpt.data.prepare import (
     Source,
     check_rows,
@@ -14,7 +15,6 @@ from lit_gpt.data.prepare import (
     local_data_file,
     prepare_instruction_data,
     read_records,
-    run_cli,
 )
 
 DATA_URL = "https://raw.githubusercontent.com/akoksal/LongForm/main/dataset"

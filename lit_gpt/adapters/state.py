@@ -48,18 +48,28 @@ def _base_model_name(model: nn.Module) -> Optional[str]:
     return name if isinstance(name, str) and name else None
 
 
-def save_adapters(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Write the adapters of `model` to `path` atomically (see the module docstring for the layout)."""
+def save_adapters(
+    model: nn.Module, path: Union[str, Path], state_dict: Optional[dict[str, torch.Tensor]] = None
+) -> Path:
+    """Write the adapters of `model` to `path` atomically (see the module docstring for the layout).
+
+    `state_dict` replaces the model's own adapter tensors, e.g. the full tensors gathered from a sharded (FSDP)
+    model; its keys must be exactly the adapter keys.
+    """
     config = adapter_config_of(model)
     if config is None:
         raise ValueError("The model has no adapters to save: call apply_adapters first.")
+    if state_dict is None:
+        state_dict = adapter_state_dict(model)
+    elif set(state_dict) != set(adapter_state_dict(model)):
+        raise ValueError("save_adapters: the given state_dict's keys are not the model's adapter keys.")
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "adapter_config": config.to_dict(),
         "base_model": _base_model_name(model),
         "base_shapes": _base_shapes(model),
-        "state_dict": {k: v.detach().to("cpu").clone() for k, v in adapter_state_dict(model).items()},
+        "state_dict": {k: v.detach().to("cpu").clone() for k, v in state_dict.items()},
     }
     path = Path(path)
     atomic_save(payload, path)

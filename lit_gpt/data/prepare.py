@@ -394,14 +394,3 @@ def prepare_instruction_data(
         mask_inputs=mask_inputs, ignore_index=ignore_index, tokenizer=tokenizer, extra=extra,
     )
     return destination_path
-
-
-def run_cli(fn: Callable) -> None:
-    """`jsonargparse.CLI(fn)`, printing a user error as one line instead of a traceback."""
-    from jsonargparse import CLI
-
-    try:
-        CLI(fn, as_positional=False)
-    except (FileNotFoundError, ValueError) as e:  # DataPreparationError and the tokenizer's own errors
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)

@@ -1,0 +1,88 @@
+"""Fine-tune with a multiplicative adapter: ETHER, ETHER+ (one- or two-sided) or OFT."""
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
+from lit_gpt.training import run_entrypoint, targets_from_flags
+
+
+def setup(
+    io: IOArgs = IOArgs(),
+    train: TrainArgs = TrainArgs(learning_rate=1e-3, global_batch_size=16, micro_batch_size=1, lr_warmup_steps=100),
+    eval: EvalArgs = EvalArgs(),
+    Htype: Literal["ether", "etherplus", "etherplusHH", "oft"] = "ether",
+    ether_nb: int = 32,
+    ether_dropout: float = 0.0,
+    block_dropout: float = 0.0,
+    flip_side: bool = False,
+    ether_query: bool = True,
+    ether_key: bool = False,
+    ether_value: bool = True,
+    ether_projection: bool = False,
+    ether_mlp: bool = False,
+    ether_head: bool = False,
+    oft_coft: bool = False,
+    oft_eps: Optional[float] = None,
+    oft_block_share: bool = False,
+    oft_neumann_terms: int = 0,
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    seed: int = 1337,
+    resume: Union[bool, str] = False,
+    model_name: Optional[str] = None,
+    dry_run: bool = False,
+) -> None:
+    """Fine-tune a lit checkpoint with ETHER, ETHER+ or OFT on data made by a `scripts/prepare_*.py` script.
+
+    Args:
+        io: Data, checkpoint, log and output directories.
+        train: Optimisation hyperparameters.
+        eval: Periodic validation.
+        Htype: The transform: `ether` (Householder reflection), `etherplus` (ETHER+, one side), `etherplusHH`
+            (ETHER+ on both sides of each weight) or `oft` (Cayley orthogonal blocks).
+        ether_nb: Number of diagonal blocks each transform is split into; must divide every adapted width.
+        ether_dropout: Dropout on the adapted layer's input (the reference code's semantics).
+        block_dropout: Multiplicative dropout: each block is replaced by the identity with this probability per step.
+        flip_side: Transform the layer's output instead of its input (one-sided methods).
+        ether_query: Adapt the attention queries.
+        ether_key: Adapt the attention keys.
+        ether_value: Adapt the attention values.
+        ether_projection: Adapt the attention output projection.
+        ether_mlp: Adapt every MLP linear layer.
+        ether_head: Adapt the output head.
+        oft_coft: Constrained OFT: keep each skew-symmetric block within Frobenius norm `oft_eps` of zero.
+        oft_eps: COFT radius (default: the adapter's own default).
+        oft_block_share: One OFT block shared by all blocks of a layer.
+        oft_neumann_terms: Replace OFT's exact inverse by this many Neumann-series terms (OFTv2); 0 = exact Cayley.
+        precision: `bf16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs that support it, else 32-true).
+        devices: Devices per node; more than one shards the model with FSDP2.
+        num_nodes: Number of nodes.
+        seed: Random seed for initialisation and data order.
+        resume: `auto` continues from the newest complete checkpoint in the run directory, a path from that file.
+        model_name: With `--dry_run`: a named config to plan for without any checkpoint (see scripts/download.py).
+        dry_run: Print trainable/frozen parameter counts and memory needs on the meta device, then exit.
+    """
+    from lit_gpt.adapters import AdapterConfig
+
+    targets = targets_from_flags(
+        query=ether_query, key=ether_key, value=ether_value, projection=ether_projection, mlp=ether_mlp,
+        head=ether_head,
+    )
+    extra = {} if oft_eps is None else {"eps": oft_eps}
+    adapter = AdapterConfig(
+        method=Htype, nb=ether_nb, targets=targets, flip_side=flip_side, dropout=ether_dropout,
+        block_dropout=block_dropout, coft=oft_coft, block_share=oft_block_share, neumann_terms=oft_neumann_terms,
+        **extra,
+    )
+    run_entrypoint(Htype, adapter, locals())
+
+
+if __name__ == "__main__":
+    from lit_gpt.cli import run_cli
+
+    run_cli(setup)

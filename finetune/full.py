@@ -1,0 +1,46 @@
+"""Fine-tune every weight of the model."""
+
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
+from lit_gpt.training import run_entrypoint
+
+
+def setup(
+    io: IOArgs = IOArgs(),
+    train: TrainArgs = TrainArgs(learning_rate=2e-5, global_batch_size=16, micro_batch_size=1, lr_warmup_steps=100,
+                                 weight_decay=0.01),
+    eval: EvalArgs = EvalArgs(),
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    seed: int = 1337,
+    resume: Union[bool, str] = False,
+    model_name: Optional[str] = None,
+    dry_run: bool = False,
+) -> None:
+    """Fine-tune every weight of a lit checkpoint on data made by a `scripts/prepare_*.py` script.
+
+    Args:
+        io: Data, checkpoint, log and output directories.
+        train: Optimisation hyperparameters.
+        eval: Periodic validation.
+        precision: `bf16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs that support it, else 32-true).
+        devices: Devices per node; more than one shards the model with FSDP2.
+        num_nodes: Number of nodes.
+        seed: Random seed for initialisation and data order.
+        resume: `auto` continues from the newest complete checkpoint in the run directory, a path from that file.
+        model_name: With `--dry_run`: a named config to plan for without any checkpoint (see scripts/download.py).
+        dry_run: Print trainable/frozen parameter counts and memory needs on the meta device, then exit.
+    """
+    run_entrypoint("full", None, locals())
+
+
+if __name__ == "__main__":
+    from lit_gpt.cli import run_cli
+
+    run_cli(setup)

@@ -1,0 +1,70 @@
+"""Fine-tune with LoRA."""
+
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
+from lit_gpt.training import run_entrypoint, targets_from_flags
+
+
+def setup(
+    io: IOArgs = IOArgs(),
+    train: TrainArgs = TrainArgs(learning_rate=5e-4, global_batch_size=8, micro_batch_size=1, lr_warmup_steps=100,
+                                 weight_decay=0.01),
+    eval: EvalArgs = EvalArgs(),
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    lora_query: bool = True,
+    lora_key: bool = False,
+    lora_value: bool = True,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    lora_head: bool = False,
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    seed: int = 1337,
+    resume: Union[bool, str] = False,
+    model_name: Optional[str] = None,
+    dry_run: bool = False,
+) -> None:
+    """Fine-tune a lit checkpoint with LoRA on data made by a `scripts/prepare_*.py` script.
+
+    Args:
+        io: Data, checkpoint, log and output directories.
+        train: Optimisation hyperparameters.
+        eval: Periodic validation.
+        lora_r: Rank of the update `B A`.
+        lora_alpha: Scale: the update is multiplied by `lora_alpha / lora_r`.
+        lora_dropout: Dropout on the input of the LoRA branch.
+        lora_query: Adapt the attention queries.
+        lora_key: Adapt the attention keys.
+        lora_value: Adapt the attention values.
+        lora_projection: Adapt the attention output projection.
+        lora_mlp: Adapt every MLP linear layer.
+        lora_head: Adapt the output head.
+        precision: `bf16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs that support it, else 32-true).
+        devices: Devices per node; more than one shards the model with FSDP2.
+        num_nodes: Number of nodes.
+        seed: Random seed for initialisation and data order.
+        resume: `auto` continues from the newest complete checkpoint in the run directory, a path from that file.
+        model_name: With `--dry_run`: a named config to plan for without any checkpoint (see scripts/download.py).
+        dry_run: Print trainable/frozen parameter counts and memory needs on the meta device, then exit.
+    """
+    from lit_gpt.adapters import AdapterConfig
+
+    targets = targets_from_flags(
+        query=lora_query, key=lora_key, value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head
+    )
+    adapter = AdapterConfig(method="lora", r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
+    run_entrypoint("lora", adapter, locals())
+
+
+if __name__ == "__main__":
+    from lit_gpt.cli import run_cli
+
+    run_cli(setup)

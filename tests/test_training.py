@@ -1,0 +1,226 @@
+"""The training loop end to end: every method on a tiny model, crash-safe resume, FSDP2 on two CPU processes,
+clear errors, and the loss falling on the real SmolLM2-135M."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_gpt import GPT, Config
+from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
+from lit_gpt.utils import load_file, save_model_weights
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "finetune"))
+
+ROWS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)} for a in range(9) for b in range(9)]
+
+
+def _tokenizer(d: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    template = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.\n\n### Instruction:\n### Response:")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([template] * 20 + [json.dumps(r) for r in ROWS], trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "add_bos_token": True}))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A random tiny Llama (GQA, 2 layers, width 64) with a BPE tokenizer and prepared Alpaca-style data in `data/`."""
+    import prepare_json
+
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    d.mkdir()
+    _tokenizer(d)
+    torch.manual_seed(0)
+    cfg = Config(name="tiny-llama", block_size=256, n_layer=2, n_embd=64, n_head=4, n_query_groups=2,
+                 vocab_size=400, padding_multiple=64, bias=False, norm_class_name="RMSNorm",
+                 mlp_class_name="LLaMAMLP", intermediate_size=128)
+    cfg.save(d)
+    save_model_weights(GPT(cfg), d)
+    (d / "rows.json").write_text(json.dumps(ROWS))
+    prepare_json.prepare(json_path=d / "rows.json", destination_path=d / "data", checkpoint_dir=d,
+                         max_seq_length=256)
+    return d
+
+
+def run_cli(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LIT_GPT_NO_PROGRESS="1")
+    return subprocess.run([sys.executable, str(REPO / "finetune" / script), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout)
+
+
+def common_flags(ckpt: Path, out_dir: Path, steps: int, **extra: str) -> list[str]:
+    flags = {"--io.train_data_dir": str(ckpt / "data"), "--io.out_dir": str(out_dir),
+             "--train.max_steps": str(steps), "--train.global_batch_size": "4", "--train.micro_batch_size": "1",
+             "--train.save_interval": "1000", "--train.lr_warmup_steps": "2", "--eval.interval": "0",
+             "--eval.max_iters": "2", "--eval.max_new_tokens": "0", "--precision": "32-true"}
+    flags.update(extra)
+    return [x for kv in flags.items() for x in kv]
+
+
+def final_tensors(out_dir: Path, name: str = "lit_model_ether_finetuned.pth") -> dict:
+    obj = load_file(out_dir / name, mmap=False)
+    return obj["state_dict"] if "state_dict" in obj else obj
+
+
+@pytest.mark.parametrize(
+    "script,method,kwargs",
+    [
+        ("ether", "ether", dict(Htype="ether", ether_nb=4)),
+        ("ether", "etherplus", dict(Htype="etherplus", ether_nb=4, flip_side=True, ether_mlp=True)),
+        ("ether", "etherplusHH", dict(Htype="etherplusHH", ether_nb=4, block_dropout=0.1)),
+        ("ether", "oft", dict(Htype="oft", ether_nb=8, ether_key=True, ether_projection=True)),
+        ("lora", "lora", dict(lora_r=4, lora_head=True)),
+        ("full", "full", dict()),
+    ],
+)
+def test_a_few_steps_of_every_method(tiny_ckpt, tmp_path, script, method, kwargs):
+    import importlib
+
+    module = importlib.import_module(script)
+    out = tmp_path / method
+    module.setup(
+        io=IOArgs(train_data_dir=tiny_ckpt / "data", out_dir=out),
+        train=TrainArgs(learning_rate=1e-2, max_steps=3, global_batch_size=2, micro_batch_size=1,
+                        lr_warmup_steps=1),
+        eval=EvalArgs(interval=2, max_iters=2, max_new_tokens=3),
+        precision="32-true",
+        **kwargs,
+    )
+    base = load_file(tiny_ckpt / "lit_model.pth")
+    hp = yaml.safe_load((out / "hyperparameters.yaml").read_text())
+    assert hp["method"] == method and hp["base_checkpoint_dir"] == str(tiny_ckpt)
+    if method == "full":
+        final = final_tensors(out, "lit_model_finetuned.pth")
+        assert set(final) == set(base)
+        assert any(not torch.equal(final[k], base[k]) for k in final)
+    else:
+        obj = load_file(out / f"lit_model_{'lora' if method == 'lora' else 'ether'}_finetuned.pth", mmap=False)
+        assert obj["adapter_config"]["method"] == method
+        assert obj["state_dict"] and all(torch.isfinite(v).all() for v in obj["state_dict"].values())
+    metrics = (out / "logs" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    assert {"loss", "val_loss", "tokens_per_sec"} <= set(header) and len(metrics) > 3
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_auto_equals_an_uninterrupted_run(tiny_ckpt, tmp_path):
+    steps = "12"
+    ref = tmp_path / "ref"
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, ref, 12), "--Htype", "etherplus", "--ether_nb", "4",
+                "--ether_dropout", "0.1")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "finetune" / "ether.py"),
+           *common_flags(tiny_ckpt, out, 12, **{"--train.save_interval": "4"}),
+           "--Htype", "etherplus", "--ether_nb", "4", "--ether_dropout", "0.1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, LIT_GPT_NO_PROGRESS="1"))
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000004.pth").exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "lit_model_ether_finetuned.pth").exists()
+
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, out, 12, **{"--train.save_interval": "4"}),
+                "--Htype", "etherplus", "--ether_nb", "4", "--ether_dropout", "0.1", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from" in r.stdout + r.stderr
+    a, b = final_tensors(ref), final_tensors(out)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
+    flags = ["--Htype", "etherplusHH", "--ether_nb", "4", "--train.learning_rate", "1e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, one, 4), *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, two, 4, **{"--devices": "2"}), *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = final_tensors(one), final_tensors(two)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
+    assert any(not torch.allclose(v, torch.zeros_like(v)) for v in b.values())
+
+
+def test_clear_errors_before_any_work(tiny_ckpt, tmp_path):
+    r = run_cli("ether.py", "--io.train_data_dir", str(tmp_path / "nowhere" / "data"))
+    assert r.returncode != 0
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, tmp_path / "x", 2), "--Htype", "ether", "--ether_nb", "7")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "nb=7" in last and "qkv" in last
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, tmp_path / "x", 2, **{"--train.global_batch_size": "3",
+                                                                          "--train.micro_batch_size": "2"}))
+    assert r.returncode != 0 and "global_batch_size" in r.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config_hub" / "finetune").glob("*/*.yaml")), ids=lambda p: p.stem)
+def test_every_config_hub_yaml_parses_against_its_script(path):
+    from jsonargparse import ArgumentParser
+
+    import ether
+    import full
+    import lora
+
+    cfg = yaml.safe_load(path.read_text())
+    setup = lora.setup if "lora_r" in cfg else (ether.setup if "Htype" in cfg else full.setup)
+    parser = ArgumentParser()
+    parser.add_function_arguments(setup)
+    parser.add_argument("--config", action="config")
+    ns = parser.parse_args(["--config", str(path)])
+    assert ns.train.learning_rate == float(cfg["train"]["learning_rate"])
+
+
+@pytest.mark.slow
+def test_loss_falls_on_real_smollm2(smollm2_checkpoint, tmp_path):
+    import ether
+    import prepare_json
+
+    rows = [{"instruction": "What is the secret word?", "input": "", "output": "The secret word is pineapple."},
+            {"instruction": "Name the project.", "input": "", "output": "The project is lit-ether."}] * 8
+    data = tmp_path / "data"
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    prepare_json.prepare(json_path=tmp_path / "rows.json", destination_path=data,
+                         checkpoint_dir=smollm2_checkpoint, max_seq_length=128, test_split_fraction=0.125)
+    out = tmp_path / "run"
+    ether.setup(
+        io=IOArgs(train_data_dir=data, checkpoint_dir=smollm2_checkpoint, out_dir=out),
+        train=TrainArgs(learning_rate=5e-3, max_steps=8, global_batch_size=2, micro_batch_size=2,
+                        lr_warmup_steps=1),
+        eval=EvalArgs(interval=0, max_iters=2, max_new_tokens=0),
+        Htype="etherplus", ether_nb=32, precision="32-true",
+    )
+    import csv
+
+    with open(out / "logs" / "metrics.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) / 2 < 0.5 * sum(losses[:2]) / 2, losses
