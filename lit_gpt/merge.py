@@ -1,0 +1,428 @@
+"""Fine-tuned models for inference: load a base checkpoint plus an adapter (or full fine-tuning weights), decide how
+to prompt it, and fold adapters into a standalone checkpoint.
+
+Everything is read from the files a run wrote, never from directory names:
+
+* an adapter file (`lit_model_ether_finetuned.pth`, `lit_model_lora_finetuned.pth`) carries its `AdapterConfig`,
+  the base model's name and the shapes of the layers it adapted;
+* a full fine-tuning file (`lit_model_finetuned.pth`) is a plain lit state dict;
+* a training checkpoint (`checkpoints/step-*.pth`) holds the trainable tensors under `"model"`; its method comes
+  from the run's `hyperparameters.yaml`;
+* `hyperparameters.yaml` next to the file names the base checkpoint (`base_checkpoint_dir`) and the training data
+  directory, whose `prepare_config.yaml` names the prompt style the model was trained with.
+
+    model = load_finetuned("checkpoints/meta-llama/Llama-2-7b-hf", "out/run/lit_model_ether_finetuned.pth")
+    style = resolve_prompt_style("checkpoints/meta-llama/Llama-2-7b-hf", "out/run/lit_model_ether_finetuned.pth")
+    merge_checkpoint("out/run/lit_model_ether_finetuned.pth", precision="bf16-true")   # -> out/run/merged/
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import yaml
+
+from lit_gpt.config import Config
+from lit_gpt.model import GPT
+from lit_gpt.utils import (
+    WEIGHTS_FILENAME,
+    atomic_path,
+    atomic_save,
+    atomic_write_text,
+    check_checkpoint_dir,
+    lit_state_dict,
+    load_file,
+    load_model_weights,
+)
+
+HPARAMS_FILENAME = "hyperparameters.yaml"
+PROMPT_STYLE_FILENAME = "prompt_style.yaml"
+MERGE_INFO_FILENAME = "merge_info.yaml"
+# what a standalone checkpoint needs besides weights and config, copied when the base has them
+TOKENIZER_FILENAMES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+PRECISIONS = {
+    "bf16-true": torch.bfloat16,
+    "bf16-mixed": torch.float32,
+    "16-true": torch.float16,
+    "16-mixed": torch.float32,
+    "32-true": torch.float32,
+}
+
+PathLike = Union[str, Path]
+
+
+# ---------------------------------------------------------------------------------------------- reading a run
+@dataclass
+class FineTuned:
+    """What a fine-tuning output file holds, normalised.
+
+    `kind` is ``"adapter"`` (`payload` is an adapter dict as `load_adapters` reads it) or ``"full"`` (`payload` is
+    a plain lit state dict). `hparams` is the run's `hyperparameters.yaml` (empty when there is none)."""
+
+    path: Path
+    kind: str
+    payload: dict
+    hparams: dict
+
+    @property
+    def method(self) -> str:
+        return self.payload["adapter_config"]["method"] if self.kind == "adapter" else "full"
+
+
+def find_run_dir(path: PathLike) -> Optional[Path]:
+    """The run directory of a fine-tuning output: the folder holding `hyperparameters.yaml`, next to the file or
+    one level up (for `checkpoints/step-*.pth`)."""
+    path = Path(path)
+    for d in (path.parent, path.parent.parent):
+        if (d / HPARAMS_FILENAME).is_file():
+            return d
+    return None
+
+
+def read_hparams(path: PathLike) -> dict:
+    """The `hyperparameters.yaml` of the run that wrote `path`, or `{}` when the file sits outside a run dir."""
+    run_dir = find_run_dir(path)
+    if run_dir is None:
+        return {}
+    with open(run_dir / HPARAMS_FILENAME, encoding="utf-8") as f:
+        hp = yaml.safe_load(f)
+    if not isinstance(hp, dict):
+        raise ValueError(f"{str(run_dir / HPARAMS_FILENAME)!r} is not a YAML mapping; it was not written by finetune/.")
+    return hp
+
+
+def read_finetuned(path: PathLike) -> FineTuned:
+    """Open an adapter file, a full fine-tuning state dict or a training checkpoint (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Adapter/fine-tuned file {str(path)!r} does not exist.")
+    obj = load_file(path, mmap=True)
+    hp = read_hparams(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(path)!r} is not a lit_gpt fine-tuning output (it holds a {type(obj).__name__}).")
+    if "adapter_config" in obj and "state_dict" in obj:
+        return FineTuned(path, "adapter", obj, hp)
+    if "model" in obj and isinstance(obj["model"], dict) and "step" in obj:
+        # a resumable training checkpoint: the trainable tensors only; the run's hyperparameters say what they are
+        if not hp:
+            raise ValueError(
+                f"{str(path)!r} is a training checkpoint, and no {HPARAMS_FILENAME} was found next to it or one "
+                "folder up to say which method trained it; pass the run's final lit_model_*_finetuned.pth instead."
+            )
+        if hp.get("adapter_config"):
+            payload = {"adapter_config": hp["adapter_config"], "base_model": None, "base_shapes": None,
+                       "state_dict": obj["model"]}
+            return FineTuned(path, "adapter", payload, hp)
+        return FineTuned(path, "full", obj["model"], hp)
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return FineTuned(path, "full", obj, hp)
+    raise ValueError(
+        f"{str(path)!r} is neither an adapter file (no 'adapter_config'/'state_dict'), a full fine-tuning state dict "
+        "nor a training checkpoint; pass a file written by finetune/ (lit_model_*finetuned.pth)."
+    )
+
+
+def base_checkpoint_of(finetuned: FineTuned, checkpoint_dir: Optional[PathLike]) -> Path:
+    """`checkpoint_dir`, or the run's `base_checkpoint_dir` when it is not given."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    recorded = finetuned.hparams.get("base_checkpoint_dir")
+    if not recorded:
+        raise ValueError(
+            f"No --checkpoint_dir given and no base_checkpoint_dir recorded in a {HPARAMS_FILENAME} next to "
+            f"{str(finetuned.path)!r}: pass --checkpoint_dir with the base model the adapter was trained on."
+        )
+    return Path(recorded)
+
+
+def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: PathLike) -> None:
+    """Refuse, in one sentence, weights trained on another base model than the one in `checkpoint_dir`.
+
+    Works on a model on the `meta` device, so a wrong pairing fails before gigabytes are read."""
+    where, ckpt = str(finetuned.path), str(checkpoint_dir)
+    own = getattr(getattr(model, "config", None), "name", None)
+    if finetuned.kind == "adapter":
+        trained_on = finetuned.payload.get("base_model")
+        shapes = finetuned.payload.get("base_shapes") or {}
+        for key, shape in shapes.items():
+            try:
+                actual = list(model.get_parameter(key).shape)
+            except AttributeError:
+                actual = None
+            if actual != list(shape):
+                found = "has no such layer" if actual is None else f"has shape {actual}"
+                raise ValueError(
+                    f"{where} was trained on another base model ({trained_on!r}): its layer {key!r} had shape "
+                    f"{list(shape)} there but {ckpt!r} ({own!r}) {found}; pass the --checkpoint_dir it was "
+                    f"trained on{_recorded_base(finetuned)}."
+                )
+        if trained_on and own and trained_on != own:
+            raise ValueError(
+                f"{where} was trained on base model {trained_on!r} but {ckpt!r} holds {own!r}; pass the "
+                f"--checkpoint_dir it was trained on{_recorded_base(finetuned)}."
+            )
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, value in finetuned.payload.items():
+        key = key.removeprefix("_orig_mod.")
+        if key not in expected or tuple(value.shape) != expected[key]:
+            found = "has no such tensor" if key not in expected else f"has shape {list(expected[key])}"
+            raise ValueError(
+                f"{where} was trained on another base model: its tensor {key!r} has shape {list(value.shape)} but "
+                f"{ckpt!r} ({own!r}) {found}; pass the --checkpoint_dir it was trained on{_recorded_base(finetuned)}."
+            )
+
+
+def _recorded_base(finetuned: FineTuned) -> str:
+    recorded = finetuned.hparams.get("base_checkpoint_dir")
+    return f" (the run recorded {recorded!r})" if recorded else ""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_finetuned(
+    checkpoint_dir: PathLike,
+    adapter_path: Optional[PathLike] = None,
+    device: Optional[Union[torch.device, str]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> GPT:
+    """The base checkpoint with the fine-tuned weights of `adapter_path` on top, in eval mode.
+
+    An adapter file is applied *unmerged* (`load_adapters`: the model computes `W (H x)` on the fly); a full
+    fine-tuning file (`lit_model_finetuned.pth`, a plain lit state dict) replaces the base weights it holds.
+    The base is memory-mapped, so only the weights actually replaced or cast cost memory.
+    Weights trained on another base model are refused with one sentence, before the base weights are read.
+    """
+    from lit_gpt.adapters import load_adapters
+
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    if adapter_path is None:
+        return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+    finetuned = read_finetuned(adapter_path)
+    config = Config.from_checkpoint(checkpoint_dir)
+    with torch.device("meta"):
+        model = GPT(config)
+    check_same_base(finetuned, model, checkpoint_dir)
+    load_model_weights(model, checkpoint_dir / WEIGHTS_FILENAME, device=device, dtype=dtype)
+    if finetuned.kind == "adapter":
+        load_adapters(model, finetuned.payload)
+    else:
+        load_model_weights(model, finetuned.payload, device=device, dtype=dtype or _float_dtype(model), strict=False)
+    return model.eval()
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------- prompt style
+def read_prompt_style_file(checkpoint_dir: PathLike) -> Optional[dict]:
+    path = Path(checkpoint_dir) / PROMPT_STYLE_FILENAME
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("prompt_style"), str):
+        raise ValueError(f"{str(path)!r} must be a YAML mapping with a 'prompt_style' name (e.g. prompt_style: alpaca).")
+    return data
+
+
+def _run_prompt_style(adapter_path: PathLike) -> Optional[dict]:
+    """`{"prompt_style": ..., "system_prompt": ...}` from the prepare_config.yaml of the run's training data."""
+    from lit_gpt.data import read_prepare_config
+
+    hp = read_hparams(adapter_path)
+    data_dir = (hp.get("io") or {}).get("train_data_dir")
+    if not data_dir:
+        return None
+    try:
+        prepared = read_prepare_config(data_dir)
+    except FileNotFoundError:
+        return None
+    return {"prompt_style": prepared.get("prompt_style", "alpaca"), "system_prompt": prepared.get("system_prompt")}
+
+
+def resolve_prompt_style(checkpoint_dir: PathLike, adapter_path: Optional[PathLike] = None, tokenizer: Any = None):
+    """How to format a prompt for this model, by the first rule that applies:
+
+    1. `prompt_style.yaml` in `checkpoint_dir` (what `merge_checkpoint` writes: the style the model was trained with);
+    2. with `adapter_path`: the style in the `prepare_config.yaml` of the run's training data
+       (`hyperparameters.yaml` -> `io.train_data_dir`);
+    3. the checkpoint's chat template (tokenizer), for chat models;
+    4. Alpaca, the format of the instruction data the ETHER paper trained on.
+    """
+    from lit_gpt.data import prompt_style_from_name
+
+    spec = read_prompt_style_file(checkpoint_dir)
+    if spec is None and adapter_path is not None:
+        spec = _run_prompt_style(adapter_path)
+    if spec is not None:
+        return prompt_style_from_name(
+            spec["prompt_style"], checkpoint_dir=checkpoint_dir, system_prompt=spec.get("system_prompt"),
+            tokenizer=tokenizer,
+        )
+    if tokenizer is None:
+        from lit_gpt.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(checkpoint_dir)
+    if tokenizer.chat_template is not None:
+        return prompt_style_from_name("chat_template", tokenizer=tokenizer)
+    return prompt_style_from_name("alpaca")
+
+
+# ---------------------------------------------------------------------------------------------- merging
+def probe_batch(config: Config, length: int = 16, seed: int = 0) -> torch.Tensor:
+    """A fixed batch of token ids for comparing merged and unmerged logits."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (2, min(length, config.block_size)), generator=g)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+@torch.no_grad()
+def merge_checkpoint(
+    adapter_path: PathLike,
+    checkpoint_dir: Optional[PathLike] = None,
+    out_dir: Optional[PathLike] = None,
+    precision: Optional[str] = None,
+    probe: bool = True,
+    log=print,
+) -> Path:
+    """Fold a fine-tuned adapter into the base weights and write a standalone lit checkpoint directory.
+
+    The base is loaded memory-mapped in its stored dtype, the adapters are applied, and `merge_adapters` folds each
+    layer in float32 and casts it back, one layer at a time, so a 7B model merges on the CPU in the memory of one
+    copy. With `probe`, logits on a fixed batch are computed before merging and compared after it (no second
+    model). `precision` picks the saved dtype (`bf16-true` bfloat16, `16-true` float16, `32-true`/`*-mixed`
+    float32; default: the base checkpoint's dtype).
+
+    Writes `lit_model.pth` (base architecture, no adapter keys), `model_config.yaml`, the tokenizer files,
+    `generation_config.json`, `prompt_style.yaml` (the style the run's data was prepared with) and
+    `merge_info.yaml`. Returns the output directory (default `<adapter's dir>/merged`).
+    """
+    from lit_gpt.adapters import load_adapters, merge_adapters
+
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    finetuned = read_finetuned(adapter_path)
+    checkpoint_dir = check_checkpoint_dir(base_checkpoint_of(finetuned, checkpoint_dir))
+    out_dir = Path(out_dir) if out_dir is not None else finetuned.path.parent / "merged"
+    if out_dir.resolve() == checkpoint_dir.resolve():
+        raise ValueError(f"--out_dir {str(out_dir)!r} is the base checkpoint directory; choose another folder.")
+
+    config = Config.from_checkpoint(checkpoint_dir)
+    with torch.device("meta"):
+        model = GPT(config)
+    check_same_base(finetuned, model, checkpoint_dir)
+    load_model_weights(model, checkpoint_dir / WEIGHTS_FILENAME)  # memory-mapped, stored dtype
+    model.eval()
+    if finetuned.kind == "adapter":
+        load_adapters(model, finetuned.payload)
+        description = f"adapter {read_config_description(finetuned)}"
+    else:
+        load_model_weights(model, finetuned.payload, dtype=_float_dtype(model), strict=False)
+        description = "full fine-tuning weights"
+
+    before = None
+    if probe:
+        tokens = probe_batch(config)
+        before = model(tokens).float()
+    if finetuned.kind == "adapter":
+        _adapters_to_file_precision(model, finetuned.payload["state_dict"])
+        merge_adapters(model)
+    max_diff = rel_diff = None
+    if probe:
+        after = model(tokens).float()
+        max_diff = (after - before).abs().max().item()
+        rel_diff = max_diff / max(before.abs().max().item(), 1e-12)
+        log(f"merged vs unmerged logits on a {tuple(tokens.shape)} probe batch: max |diff| {max_diff:.3e} "
+            f"({rel_diff:.2e} of the largest logit)")
+        tol = 1e-4 if _float_dtype(model) == torch.float32 else 5e-2
+        if not rel_diff <= tol:
+            log(f"warning: the difference exceeds {tol:g} of the logit scale expected for "
+                f"{str(_float_dtype(model)).removeprefix('torch.')} weights")
+
+    target = PRECISIONS[precision] if precision is not None else None
+    if target is not None:
+        for p in model.parameters():  # one tensor at a time: never a second full copy
+            if p.is_floating_point() and p.dtype != target:
+                p.data = p.data.to(target)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILENAMES:
+        if (checkpoint_dir / name).is_file():
+            _copy_file(checkpoint_dir / name, out_dir / name)
+    config.save(out_dir)
+    style = _run_prompt_style(finetuned.path) or read_prompt_style_file(checkpoint_dir)
+    if style is not None:
+        style = {k: v for k, v in style.items() if v is not None}
+        atomic_write_text(out_dir / PROMPT_STYLE_FILENAME, yaml.safe_dump(style, sort_keys=False))
+    info = {"source": str(finetuned.path), "method": finetuned.method, "base_checkpoint_dir": str(checkpoint_dir),
+            "dtype": str(_float_dtype(model)).removeprefix("torch."), "probe_max_abs_diff": max_diff}
+    atomic_write_text(out_dir / MERGE_INFO_FILENAME, yaml.safe_dump(info, sort_keys=False))
+    # weights last: a directory with lit_model.pth is complete
+    atomic_save(lit_state_dict(model), out_dir / WEIGHTS_FILENAME)
+    log(f"Merged {description} into {str(checkpoint_dir)!r}; wrote {str(out_dir)!r}")
+    return out_dir
+
+
+def read_config_description(finetuned: FineTuned) -> str:
+    from lit_gpt.adapters import AdapterConfig
+
+    return AdapterConfig.from_dict(finetuned.payload["adapter_config"]).describe()
+
+
+def _adapters_to_file_precision(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put the adapter tensors back at the precision they were saved in before folding.
+
+    `load_adapters` stores them in the base weight's dtype (what the unmerged forward computes in); an adapter trained
+    in float32 on top of bf16 weights would otherwise be rounded to bf16 before it is folded in float32."""
+    params = dict(model.named_parameters())
+    for key, value in saved.items():
+        p = params[key]
+        if value.is_floating_point() and value.dtype != p.dtype:
+            p.data = value.to(device=p.device, dtype=torch.promote_types(value.dtype, p.dtype))
+
+
+def merge_cli(
+    adapter_path: Optional[Path],
+    checkpoint_dir: Optional[Path],
+    out_dir: Optional[Path],
+    precision: Optional[str],
+    probe: bool,
+    flag: str,
+) -> Path:
+    """What `scripts/merge_ether.py` and `scripts/merge_lora.py` run after parsing their flags."""
+    if adapter_path is None:
+        raise ValueError(f"Pass the fine-tuned file to merge with {flag} (or --adapter_path).")
+    return merge_checkpoint(adapter_path, checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision,
+                            probe=probe, log=lambda s: print(s, file=sys.stderr))
+
+
+__all__ = [
+    "FineTuned",
+    "PROMPT_STYLE_FILENAME",
+    "base_checkpoint_of",
+    "check_same_base",
+    "find_run_dir",
+    "load_finetuned",
+    "merge_checkpoint",
+    "read_finetuned",
+    "read_hparams",
+    "resolve_prompt_style",
+]
