@@ -103,7 +103,9 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         raise GGUFImportError(f"{str(path)!r} has a different number of KV heads per layer, which GPT cannot express.")
     head_size = int(metadata.get(key("attention.key_length"), n_embd // n_head))
     if int(metadata.get(key("attention.value_length"), head_size)) != head_size:
-        raise GGUFImportError(f"{str(path)!r} has value heads of another size than key heads, which GPT cannot express.")
+        raise GGUFImportError(
+            f"{str(path)!r} has value heads of another size than key heads, which GPT cannot express."
+        )
     rope_dims = int(metadata.get(key("rope.dimension_count"), head_size))
     if arch in _PERMUTED_QK and rope_dims != head_size:
         # llama.cpp rotates the first `rope_dims` features in its interleaved layout; in the rotate-half layout the

@@ -107,7 +107,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int:
         id_ = self._id_or_none(token)
         if id_ is None:
-            raise ValueError(f"Token {token!r} is not in the vocabulary of the tokenizer in {str(self.checkpoint_dir)!r}.")
+            raise ValueError(
+                f"Token {token!r} is not in the vocabulary of the tokenizer in {str(self.checkpoint_dir)!r}."
+            )
         return id_
 
     def _id_or_none(self, token: Optional[str]) -> Optional[int]:

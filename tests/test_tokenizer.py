@@ -78,7 +78,8 @@ def build_hf_tokenizer(directory, post_processor_bos: bool = False):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     hf.train_from_iterator(LINES, trainer=trainer)
     if post_processor_bos:
-        hf.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+        hf.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                          special_tokens=[("<|im_start|>", 1)])
     hf.save(str(directory / "tokenizer.json"))
     return hf
 
@@ -192,7 +193,8 @@ def test_chat_template_sandbox_and_missing_template(tmp_path):
 def test_chat_template_file_and_named_templates(tmp_path):
     build_hf_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages|length }}"}],
+        "chat_template": [{"name": "tool_use", "template": "T"},
+                          {"name": "default", "template": "D{{ messages|length }}"}],
     }))
     assert Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}]) == "D1"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({}))
