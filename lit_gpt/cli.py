@@ -7,8 +7,9 @@ import sys
 from typing import Any, Callable
 
 
-def run_cli(fn: Callable[..., Any]) -> Any:
-    """`jsonargparse.CLI(fn)`, printing a user error (a missing file, a bad value) as `error: …` and exiting 1.
+def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()) -> Any:
+    """`jsonargparse.CLI(fn)`, printing a user error (a missing file, a bad value, or one of `errors`) as
+    `error: …` and exiting 1.
 
     Set `LIT_GPT_DEBUG=1` to see the traceback instead.
     """
@@ -16,7 +17,7 @@ def run_cli(fn: Callable[..., Any]) -> Any:
 
     try:
         return CLI(fn, as_positional=False)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, *errors) as e:
         if os.environ.get("LIT_GPT_DEBUG") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -7,9 +7,8 @@ from typing import Literal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
-from lit_gpt.gguf import GGUFImportError, convert_gguf  # noqa: E402
+from lit_gpt.gguf import convert_gguf  # noqa: E402
 
 
 def main(gguf_path: Path, checkpoint_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
@@ -32,7 +31,6 @@ def main(gguf_path: Path, checkpoint_dir: Path, dtype: Literal["float32", "bfloa
 
 
 if __name__ == "__main__":
-    try:
-        CLI(main, as_positional=False)
-    except (GGUFImportError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

@@ -6,9 +6,8 @@ from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jsonargparse import CLI  # noqa: E402
 
-from lit_gpt.convert_hf import ConversionError, convert_hf_checkpoint  # noqa: E402
+from lit_gpt.convert_hf import convert_hf_checkpoint  # noqa: E402
 
 
 def main(
@@ -41,7 +40,6 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        CLI(main, as_positional=False)
-    except (ConversionError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

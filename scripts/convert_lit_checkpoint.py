@@ -6,7 +6,6 @@ from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jsonargparse import CLI  # noqa: E402
 
 from lit_gpt.convert_hf import ConversionError, convert_lit_checkpoint  # noqa: E402
 
@@ -38,7 +37,6 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        CLI(main, as_positional=False)
-    except (ConversionError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

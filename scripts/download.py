@@ -17,11 +17,10 @@ from huggingface_hub.errors import (  # noqa: E402
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from jsonargparse import CLI  # noqa: E402
 from jsonargparse.typing import SecretStr  # noqa: E402
 
 from lit_gpt.config import configs  # noqa: E402
-from lit_gpt.convert_hf import ConversionError, convert_hf_checkpoint  # noqa: E402
+from lit_gpt.convert_hf import convert_hf_checkpoint  # noqa: E402
 
 # what a transformers model folder needs besides its weights
 CONFIG_FILES = ["config.json", "generation_config.json"]
@@ -204,7 +203,6 @@ def _is_connection_error(error: BaseException) -> bool:
 
 
 if __name__ == "__main__":
-    try:
-        CLI(main, as_positional=False)
-    except (DownloadError, ConversionError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    from lit_gpt.cli import run_cli
+
+    run_cli(main, errors=(DownloadError,))

@@ -8,7 +8,6 @@ from typing import Iterator, Literal, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from lit_gpt import GPT, Tokenizer  # noqa: E402
 from lit_gpt.generate import generate_stream  # noqa: E402
@@ -88,7 +87,6 @@ def main(
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    try:
-        CLI(main, as_positional=False)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)
