@@ -1,0 +1,316 @@
+"""Merging adapters into standalone checkpoints, and loading fine-tuned models unmerged.
+
+The merged weights are checked against the METHODS.md formulas evaluated here in float64 from the raw adapter
+tensors (block-diagonal Householder / ETHER+ / Cayley blocks, W + alpha/r B A), and one merged checkpoint is exported
+and run by transformers' LlamaForCausalLM."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_gpt import GPT, Config
+from lit_gpt.adapters import AdapterConfig, apply_adapters, save_adapters
+from lit_gpt.merge import load_finetuned, merge_checkpoint, read_finetuned, resolve_prompt_style
+from lit_gpt.utils import load_file, save_model_weights
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+# ---------------------------------------------------------------------------------------------- tiny fixtures
+def write_tokenizer(d: Path, chat_template: bool = False) -> None:
+    """A byte-level BPE tokenizer trained on a few sentences (no hub access here)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\nAdd two and three.\n\n### Response: five <|user|> <|assistant|>")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text] * 10, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    if chat_template:
+        config["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                                   "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+
+
+TINY = dict(block_size=128, n_layer=2, n_embd=64, n_head=4, n_query_groups=2, vocab_size=300, padding_multiple=64,
+            bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=96)
+# a second family: biases everywhere, GELU MLP, LayerNorm, parallel residual (the bias must survive merging)
+TINY_NEOX = dict(block_size=128, n_layer=2, n_embd=64, n_head=4, vocab_size=300, padding_multiple=64, bias=True,
+                 parallel_residual=True, rotary_percentage=0.5, intermediate_size=128)
+
+
+def make_base(d: Path, name: str = "tiny-llama", seed: int = 0, chat_template: bool = False, **overrides) -> Path:
+    d.mkdir(parents=True)
+    write_tokenizer(d, chat_template)
+    cfg = Config(name=name, **{**TINY, **overrides})
+    cfg.save(d)
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():  # norms at 1 and zero biases would hide a bias or norm mishandled by merging
+        for n, p in model.named_parameters():
+            if not n.endswith("weight") or p.ndim == 1:
+                p.uniform_(0.5, 1.5) if n.endswith("weight") else p.normal_(0, 0.1)
+    save_model_weights(model, d)
+    return d
+
+
+def make_run(run_dir: Path, base: Path, config: AdapterConfig, seed: int = 1, prompt_style: str = "flan") -> Path:
+    """What finetune/ leaves behind: an adapter file after 'training' (random, far from init, values),
+    hyperparameters.yaml and a prepared data dir whose prepare_config.yaml names the prompt style."""
+    model = GPT.from_checkpoint(base)
+    apply_adapters(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if config.method in ("oft", "lora") else 1.0))
+    data_dir = run_dir / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "prepare_config.yaml").write_text(yaml.safe_dump({"prompt_style": prompt_style,
+                                                                  "checkpoint_dir": str(base)}))
+    hparams = {"method": config.method, "adapter_config": config.to_dict(), "base_checkpoint_dir": str(base),
+               "io": {"train_data_dir": str(data_dir), "out_dir": str(run_dir)}, "precision": "32-true"}
+    (run_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams))
+    name = "lit_model_lora_finetuned.pth" if config.method == "lora" else "lit_model_ether_finetuned.pth"
+    return save_adapters(model, run_dir / name)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {"llama": make_base(root / "tiny-llama"),
+            "neox": make_base(root / "tiny-neox", name="tiny-neox", **TINY_NEOX)}
+
+
+# ---------------------------------------------------------------------------------------------- float64 reference
+def _blocks_reference(method: str, tensors: dict, nb_k: tuple) -> torch.Tensor:
+    """The `(nb, k, k)` blocks of one side, from METHODS.md, in float64."""
+    nb, k = nb_k
+    eye = torch.eye(k, dtype=torch.float64)
+    if method in ("ether", "etherplus", "etherplusHH"):
+        unit = {n: t.double() / t.double().norm(dim=-1, keepdim=True) for n, t in tensors.items()}
+        u = unit["u"]
+        if method == "ether":
+            return eye - 2 * u[:, :, None] * u[:, None, :]
+        v = unit["v"]
+        return eye - u[:, :, None] * u[:, None, :] + v[:, :, None] * v[:, None, :]
+    if "R_upper" in tensors:
+        R = torch.zeros(tensors["R_upper"].shape[0], k, k, dtype=torch.float64)
+        rows, cols = torch.triu_indices(k, k, 1)
+        R[:, rows, cols] = tensors["R_upper"].double()
+    else:
+        R = tensors["R"].double()
+    S = (R - R.transpose(-1, -2)) / 2
+    H = (eye + S) @ torch.linalg.inv(eye - S)
+    return H.expand(nb, k, k) if H.shape[0] != nb else H
+
+
+def reference_merged_weights(base_sd: dict, adapter_file: Path, cfg: Config) -> dict:
+    """Every adapted weight W' = H_out W H_in (or W + alpha/r B A), per slice, in float64."""
+    obj = load_file(adapter_file, mmap=False)
+    acfg = AdapterConfig.from_dict(obj["adapter_config"])
+    q, kv = cfg.n_head * cfg.head_size, cfg.n_query_groups * cfg.head_size
+    qkv_rows = {"query": (0, q), "key": (q, q + kv), "value": (q + kv, q + 2 * kv)}
+    out = {}
+    for wkey in obj["base_shapes"]:
+        layer = wkey.removesuffix(".weight")
+        W = (base_sd[wkey] if wkey in base_sd else base_sd["transformer.wte.weight"]).double().clone()
+        prefix = f"{layer}.adapters."
+        slices = sorted({k[len(prefix):].split(".")[0] for k in obj["state_dict"] if k.startswith(prefix)})
+        for sname in slices:
+            lo, hi = qkv_rows[sname] if sname in qkv_rows else (0, W.shape[0])
+            Ws = W[lo:hi]
+            own = {k[len(prefix) + len(sname) + 1:]: v for k, v in obj["state_dict"].items()
+                   if k.startswith(f"{prefix}{sname}.")}
+            if acfg.method == "lora":
+                Ws = Ws + acfg.alpha / acfg.r * own["B"].double() @ own["A"].double()
+            else:
+                for side in ("input", "output"):
+                    side_t = {k.split(".", 1)[1]: v for k, v in own.items() if k.startswith(side + ".")}
+                    if not side_t:
+                        continue
+                    size = Ws.shape[1] if side == "input" else Ws.shape[0]
+                    nb = size // acfg.block_size if acfg.block_size else acfg.nb
+                    H = torch.block_diag(*_blocks_reference(acfg.method, side_t, (nb, size // nb)))
+                    Ws = Ws @ H if side == "input" else H @ Ws
+            W[lo:hi] = Ws
+        out[wkey] = W
+    return out
+
+
+CASES = [
+    ("llama", AdapterConfig(method="ether", nb=4, targets=["query", "value"])),
+    ("llama", AdapterConfig(method="ether", nb=2, targets=["key", "projection"], flip_side=True)),
+    ("llama", AdapterConfig(method="etherplus", nb=4, targets=["all-linear"])),
+    ("neox", AdapterConfig(method="etherplus", nb=8, targets=["query", "mlp"], flip_side=True)),
+    ("llama", AdapterConfig(method="etherplusHH", nb=4, targets=["query", "key", "value", "mlp"])),
+    ("neox", AdapterConfig(method="etherplusHH", nb=2, targets=["value", "projection"])),
+    ("llama", AdapterConfig(method="oft", nb=8, targets=["query", "value", "projection"])),
+    ("neox", AdapterConfig(method="oft", block_size=8, targets=["mlp"], upper_triangle=True, flip_side=True)),
+    ("llama", AdapterConfig(method="lora", r=4, alpha=8, targets=["query", "value", "head"])),
+    ("neox", AdapterConfig(method="lora", r=2, alpha=2, targets=["all-linear"])),
+]
+
+
+@pytest.mark.parametrize("family,config", CASES, ids=[f"{f}-{c.method}-{'-'.join(c.targets)}" for f, c in CASES])
+def test_merge_round_trip(bases, tmp_path, family, config):
+    import merge_ether
+    import merge_lora
+
+    base = bases[family]
+    adapter = make_run(tmp_path / "run", base, config)
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        unmerged = load_finetuned(base, adapter)(tokens)
+        plain = GPT.from_checkpoint(base)(tokens)
+    assert (unmerged - plain).abs().max() > 1e-2, "the adapter should change the model"
+
+    # the CLI's code path; checkpoint_dir and the method come from the run, out_dir defaults to <run>/merged
+    if config.method == "lora":
+        out = merge_lora.main(lora_path=adapter, precision="32-true")
+    else:
+        out = merge_ether.main(ether_path=adapter, precision="32-true")
+    assert out == adapter.parent / "merged"
+
+    base_sd = load_file(base / "lit_model.pth", mmap=False)
+    merged_sd = load_file(out / "lit_model.pth", mmap=False)
+    assert set(merged_sd) == set(base_sd)
+    assert all(v.dtype == torch.float32 for v in merged_sd.values())
+    expected = reference_merged_weights(base_sd, adapter, Config.from_checkpoint(base))
+    assert expected
+    for key, value in merged_sd.items():
+        if key in expected:
+            torch.testing.assert_close(value.double(), expected[key], atol=2e-6, rtol=1e-5, msg=key)
+        else:  # every other tensor (biases, norms, embeddings, un-adapted layers) is the base's, bit for bit
+            assert torch.equal(value, base_sd[key]), key
+
+    with torch.no_grad():
+        merged = GPT.from_checkpoint(out)(tokens)
+    assert (merged - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
+
+    assert yaml.safe_load((out / "prompt_style.yaml").read_text()) == {"prompt_style": "flan"}
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "model_config.yaml"):
+        assert (out / name).is_file(), name
+    assert type(resolve_prompt_style(out)).__name__ == "FLAN"
+    assert type(resolve_prompt_style(base, adapter)).__name__ == "FLAN"
+    assert type(resolve_prompt_style(base)).__name__ == "Alpaca"
+
+
+@pytest.mark.slow
+def test_seed_command_as_subprocess_bf16_and_transformers_runs_the_export(bases, tmp_path):
+    """The README's merge command as written (subprocess), bf16 weights, then the export in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_gpt.convert_hf import convert_lit_checkpoint
+
+    base = bases["llama"]
+    config = AdapterConfig(method="etherplusHH", nb=4, targets=["query", "value", "mlp"])
+    adapter = make_run(tmp_path / "run", base, config)
+    out = tmp_path / "merged-bf16"
+    cmd = [sys.executable, "scripts/merge_ether.py", "--checkpoint_dir", str(base), "--precision", "bf16-true",
+           "--ether_path", str(adapter), "--out_dir", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "max |diff|" in r.stderr
+    merged_sd = load_file(out / "lit_model.pth", mmap=False)
+    assert {v.dtype for v in merged_sd.values()} == {torch.bfloat16}
+    expected = reference_merged_weights(load_file(base / "lit_model.pth", mmap=False), adapter,
+                                        Config.from_checkpoint(base))
+    for key, w in expected.items():  # folded in float32, rounded once to bf16
+        torch.testing.assert_close(merged_sd[key].double(), w, atol=0, rtol=2 ** -8, msg=key)
+
+    # float32 merge, exported, run by transformers: its logits are the adapted model's
+    out32 = merge_checkpoint(adapter, out_dir=tmp_path / "merged32", precision="32-true", log=lambda s: None)
+    hf_dir = convert_lit_checkpoint(out32, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = load_finetuned(base, adapter)(tokens)[..., :300]
+        theirs = hf(tokens).logits[..., :300]
+    assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+
+
+def test_the_seed_commands_flags_parse(monkeypatch):
+    """`merge_ether.py --checkpoint_dir … --precision bf16-true --ether_path …` as written in the README."""
+    import merge_ether
+    from jsonargparse import CLI
+
+    seen = {}
+    monkeypatch.setattr(merge_ether, "merge_cli", lambda *a, **k: seen.update(args=a, flag=k["flag"]))
+    CLI(merge_ether.main, as_positional=False, args=[
+        "--checkpoint_dir", "checkpoints/meta-llama/Llama-2-7b-hf", "--precision", "bf16-true",
+        "--ether_path", "path/to/lit_model_ether_finetuned.pth"])
+    adapter, ckpt, out_dir, precision, probe = seen["args"]
+    assert adapter == Path("path/to/lit_model_ether_finetuned.pth")
+    assert ckpt == Path("checkpoints/meta-llama/Llama-2-7b-hf") and precision == "bf16-true"
+    assert out_dir is None and probe is True
+
+
+def test_adapter_from_another_base_model_is_refused(bases, tmp_path):
+    other = make_base(tmp_path / "wider", name="tiny-wide", n_embd=128, intermediate_size=192)
+    adapter = make_run(tmp_path / "run", other, AdapterConfig(method="ether", nb=4))
+    for call in (lambda: load_finetuned(bases["llama"], adapter),
+                 lambda: merge_checkpoint(adapter, bases["llama"], out_dir=tmp_path / "m", log=lambda s: None)):
+        with pytest.raises(ValueError, match=r"was trained on another base model \('tiny-wide'\).*pass the "
+                                             r"--checkpoint_dir it was trained on"):
+            call()
+    assert not (tmp_path / "m").exists()
+
+    # same shapes, another model: the recorded base_model name tells them apart
+    twin = make_base(tmp_path / "twin", name="tiny-twin", seed=7)
+    adapter = make_run(tmp_path / "run2", twin, AdapterConfig(method="lora", r=2))
+    with pytest.raises(ValueError, match="was trained on base model 'tiny-twin' but .* holds 'tiny-llama'"):
+        load_finetuned(bases["llama"], adapter)
+
+    # through the CLI: one line, no traceback, exit 1
+    r = subprocess.run([sys.executable, "scripts/merge_lora.py", "--lora_path", str(adapter), "--checkpoint_dir",
+                        str(bases["llama"])], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_full_finetuning_file_and_training_checkpoint_load(bases, tmp_path):
+    base = bases["llama"]
+    # a full fine-tuning output: a plain lit state dict of changed weights
+    model = GPT.from_checkpoint(base)
+    with torch.no_grad():
+        model.transformer.h[1].attn.proj.weight.mul_(-1)
+    save_model_weights(model, tmp_path)
+    full = (tmp_path / "lit_model.pth").rename(tmp_path / "lit_model_finetuned.pth")
+    tokens = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_finetuned(base, full)(tokens), model(tokens), rtol=0, atol=0)
+    assert read_finetuned(full).method == "full"
+
+    # a resumable checkpoint (trainable tensors under "model") in <run>/checkpoints: the method is in the hparams
+    adapter = make_run(tmp_path / "run", base, AdapterConfig(method="oft", nb=4))
+    obj = load_file(adapter, mmap=False)
+    step = adapter.parent / "checkpoints" / "step-000004.pth"
+    step.parent.mkdir()
+    torch.save({"model": obj["state_dict"], "optimizer": {}, "step": 4}, step)
+    with torch.no_grad():
+        torch.testing.assert_close(load_finetuned(base, step)(tokens), load_finetuned(base, adapter)(tokens))
+
+
+def test_missing_base_and_bad_files_are_clear(bases, tmp_path):
+    adapter = make_run(tmp_path / "run", bases["llama"], AdapterConfig(method="ether", nb=4))
+    (adapter.parent / "hyperparameters.yaml").unlink()
+    with pytest.raises(ValueError, match="No --checkpoint_dir given and no base_checkpoint_dir"):
+        merge_checkpoint(adapter, log=lambda s: None)
+    bogus = tmp_path / "bogus.pth"
+    torch.save({"weights": [1, 2]}, bogus)
+    with pytest.raises(ValueError, match="is neither an adapter file"):
+        load_finetuned(bases["llama"], bogus)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_finetuned(bases["llama"], tmp_path / "nope.pth")
