@@ -21,6 +21,16 @@ from test_adapters import CASES, make_config, randomize_adapters, ref_slice_outp
 V, N, HEADS, GROUPS, HS, INTER, LAYERS = 64, 32, 4, 2, 8, 48, 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: a second intra-op thread only adds synchronisation, which on a loaded machine
+    (several test processes on two cores) costs far more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def hf_llama():
     torch.manual_seed(0)

@@ -7,16 +7,17 @@ An adapted layer (`AdaptedLinear`) keeps the frozen base weight and bias under t
 
 A method is one file that registers a builder with `register_method`; the builder returns a `SliceAdapter`:
 either a multiplicative one (a block-diagonal transform on the input side, the output side, or both) or an
-additive one (LoRA). How the adapted layer computes its output is chosen here, per layer, for speed:
+additive one (LoRA). How the adapted layer computes its output:
 
-* one slice, input side: the transform is applied to the activations (`x' = H x`, O(d) per token for the
-  Householder family, a batched block matmul for OFT) and one GEMM runs on `x'`;
-* fused slices, Householder family, input side: `W_s H_s x = W_s x + sum_j s_j (W_s Û_j)(Û_jᵀ x)`, a rank-`nb`
-  correction per block vector added onto ONE fused GEMM of the plain input, so un-targeted rows are bit-for-bit the
-  base layer's output and no GEMM is split;
-* fused slices otherwise (OFT input side, or input dropout while training): one GEMM per group of rows that share
-  an input, concatenated;
-* output side: the transform is applied to the GEMM output of its slice, and the bias added after it.
+* input side: the transform is applied to the activations (`x' = H x`, O(d) per token for the Householder
+  family, a batched block matmul for OFT) and the GEMM runs on `x'`. On the fused QKV each adapted slice has its
+  own `x'`, so the GEMM runs once per run of rows sharing an input (`[W_q H_q x | W_k x | W_v H_v x]`, the same
+  multiply-adds as one fused GEMM); un-targeted rows are the base formula `W_s x + b_s`, their own GEMM.
+  `AdaptedLinear.fused_low_rank` switches the Householder family to one fused GEMM plus the exact rank-`J*nb`
+  identity `W_s H_s x = W_s x + sum_j s_j (W_s Û_j)(Û_jᵀ x)` instead;
+* output side only: one fused GEMM, then the transform on each adapted slice's rows (`H (y_s - b_s) + b_s`), the
+  un-targeted rows untouched;
+* LoRA: one fused GEMM, and `(alpha/r) B A x` added in place onto each adapted slice's rows.
 """
 
 from __future__ import annotations
@@ -179,6 +180,13 @@ def add_slice_products(y: torch.Tensor, ranges: list[tuple[int, int]], tensors: 
 class AdaptedLinear(nn.Module):
     """A frozen `nn.Linear` / `Conv1D` plus one adapter per targeted slice of its output rows."""
 
+    # Input-side Householder adapters on a fused layer: False (default) transforms each adapted slice's input and
+    # runs one GEMM per run of rows; True keeps ONE fused GEMM of the plain input and adds a rank-`J*nb`
+    # correction per slice (un-targeted rows then come out of the very same GEMM as the base layer's, bit for
+    # bit). On a 2-core CPU the skinny correction GEMMs cost about three times the activation transform, so the
+    # split form is the default; set it per layer or on the class to compare on other hardware.
+    fused_low_rank = False
+
     def __init__(
         self,
         base: nn.Module,
@@ -246,8 +254,9 @@ class AdaptedLinear(nn.Module):
 
         adapted = [(name, lo, hi, self._adapter(name)) for name, lo, hi in self.slices]
         adapted = [a for a in adapted if a[3] is not None]
-        if not dropping and all(ad.input is None or ad.low_rank_input() for *_, ad in adapted):
-            # one fused GEMM of the plain input; input-side transforms as low-rank corrections on their rows
+        inputs = [ad for *_, ad in adapted if ad.input is not None]
+        if not dropping and (not inputs or (self.fused_low_rank and all(ad.low_rank_input() for ad in inputs))):
+            # one fused GEMM of the plain input; input-side transforms (if any) as low-rank corrections
             y = F.linear(x, W, b)
             ranges, tensors = [], []
             for name, lo, hi, ad in adapted:

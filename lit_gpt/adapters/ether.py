@@ -25,44 +25,74 @@ from lit_gpt.adapters.config import AdapterConfig
 NORM_EPS = 1e-12  # guards ‖w‖ of an all-zero vector; far below any norm a trained vector has
 
 
+# On the CPU the update streams token chunks of about this many bytes, so the temporaries of its several
+# element-wise steps stay in cache instead of going to memory once per step (about 1.6x faster per update on a
+# width-1024 layer, measured); on GPUs one kernel per step over all tokens is better.
+CPU_CHUNK_BYTES = 1 << 20
+
+
+def _chunks(z: torch.Tensor) -> int:
+    if z.device.type != "cpu":
+        return max(1, z.shape[0])
+    return max(1, CPU_CHUNK_BYTES // max(1, z[0].numel() * z.element_size()))
+
+
 class _BlockRankUpdate(torch.autograd.Function):
     """`z_i + sum_j s_j (ŵ_jiᵀ z_i) ŵ_ji` for every block `i`, with a hand-written backward.
 
     The operator is symmetric, so the input gradient is the same update applied to the output gradient; the
-    vector gradient is `s_j sum_t (c_tj g_t + d_tj z_t)` per block. Written out, forward and backward together
-    stream the activations about eight times, about half of what autograd records for the same expression.
+    vector gradient is `s_j sum_t (c_tj g_t + d_tj z_t)` per block, a `(1 x T) @ (T x k)` product batched over the
+    blocks. Only `z` and the `J` projections `c` are kept for backward.
     """
 
     @staticmethod
     def forward(ctx, z, vecs, coefs):
         J, nb, k = vecs.shape
         zr = z.reshape(-1, nb, k)
-        cs = [(zr * vecs[j]).sum(-1, keepdim=True) for j in range(J)]
-        out = torch.addcmul(zr, cs[0], vecs[0], value=coefs[0])
-        for j in range(1, J):
-            out.addcmul_(cs[j], vecs[j], value=coefs[j])
+        out = torch.empty_like(zr)
+        cs = torch.empty(J, zr.shape[0], nb, 1, dtype=z.dtype, device=z.device)
+        step = _chunks(zr)
+        for a in range(0, zr.shape[0], step):
+            zc, oc = zr[a:a + step], out[a:a + step]
+            for j in range(J):
+                torch.sum(zc * vecs[j], -1, keepdim=True, out=cs[j, a:a + step])
+            torch.addcmul(zc, cs[0, a:a + step], vecs[0], value=coefs[0], out=oc)
+            for j in range(1, J):
+                oc.addcmul_(cs[j, a:a + step], vecs[j], value=coefs[j])
         ctx.coefs = coefs
-        ctx.save_for_backward(z, vecs, *cs)
+        ctx.save_for_backward(z, vecs, cs)
         return out.view(z.shape)
 
     @staticmethod
     def backward(ctx, g):
-        z, vecs, *cs = ctx.saved_tensors
+        z, vecs, cs = ctx.saved_tensors
         coefs = ctx.coefs
         J, nb, k = vecs.shape
-        gr = g.reshape(-1, nb, k)
-        ds = [(gr * vecs[j]).sum(-1, keepdim=True) for j in range(J)]
-        gz = gvecs = None
-        if ctx.needs_input_grad[0]:
-            gz = torch.addcmul(gr, ds[0], vecs[0], value=coefs[0])
-            for j in range(1, J):
-                gz.addcmul_(ds[j], vecs[j], value=coefs[j])
+        gr, zr = g.reshape(-1, nb, k), z.reshape(-1, nb, k)
+        want_z, want_vecs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gz = torch.empty_like(gr) if want_z else None
+        # float32 accumulation across chunks, whatever the activation dtype
+        gvecs = torch.zeros(J, nb, 1, k, dtype=compute_dtype(vecs), device=vecs.device) if want_vecs else None
+        step = _chunks(gr)
+        for a in range(0, gr.shape[0], step):
+            gc = gr[a:a + step]
+            ds = [(gc * vecs[j]).sum(-1, keepdim=True) for j in range(J)]
+            if want_z:
+                oc = gz[a:a + step]
+                torch.addcmul(gc, ds[0], vecs[0], value=coefs[0], out=oc)
+                for j in range(1, J):
+                    oc.addcmul_(ds[j], vecs[j], value=coefs[j])
+            if want_vecs:
+                gb, zb = gc.transpose(0, 1), zr[a:a + step].transpose(0, 1)
+                for j in range(J):
+                    part = torch.bmm(cs[j, a:a + step].permute(1, 2, 0), gb)
+                    part = torch.baddbmm(part, ds[j].permute(1, 2, 0), zb)
+                    gvecs[j] += part
+        if want_z:
             gz = gz.view(z.shape)
-        if ctx.needs_input_grad[1]:
-            zr = z.reshape(-1, nb, k)
-            gvecs = torch.stack(
-                [((cs[j] * gr).sum(0) + (ds[j] * zr).sum(0)).mul_(coefs[j]) for j in range(J)]
-            )
+        if want_vecs:
+            gvecs = (gvecs.squeeze(2) * torch.tensor(coefs, dtype=gvecs.dtype, device=gvecs.device)[:, None, None])
+            gvecs = gvecs.to(vecs.dtype)
         return gz, gvecs, None
 
 
@@ -111,9 +141,10 @@ class HouseholderTransform(BlockTransform):
         J, nb, k = vecs.shape
         xr = x.reshape(*x.shape[:-1], nb, k)
         C = torch.cat([(xr * vecs[j]).sum(-1) for j in range(J)], dim=-1)
-        coefs = torch.tensor(self.coefs, dtype=x.dtype, device=x.device)
-        P = torch.einsum("mik,jik->mji", W.reshape(W.shape[0], nb, k), vecs * coefs[:, None, None])
-        return C, P.reshape(W.shape[0], J * nb)
+        Wr = W.reshape(W.shape[0], nb, k)
+        # multiply-and-sum streams W once per vector; einsum would route this through a strided bmm (6x slower)
+        P = torch.cat([(Wr * (s * vecs[j])).sum(-1) for j, s in enumerate(self.coefs)], dim=-1)
+        return C, P
 
     def blocks(self) -> torch.Tensor:
         vecs = self.unit_vectors()
