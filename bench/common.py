@@ -1,0 +1,64 @@
+"""What every benchmark here shares: device sync, memory kept for backward, and its section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from lit_gpt.utils import atomic_write_text  # noqa: E402
+
+BENCHMARKS_MD = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def sync(device: str | torch.device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
+def saved_bytes(model: nn.Module, step_fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes kept for backward by one forward (distinct storages, model weights excluded) + trainable grads.
+
+    Device-independent, so CPU runs report memory too; `step_fn` returns the loss, whose backward is run here.
+    """
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step_fn()
+    loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) + grads
+
+
+def write_section(name: str, section: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the section between `<!-- name -->` and `<!-- /name -->` in docs/benchmarks.md, or append it."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    body = f"{start}\n{section.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + body + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    atomic_write_text(path, text)
+    print(f"wrote {path.relative_to(REPO_ROOT)}")
