@@ -1,0 +1,206 @@
+"""Chat with a lit checkpoint (merged, or base + adapter), streaming the answer as it is generated."""
+
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Literal, Optional, TextIO
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lit_gpt.cli import run_cli  # noqa: E402
+from lit_gpt.data.prompts import ChatTemplate, PromptStyle, PromptStyleName, prompt_style_from_name  # noqa: E402
+from lit_gpt.generate import generate_stream  # noqa: E402
+from lit_gpt.merge import load_finetuned, resolve_prompt_style  # noqa: E402
+from lit_gpt.tokenizer import Tokenizer  # noqa: E402
+
+QUIT_COMMANDS = ("!quit", "!exit")
+RESET_COMMAND = "!reset"
+CONTINUATION = "\\"
+DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
+
+
+def read_message(stream: TextIO, interactive: bool) -> Optional[str]:
+    """The next user message, or None at end of input. A line ending in a backslash continues on the next line
+    (the backslash becomes a newline), so pasted multi-line text can be sent as one message."""
+    lines: list[str] = []
+    while True:
+        if interactive:
+            try:
+                line = input(">> You: " if not lines else ".. ")
+            except EOFError:
+                return "\n".join(lines) if lines else None
+        else:
+            line = stream.readline()
+            if not line:
+                return "\n".join(lines) if lines else None
+            line = line.rstrip("\n").rstrip("\r")
+        if line.endswith(CONTINUATION):
+            lines.append(line[: -len(CONTINUATION)])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+class Conversation:
+    """Turns into prompt text: the whole history through the chat template (multi-turn), or one message through a
+    fixed-format style such as Alpaca (single-turn: those models were trained on single exchanges)."""
+
+    def __init__(self, style: PromptStyle, multi_turn: bool) -> None:
+        self.style = style
+        self.multi_turn = multi_turn and isinstance(style, ChatTemplate)
+        self.history: list[dict] = []
+
+    def prompt(self, message: str, drop_turns: int = 0) -> str:
+        if not self.multi_turn:
+            return self.style.apply(message)
+        messages = [{"role": "system", "content": self.style.system_prompt}] if self.style.system_prompt else []
+        messages += self.history[2 * drop_turns:]
+        messages.append({"role": "user", "content": message})
+        return self.style.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def add(self, message: str, answer: str) -> None:
+        if self.multi_turn:
+            self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+
+    def reset(self) -> None:
+        self.history = []
+
+
+def encode_prompt(conversation: Conversation, tokenizer: Tokenizer, message: str, block_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """Token ids of the prompt, dropping the oldest turns while the conversation leaves no room to answer."""
+    turns = len(conversation.history) // 2
+    for drop in range(turns + 1):
+        ids = tokenizer.encode(conversation.prompt(message, drop_turns=drop), device=device)
+        if ids.numel() < block_size:
+            if drop:
+                conversation.history = conversation.history[2 * drop:]
+            return ids
+    raise ValueError(
+        f"The message is {ids.numel()} tokens long with its prompt format; the model's context is {block_size} "
+        "tokens: send a shorter one."
+    )
+
+
+def main(
+    checkpoint_dir: Path,
+    adapter_path: Optional[Path] = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: float = 1.0,
+    precision: Optional[Literal["bf16-true", "16-true", "32-true"]] = None,
+    device: Optional[str] = None,
+    prompt_style: Optional[PromptStyleName] = None,
+    system_prompt: Optional[str] = None,
+    multi_turn: bool = True,
+    seed: int = 1234,
+) -> None:
+    """Chat with a model, streaming each answer as it is generated. Prompt format, unless --prompt_style is given:
+    the checkpoint's prompt_style.yaml (written by merge_ether.py/merge_lora.py: the format the run was trained
+    with, e.g. Alpaca); with --adapter_path, the prompt style of the run's training data; otherwise the checkpoint's
+    chat template if its tokenizer has one (multi-turn); otherwise Alpaca. Input: a line ending in a backslash
+    continues the message on the next line; !quit, !exit or end of input ends the chat; !reset forgets the
+    conversation. With piped standard input only the answers are printed to stdout, one per message. Speed
+    (tokens/s, time to first token) goes to stderr after each answer.
+
+    Args:
+        checkpoint_dir: A lit checkpoint: a merged one (scripts/merge_ether.py, merge_lora.py) or the base model.
+        adapter_path: An adapter file (lit_model_*_finetuned.pth) applied to --checkpoint_dir without merging, or a
+            full fine-tuning state dict (lit_model_finetuned.pth).
+        max_new_tokens: Stop each answer after this many tokens (fewer when the context ends first).
+        temperature: Sampling temperature; 0 always picks the most likely token (greedy).
+        top_k: Sample among the k most likely tokens only (None: all).
+        top_p: Sample from the smallest set of tokens whose probability adds up to top_p (1.0: all).
+        precision: Weight dtype: bf16-true, 16-true or 32-true; default bf16-true on a GPU that supports it, else
+            32-true.
+        device: "cpu", "cuda", "cuda:1", ...; default the first GPU if there is one.
+        prompt_style: Force a prompt format (alpaca, chatml, chat_template, ...) instead of the rule above.
+        system_prompt: A system message (chat template and chatml styles only).
+        multi_turn: Keep the conversation for chat-template models (the oldest turns are dropped when the context
+            is full); fixed-format styles such as Alpaca are always single-turn.
+        seed: Random seed for sampling.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision is None:
+        precision = "bf16-true" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    dtype = DTYPES[precision]
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    model = load_finetuned(checkpoint_dir, adapter_path, device=torch_device, dtype=dtype)
+    if prompt_style is not None:
+        style = prompt_style_from_name(prompt_style, checkpoint_dir, system_prompt=system_prompt, tokenizer=tokenizer)
+    else:
+        style = resolve_prompt_style(checkpoint_dir, adapter_path, tokenizer=tokenizer)
+        if system_prompt is not None:
+            style = prompt_style_from_name(
+                getattr(style, "name"), checkpoint_dir, system_prompt=system_prompt, tokenizer=tokenizer
+            )
+    conversation = Conversation(style, multi_turn)
+    generator = torch.Generator(device=torch_device).manual_seed(seed)
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {checkpoint_dir}{f' + {adapter_path}' if adapter_path else ''} "
+              f"({getattr(style, 'name', type(style).__name__)} prompts). End a line with \\ to continue it; "
+              f"{', '.join(QUIT_COMMANDS)} or Ctrl-D to leave, {RESET_COMMAND} to forget the conversation.",
+              file=sys.stderr)
+
+    try:
+        chat_loop(model, tokenizer, conversation, generator, interactive, max_new_tokens, temperature, top_k, top_p)
+    except KeyboardInterrupt:  # Ctrl-C leaves like !quit, without a traceback
+        print(file=sys.stderr)
+
+
+def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator: torch.Generator,
+              interactive: bool, max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:
+    device = model.transformer.wte.weight.device
+    while True:
+        message = read_message(sys.stdin, interactive)
+        if message is None or message.strip() in QUIT_COMMANDS:
+            return
+        if message.strip() == RESET_COMMAND:
+            conversation.reset()
+            continue
+        if not message.strip():
+            continue
+        try:
+            ids = encode_prompt(conversation, tokenizer, message, model.config.block_size, device)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+
+        count, first_token_at = 0, None
+        start = time.perf_counter()
+
+        def counted(tokens: Iterator[int]) -> Iterator[int]:
+            nonlocal count, first_token_at
+            for token in tokens:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter() - start
+                count += 1
+                yield token
+
+        stream = generate_stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 eos_id=tokenizer.stop_ids, generator=generator)
+        if interactive:
+            print(">> Model: ", end="", flush=True)
+        pieces = []
+        for piece in tokenizer.decode_stream(counted(stream)):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        elapsed = time.perf_counter() - start
+        conversation.add(message, "".join(pieces))
+        ttft = f"{first_token_at:.2f} s" if first_token_at is not None else "-"
+        print(f"[{count} tokens in {elapsed:.2f} s: {count / max(elapsed, 1e-9):.2f} tokens/s, first token after "
+              f"{ttft}, prompt {ids.numel()} tokens]", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    run_cli(main)
