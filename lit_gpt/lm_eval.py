@@ -1,0 +1,493 @@
+"""lm-evaluation-harness (≥ 0.4) model backend for lit checkpoints, registered as ``"lit_gpt"``.
+
+    import lm_eval, lit_gpt.lm_eval
+    lm_eval.simple_evaluate(model="lit_gpt", model_args="checkpoint_dir=checkpoints/SmolLM2", tasks=["arc_easy"])
+
+Requests are tokenised exactly the way lm-eval's own Hugging Face backend (`HFLM`) tokenises them — the same
+context/continuation split (trailing context spaces move to the continuation, the pair is encoded whole and split at
+the context's length), BOS when the tokenizer adds one by default, the same prefix token for empty contexts and rolling
+windows — so scores are comparable with published `hf` numbers. Log-likelihood requests run in length-sorted,
+right-padded batches; only the continuation positions go through the output projection, which is where a
+multiple-choice evaluation with a large vocabulary spends its time otherwise.
+
+The task-name helpers at the bottom (`resolve_tasks`, `build_task_manager`) serve `eval/lm_eval_harness.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from lit_gpt.generate import generate_stream
+from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
+
+PRECISIONS = ("32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed", "64-true")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def precision_to_dtypes(precision: str) -> tuple[torch.dtype, Optional[torch.dtype]]:
+    """(weight dtype, autocast dtype or None) for a Lightning precision string such as ``bf16-true``."""
+    table = {
+        "32-true": (torch.float32, None),
+        "64-true": (torch.float64, None),
+        "bf16-true": (torch.bfloat16, None),
+        "16-true": (torch.float16, None),
+        "bf16-mixed": (torch.float32, torch.bfloat16),
+        "16-mixed": (torch.float32, torch.float16),
+    }
+    if precision not in table:
+        raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+    return table[precision]
+
+
+def default_precision(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
+    return "32-true"
+
+
+def load_eval_model(
+    checkpoint_dir: Union[Path, str],
+    adapter_path: Optional[Union[Path, str]] = None,
+    device: Optional[Union[torch.device, str]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> GPT:
+    """The base model of `checkpoint_dir`, with the unmerged adapter of `adapter_path` on top when given."""
+    from lit_gpt.merge import load_finetuned
+
+    return load_finetuned(checkpoint_dir, adapter_path=adapter_path, device=device, dtype=dtype)
+
+
+@register_model("lit_gpt")
+class LitGPTLM(TemplateLM):
+    """A lit checkpoint (optionally plus an unmerged adapter file) as an lm-eval language model.
+
+    Args:
+        checkpoint_dir: A lit checkpoint directory (lit_model.pth, model_config.yaml, tokenizer files); a merged
+            fine-tuned model, or the base model of `adapter_path`.
+        adapter_path: An adapter file written by fine-tuning (lit_model_ether_finetuned.pth, ...), evaluated unmerged
+            on top of `checkpoint_dir`.
+        model: An already built `GPT` to evaluate instead of loading one (needs `tokenizer` or `checkpoint_dir`
+            for the tokenizer).
+        tokenizer: An already built `Tokenizer`.
+        batch_size: Sequences per forward pass for log-likelihood requests.
+        device: "cpu", "cuda", "cuda:1"...; default the first GPU if there is one.
+        precision: "32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed"; default bf16-true on a GPU that
+            supports it, else 32-true. Log-probabilities are always computed in float32.
+        dtype: A weight dtype name ("float32", "bfloat16", ...) instead of `precision`.
+        max_length: Context length in tokens (default: the model's block_size); longer inputs are cut from the left
+            and perplexity documents are scored in rolling windows of this length.
+        max_gen_toks: Tokens to generate when a task does not say.
+        add_bos_token: Force BOS on (True) or off (False); default the tokenizer's own setting, as `HFLM` does.
+        max_batch_size: Accepted for lm-eval's API; the batch size is fixed.
+    """
+
+    _DEFAULT_MAX_GEN_TOKS = 256
+
+    def __init__(
+        self,
+        checkpoint_dir: Optional[Union[Path, str]] = None,
+        adapter_path: Optional[Union[Path, str]] = None,
+        model: Optional[GPT] = None,
+        tokenizer: Optional[Tokenizer] = None,
+        batch_size: Union[int, str] = 16,
+        device: Optional[str] = None,
+        precision: Optional[str] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        max_length: Optional[int] = None,
+        max_gen_toks: int = _DEFAULT_MAX_GEN_TOKS,
+        add_bos_token: Optional[bool] = None,
+        max_batch_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if model is None and checkpoint_dir is None:
+            raise ValueError("LitGPTLM needs checkpoint_dir=<a lit checkpoint directory> (or a built `model`).")
+        self.batch_size_per_gpu = self._parse_batch_size(batch_size)
+        self._device = torch.device(device) if device else (
+            model.lm_head.weight.device if model is not None
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if dtype is not None and precision is not None:
+            raise ValueError("Pass either precision or dtype to LitGPTLM, not both.")
+        if dtype is not None:
+            if isinstance(dtype, str):
+                if dtype not in DTYPES:
+                    raise ValueError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
+                dtype = DTYPES[dtype]
+            weight_dtype, self._autocast_dtype = dtype, None
+        elif model is not None and precision is None:
+            weight_dtype, self._autocast_dtype = None, None
+        else:
+            weight_dtype, self._autocast_dtype = precision_to_dtypes(precision or default_precision(self._device))
+
+        if model is None:
+            model = load_eval_model(checkpoint_dir, adapter_path, device=self._device, dtype=weight_dtype)
+        elif adapter_path is not None:
+            raise ValueError("Pass adapter_path with checkpoint_dir, not with an already built model.")
+        else:
+            model = model.to(device=self._device, dtype=weight_dtype)
+        self.model = model.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(checkpoint_dir)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.adapter_path = Path(adapter_path) if adapter_path is not None else None
+
+        block_size = self.model.config.block_size
+        if max_length is not None and not 1 < int(max_length) <= block_size:
+            raise ValueError(f"max_length must be between 2 and the model's block_size {block_size}, got {max_length}.")
+        self._max_length = int(max_length) if max_length is not None else block_size
+        self._max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = add_bos_token
+        if self.tokenizer.eos_id is None and self.tokenizer.bos_id is None:
+            raise ValueError(
+                f"The tokenizer in {str(self.tokenizer.checkpoint_dir)!r} has neither a BOS nor an EOS token; lm-eval "
+                "needs one of them to score documents from their first token (set bos_token or eos_token in "
+                "tokenizer_config.json)."
+            )
+
+    @staticmethod
+    def _parse_batch_size(batch_size: Union[int, str]) -> int:
+        try:
+            value = int(batch_size)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"batch_size must be a positive integer, got {batch_size!r} (automatic batch sizes are not supported)."
+            ) from None
+        if value < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        return value
+
+    # ------------------------------------------------------------------ properties lm-eval reads
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # what conditions the first token of a document: BOS, else EOS (as HFLM)
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.checkpoint_dir).replace("/", "__")
+
+    def get_model_info(self) -> dict:
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(self.model.lm_head.weight.dtype),
+            "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
+            "adapter_path": str(self.adapter_path) if self.adapter_path else None,
+        }
+
+    # ------------------------------------------------------------------ tokenisation
+    def _uses_bos(self) -> bool:
+        return self.tokenizer.use_bos if self.add_bos_token is None else bool(self.add_bos_token)
+
+    def tok_encode(
+        self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len: Optional[int] = None, **kwargs
+    ) -> list[int]:
+        # HFLM: special tokens follow the tokenizer's default unless told otherwise, and are skipped when the text
+        # already starts with the prefix token's text
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token if self.add_bos_token is not None else True
+            prefix_text = self.tokenizer.decode([self.prefix_token_id])
+            if prefix_text and string.startswith(prefix_text):
+                add_special_tokens = False
+        bos = bool(add_special_tokens) and self._uses_bos()
+        tokens = self.tokenizer.encode(string, bos=bos).tolist()
+        if left_truncate_len:
+            tokens = tokens[-left_truncate_len:]
+        return tokens
+
+    def _encode_generation_context(self, context: str) -> list[int]:
+        # HFLM encodes generation prompts as a batch and checks the BOS *token text* (not the prefix token) there
+        bos_text = self.tokenizer.special_tokens.get("bos_token")
+        if bos_text and context.startswith(bos_text):
+            return self.tok_encode(context, add_special_tokens=False)
+        return self.tok_encode(context, add_special_tokens=self.add_bos_token if self.add_bos_token is not None else True)
+
+    def tok_decode(self, tokens: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ forward
+    def _autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self._device.type, dtype=self._autocast_dtype)
+
+    @torch.inference_mode()
+    def _continuation_logprobs(self, inputs: list[list[int]], spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Float32 log-softmax rows for `inputs[i]` at positions `spans[i] = (start, end)`, one right-padded forward.
+
+        Right padding cannot change earlier positions of a causal model, and only the scored positions are projected
+        onto the vocabulary.
+        """
+        longest = max(len(x) for x in inputs)
+        batch = torch.zeros(len(inputs), longest, dtype=torch.long)
+        for row, x in enumerate(inputs):
+            batch[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        with self._autocast():
+            hidden = self.model(batch.to(self._device), lm_head=False)
+            picked = torch.cat([hidden[row, start:end] for row, (start, end) in enumerate(spans)])
+            # over the padded vocabulary, as the exported transformers model (and so HFLM) normalises
+            logits = self.model.lm_head(picked)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        return list(logprobs.split([end - start for start, end in spans]))
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[Any, list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: Optional[int] = None,
+    ) -> list[tuple[float, bool]]:
+        def sort_key(req):
+            # longest first, so a batch's first request fixes its padded length and memory peaks up front
+            tokens = req[1] + req[2]
+            return -len(tokens), tuple(tokens)
+
+        def same_input(req):
+            # requests that differ only in their last continuation token share one forward
+            return req[1] + req[2][:-1]
+
+        reorder = Collator(requests, sort_fn=sort_key, group_by="contexts", group_fn=same_input)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="lit_gpt loglikelihood")
+        results: list[tuple[float, bool]] = []
+        for chunk in reorder.get_batched(n=override_bs or self.batch_size):
+            inputs, spans = [], []
+            for _, context_enc, continuation_enc in chunk:
+                if not context_enc or not continuation_enc:
+                    raise ValueError("A log-likelihood request has an empty context or continuation after tokenising.")
+                # the last token is only ever a target; cut from the left what does not fit
+                inp = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
+                n_scored = min(len(continuation_enc), len(inp))
+                inputs.append(inp)
+                spans.append((len(inp) - n_scored, len(inp)))
+            for (request_str, context_enc, continuation_enc), logprobs in zip(
+                chunk, self._continuation_logprobs(inputs, spans)
+            ):
+                logprobs = logprobs.unsqueeze(0)
+                greedy = logprobs.argmax(dim=-1)
+                for request_str, cont_toks, logprobs in reorder.get_cache(
+                    req_str=request_str, cxt_toks=context_enc, cont_toks=continuation_enc, logits=logprobs
+                ):
+                    target = torch.tensor(cont_toks, dtype=torch.long, device=logprobs.device).unsqueeze(0)
+                    n = target.size(1)
+                    is_greedy = bool((greedy[:, -n:] == target).all())
+                    logprob = float(torch.gather(logprobs[:, -n:], 2, target.unsqueeze(-1)).sum())
+                    answer = (logprob, is_greedy)
+                    results.append(answer)
+                    if request_str is not None:
+                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                    pbar.update(1)
+        pbar.close()
+        return reorder.get_original(results)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Total log-likelihood of each document, scored in disjoint windows of `max_length` tokens (as HFLM)."""
+        windows: list[tuple[Any, list[int], list[int]]] = []
+        owners: list[int] = []
+        for index, (string,) in enumerate(req.args for req in requests):
+            token_windows = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for context, continuation in map(lm_utils.make_disjoint_window, token_windows):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        # all windows of all documents in one sorted pass: better batches than document by document
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for index, (logprob, _) in zip(owners, scores):
+            totals[index] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (unless a task asks to sample) continuations, cut at the task's `until` strings or EOS."""
+        def sort_key(req):
+            return -len(self.tok_encode(req[0])), req[0]
+
+        reorder = Collator([req.args for req in requests], sort_fn=sort_key, group_by="gen_kwargs",
+                           group_fn=lambda req: req[1])
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False) if self.eot_token_id is not None else None
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="lit_gpt generate_until")
+        results: list[str] = []
+        for chunk in reorder.get_batched(n=self.batch_size):
+            for context, gen_kwargs in chunk:
+                text = self._generate_one(context, gen_kwargs, eos_text)
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                pbar.update(1)
+        pbar.close()
+        return reorder.get_original(results)
+
+    def _generate_one(self, context: str, gen_kwargs: dict, eos_text: Optional[str]) -> str:
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+        max_gen_toks = int(kwargs.pop("max_gen_toks"))
+        if max_gen_toks >= self.max_length:
+            raise ValueError(
+                f"A task asks for {max_gen_toks} new tokens, which leaves no room for the prompt in max_length "
+                f"{self.max_length}."
+            )
+        do_sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        top_k = kwargs.pop("top_k", None)
+        top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
+        if not do_sample:
+            temperature, top_k, top_p = 0.0, None, 1.0
+        prompt = self._encode_generation_context(context)[-(self.max_length - max_gen_toks):]
+        prompt_tensor = torch.tensor(prompt, dtype=torch.long, device=self._device)
+
+        stops = [s for s in until if s]
+        generated: list[int] = []
+        # the stop strings are text: a stop may be part of a token or span several, so the decoded text is checked
+        with self._autocast():
+            for token in generate_stream(
+                self.model, prompt_tensor, max_gen_toks, temperature=temperature,
+                top_k=int(top_k) if top_k else None, top_p=top_p, eos_id=self.tokenizer.stop_ids or None,
+            ):
+                generated.append(token)
+                if stops and any(stop in self.tokenizer.decode(generated) for stop in stops):
+                    break
+        return postprocess_generated_text(self.tok_decode(generated), stop=until, think_end_token=None)
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    def chat_template(self, chat_template: Union[bool, str] = False) -> Optional[str]:
+        if chat_template is False or chat_template is None:
+            return None
+        if self.tokenizer.chat_template is None:
+            raise ValueError(
+                f"--apply_chat_template was asked for, but the tokenizer in {str(self.tokenizer.checkpoint_dir)!r} has "
+                "no chat template."
+            )
+        return self.tokenizer.chat_template
+
+
+# ---------------------------------------------------------------------------------------------- task names
+# The reference code used lm-eval 0.3 task names; lm-eval 0.4 renamed them.
+LEGACY_TASKS = {"truthfulqa_mc": ["truthfulqa_mc1", "truthfulqa_mc2"]}
+LEGACY_MMLU_PREFIX = "hendrycksTest-"
+
+
+def build_task_manager(include_path: Optional[Union[Path, str, Sequence[Union[Path, str]]]] = None,
+                       names: Optional[Sequence[str]] = None):
+    """A `TaskManager` that knows the local tasks in `include_path` and, when needed, lm-eval's built-in tasks.
+
+    Indexing lm-eval's ~15,000 built-in task files takes tens of seconds, so when every name in `names` is found in
+    `include_path` alone, only that folder is indexed.
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = None
+    if include_path is not None:
+        paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+        paths = [Path(p) for p in paths]
+        for p in paths:
+            if not p.exists():
+                raise FileNotFoundError(f"--include_path {str(p)!r} does not exist; point it at a folder of task YAMLs.")
+        if names is not None:
+            local = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
+            if all(_matches(name, local.all_tasks) for name in names):
+                return local
+    return TaskManager(include_path=[str(p) for p in paths] if paths else None)
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def _matches(name: str, known: Sequence[str]) -> list[str]:
+    if _is_pattern(name):
+        return fnmatch.filter(known, name)
+    return [name] if name in known else []
+
+
+def _mmlu_subjects(task_manager, pattern: str) -> list[str]:
+    # lm-eval 0.3's `hendrycksTest-<subject>` are the 57 zero/few-shot subject tasks of lm-eval 0.4's default MMLU
+    # (not its continuation/generative/translated variants, which also start with `mmlu_`)
+    found = []
+    for name in fnmatch.filter(task_manager.all_subtasks, "mmlu_" + pattern):
+        entry = task_manager.task_index.get(name)
+        path = getattr(entry, "yaml_path", None)
+        if path is not None and Path(path).parent.name == "default" and Path(path).parent.parent.name == "mmlu":
+            found.append(name)
+    return sorted(found)
+
+
+def resolve_tasks(names: Sequence[str], task_manager, notes: Optional[list[str]] = None) -> list[str]:
+    """lm-eval task/group names for `names`: glob patterns expanded, lm-eval 0.3 names mapped to their 0.4 names.
+
+    A mapped name appends a note to `notes`. An unknown name raises a `ValueError` listing close matches.
+    """
+    notes = notes if notes is not None else []
+    known = task_manager.all_tasks
+    resolved: list[str] = []
+    for name in names:
+        name = name.strip()
+        if name in LEGACY_TASKS and name not in known:
+            new = LEGACY_TASKS[name]
+            notes.append(f"note: task {name!r} is called {', '.join(map(repr, new))} in lm-eval 0.4; evaluating those.")
+            found = [n for n in new if n in known]
+        elif name.startswith(LEGACY_MMLU_PREFIX) and name not in known:
+            subject = name[len(LEGACY_MMLU_PREFIX):]
+            found = _mmlu_subjects(task_manager, subject)
+            notes.append(
+                f"note: lm-eval 0.4 calls {name!r} {'mmlu_' + subject!r}"
+                + (f" ({len(found)} subject tasks)" if _is_pattern(subject) else "") + "; evaluating those."
+            )
+        else:
+            found = _matches(name, known)
+        if not found:
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            raise ValueError(
+                f"Unknown lm-eval task {name!r}.{hint} Local task YAMLs need --include_path; `lm-eval ls tasks` lists "
+                "the built-in ones."
+            )
+        resolved.extend(n for n in found if n not in resolved)
+    return resolved
+
+
+def top_level_items(loaded: dict) -> list:
+    """The tasks and groups of `TaskManager.load(...)`'s flat result that are not inside another group."""
+    groups = loaded.get("groups", {})
+    children = {child for names in loaded.get("group_map", {}).values() for child in names}
+    in_group = {task.task_name for group in groups.values() for task in group.get_all_tasks()}
+    items = [group for name, group in groups.items() if name not in children]
+    items += [task for name, task in loaded["tasks"].items() if name not in in_group]
+    return items

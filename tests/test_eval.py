@@ -1,0 +1,278 @@
+"""lm-eval backend: our `lit_gpt` model class against lm-eval's own `hf` backend on the same weights (a tiny random
+Llama and the real SmolLM2-135M, exported with scripts/convert_lit_checkpoint.py), base + unmerged adapter against the
+merged checkpoint, the CLI, and its task-name errors. The tasks are the local ones in tests/eval_tasks/."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_gpt import GPT, Config
+from lit_gpt.utils import save_model_weights
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "tests" / "eval_tasks"
+TASKS = ["lit_mc", "lit_ppl", "lit_gen"]
+SCRIPT = REPO / "eval" / "lm_eval_harness.py"
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch):
+    # the task YAMLs name their data files relative to the repository root
+    monkeypatch.chdir(REPO)
+
+
+def _tokenizer(d: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [line for p in sorted(TASKS_DIR.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 3, trainer)
+    # BOS written by the post-processor too, so that transformers' tokenizer (lm-eval's `hf` backend) adds it as well
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "add_bos_token": True}))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A random tiny Llama (GQA, padded vocabulary, BOS on every prompt) whose weights are large enough that greedy
+    choices are not near-ties."""
+    d = tmp_path_factory.mktemp("eval") / "tiny-llama"
+    d.mkdir()
+    _tokenizer(d)
+    torch.manual_seed(0)
+    cfg = Config(name="tiny-llama", block_size=128, n_layer=2, n_embd=64, n_head=4, n_query_groups=2,
+                 vocab_size=400, padding_multiple=64, bias=False, norm_class_name="RMSNorm",
+                 mlp_class_name="LLaMAMLP", intermediate_size=128)
+    cfg.save(d)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.5 if "wte" in name else 2.0 / math.sqrt(p.size(1)))
+    save_model_weights(model, d)
+    return d
+
+
+def _export_hf(checkpoint_dir: Path, out: Path) -> Path:
+    cmd = [sys.executable, str(REPO / "scripts" / "convert_lit_checkpoint.py"), "--checkpoint_dir", str(checkpoint_dir),
+           "--output_dir", str(out), "--dtype", "float32"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
+def _evaluate(lm, limit=None, tasks=TASKS) -> dict:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=_task_manager(), limit=limit,
+                                   bootstrap_iters=0, log_samples=True, random_seed=0, numpy_random_seed=0,
+                                   torch_random_seed=0, fewshot_random_seed=0)
+
+
+def _metrics(results: dict) -> dict[tuple[str, str], float]:
+    out = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, float) and "stderr" not in key:
+                out[(task, key)] = value
+    return out
+
+
+def _responses(results: dict) -> dict[tuple[str, int], list]:
+    return {(task, s["doc_id"]): s["resps"] for task, samples in results["samples"].items() for s in samples}
+
+
+def assert_same_results(ours: dict, ref: dict, rel: float) -> None:
+    a, b = _metrics(ours), _metrics(ref)
+    assert a.keys() == b.keys() and len(a) >= 6
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=rel), key
+    ra, rb = _responses(ours), _responses(ref)
+    assert ra.keys() == rb.keys()
+    for key in ra:
+        for x, y in zip(ra[key], rb[key], strict=True):
+            x, y = x[0], y[0]
+            if isinstance(x, str):  # generate_until: the same text
+                assert x == y, key
+            elif isinstance(x, (list, tuple)):  # loglikelihood: (logprob, is_greedy)
+                assert x[0] == pytest.approx(y[0], rel=rel, abs=1e-5) and bool(x[1]) == bool(y[1]), key
+            else:  # loglikelihood_rolling: a total log-probability
+                assert x == pytest.approx(y, rel=rel), key
+
+
+def _hf_lm(hf_dir: Path, **kwargs):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", **kwargs)
+
+
+def _our_lm(checkpoint_dir: Path, **kwargs):
+    from lit_gpt.lm_eval import LitGPTLM
+
+    return LitGPTLM(checkpoint_dir=checkpoint_dir, dtype="float32", device="cpu", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- against lm-eval's hf
+def test_tiny_model_matches_lm_eval_hf_backend(tiny_ckpt, tmp_path):
+    """Every request type, with a short max_length so documents are scored in several rolling windows and long
+    generation prompts are cut from the left."""
+    hf_dir = _export_hf(tiny_ckpt, tmp_path / "hf")
+    ref = _evaluate(_hf_lm(hf_dir, batch_size=4, max_length=32))
+    ours = _evaluate(_our_lm(tiny_ckpt, batch_size=3, max_length=32))
+    assert_same_results(ours, ref, rel=1e-4)
+    # the windows really did split the documents: 8 requests but more forwards
+    assert ours["results"]["lit_ppl"]["word_perplexity,none"] > 1
+
+
+@pytest.mark.slow
+def test_smollm2_matches_lm_eval_hf_backend(smollm2_checkpoint, tmp_path):
+    hf_dir = _export_hf(smollm2_checkpoint, tmp_path / "hf")
+    ref = _evaluate(_hf_lm(hf_dir, batch_size=8, max_length=48), limit=6)
+    ours = _evaluate(_our_lm(smollm2_checkpoint, batch_size=8, max_length=48), limit=6)
+    assert_same_results(ours, ref, rel=1e-4)
+    # a real model knows some of these; a tokenisation mismatch would not show as equal-but-random numbers
+    assert ours["results"]["lit_mc"]["acc,none"] >= 0.5
+
+
+def test_import_registers_the_model_for_lm_evals_api(tiny_ckpt):
+    import lm_eval
+
+    import lit_gpt.lm_eval  # noqa: F401
+
+    results = lm_eval.simple_evaluate(model="lit_gpt", model_args=f"checkpoint_dir={tiny_ckpt},dtype=float32",
+                                      tasks=["lit_mc"], task_manager=_task_manager(), limit=3, bootstrap_iters=0,
+                                      batch_size=2, device="cpu")
+    assert set(results["results"]["lit_mc"]) >= {"acc,none", "acc_norm,none"}
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+@pytest.mark.parametrize("method", ["etherplus", "lora"])
+def test_base_plus_unmerged_adapter_equals_merged_checkpoint(tiny_ckpt, tmp_path, method):
+    from lit_gpt.adapters import AdapterConfig, apply_adapters, merge_adapters, save_adapters
+    from lit_gpt.lm_eval import LitGPTLM
+
+    model = GPT.from_checkpoint(tiny_ckpt)
+    apply_adapters(model, AdapterConfig(method=method, nb=4, r=4, targets=["query", "value", "mlp"]))
+    torch.manual_seed(1)
+    with torch.no_grad():  # both methods start as the identity: move away from it
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    adapter = save_adapters(model, tmp_path / f"lit_model_{method}_finetuned.pth")
+
+    merged_dir = tmp_path / "merged"
+    merged_dir.mkdir()
+    for f in tiny_ckpt.iterdir():
+        if f.name != "lit_model.pth":
+            shutil.copy(f, merged_dir / f.name)
+    save_model_weights(merge_adapters(model), merged_dir)
+
+    unmerged = _evaluate(LitGPTLM(checkpoint_dir=tiny_ckpt, adapter_path=adapter, dtype="float32", batch_size=4))
+    merged = _evaluate(LitGPTLM(checkpoint_dir=merged_dir, dtype="float32", batch_size=4))
+    base = _evaluate(LitGPTLM(checkpoint_dir=tiny_ckpt, dtype="float32", batch_size=4))
+    assert_same_results(unmerged, merged, rel=1e-4)
+    assert _metrics(unmerged)[("lit_ppl", "word_perplexity,none")] != pytest.approx(
+        _metrics(base)[("lit_ppl", "word_perplexity,none")], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, **(env or {})), timeout=timeout)
+
+
+def test_cli_runs_local_tasks_and_saves_lm_evals_json(tiny_ckpt, tmp_path):
+    out = tmp_path / "results" / "eval.json"
+    result = _run("--checkpoint_dir", str(tiny_ckpt), "--include_path", str(TASKS_DIR), "--eval_tasks",
+                  "['lit_mc', 'lit_p*']", "--limit", "4", "--batch_size", "2", "--precision", "32-true",
+                  "--device", "cpu", "--bootstrap_iters", "0", "--save_filepath", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "|lit_mc |" in result.stdout and "acc_norm" in result.stdout and "word_perplexity" in result.stdout
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {"lit_mc", "lit_ppl"}
+    assert 0.0 <= saved["results"]["lit_mc"]["acc,none"] <= 1.0
+    assert saved["results"]["lit_ppl"]["bits_per_byte,none"] > 0
+
+
+def test_cli_reports_task_data_that_cannot_be_downloaded_in_one_line(tiny_ckpt, tmp_path):
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: lit-gpt-tests/no-such-dataset\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n"
+    )
+    result = _run("--checkpoint_dir", str(tiny_ckpt), "--include_path", str(tmp_path), "--eval_tasks",
+                  "['hub_task']", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "hub_task" in errors[0] and "--include_path" in errors[0], result.stderr
+
+
+def test_unknown_local_task_lists_close_matches():
+    from lit_gpt.lm_eval import resolve_tasks
+
+    with pytest.raises(ValueError, match=r"Unknown lm-eval task 'lit_mcc'\. Close matches: lit_mc"):
+        resolve_tasks(["lit_mc", "lit_mcc"], _task_manager())
+    assert resolve_tasks(["lit_*"], _task_manager()) == ["lit_gen", "lit_mc", "lit_ppl"]
+
+
+def test_bad_model_arguments_are_one_sentence(tiny_ckpt):
+    from lit_gpt.lm_eval import LitGPTLM
+
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        LitGPTLM(checkpoint_dir=tiny_ckpt, batch_size="auto")
+    with pytest.raises(ValueError, match="Unknown precision 'bf17-true'"):
+        LitGPTLM(checkpoint_dir=tiny_ckpt, precision="bf17-true")
+    with pytest.raises(ValueError, match="max_length must be between 2 and the model's block_size 128"):
+        LitGPTLM(checkpoint_dir=tiny_ckpt, max_length=4096)
+
+
+@pytest.fixture(scope="module")
+def builtin_task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@pytest.mark.slow
+def test_reference_task_names_map_to_lm_eval_04(builtin_task_manager):
+    from lit_gpt.lm_eval import resolve_tasks
+
+    notes = []
+    names = resolve_tasks(["arc_challenge", "truthfulqa_mc", "hendrycksTest-*"], builtin_task_manager, notes)
+    assert names[:3] == ["arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2"]
+    mmlu = names[3:]
+    assert len(mmlu) == 57 and "mmlu_abstract_algebra" in mmlu and not any("generative" in n for n in mmlu)
+    assert len(notes) == 2 and "truthfulqa_mc1" in notes[0] and "mmlu_*" in notes[1]
+    with pytest.raises(ValueError, match=r"Unknown lm-eval task 'arc_chalenge'\. Close matches: arc_challenge"):
+        resolve_tasks(["arc_chalenge"], builtin_task_manager)
+
+
+@pytest.mark.slow
+def test_seed_command_offline_fails_with_one_sentence(tiny_ckpt):
+    result = _run("--eval_tasks", "['arc_challenge', 'truthfulqa_mc', 'hendrycksTest-*']", "--precision",
+                  "bf16-true", "--checkpoint_dir", str(tiny_ckpt),
+                  env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Hugging Face Hub" in errors[0], result.stderr
+    assert "truthfulqa_mc1" in result.stderr and "mmlu_" in result.stderr  # the printed name notes
