@@ -132,6 +132,7 @@ def _our_lm(checkpoint_dir: Path, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- against lm-eval's hf
+@pytest.mark.slow
 def test_tiny_model_matches_lm_eval_hf_backend(tiny_ckpt, tmp_path):
     """Every request type, with a short max_length so documents are scored in several rolling windows and long
     generation prompts are cut from the left."""
@@ -165,6 +166,7 @@ def test_import_registers_the_model_for_lm_evals_api(tiny_ckpt):
 
 
 # ---------------------------------------------------------------------------------------------- adapters
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["etherplus", "lora"])
 def test_base_plus_unmerged_adapter_equals_merged_checkpoint(tiny_ckpt, tmp_path, method):
     from lit_gpt.adapters import AdapterConfig, apply_adapters, merge_adapters, save_adapters
@@ -188,7 +190,7 @@ def test_base_plus_unmerged_adapter_equals_merged_checkpoint(tiny_ckpt, tmp_path
 
     unmerged = _evaluate(LitGPTLM(checkpoint_dir=tiny_ckpt, adapter_path=adapter, dtype="float32", batch_size=4))
     merged = _evaluate(LitGPTLM(checkpoint_dir=merged_dir, dtype="float32", batch_size=4))
-    base = _evaluate(LitGPTLM(checkpoint_dir=tiny_ckpt, dtype="float32", batch_size=4))
+    base = _evaluate(LitGPTLM(checkpoint_dir=tiny_ckpt, dtype="float32", batch_size=4), tasks=["lit_ppl"])
     assert_same_results(unmerged, merged, rel=1e-4)
     assert _metrics(unmerged)[("lit_ppl", "word_perplexity,none")] != pytest.approx(
         _metrics(base)[("lit_ppl", "word_perplexity,none")], rel=1e-3)
