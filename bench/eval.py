@@ -143,7 +143,10 @@ def main(
             "`hf` backend computes and normalises logits for every input position; both group requests that share a "
             "context. Rolling-window perplexity scores nearly every position, so there the two do the same work. "
             "Generation in ours runs one request at a time through `lit_gpt.generate` (KV cache, batch 1); the `hf` "
-            "backend generates a left-padded batch.\n"
+            "backend generates a left-padded batch, which is why generation is slower here (batched generation would "
+            "need a batched path in `lit_gpt.generate`). Wall times include lm-eval rebuilding the task and reading its "
+            "data on every call (the same on both sides) and waiting for a core on this shared 2-CPU machine; the "
+            "CPU-time columns are the steadier comparison.\n"
             f"{SECTION_END}\n"
         )
         path = REPO_ROOT / "docs" / "benchmarks.md"
