@@ -274,10 +274,15 @@ def test_adapter_from_another_base_model_is_refused(bases, tmp_path):
     with pytest.raises(ValueError, match="was trained on base model 'tiny-twin' but .* holds 'tiny-llama'"):
         load_finetuned(bases["llama"], adapter)
 
-    # through the CLI: one line, no traceback, exit 1
+
+@pytest.mark.slow
+def test_refusal_through_the_cli_is_one_line(bases, tmp_path):
+    twin = make_base(tmp_path / "twin", name="tiny-twin", seed=7)
+    adapter = make_run(tmp_path / "run2", twin, AdapterConfig(method="lora", r=2))
     r = subprocess.run([sys.executable, "scripts/merge_lora.py", "--lora_path", str(adapter), "--checkpoint_dir",
                         str(bases["llama"])], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert "was trained on base model 'tiny-twin'" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_full_finetuning_file_and_training_checkpoint_load(bases, tmp_path):
