@@ -106,6 +106,7 @@ def task_utils():
     (" friday.\n### Instruction: more", "Friday", True),
     ("'t'", "t", True),
     ("122!", "122", True),
+    ("\n\n122\nbecause 59 + 63 = 122", "122", True),
     ("Thursday", "Friday", False),
     ("1220", "122", False),
     ("The answer is 122.", "122", False),
@@ -133,7 +134,7 @@ def test_lm_eval_loads_the_task_and_scores_with_it(tmp_path):
     assert [task.doc_to_target(d) for d in docs] == [r["output"] for r in rows]
     assert task.OUTPUT_TYPE == "generate_until"
     until = task.config.generation_kwargs["until"]
-    assert "\n" in until
+    assert "\n\n" in until and "\n" not in until
     doc = docs[0]
     assert task.process_results(doc, [doc["output"].upper() + "."]) == {"exact_match": 1.0}
     assert task.process_results(doc, [doc["output"] + "0"]) == {"exact_match": 0.0}

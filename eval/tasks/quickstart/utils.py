@@ -40,8 +40,9 @@ def load_test_set(data_file: str | None = None, **metadata):
 
 
 def normalize(text: str) -> str:
-    """Compare answers the way a person would: the first line, case-folded, without surrounding quotes or
-    trailing punctuation ("Friday." == "friday", "'t'" == "t")."""
+    """Compare answers the way a person would: the first non-empty line, case-folded, without surrounding quotes
+    or trailing punctuation ("Friday." == "friday", "'t'" == "t"). The base model tends to start its answer with a
+    newline after "### Response:", so leading blank lines are skipped rather than read as an empty answer."""
     text = text.strip().split("\n", 1)[0].strip().casefold()
     text = text.strip("'\"`").rstrip(_TRAILING).strip("'\"`").strip()
     return text
