@@ -111,8 +111,13 @@ def trainable_state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optim
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     if optimizer is None:
-        return get_model_state_dict(model, options=opts), None
-    return get_state_dict(model, optimizer, options=opts)
+        msd, osd = get_model_state_dict(model, options=opts), None
+    else:
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+    # ignore_frozen_params still reports a frozen parameter shared by two modules (tied embeddings): keep only the
+    # names, aliases included, of parameters that are trained
+    trained = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in msd.items() if k in trained}, osd
 
 
 def load_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd: dict, osd: dict) -> None:
@@ -155,12 +160,11 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
     if args["dry_run"]:
         from lit_gpt.adapters import plan_report
 
-        name = args["model_name"]
-        if name is None:
+        model = args["model_name"]
+        if model is None:  # plan for the checkpoint the run would train
             io = args["io"]
-            ckpt = io.checkpoint_dir or io.train_data_dir.parent
-            name = Config.from_checkpoint(ckpt).name
-        print(plan_report(name, adapter_config, args["precision"] or default_precision()))
+            model = Config.from_checkpoint(io.checkpoint_dir or io.train_data_dir.parent)
+        print(plan_report(model, adapter_config, args["precision"] or default_precision()))
         return None
     cli_args = {k: v for k, v in args.items() if k not in ("io", "train", "eval", "adapter", "targets", "extra")}
     cli_args.update(train=asdict(args["train"]), eval=asdict(args["eval"]))

@@ -224,3 +224,25 @@ def test_loss_falls_on_real_smollm2(smollm2_checkpoint, tmp_path):
         losses = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < 0.5 * sum(losses[:2]) / 2, losses
+
+
+def test_checkpointed_tensors_of_a_tied_model_are_only_the_adapter():
+    """torch's ignore_frozen_params still reports a frozen embedding shared with the head (SmolLM2 is tied)."""
+    from lit_gpt.adapters import AdapterConfig, adapter_state_dict, apply_adapters
+    from lit_gpt.training import trainable_state_dict
+
+    cfg = Config(name="tied", n_layer=2, n_embd=64, n_head=4, vocab_size=100, padded_vocab_size=128,
+                 tie_embeddings=True, block_size=64)
+    model = apply_adapters(GPT(cfg), AdapterConfig(method="etherplus", nb=4, targets=["query", "value"]))
+    sd, _ = trainable_state_dict(model)
+    assert set(sd) == set(adapter_state_dict(model))
+    full, _ = trainable_state_dict(GPT(cfg))  # full fine-tuning of a tied model keeps the shared table
+    assert "transformer.wte.weight" in full
+
+
+def test_dry_run_plans_for_the_checkpoint_of_the_data_dir(tiny_ckpt):
+    r = run_cli("ether.py", "--io.train_data_dir", str(tiny_ckpt / "data"), "--dry_run", "true",
+                "--Htype", "etherplus", "--ether_nb", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # input side: query and value each transform the 64-wide input; 2 layers x 2 slices x 64 x 2 vectors (u, v)
+    assert "model: tiny-llama" in r.stdout and "trainable parameters: 512" in r.stdout

@@ -3,7 +3,7 @@ on the `meta` device (no weights are read, no memory is used: a 70B model is pla
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -33,20 +33,20 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def plan_report(model_name: str, config: Optional[AdapterConfig], precision: str = "bf16-true") -> str:
-    """A plain-text plan for fine-tuning `model_name` (a name of `Config.from_name`) with `config`
-    (`None`: full fine-tuning) at Lightning `precision`."""
+def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], precision: str = "bf16-true") -> str:
+    """A plain-text plan for fine-tuning `model` (a name of `Config.from_name`, or a checkpoint's `Config`) with
+    `config` (`None`: full fine-tuning) at Lightning `precision`."""
     if precision not in PRECISION_BYTES:
         raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}.")
-    model_config = Config.from_name(model_name)
+    model_config = model if isinstance(model, Config) else Config.from_name(model)
     from lit_gpt.model import GPT
 
     with torch.device("meta"):
-        model = GPT(model_config)
+        gpt = GPT(model_config)
         if config is not None:
-            apply_adapters(model, config)
-    trainable = num_parameters(model, requires_grad=True)
-    frozen = num_parameters(model, requires_grad=False)
+            apply_adapters(gpt, config)
+    trainable = num_parameters(gpt, requires_grad=True)
+    frozen = num_parameters(gpt, requires_grad=False)
     nbytes, meaning = PRECISION_BYTES[precision]
     weights = (trainable + frozen) * nbytes
     grads = trainable * nbytes
@@ -57,7 +57,7 @@ def plan_report(model_name: str, config: Optional[AdapterConfig], precision: str
         f"method: {method}",
     ]
     if config is not None:
-        lines.append(f"adapted layers: {sum(1 for _ in adapted_layers(model))}")
+        lines.append(f"adapted layers: {sum(1 for _ in adapted_layers(gpt))}")
     lines += [
         f"trainable parameters: {trainable:,}",
         f"frozen parameters: {frozen:,}",
