@@ -20,21 +20,10 @@ from huggingface_hub.errors import (  # noqa: E402
 from jsonargparse.typing import SecretStr  # noqa: E402
 
 from lit_gpt.config import configs  # noqa: E402
-from lit_gpt.convert_hf import convert_hf_checkpoint  # noqa: E402
+from lit_gpt.convert_hf import TOKENIZER_FILES, convert_hf_checkpoint  # noqa: E402
 
 # what a transformers model folder needs besides its weights
 CONFIG_FILES = ["config.json", "generation_config.json"]
-TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-]
 
 
 class DownloadError(RuntimeError):
@@ -89,10 +78,10 @@ def main(
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path("checkpoints") / repo_id
     with hub_errors(repo_id, token):
         if tokenizer_only:
-            patterns = TOKENIZER_FILES + ["generation_config.json"]
+            patterns = list(TOKENIZER_FILES) + ["generation_config.json"]
         else:
             files = [s.rfilename for s in (HfApi(token=token).model_info(repo_id).siblings or [])]
-            patterns = CONFIG_FILES + TOKENIZER_FILES + weight_files(files, repo_id, from_safetensors)
+            patterns = CONFIG_FILES + list(TOKENIZER_FILES) + weight_files(files, repo_id, from_safetensors)
         snapshot_download(repo_id, local_dir=checkpoint_dir, allow_patterns=patterns, token=token)
     print(f"Downloaded {repo_id} to {checkpoint_dir}", file=sys.stderr)
 
