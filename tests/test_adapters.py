@@ -544,6 +544,23 @@ def test_bf16_forward_backward_is_finite_and_close_to_float32(base_gpt, method, 
     assert (out.float() - ref).abs().max() < 0.1 * logits_scale(ref)
 
 
+@pytest.mark.parametrize("method,opts", CASES)
+def test_autocast_bf16_mixed_precision(base_gpt, method, opts):
+    """float32 weights and adapters, bfloat16 compute (Lightning's bf16-mixed): finite, float32 gradients."""
+    model = apply_adapters(copy.deepcopy(base_gpt), make_config(method, opts, ["all-linear", "head"]))
+    randomize_adapters(model, scale=0.3)
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx)
+    assert torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        ref = model(idx)
+    assert (out.float() - ref).abs().max() < 0.1 * logits_scale(ref)
+
+
 def test_input_dropout_is_only_active_in_training(base_gpt):
     model = apply_adapters(copy.deepcopy(base_gpt), AdapterConfig(method="etherplus", nb=4, dropout=0.5,
                                                                   targets=["query", "value"]))

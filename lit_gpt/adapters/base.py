@@ -148,6 +148,9 @@ class _AddSliceProducts(torch.autograd.Function):
     def forward(ctx, y, ranges, *tensors):
         m = y.shape[-1]
         y2 = y.view(-1, m)
+        ctx.dtypes = [t.dtype for t in tensors]
+        # under autocast the GEMM output is half precision while adapter weights may be float32
+        tensors = [t.to(y.dtype) for t in tensors]
         for (lo, hi), C, P in zip(ranges, tensors[0::2], tensors[1::2]):
             target = y2 if (lo, hi) == (0, m) else y2[:, lo:hi]
             target.addmm_(C.reshape(-1, C.shape[-1]), P.t())
@@ -164,8 +167,11 @@ class _AddSliceProducts(torch.autograd.Function):
         grads = []
         for i, ((lo, hi), C, P) in enumerate(zip(ctx.ranges, tensors[0::2], tensors[1::2])):
             gs = g2 if (lo, hi) == (0, m) else g2[:, lo:hi]
-            gC = (gs @ P).view(C.shape) if ctx.needs_input_grad[2 + 2 * i] else None
-            gP = gs.t() @ C.reshape(-1, C.shape[-1]) if ctx.needs_input_grad[3 + 2 * i] else None
+            gC = gP = None
+            if ctx.needs_input_grad[2 + 2 * i]:
+                gC = (gs @ P).view(C.shape).to(ctx.dtypes[2 * i])
+            if ctx.needs_input_grad[3 + 2 * i]:
+                gP = (gs.t() @ C.reshape(-1, C.shape[-1])).to(ctx.dtypes[2 * i + 1])
             grads += [gC, gP]
         return (g, None, *grads)
 
@@ -250,7 +256,7 @@ class AdaptedLinear(nn.Module):
             if ad.output is None:
                 return F.linear(inp, W, b)
             y = ad.output(F.linear(inp, W))
-            return y if b is None else y + b
+            return y if b is None else y + b.to(y.dtype)
 
         adapted = [(name, lo, hi, self._adapter(name)) for name, lo, hi in self.slices]
         adapted = [a for a in adapted if a[3] is not None]
@@ -288,7 +294,7 @@ class AdaptedLinear(nn.Module):
             bs = None if b is None else b[lo:hi]
             if ad is not None and ad.output is not None:
                 z = ad.output(F.linear(inp, Ws))
-                outs.append(z if bs is None else z + bs)
+                outs.append(z if bs is None else z + bs.to(z.dtype))
             else:
                 outs.append(F.linear(inp, Ws, bs))
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
@@ -303,7 +309,8 @@ class AdaptedLinear(nn.Module):
                 if b is None:
                     ys = ad.output(ys)
                 else:
-                    ys = ad.output(ys - b[lo:hi]) + b[lo:hi]
+                    bs = b[lo:hi].to(ys.dtype)
+                    ys = ad.output(ys - bs) + bs
             outs.append(ys)
         return torch.cat(outs, dim=-1)
 
@@ -473,7 +480,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into plain weights (`W' = H_out W H_in`, bias untouched) and put the base modules back,
-    so `model.state_dict()` has exactly the base model's keys."""
+    so `model.state_dict()` has exactly the base model's keys. Computed in float32 (float64 stays), cast back to the
+    weight's dtype; adapters switched off with `set_adapters_enabled` are folded in all the same."""
     for name, layer in list(adapted_layers(model)):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -52,10 +52,12 @@ class _BlockRankUpdate(torch.autograd.Function):
         out = torch.empty_like(zr)
         cs = torch.empty(J, zr.shape[0], nb, 1, dtype=z.dtype, device=z.device)
         step = _chunks(zr)
+        tmp = torch.empty_like(zr[:step])  # reused: a fresh temporary per step costs page faults on the CPU
         for a in range(0, zr.shape[0], step):
             zc, oc = zr[a:a + step], out[a:a + step]
+            t = tmp[: zc.shape[0]]
             for j in range(J):
-                torch.sum(zc * vecs[j], -1, keepdim=True, out=cs[j, a:a + step])
+                torch.sum(torch.mul(zc, vecs[j], out=t), -1, keepdim=True, out=cs[j, a:a + step])
             torch.addcmul(zc, cs[0, a:a + step], vecs[0], value=coefs[0], out=oc)
             for j in range(1, J):
                 oc.addcmul_(cs[j, a:a + step], vecs[j], value=coefs[j])
@@ -74,24 +76,29 @@ class _BlockRankUpdate(torch.autograd.Function):
         # float32 accumulation across chunks, whatever the activation dtype
         gvecs = torch.zeros(J, nb, 1, k, dtype=compute_dtype(vecs), device=vecs.device) if want_vecs else None
         step = _chunks(gr)
+        tmp = torch.empty_like(gr[:step])
+        ds = torch.empty(J, tmp.shape[0], nb, 1, dtype=g.dtype, device=g.device)
         for a in range(0, gr.shape[0], step):
             gc = gr[a:a + step]
-            ds = [(gc * vecs[j]).sum(-1, keepdim=True) for j in range(J)]
+            t, d = tmp[: gc.shape[0]], ds[:, : gc.shape[0]]
+            for j in range(J):
+                torch.sum(torch.mul(gc, vecs[j], out=t), -1, keepdim=True, out=d[j])
             if want_z:
                 oc = gz[a:a + step]
-                torch.addcmul(gc, ds[0], vecs[0], value=coefs[0], out=oc)
+                torch.addcmul(gc, d[0], vecs[0], value=coefs[0], out=oc)
                 for j in range(1, J):
-                    oc.addcmul_(ds[j], vecs[j], value=coefs[j])
+                    oc.addcmul_(d[j], vecs[j], value=coefs[j])
             if want_vecs:
+                # per block i: sum_t c_ti g_ti + d_ti z_ti, as (1 x T) @ (T x k) products batched over the blocks
                 gb, zb = gc.transpose(0, 1), zr[a:a + step].transpose(0, 1)
                 for j in range(J):
                     part = torch.bmm(cs[j, a:a + step].permute(1, 2, 0), gb)
-                    part = torch.baddbmm(part, ds[j].permute(1, 2, 0), zb)
+                    part.baddbmm_(d[j].permute(1, 2, 0), zb)
                     gvecs[j] += part
         if want_z:
             gz = gz.view(z.shape)
         if want_vecs:
-            gvecs = (gvecs.squeeze(2) * torch.tensor(coefs, dtype=gvecs.dtype, device=gvecs.device)[:, None, None])
+            gvecs = gvecs.squeeze(2) * torch.tensor(coefs, dtype=gvecs.dtype, device=gvecs.device)[:, None, None]
             gvecs = gvecs.to(vecs.dtype)
         return gz, gvecs, None
 

@@ -1,0 +1,477 @@
+"""Speed and memory of every adapter method against the frozen floor, a weight-centric ETHER and HF PEFT.
+
+One run measures, on one random Llama-shaped model (the same weights everywhere):
+
+* ``floor``: forward + backward to the activations only (the input embeddings require grad, every weight is
+  frozen): what any adapter must pay at least;
+* our ``ether``, ``etherplus``, ``etherplusHH`` (nb blocks), ``oft`` (block size, upper-triangle storage as PEFT;
+  exact Cayley, and the 5-term Cayley–Neumann series PEFT uses by default) and ``lora`` (rank r); ``ether`` also
+  with the opt-in low-rank form on the fused QKV (`AdaptedLinear.fused_low_rank`);
+* ``ether weight-centric``: the same ETHER parameters, but forming `W H` every step as the authors' code does
+  (here block-diagonal as the paper writes it), which also forces a weight-gradient GEMM;
+* with transformers + peft installed: transformers' ``LlamaForCausalLM`` (its own floor) with PEFT's LoRA, OFT and
+  HRA (a chain of r Householder reflections, also formed as a weight every step).
+
+for two target sets: query + value, and all linear layers of the blocks (q, k, v, o, gate, up, down; not the head).
+Steps are interleaved (every variant once per round, the order alternating between rounds) and each variant's
+ratio to the floor of its own framework is taken per round, then the median over rounds is reported.
+
+Memory is measured device-independently as the bytes a step keeps for backward: every tensor saved by autograd
+(`torch.autograd.graph.saved_tensors_hooks`, distinct storages, model weights excluded; a transformed weight `W'`
+kept for backward counts) plus the gradients of the trainable parameters. On CUDA the peak allocated memory of
+the step above the resting model is reported as well.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from jsonargparse import CLI  # noqa: E402
+
+from lit_gpt import GPT, Config  # noqa: E402
+from lit_gpt.adapters import AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters  # noqa: E402
+from lit_gpt.utils import atomic_write_text  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SECTION_START, SECTION_END = "<!-- bench/adapters.py -->", "<!-- /bench/adapters.py -->"
+
+SHAPES = {
+    # a Llama scaled down so a CPU run takes minutes (MLP ratio and vocabulary as Llama-2's)
+    # a Llama scaled down so a CPU run takes minutes: Llama-2's MLP ratio and head size 64; the vocabulary is cut
+    # to 4096 so that the output head is ~8% of the floor's multiply-adds, near its ~2% share in Llama-2-7B (a
+    # 32000-word head on this width would be 40% of the floor and hide the adapters' cost behind it)
+    "small": dict(n_embd=1024, n_head=16, intermediate_size=2752, vocab_size=4096),
+    # Llama-2-7B's layer shapes (use fewer layers than its 32)
+    "llama2-7b": dict(n_embd=4096, n_head=32, intermediate_size=11008, vocab_size=32000),
+}
+TARGET_SETS = {
+    "qv": (["query", "value"], ["q_proj", "v_proj"]),
+    "all": (["all-linear"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the weight-centric ETHER the reference code implies: W' = W H formed every step
+# ---------------------------------------------------------------------------------------------------------------
+def make_weight_centric(model: nn.Module) -> None:
+    for _, layer in adapted_layers(model):
+        layer.forward = _weight_centric_forward(layer)
+
+
+def _weight_centric_forward(layer: AdaptedLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        W = layer.base_weight()
+        parts = []
+        for name, lo, hi in layer.slices:
+            Ws = W[lo:hi]
+            if name in layer.adapters:
+                H = layer.adapters[name].input.blocks().to(W.dtype)  # (nb, k, k), differentiable
+                Ws = torch.einsum("mik,ikl->mil", Ws.reshape(hi - lo, H.shape[0], H.shape[1]), H).reshape(Ws.shape)
+            parts.append(Ws)
+        return F.linear(x, torch.cat(parts) if len(parts) > 1 else parts[0], layer.bias)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_step(model: nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, device: str) -> Callable[[], None]:
+    def step() -> None:
+        logits = model(input_ids=x).logits if hf else model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        sync(device)
+
+    return step
+
+
+def saved_bytes(model: nn.Module, step_fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes kept for backward by one forward (distinct storages, model weights excluded) + trainable grads."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step_fn()
+    loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) + grads
+
+
+def embeddings_require_grad(embedding: nn.Module) -> None:
+    """The floor's rule for everyone: backward runs down to the input embeddings, whose table stays frozen."""
+    embedding.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models sharing one set of weights
+# ---------------------------------------------------------------------------------------------------------------
+def lit_model(config: Config, state_dict: dict, device: str) -> GPT:
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state_dict, assign=True)  # shares the tensors: one copy of the weights for all variants
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embeddings_require_grad(model.transformer.wte)
+    return model.train()
+
+
+def hf_model(hf_config, state_dict: dict, device: str):
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf_config)
+    model.load_state_dict(state_dict, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config).to(device)  # non-persistent buffers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embeddings_require_grad(model.get_input_embeddings())
+    return model.train()
+
+
+def main(
+    device: str = "cpu",
+    dtype: str = "float32",
+    shape: str = "small",
+    n_layer: int = 4,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    repeats: int = 5,
+    quick: bool = False,
+    threads: Optional[int] = None,
+    nb: int = 32,
+    oft_block_size: int = 32,
+    lora_r: int = 8,
+    hra_r: int = 8,
+    peft: bool = True,
+    targets: list[str] = ["qv", "all"],
+    only: Optional[list[str]] = None,
+    write_docs: bool = False,
+) -> None:
+    """Time a training step (forward + backward) of every adapter method against the frozen floor.
+
+    Args:
+        device: "cpu" or "cuda".
+        dtype: "float32" or "bfloat16" (weights, adapters and activations).
+        shape: "small" (width 1024, MLP 2752, 16 heads, vocab 32000) or "llama2-7b" (width 4096, MLP 11008,
+            32 heads, vocab 32000).
+        n_layer: Transformer blocks.
+        batch_size: Sequences per step.
+        seq_len: Tokens per sequence.
+        repeats: Interleaved timed rounds (after one warm-up round).
+        quick: A run of a few minutes on two CPU cores: 2 layers, batch 2, 2 rounds (overrides those arguments).
+        threads: torch intra-op threads (default: torch's choice); set once for every variant.
+        nb: Blocks of the ETHER family.
+        oft_block_size: OFT block size (ours and PEFT's).
+        lora_r: LoRA rank (alpha = 2 r), ours and PEFT's.
+        hra_r: PEFT HRA's number of reflections.
+        peft: Also measure transformers + PEFT when they are installed.
+        targets: Target sets: "qv" (query + value) and/or "all" (every linear layer of the blocks).
+        only: Measure only the variants whose label contains one of these strings (the floors always run).
+        write_docs: Replace (or add) this benchmark's section of docs/benchmarks.md with the results.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if quick:
+        n_layer, batch_size, repeats = 2, 2, 2
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    command = "python bench/adapters.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    print(f"$ {command}")
+    dims = SHAPES[shape]
+    torch.manual_seed(0)
+
+    have_peft = False
+    if peft:
+        try:
+            import peft as peft_lib
+            import transformers
+
+            have_peft = True
+        except ImportError:
+            print("transformers/peft not installed: measuring ours only")
+
+    config = Config(
+        name=f"bench-{shape}", block_size=max(seq_len, 256), vocab_size=dims["vocab_size"],
+        padded_vocab_size=dims["vocab_size"], n_layer=n_layer, n_head=dims["n_head"], n_embd=dims["n_embd"],
+        intermediate_size=dims["intermediate_size"], norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+        bias=False, norm_eps=1e-5,
+    )
+    with torch.device(device):
+        base = GPT(config).to(torch_dtype)
+    lit_sd = base.state_dict()
+    hf_sd = hf_config = None
+    if have_peft:
+        from lit_gpt.convert_hf import config_to_hf, lit_to_hf_state_dict
+
+        hf_config = transformers.LlamaConfig(**config_to_hf(config))
+        hf_config._attn_implementation = "sdpa"
+        hf_sd = lit_to_hf_state_dict(lit_sd, config)
+    del base
+
+    x = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
+    y = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
+
+    # (label, framework, build) per variant; the floors are shared by both target sets
+    variants: list[tuple[str, str, str, Callable[[], nn.Module]]] = [
+        ("floor", "lit", "", lambda: lit_model(config, lit_sd, device))
+    ]
+    if have_peft:
+        variants.append(("transformers floor", "hf", "", lambda: hf_model(hf_config, hf_sd, device)))
+
+    def ours(cfg: AdapterConfig, weight_centric: bool = False, low_rank: bool = False) -> Callable[[], nn.Module]:
+        def build() -> nn.Module:
+            model = apply_adapters(lit_model(config, lit_sd, device), cfg)
+            if weight_centric:
+                make_weight_centric(model)
+            for _, layer in adapted_layers(model):
+                layer.fused_low_rank = low_rank
+            return model
+
+        return build
+
+    def theirs(make_cfg: Callable[[], object]) -> Callable[[], nn.Module]:
+        def build() -> nn.Module:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = peft_lib.get_peft_model(hf_model(hf_config, hf_sd, device), make_cfg())
+            return model.to(device)
+
+        return build
+
+    for tset in targets:
+        lit_targets, hf_targets = TARGET_SETS[tset]
+        variants += [
+            (f"ether nb{nb}", "lit", tset, ours(AdapterConfig(method="ether", nb=nb, targets=lit_targets))),
+            (f"etherplus nb{nb}", "lit", tset, ours(AdapterConfig(method="etherplus", nb=nb, targets=lit_targets))),
+            (f"etherplusHH nb{nb}", "lit", tset,
+             ours(AdapterConfig(method="etherplusHH", nb=nb, targets=lit_targets))),
+            (f"ether nb{nb} low-rank QKV", "lit", tset,
+             ours(AdapterConfig(method="ether", nb=nb, targets=lit_targets), low_rank=True)),
+            (f"ether nb{nb} weight-centric", "lit", tset,
+             ours(AdapterConfig(method="ether", nb=nb, targets=lit_targets), weight_centric=True)),
+            # upper-triangle storage: the parameters PEFT's OFT trains (the compute is the same as full blocks)
+            (f"oft b{oft_block_size} exact", "lit", tset, ours(AdapterConfig(
+                method="oft", block_size=oft_block_size, upper_triangle=True, targets=lit_targets))),
+            (f"oft b{oft_block_size} neumann5", "lit", tset, ours(AdapterConfig(
+                method="oft", block_size=oft_block_size, upper_triangle=True, neumann_terms=3, targets=lit_targets))),
+            (f"lora r{lora_r}", "lit", tset,
+             ours(AdapterConfig(method="lora", r=lora_r, alpha=2 * lora_r, targets=lit_targets))),
+        ]
+        if have_peft:
+            variants += [
+                (f"peft lora r{lora_r}", "hf", tset, theirs(lambda t=hf_targets: peft_lib.LoraConfig(
+                    r=lora_r, lora_alpha=2 * lora_r, target_modules=t, lora_dropout=0.0))),
+                (f"peft oft b{oft_block_size} exact", "hf", tset, theirs(lambda t=hf_targets: peft_lib.OFTConfig(
+                    r=0, oft_block_size=oft_block_size, target_modules=t, use_cayley_neumann=False))),
+                (f"peft oft b{oft_block_size} neumann5", "hf", tset, theirs(lambda t=hf_targets: peft_lib.OFTConfig(
+                    r=0, oft_block_size=oft_block_size, target_modules=t, use_cayley_neumann=True,
+                    num_cayley_neumann_terms=5))),
+                (f"peft hra r{hra_r}", "hf", tset, theirs(lambda t=hf_targets: peft_lib.HRAConfig(
+                    r=hra_r, target_modules=t))),
+            ]
+
+    if only:
+        variants = [v for v in variants if not v[2] or any(o in v[0] for o in only)]
+    print(f"building {len(variants)} variants of a {n_layer}-layer {shape} model ({dtype}, {device}) ...")
+    built = []
+    for label, fw, tset, build in variants:
+        model = build()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        built.append((label, fw, tset, model, make_step(model, fw == "hf", x, y, device), trainable))
+
+    # memory (this pass is also every variant's warm-up): bytes kept for backward + trainable grads; on CUDA also
+    # the step's peak above the resting model
+    memory, peak = {}, {}
+    for label, fw, tset, model, step, _ in built:
+        def forward_loss(model=model, fw=fw):
+            logits = model(input_ids=x).logits if fw == "hf" else model(x)
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+        memory[(label, tset)] = saved_bytes(model, forward_loss)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            resting = torch.cuda.memory_allocated()
+            step()
+            peak[(label, tset)] = torch.cuda.max_memory_allocated() - resting
+
+    # time: in every round each variant runs next to a floor measurement of its own framework (F a b F c d F ...,
+    # the order reversed every other round) and is divided by the mean of the floor steps just before and after
+    # it, so slow drifts of a shared machine's load cancel; the median over rounds is reported. On the CPU the
+    # process's CPU time is recorded as well (it does not count time the scheduler gave to other jobs).
+    cpu_clock = not device.startswith("cuda")
+    ratios: dict[str, dict[tuple[str, str], list[float]]] = {"wall": {}, "cpu": {}}
+    wall_ms: dict[tuple[str, str], list[float]] = {}
+    floor_noise: list[float] = []
+    for r in range(repeats):
+        for fw in ("lit", "hf"):
+            fl = [b for b in built if b[1] == fw and b[2] == ""]
+            if not fl:
+                continue
+            items = [b for b in built if b[1] == fw and b[2] != ""]
+            if r % 2:
+                items = items[::-1]
+            seq = [fl[0]]
+            for i in range(0, len(items), 2):
+                seq += items[i:i + 2] + [fl[0]]
+            meas = []
+            for label, _, tset, _, step, _ in seq:
+                c0, w0 = time.process_time(), time.perf_counter()
+                step()
+                meas.append(((label, tset), time.perf_counter() - w0, time.process_time() - c0))
+            floor_pos = [i for i, m in enumerate(meas) if m[0] == (fl[0][0], "")]
+            floors = [meas[i] for i in floor_pos]
+            floor_noise += [abs(a[1] / b[1] - 1) for a, b in zip(floors, floors[1:])]
+            for key in [(fl[0][0], "")] + [(b[0], b[2]) for b in items]:
+                ratios["wall"].setdefault(key, [])
+                ratios["cpu"].setdefault(key, [])
+                wall_ms.setdefault(key, [])
+            for f in floors:
+                wall_ms[f[0]].append(f[1])
+                ratios["wall"][f[0]].append(1.0)
+                ratios["cpu"][f[0]].append(1.0)
+            for i, (key, w, c) in enumerate(meas):
+                if key == (fl[0][0], ""):
+                    continue
+                before = meas[max(p for p in floor_pos if p < i)]
+                after = meas[min(p for p in floor_pos if p > i)]
+                ratios["wall"][key].append(w / ((before[1] + after[1]) / 2))
+                ratios["cpu"][key].append(c / ((before[2] + after[2]) / 2))
+                wall_ms[key].append(w)
+        print(f"round {r + 1}/{repeats} done")
+    noise = statistics.median(floor_noise) if floor_noise else 0.0
+
+    def floor_key(fw: str) -> tuple[str, str]:
+        return ("floor", "") if fw == "lit" else ("transformers floor", "")
+
+    rows = []
+    for label, fw, tset, model, _, trainable in built:
+        fl, key = floor_key(fw), (label, tset)
+        row = dict(label=label, tset=tset or "-", trainable=trainable, ms=1e3 * statistics.median(wall_ms[key]),
+                   ratio=statistics.median(ratios["wall"][key]), mem=memory[key] / 2**20,
+                   mem_ratio=memory[key] / memory[fl])
+        if cpu_clock:
+            row["cpu_ratio"] = statistics.median(ratios["cpu"][key])
+        if peak:
+            row["peak"] = peak[key] / 2**20
+            row["peak_ratio"] = peak[key] / peak[fl]
+        rows.append(row)
+
+    threads_used = torch.get_num_threads()
+    setup = (
+        f"{shape} Llama shape: {n_layer} layers, width {config.n_embd}, {config.n_head} heads, MLP "
+        f"{config.intermediate_size}, vocab {config.vocab_size}; batch {batch_size} x {seq_len} tokens; {dtype} on "
+        f"{device}, {threads_used} torch threads; {repeats} interleaved rounds after a warm-up; the floor's step time "
+        f"moved by {100 * noise:.1f}% (median) between consecutive floor steps"
+    )
+    env = f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}"
+    if have_peft:
+        env += f", transformers {transformers.__version__}, peft {peft_lib.__version__}"
+    header = ["variant", "targets", "trainable", "step ms", "time / floor"]
+    if cpu_clock:
+        header += ["CPU time / floor"]
+    header += ["saved MiB", "memory / floor"]
+    if peak:
+        header += ["peak MiB", "peak / floor"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["label"], r["tset"], f"{r['trainable']:,}", f"{r['ms']:.0f}", f"{r['ratio']:.3f}"]
+        if cpu_clock:
+            cells += [f"{r['cpu_ratio']:.3f}"]
+        cells += [f"{r['mem']:.0f}", f"{r['mem_ratio']:.3f}"]
+        if peak:
+            cells += [f"{r['peak']:.0f}", f"{r['peak_ratio']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    goals = goal_lines(rows, "cpu_ratio" if cpu_clock else "ratio", nb, oft_block_size, lora_r, noise)
+    print(setup)
+    print(env)
+    print(table)
+    print("ratios: ours against `floor`, peft against `transformers floor` (same weights, each framework's own)")
+    print("\n".join(goals))
+
+    if write_docs:
+        section = (
+            f"{SECTION_START}\n## Adapters: step time and memory against the frozen floor (`bench/adapters.py`)\n\n"
+            f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n{table}\n\n"
+            "`time / floor`: every variant runs next to a floor step of its own framework (ours: `floor`; PEFT: "
+            "`transformers floor`, same weights) and its wall time is divided by the mean of the floor steps just "
+            "before and after it; the median over rounds is shown. `CPU time / floor`: the same with the process's "
+            "CPU time. Differences smaller than the floor's own step-to-step movement (above) are noise. `saved MiB` "
+            "is what a step keeps for backward (autograd's saved tensors, distinct storages, model weights excluded) "
+            "plus the trainable parameters' gradients.\n\n"
+            "Goals (checked by the script on the " + ("CPU-time" if cpu_clock else "wall-time") + " ratios):\n\n"
+            + "\n".join(goals) + f"\n{SECTION_END}\n"
+        )
+        write_section(REPO_ROOT / "docs" / "benchmarks.md", section)
+
+
+def goal_lines(rows: list[dict], key: str, nb: int, oft_block_size: int, lora_r: int, noise: float) -> list[str]:
+    """The brief's goals, checked against this run: the ETHER family within 5% of the floor with every linear layer
+    adapted, and our OFT and LoRA no slower (relative to their own floor) than PEFT's. A verdict whose margin is
+    smaller than the floor's own step-to-step movement is flagged as such."""
+    by = {(r["label"], r["tset"]): r for r in rows}
+    out = []
+
+    def verdict(value: float, limit: float) -> str:
+        v = "met" if value <= limit else "MISSED"
+        return v + (f" (margin {abs(value - limit):.3f} < noise {noise:.3f})" if abs(value - limit) < noise else "")
+
+    for m in ("ether", "etherplus", "etherplusHH"):
+        r = by.get((f"{m} nb{nb}", "all"))
+        if r:
+            out.append(f"- {m} nb{nb}, all linear layers: {r[key]:.3f}x the floor (goal <= 1.05x): "
+                       f"{verdict(r[key], 1.05)}")
+    for tset in ("qv", "all"):
+        for ours, theirs in ((f"oft b{oft_block_size} exact", f"peft oft b{oft_block_size} exact"),
+                             (f"oft b{oft_block_size} neumann5", f"peft oft b{oft_block_size} neumann5"),
+                             (f"lora r{lora_r}", f"peft lora r{lora_r}")):
+            a, b = by.get((ours, tset)), by.get((theirs, tset))
+            if a and b:
+                out.append(f"- {ours} ({tset}): {a[key]:.3f}x vs PEFT's {b[key]:.3f}x of their floors "
+                           f"(goal: no slower): {verdict(a[key], b[key])}")
+    return out
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's own section (between its markers) or append it; other sections stay as they are."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        _, tail = rest.split(SECTION_END, 1)
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, text)
+    print(f"wrote {path.relative_to(REPO_ROOT)}")
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
