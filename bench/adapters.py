@@ -45,7 +45,8 @@ from lit_gpt.adapters import AdaptedLinear, AdapterConfig, adapted_layers, apply
 from lit_gpt.utils import atomic_write_text  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTION_START, SECTION_END = "<!-- bench/adapters.py -->", "<!-- /bench/adapters.py -->"
+# one section per device kind, so a GPU run does not replace the CPU results
+MARKERS = "<!-- bench/adapters.py {} -->", "<!-- /bench/adapters.py {} -->"
 
 SHAPES = {
     # a Llama scaled down so a CPU run takes minutes (MLP ratio and vocabulary as Llama-2's)
@@ -55,6 +56,8 @@ SHAPES = {
     "small": dict(n_embd=1024, n_head=16, intermediate_size=2752, vocab_size=4096),
     # Llama-2-7B's layer shapes (use fewer layers than its 32)
     "llama2-7b": dict(n_embd=4096, n_head=32, intermediate_size=11008, vocab_size=32000),
+    # for smoke tests of this script
+    "tiny": dict(n_embd=64, n_head=4, intermediate_size=192, vocab_size=256),
 }
 TARGET_SETS = {
     "qv": (["query", "value"], ["q_proj", "v_proj"]),
@@ -178,8 +181,8 @@ def main(
     Args:
         device: "cpu" or "cuda".
         dtype: "float32" or "bfloat16" (weights, adapters and activations).
-        shape: "small" (width 1024, MLP 2752, 16 heads, vocab 32000) or "llama2-7b" (width 4096, MLP 11008,
-            32 heads, vocab 32000).
+        shape: "small" (width 1024, MLP 2752, 16 heads, vocab 4096), "llama2-7b" (width 4096, MLP 11008,
+            32 heads, vocab 32000) or "tiny" (width 64, for smoke tests).
         n_layer: Transformer blocks.
         batch_size: Sequences per step.
         seq_len: Tokens per sequence.
@@ -418,8 +421,11 @@ def main(
     print("\n".join(goals))
 
     if write_docs:
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        start, end = (m.format(kind) for m in MARKERS)
         section = (
-            f"{SECTION_START}\n## Adapters: step time and memory against the frozen floor (`bench/adapters.py`)\n\n"
+            f"{start}\n## Adapters on {kind.upper()}: step time and memory against the frozen floor "
+            f"(`bench/adapters.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n{table}\n\n"
             "`time / floor`: every variant runs next to a floor step of its own framework (ours: `floor`; PEFT: "
             "`transformers floor`, same weights) and its wall time is divided by the mean of the floor steps just "
@@ -428,9 +434,9 @@ def main(
             "is what a step keeps for backward (autograd's saved tensors, distinct storages, model weights excluded) "
             "plus the trainable parameters' gradients.\n\n"
             "Goals (checked by the script on the " + ("CPU-time" if cpu_clock else "wall-time") + " ratios):\n\n"
-            + "\n".join(goals) + f"\n{SECTION_END}\n"
+            + "\n".join(goals) + "\n\n" + WHERE_THE_TIME_GOES + f"\n{end}\n"
         )
-        write_section(REPO_ROOT / "docs" / "benchmarks.md", section)
+        write_section(REPO_ROOT / "docs" / "benchmarks.md", section, start, end)
 
 
 def goal_lines(rows: list[dict], key: str, nb: int, oft_block_size: int, lora_r: int, noise: float) -> list[str]:
@@ -460,12 +466,26 @@ def goal_lines(rows: list[dict], key: str, nb: int, oft_block_size: int, lora_r:
     return out
 
 
-def write_section(path: Path, section: str) -> None:
+WHERE_THE_TIME_GOES = (
+    "Where the time goes. The floor is almost all GEMMs. The ETHER family adds element-wise work on the "
+    "activations, O(d) per token and per block vector: a dot product per block and an update in forward, the same "
+    "on the gradient plus two reductions (the vector's gradient) in backward. These are memory-bound passes that "
+    "eager PyTorch cannot fuse (on the CPU they stream cache-sized token chunks, `lit_gpt/adapters/ether.py`). "
+    "ETHER+ has two vectors per block; ETHER+HH has two per block on both sides of every adapted layer, and its "
+    "output sides include the MLP's intermediate width, so it does about 2.2 times ETHER+'s element-wise work: a "
+    "fused kernel would be needed to bring it within 5% of the floor. The weight-centric form forms `W H` every "
+    "step, pays a full weight-gradient GEMM per adapted layer and keeps `W H` alive for backward; PEFT's HRA builds "
+    "its weight from r reflections the same way. OFT's extra cost is its batched `k x k` block matmul (`k/m` of a "
+    "layer's multiply-adds, in small GEMMs) and one small solve per adapted layer and step."
+)
+
+
+def write_section(path: Path, section: str, start: str, end: str) -> None:
     """Replace this benchmark's own section (between its markers) or append it; other sections stay as they are."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        _, tail = rest.split(SECTION_END, 1)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -7,7 +7,6 @@ bf16) and the dry-run parameter counts of METHODS.md's table. HF transformers / 
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -665,8 +664,8 @@ def test_dry_run_counts_match_the_table_for_llama2_7b(config, expected):
     assert f"frozen parameters: {frozen:,}\n" in report
     weights = (frozen + expected) * 2  # bf16-true: two bytes per parameter
     assert f"weights: {weights / 2**30:,.2f} GiB" in report
-    adam = 2 * expected * 2
-    assert f"AdamW state: {adam / 2**(30 if config is None else 20):,.2f} {'GiB' if config is None else 'MiB'}" in report
+    adam, unit = 2 * expected * 2, ("GiB", 2**30) if config is None else ("MiB", 2**20)
+    assert f"AdamW state: {adam / unit[1]:,.2f} {unit[0]}" in report
 
 
 def test_dry_run_rejects_unknown_precision():

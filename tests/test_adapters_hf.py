@@ -56,8 +56,11 @@ def lit_from_hf_llama(hf) -> GPT:
     )
     model = GPT(config).double().eval()
     sd = hf.state_dict()
-    own = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
+    own = {
+        "transformer.wte.weight": sd["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
     for i in range(LAYERS):
         p, q = f"model.layers.{i}.", f"transformer.h.{i}."
         own[q + "norm_1.weight"] = sd[p + "input_layernorm.weight"]
@@ -170,7 +173,8 @@ def peft_model(base, config):
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_lora_equals_peft_lora(hf_gpt2, kind):
     torch.manual_seed(0)
-    base = Holder(nn.Linear(N, 24).double()) if kind == "linear" else Holder(copy.deepcopy(hf_gpt2.transformer.h[0].attn.c_attn))
+    layer = nn.Linear(N, 24).double() if kind == "linear" else copy.deepcopy(hf_gpt2.transformer.h[0].attn.c_attn)
+    base = Holder(layer)
     theirs = peft_model(base, peft.LoraConfig(r=4, lora_alpha=12, target_modules=["lin"], lora_dropout=0.0,
                                               fan_in_fan_out=kind == "conv1d"))
     ours = apply_adapters(copy.deepcopy(base), AdapterConfig(method="lora", r=4, alpha=12, targets=["lin"]))
@@ -189,8 +193,10 @@ def test_lora_equals_peft_lora(hf_gpt2, kind):
     "peft_kw,ours_kw,sign",
     [
         pytest.param(dict(use_cayley_neumann=False), {}, 2.0, id="exact"),
-        pytest.param(dict(use_cayley_neumann=True, num_cayley_neumann_terms=5), dict(neumann_terms=3), -2.0, id="neumann5"),
-        pytest.param(dict(use_cayley_neumann=True, num_cayley_neumann_terms=7), dict(neumann_terms=5), -2.0, id="neumann7"),
+        pytest.param(dict(use_cayley_neumann=True, num_cayley_neumann_terms=5), dict(neumann_terms=3), -2.0,
+                     id="neumann5"),
+        pytest.param(dict(use_cayley_neumann=True, num_cayley_neumann_terms=7), dict(neumann_terms=5), -2.0,
+                     id="neumann7"),
         pytest.param(dict(use_cayley_neumann=False, block_share=True), dict(block_share=True), 2.0, id="share"),
         pytest.param(dict(use_cayley_neumann=False, coft=True, eps=0.25), dict(coft=True, eps=0.125), 2.0, id="coft"),
     ],

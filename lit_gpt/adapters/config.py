@@ -89,7 +89,9 @@ class AdapterConfig:
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}.")
         if not isinstance(self.neumann_terms, int) or self.neumann_terms < 0:
-            raise ValueError(f"neumann_terms must be 0 (exact Cayley) or a positive integer, got {self.neumann_terms!r}.")
+            raise ValueError(
+                f"neumann_terms must be 0 (exact Cayley) or a positive integer, got {self.neumann_terms!r}."
+            )
         if not self.eps > 0:
             raise ValueError(f"eps (the COFT radius) must be positive, got {self.eps!r}.")
 

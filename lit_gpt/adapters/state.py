@@ -137,7 +137,10 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) ->
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
     if missing or unexpected:
-        detail = f"this model's {missing[0]!r} is missing from it" if missing else f"its {unexpected[0]!r} has no place in this model"
+        if missing:
+            detail = f"this model's {missing[0]!r} is missing from it"
+        else:
+            detail = f"its {unexpected[0]!r} has no place in this model"
         raise ValueError(
             f"{where} does not fit this model's adapters ({detail}): it was trained with other targets or on "
             f"another base model (it says {obj.get('base_model')!r}, targets {saved_config.targets})."

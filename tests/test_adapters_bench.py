@@ -1,0 +1,41 @@
+"""Smoke test of `bench/adapters.py` on a tiny model: every variant builds, runs, and lands in the table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "adapters.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_adapters", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_runs_every_variant_on_a_tiny_model(capsys):
+    pytest.importorskip("peft")
+    bench = load_bench()
+    threads = torch.get_num_threads()
+    try:
+        bench.main(shape="tiny", n_layer=1, seq_len=16, batch_size=2, repeats=1, threads=1, write_docs=False)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for label in ("floor", "transformers floor", "ether nb32", "etherplus nb32", "etherplusHH nb32",
+                  "ether nb32 low-rank QKV", "ether nb32 weight-centric", "oft b32 exact", "oft b32 neumann5",
+                  "lora r8", "peft lora r8", "peft oft b32 exact", "peft oft b32 neumann5", "peft hra r8"):
+        assert f"| {label} |" in out
+    # ours and PEFT train the same number of parameters for LoRA and (upper-triangle) OFT
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3].strip()
+            for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    for tset in ("qv", "all"):
+        assert rows[("lora r8", tset)] == rows[("peft lora r8", tset)]
+        assert rows[("oft b32 exact", tset)] == rows[("peft oft b32 exact", tset)]
+    assert "- etherplusHH nb32, all linear layers:" in out
