@@ -100,6 +100,7 @@ def test_block_size_limits_every_row_by_the_longest_prompt():
     assert generate_batch(model, [], 3) == []
 
 
+@pytest.mark.slow  # importing transformers alone takes seconds
 def test_padded_batch_matches_transformers_left_padded_forward():
     """transformers' Llama on a left-padded batch with its attention mask and position ids is the reference."""
     transformers = pytest.importorskip("transformers")
