@@ -3,11 +3,14 @@
 The prompt is prefilled in one forward pass, then one token is decoded per step against the cache. Stop sequences
 are matched on token ids; tokens that might begin a stop sequence are held back until it is clear they do not, so a
 stream never shows text that `generate` would later cut off.
+
+`generate_batch` decodes several prompts of different lengths together: left-padded into one batch, with per-row
+positions and a padding mask (`GPT.forward(..., pad_lengths=...)`), rows leaving the batch as they finish.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -190,3 +193,118 @@ def generate(
     )
     new_tensor = torch.tensor(new, dtype=prompt.dtype, device=prompt.device)
     return torch.cat((prompt, new_tensor)) if include_prompt else new_tensor
+
+
+def _ends_with_stop(tokens: list[int], stops: list[tuple[int, ...]]) -> int:
+    """The length of the stop sequence `tokens` ends with, 0 if none."""
+    for stop in stops:
+        if len(tokens) >= len(stop) and tuple(tokens[-len(stop):]) == stop:
+            return len(stop)
+    return 0
+
+
+def _last_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
+    """`(B, vocab)` logits of each row's last position; a plain `GPT` projects only that position (see
+    `_prefill_last_logits`)."""
+    from lit_gpt.model import GPT
+
+    if type(model) is GPT:
+        hidden = model(idx, input_pos=input_pos, lm_head=False, pad_lengths=pad_lengths)
+        return model.lm_head(hidden[:, -1])
+    return model(idx, input_pos=input_pos, pad_lengths=pad_lengths)[:, -1]
+
+
+def _keep_rows(model: nn.Module, rows: torch.Tensor) -> None:
+    """Drop finished rows from every layer's KV cache, so that they stop costing compute."""
+    for module in model.modules():
+        cache = getattr(module, "kv_cache", None)
+        if cache is not None:
+            cache.k = cache.k.index_select(0, rows)
+            cache.v = cache.v.index_select(0, rows)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    stop_tokens: StopTokens = (),
+    eos_id: Union[int, Sequence[int], None] = None,
+    generator: Optional[torch.Generator] = None,
+    include_prompt: bool = True,
+    stop_check: Optional[Callable[[int, list[int]], bool]] = None,
+    pad_id: int = 0,
+) -> list[torch.Tensor]:
+    """`generate` for several prompts at once: one 1-D tensor per prompt, in the order given.
+
+    The prompts are left-padded into one batch: a prefill forward, then one forward per step for the rows still
+    generating; a row leaves the batch at its EOS/stop sequence (not included in its result, as in `generate`) or
+    when `stop_check(row, new_tokens)` returns True (the tokens so far are kept: for stop strings the caller cuts
+    in text). Each row gets at most `max_new_tokens`, and at most what the longest prompt leaves of the model's
+    `block_size`. Greedy rows equal `generate` on each prompt alone up to floating-point rounding; sampled rows
+    draw from the same distributions, though not the same random numbers.
+
+    Args:
+        model: A `lit_gpt.GPT` (anything whose forward takes `input_pos` and `pad_lengths`, with `set_kv_cache`).
+        prompts: 1-D tensors of prompt token ids on the model's device, of any lengths.
+        pad_id: The token id fed at padding positions (never attended to; any valid id).
+        The other arguments are those of `generate_stream`.
+    """
+    if not prompts:
+        return []
+    for i, prompt in enumerate(prompts):
+        if prompt.ndim != 1 or prompt.numel() == 0:
+            raise ValueError(
+                f"generate_batch expects non-empty 1-D prompts of token ids; prompt {i} has shape {tuple(prompt.shape)}."
+            )
+    lengths = [p.size(0) for p in prompts]
+    longest = max(lengths)
+    block_size = model.config.block_size
+    if longest >= block_size:
+        raise ValueError(
+            f"A prompt has {longest} tokens; the model's block_size {block_size} leaves no room to generate."
+        )
+    max_new_tokens = min(max_new_tokens, block_size - longest)
+    stops = _normalize_stops(stop_tokens, eos_id)
+    device = prompts[0].device
+    new: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens > 0:
+        idx = torch.full((len(prompts), longest), pad_id, dtype=prompts[0].dtype, device=device)
+        for row, prompt in enumerate(prompts):
+            idx[row, longest - prompt.size(0):] = prompt
+        pad_lengths = torch.tensor([longest - n for n in lengths], device=device)
+        active = list(range(len(prompts)))  # original index of each batch row still generating
+        model.set_kv_cache(batch_size=len(prompts), max_seq_length=longest + max_new_tokens, device=device)
+        try:
+            logits = _last_logits(model, idx, torch.arange(longest, device=device), pad_lengths)
+            input_pos = torch.tensor([longest], device=device)
+            for step in range(max_new_tokens):
+                tokens = sample(logits, temperature, top_k, top_p, generator)
+                keep = []
+                for row, (i, token) in enumerate(zip(active, tokens.tolist())):
+                    new[i].append(token)
+                    n_stop = _ends_with_stop(new[i], stops)
+                    if n_stop:
+                        del new[i][-n_stop:]
+                    elif stop_check is None or not stop_check(i, new[i]):
+                        keep.append(row)
+                if not keep or step + 1 == max_new_tokens:
+                    break
+                if len(keep) < len(active):
+                    rows = torch.tensor(keep, device=device)
+                    _keep_rows(model, rows)
+                    tokens, pad_lengths = tokens.index_select(0, rows), pad_lengths.index_select(0, rows)
+                    active = [active[row] for row in keep]
+                logits = _last_logits(model, tokens.view(-1, 1), input_pos, pad_lengths)
+                input_pos.add_(1)
+        finally:
+            model.clear_kv_cache()
+    out = []
+    for prompt, tokens in zip(prompts, new):
+        tensor = torch.tensor(tokens, dtype=prompt.dtype, device=device)
+        out.append(torch.cat((prompt, tensor)) if include_prompt else tensor)
+    return out

@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from lit_gpt.generate import generate_stream
+from lit_gpt.generate import generate_batch
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 
@@ -343,16 +343,19 @@ class LitGPTLM(TemplateLM):
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False) if self.eot_token_id is not None else None
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="lit_gpt generate_until")
         results: list[str] = []
+        # requests are grouped by generation kwargs and sorted longest first, so each batch shares its settings and
+        # pads little
         for chunk in reorder.get_batched(n=self.batch_size):
-            for context, gen_kwargs in chunk:
-                text = self._generate_one(context, gen_kwargs, eos_text)
+            texts = self._generate_batch([context for context, _ in chunk], chunk[0][1], eos_text)
+            for (context, gen_kwargs), text in zip(chunk, texts):
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
                 pbar.update(1)
         pbar.close()
         return reorder.get_original(results)
 
-    def _generate_one(self, context: str, gen_kwargs: dict, eos_text: Optional[str]) -> str:
+    def _generate_batch(self, contexts: list[str], gen_kwargs: dict, eos_text: Optional[str]) -> list[str]:
+        """The continuations of `contexts`, which share `gen_kwargs`, generated as one left-padded batch."""
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
         max_gen_toks = int(kwargs.pop("max_gen_toks"))
@@ -367,21 +370,29 @@ class LitGPTLM(TemplateLM):
         top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
         if not do_sample:
             temperature, top_k, top_p = 0.0, None, 1.0
-        prompt = self._encode_generation_context(context)[-(self.max_length - max_gen_toks):]
-        prompt_tensor = torch.tensor(prompt, dtype=torch.long, device=self._device)
-
+        prompts = [
+            torch.tensor(self._encode_generation_context(c)[-(self.max_length - max_gen_toks):], dtype=torch.long,
+                         device=self._device)
+            for c in contexts
+        ]
         stops = [s for s in until if s]
-        generated: list[int] = []
-        # the stop strings are text: a stop may be part of a token or span several, so the decoded text is checked
+
+        def reached_stop_string(_: int, tokens: list[int]) -> bool:
+            # the stop strings are text: a stop may be part of a token or span several, so the decoded text is checked
+            text = self.tokenizer.decode(tokens)
+            return any(stop in text for stop in stops)
+
         with self._autocast():
-            for token in generate_stream(
-                self.model, prompt_tensor, max_gen_toks, temperature=temperature,
-                top_k=int(top_k) if top_k else None, top_p=top_p, eos_id=self.tokenizer.stop_ids or None,
-            ):
-                generated.append(token)
-                if stops and any(stop in self.tokenizer.decode(generated) for stop in stops):
-                    break
-        return postprocess_generated_text(self.tok_decode(generated), stop=until, think_end_token=None)
+            generated = generate_batch(
+                self.model, prompts, max_gen_toks, temperature=temperature, top_k=int(top_k) if top_k else None,
+                top_p=top_p, eos_id=self.tokenizer.stop_ids or None, include_prompt=False,
+                stop_check=reached_stop_string if stops else None,
+                pad_id=self.prefix_token_id,
+            )
+        return [
+            postprocess_generated_text(self.tok_decode(tokens.tolist()), stop=until, think_end_token=None)
+            for tokens in generated
+        ]
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -111,6 +111,7 @@ class GPT(nn.Module):
         *,
         lm_head: bool = True,
         labels: Optional[torch.Tensor] = None,
+        pad_lengths: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits `(B, T, padded_vocab_size)` for token ids `(B, T)`.
 
@@ -119,7 +120,13 @@ class GPT(nn.Module):
         `labels` (`(B, T)`, -100 where no loss is wanted) returns the mean next-token cross-entropy instead, computed
         here so that sharded (FSDP) training gathers the output projection once, and computed in chunks so that
         full-vocabulary logits never exist for all tokens at once.
+
+        `pad_lengths` (`(B,)`, with `input_pos` and a KV cache) decodes a left-padded batch: row b's first
+        `pad_lengths[b]` cache columns are padding, its token at column t gets position t - pad_lengths[b], and no
+        real token ever attends to a padding column.
         """
+        if pad_lengths is not None:
+            return self._forward_padded(idx, input_pos, pad_lengths, lm_head)
         T = idx.size(1)
         if input_pos is None:
             if T > self.config.block_size:
@@ -152,6 +159,39 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if labels is not None:
             return chunked_cross_entropy(x[:, :-1], labels[:, 1:], self.lm_head)
+        return self.lm_head(x) if lm_head else x
+
+    def _forward_padded(
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor], pad_lengths: torch.Tensor, lm_head: bool
+    ) -> torch.Tensor:
+        # a separate path so that the unpadded forward (training, batch-1 generation) stays exactly as it was
+        if input_pos is None or self.transformer.h[0].attn.kv_cache is None:
+            raise ValueError("pad_lengths needs input_pos and a KV cache: call model.set_kv_cache() first.")
+        B, T = idx.shape
+        if pad_lengths.shape != (B,):
+            raise ValueError(f"pad_lengths must have shape ({B},) for a batch of {B} rows, got {tuple(pad_lengths.shape)}.")
+        cache_len = self.transformer.h[0].attn.kv_cache.k.size(2)
+        # padding columns get position 0; whatever they compute is never attended to by a real token
+        positions = (input_pos[None, :] - pad_lengths[:, None]).clamp(min=0)  # (B, T)
+        x = self.transformer.wte(idx)
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(positions)
+        cos = sin = None
+        if self.config.rope_n_elem > 0:
+            cos, sin = self.rope_cache(cache_len, idx.device)
+            # (B, 1, T, n): broadcasts over the heads of (B, heads, T, head_size)
+            cos = cos[positions].unsqueeze(1).to(x.dtype)
+            sin = sin[positions].unsqueeze(1).to(x.dtype)
+        columns = torch.arange(cache_len, device=idx.device)
+        causal = input_pos[:, None] >= columns[None, :]  # (T, S)
+        real = columns[None, :] >= pad_lengths[:, None]  # (B, S)
+        # a padding query may see itself only: a row with no visible key would give NaN, and NaN values in the cache
+        # poison real rows (0 attention weight times NaN is NaN)
+        itself = input_pos[:, None] == columns[None, :]
+        mask = ((causal[None] & real[:, None]) | itself[None]).unsqueeze(1)  # (B, 1, T, S)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, input_pos, mask)
+        x = self.transformer.ln_f(x)
         return self.lm_head(x) if lm_head else x
 
 
@@ -190,9 +230,9 @@ class Block(nn.Module):
         self.mlp = LLaMAMLP(config) if config.mlp_class_name == "LLaMAMLP" else GptNeoxMLP(config)
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x, cos, sin, input_pos=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
         x_normed = self.norm_1(x)
-        h = self.attn(x_normed, cos, sin, input_pos)
+        h = self.attn(x_normed, cos, sin, input_pos, mask)
         if self.parallel_residual:
             mlp_in = x_normed if self.norm_2 is None else self.norm_2(x)
             return x + h + self.mlp(mlp_in)
@@ -212,7 +252,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(self.q_size, config.n_embd, bias=config.bias)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, input_pos=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        """`mask` (boolean, broadcastable to `(B, heads, T, cache length)`) replaces the causal mask of a cached decode."""
         B, T, _ = x.shape
         c = self.config
         q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
@@ -223,12 +264,12 @@ class CausalSelfAttention(nn.Module):
             q = apply_rope(q, cos, sin, c.rope_n_elem)
             k = apply_rope(k, cos, sin, c.rope_n_elem)
 
-        mask = None
         if input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set: call model.set_kv_cache() first.")
             k, v = self.kv_cache(input_pos, k, v)
-            mask = input_pos[:, None] >= torch.arange(k.size(2), device=k.device)[None, :]
+            if mask is None:
+                mask = input_pos[:, None] >= torch.arange(k.size(2), device=k.device)[None, :]
         y = F.scaled_dot_product_attention(
             q,
             k,
