@@ -23,14 +23,15 @@ from typing import Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from common import write_section  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from lit_gpt import GPT, Config, Tokenizer  # noqa: E402
 from lit_gpt.generate import generate_stream  # noqa: E402
-from lit_gpt.utils import atomic_write_text, save_model_weights  # noqa: E402
+from lit_gpt.utils import save_model_weights  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTION_START, SECTION_END = "<!-- bench/chat.py -->", "<!-- /bench/chat.py -->"
 
 
 def smollm2_gguf() -> Optional[Path]:
@@ -186,7 +187,7 @@ def main(
     if write_docs:
         table = "\n".join(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.3f} |" for name, a, b in rows)
         section = (
-            f"{SECTION_START}\n## Chat latency: generate_stream vs transformers generate (`bench/chat.py`)\n\n"
+            f"## Chat latency: generate_stream vs transformers generate (`bench/chat.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n"
             "| measurement (median) | ours | transformers | ours / transformers |\n|---|---|---|---|\n"
             f"{table}\n\nIdentical greedy tokens on both sides: {same_tokens}. Time to first token is measured from "
@@ -195,22 +196,8 @@ def main(
             "medians move by tens of percent between runs, the CPU-time row is the steadier one. Before "
             "`generate_stream` projected only the last prompt position onto the vocabulary, the same command measured "
             "987 ms (ours) vs 790 ms to the first token.\n"
-            f"{SECTION_END}\n"
         )
-        write_section(REPO_ROOT / "docs" / "benchmarks.md", section)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's own section (between its markers) or append it; other sections stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
-    print(f"wrote {path.relative_to(REPO_ROOT)}")
+        write_section("bench/chat.py", section)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from common import write_section  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-from lit_gpt.utils import atomic_write_text  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO_ROOT / "tests" / "eval_tasks"
-SECTION_START, SECTION_END = "<!-- bench/eval.py -->", "<!-- /bench/eval.py -->"
 
 
 def smollm2_gguf() -> Path:
@@ -135,7 +135,7 @@ def main(
 
     if write_docs:
         section = (
-            f"{SECTION_START}\n## lm-eval: our `lit_gpt` backend vs lm-eval's `hf` backend (`bench/eval.py`)\n\n"
+            f"## lm-eval: our `lit_gpt` backend vs lm-eval's `hf` backend (`bench/eval.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n{table}\n\n"
             f"Speed-up = hf time / our time (above 1: ours is faster). Results agree: {'; '.join(agree)}.\n\n"
             "Where the difference comes from: for log-likelihood requests ours projects only the continuation "
@@ -148,17 +148,8 @@ def main(
             "this command measured lit_gen at 0.90 (wall) and 0.82 (cpu). Wall times include lm-eval rebuilding the task and reading its "
             "data on every call (the same on both sides) and waiting for a core on this shared 2-CPU machine; the "
             "CPU-time columns are the steadier comparison.\n"
-            f"{SECTION_END}\n"
         )
-        path = REPO_ROOT / "docs" / "benchmarks.md"
-        text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-        if SECTION_START in text and SECTION_END in text:
-            head, rest = text.split(SECTION_START, 1)
-            text = head + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        atomic_write_text(path, text)
-        print(f"wrote {path.relative_to(REPO_ROOT)}")
+        write_section("bench/eval.py", section)
 
 
 if __name__ == "__main__":

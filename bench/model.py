@@ -19,16 +19,16 @@ from typing import Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from common import write_section  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from lit_gpt import GPT  # noqa: E402
 from lit_gpt.convert_hf import config_from_hf, hf_to_lit_state_dict  # noqa: E402
 from lit_gpt.generate import generate  # noqa: E402
-from lit_gpt.utils import atomic_write_text  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTION_START, SECTION_END = "<!-- bench/model.py -->", "<!-- /bench/model.py -->"
 
 
 def interleaved(ours: Callable[[], None], theirs: Callable[[], None], repeats: int) -> dict[str, list[float]]:
@@ -165,7 +165,7 @@ def main(
     if write_docs:
         table = "\n".join(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.3f} |" for name, a, b in rows)
         section = (
-            f"{SECTION_START}\n## GPT vs transformers LlamaForCausalLM (`bench/model.py`)\n\n"
+            f"## GPT vs transformers LlamaForCausalLM (`bench/model.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n"
             "| measurement (median) | ours | transformers | ours / transformers |\n|---|---|---|---|\n"
             f"{table}\n\nSame weights on both sides: max |logit difference| {diff:.2e}, identical greedy tokens: "
@@ -175,22 +175,8 @@ def main(
             "comparison, and `--threads 1` keeps a busy second core from stalling every parallel kernel. Under "
             "`torch.profiler` both models spend ~88% of a training step in `aten::mm` (ours issues fewer, larger "
             "matmuls: one fused QKV projection instead of three).\n"
-            f"{SECTION_END}\n"
         )
-        write_section(REPO_ROOT / "docs" / "benchmarks.md", section)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's own section (between its markers) or append it; other sections stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
-    print(f"wrote {path.relative_to(REPO_ROOT)}")
+        write_section("bench/model.py", section)
 
 
 if __name__ == "__main__":
