@@ -62,8 +62,10 @@ step "merge the adapter into a standalone checkpoint"
 step "evaluate the fine-tuned model"
 evaluate "$RUN/merged" "$OUT/$METHOD.json"
 
-step "chat with it (one question through standard input)"
-echo "What is 17 plus 25?" | $PY chat/base.py --checkpoint_dir "$RUN/merged" --max_new_tokens 16 --temperature 0
+step "chat with it (one question, not in the training data, through standard input)"
+QUESTION="Which number is larger, 614 or 286?"
+echo "you: $QUESTION" >&2
+echo "$QUESTION" | $PY chat/base.py --checkpoint_dir "$RUN/merged" --max_new_tokens 16 --temperature 0
 
 step "done in $((SECONDS - start)) s"
 $PY - "$OUT/base.json" "$OUT/$METHOD.json" <<'EOF'
