@@ -668,6 +668,9 @@ def test_dry_run_counts_match_the_table_for_llama2_7b(config, expected):
     assert f"AdamW state: {adam / unit[1]:,.2f} {unit[0]}" in report
 
 
-def test_dry_run_rejects_unknown_precision():
-    with pytest.raises(ValueError, match="Unknown precision 'bf16'"):
-        plan_report("Llama-2-7b-hf", None, "bf16")
+def test_dry_run_precisions():
+    with pytest.raises(ValueError, match="Unknown precision 'fp8': choose one of 64-true, 32-true"):
+        plan_report("Llama-2-7b-hf", None, "fp8")
+    mixed = plan_report("Llama-2-7b-hf", AdapterConfig(method="lora"), "bf16")  # Lightning's alias of bf16-mixed
+    assert "precision: bf16-mixed (float32 weights, bfloat16 compute, 4 bytes per parameter)" in mixed
+    assert "gradients: 16.00 MiB" in mixed  # 4,194,304 float32 gradients

@@ -23,6 +23,8 @@ PRECISION_BYTES = {
     "bf16-true": (2, "bfloat16 weights"),
     "16-true": (2, "float16 weights"),
 }
+# Lightning's short spellings
+PRECISION_ALIASES = {"64": "64-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
 def format_bytes(n: float) -> str:
@@ -36,6 +38,7 @@ def format_bytes(n: float) -> str:
 def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], precision: str = "bf16-true") -> str:
     """A plain-text plan for fine-tuning `model` (a name of `Config.from_name`, or a checkpoint's `Config`) with
     `config` (`None`: full fine-tuning) at Lightning `precision`."""
+    precision = PRECISION_ALIASES.get(precision, precision)
     if precision not in PRECISION_BYTES:
         raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}.")
     model_config = model if isinstance(model, Config) else Config.from_name(model)
