@@ -25,7 +25,6 @@ the step above the resting model is reported as well.
 from __future__ import annotations
 
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -40,13 +39,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
+from common import command_line, saved_bytes, sync, write_section  # noqa: E402
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.adapters import AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters  # noqa: E402
-from lit_gpt.utils import atomic_write_text  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# one section per device kind, so a GPU run does not replace the CPU results
-MARKERS = "<!-- bench/adapters.py {} -->", "<!-- /bench/adapters.py {} -->"
 
 SHAPES = {
     # a Llama scaled down so a CPU run takes minutes (MLP ratio and vocabulary as Llama-2's)
@@ -91,11 +86,6 @@ def _weight_centric_forward(layer: AdaptedLinear) -> Callable[[torch.Tensor], to
 # ---------------------------------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------------------------------
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def make_step(model: nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, device: str) -> Callable[[], None]:
     def step() -> None:
         logits = model(input_ids=x).logits if hf else model(x)
@@ -105,25 +95,6 @@ def make_step(model: nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, devi
         sync(device)
 
     return step
-
-
-def saved_bytes(model: nn.Module, step_fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes kept for backward by one forward (distinct storages, model weights excluded) + trainable grads."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in weights:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step_fn()
-    loss.backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values()) + grads
 
 
 def embeddings_require_grad(embedding: nn.Module) -> None:
@@ -203,7 +174,7 @@ def main(
     if quick:
         n_layer, batch_size, repeats = 2, 2, 2
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    command = "python bench/adapters.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    command = command_line()
     print(f"$ {command}")
     dims = SHAPES[shape]
     torch.manual_seed(0)
@@ -421,10 +392,9 @@ def main(
     print("\n".join(goals))
 
     if write_docs:
-        kind = "cuda" if device.startswith("cuda") else "cpu"
-        start, end = (m.format(kind) for m in MARKERS)
+        kind = "cuda" if device.startswith("cuda") else "cpu"  # one section per device kind
         section = (
-            f"{start}\n## Adapters on {kind.upper()}: step time and memory against the frozen floor "
+            f"## Adapters on {kind.upper()}: step time and memory against the frozen floor "
             f"(`bench/adapters.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n{table}\n\n"
             "`time / floor`: every variant runs next to a floor step of its own framework (ours: `floor`; PEFT: "
@@ -434,9 +404,9 @@ def main(
             "is what a step keeps for backward (autograd's saved tensors, distinct storages, model weights excluded) "
             "plus the trainable parameters' gradients.\n\n"
             "Goals (checked by the script on the " + ("CPU-time" if cpu_clock else "wall-time") + " ratios):\n\n"
-            + "\n".join(goals) + "\n\n" + WHERE_THE_TIME_GOES + f"\n{end}\n"
+            + "\n".join(goals) + "\n\n" + WHERE_THE_TIME_GOES + "\n"
         )
-        write_section(REPO_ROOT / "docs" / "benchmarks.md", section, start, end)
+        write_section(f"bench/adapters.py {kind}", section)
 
 
 def goal_lines(rows: list[dict], key: str, nb: int, oft_block_size: int, lora_r: int, noise: float) -> list[str]:
@@ -478,19 +448,6 @@ WHERE_THE_TIME_GOES = (
     "its weight from r reflections the same way. OFT's extra cost is its batched `k x k` block matmul (`k/m` of a "
     "layer's multiply-adds, in small GEMMs) and one small solve per adapted layer and step."
 )
-
-
-def write_section(path: Path, section: str, start: str, end: str) -> None:
-    """Replace this benchmark's own section (between its markers) or append it; other sections stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
-    print(f"wrote {path.relative_to(REPO_ROOT)}")
 
 
 if __name__ == "__main__":

@@ -460,6 +460,11 @@ def test_save_load_round_trip(base_gpt, method, opts, tmp_path):
     assert set(raw["state_dict"]) == set(adapter_state_dict(model))
     assert read_adapter_config(path) == config
 
+    # what the trainer passes for a sharded model: the gathered full adapter tensors
+    again = save_adapters(model, tmp_path / "again.pth", state_dict=adapter_state_dict(model))
+    again_sd = torch.load(again, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, again_sd[k]) for k, v in raw["state_dict"].items())
+
     fresh = load_adapters(copy.deepcopy(base_gpt), path)  # applies the saved config, then loads
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -666,6 +671,12 @@ def test_dry_run_counts_match_the_table_for_llama2_7b(config, expected):
     assert f"weights: {weights / 2**30:,.2f} GiB" in report
     adam, unit = 2 * expected * 2, ("GiB", 2**30) if config is None else ("MiB", 2**20)
     assert f"AdamW state: {adam / unit[1]:,.2f} {unit[0]}" in report
+
+
+def test_dry_run_takes_a_config_too():
+    config = Config.from_name("Llama-2-7b-hf")
+    ether = AdapterConfig(method="ether", nb=32)
+    assert plan_report(config, ether) == plan_report("Llama-2-7b-hf", ether)
 
 
 def test_dry_run_precisions():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "adapters.py"
 
 
 def load_bench():
+    if str(BENCH.parent) not in sys.path:  # as `python bench/adapters.py` would have it, for `import common`
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("bench_adapters", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
