@@ -22,6 +22,7 @@ additive one (LoRA). How the adapted layer computes its output:
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 import re
 from typing import Callable, Iterator, Optional
@@ -53,7 +54,7 @@ def is_adaptable(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks a method provides
 # ---------------------------------------------------------------------------------------------------------------
-class BlockTransform(nn.Module):
+class BlockTransform(nn.Module, metaclass=abc.ABCMeta):
     """A block-diagonal operator `H = diag(H_1..H_nb)` on one side of size `size = nb * k`.
 
     Subclasses apply it to activations (`forward`, last dimension, never forming a block for the Householder family)
@@ -72,15 +73,17 @@ class BlockTransform(nn.Module):
             return None
         return torch.rand(self.nb, device=device) >= self.block_dropout
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """`z` with every block applied to its chunk of the last dimension."""
 
-    def blocks(self) -> torch.Tensor:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def blocks(self) -> torch.Tensor:
         """The `(nb, k, k)` blocks (no dropout) in float32, or float64 for float64 parameters."""
-        raise NotImplementedError
 
-    def reset_parameters(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def reset_parameters(self) -> None:
+        """Initialise the parameters as METHODS.md specifies for the method."""
 
     def extra_repr(self) -> str:
         return f"size={self.size}, nb={self.nb}, k={self.k}" + (

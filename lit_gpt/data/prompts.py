@@ -18,6 +18,7 @@ Templates:
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional, get_args
 
@@ -30,13 +31,14 @@ _ALPACA_HEADER = (
 )
 
 
-class PromptStyle:
+class PromptStyle(abc.ABC):
     """Turns an instruction (and an optional input) into the prompt text; the response follows it directly."""
 
     name: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def apply(self, instruction: str, input: str = "") -> str:
-        raise NotImplementedError(f"{type(self).__name__} does not define apply().")
+        """The prompt text for `instruction` (and its optional `input`)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
