@@ -11,7 +11,6 @@ and ratios ours/theirs are printed and written to docs/benchmarks.md.
 import importlib.metadata
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common import write_section  # noqa: E402
+from common import command_line, write_section  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from lit_gpt import GPT, Config, Tokenizer  # noqa: E402
@@ -105,7 +104,7 @@ def main(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    command = "python bench/chat.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    command = command_line()
     print(f"$ {command}")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, what = build_checkpoint(Path(tmp))

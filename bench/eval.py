@@ -11,7 +11,6 @@ ours is faster), and written to docs/benchmarks.md.
 import importlib.metadata
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common import write_section  # noqa: E402
+from common import command_line, write_section  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 
@@ -88,7 +87,7 @@ def main(
         work_dir: Where the imported and exported SmolLM2 checkpoints are kept between runs.
         write_docs: Replace (or add) this benchmark's section of docs/benchmarks.md with the results.
     """
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
+    command = command_line()
     torch.set_num_threads(threads)
     os.chdir(REPO_ROOT)  # the task YAMLs name their data relative to the repository root
     import lm_eval

@@ -8,7 +8,6 @@ and the ratio ours/theirs are printed (below 1 means ours is faster) and written
 
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common import write_section  # noqa: E402
+from common import command_line, write_section  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
@@ -84,7 +83,7 @@ def main(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    command = "python bench/model.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    command = command_line()
     print(f"$ {command}")
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(
