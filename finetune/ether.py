@@ -84,5 +84,6 @@ def setup(
 
 if __name__ == "__main__":
     from lit_gpt.cli import run_cli
+    from lit_gpt.training import NonFiniteLossError
 
-    run_cli(setup)
+    run_cli(setup, errors=(NonFiniteLossError,))

@@ -246,3 +246,16 @@ def test_dry_run_plans_for_the_checkpoint_of_the_data_dir(tiny_ckpt):
     assert r.returncode == 0, r.stderr[-2000:]
     # input side: query and value each transform the 64-wide input; 2 layers x 2 slices x 64 x 2 vectors (u, v)
     assert "model: tiny-llama" in r.stdout and "trainable parameters: 512" in r.stdout
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny_ckpt, tmp_path):
+    out = tmp_path / "diverged"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "finetune" / "full.py"), *common_flags(tiny_ckpt, out, 6, **{
+            "--train.learning_rate": "1e30", "--train.lr_warmup_steps": "0", "--train.save_interval": "1",
+            "--train.global_batch_size": "2"})],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, LIT_GPT_NO_PROGRESS="1"), timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: The training loss became") and "at step" in last
+    assert "last good checkpoint is" in last and str(out / "checkpoints") in last
