@@ -24,6 +24,7 @@ the step above the resting model is reported as well.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import sys
@@ -41,7 +42,7 @@ from jsonargparse import CLI  # noqa: E402
 
 from common import command_line, saved_bytes, sync, write_section  # noqa: E402
 from lit_gpt import GPT, Config  # noqa: E402
-from lit_gpt.adapters import AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters  # noqa: E402
+from lit_gpt.adapters import AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, cpu_kernel  # noqa: E402
 
 SHAPES = {
     # a Llama scaled down so a CPU run takes minutes (MLP ratio and vocabulary as Llama-2's)
@@ -88,13 +89,19 @@ def _weight_centric_forward(layer: AdaptedLinear) -> Callable[[torch.Tensor], to
 # ---------------------------------------------------------------------------------------------------------------
 def make_step(model: nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, device: str) -> Callable[[], None]:
     def step() -> None:
-        logits = model(input_ids=x).logits if hf else model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-        loss.backward()
+        with path_of(model):
+            logits = model(input_ids=x).logits if hf else model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+            loss.backward()
         model.zero_grad(set_to_none=True)
         sync(device)
 
     return step
+
+
+def path_of(model: nn.Module):
+    """The eager variants run the Householder update without the fused CPU kernel (`cpu_kernel.disabled`)."""
+    return cpu_kernel.disabled() if getattr(model, "bench_eager", False) else contextlib.nullcontext()
 
 
 def embeddings_require_grad(embedding: nn.Module) -> None:
@@ -217,9 +224,12 @@ def main(
     if have_peft:
         variants.append(("transformers floor", "hf", "", lambda: hf_model(hf_config, hf_sd, device)))
 
-    def ours(cfg: AdapterConfig, weight_centric: bool = False, low_rank: bool = False) -> Callable[[], nn.Module]:
+    def ours(
+        cfg: AdapterConfig, weight_centric: bool = False, low_rank: bool = False, eager: bool = False
+    ) -> Callable[[], nn.Module]:
         def build() -> nn.Module:
             model = apply_adapters(lit_model(config, lit_sd, device), cfg)
+            model.bench_eager = eager
             if weight_centric:
                 make_weight_centric(model)
             for _, layer in adapted_layers(model):
@@ -246,6 +256,14 @@ def main(
             (f"etherplus nb{nb}", "lit", tset, ours(AdapterConfig(method="etherplus", nb=nb, targets=lit_targets))),
             (f"etherplusHH nb{nb}", "lit", tset,
              ours(AdapterConfig(method="etherplusHH", nb=nb, targets=lit_targets))),
+        ]
+        if device == "cpu" and cpu_kernel.available():
+            # the same three without the fused CPU kernel: what it buys
+            variants += [
+                (f"{m} nb{nb} eager", "lit", tset, ours(AdapterConfig(method=m, nb=nb, targets=lit_targets), eager=True))
+                for m in ("ether", "etherplus", "etherplusHH")
+            ]
+        variants += [
             (f"ether nb{nb} low-rank QKV", "lit", tset,
              ours(AdapterConfig(method="ether", nb=nb, targets=lit_targets), low_rank=True)),
             (f"ether nb{nb} weight-centric", "lit", tset,
@@ -288,7 +306,8 @@ def main(
             logits = model(input_ids=x).logits if fw == "hf" else model(x)
             return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
-        memory[(label, tset)] = saved_bytes(model, forward_loss)
+        with path_of(model):
+            memory[(label, tset)] = saved_bytes(model, forward_loss)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -439,14 +458,18 @@ def goal_lines(rows: list[dict], key: str, nb: int, oft_block_size: int, lora_r:
 WHERE_THE_TIME_GOES = (
     "Where the time goes. The floor is almost all GEMMs. The ETHER family adds element-wise work on the "
     "activations, O(d) per token and per block vector: a dot product per block and an update in forward, the same "
-    "on the gradient plus two reductions (the vector's gradient) in backward. These are memory-bound passes that "
-    "eager PyTorch cannot fuse (on the CPU they stream cache-sized token chunks, `lit_gpt/adapters/ether.py`). "
-    "ETHER+ has two vectors per block; ETHER+HH has two per block on both sides of every adapted layer, and its "
-    "output sides include the MLP's intermediate width, so it does about 2.2 times ETHER+'s element-wise work: a "
-    "fused kernel would be needed to bring it within 5% of the floor. The weight-centric form forms `W H` every "
-    "step, pays a full weight-gradient GEMM per adapted layer and keeps `W H` alive for backward; PEFT's HRA builds "
-    "its weight from r reflections the same way. OFT's extra cost is its batched `k x k` block matmul (`k/m` of a "
-    "layer's multiply-adds, in small GEMMs) and one small solve per adapted layer and step."
+    "on the gradient plus the vector's gradient (a sum over tokens) in backward. On the CPU these run in one fused "
+    "C loop (`lit_gpt/adapters/cpu_kernel.py`, built once with the system compiler): one read of the activations "
+    "and one write in forward, two reads and one write in backward, the dot products and the update of a block "
+    "done while its values are in cache. The `eager` rows are the same adapters without it (several passes of "
+    "PyTorch operations over cache-sized token chunks, the path bfloat16 and GPUs take). ETHER+ has two vectors "
+    "per block; ETHER+HH has two per block on both sides of every adapted layer, and its output sides include the "
+    "MLP's intermediate width, so it does about 2.2 times ETHER+'s element-wise work. The weight-centric form forms "
+    "`W H` every step, pays a full weight-gradient GEMM per adapted layer and keeps `W H` alive for backward; "
+    "PEFT's HRA builds its weight from r reflections the same way. OFT's extra cost is its batched `k x k` block "
+    "matmul (`k/m` of a layer's multiply-adds, in small GEMMs) and one small solve per adapted layer and step. "
+    "Memory: a transform on a layer's input keeps that input for the vector gradient (the frozen GEMM alone keeps "
+    "nothing), one copy per distinct input (the q, k and v adapters share theirs)."
 )
 
 

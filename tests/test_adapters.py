@@ -288,8 +288,14 @@ GRADIENT_CASES = [pytest.param(*c.values, False, id=c.id) for c in CASES] + [
 ]
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["kernel", "eager"])
 @pytest.mark.parametrize("method,opts,low_rank", GRADIENT_CASES)
-def test_gradients_match_autograd_through_the_formula(monkeypatch, method, opts, low_rank):
+def test_gradients_match_autograd_through_the_formula(monkeypatch, method, opts, low_rank, eager):
+    """`eager` switches the Householder family from the fused CPU kernel (when it could be built) to eager ops."""
+    from lit_gpt.adapters import cpu_kernel
+
+    if eager:
+        monkeypatch.setattr(cpu_kernel, "_switched_off", 1)
     monkeypatch.setattr(AdaptedLinear, "fused_low_rank", low_rank)
     torch.manual_seed(0)
     model = GPT(tiny_config()).double()
@@ -623,6 +629,9 @@ def test_householder_update_gradients_across_cpu_chunks(monkeypatch, coefs):
     """The hand-written backward against numerical derivatives, with the token loop cut into chunks of 3 rows."""
     from lit_gpt.adapters import ether
 
+    from lit_gpt.adapters import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "_switched_off", 1)  # the eager path; tests/test_cpu_kernel.py has the kernel's
     monkeypatch.setattr(ether, "CPU_CHUNK_BYTES", 3 * 12 * 8)  # 3 rows of 12 float64 features
     torch.manual_seed(0)
     z = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)

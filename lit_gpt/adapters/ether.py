@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_gpt.adapters import cpu_kernel
 from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute_dtype, num_blocks, register_method
 from lit_gpt.adapters.config import AdapterConfig
 
@@ -42,11 +43,21 @@ class _BlockRankUpdate(torch.autograd.Function):
 
     The operator is symmetric, so the input gradient is the same update applied to the output gradient; the
     vector gradient is `s_j sum_t (c_tj g_t + d_tj z_t)` per block, a `(1 x T) @ (T x k)` product batched over the
-    blocks. Only `z` and the `J` projections `c` are kept for backward.
+    blocks. Only `z` and the `J` projections `c` are kept for backward. float32/float64 on the CPU run the fused
+    kernel of `cpu_kernel.py` (one pass over the activations each way) when it could be built; everything else runs
+    the eager code below.
     """
 
     @staticmethod
     def forward(ctx, z, vecs, coefs):
+        ctx.coefs = coefs
+        if cpu_kernel.usable(vecs) and z.device.type == "cpu" and z.dtype == vecs.dtype:
+            z = z.contiguous()
+            out, cs = cpu_kernel.forward(z, vecs, coefs)
+            ctx.kernel = True
+            ctx.save_for_backward(z, vecs, cs)
+            return out
+        ctx.kernel = False
         J, nb, k = vecs.shape
         zr = z.reshape(-1, nb, k)
         out = torch.empty_like(zr)
@@ -61,7 +72,6 @@ class _BlockRankUpdate(torch.autograd.Function):
             torch.addcmul(zc, cs[0, a:a + step], vecs[0], value=coefs[0], out=oc)
             for j in range(1, J):
                 oc.addcmul_(cs[j, a:a + step], vecs[j], value=coefs[j])
-        ctx.coefs = coefs
         ctx.save_for_backward(z, vecs, cs)
         return out.view(z.shape)
 
@@ -69,9 +79,12 @@ class _BlockRankUpdate(torch.autograd.Function):
     def backward(ctx, g):
         z, vecs, cs = ctx.saved_tensors
         coefs = ctx.coefs
+        want_z, want_vecs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.kernel:
+            gz, gvecs = cpu_kernel.backward(g.contiguous(), z, vecs, coefs, cs, want_z, want_vecs)
+            return gz, gvecs, None
         J, nb, k = vecs.shape
         gr, zr = g.reshape(-1, nb, k), z.reshape(-1, nb, k)
-        want_z, want_vecs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gz = torch.empty_like(gr) if want_z else None
         # float32 accumulation across chunks, whatever the activation dtype
         gvecs = torch.zeros(J, nb, 1, k, dtype=compute_dtype(vecs), device=vecs.device) if want_vecs else None

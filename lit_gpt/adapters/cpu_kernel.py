@@ -1,0 +1,321 @@
+"""A fused CPU kernel for the Householder family's activation update (ETHER, ETHER+, ETHER+HH).
+
+The update `z_i + sum_j s_j (ŵ_jiᵀ z_i) ŵ_ji` is a few multiply-adds per number, so its speed is the speed of
+reading and writing the activations. Eager PyTorch spends several passes on it (a product, a short reduction over
+the `k` values of each block, one update per vector, and the same again plus the vector gradient in backward); the
+loops below do the dot products and the update of a block while its `k` values are in the processor's cache: one
+read of `z` and one write in forward, one read of `g` and `z` and one write in backward, with the vector gradient
+accumulated per thread on the way. They are plain C, compiled once per machine with the system C compiler (no
+PyTorch headers, so it takes about a second), cached under `~/.cache/lit_gpt/kernels` and called through `ctypes`
+on the tensors' memory. Where no compiler is found, or `LIT_GPT_CPU_KERNEL=0`, the eager path is used: same
+results, slower (`lit_gpt/adapters/ether.py`).
+
+float32 and float64 contiguous CPU tensors only; anything else takes the eager path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "LIT_GPT_CPU_KERNEL"
+MAX_VECTORS = 4  # ETHER uses 1 vector per block, ETHER+ 2
+
+# Below this many numbers a call runs on one thread: starting the team costs more than it saves.
+PARALLEL_MIN_NUMEL = 1 << 15
+
+_SOURCE = r"""
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define MAXJ 4
+
+/* Activations are (ntok, nb, k) row-major; vectors v are (J, nb, k); s holds the J coefficients.
+   c (forward output, backward input) is (J, ntok, nb). One and two vectors (ETHER, ETHER+) have loops of their
+   own, so that the compiler keeps both dot products and the update in single passes over a block. */
+
+#define KERNELS(T, SUF)                                                                                        \
+/* dots[j] = <a, v_j> for one block */                                                                         \
+static inline void dots_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J, T *dots) { \
+    if (J == 1) {                                                                                              \
+        T s0 = 0;                                                                                              \
+        _Pragma("omp simd reduction(+:s0)")                                                                    \
+        for (long q = 0; q < k; ++q) s0 += a[q] * v[q];                                                        \
+        dots[0] = s0;                                                                                          \
+    } else if (J == 2) {                                                                                       \
+        const T *restrict v1 = v + vstride;                                                                    \
+        T s0 = 0, s1 = 0;                                                                                      \
+        _Pragma("omp simd reduction(+:s0,s1)")                                                                 \
+        for (long q = 0; q < k; ++q) { s0 += a[q] * v[q]; s1 += a[q] * v1[q]; }                                \
+        dots[0] = s0; dots[1] = s1;                                                                            \
+    } else {                                                                                                   \
+        for (long j = 0; j < J; ++j) {                                                                         \
+            const T *restrict vj = v + j * vstride;                                                            \
+            T sj = 0;                                                                                          \
+            _Pragma("omp simd reduction(+:sj)")                                                                \
+            for (long q = 0; q < k; ++q) sj += a[q] * vj[q];                                                   \
+            dots[j] = sj;                                                                                      \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+/* o = a + sum_j w[j] v_j for one block */                                                                     \
+static inline void update_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J,         \
+                                const T *w, T *restrict o) {                                                   \
+    if (J == 1) {                                                                                              \
+        T w0 = w[0];                                                                                           \
+        _Pragma("omp simd")                                                                                    \
+        for (long q = 0; q < k; ++q) o[q] = a[q] + w0 * v[q];                                                  \
+    } else if (J == 2) {                                                                                       \
+        const T *restrict v1 = v + vstride;                                                                    \
+        T w0 = w[0], w1 = w[1];                                                                                \
+        _Pragma("omp simd")                                                                                    \
+        for (long q = 0; q < k; ++q) o[q] = a[q] + w0 * v[q] + w1 * v1[q];                                     \
+    } else {                                                                                                   \
+        _Pragma("omp simd")                                                                                    \
+        for (long q = 0; q < k; ++q) o[q] = a[q] + w[0] * v[q];                                                \
+        for (long j = 1; j < J; ++j) {                                                                         \
+            const T *restrict vj = v + j * vstride;                                                            \
+            T wj = w[j];                                                                                       \
+            _Pragma("omp simd")                                                                                \
+            for (long q = 0; q < k; ++q) o[q] += wj * vj[q];                                                   \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+void householder_fwd_##SUF(const T *z, const T *v, const double *s, T *out, T *c,                             \
+                           long ntok, long nb, long k, long J, int nthreads) {                                 \
+    long d = nb * k;                                                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                         \
+    for (long t = 0; t < ntok; ++t) {                                                                          \
+        for (long i = 0; i < nb; ++i) {                                                                        \
+            const T *zp = z + t * d + i * k;                                                                   \
+            T dd[MAXJ], w[MAXJ];                                                                               \
+            dots_##SUF(zp, v + i * k, d, k, J, dd);                                                            \
+            for (long j = 0; j < J; ++j) {                                                                     \
+                c[(j * ntok + t) * nb + i] = dd[j];                                                            \
+                w[j] = (T)s[j] * dd[j];                                                                        \
+            }                                                                                                  \
+            update_##SUF(zp, v + i * k, d, k, J, w, out + t * d + i * k);                                      \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+/* gz (may be NULL) = the same update applied to g; gv (may be NULL, (J, nb, k), overwritten) =               \
+   s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>. */                                       \
+void householder_bwd_##SUF(const T *g, const T *z, const T *v, const double *s, const T *c, T *gz, T *gv,    \
+                           long ntok, long nb, long k, long J, int nthreads) {                                 \
+    long d = nb * k;                                                                                           \
+    long nv = J * d;                                                                                           \
+    T *acc_all = NULL;                                                                                         \
+    if (gv) {                                                                                                  \
+        acc_all = (T *)calloc((size_t)nthreads * (size_t)nv, sizeof(T));                                       \
+        if (!acc_all) nthreads = 1, acc_all = gv, memset(gv, 0, sizeof(T) * nv);                               \
+    }                                                                                                          \
+    _Pragma("omp parallel num_threads(nthreads)")                                                              \
+    {                                                                                                          \
+        int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
+        long lo = ntok * me / nt, hi = ntok * (me + 1) / nt;                                                   \
+        T *acc = gv ? acc_all + (acc_all == gv ? 0 : (long)me * nv) : NULL;                                    \
+        for (long t = lo; t < hi; ++t) {                                                                       \
+            for (long i = 0; i < nb; ++i) {                                                                    \
+                const T *restrict gp = g + t * d + i * k;                                                      \
+                const T *restrict zp = z + t * d + i * k;                                                      \
+                T dd[MAXJ], w[MAXJ];                                                                           \
+                dots_##SUF(gp, v + i * k, d, k, J, dd);                                                        \
+                if (gz) {                                                                                      \
+                    for (long j = 0; j < J; ++j) w[j] = (T)s[j] * dd[j];                                       \
+                    update_##SUF(gp, v + i * k, d, k, J, w, gz + t * d + i * k);                               \
+                }                                                                                              \
+                if (acc) {                                                                                     \
+                    for (long j = 0; j < J; ++j) {                                                             \
+                        T *restrict ap = acc + j * d + i * k;                                                  \
+                        T cj = c[(j * ntok + t) * nb + i], dj = dd[j];                                         \
+                        _Pragma("omp simd")                                                                    \
+                        for (long q = 0; q < k; ++q) ap[q] += cj * gp[q] + dj * zp[q];                         \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    if (gv && acc_all != gv) {                                                                                 \
+        for (long e = 0; e < nv; ++e) {                                                                        \
+            T a = 0;                                                                                           \
+            for (int th = 0; th < nthreads; ++th) a += acc_all[(long)th * nv + e];                             \
+            gv[e] = (T)s[e / d] * a;                                                                           \
+        }                                                                                                      \
+        free(acc_all);                                                                                         \
+    } else if (gv) {                                                                                           \
+        for (long e = 0; e < nv; ++e) gv[e] = (T)s[e / d] * gv[e];                                             \
+    }                                                                                                          \
+}
+
+KERNELS(float, f32)
+KERNELS(double, f64)
+"""
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]  # gnu99: lets the compiler fuse multiply-adds
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+_switched_off = 0  # > 0 inside `disabled()`
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "lit_gpt" / "kernels"
+
+
+def _cpu_fingerprint() -> str:
+    """`-march=native` code may not run on another processor: the cache key includes this one's features."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([_SOURCE, cc, version, *_FLAGS, _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"householder_{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "householder.c"
+        src.write_text(_SOURCE, encoding="utf-8")
+        out = Path(tmp) / target.name
+        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
+        os.replace(out, target)  # atomic: a concurrent process either sees the whole library or none
+    return target
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        cc = _compiler()
+        if cc is None:
+            log.info("No C compiler found: the Householder adapters use the eager CPU path.")
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+        except Exception as e:  # a failed build costs speed, never the run
+            log.warning(f"Could not build the fused CPU kernel ({e}); the Householder adapters use the eager path.")
+            return None
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        for suf in ("f32", "f64"):
+            getattr(lib, f"householder_fwd_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32]
+            getattr(lib, f"householder_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i32]
+        _lib = lib
+        return _lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel can be used in this process (building it on first call)."""
+    return _load() is not None
+
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+@contextmanager
+def disabled():
+    """Run the eager path inside this block (tests and benchmarks compare the two)."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
+def usable(vecs: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """The kernel takes `(J <= 4, nb, k)` vectors and contiguous float32/float64 CPU tensors of one dtype."""
+    dt = vecs.dtype
+    tensors = (vecs, *tensors)
+    return (
+        not _switched_off
+        and vecs.ndim == 3
+        and vecs.shape[0] <= MAX_VECTORS
+        and dt in _SUFFIX
+        and all(t.device.type == "cpu" and t.dtype == dt and t.is_contiguous() for t in tensors)
+        and available()
+    )
+
+
+def _threads(numel: int) -> int:
+    return 1 if numel < PARALLEL_MIN_NUMEL else max(1, torch.get_num_threads())
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def forward(z: torch.Tensor, vecs: torch.Tensor, coefs: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(out, c)`: the updated activations (shape of `z`) and the `(J, tokens, nb)` projections."""
+    J, nb, k = vecs.shape
+    assert J <= MAX_VECTORS and z.shape[-1] == nb * k
+    ntok = z.numel() // (nb * k)
+    out = torch.empty_like(z)
+    c = torch.empty(J, ntok, nb, dtype=z.dtype)
+    s = torch.tensor(coefs, dtype=torch.float64)
+    getattr(_lib, f"householder_fwd_{_SUFFIX[z.dtype]}")(
+        _ptr(z), _ptr(vecs), _ptr(s), _ptr(out), _ptr(c), ntok, nb, k, J, _threads(z.numel())
+    )
+    return out, c
+
+
+def backward(
+    g: torch.Tensor,
+    z: torch.Tensor,
+    vecs: torch.Tensor,
+    coefs: tuple[float, ...],
+    c: torch.Tensor,
+    want_z: bool,
+    want_vecs: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`(gz, gvecs)`: the input gradient (the same update applied to `g`) and the `(J, nb, k)` vector gradient."""
+    J, nb, k = vecs.shape
+    ntok = z.numel() // (nb * k)
+    gz = torch.empty_like(g) if want_z else None
+    gv = torch.empty(J, nb, k, dtype=g.dtype) if want_vecs else None
+    s = torch.tensor(coefs, dtype=torch.float64)
+    getattr(_lib, f"householder_bwd_{_SUFFIX[z.dtype]}")(
+        _ptr(g), _ptr(z), _ptr(vecs), _ptr(s), _ptr(c), _ptr(gz), _ptr(gv), ntok, nb, k, J, _threads(z.numel())
+    )
+    return gz, gv

@@ -1,0 +1,164 @@
+"""The fused CPU kernel of the Householder family (lit_gpt/adapters/cpu_kernel.py) against METHODS.md's blocks in
+float64 and against the eager path, and its fallbacks: switched off, no compiler, a failing compiler."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_gpt.adapters import cpu_kernel
+from lit_gpt.adapters.ether import _BlockRankUpdate
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel could not be built")
+
+COEFS = {"ether": (-2.0,), "etherplus": (-1.0, 1.0)}
+
+
+def dense_blocks(vecs: torch.Tensor, coefs) -> torch.Tensor:
+    """METHODS.md: `H = diag(I + sum_j s_j ŵ_j ŵ_jᵀ)` as one dense matrix (vectors already unit length)."""
+    J, nb, k = vecs.shape
+    eye = torch.eye(k, dtype=vecs.dtype)
+    return torch.block_diag(*[eye + sum(s * torch.outer(vecs[j, i], vecs[j, i]) for j, s in enumerate(coefs))
+                              for i in range(nb)])
+
+
+def run(z, vecs, coefs, g, eager: bool):
+    z = z.detach().clone().requires_grad_()
+    vecs = vecs.detach().clone().requires_grad_()
+    if eager:
+        with cpu_kernel.disabled():
+            out = _BlockRankUpdate.apply(z, vecs, coefs)
+    else:
+        out = _BlockRankUpdate.apply(z, vecs, coefs)
+    out.backward(g)
+    return out.detach(), z.grad, vecs.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["ether", "etherplus"])
+@pytest.mark.parametrize("shape,nb", [((3, 7, 24), 4), ((2, 5, 12), 1), ((1, 1, 16), 16), ((130, 64), 8)])
+def test_kernel_computes_the_dense_formula_in_float64(method, shape, nb):
+    coefs = COEFS[method]
+    torch.manual_seed(0)
+    d = shape[-1]
+    z = torch.randn(*shape, dtype=torch.float64)
+    vecs = F.normalize(torch.randn(len(coefs), nb, d // nb, dtype=torch.float64), dim=-1)
+    g = torch.randn(*shape, dtype=torch.float64)
+    out, gz, gv = run(z, vecs, coefs, g, eager=False)
+    H = dense_blocks(vecs, coefs)
+    torch.testing.assert_close(out, z @ H.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gz, g @ H, rtol=1e-12, atol=1e-12)
+    # the vector gradient through the dense formula, by autograd
+    v = vecs.clone().requires_grad_()
+    (z @ dense_blocks(v, coefs).T * g).sum().backward()
+    torch.testing.assert_close(gv, v.grad, rtol=1e-10, atol=1e-10)
+
+
+@needs_kernel
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0)])
+def test_kernel_gradcheck(coefs):
+    torch.manual_seed(0)
+    z = torch.randn(4, 3, 12, dtype=torch.float64, requires_grad=True)
+    vecs = torch.randn(len(coefs), 3, 4, dtype=torch.float64, requires_grad=True)
+    assert cpu_kernel.usable(vecs, z)
+    assert torch.autograd.gradcheck(lambda z, v: _BlockRankUpdate.apply(z, v, coefs), (z, vecs))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0)])
+def test_kernel_equals_eager_path_in_float32(coefs, threads):
+    """Large enough for the threaded loops (and per-thread vector-gradient sums), with a dropped (zero) block."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(1)
+        z = torch.randn(4, 300, 256)
+        assert z.numel() >= cpu_kernel.PARALLEL_MIN_NUMEL
+        vecs = F.normalize(torch.randn(len(coefs), 8, 32), dim=-1)
+        vecs[:, 3] = 0  # block dropout hands the update a zero vector: that block is the identity
+        g = torch.randn_like(z)
+        a = run(z, vecs, coefs, g, eager=False)
+        b = run(z, vecs, coefs, g, eager=True)
+    finally:
+        torch.set_num_threads(old)
+    for x, y in zip(a, b):  # float32 sums in another order: relative to each tensor's scale
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+    torch.testing.assert_close(a[0][..., 96:128], z[..., 96:128], rtol=0, atol=0)
+
+
+@needs_kernel
+def test_kernel_takes_non_contiguous_inputs_and_partial_gradients():
+    torch.manual_seed(2)
+    coefs = (-1.0, 1.0)
+    big = torch.randn(6, 40, dtype=torch.float64)
+    z = big[:, 4:28].detach().requires_grad_()  # a column slice, as on a fused QKV output
+    assert not z.is_contiguous()
+    vecs = F.normalize(torch.randn(2, 3, 8, dtype=torch.float64), dim=-1)
+    out = _BlockRankUpdate.apply(z, vecs, coefs)  # only z needs a gradient
+    g = torch.randn(40, 6, dtype=torch.float64).t()[:, :24]  # a non-contiguous output gradient
+    out.backward(g)
+    H = dense_blocks(vecs, coefs)
+    torch.testing.assert_close(out, z.detach() @ H.T)
+    torch.testing.assert_close(z.grad, g @ H)
+    v = vecs.clone().requires_grad_()  # only the vectors need one
+    out = _BlockRankUpdate.apply(big[:, 4:28], v, coefs)
+    out.backward(g)
+    w = vecs.clone().requires_grad_()
+    (big[:, 4:28] @ dense_blocks(w, coefs).T * g).sum().backward()
+    torch.testing.assert_close(v.grad, w.grad)
+
+
+def test_other_dtypes_and_devices_take_the_eager_path():
+    vecs = torch.randn(2, 3, 4)
+    assert not cpu_kernel.usable(vecs.bfloat16())
+    assert not cpu_kernel.usable(vecs, torch.randn(5, 12, dtype=torch.float64))
+    assert not cpu_kernel.usable(vecs, torch.randn(12, 5).t())
+    assert not cpu_kernel.usable(torch.randn(5, 3, 4))  # more vectors than the kernel takes
+    with cpu_kernel.disabled():
+        assert not cpu_kernel.usable(vecs)
+
+
+def test_environment_switch_turns_the_kernel_off():
+    code = "from lit_gpt.adapters import cpu_kernel; print(cpu_kernel.available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
+        **__import__("os").environ, cpu_kernel.ENV_SWITCH: "0"}, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # found on PATH, exits 1
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        assert not cpu_kernel.available()
+    assert "eager path" in caplog.text
+    assert not list((tmp_path / "lit_gpt" / "kernels").glob("*.so"))  # nothing half-written left behind
+    # and the update still computes the formula
+    torch.manual_seed(0)
+    z = torch.randn(3, 8, dtype=torch.float64)
+    vecs = F.normalize(torch.randn(1, 2, 4, dtype=torch.float64), dim=-1)
+    torch.testing.assert_close(_BlockRankUpdate.apply(z, vecs, (-2.0,)), z @ dense_blocks(vecs, (-2.0,)).T)
+
+
+def test_no_compiler_falls_back(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    assert not cpu_kernel.available()
+
+
+@needs_kernel
+def test_the_library_is_built_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cc = cpu_kernel._compiler()
+    first = cpu_kernel._build(cc)
+    mtime = first.stat().st_mtime_ns
+    assert cpu_kernel._build(cc) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left
