@@ -265,7 +265,9 @@ for size, layers, embd, heads, groups, inter, tied in (
     for instruct in ("", "-Instruct"):
         configs.append(
             _llama(
-                "Qwen", f"Qwen2.5-{size}{instruct}", block_size=32768, vocab_size=151643,
+                # Qwen2.5-7B's base config.json has max_position_embeddings 131072, every other one here 32768
+                "Qwen", f"Qwen2.5-{size}{instruct}", block_size=131072 if (size, instruct) == ("7B", "") else 32768,
+                vocab_size=151643,
                 padded_vocab_size=151936 if size in ("0.5B", "1.5B", "3B") else 152064, n_layer=layers,
                 n_embd=embd, n_head=heads, n_query_groups=groups, intermediate_size=inter, norm_eps=1e-6,
                 rope_base=1000000, attn_bias=True, tie_embeddings=tied,
