@@ -412,8 +412,10 @@ def main(
 
     if write_docs:
         kind = "cuda" if device.startswith("cuda") else "cpu"  # one section per device kind
+        # a run of a subset (`--only`, e.g. more rounds of one family) gets a section of its own
+        subset = f" ({', '.join(only)} only)" if only else ""
         section = (
-            f"## Adapters on {kind.upper()}: step time and memory against the frozen floor "
+            f"## Adapters on {kind.upper()}{subset}: step time and memory against the frozen floor "
             f"(`bench/adapters.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n{table}\n\n"
             "`time / floor`: every variant runs next to a floor step of its own framework (ours: `floor`; PEFT: "
@@ -425,7 +427,7 @@ def main(
             "Goals (checked by the script on the " + ("CPU-time" if cpu_clock else "wall-time") + " ratios):\n\n"
             + "\n".join(goals) + "\n\n" + WHERE_THE_TIME_GOES + "\n"
         )
-        write_section(f"bench/adapters.py {kind}", section)
+        write_section(f"bench/adapters.py {kind}" + (" only " + " ".join(only) if only else ""), section)
 
 
 def goal_lines(rows: list[dict], key: str, nb: int, oft_block_size: int, lora_r: int, noise: float) -> list[str]:

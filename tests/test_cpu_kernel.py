@@ -41,7 +41,12 @@ def run(z, vecs, coefs, g, eager: bool):
 
 @needs_kernel
 @pytest.mark.parametrize("method", ["ether", "etherplus"])
-@pytest.mark.parametrize("shape,nb", [((3, 7, 24), 4), ((2, 5, 12), 1), ((1, 1, 16), 16), ((130, 64), 8)])
+@pytest.mark.parametrize(
+    "shape,nb",
+    [((3, 7, 24), 4), ((2, 5, 12), 1), ((1, 1, 16), 16), ((130, 64), 8)]
+    # block sizes the kernel compiles as constants: 16, 32, 64, 128
+    + [((2, 3, 16 * nb_), nb_) for nb_ in (1, 3)] + [((4, 64), 2), ((3, 128), 2), ((2, 256), 2)],
+)
 def test_kernel_computes_the_dense_formula_in_float64(method, shape, nb):
     coefs = COEFS[method]
     torch.manual_seed(0)

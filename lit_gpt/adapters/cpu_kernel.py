@@ -44,14 +44,16 @@ _SOURCE = r"""
 #include <omp.h>
 
 #define MAXJ 4
+#define INLINE static inline __attribute__((always_inline))
 
 /* Activations are (ntok, nb, k) row-major; vectors v are (J, nb, k); s holds the J coefficients.
-   c (forward output, backward input) is (J, ntok, nb). One and two vectors (ETHER, ETHER+) have loops of their
-   own, so that the compiler keeps both dot products and the update in single passes over a block. */
+   c (forward output, backward input) is (J, ntok, nb). The block loops are inlined with the common block sizes as
+   compile-time constants (the compiler then unrolls them completely: no loop overhead per block, which is most of
+   the cost when a block holds 32 numbers), and with one and two vectors (ETHER, ETHER+) as cases of their own. */
 
 #define KERNELS(T, SUF)                                                                                        \
 /* dots[j] = <a, v_j> for one block */                                                                         \
-static inline void dots_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J, T *dots) { \
+INLINE void dots_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J, T *dots) {       \
     if (J == 1) {                                                                                              \
         T s0 = 0;                                                                                              \
         _Pragma("omp simd reduction(+:s0)")                                                                    \
@@ -74,8 +76,8 @@ static inline void dots_##SUF(const T *restrict a, const T *restrict v, long vst
     }                                                                                                          \
 }                                                                                                              \
 /* o = a + sum_j w[j] v_j for one block */                                                                     \
-static inline void update_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J,         \
-                                const T *w, T *restrict o) {                                                   \
+INLINE void update_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J, const T *w,   \
+                         T *restrict o) {                                                                      \
     if (J == 1) {                                                                                              \
         T w0 = w[0];                                                                                           \
         _Pragma("omp simd")                                                                                    \
@@ -97,21 +99,88 @@ static inline void update_##SUF(const T *restrict a, const T *restrict v, long v
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-void householder_fwd_##SUF(const T *z, const T *v, const double *s, T *out, T *c,                             \
-                           long ntok, long nb, long k, long J, int nthreads) {                                 \
+INLINE void fwd_rows_##SUF(const T *z, const T *v, const double *s, T *out, T *c, long lo, long hi,            \
+                           long ntok, long nb, long k, long J) {                                               \
     long d = nb * k;                                                                                           \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                         \
-    for (long t = 0; t < ntok; ++t) {                                                                          \
+    T sc[MAXJ];                                                                                                \
+    for (long j = 0; j < J; ++j) sc[j] = (T)s[j];                                                              \
+    for (long t = lo; t < hi; ++t) {                                                                           \
         for (long i = 0; i < nb; ++i) {                                                                        \
             const T *zp = z + t * d + i * k;                                                                   \
             T dd[MAXJ], w[MAXJ];                                                                               \
             dots_##SUF(zp, v + i * k, d, k, J, dd);                                                            \
             for (long j = 0; j < J; ++j) {                                                                     \
                 c[(j * ntok + t) * nb + i] = dd[j];                                                            \
-                w[j] = (T)s[j] * dd[j];                                                                        \
+                w[j] = sc[j] * dd[j];                                                                          \
             }                                                                                                  \
             update_##SUF(zp, v + i * k, d, k, J, w, out + t * d + i * k);                                      \
         }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+INLINE void bwd_rows_##SUF(const T *g, const T *z, const T *v, const double *s, const T *c, T *gz, T *acc,     \
+                           long lo, long hi, long ntok, long nb, long k, long J) {                             \
+    long d = nb * k;                                                                                           \
+    T sc[MAXJ];                                                                                                \
+    for (long j = 0; j < J; ++j) sc[j] = (T)s[j];                                                              \
+    for (long t = lo; t < hi; ++t) {                                                                           \
+        for (long i = 0; i < nb; ++i) {                                                                        \
+            const T *restrict gp = g + t * d + i * k;                                                          \
+            const T *restrict zp = z + t * d + i * k;                                                          \
+            T dd[MAXJ], w[MAXJ];                                                                               \
+            dots_##SUF(gp, v + i * k, d, k, J, dd);                                                            \
+            if (gz) {                                                                                          \
+                for (long j = 0; j < J; ++j) w[j] = sc[j] * dd[j];                                             \
+                update_##SUF(gp, v + i * k, d, k, J, w, gz + t * d + i * k);                                   \
+            }                                                                                                  \
+            if (acc) {                                                                                         \
+                for (long j = 0; j < J; ++j) {                                                                 \
+                    T *restrict ap = acc + j * d + i * k;                                                      \
+                    T cj = c[(j * ntok + t) * nb + i], dj = dd[j];                                             \
+                    _Pragma("omp simd")                                                                        \
+                    for (long q = 0; q < k; ++q) ap[q] += cj * gp[q] + dj * zp[q];                             \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+/* the same rows with k (and J) fixed at compile time where they are common */                                 \
+static void fwd_range_##SUF(const T *z, const T *v, const double *s, T *out, T *c, long lo, long hi,           \
+                            long ntok, long nb, long k, long J) {                                              \
+    if (J == 1 && k == 32) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 32, 1);                           \
+    else if (J == 2 && k == 32) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 32, 2);                      \
+    else if (J == 1 && k == 128) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 128, 1);                    \
+    else if (J == 2 && k == 128) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 128, 2);                    \
+    else if (J == 1 && k == 64) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 64, 1);                      \
+    else if (J == 2 && k == 64) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 64, 2);                      \
+    else if (J == 1 && k == 16) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 16, 1);                      \
+    else if (J == 2 && k == 16) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 16, 2);                      \
+    else if (J == 1) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, k, 1);                                  \
+    else if (J == 2) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, k, 2);                                  \
+    else fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, k, J);                                              \
+}                                                                                                              \
+static void bwd_range_##SUF(const T *g, const T *z, const T *v, const double *s, const T *c, T *gz, T *acc,    \
+                            long lo, long hi, long ntok, long nb, long k, long J) {                            \
+    if (J == 1 && k == 32) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 32, 1);                    \
+    else if (J == 2 && k == 32) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 32, 2);               \
+    else if (J == 1 && k == 128) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 128, 1);             \
+    else if (J == 2 && k == 128) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 128, 2);             \
+    else if (J == 1 && k == 64) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 64, 1);               \
+    else if (J == 2 && k == 64) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 64, 2);               \
+    else if (J == 1 && k == 16) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 16, 1);               \
+    else if (J == 2 && k == 16) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 16, 2);               \
+    else if (J == 1) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, k, 1);                           \
+    else if (J == 2) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, k, 2);                           \
+    else bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, k, J);                                       \
+}                                                                                                              \
+                                                                                                               \
+void householder_fwd_##SUF(const T *z, const T *v, const double *s, T *out, T *c,                             \
+                           long ntok, long nb, long k, long J, int nthreads) {                                 \
+    _Pragma("omp parallel num_threads(nthreads)")                                                              \
+    {                                                                                                          \
+        int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
+        fwd_range_##SUF(z, v, s, out, c, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);                \
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
@@ -119,8 +188,7 @@ void householder_fwd_##SUF(const T *z, const T *v, const double *s, T *out, T *c
    s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>. */                                       \
 void householder_bwd_##SUF(const T *g, const T *z, const T *v, const double *s, const T *c, T *gz, T *gv,    \
                            long ntok, long nb, long k, long J, int nthreads) {                                 \
-    long d = nb * k;                                                                                           \
-    long nv = J * d;                                                                                           \
+    long nv = J * nb * k;                                                                                      \
     T *acc_all = NULL;                                                                                         \
     if (gv) {                                                                                                  \
         acc_all = (T *)calloc((size_t)nthreads * (size_t)nv, sizeof(T));                                       \
@@ -129,29 +197,10 @@ void householder_bwd_##SUF(const T *g, const T *z, const T *v, const double *s, 
     _Pragma("omp parallel num_threads(nthreads)")                                                              \
     {                                                                                                          \
         int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
-        long lo = ntok * me / nt, hi = ntok * (me + 1) / nt;                                                   \
         T *acc = gv ? acc_all + (acc_all == gv ? 0 : (long)me * nv) : NULL;                                    \
-        for (long t = lo; t < hi; ++t) {                                                                       \
-            for (long i = 0; i < nb; ++i) {                                                                    \
-                const T *restrict gp = g + t * d + i * k;                                                      \
-                const T *restrict zp = z + t * d + i * k;                                                      \
-                T dd[MAXJ], w[MAXJ];                                                                           \
-                dots_##SUF(gp, v + i * k, d, k, J, dd);                                                        \
-                if (gz) {                                                                                      \
-                    for (long j = 0; j < J; ++j) w[j] = (T)s[j] * dd[j];                                       \
-                    update_##SUF(gp, v + i * k, d, k, J, w, gz + t * d + i * k);                               \
-                }                                                                                              \
-                if (acc) {                                                                                     \
-                    for (long j = 0; j < J; ++j) {                                                             \
-                        T *restrict ap = acc + j * d + i * k;                                                  \
-                        T cj = c[(j * ntok + t) * nb + i], dj = dd[j];                                         \
-                        _Pragma("omp simd")                                                                    \
-                        for (long q = 0; q < k; ++q) ap[q] += cj * gp[q] + dj * zp[q];                         \
-                    }                                                                                          \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
+        bwd_range_##SUF(g, z, v, s, c, gz, acc, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);         \
     }                                                                                                          \
+    long d = nb * k;                                                                                           \
     if (gv && acc_all != gv) {                                                                                 \
         for (long e = 0; e < nv; ++e) {                                                                        \
             T a = 0;                                                                                           \
