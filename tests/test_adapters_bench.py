@@ -35,6 +35,11 @@ def test_bench_runs_every_variant_on_a_tiny_model(capsys):
                   "ether nb32 low-rank QKV", "ether nb32 weight-centric", "oft b32 exact", "oft b32 neumann5",
                   "lora r8", "peft lora r8", "peft oft b32 exact", "peft oft b32 neumann5", "peft hra r8"):
         assert f"| {label} |" in out
+    from lit_gpt.adapters import cpu_kernel
+
+    if cpu_kernel.available():
+        for label in ("ether nb32 eager", "etherplus nb32 eager", "etherplusHH nb32 eager"):
+            assert f"| {label} |" in out
     # ours and PEFT train the same number of parameters for LoRA and (upper-triangle) OFT
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3].strip()
             for line in out.splitlines() if line.startswith("| ") and "---" not in line}
@@ -42,3 +47,23 @@ def test_bench_runs_every_variant_on_a_tiny_model(capsys):
         assert rows[("lora r8", tset)] == rows[("peft lora r8", tset)]
         assert rows[("oft b32 exact", tset)] == rows[("peft oft b32 exact", tset)]
     assert "- etherplusHH nb32, all linear layers:" in out
+
+
+def test_householder_kernel_bench_prints_both_paths(capsys):
+    from lit_gpt.adapters import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler: the kernel could not be built")
+    path = BENCH.parent / "householder_kernel.py"
+    spec = importlib.util.spec_from_file_location("bench_householder_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    load_bench()  # puts bench/ on sys.path for `import common`
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(tokens=64, width=64, nb=4, repeats=2, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for row in ("| ether | forward |", "| ether | forward + backward |", "| etherplus | forward + backward |"):
+        assert row in out
