@@ -46,6 +46,20 @@ _SOURCE = r"""
 #define MAXJ 4
 #define INLINE static inline __attribute__((always_inline))
 
+/* FN(..., k, J) with (k, J) as literals for block sizes 16/32/64/128 and one or two vectors, else as variables */
+#define DISPATCH(FN, ...)                                                                                      \
+    if (J == 1 && k == 32) FN(__VA_ARGS__, 32, 1);                                                             \
+    else if (J == 2 && k == 32) FN(__VA_ARGS__, 32, 2);                                                        \
+    else if (J == 1 && k == 128) FN(__VA_ARGS__, 128, 1);                                                      \
+    else if (J == 2 && k == 128) FN(__VA_ARGS__, 128, 2);                                                      \
+    else if (J == 1 && k == 64) FN(__VA_ARGS__, 64, 1);                                                        \
+    else if (J == 2 && k == 64) FN(__VA_ARGS__, 64, 2);                                                        \
+    else if (J == 1 && k == 16) FN(__VA_ARGS__, 16, 1);                                                        \
+    else if (J == 2 && k == 16) FN(__VA_ARGS__, 16, 2);                                                        \
+    else if (J == 1) FN(__VA_ARGS__, k, 1);                                                                    \
+    else if (J == 2) FN(__VA_ARGS__, k, 2);                                                                    \
+    else FN(__VA_ARGS__, k, J);
+
 /* Activations are (ntok, nb, k) row-major; vectors v are (J, nb, k); s holds the J coefficients.
    c (forward output, backward input) is (J, ntok, nb). The block loops are inlined with the common block sizes as
    compile-time constants (the compiler then unrolls them completely: no loop overhead per block, which is most of
@@ -148,31 +162,11 @@ INLINE void bwd_rows_##SUF(const T *g, const T *z, const T *v, const double *s, 
 /* the same rows with k (and J) fixed at compile time where they are common */                                 \
 static void fwd_range_##SUF(const T *z, const T *v, const double *s, T *out, T *c, long lo, long hi,           \
                             long ntok, long nb, long k, long J) {                                              \
-    if (J == 1 && k == 32) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 32, 1);                           \
-    else if (J == 2 && k == 32) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 32, 2);                      \
-    else if (J == 1 && k == 128) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 128, 1);                    \
-    else if (J == 2 && k == 128) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 128, 2);                    \
-    else if (J == 1 && k == 64) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 64, 1);                      \
-    else if (J == 2 && k == 64) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 64, 2);                      \
-    else if (J == 1 && k == 16) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 16, 1);                      \
-    else if (J == 2 && k == 16) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, 16, 2);                      \
-    else if (J == 1) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, k, 1);                                  \
-    else if (J == 2) fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, k, 2);                                  \
-    else fwd_rows_##SUF(z, v, s, out, c, lo, hi, ntok, nb, k, J);                                              \
+    DISPATCH(fwd_rows_##SUF, z, v, s, out, c, lo, hi, ntok, nb)                                                \
 }                                                                                                              \
 static void bwd_range_##SUF(const T *g, const T *z, const T *v, const double *s, const T *c, T *gz, T *acc,    \
                             long lo, long hi, long ntok, long nb, long k, long J) {                            \
-    if (J == 1 && k == 32) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 32, 1);                    \
-    else if (J == 2 && k == 32) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 32, 2);               \
-    else if (J == 1 && k == 128) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 128, 1);             \
-    else if (J == 2 && k == 128) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 128, 2);             \
-    else if (J == 1 && k == 64) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 64, 1);               \
-    else if (J == 2 && k == 64) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 64, 2);               \
-    else if (J == 1 && k == 16) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 16, 1);               \
-    else if (J == 2 && k == 16) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, 16, 2);               \
-    else if (J == 1) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, k, 1);                           \
-    else if (J == 2) bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, k, 2);                           \
-    else bwd_rows_##SUF(g, z, v, s, c, gz, acc, lo, hi, ntok, nb, k, J);                                       \
+    DISPATCH(bwd_rows_##SUF, g, z, v, s, c, gz, acc, lo, hi, ntok, nb)                                         \
 }                                                                                                              \
                                                                                                                \
 void householder_fwd_##SUF(const T *z, const T *v, const double *s, T *out, T *c,                             \
