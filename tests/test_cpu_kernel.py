@@ -167,3 +167,58 @@ def test_the_library_is_built_once_and_cached(monkeypatch, tmp_path):
     mtime = first.stat().st_mtime_ns
     assert cpu_kernel._build(cc) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left
+
+
+@needs_kernel
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0)])
+def test_kernel_updates_a_column_slice_in_place_with_a_bias_offset(coefs):
+    """The output side's use: the rows of one slice of a fused GEMM output `y = z + b`, updated where they lie to
+    `H (y - b) + b`, the other columns untouched; `c` is `ŵᵀ (y - b)`."""
+    torch.manual_seed(3)
+    big = torch.randn(7, 40, dtype=torch.float64)
+    before = big.clone()
+    lo, hi = 8, 32
+    vecs = F.normalize(torch.randn(len(coefs), 3, 8, dtype=torch.float64), dim=-1)
+    b = torch.randn(hi - lo, dtype=torch.float64)
+    beta = (vecs * b.view(3, 8)).sum(-1).contiguous()
+    view = big[:, lo:hi]
+    assert cpu_kernel.usable(vecs, view) and cpu_kernel.row_stride(view) == 40
+    out, c = cpu_kernel.forward(view, vecs, coefs, out=view, beta=beta)
+    assert out.data_ptr() == view.data_ptr()
+    H = dense_blocks(vecs, coefs)
+    torch.testing.assert_close(big[:, lo:hi], (before[:, lo:hi] - b) @ H.T + b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(big[:, :lo], before[:, :lo]) and torch.equal(big[:, hi:], before[:, hi:])
+    expected_c = torch.einsum("tik,jik->jti", (before[:, lo:hi] - b).view(7, 3, 8), vecs)
+    torch.testing.assert_close(c, expected_c, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0)])
+def test_kernel_backward_writes_strided_slices_and_sums_the_gram(coefs, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(4)
+        T, m, lo, hi, nb, k = 600, 96, 16, 80, 2, 32  # enough numbers for two threads
+        g, z = torch.randn(T, m, dtype=torch.float64), torch.randn(T, m, dtype=torch.float64)
+        vecs = F.normalize(torch.randn(len(coefs), nb, k, dtype=torch.float64), dim=-1)
+        c = torch.randn(len(coefs), T, nb, dtype=torch.float64)
+        gz = torch.full((T, m), 7.0, dtype=torch.float64)
+        _, gv, gram = cpu_kernel.backward(
+            g[:, lo:hi], z[:, lo:hi], vecs, coefs, c, True, True, want_gram=True, gz=gz[:, lo:hi]
+        )
+    finally:
+        torch.set_num_threads(old)
+    H = dense_blocks(vecs, coefs)
+    torch.testing.assert_close(gz[:, lo:hi], g[:, lo:hi] @ H, rtol=1e-12, atol=1e-12)
+    assert (gz[:, :lo] == 7).all() and (gz[:, hi:] == 7).all()
+    gr, zr = g[:, lo:hi].reshape(T, nb, k), z[:, lo:hi].reshape(T, nb, k)
+    d = torch.einsum("tik,jik->jti", gr, vecs)
+    s = torch.tensor(coefs, dtype=torch.float64)
+    expected_gv = s[:, None, None] * (torch.einsum("jti,tik->jik", c, gr) + torch.einsum("jti,tik->jik", d, zr))
+    torch.testing.assert_close(gv, expected_gv, rtol=1e-10, atol=1e-10)
+    J = len(coefs)
+    expected_gram = torch.cat([torch.einsum("jti,lti->jli", d, c), d.sum(1)[:, None]], dim=1)
+    assert gram.shape == (J, J + 1, nb)
+    torch.testing.assert_close(gram, expected_gram, rtol=1e-10, atol=1e-10)

@@ -15,8 +15,10 @@ additive one (LoRA). How the adapted layer computes its output:
   multiply-adds as one fused GEMM); un-targeted rows are the base formula `W_s x + b_s`, their own GEMM.
   `AdaptedLinear.fused_low_rank` switches the Householder family to one fused GEMM plus the exact rank-`J*nb`
   identity `W_s H_s x = W_s x + sum_j s_j (W_s Û_j)(Û_jᵀ x)` instead;
-* output side only: one fused GEMM, then the transform on each adapted slice's rows (`H (y_s - b_s) + b_s`), the
-  un-targeted rows untouched;
+* output side: each adapted slice's rows of the GEMM output go through its transform (`H (y_s - b_s) + b_s`), the
+  un-targeted rows untouched. The Householder family does all of a layer's slices
+  in one autograd node, in place on the GEMM output inside a `lit_gpt.GPT` (`AdaptedLinear.in_place_outputs`),
+  keeping the result rather than the input for backward;
 * LoRA: one fused GEMM, and `(alpha/r) B A x` added in place onto each adapted slice's rows.
 """
 
@@ -195,6 +197,11 @@ class AdaptedLinear(nn.Module):
     # bit). On a 2-core CPU the skinny correction GEMMs cost about three times the activation transform, so the
     # split form is the default; set it per layer or on the class to compare on other hardware.
     fused_low_rank = False
+    # Output-side Householder transforms update the GEMM output in place and keep their result (not their input)
+    # for backward: free inside a `lit_gpt.GPT`, where the next operation keeps that result anyway, but wrong where
+    # code after the layer modifies its output in place. So `apply_adapters` sets it for `lit_gpt.GPT` only; other
+    # models get the out-of-place form (same values and gradients, one more activation kept per layer).
+    in_place_outputs = False
 
     def __init__(
         self,
@@ -253,16 +260,14 @@ class AdaptedLinear(nn.Module):
         m = self.out_features
         dropping = self.dropout is not None and self.training
         xd = self.dropout(x) if dropping else x
-        if len(self.slices) == 1:
-            ad = self._adapter(self.slices[0][0])
-            inp = ad.input(xd) if ad.input is not None else xd
-            if ad.output is None:
-                return F.linear(inp, W, b)
-            y = ad.output(F.linear(inp, W))
-            return y if b is None else y + b.to(y.dtype)
-
         adapted = [(name, lo, hi, self._adapter(name)) for name, lo, hi in self.slices]
         adapted = [a for a in adapted if a[3] is not None]
+        outputs = [(lo, hi, ad.output) for _, lo, hi, ad in adapted if ad.output is not None]
+        if len(self.slices) == 1:
+            ad = adapted[0][3]
+            y = F.linear(ad.input(xd) if ad.input is not None else xd, W, b)
+            return self._output_side(y, b, outputs) if outputs else y
+
         inputs = [ad for *_, ad in adapted if ad.input is not None]
         if not dropping and (not inputs or (self.fused_low_rank and all(ad.low_rank_input() for ad in inputs))):
             # one fused GEMM of the plain input; input-side transforms (if any) as low-rank corrections
@@ -270,52 +275,51 @@ class AdaptedLinear(nn.Module):
             ranges, tensors = [], []
             for name, lo, hi, ad in adapted:
                 if ad.input is not None:
-                    Wv = W[lo:hi]
-                    C, P = ad.input.rank_update(x, Wv)
+                    C, P = ad.input.rank_update(x, W[lo:hi])
                     ranges.append((lo, hi))
                     tensors += [C, P]
             if ranges:
                 y = add_slice_products(y, ranges, tensors)
-            if not any(ad.output is not None for *_, ad in adapted):
-                return y
-            return self._output_side(y, b)
+            return self._output_side(y, b, outputs) if outputs else y
 
         # one GEMM per run of rows sharing an input; un-adapted runs use the plain input
-        groups: list[list] = []  # [lo, hi, input, adapter]
+        groups: list[list] = []  # [lo, hi, input]
         for name, lo, hi in self.slices:
             ad = self._adapter(name)
-            if ad is None:
-                if groups and groups[-1][3] is None:
+            if ad is None or ad.input is None:
+                inp = x if ad is None else xd
+                if groups and groups[-1][2] is inp:
                     groups[-1][1] = hi
                     continue
-                groups.append([lo, hi, x, None])
+                groups.append([lo, hi, inp])
             else:
-                groups.append([lo, hi, ad.input(xd) if ad.input is not None else xd, ad])
+                groups.append([lo, hi, ad.input(xd)])
         outs = []
-        for lo, hi, inp, ad in groups:
+        for lo, hi, inp in groups:
             Ws = W if (lo, hi) == (0, m) else W[lo:hi]
-            bs = None if b is None else b[lo:hi]
-            if ad is not None and ad.output is not None:
-                z = ad.output(F.linear(inp, Ws))
-                outs.append(z if bs is None else z + bs.to(z.dtype))
-            else:
-                outs.append(F.linear(inp, Ws, bs))
-        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+            outs.append(F.linear(inp, Ws, None if b is None else b[lo:hi]))
+        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        return self._output_side(y, b, outputs) if outputs else y
 
-    def _output_side(self, y: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-        """Apply the output-side transforms of the adapted slices of the fused output `y = W x' + b`."""
-        outs = []
-        for name, lo, hi in self.slices:
-            ys = y[..., lo:hi]
-            ad = self._adapter(name)
-            if ad is not None and ad.output is not None:
-                if b is None:
-                    ys = ad.output(ys)
-                else:
-                    bs = b[lo:hi].to(ys.dtype)
-                    ys = ad.output(ys - bs) + bs
-            outs.append(ys)
-        return torch.cat(outs, dim=-1)
+    def _output_side(self, y: torch.Tensor, b: Optional[torch.Tensor], outputs: list) -> torch.Tensor:
+        """`H_s (y_s - b_s) + b_s` on the rows `(lo, hi)` of the fresh GEMM output `y = W x' + b` for every
+        `(lo, hi, transform)` of `outputs`; the other rows are `y`'s."""
+        kind = type(outputs[0][2])
+        if hasattr(kind, "apply_output_rows") and all(type(t) is kind for *_, t in outputs):
+            return kind.apply_output_rows(y, b, outputs, self.in_place_outputs)
+        pieces, at = [], 0
+        for lo, hi, t in outputs:
+            if lo > at:
+                pieces.append(y[..., at:lo])
+            if b is None:
+                pieces.append(t(y[..., lo:hi]))
+            else:
+                bs = b[lo:hi].to(y.dtype)
+                pieces.append(t(y[..., lo:hi] - bs) + bs)
+            at = hi
+        if at < y.shape[-1]:
+            pieces.append(y[..., at:])
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
@@ -453,6 +457,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
 
+    in_place = _is_gpt(model)  # see AdaptedLinear.in_place_outputs
     for p in model.parameters():
         p.requires_grad_(False)
     for name, slice_names in plan.items():
@@ -472,6 +477,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 where = name if sname == FULL else f"{name} ({sname} rows)"
                 adapters[sname] = builder(config, where, n, hi - lo, W.device, W.dtype)
         new = AdaptedLinear(module, layout, adapters, config)
+        new.in_place_outputs = in_place
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -10,7 +10,8 @@ PyTorch headers, so it takes about a second), cached under `~/.cache/lit_gpt/ker
 on the tensors' memory. Where no compiler is found, or `LIT_GPT_CPU_KERNEL=0`, the eager path is used: same
 results, slower (`lit_gpt/adapters/ether.py`).
 
-float32 and float64 contiguous CPU tensors only; anything else takes the eager path.
+float32 and float64 CPU tensors only, contiguous or a column slice of a wider matrix (the rows of one adapted slice
+of a fused QKV output, updated where they lie); anything else takes the eager path. The update may be made in place.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ INLINE void dots_##SUF(const T *restrict a, const T *restrict v, long vstride, l
         }                                                                                                      \
     }                                                                                                          \
 }                                                                                                              \
-/* o = a + sum_j w[j] v_j for one block */                                                                     \
-INLINE void update_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J, const T *w,   \
-                         T *restrict o) {                                                                      \
+/* o = a + sum_j w[j] v_j for one block; o may be a (the update in place), so neither is restrict */                                                                     \
+INLINE void update_##SUF(const T *a, const T *restrict v, long vstride, long k, long J, const T *w,            \
+                         T *o) {                                                                               \
     if (J == 1) {                                                                                              \
         T w0 = w[0];                                                                                           \
         _Pragma("omp simd")                                                                                    \
@@ -113,39 +114,45 @@ INLINE void update_##SUF(const T *restrict a, const T *restrict v, long vstride,
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-INLINE void fwd_rows_##SUF(const T *z, const T *v, const double *s, T *out, T *c, long lo, long hi,            \
-                           long ntok, long nb, long k, long J) {                                               \
+INLINE void fwd_rows_##SUF(const T *z, long ldz, const T *v, const double *s, const T *beta, T *out, long ldo,  \
+                           T *c, long lo, long hi, long ntok, long nb, long k, long J) {                       \
     long d = nb * k;                                                                                           \
     T sc[MAXJ];                                                                                                \
     for (long j = 0; j < J; ++j) sc[j] = (T)s[j];                                                              \
     for (long t = lo; t < hi; ++t) {                                                                           \
         for (long i = 0; i < nb; ++i) {                                                                        \
-            const T *zp = z + t * d + i * k;                                                                   \
+            const T *zp = z + t * ldz + i * k;                                                                 \
             T dd[MAXJ], w[MAXJ];                                                                               \
             dots_##SUF(zp, v + i * k, d, k, J, dd);                                                            \
+            if (beta)                                                                                          \
+                for (long j = 0; j < J; ++j) dd[j] -= beta[j * nb + i];                                        \
             for (long j = 0; j < J; ++j) {                                                                     \
                 c[(j * ntok + t) * nb + i] = dd[j];                                                            \
                 w[j] = sc[j] * dd[j];                                                                          \
             }                                                                                                  \
-            update_##SUF(zp, v + i * k, d, k, J, w, out + t * d + i * k);                                      \
+            update_##SUF(zp, v + i * k, d, k, J, w, out + t * ldo + i * k);                                    \
         }                                                                                                      \
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-INLINE void bwd_rows_##SUF(const T *g, const T *z, const T *v, const double *s, const T *c, T *gz, T *acc,     \
-                           long lo, long hi, long ntok, long nb, long k, long J) {                             \
+/* gram (may be NULL), per block i: gram[(j * (J + 1) + l) * nb + i] += sum_t d_tj c_tl for l < J, and          \
+   gram[(j * (J + 1) + J) * nb + i] += sum_t d_tj: what turns a vector gradient taken with the output in place  \
+   of z into the one taken with z (see householder_bwd). */                                                    \
+INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, const T *v, const double *s, const T *c, \
+                           T *gz, long ldgz, T *acc, T *gram, long lo, long hi, long ntok, long nb, long k,    \
+                           long J) {                                                                           \
     long d = nb * k;                                                                                           \
     T sc[MAXJ];                                                                                                \
     for (long j = 0; j < J; ++j) sc[j] = (T)s[j];                                                              \
     for (long t = lo; t < hi; ++t) {                                                                           \
         for (long i = 0; i < nb; ++i) {                                                                        \
-            const T *restrict gp = g + t * d + i * k;                                                          \
-            const T *restrict zp = z + t * d + i * k;                                                          \
+            const T *restrict gp = g + t * ldg + i * k;                                                        \
+            const T *restrict zp = z + t * ldz + i * k;                                                        \
             T dd[MAXJ], w[MAXJ];                                                                               \
             dots_##SUF(gp, v + i * k, d, k, J, dd);                                                            \
             if (gz) {                                                                                          \
                 for (long j = 0; j < J; ++j) w[j] = sc[j] * dd[j];                                             \
-                update_##SUF(gp, v + i * k, d, k, J, w, gz + t * d + i * k);                                   \
+                update_##SUF(gp, v + i * k, d, k, J, w, gz + t * ldgz + i * k);                                \
             }                                                                                                  \
             if (acc) {                                                                                         \
                 for (long j = 0; j < J; ++j) {                                                                 \
@@ -155,56 +162,73 @@ INLINE void bwd_rows_##SUF(const T *g, const T *z, const T *v, const double *s, 
                     for (long q = 0; q < k; ++q) ap[q] += cj * gp[q] + dj * zp[q];                             \
                 }                                                                                              \
             }                                                                                                  \
+            if (gram) {                                                                                        \
+                for (long j = 0; j < J; ++j) {                                                                 \
+                    T *gp_j = gram + j * (J + 1) * nb + i;                                                     \
+                    for (long l = 0; l < J; ++l) gp_j[l * nb] += dd[j] * c[(l * ntok + t) * nb + i];           \
+                    gp_j[J * nb] += dd[j];                                                                     \
+                }                                                                                              \
+            }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
 /* the same rows with k (and J) fixed at compile time where they are common */                                 \
-static void fwd_range_##SUF(const T *z, const T *v, const double *s, T *out, T *c, long lo, long hi,           \
-                            long ntok, long nb, long k, long J) {                                              \
-    DISPATCH(fwd_rows_##SUF, z, v, s, out, c, lo, hi, ntok, nb)                                                \
+static void fwd_range_##SUF(const T *z, long ldz, const T *v, const double *s, const T *beta, T *out, long ldo, \
+                            T *c, long lo, long hi, long ntok, long nb, long k, long J) {                      \
+    DISPATCH(fwd_rows_##SUF, z, ldz, v, s, beta, out, ldo, c, lo, hi, ntok, nb)                                \
 }                                                                                                              \
-static void bwd_range_##SUF(const T *g, const T *z, const T *v, const double *s, const T *c, T *gz, T *acc,    \
-                            long lo, long hi, long ntok, long nb, long k, long J) {                            \
-    DISPATCH(bwd_rows_##SUF, g, z, v, s, c, gz, acc, lo, hi, ntok, nb)                                         \
+static void bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, const T *v, const double *s,           \
+                            const T *c, T *gz, long ldgz, T *acc, T *gram, long lo, long hi, long ntok,        \
+                            long nb, long k, long J) {                                                         \
+    DISPATCH(bwd_rows_##SUF, g, ldg, z, ldz, v, s, c, gz, ldgz, acc, gram, lo, hi, ntok, nb)                   \
 }                                                                                                              \
                                                                                                                \
-void householder_fwd_##SUF(const T *z, const T *v, const double *s, T *out, T *c,                             \
-                           long ntok, long nb, long k, long J, int nthreads) {                                 \
+/* Rows of z / out / g / gz are ld* numbers apart (a column slice of a wider matrix); out may be z. beta (may be \
+   NULL, (J, nb)) is subtracted from every dot product: with beta_ji = <b_i, v_ji> the update is then           \
+   H (z - b) + b for a bias b already added to z. */                                                           \
+void householder_fwd_##SUF(const T *z, long ldz, const T *v, const double *s, const T *beta, T *out, long ldo, \
+                           T *c, long ntok, long nb, long k, long J, int nthreads) {                           \
     _Pragma("omp parallel num_threads(nthreads)")                                                              \
     {                                                                                                          \
         int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
-        fwd_range_##SUF(z, v, s, out, c, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);                \
+        fwd_range_##SUF(z, ldz, v, s, beta, out, ldo, c, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J); \
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
 /* gz (may be NULL) = the same update applied to g; gv (may be NULL, (J, nb, k), overwritten) =               \
-   s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>. */                                       \
-void householder_bwd_##SUF(const T *g, const T *z, const T *v, const double *s, const T *c, T *gz, T *gv,    \
-                           long ntok, long nb, long k, long J, int nthreads) {                                 \
-    long nv = J * nb * k;                                                                                      \
+   s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>; gram (may be NULL, (J, J + 1, nb),      \
+   overwritten) as in bwd_rows. Each thread sums its own rows; the partial sums are added at the end. Returns    \
+   0, or 1 when the few KiB of partial sums could not be allocated. */                                         \
+int householder_bwd_##SUF(const T *g, long ldg, const T *z, long ldz, const T *v, const double *s,            \
+                          const T *c, T *gz, long ldgz, T *gv, T *gram, long ntok, long nb, long k, long J,    \
+                          int nthreads) {                                                                      \
+    long nv = gv ? J * nb * k : 0, ng = gram ? J * (J + 1) * nb : 0, per = nv + ng;                            \
     T *acc_all = NULL;                                                                                         \
-    if (gv) {                                                                                                  \
-        acc_all = (T *)calloc((size_t)nthreads * (size_t)nv, sizeof(T));                                       \
-        if (!acc_all) nthreads = 1, acc_all = gv, memset(gv, 0, sizeof(T) * nv);                               \
+    if (per) {                                                                                                 \
+        acc_all = (T *)calloc((size_t)nthreads * (size_t)per, sizeof(T));                                      \
+        if (!acc_all) {                                                                                        \
+            nthreads = 1;                                                                                      \
+            acc_all = (T *)calloc((size_t)per, sizeof(T));                                                     \
+            if (!acc_all) return 1; /* out of memory: the caller raises */                                    \
+        }                                                                                                      \
     }                                                                                                          \
     _Pragma("omp parallel num_threads(nthreads)")                                                              \
     {                                                                                                          \
         int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
-        T *acc = gv ? acc_all + (acc_all == gv ? 0 : (long)me * nv) : NULL;                                    \
-        bwd_range_##SUF(g, z, v, s, c, gz, acc, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);         \
+        T *mine = per ? acc_all + (long)me * per : NULL;                                                       \
+        bwd_range_##SUF(g, ldg, z, ldz, v, s, c, gz, ldgz, gv ? mine : NULL, gram ? mine + nv : NULL,          \
+                        ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);                                 \
     }                                                                                                          \
     long d = nb * k;                                                                                           \
-    if (gv && acc_all != gv) {                                                                                 \
-        for (long e = 0; e < nv; ++e) {                                                                        \
-            T a = 0;                                                                                           \
-            for (int th = 0; th < nthreads; ++th) a += acc_all[(long)th * nv + e];                             \
-            gv[e] = (T)s[e / d] * a;                                                                           \
-        }                                                                                                      \
-        free(acc_all);                                                                                         \
-    } else if (gv) {                                                                                           \
-        for (long e = 0; e < nv; ++e) gv[e] = (T)s[e / d] * gv[e];                                             \
+    for (long e = 0; e < per; ++e) {                                                                           \
+        T a = 0;                                                                                               \
+        for (int th = 0; th < nthreads; ++th) a += acc_all[(long)th * per + e];                                \
+        if (e < nv) gv[e] = (T)s[e / d] * a;                                                                   \
+        else gram[e - nv] = a;                                                                                 \
     }                                                                                                          \
+    free(acc_all);                                                                                             \
+    return 0;                                                                                                  \
 }
 
 KERNELS(float, f32)
@@ -282,8 +306,10 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         for suf in ("f32", "f64"):
-            getattr(lib, f"householder_fwd_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32]
-            getattr(lib, f"householder_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i32]
+            getattr(lib, f"householder_fwd_{suf}").argtypes = [p, i64, p, p, p, p, i64, p, i64, i64, i64, i64, i32]
+            bwd = getattr(lib, f"householder_bwd_{suf}")
+            bwd.argtypes = [p, i64, p, i64, p, p, p, p, i64, p, p, i64, i64, i64, i64, i32]
+            bwd.restype = i32
         _lib = lib
         return _lib
 
@@ -307,16 +333,29 @@ def disabled():
         _switched_off -= 1
 
 
+def row_stride(t: torch.Tensor) -> Optional[int]:
+    """How many numbers apart the rows of `t` are, when the kernel can walk it as `(rows, d)` rows of unit stride:
+    contiguous tensors, and 2-D ones whose rows are spaced further apart (a column slice of a wider matrix, such as
+    the value rows of a fused QKV output). None otherwise."""
+    if t.is_contiguous():
+        return t.shape[-1] if t.dim() else 1
+    if t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]:
+        return t.stride(0)
+    return None
+
+
 def usable(vecs: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """The kernel takes `(J <= 4, nb, k)` vectors and contiguous float32/float64 CPU tensors of one dtype."""
+    """The kernel takes contiguous `(J <= 4, nb, k)` vectors and float32/float64 CPU tensors of the same dtype that
+    are contiguous or 2-D with rows of unit stride (`row_stride`)."""
     dt = vecs.dtype
-    tensors = (vecs, *tensors)
     return (
         not _switched_off
         and vecs.ndim == 3
         and vecs.shape[0] <= MAX_VECTORS
         and dt in _SUFFIX
-        and all(t.device.type == "cpu" and t.dtype == dt and t.is_contiguous() for t in tensors)
+        and vecs.device.type == "cpu"
+        and vecs.is_contiguous()
+        and all(t.device.type == "cpu" and t.dtype == dt and row_stride(t) is not None for t in tensors)
         and available()
     )
 
@@ -329,16 +368,25 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def forward(z: torch.Tensor, vecs: torch.Tensor, coefs: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(out, c)`: the updated activations (shape of `z`) and the `(J, tokens, nb)` projections."""
+def forward(
+    z: torch.Tensor,
+    vecs: torch.Tensor,
+    coefs: tuple[float, ...],
+    out: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(out, c)`: the updated activations and the `(J, tokens, nb)` projections. `out` (default: a new contiguous
+    tensor shaped like `z`) may be `z` itself: the update is then made in place. `beta` (contiguous `(J, nb)`, the
+    vectors' products with a bias `b` that `z` already holds) makes it `H (z - b) + b`."""
     J, nb, k = vecs.shape
     assert J <= MAX_VECTORS and z.shape[-1] == nb * k
     ntok = z.numel() // (nb * k)
-    out = torch.empty_like(z)
+    out = torch.empty(z.shape, dtype=z.dtype) if out is None else out
     c = torch.empty(J, ntok, nb, dtype=z.dtype)
     s = torch.tensor(coefs, dtype=torch.float64)
     getattr(_lib, f"householder_fwd_{_SUFFIX[z.dtype]}")(
-        _ptr(z), _ptr(vecs), _ptr(s), _ptr(out), _ptr(c), ntok, nb, k, J, _threads(z.numel())
+        _ptr(z), row_stride(z), _ptr(vecs), _ptr(s), _ptr(beta), _ptr(out), row_stride(out), _ptr(c), ntok, nb, k, J,
+        _threads(z.numel()),
     )
     return out, c
 
@@ -351,14 +399,24 @@ def backward(
     c: torch.Tensor,
     want_z: bool,
     want_vecs: bool,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """`(gz, gvecs)`: the input gradient (the same update applied to `g`) and the `(J, nb, k)` vector gradient."""
+    want_gram: bool = False,
+    gz: Optional[torch.Tensor] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`(gz, gvecs, gram)`: the input gradient (the same update applied to `g`, written into `gz` when given), the
+    `(J, nb, k)` vector gradient `s_j sum_t (c_tj g_t + d_tj z_t)` with `d_tj = ŵ_jᵀ g_t`, and the `(J, J + 1, nb)`
+    sums `[sum_t d_tj c_tl for l < J, sum_t d_tj]` per block (only with `want_gram`)."""
     J, nb, k = vecs.shape
     ntok = z.numel() // (nb * k)
-    gz = torch.empty_like(g) if want_z else None
+    if want_z and gz is None:
+        gz = torch.empty(g.shape, dtype=g.dtype)
+    gz = gz if want_z else None
     gv = torch.empty(J, nb, k, dtype=g.dtype) if want_vecs else None
+    gram = torch.empty(J, J + 1, nb, dtype=g.dtype) if want_gram else None
     s = torch.tensor(coefs, dtype=torch.float64)
-    getattr(_lib, f"householder_bwd_{_SUFFIX[z.dtype]}")(
-        _ptr(g), _ptr(z), _ptr(vecs), _ptr(s), _ptr(c), _ptr(gz), _ptr(gv), ntok, nb, k, J, _threads(z.numel())
+    failed = getattr(_lib, f"householder_bwd_{_SUFFIX[z.dtype]}")(
+        _ptr(g), row_stride(g), _ptr(z), row_stride(z), _ptr(vecs), _ptr(s), _ptr(c), _ptr(gz),
+        row_stride(gz) if gz is not None else 0, _ptr(gv), _ptr(gram), ntok, nb, k, J, _threads(z.numel()),
     )
-    return gz, gv
+    if failed:
+        raise MemoryError("The Householder adapters' CPU kernel could not allocate its partial sums.")
+    return gz, gv, gram

@@ -38,6 +38,94 @@ def _chunks(z: torch.Tensor) -> int:
     return max(1, CPU_CHUNK_BYTES // max(1, z[0].numel() * z.element_size()))
 
 
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    """`t` as `(tokens, d)` rows of unit stride: a view where one exists (a column slice stays a view), else a copy."""
+    t2 = t.reshape(-1, d)
+    return t2 if cpu_kernel.row_stride(t2) is not None else t2.contiguous()
+
+
+def _eager_update(
+    z: torch.Tensor,
+    vecs: torch.Tensor,
+    coefs: tuple[float, ...],
+    out: torch.Tensor,
+    beta: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`out = H z` on `(T, nb * k)` rows of unit stride (`out` may be `z`: in place); returns `c`, `(J, T, nb, 1)`.
+    With `beta` (`(J, nb)`, the vectors' products with a bias `b` that `z` holds), `out = H (z - b) + b`."""
+    J, nb, k = vecs.shape
+    T = z.shape[0]
+    zr, outr = z.view(T, nb, k), out.view(T, nb, k)
+    in_place = out.data_ptr() == z.data_ptr()
+    cs = torch.empty(J, T, nb, 1, dtype=z.dtype, device=z.device)
+    step = _chunks(zr)
+    tmp = torch.empty((min(step, T), nb, k), dtype=z.dtype, device=z.device)  # reused: fresh ones cost page faults
+    for a in range(0, T, step):
+        zc, oc = zr[a:a + step], outr[a:a + step]
+        t = tmp[: zc.shape[0]]
+        for j in range(J):
+            torch.sum(torch.mul(zc, vecs[j], out=t), -1, keepdim=True, out=cs[j, a:a + step])
+            if beta is not None:
+                cs[j, a:a + step] -= beta[j, :, None]
+        if in_place:
+            oc.addcmul_(cs[0, a:a + step], vecs[0], value=coefs[0])
+        else:
+            torch.addcmul(zc, cs[0, a:a + step], vecs[0], value=coefs[0], out=oc)
+        for j in range(1, J):
+            oc.addcmul_(cs[j, a:a + step], vecs[j], value=coefs[j])
+    return cs
+
+
+def _eager_backward(
+    g: torch.Tensor,
+    z: torch.Tensor,
+    vecs: torch.Tensor,
+    coefs: tuple[float, ...],
+    cs: torch.Tensor,
+    gz: Optional[torch.Tensor],
+    want_vecs: bool,
+    want_gram: bool = False,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The eager twin of `cpu_kernel.backward` on `(T, nb * k)` rows: writes `H g` into `gz` (if given) and returns
+    the vector gradient `(J, nb, k)` and the gram sums `(J, J + 1, nb)`, both accumulated in float32 (float64
+    stays) whatever the activation dtype."""
+    J, nb, k = vecs.shape
+    T = g.shape[0]
+    gr, zr = g.view(T, nb, k), z.view(T, nb, k)
+    gzr = gz.view(T, nb, k) if gz is not None else None
+    acc = compute_dtype(vecs)
+    gvecs = torch.zeros(J, nb, 1, k, dtype=acc, device=vecs.device) if want_vecs else None
+    gram = torch.zeros(J, J + 1, nb, 1, dtype=acc, device=vecs.device) if want_gram else None
+    step = _chunks(gr)
+    tmp = torch.empty((min(step, T), nb, k), dtype=g.dtype, device=g.device)
+    ds = torch.empty(J, tmp.shape[0], nb, 1, dtype=g.dtype, device=g.device)
+    for a in range(0, T, step):
+        gc = gr[a:a + step]
+        t, d = tmp[: gc.shape[0]], ds[:, : gc.shape[0]]
+        for j in range(J):
+            torch.sum(torch.mul(gc, vecs[j], out=t), -1, keepdim=True, out=d[j])
+        if gzr is not None:
+            oc = gzr[a:a + step]
+            torch.addcmul(gc, d[0], vecs[0], value=coefs[0], out=oc)
+            for j in range(1, J):
+                oc.addcmul_(d[j], vecs[j], value=coefs[j])
+        if want_vecs:
+            # per block i: sum_t c_ti g_ti + d_ti z_ti, as (1 x T) @ (T x k) products batched over the blocks
+            gb, zb = gc.transpose(0, 1), zr[a:a + step].transpose(0, 1)
+            for j in range(J):
+                part = torch.bmm(cs[j, a:a + step].permute(1, 2, 0), gb)
+                part.baddbmm_(d[j].permute(1, 2, 0), zb)
+                gvecs[j] += part
+        if want_gram:
+            for j in range(J):
+                for l in range(J):
+                    gram[j, l] += torch.sum(d[j] * cs[l, a:a + step], 0, dtype=acc)
+                gram[j, J] += torch.sum(d[j], 0, dtype=acc)
+    if want_vecs:
+        gvecs = gvecs.squeeze(2) * torch.tensor(coefs, dtype=acc, device=vecs.device)[:, None, None]
+    return gvecs, (gram.squeeze(-1) if want_gram else None)
+
+
 class _BlockRankUpdate(torch.autograd.Function):
     """`z_i + sum_j s_j (ŵ_jiᵀ z_i) ŵ_ji` for every block `i`, with a hand-written backward.
 
@@ -45,75 +133,153 @@ class _BlockRankUpdate(torch.autograd.Function):
     vector gradient is `s_j sum_t (c_tj g_t + d_tj z_t)` per block, a `(1 x T) @ (T x k)` product batched over the
     blocks. Only `z` and the `J` projections `c` are kept for backward. float32/float64 on the CPU run the fused
     kernel of `cpu_kernel.py` (one pass over the activations each way) when it could be built; everything else runs
-    the eager code below.
+    the eager code above.
     """
 
     @staticmethod
     def forward(ctx, z, vecs, coefs):
         ctx.coefs = coefs
-        if cpu_kernel.usable(vecs) and z.device.type == "cpu" and z.dtype == vecs.dtype:
-            z = z.contiguous()
-            out, cs = cpu_kernel.forward(z, vecs, coefs)
-            ctx.kernel = True
-            ctx.save_for_backward(z, vecs, cs)
-            return out
-        ctx.kernel = False
-        J, nb, k = vecs.shape
-        zr = z.reshape(-1, nb, k)
-        out = torch.empty_like(zr)
-        cs = torch.empty(J, zr.shape[0], nb, 1, dtype=z.dtype, device=z.device)
-        step = _chunks(zr)
-        tmp = torch.empty_like(zr[:step])  # reused: a fresh temporary per step costs page faults on the CPU
-        for a in range(0, zr.shape[0], step):
-            zc, oc = zr[a:a + step], out[a:a + step]
-            t = tmp[: zc.shape[0]]
-            for j in range(J):
-                torch.sum(torch.mul(zc, vecs[j], out=t), -1, keepdim=True, out=cs[j, a:a + step])
-            torch.addcmul(zc, cs[0, a:a + step], vecs[0], value=coefs[0], out=oc)
-            for j in range(1, J):
-                oc.addcmul_(cs[j, a:a + step], vecs[j], value=coefs[j])
-        ctx.save_for_backward(z, vecs, cs)
+        d = z.shape[-1]
+        z2 = z.reshape(-1, d).contiguous()
+        ctx.kernel = cpu_kernel.usable(vecs, z2)
+        if ctx.kernel:
+            out, cs = cpu_kernel.forward(z2, vecs, coefs)
+        else:
+            out = torch.empty_like(z2)
+            cs = _eager_update(z2, vecs, coefs, out)
+        ctx.save_for_backward(z2, vecs, cs)
         return out.view(z.shape)
 
     @staticmethod
     def backward(ctx, g):
         z, vecs, cs = ctx.saved_tensors
-        coefs = ctx.coefs
         want_z, want_vecs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g2 = _rows(g, z.shape[-1])
+        gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
         if ctx.kernel:
-            gz, gvecs = cpu_kernel.backward(g.contiguous(), z, vecs, coefs, cs, want_z, want_vecs)
-            return gz, gvecs, None
-        J, nb, k = vecs.shape
-        gr, zr = g.reshape(-1, nb, k), z.reshape(-1, nb, k)
-        gz = torch.empty_like(gr) if want_z else None
-        # float32 accumulation across chunks, whatever the activation dtype
-        gvecs = torch.zeros(J, nb, 1, k, dtype=compute_dtype(vecs), device=vecs.device) if want_vecs else None
-        step = _chunks(gr)
-        tmp = torch.empty_like(gr[:step])
-        ds = torch.empty(J, tmp.shape[0], nb, 1, dtype=g.dtype, device=g.device)
-        for a in range(0, gr.shape[0], step):
-            gc = gr[a:a + step]
-            t, d = tmp[: gc.shape[0]], ds[:, : gc.shape[0]]
-            for j in range(J):
-                torch.sum(torch.mul(gc, vecs[j], out=t), -1, keepdim=True, out=d[j])
-            if want_z:
-                oc = gz[a:a + step]
-                torch.addcmul(gc, d[0], vecs[0], value=coefs[0], out=oc)
-                for j in range(1, J):
-                    oc.addcmul_(d[j], vecs[j], value=coefs[j])
-            if want_vecs:
-                # per block i: sum_t c_ti g_ti + d_ti z_ti, as (1 x T) @ (T x k) products batched over the blocks
-                gb, zb = gc.transpose(0, 1), zr[a:a + step].transpose(0, 1)
-                for j in range(J):
-                    part = torch.bmm(cs[j, a:a + step].permute(1, 2, 0), gb)
-                    part.baddbmm_(d[j].permute(1, 2, 0), zb)
-                    gvecs[j] += part
-        if want_z:
-            gz = gz.view(z.shape)
-        if want_vecs:
-            gvecs = gvecs.squeeze(2) * torch.tensor(coefs, dtype=gvecs.dtype, device=gvecs.device)[:, None, None]
-            gvecs = gvecs.to(vecs.dtype)
-        return gz, gvecs, None
+            _, gvecs, _ = cpu_kernel.backward(g2, z, vecs, ctx.coefs, cs, want_z, want_vecs, gz=gz)
+        else:
+            gvecs, _ = _eager_backward(g2, z, vecs, ctx.coefs, cs, gz, want_vecs)
+        return (
+            gz.view(g.shape) if want_z else None,
+            gvecs.to(vecs.dtype) if want_vecs else None,
+            None,
+        )
+
+
+def _rebuild_z(
+    gvecs: torch.Tensor,
+    vecs: torch.Tensor,
+    coefs: tuple[float, ...],
+    gram: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    output_kept: bool,
+) -> torch.Tensor:
+    """The vector gradient taken with a kept tensor in place of the transform's input `z`, made the one with `z`.
+
+    The kept tensor is `o = H z + b` (`output_kept`) or `y = z + b`; per block `z = o - b - sum_l s_l c_l ŵ_l`,
+    so `sum_t d_tj z_t = sum_t d_tj o_t - (sum_t d_tj) b - sum_l s_l (sum_t d_tj c_tl) ŵ_l`. `gram` holds those
+    sums over tokens, so the correction is a few small products."""
+    J = len(coefs)
+    dt = gvecs.dtype
+    s = torch.tensor(coefs, dtype=dt, device=gvecs.device)
+    corr = torch.zeros_like(gvecs)
+    if output_kept:
+        corr += torch.einsum("jln,l,lnk->jnk", gram[:, :J].to(dt), s, vecs.to(dt))
+    if bias is not None:
+        corr += gram[:, J, :, None].to(dt) * bias.to(dt).view(vecs.shape[1:])
+    return gvecs - s[:, None, None] * corr
+
+
+class _OutputRowsUpdate(torch.autograd.Function):
+    """The output-side transforms of one adapted layer on its GEMM output `y = W x' + b`: for every adapted slice
+    `(lo, hi)` of the output rows, `y[..., lo:hi] = H_s (y[..., lo:hi] - b_s) + b_s` (computed as `y + sum_j s_j
+    (ŵ_jᵀ y - ŵ_jᵀ b) ŵ_j`, with no pass over `y` for the bias), other rows untouched, bit for bit.
+
+    `in_place=True` updates `y` (a fresh GEMM output nobody else holds) where it lies and keeps the result for
+    backward instead of `y`: inside a `lit_gpt.GPT` the next operation keeps that result anyway (attention keeps
+    the fused QKV output through its value view, the MLP's SiLU and product keep fc_1's and fc_2's), so there the
+    transform keeps nothing of its own. The `z` the vector gradient needs is rebuilt from it (`_rebuild_z`).
+    `in_place=False` writes a new tensor and keeps `y`: for models whose code may modify a layer's output in place
+    afterwards, which would spoil a kept output.
+    """
+
+    @staticmethod
+    def forward(ctx, y, bias, in_place, spans, *vecs_list):
+        m = y.shape[-1]
+        y2 = y.view(-1, m)
+        out = y if in_place else torch.empty_like(y)  # the tensor itself is returned: code after may modify it
+        out2 = out.view(-1, m)
+        cs, kernel = [], []
+        for (lo, hi, coefs), vecs in zip(spans, vecs_list):
+            zs, os_ = (y2, out2) if (lo, hi) == (0, m) else (y2[:, lo:hi], out2[:, lo:hi])
+            beta = None
+            if bias is not None:
+                beta = (vecs * bias[lo:hi].to(vecs.dtype).view(vecs.shape[1:])).sum(-1).contiguous()
+            use = cpu_kernel.usable(vecs, zs, os_)
+            if use:
+                cs.append(cpu_kernel.forward(zs, vecs, coefs, out=os_, beta=beta)[1])
+            else:
+                cs.append(_eager_update(zs, vecs, coefs, os_, beta))
+            kernel.append(use)
+        if not in_place:
+            for lo, hi in _gaps(spans, m):
+                out2[:, lo:hi] = y2[:, lo:hi]
+        ctx.spans, ctx.kernel, ctx.in_place = spans, kernel, in_place
+        if in_place:
+            ctx.mark_dirty(y)
+        ctx.save_for_backward(y, bias, *vecs_list, *cs)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        spans, n = ctx.spans, len(ctx.spans)
+        kept, bias, *rest = ctx.saved_tensors
+        vecs_list, cs = rest[:n], rest[n:]
+        m = g.shape[-1]
+        g2, kept2 = _rows(g, m), kept.view(-1, m)
+        want_y, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gy = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_y or want_bias else None
+        if gy is not None:
+            for lo, hi in _gaps(spans, m):
+                gy[:, lo:hi] = g2[:, lo:hi]
+        gbias = torch.zeros(m, dtype=compute_dtype(g), device=g.device) if want_bias else None
+        gvecs = []
+        for i, ((lo, hi, coefs), vecs, c) in enumerate(zip(spans, vecs_list, cs)):
+            full = (lo, hi) == (0, m)
+            gs, zs = (g2, kept2) if full else (g2[:, lo:hi], kept2[:, lo:hi])
+            gzs = (gy if full else gy[:, lo:hi]) if gy is not None else None
+            want_v = ctx.needs_input_grad[4 + i]
+            bs = bias[lo:hi].to(kept.dtype) if bias is not None else None
+            rebuild = want_v and (ctx.in_place or bs is not None)
+            if ctx.kernel[i]:
+                _, gv, gram = cpu_kernel.backward(gs, zs, vecs, coefs, c, gzs is not None, want_v, rebuild, gz=gzs)
+            else:
+                gv, gram = _eager_backward(gs, zs, vecs, coefs, c, gzs, want_v, want_gram=rebuild)
+            if rebuild:
+                gv = _rebuild_z(gv, vecs, coefs, gram, bs, output_kept=ctx.in_place)
+            gvecs.append(gv.to(vecs.dtype) if want_v else None)
+            if want_bias:  # the bias also enters as `- H b + b`: its own gradient is `g - H g` on these rows
+                gbias[lo:hi] = (gs.sum(0, dtype=gbias.dtype) - gzs.sum(0, dtype=gbias.dtype))
+        return (
+            gy.view(g.shape) if want_y else None,
+            gbias.to(bias.dtype) if want_bias else None,
+            None,
+            None,
+            *gvecs,
+        )
+
+
+def _gaps(spans, m: int) -> list[tuple[int, int]]:
+    """The column ranges of `[0, m)` no span covers (spans are sorted and disjoint)."""
+    gaps, at = [], 0
+    for lo, hi, _ in spans:
+        if lo > at:
+            gaps.append((at, lo))
+        at = hi
+    if at < m:
+        gaps.append((at, m))
+    return gaps
 
 
 class HouseholderTransform(BlockTransform):
@@ -153,6 +319,18 @@ class HouseholderTransform(BlockTransform):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         vecs = self.unit_vectors(self.keep_mask(z.device))
         return _BlockRankUpdate.apply(z, vecs.to(z.dtype), self.coefs)
+
+    @staticmethod
+    def apply_output_rows(
+        y: torch.Tensor, bias: Optional[torch.Tensor], parts: list, in_place: bool
+    ) -> torch.Tensor:
+        """`H_s` on the rows `(lo, hi)` of the GEMM output `y` (bias not yet added) for every `(lo, hi, transform)`
+        of `parts`, then `+ bias`: one autograd node per layer (`_OutputRowsUpdate`)."""
+        spans, vecs_list = [], []
+        for lo, hi, t in parts:
+            spans.append((lo, hi, t.coefs))
+            vecs_list.append(t.unit_vectors(t.keep_mask(y.device)).to(y.dtype))
+        return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), *vecs_list)
 
     def rank_update(self, x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(C, P)` with `W H x = W x + C Pᵀ`: `C = [Û_jᵀ x]_j` is `(..., J*nb)`, `P = [s_j W Û_j]_j` is
