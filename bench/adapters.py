@@ -471,7 +471,10 @@ WHERE_THE_TIME_GOES = (
     "PEFT's HRA builds its weight from r reflections the same way. OFT's extra cost is its batched `k x k` block "
     "matmul (`k/m` of a layer's multiply-adds, in small GEMMs) and one small solve per adapted layer and step. "
     "Memory: a transform on a layer's input keeps that input for the vector gradient (the frozen GEMM alone keeps "
-    "nothing), one copy per distinct input (the q, k and v adapters share theirs)."
+    "nothing), one copy per distinct input (the q, k and v adapters share theirs). A transform on a layer's output "
+    "(ETHER+HH) updates the GEMM output in place and keeps the result, from which backward rebuilds its input: "
+    "attention keeps the fused QKV output and the MLP's product keeps fc_1's and fc_2's anyway, so only the two "
+    "projections into the residual stream (attention's output, the MLP's down projection) cost an activation each."
 )
 
 

@@ -186,3 +186,21 @@ def test_in_a_gpt_the_output_side_keeps_only_what_the_next_operation_does_not():
     small = output_sides * (J * B * T * nb + J * nb * 64) * f32  # c per transform, and its unit vectors (k <= 64)
     assert hh - plus <= residual_outputs + small
     assert hh_out_of_place - hh >= cfg.n_layer * B * T * (cfg.n_query_groups * 2 * cfg.head_size) * f32
+
+
+def test_activation_checkpointing_recomputes_the_in_place_output_side():
+    """Checkpointed blocks run the in-place node again in backward: the gradients must not change."""
+    model = apply_adapters(tiny_gpt(), AdapterConfig(method="etherplusHH", nb=4, targets=["all-linear"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.normal_()
+    model.train()
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        grads.append(torch.autograd.grad(model(idx).square().mean(), params))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
