@@ -15,15 +15,9 @@ import torch.nn.functional as F
 from lit_gpt import GPT, Config
 from lit_gpt.adapters import AdaptedLinear, AdapterConfig, apply_adapters, cpu_kernel
 from lit_gpt.adapters import ether
+from test_cpu_kernel import dense_blocks as dense  # METHODS.md's blocks as one dense matrix
 
 COEFS = {"ether": (-2.0,), "etherplus": (-1.0, 1.0)}
-
-
-def dense(vecs: torch.Tensor, coefs) -> torch.Tensor:
-    J, nb, k = vecs.shape
-    eye = torch.eye(k, dtype=vecs.dtype)
-    return torch.block_diag(*[eye + sum(s * torch.outer(vecs[j, i], vecs[j, i]) for j, s in enumerate(coefs))
-                              for i in range(nb)])
 
 
 @pytest.fixture(params=["kernel", "eager", "eager-chunked"])
