@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -25,6 +26,16 @@ def dense_blocks(vecs: torch.Tensor, coefs) -> torch.Tensor:
     eye = torch.eye(k, dtype=vecs.dtype)
     return torch.block_diag(*[eye + sum(s * torch.outer(vecs[j, i], vecs[j, i]) for j, s in enumerate(coefs))
                               for i in range(nb)])
+
+
+@contextmanager
+def threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def run(z, vecs, coefs, g, eager: bool):
@@ -75,13 +86,11 @@ def test_kernel_gradcheck(coefs):
 
 
 @needs_kernel
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0)])
-def test_kernel_equals_eager_path_in_float32(coefs, threads):
+def test_kernel_equals_eager_path_in_float32(coefs, n_threads):
     """Large enough for the threaded loops (and per-thread vector-gradient sums), with a dropped (zero) block."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads(n_threads):
         torch.manual_seed(1)
         z = torch.randn(4, 300, 256)
         assert z.numel() >= cpu_kernel.PARALLEL_MIN_NUMEL
@@ -90,8 +99,6 @@ def test_kernel_equals_eager_path_in_float32(coefs, threads):
         g = torch.randn_like(z)
         a = run(z, vecs, coefs, g, eager=False)
         b = run(z, vecs, coefs, g, eager=True)
-    finally:
-        torch.set_num_threads(old)
     for x, y in zip(a, b):  # float32 sums in another order: relative to each tensor's scale
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
     torch.testing.assert_close(a[0][..., 96:128], z[..., 96:128], rtol=0, atol=0)
@@ -193,23 +200,17 @@ def test_kernel_updates_a_column_slice_in_place_with_a_bias_offset(coefs):
 
 
 @needs_kernel
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0)])
-def test_kernel_backward_writes_strided_slices_and_sums_the_gram(coefs, threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+def test_kernel_backward_writes_strided_slices_and_sums_the_gram(coefs, n_threads):
+    with threads(n_threads):
         torch.manual_seed(4)
         T, m, lo, hi, nb, k = 600, 96, 16, 80, 2, 32  # enough numbers for two threads
         g, z = torch.randn(T, m, dtype=torch.float64), torch.randn(T, m, dtype=torch.float64)
         vecs = F.normalize(torch.randn(len(coefs), nb, k, dtype=torch.float64), dim=-1)
         c = torch.randn(len(coefs), T, nb, dtype=torch.float64)
         gz = torch.full((T, m), 7.0, dtype=torch.float64)
-        _, gv, gram = cpu_kernel.backward(
-            g[:, lo:hi], z[:, lo:hi], vecs, coefs, c, True, True, want_gram=True, gz=gz[:, lo:hi]
-        )
-    finally:
-        torch.set_num_threads(old)
+        _, gv, gram = cpu_kernel.backward(g[:, lo:hi], z[:, lo:hi], vecs, coefs, c, gz[:, lo:hi], True, want_gram=True)
     H = dense_blocks(vecs, coefs)
     torch.testing.assert_close(gz[:, lo:hi], g[:, lo:hi] @ H, rtol=1e-12, atol=1e-12)
     assert (gz[:, :lo] == 7).all() and (gz[:, hi:] == 7).all()

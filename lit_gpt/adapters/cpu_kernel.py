@@ -397,19 +397,15 @@ def backward(
     vecs: torch.Tensor,
     coefs: tuple[float, ...],
     c: torch.Tensor,
-    want_z: bool,
+    gz: Optional[torch.Tensor],
     want_vecs: bool,
     want_gram: bool = False,
-    gz: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """`(gz, gvecs, gram)`: the input gradient (the same update applied to `g`, written into `gz` when given), the
-    `(J, nb, k)` vector gradient `s_j sum_t (c_tj g_t + d_tj z_t)` with `d_tj = ŵ_jᵀ g_t`, and the `(J, J + 1, nb)`
-    sums `[sum_t d_tj c_tl for l < J, sum_t d_tj]` per block (only with `want_gram`)."""
+    """`(gz, gvecs, gram)`: the input gradient (the same update applied to `g`, written into `gz`; None skips it),
+    the `(J, nb, k)` vector gradient `s_j sum_t (c_tj g_t + d_tj z_t)` with `d_tj = ŵ_jᵀ g_t`, and the
+    `(J, J + 1, nb)` sums `[sum_t d_tj c_tl for l < J, sum_t d_tj]` per block (only with `want_gram`)."""
     J, nb, k = vecs.shape
     ntok = z.numel() // (nb * k)
-    if want_z and gz is None:
-        gz = torch.empty(g.shape, dtype=g.dtype)
-    gz = gz if want_z else None
     gv = torch.empty(J, nb, k, dtype=g.dtype) if want_vecs else None
     gram = torch.empty(J, J + 1, nb, dtype=g.dtype) if want_gram else None
     s = torch.tensor(coefs, dtype=torch.float64)

@@ -44,6 +44,19 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
     return t2 if cpu_kernel.row_stride(t2) is not None else t2.contiguous()
 
 
+def _dots(x: torch.Tensor, vecs: torch.Tensor, tmp: torch.Tensor, dots: torch.Tensor) -> None:
+    """`dots[j] = ŵ_jᵀ x` per block, for a `(n, nb, k)` chunk `x`; `tmp` is scratch shaped like `x`."""
+    for j in range(vecs.shape[0]):
+        torch.sum(torch.mul(x, vecs[j], out=tmp), -1, keepdim=True, out=dots[j])
+
+
+def _update(x: torch.Tensor, dots: torch.Tensor, vecs: torch.Tensor, coefs, out: torch.Tensor) -> None:
+    """`out = x + sum_j s_j dots_j ŵ_j` for a `(n, nb, k)` chunk; `out` may be `x` (in place)."""
+    torch.addcmul(x, dots[0], vecs[0], value=coefs[0], out=out)
+    for j in range(1, vecs.shape[0]):
+        out.addcmul_(dots[j], vecs[j], value=coefs[j])
+
+
 def _eager_update(
     z: torch.Tensor,
     vecs: torch.Tensor,
@@ -56,23 +69,15 @@ def _eager_update(
     J, nb, k = vecs.shape
     T = z.shape[0]
     zr, outr = z.view(T, nb, k), out.view(T, nb, k)
-    in_place = out.data_ptr() == z.data_ptr()
     cs = torch.empty(J, T, nb, 1, dtype=z.dtype, device=z.device)
     step = _chunks(zr)
     tmp = torch.empty((min(step, T), nb, k), dtype=z.dtype, device=z.device)  # reused: fresh ones cost page faults
     for a in range(0, T, step):
-        zc, oc = zr[a:a + step], outr[a:a + step]
-        t = tmp[: zc.shape[0]]
-        for j in range(J):
-            torch.sum(torch.mul(zc, vecs[j], out=t), -1, keepdim=True, out=cs[j, a:a + step])
-            if beta is not None:
-                cs[j, a:a + step] -= beta[j, :, None]
-        if in_place:
-            oc.addcmul_(cs[0, a:a + step], vecs[0], value=coefs[0])
-        else:
-            torch.addcmul(zc, cs[0, a:a + step], vecs[0], value=coefs[0], out=oc)
-        for j in range(1, J):
-            oc.addcmul_(cs[j, a:a + step], vecs[j], value=coefs[j])
+        zc, c = zr[a:a + step], cs[:, a:a + step]
+        _dots(zc, vecs, tmp[: zc.shape[0]], c)
+        if beta is not None:
+            c -= beta[:, None, :, None]
+        _update(zc, c, vecs, coefs, outr[a:a + step])
     return cs
 
 
@@ -92,7 +97,6 @@ def _eager_backward(
     J, nb, k = vecs.shape
     T = g.shape[0]
     gr, zr = g.view(T, nb, k), z.view(T, nb, k)
-    gzr = gz.view(T, nb, k) if gz is not None else None
     acc = compute_dtype(vecs)
     gvecs = torch.zeros(J, nb, 1, k, dtype=acc, device=vecs.device) if want_vecs else None
     gram = torch.zeros(J, J + 1, nb, 1, dtype=acc, device=vecs.device) if want_gram else None
@@ -101,14 +105,10 @@ def _eager_backward(
     ds = torch.empty(J, tmp.shape[0], nb, 1, dtype=g.dtype, device=g.device)
     for a in range(0, T, step):
         gc = gr[a:a + step]
-        t, d = tmp[: gc.shape[0]], ds[:, : gc.shape[0]]
-        for j in range(J):
-            torch.sum(torch.mul(gc, vecs[j], out=t), -1, keepdim=True, out=d[j])
-        if gzr is not None:
-            oc = gzr[a:a + step]
-            torch.addcmul(gc, d[0], vecs[0], value=coefs[0], out=oc)
-            for j in range(1, J):
-                oc.addcmul_(d[j], vecs[j], value=coefs[j])
+        d = ds[:, : gc.shape[0]]
+        _dots(gc, vecs, tmp[: gc.shape[0]], d)
+        if gz is not None:
+            _update(gc, d, vecs, coefs, gz.view(T, nb, k)[a:a + step])
         if want_vecs:
             # per block i: sum_t c_ti g_ti + d_ti z_ti, as (1 x T) @ (T x k) products batched over the blocks
             gb, zb = gc.transpose(0, 1), zr[a:a + step].transpose(0, 1)
@@ -157,7 +157,7 @@ class _BlockRankUpdate(torch.autograd.Function):
         g2 = _rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
         if ctx.kernel:
-            _, gvecs, _ = cpu_kernel.backward(g2, z, vecs, ctx.coefs, cs, want_z, want_vecs, gz=gz)
+            _, gvecs, _ = cpu_kernel.backward(g2, z, vecs, ctx.coefs, cs, gz, want_vecs)
         else:
             gvecs, _ = _eager_backward(g2, z, vecs, ctx.coefs, cs, gz, want_vecs)
         return (
@@ -253,7 +253,7 @@ class _OutputRowsUpdate(torch.autograd.Function):
             bs = bias[lo:hi].to(kept.dtype) if bias is not None else None
             rebuild = want_v and (ctx.in_place or bs is not None)
             if ctx.kernel[i]:
-                _, gv, gram = cpu_kernel.backward(gs, zs, vecs, coefs, c, gzs is not None, want_v, rebuild, gz=gzs)
+                _, gv, gram = cpu_kernel.backward(gs, zs, vecs, coefs, c, gzs, want_v, rebuild)
             else:
                 gv, gram = _eager_backward(gs, zs, vecs, coefs, c, gzs, want_v, want_gram=rebuild)
             if rebuild:
