@@ -42,7 +42,9 @@ from jsonargparse import CLI  # noqa: E402
 
 from common import command_line, saved_bytes, sync, write_section  # noqa: E402
 from lit_gpt import GPT, Config  # noqa: E402
-from lit_gpt.adapters import AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, cpu_kernel  # noqa: E402
+from lit_gpt.adapters import (  # noqa: E402
+    AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, cpu_kernel, gpu_kernel,
+)
 
 SHAPES = {
     # a Llama scaled down so a CPU run takes minutes (MLP ratio and vocabulary as Llama-2's)
@@ -100,8 +102,13 @@ def make_step(model: nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, devi
 
 
 def path_of(model: nn.Module):
-    """The eager variants run the Householder update without the fused CPU kernel (`cpu_kernel.disabled`)."""
-    return cpu_kernel.disabled() if getattr(model, "bench_eager", False) else contextlib.nullcontext()
+    """The eager variants run the Householder update without the fused kernels (`cpu_kernel`, `gpu_kernel`)."""
+    if not getattr(model, "bench_eager", False):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(cpu_kernel.disabled())
+    stack.enter_context(gpu_kernel.disabled())
+    return stack
 
 
 def embeddings_require_grad(embedding: nn.Module) -> None:
@@ -257,8 +264,8 @@ def main(
             (f"etherplusHH nb{nb}", "lit", tset,
              ours(AdapterConfig(method="etherplusHH", nb=nb, targets=lit_targets))),
         ]
-        if device == "cpu" and cpu_kernel.available():
-            # the same three without the fused CPU kernel: what it buys
+        if (cpu_kernel if device == "cpu" else gpu_kernel).available():
+            # the same three without the fused kernel (C on the CPU, Triton on the GPU): what it buys
             variants += [
                 (f"{m} nb{nb} eager", "lit", tset, ours(AdapterConfig(method=m, nb=nb, targets=lit_targets), eager=True))
                 for m in ("ether", "etherplus", "etherplusHH")

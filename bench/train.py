@@ -135,6 +135,20 @@ def main(
 
         steps[name] = step
 
+    # a method that does not fit (full fine-tuning of a large model, say) is reported as such, not a crash
+    out_of_memory = []
+    for name in list(names):
+        try:
+            steps[name]()
+        except torch.OutOfMemoryError:
+            if name == "frozen":
+                raise
+            names.remove(name)
+            out_of_memory.append(name)
+            del models[name], optimizers[name], steps[name]
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + repeats):
         for name in names if r % 2 == 0 else reversed(names):
@@ -173,6 +187,8 @@ def main(
         if "peak_gib" in r:
             cells += [f"{r['peak_gib']:.2f}", f"{r['mfu']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
+    for name in out_of_memory:
+        lines.append(f"| {name} | | out of memory | | | |" + (" | |" if device.startswith("cuda") else ""))
     table = "\n".join(lines)
     where = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if device.startswith("cuda"):
@@ -187,7 +203,9 @@ def main(
                    "`step / frozen` is the median per-round ratio to the frozen step (forward + backward to the "
                    "activations). Memory is what the step adds beyond the weights: tensors saved for backward, "
                    "trainable gradients and AdamW's two moments.")
-        write_section(f"bench/train.py {device} {shape}", section)
+        # one section per device and shape, and per micro-batch size other than the default 1
+        key = f"bench/train.py {device} {shape}" + (f" mb{micro_batch_size}" if micro_batch_size != 1 else "")
+        write_section(key, section)
 
 
 if __name__ == "__main__":

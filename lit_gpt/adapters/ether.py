@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_gpt.adapters import cpu_kernel
+from lit_gpt.adapters import cpu_kernel, gpu_kernel
 from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute_dtype, num_blocks, register_method
 from lit_gpt.adapters.config import AdapterConfig
 
@@ -28,7 +28,8 @@ NORM_EPS = 1e-12  # guards ‖w‖ of an all-zero vector; far below any norm a t
 
 # On the CPU the update streams token chunks of about this many bytes, so the temporaries of its several
 # element-wise steps stay in cache instead of going to memory once per step (about 1.6x faster per update on a
-# width-1024 layer, measured); on GPUs one kernel per step over all tokens is better.
+# width-1024 layer, measured); on GPUs one kernel per step over all tokens is better (and `gpu_kernel.py`'s fused
+# Triton kernels better still).
 CPU_CHUNK_BYTES = 1 << 20
 
 
@@ -36,6 +37,14 @@ def _chunks(z: torch.Tensor) -> int:
     if z.device.type != "cpu":
         return max(1, z.shape[0])
     return max(1, CPU_CHUNK_BYTES // max(1, z[0].numel() * z.element_size()))
+
+
+def _kernel(vecs: torch.Tensor, *tensors: torch.Tensor):
+    """The fused kernel module (`cpu_kernel` or `gpu_kernel`) that can run this update, or None (eager path)."""
+    for kernel in (cpu_kernel, gpu_kernel):
+        if kernel.usable(vecs, *tensors):
+            return kernel
+    return None
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -132,8 +141,8 @@ class _BlockRankUpdate(torch.autograd.Function):
     The operator is symmetric, so the input gradient is the same update applied to the output gradient; the
     vector gradient is `s_j sum_t (c_tj g_t + d_tj z_t)` per block, a `(1 x T) @ (T x k)` product batched over the
     blocks. Only `z` and the `J` projections `c` are kept for backward. float32/float64 on the CPU run the fused
-    kernel of `cpu_kernel.py` (one pass over the activations each way) when it could be built; everything else runs
-    the eager code above.
+    kernel of `cpu_kernel.py` (one pass over the activations each way) when it could be built, CUDA tensors the
+    Triton kernels of `gpu_kernel.py`; everything else runs the eager code above.
     """
 
     @staticmethod
@@ -141,9 +150,9 @@ class _BlockRankUpdate(torch.autograd.Function):
         ctx.coefs = coefs
         d = z.shape[-1]
         z2 = z.reshape(-1, d).contiguous()
-        ctx.kernel = cpu_kernel.usable(vecs, z2)
-        if ctx.kernel:
-            out, cs = cpu_kernel.forward(z2, vecs, coefs)
+        ctx.kernel = _kernel(vecs, z2)
+        if ctx.kernel is not None:
+            out, cs = ctx.kernel.forward(z2, vecs, coefs)
         else:
             out = torch.empty_like(z2)
             cs = _eager_update(z2, vecs, coefs, out)
@@ -156,8 +165,8 @@ class _BlockRankUpdate(torch.autograd.Function):
         want_z, want_vecs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g2 = _rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
-        if ctx.kernel:
-            _, gvecs, _ = cpu_kernel.backward(g2, z, vecs, ctx.coefs, cs, gz, want_vecs)
+        if ctx.kernel is not None:
+            _, gvecs, _ = ctx.kernel.backward(g2, z, vecs, ctx.coefs, cs, gz, want_vecs)
         else:
             gvecs, _ = _eager_backward(g2, z, vecs, ctx.coefs, cs, gz, want_vecs)
         return (
@@ -165,6 +174,32 @@ class _BlockRankUpdate(torch.autograd.Function):
             gvecs.to(vecs.dtype) if want_vecs else None,
             None,
         )
+
+
+class _RawVectorUpdate(torch.autograd.Function):
+    """`_BlockRankUpdate` for the GPU kernels, taking the raw parameters `u` (and `v`) instead of unit vectors: the
+    kernels normalise them (and apply block dropout's keep factors) themselves and return the raw parameters'
+    gradients, so a step launches one kernel forward and two backward per transform instead of also a dozen small
+    operations to normalise, stack and cast the vectors and to take their gradients back through that."""
+
+    @staticmethod
+    def forward(ctx, z, keep, coefs, *params):
+        d = z.shape[-1]
+        z2 = z.reshape(-1, d).contiguous()
+        out, cs = gpu_kernel.forward_raw(z2, params, keep, coefs, NORM_EPS)
+        ctx.coefs = coefs
+        ctx.save_for_backward(z2, keep, cs, *params)
+        return out.view(z.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, keep, cs, *params = ctx.saved_tensors
+        want_z, want_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+        g2 = _rows(g, z.shape[-1])
+        gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
+        gw = gpu_kernel.backward_raw(g2, z, params, keep, ctx.coefs, NORM_EPS, cs, gz, want_params)
+        grads = list(gw.unbind(0)) if want_params else [None] * len(params)
+        return (gz.view(g.shape) if want_z else None, None, None, *grads)
 
 
 def _rebuild_z(
@@ -216,9 +251,9 @@ class _OutputRowsUpdate(torch.autograd.Function):
             beta = None
             if bias is not None:
                 beta = (vecs * bias[lo:hi].to(vecs.dtype).view(vecs.shape[1:])).sum(-1).contiguous()
-            use = cpu_kernel.usable(vecs, zs, os_)
-            if use:
-                cs.append(cpu_kernel.forward(zs, vecs, coefs, out=os_, beta=beta)[1])
+            use = _kernel(vecs, zs, os_)
+            if use is not None:
+                cs.append(use.forward(zs, vecs, coefs, out=os_, beta=beta)[1])
             else:
                 cs.append(_eager_update(zs, vecs, coefs, os_, beta))
             kernel.append(use)
@@ -252,8 +287,8 @@ class _OutputRowsUpdate(torch.autograd.Function):
             want_v = ctx.needs_input_grad[4 + i]
             bs = bias[lo:hi].to(kept.dtype) if bias is not None else None
             rebuild = want_v and (ctx.in_place or bs is not None)
-            if ctx.kernel[i]:
-                _, gv, gram = cpu_kernel.backward(gs, zs, vecs, coefs, c, gzs, want_v, rebuild)
+            if ctx.kernel[i] is not None:
+                _, gv, gram = ctx.kernel[i].backward(gs, zs, vecs, coefs, c, gzs, want_v, rebuild)
             else:
                 gv, gram = _eager_backward(gs, zs, vecs, coefs, c, gzs, want_v, want_gram=rebuild)
             if rebuild:
@@ -317,8 +352,11 @@ class HouseholderTransform(BlockTransform):
         return vecs
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        vecs = self.unit_vectors(self.keep_mask(z.device))
-        return _BlockRankUpdate.apply(z, vecs.to(z.dtype), self.coefs)
+        keep = self.keep_mask(z.device)
+        params = [self.u] if len(self.coefs) == 1 else [self.u, self.v]
+        if gpu_kernel.usable_raw(z, params):
+            return _RawVectorUpdate.apply(z, None if keep is None else keep.float(), self.coefs, *params)
+        return _BlockRankUpdate.apply(z, self.unit_vectors(keep).to(z.dtype), self.coefs)
 
     @staticmethod
     def apply_output_rows(

@@ -1,0 +1,157 @@
+"""The Triton kernels behind `gpu_kernel.py` (see there). A module of their own so that Triton is imported only
+when they are first used, and so that `TRITON_INTERPRET=1`, which Triton reads when a kernel is defined, takes
+effect if it is set before this module is imported.
+
+Vectors come either as unit vectors (`NORMALIZE=False`: `w0`, `w1` point at rows of a `(J, nb, k)` tensor) or as the
+raw parameters `u`, `v` (`NORMALIZE=True`: each program normalises its block's vectors in float32, `w / max(‖w‖,
+eps)`, and multiplies them by the block's keep factor under block dropout), which saves the separate launches of
+normalising and stacking the vectors on every step."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _vector(w_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr):
+    w = tl.load(w_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), eps)
+    if HAS_KEEP:
+        w = w * tl.load(keep_ptr + i)
+    return w
+
+
+@triton.jit
+def fwd(
+    z_ptr, sz, w0_ptr, w1_ptr, keep_ptr, beta_ptr, out_ptr, so, c_ptr, T, NB, K, eps,
+    S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
+    HAS_BETA: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    # program (t, i): tokens t*BT .. t*BT + BT - 1 of block i
+    i = tl.program_id(1)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.arange(0, BK)
+    rmask, cmask = rows < T, cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    z = tl.load(z_ptr + r64 * sz + i * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w0 = _vector(w0_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
+    c0 = tl.sum(z * w0[None, :], axis=1)
+    if HAS_BETA:
+        c0 -= tl.load(beta_ptr + i).to(tl.float32)
+    tl.store(c_ptr + rows * NB + i, c0, mask=rmask)
+    out = z + (S0 * c0)[:, None] * w0[None, :]
+    if J == 2:
+        w1 = _vector(w1_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
+        c1 = tl.sum(z * w1[None, :], axis=1)
+        if HAS_BETA:
+            c1 -= tl.load(beta_ptr + NB + i).to(tl.float32)
+        tl.store(c_ptr + (T + rows) * NB + i, c1, mask=rmask)
+        out += (S1 * c1)[:, None] * w1[None, :]
+    tl.store(out_ptr + r64 * so + i * K + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bwd(
+    g_ptr, sg, z_ptr, sz, w0_ptr, w1_ptr, keep_ptr, c_ptr, gz_ptr, sgz, pv_ptr, pg_ptr, T, NB, K, P, NT, eps,
+    S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
+    WANT_GZ: tl.constexpr, WANT_V: tl.constexpr, WANT_GRAM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    # program (p, i) takes the token tiles p, p + P, p + 2P, ... < NT of block i (one tile when P == NT), summing
+    # its share of the vector gradient sum_t (c_tj g_t + d_tj z_t) and of the gram sums; partials go to pv/pg[p]
+    p = tl.program_id(0)
+    i = tl.program_id(1)
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    w0 = _vector(w0_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
+    if J == 2:
+        w1 = _vector(w1_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
+    v0 = tl.zeros((BK,), dtype=tl.float32)
+    v1 = tl.zeros((BK,), dtype=tl.float32)
+    g00 = tl.zeros((BT,), dtype=tl.float32)  # sum d0 c0
+    g01 = tl.zeros((BT,), dtype=tl.float32)  # sum d0 c1
+    g0s = tl.zeros((BT,), dtype=tl.float32)  # sum d0
+    g10 = tl.zeros((BT,), dtype=tl.float32)
+    g11 = tl.zeros((BT,), dtype=tl.float32)
+    g1s = tl.zeros((BT,), dtype=tl.float32)
+    tile = p
+    while tile < NT:  # a while loop: Triton's interpreter cannot run a range() with bounds known only at run time
+        rows = tile * BT + tl.arange(0, BT)
+        rmask = rows < T
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        g = tl.load(g_ptr + r64 * sg + i * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        d0 = tl.sum(g * w0[None, :], axis=1)
+        c0 = tl.load(c_ptr + rows * NB + i, mask=rmask, other=0.0)
+        if J == 2:
+            d1 = tl.sum(g * w1[None, :], axis=1)
+            c1 = tl.load(c_ptr + (T + rows) * NB + i, mask=rmask, other=0.0)
+        if WANT_V:
+            z = tl.load(z_ptr + r64 * sz + i * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            v0 += tl.sum(c0[:, None] * g + d0[:, None] * z, axis=0)
+            if J == 2:
+                v1 += tl.sum(c1[:, None] * g + d1[:, None] * z, axis=0)
+        if WANT_GRAM:
+            g00 += d0 * c0
+            g0s += d0
+            if J == 2:
+                g01 += d0 * c1
+                g10 += d1 * c0
+                g11 += d1 * c1
+                g1s += d1
+        if WANT_GZ:
+            gz = g + (S0 * d0)[:, None] * w0[None, :]
+            if J == 2:
+                gz += (S1 * d1)[:, None] * w1[None, :]
+            tl.store(gz_ptr + r64 * sgz + i * K + cols[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
+        tile += P
+    if WANT_V:
+        tl.store(pv_ptr + (p * J * NB + i) * K + cols, v0 * S0, mask=cmask)
+        if J == 2:
+            tl.store(pv_ptr + ((p * J + 1) * NB + i) * K + cols, v1 * S1, mask=cmask)
+    if WANT_GRAM:
+        # pg[p] is (J, J + 1, NB): [sum d_j c_l for l < J, sum d_j]
+        base = p * J * (J + 1) * NB + i
+        tl.store(pg_ptr + base, tl.sum(g00, axis=0))
+        if J == 2:
+            tl.store(pg_ptr + base + NB, tl.sum(g01, axis=0))
+            tl.store(pg_ptr + base + 2 * NB, tl.sum(g0s, axis=0))
+            tl.store(pg_ptr + base + 3 * NB, tl.sum(g10, axis=0))
+            tl.store(pg_ptr + base + 4 * NB, tl.sum(g11, axis=0))
+            tl.store(pg_ptr + base + 5 * NB, tl.sum(g1s, axis=0))
+        else:
+            tl.store(pg_ptr + base + NB, tl.sum(g0s, axis=0))
+
+
+@triton.jit
+def _raw_grad(pv_ptr, j, w_ptr, keep_ptr, gw_ptr, i, cols, cmask, P, NB, K, eps, J: tl.constexpr, HAS_KEEP: tl.constexpr,
+              BK: tl.constexpr):
+    gu = tl.zeros((BK,), dtype=tl.float32)
+    p = 0
+    while p < P:
+        gu += tl.load(pv_ptr + ((p * J + j) * NB + i) * K + cols, mask=cmask, other=0.0)
+        p += 1
+    if HAS_KEEP:
+        gu = gu * tl.load(keep_ptr + i)
+    w = tl.load(w_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(w * w, axis=0))
+    unit = w / tl.maximum(norm, eps)
+    # through w / max(‖w‖, eps): (g - û (û·g)) / ‖w‖ above eps, g / eps below (the max has no slope there)
+    gw = tl.where(norm > eps, (gu - unit * tl.sum(unit * gu, axis=0)) / tl.maximum(norm, eps), gu / eps)
+    tl.store(gw_ptr + (j * NB + i) * K + cols, gw.to(gw_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def finish(
+    pv_ptr, w0_ptr, w1_ptr, keep_ptr, gw_ptr, P, NB, K, eps,
+    J: tl.constexpr, HAS_KEEP: tl.constexpr, BK: tl.constexpr,
+):
+    # program i: the gradients of the raw parameter rows u[i] (and v[i]) from the partial sums of their unit
+    # vectors' gradients (already scaled by s_j): summed over the P partials, times the keep factor, then through
+    # the normalisation; written to gw, (J, NB, K) in the parameters' dtype
+    i = tl.program_id(0)
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    _raw_grad(pv_ptr, 0, w0_ptr, keep_ptr, gw_ptr, i, cols, cmask, P, NB, K, eps, J, HAS_KEEP, BK)
+    if J == 2:
+        _raw_grad(pv_ptr, 1, w1_ptr, keep_ptr, gw_ptr, i, cols, cmask, P, NB, K, eps, J, HAS_KEEP, BK)

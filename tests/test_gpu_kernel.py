@@ -1,0 +1,228 @@
+"""The fused Triton kernels of the Householder family (lit_gpt/adapters/gpu_kernel.py) against METHODS.md's blocks
+(float64 references) and against the eager path.
+
+They run on a CUDA GPU when there is one. Without one, `test_kernels_in_triton_interpreter` runs this file again in a
+child process under Triton's interpreter (`TRITON_INTERPRET=1` on CPU tensors; Triton reads it when it is first
+imported, so it cannot be switched on inside a process that may have imported Triton already), and is skipped when
+Triton is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_gpt.adapters import AdapterConfig, apply_adapters, cpu_kernel, gpu_kernel
+from lit_gpt.adapters.ether import _BlockRankUpdate, _OutputRowsUpdate
+from test_cpu_kernel import dense_blocks
+
+CUDA = torch.cuda.is_available()
+CHILD = "LIT_GPT_TRITON_INTERPRETER_CHILD"
+INTERPRETER = os.environ.get(CHILD) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+direct = pytest.mark.skipif(not (CUDA or INTERPRETER), reason="no GPU: run by test_kernels_in_triton_interpreter")
+
+
+def test_kernels_in_triton_interpreter():
+    if CUDA or INTERPRETER:
+        pytest.skip("the kernel tests run directly in this process")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("neither a CUDA GPU nor Triton (for its interpreter) is available")
+    env = {**os.environ, "TRITON_INTERPRET": "1", CHILD: "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+COEFS = {"ether": (-2.0,), "etherplus": (-1.0, 1.0)}
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """The device the kernels run on: the GPU, or the CPU under the interpreter (with the CPU kernel switched off,
+    so that the Triton one is what runs)."""
+    monkeypatch.delenv("LIT_GPT_GPU_KERNEL", raising=False)
+    if not CUDA:
+        monkeypatch.setattr(cpu_kernel, "_switched_off", 1)
+    return torch.device("cuda" if CUDA else "cpu")
+
+
+def unit(J, nb, k, dtype=torch.float64):
+    return F.normalize(torch.randn(J, nb, k, dtype=dtype), dim=-1)
+
+
+@direct
+@pytest.mark.parametrize("method", ["ether", "etherplus"])
+@pytest.mark.parametrize("T,nb,k", [(5, 3, 8), (37, 2, 12), (300, 1, 16), (2000, 1, 16), (64, 4, 128), (9, 2, 344)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_backward_against_the_formula(device, method, T, nb, k, bias):
+    """`out = H (z - b) + b`, `c = ŵᵀ (z - b)`, `gz = H g`, the vector gradient `s_j sum_t (c_tj g_t + d_tj z_t)`
+    and the gram sums, with odd block sizes (padded tiles), token counts that are no multiple of a tile, and more
+    token tiles than programs (each program walks several)."""
+    coefs = COEFS[method]
+    torch.manual_seed(T + nb + k)
+    J, d = len(coefs), nb * k
+    z, g, vecs = torch.randn(T, d, dtype=torch.float64), torch.randn(T, d, dtype=torch.float64), unit(J, nb, k)
+    b = torch.randn(d, dtype=torch.float64) if bias else torch.zeros(d, dtype=torch.float64)
+    H = dense_blocks(vecs, coefs)
+    c_ref = torch.einsum("tnk,jnk->jtn", (z - b).view(T, nb, k), vecs)
+    d_ref = torch.einsum("tnk,jnk->jtn", g.view(T, nb, k), vecs)
+    s = torch.tensor(coefs, dtype=torch.float64)
+    gv_ref = s[:, None, None] * (torch.einsum("jtn,tnk->jnk", c_ref, g.view(T, nb, k))
+                                 + torch.einsum("jtn,tnk->jnk", d_ref, (z - b).view(T, nb, k)))
+    gram_ref = torch.cat([torch.einsum("jtn,ltn->jln", d_ref, c_ref), d_ref.sum(1)[:, None]], dim=1)
+
+    f32 = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
+    zz, vv = f32(z), f32(vecs).contiguous()
+    beta = f32(torch.einsum("jnk,nk->jn", vecs, b.view(nb, k))) if bias else None
+    assert gpu_kernel.usable(vv, zz)
+    out, c = gpu_kernel.forward(zz, vv, coefs, beta=beta)
+    torch.testing.assert_close(out.double().cpu(), (z - b) @ H.T + b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.double().cpu(), c_ref, rtol=1e-5, atol=1e-5)
+
+    gz = torch.full_like(zz, float("nan"))  # every element must be written
+    _, gv, gram = gpu_kernel.backward(f32(g), f32(z - b), vv, coefs, c, gz, True, True)
+    torch.testing.assert_close(gz.double().cpu(), g @ H, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv.double().cpu(), gv_ref, rtol=1e-4, atol=1e-4 * T ** 0.5)
+    torch.testing.assert_close(gram.double().cpu(), gram_ref, rtol=1e-4, atol=1e-4 * T ** 0.5)
+
+
+@direct
+def test_in_place_on_a_column_slice_leaves_the_other_columns(device):
+    """The output side updates a slice of a fused output where it lies: rows of stride wider than the slice."""
+    torch.manual_seed(0)
+    T, nb, k = 33, 2, 8
+    y = torch.randn(T, 3 * nb * k, device=device)
+    before = y.clone()
+    vecs = unit(2, nb, k).float().to(device)
+    zs = y[:, nb * k: 2 * nb * k]
+    gpu_kernel.forward(zs, vecs, COEFS["etherplus"], out=zs)
+    H = dense_blocks(vecs.double().cpu(), COEFS["etherplus"])
+    torch.testing.assert_close(y[:, nb * k: 2 * nb * k].double().cpu(), before[:, nb * k: 2 * nb * k].double().cpu()
+                               @ H.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[:, : nb * k], before[:, : nb * k]) and torch.equal(y[:, 2 * nb * k:], before[:, 2 * nb * k:])
+
+
+@direct
+@pytest.mark.parametrize("method", ["ether", "etherplus"])
+def test_autograd_node_matches_eager(device, method):
+    """`_BlockRankUpdate` and `_OutputRowsUpdate` (in place, with a bias and two slices) give the eager path's
+    values and gradients when they run the Triton kernels."""
+    coefs = COEFS[method]
+    torch.manual_seed(1)
+    T, nb, k = 50, 4, 16
+    z = torch.randn(2, T // 2, nb * k, device=device)
+    vecs = unit(len(coefs), nb, k).float().to(device)
+    g = torch.randn_like(z)
+    bias = torch.randn(3 * nb * k, device=device)
+
+    def run(kernel: bool):
+        zz, vv, bb = z.clone().requires_grad_(), vecs.clone().requires_grad_(), bias.clone().requires_grad_()
+        v2 = vv.flip(1).contiguous()
+        with (gpu_kernel.disabled() if not kernel else torch.enable_grad()):
+            out = _BlockRankUpdate.apply(zz, vv, coefs)
+            y = torch.cat([out, out * 2, out], -1) + 0.0
+            spans = ((0, nb * k, coefs), (2 * nb * k, 3 * nb * k, coefs))
+            o = _OutputRowsUpdate.apply(y, bb, True, spans, vv, v2)
+        ((o * torch.cat([g, g, -g], -1)).sum() + (out * g).sum()).backward()
+        return o.detach(), zz.grad, vv.grad, bb.grad
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@direct
+@pytest.mark.parametrize("method", ["ether", "etherplus"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_raw_parameters_path_against_float64(device, method, dropout, monkeypatch):
+    """`HouseholderTransform` on the GPU path normalises `u`, `v` inside the kernel (`_RawVectorUpdate`) and returns
+    their gradients through the normalisation: the same values and gradients as the eager float64 path, with block
+    dropout's keep factors and with an all-zero row (below the normalisation's eps: a zero vector, no NaN)."""
+    from lit_gpt.adapters.ether import ETHER_COEFS, ETHERPLUS_COEFS, HouseholderTransform, _RawVectorUpdate
+
+    torch.manual_seed(3)
+    coefs = ETHER_COEFS if method == "ether" else ETHERPLUS_COEFS
+    T, nb, k = 40, 4, 24
+    t64 = HouseholderTransform(nb * k, nb, coefs, block_dropout=0.5 if dropout else 0.0, dtype=torch.float64)
+    with torch.no_grad():
+        for p in t64.parameters():
+            p.normal_()
+        t64.u[1].zero_()
+    keep = torch.tensor([True, False, True, True]) if dropout else None
+    monkeypatch.setattr(HouseholderTransform, "keep_mask", lambda self, dev: None if keep is None else keep.to(dev))
+    t32 = HouseholderTransform(nb * k, nb, coefs, block_dropout=t64.block_dropout, device=device)
+    t32.load_state_dict({n: p.float() for n, p in t64.state_dict().items()})
+    z, g = torch.randn(2, T // 2, nb * k, dtype=torch.float64), torch.randn(2, T // 2, nb * k, dtype=torch.float64)
+
+    calls = []
+    monkeypatch.setattr(_RawVectorUpdate, "apply", lambda *a, f=_RawVectorUpdate.apply: calls.append(1) or f(*a))
+    z32 = z.float().to(device).requires_grad_()
+    out = t32(z32)
+    out.backward(g.float().to(device))
+    assert calls, "the raw-parameter kernel path did not run"
+    z64 = z.clone().requires_grad_()
+    with gpu_kernel.disabled():
+        ref = t64(z64)
+    ref.backward(g)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z32.grad.double().cpu(), z64.grad, rtol=1e-5, atol=1e-5)
+    for p32, p64 in zip(t32.parameters(), t64.parameters()):
+        scale = p64.grad.abs().max().item()
+        torch.testing.assert_close(p32.grad.double().cpu(), p64.grad, rtol=1e-4, atol=1e-5 * scale)
+    assert all(torch.isfinite(p.grad).all() for p in t32.parameters())
+
+
+@direct
+def test_tiny_gpt_trains_the_same_with_the_kernels(device):
+    """ETHER+HH on every linear layer of a tiny GPT: the same loss and adapter gradients through the kernels as
+    through the eager path."""
+    from lit_gpt import GPT, Config
+
+    torch.manual_seed(0)
+    config = Config(name="t", block_size=16, vocab_size=64, padded_vocab_size=64, n_layer=2, n_head=4, n_embd=32,
+                    intermediate_size=48, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", bias=True)
+    model = apply_adapters(GPT(config).to(device), AdapterConfig(method="etherplusHH", nb=4, targets=["all-linear"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_()  # away from the identity, so every term of the gradient counts
+    x = torch.randint(0, 64, (2, 16), device=device)
+
+    def grads(kernel: bool):
+        with (gpu_kernel.disabled() if not kernel else torch.enable_grad()):
+            loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+            loss.backward()
+        out = [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="bfloat16 runs on the GPU")
+@pytest.mark.parametrize("method", ["ether", "etherplus"])
+def test_bfloat16_close_to_float32(device, method):
+    """bf16 activations: the kernel computes in float32 and rounds once, so it is at least as close to the float32
+    result as the eager bf16 path is."""
+    coefs = COEFS[method]
+    torch.manual_seed(2)
+    T, nb, k = 4096, 32, 128
+    z, g = torch.randn(T, nb * k, device=device), torch.randn(T, nb * k, device=device)
+    vecs = unit(len(coefs), nb, k).float().to(device)
+    ref_out, c = gpu_kernel.forward(z, vecs, coefs)
+    _, ref_gv, _ = gpu_kernel.backward(g, z, vecs, coefs, c, None, True)
+    bf = lambda t: t.bfloat16()  # noqa: E731
+    out, c = gpu_kernel.forward(bf(z), bf(vecs), coefs)
+    gz = torch.empty_like(bf(g))
+    _, gv, _ = gpu_kernel.backward(bf(g), bf(z), bf(vecs), coefs, c, gz, True)
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out, ref_out) < 1e-2 and rel(gv, ref_gv) < 1e-2
+    assert torch.isfinite(out).all() and torch.isfinite(gz).all()
