@@ -22,12 +22,11 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from common import command_line, sync, write_section  # noqa: E402
 from lit_gpt.adapters import cpu_kernel, gpu_kernel  # noqa: E402
-from lit_gpt.adapters.ether import _BlockRankUpdate  # noqa: E402
+from lit_gpt.adapters.ether import ETHER_COEFS, ETHERPLUS_COEFS, HouseholderTransform  # noqa: E402
 
 
 def main(
@@ -38,6 +37,7 @@ def main(
     threads: Optional[int] = 1,
     device: str = "cpu",
     dtype: str = "float32",
+    sweep: bool = False,
     write: bool = False,
 ) -> None:
     """Time the ETHER / ETHER+ activation update with and without the fused kernel.
@@ -50,6 +50,8 @@ def main(
         threads: torch intra-op threads (the CPU kernel uses as many); None keeps torch's choice.
         device: "cpu" or "cuda".
         dtype: "float32" (or "float64" on the CPU, "bfloat16" on a GPU).
+        sweep: GPU only: also time the Triton kernels alone (CUDA-graph replays, so no launch overhead) for
+            several tile sizes and backward grid sizes (`gpu_kernel.TILE_ELEMENTS*`, `BACKWARD_WAVES`).
         write: Replace (or add) this benchmark's section of docs/benchmarks.md with the results.
     """
     if threads is not None:
@@ -73,17 +75,18 @@ def main(
     moved = {"forward": 2 * act, "forward + backward": 5 * act}
     lines = ["| update | pass | kernel ms | eager ms | eager / kernel | kernel GB/s |", "|---|---|---|---|---|---|"]
     print("\n".join(lines))
-    for name, coefs in (("ether", (-2.0,)), ("etherplus", (-1.0, 1.0))):
-        vecs = F.normalize(torch.randn(len(coefs), nb, width // nb, device=device), dim=-1)
-        vecs = vecs.to(torch_dtype).requires_grad_()
+    for name, coefs in (("ether", ETHER_COEFS), ("etherplus", ETHERPLUS_COEFS)):
+        # the adapter module as a layer uses it: its parameters normalised every call, gradients back to them
+        transform = HouseholderTransform(width, nb, coefs, device=device, dtype=torch_dtype)
 
         def forward() -> None:
             with torch.no_grad():
-                _BlockRankUpdate.apply(z, vecs, coefs)
+                transform(z)
 
         def both() -> None:
             zz = z.detach().requires_grad_()
-            _BlockRankUpdate.apply(zz, vecs, coefs).backward(g)
+            transform(zz).backward(g)
+            transform.zero_grad(set_to_none=True)
 
         for label, fn in (("forward", forward), ("forward + backward", both)):
             times = {"kernel": [], "eager": []}
@@ -100,14 +103,51 @@ def main(
             k, e = (1e3 * statistics.median(times[p]) for p in ("kernel", "eager"))
             lines.append(f"| {name} | {label} | {k:.3f} | {e:.3f} | {e / k:.2f} | {moved[label] / k / 1e6:.0f} |")
             print(lines[-1])
+    swept = sweep_gpu_tiles(z, g, nb) if sweep and device.startswith("cuda") else []
     if write:
         kind = "GPU (Triton)" if device.startswith("cuda") else "CPU"
         write_section("bench/householder_kernel.py" + (" cuda" if device.startswith("cuda") else ""), (
             f"## The ETHER family's update: fused {kind} kernel vs eager (`bench/householder_kernel.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}.\n\n" + "\n".join(lines) + "\n\n"
-            "The update alone (`_BlockRankUpdate`, forward with no autograd graph; forward + backward with the input "
-            "and vector gradients). Its effect on a whole training step is the `eager` rows of `bench/adapters.py`."
+            "The update alone (a `HouseholderTransform` module, forward with no autograd graph; forward + backward "
+            "with the input and parameter gradients). Its effect on a whole training step is the `eager` rows of "
+            "`bench/adapters.py`." + ("\n\nThe kernels alone (ETHER+, CUDA-graph replays: no launch overhead), per "
+                                     "tile and grid setting of `gpu_kernel`:\n\n" + "\n".join(swept) if swept else "")
         ))
+
+
+def sweep_gpu_tiles(z: torch.Tensor, g: torch.Tensor, nb: int) -> list[str]:
+    """Kernel-only times of ETHER+'s update (two vectors) for a few tile and grid settings, and the bandwidth they
+    reach (printed and returned as table lines); the settings of `gpu_kernel` are restored afterwards."""
+    from triton.testing import do_bench_cudagraph
+
+    params = [torch.randn(nb, z.shape[1] // nb, device=z.device, dtype=z.dtype) for _ in range(2)]
+    coefs = ETHERPLUS_COEFS
+    act = z.numel() * z.element_size()
+    saved = (gpu_kernel.TILE_ELEMENTS, gpu_kernel.TILE_ELEMENTS_BACKWARD, gpu_kernel.BACKWARD_WAVES)
+    out = ["| kernel | tile elements | waves | µs | GB/s |", "|---|---|---|---|---|"]
+    print("\n".join(out))
+
+    def row(line: str) -> None:
+        out.append(line)
+        print(line)
+
+    try:
+        for tile in (4096, 8192, 16384):
+            gpu_kernel.TILE_ELEMENTS = tile
+            ms = do_bench_cudagraph(lambda: gpu_kernel.forward_raw(z, params, None, coefs, 1e-12))
+            row(f"| forward | {tile} | - | {1e3 * ms:.1f} | {2 * act / ms / 1e6:.0f} |")
+        gpu_kernel.TILE_ELEMENTS = saved[0]
+        _, c = gpu_kernel.forward_raw(z, params, None, coefs, 1e-12)
+        gz = torch.empty_like(g)
+        for tile in (2048, 4096, 8192):
+            for waves in (4, 16, 64):
+                gpu_kernel.TILE_ELEMENTS_BACKWARD, gpu_kernel.BACKWARD_WAVES = tile, waves
+                ms = do_bench_cudagraph(lambda: gpu_kernel.backward_raw(g, z, params, None, coefs, 1e-12, c, gz, True))
+                row(f"| backward + finish | {tile} | {waves} | {1e3 * ms:.1f} | {3 * act / ms / 1e6:.0f} |")
+    finally:
+        gpu_kernel.TILE_ELEMENTS, gpu_kernel.TILE_ELEMENTS_BACKWARD, gpu_kernel.BACKWARD_WAVES = saved
+    return out
 
 
 if __name__ == "__main__":

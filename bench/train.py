@@ -63,6 +63,16 @@ def build(method: str, base: dict, config: Config, targets: list[str], device: s
     return model.train()
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def optimizer_state_bytes(opt: Optional[torch.optim.Optimizer]) -> int:
+    if opt is None:
+        return 0
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+
 def frozen_flops_per_token(config: Config, seq_len: int, trainable: int, full: bool) -> float:
     linear = config.n_layer * (
         config.n_embd * (config.n_head + 2 * config.n_query_groups) * config.head_size
@@ -165,21 +175,25 @@ def main(
         trainable = num_parameters(model, requires_grad=True)
         ratio = statistics.median(t / f for t, f in zip(times[name], times["frozen"]))
         activ = saved_bytes(model, lambda m=model: m(x, labels=y))
-        opt_state = 2 * trainable * 4 if name != "frozen" else 0  # AdamW: two float32 moments per trainable value
+        opt_state = optimizer_state_bytes(optimizers[name])  # AdamW's two moments, in the parameters' dtype
         row = dict(method=name, trainable=trainable, step=statistics.median(times[name]), ratio=ratio,
                    tok_s=tokens / statistics.median(times[name]), memory=(activ + opt_state) / 2**20)
         if device.startswith("cuda"):
+            # the method alone, as if it were the only model on the GPU: the weights and its own optimizer state
+            # plus what its step allocates on top (other variants' optimizer states are resident too, not counted)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            resting = torch.cuda.memory_allocated()
             steps[name]()
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            own = weight_bytes(model) + optimizer_state_bytes(optimizers[name])
+            row["peak_gib"] = (own + torch.cuda.max_memory_allocated() - resting) / 2**30
             flops = frozen_flops_per_token(config, seq_len, trainable, name == "full") * tokens
             row["mfu"] = flops / row["step"] / (peak_tflops * 1e12)
         rows.append(row)
 
     header = ["method", "trainable", "step (s)", "tokens/s", "step / frozen", "backward+optimizer memory MiB"]
     if device.startswith("cuda"):
-        header += ["peak GiB (weights incl.)", "MFU"]
+        header += ["peak GiB (weights + optimizer + step)", "MFU"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["method"], f"{r['trainable']:,}", f"{r['step']:.4f}", f"{r['tok_s']:.0f}", f"{r['ratio']:.3f}",

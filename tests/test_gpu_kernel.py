@@ -45,6 +45,27 @@ def test_kernels_in_triton_interpreter():
 COEFS = {"ether": (-2.0,), "etherplus": (-1.0, 1.0)}
 
 
+def test_kernels_that_cannot_run_fall_back_to_the_eager_path_with_a_warning(monkeypatch, caplog):
+    """A Triton or driver that cannot build or run the kernels on a device costs speed, never the run: the first
+    use's check fails, a warning names the switch, and the check is not repeated."""
+    calls = []
+
+    def broken(device):
+        calls.append(device)
+        raise RuntimeError("ptxas fatal: unsupported architecture\nmore detail")
+
+    monkeypatch.setattr(gpu_kernel, "_device_ok", {})
+    monkeypatch.setattr(gpu_kernel, "_selftest", broken)
+    with caplog.at_level("WARNING"):
+        assert gpu_kernel._works_on(torch.device("cpu")) is False
+        assert gpu_kernel._works_on(torch.device("cpu")) is False
+    assert len(calls) == 1
+    assert "ptxas fatal: unsupported architecture" in caplog.text and "LIT_GPT_GPU_KERNEL=0" in caplog.text
+    monkeypatch.setattr(gpu_kernel, "_selftest", lambda device: False)  # wrong numbers: the same fallback
+    monkeypatch.setattr(gpu_kernel, "_device_ok", {})
+    assert gpu_kernel._works_on(torch.device("cpu")) is False
+
+
 @pytest.fixture
 def device(monkeypatch):
     """The device the kernels run on: the GPU, or the CPU under the interpreter (with the CPU kernel switched off,

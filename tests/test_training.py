@@ -120,6 +120,24 @@ def test_a_few_steps_of_every_method(tiny_ckpt, tmp_path, script, method, kwargs
     assert {"loss", "val_loss", "tokens_per_sec"} <= set(header) and len(metrics) > 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("htype", ["ether", "etherplus", "etherplusHH", "oft"])
+def test_bf16_true_on_a_gpu(tiny_ckpt, tmp_path, htype):
+    """A GPU's default precision, bf16-true, through the CLI for every Htype (the ETHER family on the Triton
+    kernels): the run finishes with finite losses and a finite adapter."""
+    out = tmp_path / htype
+    flags = common_flags(tiny_ckpt, out, 4, **{"--precision": "bf16-true", "--Htype": htype, "--ether_nb": "4",
+                                                "--ether_mlp": "true", "--ether_projection": "true"})
+    r = run_cli("ether.py", *flags)
+    assert r.returncode == 0, r.stderr[-4000:]
+    sd = final_tensors(out)
+    assert sd and all(torch.isfinite(v.float()).all() for v in sd.values())
+    rows = (out / "logs" / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index("loss")
+    losses = [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_auto_equals_an_uninterrupted_run(tiny_ckpt, tmp_path):
     steps = "12"

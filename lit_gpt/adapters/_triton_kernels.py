@@ -124,34 +124,33 @@ def bwd(
 
 
 @triton.jit
-def _raw_grad(pv_ptr, j, w_ptr, keep_ptr, gw_ptr, i, cols, cmask, P, NB, K, eps, J: tl.constexpr, HAS_KEEP: tl.constexpr,
-              BK: tl.constexpr):
-    gu = tl.zeros((BK,), dtype=tl.float32)
-    p = 0
-    while p < P:
-        gu += tl.load(pv_ptr + ((p * J + j) * NB + i) * K + cols, mask=cmask, other=0.0)
-        p += 1
+def finish(
+    pv_ptr, w0_ptr, w1_ptr, keep_ptr, gw_ptr, P, NB, K, eps,
+    J: tl.constexpr, HAS_KEEP: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+):
+    # program (i, j): the gradient of the raw parameter row u[i] (j = 0) or v[i] (j = 1) from the P partial sums
+    # of its unit vector's gradient (already scaled by s_j), BP partials per load: summed, times the keep factor,
+    # then through the normalisation; written to gw, (J, NB, K) in the parameters' dtype
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    acc = tl.zeros((BP, BK), dtype=tl.float32)
+    p0 = 0
+    while p0 < P:
+        ps = p0 + tl.arange(0, BP)
+        acc += tl.load(pv_ptr + ((ps[:, None] * J + j) * NB + i) * K + cols[None, :],
+                       mask=(ps[:, None] < P) & cmask[None, :], other=0.0)
+        p0 += BP
+    gu = tl.sum(acc, axis=0)
     if HAS_KEEP:
         gu = gu * tl.load(keep_ptr + i)
-    w = tl.load(w_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(w0_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+    if J == 2:
+        if j == 1:
+            w = tl.load(w1_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
     norm = tl.sqrt(tl.sum(w * w, axis=0))
     unit = w / tl.maximum(norm, eps)
     # through w / max(‖w‖, eps): (g - û (û·g)) / ‖w‖ above eps, g / eps below (the max has no slope there)
     gw = tl.where(norm > eps, (gu - unit * tl.sum(unit * gu, axis=0)) / tl.maximum(norm, eps), gu / eps)
     tl.store(gw_ptr + (j * NB + i) * K + cols, gw.to(gw_ptr.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def finish(
-    pv_ptr, w0_ptr, w1_ptr, keep_ptr, gw_ptr, P, NB, K, eps,
-    J: tl.constexpr, HAS_KEEP: tl.constexpr, BK: tl.constexpr,
-):
-    # program i: the gradients of the raw parameter rows u[i] (and v[i]) from the partial sums of their unit
-    # vectors' gradients (already scaled by s_j): summed over the P partials, times the keep factor, then through
-    # the normalisation; written to gw, (J, NB, K) in the parameters' dtype
-    i = tl.program_id(0)
-    cols = tl.arange(0, BK)
-    cmask = cols < K
-    _raw_grad(pv_ptr, 0, w0_ptr, keep_ptr, gw_ptr, i, cols, cmask, P, NB, K, eps, J, HAS_KEEP, BK)
-    if J == 2:
-        _raw_grad(pv_ptr, 1, w1_ptr, keep_ptr, gw_ptr, i, cols, cmask, P, NB, K, eps, J, HAS_KEEP, BK)

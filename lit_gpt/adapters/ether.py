@@ -131,7 +131,9 @@ def _eager_backward(
                     gram[j, l] += torch.sum(d[j] * cs[l, a:a + step], 0, dtype=acc)
                 gram[j, J] += torch.sum(d[j], 0, dtype=acc)
     if want_vecs:
-        gvecs = gvecs.squeeze(2) * torch.tensor(coefs, dtype=acc, device=vecs.device)[:, None, None]
+        gvecs = gvecs.squeeze(2)
+        for j, s_j in enumerate(coefs):  # Python numbers: no host-to-device copy (see `_rebuild_z`)
+            gvecs[j].mul_(s_j)
     return gvecs, (gram.squeeze(-1) if want_gram else None)
 
 
@@ -215,15 +217,21 @@ def _rebuild_z(
     The kept tensor is `o = H z + b` (`output_kept`) or `y = z + b`; per block `z = o - b - sum_l s_l c_l ŵ_l`,
     so `sum_t d_tj z_t = sum_t d_tj o_t - (sum_t d_tj) b - sum_l s_l (sum_t d_tj c_tl) ŵ_l`. `gram` holds those
     sums over tokens, so the correction is a few small products."""
+    # the coefficients stay Python numbers: a tensor made of them on a GPU would be a host-to-device copy that
+    # waits for the whole queue, every step
     J = len(coefs)
     dt = gvecs.dtype
-    s = torch.tensor(coefs, dtype=dt, device=gvecs.device)
     corr = torch.zeros_like(gvecs)
     if output_kept:
-        corr += torch.einsum("jln,l,lnk->jnk", gram[:, :J].to(dt), s, vecs.to(dt))
+        v = vecs.to(dt)
+        for l, s_l in enumerate(coefs):
+            corr.addcmul_(gram[:, l, :, None].to(dt), v[l], value=s_l)
     if bias is not None:
-        corr += gram[:, J, :, None].to(dt) * bias.to(dt).view(vecs.shape[1:])
-    return gvecs - s[:, None, None] * corr
+        corr.addcmul_(gram[:, J, :, None].to(dt), bias.to(dt).view(vecs.shape[1:]))
+    out = gvecs.clone()
+    for j, s_j in enumerate(coefs):
+        out[j].sub_(corr[j], alpha=s_j)
+    return out
 
 
 class _OutputRowsUpdate(torch.autograd.Function):

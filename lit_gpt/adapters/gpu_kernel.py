@@ -3,33 +3,47 @@
 The GPU twin of `cpu_kernel.py`, with the same calls (`usable`, `forward`, `backward`): one launch reads the
 activations once and writes the result once in forward; one launch reads the gradient and the kept input once each
 in backward, writes the input gradient, and leaves per-program partial sums of the vector gradient (and of the small
-gram the output side needs) that one reduction adds up. Eager PyTorch needs about a dozen launches and as many
-passes over the activations for the same work (measured on an H100: `docs/benchmarks.md`).
+gram the output side needs) that one reduction adds up. `forward_raw`/`backward_raw` take the raw parameters `u`, `v`
+instead of unit vectors and normalise them inside the kernels; their reduction is a second small kernel that also
+takes the gradient back through the normalisation. Eager PyTorch needs about a dozen launches and as many passes
+over the activations for the same work (measured on an H100: `docs/benchmarks.md`).
 
 A program owns one block `i` and a tile of tokens: it loads the `(tokens, k)` tile, forms the `J <= 2` dot
 products in float32, applies the update and stores it in the activations' dtype. Triton is imported, and the
-kernels compiled, on first use only: CUDA builds of PyTorch ship it, CPU installs need not have it. Set
-`LIT_GPT_GPU_KERNEL=0` to use the eager path instead. With `TRITON_INTERPRET=1` (set before first use) the kernels
-run on CPU tensors in Triton's interpreter, which is how the tests check them on machines without a GPU.
+kernels compiled, on first use only: CUDA builds of PyTorch ship it, CPU installs need not have it. The first use
+on a device also runs a tiny forward and backward against the formula; if Triton cannot build or run the kernels
+there, a warning says so and the eager path takes over (speed is lost, never the run). Set `LIT_GPT_GPU_KERNEL=0`
+to use the eager path. With `TRITON_INTERPRET=1` set before Triton is first imported, the kernels run on CPU tensors
+in Triton's interpreter, which is how the tests check them on machines without a GPU.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from lit_gpt.adapters.cpu_kernel import row_stride
 
 MAX_VECTORS = 2  # ETHER uses 1 vector per block, ETHER+ 2
-TILE_ELEMENTS = 8192  # a forward program's tile: tokens x padded block size
-TILE_ELEMENTS_BACKWARD = 4096  # backward holds two tiles (gradient and input): half as many tokens
+# Tile and grid sizes, from `python bench/householder_kernel.py --device cuda --dtype bfloat16 --sweep true` on an
+# H100 (widths 4096 and 11008, 4096 tokens, ETHER+): the fastest forward at both widths, and the backward with the
+# least time over the two (docs/benchmarks.md has the table).
+TILE_ELEMENTS = 4096  # a forward program's tile: tokens x padded block size
+TILE_ELEMENTS_BACKWARD = 4096  # backward: tokens x padded block size per loop step
+FINISH_ELEMENTS = 4096  # partial sums the finishing kernel loads at once: partials x padded block size
+BACKWARD_WAVES = 16  # backward programs per block: up to this many per multiprocessor over all blocks
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+log = logging.getLogger(__name__)
 
 _switched_off = 0
 _kernels = None  # (forward, backward, finish) once compiled; False when Triton cannot be imported
+_device_ok: dict = {}  # device -> whether the kernels passed their first-use check there
 
 
 def _interpreted() -> bool:
@@ -78,7 +92,40 @@ def usable(vecs: torch.Tensor, *tensors: torch.Tensor) -> bool:
         and vecs.is_contiguous()
         and all(t.device == vecs.device and t.dtype == vecs.dtype and row_stride(t) is not None for t in tensors)
         and available()
+        and _works_on(vecs.device)
     )
+
+
+def _works_on(device: torch.device) -> bool:
+    """Whether the kernels build and compute the formula on `device`, checked once per device."""
+    ok = _device_ok.get(device)
+    if ok is None:
+        try:
+            ok = _selftest(device)
+            why = "gave results that differ from the formula"
+        except Exception as e:  # a Triton or driver that cannot build or run the kernels costs speed, not the run
+            ok, why = False, f"failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e})"
+        if not ok:
+            log.warning(f"The Triton kernels of the Householder adapters {why} on {device}; the eager path is used "
+                        f"instead (set LIT_GPT_GPU_KERNEL=0 to skip the kernels and this check).")
+        _device_ok[device] = ok
+    return ok
+
+
+def _selftest(device: torch.device) -> bool:
+    """A tiny ETHER+ forward and backward through the raw-parameter kernels against the formula in float32."""
+    gen = torch.Generator().manual_seed(0)
+    T, nb, k, coefs = 5, 2, 16, (-1.0, 1.0)
+    z = torch.randn(T, nb * k, generator=gen).to(device)
+    params = [torch.randn(nb, k, generator=gen).to(device) for _ in coefs]
+    out, c = forward_raw(z, params, None, coefs, 1e-12)
+    gz = torch.empty_like(z)
+    gw = backward_raw(z, z, params, None, coefs, 1e-12, c, gz, True)  # g = z: the input gradient is H z again
+    vecs = [F.normalize(p, dim=-1) for p in params]
+    zr = z.view(T, nb, k)
+    ref = zr + sum(s * (zr * w).sum(-1, keepdim=True) * w for s, w in zip(coefs, vecs))
+    close = lambda a: bool(torch.allclose(a.view(T, nb, k), ref, rtol=1e-4, atol=1e-4))  # noqa: E731
+    return close(out) and close(gz) and bool(torch.isfinite(gw).all())
 
 
 def _tiles(k: int, elements: int) -> tuple[int, int]:
@@ -144,7 +191,7 @@ def _programs(tiles: int, nb: int, device: torch.device) -> int:
     """Token-tile programs per block in backward: one per tile up to several waves over the GPU, beyond that each
     program walks several tiles, so that the partial sums stay small for long inputs."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(tiles, -(-64 * sms // nb)))
+    return max(1, min(tiles, -(-BACKWARD_WAVES * sms // nb)))
 
 
 def forward(
@@ -190,6 +237,7 @@ def usable_raw(z: torch.Tensor, params: list[torch.Tensor]) -> bool:
         and all(p.device == z.device and p.dtype == params[0].dtype and p.is_contiguous() for p in params)
         and params[0].dtype in _DTYPES
         and available()
+        and _works_on(z.device)
     )
 
 
@@ -220,8 +268,10 @@ def backward_raw(
         return None
     nb, k = params[0].shape
     gw = torch.empty(len(params), nb, k, dtype=params[0].dtype, device=g.device)
-    _load()[2][(nb,)](
+    bk = _tiles(k, TILE_ELEMENTS)[1]
+    bp = max(1, min(1 << max(0, (P - 1).bit_length()), FINISH_ELEMENTS // bk))
+    _load()[2][(nb, len(params))](
         pv, *_vectors(params), keep if keep is not None else pv, gw, P, nb, k, eps,
-        J=len(params), HAS_KEEP=keep is not None, BK=_tiles(k, TILE_ELEMENTS)[1],
+        J=len(params), HAS_KEEP=keep is not None, BP=bp, BK=bk,
     )
     return gw

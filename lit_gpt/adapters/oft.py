@@ -30,8 +30,10 @@ def cayley(S: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
     """`(I + S)(I - S)^-1` for a batch of skew-symmetric `S`, exact or with `K = neumann_terms` series terms."""
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
     if neumann_terms <= 0:
-        # (I + S) and (I - S)^-1 commute, so solving from the left gives the same product
-        return torch.linalg.solve(eye - S, eye + S)
+        # (I + S) and (I - S)^-1 commute, so solving from the left gives the same product. I - S is never singular
+        # (S is skew-symmetric: its eigenvalues are imaginary), so solve_ex, which skips the error check that makes
+        # torch.linalg.solve wait for the GPU on every call
+        return torch.linalg.solve_ex(eye - S, eye + S)[0]
     series = eye + S
     power = S
     for _ in range(neumann_terms - 1):
