@@ -116,6 +116,17 @@ def embeddings_require_grad(embedding: nn.Module) -> None:
     embedding.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_())
 
 
+def llama_config(shape: str, n_layer: int, seq_len: int) -> Config:
+    """A Llama-style `Config` of one of `SHAPES` (RMSNorm, SwiGLU MLP, no biases)."""
+    dims = SHAPES[shape]
+    return Config(
+        name=f"bench-{shape}", block_size=max(seq_len, 256), vocab_size=dims["vocab_size"],
+        padded_vocab_size=dims["vocab_size"], n_layer=n_layer, n_head=dims["n_head"], n_embd=dims["n_embd"],
+        intermediate_size=dims["intermediate_size"], norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+        bias=False, norm_eps=1e-5,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # models sharing one set of weights
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +201,6 @@ def main(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     command = command_line()
     print(f"$ {command}")
-    dims = SHAPES[shape]
     torch.manual_seed(0)
 
     have_peft = False
@@ -203,12 +213,7 @@ def main(
         except ImportError:
             print("transformers/peft not installed: measuring ours only")
 
-    config = Config(
-        name=f"bench-{shape}", block_size=max(seq_len, 256), vocab_size=dims["vocab_size"],
-        padded_vocab_size=dims["vocab_size"], n_layer=n_layer, n_head=dims["n_head"], n_embd=dims["n_embd"],
-        intermediate_size=dims["intermediate_size"], norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-        bias=False, norm_eps=1e-5,
-    )
+    config = llama_config(shape, n_layer, seq_len)
     with torch.device(device):
         base = GPT(config).to(torch_dtype)
     lit_sd = base.state_dict()

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-from adapters import SHAPES, lit_model  # noqa: E402
+from adapters import lit_model, llama_config  # noqa: E402
 from common import sync  # noqa: E402
-from lit_gpt import GPT, Config  # noqa: E402
+from lit_gpt import GPT  # noqa: E402
 from lit_gpt.adapters import AdapterConfig, apply_adapters  # noqa: E402
 
 
@@ -58,13 +58,7 @@ def main(
     """
     torch.manual_seed(0)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    dims = SHAPES[shape]
-    config = Config(
-        name=f"profile-{shape}", block_size=max(seq_len, 256), vocab_size=dims["vocab_size"],
-        padded_vocab_size=dims["vocab_size"], n_layer=n_layer, n_head=dims["n_head"], n_embd=dims["n_embd"],
-        intermediate_size=dims["intermediate_size"], norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-        bias=False, norm_eps=1e-5,
-    )
+    config = llama_config(shape, n_layer, seq_len)
     with torch.device(device):
         state = GPT(config).to(torch_dtype).state_dict()
     model = lit_model(config, state, device)
