@@ -351,17 +351,20 @@ class HouseholderTransform(BlockTransform):
             with torch.no_grad():
                 self.v.copy_(-self.u)
 
+    def vector_params(self) -> list[nn.Parameter]:
+        """`[u]` (ETHER) or `[u, v]` (ETHER+): the raw `(nb, k)` vectors, one per coefficient."""
+        return [self.u] if len(self.coefs) == 1 else [self.u, self.v]
+
     def unit_vectors(self, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`(J, nb, k)` unit vectors, normalised in float32 (float64 stays); dropped blocks get a zero vector."""
-        params = [self.u] if len(self.coefs) == 1 else [self.u, self.v]
-        vecs = torch.stack([F.normalize(p.to(compute_dtype(p)), dim=-1, eps=NORM_EPS) for p in params])
+        vecs = torch.stack([F.normalize(p.to(compute_dtype(p)), dim=-1, eps=NORM_EPS) for p in self.vector_params()])
         if keep is not None:
             vecs = vecs * keep.to(vecs.dtype)[None, :, None]
         return vecs
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         keep = self.keep_mask(z.device)
-        params = [self.u] if len(self.coefs) == 1 else [self.u, self.v]
+        params = self.vector_params()
         if gpu_kernel.usable_raw(z, params):
             return _RawVectorUpdate.apply(z, None if keep is None else keep.float(), self.coefs, *params)
         return _BlockRankUpdate.apply(z, self.unit_vectors(keep).to(z.dtype), self.coefs)

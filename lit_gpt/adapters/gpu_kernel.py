@@ -79,20 +79,26 @@ def disabled():
         _switched_off -= 1
 
 
+def _ready(device: torch.device) -> bool:
+    """Not switched off, a CUDA device (the CPU under `TRITON_INTERPRET=1`), Triton there and the kernels working."""
+    return (
+        not _switched_off
+        and device.type == ("cpu" if _interpreted() else "cuda")
+        and available()
+        and _works_on(device)
+    )
+
+
 def usable(vecs: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Contiguous `(J <= 2, nb, k)` vectors and CUDA tensors (any tensors under `TRITON_INTERPRET=1`) of the same
     float32/bfloat16/float16 dtype, contiguous or 2-D with rows of unit stride (`cpu_kernel.row_stride`)."""
-    device = "cpu" if _interpreted() else "cuda"
     return (
-        not _switched_off
-        and vecs.ndim == 3
+        vecs.ndim == 3
         and vecs.shape[0] <= MAX_VECTORS
         and vecs.dtype in _DTYPES
-        and vecs.device.type == device
         and vecs.is_contiguous()
         and all(t.device == vecs.device and t.dtype == vecs.dtype and row_stride(t) is not None for t in tensors)
-        and available()
-        and _works_on(vecs.device)
+        and _ready(vecs.device)
     )
 
 
@@ -128,8 +134,14 @@ def _selftest(device: torch.device) -> bool:
     return close(out) and close(gz) and bool(torch.isfinite(gw).all())
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (Triton's block shapes are powers of two)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def _tiles(k: int, elements: int) -> tuple[int, int]:
-    bk = 1 << max(0, (k - 1).bit_length())
+    """(tokens per tile, padded block size) for a tile of about `elements` numbers."""
+    bk = _pow2(k)
     return max(1, min(128, elements // bk)), bk
 
 
@@ -230,14 +242,11 @@ def usable_raw(z: torch.Tensor, params: list[torch.Tensor]) -> bool:
     """Whether `forward_raw` can run: as `usable`, with the raw `(nb, k)` parameters (contiguous, one dtype of their
     own) in place of unit vectors."""
     return (
-        not _switched_off
-        and len(params) <= MAX_VECTORS
-        and z.device.type == ("cpu" if _interpreted() else "cuda")
+        len(params) <= MAX_VECTORS
         and z.dtype in _DTYPES
-        and all(p.device == z.device and p.dtype == params[0].dtype and p.is_contiguous() for p in params)
         and params[0].dtype in _DTYPES
-        and available()
-        and _works_on(z.device)
+        and all(p.device == z.device and p.dtype == params[0].dtype and p.is_contiguous() for p in params)
+        and _ready(z.device)
     )
 
 
@@ -268,8 +277,8 @@ def backward_raw(
         return None
     nb, k = params[0].shape
     gw = torch.empty(len(params), nb, k, dtype=params[0].dtype, device=g.device)
-    bk = _tiles(k, TILE_ELEMENTS)[1]
-    bp = max(1, min(1 << max(0, (P - 1).bit_length()), FINISH_ELEMENTS // bk))
+    bk = _pow2(k)
+    bp = max(1, min(_pow2(P), FINISH_ELEMENTS // bk))
     _load()[2][(nb, len(params))](
         pv, *_vectors(params), keep if keep is not None else pv, gw, P, nb, k, eps,
         J=len(params), HAS_KEEP=keep is not None, BP=bp, BK=bk,
