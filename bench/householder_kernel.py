@@ -51,7 +51,7 @@ def main(
         device: "cpu" or "cuda".
         dtype: "float32" (or "float64" on the CPU, "bfloat16" on a GPU).
         sweep: GPU only: also time the Triton kernels alone (CUDA-graph replays, so no launch overhead) for
-            several tile sizes and backward grid sizes (`gpu_kernel.TILE_ELEMENTS*`, `BACKWARD_WAVES`).
+            several tile sizes and backward settings (`gpu_kernel.TILE_ELEMENTS`, `gpu_kernel.BACKWARD`).
         write: Replace (or add) this benchmark's section of docs/benchmarks.md with the results.
     """
     if threads is not None:
@@ -124,8 +124,9 @@ def sweep_gpu_tiles(z: torch.Tensor, g: torch.Tensor, nb: int) -> list[str]:
     params = [torch.randn(nb, z.shape[1] // nb, device=z.device, dtype=z.dtype) for _ in range(2)]
     coefs = ETHERPLUS_COEFS
     act = z.numel() * z.element_size()
-    saved = (gpu_kernel.TILE_ELEMENTS, gpu_kernel.TILE_ELEMENTS_BACKWARD, gpu_kernel.BACKWARD_WAVES)
-    out = ["| kernel | tile elements | waves | µs | GB/s |", "|---|---|---|---|---|"]
+    kind = "exact" if (z.shape[1] // nb) & (z.shape[1] // nb - 1) == 0 else "padded"
+    saved_tile, saved_backward = gpu_kernel.TILE_ELEMENTS, dict(gpu_kernel.BACKWARD[kind])
+    out = ["| kernel | tile elements | waves | warps | 2-D sums | µs | GB/s |", "|---|---|---|---|---|---|---|"]
     print("\n".join(out))
 
     def row(line: str) -> None:
@@ -136,17 +137,21 @@ def sweep_gpu_tiles(z: torch.Tensor, g: torch.Tensor, nb: int) -> list[str]:
         for tile in (4096, 8192, 16384):
             gpu_kernel.TILE_ELEMENTS = tile
             ms = do_bench_cudagraph(lambda: gpu_kernel.forward_raw(z, params, None, coefs, 1e-12))
-            row(f"| forward | {tile} | - | {1e3 * ms:.1f} | {2 * act / ms / 1e6:.0f} |")
-        gpu_kernel.TILE_ELEMENTS = saved[0]
+            row(f"| forward | {tile} | - | 4 | - | {1e3 * ms:.1f} | {2 * act / ms / 1e6:.0f} |")
+        gpu_kernel.TILE_ELEMENTS = saved_tile
         _, c = gpu_kernel.forward_raw(z, params, None, coefs, 1e-12)
         gz = torch.empty_like(g)
-        for tile in (2048, 4096, 8192):
-            for waves in (4, 16, 64):
-                gpu_kernel.TILE_ELEMENTS_BACKWARD, gpu_kernel.BACKWARD_WAVES = tile, waves
-                ms = do_bench_cudagraph(lambda: gpu_kernel.backward_raw(g, z, params, None, coefs, 1e-12, c, gz, True))
-                row(f"| backward + finish | {tile} | {waves} | {1e3 * ms:.1f} | {3 * act / ms / 1e6:.0f} |")
+        for acc2d in (False, True):
+            for warps in (4, 8):
+                for tile in (2048, 4096, 8192):
+                    for waves in (4, 16):
+                        gpu_kernel.BACKWARD[kind] = dict(tile=tile, waves=waves, acc2d=acc2d, warps=warps)
+                        ms = do_bench_cudagraph(
+                            lambda: gpu_kernel.backward_raw(g, z, params, None, coefs, 1e-12, c, gz, True))
+                        row(f"| backward + finish | {tile} | {waves} | {warps} | {'yes' if acc2d else 'no'} | "
+                            f"{1e3 * ms:.1f} | {3 * act / ms / 1e6:.0f} |")
     finally:
-        gpu_kernel.TILE_ELEMENTS, gpu_kernel.TILE_ELEMENTS_BACKWARD, gpu_kernel.BACKWARD_WAVES = saved
+        gpu_kernel.TILE_ELEMENTS, gpu_kernel.BACKWARD[kind] = saved_tile, saved_backward
     return out
 
 

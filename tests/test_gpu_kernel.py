@@ -152,7 +152,7 @@ def test_autograd_node_matches_eager(device, method):
             out = _BlockRankUpdate.apply(zz, vv, coefs)
             y = torch.cat([out, out * 2, out], -1) + 0.0
             spans = ((0, nb * k, coefs), (2 * nb * k, 3 * nb * k, coefs))
-            o = _OutputRowsUpdate.apply(y, bb, True, spans, vv, v2)
+            o = _OutputRowsUpdate.apply(y, bb, True, spans, False, vv, v2)
         ((o * torch.cat([g, g, -g], -1)).sum() + (out * g).sum()).backward()
         return o.detach(), zz.grad, vv.grad, bb.grad
 
@@ -199,6 +199,60 @@ def test_raw_parameters_path_against_float64(device, method, dropout, monkeypatc
         scale = p64.grad.abs().max().item()
         torch.testing.assert_close(p32.grad.double().cpu(), p64.grad, rtol=1e-4, atol=1e-5 * scale)
     assert all(torch.isfinite(p.grad).all() for p in t32.parameters())
+
+
+@direct
+@pytest.mark.parametrize("method", ["ether", "etherplus"])
+@pytest.mark.parametrize("in_place,bias,dropout", [(True, False, False), (True, True, True), (False, True, False),
+                                                   (False, False, True)])
+def test_raw_output_side_against_float64(device, method, in_place, bias, dropout, monkeypatch):
+    """The output side on the GPU path (`apply_output_rows` -> `_OutputRowsUpdate` with raw parameters): two slices
+    of a fused output (a gap between them), kept output (in place) or kept input, with or without a bias and block
+    dropout, an all-zero row: values and the gradients of `y`, the bias and the raw `u`, `v` as the eager float64
+    path gives them (the kernels rebuild `z` in their finishing reduction instead of `_rebuild_z`)."""
+    from lit_gpt.adapters.ether import ETHER_COEFS, ETHERPLUS_COEFS, HouseholderTransform
+
+    torch.manual_seed(5)
+    coefs = ETHER_COEFS if method == "ether" else ETHERPLUS_COEFS
+    T, nb, k = 37, 3, 20
+    d = nb * k
+    t64 = [HouseholderTransform(d, nb, coefs, block_dropout=0.5 if dropout else 0.0, dtype=torch.float64)
+           for _ in range(2)]
+    for t in t64:
+        with torch.no_grad():
+            for p in t.parameters():
+                p.normal_()
+    with torch.no_grad():
+        t64[1].u[2].zero_()
+    keep = torch.tensor([True, False, True]) if dropout else None
+    monkeypatch.setattr(HouseholderTransform, "keep_mask", lambda self, dev: None if keep is None else keep.to(dev))
+    t32 = [HouseholderTransform(d, nb, coefs, block_dropout=t.block_dropout, device=device) for t in t64]
+    for a, b in zip(t32, t64):
+        a.load_state_dict({n: p.float() for n, p in b.state_dict().items()})
+    y = torch.randn(2, T, 4 * d, dtype=torch.float64)
+    g = torch.randn_like(y)
+    b = torch.randn(4 * d, dtype=torch.float64) if bias else None
+
+    def run(ts, dev, dtype):
+        yy = y.to(device=dev, dtype=dtype).requires_grad_()
+        bb = b.to(device=dev, dtype=dtype).requires_grad_() if bias else None
+        y0 = yy * 1.0  # a fresh tensor: the in-place form updates it
+        parts = [(0, d, ts[0]), (2 * d, 3 * d, ts[1])]
+        out = HouseholderTransform.apply_output_rows(y0, bb, parts, in_place)
+        out.backward(g.to(device=dev, dtype=dtype))
+        grads = [yy.grad] + ([bb.grad] if bias else []) + [p.grad for t in ts for p in t.vector_params()]
+        return [out.detach()] + grads
+
+    calls = []
+    monkeypatch.setattr(gpu_kernel, "backward_raw", lambda *a, f=gpu_kernel.backward_raw, **kw: calls.append(1)
+                        or f(*a, **kw))
+    got = run(t32, device, torch.float32)
+    assert calls, "the raw-parameter output path did not run"
+    with gpu_kernel.disabled():
+        ref = run(t64, "cpu", torch.float64)
+    for a, r in zip(got, ref):
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(a.double().cpu(), r, rtol=1e-4, atol=2e-5 * scale)
 
 
 @direct

@@ -25,9 +25,10 @@ def _vector(w_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE: tl.constexpr, HA
 def fwd(
     z_ptr, sz, w0_ptr, w1_ptr, keep_ptr, beta_ptr, out_ptr, so, c_ptr, T, NB, K, eps,
     S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
-    HAS_BETA: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BETA: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
-    # program (t, i): tokens t*BT .. t*BT + BT - 1 of block i
+    # program (t, i): tokens t*BT .. t*BT + BT - 1 of block i. BETA: 0 no bias; 1 beta_ptr holds the (J, NB)
+    # products ŵ_jᵀ b_i; 2 beta_ptr is the bias b itself (NB * K), its products with the vectors formed here
     i = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, BK)
@@ -37,14 +38,19 @@ def fwd(
     z = tl.load(z_ptr + r64 * sz + i * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w0 = _vector(w0_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
     c0 = tl.sum(z * w0[None, :], axis=1)
-    if HAS_BETA:
+    if BETA == 2:
+        b = tl.load(beta_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+        c0 -= tl.sum(b * w0, axis=0)
+    elif BETA == 1:
         c0 -= tl.load(beta_ptr + i).to(tl.float32)
     tl.store(c_ptr + rows * NB + i, c0, mask=rmask)
     out = z + (S0 * c0)[:, None] * w0[None, :]
     if J == 2:
         w1 = _vector(w1_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
         c1 = tl.sum(z * w1[None, :], axis=1)
-        if HAS_BETA:
+        if BETA == 2:
+            c1 -= tl.sum(b * w1, axis=0)
+        elif BETA == 1:
             c1 -= tl.load(beta_ptr + NB + i).to(tl.float32)
         tl.store(c_ptr + (T + rows) * NB + i, c1, mask=rmask)
         out += (S1 * c1)[:, None] * w1[None, :]
@@ -55,10 +61,13 @@ def fwd(
 def bwd(
     g_ptr, sg, z_ptr, sz, w0_ptr, w1_ptr, keep_ptr, c_ptr, gz_ptr, sgz, pv_ptr, pg_ptr, T, NB, K, P, NT, eps,
     S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
-    WANT_GZ: tl.constexpr, WANT_V: tl.constexpr, WANT_GRAM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    WANT_GZ: tl.constexpr, WANT_V: tl.constexpr, WANT_GRAM: tl.constexpr, ACC2D: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
     # program (p, i) takes the token tiles p, p + P, p + 2P, ... < NT of block i (one tile when P == NT), summing
-    # its share of the vector gradient sum_t (c_tj g_t + d_tj z_t) and of the gram sums; partials go to pv/pg[p]
+    # its share of the vector gradient sum_t (c_tj g_t + d_tj z_t) and of the gram sums; partials go to pv/pg[p].
+    # ACC2D: the vector gradient is summed element-wise in a (BT, BK) accumulator and over its rows once at the
+    # end, instead of a reduction across the tile's rows on every loop step
     p = tl.program_id(0)
     i = tl.program_id(1)
     cols = tl.arange(0, BK)
@@ -66,8 +75,12 @@ def bwd(
     w0 = _vector(w0_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
     if J == 2:
         w1 = _vector(w1_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
-    v0 = tl.zeros((BK,), dtype=tl.float32)
-    v1 = tl.zeros((BK,), dtype=tl.float32)
+    if ACC2D:
+        a0 = tl.zeros((BT, BK), dtype=tl.float32)
+        a1 = tl.zeros((BT, BK), dtype=tl.float32)
+    else:
+        a0 = tl.zeros((BK,), dtype=tl.float32)
+        a1 = tl.zeros((BK,), dtype=tl.float32)
     g00 = tl.zeros((BT,), dtype=tl.float32)  # sum d0 c0
     g01 = tl.zeros((BT,), dtype=tl.float32)  # sum d0 c1
     g0s = tl.zeros((BT,), dtype=tl.float32)  # sum d0
@@ -88,9 +101,14 @@ def bwd(
             c1 = tl.load(c_ptr + (T + rows) * NB + i, mask=rmask, other=0.0)
         if WANT_V:
             z = tl.load(z_ptr + r64 * sz + i * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            v0 += tl.sum(c0[:, None] * g + d0[:, None] * z, axis=0)
-            if J == 2:
-                v1 += tl.sum(c1[:, None] * g + d1[:, None] * z, axis=0)
+            if ACC2D:
+                a0 += c0[:, None] * g + d0[:, None] * z
+                if J == 2:
+                    a1 += c1[:, None] * g + d1[:, None] * z
+            else:
+                a0 += tl.sum(c0[:, None] * g + d0[:, None] * z, axis=0)
+                if J == 2:
+                    a1 += tl.sum(c1[:, None] * g + d1[:, None] * z, axis=0)
         if WANT_GRAM:
             g00 += d0 * c0
             g0s += d0
@@ -106,8 +124,10 @@ def bwd(
             tl.store(gz_ptr + r64 * sgz + i * K + cols[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
         tile += P
     if WANT_V:
+        v0 = tl.sum(a0, axis=0) if ACC2D else a0
         tl.store(pv_ptr + (p * J * NB + i) * K + cols, v0 * S0, mask=cmask)
         if J == 2:
+            v1 = tl.sum(a1, axis=0) if ACC2D else a1
             tl.store(pv_ptr + ((p * J + 1) * NB + i) * K + cols, v1 * S1, mask=cmask)
     if WANT_GRAM:
         # pg[p] is (J, J + 1, NB): [sum d_j c_l for l < J, sum d_j]
@@ -124,31 +144,62 @@ def bwd(
 
 
 @triton.jit
-def finish(
-    pv_ptr, w0_ptr, w1_ptr, keep_ptr, gw_ptr, P, NB, K, eps,
-    J: tl.constexpr, HAS_KEEP: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
-):
-    # program (i, j): the gradient of the raw parameter row u[i] (j = 0) or v[i] (j = 1) from the P partial sums
-    # of its unit vector's gradient (already scaled by s_j), BP partials per load: summed, times the keep factor,
-    # then through the normalisation; written to gw, (J, NB, K) in the parameters' dtype
-    i = tl.program_id(0)
-    j = tl.program_id(1)
-    cols = tl.arange(0, BK)
-    cmask = cols < K
+def _sum_partials(ptr, P, BP: tl.constexpr, BK: tl.constexpr, row_stride, cols, cmask):
+    """sum over p < P of ptr[p * row_stride + cols], BP partials per load."""
     acc = tl.zeros((BP, BK), dtype=tl.float32)
     p0 = 0
     while p0 < P:
         ps = p0 + tl.arange(0, BP)
-        acc += tl.load(pv_ptr + ((ps[:, None] * J + j) * NB + i) * K + cols[None, :],
-                       mask=(ps[:, None] < P) & cmask[None, :], other=0.0)
+        acc += tl.load(ptr + ps[:, None] * row_stride + cols[None, :], mask=(ps[:, None] < P) & cmask[None, :],
+                       other=0.0)
         p0 += BP
-    gu = tl.sum(acc, axis=0)
-    if HAS_KEEP:
-        gu = gu * tl.load(keep_ptr + i)
-    w = tl.load(w0_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def finish(
+    pv_ptr, pg_ptr, w0_ptr, w1_ptr, keep_ptr, bias_ptr, gw_ptr, P, NB, K, eps,
+    S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, HAS_KEEP: tl.constexpr, KEPT_OUTPUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+):
+    # program (i, j): the gradient of the raw parameter row u[i] (j = 0) or v[i] (j = 1) from the P partial sums
+    # of its unit vector's gradient (already scaled by s_j), BP partials per load: summed; made the gradient with
+    # the transform's input z where backward read a kept tensor in its place (the output side: KEPT_OUTPUT, the
+    # kept o = H z + b, or HAS_BIAS alone, the kept y = z + b): minus s_j (sum_l s_l G_jl ŵ_l + G_jJ b) with the
+    # gram sums G from the P partials pg, (P, J, J + 1, NB); then times the keep factor and through the
+    # normalisation; written to gw, (J, NB, K) in the parameters' dtype
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    gu = _sum_partials(pv_ptr + (j * NB + i) * K, P, BP, BK, J * NB * K, cols, cmask)
+    w0 = tl.load(w0_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+    u0 = w0 / tl.maximum(tl.sqrt(tl.sum(w0 * w0, axis=0)), eps)
+    w = w0
     if J == 2:
+        w1 = tl.load(w1_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+        u1 = w1 / tl.maximum(tl.sqrt(tl.sum(w1 * w1, axis=0)), eps)
         if j == 1:
-            w = tl.load(w1_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = w1
+    keep = 1.0
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + i)
+    if KEPT_OUTPUT or HAS_BIAS:
+        # G_jl for l <= J: one value each, summed over the P partials (a masked vector load, lane 0 kept)
+        gbase = pg_ptr + j * (J + 1) * NB + i
+        rs = J * (J + 1) * NB
+        one = cols < 1
+        corr = tl.zeros((BK,), dtype=tl.float32)
+        if KEPT_OUTPUT:
+            corr += S0 * tl.sum(_sum_partials(gbase, P, BP, BK, rs, cols * 0, one), axis=0) * (u0 * keep)
+            if J == 2:
+                corr += S1 * tl.sum(_sum_partials(gbase + NB, P, BP, BK, rs, cols * 0, one), axis=0) * (u1 * keep)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
+            corr += tl.sum(_sum_partials(gbase + J * NB, P, BP, BK, rs, cols * 0, one), axis=0) * b
+        gu = gu - tl.where(j == 1, S1, S0) * corr
+    if HAS_KEEP:
+        gu = gu * keep
     norm = tl.sqrt(tl.sum(w * w, axis=0))
     unit = w / tl.maximum(norm, eps)
     # through w / max(‖w‖, eps): (g - û (û·g)) / ‖w‖ above eps, g / eps below (the max has no slope there)

@@ -245,17 +245,27 @@ class _OutputRowsUpdate(torch.autograd.Function):
     transform keeps nothing of its own. The `z` the vector gradient needs is rebuilt from it (`_rebuild_z`).
     `in_place=False` writes a new tensor and keeps `y`: for models whose code may modify a layer's output in place
     afterwards, which would spoil a kept output.
+
+    Each span's vectors come as one `(J, nb, k)` tensor of unit vectors or, with `raw` (the GPU kernels), as the
+    span's float32 keep factors (or None) and its raw parameters, which the kernels normalise themselves and whose
+    gradients they return (rebuilding `z` included), as `_RawVectorUpdate` does for the input side.
     """
 
     @staticmethod
-    def forward(ctx, y, bias, in_place, spans, *vecs_list):
+    def forward(ctx, y, bias, in_place, spans, raw, *inputs):
         m = y.shape[-1]
         y2 = y.view(-1, m)
         out = y if in_place else torch.empty_like(y)  # the tensor itself is returned: code after may modify it
         out2 = out.view(-1, m)
         cs, kernel = [], []
-        for (lo, hi, coefs), vecs in zip(spans, vecs_list):
+        for (lo, hi, coefs), vecs in zip(spans, _span_inputs(spans, raw, inputs)):
             zs, os_ = (y2, out2) if (lo, hi) == (0, m) else (y2[:, lo:hi], out2[:, lo:hi])
+            if raw:
+                bs = bias[lo:hi] if bias is not None else None
+                cs.append(gpu_kernel.forward_raw(zs, vecs[1:], vecs[0], coefs, NORM_EPS, out=os_, bias=bs)[1])
+                kernel.append(gpu_kernel)
+                continue
+            vecs = vecs[0]
             beta = None
             if bias is not None:
                 beta = (vecs * bias[lo:hi].to(vecs.dtype).view(vecs.shape[1:])).sum(-1).contiguous()
@@ -268,17 +278,17 @@ class _OutputRowsUpdate(torch.autograd.Function):
         if not in_place:
             for lo, hi in _gaps(spans, m):
                 out2[:, lo:hi] = y2[:, lo:hi]
-        ctx.spans, ctx.kernel, ctx.in_place = spans, kernel, in_place
+        ctx.spans, ctx.kernel, ctx.in_place, ctx.raw, ctx.n_inputs = spans, kernel, in_place, raw, len(inputs)
         if in_place:
             ctx.mark_dirty(y)
-        ctx.save_for_backward(y, bias, *vecs_list, *cs)
+        ctx.save_for_backward(y, bias, *inputs, *cs)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        spans, n = ctx.spans, len(ctx.spans)
+        spans, raw = ctx.spans, ctx.raw
         kept, bias, *rest = ctx.saved_tensors
-        vecs_list, cs = rest[:n], rest[n:]
+        groups, cs = _span_inputs(spans, raw, rest[: ctx.n_inputs]), rest[ctx.n_inputs:]
         m = g.shape[-1]
         g2, kept2 = _rows(g, m), kept.view(-1, m)
         want_y, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -287,21 +297,29 @@ class _OutputRowsUpdate(torch.autograd.Function):
             for lo, hi in _gaps(spans, m):
                 gy[:, lo:hi] = g2[:, lo:hi]
         gbias = torch.zeros(m, dtype=compute_dtype(g), device=g.device) if want_bias else None
-        gvecs = []
-        for i, ((lo, hi, coefs), vecs, c) in enumerate(zip(spans, vecs_list, cs)):
+        grads, at = [], 5  # the inputs after (y, bias, in_place, spans, raw)
+        for i, ((lo, hi, coefs), vecs, c) in enumerate(zip(spans, groups, cs)):
             full = (lo, hi) == (0, m)
             gs, zs = (g2, kept2) if full else (g2[:, lo:hi], kept2[:, lo:hi])
             gzs = (gy if full else gy[:, lo:hi]) if gy is not None else None
-            want_v = ctx.needs_input_grad[4 + i]
-            bs = bias[lo:hi].to(kept.dtype) if bias is not None else None
-            rebuild = want_v and (ctx.in_place or bs is not None)
-            if ctx.kernel[i] is not None:
-                _, gv, gram = ctx.kernel[i].backward(gs, zs, vecs, coefs, c, gzs, want_v, rebuild)
+            want_v = any(ctx.needs_input_grad[at: at + len(vecs)])
+            at += len(vecs)
+            if raw:
+                bs = bias[lo:hi] if bias is not None else None
+                gw = gpu_kernel.backward_raw(gs, zs, vecs[1:], vecs[0], coefs, NORM_EPS, c, gzs, want_v,
+                                             kept_output=ctx.in_place, bias=bs)
+                grads += [None] + (list(gw.unbind(0)) if want_v else [None] * (len(vecs) - 1))
             else:
-                gv, gram = _eager_backward(gs, zs, vecs, coefs, c, gzs, want_v, want_gram=rebuild)
-            if rebuild:
-                gv = _rebuild_z(gv, vecs, coefs, gram, bs, output_kept=ctx.in_place)
-            gvecs.append(gv.to(vecs.dtype) if want_v else None)
+                vecs = vecs[0]
+                bs = bias[lo:hi].to(kept.dtype) if bias is not None else None
+                rebuild = want_v and (ctx.in_place or bs is not None)
+                if ctx.kernel[i] is not None:
+                    _, gv, gram = ctx.kernel[i].backward(gs, zs, vecs, coefs, c, gzs, want_v, rebuild)
+                else:
+                    gv, gram = _eager_backward(gs, zs, vecs, coefs, c, gzs, want_v, want_gram=rebuild)
+                if rebuild:
+                    gv = _rebuild_z(gv, vecs, coefs, gram, bs, output_kept=ctx.in_place)
+                grads.append(gv.to(vecs.dtype) if want_v else None)
             if want_bias:  # the bias also enters as `- H b + b`: its own gradient is `g - H g` on these rows
                 gbias[lo:hi] = (gs.sum(0, dtype=gbias.dtype) - gzs.sum(0, dtype=gbias.dtype))
         return (
@@ -309,8 +327,19 @@ class _OutputRowsUpdate(torch.autograd.Function):
             gbias.to(bias.dtype) if want_bias else None,
             None,
             None,
-            *gvecs,
+            None,
+            *grads,
         )
+
+
+def _span_inputs(spans, raw: bool, inputs) -> list[tuple]:
+    """`_OutputRowsUpdate`'s inputs per span: `(vecs,)`, or with `raw` `(keep, u)` / `(keep, u, v)`."""
+    groups, at = [], 0
+    for _, _, coefs in spans:
+        n = 1 + len(coefs) if raw else 1
+        groups.append(tuple(inputs[at: at + n]))
+        at += n
+    return groups
 
 
 def _gaps(spans, m: int) -> list[tuple[int, int]]:
@@ -375,11 +404,20 @@ class HouseholderTransform(BlockTransform):
     ) -> torch.Tensor:
         """`H_s` on the rows `(lo, hi)` of the GEMM output `y` (bias not yet added) for every `(lo, hi, transform)`
         of `parts`, then `+ bias`: one autograd node per layer (`_OutputRowsUpdate`)."""
-        spans, vecs_list = [], []
+        m = y.shape[-1]
+        y2 = y.view(-1, m)
+        raw = all(
+            gpu_kernel.usable_raw(y, t.vector_params(), y2[:, lo:hi]) for lo, hi, t in parts
+        ) and (bias is None or (bias.device == y.device and bias.is_contiguous()))
+        spans, inputs = [], []
         for lo, hi, t in parts:
             spans.append((lo, hi, t.coefs))
-            vecs_list.append(t.unit_vectors(t.keep_mask(y.device)).to(y.dtype))
-        return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), *vecs_list)
+            keep = t.keep_mask(y.device)
+            if raw:
+                inputs += [None if keep is None else keep.float(), *t.vector_params()]
+            else:
+                inputs.append(t.unit_vectors(keep).to(y.dtype))
+        return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), raw, *inputs)
 
     def rank_update(self, x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(C, P)` with `W H x = W x + C Pᵀ`: `C = [Û_jᵀ x]_j` is `(..., J*nb)`, `P = [s_j W Û_j]_j` is

@@ -34,9 +34,15 @@ MAX_VECTORS = 2  # ETHER uses 1 vector per block, ETHER+ 2
 # H100 (widths 4096 and 11008, 4096 tokens, ETHER+): the fastest forward at both widths, and the backward with the
 # least time over the two (docs/benchmarks.md has the table).
 TILE_ELEMENTS = 4096  # a forward program's tile: tokens x padded block size
-TILE_ELEMENTS_BACKWARD = 4096  # backward: tokens x padded block size per loop step
 FINISH_ELEMENTS = 4096  # partial sums the finishing kernel loads at once: partials x padded block size
-BACKWARD_WAVES = 16  # backward programs per block: up to this many per multiprocessor over all blocks
+# Backward, for blocks whose size is a power of two ("exact") and for padded ones (width 11008 / 32 blocks = 344,
+# padded to 512): `tile`, tokens x padded block size per loop step; `waves`, programs per block, up to this many per
+# multiprocessor over all blocks; `acc2d`, sum the vector gradient element-wise over the tiles and across rows once
+# at the end (else across rows on every step); `warps` per program.
+BACKWARD = {
+    "exact": dict(tile=2048, waves=4, acc2d=True, warps=4),
+    "padded": dict(tile=4096, waves=16, acc2d=False, warps=4),
+}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 log = logging.getLogger(__name__)
@@ -154,7 +160,7 @@ def _vectors(vecs) -> tuple[torch.Tensor, torch.Tensor]:
     return vecs[0], vecs[1] if len(vecs) > 1 else vecs[0]
 
 
-def _forward(z, vecs, coefs, out, beta, keep, normalize: bool, eps: float):
+def _forward(z, vecs, coefs, out, beta, keep, normalize: bool, eps: float, bias=None):
     fwd = _load()[0]
     J, (nb, k) = len(vecs), vecs[0].shape
     assert J <= MAX_VECTORS and z.shape[-1] == nb * k
@@ -166,10 +172,12 @@ def _forward(z, vecs, coefs, out, beta, keep, normalize: bool, eps: float):
     bt, bk = _tiles(k, TILE_ELEMENTS)
     s0, s1 = _coefs(coefs)
     w0, w1 = _vectors(vecs)
+    b = bias if bias is not None else beta
     fwd[(-(-ntok // bt), nb)](
-        z, row_stride(z), w0, w1, keep if keep is not None else c, beta if beta is not None else c, out,
+        z, row_stride(z), w0, w1, keep if keep is not None else c, b if b is not None else c, out,
         row_stride(out), c, ntok, nb, k, eps,
-        S0=s0, S1=s1, J=J, NORMALIZE=normalize, HAS_KEEP=keep is not None, HAS_BETA=beta is not None, BT=bt, BK=bk,
+        S0=s0, S1=s1, J=J, NORMALIZE=normalize, HAS_KEEP=keep is not None,
+        BETA=2 if bias is not None else 1 if beta is not None else 0, BT=bt, BK=bk,
     )
     return out, c
 
@@ -179,9 +187,10 @@ def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: b
     bwd = _load()[1]
     J, (nb, k) = len(vecs), vecs[0].shape
     ntok = g.numel() // (nb * k)
-    bt, bk = _tiles(k, TILE_ELEMENTS_BACKWARD)
+    cfg = BACKWARD["exact" if _pow2(k) == k else "padded"]
+    bt, bk = _tiles(k, cfg["tile"])
     tiles = -(-ntok // bt)
-    P = _programs(tiles, nb, g.device)
+    P = _programs(tiles, nb, g.device, cfg["waves"])
     f32 = dict(dtype=torch.float32, device=g.device)
     pv = (torch.empty if ntok else torch.zeros)(P, J, nb, k, **f32) if want_vecs else None
     pg = (torch.empty if ntok else torch.zeros)(P, J, J + 1, nb, **f32) if want_gram else None
@@ -194,16 +203,16 @@ def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: b
         keep if keep is not None else c, c, gz if gz is not None else g, row_stride(gz) if gz is not None else 0,
         pv if pv is not None else c, pg if pg is not None else c, ntok, nb, k, P, tiles, eps,
         S0=s0, S1=s1, J=J, NORMALIZE=normalize, HAS_KEEP=keep is not None, WANT_GZ=gz is not None,
-        WANT_V=want_vecs, WANT_GRAM=want_gram, BT=bt, BK=bk,
+        WANT_V=want_vecs, WANT_GRAM=want_gram, ACC2D=cfg["acc2d"], BT=bt, BK=bk, num_warps=cfg["warps"],
     )
     return pv, pg, P
 
 
-def _programs(tiles: int, nb: int, device: torch.device) -> int:
+def _programs(tiles: int, nb: int, device: torch.device, waves: int) -> int:
     """Token-tile programs per block in backward: one per tile up to several waves over the GPU, beyond that each
     program walks several tiles, so that the partial sums stay small for long inputs."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(tiles, -(-BACKWARD_WAVES * sms // nb)))
+    return max(1, min(tiles, -(-waves * sms // nb)))
 
 
 def forward(
@@ -238,12 +247,14 @@ def backward(
     return gz, gv, gram
 
 
-def usable_raw(z: torch.Tensor, params: list[torch.Tensor]) -> bool:
+def usable_raw(z: torch.Tensor, params: list[torch.Tensor], *tensors: torch.Tensor) -> bool:
     """Whether `forward_raw` can run: as `usable`, with the raw `(nb, k)` parameters (contiguous, one dtype of their
-    own) in place of unit vectors."""
+    own) in place of unit vectors; `tensors` (activations given as they are, not made contiguous) must be of `z`'s
+    device and dtype with rows of unit stride."""
     return (
         len(params) <= MAX_VECTORS
         and z.dtype in _DTYPES
+        and all(t.device == z.device and t.dtype == z.dtype and row_stride(t) is not None for t in tensors)
         and params[0].dtype in _DTYPES
         and all(p.device == z.device and p.dtype == params[0].dtype and p.is_contiguous() for p in params)
         and _ready(z.device)
@@ -251,11 +262,18 @@ def usable_raw(z: torch.Tensor, params: list[torch.Tensor]) -> bool:
 
 
 def forward_raw(
-    z: torch.Tensor, params: list[torch.Tensor], keep: Optional[torch.Tensor], coefs: tuple[float, ...], eps: float
+    z: torch.Tensor,
+    params: list[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    coefs: tuple[float, ...],
+    eps: float,
+    out: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`forward` with the vectors given as raw parameters, normalised (and multiplied by the float32 `(nb,)` keep
-    factors of block dropout, if any) inside the kernel. `z` is contiguous `(tokens, nb * k)`."""
-    return _forward(z, params, coefs, None, None, keep, True, eps)
+    factors of block dropout, if any) inside the kernel. `z` is `(tokens, nb * k)` with rows of unit stride; `out`
+    may be `z` (in place); with the contiguous `(nb * k,)` `bias` it is `H (z - b) + b`."""
+    return _forward(z, params, coefs, out, None, keep, True, eps, bias=bias)
 
 
 def backward_raw(
@@ -268,19 +286,27 @@ def backward_raw(
     c: torch.Tensor,
     gz: Optional[torch.Tensor],
     want_params: bool,
+    kept_output: bool = False,
+    bias: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """`H g` into `gz` (None skips it) and, with `want_params`, the gradients of the raw parameters as one
     `(J, nb, k)` tensor in their dtype: the vector gradient's partial sums are added up and taken through the
-    normalisation by a second small kernel."""
-    pv, _, P = _backward(g, z, params, coefs, c, gz, want_params, False, keep, True, eps)
+    normalisation by a second small kernel. The output side keeps a tensor other than the transform's input `z`
+    and passes that as `z`: the kept output `H z + b` (`kept_output`) or `z + b` (`bias` alone, contiguous
+    `(nb * k,)`); the second kernel then makes the gradient the one with `z` (as `ether._rebuild_z`)."""
+    rebuild = want_params and (kept_output or bias is not None)
+    pv, pg, P = _backward(g, z, params, coefs, c, gz, want_params, rebuild, keep, True, eps)
     if not want_params:
         return None
     nb, k = params[0].shape
     gw = torch.empty(len(params), nb, k, dtype=params[0].dtype, device=g.device)
     bk = _pow2(k)
     bp = max(1, min(_pow2(P), FINISH_ELEMENTS // bk))
+    s0, s1 = _coefs(coefs)
     _load()[2][(nb, len(params))](
-        pv, *_vectors(params), keep if keep is not None else pv, gw, P, nb, k, eps,
-        J=len(params), HAS_KEEP=keep is not None, BP=bp, BK=bk,
+        pv, pg if rebuild else pv, *_vectors(params), keep if keep is not None else pv,
+        bias if bias is not None else pv, gw, P, nb, k, eps,
+        S0=s0, S1=s1, J=len(params), HAS_KEEP=keep is not None, KEPT_OUTPUT=rebuild and kept_output,
+        HAS_BIAS=rebuild and bias is not None, BP=bp, BK=bk,
     )
     return gw
