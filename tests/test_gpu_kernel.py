@@ -256,6 +256,47 @@ def test_raw_output_side_against_float64(device, method, in_place, bias, dropout
 
 
 @direct
+@pytest.mark.parametrize("method", ["ether", "etherplus", "etherplusHH"])
+@pytest.mark.parametrize("targets,bias", [(["query", "value"], True), (["key"], False), (["query", "key", "value"], False)])
+def test_fused_qkv_as_one_node_against_float64(device, method, targets, bias, monkeypatch):
+    """The fused QKV projection of a GQA `GPT` block with input-side transforms on some of its spans runs as one
+    node on the GPU path (`_GroupedLinear`: a GEMM per span into one output, input gradients added into one
+    buffer): the same output and gradients (of the input and the raw vectors) as the eager float64 path."""
+    from lit_gpt import GPT, Config
+    from lit_gpt.adapters.ether import _GroupedLinear
+
+    torch.manual_seed(7)
+    config = Config(name="t", block_size=8, vocab_size=32, padded_vocab_size=32, n_layer=1, n_head=4,
+                    n_query_groups=2, n_embd=48, intermediate_size=64, norm_class_name="RMSNorm",
+                    mlp_class_name="LLaMAMLP", bias=bias)
+    model = apply_adapters(GPT(config).double(), AdapterConfig(method=method, nb=3, targets=targets))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    layer = model.transformer.h[0].attn.qkv
+    x = torch.randn(2, 7, 48, dtype=torch.float64)
+    g = torch.randn(2, 7, layer.out_features, dtype=torch.float64)
+
+    def run(dev, dtype):
+        layer.zero_grad(set_to_none=True)  # before the conversion, which would convert the last run's gradients
+        lay = layer.to(device=dev, dtype=dtype)
+        xx = x.to(device=dev, dtype=dtype).detach().clone().requires_grad_()
+        y = lay(xx)
+        y.backward(g.to(device=dev, dtype=dtype))
+        return [y.detach().double().cpu(), xx.grad.double().cpu()] + [
+            p.grad.double().cpu() for p in lay.parameters() if p.requires_grad]
+
+    with gpu_kernel.disabled():
+        ref = run("cpu", torch.float64)
+    calls = []
+    monkeypatch.setattr(_GroupedLinear, "apply", lambda *a, f=_GroupedLinear.apply: calls.append(1) or f(*a))
+    got = run(device, torch.float32)
+    assert calls, "the fused QKV node did not run"
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()))
+
+
+@direct
 def test_tiny_gpt_trains_the_same_with_the_kernels(device):
     """ETHER+HH on every linear layer of a tiny GPT: the same loss and adapter gradients through the kernels as
     through the eager path."""

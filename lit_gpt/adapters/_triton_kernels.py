@@ -61,13 +61,14 @@ def fwd(
 def bwd(
     g_ptr, sg, z_ptr, sz, w0_ptr, w1_ptr, keep_ptr, c_ptr, gz_ptr, sgz, pv_ptr, pg_ptr, T, NB, K, P, NT, eps,
     S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
-    WANT_GZ: tl.constexpr, WANT_V: tl.constexpr, WANT_GRAM: tl.constexpr, ACC2D: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr,
+    WANT_GZ: tl.constexpr, ACCUMULATE: tl.constexpr, WANT_V: tl.constexpr, WANT_GRAM: tl.constexpr,
+    ACC2D: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     # program (p, i) takes the token tiles p, p + P, p + 2P, ... < NT of block i (one tile when P == NT), summing
     # its share of the vector gradient sum_t (c_tj g_t + d_tj z_t) and of the gram sums; partials go to pv/pg[p].
     # ACC2D: the vector gradient is summed element-wise in a (BT, BK) accumulator and over its rows once at the
-    # end, instead of a reduction across the tile's rows on every loop step
+    # end, instead of a reduction across the tile's rows on every loop step. ACCUMULATE: gz += H g, not gz = H g.
+    # gz may be g itself (in place): a program reads each of its tiles before it writes it, and no other reads it
     p = tl.program_id(0)
     i = tl.program_id(1)
     cols = tl.arange(0, BK)
@@ -121,6 +122,8 @@ def bwd(
             gz = g + (S0 * d0)[:, None] * w0[None, :]
             if J == 2:
                 gz += (S1 * d1)[:, None] * w1[None, :]
+            if ACCUMULATE:
+                gz += tl.load(gz_ptr + r64 * sgz + i * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(gz_ptr + r64 * sgz + i * K + cols[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
         tile += P
     if WANT_V:

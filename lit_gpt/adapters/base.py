@@ -282,6 +282,14 @@ class AdaptedLinear(nn.Module):
                 y = add_slice_products(y, ranges, tensors)
             return self._output_side(y, b, outputs) if outputs else y
 
+        if not dropping and inputs and hasattr(type(inputs[0].input), "linear_groups"):
+            # the method's own fused form of the GEMM per span below, where it has one
+            parts = [(lo, hi, ad.input if ad is not None else None) for name, lo, hi in self.slices
+                     for ad in (self._adapter(name),)]
+            y = type(inputs[0].input).linear_groups(x, W, b, parts)
+            if y is not None:
+                return self._output_side(y, b, outputs) if outputs else y
+
         # one GEMM per run of rows sharing an input; un-adapted runs use the plain input
         groups: list[list] = []  # [lo, hi, input]
         for name, lo, hi in self.slices:

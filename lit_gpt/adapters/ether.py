@@ -204,6 +204,63 @@ class _RawVectorUpdate(torch.autograd.Function):
         return (gz.view(g.shape) if want_z else None, None, None, *grads)
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """`y[:, lo:hi] = W_s H_s x + b_s` for the row spans of a fused layer (the QKV projection), `H_s = I` where a
+    span has no input transform, on the GPU kernels with raw parameters: each span's GEMM writes its columns of one
+    output (no concatenation), and backward adds every span's input gradient into one buffer (the kernel adds
+    `H_s (g_s W_s)` into it, the plain spans' GEMMs accumulate into it) instead of autograd summing a gradient per
+    span. The transformed inputs are temporaries: only `x` is kept. `W` and `b` must be frozen."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, spans, *inputs):
+        d = x.shape[-1]
+        x2 = x.reshape(-1, d).contiguous()
+        m = W.shape[0]
+        out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)  # returned whole: code after may
+        y = out.view(-1, m)  # modify it in place, which a view made here would forbid
+        groups, cs, buf = _span_inputs(spans, True, inputs), [], None
+        for (lo, hi, coefs), vecs in zip(spans, groups):
+            xs = x2
+            if coefs is not None:
+                buf, c = gpu_kernel.forward_raw(x2, vecs[1:], vecs[0], coefs, NORM_EPS, out=buf)
+                xs = buf
+                cs.append(c)
+            if b is None:
+                torch.mm(xs, W[lo:hi].t(), out=y[:, lo:hi])
+            else:
+                torch.addmm(b[lo:hi], xs, W[lo:hi].t(), out=y[:, lo:hi])
+        ctx.spans, ctx.n_inputs = spans, len(inputs)
+        ctx.save_for_backward(x2, W, *inputs, *cs)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        spans = ctx.spans
+        x2, W, *rest = ctx.saved_tensors
+        groups, cs = _span_inputs(spans, True, rest[: ctx.n_inputs]), iter(rest[ctx.n_inputs:])
+        g2 = _rows(g, W.shape[0])
+        want_x = ctx.needs_input_grad[0]
+        gx, grads, at = None, [], 4  # the inputs after (x, W, b, spans)
+        for (lo, hi, coefs), vecs in zip(spans, groups):  # transformed spans first: the first writes gx
+            n = len(vecs)
+            if coefs is None:
+                grads += [None] * n
+                continue
+            want_v = any(ctx.needs_input_grad[at + 1: at + n])
+            at += n
+            t = g2[:, lo:hi] @ W[lo:hi]  # the gradient of H_s x; H_s of it goes into gx
+            target = (t if gx is None else gx) if want_x else None
+            gw = gpu_kernel.backward_raw(t, x2, vecs[1:], vecs[0], coefs, NORM_EPS, next(cs), target, want_v,
+                                         accumulate=gx is not None)
+            gx = target
+            grads += [None] + (list(gw.unbind(0)) if want_v else [None] * (n - 1))
+        if want_x:
+            for (lo, hi, coefs), _ in zip(spans, groups):
+                if coefs is None:
+                    gx.addmm_(g2[:, lo:hi], W[lo:hi])
+        return (gx.view(*g.shape[:-1], x2.shape[-1]) if want_x else None, None, None, None, *grads)
+
+
 def _rebuild_z(
     gvecs: torch.Tensor,
     vecs: torch.Tensor,
@@ -333,10 +390,11 @@ class _OutputRowsUpdate(torch.autograd.Function):
 
 
 def _span_inputs(spans, raw: bool, inputs) -> list[tuple]:
-    """`_OutputRowsUpdate`'s inputs per span: `(vecs,)`, or with `raw` `(keep, u)` / `(keep, u, v)`."""
+    """The inputs of `_OutputRowsUpdate` or `_GroupedLinear` per span: `(vecs,)`, or with `raw` `(keep, u)` /
+    `(keep, u, v)`; none for a span without a transform (`coefs` None)."""
     groups, at = [], 0
     for _, _, coefs in spans:
-        n = 1 + len(coefs) if raw else 1
+        n = 0 if coefs is None else 1 + len(coefs) if raw else 1
         groups.append(tuple(inputs[at: at + n]))
         at += n
     return groups
@@ -418,6 +476,31 @@ class HouseholderTransform(BlockTransform):
             else:
                 inputs.append(t.unit_vectors(keep).to(y.dtype))
         return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), raw, *inputs)
+
+    @staticmethod
+    def linear_groups(
+        x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], parts: list
+    ) -> Optional[torch.Tensor]:
+        """`[W_s H_s x + b_s]_s` over the `(lo, hi, transform or None)` row spans of a fused layer as one autograd
+        node (`_GroupedLinear`) where the GPU kernels run and `W`, `b` are frozen; None elsewhere (the caller then
+        runs a GEMM per span)."""
+        ts = [t for _, _, t in parts if t is not None]
+        if (
+            not ts
+            or W.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or W.dtype != x.dtype
+            or torch.is_autocast_enabled(x.device.type)
+            or not all(gpu_kernel.usable_raw(x, t.vector_params()) for t in ts)
+        ):
+            return None
+        spans, inputs = [], []
+        for lo, hi, t in parts:
+            spans.append((lo, hi, None if t is None else t.coefs))
+            if t is not None:
+                keep = t.keep_mask(x.device)
+                inputs += [None if keep is None else keep.float(), *t.vector_params()]
+        return _GroupedLinear.apply(x, W, bias, tuple(spans), *inputs)
 
     def rank_update(self, x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(C, P)` with `W H x = W x + C Pᵀ`: `C = [Û_jᵀ x]_j` is `(..., J*nb)`, `P = [s_j W Û_j]_j` is

@@ -182,7 +182,7 @@ def _forward(z, vecs, coefs, out, beta, keep, normalize: bool, eps: float, bias=
     return out, c
 
 
-def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: bool, eps: float):
+def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: bool, eps: float, accumulate=False):
     """Launches the backward kernel; returns the partial sums `(pv, pg)` (P leading) and P."""
     bwd = _load()[1]
     J, (nb, k) = len(vecs), vecs[0].shape
@@ -203,7 +203,8 @@ def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: b
         keep if keep is not None else c, c, gz if gz is not None else g, row_stride(gz) if gz is not None else 0,
         pv if pv is not None else c, pg if pg is not None else c, ntok, nb, k, P, tiles, eps,
         S0=s0, S1=s1, J=J, NORMALIZE=normalize, HAS_KEEP=keep is not None, WANT_GZ=gz is not None,
-        WANT_V=want_vecs, WANT_GRAM=want_gram, ACC2D=cfg["acc2d"], BT=bt, BK=bk, num_warps=cfg["warps"],
+        ACCUMULATE=accumulate and gz is not None, WANT_V=want_vecs, WANT_GRAM=want_gram, ACC2D=cfg["acc2d"],
+        BT=bt, BK=bk, num_warps=cfg["warps"],
     )
     return pv, pg, P
 
@@ -288,14 +289,16 @@ def backward_raw(
     want_params: bool,
     kept_output: bool = False,
     bias: Optional[torch.Tensor] = None,
+    accumulate: bool = False,
 ) -> Optional[torch.Tensor]:
     """`H g` into `gz` (None skips it) and, with `want_params`, the gradients of the raw parameters as one
     `(J, nb, k)` tensor in their dtype: the vector gradient's partial sums are added up and taken through the
     normalisation by a second small kernel. The output side keeps a tensor other than the transform's input `z`
     and passes that as `z`: the kept output `H z + b` (`kept_output`) or `z + b` (`bias` alone, contiguous
-    `(nb * k,)`); the second kernel then makes the gradient the one with `z` (as `ether._rebuild_z`)."""
+    `(nb * k,)`); the second kernel then makes the gradient the one with `z` (as `ether._rebuild_z`).
+    `accumulate` adds `H g` to `gz` instead of overwriting it; `gz` may be `g` itself (in place)."""
     rebuild = want_params and (kept_output or bias is not None)
-    pv, pg, P = _backward(g, z, params, coefs, c, gz, want_params, rebuild, keep, True, eps)
+    pv, pg, P = _backward(g, z, params, coefs, c, gz, want_params, rebuild, keep, True, eps, accumulate)
     if not want_params:
         return None
     nb, k = params[0].shape
