@@ -449,12 +449,17 @@ class HouseholderTransform(BlockTransform):
             vecs = vecs * keep.to(vecs.dtype)[None, :, None]
         return vecs
 
+    def raw_inputs(self, device: torch.device) -> list[Optional[torch.Tensor]]:
+        """What the raw-parameter kernels take for this transform on one step: this step's float32 keep factors
+        (None without block dropout) and the raw vectors."""
+        keep = self.keep_mask(device)
+        return [None if keep is None else keep.float(), *self.vector_params()]
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        keep = self.keep_mask(z.device)
-        params = self.vector_params()
-        if gpu_kernel.usable_raw(z, params):
-            return _RawVectorUpdate.apply(z, None if keep is None else keep.float(), self.coefs, *params)
-        return _BlockRankUpdate.apply(z, self.unit_vectors(keep).to(z.dtype), self.coefs)
+        if gpu_kernel.usable_raw(z, self.vector_params()):
+            keep, *params = self.raw_inputs(z.device)
+            return _RawVectorUpdate.apply(z, keep, self.coefs, *params)
+        return _BlockRankUpdate.apply(z, self.unit_vectors(self.keep_mask(z.device)).to(z.dtype), self.coefs)
 
     @staticmethod
     def apply_output_rows(
@@ -470,11 +475,10 @@ class HouseholderTransform(BlockTransform):
         spans, inputs = [], []
         for lo, hi, t in parts:
             spans.append((lo, hi, t.coefs))
-            keep = t.keep_mask(y.device)
             if raw:
-                inputs += [None if keep is None else keep.float(), *t.vector_params()]
+                inputs += t.raw_inputs(y.device)
             else:
-                inputs.append(t.unit_vectors(keep).to(y.dtype))
+                inputs.append(t.unit_vectors(t.keep_mask(y.device)).to(y.dtype))
         return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), raw, *inputs)
 
     @staticmethod
@@ -498,8 +502,7 @@ class HouseholderTransform(BlockTransform):
         for lo, hi, t in parts:
             spans.append((lo, hi, None if t is None else t.coefs))
             if t is not None:
-                keep = t.keep_mask(x.device)
-                inputs += [None if keep is None else keep.float(), *t.vector_params()]
+                inputs += t.raw_inputs(x.device)
         return _GroupedLinear.apply(x, W, bias, tuple(spans), *inputs)
 
     def rank_update(self, x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
