@@ -124,7 +124,7 @@ def sweep_gpu_tiles(z: torch.Tensor, g: torch.Tensor, nb: int) -> list[str]:
     params = [torch.randn(nb, z.shape[1] // nb, device=z.device, dtype=z.dtype) for _ in range(2)]
     coefs = ETHERPLUS_COEFS
     act = z.numel() * z.element_size()
-    kind = "exact" if (z.shape[1] // nb) & (z.shape[1] // nb - 1) == 0 else "padded"
+    kind = gpu_kernel.backward_kind(z.shape[1] // nb)
     saved_tile, saved_backward = gpu_kernel.TILE_ELEMENTS, dict(gpu_kernel.BACKWARD[kind])
     out = ["| kernel | tile elements | waves | warps | 2-D sums | µs | GB/s |", "|---|---|---|---|---|---|---|"]
     print("\n".join(out))

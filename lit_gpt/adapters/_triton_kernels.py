@@ -177,13 +177,15 @@ def finish(
     cmask = cols < K
     gu = _sum_partials(pv_ptr + (j * NB + i) * K, P, BP, BK, J * NB * K, cols, cmask)
     w0 = tl.load(w0_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
-    u0 = w0 / tl.maximum(tl.sqrt(tl.sum(w0 * w0, axis=0)), eps)
-    w = w0
+    n0 = tl.sqrt(tl.sum(w0 * w0, axis=0))
+    u0 = w0 / tl.maximum(n0, eps)
+    norm, unit = n0, u0
     if J == 2:
         w1 = tl.load(w1_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
-        u1 = w1 / tl.maximum(tl.sqrt(tl.sum(w1 * w1, axis=0)), eps)
+        n1 = tl.sqrt(tl.sum(w1 * w1, axis=0))
+        u1 = w1 / tl.maximum(n1, eps)
         if j == 1:
-            w = w1
+            norm, unit = n1, u1
     keep = 1.0
     if HAS_KEEP:
         keep = tl.load(keep_ptr + i)
@@ -203,8 +205,6 @@ def finish(
         gu = gu - tl.where(j == 1, S1, S0) * corr
     if HAS_KEEP:
         gu = gu * keep
-    norm = tl.sqrt(tl.sum(w * w, axis=0))
-    unit = w / tl.maximum(norm, eps)
     # through w / max(‖w‖, eps): (g - û (û·g)) / ‖w‖ above eps, g / eps below (the max has no slope there)
     gw = tl.where(norm > eps, (gu - unit * tl.sum(unit * gu, axis=0)) / tl.maximum(norm, eps), gu / eps)
     tl.store(gw_ptr + (j * NB + i) * K + cols, gw.to(gw_ptr.dtype.element_ty), mask=cmask)

@@ -200,8 +200,7 @@ class _RawVectorUpdate(torch.autograd.Function):
         g2 = _rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
         gw = gpu_kernel.backward_raw(g2, z, params, keep, ctx.coefs, NORM_EPS, cs, gz, want_params)
-        grads = list(gw.unbind(0)) if want_params else [None] * len(params)
-        return (gz.view(g.shape) if want_z else None, None, None, *grads)
+        return (gz.view(g.shape) if want_z else None, None, None, *_param_grads(gw, len(params)))
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -253,7 +252,7 @@ class _GroupedLinear(torch.autograd.Function):
             gw = gpu_kernel.backward_raw(t, x2, vecs[1:], vecs[0], coefs, NORM_EPS, next(cs), target, want_v,
                                          accumulate=gx is not None)
             gx = target
-            grads += [None] + (list(gw.unbind(0)) if want_v else [None] * (n - 1))
+            grads += [None, *_param_grads(gw, n - 1)]  # none for the keep factors
         if want_x:
             for (lo, hi, coefs), _ in zip(spans, groups):
                 if coefs is None:
@@ -365,7 +364,7 @@ class _OutputRowsUpdate(torch.autograd.Function):
                 bs = bias[lo:hi] if bias is not None else None
                 gw = gpu_kernel.backward_raw(gs, zs, vecs[1:], vecs[0], coefs, NORM_EPS, c, gzs, want_v,
                                              kept_output=ctx.in_place, bias=bs)
-                grads += [None] + (list(gw.unbind(0)) if want_v else [None] * (len(vecs) - 1))
+                grads += [None, *_param_grads(gw, len(vecs) - 1)]  # none for the keep factors
             else:
                 vecs = vecs[0]
                 bs = bias[lo:hi].to(kept.dtype) if bias is not None else None
@@ -387,6 +386,11 @@ class _OutputRowsUpdate(torch.autograd.Function):
             None,
             *grads,
         )
+
+
+def _param_grads(gw: Optional[torch.Tensor], n: int) -> list[Optional[torch.Tensor]]:
+    """The `n` raw parameters' gradients from `gpu_kernel.backward_raw`'s `(n, nb, k)` result (None: not wanted)."""
+    return list(gw.unbind(0)) if gw is not None else [None] * n
 
 
 def _span_inputs(spans, raw: bool, inputs) -> list[tuple]:

@@ -187,7 +187,7 @@ def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: b
     bwd = _load()[1]
     J, (nb, k) = len(vecs), vecs[0].shape
     ntok = g.numel() // (nb * k)
-    cfg = BACKWARD["exact" if _pow2(k) == k else "padded"]
+    cfg = BACKWARD[backward_kind(k)]
     bt, bk = _tiles(k, cfg["tile"])
     tiles = -(-ntok // bt)
     P = _programs(tiles, nb, g.device, cfg["waves"])
@@ -207,6 +207,11 @@ def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: b
         BT=bt, BK=bk, num_warps=cfg["warps"],
     )
     return pv, pg, P
+
+
+def backward_kind(k: int) -> str:
+    """The `BACKWARD` setting for blocks of `k` numbers: "exact" for a power of two, else "padded"."""
+    return "exact" if _pow2(k) == k else "padded"
 
 
 def _programs(tiles: int, nb: int, device: torch.device, waves: int) -> int:
