@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from common import command_line, saved_bytes, sync, write_section  # noqa: E402
-from lit_gpt import GPT, Config  # noqa: E402
+from lit_gpt import GPT, Config, recompute  # noqa: E402
 from lit_gpt.adapters import (  # noqa: E402
     AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, cpu_kernel, gpu_kernel,
 )
@@ -102,12 +102,15 @@ def make_step(model: nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, devi
 
 
 def path_of(model: nn.Module):
-    """The eager variants run the Householder update without the fused kernels (`cpu_kernel`, `gpu_kernel`)."""
-    if not getattr(model, "bench_eager", False):
-        return contextlib.nullcontext()
+    """The eager variants run the Householder update without the fused kernels (`cpu_kernel`, `gpu_kernel`); the
+    `inputs kept` ones keep every adapted layer's input instead of rebuilding norm outputs and the MLP product in
+    backward (`lit_gpt.recompute`)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(cpu_kernel.disabled())
-    stack.enter_context(gpu_kernel.disabled())
+    if getattr(model, "bench_eager", False):
+        stack.enter_context(cpu_kernel.disabled())
+        stack.enter_context(gpu_kernel.disabled())
+    if getattr(model, "bench_keep_inputs", False):
+        stack.enter_context(recompute.disabled())
     return stack
 
 
@@ -237,11 +240,12 @@ def main(
         variants.append(("transformers floor", "hf", "", lambda: hf_model(hf_config, hf_sd, device)))
 
     def ours(
-        cfg: AdapterConfig, weight_centric: bool = False, low_rank: bool = False, eager: bool = False
+        cfg: AdapterConfig, weight_centric: bool = False, low_rank: bool = False, eager: bool = False,
+        keep_inputs: bool = False,
     ) -> Callable[[], nn.Module]:
         def build() -> nn.Module:
             model = apply_adapters(lit_model(config, lit_sd, device), cfg)
-            model.bench_eager = eager
+            model.bench_eager, model.bench_keep_inputs = eager, keep_inputs
             if weight_centric:
                 make_weight_centric(model)
             for _, layer in adapted_layers(model):
@@ -276,6 +280,8 @@ def main(
                 for m in ("ether", "etherplus", "etherplusHH")
             ]
         variants += [
+            (f"etherplus nb{nb} inputs kept", "lit", tset,
+             ours(AdapterConfig(method="etherplus", nb=nb, targets=lit_targets), keep_inputs=True)),
             (f"ether nb{nb} low-rank QKV", "lit", tset,
              ours(AdapterConfig(method="ether", nb=nb, targets=lit_targets), low_rank=True)),
             (f"ether nb{nb} weight-centric", "lit", tset,
@@ -484,8 +490,12 @@ WHERE_THE_TIME_GOES = (
     "`W H` every step, pays a full weight-gradient GEMM per adapted layer and keeps `W H` alive for backward; "
     "PEFT's HRA builds its weight from r reflections the same way. OFT's extra cost is its batched `k x k` block "
     "matmul (`k/m` of a layer's multiply-adds, in small GEMMs) and one small solve per adapted layer and step. "
-    "Memory: a transform on a layer's input keeps that input for the vector gradient (the frozen GEMM alone keeps "
-    "nothing), one copy per distinct input (the q, k and v adapters share theirs). A transform on a layer's output "
+    "Memory: a transform on a layer's input needs that input for its gradient (the frozen GEMM alone keeps "
+    "nothing). Where the input is a norm's output or the MLP's product, it keeps instead what the norm and the "
+    "product keep anyway (the norm's float32 input and `1/rms`; `silu(a)` and `b`) and rebuilds the input in "
+    "backward (`lit_gpt/recompute.py`; the `inputs kept` row keeps the inputs instead: what that saves and costs); "
+    "attention's output, the input of its projection, is a view of what the attention kernel keeps for its own "
+    "backward. So ETHER, ETHER+, OFT and LoRA keep about what the floor keeps. A transform on a layer's output "
     "(ETHER+HH) updates the GEMM output in place and keeps the result, from which backward rebuilds its input: "
     "attention keeps the fused QKV output and the MLP's product keeps fc_1's and fc_2's anyway, so only the two "
     "projections into the residual stream (attention's output, the MLP's down projection) cost an activation each."

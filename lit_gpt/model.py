@@ -16,6 +16,7 @@ Module names (stable; adapters, converters and FSDP wrapping rely on them):
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from lit_gpt import recompute
 from lit_gpt.config import Config
 
 
@@ -306,7 +308,11 @@ class GptNeoxMLP(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+        a = self.fc(x)
+        h = F.gelu(a, approximate=self.approximate)
+        if recompute.keeps(a):  # gelu keeps its input: an adapter on proj rebuilds h from it
+            recompute.mark(h, functools.partial(F.gelu, approximate=self.approximate), a)
+        return self.proj(h)
 
 
 class LLaMAMLP(nn.Module):
@@ -317,7 +323,11 @@ class LLaMAMLP(nn.Module):
         self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x):
-        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+        a, b = F.silu(self.fc_1(x)), self.fc_2(x)
+        h = a * b
+        if recompute.keeps(a) and recompute.keeps(b):  # the product keeps both: an adapter on proj rebuilds h
+            recompute.mark(h, torch.mul, a, b)
+        return self.proj(h)
 
 
 class RMSNorm(nn.Module):
@@ -329,19 +339,40 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = _rms_scale(xf, rstd, self.weight, x.dtype)
+        if recompute.keeps(xf):  # the norm keeps xf and rstd: an adapter on the next layer rebuilds y from them
+            recompute.mark(y, functools.partial(_rms_scale, dtype=x.dtype), xf, rstd, self.weight)
+        return y
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
 
+def _rms_scale(xf: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight * (xf * rstd).to(dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` whose output an adapter on the next layer can rebuild from the input the norm keeps anyway."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if recompute.keeps(x):
+            fn = functools.partial(_layer_norm, shape=self.normalized_shape, eps=self.eps)
+            recompute.mark(y, fn, x, self.weight, self.bias)
+        return y
+
+
+def _layer_norm(x, weight, bias, shape, eps):
+    return F.layer_norm(x, shape, weight, bias, eps)
+
+
 def build_norm(config: Config) -> nn.Module:
     if config.norm_class_name == "RMSNorm":
         return RMSNorm(config.n_embd, eps=config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return LayerNorm(config.n_embd, eps=config.norm_eps)
 
 
 def rope_inv_freq(config: Config, device=None) -> torch.Tensor:

@@ -323,6 +323,38 @@ def test_tiny_gpt_trains_the_same_with_the_kernels(device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@direct
+@pytest.mark.parametrize("method", ["ether", "etherplusHH"])
+def test_kernels_rebuild_marked_inputs(device, method):
+    """The raw-parameter nodes (one transform, and the fused QKV node) keep what rebuilds a norm's output or the
+    MLP's product (`lit_gpt.recompute`) instead of it: bit-for-bit the same gradients, one activation fewer each."""
+    from lit_gpt import GPT, Config, recompute
+    from test_output_side import kept_bytes
+
+    torch.manual_seed(0)
+    config = Config(name="t", block_size=16, vocab_size=64, padded_vocab_size=64, n_layer=2, n_head=4, n_embd=32,
+                    n_query_groups=2, intermediate_size=48, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP")
+    model = apply_adapters(GPT(config).to(device), AdapterConfig(method=method, nb=4, targets=["all-linear"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    idx = torch.randint(0, 64, (2, 16), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        grads = torch.autograd.grad(model(idx).square().mean(), params)
+        return grads, kept_bytes(model, idx)
+
+    grads, kept = run()
+    with recompute.disabled():
+        grads_kept, kept_without = run()
+    for a, b in zip(grads, grads_kept):
+        assert torch.equal(a, b)
+    T = idx.numel()  # per block: norm_2's output and the MLP product; norm_1's after block 0 (see test_recompute)
+    assert kept_without - kept == (2 * T * 32 + 2 * T * 48 + T * 32) * 4
+
+
 @pytest.mark.skipif(not CUDA, reason="bfloat16 runs on the GPU")
 @pytest.mark.parametrize("method", ["ether", "etherplus"])
 def test_bfloat16_close_to_float32(device, method):

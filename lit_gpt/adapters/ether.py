@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_gpt import recompute
 from lit_gpt.adapters import cpu_kernel, gpu_kernel
 from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute_dtype, num_blocks, register_method
 from lit_gpt.adapters.config import AdapterConfig
@@ -51,6 +52,21 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
     """`t` as `(tokens, d)` rows of unit stride: a view where one exists (a column slice stays a view), else a copy."""
     t2 = t.reshape(-1, d)
     return t2 if cpu_kernel.row_stride(t2) is not None else t2.contiguous()
+
+
+def _keep_input(ctx, z: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What to save for the input rows `z2 = z.reshape(-1, d)`: the inputs of `z`'s recipe (`lit_gpt.recompute`)
+    when `z2` is a view of a marked `z`, else `z2`; `_input_rows` gives `z2` back in backward."""
+    keep, ctx.recipe = recompute.pack(z) if z2.data_ptr() == z.data_ptr() and z.is_contiguous() else ((z2,), None)
+    ctx.n_kept = len(keep)
+    return keep
+
+
+def _input_rows(ctx, saved: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The input rows `_keep_input` stood in for (rebuilt if marked) and the saved tensors after them."""
+    n = ctx.n_kept
+    z = recompute.unpack(saved[:n], ctx.recipe)
+    return z.view(-1, z.shape[-1]), saved[n:]
 
 
 def _dots(x: torch.Tensor, vecs: torch.Tensor, tmp: torch.Tensor, dots: torch.Tensor) -> None:
@@ -142,9 +158,10 @@ class _BlockRankUpdate(torch.autograd.Function):
 
     The operator is symmetric, so the input gradient is the same update applied to the output gradient; the
     vector gradient is `s_j sum_t (c_tj g_t + d_tj z_t)` per block, a `(1 x T) @ (T x k)` product batched over the
-    blocks. Only `z` and the `J` projections `c` are kept for backward. float32/float64 on the CPU run the fused
-    kernel of `cpu_kernel.py` (one pass over the activations each way) when it could be built, CUDA tensors the
-    Triton kernels of `gpu_kernel.py`; everything else runs the eager code above.
+    blocks. Only `z` (or what rebuilds it: `lit_gpt.recompute`) and the `J` projections `c` are kept for backward.
+    float32/float64 on the CPU run the fused kernel of `cpu_kernel.py` (one pass over the activations each way)
+    when it could be built, CUDA tensors the Triton kernels of `gpu_kernel.py`; everything else runs the eager code
+    above.
     """
 
     @staticmethod
@@ -158,12 +175,12 @@ class _BlockRankUpdate(torch.autograd.Function):
         else:
             out = torch.empty_like(z2)
             cs = _eager_update(z2, vecs, coefs, out)
-        ctx.save_for_backward(z2, vecs, cs)
+        ctx.save_for_backward(*_keep_input(ctx, z, z2), vecs, cs)
         return out.view(z.shape)
 
     @staticmethod
     def backward(ctx, g):
-        z, vecs, cs = ctx.saved_tensors
+        z, (vecs, cs) = _input_rows(ctx, ctx.saved_tensors)
         want_z, want_vecs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g2 = _rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
@@ -190,12 +207,12 @@ class _RawVectorUpdate(torch.autograd.Function):
         z2 = z.reshape(-1, d).contiguous()
         out, cs = gpu_kernel.forward_raw(z2, params, keep, coefs, NORM_EPS)
         ctx.coefs = coefs
-        ctx.save_for_backward(z2, keep, cs, *params)
+        ctx.save_for_backward(*_keep_input(ctx, z, z2), keep, cs, *params)
         return out.view(z.shape)
 
     @staticmethod
     def backward(ctx, g):
-        z, keep, cs, *params = ctx.saved_tensors
+        z, (keep, cs, *params) = _input_rows(ctx, ctx.saved_tensors)
         want_z, want_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
         g2 = _rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
@@ -229,13 +246,13 @@ class _GroupedLinear(torch.autograd.Function):
             else:
                 torch.addmm(b[lo:hi], xs, W[lo:hi].t(), out=y[:, lo:hi])
         ctx.spans, ctx.n_inputs = spans, len(inputs)
-        ctx.save_for_backward(x2, W, *inputs, *cs)
+        ctx.save_for_backward(*_keep_input(ctx, x, x2), W, *inputs, *cs)
         return out
 
     @staticmethod
     def backward(ctx, g):
         spans = ctx.spans
-        x2, W, *rest = ctx.saved_tensors
+        x2, (W, *rest) = _input_rows(ctx, ctx.saved_tensors)
         groups, cs = _span_inputs(spans, True, rest[: ctx.n_inputs]), iter(rest[ctx.n_inputs:])
         g2 = _rows(g, W.shape[0])
         want_x = ctx.needs_input_grad[0]

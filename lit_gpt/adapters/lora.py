@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_gpt import recompute
 from lit_gpt.adapters.base import SliceAdapter, compute_dtype, register_method
 from lit_gpt.adapters.config import AdapterConfig
 
@@ -35,7 +36,11 @@ class LoRAAdapter(SliceAdapter):
 
     def factors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[C, P]` with `C Pᵀ = (alpha / r) B A x` for `AdaptedLinear`'s in-place slice update."""
-        return [F.linear(x, self.A), self.B * self.scaling]
+        if x.dtype == self.A.dtype and not torch.is_autocast_enabled(x.device.type):
+            C = _InputProjection.apply(x, self.A)
+        else:
+            C = F.linear(x, self.A)
+        return [C, self.B * self.scaling]
 
     def delta_weight(self) -> torch.Tensor:
         dtype = compute_dtype(self.A)
@@ -43,6 +48,27 @@ class LoRAAdapter(SliceAdapter):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}"
+
+
+class _InputProjection(torch.autograd.Function):
+    """`x Aᵀ`, keeping for `A`'s gradient what rebuilds `x` where `lit_gpt.recompute` marked it (a norm's output, the
+    MLP's product: tensors autograd keeps anyway) instead of `x` itself: one activation fewer per adapted input."""
+
+    @staticmethod
+    def forward(ctx, x, A):
+        keep, ctx.recipe = recompute.pack(x) if ctx.needs_input_grad[1] else ((), None)
+        ctx.save_for_backward(*keep, A)
+        return F.linear(x, A)
+
+    @staticmethod
+    def backward(ctx, g):
+        *keep, A = ctx.saved_tensors
+        gx = g @ A if ctx.needs_input_grad[0] else None
+        gA = None
+        if ctx.needs_input_grad[1]:
+            x = recompute.unpack(keep, ctx.recipe)
+            gA = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return gx, gA
 
 
 @register_method("lora")

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from lit_gpt import recompute
 from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute_dtype, num_blocks, register_method
 from lit_gpt.adapters.config import AdapterConfig
 
@@ -100,8 +101,9 @@ class OFTTransform(BlockTransform):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         H = self.blocks(self.keep_mask(z.device)).to(z.dtype)
-        zr = z.reshape(-1, self.nb, self.k)
-        return torch.einsum("tik,ijk->tij", zr, H).reshape(z.shape)
+        if not torch.is_autocast_enabled(z.device.type):
+            return _BlockMatmul.apply(z, H)
+        return _block_matmul(z, H)
 
     def extra_repr(self) -> str:
         opts = [super().extra_repr()]
@@ -114,6 +116,35 @@ class OFTTransform(BlockTransform):
         if self.neumann_terms:
             opts.append(f"neumann_terms={self.neumann_terms}")
         return ", ".join(opts)
+
+
+def _block_matmul(z: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """`H_i z_i` for every block `i` of every row of `z`; `H` is `(nb, k, k)`."""
+    nb, k, _ = H.shape
+    return torch.einsum("tik,ijk->tij", z.reshape(-1, nb, k), H).reshape(z.shape)
+
+
+class _BlockMatmul(torch.autograd.Function):
+    """`_block_matmul`, keeping for `H`'s gradient what rebuilds `z` where `lit_gpt.recompute` marked it (a norm's
+    output, the MLP's product: tensors autograd keeps anyway) instead of `z` itself."""
+
+    @staticmethod
+    def forward(ctx, z, H):
+        keep, ctx.recipe = recompute.pack(z) if ctx.needs_input_grad[1] else ((), None)
+        ctx.save_for_backward(*keep, H)
+        return _block_matmul(z, H)
+
+    @staticmethod
+    def backward(ctx, g):
+        *keep, H = ctx.saved_tensors
+        nb, k, _ = H.shape
+        gr = g.reshape(-1, nb, k)
+        gz = torch.einsum("tij,ijk->tik", gr, H).reshape(g.shape) if ctx.needs_input_grad[0] else None
+        gH = None
+        if ctx.needs_input_grad[1]:
+            z = recompute.unpack(keep, ctx.recipe)
+            gH = torch.einsum("tij,tik->ijk", gr, z.reshape(-1, nb, k))
+        return gz, gH
 
 
 @register_method("oft")

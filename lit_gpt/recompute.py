@@ -1,0 +1,82 @@
+"""Activations that backward can rebuild from tensors autograd keeps anyway, instead of keeping them too.
+
+A frozen linear layer keeps nothing for backward, but an adapter that transforms its input (ETHER's vector
+gradient needs the input) must keep that input: a norm's output or the MLP's `silu(a) * b`, one activation per
+adapted layer input that the base model never stores. Their producers already keep what makes them: RMSNorm keeps
+its float32 input and `1/rms` for its own backward, the MLP's product keeps `silu(a)` and `b`. So the producer
+marks its output with that recipe (`mark`), and a consumer's autograd Function saves the recipe's inputs (the same
+storages, no new memory) instead of the output (`pack`) and rebuilds it, bit for bit, in backward (`unpack`):
+one element-wise pass per adapted input and step, for one activation fewer kept per adapted input.
+
+Producers mark only when autograd keeps the recipe's inputs anyway (they require grad), and only with
+deterministic element-wise recipes. Consumers go through `ctx.save_for_backward`, so saved-tensor hooks
+(activation checkpointing, offloading, memory accounting) see the recipe's inputs like any other saved tensor.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+_ATTR = "_lit_gpt_recipe"
+_switched_off = 0  # > 0 inside `disabled()`
+
+
+class Recipe:
+    """`fn(*inputs)` rebuilds a marked tensor. Consumers that rebuild it in the same backward share one rebuild:
+    it is cached while some consumer that packed it has not unpacked it yet."""
+
+    __slots__ = ("fn", "pending", "cache")
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+        self.pending = 0
+        self.cache: Optional[torch.Tensor] = None
+
+    def rebuild(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = self.cache if self.cache is not None else self.fn(*inputs)
+        self.pending -= 1
+        self.cache = out if self.pending > 0 else None
+        return out
+
+
+def mark(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """Record that `fn(*inputs)` rebuilds `out` bit for bit; returns `out`. Call it only when autograd keeps every
+    input for backward anyway (else a consumer keeping them would cost memory instead of saving it)."""
+    if not _switched_off:
+        setattr(out, _ATTR, (Recipe(fn), inputs))
+    return out
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Mark nothing inside: consumers keep their inputs (more memory, no rebuild), e.g. to measure what this saves."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
+def pack(x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Optional[Recipe]]:
+    """What a consumer saves for backward in place of `x`: its recipe's inputs and the recipe if `x` is marked, else
+    `x` itself; give both back to `unpack`."""
+    marked = getattr(x, _ATTR, None)
+    if marked is None:
+        return (x,), None
+    recipe, inputs = marked
+    recipe.pending += 1
+    return inputs, recipe
+
+
+def unpack(saved: Sequence[torch.Tensor], recipe: Optional[Recipe]) -> torch.Tensor:
+    """The tensor that `pack` stood in for (rebuilt if it was marked)."""
+    return saved[0] if recipe is None else recipe.rebuild(saved)
+
+
+def keeps(t: torch.Tensor) -> bool:
+    """Whether autograd keeps what an operation on `t` saves: grad mode is on and `t` requires grad."""
+    return torch.is_grad_enabled() and t.requires_grad
