@@ -40,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-from common import command_line, saved_bytes, sync, write_section  # noqa: E402
+from common import command_line, machine, saved_bytes, sync, write_section  # noqa: E402
 from lit_gpt import GPT, Config, recompute  # noqa: E402
 from lit_gpt.adapters import (  # noqa: E402
     AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, cpu_kernel, gpu_kernel,
@@ -402,7 +402,7 @@ def main(
         f"{device}, {threads_used} torch threads; {repeats} interleaved rounds after a warm-up; the floor's step time "
         f"moved by {100 * noise:.1f}% (median) between consecutive floor steps"
     )
-    env = f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}"
+    env = f"torch {torch.__version__}, Python {platform.python_version()}, {machine()}"
     if have_peft:
         env += f", transformers {transformers.__version__}, peft {peft_lib.__version__}"
     header = ["variant", "targets", "trainable", "step ms", "time / floor"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shlex
 import sys
 from pathlib import Path
@@ -16,6 +17,20 @@ sys.path.insert(0, str(REPO_ROOT))
 from lit_gpt.utils import atomic_write_text  # noqa: E402
 
 BENCHMARKS_MD = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def machine() -> str:
+    """The processor's model name and its vector capability as torch sees it (CPU results move a lot between
+    machines: a GEMM-fast processor makes the adapters' element-wise share of a step larger)."""
+    name = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def sync(device: str | torch.device) -> None:

@@ -11,7 +11,6 @@ the gradient and the kept input and writes the input gradient). The step-level e
 from __future__ import annotations
 
 import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-from common import command_line, sync, write_section  # noqa: E402
+from common import command_line, machine, sync, write_section  # noqa: E402
 from lit_gpt.adapters import cpu_kernel, gpu_kernel  # noqa: E402
 from lit_gpt.adapters.ether import ETHER_COEFS, ETHERPLUS_COEFS, HouseholderTransform  # noqa: E402
 
@@ -68,7 +67,7 @@ def main(
     g = torch.randn(tokens, width, device=device, dtype=torch_dtype)
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     setup = (f"{tokens} x {width} {dtype} on {device}, nb {nb} (blocks of {width // nb}), {where}, "
-             f"{repeats} interleaved timings, medians; torch {torch.__version__}, {platform.machine()}")
+             f"{repeats} interleaved timings, medians; torch {torch.__version__}, {machine()}")
     print(setup)
     inner = 10 if device.startswith("cuda") else 1  # GPU calls are queued back to back, then synchronised once
     act = z.numel() * z.element_size()

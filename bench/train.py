@@ -13,7 +13,6 @@ weight gradients of trainable parameters, over `--peak_tflops` (H100 SXM bf16 de
 
 from __future__ import annotations
 
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, saved_bytes, sync, write_section  # noqa: E402
+from common import command_line, machine, saved_bytes, sync, write_section  # noqa: E402
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.adapters import AdapterConfig, apply_adapters  # noqa: E402
 from lit_gpt.utils import num_parameters  # noqa: E402
@@ -204,7 +203,7 @@ def main(
     for name in out_of_memory:
         lines.append(f"| {name} | | out of memory | | | |" + (" | |" if device.startswith("cuda") else ""))
     table = "\n".join(lines)
-    where = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    where = f"{machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if device.startswith("cuda"):
         where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     summary = (f"{shape} shape ({config.n_layer} layers, width {config.n_embd}), {dtype}, {device}, seq {seq_len}, "
