@@ -77,6 +77,21 @@ def unpack(saved: Sequence[torch.Tensor], recipe: Optional[Recipe]) -> torch.Ten
     return saved[0] if recipe is None else recipe.rebuild(saved)
 
 
+def keep_rows(ctx, z: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For an autograd Function that works on the rows `z2 = z.reshape(-1, d)` of its input `z`: what to save for
+    them (the recipe's inputs when `z2` is a view of a marked `z`, else `z2`); `rows` gives `z2` back in backward."""
+    keep, ctx.recipe = pack(z) if z2.data_ptr() == z.data_ptr() and z.is_contiguous() else ((z2,), None)
+    ctx.n_kept = len(keep)
+    return keep
+
+
+def rows(ctx, saved: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """The rows `keep_rows` stood in for (rebuilt if marked) and the saved tensors after them."""
+    n = ctx.n_kept
+    z = unpack(saved[:n], ctx.recipe)
+    return z.view(-1, z.shape[-1]), saved[n:]
+
+
 def keeps(t: torch.Tensor) -> bool:
     """Whether autograd keeps what an operation on `t` saves: grad mode is on and `t` requires grad."""
     return torch.is_grad_enabled() and t.requires_grad

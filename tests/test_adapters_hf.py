@@ -185,8 +185,16 @@ def test_lora_equals_peft_lora(hf_gpt2, kind):
         layer.lora_B["default"].weight.copy_(B)
         ours.lin.adapters["full"].A.copy_(A)
         ours.lin.adapters["full"].B.copy_(B)
-    x = torch.randn(2, 5, N, dtype=torch.float64)
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 5, N, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 5, 24 if kind == "linear" else 3 * N, dtype=torch.float64)
+    mine, their = ours(x), theirs(x)
+    torch.testing.assert_close(mine, their, rtol=1e-12, atol=1e-12)
+    # and the gradients of the input and of A, B (ours come from a hand-written backward)
+    ad = ours.lin.adapters["full"]
+    g_ours = torch.autograd.grad((mine * r).sum(), [x, ad.A, ad.B])
+    g_theirs = torch.autograd.grad((their * r).sum(), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight])
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(

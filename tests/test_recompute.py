@@ -13,7 +13,6 @@ import torch
 
 from lit_gpt import GPT, Config, recompute
 from lit_gpt.adapters import AdapterConfig, apply_adapters, cpu_kernel
-from lit_gpt.adapters.lora import _InputProjection
 from test_output_side import kept_bytes
 
 METHODS = ["ether", "etherplus", "etherplusHH", "oft", "lora"]
@@ -99,6 +98,21 @@ def test_bfloat16_gradients_unchanged():
         assert torch.equal(x, y)
 
 
+class Project(torch.autograd.Function):
+    """`x Aᵀ`, keeping for `A`'s gradient what rebuilds `x`: the pattern of every consumer."""
+
+    @staticmethod
+    def forward(ctx, x, A):
+        keep, ctx.recipe = recompute.pack(x)
+        ctx.save_for_backward(*keep, A)
+        return x @ A.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        *keep, A = ctx.saved_tensors
+        return g @ A, g.t() @ recompute.unpack(keep, ctx.recipe)
+
+
 def test_consumers_of_one_input_share_one_rebuild():
     """fc_1 and fc_2 read the same norm output: backward rebuilds it once for both, and lets it go after the last."""
     calls = []
@@ -110,7 +124,7 @@ def test_consumers_of_one_input_share_one_rebuild():
     x = torch.randn(4, 8, requires_grad=True)
     y = recompute.mark(double(x), double, x)
     A1, A2 = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
-    c1, c2 = _InputProjection.apply(y, A1), _InputProjection.apply(y, A2)
+    c1, c2 = Project.apply(y, A1), Project.apply(y, A2)
     recipe = getattr(y, recompute._ATTR)[0]
     assert recipe.pending == 2 and len(calls) == 1
     (c1.sum() + c2.square().sum()).backward()

@@ -54,21 +54,6 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
     return t2 if cpu_kernel.row_stride(t2) is not None else t2.contiguous()
 
 
-def _keep_input(ctx, z: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """What to save for the input rows `z2 = z.reshape(-1, d)`: the inputs of `z`'s recipe (`lit_gpt.recompute`)
-    when `z2` is a view of a marked `z`, else `z2`; `_input_rows` gives `z2` back in backward."""
-    keep, ctx.recipe = recompute.pack(z) if z2.data_ptr() == z.data_ptr() and z.is_contiguous() else ((z2,), None)
-    ctx.n_kept = len(keep)
-    return keep
-
-
-def _input_rows(ctx, saved: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The input rows `_keep_input` stood in for (rebuilt if marked) and the saved tensors after them."""
-    n = ctx.n_kept
-    z = recompute.unpack(saved[:n], ctx.recipe)
-    return z.view(-1, z.shape[-1]), saved[n:]
-
-
 def _dots(x: torch.Tensor, vecs: torch.Tensor, tmp: torch.Tensor, dots: torch.Tensor) -> None:
     """`dots[j] = ŵ_jᵀ x` per block, for a `(n, nb, k)` chunk `x`; `tmp` is scratch shaped like `x`."""
     for j in range(vecs.shape[0]):
@@ -175,12 +160,12 @@ class _BlockRankUpdate(torch.autograd.Function):
         else:
             out = torch.empty_like(z2)
             cs = _eager_update(z2, vecs, coefs, out)
-        ctx.save_for_backward(*_keep_input(ctx, z, z2), vecs, cs)
+        ctx.save_for_backward(*recompute.keep_rows(ctx, z, z2), vecs, cs)
         return out.view(z.shape)
 
     @staticmethod
     def backward(ctx, g):
-        z, (vecs, cs) = _input_rows(ctx, ctx.saved_tensors)
+        z, (vecs, cs) = recompute.rows(ctx, ctx.saved_tensors)
         want_z, want_vecs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g2 = _rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
@@ -207,12 +192,12 @@ class _RawVectorUpdate(torch.autograd.Function):
         z2 = z.reshape(-1, d).contiguous()
         out, cs = gpu_kernel.forward_raw(z2, params, keep, coefs, NORM_EPS)
         ctx.coefs = coefs
-        ctx.save_for_backward(*_keep_input(ctx, z, z2), keep, cs, *params)
+        ctx.save_for_backward(*recompute.keep_rows(ctx, z, z2), keep, cs, *params)
         return out.view(z.shape)
 
     @staticmethod
     def backward(ctx, g):
-        z, (keep, cs, *params) = _input_rows(ctx, ctx.saved_tensors)
+        z, (keep, cs, *params) = recompute.rows(ctx, ctx.saved_tensors)
         want_z, want_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
         g2 = _rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
@@ -246,13 +231,13 @@ class _GroupedLinear(torch.autograd.Function):
             else:
                 torch.addmm(b[lo:hi], xs, W[lo:hi].t(), out=y[:, lo:hi])
         ctx.spans, ctx.n_inputs = spans, len(inputs)
-        ctx.save_for_backward(*_keep_input(ctx, x, x2), W, *inputs, *cs)
+        ctx.save_for_backward(*recompute.keep_rows(ctx, x, x2), W, *inputs, *cs)
         return out
 
     @staticmethod
     def backward(ctx, g):
         spans = ctx.spans
-        x2, (W, *rest) = _input_rows(ctx, ctx.saved_tensors)
+        x2, (W, *rest) = recompute.rows(ctx, ctx.saved_tensors)
         groups, cs = _span_inputs(spans, True, rest[: ctx.n_inputs]), iter(rest[ctx.n_inputs:])
         g2 = _rows(g, W.shape[0])
         want_x = ctx.needs_input_grad[0]

@@ -7,6 +7,7 @@ un-targeted rows keep exactly the base layer's values and the base GEMM is never
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -36,11 +37,26 @@ class LoRAAdapter(SliceAdapter):
 
     def factors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[C, P]` with `C Pᵀ = (alpha / r) B A x` for `AdaptedLinear`'s in-place slice update."""
-        if x.dtype == self.A.dtype and not torch.is_autocast_enabled(x.device.type):
-            C = _InputProjection.apply(x, self.A)
-        else:
-            C = F.linear(x, self.A)
-        return [C, self.B * self.scaling]
+        return [F.linear(x, self.A), self.B * self.scaling]
+
+    @staticmethod
+    def linear_slices(
+        x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], parts: list
+    ) -> Optional[torch.Tensor]:
+        """`W x + b` plus `(alpha/r) B_s A_s x` on the rows `(lo, hi)` of every `(lo, hi, adapter)` of `parts`, as one
+        autograd node (`_LoRALinear`) where `W`, `b` are frozen and every tensor has `x`'s dtype outside autocast;
+        None elsewhere (the caller then adds each slice's product on its own)."""
+        ads = [ad for *_, ad in parts]
+        if (
+            W.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or torch.is_autocast_enabled(x.device.type)
+            or any(t.dtype != x.dtype for t in [W] + [p for ad in ads for p in (ad.A, ad.B)])
+        ):
+            return None
+        spans = tuple((lo, hi) for lo, hi, _ in parts)
+        return _LoRALinear.apply(x, W, bias, spans, tuple(ad.scaling for ad in ads),
+                                 *[p for ad in ads for p in (ad.A, ad.B)])
 
     def delta_weight(self) -> torch.Tensor:
         dtype = compute_dtype(self.A)
@@ -50,25 +66,59 @@ class LoRAAdapter(SliceAdapter):
         return f"r={self.r}, alpha={self.alpha:g}"
 
 
-class _InputProjection(torch.autograd.Function):
-    """`x Aᵀ`, keeping for `A`'s gradient what rebuilds `x` where `lit_gpt.recompute` marked it (a norm's output, the
-    MLP's product: tensors autograd keeps anyway) instead of `x` itself: one activation fewer per adapted input."""
+class _LoRALinear(torch.autograd.Function):
+    """`y = x Wᵀ + b`, then `y[:, lo:hi] += (alpha/r) (x A_sᵀ) B_sᵀ` for every adapted span, with a hand-written
+    backward: the spans' `A` share one GEMM of `x` each way (`[A_1; A_2; ...]`), and their input gradient is added
+    into the frozen GEMM's with `addmm_` instead of autograd summing one full-size gradient per span. Keeps `x` (or
+    what rebuilds it: `lit_gpt.recompute`) and the small `x Aᵀ`. `W` and `b` must be frozen."""
 
     @staticmethod
-    def forward(ctx, x, A):
-        keep, ctx.recipe = recompute.pack(x) if ctx.needs_input_grad[1] else ((), None)
-        ctx.save_for_backward(*keep, A)
-        return F.linear(x, A)
+    def forward(ctx, x, W, b, spans, scalings, *AB):
+        d, m = x.shape[-1], W.shape[0]
+        x2 = x.reshape(-1, d)
+        As, Bs = AB[0::2], AB[1::2]
+        A = torch.cat(As) if len(As) > 1 else As[0]
+        y = F.linear(x, W, b)
+        y2 = y.view(-1, m)
+        C = x2 @ A.t()
+        at = 0
+        for (lo, hi), B, s in zip(spans, Bs, scalings):
+            r = B.shape[1]
+            y2[:, lo:hi].addmm_(C[:, at:at + r], B.t(), alpha=s)
+            at += r
+        ctx.spans, ctx.scalings = spans, scalings
+        keep = recompute.keep_rows(ctx, x, x2) if any(ctx.needs_input_grad[5::2]) else ()
+        ctx.n_kept = len(keep)
+        ctx.save_for_backward(*keep, W, A, C, *Bs)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        *keep, A = ctx.saved_tensors
-        gx = g @ A if ctx.needs_input_grad[0] else None
-        gA = None
-        if ctx.needs_input_grad[1]:
-            x = recompute.unpack(keep, ctx.recipe)
-            gA = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        return gx, gA
+        saved = ctx.saved_tensors
+        W, A, C, *Bs = saved[ctx.n_kept:]
+        m = W.shape[0]
+        g2 = g.reshape(-1, m)
+        gC, gB, at = [], [], 0
+        for (lo, hi), B, s in zip(ctx.spans, Bs, ctx.scalings):
+            r = B.shape[1]
+            gs = g2[:, lo:hi]
+            gC.append(torch.mm(gs, B) * s)
+            gB.append(torch.mm(gs.t(), C[:, at:at + r]) * s)
+            at += r
+        gC = torch.cat(gC, dim=1) if len(gC) > 1 else gC[0]
+        gx = gA = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.mm(g2, W)
+            gx.addmm_(gC, A)
+            gx = gx.view(*g.shape[:-1], W.shape[1])
+        if any(ctx.needs_input_grad[5::2]):
+            x2, _ = recompute.rows(ctx, saved)
+            gA = torch.mm(gC.t(), x2).split([B.shape[1] for B in Bs])
+        grads = []
+        for i in range(len(Bs)):
+            grads += [gA[i] if gA is not None and ctx.needs_input_grad[5 + 2 * i] else None,
+                      gB[i] if ctx.needs_input_grad[6 + 2 * i] else None]
+        return (gx, None, None, None, None, *grads)
 
 
 @register_method("lora")
