@@ -16,12 +16,13 @@ deterministic element-wise recipes. Consumers go through `ctx.save_for_backward`
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 _ATTR = "_lit_gpt_recipe"
-_switched_off = 0  # > 0 inside `disabled()`
+_marking: ContextVar[bool] = ContextVar("lit_gpt_recompute_marking", default=True)  # False inside `disabled()`
 
 
 class Recipe:
@@ -45,7 +46,7 @@ class Recipe:
 def mark(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
     """Record that `fn(*inputs)` rebuilds `out` bit for bit; returns `out`. Call it only when autograd keeps every
     input for backward anyway (else a consumer keeping them would cost memory instead of saving it)."""
-    if not _switched_off:
+    if _marking.get():
         setattr(out, _ATTR, (Recipe(fn), inputs))
     return out
 
@@ -53,12 +54,11 @@ def mark(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tens
 @contextmanager
 def disabled() -> Iterator[None]:
     """Mark nothing inside: consumers keep their inputs (more memory, no rebuild), e.g. to measure what this saves."""
-    global _switched_off
-    _switched_off += 1
+    token = _marking.set(False)
     try:
         yield
     finally:
-        _switched_off -= 1
+        _marking.reset(token)
 
 
 def pack(x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Optional[Recipe]]:
