@@ -32,6 +32,7 @@ import time
 from datetime import date
 from pathlib import Path
 from typing import Callable, Optional
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,6 +46,7 @@ from lit_gpt import GPT, Config, recompute  # noqa: E402
 from lit_gpt.adapters import (  # noqa: E402
     AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, cpu_kernel, gpu_kernel,
 )
+from lit_gpt.adapters.lora import LoRAAdapter  # noqa: E402
 
 SHAPES = {
     # a Llama scaled down so a CPU run takes minutes (MLP ratio and vocabulary as Llama-2's)
@@ -104,13 +106,16 @@ def make_step(model: nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, devi
 def path_of(model: nn.Module):
     """The eager variants run the Householder update without the fused kernels (`cpu_kernel`, `gpu_kernel`); the
     `inputs kept` ones keep every adapted layer's input instead of rebuilding norm outputs and the MLP product in
-    backward (`lit_gpt.recompute`)."""
+    backward (`lit_gpt.recompute`); `per slice` LoRA adds each slice's product as its own autograd node, as before
+    `_LoRALinear`."""
     stack = contextlib.ExitStack()
     if getattr(model, "bench_eager", False):
         stack.enter_context(cpu_kernel.disabled())
         stack.enter_context(gpu_kernel.disabled())
     if getattr(model, "bench_keep_inputs", False):
         stack.enter_context(recompute.disabled())
+    if getattr(model, "bench_per_slice", False):  # LoRA's products added per slice, not one node per layer
+        stack.enter_context(mock.patch.object(LoRAAdapter, "linear_slices", staticmethod(lambda *args: None)))
     return stack
 
 
@@ -241,11 +246,11 @@ def main(
 
     def ours(
         cfg: AdapterConfig, weight_centric: bool = False, low_rank: bool = False, eager: bool = False,
-        keep_inputs: bool = False,
+        keep_inputs: bool = False, per_slice: bool = False,
     ) -> Callable[[], nn.Module]:
         def build() -> nn.Module:
             model = apply_adapters(lit_model(config, lit_sd, device), cfg)
-            model.bench_eager, model.bench_keep_inputs = eager, keep_inputs
+            model.bench_eager, model.bench_keep_inputs, model.bench_per_slice = eager, keep_inputs, per_slice
             if weight_centric:
                 make_weight_centric(model)
             for _, layer in adapted_layers(model):
@@ -293,6 +298,8 @@ def main(
                 method="oft", block_size=oft_block_size, upper_triangle=True, neumann_terms=3, targets=lit_targets))),
             (f"lora r{lora_r}", "lit", tset,
              ours(AdapterConfig(method="lora", r=lora_r, alpha=2 * lora_r, targets=lit_targets))),
+            (f"lora r{lora_r} per slice", "lit", tset,
+             ours(AdapterConfig(method="lora", r=lora_r, alpha=2 * lora_r, targets=lit_targets), per_slice=True)),
         ]
         if have_peft:
             variants += [
