@@ -28,8 +28,8 @@ def gpt(arch: dict, dtype=torch.float32) -> GPT:
     return GPT(config).to(dtype)
 
 
-def adapted(base: GPT, method: str) -> GPT:
-    model = apply_adapters(copy.deepcopy(base), AdapterConfig(method=method, nb=2, r=4, targets=["all-linear"]))
+def adapted(base: GPT, method: str, targets: tuple[str, ...] = ("all-linear",)) -> GPT:
+    model = apply_adapters(copy.deepcopy(base), AdapterConfig(method=method, nb=2, r=4, targets=list(targets)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:  # away from the identity (LoRA's B = 0 would hide A's gradient)
@@ -145,12 +145,8 @@ def test_head_and_chunked_loss_with_checkpointing(method, monkeypatch):
 
     monkeypatch.setattr(lit_gpt.model, "chunked_cross_entropy",
                         functools.partial(lit_gpt.model.chunked_cross_entropy, chunk_size=8))
-    model = apply_adapters(gpt(LLAMA), AdapterConfig(method=method, nb=2, r=4, targets=["all-linear", "head"]))
-    with torch.no_grad():  # away from the identity, as in `adapted`
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
-    model.train().activation_checkpointing = True
+    model = adapted(gpt(LLAMA), method, ("all-linear", "head"))
+    model.activation_checkpointing = True
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
     params = [p for p in model.parameters() if p.requires_grad]
     rebuilt = torch.autograd.grad(model(idx, labels=idx), params)

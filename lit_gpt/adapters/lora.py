@@ -87,8 +87,10 @@ class _LoRALinear(torch.autograd.Function):
             y2[:, lo:hi].addmm_(C[:, at:at + r], B.t(), alpha=s)
             at += r
         ctx.spans, ctx.scalings = spans, scalings
-        keep = recompute.keep_rows(ctx, x, x2) if any(ctx.needs_input_grad[5::2]) else ()
-        ctx.n_kept = len(keep)
+        if any(ctx.needs_input_grad[5::2]):  # x (or what rebuilds it) only for A's gradient
+            keep = recompute.keep_rows(ctx, x, x2)
+        else:
+            keep, ctx.n_kept = (), 0
         ctx.save_for_backward(*keep, W, A, C, *Bs)
         return y
 
