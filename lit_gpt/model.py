@@ -326,7 +326,7 @@ class LLaMAMLP(nn.Module):
         a, b = F.silu(self.fc_1(x)), self.fc_2(x)
         h = a * b
         if recompute.keeps(a) and recompute.keeps(b):  # the product keeps both: an adapter on proj rebuilds h
-            recompute.mark(h, torch.mul, a, b)
+            recompute.mark(h, torch.mul, a, b, form="mul" if a.dtype == b.dtype else None)
         return self.proj(h)
 
 
@@ -343,7 +343,9 @@ class RMSNorm(nn.Module):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         y = _rms_scale(xf, rstd, self.weight, x.dtype)
         if recompute.keeps(xf):  # the norm keeps xf and rstd: an adapter on the next layer rebuilds y from them
-            recompute.mark(y, functools.partial(_rms_scale, dtype=x.dtype), xf, rstd, self.weight)
+            exact = x.dtype == self.weight.dtype == torch.float32  # then y is exactly weight * (xf * rstd)
+            recompute.mark(y, functools.partial(_rms_scale, dtype=x.dtype), xf, rstd, self.weight,
+                           form="scale" if exact else None)
         return y
 
     def reset_parameters(self) -> None:

@@ -29,10 +29,11 @@ class Recipe:
     """`fn(*inputs)` rebuilds a marked tensor. Consumers that rebuild it in the same backward share one rebuild:
     it is cached while some consumer that packed it has not unpacked it yet."""
 
-    __slots__ = ("fn", "pending", "cache")
+    __slots__ = ("fn", "form", "pending", "cache")
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], form: Optional[str] = None) -> None:
         self.fn = fn
+        self.form = form
         self.pending = 0
         self.cache: Optional[torch.Tensor] = None
 
@@ -43,11 +44,22 @@ class Recipe:
         return out
 
 
-def mark(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+# Forms a recipe may declare, for consumers that make the tensor from its parts themselves (a fused kernel reading
+# them where it would read the tensor) instead of rebuilding it: every tensor of the same dtype as `out`.
+#   "scale": inputs (x, r, w), `out = w * (x * r)` with `x` shaped like `out`, `r` one number per row, `w` per column
+#   "mul":   inputs (x, y), `out = x * y`, both shaped like `out`
+FORMS = ("scale", "mul")
+
+
+def mark(
+    out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, form: Optional[str] = None
+) -> torch.Tensor:
     """Record that `fn(*inputs)` rebuilds `out` bit for bit; returns `out`. Call it only when autograd keeps every
-    input for backward anyway (else a consumer keeping them would cost memory instead of saving it)."""
+    input for backward anyway (else a consumer keeping them would cost memory instead of saving it). `form` (one of
+    `FORMS`) says that `fn` is that product, exactly."""
+    assert form is None or form in FORMS, form
     if _marking.get():
-        setattr(out, _ATTR, (Recipe(fn), inputs))
+        setattr(out, _ATTR, (Recipe(fn, form), inputs))
     return out
 
 
@@ -90,6 +102,20 @@ def rows(ctx, saved: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Sequence[tor
     n = ctx.n_kept
     z = unpack(saved[:n], ctx.recipe)
     return z.view(-1, z.shape[-1]), saved[n:]
+
+
+def rows_or_parts(
+    ctx, saved: Sequence[torch.Tensor], forms: Sequence[str]
+) -> tuple[Optional[torch.Tensor], Optional[Recipe], Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+    """`rows`, except where the recipe has one of `forms` and no other consumer's rebuild is cached: then
+    `(None, recipe, its inputs, rest)`, nothing rebuilt, for a consumer that makes the rows from their parts (and
+    calls `recipe.fn(*inputs)` where it cannot). Else `(rows, None, (), rest)`."""
+    n, recipe = ctx.n_kept, ctx.recipe
+    if recipe is not None and recipe.form in forms and recipe.cache is None:
+        recipe.pending -= 1
+        return None, recipe, saved[:n], saved[n:]
+    z, rest = rows(ctx, saved)
+    return z, None, (), rest
 
 
 def keeps(t: torch.Tensor) -> bool:

@@ -223,3 +223,78 @@ def test_kernel_backward_writes_strided_slices_and_sums_the_gram(coefs, n_thread
     expected_gram = torch.cat([torch.einsum("jti,lti->jli", d, c), d.sum(1)[:, None]], dim=1)
     assert gram.shape == (J, J + 1, nb)
     torch.testing.assert_close(gram, expected_gram, rtol=1e-10, atol=1e-10)
+
+
+@needs_kernel
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0), (-1.0, 1.0, 0.5)])
+def test_kernel_backward_in_place_and_accumulating(coefs):
+    """`gz` may be `g` itself (the vector gradient still sees the `g` that came in), and `accumulate` adds `H g` to
+    what `gz` holds: how the fused layer node (`_GroupedLinear`) gathers its spans' input gradients in one buffer."""
+    torch.manual_seed(5)
+    T, nb, k = 37, 3, 16
+    g, z = torch.randn(T, nb * k, dtype=torch.float64), torch.randn(T, nb * k, dtype=torch.float64)
+    vecs = F.normalize(torch.randn(len(coefs), nb, k, dtype=torch.float64), dim=-1)
+    c = torch.randn(len(coefs), T, nb, dtype=torch.float64)
+    H = dense_blocks(vecs, coefs)
+    _, ref_gv, _ = cpu_kernel.backward(g, z, vecs, coefs, c, None, True)
+
+    inplace = g.clone()
+    _, gv, _ = cpu_kernel.backward(inplace, z, vecs, coefs, c, inplace, True)
+    torch.testing.assert_close(inplace, g @ H, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gv, ref_gv, rtol=1e-12, atol=1e-12)
+
+    held = torch.randn(T, nb * k, dtype=torch.float64)
+    target = held.clone()
+    _, gv, _ = cpu_kernel.backward(g, z, vecs, coefs, c, target, True, accumulate=True)
+    torch.testing.assert_close(target, held + g @ H, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gv, ref_gv, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["ether", "etherplus", "etherplusHH"])
+@pytest.mark.parametrize(
+    "targets,bias",
+    [(["query", "value"], True), (["key"], False), (["query", "key", "value"], False), (["mlp"], True)],
+)
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_layer_as_one_node_against_float64(method, targets, bias, input_grad, monkeypatch):
+    """On the CPU kernel an adapted layer's input-side transforms and GEMMs run as one node (`_GroupedLinear`: for
+    a fused QKV projection a GEMM per span into one output, the spans' input gradients added into one buffer, the
+    transformed inputs in a reused workspace): the same output and gradients as the eager float64 path, with and
+    without an input that requires grad (block 0's QKV reads the frozen embedding's norm)."""
+    from lit_gpt import GPT, Config
+    from lit_gpt.adapters import AdapterConfig, apply_adapters
+    from lit_gpt.adapters.ether import _GroupedLinear
+
+    torch.manual_seed(7)
+    config = Config(name="t", block_size=8, vocab_size=32, padded_vocab_size=32, n_layer=1, n_head=4,
+                    n_query_groups=2, n_embd=48, intermediate_size=64, norm_class_name="RMSNorm",
+                    mlp_class_name="LLaMAMLP", bias=bias)
+    model = apply_adapters(GPT(config).double(), AdapterConfig(method=method, nb=4, targets=targets))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    layer = model.transformer.h[0].attn.qkv if targets != ["mlp"] else model.transformer.h[0].mlp.proj
+    x = torch.randn(2, 7, layer.in_features, dtype=torch.float64)
+    g = torch.randn(2, 7, layer.out_features, dtype=torch.float64)
+
+    def run(dtype):
+        layer.zero_grad(set_to_none=True)
+        lay = layer.to(dtype=dtype)
+        xx = x.to(dtype).detach().clone().requires_grad_(input_grad)
+        y = lay(xx)
+        y.backward(g.to(dtype))
+        return [y.detach().double(), xx.grad.double() if input_grad else None] + [
+            p.grad.double() for p in lay.parameters() if p.requires_grad]
+
+    with cpu_kernel.disabled():
+        ref = run(torch.float64)
+    calls = []
+    monkeypatch.setattr(_GroupedLinear, "apply", lambda *a, f=_GroupedLinear.apply: calls.append(1) or f(*a))
+    got = run(torch.float32)
+    assert calls, "the layer node did not run"
+    for a, r in zip(got, ref, strict=True):
+        if r is None:
+            assert a is None
+            continue
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()))

@@ -272,6 +272,10 @@ class AdaptedLinear(nn.Module):
         outputs = [(lo, hi, ad.output) for _, lo, hi, ad in adapted if ad.output is not None]
         if len(self.slices) == 1:
             ad = adapted[0][3]
+            if not dropping and ad.input is not None and hasattr(type(ad.input), "linear_groups"):
+                y = self._linear_groups(type(ad.input), x, W, b, [(0, m, ad.input)], outputs)
+                if y is not None:
+                    return y
             y = F.linear(ad.input(xd) if ad.input is not None else xd, W, b)
             return self._output_side(y, b, outputs) if outputs else y
 
@@ -293,9 +297,9 @@ class AdaptedLinear(nn.Module):
             # the method's own fused form of the GEMM per span below, where it has one
             parts = [(lo, hi, ad.input if ad is not None else None) for name, lo, hi in self.slices
                      for ad in (self._adapter(name),)]
-            y = type(inputs[0].input).linear_groups(x, W, b, parts)
+            y = self._linear_groups(type(inputs[0].input), x, W, b, parts, outputs)
             if y is not None:
-                return self._output_side(y, b, outputs) if outputs else y
+                return y
 
         # one GEMM per run of rows sharing an input; un-adapted runs use the plain input
         groups: list[list] = []  # [lo, hi, input]
@@ -315,6 +319,15 @@ class AdaptedLinear(nn.Module):
             outs.append(F.linear(inp, Ws, None if b is None else b[lo:hi]))
         y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return self._output_side(y, b, outputs) if outputs else y
+
+    def _linear_groups(self, kind, x, W, b, parts: list, outputs: list) -> Optional[torch.Tensor]:
+        """The method's own fused form of the GEMM per span (`kind.linear_groups`), output side included (fused
+        into it where it updates outputs in place), or None where it has none for these tensors."""
+        fused_outputs = outputs if self.in_place_outputs else ()
+        y = kind.linear_groups(x, W, b, parts, fused_outputs) if fused_outputs else kind.linear_groups(x, W, b, parts)
+        if y is None or not outputs or fused_outputs:
+            return y
+        return self._output_side(y, b, outputs)
 
     def _output_side(self, y: torch.Tensor, b: Optional[torch.Tensor], outputs: list) -> torch.Tensor:
         """`H_s (y_s - b_s) + b_s` on the rows `(lo, hi)` of the fresh GEMM output `y = W x' + b` for every

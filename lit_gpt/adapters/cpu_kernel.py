@@ -27,7 +27,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -113,6 +113,29 @@ INLINE void update_##SUF(const T *a, const T *restrict v, long vstride, long k, 
         }                                                                                                      \
     }                                                                                                          \
 }                                                                                                              \
+/* o += a + sum_j w[j] v_j for one block (a and o distinct) */                                                   \
+INLINE void update_acc_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J,            \
+                             const T *w, T *restrict o) {                                                      \
+    if (J == 1) {                                                                                              \
+        T w0 = w[0];                                                                                           \
+        _Pragma("omp simd")                                                                                    \
+        for (long q = 0; q < k; ++q) o[q] += a[q] + w0 * v[q];                                                 \
+    } else if (J == 2) {                                                                                       \
+        const T *restrict v1 = v + vstride;                                                                    \
+        T w0 = w[0], w1 = w[1];                                                                                \
+        _Pragma("omp simd")                                                                                    \
+        for (long q = 0; q < k; ++q) o[q] += a[q] + w0 * v[q] + w1 * v1[q];                                    \
+    } else {                                                                                                   \
+        _Pragma("omp simd")                                                                                    \
+        for (long q = 0; q < k; ++q) o[q] += a[q];                                                             \
+        for (long j = 0; j < J; ++j) {                                                                         \
+            const T *restrict vj = v + j * vstride;                                                            \
+            T wj = w[j];                                                                                       \
+            _Pragma("omp simd")                                                                                \
+            for (long q = 0; q < k; ++q) o[q] += wj * vj[q];                                                   \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
                                                                                                                \
 INLINE void fwd_rows_##SUF(const T *z, long ldz, const T *v, const double *s, const T *beta, T *out, long ldo,  \
                            T *c, long lo, long hi, long ntok, long nb, long k, long J) {                       \
@@ -138,28 +161,46 @@ INLINE void fwd_rows_##SUF(const T *z, long ldz, const T *v, const double *s, co
 /* gram (may be NULL), per block i: gram[(j * (J + 1) + l) * nb + i] += sum_t d_tj c_tl for l < J, and          \
    gram[(j * (J + 1) + J) * nb + i] += sum_t d_tj: what turns a vector gradient taken with the output in place  \
    of z into the one taken with z (see householder_bwd). */                                                    \
-INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, const T *v, const double *s, const T *c, \
-                           T *gz, long ldgz, T *acc, T *gram, long lo, long hi, long ntok, long nb, long k,    \
-                           long J) {                                                                           \
+/* ap += cj g + dj z over one block: one expression for every way z is given, so the compiler fuses the same    \
+   multiply-adds and the sums come out bit for bit alike */                                                    \
+INLINE void acc_block_##SUF(T *restrict ap, T cj, const T *gp, T dj, const T *restrict zq, long k) {            \
+    _Pragma("omp simd")                                                                                        \
+    for (long q = 0; q < k; ++q) ap[q] += cj * gp[q] + dj * zq[q];                                             \
+}                                                                                                              \
+                                                                                                               \
+INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,      \
+                           const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, int accum, \
+                           T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) {            \
     long d = nb * k;                                                                                           \
     T sc[MAXJ];                                                                                                \
     for (long j = 0; j < J; ++j) sc[j] = (T)s[j];                                                              \
     for (long t = lo; t < hi; ++t) {                                                                           \
         for (long i = 0; i < nb; ++i) {                                                                        \
-            const T *restrict gp = g + t * ldg + i * k;                                                        \
+            /* not restrict: gz may be g (the update in place), so it is written last, after every read of g */ \
+            const T *gp = g + t * ldg + i * k;                                                                 \
             const T *restrict zp = z + t * ldz + i * k;                                                        \
             T dd[MAXJ], w[MAXJ];                                                                               \
             dots_##SUF(gp, v + i * k, d, k, J, dd);                                                            \
-            if (gz) {                                                                                          \
-                for (long j = 0; j < J; ++j) w[j] = sc[j] * dd[j];                                             \
-                update_##SUF(gp, v + i * k, d, k, J, w, gz + t * ldgz + i * k);                                \
-            }                                                                                                  \
             if (acc) {                                                                                         \
+                /* z's block: read (zmode 0), or made as its producer made it (see householder_bwd) */        \
+                T zb[zmode ? k : 1];                                                                           \
+                const T *zq = zp;                                                                              \
+                if (zmode == 1) {                                                                              \
+                    T r = z2[t];                                                                               \
+                    const T *restrict wc = zcol + i * k;                                                       \
+                    _Pragma("omp simd")                                                                        \
+                    for (long q = 0; q < k; ++q) zb[q] = wc[q] * (zp[q] * r);                                  \
+                    zq = zb;                                                                                   \
+                } else if (zmode == 2) {                                                                       \
+                    const T *restrict bp = z2 + t * ldz2 + i * k;                                              \
+                    _Pragma("omp simd")                                                                        \
+                    for (long q = 0; q < k; ++q) zb[q] = zp[q] * bp[q];                                        \
+                    zq = zb;                                                                                   \
+                }                                                                                              \
                 for (long j = 0; j < J; ++j) {                                                                 \
                     T *restrict ap = acc + j * d + i * k;                                                      \
                     T cj = c[(j * ntok + t) * nb + i], dj = dd[j];                                             \
-                    _Pragma("omp simd")                                                                        \
-                    for (long q = 0; q < k; ++q) ap[q] += cj * gp[q] + dj * zp[q];                             \
+                    acc_block_##SUF(ap, cj, gp, dj, zq, k);                                                    \
                 }                                                                                              \
             }                                                                                                  \
             if (gram) {                                                                                        \
@@ -168,6 +209,11 @@ INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, const T *
                     for (long l = 0; l < J; ++l) gp_j[l * nb] += dd[j] * c[(l * ntok + t) * nb + i];           \
                     gp_j[J * nb] += dd[j];                                                                     \
                 }                                                                                              \
+            }                                                                                                  \
+            if (gz) {                                                                                          \
+                for (long j = 0; j < J; ++j) w[j] = sc[j] * dd[j];                                             \
+                if (accum) update_acc_##SUF(gp, v + i * k, d, k, J, w, gz + t * ldgz + i * k);                 \
+                else update_##SUF(gp, v + i * k, d, k, J, w, gz + t * ldgz + i * k);                           \
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
@@ -178,10 +224,11 @@ static void fwd_range_##SUF(const T *z, long ldz, const T *v, const double *s, c
                             T *c, long lo, long hi, long ntok, long nb, long k, long J) {                      \
     DISPATCH(fwd_rows_##SUF, z, ldz, v, s, beta, out, ldo, c, lo, hi, ntok, nb)                                \
 }                                                                                                              \
-static void bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, const T *v, const double *s,           \
-                            const T *c, T *gz, long ldgz, T *acc, T *gram, long lo, long hi, long ntok,        \
-                            long nb, long k, long J) {                                                         \
-    DISPATCH(bwd_rows_##SUF, g, ldg, z, ldz, v, s, c, gz, ldgz, acc, gram, lo, hi, ntok, nb)                   \
+static void bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,     \
+                            const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, int accum, \
+                            T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) {           \
+    DISPATCH(bwd_rows_##SUF, g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, acc, gram, lo, hi, \
+             ntok, nb)                                                                                         \
 }                                                                                                              \
                                                                                                                \
 /* Rows of z / out / g / gz are ld* numbers apart (a column slice of a wider matrix); out may be z. beta (may be \
@@ -196,13 +243,17 @@ void householder_fwd_##SUF(const T *z, long ldz, const T *v, const double *s, co
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-/* gz (may be NULL) = the same update applied to g; gv (may be NULL, (J, nb, k), overwritten) =               \
+/* z is given by zmode: 0, its rows (ldz apart); 1, z_t = zcol * (x_t * z2[t]) with x's rows at z (an RMSNorm's \
+   output from the float32 input it keeps, its 1/rms per row z2 and its weight zcol); 2, z_t = x_t * y_t with x's \
+   rows at z and y's at z2 (ldz2 apart; the MLP's product silu(a) * b). Made here in the multiplications their   \
+   producers do, so the vector gradient is bit for bit the one taken with z itself, without a pass to rebuild z.  \
+   gz (may be NULL; may be g) = the same update applied to g, or with accum gz += it; gv (may be NULL, (J, nb, k), overwritten) =               \
    s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>; gram (may be NULL, (J, J + 1, nb),      \
    overwritten) as in bwd_rows. Each thread sums its own rows; the partial sums are added at the end. Returns    \
    0, or 1 when the few KiB of partial sums could not be allocated. */                                         \
-int householder_bwd_##SUF(const T *g, long ldg, const T *z, long ldz, const T *v, const double *s,            \
-                          const T *c, T *gz, long ldgz, T *gv, T *gram, long ntok, long nb, long k, long J,    \
-                          int nthreads) {                                                                      \
+int householder_bwd_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,       \
+                          const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, int accum,  \
+                          T *gv, T *gram, long ntok, long nb, long k, long J, int nthreads) {                  \
     long nv = gv ? J * nb * k : 0, ng = gram ? J * (J + 1) * nb : 0, per = nv + ng;                            \
     T *acc_all = NULL;                                                                                         \
     if (per) {                                                                                                 \
@@ -217,8 +268,8 @@ int householder_bwd_##SUF(const T *g, long ldg, const T *z, long ldz, const T *v
     {                                                                                                          \
         int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
         T *mine = per ? acc_all + (long)me * per : NULL;                                                       \
-        bwd_range_##SUF(g, ldg, z, ldz, v, s, c, gz, ldgz, gv ? mine : NULL, gram ? mine + nv : NULL,          \
-                        ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);                                 \
+        bwd_range_##SUF(g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, gv ? mine : NULL,       \
+                        gram ? mine + nv : NULL, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);        \
     }                                                                                                          \
     long d = nb * k;                                                                                           \
     for (long e = 0; e < per; ++e) {                                                                           \
@@ -308,7 +359,7 @@ def _load() -> Optional[ctypes.CDLL]:
         for suf in ("f32", "f64"):
             getattr(lib, f"householder_fwd_{suf}").argtypes = [p, i64, p, p, p, p, i64, p, i64, i64, i64, i64, i32]
             bwd = getattr(lib, f"householder_bwd_{suf}")
-            bwd.argtypes = [p, i64, p, i64, p, p, p, p, i64, p, p, i64, i64, i64, i64, i32]
+            bwd.argtypes = [p, i64, p, i64, i32, p, i64, p, p, p, p, p, i64, i32, p, p, i64, i64, i64, i64, i32]
             bwd.restype = i32
         _lib = lib
         return _lib
@@ -344,19 +395,21 @@ def row_stride(t: torch.Tensor) -> Optional[int]:
     return None
 
 
+def runs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the kernel runs tensors of this dtype on this device (before any is made for it)."""
+    return not _switched_off and dtype in _SUFFIX and torch.device(device).type == "cpu" and available()
+
+
 def usable(vecs: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """The kernel takes contiguous `(J <= 4, nb, k)` vectors and float32/float64 CPU tensors of the same dtype that
     are contiguous or 2-D with rows of unit stride (`row_stride`)."""
     dt = vecs.dtype
     return (
-        not _switched_off
-        and vecs.ndim == 3
+        vecs.ndim == 3
         and vecs.shape[0] <= MAX_VECTORS
-        and dt in _SUFFIX
-        and vecs.device.type == "cpu"
         and vecs.is_contiguous()
         and all(t.device.type == "cpu" and t.dtype == dt and row_stride(t) is not None for t in tensors)
-        and available()
+        and runs(dt, vecs.device)
     )
 
 
@@ -391,27 +444,54 @@ def forward(
     return out, c
 
 
+class ScaledRows(NamedTuple):
+    """`z = w * (x * r)` given by its parts: `x` `(T, d)` rows, `r` `(T,)` contiguous, `w` `(d,)` contiguous (an
+    RMSNorm's output from what it keeps: its float32 input, `1/rms` per row and its weight)."""
+
+    x: torch.Tensor
+    r: torch.Tensor
+    w: torch.Tensor
+
+
+class ProductRows(NamedTuple):
+    """`z = x * y` given by its factors, both `(T, d)` rows (the MLP's product `silu(a) * b`)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
 def backward(
     g: torch.Tensor,
-    z: torch.Tensor,
+    z,
     vecs: torch.Tensor,
     coefs: tuple[float, ...],
     c: torch.Tensor,
     gz: Optional[torch.Tensor],
     want_vecs: bool,
     want_gram: bool = False,
+    accumulate: bool = False,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """`(gz, gvecs, gram)`: the input gradient (the same update applied to `g`, written into `gz`; None skips it),
-    the `(J, nb, k)` vector gradient `s_j sum_t (c_tj g_t + d_tj z_t)` with `d_tj = ŵ_jᵀ g_t`, and the
-    `(J, J + 1, nb)` sums `[sum_t d_tj c_tl for l < J, sum_t d_tj]` per block (only with `want_gram`)."""
+    """`(gz, gvecs, gram)`: the input gradient (the same update applied to `g`, written into `gz`, which may be `g`
+    itself, or with `accumulate` added to what `gz` holds; None skips it), the `(J, nb, k)` vector gradient
+    `s_j sum_t (c_tj g_t + d_tj z_t)` with `d_tj = ŵ_jᵀ g_t`, and the `(J, J + 1, nb)` sums
+    `[sum_t d_tj c_tl for l < J, sum_t d_tj]` per block (only with `want_gram`). `z` is the transform's input as
+    rows, or as the `ScaledRows` / `ProductRows` that make it: the kernel then makes each block of it where it is
+    needed, bit for bit as its producer did, instead of reading a rebuilt copy."""
     J, nb, k = vecs.shape
-    ntok = z.numel() // (nb * k)
+    if isinstance(z, ScaledRows):
+        zmode, zx, z2, ldz2, zcol = 1, z.x, z.r, 0, z.w
+    elif isinstance(z, ProductRows):
+        zmode, zx, z2, ldz2, zcol = 2, z.x, z.y, row_stride(z.y), None
+    else:
+        zmode, zx, z2, ldz2, zcol = 0, z, None, 0, None
+    ntok = zx.numel() // (nb * k)
     gv = torch.empty(J, nb, k, dtype=g.dtype) if want_vecs else None
     gram = torch.empty(J, J + 1, nb, dtype=g.dtype) if want_gram else None
     s = torch.tensor(coefs, dtype=torch.float64)
-    failed = getattr(_lib, f"householder_bwd_{_SUFFIX[z.dtype]}")(
-        _ptr(g), row_stride(g), _ptr(z), row_stride(z), _ptr(vecs), _ptr(s), _ptr(c), _ptr(gz),
-        row_stride(gz) if gz is not None else 0, _ptr(gv), _ptr(gram), ntok, nb, k, J, _threads(z.numel()),
+    failed = getattr(_lib, f"householder_bwd_{_SUFFIX[g.dtype]}")(
+        _ptr(g), row_stride(g), _ptr(zx), row_stride(zx), zmode, _ptr(z2), ldz2, _ptr(zcol), _ptr(vecs), _ptr(s),
+        _ptr(c), _ptr(gz), row_stride(gz) if gz is not None else 0, int(accumulate and gz is not None), _ptr(gv),
+        _ptr(gram), ntok, nb, k, J, _threads(zx.numel()),
     )
     if failed:
         raise MemoryError("The Householder adapters' CPU kernel could not allocate its partial sums.")

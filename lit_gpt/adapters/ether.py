@@ -13,6 +13,7 @@ weight is ever formed during training (`blocks()` exists for merging only).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -205,61 +206,154 @@ class _RawVectorUpdate(torch.autograd.Function):
         return (gz.view(g.shape) if want_z else None, None, None, *_param_grads(gw, len(params)))
 
 
+_workspaces = threading.local()
+
+
+def _workspace(shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+    """A scratch CPU tensor of this shape for use inside one call: one buffer per thread, dtype and slot (a call
+    that needs two at once takes two slots), grown as needed and reused by every layer and step. A layer's
+    transformed input lives only between its transform and its GEMM, its output gradient's transform only until the
+    GEMM's backward has read it; fresh tensors for them would cost the allocator's page faults (tens of milliseconds
+    a step on a 4-layer width-1024 model)."""
+    n = math.prod(shape)
+    bufs = _workspaces.__dict__.setdefault("bufs", {})
+    buf = bufs.get((dtype, slot))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(dtype, slot)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+_FORMS = ("scale", "mul")  # the `lit_gpt.recompute` forms the CPU kernel makes itself (`_kernel_rows`)
+
+
+def _kernel_rows(recipe: recompute.Recipe, parts, d: int):
+    """A marked input's rows for `cpu_kernel.backward` from its recipe's inputs (`ScaledRows` / `ProductRows`), or
+    rebuilt where the parts are not rows it can read."""
+    if recipe.form == "scale":
+        x, r, w = parts
+        rows = cpu_kernel.ScaledRows(x.reshape(-1, d), r.reshape(-1), w)
+        if cpu_kernel.row_stride(rows.x) is not None and rows.r.is_contiguous() and rows.w.is_contiguous():
+            return rows
+    elif recipe.form == "mul":
+        rows = cpu_kernel.ProductRows(parts[0].reshape(-1, d), parts[1].reshape(-1, d))
+        if all(cpu_kernel.row_stride(t) is not None for t in rows):
+            return rows
+    return _rows(recipe.fn(*parts), d)
+
+
 class _GroupedLinear(torch.autograd.Function):
-    """`y[:, lo:hi] = W_s H_s x + b_s` for the row spans of a fused layer (the QKV projection), `H_s = I` where a
-    span has no input transform, on the GPU kernels with raw parameters: each span's GEMM writes its columns of one
-    output (no concatenation), and backward adds every span's input gradient into one buffer (the kernel adds
-    `H_s (g_s W_s)` into it, the plain spans' GEMMs accumulate into it) instead of autograd summing a gradient per
-    span. The transformed inputs are temporaries: only `x` is kept. `W` and `b` must be frozen."""
+    """`y[:, lo:hi] = W_s H_s x + b_s` for the row spans of a layer (one span, or those of a fused QKV projection),
+    `H_s = I` where a span has no input transform, as one autograd node on the fused kernels: each span's GEMM
+    writes its columns of one output (no concatenation), and backward adds every span's input gradient into one
+    buffer (the kernel adds `H_s (g_s W_s)` into it, the plain spans' GEMMs accumulate into it) instead of autograd
+    summing a gradient per span. The transformed inputs are temporaries (a reused workspace on the CPU): only `x`
+    (or what rebuilds it: `lit_gpt.recompute`) is kept. `W` and `b` must be frozen.
+
+    Each span's vectors come as one `(J, nb, k)` tensor of unit vectors (the CPU kernel) or, with `raw` (the GPU
+    kernels), as its float32 keep factors (or None) and raw parameters, as for `_OutputRowsUpdate`.
+
+    On the CPU kernel the node also takes the layer's output-side transforms (`outs`, row spans with their unit
+    vectors after the input spans' ones), applied as `_OutputRowsUpdate` does with `in_place=True`: on the fresh
+    output, which is kept for backward (the next operation of a `lit_gpt.GPT` keeps it anyway). Their input
+    gradient is then a temporary too, read only by the GEMMs' backward."""
 
     @staticmethod
-    def forward(ctx, x, W, b, spans, *inputs):
+    def forward(ctx, x, W, b, spans, outs, raw, *inputs):
         d = x.shape[-1]
         x2 = x.reshape(-1, d).contiguous()
         m = W.shape[0]
         out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)  # returned whole: code after may
         y = out.view(-1, m)  # modify it in place, which a view made here would forbid
-        groups, cs, buf = _span_inputs(spans, True, inputs), [], None
+        n_in = sum(len(v) for v in _span_inputs(spans, raw, inputs))
+        groups, cs, buf = _span_inputs(spans, raw, inputs[:n_in]), [], None
         for (lo, hi, coefs), vecs in zip(spans, groups):
             xs = x2
             if coefs is not None:
-                buf, c = gpu_kernel.forward_raw(x2, vecs[1:], vecs[0], coefs, NORM_EPS, out=buf)
+                if raw:
+                    buf, c = gpu_kernel.forward_raw(x2, vecs[1:], vecs[0], coefs, NORM_EPS, out=buf)
+                else:
+                    buf = _workspace(x2.shape, x2.dtype) if buf is None else buf
+                    c = cpu_kernel.forward(x2, vecs[0], coefs, out=buf)[1]
                 xs = buf
                 cs.append(c)
+            Ws = W if (lo, hi) == (0, m) else W[lo:hi]
+            ys = y if (lo, hi) == (0, m) else y[:, lo:hi]
             if b is None:
-                torch.mm(xs, W[lo:hi].t(), out=y[:, lo:hi])
+                torch.mm(xs, Ws.t(), out=ys)
             else:
-                torch.addmm(b[lo:hi], xs, W[lo:hi].t(), out=y[:, lo:hi])
-        ctx.spans, ctx.n_inputs = spans, len(inputs)
-        ctx.save_for_backward(*recompute.keep_rows(ctx, x, x2), W, *inputs, *cs)
+                torch.addmm(b if (lo, hi) == (0, m) else b[lo:hi], xs, Ws.t(), out=ys)
+        for (lo, hi, coefs), vecs in zip(outs, inputs[n_in:]):  # output side: the CPU kernel, in place
+            ys = y if (lo, hi) == (0, m) else y[:, lo:hi]
+            beta = None if b is None else (vecs * b[lo:hi].to(vecs.dtype).view(vecs.shape[1:])).sum(-1).contiguous()
+            cs.append(cpu_kernel.forward(ys, vecs, coefs, out=ys, beta=beta)[1])
+        ctx.spans, ctx.outs, ctx.raw, ctx.n_in, ctx.n_inputs = spans, outs, raw, n_in, len(inputs)
+        kept_out = (out,) if outs else ()
+        ctx.save_for_backward(*recompute.keep_rows(ctx, x, x2), W, b, *kept_out, *inputs, *cs)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        spans = ctx.spans
-        x2, (W, *rest) = recompute.rows(ctx, ctx.saved_tensors)
-        groups, cs = _span_inputs(spans, True, rest[: ctx.n_inputs]), iter(rest[ctx.n_inputs:])
-        g2 = _rows(g, W.shape[0])
+        spans, outs, raw, n_in = ctx.spans, ctx.outs, ctx.raw, ctx.n_in
+        x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, () if raw else _FORMS)
+        d = W.shape[1]
+        if recipe is not None:  # the CPU kernel makes x's rows from the tensors that made them
+            x2 = _kernel_rows(recipe, parts, d)
+        kept, rest = (rest[0], rest[1:]) if outs else (None, rest)
+        inputs, cs = rest[: ctx.n_inputs], rest[ctx.n_inputs:]
+        groups = _span_inputs(spans, raw, inputs[:n_in])
+        n_transformed = sum(coefs is not None for _, _, coefs in spans)
+        m = W.shape[0]
+        g2 = _rows(g, m)
         want_x = ctx.needs_input_grad[0]
-        gx, grads, at = None, [], 4  # the inputs after (x, W, b, spans)
-        for (lo, hi, coefs), vecs in zip(spans, groups):  # transformed spans first: the first writes gx
+        out_grads = []
+        if outs:  # the output side first: H_s g on its spans (a temporary), g elsewhere
+            kept2 = kept.view(-1, m)
+            gy = _workspace(g2.shape, g2.dtype, slot=1)
+            for lo, hi in _gaps(outs, m):
+                gy[:, lo:hi] = g2[:, lo:hi]
+            for i, ((lo, hi, coefs), vecs) in enumerate(zip(outs, inputs[n_in:])):
+                want_v = ctx.needs_input_grad[6 + n_in + i]  # the inputs after (x, W, b, spans, outs, raw)
+                full = (lo, hi) == (0, m)
+                gs, zs, gys = (g2, kept2, gy) if full else (g2[:, lo:hi], kept2[:, lo:hi], gy[:, lo:hi])
+                _, gv, gram = cpu_kernel.backward(gs, zs, vecs, coefs, cs[n_transformed + i], gys, want_v, want_v)
+                if want_v:
+                    bs = b[lo:hi].to(kept.dtype) if b is not None else None
+                    gv = _rebuild_z(gv, vecs, coefs, gram, bs, output_kept=True)
+                out_grads.append(gv.to(vecs.dtype) if want_v else None)
+            g2 = gy
+        cs = iter(cs[:n_transformed])
+        gx, grads, at = None, [], 6
+        for (lo, hi, coefs), vecs in zip(spans, groups):
             n = len(vecs)
             if coefs is None:
-                grads += [None] * n
                 continue
-            want_v = any(ctx.needs_input_grad[at + 1: at + n])
+            gs, Ws = (g2, W) if (lo, hi) == (0, m) else (g2[:, lo:hi], W[lo:hi])
+            if raw:
+                want_v = any(ctx.needs_input_grad[at + 1: at + n])
+                t = gs @ Ws  # the gradient of H_s x; H_s of it goes into gx
+                target = (t if gx is None else gx) if want_x else None
+                gw = gpu_kernel.backward_raw(t, x2, vecs[1:], vecs[0], coefs, NORM_EPS, next(cs), target, want_v,
+                                             accumulate=gx is not None)
+                grads += [None, *_param_grads(gw, n - 1)]  # none for the keep factors
+            else:
+                want_v = ctx.needs_input_grad[at]
+                # the first span's gradient becomes gx (updated in place); later ones go through the workspace
+                if want_x and gx is None:
+                    t = gs @ Ws
+                else:
+                    t = torch.mm(gs, Ws, out=_workspace((gs.shape[0], Ws.shape[1]), gs.dtype))
+                target = (t if gx is None else gx) if want_x else None
+                gv = cpu_kernel.backward(t, x2, vecs[0], coefs, next(cs), target, want_v,
+                                         accumulate=gx is not None)[1]
+                grads.append(gv.to(vecs[0].dtype) if want_v else None)
             at += n
-            t = g2[:, lo:hi] @ W[lo:hi]  # the gradient of H_s x; H_s of it goes into gx
-            target = (t if gx is None else gx) if want_x else None
-            gw = gpu_kernel.backward_raw(t, x2, vecs[1:], vecs[0], coefs, NORM_EPS, next(cs), target, want_v,
-                                         accumulate=gx is not None)
             gx = target
-            grads += [None, *_param_grads(gw, n - 1)]  # none for the keep factors
         if want_x:
             for (lo, hi, coefs), _ in zip(spans, groups):
                 if coefs is None:
                     gx.addmm_(g2[:, lo:hi], W[lo:hi])
-        return (gx.view(*g.shape[:-1], x2.shape[-1]) if want_x else None, None, None, None, *grads)
+        gx = gx.view(*g.shape[:-1], d) if want_x else None
+        return (gx, None, None, None, None, None, *grads, *out_grads)
 
 
 def _rebuild_z(
@@ -489,11 +583,12 @@ class HouseholderTransform(BlockTransform):
 
     @staticmethod
     def linear_groups(
-        x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], parts: list
+        x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], parts: list, outputs: list = ()
     ) -> Optional[torch.Tensor]:
-        """`[W_s H_s x + b_s]_s` over the `(lo, hi, transform or None)` row spans of a fused layer as one autograd
-        node (`_GroupedLinear`) where the GPU kernels run and `W`, `b` are frozen; None elsewhere (the caller then
-        runs a GEMM per span)."""
+        """`[W_s H_s x + b_s]_s` over the `(lo, hi, transform or None)` row spans of a layer as one autograd node
+        (`_GroupedLinear`) where the fused kernels run (GPU or CPU) and `W`, `b` are frozen; None elsewhere (the
+        caller then runs a GEMM per span). `outputs`, `(lo, hi, transform)` spans of output-side transforms, are
+        applied too, in place (`_OutputRowsUpdate` with `in_place=True`): inside the node on the CPU kernel."""
         ts = [t for _, _, t in parts if t is not None]
         if (
             not ts
@@ -501,15 +596,37 @@ class HouseholderTransform(BlockTransform):
             or (bias is not None and bias.requires_grad)
             or W.dtype != x.dtype
             or torch.is_autocast_enabled(x.device.type)
-            or not all(gpu_kernel.usable_raw(x, t.vector_params()) for t in ts)
         ):
+            return None
+        if all(gpu_kernel.usable_raw(x, t.vector_params()) for t in ts):
+            raw = True
+        elif (
+            cpu_kernel.runs(x.dtype, x.device)
+            and W.device == x.device
+            and (bias is None or bias.device == x.device)
+            and all(len(t.coefs) <= cpu_kernel.MAX_VECTORS for t in [*ts, *(t for _, _, t in outputs)])
+        ):
+            raw = False
+        else:
             return None
         spans, inputs = [], []
         for lo, hi, t in parts:
             spans.append((lo, hi, None if t is None else t.coefs))
-            if t is not None:
+            if t is None:
+                continue
+            if raw:
                 inputs += t.raw_inputs(x.device)
-        return _GroupedLinear.apply(x, W, bias, tuple(spans), *inputs)
+            else:
+                inputs.append(t.unit_vectors(t.keep_mask(x.device)).to(x.dtype))
+        outs = []
+        if not raw:
+            for lo, hi, t in outputs:
+                outs.append((lo, hi, t.coefs))
+                inputs.append(t.unit_vectors(t.keep_mask(x.device)).to(x.dtype))
+        y = _GroupedLinear.apply(x, W, bias, tuple(spans), tuple(outs), raw, *inputs)
+        if raw and outputs:
+            y = HouseholderTransform.apply_output_rows(y, bias, list(outputs), True)
+        return y
 
     def rank_update(self, x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(C, P)` with `W H x = W x + C Pᵀ`: `C = [Û_jᵀ x]_j` is `(..., J*nb)`, `P = [s_j W Û_j]_j` is
