@@ -298,3 +298,28 @@ def test_layer_as_one_node_against_float64(method, targets, bias, input_grad, mo
             assert a is None
             continue
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()))
+
+
+@needs_kernel
+def test_the_workspace_serves_inference_and_training_in_turn():
+    """The reused workspace of `_GroupedLinear` first made under `torch.inference_mode` (generation, evaluation)
+    still serves a training step afterwards, and the other way round."""
+    from lit_gpt import GPT, Config
+    from lit_gpt.adapters import AdapterConfig, apply_adapters
+    from lit_gpt.adapters import ether
+
+    ether._workspaces.__dict__.pop("bufs", None)  # as in a fresh process
+    torch.manual_seed(0)
+    config = Config(name="t", block_size=8, vocab_size=32, padded_vocab_size=32, n_layer=1, n_head=4,
+                    n_query_groups=2, n_embd=32, intermediate_size=64, norm_class_name="RMSNorm",
+                    mlp_class_name="LLaMAMLP")
+    model = apply_adapters(GPT(config), AdapterConfig(method="etherplusHH", nb=4, targets=["all-linear"]))
+    idx = torch.randint(0, 32, (2, 8))
+    with torch.inference_mode():
+        expected = model(idx)
+    out = model(idx)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), expected)

@@ -217,9 +217,10 @@ def _workspace(shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> tor
     a step on a 4-layer width-1024 model)."""
     n = math.prod(shape)
     bufs = _workspaces.__dict__.setdefault("bufs", {})
-    buf = bufs.get((dtype, slot))
+    key = (dtype, slot, torch.is_inference_mode_enabled())  # an inference tensor cannot be written outside the mode
+    buf = bufs.get(key)
     if buf is None or buf.numel() < n:
-        buf = bufs[(dtype, slot)] = torch.empty(n, dtype=dtype)
+        buf = bufs[key] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 
 
