@@ -324,7 +324,7 @@ class AdaptedLinear(nn.Module):
         """The method's own fused form of the GEMM per span (`kind.linear_groups`), output side included (fused
         into it where it updates outputs in place), or None where it has none for these tensors."""
         fused_outputs = outputs if self.in_place_outputs else ()
-        y = kind.linear_groups(x, W, b, parts, fused_outputs) if fused_outputs else kind.linear_groups(x, W, b, parts)
+        y = kind.linear_groups(x, W, b, parts, fused_outputs)
         if y is None or not outputs or fused_outputs:
             return y
         return self._output_side(y, b, outputs)

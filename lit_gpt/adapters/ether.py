@@ -206,6 +206,27 @@ class _RawVectorUpdate(torch.autograd.Function):
         return (gz.view(g.shape) if want_z else None, None, None, *_param_grads(gw, len(params)))
 
 
+def _output_span_forward(kernel, zs, os_, vecs, coefs, bias_s) -> torch.Tensor:
+    """One output-side span, `os_ = H (zs - b) + b` (`os_` may be `zs`), on `kernel` (None: eager); returns `c`."""
+    beta = None if bias_s is None else (vecs * bias_s.to(vecs.dtype).view(vecs.shape[1:])).sum(-1).contiguous()
+    if kernel is not None:
+        return kernel.forward(zs, vecs, coefs, out=os_, beta=beta)[1]
+    return _eager_update(zs, vecs, coefs, os_, beta)
+
+
+def _output_span_backward(kernel, gs, kept, vecs, coefs, c, gzs, want_v, bias_s, output_kept):
+    """One output-side span's backward from the kept tensor (`H z + b` with `output_kept`, else `z + b`): writes
+    `H g` into `gzs` (if given); returns the vector gradient taken with `z` (None unless `want_v`)."""
+    rebuild = want_v and (output_kept or bias_s is not None)
+    if kernel is not None:
+        _, gv, gram = kernel.backward(gs, kept, vecs, coefs, c, gzs, want_v, rebuild)
+    else:
+        gv, gram = _eager_backward(gs, kept, vecs, coefs, c, gzs, want_v, want_gram=rebuild)
+    if rebuild:
+        gv = _rebuild_z(gv, vecs, coefs, gram, bias_s, output_kept=output_kept)
+    return gv.to(vecs.dtype) if want_v else None
+
+
 _workspaces = threading.local()
 
 
@@ -265,8 +286,8 @@ class _GroupedLinear(torch.autograd.Function):
         m = W.shape[0]
         out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)  # returned whole: code after may
         y = out.view(-1, m)  # modify it in place, which a view made here would forbid
-        n_in = sum(len(v) for v in _span_inputs(spans, raw, inputs))
-        groups, cs, buf = _span_inputs(spans, raw, inputs[:n_in]), [], None
+        groups, cs, buf = _span_inputs(spans, raw, inputs), [], None
+        n_in = sum(len(v) for v in groups)
         for (lo, hi, coefs), vecs in zip(spans, groups):
             xs = x2
             if coefs is not None:
@@ -285,23 +306,23 @@ class _GroupedLinear(torch.autograd.Function):
                 torch.addmm(b if (lo, hi) == (0, m) else b[lo:hi], xs, Ws.t(), out=ys)
         for (lo, hi, coefs), vecs in zip(outs, inputs[n_in:]):  # output side: the CPU kernel, in place
             ys = y if (lo, hi) == (0, m) else y[:, lo:hi]
-            beta = None if b is None else (vecs * b[lo:hi].to(vecs.dtype).view(vecs.shape[1:])).sum(-1).contiguous()
-            cs.append(cpu_kernel.forward(ys, vecs, coefs, out=ys, beta=beta)[1])
-        ctx.spans, ctx.outs, ctx.raw, ctx.n_in, ctx.n_inputs = spans, outs, raw, n_in, len(inputs)
+            cs.append(_output_span_forward(cpu_kernel, ys, ys, vecs, coefs, None if b is None else b[lo:hi]))
+        ctx.spans, ctx.outs, ctx.raw = spans, outs, raw
         kept_out = (out,) if outs else ()
         ctx.save_for_backward(*recompute.keep_rows(ctx, x, x2), W, b, *kept_out, *inputs, *cs)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        spans, outs, raw, n_in = ctx.spans, ctx.outs, ctx.raw, ctx.n_in
+        spans, outs, raw = ctx.spans, ctx.outs, ctx.raw
         x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, () if raw else _FORMS)
         d = W.shape[1]
         if recipe is not None:  # the CPU kernel makes x's rows from the tensors that made them
             x2 = _kernel_rows(recipe, parts, d)
         kept, rest = (rest[0], rest[1:]) if outs else (None, rest)
-        inputs, cs = rest[: ctx.n_inputs], rest[ctx.n_inputs:]
-        groups = _span_inputs(spans, raw, inputs[:n_in])
+        groups = _span_inputs(spans, raw, rest)  # the input spans' vectors, then the output spans', then the c's
+        n_in = sum(len(v) for v in groups)
+        out_vecs, cs = rest[n_in: n_in + len(outs)], rest[n_in + len(outs):]
         n_transformed = sum(coefs is not None for _, _, coefs in spans)
         m = W.shape[0]
         g2 = _rows(g, m)
@@ -312,15 +333,13 @@ class _GroupedLinear(torch.autograd.Function):
             gy = _workspace(g2.shape, g2.dtype, slot=1)
             for lo, hi in _gaps(outs, m):
                 gy[:, lo:hi] = g2[:, lo:hi]
-            for i, ((lo, hi, coefs), vecs) in enumerate(zip(outs, inputs[n_in:])):
+            for i, ((lo, hi, coefs), vecs) in enumerate(zip(outs, out_vecs)):
                 want_v = ctx.needs_input_grad[6 + n_in + i]  # the inputs after (x, W, b, spans, outs, raw)
                 full = (lo, hi) == (0, m)
                 gs, zs, gys = (g2, kept2, gy) if full else (g2[:, lo:hi], kept2[:, lo:hi], gy[:, lo:hi])
-                _, gv, gram = cpu_kernel.backward(gs, zs, vecs, coefs, cs[n_transformed + i], gys, want_v, want_v)
-                if want_v:
-                    bs = b[lo:hi].to(kept.dtype) if b is not None else None
-                    gv = _rebuild_z(gv, vecs, coefs, gram, bs, output_kept=True)
-                out_grads.append(gv.to(vecs.dtype) if want_v else None)
+                bs = b[lo:hi].to(kept.dtype) if b is not None else None
+                out_grads.append(_output_span_backward(cpu_kernel, gs, zs, vecs, coefs, cs[n_transformed + i], gys,
+                                                       want_v, bs, output_kept=True))
             g2 = gy
         cs = iter(cs[:n_transformed])
         gx, grads, at = None, [], 6
@@ -419,14 +438,8 @@ class _OutputRowsUpdate(torch.autograd.Function):
                 kernel.append(gpu_kernel)
                 continue
             vecs = vecs[0]
-            beta = None
-            if bias is not None:
-                beta = (vecs * bias[lo:hi].to(vecs.dtype).view(vecs.shape[1:])).sum(-1).contiguous()
             use = _kernel(vecs, zs, os_)
-            if use is not None:
-                cs.append(use.forward(zs, vecs, coefs, out=os_, beta=beta)[1])
-            else:
-                cs.append(_eager_update(zs, vecs, coefs, os_, beta))
+            cs.append(_output_span_forward(use, zs, os_, vecs, coefs, None if bias is None else bias[lo:hi]))
             kernel.append(use)
         if not in_place:
             for lo, hi in _gaps(spans, m):
@@ -463,16 +476,9 @@ class _OutputRowsUpdate(torch.autograd.Function):
                                              kept_output=ctx.in_place, bias=bs)
                 grads += [None, *_param_grads(gw, len(vecs) - 1)]  # none for the keep factors
             else:
-                vecs = vecs[0]
                 bs = bias[lo:hi].to(kept.dtype) if bias is not None else None
-                rebuild = want_v and (ctx.in_place or bs is not None)
-                if ctx.kernel[i] is not None:
-                    _, gv, gram = ctx.kernel[i].backward(gs, zs, vecs, coefs, c, gzs, want_v, rebuild)
-                else:
-                    gv, gram = _eager_backward(gs, zs, vecs, coefs, c, gzs, want_v, want_gram=rebuild)
-                if rebuild:
-                    gv = _rebuild_z(gv, vecs, coefs, gram, bs, output_kept=ctx.in_place)
-                grads.append(gv.to(vecs.dtype) if want_v else None)
+                grads.append(_output_span_backward(ctx.kernel[i], gs, zs, vecs[0], coefs, c, gzs, want_v, bs,
+                                                   output_kept=ctx.in_place))
             if want_bias:  # the bias also enters as `- H b + b`: its own gradient is `g - H g` on these rows
                 gbias[lo:hi] = (gs.sum(0, dtype=gbias.dtype) - gzs.sum(0, dtype=gbias.dtype))
         return (
