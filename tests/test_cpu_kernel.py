@@ -308,7 +308,7 @@ def test_the_workspace_serves_inference_and_training_in_turn():
     from lit_gpt.adapters import AdapterConfig, apply_adapters
     from lit_gpt.adapters import ether
 
-    ether._workspaces.__dict__.pop("bufs", None)  # as in a fresh process
+    cpu_kernel._workspaces.__dict__.pop("bufs", None)  # as in a fresh process
     torch.manual_seed(0)
     config = Config(name="t", block_size=8, vocab_size=32, padded_vocab_size=32, n_layer=1, n_head=4,
                     n_query_groups=2, n_embd=32, intermediate_size=64, norm_class_name="RMSNorm",

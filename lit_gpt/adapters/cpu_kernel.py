@@ -1,17 +1,23 @@
-"""A fused CPU kernel for the Householder family's activation update (ETHER, ETHER+, ETHER+HH).
+"""Fused CPU kernels for the adapters' work on activations: the Householder family's update (ETHER, ETHER+,
+ETHER+HH) and OFT's block matmul.
 
-The update `z_i + sum_j s_j (ŵ_jiᵀ z_i) ŵ_ji` is a few multiply-adds per number, so its speed is the speed of
-reading and writing the activations. Eager PyTorch spends several passes on it (a product, a short reduction over
-the `k` values of each block, one update per vector, and the same again plus the vector gradient in backward); the
-loops below do the dot products and the update of a block while its `k` values are in the processor's cache: one
-read of `z` and one write in forward, one read of `g` and `z` and one write in backward, with the vector gradient
-accumulated per thread on the way. They are plain C, compiled once per machine with the system C compiler (no
-PyTorch headers, so it takes about a second), cached under `~/.cache/lit_gpt/kernels` and called through `ctypes`
-on the tensors' memory. Where no compiler is found, or `LIT_GPT_CPU_KERNEL=0`, the eager path is used: same
-results, slower (`lit_gpt/adapters/ether.py`).
+The Householder update `z_i + sum_j s_j (ŵ_jiᵀ z_i) ŵ_ji` is a few multiply-adds per number, so its speed is the
+speed of reading and writing the activations. Eager PyTorch spends several passes on it (a product, a short
+reduction over the `k` values of each block, one update per vector, and the same again plus the vector gradient in
+backward); the loops below do the dot products and the update of a block while its `k` values are in the
+processor's cache: one read of `z` and one write in forward, one read of `g` and `z` and one write in backward, with
+the vector gradient accumulated per thread on the way. OFT's `k x k` blocks are small matrix products: PyTorch runs
+them as a batched matmul over permuted copies of `z` (and of `g` twice in backward); here they read the rows where
+they lie, two rows per tile of explicit vector code, and backward takes `Hᵀ g` and the block gradient in one pass.
+
+They are plain C, compiled once per machine with the system C compiler (no PyTorch headers, so it takes a second
+or two), cached under `~/.cache/lit_gpt/kernels` and called through `ctypes` on the tensors' memory. Where no
+compiler is found, or `LIT_GPT_CPU_KERNEL=0`, the eager paths are used: same results, slower
+(`lit_gpt/adapters/ether.py`, `oft.py`).
 
 float32 and float64 CPU tensors only, contiguous or a column slice of a wider matrix (the rows of one adapted slice
-of a fused QKV output, updated where they lie); anything else takes the eager path. The update may be made in place.
+of a fused QKV output, updated where they lie); anything else takes the eager path. The Householder update may be
+made in place.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -30,6 +37,8 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
+
+from lit_gpt import recompute
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +293,198 @@ int householder_bwd_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode,
 
 KERNELS(float, f32)
 KERNELS(double, f64)
+
+/* ---- OFT: block-diagonal k x k matrices applied to the activations --------------------------------------------
+   Forward: out[t, i*k:(i+1)*k] = sum_q a[t, i*k + q] M[i, q, :] for every row t and block i (M = Hᵀ gives H a_i).
+   Backward, per chunk of CT rows: gz_t,i (+)= sum_j g[t, i*k + j] H[i, j, :] (Hᵀ g_i) and gH[i] += g_t,i z_t,iᵀ.
+   Block sizes 16, 32 and 64 are compiled as constants with explicit vectors of VBYTES bytes (two rows per tile:
+   each row of M is loaded once for both); other sizes take plain loops. The chunk's rows of g and z are first
+   copied block by block into contiguous buffers (z made from its parts there, as in householder_bwd): the outer
+   products then read them from the cache instead of walking a column of blocks through memory, and gz may be g
+   (the chunk is read before any of its rows is written). */
+#define VBYTES 32
+#define OFT_CT 16
+
+#define OFT_FIXED(T, SUF, VT, VL, K)                                                                           \
+INLINE void oft_tile_##SUF##_##K(const T *restrict a, long lda, const T *restrict Mi, T *o, long ldo, int R,    \
+                                 int accum) {                                                                  \
+    enum { NV = K / VL };                                                                                      \
+    VT c[2][NV];                                                                                               \
+    for (int r = 0; r < R; ++r)                                                                                \
+        for (int v = 0; v < NV; ++v) c[r][v] = (VT){0};                                                        \
+    for (int q = 0; q < K; ++q) {                                                                              \
+        const VT *mr = (const VT *)(Mi + q * K);                                                               \
+        for (int r = 0; r < R; ++r) {                                                                          \
+            T b = a[r * lda + q];                                                                              \
+            for (int v = 0; v < NV; ++v) c[r][v] += b * mr[v];                                                 \
+        }                                                                                                      \
+    }                                                                                                          \
+    for (int r = 0; r < R; ++r) {                                                                              \
+        VT *op = (VT *)(o + r * ldo);                                                                          \
+        if (accum) for (int v = 0; v < NV; ++v) op[v] += c[r][v];                                              \
+        else for (int v = 0; v < NV; ++v) op[v] = c[r][v];                                                     \
+    }                                                                                                          \
+}                                                                                                              \
+INLINE void oft_outer_##SUF##_##K(const T *restrict gb, const T *restrict zb, long n, T *restrict Gi) {        \
+    enum { NV = K / VL };                                                                                      \
+    for (int j = 0; j < K; j += 2) {                                                                           \
+        VT c0[NV], c1[NV];                                                                                     \
+        VT *r0 = (VT *)(Gi + j * K), *r1 = (VT *)(Gi + (j + 1) * K);                                           \
+        for (int v = 0; v < NV; ++v) { c0[v] = r0[v]; c1[v] = r1[v]; }                                        \
+        for (long t = 0; t < n; ++t) {                                                                         \
+            const VT *zr = (const VT *)(zb + t * K);                                                           \
+            T b0 = gb[t * K + j], b1 = gb[t * K + j + 1];                                                      \
+            for (int v = 0; v < NV; ++v) { VT m = zr[v]; c0[v] += b0 * m; c1[v] += b1 * m; }                   \
+        }                                                                                                      \
+        for (int v = 0; v < NV; ++v) { r0[v] = c0[v]; r1[v] = c1[v]; }                                         \
+    }                                                                                                          \
+}
+
+/* the same with k a variable: one output row at a time, the compiler vectorises along it */
+#define OFT_GENERIC(T, SUF)                                                                                    \
+INLINE void oft_tile_##SUF##_gen(const T *restrict a, long lda, const T *restrict Mi, T *o, long ldo, int R,   \
+                                 int accum, long K) {                                                          \
+    for (int r = 0; r < R; ++r) {                                                                              \
+        T c[K];                                                                                                \
+        for (long j = 0; j < K; ++j) c[j] = 0;                                                                 \
+        for (long q = 0; q < K; ++q) {                                                                         \
+            T b = a[r * lda + q];                                                                              \
+            const T *restrict mr = Mi + q * K;                                                                 \
+            _Pragma("omp simd")                                                                                \
+            for (long j = 0; j < K; ++j) c[j] += b * mr[j];                                                    \
+        }                                                                                                      \
+        T *op = o + r * ldo;                                                                                   \
+        if (accum) for (long j = 0; j < K; ++j) op[j] += c[j];                                                 \
+        else for (long j = 0; j < K; ++j) op[j] = c[j];                                                        \
+    }                                                                                                          \
+}                                                                                                              \
+INLINE void oft_outer_##SUF##_gen(const T *restrict gb, const T *restrict zb, long n, T *restrict Gi, long K) { \
+    for (long t = 0; t < n; ++t)                                                                               \
+        for (long j = 0; j < K; ++j) {                                                                         \
+            T b = gb[t * K + j];                                                                               \
+            T *restrict gr = Gi + j * K;                                                                       \
+            const T *restrict zr = zb + t * K;                                                                 \
+            _Pragma("omp simd")                                                                                \
+            for (long q = 0; q < K; ++q) gr[q] += b * zr[q];                                                   \
+        }                                                                                                      \
+}
+
+/* FN(K) for the block sizes with vector code, else FN(gen) */
+#define OFT_DISPATCH(CALL16, CALL32, CALL64, CALLGEN)                                                          \
+    if (K == 32) { CALL32; } else if (K == 16) { CALL16; } else if (K == 64) { CALL64; } else { CALLGEN; }
+
+#define OFT_KERNELS(T, SUF, VT, VL)                                                                            \
+typedef T VT __attribute__((vector_size(VBYTES), aligned(sizeof(T))));                                         \
+OFT_FIXED(T, SUF, VT, VL, 16)                                                                                  \
+OFT_FIXED(T, SUF, VT, VL, 32)                                                                                  \
+OFT_FIXED(T, SUF, VT, VL, 64)                                                                                  \
+OFT_GENERIC(T, SUF)                                                                                            \
+                                                                                                               \
+/* rows [lo, hi) of a (out) through the blocks M: out_t,i (+)= Σ_q a_t,iq M_i[q, :] */                         \
+static void oft_rows_##SUF(const T *a, long lda, const T *M, T *out, long ldo, int accum, long lo, long hi,    \
+                           long nb, long K) {                                                                  \
+    for (long t = lo; t < hi; t += 2) {                                                                        \
+        int R = t + 1 < hi ? 2 : 1;                                                                            \
+        for (long i = 0; i < nb; ++i) {                                                                        \
+            const T *ap = a + t * lda + i * K, *Mi = M + i * K * K;                                            \
+            T *op = out + t * ldo + i * K;                                                                     \
+            OFT_DISPATCH(oft_tile_##SUF##_16(ap, lda, Mi, op, ldo, R, accum),                                  \
+                         oft_tile_##SUF##_32(ap, lda, Mi, op, ldo, R, accum),                                  \
+                         oft_tile_##SUF##_64(ap, lda, Mi, op, ldo, R, accum),                                  \
+                         oft_tile_##SUF##_gen(ap, lda, Mi, op, ldo, R, accum, K))                              \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+/* out (may not be a) = a through the blocks Mt (Mt[i] = H_iᵀ: out_i = H_i a_i) */                             \
+void oft_fwd_##SUF(const T *a, long lda, const T *Mt, T *out, long ldo, long ntok, long nb, long K,           \
+                   int nthreads) {                                                                             \
+    _Pragma("omp parallel num_threads(nthreads)")                                                              \
+    {                                                                                                          \
+        int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
+        oft_rows_##SUF(a, lda, Mt, out, ldo, 0, ntok * me / nt, ntok * (me + 1) / nt, nb, K);                  \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+static void oft_bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,  \
+                                const T *zcol, const T *H, T *gz, long ldgz, int accum, T *gH, T *gb, T *zb,    \
+                                long lo, long hi, long nb, long K) {                                           \
+    for (long t0 = lo; t0 < hi; t0 += OFT_CT) {                                                                \
+        long n = t0 + OFT_CT < hi ? OFT_CT : hi - t0;                                                          \
+        for (long t = 0; t < n; ++t) {                                                                         \
+            const T *gp = g + (t0 + t) * ldg, *zp = z + (t0 + t) * ldz;                                        \
+            for (long i = 0; i < nb; ++i) {                                                                    \
+                T *restrict gd = gb + (i * OFT_CT + t) * K;                                                    \
+                memcpy(gd, gp + i * K, K * sizeof(T));                                                         \
+                if (!gH) continue;                                                                             \
+                T *restrict zd = zb + (i * OFT_CT + t) * K;                                                    \
+                const T *restrict zq = zp + i * K;                                                             \
+                if (zmode == 1) {                                                                              \
+                    T r = z2[t0 + t];                                                                          \
+                    const T *restrict wc = zcol + i * K;                                                       \
+                    _Pragma("omp simd")                                                                        \
+                    for (long q = 0; q < K; ++q) zd[q] = wc[q] * (zq[q] * r);                                  \
+                } else if (zmode == 2) {                                                                       \
+                    const T *restrict bp = z2 + (t0 + t) * ldz2 + i * K;                                       \
+                    _Pragma("omp simd")                                                                        \
+                    for (long q = 0; q < K; ++q) zd[q] = zq[q] * bp[q];                                        \
+                } else {                                                                                       \
+                    memcpy(zd, zq, K * sizeof(T));                                                             \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (long i = 0; i < nb; ++i) {                                                                        \
+            const T *gi = gb + i * OFT_CT * K, *Hi = H + i * K * K;                                            \
+            if (gz)                                                                                            \
+                for (long t = 0; t < n; t += 2) {                                                              \
+                    int R = t + 1 < n ? 2 : 1;                                                                 \
+                    const T *ap = gi + t * K;                                                                  \
+                    T *op = gz + (t0 + t) * ldgz + i * K;                                                      \
+                    OFT_DISPATCH(oft_tile_##SUF##_16(ap, K, Hi, op, ldgz, R, accum),                           \
+                                 oft_tile_##SUF##_32(ap, K, Hi, op, ldgz, R, accum),                           \
+                                 oft_tile_##SUF##_64(ap, K, Hi, op, ldgz, R, accum),                           \
+                                 oft_tile_##SUF##_gen(ap, K, Hi, op, ldgz, R, accum, K))                       \
+                }                                                                                              \
+            if (gH) {                                                                                          \
+                const T *zi = zb + i * OFT_CT * K;                                                             \
+                T *Gi = gH + i * K * K;                                                                        \
+                OFT_DISPATCH(oft_outer_##SUF##_16(gi, zi, n, Gi), oft_outer_##SUF##_32(gi, zi, n, Gi),         \
+                             oft_outer_##SUF##_64(gi, zi, n, Gi), oft_outer_##SUF##_gen(gi, zi, n, Gi, K))     \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+/* gz (may be NULL; may be g; with accum added to) = Hᵀ g per block; gH (may be NULL, (nb, k, k), overwritten) = \
+   sum_t g_t z_tᵀ per block, z given by zmode as in householder_bwd. Each thread sums its own rows; the partial  \
+   sums are added at the end. Returns 0, or 1 when the buffers could not be allocated. */                       \
+int oft_bwd_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2, const T *zcol, \
+                  const T *H, T *gz, long ldgz, int accum, T *gH, long ntok, long nb, long K, int nthreads) {   \
+    long d = nb * K, per = gH ? nb * K * K : 0, buf = OFT_CT * d * (gH ? 2 : 1);                               \
+    T *all = (T *)calloc((size_t)nthreads * (size_t)(per + buf), sizeof(T));                                   \
+    if (!all) {                                                                                                \
+        nthreads = 1;                                                                                          \
+        all = (T *)calloc((size_t)(per + buf), sizeof(T));                                                    \
+        if (!all) return 1; /* out of memory: the caller raises */                                            \
+    }                                                                                                          \
+    _Pragma("omp parallel num_threads(nthreads)")                                                              \
+    {                                                                                                          \
+        int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
+        T *mine = all + (long)me * (per + buf);                                                                \
+        oft_bwd_range_##SUF(g, ldg, z, ldz, zmode, z2, ldz2, zcol, H, gz, ldgz, accum, gH ? mine : NULL,        \
+                            mine + per, mine + per + OFT_CT * d, ntok * me / nt, ntok * (me + 1) / nt, nb, K);  \
+    }                                                                                                          \
+    for (long e = 0; e < per; ++e) {                                                                           \
+        T s = 0;                                                                                               \
+        for (int th = 0; th < nthreads; ++th) s += all[(long)th * (per + buf) + e];                            \
+        gH[e] = s;                                                                                             \
+    }                                                                                                          \
+    free(all);                                                                                                 \
+    return 0;                                                                                                  \
+}
+
+OFT_KERNELS(float, f32, vec_f32, 8)
+OFT_KERNELS(double, f64, vec_f64, 4)
 """
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]  # gnu99: lets the compiler fuse multiply-adds
@@ -348,12 +549,12 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         cc = _compiler()
         if cc is None:
-            log.info("No C compiler found: the Householder adapters use the eager CPU path.")
+            log.info("No C compiler found: the ETHER-family and OFT adapters use the eager CPU path.")
             return None
         try:
             lib = ctypes.CDLL(str(_build(cc)))
         except Exception as e:  # a failed build costs speed, never the run
-            log.warning(f"Could not build the fused CPU kernel ({e}); the Householder adapters use the eager path.")
+            log.warning(f"Could not build the fused CPU kernel ({e}); the ETHER-family and OFT adapters use the eager path.")
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         for suf in ("f32", "f64"):
@@ -361,6 +562,10 @@ def _load() -> Optional[ctypes.CDLL]:
             bwd = getattr(lib, f"householder_bwd_{suf}")
             bwd.argtypes = [p, i64, p, i64, i32, p, i64, p, p, p, p, p, i64, i32, p, p, i64, i64, i64, i64, i32]
             bwd.restype = i32
+            getattr(lib, f"oft_fwd_{suf}").argtypes = [p, i64, p, p, i64, i64, i64, i64, i32]
+            obwd = getattr(lib, f"oft_bwd_{suf}")
+            obwd.argtypes = [p, i64, p, i64, i32, p, i64, p, p, p, i64, i32, p, i64, i64, i64, i32]
+            obwd.restype = i32
         _lib = lib
         return _lib
 
@@ -478,12 +683,7 @@ def backward(
     rows, or as the `ScaledRows` / `ProductRows` that make it: the kernel then makes each block of it where it is
     needed, bit for bit as its producer did, instead of reading a rebuilt copy."""
     J, nb, k = vecs.shape
-    if isinstance(z, ScaledRows):
-        zmode, zx, z2, ldz2, zcol = 1, z.x, z.r, 0, z.w
-    elif isinstance(z, ProductRows):
-        zmode, zx, z2, ldz2, zcol = 2, z.x, z.y, row_stride(z.y), None
-    else:
-        zmode, zx, z2, ldz2, zcol = 0, z, None, 0, None
+    zmode, zx, z2, ldz2, zcol = _z_rows(z)
     ntok = zx.numel() // (nb * k)
     gv = torch.empty(J, nb, k, dtype=g.dtype) if want_vecs else None
     gram = torch.empty(J, J + 1, nb, dtype=g.dtype) if want_gram else None
@@ -496,3 +696,86 @@ def backward(
     if failed:
         raise MemoryError("The Householder adapters' CPU kernel could not allocate its partial sums.")
     return gz, gv, gram
+
+
+def as_rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    """`t` as `(tokens, d)` rows of unit stride: a view where one exists (a column slice stays a view), else a copy."""
+    t2 = t.reshape(-1, d)
+    return t2 if row_stride(t2) is not None else t2.contiguous()
+
+
+_workspaces = threading.local()
+
+
+def workspace(shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+    """A scratch CPU tensor of this shape for use inside one call: one buffer per thread, dtype and slot (a call
+    that needs two at once takes two slots), grown as needed and reused by every layer and step. A layer's
+    transformed input lives only between its transform and its GEMM, its output gradient's transform only until the
+    GEMM's backward has read it; fresh tensors for them would cost the allocator's page faults (tens of milliseconds
+    a step on a 4-layer width-1024 model)."""
+    n = math.prod(shape)
+    bufs = _workspaces.__dict__.setdefault("bufs", {})
+    key = (dtype, slot, torch.is_inference_mode_enabled())  # an inference tensor cannot be written outside the mode
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < n:
+        buf = bufs[key] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+KERNEL_FORMS = ("scale", "mul")  # the `lit_gpt.recompute` forms the kernels make themselves (`kernel_rows`)
+
+
+def kernel_rows(recipe: recompute.Recipe, parts, d: int):
+    """A marked input's rows for the kernels' backward from its recipe's inputs (`ScaledRows` / `ProductRows`), or
+    rebuilt where the parts are not rows they can read."""
+    if recipe.form == "scale":
+        x, r, w = parts
+        rows = ScaledRows(x.reshape(-1, d), r.reshape(-1), w)
+        if row_stride(rows.x) is not None and rows.r.is_contiguous() and rows.w.is_contiguous():
+            return rows
+    elif recipe.form == "mul":
+        rows = ProductRows(parts[0].reshape(-1, d), parts[1].reshape(-1, d))
+        if all(row_stride(t) is not None for t in rows):
+            return rows
+    return as_rows(recipe.fn(*parts), d)
+
+
+def _z_rows(z) -> tuple:
+    """`(zmode, x, z2, ldz2, zcol)` for the kernels' backward: `z` as rows, `ScaledRows` or `ProductRows`."""
+    if isinstance(z, ScaledRows):
+        return 1, z.x, z.r, 0, z.w
+    if isinstance(z, ProductRows):
+        return 2, z.x, z.y, row_stride(z.y), None
+    return 0, z, None, 0, None
+
+
+def oft_forward(a: torch.Tensor, blocks_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out = H a` block by block for `(tokens, nb * k)` rows `a` (`out` distinct from `a`), given the contiguous
+    `(nb, k, k)` transposed blocks `blocks_t[i] = H_iᵀ`; returns `out`."""
+    nb, k, _ = blocks_t.shape
+    ntok = a.numel() // (nb * k)
+    getattr(_lib, f"oft_fwd_{_SUFFIX[a.dtype]}")(
+        _ptr(a), row_stride(a), _ptr(blocks_t), _ptr(out), row_stride(out), ntok, nb, k, _threads(a.numel())
+    )
+    return out
+
+
+def oft_backward(
+    g: torch.Tensor, z, blocks: torch.Tensor, gz: Optional[torch.Tensor], want_blocks: bool, accumulate: bool = False
+) -> Optional[torch.Tensor]:
+    """OFT's backward for `out = H z`: writes `Hᵀ g` into `gz` (which may be `g` itself; with `accumulate` added to
+    what it holds; None skips it) and returns the `(nb, k, k)` block gradient `sum_t g_t z_tᵀ` per block (None
+    unless `want_blocks`). `blocks` are the contiguous `H_i`; `z` is rows, `ScaledRows` or `ProductRows` (as for
+    `backward`)."""
+    nb, k, _ = blocks.shape
+    zmode, zx, z2, ldz2, zcol = _z_rows(z)
+    ntok = g.numel() // (nb * k)
+    gH = torch.empty(nb, k, k, dtype=g.dtype) if want_blocks else None
+    failed = getattr(_lib, f"oft_bwd_{_SUFFIX[g.dtype]}")(
+        _ptr(g), row_stride(g), _ptr(zx) if want_blocks else None, row_stride(zx) if want_blocks else 0, zmode,
+        _ptr(z2), ldz2, _ptr(zcol), _ptr(blocks), _ptr(gz), row_stride(gz) if gz is not None else 0,
+        int(accumulate and gz is not None), _ptr(gH), ntok, nb, k, _threads(g.numel()),
+    )
+    if failed:
+        raise MemoryError("The OFT CPU kernel could not allocate its buffers.")
+    return gH

@@ -13,7 +13,6 @@ weight is ever formed during training (`blocks()` exists for merging only).
 from __future__ import annotations
 
 import math
-import threading
 from typing import Optional
 
 import torch
@@ -47,12 +46,6 @@ def _kernel(vecs: torch.Tensor, *tensors: torch.Tensor):
         if kernel.usable(vecs, *tensors):
             return kernel
     return None
-
-
-def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
-    """`t` as `(tokens, d)` rows of unit stride: a view where one exists (a column slice stays a view), else a copy."""
-    t2 = t.reshape(-1, d)
-    return t2 if cpu_kernel.row_stride(t2) is not None else t2.contiguous()
 
 
 def _dots(x: torch.Tensor, vecs: torch.Tensor, tmp: torch.Tensor, dots: torch.Tensor) -> None:
@@ -168,7 +161,7 @@ class _BlockRankUpdate(torch.autograd.Function):
     def backward(ctx, g):
         z, (vecs, cs) = recompute.rows(ctx, ctx.saved_tensors)
         want_z, want_vecs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g2 = _rows(g, z.shape[-1])
+        g2 = cpu_kernel.as_rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
         if ctx.kernel is not None:
             _, gvecs, _ = ctx.kernel.backward(g2, z, vecs, ctx.coefs, cs, gz, want_vecs)
@@ -200,7 +193,7 @@ class _RawVectorUpdate(torch.autograd.Function):
     def backward(ctx, g):
         z, (keep, cs, *params) = recompute.rows(ctx, ctx.saved_tensors)
         want_z, want_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-        g2 = _rows(g, z.shape[-1])
+        g2 = cpu_kernel.as_rows(g, z.shape[-1])
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
         gw = gpu_kernel.backward_raw(g2, z, params, keep, ctx.coefs, NORM_EPS, cs, gz, want_params)
         return (gz.view(g.shape) if want_z else None, None, None, *_param_grads(gw, len(params)))
@@ -225,42 +218,6 @@ def _output_span_backward(kernel, gs, kept, vecs, coefs, c, gzs, want_v, bias_s,
     if rebuild:
         gv = _rebuild_z(gv, vecs, coefs, gram, bias_s, output_kept=output_kept)
     return gv.to(vecs.dtype) if want_v else None
-
-
-_workspaces = threading.local()
-
-
-def _workspace(shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
-    """A scratch CPU tensor of this shape for use inside one call: one buffer per thread, dtype and slot (a call
-    that needs two at once takes two slots), grown as needed and reused by every layer and step. A layer's
-    transformed input lives only between its transform and its GEMM, its output gradient's transform only until the
-    GEMM's backward has read it; fresh tensors for them would cost the allocator's page faults (tens of milliseconds
-    a step on a 4-layer width-1024 model)."""
-    n = math.prod(shape)
-    bufs = _workspaces.__dict__.setdefault("bufs", {})
-    key = (dtype, slot, torch.is_inference_mode_enabled())  # an inference tensor cannot be written outside the mode
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < n:
-        buf = bufs[key] = torch.empty(n, dtype=dtype)
-    return buf[:n].view(shape)
-
-
-_FORMS = ("scale", "mul")  # the `lit_gpt.recompute` forms the CPU kernel makes itself (`_kernel_rows`)
-
-
-def _kernel_rows(recipe: recompute.Recipe, parts, d: int):
-    """A marked input's rows for `cpu_kernel.backward` from its recipe's inputs (`ScaledRows` / `ProductRows`), or
-    rebuilt where the parts are not rows it can read."""
-    if recipe.form == "scale":
-        x, r, w = parts
-        rows = cpu_kernel.ScaledRows(x.reshape(-1, d), r.reshape(-1), w)
-        if cpu_kernel.row_stride(rows.x) is not None and rows.r.is_contiguous() and rows.w.is_contiguous():
-            return rows
-    elif recipe.form == "mul":
-        rows = cpu_kernel.ProductRows(parts[0].reshape(-1, d), parts[1].reshape(-1, d))
-        if all(cpu_kernel.row_stride(t) is not None for t in rows):
-            return rows
-    return _rows(recipe.fn(*parts), d)
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -294,7 +251,7 @@ class _GroupedLinear(torch.autograd.Function):
                 if raw:
                     buf, c = gpu_kernel.forward_raw(x2, vecs[1:], vecs[0], coefs, NORM_EPS, out=buf)
                 else:
-                    buf = _workspace(x2.shape, x2.dtype) if buf is None else buf
+                    buf = cpu_kernel.workspace(x2.shape, x2.dtype) if buf is None else buf
                     c = cpu_kernel.forward(x2, vecs[0], coefs, out=buf)[1]
                 xs = buf
                 cs.append(c)
@@ -315,22 +272,22 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         spans, outs, raw = ctx.spans, ctx.outs, ctx.raw
-        x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, () if raw else _FORMS)
+        x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, () if raw else cpu_kernel.KERNEL_FORMS)
         d = W.shape[1]
         if recipe is not None:  # the CPU kernel makes x's rows from the tensors that made them
-            x2 = _kernel_rows(recipe, parts, d)
+            x2 = cpu_kernel.kernel_rows(recipe, parts, d)
         kept, rest = (rest[0], rest[1:]) if outs else (None, rest)
         groups = _span_inputs(spans, raw, rest)  # the input spans' vectors, then the output spans', then the c's
         n_in = sum(len(v) for v in groups)
         out_vecs, cs = rest[n_in: n_in + len(outs)], rest[n_in + len(outs):]
         n_transformed = sum(coefs is not None for _, _, coefs in spans)
         m = W.shape[0]
-        g2 = _rows(g, m)
+        g2 = cpu_kernel.as_rows(g, m)
         want_x = ctx.needs_input_grad[0]
         out_grads = []
         if outs:  # the output side first: H_s g on its spans (a temporary), g elsewhere
             kept2 = kept.view(-1, m)
-            gy = _workspace(g2.shape, g2.dtype, slot=1)
+            gy = cpu_kernel.workspace(g2.shape, g2.dtype, slot=1)
             for lo, hi in _gaps(outs, m):
                 gy[:, lo:hi] = g2[:, lo:hi]
             for i, ((lo, hi, coefs), vecs) in enumerate(zip(outs, out_vecs)):
@@ -361,7 +318,7 @@ class _GroupedLinear(torch.autograd.Function):
                 if want_x and gx is None:
                     t = gs @ Ws
                 else:
-                    t = torch.mm(gs, Ws, out=_workspace((gs.shape[0], Ws.shape[1]), gs.dtype))
+                    t = torch.mm(gs, Ws, out=cpu_kernel.workspace((gs.shape[0], Ws.shape[1]), gs.dtype))
                 target = (t if gx is None else gx) if want_x else None
                 gv = cpu_kernel.backward(t, x2, vecs[0], coefs, next(cs), target, want_v,
                                          accumulate=gx is not None)[1]
@@ -456,7 +413,7 @@ class _OutputRowsUpdate(torch.autograd.Function):
         kept, bias, *rest = ctx.saved_tensors
         groups, cs = _span_inputs(spans, raw, rest[: ctx.n_inputs]), rest[ctx.n_inputs:]
         m = g.shape[-1]
-        g2, kept2 = _rows(g, m), kept.view(-1, m)
+        g2, kept2 = cpu_kernel.as_rows(g, m), kept.view(-1, m)
         want_y, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gy = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_y or want_bias else None
         if gy is not None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from lit_gpt import recompute
+from lit_gpt.adapters import cpu_kernel
 from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute_dtype, num_blocks, register_method
 from lit_gpt.adapters.config import AdapterConfig
 
@@ -105,6 +106,27 @@ class OFTTransform(BlockTransform):
             return _BlockMatmul.apply(z, H)
         return _block_matmul(z, H)
 
+    @staticmethod
+    def linear_groups(
+        x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], parts: list, outputs: list = ()
+    ) -> Optional[torch.Tensor]:
+        """`[W_s H_s x + b_s]_s` over the `(lo, hi, transform or None)` row spans of a layer as one autograd node
+        (`_OFTLinear`) where the CPU kernel runs and `W`, `b` are frozen; None elsewhere (the caller then runs a
+        block matmul and a GEMM per span)."""
+        ts = [t for _, _, t in parts if t is not None]
+        if (
+            not ts
+            or outputs
+            or W.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or torch.is_autocast_enabled(x.device.type)
+            or not _on_kernel(W, x, *([] if bias is None else [bias]))
+        ):
+            return None
+        blocks = [t.blocks(t.keep_mask(x.device)).to(x.dtype) for t in ts]
+        spans = tuple((lo, hi, t is not None) for lo, hi, t in parts)
+        return _OFTLinear.apply(x, W, bias, spans, *blocks)
+
     def extra_repr(self) -> str:
         opts = [super().extra_repr()]
         if self.upper_triangle:
@@ -124,27 +146,124 @@ def _block_matmul(z: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return torch.einsum("tik,ijk->tij", z.reshape(-1, nb, k), H).reshape(z.shape)
 
 
+def _on_kernel(H: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the CPU kernel (`cpu_kernel.oft_forward` / `oft_backward`) takes these blocks and activations."""
+    return cpu_kernel.runs(H.dtype, H.device) and all(t.device == H.device and t.dtype == H.dtype for t in tensors)
+
+
 class _BlockMatmul(torch.autograd.Function):
     """`_block_matmul`, keeping for `H`'s gradient what rebuilds `z` where `lit_gpt.recompute` marked it (a norm's
-    output, the MLP's product: tensors autograd keeps anyway) instead of `z` itself."""
+    output, the MLP's product: tensors autograd keeps anyway) instead of `z` itself. float32/float64 on the CPU run
+    the fused kernel (`cpu_kernel.oft_forward` / `oft_backward`: no permuted copies of `z` or `g`), which makes `z`
+    from those tensors where it reads it; everything else runs `_block_matmul`'s einsum."""
 
     @staticmethod
     def forward(ctx, z, H):
-        keep, ctx.recipe = recompute.pack(z) if ctx.needs_input_grad[1] else ((), None)
+        d = z.shape[-1]
+        z2 = z.reshape(-1, d).contiguous()
+        ctx.kernel = _on_kernel(H, z)
+        if ctx.kernel:
+            out = cpu_kernel.oft_forward(z2, H.transpose(1, 2).contiguous(), torch.empty_like(z2))
+        else:
+            out = _block_matmul(z2, H)
+        keep = recompute.keep_rows(ctx, z, z2) if ctx.needs_input_grad[1] else ()
+        ctx.n_kept = len(keep)
         ctx.save_for_backward(*keep, H)
-        return _block_matmul(z, H)
+        return out.view(z.shape)
 
     @staticmethod
     def backward(ctx, g):
-        *keep, H = ctx.saved_tensors
+        want_z, want_H = ctx.needs_input_grad
+        forms = cpu_kernel.KERNEL_FORMS if ctx.kernel else ()
+        if ctx.n_kept:
+            z2, recipe, parts, (H,) = recompute.rows_or_parts(ctx, ctx.saved_tensors, forms)
+        else:
+            z2, recipe, (H,) = None, None, ctx.saved_tensors
         nb, k, _ = H.shape
-        gr = g.reshape(-1, nb, k)
-        gz = torch.einsum("tij,ijk->tik", gr, H).reshape(g.shape) if ctx.needs_input_grad[0] else None
-        gH = None
-        if ctx.needs_input_grad[1]:
-            z = recompute.unpack(keep, ctx.recipe)
-            gH = torch.einsum("tij,tik->ijk", gr, z.reshape(-1, nb, k))
-        return gz, gH
+        d = nb * k
+        if recipe is not None:
+            z2 = cpu_kernel.kernel_rows(recipe, parts, d)
+        g2 = cpu_kernel.as_rows(g, d)
+        if ctx.kernel:
+            gz = torch.empty(g2.shape, dtype=g.dtype) if want_z else None
+            gH = cpu_kernel.oft_backward(g2, z2, H.contiguous(), gz, want_H)
+        else:
+            gr = g2.view(-1, nb, k)
+            gz = torch.einsum("tij,ijk->tik", gr, H).reshape(g2.shape) if want_z else None
+            gH = torch.einsum("tij,tik->ijk", gr, z2.reshape(-1, nb, k)) if want_H else None
+        return (gz.view(g.shape) if want_z else None), gH
+
+
+class _OFTLinear(torch.autograd.Function):
+    """`y[:, lo:hi] = W_s H_s x + b_s` for the row spans of a layer (one span, or those of a fused QKV projection),
+    `H_s = I` where a span has no OFT blocks, as one autograd node on the CPU kernel: each span's transformed input
+    is a temporary in a reused workspace, its GEMM writes the span's columns of one output (no concatenation), and
+    backward adds every span's input gradient into one buffer (the kernel adds `H_sᵀ (g_s W_s)` into it, the plain
+    spans' GEMMs accumulate into it) instead of autograd summing a gradient per span. Only `x` (or what rebuilds
+    it: `lit_gpt.recompute`, which the kernel reads where it would read `x`) is kept. `W` and `b` must be frozen;
+    `blocks` are the adapted spans' `(nb, k, k)` blocks, in span order (saved as given: the solve that made them
+    keeps them anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, spans, *blocks):
+        d = x.shape[-1]
+        x2 = x.reshape(-1, d).contiguous()
+        m = W.shape[0]
+        out = torch.empty(*x.shape[:-1], m, dtype=x.dtype)  # returned whole: code after may modify it in place
+        y = out.view(-1, m)
+        at = 0
+        for lo, hi, adapted in spans:
+            xs = x2
+            if adapted:  # each span's GEMM reads the workspace before the next span writes it
+                H = blocks[at]
+                at += 1
+                xs = cpu_kernel.oft_forward(x2, H.transpose(1, 2).contiguous(), cpu_kernel.workspace(x2.shape, x2.dtype))
+            Ws, ys = (W, y) if (lo, hi) == (0, m) else (W[lo:hi], y[:, lo:hi])
+            if b is None:
+                torch.mm(xs, Ws.t(), out=ys)
+            else:
+                torch.addmm(b if (lo, hi) == (0, m) else b[lo:hi], xs, Ws.t(), out=ys)
+        ctx.spans = spans
+        want_blocks = any(ctx.needs_input_grad[4:])
+        keep = recompute.keep_rows(ctx, x, x2) if want_blocks else ()
+        ctx.n_kept = len(keep)
+        ctx.save_for_backward(*keep, W, b, *blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.n_kept:
+            x2, recipe, parts, (W, b, *blocks) = recompute.rows_or_parts(
+                ctx, ctx.saved_tensors, cpu_kernel.KERNEL_FORMS
+            )
+        else:
+            x2, recipe, (W, b, *blocks) = None, None, ctx.saved_tensors
+        m, d = W.shape
+        if recipe is not None:
+            x2 = cpu_kernel.kernel_rows(recipe, parts, d)
+        g2 = cpu_kernel.as_rows(g, m)
+        want_x = ctx.needs_input_grad[0]
+        gx, grads = None, []
+        adapted = [(lo, hi) for lo, hi, a in ctx.spans if a]
+        for (lo, hi), H, want_H in zip(adapted, blocks, ctx.needs_input_grad[4:]):
+            if not (want_x or want_H):
+                grads.append(None)
+                continue
+            gs, Ws = (g2, W) if (lo, hi) == (0, m) else (g2[:, lo:hi], W[lo:hi])
+            # the first span's gradient becomes gx (transformed in place); later ones go through the workspace
+            if want_x and gx is None:
+                t = gs @ Ws
+            else:
+                t = torch.mm(gs, Ws, out=cpu_kernel.workspace((gs.shape[0], d), gs.dtype))
+            target = (t if gx is None else gx) if want_x else None
+            grads.append(cpu_kernel.oft_backward(t, x2, H.contiguous(), target, want_H, accumulate=gx is not None))
+            gx = target
+        if want_x:
+            for lo, hi, a in ctx.spans:
+                if not a:
+                    gx.addmm_(g2[:, lo:hi], W[lo:hi])
+            gx = gx.view(*g.shape[:-1], d)
+        return (gx, None, None, None, *grads)
 
 
 @register_method("oft")
