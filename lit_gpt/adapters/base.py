@@ -173,10 +173,11 @@ class _AddSliceProducts(torch.autograd.Function):
         for i, ((lo, hi), C, P) in enumerate(zip(ctx.ranges, tensors[0::2], tensors[1::2])):
             gs = g2 if (lo, hi) == (0, m) else g2[:, lo:hi]
             gC = gP = None
+            # as (r x tokens) and (r x out) products: see `_LoRALinear.backward` for why
             if ctx.needs_input_grad[2 + 2 * i]:
-                gC = (gs @ P).view(C.shape).to(ctx.dtypes[2 * i])
+                gC = (P.t() @ gs.t()).t().reshape(C.shape).to(ctx.dtypes[2 * i])
             if ctx.needs_input_grad[3 + 2 * i]:
-                gP = (gs.t() @ C.reshape(-1, C.shape[-1])).to(ctx.dtypes[2 * i + 1])
+                gP = (C.reshape(-1, C.shape[-1]).t() @ gs).t().to(ctx.dtypes[2 * i + 1])
             grads += [gC, gP]
         return (g, None, *grads)
 
