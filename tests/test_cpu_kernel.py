@@ -251,6 +251,26 @@ def test_kernel_backward_in_place_and_accumulating(coefs):
 
 
 @needs_kernel
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0), (-1.0, 1.0, 0.5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_backward_makes_z_from_the_kept_output(coefs, bias):
+    """`OutputRows`: the output `o = H (z - b) + b` of an update made in place stands in for `z`; the kernel makes
+    `z = o - b - sum_l s_l c_l ŵ_l` block by block, so the vector gradient is the one taken with `z` itself."""
+    torch.manual_seed(6)
+    T, nb, k = 29, 3, 32
+    z, g = torch.randn(T, nb * k, dtype=torch.float64), torch.randn(T, nb * k, dtype=torch.float64)
+    vecs = F.normalize(torch.randn(len(coefs), nb, k, dtype=torch.float64), dim=-1)
+    b = torch.randn(nb * k, dtype=torch.float64) if bias else None
+    y = z + b if bias else z.clone()
+    beta = (vecs * b.view(nb, k)).sum(-1).contiguous() if bias else None
+    o, c = cpu_kernel.forward(y, vecs, coefs, out=y, beta=beta)  # in place: y now holds the output
+    ref_gz, ref_gv, _ = cpu_kernel.backward(g, z, vecs, coefs, c, torch.empty_like(g), True)
+    gz, gv, _ = cpu_kernel.backward(g, cpu_kernel.OutputRows(o, b), vecs, coefs, c, torch.empty_like(g), True)
+    torch.testing.assert_close(gz, ref_gz, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gv, ref_gv, rtol=1e-10, atol=1e-10)
+
+
+@needs_kernel
 @pytest.mark.parametrize("method", ["ether", "etherplus", "etherplusHH"])
 @pytest.mark.parametrize(
     "targets,bias",
@@ -306,7 +326,6 @@ def test_the_workspace_serves_inference_and_training_in_turn():
     still serves a training step afterwards, and the other way round."""
     from lit_gpt import GPT, Config
     from lit_gpt.adapters import AdapterConfig, apply_adapters
-    from lit_gpt.adapters import ether
 
     cpu_kernel._workspaces.__dict__.pop("bufs", None)  # as in a fresh process
     torch.manual_seed(0)

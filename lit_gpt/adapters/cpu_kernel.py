@@ -205,6 +205,17 @@ INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode
                     _Pragma("omp simd")                                                                        \
                     for (long q = 0; q < k; ++q) zb[q] = zp[q] * bp[q];                                        \
                     zq = zb;                                                                                   \
+                } else if (zmode == 3) {                                                                       \
+                    /* zp is the output o = H (z - b) + b: z = o - b - sum_l s_l c_l v_l */                    \
+                    T wl[MAXJ];                                                                                \
+                    for (long l = 0; l < J; ++l) wl[l] = -sc[l] * c[(l * ntok + t) * nb + i];                  \
+                    update_##SUF(zp, v + i * k, d, k, J, wl, zb);                                              \
+                    if (zcol) {                                                                                \
+                        const T *restrict bb = zcol + i * k;                                                   \
+                        _Pragma("omp simd")                                                                    \
+                        for (long q = 0; q < k; ++q) zb[q] -= bb[q];                                           \
+                    }                                                                                          \
+                    zq = zb;                                                                                   \
                 }                                                                                              \
                 for (long j = 0; j < J; ++j) {                                                                 \
                     T *restrict ap = acc + j * d + i * k;                                                      \
@@ -256,6 +267,8 @@ void householder_fwd_##SUF(const T *z, long ldz, const T *v, const double *s, co
    output from the float32 input it keeps, its 1/rms per row z2 and its weight zcol); 2, z_t = x_t * y_t with x's \
    rows at z and y's at z2 (ldz2 apart; the MLP's product silu(a) * b). Made here in the multiplications their   \
    producers do, so the vector gradient is bit for bit the one taken with z itself, without a pass to rebuild z.  \
+   3, the rows at z are this transform's output o = H (z - b) + b, kept in place of z, and z = o - b - sum_l     \
+   s_l c_l v_l is made from it and the forward's projections c (zcol: b, or NULL for no bias).                    \
    gz (may be NULL; may be g) = the same update applied to g, or with accum gz += it; gv (may be NULL, (J, nb, k), overwritten) =               \
    s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>; gram (may be NULL, (J, J + 1, nb),      \
    overwritten) as in bwd_rows. Each thread sums its own rows; the partial sums are added at the end. Returns    \
@@ -665,6 +678,15 @@ class ProductRows(NamedTuple):
     y: torch.Tensor
 
 
+class OutputRows(NamedTuple):
+    """A Householder transform's input given by its output `o = H (z - b) + b` (`(T, d)` rows, kept in place of `z`
+    by an update made in place) and `b` (`(d,)` contiguous, or None): the backward kernel makes each block of
+    `z = o - b - sum_l s_l c_l ŵ_l` from the forward's projections `c` where it reads it."""
+
+    o: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
 def backward(
     g: torch.Tensor,
     z,
@@ -680,8 +702,9 @@ def backward(
     itself, or with `accumulate` added to what `gz` holds; None skips it), the `(J, nb, k)` vector gradient
     `s_j sum_t (c_tj g_t + d_tj z_t)` with `d_tj = ŵ_jᵀ g_t`, and the `(J, J + 1, nb)` sums
     `[sum_t d_tj c_tl for l < J, sum_t d_tj]` per block (only with `want_gram`). `z` is the transform's input as
-    rows, or as the `ScaledRows` / `ProductRows` that make it: the kernel then makes each block of it where it is
-    needed, bit for bit as its producer did, instead of reading a rebuilt copy."""
+    rows, or as the `ScaledRows` / `ProductRows` that make it (the kernel then makes each block of it where it is
+    needed, bit for bit as its producer did, instead of reading a rebuilt copy) or the `OutputRows` it was
+    updated into."""
     J, nb, k = vecs.shape
     zmode, zx, z2, ldz2, zcol = _z_rows(z)
     ntok = zx.numel() // (nb * k)
@@ -741,11 +764,14 @@ def kernel_rows(recipe: recompute.Recipe, parts, d: int):
 
 
 def _z_rows(z) -> tuple:
-    """`(zmode, x, z2, ldz2, zcol)` for the kernels' backward: `z` as rows, `ScaledRows` or `ProductRows`."""
+    """`(zmode, x, z2, ldz2, zcol)` for the kernels' backward: `z` as rows, `ScaledRows`, `ProductRows` or
+    `OutputRows` (the Householder kernel only)."""
     if isinstance(z, ScaledRows):
         return 1, z.x, z.r, 0, z.w
     if isinstance(z, ProductRows):
         return 2, z.x, z.y, row_stride(z.y), None
+    if isinstance(z, OutputRows):
+        return 3, z.o, None, 0, z.bias
     return 0, z, None, 0, None
 
 

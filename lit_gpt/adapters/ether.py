@@ -209,7 +209,12 @@ def _output_span_forward(kernel, zs, os_, vecs, coefs, bias_s) -> torch.Tensor:
 
 def _output_span_backward(kernel, gs, kept, vecs, coefs, c, gzs, want_v, bias_s, output_kept):
     """One output-side span's backward from the kept tensor (`H z + b` with `output_kept`, else `z + b`): writes
-    `H g` into `gzs` (if given); returns the vector gradient taken with `z` (None unless `want_v`)."""
+    `H g` into `gzs` (if given); returns the vector gradient taken with `z` (None unless `want_v`). The CPU kernel
+    makes `z` from a kept output block by block (`cpu_kernel.OutputRows`); elsewhere the gradient taken with the
+    kept tensor is corrected afterwards (`_rebuild_z`)."""
+    if kernel is cpu_kernel and output_kept:
+        _, gv, _ = kernel.backward(gs, cpu_kernel.OutputRows(kept, bias_s), vecs, coefs, c, gzs, want_v)
+        return gv.to(vecs.dtype) if want_v else None
     rebuild = want_v and (output_kept or bias_s is not None)
     if kernel is not None:
         _, gv, gram = kernel.backward(gs, kept, vecs, coefs, c, gzs, want_v, rebuild)
