@@ -1,5 +1,5 @@
-"""The small products of LoRA's backward, taken two ways: as written (`gs B`, `gsᵀ C`) and transposed (`(Bᵀ gsᵀ)ᵀ`,
-`(Cᵀ gs)ᵀ`), the form `_LoRALinear` and `_AddSliceProducts` use.
+"""The small products of LoRA's backward, taken two ways: as written (`gs B`, `gsᵀ C`) and transposed
+(`(Bᵀ gsᵀ)ᵀ`, `(Cᵀ gs)ᵀ`), the form `_LoRALinear` and `_AddSliceProducts` use.
 
 `gs` is the output gradient of one adapted span (a column slice of a fused QKV gradient, or a whole layer's), `B`
 the span's `(out, r)` factor and `C = x Aᵀ` the `(tokens, r)` product kept from forward. Both forms do the same

@@ -567,7 +567,9 @@ def _load() -> Optional[ctypes.CDLL]:
         try:
             lib = ctypes.CDLL(str(_build(cc)))
         except Exception as e:  # a failed build costs speed, never the run
-            log.warning(f"Could not build the fused CPU kernel ({e}); the ETHER-family and OFT adapters use the eager path.")
+            log.warning(
+                f"Could not build the fused CPU kernel ({e}); the ETHER-family and OFT adapters use the eager path."
+            )
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         for suf in ("f32", "f64"):

@@ -277,7 +277,8 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         spans, outs, raw = ctx.spans, ctx.outs, ctx.raw
-        x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, () if raw else cpu_kernel.KERNEL_FORMS)
+        forms = () if raw else cpu_kernel.KERNEL_FORMS
+        x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, forms)
         d = W.shape[1]
         if recipe is not None:  # the CPU kernel makes x's rows from the tensors that made them
             x2 = cpu_kernel.kernel_rows(recipe, parts, d)

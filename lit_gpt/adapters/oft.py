@@ -217,7 +217,8 @@ class _OFTLinear(torch.autograd.Function):
             if adapted:  # each span's GEMM reads the workspace before the next span writes it
                 H = blocks[at]
                 at += 1
-                xs = cpu_kernel.oft_forward(x2, H.transpose(1, 2).contiguous(), cpu_kernel.workspace(x2.shape, x2.dtype))
+                ws = cpu_kernel.workspace(x2.shape, x2.dtype)
+                xs = cpu_kernel.oft_forward(x2, H.transpose(1, 2).contiguous(), ws)
             Ws, ys = (W, y) if (lo, hi) == (0, m) else (W[lo:hi], y[:, lo:hi])
             if b is None:
                 torch.mm(xs, Ws.t(), out=ys)
