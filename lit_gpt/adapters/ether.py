@@ -591,8 +591,16 @@ class HouseholderTransform(BlockTransform):
         outs = []
         if not raw:
             for lo, hi, t in outputs:
-                outs.append((lo, hi, t.coefs))
-                inputs.append(t.unit_vectors(t.keep_mask(x.device)).to(x.dtype))
+                vecs = t.unit_vectors(t.keep_mask(x.device)).to(x.dtype)
+                if outs and outs[-1][1] == lo and outs[-1][2] == t.coefs and inputs[-1].shape[2] == t.k:
+                    # adjacent spans of one block size (the q, k, v rows of a fused QKV without GQA): their blocks
+                    # side by side are one transform, run as one pass over whole rows instead of a strided pass
+                    # per span
+                    outs[-1] = (outs[-1][0], hi, t.coefs)
+                    inputs[-1] = torch.cat([inputs[-1], vecs], dim=1)
+                else:
+                    outs.append((lo, hi, t.coefs))
+                    inputs.append(vecs)
         y = _GroupedLinear.apply(x, W, bias, tuple(spans), tuple(outs), raw, *inputs)
         if raw and outputs:
             y = HouseholderTransform.apply_output_rows(y, bias, list(outputs), True)
