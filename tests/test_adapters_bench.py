@@ -67,3 +67,40 @@ def test_householder_kernel_bench_prints_both_paths(capsys):
     out = capsys.readouterr().out
     for row in ("| ether | forward |", "| ether | forward + backward |", "| etherplus | forward + backward |"):
         assert row in out
+
+
+def load_script(name: str):
+    load_bench()  # puts bench/ on sys.path for `import common`
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_benches_print_their_tables(capsys):
+    """`bench/lora_shapes.py`, `bench/output_spans.py` and `bench/ab_step.py` run on tiny shapes and print a row per
+    measurement; `ab_step`'s setting is applied only inside its block and a bad one is refused with its name."""
+    from lit_gpt.adapters import cpu_kernel
+    from lit_gpt.adapters.ether import HouseholderTransform
+
+    threads = torch.get_num_threads()
+    try:
+        load_script("lora_shapes").main(tokens=32, r=2, calls=1, repeats=2)
+        assert capsys.readouterr().out.count("| gB = gsᵀ C |") == 4
+        if cpu_kernel.available():
+            load_script("output_spans").main(tokens=16, width=32, nb=4, repeats=2)
+            out = capsys.readouterr().out
+            assert "| forward |" in out and "| backward |" in out
+        ab = load_script("ab_step")
+        spec = "lit_gpt.adapters.ether:HouseholderTransform.merge_output_spans=False"
+        with ab.setting(spec):
+            assert HouseholderTransform.merge_output_spans is False
+        assert HouseholderTransform.merge_output_spans is True
+        with pytest.raises(SystemExit, match="no_such_attr"):
+            with ab.setting("lit_gpt.adapters.ether:HouseholderTransform.no_such_attr=1"):
+                pass
+        ab.main(a="-", b=spec, method="etherplusHH", shape="tiny", n_layer=1, seq_len=8, batch_size=1, rounds=2)
+        out = capsys.readouterr().out
+        assert "| A: `-` |" in out and f"| B: `{spec}` |" in out
+    finally:
+        torch.set_num_threads(threads)

@@ -485,6 +485,10 @@ def _gaps(spans, m: int) -> list[tuple[int, int]]:
 class HouseholderTransform(BlockTransform):
     """Blocks `I + sum_j s_j ŵ_j ŵ_jᵀ`; parameters ``u`` (and ``v`` for ETHER+), each `(nb, k)`."""
 
+    # On the CPU kernel, adjacent output-side spans of one block size run as one transform over whole rows
+    # (`linear_groups`); False runs a strided pass per span (`bench/output_spans.py` compares the two)
+    merge_output_spans = True
+
     def __init__(
         self,
         size: int,
@@ -592,7 +596,8 @@ class HouseholderTransform(BlockTransform):
         if not raw:
             for lo, hi, t in outputs:
                 vecs = t.unit_vectors(t.keep_mask(x.device)).to(x.dtype)
-                if outs and outs[-1][1] == lo and outs[-1][2] == t.coefs and inputs[-1].shape[2] == t.k:
+                if (HouseholderTransform.merge_output_spans and outs and outs[-1][1] == lo
+                        and outs[-1][2] == t.coefs and inputs[-1].shape[2] == t.k):
                     # adjacent spans of one block size (the q, k, v rows of a fused QKV without GQA): their blocks
                     # side by side are one transform, run as one pass over whole rows instead of a strided pass
                     # per span
