@@ -295,6 +295,12 @@ def test_layer_as_one_node_against_float64(method, targets, bias, input_grad, mo
         if p.requires_grad:
             p.data.normal_()
     layer = model.transformer.h[0].attn.qkv if targets != ["mlp"] else model.transformer.h[0].mlp.proj
+    layer_node_against_float64(layer, _GroupedLinear, input_grad, monkeypatch)
+
+
+def layer_node_against_float64(layer, node, input_grad: bool, monkeypatch) -> None:
+    """`layer` (float64) run in float32 through the autograd Function `node` (which must run) gives the output and
+    the gradients of the input and of the trainable parameters that the eager float64 path gives."""
     x = torch.randn(2, 7, layer.in_features, dtype=torch.float64)
     g = torch.randn(2, 7, layer.out_features, dtype=torch.float64)
 
@@ -310,7 +316,7 @@ def test_layer_as_one_node_against_float64(method, targets, bias, input_grad, mo
     with cpu_kernel.disabled():
         ref = run(torch.float64)
     calls = []
-    monkeypatch.setattr(_GroupedLinear, "apply", lambda *a, f=_GroupedLinear.apply: calls.append(1) or f(*a))
+    monkeypatch.setattr(node, "apply", lambda *a, f=node.apply: calls.append(1) or f(*a))
     got = run(torch.float32)
     assert calls, "the layer node did not run"
     for a, r in zip(got, ref, strict=True):

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from lit_gpt.adapters import cpu_kernel
-
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel could not be built")
+from test_cpu_kernel import layer_node_against_float64, needs_kernel
 
 
 def reference(z: torch.Tensor, H: torch.Tensor, g: torch.Tensor):
@@ -114,29 +113,7 @@ def test_layer_as_one_node_against_float64(options, targets, bias, input_grad, m
         if p.requires_grad:
             p.data.normal_(std=0.01 if options.get("neumann_terms") else 0.5)  # the series needs a small S
     layer = model.transformer.h[0].attn.qkv if targets != ["mlp"] else model.transformer.h[0].mlp.proj
-    x = torch.randn(2, 7, layer.in_features, dtype=torch.float64)
-    g = torch.randn(2, 7, layer.out_features, dtype=torch.float64)
-
-    def run(dtype):
-        layer.zero_grad(set_to_none=True)
-        lay = layer.to(dtype=dtype)
-        xx = x.to(dtype).detach().clone().requires_grad_(input_grad)
-        y = lay(xx)
-        y.backward(g.to(dtype))
-        return [y.detach().double(), xx.grad.double() if input_grad else None] + [
-            p.grad.double() for p in lay.parameters() if p.requires_grad]
-
-    with cpu_kernel.disabled():
-        ref = run(torch.float64)
-    calls = []
-    monkeypatch.setattr(_OFTLinear, "apply", lambda *a, f=_OFTLinear.apply: calls.append(1) or f(*a))
-    got = run(torch.float32)
-    assert calls, "the layer node did not run"
-    for a, r in zip(got, ref, strict=True):
-        if r is None:
-            assert a is None
-            continue
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()))
+    layer_node_against_float64(layer, _OFTLinear, input_grad, monkeypatch)
 
 
 @needs_kernel
