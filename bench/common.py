@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import platform
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +38,23 @@ def machine() -> str:
 def sync(device: str | torch.device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def interleaved_ms(fns: list[Callable[[], object]], repeats: int, calls: int = 1, device: str = "cpu") -> list[float]:
+    """Median milliseconds per call of each of `fns`, timed in turn `repeats` times (`calls` calls per timing) after
+    one warm-up call each, so a machine's slow spells fall on every function alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync(device)
+            out.append((time.perf_counter() - t0) / calls * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def command_line() -> str:

@@ -12,9 +12,7 @@ Example:
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-from common import sync  # noqa: E402  (also puts the repository on the path)
+from common import interleaved_ms  # noqa: E402  (also puts the repository on the path)
 
 
 def main(
@@ -68,16 +66,7 @@ def main(
         }
         for name, (a, b) in pairs.items():
             torch.testing.assert_close(a(), b(), rtol=1e-4, atol=1e-3)
-            times: dict[str, list[float]] = {"a": [], "b": []}
-            for _ in range(repeats):
-                for key, fn in (("a", a), ("b", b)):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
-                    sync(device)
-                    times[key].append((time.perf_counter() - t0) / calls * 1e3)
-            ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
+            ma, mb = interleaved_ms([a, b], repeats, calls, device)
             print(f"| {label} | {name} | {ma:.3f} | {mb:.3f} | {ma / mb:.2f} |")
 
 

@@ -10,9 +10,7 @@ forms interleaved, and prints medians and their ratio (above 1: the single pass 
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,7 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-import common  # noqa: E402, F401  (puts the repository on the path)
+from common import interleaved_ms  # noqa: E402  (also puts the repository on the path)
 from lit_gpt.adapters import cpu_kernel  # noqa: E402
 from lit_gpt.adapters.ether import ETHERPLUS_COEFS  # noqa: E402
 
@@ -69,14 +67,7 @@ def main(tokens: int = 1024, width: int = 1024, nb: int = 32, threads: int = 1, 
     print("| pass | one per span ms | whole rows ms | spans / rows |")
     print("|---|---|---|---|")
     for name, a, b in (("forward", fwd_spans, fwd_rows), ("backward", bwd_spans, bwd_rows)):
-        a(), b()
-        ta, tb = [], []
-        for _ in range(repeats):
-            for fn, out in ((a, ta), (b, tb)):
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1e3)
-        ma, mb = statistics.median(ta), statistics.median(tb)
+        ma, mb = interleaved_ms([a, b], repeats)
         print(f"| {name} | {ma:.3f} | {mb:.3f} | {ma / mb:.2f} |")
 
 

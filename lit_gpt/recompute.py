@@ -89,9 +89,13 @@ def unpack(saved: Sequence[torch.Tensor], recipe: Optional[Recipe]) -> torch.Ten
     return saved[0] if recipe is None else recipe.rebuild(saved)
 
 
-def keep_rows(ctx, z: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def keep_rows(ctx, z: torch.Tensor, z2: torch.Tensor, wanted: bool = True) -> tuple[torch.Tensor, ...]:
     """For an autograd Function that works on the rows `z2 = z.reshape(-1, d)` of its input `z`: what to save for
-    them (the recipe's inputs when `z2` is a view of a marked `z`, else `z2`); `rows` gives `z2` back in backward."""
+    them (the recipe's inputs when `z2` is a view of a marked `z`, else `z2`; nothing unless `wanted`, e.g. when
+    only a frozen parameter's gradient would read them); `rows` gives `z2` back in backward."""
+    if not wanted:
+        ctx.n_kept, ctx.recipe = 0, None
+        return ()
     keep, ctx.recipe = pack(z) if z2.data_ptr() == z.data_ptr() and z.is_contiguous() else ((z2,), None)
     ctx.n_kept = len(keep)
     return keep
@@ -109,8 +113,11 @@ def rows_or_parts(
 ) -> tuple[Optional[torch.Tensor], Optional[Recipe], Sequence[torch.Tensor], Sequence[torch.Tensor]]:
     """`rows`, except where the recipe has one of `forms` and no other consumer's rebuild is cached: then
     `(None, recipe, its inputs, rest)`, nothing rebuilt, for a consumer that makes the rows from their parts (and
-    calls `recipe.fn(*inputs)` where it cannot). Else `(rows, None, (), rest)`."""
+    calls `recipe.fn(*inputs)` where it cannot). Else `(rows, None, (), rest)`; `(None, None, (), saved)` where
+    `keep_rows` kept nothing."""
     n, recipe = ctx.n_kept, ctx.recipe
+    if n == 0:
+        return None, None, (), saved
     if recipe is not None and recipe.form in forms and recipe.cache is None:
         recipe.pending -= 1
         return None, recipe, saved[:n], saved[n:]

@@ -177,6 +177,22 @@ INLINE void acc_block_##SUF(T *restrict ap, T cj, const T *gp, T dj, const T *re
     for (long q = 0; q < k; ++q) ap[q] += cj * gp[q] + dj * zq[q];                                             \
 }                                                                                                              \
                                                                                                                \
+/* z's block i of row t made as its producer made it, into zb: zmode 1, an RMSNorm's output zcol * (x * z2[t]) \
+   from x's block zp; 2, the MLP's product x * y from x's block zp and y's rows at z2 (ldz2 apart) */          \
+INLINE void make_z_##SUF(const T *restrict zp, int zmode, const T *restrict z2, long ldz2,                     \
+                         const T *restrict zcol, long t, long i, long k, T *restrict zb) {                     \
+    if (zmode == 1) {                                                                                          \
+        T r = z2[t];                                                                                           \
+        const T *restrict wc = zcol + i * k;                                                                   \
+        _Pragma("omp simd")                                                                                    \
+        for (long q = 0; q < k; ++q) zb[q] = wc[q] * (zp[q] * r);                                              \
+    } else {                                                                                                   \
+        const T *restrict bp = z2 + t * ldz2 + i * k;                                                          \
+        _Pragma("omp simd")                                                                                    \
+        for (long q = 0; q < k; ++q) zb[q] = zp[q] * bp[q];                                                    \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
 INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,      \
                            const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, int accum, \
                            T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) {            \
@@ -194,16 +210,8 @@ INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode
                 /* z's block: read (zmode 0), or made as its producer made it (see householder_bwd) */        \
                 T zb[zmode ? k : 1];                                                                           \
                 const T *zq = zp;                                                                              \
-                if (zmode == 1) {                                                                              \
-                    T r = z2[t];                                                                               \
-                    const T *restrict wc = zcol + i * k;                                                       \
-                    _Pragma("omp simd")                                                                        \
-                    for (long q = 0; q < k; ++q) zb[q] = wc[q] * (zp[q] * r);                                  \
-                    zq = zb;                                                                                   \
-                } else if (zmode == 2) {                                                                       \
-                    const T *restrict bp = z2 + t * ldz2 + i * k;                                              \
-                    _Pragma("omp simd")                                                                        \
-                    for (long q = 0; q < k; ++q) zb[q] = zp[q] * bp[q];                                        \
+                if (zmode == 1 || zmode == 2) {                                                                \
+                    make_z_##SUF(zp, zmode, z2, ldz2, zcol, t, i, k, zb);                                      \
                     zq = zb;                                                                                   \
                 } else if (zmode == 3) {                                                                       \
                     /* zp is the output o = H (z - b) + b: z = o - b - sum_l s_l c_l v_l */                    \
@@ -432,15 +440,8 @@ static void oft_bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, int 
                 if (!gH) continue;                                                                             \
                 T *restrict zd = zb + (i * OFT_CT + t) * K;                                                    \
                 const T *restrict zq = zp + i * K;                                                             \
-                if (zmode == 1) {                                                                              \
-                    T r = z2[t0 + t];                                                                          \
-                    const T *restrict wc = zcol + i * K;                                                       \
-                    _Pragma("omp simd")                                                                        \
-                    for (long q = 0; q < K; ++q) zd[q] = wc[q] * (zq[q] * r);                                  \
-                } else if (zmode == 2) {                                                                       \
-                    const T *restrict bp = z2 + (t0 + t) * ldz2 + i * K;                                       \
-                    _Pragma("omp simd")                                                                        \
-                    for (long q = 0; q < K; ++q) zd[q] = zq[q] * bp[q];                                        \
+                if (zmode == 1 || zmode == 2) {                                                                \
+                    make_z_##SUF(zq, zmode, z2, ldz2, zcol, t0 + t, i, K, zd);                                 \
                 } else {                                                                                       \
                     memcpy(zd, zq, K * sizeof(T));                                                             \
                 }                                                                                              \
@@ -747,7 +748,7 @@ def workspace(shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> torc
     return buf[:n].view(shape)
 
 
-KERNEL_FORMS = ("scale", "mul")  # the `lit_gpt.recompute` forms the kernels make themselves (`kernel_rows`)
+KERNEL_FORMS = recompute.FORMS  # the kernels make every form of `lit_gpt.recompute` themselves (`kernel_rows`)
 
 
 def kernel_rows(recipe: recompute.Recipe, parts, d: int):

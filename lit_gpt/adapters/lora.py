@@ -87,10 +87,7 @@ class _LoRALinear(torch.autograd.Function):
             y2[:, lo:hi].addmm_(C[:, at:at + r], B.t(), alpha=s)
             at += r
         ctx.spans, ctx.scalings = spans, scalings
-        if any(ctx.needs_input_grad[5::2]):  # x (or what rebuilds it) only for A's gradient
-            keep = recompute.keep_rows(ctx, x, x2)
-        else:
-            keep, ctx.n_kept = (), 0
+        keep = recompute.keep_rows(ctx, x, x2, wanted=any(ctx.needs_input_grad[5::2]))  # only for A's gradient
         ctx.save_for_backward(*keep, W, A, C, *Bs)
         return y
 

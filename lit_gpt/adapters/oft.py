@@ -166,19 +166,14 @@ class _BlockMatmul(torch.autograd.Function):
             out = cpu_kernel.oft_forward(z2, H.transpose(1, 2).contiguous(), torch.empty_like(z2))
         else:
             out = _block_matmul(z2, H)
-        keep = recompute.keep_rows(ctx, z, z2) if ctx.needs_input_grad[1] else ()
-        ctx.n_kept = len(keep)
-        ctx.save_for_backward(*keep, H)
+        ctx.save_for_backward(*recompute.keep_rows(ctx, z, z2, wanted=ctx.needs_input_grad[1]), H)
         return out.view(z.shape)
 
     @staticmethod
     def backward(ctx, g):
         want_z, want_H = ctx.needs_input_grad
         forms = cpu_kernel.KERNEL_FORMS if ctx.kernel else ()
-        if ctx.n_kept:
-            z2, recipe, parts, (H,) = recompute.rows_or_parts(ctx, ctx.saved_tensors, forms)
-        else:
-            z2, recipe, (H,) = None, None, ctx.saved_tensors
+        z2, recipe, parts, (H,) = recompute.rows_or_parts(ctx, ctx.saved_tensors, forms)
         nb, k, _ = H.shape
         d = nb * k
         if recipe is not None:
@@ -225,20 +220,13 @@ class _OFTLinear(torch.autograd.Function):
             else:
                 torch.addmm(b if (lo, hi) == (0, m) else b[lo:hi], xs, Ws.t(), out=ys)
         ctx.spans = spans
-        want_blocks = any(ctx.needs_input_grad[4:])
-        keep = recompute.keep_rows(ctx, x, x2) if want_blocks else ()
-        ctx.n_kept = len(keep)
+        keep = recompute.keep_rows(ctx, x, x2, wanted=any(ctx.needs_input_grad[4:]))  # for the blocks' gradient
         ctx.save_for_backward(*keep, W, b, *blocks)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.n_kept:
-            x2, recipe, parts, (W, b, *blocks) = recompute.rows_or_parts(
-                ctx, ctx.saved_tensors, cpu_kernel.KERNEL_FORMS
-            )
-        else:
-            x2, recipe, (W, b, *blocks) = None, None, ctx.saved_tensors
+        x2, recipe, parts, (W, b, *blocks) = recompute.rows_or_parts(ctx, ctx.saved_tensors, cpu_kernel.KERNEL_FORMS)
         m, d = W.shape
         if recipe is not None:
             x2 = cpu_kernel.kernel_rows(recipe, parts, d)
