@@ -78,8 +78,9 @@ def load_script(name: str):
 
 
 def test_small_benches_print_their_tables(capsys):
-    """`bench/lora_shapes.py`, `bench/output_spans.py` and `bench/ab_step.py` run on tiny shapes and print a row per
-    measurement; `ab_step`'s setting is applied only inside its block and a bad one is refused with its name."""
+    """`bench/lora_shapes.py`, `bench/output_spans.py`, `bench/householder_blocks.py` and `bench/ab_step.py` run on
+    tiny shapes and print a row per measurement; `ab_step`'s setting is applied only inside its block and a bad one
+    is refused with its name."""
     from lit_gpt.adapters import cpu_kernel
     from lit_gpt.adapters.ether import HouseholderTransform
 
@@ -91,6 +92,10 @@ def test_small_benches_print_their_tables(capsys):
             load_script("output_spans").main(tokens=16, width=32, nb=4, repeats=2)
             out = capsys.readouterr().out
             assert "| forward |" in out and "| backward |" in out
+            load_script("householder_blocks").main(widths=[72, 40], nb=4, mib=0.01, repeats=2)
+            out = capsys.readouterr().out  # blocks of 18 and 10: a row per width, update and pass
+            assert out.count("| 72 | 18 |") == 6 and out.count("| 40 | 10 |") == 6
+            assert cpu_kernel.VECTOR_CODE is True
         ab = load_script("ab_step")
         spec = "lit_gpt.adapters.ether:HouseholderTransform.merge_output_spans=False"
         with ab.setting(spec):

@@ -348,3 +348,79 @@ def test_the_workspace_serves_inference_and_training_in_turn():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     with torch.inference_mode():
         torch.testing.assert_close(model(idx), expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("vector_code", [True, False])
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0), (-1.0, 1.0, 0.5)])
+@pytest.mark.parametrize(
+    "dtype,k",
+    # float32 vectors hold 8 numbers, float64 ones 4: blocks with a partial last vector (9, 18, 86; 6, 13), whole
+    # vectors (24; 8, 12) and blocks shorter than a vector (5; 3)
+    [(torch.float32, k) for k in (9, 18, 86, 24, 5)] + [(torch.float64, k) for k in (6, 13, 8, 12, 3)],
+)
+def test_every_block_size_and_way_of_giving_z(dtype, k, coefs, n_threads, vector_code, monkeypatch):
+    """The explicit vector code covers a block by whole vectors and, where the vector length does not divide the
+    block size, one more ending at the block's end that overlaps the one before it; its lanes that overlap must add
+    nothing to the dot products, the vector gradient or an accumulated gradient, and an update in place must not
+    read numbers it has already written. Forward and backward against METHODS.md's blocks in float64, `z` given as
+    rows (a column slice), as an RMSNorm's parts, as the MLP's product (both bit for bit the rows' result) and as
+    the kept output of an update in place with a bias; the input gradient in place and accumulated; the plain loops
+    (`VECTOR_CODE = False`) alike."""
+    monkeypatch.setattr(cpu_kernel, "VECTOR_CODE", vector_code)
+    torch.manual_seed(8)
+    T, nb, J = 301, 3, len(coefs)  # two threads split the rows unevenly
+    d = nb * k
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
+
+    def close(a, ref):  # float32 sums over many rows: relative to the tensor's scale
+        torch.testing.assert_close(a.double(), ref, rtol=eps, atol=eps * ref.abs().max().item())
+    x, y = torch.randn(T, d, dtype=torch.float64), torch.randn(T, d, dtype=torch.float64)
+    r, w = torch.rand(T, dtype=torch.float64) + 0.5, torch.randn(d, dtype=torch.float64)
+    g, b = torch.randn(T, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    vecs = F.normalize(torch.randn(J, nb, k, dtype=torch.float64), dim=-1)
+    H = dense_blocks(vecs, coefs)
+    s = torch.tensor(coefs, dtype=torch.float64)
+
+    def expected_gv(z, c):  # s_j sum_t (c_tj g_t + d_tj z_t) per block
+        gr, zr = g.view(T, nb, k), z.view(T, nb, k)
+        dd = torch.einsum("tik,jik->jti", gr, vecs)
+        return s[:, None, None] * (torch.einsum("jti,tik->jik", c.double(), gr) + torch.einsum("jti,tik->jik", dd, zr))
+
+    xs, ys, rs, ws, gs, bs, vs = (t.to(dtype) for t in (x, y, r, w, g, b, vecs))
+    with threads(n_threads):
+        wide = torch.zeros(T, d + 7, dtype=dtype)  # the rows as a column slice of a wider matrix
+        z = wide[:, 2: 2 + d]
+        z.copy_(xs)
+        out, c = cpu_kernel.forward(z, vs, coefs)
+        close(out, x @ H.T)
+        close(c, torch.einsum("tik,jik->jti", x.view(T, nb, k), vecs))
+        gz, gv, _ = cpu_kernel.backward(gs, z, vs, coefs, c, torch.empty_like(gs), True)
+        close(gz, g @ H)
+        close(gv, expected_gv(x, c))
+
+        # z made from its producer's tensors: the same numbers, so the same sums bit for bit
+        for made, parts in [(ws * (xs * rs[:, None]), cpu_kernel.ScaledRows(xs, rs, ws)),
+                            (xs * ys, cpu_kernel.ProductRows(xs, ys))]:
+            _, c = cpu_kernel.forward(made, vs, coefs)
+            gz_rows, gv_rows, _ = cpu_kernel.backward(gs, made, vs, coefs, c, torch.empty_like(gs), True)
+            gz_parts, gv_parts, _ = cpu_kernel.backward(gs, parts, vs, coefs, c, torch.empty_like(gs), True)
+            assert torch.equal(gv_parts, gv_rows) and torch.equal(gz_parts, gz_rows)
+
+        # z made from the kept output of an update in place, with a bias: o = H (z - b) + b
+        o = xs + bs
+        beta = (vs * bs.view(nb, k)).sum(-1).contiguous()
+        _, c = cpu_kernel.forward(o, vs, coefs, out=o, beta=beta)
+        close(o, x @ H.T + b)
+        _, gv, _ = cpu_kernel.backward(gs, cpu_kernel.OutputRows(o, bs), vs, coefs, c, None, True)
+        close(gv, expected_gv(x, c))
+
+        # the input gradient in place of g, and added to what the target holds
+        inplace = gs.clone()
+        cpu_kernel.backward(inplace, z, vs, coefs, c, inplace, False)
+        close(inplace, g @ H)
+        held = torch.randn(T, d, dtype=dtype)
+        target = held.clone()
+        cpu_kernel.backward(gs, z, vs, coefs, c, target, False, accumulate=True)
+        close(target, held.double() + g @ H)

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "LIT_GPT_CPU_KERNEL"
 MAX_VECTORS = 4  # ETHER uses 1 vector per block, ETHER+ 2
 
+# The Householder update's blocks in explicit vector code (False: plain loops the compiler vectorises, the code
+# before it; kept so that bench/householder_kernel.py and bench/ab_step.py can compare the two in one run).
+VECTOR_CODE = True
+
 # Below this many numbers a call runs on one thread: starting the team costs more than it saves.
 PARALLEL_MIN_NUMEL = 1 << 15
 
@@ -70,14 +74,144 @@ _SOURCE = r"""
     else if (J == 2) FN(__VA_ARGS__, k, 2);                                                                    \
     else FN(__VA_ARGS__, k, J);
 
+/* Explicit vectors of VBYTES bytes, for the OFT kernels' tiles and the Householder update's blocks (see VGEN).
+   may_alias: they are loaded from and stored to arrays of T. */
+#define VBYTES 32
+#define VECTORS(T, SUF, VT, VI, IT)                                                                            \
+typedef T VT __attribute__((vector_size(VBYTES), aligned(sizeof(T)), may_alias));                              \
+typedef IT VI __attribute__((vector_size(VBYTES), aligned(sizeof(T)), may_alias));                             \
+enum { VL_##SUF = VBYTES / sizeof(T) };                                                                        \
+INLINE VT vld_##SUF(const T *p) { return *(const VT *)p; }                                                     \
+INLINE void vst_##SUF(T *p, VT x) { *(VT *)p = x; }                                                            \
+/* the lanes' sum as a tree (halves, then quarters, ...): a shorter chain of dependent additions than a loop */ \
+INLINE T vsum_##SUF(VT x) {                                                                                    \
+    T a[VL_##SUF];                                                                                             \
+    memcpy(a, &x, sizeof x);                                                                                   \
+    for (int h = VL_##SUF / 2; h; h /= 2)                                                                      \
+        for (int l = 0; l < h; ++l) a[l] += a[l + h];                                                          \
+    return a[0];                                                                                               \
+}                                                                                                              \
+/* A block of k numbers is covered by k / VL full vectors and, when VL does not divide k, one more that ends at \
+   the block's end and overlaps the one before it: vtail's mask keeps the lanes of that last vector that no full \
+   vector covers, for what adds up (dot products, sums) or adds into memory. Masked by bits, not by a product  \
+   with 0, so that an infinite number in an overlapped lane cannot make a NaN. Needs k >= VL. */               \
+static const IT vtail_bits_##SUF[16] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};               \
+INLINE VI vtail_##SUF(long k) { return *(const VI *)(vtail_bits_##SUF + 8 - VL_##SUF + k % VL_##SUF); }        \
+INLINE VT vkeep_##SUF(VT x, VI m) { return (VT)((VI)x & m); }
+
+VECTORS(float, f32, vec_f32, ivec_f32, int)
+VECTORS(double, f64, vec_f64, ivec_f64, long long)
+
+/* Whether the Householder update takes the explicit-vector path: asked for (VECTOR_CODE on the Python side) and
+   a block at least a vector long; else plain loops that the compiler vectorises (each of a block's short loops
+   then pays for its reduction, remainder and alignment handling, which at 32 numbers per block is most of it). */
+#define VGEN(vec, k, SUF) ((vec) && (k) >= VL_##SUF)
+/* Numbers per block of the vector gradient's partial sums and of a block of z made in backward: on the vector
+   path with VL not dividing k, the full vectors and then the last (overlapping) one, kept apart (see vacc_block) */
+#define KPAD(k, SUF) ((k) >= VL_##SUF && (k) % VL_##SUF ? ((k) / VL_##SUF + 1) * VL_##SUF : (k))
+
 /* Activations are (ntok, nb, k) row-major; vectors v are (J, nb, k); s holds the J coefficients.
    c (forward output, backward input) is (J, ntok, nb). The block loops are inlined with the common block sizes as
-   compile-time constants (the compiler then unrolls them completely: no loop overhead per block, which is most of
-   the cost when a block holds 32 numbers), and with one and two vectors (ETHER, ETHER+) as cases of their own. */
+   compile-time constants (the compiler then unrolls a block's vector loop completely: no loop overhead per
+   block), and with one and two vectors (ETHER, ETHER+) as cases of their own. */
 
 #define KERNELS(T, SUF)                                                                                        \
+/* the primitives below on the explicit-vector path (VGEN): full vectors, then the overlapping last one */     \
+INLINE void vdots_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J, T *dots) {     \
+    const long n = k / VL_##SUF, e = k - VL_##SUF;                                                             \
+    const int tail = k % VL_##SUF != 0;                                                                        \
+    const ivec_##SUF m = vtail_##SUF(k);                                                                       \
+    if (J == 2) {                                                                                              \
+        const T *restrict v1 = v + vstride;                                                                    \
+        vec_##SUF s0 = {0}, s1 = {0};                                                                          \
+        for (long q = 0; q < n; ++q) {                                                                         \
+            vec_##SUF x = vld_##SUF(a + q * VL_##SUF);                                                         \
+            s0 += x * vld_##SUF(v + q * VL_##SUF);                                                             \
+            s1 += x * vld_##SUF(v1 + q * VL_##SUF);                                                            \
+        }                                                                                                      \
+        if (tail) {                                                                                            \
+            vec_##SUF x = vkeep_##SUF(vld_##SUF(a + e), m);                                                    \
+            s0 += x * vld_##SUF(v + e);                                                                        \
+            s1 += x * vld_##SUF(v1 + e);                                                                       \
+        }                                                                                                      \
+        dots[0] = vsum_##SUF(s0); dots[1] = vsum_##SUF(s1);                                                    \
+        return;                                                                                                \
+    }                                                                                                          \
+    for (long j = 0; j < J; ++j) {                                                                             \
+        const T *restrict vj = v + j * vstride;                                                                \
+        vec_##SUF s0 = {0}, s1 = {0};                                                                          \
+        long q = 0;                                                                                            \
+        for (; q + 1 < n; q += 2) {                                                                            \
+            s0 += vld_##SUF(a + q * VL_##SUF) * vld_##SUF(vj + q * VL_##SUF);                                  \
+            s1 += vld_##SUF(a + (q + 1) * VL_##SUF) * vld_##SUF(vj + (q + 1) * VL_##SUF);                      \
+        }                                                                                                      \
+        if (q < n) s0 += vld_##SUF(a + q * VL_##SUF) * vld_##SUF(vj + q * VL_##SUF);                           \
+        if (tail) s1 += vkeep_##SUF(vld_##SUF(a + e), m) * vld_##SUF(vj + e);                                  \
+        dots[j] = vsum_##SUF(s0 + s1);                                                                         \
+    }                                                                                                          \
+}                                                                                                              \
+/* a + sum_j w[j] v_j on the vector at offset q of a block */                                                  \
+INLINE vec_##SUF vaxpy_##SUF(const T *a, const T *restrict v, long vstride, long J, const T *w, long q) {      \
+    vec_##SUF x = vld_##SUF(a + q);                                                                            \
+    for (long j = 0; j < J; ++j) x += w[j] * vld_##SUF(v + j * vstride + q);                                   \
+    return x;                                                                                                  \
+}                                                                                                              \
+/* o (may be a) = a + sum_j w[j] v_j; o's last vector at ot: k - VL in a row, or n VL in a padded block (see   \
+   KPAD). It is made before any store, so that in place the lanes it shares with the one before it are made from \
+   the same numbers, by the same expression, in both. */                                                       \
+INLINE void vupdate_##SUF(const T *a, const T *restrict v, long vstride, long k, long J, const T *w, T *o,     \
+                          long ot) {                                                                           \
+    const long n = k / VL_##SUF;                                                                               \
+    const int tail = k % VL_##SUF != 0;                                                                        \
+    vec_##SUF last = {0};                                                                                      \
+    if (tail) last = vaxpy_##SUF(a, v, vstride, J, w, k - VL_##SUF);                                           \
+    for (long q = 0; q < n; ++q) vst_##SUF(o + q * VL_##SUF, vaxpy_##SUF(a, v, vstride, J, w, q * VL_##SUF));  \
+    if (tail) vst_##SUF(o + ot, last);                                                                         \
+}                                                                                                              \
+INLINE void vupdate_acc_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J,          \
+                              const T *w, T *restrict o) {                                                     \
+    const long n = k / VL_##SUF, e = k - VL_##SUF;                                                             \
+    for (long q = 0; q < n; ++q) {                                                                             \
+        T *op = o + q * VL_##SUF;                                                                              \
+        vst_##SUF(op, vld_##SUF(op) + vaxpy_##SUF(a, v, vstride, J, w, q * VL_##SUF));                         \
+    }                                                                                                          \
+    if (k % VL_##SUF)                                                                                          \
+        vst_##SUF(o + e, vld_##SUF(o + e) + vkeep_##SUF(vaxpy_##SUF(a, v, vstride, J, w, e), vtail_##SUF(k))); \
+}                                                                                                              \
+/* ap += cj g + dj z over one block, the sums ap in the padded layout (KPAD: the last vector's lanes that the  \
+   full vectors cover also add up there, and are dropped at the end); z's last vector at zt (k - VL in a row, n VL \
+   in a padded block). No store overlaps another, so every load of the sums is served by the store before it. */ \
+INLINE void vacc_block_##SUF(T *restrict ap, T cj, const T *gp, T dj, const T *restrict zq, long zt, long k) { \
+    const long n = k / VL_##SUF;                                                                               \
+    for (long q = 0; q < n * VL_##SUF; q += VL_##SUF)                                                          \
+        vst_##SUF(ap + q, vld_##SUF(ap + q) + (cj * vld_##SUF(gp + q) + dj * vld_##SUF(zq + q)));              \
+    if (k % VL_##SUF) {                                                                                        \
+        T *at = ap + n * VL_##SUF;                                                                             \
+        vst_##SUF(at, vld_##SUF(at) + (cj * vld_##SUF(gp + k - VL_##SUF) + dj * vld_##SUF(zq + zt)));          \
+    }                                                                                                          \
+}                                                                                                              \
+/* make_z into a padded block: the same products, a vector at a time */                                        \
+INLINE void vmake_z_##SUF(const T *restrict zp, int zmode, const T *restrict z2, long ldz2,                    \
+                          const T *restrict zcol, long t, long i, long k, T *restrict zb) {                    \
+    const long n = k / VL_##SUF, e = k - VL_##SUF;                                                             \
+    const int tail = k % VL_##SUF != 0;                                                                        \
+    if (zmode == 1) {                                                                                          \
+        T r = z2[t];                                                                                           \
+        const T *restrict wc = zcol + i * k;                                                                   \
+        for (long q = 0; q < n * VL_##SUF; q += VL_##SUF)                                                      \
+            vst_##SUF(zb + q, vld_##SUF(wc + q) * (vld_##SUF(zp + q) * r));                                    \
+        if (tail) vst_##SUF(zb + n * VL_##SUF, vld_##SUF(wc + e) * (vld_##SUF(zp + e) * r));                   \
+    } else {                                                                                                   \
+        const T *restrict bp = z2 + t * ldz2 + i * k;                                                          \
+        for (long q = 0; q < n * VL_##SUF; q += VL_##SUF)                                                      \
+            vst_##SUF(zb + q, vld_##SUF(zp + q) * vld_##SUF(bp + q));                                          \
+        if (tail) vst_##SUF(zb + n * VL_##SUF, vld_##SUF(zp + e) * vld_##SUF(bp + e));                         \
+    }                                                                                                          \
+}                                                                                                              \
 /* dots[j] = <a, v_j> for one block */                                                                         \
-INLINE void dots_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J, T *dots) {       \
+INLINE void dots_##SUF(int vg, const T *restrict a, const T *restrict v, long vstride, long k, long J,         \
+                       T *dots) {                                                                              \
+    if (vg) { vdots_##SUF(a, v, vstride, k, J, dots); return; }                                                \
     if (J == 1) {                                                                                              \
         T s0 = 0;                                                                                              \
         _Pragma("omp simd reduction(+:s0)")                                                                    \
@@ -99,9 +233,10 @@ INLINE void dots_##SUF(const T *restrict a, const T *restrict v, long vstride, l
         }                                                                                                      \
     }                                                                                                          \
 }                                                                                                              \
-/* o = a + sum_j w[j] v_j for one block; o may be a (the update in place), so neither is restrict */                                                                     \
-INLINE void update_##SUF(const T *a, const T *restrict v, long vstride, long k, long J, const T *w,            \
+/* o = a + sum_j w[j] v_j for one block; o may be a (the update in place), so neither is restrict */           \
+INLINE void update_##SUF(int vg, const T *a, const T *restrict v, long vstride, long k, long J, const T *w,    \
                          T *o) {                                                                               \
+    if (vg) { vupdate_##SUF(a, v, vstride, k, J, w, o, k - VL_##SUF); return; }                                \
     if (J == 1) {                                                                                              \
         T w0 = w[0];                                                                                           \
         _Pragma("omp simd")                                                                                    \
@@ -122,9 +257,10 @@ INLINE void update_##SUF(const T *a, const T *restrict v, long vstride, long k, 
         }                                                                                                      \
     }                                                                                                          \
 }                                                                                                              \
-/* o += a + sum_j w[j] v_j for one block (a and o distinct) */                                                   \
-INLINE void update_acc_##SUF(const T *restrict a, const T *restrict v, long vstride, long k, long J,            \
+/* o += a + sum_j w[j] v_j for one block (a and o distinct) */                                                 \
+INLINE void update_acc_##SUF(int vg, const T *restrict a, const T *restrict v, long vstride, long k, long J,   \
                              const T *w, T *restrict o) {                                                      \
+    if (vg) { vupdate_acc_##SUF(a, v, vstride, k, J, w, o); return; }                                          \
     if (J == 1) {                                                                                              \
         T w0 = w[0];                                                                                           \
         _Pragma("omp simd")                                                                                    \
@@ -146,8 +282,9 @@ INLINE void update_acc_##SUF(const T *restrict a, const T *restrict v, long vstr
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-INLINE void fwd_rows_##SUF(const T *z, long ldz, const T *v, const double *s, const T *beta, T *out, long ldo,  \
-                           T *c, long lo, long hi, long ntok, long nb, long k, long J) {                       \
+INLINE void fwd_rows_##SUF(int vec, const T *z, long ldz, const T *v, const double *s, const T *beta, T *out,  \
+                           long ldo, T *c, long lo, long hi, long ntok, long nb, long k, long J) {             \
+    const int vg = VGEN(vec, k, SUF);                                                                          \
     long d = nb * k;                                                                                           \
     T sc[MAXJ];                                                                                                \
     for (long j = 0; j < J; ++j) sc[j] = (T)s[j];                                                              \
@@ -155,24 +292,24 @@ INLINE void fwd_rows_##SUF(const T *z, long ldz, const T *v, const double *s, co
         for (long i = 0; i < nb; ++i) {                                                                        \
             const T *zp = z + t * ldz + i * k;                                                                 \
             T dd[MAXJ], w[MAXJ];                                                                               \
-            dots_##SUF(zp, v + i * k, d, k, J, dd);                                                            \
+            dots_##SUF(vg, zp, v + i * k, d, k, J, dd);                                                        \
             if (beta)                                                                                          \
                 for (long j = 0; j < J; ++j) dd[j] -= beta[j * nb + i];                                        \
             for (long j = 0; j < J; ++j) {                                                                     \
                 c[(j * ntok + t) * nb + i] = dd[j];                                                            \
                 w[j] = sc[j] * dd[j];                                                                          \
             }                                                                                                  \
-            update_##SUF(zp, v + i * k, d, k, J, w, out + t * ldo + i * k);                                    \
+            update_##SUF(vg, zp, v + i * k, d, k, J, w, out + t * ldo + i * k);                                \
         }                                                                                                      \
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-/* gram (may be NULL), per block i: gram[(j * (J + 1) + l) * nb + i] += sum_t d_tj c_tl for l < J, and          \
-   gram[(j * (J + 1) + J) * nb + i] += sum_t d_tj: what turns a vector gradient taken with the output in place  \
+/* gram (may be NULL), per block i: gram[(j * (J + 1) + l) * nb + i] += sum_t d_tj c_tl for l < J, and         \
+   gram[(j * (J + 1) + J) * nb + i] += sum_t d_tj: what turns a vector gradient taken with the output in place \
    of z into the one taken with z (see householder_bwd). */                                                    \
-/* ap += cj g + dj z over one block: one expression for every way z is given, so the compiler fuses the same    \
+/* ap += cj g + dj z over one block: one expression for every way z is given, so the compiler fuses the same   \
    multiply-adds and the sums come out bit for bit alike */                                                    \
-INLINE void acc_block_##SUF(T *restrict ap, T cj, const T *gp, T dj, const T *restrict zq, long k) {            \
+INLINE void acc_block_##SUF(T *restrict ap, T cj, const T *gp, T dj, const T *restrict zq, long k) {           \
     _Pragma("omp simd")                                                                                        \
     for (long q = 0; q < k; ++q) ap[q] += cj * gp[q] + dj * zq[q];                                             \
 }                                                                                                              \
@@ -193,10 +330,12 @@ INLINE void make_z_##SUF(const T *restrict zp, int zmode, const T *restrict z2, 
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,      \
-                           const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, int accum, \
-                           T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) {            \
+INLINE void bwd_rows_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2,        \
+                           long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
+                           int accum, T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) { \
     long d = nb * k;                                                                                           \
+    const int vg = VGEN(vec, k, SUF);                                                                          \
+    const long kp = vg ? KPAD(k, SUF) : k;                                                                     \
     T sc[MAXJ];                                                                                                \
     for (long j = 0; j < J; ++j) sc[j] = (T)s[j];                                                              \
     for (long t = lo; t < hi; ++t) {                                                                           \
@@ -205,30 +344,41 @@ INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode
             const T *gp = g + t * ldg + i * k;                                                                 \
             const T *restrict zp = z + t * ldz + i * k;                                                        \
             T dd[MAXJ], w[MAXJ];                                                                               \
-            dots_##SUF(gp, v + i * k, d, k, J, dd);                                                            \
+            dots_##SUF(vg, gp, v + i * k, d, k, J, dd);                                                        \
             if (acc) {                                                                                         \
-                /* z's block: read (zmode 0), or made as its producer made it (see householder_bwd) */        \
-                T zb[zmode ? k : 1];                                                                           \
+                /* z's block: read (zmode 0), or made as its producer made it (see householder_bwd); on the    \
+                   vector path a made block is padded (KPAD), its last vector at zt */                         \
+                T zb[zmode ? kp : 1];                                                                          \
                 const T *zq = zp;                                                                              \
+                long zt = k - VL_##SUF;                                                                        \
+                if (zmode) zq = zb;                                                                            \
                 if (zmode == 1 || zmode == 2) {                                                                \
-                    make_z_##SUF(zp, zmode, z2, ldz2, zcol, t, i, k, zb);                                      \
-                    zq = zb;                                                                                   \
+                    if (vg) { vmake_z_##SUF(zp, zmode, z2, ldz2, zcol, t, i, k, zb); zt = kp - VL_##SUF; }     \
+                    else make_z_##SUF(zp, zmode, z2, ldz2, zcol, t, i, k, zb);                                 \
                 } else if (zmode == 3) {                                                                       \
                     /* zp is the output o = H (z - b) + b: z = o - b - sum_l s_l c_l v_l */                    \
                     T wl[MAXJ];                                                                                \
                     for (long l = 0; l < J; ++l) wl[l] = -sc[l] * c[(l * ntok + t) * nb + i];                  \
-                    update_##SUF(zp, v + i * k, d, k, J, wl, zb);                                              \
+                    if (vg) {                                                                                  \
+                        zt = kp - VL_##SUF;                                                                    \
+                        vupdate_##SUF(zp, v + i * k, d, k, J, wl, zb, zt);                                     \
+                    } else {                                                                                   \
+                        update_##SUF(0, zp, v + i * k, d, k, J, wl, zb);                                       \
+                    }                                                                                          \
                     if (zcol) {                                                                                \
                         const T *restrict bb = zcol + i * k;                                                   \
                         _Pragma("omp simd")                                                                    \
-                        for (long q = 0; q < k; ++q) zb[q] -= bb[q];                                           \
+                        for (long q = 0; q < (kp != k ? kp - VL_##SUF : k); ++q) zb[q] -= bb[q];               \
+                        /* a padded block's last vector holds the numbers from k - VL on */                    \
+                        if (kp != k)                                                                           \
+                            for (long q = 0; q < VL_##SUF; ++q) zb[kp - VL_##SUF + q] -= bb[k - VL_##SUF + q]; \
                     }                                                                                          \
-                    zq = zb;                                                                                   \
                 }                                                                                              \
                 for (long j = 0; j < J; ++j) {                                                                 \
-                    T *restrict ap = acc + j * d + i * k;                                                      \
+                    T *restrict ap = acc + (j * nb + i) * kp;                                                  \
                     T cj = c[(j * ntok + t) * nb + i], dj = dd[j];                                             \
-                    acc_block_##SUF(ap, cj, gp, dj, zq, k);                                                    \
+                    if (vg) vacc_block_##SUF(ap, cj, gp, dj, zq, zt, k);                                       \
+                    else acc_block_##SUF(ap, cj, gp, dj, zq, k);                                               \
                 }                                                                                              \
             }                                                                                                  \
             if (gram) {                                                                                        \
@@ -240,73 +390,84 @@ INLINE void bwd_rows_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode
             }                                                                                                  \
             if (gz) {                                                                                          \
                 for (long j = 0; j < J; ++j) w[j] = sc[j] * dd[j];                                             \
-                if (accum) update_acc_##SUF(gp, v + i * k, d, k, J, w, gz + t * ldgz + i * k);                 \
-                else update_##SUF(gp, v + i * k, d, k, J, w, gz + t * ldgz + i * k);                           \
+                if (accum) update_acc_##SUF(vg, gp, v + i * k, d, k, J, w, gz + t * ldgz + i * k);             \
+                else update_##SUF(vg, gp, v + i * k, d, k, J, w, gz + t * ldgz + i * k);                       \
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
 /* the same rows with k (and J) fixed at compile time where they are common */                                 \
-static void fwd_range_##SUF(const T *z, long ldz, const T *v, const double *s, const T *beta, T *out, long ldo, \
-                            T *c, long lo, long hi, long ntok, long nb, long k, long J) {                      \
-    DISPATCH(fwd_rows_##SUF, z, ldz, v, s, beta, out, ldo, c, lo, hi, ntok, nb)                                \
+static void fwd_range_##SUF(int vec, const T *z, long ldz, const T *v, const double *s, const T *beta,         \
+                            T *out, long ldo, T *c, long lo, long hi, long ntok, long nb, long k, long J) {    \
+    DISPATCH(fwd_rows_##SUF, vec, z, ldz, v, s, beta, out, ldo, c, lo, hi, ntok, nb)                           \
 }                                                                                                              \
-static void bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,     \
-                            const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, int accum, \
-                            T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) {           \
-    DISPATCH(bwd_rows_##SUF, g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, acc, gram, lo, hi, \
-             ntok, nb)                                                                                         \
+static void bwd_range_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2,       \
+                            long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
+                            int accum, T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) { \
+    DISPATCH(bwd_rows_##SUF, vec, g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, acc, gram, lo, \
+             hi, ntok, nb)                                                                                     \
 }                                                                                                              \
                                                                                                                \
 /* Rows of z / out / g / gz are ld* numbers apart (a column slice of a wider matrix); out may be z. beta (may be \
-   NULL, (J, nb)) is subtracted from every dot product: with beta_ji = <b_i, v_ji> the update is then           \
+   NULL, (J, nb)) is subtracted from every dot product: with beta_ji = <b_i, v_ji> the update is then          \
    H (z - b) + b for a bias b already added to z. */                                                           \
-void householder_fwd_##SUF(const T *z, long ldz, const T *v, const double *s, const T *beta, T *out, long ldo, \
-                           T *c, long ntok, long nb, long k, long J, int nthreads) {                           \
+void householder_fwd_##SUF(int vec, const T *z, long ldz, const T *v, const double *s, const T *beta, T *out,  \
+                           long ldo, T *c, long ntok, long nb, long k, long J, int nthreads) {                 \
     _Pragma("omp parallel num_threads(nthreads)")                                                              \
     {                                                                                                          \
         int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
-        fwd_range_##SUF(z, ldz, v, s, beta, out, ldo, c, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J); \
+        fwd_range_##SUF(vec, z, ldz, v, s, beta, out, ldo, c, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, \
+                        J);                                                                                    \
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
 /* z is given by zmode: 0, its rows (ldz apart); 1, z_t = zcol * (x_t * z2[t]) with x's rows at z (an RMSNorm's \
    output from the float32 input it keeps, its 1/rms per row z2 and its weight zcol); 2, z_t = x_t * y_t with x's \
-   rows at z and y's at z2 (ldz2 apart; the MLP's product silu(a) * b). Made here in the multiplications their   \
-   producers do, so the vector gradient is bit for bit the one taken with z itself, without a pass to rebuild z.  \
-   3, the rows at z are this transform's output o = H (z - b) + b, kept in place of z, and z = o - b - sum_l     \
-   s_l c_l v_l is made from it and the forward's projections c (zcol: b, or NULL for no bias).                    \
-   gz (may be NULL; may be g) = the same update applied to g, or with accum gz += it; gv (may be NULL, (J, nb, k), overwritten) =               \
-   s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>; gram (may be NULL, (J, J + 1, nb),      \
-   overwritten) as in bwd_rows. Each thread sums its own rows; the partial sums are added at the end. Returns    \
+   rows at z and y's at z2 (ldz2 apart; the MLP's product silu(a) * b). Made here in the multiplications their \
+   producers do, so the vector gradient is bit for bit the one taken with z itself, without a pass to rebuild z. \
+   3, the rows at z are this transform's output o = H (z - b) + b, kept in place of z, and z = o - b - sum_l   \
+   s_l c_l v_l is made from it and the forward's projections c (zcol: b, or NULL for no bias).                 \
+   gz (may be NULL; may be g) = the same update applied to g, or with accum gz += it; gv (may be NULL,         \
+   (J, nb, k), overwritten) =                                                                                  \
+   s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>; gram (may be NULL, (J, J + 1, nb),       \
+   overwritten) as in bwd_rows. Each thread sums its own rows; the partial sums are added at the end. Returns  \
    0, or 1 when the few KiB of partial sums could not be allocated. */                                         \
-int householder_bwd_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,       \
-                          const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, int accum,  \
-                          T *gv, T *gram, long ntok, long nb, long k, long J, int nthreads) {                  \
-    long nv = gv ? J * nb * k : 0, ng = gram ? J * (J + 1) * nb : 0, per = nv + ng;                            \
+int householder_bwd_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2,         \
+                          long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
+                          int accum, T *gv, T *gram, long ntok, long nb, long k, long J, int nthreads) {       \
+    /* the vector gradient's sums per block in the padded layout (KPAD) */                                     \
+    const long kp = VGEN(vec, k, SUF) ? KPAD(k, SUF) : k, full = kp != k ? kp - VL_##SUF : k;                  \
+    long nv = gv ? J * nb * kp : 0, ng = gram ? J * (J + 1) * nb : 0, per = nv + ng;                           \
     T *acc_all = NULL;                                                                                         \
     if (per) {                                                                                                 \
         acc_all = (T *)calloc((size_t)nthreads * (size_t)per, sizeof(T));                                      \
         if (!acc_all) {                                                                                        \
             nthreads = 1;                                                                                      \
             acc_all = (T *)calloc((size_t)per, sizeof(T));                                                     \
-            if (!acc_all) return 1; /* out of memory: the caller raises */                                    \
+            if (!acc_all) return 1; /* out of memory: the caller raises */                                     \
         }                                                                                                      \
     }                                                                                                          \
     _Pragma("omp parallel num_threads(nthreads)")                                                              \
     {                                                                                                          \
         int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
         T *mine = per ? acc_all + (long)me * per : NULL;                                                       \
-        bwd_range_##SUF(g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, gv ? mine : NULL,       \
+        bwd_range_##SUF(vec, g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, gv ? mine : NULL, \
                         gram ? mine + nv : NULL, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);        \
     }                                                                                                          \
-    long d = nb * k;                                                                                           \
     for (long e = 0; e < per; ++e) {                                                                           \
         T a = 0;                                                                                               \
         for (int th = 0; th < nthreads; ++th) a += acc_all[(long)th * per + e];                                \
-        if (e < nv) gv[e] = (T)s[e / d] * a;                                                                   \
-        else gram[e - nv] = a;                                                                                 \
+        if (e >= nv) {                                                                                         \
+            gram[e - nv] = a;                                                                                  \
+            continue;                                                                                          \
+        }                                                                                                      \
+        long blk = e / kp, q = e % kp; /* blk = j * nb + i */                                                  \
+        if (q >= full) { /* the last vector's lane: number k - kp + q, kept where no full vector covers it */  \
+            q += k - kp;                                                                                       \
+            if (q < full) continue;                                                                            \
+        }                                                                                                      \
+        gv[blk * k + q] = (T)s[blk / nb] * a;                                                                  \
     }                                                                                                          \
     free(acc_all);                                                                                             \
     return 0;                                                                                                  \
@@ -323,11 +484,10 @@ KERNELS(double, f64)
    copied block by block into contiguous buffers (z made from its parts there, as in householder_bwd): the outer
    products then read them from the cache instead of walking a column of blocks through memory, and gz may be g
    (the chunk is read before any of its rows is written). */
-#define VBYTES 32
 #define OFT_CT 16
 
 #define OFT_FIXED(T, SUF, VT, VL, K)                                                                           \
-INLINE void oft_tile_##SUF##_##K(const T *restrict a, long lda, const T *restrict Mi, T *o, long ldo, int R,    \
+INLINE void oft_tile_##SUF##_##K(const T *restrict a, long lda, const T *restrict Mi, T *o, long ldo, int R,   \
                                  int accum) {                                                                  \
     enum { NV = K / VL };                                                                                      \
     VT c[2][NV];                                                                                               \
@@ -351,7 +511,7 @@ INLINE void oft_outer_##SUF##_##K(const T *restrict gb, const T *restrict zb, lo
     for (int j = 0; j < K; j += 2) {                                                                           \
         VT c0[NV], c1[NV];                                                                                     \
         VT *r0 = (VT *)(Gi + j * K), *r1 = (VT *)(Gi + (j + 1) * K);                                           \
-        for (int v = 0; v < NV; ++v) { c0[v] = r0[v]; c1[v] = r1[v]; }                                        \
+        for (int v = 0; v < NV; ++v) { c0[v] = r0[v]; c1[v] = r1[v]; }                                         \
         for (long t = 0; t < n; ++t) {                                                                         \
             const VT *zr = (const VT *)(zb + t * K);                                                           \
             T b0 = gb[t * K + j], b1 = gb[t * K + j + 1];                                                      \
@@ -395,7 +555,6 @@ INLINE void oft_outer_##SUF##_gen(const T *restrict gb, const T *restrict zb, lo
     if (K == 32) { CALL32; } else if (K == 16) { CALL16; } else if (K == 64) { CALL64; } else { CALLGEN; }
 
 #define OFT_KERNELS(T, SUF, VT, VL)                                                                            \
-typedef T VT __attribute__((vector_size(VBYTES), aligned(sizeof(T))));                                         \
 OFT_FIXED(T, SUF, VT, VL, 16)                                                                                  \
 OFT_FIXED(T, SUF, VT, VL, 32)                                                                                  \
 OFT_FIXED(T, SUF, VT, VL, 64)                                                                                  \
@@ -418,7 +577,7 @@ static void oft_rows_##SUF(const T *a, long lda, const T *M, T *out, long ldo, i
 }                                                                                                              \
                                                                                                                \
 /* out (may not be a) = a through the blocks Mt (Mt[i] = H_iᵀ: out_i = H_i a_i) */                             \
-void oft_fwd_##SUF(const T *a, long lda, const T *Mt, T *out, long ldo, long ntok, long nb, long K,           \
+void oft_fwd_##SUF(const T *a, long lda, const T *Mt, T *out, long ldo, long ntok, long nb, long K,            \
                    int nthreads) {                                                                             \
     _Pragma("omp parallel num_threads(nthreads)")                                                              \
     {                                                                                                          \
@@ -427,8 +586,8 @@ void oft_fwd_##SUF(const T *a, long lda, const T *Mt, T *out, long ldo, long nto
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-static void oft_bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2,  \
-                                const T *zcol, const T *H, T *gz, long ldgz, int accum, T *gH, T *gb, T *zb,    \
+static void oft_bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2, \
+                                const T *zcol, const T *H, T *gz, long ldgz, int accum, T *gH, T *gb, T *zb,   \
                                 long lo, long hi, long nb, long K) {                                           \
     for (long t0 = lo; t0 < hi; t0 += OFT_CT) {                                                                \
         long n = t0 + OFT_CT < hi ? OFT_CT : hi - t0;                                                          \
@@ -470,23 +629,23 @@ static void oft_bwd_range_##SUF(const T *g, long ldg, const T *z, long ldz, int 
 }                                                                                                              \
                                                                                                                \
 /* gz (may be NULL; may be g; with accum added to) = Hᵀ g per block; gH (may be NULL, (nb, k, k), overwritten) = \
-   sum_t g_t z_tᵀ per block, z given by zmode as in householder_bwd. Each thread sums its own rows; the partial  \
-   sums are added at the end. Returns 0, or 1 when the buffers could not be allocated. */                       \
+   sum_t g_t z_tᵀ per block, z given by zmode as in householder_bwd. Each thread sums its own rows; the partial \
+   sums are added at the end. Returns 0, or 1 when the buffers could not be allocated. */                      \
 int oft_bwd_##SUF(const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2, long ldz2, const T *zcol, \
-                  const T *H, T *gz, long ldgz, int accum, T *gH, long ntok, long nb, long K, int nthreads) {   \
+                  const T *H, T *gz, long ldgz, int accum, T *gH, long ntok, long nb, long K, int nthreads) {  \
     long d = nb * K, per = gH ? nb * K * K : 0, buf = OFT_CT * d * (gH ? 2 : 1);                               \
     T *all = (T *)calloc((size_t)nthreads * (size_t)(per + buf), sizeof(T));                                   \
     if (!all) {                                                                                                \
         nthreads = 1;                                                                                          \
-        all = (T *)calloc((size_t)(per + buf), sizeof(T));                                                    \
-        if (!all) return 1; /* out of memory: the caller raises */                                            \
+        all = (T *)calloc((size_t)(per + buf), sizeof(T));                                                     \
+        if (!all) return 1; /* out of memory: the caller raises */                                             \
     }                                                                                                          \
     _Pragma("omp parallel num_threads(nthreads)")                                                              \
     {                                                                                                          \
         int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
         T *mine = all + (long)me * (per + buf);                                                                \
-        oft_bwd_range_##SUF(g, ldg, z, ldz, zmode, z2, ldz2, zcol, H, gz, ldgz, accum, gH ? mine : NULL,        \
-                            mine + per, mine + per + OFT_CT * d, ntok * me / nt, ntok * (me + 1) / nt, nb, K);  \
+        oft_bwd_range_##SUF(g, ldg, z, ldz, zmode, z2, ldz2, zcol, H, gz, ldgz, accum, gH ? mine : NULL,       \
+                            mine + per, mine + per + OFT_CT * d, ntok * me / nt, ntok * (me + 1) / nt, nb, K); \
     }                                                                                                          \
     for (long e = 0; e < per; ++e) {                                                                           \
         T s = 0;                                                                                               \
@@ -574,9 +733,10 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         for suf in ("f32", "f64"):
-            getattr(lib, f"householder_fwd_{suf}").argtypes = [p, i64, p, p, p, p, i64, p, i64, i64, i64, i64, i32]
+            fwd = getattr(lib, f"householder_fwd_{suf}")
+            fwd.argtypes = [i32, p, i64, p, p, p, p, i64, p, i64, i64, i64, i64, i32]
             bwd = getattr(lib, f"householder_bwd_{suf}")
-            bwd.argtypes = [p, i64, p, i64, i32, p, i64, p, p, p, p, p, i64, i32, p, p, i64, i64, i64, i64, i32]
+            bwd.argtypes = [i32, p, i64, p, i64, i32, p, i64, p, p, p, p, p, i64, i32, p, p, i64, i64, i64, i64, i32]
             bwd.restype = i32
             getattr(lib, f"oft_fwd_{suf}").argtypes = [p, i64, p, p, i64, i64, i64, i64, i32]
             obwd = getattr(lib, f"oft_bwd_{suf}")
@@ -659,8 +819,8 @@ def forward(
     c = torch.empty(J, ntok, nb, dtype=z.dtype)
     s = torch.tensor(coefs, dtype=torch.float64)
     getattr(_lib, f"householder_fwd_{_SUFFIX[z.dtype]}")(
-        _ptr(z), row_stride(z), _ptr(vecs), _ptr(s), _ptr(beta), _ptr(out), row_stride(out), _ptr(c), ntok, nb, k, J,
-        _threads(z.numel()),
+        int(VECTOR_CODE), _ptr(z), row_stride(z), _ptr(vecs), _ptr(s), _ptr(beta), _ptr(out), row_stride(out),
+        _ptr(c), ntok, nb, k, J, _threads(z.numel()),
     )
     return out, c
 
@@ -715,9 +875,9 @@ def backward(
     gram = torch.empty(J, J + 1, nb, dtype=g.dtype) if want_gram else None
     s = torch.tensor(coefs, dtype=torch.float64)
     failed = getattr(_lib, f"householder_bwd_{_SUFFIX[g.dtype]}")(
-        _ptr(g), row_stride(g), _ptr(zx), row_stride(zx), zmode, _ptr(z2), ldz2, _ptr(zcol), _ptr(vecs), _ptr(s),
-        _ptr(c), _ptr(gz), row_stride(gz) if gz is not None else 0, int(accumulate and gz is not None), _ptr(gv),
-        _ptr(gram), ntok, nb, k, J, _threads(zx.numel()),
+        int(VECTOR_CODE), _ptr(g), row_stride(g), _ptr(zx), row_stride(zx), zmode, _ptr(z2), ldz2, _ptr(zcol),
+        _ptr(vecs), _ptr(s), _ptr(c), _ptr(gz), row_stride(gz) if gz is not None else 0,
+        int(accumulate and gz is not None), _ptr(gv), _ptr(gram), ntok, nb, k, J, _threads(zx.numel()),
     )
     if failed:
         raise MemoryError("The Householder adapters' CPU kernel could not allocate its partial sums.")
