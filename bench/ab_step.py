@@ -79,7 +79,7 @@ def main(
         nb: Blocks per transform (ETHER family).
         block_size: OFT block size.
         r: LoRA rank.
-        shape: A shape of `bench/adapters.py` ("small", "llama2-7b").
+        shape: A shape of `bench/adapters.py` ("small", "llama2-7b", "smollm2-135m").
         n_layer: Layers.
         seq_len: Tokens per sequence.
         batch_size: Sequences per step.

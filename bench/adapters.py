@@ -49,13 +49,14 @@ from lit_gpt.adapters import (  # noqa: E402
 from lit_gpt.adapters.lora import LoRAAdapter  # noqa: E402
 
 SHAPES = {
-    # a Llama scaled down so a CPU run takes minutes (MLP ratio and vocabulary as Llama-2's)
     # a Llama scaled down so a CPU run takes minutes: Llama-2's MLP ratio and head size 64; the vocabulary is cut
     # to 4096 so that the output head is ~8% of the floor's multiply-adds, near its ~2% share in Llama-2-7B (a
     # 32000-word head on this width would be 40% of the floor and hide the adapters' cost behind it)
     "small": dict(n_embd=1024, n_head=16, intermediate_size=2752, vocab_size=4096),
     # Llama-2-7B's layer shapes (use fewer layers than its 32)
     "llama2-7b": dict(n_embd=4096, n_head=32, intermediate_size=11008, vocab_size=32000),
+    # SmolLM2-135M, the quickstart's model (use --n_layer 30 for all of it): blocks of 18 and 48 at nb 32
+    "smollm2-135m": dict(n_embd=576, n_head=9, n_query_groups=3, intermediate_size=1536, vocab_size=49152),
     # for smoke tests of this script
     "tiny": dict(n_embd=64, n_head=4, intermediate_size=192, vocab_size=256),
 }
@@ -130,6 +131,7 @@ def llama_config(shape: str, n_layer: int, seq_len: int) -> Config:
     return Config(
         name=f"bench-{shape}", block_size=max(seq_len, 256), vocab_size=dims["vocab_size"],
         padded_vocab_size=dims["vocab_size"], n_layer=n_layer, n_head=dims["n_head"], n_embd=dims["n_embd"],
+        n_query_groups=dims.get("n_query_groups", dims["n_head"]),
         intermediate_size=dims["intermediate_size"], norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
         bias=False, norm_eps=1e-5,
     )
@@ -186,7 +188,8 @@ def main(
         device: "cpu" or "cuda".
         dtype: "float32" or "bfloat16" (weights, adapters and activations).
         shape: "small" (width 1024, MLP 2752, 16 heads, vocab 4096), "llama2-7b" (width 4096, MLP 11008,
-            32 heads, vocab 32000) or "tiny" (width 64, for smoke tests).
+            32 heads, vocab 32000), "smollm2-135m" (width 576, MLP 1536, 9 heads in 3 groups, vocab 49152; 30
+            layers in the real model) or "tiny" (width 64, for smoke tests).
         n_layer: Transformer blocks.
         batch_size: Sequences per step.
         seq_len: Tokens per sequence.

@@ -6,8 +6,9 @@ nb 32, 30 and 80 for SmolLM2-360M, 32 and 86 for `bench/adapters.py`'s small Lla
 For each width, ETHER (one vector per block) and ETHER+ (two), times the forward (in place), the backward with
 the input given as rows, and the backward from a kept output (`OutputRows`, ETHER+HH's output side), the two
 codes interleaved; prints nanoseconds per number (medians) and plain / vector (above 1: the vector code is
-faster). Each tensor is about `--mib` MiB, so with the default it stays in the last-level cache and the arithmetic
-shows rather than the memory. Example:
+faster; at the block sizes compiled as constants the backward takes the plain loops either way). Each tensor
+is about `--mib` MiB, so with the default it stays in the last-level cache and the arithmetic shows rather than
+the memory. Example:
 
     python bench/householder_blocks.py --threads 1
 """
@@ -93,7 +94,10 @@ def main(
             "where the vector length (8 float32 numbers) does not divide the block size, one more vector ending at "
             "the block's end that overlaps the one before it, its overlapping lanes masked off; the vector "
             "gradient's partial sums keep that last vector apart, so no store overlaps another. Block sizes 16, "
-            "32, 64 and 128 are compiled as constants in both codes. The tensors fit the last-level cache here: "
+            "32, 64 and 128 are compiled as constants (the compiler unrolls a block's loops completely); at those "
+            "sizes the backward runs the plain loops in both columns, since the vector code was no faster there "
+            "(ETHER+ at 32 numbers: ~6% slower), and the forward the vector code. The tensors fit the last-level "
+            "cache here: "
             "inside a training step, where they come from memory, the difference is smaller (`bench/ab_step.py "
             "--b lit_gpt.adapters.cpu_kernel:VECTOR_CODE=False` measures it)."
         ))

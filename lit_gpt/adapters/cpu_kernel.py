@@ -106,6 +106,11 @@ VECTORS(double, f64, vec_f64, ivec_f64, long long)
    a block at least a vector long; else plain loops that the compiler vectorises (each of a block's short loops
    then pays for its reduction, remainder and alignment handling, which at 32 numbers per block is most of it). */
 #define VGEN(vec, k, SUF) ((vec) && (k) >= VL_##SUF)
+/* Backward: the block sizes DISPATCH compiles as constants run as fast or a little faster (ETHER+, 32 numbers:
+   ~6%) in the plain loops, which the compiler then unrolls completely (bench/householder_blocks.py); forward
+   takes the vector code at every size. */
+#define CONST_K(k, J) (((J) == 1 || (J) == 2) && ((k) == 16 || (k) == 32 || (k) == 64 || (k) == 128))
+#define VGEN_BWD(vec, k, J, SUF) (VGEN(vec, k, SUF) && !CONST_K(k, J))
 /* Numbers per block of the vector gradient's partial sums and of a block of z made in backward: on the vector
    path with VL not dividing k, the full vectors and then the last (overlapping) one, kept apart (see vacc_block) */
 #define KPAD(k, SUF) ((k) >= VL_##SUF && (k) % VL_##SUF ? ((k) / VL_##SUF + 1) * VL_##SUF : (k))
@@ -334,7 +339,7 @@ INLINE void bwd_rows_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, 
                            long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
                            int accum, T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) { \
     long d = nb * k;                                                                                           \
-    const int vg = VGEN(vec, k, SUF);                                                                          \
+    const int vg = VGEN_BWD(vec, k, J, SUF);                                                                   \
     const long kp = vg ? KPAD(k, SUF) : k;                                                                     \
     T sc[MAXJ];                                                                                                \
     for (long j = 0; j < J; ++j) sc[j] = (T)s[j];                                                              \
@@ -437,7 +442,7 @@ int householder_bwd_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, i
                           long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
                           int accum, T *gv, T *gram, long ntok, long nb, long k, long J, int nthreads) {       \
     /* the vector gradient's sums per block in the padded layout (KPAD) */                                     \
-    const long kp = VGEN(vec, k, SUF) ? KPAD(k, SUF) : k, full = kp != k ? kp - VL_##SUF : k;                  \
+    const long kp = VGEN_BWD(vec, k, J, SUF) ? KPAD(k, SUF) : k, full = kp != k ? kp - VL_##SUF : k;           \
     long nv = gv ? J * nb * kp : 0, ng = gram ? J * (J + 1) * nb : 0, per = nv + ng;                           \
     T *acc_all = NULL;                                                                                         \
     if (per) {                                                                                                 \
