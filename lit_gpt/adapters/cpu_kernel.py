@@ -103,8 +103,8 @@ VECTORS(float, f32, vec_f32, ivec_f32, int)
 VECTORS(double, f64, vec_f64, ivec_f64, long long)
 
 /* Whether the Householder update takes the explicit-vector path: asked for (VECTOR_CODE on the Python side) and
-   a block at least a vector long; else plain loops that the compiler vectorises (each of a block's short loops
-   then pays for its reduction, remainder and alignment handling, which at 32 numbers per block is most of it). */
+   a block at least a vector long; else plain loops that the compiler vectorises, where each short loop over a
+   block whose size is not a compile-time constant pays for its own reduction, remainder and alignment handling. */
 #define VGEN(vec, k, SUF) ((vec) && (k) >= VL_##SUF)
 /* Backward: the block sizes DISPATCH compiles as constants run as fast or a little faster (ETHER+, 32 numbers:
    ~6%) in the plain loops, which the compiler then unrolls completely (bench/householder_blocks.py); forward
