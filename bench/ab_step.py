@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from adapters import llama_config, lit_model, make_step  # noqa: E402
+from common import patched  # noqa: E402
 from lit_gpt import GPT  # noqa: E402
 from lit_gpt.adapters import AdapterConfig, apply_adapters  # noqa: E402
 
@@ -44,14 +45,11 @@ def setting(spec: str):
         obj = importlib.import_module(module)
         for name in owners:
             obj = getattr(obj, name)
-        old = getattr(obj, attr)
+        getattr(obj, attr)
     except (ValueError, ImportError, AttributeError) as e:
         raise SystemExit(f"--a/--b {spec!r}: expected module:Name.attr=value naming an existing attribute ({e}).")
-    setattr(obj, attr, ast.literal_eval(value))
-    try:
+    with patched(obj, attr, ast.literal_eval(value)):
         yield
-    finally:
-        setattr(obj, attr, old)
 
 
 def main(

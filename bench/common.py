@@ -7,8 +7,9 @@ import shlex
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,17 @@ def interleaved_ms(fns: list[Callable[[], object]], repeats: int, calls: int = 1
             sync(device)
             out.append((time.perf_counter() - t0) / calls * 1e3)
     return [statistics.median(t) for t in times]
+
+
+@contextmanager
+def patched(obj: Any, attr: str, value: Any):
+    """`obj.attr` set to `value` for the duration of the block, restored afterwards (also on an error)."""
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
 
 
 def command_line() -> str:

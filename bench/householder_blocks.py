@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-from common import command_line, interleaved_ms, machine, write_section  # noqa: E402
+from common import command_line, interleaved_ms, machine, patched, write_section  # noqa: E402
 from lit_gpt.adapters import cpu_kernel  # noqa: E402
 from lit_gpt.adapters.ether import ETHER_COEFS, ETHERPLUS_COEFS  # noqa: E402
 
@@ -107,12 +107,8 @@ def with_code(vector: bool, fn):
     """`fn` run with `cpu_kernel.VECTOR_CODE` set to `vector`."""
 
     def run() -> None:
-        saved = cpu_kernel.VECTOR_CODE
-        cpu_kernel.VECTOR_CODE = vector
-        try:
+        with patched(cpu_kernel, "VECTOR_CODE", vector):
             fn()
-        finally:
-            cpu_kernel.VECTOR_CODE = saved
 
     return run
 

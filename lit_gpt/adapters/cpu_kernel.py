@@ -46,7 +46,7 @@ ENV_SWITCH = "LIT_GPT_CPU_KERNEL"
 MAX_VECTORS = 4  # ETHER uses 1 vector per block, ETHER+ 2
 
 # The Householder update's blocks in explicit vector code (False: plain loops the compiler vectorises, the code
-# before it; kept so that bench/householder_kernel.py and bench/ab_step.py can compare the two in one run).
+# before it; kept so that bench/householder_blocks.py and bench/ab_step.py can compare the two in one run).
 VECTOR_CODE = True
 
 # Below this many numbers a call runs on one thread: starting the team costs more than it saves.
