@@ -78,9 +78,9 @@ def load_script(name: str):
 
 
 def test_small_benches_print_their_tables(capsys):
-    """`bench/lora_shapes.py`, `bench/output_spans.py`, `bench/householder_blocks.py` and `bench/ab_step.py` run on
-    tiny shapes and print a row per measurement; `ab_step`'s setting is applied only inside its block and a bad one
-    is refused with its name."""
+    """`bench/lora_shapes.py`, `bench/output_spans.py`, `bench/householder_blocks.py`, `bench/ab_step.py` and
+    `bench/profile_step.py --against_floor` run on tiny shapes and print a row per measurement; `ab_step`'s setting
+    is applied only inside its block and a bad one is refused with its name."""
     from lit_gpt.adapters import cpu_kernel
     from lit_gpt.adapters.ether import HouseholderTransform
 
@@ -107,5 +107,12 @@ def test_small_benches_print_their_tables(capsys):
         ab.main(a="-", b=spec, method="etherplusHH", shape="tiny", n_layer=1, seq_len=8, batch_size=1, rounds=2)
         out = capsys.readouterr().out
         assert "| A: `-` |" in out and f"| B: `{spec}` |" in out
+        load_script("profile_step").main(method="etherplusHH", shape="tiny", n_layer=1, seq_len=8, batch_size=1,
+                                         steps=2, against_floor=True)
+        out = capsys.readouterr().out
+        assert "etherplusHH against the floor" in out and "all operations" in out and "wall time per step" in out
+        if cpu_kernel.available():  # the adapted layers' nodes: time in the method's column only
+            node = next(line for line in out.splitlines() if line.startswith("_GroupedLinear "))
+            assert float(node.split()[1]) == 0 and float(node.split()[2]) > 0
     finally:
         torch.set_num_threads(threads)
