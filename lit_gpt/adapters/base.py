@@ -263,14 +263,15 @@ class AdaptedLinear(nn.Module):
                 tensors += ad.factors(xd)
         return add_slice_products(y, ranges, tensors)
 
-    def _forward_multiplicative(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    def _forward_multiplicative(self, x: torch.Tensor, W: torch.Tensor, output_side: bool = True) -> torch.Tensor:
+        """`H_out W H_in x + b` per slice; without `output_side`, `W H_in x + b` (`swiglu` applies `H_out`)."""
         b = self.bias
         m = self.out_features
         dropping = self.dropout is not None and self.training
         xd = self.dropout(x) if dropping else x
         adapted = [(name, lo, hi, self._adapter(name)) for name, lo, hi in self.slices]
         adapted = [a for a in adapted if a[3] is not None]
-        outputs = [(lo, hi, ad.output) for _, lo, hi, ad in adapted if ad.output is not None]
+        outputs = [(lo, hi, ad.output) for _, lo, hi, ad in adapted if ad.output is not None and output_side]
         if len(self.slices) == 1:
             ad = adapted[0][3]
             if not dropping and ad.input is not None and hasattr(type(ad.input), "linear_groups"):
@@ -320,6 +321,35 @@ class AdaptedLinear(nn.Module):
             outs.append(F.linear(inp, Ws, None if b is None else b[lo:hi]))
         y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return self._output_side(y, b, outputs) if outputs else y
+
+    def swiglu(self, other: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """`silu(self(x)) * other(x)` (a SwiGLU MLP's gate and up projections), with both layers' output-side
+        transforms and the SiLU and product in one fused node where the method has one (`swiglu_outputs`: the
+        Householder family on the CPU kernel), so that the MLP's widest activations are visited once each way
+        instead of once per transform and operation. None where it does not apply (no output-side transform,
+        several slices, a bias, other methods or devices): the caller then runs the layers and the product."""
+        if not isinstance(other, AdaptedLinear) or other.out_features != self.out_features:
+            return None
+        transforms = []
+        for layer in (self, other):
+            if (not layer.adapters_enabled or len(layer.slices) != 1 or layer.bias is not None
+                    or not layer.in_place_outputs):
+                return None
+            ad = layer._adapter(layer.slices[0][0])
+            if ad is None or ad.additive:
+                return None
+            transforms.append(ad.output)
+        present = [t for t in transforms if t is not None]
+        if not present or any(type(t) is not type(present[0]) for t in present):
+            return None
+        kind = type(present[0])
+        if not hasattr(kind, "swiglu_outputs") or not kind.swiglu_runs(x, present):
+            return None
+        return kind.swiglu_outputs(
+            lambda: self._forward_multiplicative(x, self.base_weight(), output_side=False),
+            lambda: other._forward_multiplicative(x, other.base_weight(), output_side=False),
+            *transforms,
+        )
 
     def _linear_groups(self, kind, x, W, b, parts: list, outputs: list) -> Optional[torch.Tensor]:
         """The method's own fused form of the GEMM per span (`kind.linear_groups`), output side included (fused

@@ -53,6 +53,7 @@ VECTOR_CODE = True
 PARALLEL_MIN_NUMEL = 1 << 15
 
 _SOURCE = r"""
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
@@ -427,6 +428,23 @@ void householder_fwd_##SUF(int vec, const T *z, long ldz, const T *v, const doub
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
+/* gv (J, nb, k) = s_j times the threads' partial sums (each thread's at acc_all + th * per + off, nv = J nb kp \
+   numbers in the padded layout, KPAD: kp numbers a block, the last vector's lanes that full vectors cover dropped) */ \
+static void unpad_sums_##SUF(const T *acc_all, int nthreads, long per, long off, long nv, T *gv, const double *s, \
+                             long nb, long k, long kp) {                                                       \
+    const long full = kp != k ? kp - VL_##SUF : k;                                                             \
+    for (long e = 0; e < nv; ++e) {                                                                            \
+        T a = 0;                                                                                               \
+        for (int th = 0; th < nthreads; ++th) a += acc_all[(long)th * per + off + e];                          \
+        long blk = e / kp, q = e % kp; /* blk = j * nb + i */                                                  \
+        if (q >= full) { /* the last vector's lane: number k - kp + q, kept where no full vector covers it */  \
+            q += k - kp;                                                                                       \
+            if (q < full) continue;                                                                            \
+        }                                                                                                      \
+        gv[blk * k + q] = (T)s[blk / nb] * a;                                                                  \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
 /* z is given by zmode: 0, its rows (ldz apart); 1, z_t = zcol * (x_t * z2[t]) with x's rows at z (an RMSNorm's \
    output from the float32 input it keeps, its 1/rms per row z2 and its weight zcol); 2, z_t = x_t * y_t with x's \
    rows at z and y's at z2 (ldz2 apart; the MLP's product silu(a) * b). Made here in the multiplications their \
@@ -442,7 +460,7 @@ int householder_bwd_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, i
                           long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
                           int accum, T *gv, T *gram, long ntok, long nb, long k, long J, int nthreads) {       \
     /* the vector gradient's sums per block in the padded layout (KPAD) */                                     \
-    const long kp = VGEN_BWD(vec, k, J, SUF) ? KPAD(k, SUF) : k, full = kp != k ? kp - VL_##SUF : k;           \
+    const long kp = VGEN_BWD(vec, k, J, SUF) ? KPAD(k, SUF) : k;                                               \
     long nv = gv ? J * nb * kp : 0, ng = gram ? J * (J + 1) * nb : 0, per = nv + ng;                           \
     T *acc_all = NULL;                                                                                         \
     if (per) {                                                                                                 \
@@ -460,19 +478,11 @@ int householder_bwd_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, i
         bwd_range_##SUF(vec, g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, gv ? mine : NULL, \
                         gram ? mine + nv : NULL, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);        \
     }                                                                                                          \
-    for (long e = 0; e < per; ++e) {                                                                           \
+    if (gv) unpad_sums_##SUF(acc_all, nthreads, per, 0, nv, gv, s, nb, k, kp);                                 \
+    for (long e = 0; e < ng; ++e) {                                                                            \
         T a = 0;                                                                                               \
-        for (int th = 0; th < nthreads; ++th) a += acc_all[(long)th * per + e];                                \
-        if (e >= nv) {                                                                                         \
-            gram[e - nv] = a;                                                                                  \
-            continue;                                                                                          \
-        }                                                                                                      \
-        long blk = e / kp, q = e % kp; /* blk = j * nb + i */                                                  \
-        if (q >= full) { /* the last vector's lane: number k - kp + q, kept where no full vector covers it */  \
-            q += k - kp;                                                                                       \
-            if (q < full) continue;                                                                            \
-        }                                                                                                      \
-        gv[blk * k + q] = (T)s[blk / nb] * a;                                                                  \
+        for (int th = 0; th < nthreads; ++th) a += acc_all[(long)th * per + nv + e];                           \
+        gram[e] = a;                                                                                           \
     }                                                                                                          \
     free(acc_all);                                                                                             \
     return 0;                                                                                                  \
@@ -480,6 +490,151 @@ int householder_bwd_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, i
 
 KERNELS(float, f32)
 KERNELS(double, f64)
+
+/* ---- The MLP's SiLU and product with the output-side transforms of fc_1 and fc_2 -------------------------------
+   h = silu(a') * b' with a' = H_a a, b' = H_b b, a row at a time: a row's a' and b' are made in place and are
+   still in cache for the SiLU and the product, and backward takes the product's and the SiLU's gradients and the
+   transforms' in one visit of a row, where PyTorch's operations and separate transforms pass over the MLP's
+   activations once each. */
+
+/* e^x on float32 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-7 polynomial with the coefficients
+   of Cephes' expf (S. L. Moshier), 2^n made in the exponent's bits. Below -87 it gives 0 and above 88 infinity
+   (where e^x leaves the normal numbers), so SiLU goes to -0 and x at the two ends as PyTorch's does. */
+INLINE vec_f32 vexp_f32(vec_f32 x0) {
+    const vec_f32 zero = {0};
+    const ivec_f32 under = x0 < zero - 87.0f, over = x0 > zero + 88.0f, out = under | over;
+    const vec_f32 x = (vec_f32)((ivec_f32)x0 & ~out); /* 0 out of range: its result is replaced below */
+    vec_f32 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* rounded to the nearest integer */
+    vec_f32 r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vec_f32 p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vec_f32 y = p * r * r + r + 1.0f;
+    ivec_f32 e = (__builtin_convertvector(n, ivec_f32) + 127) << 23;
+    y = y * (vec_f32)e;
+    return (vec_f32)(((ivec_f32)y & ~out) | ((ivec_f32)(zero + INFINITY) & over));
+}
+
+/* s = silu(a) = a / (1 + e^-a) and h = s * b over one row of n numbers (the last ones through a padded vector,
+   so that every number takes the same arithmetic) */
+static void silu_mul_row_f32(const float *a, const float *b, float *s, float *h, long n) {
+    for (long q = 0; q < n; q += VL_f32) {
+        long m = n - q < VL_f32 ? n - q : VL_f32;
+        vec_f32 x, y;
+        if (m == VL_f32) { x = vld_f32(a + q); y = vld_f32(b + q); }
+        else {
+            float xa[VL_f32] = {0}, ya[VL_f32] = {0};
+            memcpy(xa, a + q, m * sizeof(float)); memcpy(ya, b + q, m * sizeof(float));
+            x = vld_f32(xa); y = vld_f32(ya);
+        }
+        vec_f32 sv = x / (1.0f + vexp_f32(-x)), hv = sv * y;
+        if (m == VL_f32) { vst_f32(s + q, sv); vst_f32(h + q, hv); }
+        else { memcpy(s + q, &sv, m * sizeof(float)); memcpy(h + q, &hv, m * sizeof(float)); }
+    }
+}
+static void silu_mul_row_f64(const double *a, const double *b, double *s, double *h, long n) {
+    for (long q = 0; q < n; ++q) {
+        double sv = a[q] / (1.0 + exp(-a[q]));
+        s[q] = sv;
+        h[q] = sv * b[q];
+    }
+}
+/* the gradients of a and b from h's gradient g over one row: ra = (g b) silu'(a) with silu'(a) =
+   sig (1 + a (1 - sig)), sig = 1 / (1 + e^-a), as PyTorch's SiLU backward; rb = g s */
+static void swiglu_grad_row_f32(const float *g, const float *a, const float *s, const float *b, float *ra,
+                                float *rb, long n) {
+    for (long q = 0; q < n; q += VL_f32) {
+        long m = n - q < VL_f32 ? n - q : VL_f32;
+        vec_f32 gv, x, sv, y;
+        if (m == VL_f32) { gv = vld_f32(g + q); x = vld_f32(a + q); sv = vld_f32(s + q); y = vld_f32(b + q); }
+        else {
+            float t[4][VL_f32] = {{0}};
+            memcpy(t[0], g + q, m * sizeof(float)); memcpy(t[1], a + q, m * sizeof(float));
+            memcpy(t[2], s + q, m * sizeof(float)); memcpy(t[3], b + q, m * sizeof(float));
+            gv = vld_f32(t[0]); x = vld_f32(t[1]); sv = vld_f32(t[2]); y = vld_f32(t[3]);
+        }
+        vec_f32 sig = 1.0f / (1.0f + vexp_f32(-x));
+        vec_f32 da = (gv * y) * (sig * (1.0f + x * (1.0f - sig))), db = gv * sv;
+        if (m == VL_f32) { vst_f32(ra + q, da); vst_f32(rb + q, db); }
+        else { memcpy(ra + q, &da, m * sizeof(float)); memcpy(rb + q, &db, m * sizeof(float)); }
+    }
+}
+static void swiglu_grad_row_f64(const double *g, const double *a, const double *s, const double *b, double *ra,
+                                double *rb, long n) {
+    for (long q = 0; q < n; ++q) {
+        double sig = 1.0 / (1.0 + exp(-a[q]));
+        ra[q] = (g[q] * b[q]) * (sig * (1.0 + a[q] * (1.0 - sig)));
+        rb[q] = g[q] * s[q];
+    }
+}
+
+#define SWIGLU(T, SUF)                                                                                         \
+/* a, b: fc_1's and fc_2's outputs, (ntok, n) rows lda / ldb apart, made a' = H_a a and b' = H_b b in place (Ja / \
+   Jb vectors per block of n / nba / n / nbb numbers; 0: no transform), with the projections into ca / cb as   \
+   householder_fwd makes them; s = silu(a') and h = s * b' written (rows lds / ldh apart). */                  \
+void swiglu_fwd_##SUF(int vec, T *a, long lda, T *b, long ldb, const T *va, const double *sa, long Ja, long nba, \
+                      const T *vb, const double *sb, long Jb, long nbb, T *s, long lds, T *h, long ldh, T *ca, \
+                      T *cb, long ntok, long n, int nthreads) {                                                \
+    _Pragma("omp parallel num_threads(nthreads)")                                                              \
+    {                                                                                                          \
+        int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
+        for (long t = ntok * me / nt; t < ntok * (me + 1) / nt; ++t) {                                         \
+            if (Ja) fwd_range_##SUF(vec, a, lda, va, sa, NULL, a, lda, ca, t, t + 1, ntok, nba, n / nba, Ja);  \
+            if (Jb) fwd_range_##SUF(vec, b, ldb, vb, sb, NULL, b, ldb, cb, t, t + 1, ntok, nbb, n / nbb, Jb);  \
+            silu_mul_row_##SUF(a + t * lda, b + t * ldb, s + t * lds, h + t * ldh, n);                         \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+/* swiglu_fwd's backward from h's gradient g, the kept a' and b' (each transform's input made from them and ca / \
+   cb, as for OutputRows) and s: a row's gradients of a' and b' go into a per-thread buffer and through the    \
+   transforms' backward into ga and gb (the gradients of fc_1's and fc_2's outputs); gva / gvb (may be NULL,   \
+   (J, nb, k), overwritten) the vector gradients. Returns 0, or 1 when the buffers could not be allocated. */  \
+int swiglu_bwd_##SUF(int vec, const T *g, long ldg, const T *a, long lda, const T *s, long lds, const T *b,    \
+                     long ldb, const T *va, const double *sa, long Ja, long nba, const T *ca, const T *vb,     \
+                     const double *sb, long Jb, long nbb, const T *cb, T *ga, long ldga, T *gb, long ldgb,     \
+                     T *gva, T *gvb, long ntok, long n, int nthreads) {                                        \
+    const long ka = Ja ? n / nba : n, kb = Jb ? n / nbb : n;                                                   \
+    const long kpa = Ja && VGEN_BWD(vec, ka, Ja, SUF) ? KPAD(ka, SUF) : ka;                                    \
+    const long kpb = Jb && VGEN_BWD(vec, kb, Jb, SUF) ? KPAD(kb, SUF) : kb;                                    \
+    const long nva = gva ? Ja * nba * kpa : 0, nvb = gvb ? Jb * nbb * kpb : 0, per = nva + nvb + 2 * n;        \
+    T *all = (T *)calloc((size_t)nthreads * (size_t)per, sizeof(T));                                           \
+    if (!all) {                                                                                                \
+        nthreads = 1;                                                                                          \
+        all = (T *)calloc((size_t)per, sizeof(T));                                                             \
+        if (!all) return 1; /* out of memory: the caller raises */                                             \
+    }                                                                                                          \
+    _Pragma("omp parallel num_threads(nthreads)")                                                              \
+    {                                                                                                          \
+        int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
+        T *mine = all + (long)me * per, *ra = mine + nva + nvb, *rb = ra + n;                                  \
+        for (long t = ntok * me / nt; t < ntok * (me + 1) / nt; ++t) {                                         \
+            swiglu_grad_row_##SUF(g + t * ldg, a + t * lda, s + t * lds, b + t * ldb, ra, rb, n);              \
+            /* the row buffers as rows 0 apart: row t of them is the buffer itself */                          \
+            if (Ja)                                                                                            \
+                bwd_range_##SUF(vec, ra, 0, a, lda, 3, NULL, 0, NULL, va, sa, ca, ga, ldga, 0, gva ? mine : NULL, \
+                                NULL, t, t + 1, ntok, nba, ka, Ja);                                            \
+            else                                                                                               \
+                memcpy(ga + t * ldga, ra, (size_t)n * sizeof(T));                                              \
+            if (Jb)                                                                                            \
+                bwd_range_##SUF(vec, rb, 0, b, ldb, 3, NULL, 0, NULL, vb, sb, cb, gb, ldgb, 0,                 \
+                                gvb ? mine + nva : NULL, NULL, t, t + 1, ntok, nbb, kb, Jb);                   \
+            else                                                                                               \
+                memcpy(gb + t * ldgb, rb, (size_t)n * sizeof(T));                                              \
+        }                                                                                                      \
+    }                                                                                                          \
+    if (gva) unpad_sums_##SUF(all, nthreads, per, 0, nva, gva, sa, nba, ka, kpa);                              \
+    if (gvb) unpad_sums_##SUF(all, nthreads, per, nva, nvb, gvb, sb, nbb, kb, kpb);                            \
+    free(all);                                                                                                 \
+    return 0;                                                                                                  \
+}
+
+SWIGLU(float, f32)
+SWIGLU(double, f64)
 
 /* ---- OFT: block-diagonal k x k matrices applied to the activations --------------------------------------------
    Forward: out[t, i*k:(i+1)*k] = sum_q a[t, i*k + q] M[i, q, :] for every row t and block i (M = Hᵀ gives H a_i).
@@ -708,7 +863,7 @@ def _build(cc: str) -> Path:
         src = Path(tmp) / "householder.c"
         src.write_text(_SOURCE, encoding="utf-8")
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
         os.replace(out, target)  # atomic: a concurrent process either sees the whole library or none
@@ -747,6 +902,12 @@ def _load() -> Optional[ctypes.CDLL]:
             obwd = getattr(lib, f"oft_bwd_{suf}")
             obwd.argtypes = [p, i64, p, i64, i32, p, i64, p, p, p, i64, i32, p, i64, i64, i64, i32]
             obwd.restype = i32
+            getattr(lib, f"swiglu_fwd_{suf}").argtypes = [
+                i32, p, i64, p, i64, p, p, i64, i64, p, p, i64, i64, p, i64, p, i64, p, p, i64, i64, i32]
+            sbwd = getattr(lib, f"swiglu_bwd_{suf}")
+            sbwd.argtypes = [i32, p, i64, p, i64, p, i64, p, i64, p, p, i64, i64, p, p, p, i64, i64, p, p, i64, p,
+                             i64, p, p, i64, i64, i32]
+            sbwd.restype = i32
         _lib = lib
         return _lib
 
@@ -941,6 +1102,70 @@ def _z_rows(z) -> tuple:
     if isinstance(z, OutputRows):
         return 3, z.o, None, 0, z.bias
     return 0, z, None, 0, None
+
+
+def _side(vecs: Optional[torch.Tensor], coefs: Optional[tuple[float, ...]], dtype: torch.dtype, ntok: int):
+    """A SwiGLU side's kernel arguments: (vectors, coefficients, J, nb) and a new `(J, ntok, nb)` c (or None)."""
+    if vecs is None:
+        return (None, None, 0, 1), None
+    J, nb, _ = vecs.shape
+    return (vecs, torch.tensor(coefs, dtype=torch.float64), J, nb), torch.empty(J, ntok, nb, dtype=dtype)
+
+
+def swiglu_forward(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    va: Optional[torch.Tensor],
+    coefs_a: Optional[tuple[float, ...]],
+    vb: Optional[torch.Tensor],
+    coefs_b: Optional[tuple[float, ...]],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The MLP's `h = silu(H_a a) * (H_b b)` for `(tokens, n)` rows `a`, `b` (fc_1's and fc_2's outputs), a row at
+    a time: `a` and `b` are made `H_a a` and `H_b b` in place (`va` / `vb`: contiguous `(J, nb, k)` unit vectors
+    with `nb * k = n`, or None for no transform). Returns `(s, h, ca, cb)`: `s = silu(H_a a)`, `h` (both new
+    `(tokens, n)` tensors) and each side's `(J, tokens, nb)` projections (None without a transform)."""
+    ntok, n = a.shape
+    s, h = torch.empty(ntok, n, dtype=a.dtype), torch.empty(ntok, n, dtype=a.dtype)
+    (va, sa, Ja, nba), ca = _side(va, coefs_a, a.dtype, ntok)
+    (vb, sb, Jb, nbb), cb = _side(vb, coefs_b, a.dtype, ntok)
+    getattr(_lib, f"swiglu_fwd_{_SUFFIX[a.dtype]}")(
+        int(VECTOR_CODE), _ptr(a), row_stride(a), _ptr(b), row_stride(b), _ptr(va), _ptr(sa), Ja, nba, _ptr(vb),
+        _ptr(sb), Jb, nbb, _ptr(s), n, _ptr(h), n, _ptr(ca), _ptr(cb), ntok, n, _threads(2 * a.numel()),
+    )
+    return s, h, ca, cb
+
+
+def swiglu_backward(
+    g: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    b: torch.Tensor,
+    va: Optional[torch.Tensor],
+    coefs_a: Optional[tuple[float, ...]],
+    ca: Optional[torch.Tensor],
+    vb: Optional[torch.Tensor],
+    coefs_b: Optional[tuple[float, ...]],
+    cb: Optional[torch.Tensor],
+    want_va: bool,
+    want_vb: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`swiglu_forward`'s backward from `h`'s gradient `g`, given the transformed `a`, `b` (as `swiglu_forward`
+    left them), `s` and the projections: `(ga, gb, gva, gvb)`, the gradients of fc_1's and fc_2's outputs (new
+    tensors) and each side's `(J, nb, k)` vector gradient (None unless wanted)."""
+    ntok, n = a.shape
+    ga, gb = torch.empty(ntok, n, dtype=g.dtype), torch.empty(ntok, n, dtype=g.dtype)
+    gva = torch.empty(va.shape, dtype=g.dtype) if want_va and va is not None else None
+    gvb = torch.empty(vb.shape, dtype=g.dtype) if want_vb and vb is not None else None
+    (va, sa, Ja, nba), _ = _side(va, coefs_a, a.dtype, 0)
+    (vb, sb, Jb, nbb), _ = _side(vb, coefs_b, a.dtype, 0)
+    failed = getattr(_lib, f"swiglu_bwd_{_SUFFIX[g.dtype]}")(
+        int(VECTOR_CODE), _ptr(g), row_stride(g), _ptr(a), row_stride(a), _ptr(s), row_stride(s), _ptr(b),
+        row_stride(b), _ptr(va), _ptr(sa), Ja, nba, _ptr(ca), _ptr(vb), _ptr(sb), Jb, nbb, _ptr(cb), _ptr(ga), n,
+        _ptr(gb), n, _ptr(gva), _ptr(gvb), ntok, n, _threads(2 * a.numel()),
+    )
+    if failed:
+        raise MemoryError("The SwiGLU CPU kernel could not allocate its buffers.")
+    return ga, gb, gva, gvb
 
 
 def oft_forward(a: torch.Tensor, blocks_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ weight is ever formed during training (`blocks()` exists for merging only).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -454,6 +454,47 @@ class _OutputRowsUpdate(torch.autograd.Function):
         )
 
 
+class _SwiGLUOutputs(torch.autograd.Function):
+    """A SwiGLU MLP's `h = silu(H_a a) * (H_b b)` on fc_1's and fc_2's fresh GEMM outputs `a`, `b` as one node on
+    the CPU kernel (`cpu_kernel.swiglu_forward`): `a`, `b` are made `H_a a`, `H_b b` in place (a side without a
+    transform, vectors None, stays), `s = silu(H_a a)` and `h` are written, a row at a time. It keeps what the
+    SiLU and the product would keep (`H_a a`, `s`, `H_b b`) and the projections; backward takes the product's,
+    the SiLU's and both transforms' gradients in one visit of each row (each transform's input made from its kept
+    output, as `cpu_kernel.OutputRows`). Returns `(h, s, a, b)`: `s` (no gradient flows through it) for the
+    product's recipe (`lit_gpt.recompute`), `a` and `b` because they were modified in place (autograd's rule)."""
+
+    @staticmethod
+    def forward(ctx, a, b, coefs_a, coefs_b, va, vb):
+        n = a.shape[-1]
+        a2, b2 = a.view(-1, n), b.view(-1, n)
+        s, h, ca, cb = cpu_kernel.swiglu_forward(a2, b2, va, coefs_a, vb, coefs_b)
+        ctx.mark_dirty(a, b)
+        ctx.set_materialize_grads(False)
+        ctx.coefs = (coefs_a, coefs_b)
+        ctx.save_for_backward(a, s, b, va, vb, ca, cb)
+        s = s.view(a.shape)
+        ctx.mark_non_differentiable(s)
+        return h.view(a.shape), s, a, b
+
+    @staticmethod
+    def backward(ctx, gh, _gs, _ga, _gb):
+        a, s, b, va, vb, ca, cb = ctx.saved_tensors
+        n = a.shape[-1]
+        want_va, want_vb = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        ga, gb, gva, gvb = cpu_kernel.swiglu_backward(
+            cpu_kernel.as_rows(gh, n), a.view(-1, n), s, b.view(-1, n), va, ctx.coefs[0], ca, vb, ctx.coefs[1], cb,
+            want_va, want_vb,
+        )
+        return (
+            ga.view(a.shape) if ctx.needs_input_grad[0] else None,
+            gb.view(b.shape) if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            gva.to(va.dtype) if gva is not None else None,
+            gvb.to(vb.dtype) if gvb is not None else None,
+        )
+
+
 def _param_grads(gw: Optional[torch.Tensor], n: int) -> list[Optional[torch.Tensor]]:
     """The `n` raw parameters' gradients from `gpu_kernel.backward_raw`'s `(n, nb, k)` result (None: not wanted)."""
     return list(gw.unbind(0)) if gw is not None else [None] * n
@@ -488,6 +529,10 @@ class HouseholderTransform(BlockTransform):
     # On the CPU kernel, adjacent output-side spans of one block size run as one transform over whole rows
     # (`linear_groups`); False runs a strided pass per span (`bench/output_spans.py` compares the two)
     merge_output_spans = True
+    # On the CPU kernel, a SwiGLU MLP's output-side transforms of fc_1 and fc_2 run in one node with the SiLU and
+    # the product (`swiglu_outputs`); False runs them as their layers' own passes and the SiLU and product as
+    # PyTorch operations (`bench/ab_step.py --b lit_gpt.adapters.ether:HouseholderTransform.fuse_swiglu=False`)
+    fuse_swiglu = True
 
     def __init__(
         self,
@@ -554,6 +599,40 @@ class HouseholderTransform(BlockTransform):
             else:
                 inputs.append(t.unit_vectors(t.keep_mask(y.device)).to(y.dtype))
         return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), raw, *inputs)
+
+    @staticmethod
+    def swiglu_runs(x: torch.Tensor, transforms: list) -> bool:
+        """Whether `swiglu_outputs` runs for these output-side transforms on activations like `x`."""
+        return (
+            HouseholderTransform.fuse_swiglu
+            and cpu_kernel.runs(x.dtype, x.device)
+            and not torch.is_autocast_enabled(x.device.type)
+            and all(len(t.coefs) <= cpu_kernel.MAX_VECTORS for t in transforms)
+        )
+
+    @staticmethod
+    def swiglu_outputs(
+        a_fn: Callable[[], torch.Tensor],
+        b_fn: Callable[[], torch.Tensor],
+        ta: Optional["HouseholderTransform"],
+        tb: Optional["HouseholderTransform"],
+    ) -> torch.Tensor:
+        """`silu(H_a a) * (H_b b)` for fc_1's and fc_2's fresh outputs `a = a_fn()`, `b = b_fn()` (`_SwiGLUOutputs`;
+        a transform may be None). Each layer's output-side vectors are taken right after its GEMM, so block
+        dropout draws its blocks in the order the layers' own passes would (the same seed, the same blocks)."""
+
+        def vectors(t, y):
+            return None if t is None else t.unit_vectors(t.keep_mask(y.device)).to(y.dtype)
+
+        a = a_fn()
+        va = vectors(ta, a)
+        b = b_fn()
+        vb = vectors(tb, b)
+        coefs = [None if t is None else t.coefs for t in (ta, tb)]
+        h, s, _, b2 = _SwiGLUOutputs.apply(a, b, coefs[0], coefs[1], va, vb)
+        if recompute.keeps(h):  # the node keeps silu(H_a a) and H_b b: an adapter on the MLP's proj rebuilds h
+            recompute.mark(h, torch.mul, s, b2, form="mul")
+        return h
 
     @staticmethod
     def linear_groups(
