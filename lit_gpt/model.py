@@ -323,8 +323,8 @@ class LLaMAMLP(nn.Module):
         self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x):
-        # adapters with output-side transforms on both projections may run them with the SiLU and the product as
-        # one node (`AdaptedLinear.swiglu`); None: the plain form below
+        # adapters with output-side transforms on fc_1 or fc_2 may run them with the SiLU and the product as one
+        # node (`AdaptedLinear.swiglu`); None: the plain form below
         fused = getattr(self.fc_1, "swiglu", None)
         h = fused(self.fc_2, x) if fused is not None else None
         if h is not None:
