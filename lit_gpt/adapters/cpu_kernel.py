@@ -1104,12 +1104,11 @@ def _z_rows(z) -> tuple:
     return 0, z, None, 0, None
 
 
-def _side(vecs: Optional[torch.Tensor], coefs: Optional[tuple[float, ...]], dtype: torch.dtype, ntok: int):
-    """A SwiGLU side's kernel arguments: (vectors, coefficients, J, nb) and a new `(J, ntok, nb)` c (or None)."""
+def _side(vecs: Optional[torch.Tensor], coefs: Optional[tuple[float, ...]]) -> tuple:
+    """A SwiGLU side's kernel arguments: its vectors, coefficients, J and nb (None, None, 0, 1 without a transform)."""
     if vecs is None:
-        return (None, None, 0, 1), None
-    J, nb, _ = vecs.shape
-    return (vecs, torch.tensor(coefs, dtype=torch.float64), J, nb), torch.empty(J, ntok, nb, dtype=dtype)
+        return None, None, 0, 1
+    return vecs, torch.tensor(coefs, dtype=torch.float64), vecs.shape[0], vecs.shape[1]
 
 
 def swiglu_forward(
@@ -1126,8 +1125,10 @@ def swiglu_forward(
     `(tokens, n)` tensors) and each side's `(J, tokens, nb)` projections (None without a transform)."""
     ntok, n = a.shape
     s, h = torch.empty(ntok, n, dtype=a.dtype), torch.empty(ntok, n, dtype=a.dtype)
-    (va, sa, Ja, nba), ca = _side(va, coefs_a, a.dtype, ntok)
-    (vb, sb, Jb, nbb), cb = _side(vb, coefs_b, a.dtype, ntok)
+    va, sa, Ja, nba = _side(va, coefs_a)
+    vb, sb, Jb, nbb = _side(vb, coefs_b)
+    ca = torch.empty(Ja, ntok, nba, dtype=a.dtype) if Ja else None
+    cb = torch.empty(Jb, ntok, nbb, dtype=a.dtype) if Jb else None
     getattr(_lib, f"swiglu_fwd_{_SUFFIX[a.dtype]}")(
         int(VECTOR_CODE), _ptr(a), row_stride(a), _ptr(b), row_stride(b), _ptr(va), _ptr(sa), Ja, nba, _ptr(vb),
         _ptr(sb), Jb, nbb, _ptr(s), n, _ptr(h), n, _ptr(ca), _ptr(cb), ntok, n, _threads(2 * a.numel()),
@@ -1156,8 +1157,8 @@ def swiglu_backward(
     ga, gb = torch.empty(ntok, n, dtype=g.dtype), torch.empty(ntok, n, dtype=g.dtype)
     gva = torch.empty(va.shape, dtype=g.dtype) if want_va and va is not None else None
     gvb = torch.empty(vb.shape, dtype=g.dtype) if want_vb and vb is not None else None
-    (va, sa, Ja, nba), _ = _side(va, coefs_a, a.dtype, 0)
-    (vb, sb, Jb, nbb), _ = _side(vb, coefs_b, a.dtype, 0)
+    va, sa, Ja, nba = _side(va, coefs_a)
+    vb, sb, Jb, nbb = _side(vb, coefs_b)
     failed = getattr(_lib, f"swiglu_bwd_{_SUFFIX[g.dtype]}")(
         int(VECTOR_CODE), _ptr(g), row_stride(g), _ptr(a), row_stride(a), _ptr(s), row_stride(s), _ptr(b),
         row_stride(b), _ptr(va), _ptr(sa), Ja, nba, _ptr(ca), _ptr(vb), _ptr(sb), Jb, nbb, _ptr(cb), _ptr(ga), n,
