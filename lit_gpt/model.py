@@ -349,9 +349,10 @@ class RMSNorm(nn.Module):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         y = _rms_scale(xf, rstd, self.weight, x.dtype)
         if recompute.keeps(xf):  # the norm keeps xf and rstd: an adapter on the next layer rebuilds y from them
-            exact = x.dtype == self.weight.dtype == torch.float32  # then y is exactly weight * (xf * rstd)
+            # with the weight in x's dtype, y is recompute's "scale" form: weight * (xf * rstd).to(x.dtype)
+            scale = x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             recompute.mark(y, functools.partial(_rms_scale, dtype=x.dtype), xf, rstd, self.weight,
-                           form="scale" if exact else None)
+                           form="scale" if scale else None)
         return y
 
     def reset_parameters(self) -> None:

@@ -45,9 +45,10 @@ class Recipe:
 
 
 # Forms a recipe may declare, for consumers that make the tensor from its parts themselves (a fused kernel reading
-# them where it would read the tensor) instead of rebuilding it: every tensor of the same dtype as `out`.
-#   "scale": inputs (x, r, w), `out = w * (x * r)` with `x` shaped like `out`, `r` one number per row, `w` per column
-#   "mul":   inputs (x, y), `out = x * y`, both shaped like `out`
+# them where it would read the tensor) instead of rebuilding it:
+#   "scale": inputs (x, r, w), `out = w * (x * r).to(out.dtype)` with `x` shaped like `out`, `r` one number per row,
+#            `w` per column: `x` and `r` float32, `w` of `out`'s dtype (an RMSNorm's output)
+#   "mul":   inputs (x, y), `out = x * y`, both shaped like `out` and of its dtype
 FORMS = ("scale", "mul")
 
 

@@ -324,35 +324,51 @@ def test_tiny_gpt_trains_the_same_with_the_kernels(device):
 
 
 @direct
-@pytest.mark.parametrize("method", ["ether", "etherplusHH"])
-def test_kernels_rebuild_marked_inputs(device, method):
+@pytest.mark.parametrize(("method", "dtype"), [("ether", torch.float32), ("etherplusHH", torch.float32),
+                                               ("ether", torch.bfloat16)])
+def test_kernels_rebuild_marked_inputs(device, method, dtype, monkeypatch):
     """The raw-parameter nodes (one transform, and the fused QKV node) keep what rebuilds a norm's output or the
-    MLP's product (`lit_gpt.recompute`) instead of it: bit-for-bit the same gradients, one activation fewer each."""
+    MLP's product (`lit_gpt.recompute`) instead of it: bit-for-bit the same gradients, one activation fewer each.
+    The backward kernel makes those inputs from their parts where it reads them (no rebuilt tensor), rounding
+    where PyTorch rounds in bfloat16."""
     from lit_gpt import GPT, Config, recompute
     from test_output_side import kept_bytes
 
     torch.manual_seed(0)
     config = Config(name="t", block_size=16, vocab_size=64, padded_vocab_size=64, n_layer=2, n_head=4, n_embd=32,
                     n_query_groups=2, intermediate_size=48, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP")
-    model = apply_adapters(GPT(config).to(device), AdapterConfig(method=method, nb=4, targets=["all-linear"]))
+    model = apply_adapters(GPT(config).to(device, dtype), AdapterConfig(method=method, nb=4, targets=["all-linear"]))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_()
+            elif p.ndim == 1:
+                p.uniform_(0.5, 1.5)  # norm weights away from 1, so that the weight's product and rounding count
     idx = torch.randint(0, 64, (2, 16), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
+    given = []
+    input_rows = gpu_kernel.input_rows
+
+    def recorded(*args):
+        given.append(input_rows(*args))
+        return given[-1]
+
+    monkeypatch.setattr(gpu_kernel, "input_rows", recorded)
 
     def run():
-        grads = torch.autograd.grad(model(idx).square().mean(), params)
+        grads = torch.autograd.grad(model(idx).float().square().mean(), params)
         return grads, kept_bytes(model, idx)
 
-    grads, kept = run()
+    grads = torch.autograd.grad(model(idx).float().square().mean(), params)
+    # per block: norm_2's output (fc_1 and fc_2: two consumers), the MLP product (proj); norm_1's (qkv) after block 0
+    assert sorted(type(z).__name__ for z in given) == ["ProductRows"] * 2 + ["ScaledRows"] * 5
+    kept = kept_bytes(model, idx)
     with recompute.disabled():
         grads_kept, kept_without = run()
     for a, b in zip(grads, grads_kept):
         assert torch.equal(a, b)
     T = idx.numel()  # per block: norm_2's output and the MLP product; norm_1's after block 0 (see test_recompute)
-    assert kept_without - kept == (2 * T * 32 + 2 * T * 48 + T * 32) * 4
+    assert kept_without - kept == (2 * T * 32 + 2 * T * 48 + T * 32) * dtype.itemsize
 
 
 @pytest.mark.skipif(not CUDA, reason="bfloat16 runs on the GPU")

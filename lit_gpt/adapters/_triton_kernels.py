@@ -22,6 +22,33 @@ def _vector(w_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE: tl.constexpr, HA
 
 
 @triton.jit
+def _rows(z_ptr, sz, z2_ptr, sz2, wz, r64, rows, rmask, offs, mask, DT: tl.constexpr, ZFORM: tl.constexpr):
+    """A (rows, block) tile of the transform's input z in float32, loaded, or made from its parts as PyTorch made it
+    (`lit_gpt.recompute`'s forms: float32 products rounded to the activations' dtype `DT` where PyTorch rounds), so
+    that it is bit for bit the tensor the parts stand for."""
+    x = tl.load(z_ptr + r64 * sz + offs, mask=mask, other=0.0).to(tl.float32)
+    if ZFORM == 1:
+        r = tl.load(z2_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        x = _rounded(wz[None, :] * _rounded(x * r[:, None], DT), DT)
+    elif ZFORM == 2:
+        y = tl.load(z2_ptr + r64 * sz2 + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _rounded(x * y, DT)
+    return x
+
+
+@triton.jit
+def _rounded(x, DT: tl.constexpr):
+    """float32 `x` rounded to the nearest `DT` (ties to even, as PyTorch rounds), in float32. bfloat16 by hand on
+    the bits: Triton's interpreter, where the tests run without a GPU, truncates instead."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
 def fwd(
     z_ptr, sz, w0_ptr, w1_ptr, keep_ptr, beta_ptr, out_ptr, so, c_ptr, T, NB, K, eps,
     S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
@@ -59,16 +86,19 @@ def fwd(
 
 @triton.jit
 def bwd(
-    g_ptr, sg, z_ptr, sz, w0_ptr, w1_ptr, keep_ptr, c_ptr, gz_ptr, sgz, pv_ptr, pg_ptr, T, NB, K, P, NT, eps,
+    g_ptr, sg, z_ptr, sz, z2_ptr, sz2, z3_ptr, w0_ptr, w1_ptr, keep_ptr, c_ptr, gz_ptr, sgz, pv_ptr, pg_ptr, T, NB,
+    K, P, NT, eps,
     S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
     WANT_GZ: tl.constexpr, ACCUMULATE: tl.constexpr, WANT_V: tl.constexpr, WANT_GRAM: tl.constexpr,
-    ACC2D: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    ACC2D: tl.constexpr, ZFORM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     # program (p, i) takes the token tiles p, p + P, p + 2P, ... < NT of block i (one tile when P == NT), summing
     # its share of the vector gradient sum_t (c_tj g_t + d_tj z_t) and of the gram sums; partials go to pv/pg[p].
     # ACC2D: the vector gradient is summed element-wise in a (BT, BK) accumulator and over its rows once at the
     # end, instead of a reduction across the tile's rows on every loop step. ACCUMULATE: gz += H g, not gz = H g.
-    # gz may be g itself (in place): a program reads each of its tiles before it writes it, and no other reads it
+    # gz may be g itself (in place): a program reads each of its tiles before it writes it, and no other reads it.
+    # ZFORM: how the input z is given (`_rows`): 0 z itself; 1 an RMSNorm's parts, z = w * (x * r) (`ScaledRows`:
+    # x at z_ptr, r at z2_ptr, w at z3_ptr); 2 the MLP product's factors, z = x * y (`ProductRows`: y at z2_ptr)
     p = tl.program_id(0)
     i = tl.program_id(1)
     cols = tl.arange(0, BK)
@@ -76,6 +106,9 @@ def bwd(
     w0 = _vector(w0_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
     if J == 2:
         w1 = _vector(w1_ptr, i, cols, cmask, keep_ptr, eps, K, NORMALIZE, HAS_KEEP)
+    wz = tl.zeros((BK,), dtype=tl.float32)
+    if ZFORM == 1:  # the norm's weight over this block's columns
+        wz = tl.load(z3_ptr + i * K + cols, mask=cmask, other=0.0).to(tl.float32)
     if ACC2D:
         a0 = tl.zeros((BT, BK), dtype=tl.float32)
         a1 = tl.zeros((BT, BK), dtype=tl.float32)
@@ -101,7 +134,8 @@ def bwd(
             d1 = tl.sum(g * w1[None, :], axis=1)
             c1 = tl.load(c_ptr + (T + rows) * NB + i, mask=rmask, other=0.0)
         if WANT_V:
-            z = tl.load(z_ptr + r64 * sz + i * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = _rows(z_ptr, sz, z2_ptr, sz2, wz, r64, rows, rmask, i * K + cols[None, :], mask,
+                      g_ptr.dtype.element_ty, ZFORM)
             if ACC2D:
                 a0 += c0[:, None] * g + d0[:, None] * z
                 if J == 2:

@@ -992,8 +992,9 @@ def forward(
 
 
 class ScaledRows(NamedTuple):
-    """`z = w * (x * r)` given by its parts: `x` `(T, d)` rows, `r` `(T,)` contiguous, `w` `(d,)` contiguous (an
-    RMSNorm's output from what it keeps: its float32 input, `1/rms` per row and its weight)."""
+    """`z = w * (x * r).to(w.dtype)` given by its parts: `x` `(T, d)` float32 rows, `r` `(T,)` float32
+    contiguous, `w` `(d,)` contiguous (an RMSNorm's output from what it keeps: its float32 input, `1/rms` per row
+    and its weight). The CPU kernel takes them in one dtype; the GPU kernels also with `w` in bfloat16/float16."""
 
     x: torch.Tensor
     r: torch.Tensor
@@ -1083,7 +1084,8 @@ def kernel_rows(recipe: recompute.Recipe, parts, d: int):
     if recipe.form == "scale":
         x, r, w = parts
         rows = ScaledRows(x.reshape(-1, d), r.reshape(-1), w)
-        if row_stride(rows.x) is not None and rows.r.is_contiguous() and rows.w.is_contiguous():
+        if (row_stride(rows.x) is not None and rows.r.is_contiguous() and rows.w.is_contiguous()
+                and rows.x.dtype == rows.r.dtype == rows.w.dtype):  # one dtype: then z is w * (x * r) in it
             return rows
     elif recipe.form == "mul":
         rows = ProductRows(parts[0].reshape(-1, d), parts[1].reshape(-1, d))

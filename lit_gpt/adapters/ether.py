@@ -191,9 +191,12 @@ class _RawVectorUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        z, (keep, cs, *params) = recompute.rows(ctx, ctx.saved_tensors)
+        z, recipe, parts, (keep, cs, *params) = recompute.rows_or_parts(ctx, ctx.saved_tensors, gpu_kernel.FORMS)
+        d = g.shape[-1]
+        if recipe is not None:  # the kernel makes z's rows from the tensors that made them
+            z = gpu_kernel.input_rows(recipe, parts, d, g.dtype)
         want_z, want_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-        g2 = cpu_kernel.as_rows(g, z.shape[-1])
+        g2 = cpu_kernel.as_rows(g, d)
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
         gw = gpu_kernel.backward_raw(g2, z, params, keep, ctx.coefs, NORM_EPS, cs, gz, want_params)
         return (gz.view(g.shape) if want_z else None, None, None, *_param_grads(gw, len(params)))
@@ -277,11 +280,11 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         spans, outs, raw = ctx.spans, ctx.outs, ctx.raw
-        forms = () if raw else cpu_kernel.KERNEL_FORMS
+        forms = gpu_kernel.FORMS if raw else cpu_kernel.KERNEL_FORMS
         x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, forms)
         d = W.shape[1]
-        if recipe is not None:  # the CPU kernel makes x's rows from the tensors that made them
-            x2 = cpu_kernel.kernel_rows(recipe, parts, d)
+        if recipe is not None:  # the kernels make x's rows from the tensors that made them
+            x2 = gpu_kernel.input_rows(recipe, parts, d, g.dtype) if raw else cpu_kernel.kernel_rows(recipe, parts, d)
         kept, rest = (rest[0], rest[1:]) if outs else (None, rest)
         groups = _span_inputs(spans, raw, rest)  # the input spans' vectors, then the output spans', then the c's
         n_in = sum(len(v) for v in groups)

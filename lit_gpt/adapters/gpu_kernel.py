@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lit_gpt.adapters.cpu_kernel import row_stride
+from lit_gpt import recompute
+from lit_gpt.adapters.cpu_kernel import ProductRows, ScaledRows, as_rows, row_stride
 
 MAX_VECTORS = 2  # ETHER uses 1 vector per block, ETHER+ 2
 # Tile and grid sizes, from `python bench/householder_kernel.py --device cuda --dtype bfloat16 --sweep true` on an
@@ -44,6 +45,9 @@ BACKWARD = {
     "padded": dict(tile=4096, waves=16, acc2d=False, warps=4),
 }
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the forms of `lit_gpt.recompute` whose parts the backward kernel reads (`input_rows`); () rebuilds marked inputs
+# before the kernel reads them (the A/B of `bench/ab_step.py`)
+FORMS = recompute.FORMS
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +202,44 @@ def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: b
         return pv, pg, P
     s0, s1 = _coefs(coefs)
     w0, w1 = _vectors(vecs)
+    zform, (za, sza, zb, szb, zc) = _input_args(z if want_vecs else g)
     bwd[(P, nb)](
-        g, row_stride(g), z if want_vecs else g, row_stride(z) if want_vecs else 0, w0, w1,
+        g, row_stride(g), za, sza, zb, szb, zc, w0, w1,
         keep if keep is not None else c, c, gz if gz is not None else g, row_stride(gz) if gz is not None else 0,
         pv if pv is not None else c, pg if pg is not None else c, ntok, nb, k, P, tiles, eps,
         S0=s0, S1=s1, J=J, NORMALIZE=normalize, HAS_KEEP=keep is not None, WANT_GZ=gz is not None,
         ACCUMULATE=accumulate and gz is not None, WANT_V=want_vecs, WANT_GRAM=want_gram, ACC2D=cfg["acc2d"],
-        BT=bt, BK=bk, num_warps=cfg["warps"],
+        ZFORM=zform, BT=bt, BK=bk, num_warps=cfg["warps"],
     )
     return pv, pg, P
+
+
+def _input_args(z) -> tuple[int, tuple]:
+    """The backward kernel's `ZFORM` and `(z, its row stride, z2, its row stride, z3)` for the transform's input
+    given as rows or as the parts of `input_rows`."""
+    if isinstance(z, ScaledRows):
+        return 1, (z.x, row_stride(z.x), z.r, 0, z.w)
+    if isinstance(z, ProductRows):
+        return 2, (z.x, row_stride(z.x), z.y, row_stride(z.y), z.x)
+    return 0, (z, row_stride(z), z, 0, z)
+
+
+def input_rows(recipe: recompute.Recipe, parts, d: int, dtype: torch.dtype):
+    """The backward kernels' view of a marked input from its recipe's inputs (`lit_gpt.recompute.rows_or_parts`):
+    `ScaledRows` / `ProductRows`, which the kernel turns into the input's values where it would read them (one read
+    of the parts instead of a pass that rebuilds the input, a write and a read of it), or the rebuilt rows where the
+    parts are not rows it can read. `dtype` is the activations' (the input's) dtype."""
+    if recipe.form == "scale":
+        x, r, w = parts
+        rows = ScaledRows(x.reshape(-1, d), r.reshape(-1), w)
+        if (row_stride(rows.x) is not None and rows.x.dtype == rows.r.dtype == torch.float32
+                and rows.r.is_contiguous() and rows.w.is_contiguous() and rows.w.dtype == dtype):
+            return rows
+    elif recipe.form == "mul":
+        rows = ProductRows(parts[0].reshape(-1, d), parts[1].reshape(-1, d))
+        if all(row_stride(t) is not None and t.dtype == dtype for t in rows):
+            return rows
+    return as_rows(recipe.fn(*parts), d)
 
 
 def backward_kind(k: int) -> str:
