@@ -66,6 +66,8 @@ def main(
     batch_size: int = 4,
     rounds: int = 9,
     threads: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> None:
     """Print the median step-time ratio to the floor of setting A and of setting B.
 
@@ -83,18 +85,21 @@ def main(
         batch_size: Sequences per step.
         rounds: Rounds (each times A and B once).
         threads: torch threads.
+        device: "cpu" or "cuda".
+        dtype: "float32" or "bfloat16" (weights and activations).
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = llama_config(shape, n_layer, seq_len)
-    state = GPT(config).state_dict()
+    with torch.device(device):
+        state = GPT(config).to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]).state_dict()
     kw = {"oft": dict(block_size=block_size), "lora": dict(r=r, alpha=2 * r)}.get(method, dict(nb=nb))
     cfg = AdapterConfig(method=method, targets=targets.split(","), **kw)
-    x = torch.randint(0, config.vocab_size, (batch_size, seq_len))
-    y = torch.randint(0, config.vocab_size, (batch_size, seq_len))
-    steps = {"floor": make_step(lit_model(config, state, "cpu"), False, x, y, "cpu")}
-    for name in ("A", "B"):
-        steps[name] = make_step(apply_adapters(lit_model(config, state, "cpu"), cfg), False, x, y, "cpu")
+    x = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
+    y = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
+    steps = {"floor": make_step(lit_model(config, state, device), False, x, y, device)}
+    for name in ("A", "B"):  # make_step waits for the device at the end of a step
+        steps[name] = make_step(apply_adapters(lit_model(config, state, device), cfg).to(device), False, x, y, device)
     specs = {"floor": "-", "A": a, "B": b}
 
     def timed(name: str) -> float:
@@ -114,7 +119,7 @@ def main(
             after = timed("floor")
             ratios[name].append(t / ((before + after) / 2))
             before = after
-    print(f"{method} on {targets}, {shape} shape, {n_layer} layers, {batch_size} x {seq_len} tokens, float32 on cpu, "
+    print(f"{method} on {targets}, {shape} shape, {n_layer} layers, {batch_size} x {seq_len} tokens, {dtype} on {device}, "
           f"{threads} threads; {rounds} rounds; torch {torch.__version__}")
     print("| setting | step / floor (median) | min | max |")
     print("|---|---|---|---|")

@@ -216,8 +216,9 @@ def main(
                    "`step / frozen` is the median per-round ratio to the frozen step (forward + backward to the "
                    "activations). Memory is what the step adds beyond the weights: tensors saved for backward, "
                    "trainable gradients and AdamW's two moments.")
-        # one section per device and shape, and per micro-batch size other than the default 1
+        # one section per device and shape, and per micro-batch size and targets other than the defaults
         key = f"bench/train.py {device} {shape}" + (f" mb{micro_batch_size}" if micro_batch_size != 1 else "")
+        key += f" {targets.replace(',', '+')}" if targets != "query,value" else ""
         write_section(key, section)
 
 
