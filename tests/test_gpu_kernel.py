@@ -347,13 +347,13 @@ def test_kernels_rebuild_marked_inputs(device, method, dtype, monkeypatch):
     idx = torch.randint(0, 64, (2, 16), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     given = []
-    input_rows = gpu_kernel.input_rows
+    kernel_rows = cpu_kernel.kernel_rows
 
     def recorded(*args):
-        given.append(input_rows(*args))
+        given.append(kernel_rows(*args))
         return given[-1]
 
-    monkeypatch.setattr(gpu_kernel, "input_rows", recorded)
+    monkeypatch.setattr(cpu_kernel, "kernel_rows", recorded)
 
     def run():
         grads = torch.autograd.grad(model(idx).float().square().mean(), params)

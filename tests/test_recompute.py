@@ -101,8 +101,8 @@ def test_bfloat16_gradients_unchanged():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rms_norm_output_is_the_scale_form(dtype):
     """An RMSNorm whose weight has its input's dtype marks its output with recompute's "scale" form, which the
-    kernels make themselves: `w * (x * r).to(out.dtype)` from its float32 input and `1/rms`, bit for bit. The CPU
-    kernel takes the parts only in one dtype; bfloat16/float16 parts are rebuilt for it instead."""
+    kernels make themselves: `w * (x * r).to(out.dtype)` from its float32 input and `1/rms`, bit for bit. Parts
+    whose weight is not of the activations' dtype are rebuilt for a kernel instead."""
     from lit_gpt.model import RMSNorm
 
     norm = RMSNorm(32).to(dtype)
@@ -113,11 +113,8 @@ def test_rms_norm_output_is_the_scale_form(dtype):
     recipe, (xf, r, w) = getattr(y, recompute._ATTR)
     assert recipe.form == "scale" and xf.dtype == r.dtype == torch.float32 and w.dtype == dtype
     assert torch.equal(y, w * (xf * r).to(dtype)) and torch.equal(recipe.fn(xf, r, w), y)
-    rows = cpu_kernel.kernel_rows(recipe, (xf, r, w), 32)
-    if dtype == torch.float32:
-        assert isinstance(rows, cpu_kernel.ScaledRows)
-    else:
-        assert torch.equal(rows, y.view(-1, 32))
+    assert isinstance(cpu_kernel.kernel_rows(recipe, (xf, r, w), 32, dtype), cpu_kernel.ScaledRows)
+    assert torch.equal(cpu_kernel.kernel_rows(recipe, (xf, r, w), 32, torch.float64), y.view(-1, 32))
     mixed = RMSNorm(32)  # float32 weight, bfloat16 input: no form (the product is promoted to float32)
     assert getattr(mixed(x.detach().bfloat16().requires_grad_()), recompute._ATTR)[0].form is None
 

@@ -994,7 +994,7 @@ def forward(
 class ScaledRows(NamedTuple):
     """`z = w * (x * r).to(w.dtype)` given by its parts: `x` `(T, d)` float32 rows, `r` `(T,)` float32
     contiguous, `w` `(d,)` contiguous (an RMSNorm's output from what it keeps: its float32 input, `1/rms` per row
-    and its weight). The CPU kernel takes them in one dtype; the GPU kernels also with `w` in bfloat16/float16."""
+    and its weight), `w` of the activations' dtype: float32 for this kernel, also bfloat16/float16 for the GPU's."""
 
     x: torch.Tensor
     r: torch.Tensor
@@ -1078,18 +1078,20 @@ def workspace(shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> torc
 KERNEL_FORMS = recompute.FORMS  # the kernels make every form of `lit_gpt.recompute` themselves (`kernel_rows`)
 
 
-def kernel_rows(recipe: recompute.Recipe, parts, d: int):
-    """A marked input's rows for the kernels' backward from its recipe's inputs (`ScaledRows` / `ProductRows`), or
-    rebuilt where the parts are not rows they can read."""
+def kernel_rows(recipe: recompute.Recipe, parts, d: int, dtype: torch.dtype):
+    """A marked input's rows for the kernels' backward (this CPU kernel's and the GPU ones') from its recipe's
+    inputs: `ScaledRows` / `ProductRows`, which a kernel turns into the input's values where it would read them (one
+    read of the parts instead of a pass that rebuilds the input, a write and a read of it), or the rebuilt rows where
+    the parts are not rows it can read. `dtype` is the input's (the activations') dtype."""
     if recipe.form == "scale":
         x, r, w = parts
         rows = ScaledRows(x.reshape(-1, d), r.reshape(-1), w)
-        if (row_stride(rows.x) is not None and rows.r.is_contiguous() and rows.w.is_contiguous()
-                and rows.x.dtype == rows.r.dtype == rows.w.dtype):  # one dtype: then z is w * (x * r) in it
+        if (row_stride(rows.x) is not None and rows.x.dtype == rows.r.dtype == torch.float32
+                and rows.r.is_contiguous() and rows.w.is_contiguous() and rows.w.dtype == dtype):
             return rows
     elif recipe.form == "mul":
         rows = ProductRows(parts[0].reshape(-1, d), parts[1].reshape(-1, d))
-        if all(row_stride(t) is not None for t in rows):
+        if all(row_stride(t) is not None and t.dtype == dtype for t in rows):
             return rows
     return as_rows(recipe.fn(*parts), d)
 

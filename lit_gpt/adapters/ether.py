@@ -194,7 +194,7 @@ class _RawVectorUpdate(torch.autograd.Function):
         z, recipe, parts, (keep, cs, *params) = recompute.rows_or_parts(ctx, ctx.saved_tensors, gpu_kernel.FORMS)
         d = g.shape[-1]
         if recipe is not None:  # the kernel makes z's rows from the tensors that made them
-            z = gpu_kernel.input_rows(recipe, parts, d, g.dtype)
+            z = cpu_kernel.kernel_rows(recipe, parts, d, g.dtype)
         want_z, want_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
         g2 = cpu_kernel.as_rows(g, d)
         gz = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_z else None
@@ -284,7 +284,7 @@ class _GroupedLinear(torch.autograd.Function):
         x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, forms)
         d = W.shape[1]
         if recipe is not None:  # the kernels make x's rows from the tensors that made them
-            x2 = gpu_kernel.input_rows(recipe, parts, d, g.dtype) if raw else cpu_kernel.kernel_rows(recipe, parts, d)
+            x2 = cpu_kernel.kernel_rows(recipe, parts, d, g.dtype)
         kept, rest = (rest[0], rest[1:]) if outs else (None, rest)
         groups = _span_inputs(spans, raw, rest)  # the input spans' vectors, then the output spans', then the c's
         n_in = sum(len(v) for v in groups)

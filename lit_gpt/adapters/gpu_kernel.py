@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_gpt import recompute
-from lit_gpt.adapters.cpu_kernel import ProductRows, ScaledRows, as_rows, row_stride
+from lit_gpt.adapters.cpu_kernel import ProductRows, ScaledRows, row_stride
 
 MAX_VECTORS = 2  # ETHER uses 1 vector per block, ETHER+ 2
 # Tile and grid sizes, from `python bench/householder_kernel.py --device cuda --dtype bfloat16 --sweep true` on an
@@ -45,7 +45,7 @@ BACKWARD = {
     "padded": dict(tile=4096, waves=16, acc2d=False, warps=4),
 }
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# the forms of `lit_gpt.recompute` whose parts the backward kernel reads (`input_rows`); () rebuilds marked inputs
+# the forms of `lit_gpt.recompute` whose parts the backward kernel reads (`cpu_kernel.kernel_rows`); () rebuilds them
 # before the kernel reads them (the A/B of `bench/ab_step.py`)
 FORMS = recompute.FORMS
 
@@ -216,30 +216,12 @@ def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: b
 
 def _input_args(z) -> tuple[int, tuple]:
     """The backward kernel's `ZFORM` and `(z, its row stride, z2, its row stride, z3)` for the transform's input
-    given as rows or as the parts of `input_rows`."""
+    given as rows or as the parts of `cpu_kernel.kernel_rows`."""
     if isinstance(z, ScaledRows):
         return 1, (z.x, row_stride(z.x), z.r, 0, z.w)
     if isinstance(z, ProductRows):
         return 2, (z.x, row_stride(z.x), z.y, row_stride(z.y), z.x)
     return 0, (z, row_stride(z), z, 0, z)
-
-
-def input_rows(recipe: recompute.Recipe, parts, d: int, dtype: torch.dtype):
-    """The backward kernels' view of a marked input from its recipe's inputs (`lit_gpt.recompute.rows_or_parts`):
-    `ScaledRows` / `ProductRows`, which the kernel turns into the input's values where it would read them (one read
-    of the parts instead of a pass that rebuilds the input, a write and a read of it), or the rebuilt rows where the
-    parts are not rows it can read. `dtype` is the activations' (the input's) dtype."""
-    if recipe.form == "scale":
-        x, r, w = parts
-        rows = ScaledRows(x.reshape(-1, d), r.reshape(-1), w)
-        if (row_stride(rows.x) is not None and rows.x.dtype == rows.r.dtype == torch.float32
-                and rows.r.is_contiguous() and rows.w.is_contiguous() and rows.w.dtype == dtype):
-            return rows
-    elif recipe.form == "mul":
-        rows = ProductRows(parts[0].reshape(-1, d), parts[1].reshape(-1, d))
-        if all(row_stride(t) is not None and t.dtype == dtype for t in rows):
-            return rows
-    return as_rows(recipe.fn(*parts), d)
 
 
 def backward_kind(k: int) -> str:

@@ -177,7 +177,7 @@ class _BlockMatmul(torch.autograd.Function):
         nb, k, _ = H.shape
         d = nb * k
         if recipe is not None:
-            z2 = cpu_kernel.kernel_rows(recipe, parts, d)
+            z2 = cpu_kernel.kernel_rows(recipe, parts, d, g.dtype)
         g2 = cpu_kernel.as_rows(g, d)
         if ctx.kernel:
             gz = torch.empty(g2.shape, dtype=g.dtype) if want_z else None
@@ -229,7 +229,7 @@ class _OFTLinear(torch.autograd.Function):
         x2, recipe, parts, (W, b, *blocks) = recompute.rows_or_parts(ctx, ctx.saved_tensors, cpu_kernel.KERNEL_FORMS)
         m, d = W.shape
         if recipe is not None:
-            x2 = cpu_kernel.kernel_rows(recipe, parts, d)
+            x2 = cpu_kernel.kernel_rows(recipe, parts, d, g.dtype)
         g2 = cpu_kernel.as_rows(g, m)
         want_x = ctx.needs_input_grad[0]
         gx, grads = None, []
