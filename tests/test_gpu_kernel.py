@@ -8,6 +8,7 @@ Triton is not installed."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -152,7 +153,7 @@ def test_autograd_node_matches_eager(device, method):
             out = _BlockRankUpdate.apply(zz, vv, coefs)
             y = torch.cat([out, out * 2, out], -1) + 0.0
             spans = ((0, nb * k, coefs), (2 * nb * k, 3 * nb * k, coefs))
-            o = _OutputRowsUpdate.apply(y, bb, True, spans, False, vv, v2)
+            o = _OutputRowsUpdate.apply(y, bb, True, spans, False, None, vv, v2)
         ((o * torch.cat([g, g, -g], -1)).sum() + (out * g).sum()).backward()
         return o.detach(), zz.grad, vv.grad, bb.grad
 
@@ -360,8 +361,11 @@ def test_kernels_rebuild_marked_inputs(device, method, dtype, monkeypatch):
         return grads, kept_bytes(model, idx)
 
     grads = torch.autograd.grad(model(idx).float().square().mean(), params)
-    # per block: norm_2's output (fc_1 and fc_2: two consumers), the MLP product (proj); norm_1's (qkv) after block 0
-    assert sorted(type(z).__name__ for z in given) == ["ProductRows"] * 2 + ["ScaledRows"] * 5
+    # per block: norm_2's output (fc_1 and fc_2: two consumers), the MLP product (proj); norm_1's (qkv) after block 0.
+    # ETHER+HH's output side on proj rebuilds the product first (it keeps proj's input, not its output), and the
+    # input side reads that rebuild
+    products = ["ProductRows"] * 2 if method == "ether" else []
+    assert sorted(type(z).__name__ for z in given) == products + ["ScaledRows"] * 5
     kept = kept_bytes(model, idx)
     with recompute.disabled():
         grads_kept, kept_without = run()
@@ -369,6 +373,42 @@ def test_kernels_rebuild_marked_inputs(device, method, dtype, monkeypatch):
         assert torch.equal(a, b)
     T = idx.numel()  # per block: norm_2's output and the MLP product; norm_1's after block 0 (see test_recompute)
     assert kept_without - kept == (2 * T * 32 + 2 * T * 48 + T * 32) * dtype.itemsize
+
+
+@direct
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_side_keeps_the_layers_input(device, dtype, monkeypatch):
+    """ETHER+HH on the kernels: the output sides of attention's and the MLP's projections (which do not widen their
+    input) keep the layer's input, which autograd keeps anyway, instead of their output: one activation fewer per
+    projection, and gradients at least as close to float64's as keeping the output gives (on a GPU the products
+    run in bfloat16 halves with float32 accumulation)."""
+    from lit_gpt import GPT, Config
+    from lit_gpt.adapters import ether
+    from test_output_side import kept_bytes
+
+    torch.manual_seed(0)
+    config = Config(name="t", block_size=16, vocab_size=64, padded_vocab_size=64, n_layer=1, n_head=4, n_embd=32,
+                    n_query_groups=2, intermediate_size=64, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                    bias=True)
+    ref = apply_adapters(GPT(config).double(), AdapterConfig(method="etherplusHH", nb=4, targets=["all-linear"]))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.3) if p.ndim > 1 or not p.requires_grad else p.normal_()
+    model = copy.deepcopy(ref).to(device, dtype)
+    idx = torch.randint(0, 64, (2, 16), device=device)
+
+    def grads(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        return torch.autograd.grad(m(idx).double().square().mean(), params)
+
+    expected = grads(ref.to(device))
+    new, kept_new = grads(model), kept_bytes(model, idx)
+    monkeypatch.setattr(ether.HouseholderTransform, "output_side_keeps_input", False)
+    old, kept_old = grads(model), kept_bytes(model, idx)
+    assert kept_old - kept_new == config.n_layer * 2 * idx.numel() * config.n_embd * dtype.itemsize
+    err = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    for a, b, e in zip(new, old, expected):
+        assert err(a, e) <= 1.5 * err(b, e) + (1e-6 if dtype == torch.float32 else 1e-3)
 
 
 @pytest.mark.skipif(not CUDA, reason="bfloat16 runs on the GPU")

@@ -51,7 +51,7 @@ def test_output_rows_update_is_the_formula_and_its_gradients(path, method, with_
 
     def ours(y0, bias, *vecs):
         y = y0 * 1.0 if bias is None else y0 + bias  # a fresh GEMM-like output holding the bias, as F.linear's
-        return ether._OutputRowsUpdate.apply(y, bias, in_place, spans, False, *vecs)
+        return ether._OutputRowsUpdate.apply(y, bias, in_place, spans, False, None, *vecs)
 
     def formula(y0, bias, *vecs):
         pieces, at = [], 0
@@ -80,7 +80,7 @@ def test_in_place_keeps_the_output_and_spends_no_new_tensor():
     vecs = F.normalize(torch.randn(2, 4, 4), dim=-1).requires_grad_()
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        out = ether._OutputRowsUpdate.apply(y, None, True, ((0, 16, (-1.0, 1.0)),), False, vecs)
+        out = ether._OutputRowsUpdate.apply(y, None, True, ((0, 16, (-1.0, 1.0)),), False, None, vecs)
     assert out.data_ptr() == ptr  # updated where it lies
     assert any(t.data_ptr() == ptr for t in kept)  # and the updated tensor is what backward keeps
     out.sum().backward()

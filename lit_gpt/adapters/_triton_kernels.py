@@ -86,11 +86,11 @@ def fwd(
 
 @triton.jit
 def bwd(
-    g_ptr, sg, z_ptr, sz, z2_ptr, sz2, z3_ptr, w0_ptr, w1_ptr, keep_ptr, c_ptr, gz_ptr, sgz, pv_ptr, pg_ptr, T, NB,
-    K, P, NT, eps,
+    g_ptr, sg, z_ptr, sz, z2_ptr, sz2, z3_ptr, w0_ptr, w1_ptr, keep_ptr, c_ptr, d_ptr, gz_ptr, sgz, pv_ptr, pg_ptr,
+    T, NB, K, P, NT, eps,
     S0: tl.constexpr, S1: tl.constexpr, J: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
     WANT_GZ: tl.constexpr, ACCUMULATE: tl.constexpr, WANT_V: tl.constexpr, WANT_GRAM: tl.constexpr,
-    ACC2D: tl.constexpr, ZFORM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    ACC2D: tl.constexpr, ZFORM: tl.constexpr, STORE_D: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     # program (p, i) takes the token tiles p, p + P, p + 2P, ... < NT of block i (one tile when P == NT), summing
     # its share of the vector gradient sum_t (c_tj g_t + d_tj z_t) and of the gram sums; partials go to pv/pg[p].
@@ -98,7 +98,9 @@ def bwd(
     # end, instead of a reduction across the tile's rows on every loop step. ACCUMULATE: gz += H g, not gz = H g.
     # gz may be g itself (in place): a program reads each of its tiles before it writes it, and no other reads it.
     # ZFORM: how the input z is given (`_rows`): 0 z itself; 1 an RMSNorm's parts, z = w * (x * r) (`ScaledRows`:
-    # x at z_ptr, r at z2_ptr, w at z3_ptr); 2 the MLP product's factors, z = x * y (`ProductRows`: y at z2_ptr)
+    # x at z_ptr, r at z2_ptr, w at z3_ptr); 2 the MLP product's factors, z = x * y (`ProductRows`: y at z2_ptr);
+    # 3 no z: the partial sums take only sum_t c_tj g_t, and the caller adds sum_t d_tj z_t from the projections
+    # d_tj = ŵ_jᵀ g_t, which STORE_D writes to d_ptr ((J, T, NB), like c)
     p = tl.program_id(0)
     i = tl.program_id(1)
     cols = tl.arange(0, BK)
@@ -133,7 +135,20 @@ def bwd(
         if J == 2:
             d1 = tl.sum(g * w1[None, :], axis=1)
             c1 = tl.load(c_ptr + (T + rows) * NB + i, mask=rmask, other=0.0)
-        if WANT_V:
+        if STORE_D:
+            tl.store(d_ptr + rows * NB + i, d0, mask=rmask)
+            if J == 2:
+                tl.store(d_ptr + (T + rows) * NB + i, d1, mask=rmask)
+        if WANT_V and ZFORM == 3:
+            if ACC2D:
+                a0 += c0[:, None] * g
+                if J == 2:
+                    a1 += c1[:, None] * g
+            else:
+                a0 += tl.sum(c0[:, None] * g, axis=0)
+                if J == 2:
+                    a1 += tl.sum(c1[:, None] * g, axis=0)
+        elif WANT_V:
             z = _rows(z_ptr, sz, z2_ptr, sz2, wz, r64, rows, rmask, i * K + cols[None, :], mask,
                       g_ptr.dtype.element_ty, ZFORM)
             if ACC2D:

@@ -12,6 +12,7 @@ weight is ever formed during training (`blocks()` exists for merging only).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -387,15 +388,26 @@ class _OutputRowsUpdate(torch.autograd.Function):
     Each span's vectors come as one `(J, nb, k)` tensor of unit vectors or, with `raw` (the GPU kernels), as the
     span's float32 keep factors (or None) and its raw parameters, which the kernels normalise themselves and whose
     gradients they return (rebuilding `z` included), as `_RawVectorUpdate` does for the input side.
+
+    `source` (raw and `in_place` only): `(in_spans, n)` when `y` is a frozen GEMM's output `W x' + b` whose input
+    `x`, `W` and its input spans' raw inputs are the last `n` of `inputs` (`x`, `W`, then per transformed span of
+    `in_spans`, `(lo, hi, coefs or None)` as for `_GroupedLinear`, its keep factors and raw parameters: `x'` is `x`
+    with those transforms). Then the node keeps `x` (or what rebuilds it: `lit_gpt.recompute`) instead of its
+    output, and takes the vector gradient's `sum_t d_t z_t` with `z = W x'` as `W (sum_t d_t x'_t)` per block, a
+    small product: for the projections into the residual stream, whose outputs nothing else keeps while the input
+    is kept anyway (attention's output, the MLP product's factors), that is one activation fewer per layer.
     """
 
     @staticmethod
-    def forward(ctx, y, bias, in_place, spans, raw, *inputs):
+    def forward(ctx, y, bias, in_place, spans, raw, source, *inputs):
         m = y.shape[-1]
         y2 = y.view(-1, m)
         out = y if in_place else torch.empty_like(y)  # the tensor itself is returned: code after may modify it
         out2 = out.view(-1, m)
         cs, kernel = [], []
+        src = ()
+        if source is not None:
+            inputs, src = inputs[: len(inputs) - source[1]], inputs[len(inputs) - source[1]:]
         for (lo, hi, coefs), vecs in zip(spans, _span_inputs(spans, raw, inputs)):
             zs, os_ = (y2, out2) if (lo, hi) == (0, m) else (y2[:, lo:hi], out2[:, lo:hi])
             if raw:
@@ -411,32 +423,55 @@ class _OutputRowsUpdate(torch.autograd.Function):
             for lo, hi in _gaps(spans, m):
                 out2[:, lo:hi] = y2[:, lo:hi]
         ctx.spans, ctx.kernel, ctx.in_place, ctx.raw, ctx.n_inputs = spans, kernel, in_place, raw, len(inputs)
+        ctx.source = None if source is None else source[0]
         if in_place:
             ctx.mark_dirty(y)
-        ctx.save_for_backward(y, bias, *inputs, *cs)
+        if source is None:
+            ctx.save_for_backward(y, bias, *inputs, *cs)
+        else:  # x (or what rebuilds it), W and the input spans' raw inputs in place of the output
+            x, *rest = src
+            ctx.save_for_backward(*recompute.keep_rows(ctx, x, x.reshape(-1, x.shape[-1])), bias, *inputs, *cs,
+                                  *rest)
         return out
 
     @staticmethod
     def backward(ctx, g):
         spans, raw = ctx.spans, ctx.raw
-        kept, bias, *rest = ctx.saved_tensors
-        groups, cs = _span_inputs(spans, raw, rest[: ctx.n_inputs]), rest[ctx.n_inputs:]
         m = g.shape[-1]
-        g2, kept2 = cpu_kernel.as_rows(g, m), kept.view(-1, m)
+        if ctx.source is None:
+            kept, bias, *rest = ctx.saved_tensors
+            kept2 = kept.view(-1, m)
+        else:
+            x2, (bias, *rest) = recompute.rows(ctx, ctx.saved_tensors)
+            kept2 = None
+            rest, (W, *in_inputs) = rest[: ctx.n_inputs + len(spans)], rest[ctx.n_inputs + len(spans):]
+            in_spans = ctx.source
+            in_groups = _span_inputs(in_spans, True, in_inputs)
+        groups, cs = _span_inputs(spans, raw, rest[: ctx.n_inputs]), rest[ctx.n_inputs:]
+        g2 = cpu_kernel.as_rows(g, m)
         want_y, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gy = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if want_y or want_bias else None
         if gy is not None:
             for lo, hi in _gaps(spans, m):
                 gy[:, lo:hi] = g2[:, lo:hi]
         gbias = torch.zeros(m, dtype=compute_dtype(g), device=g.device) if want_bias else None
-        grads, at = [], 5  # the inputs after (y, bias, in_place, spans, raw)
+        grads, at = [], 6  # the inputs after (y, bias, in_place, spans, raw, source)
         for i, ((lo, hi, coefs), vecs, c) in enumerate(zip(spans, groups, cs)):
             full = (lo, hi) == (0, m)
-            gs, zs = (g2, kept2) if full else (g2[:, lo:hi], kept2[:, lo:hi])
+            gs = g2 if full else g2[:, lo:hi]
+            zs = None if kept2 is None else kept2 if full else kept2[:, lo:hi]
             gzs = (gy if full else gy[:, lo:hi]) if gy is not None else None
             want_v = any(ctx.needs_input_grad[at: at + len(vecs)])
             at += len(vecs)
-            if raw:
+            if raw and zs is None:  # z = W x' on these rows: its sums from the GEMM's input
+                (_, _, icoefs), ivecs = next(
+                    (sp, v) for sp, v in zip(in_spans, in_groups) if sp[0] <= lo and hi <= sp[1]
+                )
+                sums = functools.partial(_gemm_input_sums, x2=x2, W=W[lo:hi], coefs=icoefs, vecs=ivecs)
+                gw = gpu_kernel.backward_raw(gs, None, vecs[1:], vecs[0], coefs, NORM_EPS, c, gzs, want_v,
+                                             z_sums=sums)
+                grads += [None, *_param_grads(gw, len(vecs) - 1)]
+            elif raw:
                 bs = bias[lo:hi] if bias is not None else None
                 gw = gpu_kernel.backward_raw(gs, zs, vecs[1:], vecs[0], coefs, NORM_EPS, c, gzs, want_v,
                                              kept_output=ctx.in_place, bias=bs)
@@ -447,13 +482,16 @@ class _OutputRowsUpdate(torch.autograd.Function):
                                                    output_kept=ctx.in_place))
             if want_bias:  # the bias also enters as `- H b + b`: its own gradient is `g - H g` on these rows
                 gbias[lo:hi] = (gs.sum(0, dtype=gbias.dtype) - gzs.sum(0, dtype=gbias.dtype))
+        n_src = 0 if ctx.source is None else 2 + len(in_inputs)  # x, W and the input spans' raw inputs
         return (
             gy.view(g.shape) if want_y else None,
             gbias.to(bias.dtype) if want_bias else None,
             None,
             None,
             None,
+            None,
             *grads,
+            *[None] * n_src,
         )
 
 
@@ -498,6 +536,44 @@ class _SwiGLUOutputs(torch.autograd.Function):
         )
 
 
+def _gemm_input_sums(d: torch.Tensor, x2: torch.Tensor, W: torch.Tensor, coefs, vecs) -> torch.Tensor:
+    """`sum_t d_tj z_t` per block, float32 `(J, nb, k)`, for an output-side transform on `z = W x'` (bias left out:
+    the transform acts on `z`), from the projections `d` `(J, tokens, nb)`, the GEMM's input rows `x2` and its
+    rows `W` `(nb * k, in)`: `W_i (sum_t d_tji x'_t)` for block `i`, where `x' = H x` with the input span's raw
+    inputs `vecs` (keep factors and parameters; none and `coefs` None: `x' = x`). `H` acts on each token's row
+    alone, so it moves out of the sum: the sums over tokens are one skinny product with `x`, `H` then runs on
+    `J * nb` rows, and `W` is read once."""
+    J, T, nb = d.shape
+    k = W.shape[0] // nb
+    M = _float32_product(d.permute(2, 0, 1).reshape(nb * J, T), x2)  # rows (i, j): sum_t d_tji x_t
+    if coefs is not None:
+        M = gpu_kernel.forward_raw(M, list(vecs[1:]), vecs[0], coefs, NORM_EPS)[0]
+    # every row times all of W (nb times the arithmetic needed, but one well-shaped GEMM that reads W once, where
+    # a batch of nb matrix-vector products runs far slower), then block i of rows (i, j)
+    out = _float32_product(M, W.t()).view(nb, J, nb, k)
+    return torch.diagonal(out, dim1=0, dim2=2).permute(0, 2, 1)
+
+
+_out_dtype_products = [True]  # whether torch.mm takes out_dtype here (CUDA builds of recent PyTorch)
+
+
+def _float32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` in float32 for a float32 `a` with few rows and a `b` that may be bfloat16/float16: on CUDA `a` is
+    split into a high and a low half of `b`'s dtype (together exact to about 16 bits) and both run through one GEMM
+    with float32 accumulation and output, so `b` is never copied to float32; elsewhere `b` is taken to float32."""
+    low = b.dtype
+    if low == torch.float32:
+        return a @ b
+    if a.is_cuda and _out_dtype_products[0]:
+        try:
+            hi = a.to(low)
+            out = torch.mm(torch.cat([hi, (a - hi.float()).to(low)]), b, out_dtype=torch.float32)
+            return out[: a.shape[0]] + out[a.shape[0]:]
+        except (TypeError, RuntimeError):  # a PyTorch without out_dtype: the copy below
+            _out_dtype_products[0] = False
+    return a @ b.float()
+
+
 def _param_grads(gw: Optional[torch.Tensor], n: int) -> list[Optional[torch.Tensor]]:
     """The `n` raw parameters' gradients from `gpu_kernel.backward_raw`'s `(n, nb, k)` result (None: not wanted)."""
     return list(gw.unbind(0)) if gw is not None else [None] * n
@@ -536,6 +612,10 @@ class HouseholderTransform(BlockTransform):
     # the product (`swiglu_outputs`); False runs them as their layers' own passes and the SiLU and product as
     # PyTorch operations (`bench/ab_step.py --b lit_gpt.adapters.ether:HouseholderTransform.fuse_swiglu=False`)
     fuse_swiglu = True
+    # On the GPU kernels, the output side of a layer that does not widen its input keeps the layer's input (kept
+    # anyway) in place of its output (`_OutputRowsUpdate`'s `source`); False keeps the output
+    # (`bench/ab_step.py --b lit_gpt.adapters.ether:HouseholderTransform.output_side_keeps_input=False`)
+    output_side_keeps_input = True
 
     def __init__(
         self,
@@ -585,10 +665,12 @@ class HouseholderTransform(BlockTransform):
 
     @staticmethod
     def apply_output_rows(
-        y: torch.Tensor, bias: Optional[torch.Tensor], parts: list, in_place: bool
+        y: torch.Tensor, bias: Optional[torch.Tensor], parts: list, in_place: bool, source: Optional[tuple] = None
     ) -> torch.Tensor:
-        """`H_s` on the rows `(lo, hi)` of the GEMM output `y` (bias not yet added) for every `(lo, hi, transform)`
-        of `parts`, then `+ bias`: one autograd node per layer (`_OutputRowsUpdate`)."""
+        """`H_s (y_s - b_s) + b_s` on the rows `(lo, hi)` of the GEMM output `y = W x' + b` for every
+        `(lo, hi, transform)` of `parts`: one autograd node per layer (`_OutputRowsUpdate`). `source`, `(x, W,
+        in_spans, in_inputs)` as given to `_GroupedLinear`, lets the GPU kernels' node keep the GEMM's input in
+        place of the output (see there)."""
         m = y.shape[-1]
         y2 = y.view(-1, m)
         raw = all(
@@ -601,7 +683,13 @@ class HouseholderTransform(BlockTransform):
                 inputs += t.raw_inputs(y.device)
             else:
                 inputs.append(t.unit_vectors(t.keep_mask(y.device)).to(y.dtype))
-        return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), raw, *inputs)
+        spec = None
+        if source is not None and raw and in_place and source[0].is_contiguous():  # x's rows: no copy to keep
+            x, W, in_spans, in_inputs = source
+            if all(any(ilo <= lo and hi <= ihi for ilo, ihi, _ in in_spans) for lo, hi, _ in spans):
+                spec = (in_spans, 2 + len(in_inputs))
+                inputs += [x, W, *in_inputs]
+        return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), raw, spec, *inputs)
 
     @staticmethod
     def swiglu_runs(x: torch.Tensor, transforms: list) -> bool:
@@ -690,7 +778,11 @@ class HouseholderTransform(BlockTransform):
                     inputs.append(vecs)
         y = _GroupedLinear.apply(x, W, bias, tuple(spans), tuple(outs), raw, *inputs)
         if raw and outputs:
-            y = HouseholderTransform.apply_output_rows(y, bias, list(outputs), True)
+            # a layer that does not widen its input (attention's and the MLP's projections into the residual
+            # stream): nothing after it keeps its output, so the output side keeps the GEMM's input instead
+            narrow = HouseholderTransform.output_side_keeps_input and W.shape[0] <= W.shape[1]
+            source = (x, W, tuple(spans), inputs) if narrow else None
+            y = HouseholderTransform.apply_output_rows(y, bias, list(outputs), True, source=source)
         return y
 
     def rank_update(self, x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

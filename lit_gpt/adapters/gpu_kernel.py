@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -186,8 +186,10 @@ def _forward(z, vecs, coefs, out, beta, keep, normalize: bool, eps: float, bias=
     return out, c
 
 
-def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: bool, eps: float, accumulate=False):
-    """Launches the backward kernel; returns the partial sums `(pv, pg)` (P leading) and P."""
+def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: bool, eps: float, accumulate=False,
+              d=None):
+    """Launches the backward kernel; returns the partial sums `(pv, pg)` (P leading) and P. `z` None (with `d`, a
+    `(J, tokens, nb)` float32 buffer for the projections `ŵ_jᵀ g_t`): the partial sums leave out `sum_t d_tj z_t`."""
     bwd = _load()[1]
     J, (nb, k) = len(vecs), vecs[0].shape
     ntok = g.numel() // (nb * k)
@@ -202,14 +204,15 @@ def _backward(g, z, vecs, coefs, c, gz, want_vecs, want_gram, keep, normalize: b
         return pv, pg, P
     s0, s1 = _coefs(coefs)
     w0, w1 = _vectors(vecs)
-    zform, (za, sza, zb, szb, zc) = _input_args(z if want_vecs else g)
+    zform, (za, sza, zb, szb, zc) = _input_args(z if want_vecs and z is not None else g)
     bwd[(P, nb)](
         g, row_stride(g), za, sza, zb, szb, zc, w0, w1,
-        keep if keep is not None else c, c, gz if gz is not None else g, row_stride(gz) if gz is not None else 0,
+        keep if keep is not None else c, c, d if d is not None else c, gz if gz is not None else g,
+        row_stride(gz) if gz is not None else 0,
         pv if pv is not None else c, pg if pg is not None else c, ntok, nb, k, P, tiles, eps,
         S0=s0, S1=s1, J=J, NORMALIZE=normalize, HAS_KEEP=keep is not None, WANT_GZ=gz is not None,
         ACCUMULATE=accumulate and gz is not None, WANT_V=want_vecs, WANT_GRAM=want_gram, ACC2D=cfg["acc2d"],
-        ZFORM=zform, BT=bt, BK=bk, num_warps=cfg["warps"],
+        ZFORM=3 if z is None else zform, STORE_D=d is not None, BT=bt, BK=bk, num_warps=cfg["warps"],
     )
     return pv, pg, P
 
@@ -310,18 +313,28 @@ def backward_raw(
     kept_output: bool = False,
     bias: Optional[torch.Tensor] = None,
     accumulate: bool = False,
+    z_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Optional[torch.Tensor]:
     """`H g` into `gz` (None skips it) and, with `want_params`, the gradients of the raw parameters as one
     `(J, nb, k)` tensor in their dtype: the vector gradient's partial sums are added up and taken through the
     normalisation by a second small kernel. The output side keeps a tensor other than the transform's input `z`
     and passes that as `z`: the kept output `H z + b` (`kept_output`) or `z + b` (`bias` alone, contiguous
-    `(nb * k,)`); the second kernel then makes the gradient the one with `z` (as `ether._rebuild_z`).
+    `(nb * k,)`); the second kernel then makes the gradient the one with `z` (as `ether._rebuild_z`). Or it keeps
+    what makes `z` another way (a GEMM's input) and passes `z=None` and `z_sums`: a function of the float32
+    `(J, tokens, nb)` projections `d_tj = ŵ_jᵀ g_t` that returns the float32 `(J, nb, k)` sums `sum_t d_tj z_t`.
     `accumulate` adds `H g` to `gz` instead of overwriting it; `gz` may be `g` itself (in place)."""
-    rebuild = want_params and (kept_output or bias is not None)
-    pv, pg, P = _backward(g, z, params, coefs, c, gz, want_params, rebuild, keep, True, eps, accumulate)
+    assert (z is None) == (z_sums is not None)
+    rebuild = want_params and z is not None and (kept_output or bias is not None)
+    nb, k = params[0].shape
+    d = None
+    if want_params and z is None:
+        d = torch.empty(len(params), g.numel() // (nb * k), nb, dtype=torch.float32, device=g.device)
+    pv, pg, P = _backward(g, z, params, coefs, c, gz, want_params, rebuild, keep, True, eps, accumulate, d=d)
     if not want_params:
         return None
-    nb, k = params[0].shape
+    if d is not None:  # the partial sums lack sum_t s_j d_tj z_t: added to the first
+        for j, (s_j, zs) in enumerate(zip(coefs, z_sums(d))):
+            pv[0, j].add_(zs, alpha=s_j)
     gw = torch.empty(len(params), nb, k, dtype=params[0].dtype, device=g.device)
     bk = _pow2(k)
     bp = max(1, min(_pow2(P), FINISH_ELEMENTS // bk))
