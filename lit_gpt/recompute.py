@@ -126,6 +126,11 @@ def rows_or_parts(
     return z, None, (), rest
 
 
+def marked(t: torch.Tensor) -> bool:
+    """Whether `t` carries a recipe: what rebuilds it is kept by autograd anyway."""
+    return getattr(t, _ATTR, None) is not None
+
+
 def keeps(t: torch.Tensor) -> bool:
     """Whether autograd keeps what an operation on `t` saves: grad mode is on and `t` requires grad."""
     return torch.is_grad_enabled() and t.requires_grad

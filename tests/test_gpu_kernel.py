@@ -376,12 +376,16 @@ def test_kernels_rebuild_marked_inputs(device, method, dtype, monkeypatch):
 
 
 @direct
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_output_side_keeps_the_layers_input(device, dtype, monkeypatch):
+@pytest.mark.parametrize(("dtype", "method", "flip"), [(torch.float32, "etherplusHH", False),
+                                                      (torch.bfloat16, "etherplusHH", False),
+                                                      (torch.float32, "ether", True)])
+def test_output_side_keeps_the_layers_input(device, dtype, method, flip, monkeypatch):
     """ETHER+HH on the kernels: the output sides of attention's and the MLP's projections (which do not widen their
-    input) keep the layer's input, which autograd keeps anyway, instead of their output: one activation fewer per
-    projection, and gradients at least as close to float64's as keeping the output gives (on a GPU the products
-    run in bfloat16 halves with float32 accumulation)."""
+    input) keep the layer's input, which autograd keeps anyway (for the input side), instead of their output: one
+    activation fewer per projection, and gradients at least as close to float64's as keeping the output gives (on a
+    GPU the products run in bfloat16 halves with float32 accumulation). An output-side-only ETHER does so where the
+    input's parts are kept anyway (the MLP product), not on attention's output (after some attention kernels a copy
+    that nothing else keeps)."""
     from lit_gpt import GPT, Config
     from lit_gpt.adapters import ether
     from test_output_side import kept_bytes
@@ -390,7 +394,8 @@ def test_output_side_keeps_the_layers_input(device, dtype, monkeypatch):
     config = Config(name="t", block_size=16, vocab_size=64, padded_vocab_size=64, n_layer=1, n_head=4, n_embd=32,
                     n_query_groups=2, intermediate_size=64, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
                     bias=True)
-    ref = apply_adapters(GPT(config).double(), AdapterConfig(method="etherplusHH", nb=4, targets=["all-linear"]))
+    cfg = AdapterConfig(method=method, nb=4, targets=["all-linear"], flip_side=flip)
+    ref = apply_adapters(GPT(config).double(), cfg)
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0.0, 0.3) if p.ndim > 1 or not p.requires_grad else p.normal_()
@@ -405,7 +410,8 @@ def test_output_side_keeps_the_layers_input(device, dtype, monkeypatch):
     new, kept_new = grads(model), kept_bytes(model, idx)
     monkeypatch.setattr(ether.HouseholderTransform, "output_side_keeps_input", False)
     old, kept_old = grads(model), kept_bytes(model, idx)
-    assert kept_old - kept_new == config.n_layer * 2 * idx.numel() * config.n_embd * dtype.itemsize
+    projections = 1 if flip else 2
+    assert kept_old - kept_new == config.n_layer * projections * idx.numel() * config.n_embd * dtype.itemsize
     err = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
     for a, b, e in zip(new, old, expected):
         assert err(a, e) <= 1.5 * err(b, e) + (1e-6 if dtype == torch.float32 else 1e-3)

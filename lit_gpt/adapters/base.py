@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_gpt import recompute
 from lit_gpt.adapters.config import ALL_LINEAR, GPT_TARGETS, AdapterConfig
 
 FULL = "full"  # the slice name of a layer adapted as a whole
@@ -279,7 +280,14 @@ class AdaptedLinear(nn.Module):
                 if y is not None:
                     return y
             y = F.linear(ad.input(xd) if ad.input is not None else xd, W, b)
-            return self._output_side(y, b, outputs) if outputs else y
+            if not outputs:
+                return y
+            # the GEMM's input, for an output side that keeps it in place of the output (ETHER's on the GPU), where
+            # keeping it is free: what rebuilds it is kept anyway (the MLP product's factors). Nothing else need keep
+            # an unmarked input (attention's output is a copy after some attention kernels)
+            plain = ad.input is None and not dropping and not W.requires_grad and recompute.marked(x)
+            source = (x, W, ((0, m, None),), []) if plain else None
+            return self._output_side(y, b, outputs, source)
 
         inputs = [ad for *_, ad in adapted if ad.input is not None]
         if not dropping and (not inputs or (self.fused_low_rank and all(ad.low_rank_input() for ad in inputs))):
@@ -360,12 +368,15 @@ class AdaptedLinear(nn.Module):
             return y
         return self._output_side(y, b, outputs)
 
-    def _output_side(self, y: torch.Tensor, b: Optional[torch.Tensor], outputs: list) -> torch.Tensor:
+    def _output_side(
+        self, y: torch.Tensor, b: Optional[torch.Tensor], outputs: list, source: Optional[tuple] = None
+    ) -> torch.Tensor:
         """`H_s (y_s - b_s) + b_s` on the rows `(lo, hi)` of the fresh GEMM output `y = W x' + b` for every
-        `(lo, hi, transform)` of `outputs`; the other rows are `y`'s."""
+        `(lo, hi, transform)` of `outputs`; the other rows are `y`'s. `source`: `(x, W, spans, inputs)` of a GEMM
+        of the plain input (one span, no input transform), for methods whose output side can keep the input."""
         kind = type(outputs[0][2])  # one method per layer: every slice's transform is of this type
         if hasattr(kind, "apply_output_rows"):
-            return kind.apply_output_rows(y, b, outputs, self.in_place_outputs)
+            return kind.apply_output_rows(y, b, outputs, self.in_place_outputs, source=source)
         pieces, at = [], 0
         for lo, hi, t in outputs:
             if lo > at:

@@ -612,7 +612,8 @@ class HouseholderTransform(BlockTransform):
     # the product (`swiglu_outputs`); False runs them as their layers' own passes and the SiLU and product as
     # PyTorch operations (`bench/ab_step.py --b lit_gpt.adapters.ether:HouseholderTransform.fuse_swiglu=False`)
     fuse_swiglu = True
-    # On the GPU kernels, the output side of a layer that does not widen its input keeps the layer's input (kept
+    # On the GPU kernels, the output side of a layer that does not widen its input (attention's and the MLP's
+    # projections into the residual stream, whose outputs nothing after them keeps) keeps the layer's input (kept
     # anyway) in place of its output (`_OutputRowsUpdate`'s `source`); False keeps the output
     # (`bench/ab_step.py --b lit_gpt.adapters.ether:HouseholderTransform.output_side_keeps_input=False`)
     output_side_keeps_input = True
@@ -684,7 +685,9 @@ class HouseholderTransform(BlockTransform):
             else:
                 inputs.append(t.unit_vectors(t.keep_mask(y.device)).to(y.dtype))
         spec = None
-        if source is not None and raw and in_place and source[0].is_contiguous():  # x's rows: no copy to keep
+        if (source is not None and raw and in_place and HouseholderTransform.output_side_keeps_input
+                and source[1].shape[0] <= source[1].shape[1]  # a layer that does not widen its input
+                and source[0].is_contiguous() and source[0].dtype == y.dtype):  # x's rows: no copy to keep
             x, W, in_spans, in_inputs = source
             if all(any(ilo <= lo and hi <= ihi for ilo, ihi, _ in in_spans) for lo, hi, _ in spans):
                 spec = (in_spans, 2 + len(in_inputs))
@@ -778,10 +781,7 @@ class HouseholderTransform(BlockTransform):
                     inputs.append(vecs)
         y = _GroupedLinear.apply(x, W, bias, tuple(spans), tuple(outs), raw, *inputs)
         if raw and outputs:
-            # a layer that does not widen its input (attention's and the MLP's projections into the residual
-            # stream): nothing after it keeps its output, so the output side keeps the GEMM's input instead
-            narrow = HouseholderTransform.output_side_keeps_input and W.shape[0] <= W.shape[1]
-            source = (x, W, tuple(spans), inputs) if narrow else None
+            source = (x, W, tuple(spans), inputs)
             y = HouseholderTransform.apply_output_rows(y, bias, list(outputs), True, source=source)
         return y
 
