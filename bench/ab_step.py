@@ -119,8 +119,8 @@ def main(
             after = timed("floor")
             ratios[name].append(t / ((before + after) / 2))
             before = after
-    print(f"{method} on {targets}, {shape} shape, {n_layer} layers, {batch_size} x {seq_len} tokens, {dtype} on {device}, "
-          f"{threads} threads; {rounds} rounds; torch {torch.__version__}")
+    print(f"{method} on {targets}, {shape} shape, {n_layer} layers, {batch_size} x {seq_len} tokens, "
+          f"{dtype} on {device}, {threads} threads; {rounds} rounds; torch {torch.__version__}")
     print("| setting | step / floor (median) | min | max |")
     print("|---|---|---|---|")
     for name, spec in (("A", a), ("B", b)):

@@ -863,7 +863,8 @@ def _build(cc: str) -> Path:
         src = Path(tmp) / "householder.c"
         src.write_text(_SOURCE, encoding="utf-8")
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True,
+                              timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
         os.replace(out, target)  # atomic: a concurrent process either sees the whole library or none

@@ -554,7 +554,7 @@ def _gemm_input_sums(d: torch.Tensor, x2: torch.Tensor, W: torch.Tensor, coefs, 
     return torch.diagonal(out, dim1=0, dim2=2).permute(0, 2, 1)
 
 
-_out_dtype_products = [True]  # whether torch.mm takes out_dtype here (CUDA builds of recent PyTorch)
+_mm_out_dtype = True  # whether torch.mm takes out_dtype here (CUDA builds of recent PyTorch)
 
 
 def _float32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -564,13 +564,14 @@ def _float32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     low = b.dtype
     if low == torch.float32:
         return a @ b
-    if a.is_cuda and _out_dtype_products[0]:
+    global _mm_out_dtype
+    if a.is_cuda and _mm_out_dtype:
         try:
             hi = a.to(low)
             out = torch.mm(torch.cat([hi, (a - hi.float()).to(low)]), b, out_dtype=torch.float32)
             return out[: a.shape[0]] + out[a.shape[0]:]
         except (TypeError, RuntimeError):  # a PyTorch without out_dtype: the copy below
-            _out_dtype_products[0] = False
+            _mm_out_dtype = False
     return a @ b.float()
 
 
