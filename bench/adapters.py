@@ -46,6 +46,7 @@ from lit_gpt import GPT, Config, recompute  # noqa: E402
 from lit_gpt.adapters import (  # noqa: E402
     AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, cpu_kernel, gpu_kernel,
 )
+from lit_gpt.adapters.ether import HouseholderTransform  # noqa: E402
 from lit_gpt.adapters.lora import LoRAAdapter  # noqa: E402
 
 SHAPES = {
@@ -107,14 +108,19 @@ def make_step(model: nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, devi
 def path_of(model: nn.Module):
     """The eager variants run the Householder update without the fused kernels (`cpu_kernel`, `gpu_kernel`); the
     `inputs kept` ones keep every adapted layer's input instead of rebuilding norm outputs and the MLP product in
-    backward (`lit_gpt.recompute`); `per slice` LoRA adds each slice's product as its own autograd node, as before
-    `_LoRALinear`."""
+    backward (`lit_gpt.recompute`); the `projections keep ...` one runs ETHER+HH's output sides of the projections
+    into the residual stream the other way than the device's default (keeping the layer's input or its output,
+    `HouseholderTransform.output_side_keeps_input` / `cpu_output_side_keeps_input`); `per slice` LoRA adds each
+    slice's product as its own autograd node, as before `_LoRALinear`."""
     stack = contextlib.ExitStack()
     if getattr(model, "bench_eager", False):
         stack.enter_context(cpu_kernel.disabled())
         stack.enter_context(gpu_kernel.disabled())
     if getattr(model, "bench_keep_inputs", False):
         stack.enter_context(recompute.disabled())
+    if getattr(model, "bench_other_output_side", False):
+        attr = "output_side_keeps_input" if model.bench_device == "cuda" else "cpu_output_side_keeps_input"
+        stack.enter_context(mock.patch.object(HouseholderTransform, attr, not getattr(HouseholderTransform, attr)))
     if getattr(model, "bench_per_slice", False):  # LoRA's products added per slice, not one node per layer
         stack.enter_context(mock.patch.object(LoRAAdapter, "linear_slices", staticmethod(lambda *args: None)))
     return stack
@@ -249,11 +255,12 @@ def main(
 
     def ours(
         cfg: AdapterConfig, weight_centric: bool = False, low_rank: bool = False, eager: bool = False,
-        keep_inputs: bool = False, per_slice: bool = False,
+        keep_inputs: bool = False, per_slice: bool = False, other_output_side: bool = False,
     ) -> Callable[[], nn.Module]:
         def build() -> nn.Module:
             model = apply_adapters(lit_model(config, lit_sd, device), cfg)
             model.bench_eager, model.bench_keep_inputs, model.bench_per_slice = eager, keep_inputs, per_slice
+            model.bench_other_output_side, model.bench_device = other_output_side, device
             if weight_centric:
                 make_weight_centric(model)
             for _, layer in adapted_layers(model):
@@ -284,9 +291,16 @@ def main(
         if (cpu_kernel if device == "cpu" else gpu_kernel).available():
             # the same three without the fused kernel (C on the CPU, Triton on the GPU): what it buys
             variants += [
-                (f"{m} nb{nb} eager", "lit", tset, ours(AdapterConfig(method=m, nb=nb, targets=lit_targets), eager=True))
+                (f"{m} nb{nb} eager", "lit", tset,
+                 ours(AdapterConfig(method=m, nb=nb, targets=lit_targets), eager=True))
                 for m in ("ether", "etherplus", "etherplusHH")
             ]
+        if "projection" in lit_targets or "all-linear" in lit_targets:
+            keeps = HouseholderTransform.output_side_keeps_input if device == "cuda" else (
+                HouseholderTransform.cpu_output_side_keeps_input)
+            variants.append((f"etherplusHH nb{nb} projections keep {'outputs' if keeps else 'inputs'}", "lit", tset,
+                             ours(AdapterConfig(method="etherplusHH", nb=nb, targets=lit_targets),
+                                  other_output_side=True)))
         variants += [
             (f"etherplus nb{nb} inputs kept", "lit", tset,
              ours(AdapterConfig(method="etherplus", nb=nb, targets=lit_targets), keep_inputs=True)),
@@ -521,7 +535,12 @@ WHERE_THE_TIME_GOES = (
     "backward. So ETHER, ETHER+, OFT and LoRA keep about what the floor keeps. A transform on a layer's output "
     "(ETHER+HH) updates the GEMM output in place and keeps the result, from which backward rebuilds its input: "
     "attention keeps the fused QKV output and the MLP's product keeps fc_1's and fc_2's anyway, so only the two "
-    "projections into the residual stream (attention's output, the MLP's down projection) cost an activation each."
+    "projections into the residual stream (attention's output, the MLP's down projection) cost an activation each. "
+    "Those two can keep their input instead (kept anyway), taking the vector gradient's sum over tokens `sum_t d_t "
+    "z_t` as `W (sum_t d_t x'_t)`: a product with `2 nb` rows over the tokens and one that reads `W` once, about "
+    "6% of the layer's GEMM. By default they do on the GPU (`HouseholderTransform.output_side_keeps_input`), "
+    "where memory is short, and not on the CPU (`cpu_output_side_keeps_input`); the `projections keep ...` row "
+    "runs them the other way: what that saves and costs."
 )
 
 

@@ -38,7 +38,8 @@ def test_bench_runs_every_variant_on_a_tiny_model(capsys):
     from lit_gpt.adapters import cpu_kernel
 
     if cpu_kernel.available():
-        for label in ("ether nb32 eager", "etherplus nb32 eager", "etherplusHH nb32 eager"):
+        for label in ("ether nb32 eager", "etherplus nb32 eager", "etherplusHH nb32 eager",
+                      "etherplusHH nb32 projections keep inputs"):
             assert f"| {label} |" in out
     # ours and PEFT train the same number of parameters for LoRA and (upper-triangle) OFT
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3].strip()

@@ -366,8 +366,8 @@ def test_every_block_size_and_way_of_giving_z(dtype, k, coefs, n_threads, vector
     nothing to the dot products, the vector gradient or an accumulated gradient, and an update in place must not
     read numbers it has already written. Forward and backward against METHODS.md's blocks in float64, `z` given as
     rows (a column slice), as an RMSNorm's parts, as the MLP's product (both bit for bit the rows' result) and as
-    the kept output of an update in place with a bias; the input gradient in place and accumulated; the plain loops
-    (`VECTOR_CODE = False`) alike."""
+    the kept output of an update in place with a bias, or not at all (the sums without `z`, the projections
+    returned); the input gradient in place and accumulated; the plain loops (`VECTOR_CODE = False`) alike."""
     monkeypatch.setattr(cpu_kernel, "VECTOR_CODE", vector_code)
     torch.manual_seed(8)
     T, nb, J = 301, 3, len(coefs)  # two threads split the rows unevenly
@@ -415,6 +415,15 @@ def test_every_block_size_and_way_of_giving_z(dtype, k, coefs, n_threads, vector
         close(o, x @ H.T + b)
         _, gv, _ = cpu_kernel.backward(gs, cpu_kernel.OutputRows(o, bs), vs, coefs, c, None, True)
         close(gv, expected_gv(x, c))
+
+        # z not given: the sums leave out d_tj z_t and the projections d come back, for a caller that takes the
+        # rest from what made z (a GEMM's input)
+        _, c = cpu_kernel.forward(xs, vs, coefs)
+        dd = torch.full((J, T, nb), float("nan"), dtype=dtype)
+        gz, gv, _ = cpu_kernel.backward(gs, None, vs, coefs, c, torch.empty_like(gs), True, d=dd)
+        close(gz, g @ H)
+        close(dd, torch.einsum("tik,jik->jti", g.view(T, nb, k), vecs))
+        close(gv, s[:, None, None] * torch.einsum("jti,tik->jik", c.double(), g.view(T, nb, k)))
 
         # the input gradient in place of g, and added to what the target holds
         inplace = gs.clone()

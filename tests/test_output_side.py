@@ -198,3 +198,56 @@ def test_activation_checkpointing_recomputes_the_in_place_output_side():
         grads.append(torch.autograd.grad(model(idx).square().mean(), params))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel could not be built")
+@pytest.mark.parametrize(
+    ("dtype", "method", "flip", "block_dropout"),
+    [
+        (torch.float32, "etherplusHH", False, 0.0),
+        (torch.float64, "etherplusHH", False, 0.0),
+        (torch.float64, "etherplusHH", False, 0.5),
+        (torch.float32, "ether", True, 0.0),
+        (torch.float64, "etherplus", True, 0.5),
+    ],
+)
+def test_on_the_cpu_kernel_a_projection_keeps_its_input_not_its_output(dtype, method, flip, block_dropout,
+                                                                        monkeypatch):
+    """On the CPU kernel, when asked (`cpu_output_side_keeps_input`), the output sides of attention's and the MLP's
+    projections (layers that do not widen their input, whose outputs go straight into a residual sum) keep the
+    layer's input, which autograd keeps anyway, instead of their output: one activation fewer per projection (an
+    output-side-only ETHER: on the MLP's projection, whose input's factors the product keeps). The vector
+    gradient's `sum_t d_t z_t` is then taken as `W (sum_t d_t x'_t)`: the gradients match the eager path's in
+    float64 (with a bias, and with dropped blocks) and are as close to them in float32 as keeping the output
+    gives."""
+    torch.manual_seed(0)
+    config = Config(name="t", block_size=16, vocab_size=64, padded_vocab_size=64, n_layer=2, n_head=4, n_embd=32,
+                    n_query_groups=2, intermediate_size=64, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                    bias=True)
+    cfg = AdapterConfig(method=method, nb=4, targets=["all-linear"], flip_side=flip, block_dropout=block_dropout)
+    ref = apply_adapters(GPT(config).double(), cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.3) if p.ndim > 1 or not p.requires_grad else p.normal_()
+    model = copy.deepcopy(ref).to(dtype)
+    idx = torch.randint(0, 64, (2, 16))
+
+    def grads(m):
+        torch.manual_seed(1)  # the same dropped blocks in every run
+        params = [p for p in m.parameters() if p.requires_grad]
+        return torch.autograd.grad(m(idx).double().square().mean(), params)
+
+    with cpu_kernel.disabled():
+        expected = grads(ref)
+    monkeypatch.setattr(ether.HouseholderTransform, "cpu_output_side_keeps_input", True)
+    new, kept_new = grads(model), kept_bytes(model, idx)
+    monkeypatch.setattr(ether.HouseholderTransform, "cpu_output_side_keeps_input", False)  # the default
+    old, kept_old = grads(model), kept_bytes(model, idx)
+    projections = 1 if flip else 2
+    assert kept_old - kept_new == config.n_layer * projections * idx.numel() * config.n_embd * dtype.itemsize
+    err = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    for a, b, e in zip(new, old, expected):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+        else:
+            assert err(a, e) <= 1.5 * err(b, e) + 1e-6

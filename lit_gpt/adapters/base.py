@@ -282,7 +282,7 @@ class AdaptedLinear(nn.Module):
             y = F.linear(ad.input(xd) if ad.input is not None else xd, W, b)
             if not outputs:
                 return y
-            # the GEMM's input, for an output side that keeps it in place of the output (ETHER's on the GPU), where
+            # the GEMM's input, for an output side that keeps it in place of the output (ETHER's on the kernels), where
             # keeping it is free: what rebuilds it is kept anyway (the MLP product's factors). Nothing else need keep
             # an unmarked input (attention's output is a copy after some attention kernels)
             plain = ad.input is None and not dropping and not W.requires_grad and recompute.marked(x)

@@ -337,7 +337,8 @@ INLINE void make_z_##SUF(const T *restrict zp, int zmode, const T *restrict z2, 
 }                                                                                                              \
                                                                                                                \
 INLINE void bwd_rows_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2,        \
-                           long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
+                           long ldz2, const T *zcol, T *dout, const T *v, const double *s, const T *c, T *gz,  \
+                           long ldgz,                                                                          \
                            int accum, T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) { \
     long d = nb * k;                                                                                           \
     const int vg = VGEN_BWD(vec, k, J, SUF);                                                                   \
@@ -357,7 +358,7 @@ INLINE void bwd_rows_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, 
                 T zb[zmode ? kp : 1];                                                                          \
                 const T *zq = zp;                                                                              \
                 long zt = k - VL_##SUF;                                                                        \
-                if (zmode) zq = zb;                                                                            \
+                if (zmode && zmode != 4) zq = zb;                                                              \
                 if (zmode == 1 || zmode == 2) {                                                                \
                     if (vg) { vmake_z_##SUF(zp, zmode, z2, ldz2, zcol, t, i, k, zb); zt = kp - VL_##SUF; }     \
                     else make_z_##SUF(zp, zmode, z2, ldz2, zcol, t, i, k, zb);                                 \
@@ -382,7 +383,8 @@ INLINE void bwd_rows_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, 
                 }                                                                                              \
                 for (long j = 0; j < J; ++j) {                                                                 \
                     T *restrict ap = acc + (j * nb + i) * kp;                                                  \
-                    T cj = c[(j * ntok + t) * nb + i], dj = dd[j];                                             \
+                    T cj = c[(j * ntok + t) * nb + i], dj = zmode == 4 ? 0 : dd[j];                            \
+                    if (zmode == 4) dout[(j * ntok + t) * nb + i] = dd[j];                                     \
                     if (vg) vacc_block_##SUF(ap, cj, gp, dj, zq, zt, k);                                       \
                     else acc_block_##SUF(ap, cj, gp, dj, zq, k);                                               \
                 }                                                                                              \
@@ -409,10 +411,11 @@ static void fwd_range_##SUF(int vec, const T *z, long ldz, const T *v, const dou
     DISPATCH(fwd_rows_##SUF, vec, z, ldz, v, s, beta, out, ldo, c, lo, hi, ntok, nb)                           \
 }                                                                                                              \
 static void bwd_range_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2,       \
-                            long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
+                            long ldz2, const T *zcol, T *dout, const T *v, const double *s, const T *c, T *gz, \
+                            long ldgz,                                                                         \
                             int accum, T *acc, T *gram, long lo, long hi, long ntok, long nb, long k, long J) { \
-    DISPATCH(bwd_rows_##SUF, vec, g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, acc, gram, lo, \
-             hi, ntok, nb)                                                                                     \
+    DISPATCH(bwd_rows_##SUF, vec, g, ldg, z, ldz, zmode, z2, ldz2, zcol, dout, v, s, c, gz, ldgz, accum, acc, gram, \
+             lo, hi, ntok, nb)                                                                                 \
 }                                                                                                              \
                                                                                                                \
 /* Rows of z / out / g / gz are ld* numbers apart (a column slice of a wider matrix); out may be z. beta (may be \
@@ -450,14 +453,17 @@ static void unpad_sums_##SUF(const T *acc_all, int nthreads, long per, long off,
    rows at z and y's at z2 (ldz2 apart; the MLP's product silu(a) * b). Made here in the multiplications their \
    producers do, so the vector gradient is bit for bit the one taken with z itself, without a pass to rebuild z. \
    3, the rows at z are this transform's output o = H (z - b) + b, kept in place of z, and z = o - b - sum_l   \
-   s_l c_l v_l is made from it and the forward's projections c (zcol: b, or NULL for no bias).                 \
+   s_l c_l v_l is made from it and the forward's projections c (zcol: b, or NULL for no bias). 4, z is not     \
+   here (z, ldz: g's, never read for it): the sums leave out d_tj z_t, which the caller adds from what made z, \
+   and d_tj is written to dout ((J, ntok, nb), with gv only).                                                  \
    gz (may be NULL; may be g) = the same update applied to g, or with accum gz += it; gv (may be NULL,         \
    (J, nb, k), overwritten) =                                                                                  \
    s_j sum_t (c_tj g_t + d_tj z_t) per block, with d_tj = <g_t, v_j>; gram (may be NULL, (J, J + 1, nb),       \
    overwritten) as in bwd_rows. Each thread sums its own rows; the partial sums are added at the end. Returns  \
    0, or 1 when the few KiB of partial sums could not be allocated. */                                         \
 int householder_bwd_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, int zmode, const T *z2,         \
-                          long ldz2, const T *zcol, const T *v, const double *s, const T *c, T *gz, long ldgz, \
+                          long ldz2, const T *zcol, T *dout, const T *v, const double *s, const T *c, T *gz,   \
+                          long ldgz,                                                                           \
                           int accum, T *gv, T *gram, long ntok, long nb, long k, long J, int nthreads) {       \
     /* the vector gradient's sums per block in the padded layout (KPAD) */                                     \
     const long kp = VGEN_BWD(vec, k, J, SUF) ? KPAD(k, SUF) : k;                                               \
@@ -475,7 +481,8 @@ int householder_bwd_##SUF(int vec, const T *g, long ldg, const T *z, long ldz, i
     {                                                                                                          \
         int nt = omp_get_num_threads(), me = omp_get_thread_num();                                             \
         T *mine = per ? acc_all + (long)me * per : NULL;                                                       \
-        bwd_range_##SUF(vec, g, ldg, z, ldz, zmode, z2, ldz2, zcol, v, s, c, gz, ldgz, accum, gv ? mine : NULL, \
+        bwd_range_##SUF(vec, g, ldg, z, ldz, zmode, z2, ldz2, zcol, dout, v, s, c, gz, ldgz, accum,            \
+                        gv ? mine : NULL,                                                                      \
                         gram ? mine + nv : NULL, ntok * me / nt, ntok * (me + 1) / nt, ntok, nb, k, J);        \
     }                                                                                                          \
     if (gv) unpad_sums_##SUF(acc_all, nthreads, per, 0, nv, gv, s, nb, k, kp);                                 \
@@ -616,12 +623,12 @@ int swiglu_bwd_##SUF(int vec, const T *g, long ldg, const T *a, long lda, const 
             swiglu_grad_row_##SUF(g + t * ldg, a + t * lda, s + t * lds, b + t * ldb, ra, rb, n);              \
             /* the row buffers as rows 0 apart: row t of them is the buffer itself */                          \
             if (Ja)                                                                                            \
-                bwd_range_##SUF(vec, ra, 0, a, lda, 3, NULL, 0, NULL, va, sa, ca, ga, ldga, 0, gva ? mine : NULL, \
-                                NULL, t, t + 1, ntok, nba, ka, Ja);                                            \
+                bwd_range_##SUF(vec, ra, 0, a, lda, 3, NULL, 0, NULL, NULL, va, sa, ca, ga, ldga, 0,           \
+                                gva ? mine : NULL, NULL, t, t + 1, ntok, nba, ka, Ja);                         \
             else                                                                                               \
                 memcpy(ga + t * ldga, ra, (size_t)n * sizeof(T));                                              \
             if (Jb)                                                                                            \
-                bwd_range_##SUF(vec, rb, 0, b, ldb, 3, NULL, 0, NULL, vb, sb, cb, gb, ldgb, 0,                 \
+                bwd_range_##SUF(vec, rb, 0, b, ldb, 3, NULL, 0, NULL, NULL, vb, sb, cb, gb, ldgb, 0,           \
                                 gvb ? mine + nva : NULL, NULL, t, t + 1, ntok, nbb, kb, Jb);                   \
             else                                                                                               \
                 memcpy(gb + t * ldgb, rb, (size_t)n * sizeof(T));                                              \
@@ -897,7 +904,8 @@ def _load() -> Optional[ctypes.CDLL]:
             fwd = getattr(lib, f"householder_fwd_{suf}")
             fwd.argtypes = [i32, p, i64, p, p, p, p, i64, p, i64, i64, i64, i64, i32]
             bwd = getattr(lib, f"householder_bwd_{suf}")
-            bwd.argtypes = [i32, p, i64, p, i64, i32, p, i64, p, p, p, p, p, i64, i32, p, p, i64, i64, i64, i64, i32]
+            bwd.argtypes = [i32, p, i64, p, i64, i32, p, i64, p, p, p, p, p, p, i64, i32, p, p, i64, i64, i64, i64,
+                            i32]
             bwd.restype = i32
             getattr(lib, f"oft_fwd_{suf}").argtypes = [p, i64, p, p, i64, i64, i64, i64, i32]
             obwd = getattr(lib, f"oft_bwd_{suf}")
@@ -1028,6 +1036,7 @@ def backward(
     want_vecs: bool,
     want_gram: bool = False,
     accumulate: bool = False,
+    d: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """`(gz, gvecs, gram)`: the input gradient (the same update applied to `g`, written into `gz`, which may be `g`
     itself, or with `accumulate` added to what `gz` holds; None skips it), the `(J, nb, k)` vector gradient
@@ -1035,17 +1044,24 @@ def backward(
     `[sum_t d_tj c_tl for l < J, sum_t d_tj]` per block (only with `want_gram`). `z` is the transform's input as
     rows, or as the `ScaledRows` / `ProductRows` that make it (the kernel then makes each block of it where it is
     needed, bit for bit as its producer did, instead of reading a rebuilt copy) or the `OutputRows` it was
-    updated into."""
+    updated into. `z` None with `d`, a contiguous `(J, tokens, nb)` tensor of `g`'s dtype, and `want_vecs`: the
+    vector gradient leaves out `s_j sum_t d_tj z_t` (for a caller that takes it from what made `z`) and the
+    projections `d` are written into `d`."""
     J, nb, k = vecs.shape
-    zmode, zx, z2, ldz2, zcol = _z_rows(z)
+    if z is None:
+        assert want_vecs and d is not None and d.is_contiguous() and d.dtype == g.dtype
+        zmode, zx, z2, ldz2, zcol = 4, g, None, 0, None
+    else:
+        zmode, zx, z2, ldz2, zcol = _z_rows(z)
     ntok = zx.numel() // (nb * k)
     gv = torch.empty(J, nb, k, dtype=g.dtype) if want_vecs else None
     gram = torch.empty(J, J + 1, nb, dtype=g.dtype) if want_gram else None
     s = torch.tensor(coefs, dtype=torch.float64)
     failed = getattr(_lib, f"householder_bwd_{_SUFFIX[g.dtype]}")(
         int(VECTOR_CODE), _ptr(g), row_stride(g), _ptr(zx), row_stride(zx), zmode, _ptr(z2), ldz2, _ptr(zcol),
-        _ptr(vecs), _ptr(s), _ptr(c), _ptr(gz), row_stride(gz) if gz is not None else 0,
-        int(accumulate and gz is not None), _ptr(gv), _ptr(gram), ntok, nb, k, J, _threads(zx.numel()),
+        _ptr(d if z is None else None), _ptr(vecs), _ptr(s), _ptr(c), _ptr(gz),
+        row_stride(gz) if gz is not None else 0, int(accumulate and gz is not None), _ptr(gv), _ptr(gram), ntok,
+        nb, k, J, _threads(zx.numel()),
     )
     if failed:
         raise MemoryError("The Householder adapters' CPU kernel could not allocate its partial sums.")

@@ -229,6 +229,37 @@ def _output_span_backward(kernel, gs, kept, vecs, coefs, c, gzs, want_v, bias_s,
     return gv.to(vecs.dtype) if want_v else None
 
 
+def _output_span_backward_from_input(gs, vecs, coefs, c, gzs, want_v, x2, Ws, icoefs, ivecs):
+    """One output-side span's backward on the CPU kernel for `z = W_s x'` where the node kept `x` (rows `x2`) in
+    place of the output: `H g` into `gzs`, and the vector gradient (None unless `want_v`), its `sum_t d_tj z_t`
+    taken from `x` (`_gemm_input_sums`; `x' = H_in x` with the input span's unit vectors `ivecs`, or `x`)."""
+    if not want_v:
+        if gzs is not None:
+            cpu_kernel.backward(gs, gs, vecs, coefs, c, gzs, False)  # z is not read without the vector gradient
+        return None
+    J, nb, _ = vecs.shape
+    d = torch.empty(J, gs.shape[0], nb, dtype=gs.dtype)
+    gv = cpu_kernel.backward(gs, None, vecs, coefs, c, gzs, True, d=d)[1]
+    in_transform = None if icoefs is None else lambda M: cpu_kernel.forward(M, ivecs, icoefs, out=M)[0]
+    for j, (s_j, zs) in enumerate(zip(coefs, _gemm_input_sums(d, x2, Ws, in_transform, batched=True))):
+        gv[j].add_(zs, alpha=s_j)
+    return gv.to(vecs.dtype)
+
+
+def _input_span(lo: int, hi: int, spans, groups) -> tuple:
+    """`(coefs, inputs)` of the input span (of a node's `spans`, with its `groups` of inputs) holding rows lo:hi."""
+    return next((sp[2], v) for sp, v in zip(spans, groups) if sp[0] <= lo and hi <= sp[1])
+
+
+def _rows_in_workspace(recipe: recompute.Recipe, parts, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """A marked input's rows rebuilt from its recipe's inputs: the MLP's product into a reused workspace (a fresh
+    tensor of that size costs page faults every step), other recipes by their own function."""
+    if recipe.form == "mul" and all(t.dtype == dtype and t.is_contiguous() for t in parts):
+        x, y = parts
+        return torch.mul(x, y, out=cpu_kernel.workspace(x.shape, dtype, slot=2)).view(-1, d)
+    return cpu_kernel.as_rows(recipe.fn(*parts), d)
+
+
 class _GroupedLinear(torch.autograd.Function):
     """`y[:, lo:hi] = W_s H_s x + b_s` for the row spans of a layer (one span, or those of a fused QKV projection),
     `H_s = I` where a span has no input transform, as one autograd node on the fused kernels: each span's GEMM
@@ -243,10 +274,12 @@ class _GroupedLinear(torch.autograd.Function):
     On the CPU kernel the node also takes the layer's output-side transforms (`outs`, row spans with their unit
     vectors after the input spans' ones), applied as `_OutputRowsUpdate` does with `in_place=True`: on the fresh
     output, which is kept for backward (the next operation of a `lit_gpt.GPT` keeps it anyway). Their input
-    gradient is then a temporary too, read only by the GEMMs' backward."""
+    gradient is then a temporary too, read only by the GEMMs' backward. With `keep_input` (each output span inside
+    one input span; `HouseholderTransform.cpu_output_side_keeps_input`) the node keeps nothing of the output: the vector gradient's `sum_t d_t z_t` is taken from `x`,
+    which it keeps anyway, as `_OutputRowsUpdate` does with its `source` on the GPU (`_gemm_input_sums`)."""
 
     @staticmethod
-    def forward(ctx, x, W, b, spans, outs, raw, *inputs):
+    def forward(ctx, x, W, b, spans, outs, raw, keep_input, *inputs):
         d = x.shape[-1]
         x2 = x.reshape(-1, d).contiguous()
         m = W.shape[0]
@@ -273,8 +306,8 @@ class _GroupedLinear(torch.autograd.Function):
         for (lo, hi, coefs), vecs in zip(outs, inputs[n_in:]):  # output side: the CPU kernel, in place
             ys = y if (lo, hi) == (0, m) else y[:, lo:hi]
             cs.append(_output_span_forward(cpu_kernel, ys, ys, vecs, coefs, None if b is None else b[lo:hi]))
-        ctx.spans, ctx.outs, ctx.raw = spans, outs, raw
-        kept_out = (out,) if outs else ()
+        ctx.spans, ctx.outs, ctx.raw, ctx.keep_input = spans, outs, raw, keep_input
+        kept_out = (out,) if outs and not keep_input else ()
         ctx.save_for_backward(*recompute.keep_rows(ctx, x, x2), W, b, *kept_out, *inputs, *cs)
         return out
 
@@ -284,9 +317,11 @@ class _GroupedLinear(torch.autograd.Function):
         forms = gpu_kernel.FORMS if raw else cpu_kernel.KERNEL_FORMS
         x2, recipe, parts, (W, b, *rest) = recompute.rows_or_parts(ctx, ctx.saved_tensors, forms)
         d = W.shape[1]
-        if recipe is not None:  # the kernels make x's rows from the tensors that made them
+        if recipe is not None and ctx.keep_input:  # the output side's sums need x's rows: made once, for both
+            x2 = _rows_in_workspace(recipe, parts, d, g.dtype)
+        elif recipe is not None:  # the kernels make x's rows from the tensors that made them
             x2 = cpu_kernel.kernel_rows(recipe, parts, d, g.dtype)
-        kept, rest = (rest[0], rest[1:]) if outs else (None, rest)
+        kept, rest = (rest[0], rest[1:]) if outs and not ctx.keep_input else (None, rest)
         groups = _span_inputs(spans, raw, rest)  # the input spans' vectors, then the output spans', then the c's
         n_in = sum(len(v) for v in groups)
         out_vecs, cs = rest[n_in: n_in + len(outs)], rest[n_in + len(outs):]
@@ -296,20 +331,27 @@ class _GroupedLinear(torch.autograd.Function):
         want_x = ctx.needs_input_grad[0]
         out_grads = []
         if outs:  # the output side first: H_s g on its spans (a temporary), g elsewhere
-            kept2 = kept.view(-1, m)
             gy = cpu_kernel.workspace(g2.shape, g2.dtype, slot=1)
             for lo, hi in _gaps(outs, m):
                 gy[:, lo:hi] = g2[:, lo:hi]
             for i, ((lo, hi, coefs), vecs) in enumerate(zip(outs, out_vecs)):
-                want_v = ctx.needs_input_grad[6 + n_in + i]  # the inputs after (x, W, b, spans, outs, raw)
+                want_v = ctx.needs_input_grad[7 + n_in + i]  # the inputs after (x, W, b, spans, outs, raw, keep_input)
                 full = (lo, hi) == (0, m)
-                gs, zs, gys = (g2, kept2, gy) if full else (g2[:, lo:hi], kept2[:, lo:hi], gy[:, lo:hi])
+                gs, gys = (g2, gy) if full else (g2[:, lo:hi], gy[:, lo:hi])
+                c = cs[n_transformed + i]
+                if ctx.keep_input:  # z = W_s x' on these rows: its sums from x
+                    icoefs, ivecs = _input_span(lo, hi, spans, groups)
+                    out_grads.append(_output_span_backward_from_input(
+                        gs, vecs, coefs, c, gys, want_v, x2, W[lo:hi], icoefs, ivecs[0] if ivecs else None
+                    ))
+                    continue
+                zs = kept.view(-1, m)[:, lo:hi]
                 bs = b[lo:hi].to(kept.dtype) if b is not None else None
-                out_grads.append(_output_span_backward(cpu_kernel, gs, zs, vecs, coefs, cs[n_transformed + i], gys,
-                                                       want_v, bs, output_kept=True))
+                out_grads.append(_output_span_backward(cpu_kernel, gs, zs, vecs, coefs, c, gys, want_v, bs,
+                                                       output_kept=True))
             g2 = gy
         cs = iter(cs[:n_transformed])
-        gx, grads, at = None, [], 6
+        gx, grads, at = None, [], 7
         for (lo, hi, coefs), vecs in zip(spans, groups):
             n = len(vecs)
             if coefs is None:
@@ -340,7 +382,7 @@ class _GroupedLinear(torch.autograd.Function):
                 if coefs is None:
                     gx.addmm_(g2[:, lo:hi], W[lo:hi])
         gx = gx.view(*g.shape[:-1], d) if want_x else None
-        return (gx, None, None, None, None, None, *grads, *out_grads)
+        return (gx, None, None, None, None, None, None, *grads, *out_grads)
 
 
 def _rebuild_z(
@@ -389,13 +431,14 @@ class _OutputRowsUpdate(torch.autograd.Function):
     span's float32 keep factors (or None) and its raw parameters, which the kernels normalise themselves and whose
     gradients they return (rebuilding `z` included), as `_RawVectorUpdate` does for the input side.
 
-    `source` (raw and `in_place` only): `(in_spans, n)` when `y` is a frozen GEMM's output `W x' + b` whose input
-    `x`, `W` and its input spans' raw inputs are the last `n` of `inputs` (`x`, `W`, then per transformed span of
-    `in_spans`, `(lo, hi, coefs or None)` as for `_GroupedLinear`, its keep factors and raw parameters: `x'` is `x`
-    with those transforms). Then the node keeps `x` (or what rebuilds it: `lit_gpt.recompute`) instead of its
-    output, and takes the vector gradient's `sum_t d_t z_t` with `z = W x'` as `W (sum_t d_t x'_t)` per block, a
-    small product: for the projections into the residual stream, whose outputs nothing else keeps while the input
-    is kept anyway (attention's output, the MLP product's factors), that is one activation fewer per layer.
+    `source` (the kernels, `in_place` only): `(in_spans, n)` when `y` is a frozen GEMM's output `W x' + b` whose
+    input `x`, `W` and its input spans' inputs are the last `n` of `inputs` (`x`, `W`, then per transformed span of
+    `in_spans`, `(lo, hi, coefs or None)` as for `_GroupedLinear`, its unit vectors or, with `raw`, keep factors and
+    raw parameters: `x'` is `x` with those transforms). Then the node keeps `x` (or what rebuilds it:
+    `lit_gpt.recompute`) instead of its output, and takes the vector gradient's `sum_t d_t z_t` with `z = W x'` as
+    `W (sum_t d_t x'_t)` per block, a small product: for the projections into the residual stream, whose outputs
+    nothing else keeps while the input is kept anyway (attention's output, the MLP product's factors), that is one
+    activation fewer per layer.
     """
 
     @staticmethod
@@ -446,7 +489,7 @@ class _OutputRowsUpdate(torch.autograd.Function):
             kept2 = None
             rest, (W, *in_inputs) = rest[: ctx.n_inputs + len(spans)], rest[ctx.n_inputs + len(spans):]
             in_spans = ctx.source
-            in_groups = _span_inputs(in_spans, True, in_inputs)
+            in_groups = _span_inputs(in_spans, raw, in_inputs)
         groups, cs = _span_inputs(spans, raw, rest[: ctx.n_inputs]), rest[ctx.n_inputs:]
         g2 = cpu_kernel.as_rows(g, m)
         want_y, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -463,11 +506,17 @@ class _OutputRowsUpdate(torch.autograd.Function):
             gzs = (gy if full else gy[:, lo:hi]) if gy is not None else None
             want_v = any(ctx.needs_input_grad[at: at + len(vecs)])
             at += len(vecs)
-            if raw and zs is None:  # z = W x' on these rows: its sums from the GEMM's input
-                (_, _, icoefs), ivecs = next(
-                    (sp, v) for sp, v in zip(in_spans, in_groups) if sp[0] <= lo and hi <= sp[1]
+            if zs is None:  # z = W x' on these rows: its sums from the GEMM's input
+                icoefs, ivecs = _input_span(lo, hi, in_spans, in_groups)
+            if zs is None and not raw:
+                grads.append(_output_span_backward_from_input(gs, vecs[0], coefs, c, gzs, want_v, x2, W[lo:hi],
+                                                              icoefs, ivecs[0] if ivecs else None))
+            elif zs is None:
+                in_transform = None if icoefs is None else functools.partial(
+                    _raw_rows_transform, params=list(ivecs[1:]), keep=ivecs[0], coefs=icoefs
                 )
-                sums = functools.partial(_gemm_input_sums, x2=x2, W=W[lo:hi], coefs=icoefs, vecs=ivecs)
+                sums = functools.partial(_gemm_input_sums, x2=x2, W=W[lo:hi], in_transform=in_transform,
+                                         batched=False)
                 gw = gpu_kernel.backward_raw(gs, None, vecs[1:], vecs[0], coefs, NORM_EPS, c, gzs, want_v,
                                              z_sums=sums)
                 grads += [None, *_param_grads(gw, len(vecs) - 1)]
@@ -536,22 +585,36 @@ class _SwiGLUOutputs(torch.autograd.Function):
         )
 
 
-def _gemm_input_sums(d: torch.Tensor, x2: torch.Tensor, W: torch.Tensor, coefs, vecs) -> torch.Tensor:
-    """`sum_t d_tj z_t` per block, float32 `(J, nb, k)`, for an output-side transform on `z = W x'` (bias left out:
-    the transform acts on `z`), from the projections `d` `(J, tokens, nb)`, the GEMM's input rows `x2` and its
-    rows `W` `(nb * k, in)`: `W_i (sum_t d_tji x'_t)` for block `i`, where `x' = H x` with the input span's raw
-    inputs `vecs` (keep factors and parameters; none and `coefs` None: `x' = x`). `H` acts on each token's row
+def _gemm_input_sums(
+    d: torch.Tensor,
+    x2: torch.Tensor,
+    W: torch.Tensor,
+    in_transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    batched: bool,
+) -> torch.Tensor:
+    """`sum_t d_tj z_t` per block, `(J, nb, k)` of `d`'s dtype, for an output-side transform on `z = W x'` (bias
+    left out: the transform acts on `z`), from the projections `d` `(J, tokens, nb)` (float32 on a GPU), the
+    GEMM's input rows `x2` and its rows `W` `(nb * k, in)`: `W_i (sum_t d_tji x'_t)` for block `i`, where `x' = H
+    x` with `in_transform` applying the input span's `H` to rows (None: `x' = x`). `H` acts on each token's row
     alone, so it moves out of the sum: the sums over tokens are one skinny product with `x`, `H` then runs on
-    `J * nb` rows, and `W` is read once."""
+    `J * nb` rows, and `W` is read once: by a batch of per-block products (`batched`, the CPU's form) or by one
+    GEMM with all of it (the GPU's)."""
     J, T, nb = d.shape
     k = W.shape[0] // nb
     M = _float32_product(d.permute(2, 0, 1).reshape(nb * J, T), x2)  # rows (i, j): sum_t d_tji x_t
-    if coefs is not None:
-        M = gpu_kernel.forward_raw(M, list(vecs[1:]), vecs[0], coefs, NORM_EPS)[0]
-    # every row times all of W (nb times the arithmetic needed, but one well-shaped GEMM that reads W once, where
-    # a batch of nb matrix-vector products runs far slower), then block i of rows (i, j)
+    if in_transform is not None:
+        M = in_transform(M)
+    if batched:  # block i of W times rows (i, j): the arithmetic needed
+        return torch.bmm(W.view(nb, k, -1).to(M.dtype), M.view(nb, J, -1).transpose(1, 2)).permute(2, 0, 1)
+    # every row times all of W (nb times the arithmetic needed, but one well-shaped GEMM that reads W once, where on
+    # a GPU a batch of nb matrix-vector products runs far slower), then block i of rows (i, j)
     out = _float32_product(M, W.t()).view(nb, J, nb, k)
     return torch.diagonal(out, dim1=0, dim2=2).permute(0, 2, 1)
+
+
+def _raw_rows_transform(M: torch.Tensor, params: list, keep: Optional[torch.Tensor], coefs) -> torch.Tensor:
+    """`H` on the rows `M` from a span's raw inputs (the GPU kernels)."""
+    return gpu_kernel.forward_raw(M, params, keep, coefs, NORM_EPS)[0]
 
 
 _mm_out_dtype = True  # whether torch.mm takes out_dtype here (CUDA builds of recent PyTorch)
@@ -560,9 +623,10 @@ _mm_out_dtype = True  # whether torch.mm takes out_dtype here (CUDA builds of re
 def _float32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` in float32 for a float32 `a` with few rows and a `b` that may be bfloat16/float16: on CUDA `a` is
     split into a high and a low half of `b`'s dtype (together exact to about 16 bits) and both run through one GEMM
-    with float32 accumulation and output, so `b` is never copied to float32; elsewhere `b` is taken to float32."""
+    with float32 accumulation and output, so `b` is never copied to float32; elsewhere `b` is taken to float32.
+    Where `a` and `b` have one dtype, it is just `a @ b`."""
     low = b.dtype
-    if low == torch.float32:
+    if low == a.dtype:
         return a @ b
     global _mm_out_dtype
     if a.is_cuda and _mm_out_dtype:
@@ -615,9 +679,13 @@ class HouseholderTransform(BlockTransform):
     fuse_swiglu = True
     # On the GPU kernels, the output side of a layer that does not widen its input (attention's and the MLP's
     # projections into the residual stream, whose outputs nothing after them keeps) keeps the layer's input (kept
-    # anyway) in place of its output (`_OutputRowsUpdate`'s `source`); False keeps the output
+    # anyway) in place of its output (`_OutputRowsUpdate`'s `source`): one activation fewer per projection for a few
+    # skinny products in backward; False keeps the output
     # (`bench/ab_step.py --b lit_gpt.adapters.ether:HouseholderTransform.output_side_keeps_input=False`)
     output_side_keeps_input = True
+    # The same on the CPU kernel (`_GroupedLinear`'s `keep_input`), off by default: there the products cost about 2%
+    # of an ETHER+HH step for about 10% less kept memory (docs/benchmarks.md), and time is what CPU runs lack
+    cpu_output_side_keeps_input = False
 
     def __init__(
         self,
@@ -686,7 +754,11 @@ class HouseholderTransform(BlockTransform):
             else:
                 inputs.append(t.unit_vectors(t.keep_mask(y.device)).to(y.dtype))
         spec = None
-        if (source is not None and raw and in_place and HouseholderTransform.output_side_keeps_input
+        keeps_input = (HouseholderTransform.output_side_keeps_input if raw else (
+            HouseholderTransform.cpu_output_side_keeps_input
+            and all(cpu_kernel.usable(v, y2[:, lo:hi]) for (lo, hi, _), v in zip(spans, inputs))
+        ))
+        if (source is not None and keeps_input and in_place
                 and source[1].shape[0] <= source[1].shape[1]  # a layer that does not widen its input
                 and source[0].is_contiguous() and source[0].dtype == y.dtype):  # x's rows: no copy to keep
             x, W, in_spans, in_inputs = source
@@ -780,7 +852,13 @@ class HouseholderTransform(BlockTransform):
                 else:
                     outs.append((lo, hi, t.coefs))
                     inputs.append(vecs)
-        y = _GroupedLinear.apply(x, W, bias, tuple(spans), tuple(outs), raw, *inputs)
+        # the output of a layer that does not widen its input (the projections into the residual stream): nothing
+        # after it keeps it, while the node keeps x anyway, so the output side takes its sums from x
+        keep_input = bool(
+            outs and HouseholderTransform.cpu_output_side_keeps_input and W.shape[0] <= W.shape[1]
+            and all(any(ilo <= lo and hi <= ihi for ilo, ihi, _ in spans) for lo, hi, _ in outs)
+        )
+        y = _GroupedLinear.apply(x, W, bias, tuple(spans), tuple(outs), raw, keep_input, *inputs)
         if raw and outputs:
             source = (x, W, tuple(spans), inputs)
             y = HouseholderTransform.apply_output_rows(y, bias, list(outputs), True, source=source)
