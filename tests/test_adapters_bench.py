@@ -79,9 +79,9 @@ def load_script(name: str):
 
 
 def test_small_benches_print_their_tables(capsys):
-    """`bench/lora_shapes.py`, `bench/output_spans.py`, `bench/householder_blocks.py`, `bench/ab_step.py` and
-    `bench/profile_step.py --against_floor` run on tiny shapes and print a row per measurement; `ab_step`'s setting
-    is applied only inside its block and a bad one is refused with its name."""
+    """`bench/lora_shapes.py`, `bench/output_spans.py`, `bench/householder_blocks.py`, `bench/oft_blocks.py`,
+    `bench/ab_step.py` and `bench/profile_step.py --against_floor` run on tiny shapes and print a row per
+    measurement; `ab_step`'s setting is applied only inside its block and a bad one is refused with its name."""
     from lit_gpt.adapters import cpu_kernel
     from lit_gpt.adapters.ether import HouseholderTransform
 
@@ -97,6 +97,12 @@ def test_small_benches_print_their_tables(capsys):
             out = capsys.readouterr().out  # blocks of 18 and 10: a row per width, update and pass
             assert out.count("| 72 | 18 |") == 6 and out.count("| 40 | 10 |") == 6
             assert cpu_kernel.VECTOR_CODE is True
+        load_script("oft_blocks").main(shape="tiny", n_layer=1, block_size=16, repeats=2)
+        out = capsys.readouterr().out  # tiny: width 64, MLP 192 -> q, k, v, proj, fc_1, fc_2: 4 blocks; mlp.proj: 12
+        assert "7 transforms, 36 blocks of 16 x 16" in out and "| inverse, two-product backward (default) |" in out
+        from lit_gpt.adapters import oft
+
+        assert oft.CAYLEY_BY_INVERSE is True  # restored after the solve's turns
         ab = load_script("ab_step")
         spec = "lit_gpt.adapters.ether:HouseholderTransform.merge_output_spans=False"
         with ab.setting(spec):

@@ -137,3 +137,47 @@ def test_frozen_blocks_keep_nothing_and_give_the_input_gradient(monkeypatch):
         x2 = x.detach().clone().requires_grad_()
         model(x2).backward(torch.ones_like(y))
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("path", ["kernel", "inv_ex", "solve"])
+@pytest.mark.parametrize("k", [32, 16, 7, 1])
+def test_exact_cayley_and_its_gradient_against_float64(path, k, monkeypatch):
+    """The exact Cayley transform `(I + S)(I - S)^-1`, as `2 (I - S)^-1 - I` with the backward of two small products
+    (`_ExactCayley`: elimination without pivoting on the CPU kernel, `inv_ex` elsewhere) or by a solve
+    (`CAYLEY_BY_INVERSE = False`): the blocks against float64 `torch.linalg.inv`, orthogonal with determinant +1,
+    and the gradient of a loss of them against autograd through the float64 formula. Large `S` (pivots up to about
+    `k / 2`) and small."""
+    from lit_gpt.adapters import oft
+
+    if path == "kernel" and not cpu_kernel.available():
+        pytest.skip("no C compiler: the kernel could not be built")
+    if path == "inv_ex":
+        monkeypatch.setattr(cpu_kernel, "_switched_off", 1)
+    if path == "solve":
+        monkeypatch.setattr(oft, "CAYLEY_BY_INVERSE", False)
+    torch.manual_seed(9)
+    eye = torch.eye(k, dtype=torch.float64)
+    for scale in (1.0, 0.01):
+        R = torch.randn(5, k, k, dtype=torch.float64) * scale
+        G = torch.randn(5, k, k, dtype=torch.float64)  # the loss <G, H>
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+            Rd = R.to(dtype).requires_grad_()
+            H = oft.cayley((Rd - Rd.transpose(1, 2)) / 2)
+            (gR,) = torch.autograd.grad((H * G.to(dtype)).sum(), Rd)
+            R64 = R.clone().requires_grad_()
+            S = (R64 - R64.transpose(1, 2)) / 2
+            expected = (eye + S) @ torch.linalg.inv(eye - S)
+            (expected_gR,) = torch.autograd.grad((expected * G).sum(), R64)
+            torch.testing.assert_close(H.double(), expected.detach(), rtol=tol, atol=tol)
+            torch.testing.assert_close(gR.double(), expected_gR, rtol=tol, atol=tol * expected_gR.abs().max().item())
+            if dtype == torch.float64:
+                torch.testing.assert_close(H.transpose(1, 2) @ H, eye.expand(5, k, k), rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(torch.linalg.det(H), torch.ones(5, dtype=dtype), rtol=1e-10, atol=1e-10)
+
+
+@needs_kernel
+def test_exact_cayley_gradcheck_on_the_kernel():
+    from lit_gpt.adapters import oft
+
+    R = torch.randn(3, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda R: oft.cayley((R - R.transpose(1, 2)) / 2), (R,))

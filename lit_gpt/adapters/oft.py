@@ -28,13 +28,45 @@ from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute
 from lit_gpt.adapters.config import AdapterConfig
 
 
+# The exact transform as `2 (I - S)^-1 - I` with a backward of two small products (`_ExactCayley`); False solves
+# `(I - S) H = I + S` and lets autograd differentiate the solve (a second solve in backward)
+# (`bench/ab_step.py --method oft --b lit_gpt.adapters.oft:CAYLEY_BY_INVERSE=False`)
+CAYLEY_BY_INVERSE = True
+
+
+class _ExactCayley(torch.autograd.Function):
+    """`H = (I + S)(I - S)^-1` for a batch of skew-symmetric `S`, computed as `2 A^-1 - I` with `A = I - S` (since
+    `I + S = 2I - A`). Its gradient needs no second solve: `dH = 2 A^-1 dS A^-1`, so `gS = 2 A^-T gH A^-T`, and
+    `A^-1 = (H + I) / 2` is made from the kept output: `gS = (Hᵀ + I) gH (Hᵀ + I) / 2`. `I - S` is never singular
+    (the eigenvalues of a skew-symmetric `S` are imaginary; every singular value of `I - S` is at least 1), so the
+    inverse is well conditioned: on the CPU kernel by elimination without pivoting (`cpu_kernel.cayley`), elsewhere
+    by `inv_ex`, which skips the error check that makes `torch.linalg.inv` wait for a GPU."""
+
+    @staticmethod
+    def forward(ctx, S: torch.Tensor) -> torch.Tensor:
+        if cpu_kernel.runs(S.dtype, S.device):
+            H = cpu_kernel.cayley(S.contiguous())
+        else:
+            eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+            H = torch.linalg.inv_ex(eye - S)[0].mul_(2).sub_(eye)
+        ctx.save_for_backward(H)
+        return H
+
+    @staticmethod
+    def backward(ctx, gH: torch.Tensor) -> torch.Tensor:
+        (H,) = ctx.saved_tensors
+        M = H.transpose(-1, -2) + torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+        return (M @ gH @ M).mul_(0.5)
+
+
 def cayley(S: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
     """`(I + S)(I - S)^-1` for a batch of skew-symmetric `S`, exact or with `K = neumann_terms` series terms."""
+    if neumann_terms <= 0 and CAYLEY_BY_INVERSE:
+        return _ExactCayley.apply(S)
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
     if neumann_terms <= 0:
-        # (I + S) and (I - S)^-1 commute, so solving from the left gives the same product. I - S is never singular
-        # (S is skew-symmetric: its eigenvalues are imaginary), so solve_ex, which skips the error check that makes
-        # torch.linalg.solve wait for the GPU on every call
+        # (I + S) and (I - S)^-1 commute, so solving from the left gives the same product; solve_ex skips the
+        # error check that makes torch.linalg.solve wait for the GPU on every call
         return torch.linalg.solve_ex(eye - S, eye + S)[0]
     series = eye + S
     power = S

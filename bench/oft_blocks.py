@@ -1,0 +1,102 @@
+"""OFT's blocks per step: the exact Cayley transform as an inverse with a two-product backward against a solve that
+autograd differentiates (`lit_gpt.adapters.oft.CAYLEY_BY_INVERSE`).
+
+Every step builds each adapted layer's `k x k` blocks `(I + S)(I - S)^-1` from its parameters and takes their
+gradient. This builds all of a model's blocks (the shape of `bench/adapters.py`, OFT with block size `k` on every
+linear layer, upper-triangle storage as PEFT's) and backpropagates a loss of them, the two forms interleaved, and
+prints the median milliseconds per step and their ratio. On the CPU the inverse is the C elimination of
+`cpu_kernel.cayley`, also timed alone against `torch.linalg.inv_ex`; elsewhere `torch.linalg.inv_ex`. Example:
+
+    python bench/oft_blocks.py --threads 1
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from jsonargparse import CLI  # noqa: E402
+
+from adapters import llama_config  # noqa: E402
+from common import command_line, interleaved_ms, machine, patched, write_section  # noqa: E402
+from lit_gpt import GPT  # noqa: E402
+from lit_gpt.adapters import AdapterConfig, apply_adapters, cpu_kernel, oft  # noqa: E402
+
+
+def main(
+    shape: str = "small",
+    n_layer: int = 4,
+    block_size: int = 32,
+    targets: str = "all-linear",
+    device: str = "cpu",
+    threads: int = 1,
+    repeats: int = 21,
+    write: bool = False,
+) -> None:
+    """Print the milliseconds per step of building and differentiating every OFT block, both ways.
+
+    Args:
+        shape: A shape of `bench/adapters.py` ("small", "llama2-7b", "smollm2-135m", "tiny").
+        n_layer: Layers.
+        block_size: OFT block size `k`.
+        targets: Comma-separated adapter targets.
+        device: "cpu" or "cuda".
+        threads: torch threads.
+        repeats: Interleaved timings per form; medians are printed.
+        write: Replace (or add) this benchmark's section of docs/benchmarks.md with the results.
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(llama_config(shape, n_layer, 256))
+    cfg = AdapterConfig(method="oft", block_size=block_size, upper_triangle=True, targets=targets.split(","))
+    model = apply_adapters(model, cfg)
+    transforms = [m for m in model.modules() if isinstance(m, oft.OFTTransform)]
+    params = [torch.nn.Parameter(torch.randn(t.R_upper.shape, device=device) * 0.05) for t in transforms]
+    for t, p in zip(transforms, params):
+        t.R_upper = p  # only the transforms are needed: the model's weights stay on the meta device
+    n_blocks = sum(t.nb for t in transforms)
+
+    def step(by_inverse: bool):
+        def run() -> None:
+            with patched(oft, "CAYLEY_BY_INVERSE", by_inverse):
+                sum(t.blocks().sum() for t in transforms).backward()
+            for p in params:
+                p.grad = None
+
+        return run
+
+    inverse, solve = interleaved_ms([step(True), step(False)], repeats, device=device)
+    alone = None
+    if device == "cpu" and cpu_kernel.available():  # the inverses alone, all blocks as one batch
+        with torch.no_grad():
+            S = torch.cat([t.skew() for t in transforms]).contiguous()
+            eye = torch.eye(block_size)
+            alone = interleaved_ms([lambda: cpu_kernel.cayley(S), lambda: torch.linalg.inv_ex(eye - S)], repeats)
+    command = command_line()
+    setup = (f"{shape} shape, {n_layer} layers, OFT b{block_size} on {targets}: {len(transforms)} transforms, "
+             f"{n_blocks} blocks of {block_size} x {block_size} a step; float32 on {device}, {threads} threads, "
+             f"{repeats} interleaved timings, medians; torch {torch.__version__}, {machine()}")
+    table = ["| form | ms per step (forward + backward) |", "|---|---|",
+             f"| inverse, two-product backward (default) | {inverse:.2f} |",
+             f"| solve, autograd backward (`CAYLEY_BY_INVERSE=False`) | {solve:.2f} |"]
+    summary = f"solve / inverse: {solve / inverse:.2f}x"
+    if alone is not None:
+        us = [1e3 * ms / n_blocks for ms in alone]
+        summary += (f"; the inverses alone: `cpu_kernel.cayley` {us[0]:.1f} us per block, `torch.linalg.inv_ex` "
+                    f"{us[1]:.1f} us")
+    print(f"$ {command}\n{setup}\n" + "\n".join(table) + f"\n{summary}")
+    if write:
+        write_section(
+            f"bench/oft_blocks.py {device}",
+            f"## OFT's blocks per step: inverse vs solve (`bench/oft_blocks.py`)\n\nRun on {date.today()}: "
+            f"`{command}`\n\n{setup}\n\n" + "\n".join(table) + f"\n\n{summary}\n",
+        )
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
