@@ -754,11 +754,11 @@ class HouseholderTransform(BlockTransform):
             else:
                 inputs.append(t.unit_vectors(t.keep_mask(y.device)).to(y.dtype))
         spec = None
-        keeps_input = (HouseholderTransform.output_side_keeps_input if raw else (
+        keeps_input = source is not None and (HouseholderTransform.output_side_keeps_input if raw else (
             HouseholderTransform.cpu_output_side_keeps_input
             and all(cpu_kernel.usable(v, y2[:, lo:hi]) for (lo, hi, _), v in zip(spans, inputs))
         ))
-        if (source is not None and keeps_input and in_place
+        if (keeps_input and in_place
                 and source[1].shape[0] <= source[1].shape[1]  # a layer that does not widen its input
                 and source[0].is_contiguous() and source[0].dtype == y.dtype):  # x's rows: no copy to keep
             x, W, in_spans, in_inputs = source
