@@ -251,6 +251,11 @@ def _input_span(lo: int, hi: int, spans, groups) -> tuple:
     return next((sp[2], v) for sp, v in zip(spans, groups) if sp[0] <= lo and hi <= sp[1])
 
 
+def _inside(outs, spans) -> bool:
+    """Whether each output span `(lo, hi, ...)` of `outs` lies inside one input span of `spans`."""
+    return all(any(ilo <= lo and hi <= ihi for ilo, ihi, _ in spans) for lo, hi, _ in outs)
+
+
 def _rows_in_workspace(recipe: recompute.Recipe, parts, d: int, dtype: torch.dtype) -> torch.Tensor:
     """A marked input's rows rebuilt from its recipe's inputs: the MLP's product into a reused workspace (a fresh
     tensor of that size costs page faults every step), other recipes by their own function."""
@@ -275,8 +280,9 @@ class _GroupedLinear(torch.autograd.Function):
     vectors after the input spans' ones), applied as `_OutputRowsUpdate` does with `in_place=True`: on the fresh
     output, which is kept for backward (the next operation of a `lit_gpt.GPT` keeps it anyway). Their input
     gradient is then a temporary too, read only by the GEMMs' backward. With `keep_input` (each output span inside
-    one input span; `HouseholderTransform.cpu_output_side_keeps_input`) the node keeps nothing of the output: the vector gradient's `sum_t d_t z_t` is taken from `x`,
-    which it keeps anyway, as `_OutputRowsUpdate` does with its `source` on the GPU (`_gemm_input_sums`)."""
+    one input span; `HouseholderTransform.cpu_output_side_keeps_input`) the node keeps nothing of the output: the
+    vector gradient's `sum_t d_t z_t` is taken from `x`, which it keeps anyway, as `_OutputRowsUpdate` does with
+    its `source` (`_gemm_input_sums`)."""
 
     @staticmethod
     def forward(ctx, x, W, b, spans, outs, raw, keep_input, *inputs):
@@ -512,8 +518,8 @@ class _OutputRowsUpdate(torch.autograd.Function):
                 grads.append(_output_span_backward_from_input(gs, vecs[0], coefs, c, gzs, want_v, x2, W[lo:hi],
                                                               icoefs, ivecs[0] if ivecs else None))
             elif zs is None:
-                in_transform = None if icoefs is None else functools.partial(
-                    _raw_rows_transform, params=list(ivecs[1:]), keep=ivecs[0], coefs=icoefs
+                in_transform = None if icoefs is None else (
+                    lambda M: gpu_kernel.forward_raw(M, list(ivecs[1:]), ivecs[0], icoefs, NORM_EPS)[0]
                 )
                 sums = functools.partial(_gemm_input_sums, x2=x2, W=W[lo:hi], in_transform=in_transform,
                                          batched=False)
@@ -610,11 +616,6 @@ def _gemm_input_sums(
     # a GPU a batch of nb matrix-vector products runs far slower), then block i of rows (i, j)
     out = _float32_product(M, W.t()).view(nb, J, nb, k)
     return torch.diagonal(out, dim1=0, dim2=2).permute(0, 2, 1)
-
-
-def _raw_rows_transform(M: torch.Tensor, params: list, keep: Optional[torch.Tensor], coefs) -> torch.Tensor:
-    """`H` on the rows `M` from a span's raw inputs (the GPU kernels)."""
-    return gpu_kernel.forward_raw(M, params, keep, coefs, NORM_EPS)[0]
 
 
 _mm_out_dtype = True  # whether torch.mm takes out_dtype here (CUDA builds of recent PyTorch)
@@ -762,7 +763,7 @@ class HouseholderTransform(BlockTransform):
                 and source[1].shape[0] <= source[1].shape[1]  # a layer that does not widen its input
                 and source[0].is_contiguous() and source[0].dtype == y.dtype):  # x's rows: no copy to keep
             x, W, in_spans, in_inputs = source
-            if all(any(ilo <= lo and hi <= ihi for ilo, ihi, _ in in_spans) for lo, hi, _ in spans):
+            if _inside(spans, in_spans):
                 spec = (in_spans, 2 + len(in_inputs))
                 inputs += [x, W, *in_inputs]
         return _OutputRowsUpdate.apply(y, bias, in_place, tuple(spans), raw, spec, *inputs)
@@ -856,7 +857,7 @@ class HouseholderTransform(BlockTransform):
         # after it keeps it, while the node keeps x anyway, so the output side takes its sums from x
         keep_input = bool(
             outs and HouseholderTransform.cpu_output_side_keeps_input and W.shape[0] <= W.shape[1]
-            and all(any(ilo <= lo and hi <= ihi for ilo, ihi, _ in spans) for lo, hi, _ in outs)
+            and _inside(outs, spans)
         )
         y = _GroupedLinear.apply(x, W, bias, tuple(spans), tuple(outs), raw, keep_input, *inputs)
         if raw and outputs:
