@@ -3,9 +3,11 @@ autograd differentiates (`lit_gpt.adapters.oft.CAYLEY_BY_INVERSE`).
 
 Every step builds each adapted layer's `k x k` blocks `(I + S)(I - S)^-1` from its parameters and takes their
 gradient. This builds all of a model's blocks (the shape of `bench/adapters.py`, OFT with block size `k` on every
-linear layer, upper-triangle storage as PEFT's) and backpropagates a loss of them, the two forms interleaved, and
-prints the median milliseconds per step and their ratio. On the CPU the inverse is the C elimination of
-`cpu_kernel.cayley`, also timed alone against `torch.linalg.inv_ex`; elsewhere `torch.linalg.inv_ex`. Example:
+linear layer, upper-triangle storage as PEFT's) and backpropagates a loss of them, the forms interleaved, and
+prints the median milliseconds per step and their ratios. The inverse is an elimination without pivoting, in C on
+the CPU (`cpu_kernel.cayley`) and a Triton program per block on a GPU (`gpu_kernel.cayley`, for blocks up to
+`gpu_kernel.CAYLEY_MAX_BLOCK`; there also timed with `torch.linalg.inv_ex`), also timed alone against
+`torch.linalg.inv_ex`. Example:
 
     python bench/oft_blocks.py --threads 1
 """
@@ -24,7 +26,7 @@ from jsonargparse import CLI  # noqa: E402
 from adapters import llama_config  # noqa: E402
 from common import command_line, interleaved_ms, machine, patched, write_section  # noqa: E402
 from lit_gpt import GPT  # noqa: E402
-from lit_gpt.adapters import AdapterConfig, apply_adapters, cpu_kernel, oft  # noqa: E402
+from lit_gpt.adapters import AdapterConfig, apply_adapters, cpu_kernel, gpu_kernel, oft  # noqa: E402
 
 
 def main(
@@ -61,34 +63,46 @@ def main(
         t.R_upper = p  # only the transforms are needed: the model's weights stay on the meta device
     n_blocks = sum(t.nb for t in transforms)
 
-    def step(by_inverse: bool):
+    forms = [("inverse, two-product backward (default)", True, None),
+             ("solve, autograd backward (`CAYLEY_BY_INVERSE=False`)", False, None)]
+    if device != "cpu":  # the inverse by the Triton kernel (the default for small blocks) and by inv_ex
+        forms.insert(1, ("inverse by `torch.linalg.inv_ex` (`gpu_kernel.CAYLEY_MAX_BLOCK=0`)", True, 0))
+
+    def step(by_inverse: bool, max_block):
         def run() -> None:
-            with patched(oft, "CAYLEY_BY_INVERSE", by_inverse):
+            with patched(oft, "CAYLEY_BY_INVERSE", by_inverse), patched(
+                gpu_kernel, "CAYLEY_MAX_BLOCK", gpu_kernel.CAYLEY_MAX_BLOCK if max_block is None else max_block
+            ):
                 sum(t.blocks().sum() for t in transforms).backward()
             for p in params:
                 p.grad = None
 
         return run
 
-    inverse, solve = interleaved_ms([step(True), step(False)], repeats, device=device)
-    alone = None
-    if device == "cpu" and cpu_kernel.available():  # the inverses alone, all blocks as one batch
-        with torch.no_grad():
-            S = torch.cat([t.skew() for t in transforms]).contiguous()
-            eye = torch.eye(block_size)
+    times = interleaved_ms([step(by_inverse, max_block) for _, by_inverse, max_block in forms], repeats, device=device)
+    alone, kernel = None, None
+    with torch.no_grad():  # the inverses alone, all blocks as one batch
+        S = torch.cat([t.skew() for t in transforms]).contiguous()
+        eye = torch.eye(block_size, device=device)
+        if device == "cpu" and cpu_kernel.available():
+            kernel = "`cpu_kernel.cayley`"
             alone = interleaved_ms([lambda: cpu_kernel.cayley(S), lambda: torch.linalg.inv_ex(eye - S)], repeats)
+        elif device != "cpu" and gpu_kernel.cayley_usable(S):
+            kernel = "`gpu_kernel.cayley`"
+            alone = interleaved_ms([lambda: gpu_kernel.cayley(S), lambda: torch.linalg.inv_ex(eye - S)], repeats,
+                                   device=device)
     command = command_line()
     setup = (f"{shape} shape, {n_layer} layers, OFT b{block_size} on {targets}: {len(transforms)} transforms, "
              f"{n_blocks} blocks of {block_size} x {block_size} a step; float32 on {device}, {threads} threads, "
              f"{repeats} interleaved timings, medians; torch {torch.__version__}, {machine()}")
-    table = ["| form | ms per step (forward + backward) |", "|---|---|",
-             f"| inverse, two-product backward (default) | {inverse:.2f} |",
-             f"| solve, autograd backward (`CAYLEY_BY_INVERSE=False`) | {solve:.2f} |"]
-    summary = f"solve / inverse: {solve / inverse:.2f}x"
+    table = ["| form | ms per step (forward + backward) |", "|---|---|"]
+    table += [f"| {label} | {ms:.2f} |" for (label, _, _), ms in zip(forms, times)]
+    summary = "; ".join(f"{label.split(',')[0].split(' (')[0]} / default: {ms / times[0]:.2f}x"
+                        for (label, _, _), ms in zip(forms[1:], times[1:]))
     if alone is not None:
         us = [1e3 * ms / n_blocks for ms in alone]
-        summary += (f"; the inverses alone: `cpu_kernel.cayley` {us[0]:.1f} us per block, `torch.linalg.inv_ex` "
-                    f"{us[1]:.1f} us")
+        summary += (f"; the inverses alone: {kernel} {us[0]:.2f} us per block, `torch.linalg.inv_ex` "
+                    f"{us[1]:.2f} us")
     print(f"$ {command}\n{setup}\n" + "\n".join(table) + f"\n{summary}")
     if write:
         write_section(

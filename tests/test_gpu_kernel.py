@@ -436,3 +436,40 @@ def test_bfloat16_close_to_float32(device, method):
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(out, ref_out) < 1e-2 and rel(gv, ref_gv) < 1e-2
     assert torch.isfinite(out).all() and torch.isfinite(gz).all()
+
+
+@direct
+@pytest.mark.parametrize("k", [1, 2, 5, 16, 32, 33, 64] + ([128] if CUDA else []))  # 128: minutes interpreted
+def test_cayley_kernel_against_float64(device, k, monkeypatch):
+    """OFT's exact blocks from the `cayley` kernel (a program per block, elimination without pivoting): against
+    float64 `torch.linalg.inv` in float32 and float64, for large `S` (pivots up to about `k / 2`) and small;
+    orthogonal with determinant +1; the gradient of `_ExactCayley` on this path against autograd through the float64
+    formula; and the kernel is what ran (a broken one fails the test)."""
+    from lit_gpt.adapters import oft
+
+    calls = []
+    real = gpu_kernel.cayley
+    monkeypatch.setattr(gpu_kernel, "cayley", lambda S: calls.append(S.shape) or real(S))
+    torch.manual_seed(5)
+    eye = torch.eye(k, dtype=torch.float64)
+    for scale in (3.0, 0.01):
+        R = torch.randn(6, k, k, dtype=torch.float64) * scale
+        G = torch.randn(6, k, k, dtype=torch.float64)  # the loss <G, H>
+        R64 = R.clone().requires_grad_()
+        S = (R64 - R64.transpose(1, 2)) / 2
+        expected = (eye + S) @ torch.linalg.inv(eye - S)
+        (expected_gR,) = torch.autograd.grad((expected * G).sum(), R64)
+        for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
+            Rd = R.to(device, dtype).requires_grad_()
+            H = oft.cayley((Rd - Rd.transpose(1, 2)) / 2)
+            (gR,) = torch.autograd.grad((H * G.to(device, dtype)).sum(), Rd)
+            torch.testing.assert_close(H.double().cpu(), expected.detach(), rtol=tol, atol=tol)
+            torch.testing.assert_close(gR.double().cpu(), expected_gR, rtol=tol,
+                                       atol=tol * expected_gR.abs().max().item())
+            if dtype == torch.float64:
+                H = H.cpu()
+                torch.testing.assert_close(H.transpose(1, 2) @ H, eye.expand(6, k, k), rtol=1e-11, atol=1e-11)
+                torch.testing.assert_close(torch.linalg.det(H), torch.ones(6, dtype=dtype), rtol=1e-10, atol=1e-10)
+    assert len(calls) == 4
+    monkeypatch.setattr(gpu_kernel, "CAYLEY_MAX_BLOCK", k - 1)  # larger blocks go to inv_ex
+    assert not gpu_kernel.cayley_usable(torch.zeros(2, k, k, device=device))

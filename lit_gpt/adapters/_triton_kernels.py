@@ -257,3 +257,27 @@ def finish(
     # through w / max(‖w‖, eps): (g - û (û·g)) / ‖w‖ above eps, g / eps below (the max has no slope there)
     gw = tl.where(norm > eps, (gu - unit * tl.sum(unit * gu, axis=0)) / tl.maximum(norm, eps), gu / eps)
     tl.store(gw_ptr + (j * NB + i) * K + cols, gw.to(gw_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def cayley(s_ptr, h_ptr, K, BK: tl.constexpr):
+    # program i: block i of a contiguous (n, K, K) batch of skew-symmetric S, H = 2 (I - S)^-1 - I. The inverse is
+    # Gauss-Jordan elimination in place, without pivoting (every pivot of I - S is at least 1: `oft._ExactCayley`),
+    # on the whole block held in registers; padding rows and columns (K < BK) are the identity and stay apart
+    i = tl.program_id(0)
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, BK)
+    mask = (rows[:, None] < K) & (cols[None, :] < K)
+    offs = i.to(tl.int64) * K * K + rows[:, None] * K + cols[None, :]
+    S = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0).to(S.dtype)
+    A = eye - S
+    for p in range(0, K):
+        r = tl.sum(tl.where(rows[:, None] == p, A, 0.0), axis=0)  # row p
+        c = tl.sum(tl.where(cols[None, :] == p, A, 0.0), axis=1)  # column p
+        a = 1.0 / tl.sum(tl.where(cols == p, r, 0.0), axis=0)  # 1 / pivot
+        rr = tl.where(cols == p, 1.0, r) * a  # the new row p: r / pivot, and 1 / pivot at (p, p)
+        # off row p: A_ij - A_ip A_pj / pivot, and -A_ip / pivot in column p
+        A = tl.where(cols[None, :] == p, 0.0, A) - c[:, None] * rr[None, :]
+        A = tl.where(rows[:, None] == p, rr[None, :], A)
+    tl.store(h_ptr + offs, (2.0 * A - eye).to(h_ptr.dtype.element_ty), mask=mask)

@@ -48,11 +48,16 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the forms of `lit_gpt.recompute` whose parts the backward kernel reads (`cpu_kernel.kernel_rows`); () rebuilds them
 # before the kernel reads them (the A/B of `bench/ab_step.py`)
 FORMS = recompute.FORMS
+# OFT's exact Cayley blocks (`oft._ExactCayley`) come from the `cayley` kernel up to this block size (a block lives in
+# one program's registers) and from `torch.linalg.inv_ex` above it; 0 leaves them all to `inv_ex`. On an H100 the
+# kernel took 25-40 us for 128-1024 blocks of 32 x 32 where `inv_ex` took 230-340, 0.43-0.86 ms for 32-256 blocks of
+# 128 x 128 where `inv_ex` took 1.1-1.7 (docs/benchmarks.md)
+CAYLEY_MAX_BLOCK = 128
 
 log = logging.getLogger(__name__)
 
 _switched_off = 0
-_kernels = None  # (forward, backward, finish) once compiled; False when Triton cannot be imported
+_kernels = None  # (forward, backward, finish, cayley) once compiled; False when Triton cannot be imported
 _device_ok: dict = {}  # device -> whether the kernels passed their first-use check there
 
 
@@ -69,7 +74,7 @@ def _load():
         except ImportError:
             _kernels = False
         else:
-            _kernels = (_triton_kernels.fwd, _triton_kernels.bwd, _triton_kernels.finish)
+            _kernels = (_triton_kernels.fwd, _triton_kernels.bwd, _triton_kernels.finish, _triton_kernels.cayley)
     return _kernels or None
 
 
@@ -346,3 +351,24 @@ def backward_raw(
         HAS_BIAS=rebuild and bias is not None, BP=bp, BK=bk,
     )
     return gw
+
+
+def cayley_usable(S: torch.Tensor) -> bool:
+    """Whether `cayley` can build these blocks: a `(n, k, k)` float32/float64 batch with `k <= CAYLEY_MAX_BLOCK`
+    where the kernels run."""
+    return S.ndim == 3 and S.dtype in (torch.float32, torch.float64) and 0 < S.shape[-1] <= CAYLEY_MAX_BLOCK and (
+        _ready(S.device)
+    )
+
+
+def cayley(S: torch.Tensor) -> torch.Tensor:
+    """OFT's exact blocks `H = (I + S)(I - S)^-1 = 2 (I - S)^-1 - I` for a batch of skew-symmetric `S` (`(n, k, k)`),
+    one program per block: the GPU twin of `cpu_kernel.cayley`, one launch where `torch.linalg.inv_ex` takes a
+    batched factorisation and inversion."""
+    S = S.contiguous()
+    H = torch.empty_like(S)
+    n, k = S.shape[0], S.shape[-1]
+    if n:
+        bk = _pow2(k)
+        _load()[3][(n,)](S, H, k, BK=bk, num_warps=max(4, min(16, bk * bk // 1024)))
+    return H

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from lit_gpt import recompute
-from lit_gpt.adapters import cpu_kernel
+from lit_gpt.adapters import cpu_kernel, gpu_kernel
 from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute_dtype, num_blocks, register_method
 from lit_gpt.adapters.config import AdapterConfig
 
@@ -39,13 +39,16 @@ class _ExactCayley(torch.autograd.Function):
     `I + S = 2I - A`). Its gradient needs no second solve: `dH = 2 A^-1 dS A^-1`, so `gS = 2 A^-T gH A^-T`, and
     `A^-1 = (H + I) / 2` is made from the kept output: `gS = (Hᵀ + I) gH (Hᵀ + I) / 2`. `I - S` is never singular
     (the eigenvalues of a skew-symmetric `S` are imaginary; every singular value of `I - S` is at least 1), so the
-    inverse is well conditioned: on the CPU kernel by elimination without pivoting (`cpu_kernel.cayley`), elsewhere
-    by `inv_ex`, which skips the error check that makes `torch.linalg.inv` wait for a GPU."""
+    inverse is well conditioned: by elimination without pivoting on the CPU kernel (`cpu_kernel.cayley`) and for
+    small blocks on a GPU (`gpu_kernel.cayley`, a Triton program per block), elsewhere by `inv_ex`, which skips the
+    error check that makes `torch.linalg.inv` wait for a GPU."""
 
     @staticmethod
     def forward(ctx, S: torch.Tensor) -> torch.Tensor:
         if cpu_kernel.runs(S.dtype, S.device):
             H = cpu_kernel.cayley(S.contiguous())
+        elif gpu_kernel.cayley_usable(S):
+            H = gpu_kernel.cayley(S)
         else:
             eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
             H = torch.linalg.inv_ex(eye - S)[0].mul_(2).sub_(eye)
