@@ -49,6 +49,19 @@ def precision_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
+def check_devices(devices: int) -> None:
+    """Fail in one sentence when `--devices` asks for more GPUs than this machine has (Fabric would fail later, in a
+    traceback); without a GPU the processes run on the CPU, as many as asked."""
+    if devices < 1:
+        raise ValueError(f"--devices {devices}: pass the number of processes per machine, 1 or more.")
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(
+            f"--devices {devices} asks for more GPUs than this machine has ({n}); pass --devices {n} or fewer "
+            f"(to run {devices} processes on the CPU instead, hide the GPUs with CUDA_VISIBLE_DEVICES=)."
+        )
+
+
 def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, activation_checkpointing: bool):
     """A Fabric for one device, or FSDP2 (`fully_shard` per block) through `ModelParallelStrategy` for several."""
     import lightning as L
@@ -206,6 +219,7 @@ def finetune(
     if adapter_config is not None:  # an nb that does not divide a width fails here, on the meta device, in ms
         with torch.device("meta"):
             apply_adapters(GPT(config), adapter_config)
+    check_devices(devices)
     precision = precision or default_precision()
     out_dir = Path(io.out_dir)
     fabric = build_fabric(devices, num_nodes, precision, out_dir, train.activation_checkpointing)

@@ -60,8 +60,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return d
 
 
-def run_cli(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LIT_GPT_NO_PROGRESS="1")
+def run_cli(script: str, *args: str, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LIT_GPT_NO_PROGRESS="1", **env_vars)
     return subprocess.run([sys.executable, str(REPO / "finetune" / script), *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=timeout)
 
@@ -175,9 +175,10 @@ def test_sigkill_after_a_checkpoint_then_resume_auto_equals_an_uninterrupted_run
 def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
     flags = ["--Htype", "etherplusHH", "--ether_nb", "4", "--train.learning_rate", "1e-2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    r = run_cli("ether.py", *common_flags(tiny_ckpt, one, 4), *flags)
+    cpu = dict(CUDA_VISIBLE_DEVICES="")  # two processes on the CPU (gloo), also on a machine with one GPU
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, one, 4), *flags, **cpu)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("ether.py", *common_flags(tiny_ckpt, two, 4, **{"--devices": "2"}), *flags)
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, two, 4, **{"--devices": "2"}), *flags, **cpu)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = final_tensors(one), final_tensors(two)
     assert set(a) == set(b)
@@ -198,6 +199,21 @@ def test_clear_errors_before_any_work(tiny_ckpt, tmp_path):
     r = run_cli("ether.py", *common_flags(tiny_ckpt, tmp_path / "x", 2, **{"--train.global_batch_size": "3",
                                                                           "--train.micro_batch_size": "2"}))
     assert r.returncode != 0 and "global_batch_size" in r.stderr.splitlines()[-1]
+
+
+def test_more_devices_than_gpus_is_a_clear_error(monkeypatch):
+    from lit_gpt import training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    training.check_devices(1)
+    with pytest.raises(ValueError, match=r"--devices 2 asks for more GPUs than this machine has \(1\); pass "
+                                         r"--devices 1 or fewer.*CUDA_VISIBLE_DEVICES="):
+        training.check_devices(2)
+    with pytest.raises(ValueError, match="--devices 0"):
+        training.check_devices(0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: processes on the CPU
+    training.check_devices(4)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "config_hub" / "finetune").glob("*/*.yaml")), ids=lambda p: p.stem)
