@@ -33,6 +33,7 @@ def main(
     shape: str = "small",
     n_layer: int = 4,
     block_size: int = 32,
+    neumann_terms: int = 0,
     targets: str = "all-linear",
     device: str = "cpu",
     threads: int = 1,
@@ -45,6 +46,8 @@ def main(
         shape: A shape of `bench/adapters.py` ("small", "llama2-7b", "smollm2-135m", "tiny").
         n_layer: Layers.
         block_size: OFT block size `k`.
+        neumann_terms: With terms, time the Cayley-Neumann series instead: the GPU kernels
+            (`gpu_kernel.neumann_forward`) against PyTorch's products and autograd (`gpu_kernel.NEUMANN_MAX_BLOCK=0`).
         targets: Comma-separated adapter targets.
         device: "cpu" or "cuda".
         threads: torch threads.
@@ -55,7 +58,8 @@ def main(
     torch.manual_seed(0)
     with torch.device("meta"):
         model = GPT(llama_config(shape, n_layer, 256))
-    cfg = AdapterConfig(method="oft", block_size=block_size, upper_triangle=True, targets=targets.split(","))
+    cfg = AdapterConfig(method="oft", block_size=block_size, upper_triangle=True, targets=targets.split(","),
+                        neumann_terms=neumann_terms)
     model = apply_adapters(model, cfg)
     transforms = [m for m in model.modules() if isinstance(m, oft.OFTTransform)]
     params = [torch.nn.Parameter(torch.randn(t.R_upper.shape, device=device) * 0.05) for t in transforms]
@@ -67,11 +71,16 @@ def main(
              ("solve, autograd backward (`CAYLEY_BY_INVERSE=False`)", False, None)]
     if device != "cpu":  # the inverse by the Triton kernel (the default for small blocks) and by inv_ex
         forms.insert(1, ("inverse by `torch.linalg.inv_ex` (`gpu_kernel.CAYLEY_MAX_BLOCK=0`)", True, 0))
+    switch = "CAYLEY_MAX_BLOCK"
+    if neumann_terms:
+        forms = [(f"Cayley-Neumann, {neumann_terms} terms (default)", True, None),
+                 ("the same by PyTorch's products and autograd (`gpu_kernel.NEUMANN_MAX_BLOCK=0`)", True, 0)]
+        switch = "NEUMANN_MAX_BLOCK"
 
     def step(by_inverse: bool, max_block):
         def run() -> None:
             with patched(oft, "CAYLEY_BY_INVERSE", by_inverse), patched(
-                gpu_kernel, "CAYLEY_MAX_BLOCK", gpu_kernel.CAYLEY_MAX_BLOCK if max_block is None else max_block
+                gpu_kernel, switch, getattr(gpu_kernel, switch) if max_block is None else max_block
             ):
                 sum(t.blocks().sum() for t in transforms).backward()
             for p in params:
@@ -84,15 +93,16 @@ def main(
     with torch.no_grad():  # the inverses alone, all blocks as one batch
         S = torch.cat([t.skew() for t in transforms]).contiguous()
         eye = torch.eye(block_size, device=device)
-        if device == "cpu" and cpu_kernel.available():
+        if device == "cpu" and cpu_kernel.available() and not neumann_terms:
             kernel = "`cpu_kernel.cayley`"
             alone = interleaved_ms([lambda: cpu_kernel.cayley(S), lambda: torch.linalg.inv_ex(eye - S)], repeats)
-        elif device != "cpu" and gpu_kernel.cayley_usable(S):
+        elif device != "cpu" and gpu_kernel.cayley_usable(S) and not neumann_terms:
             kernel = "`gpu_kernel.cayley`"
             alone = interleaved_ms([lambda: gpu_kernel.cayley(S), lambda: torch.linalg.inv_ex(eye - S)], repeats,
                                    device=device)
     command = command_line()
-    setup = (f"{shape} shape, {n_layer} layers, OFT b{block_size} on {targets}: {len(transforms)} transforms, "
+    series = f" neumann{neumann_terms}" if neumann_terms else ""
+    setup = (f"{shape} shape, {n_layer} layers, OFT b{block_size}{series} on {targets}: {len(transforms)} transforms, "
              f"{n_blocks} blocks of {block_size} x {block_size} a step; float32 on {device}, {threads} threads, "
              f"{repeats} interleaved timings, medians; torch {torch.__version__}, {machine()}")
     table = ["| form | ms per step (forward + backward) |", "|---|---|"]
@@ -106,7 +116,7 @@ def main(
     print(f"$ {command}\n{setup}\n" + "\n".join(table) + f"\n{summary}")
     if write:
         write_section(
-            f"bench/oft_blocks.py {device}",
+            f"bench/oft_blocks.py {device}{series}",
             f"## OFT's blocks per step: inverse vs solve (`bench/oft_blocks.py`)\n\nRun on {date.today()}: "
             f"`{command}`\n\n{setup}\n\n" + "\n".join(table) + f"\n\n{summary}\n",
         )

@@ -473,3 +473,33 @@ def test_cayley_kernel_against_float64(device, k, monkeypatch):
     assert len(calls) == 4
     monkeypatch.setattr(gpu_kernel, "CAYLEY_MAX_BLOCK", k - 1)  # larger blocks go to inv_ex
     assert not gpu_kernel.cayley_usable(torch.zeros(2, k, k, device=device))
+
+
+@direct
+@pytest.mark.parametrize("k", [2, 16, 33, 64])
+def test_neumann_kernels_against_float64(device, k, monkeypatch):
+    """OFT's Cayley-Neumann blocks `(I + S) sum_{j <= K} S^j` and their gradient from the `neumann_fwd` /
+    `neumann_bwd` kernels (float32) against the PyTorch series in float64, for 1 to 5 terms; the kernels are what
+    ran (a broken one fails the test), and blocks above `NEUMANN_MAX_BLOCK` take the PyTorch path."""
+    from lit_gpt.adapters import oft
+
+    calls = []
+    real = gpu_kernel.neumann_backward
+    monkeypatch.setattr(gpu_kernel, "neumann_backward", lambda *a: calls.append(a[2]) or real(*a))
+    torch.manual_seed(6)
+    for terms in (1, 2, 5):
+        R = torch.randn(4, k, k, dtype=torch.float64) * (0.5 / k ** 0.5)
+        G = torch.randn(4, k, k, dtype=torch.float64)
+        R64 = R.clone().requires_grad_()
+        with gpu_kernel.disabled():
+            expected = oft.cayley((R64 - R64.transpose(1, 2)) / 2, terms)
+        (expected_gR,) = torch.autograd.grad((expected * G).sum(), R64)
+        Rd = R.to(device, torch.float32).requires_grad_()
+        H = oft.cayley((Rd - Rd.transpose(1, 2)) / 2, terms)
+        (gR,) = torch.autograd.grad((H * G.to(device, torch.float32)).sum(), Rd)
+        torch.testing.assert_close(H.double().cpu(), expected.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gR.double().cpu(), expected_gR, rtol=1e-5,
+                                   atol=1e-5 * expected_gR.abs().max().item())
+    assert calls == [1, 2, 5]
+    monkeypatch.setattr(gpu_kernel, "NEUMANN_MAX_BLOCK", k - 1)
+    assert not gpu_kernel.neumann_usable(torch.zeros(2, k, k, device=device))

@@ -281,3 +281,56 @@ def cayley(s_ptr, h_ptr, K, BK: tl.constexpr):
         A = tl.where(cols[None, :] == p, 0.0, A) - c[:, None] * rr[None, :]
         A = tl.where(rows[:, None] == p, rr[None, :], A)
     tl.store(h_ptr + offs, (2.0 * A - eye).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _block(ptr, i, K, rows, cols, BK: tl.constexpr):
+    """Block `i` of a contiguous `(n, K, K)` batch as a `(BK, BK)` tile, zero outside `K x K`, and its offsets."""
+    mask = (rows[:, None] < K) & (cols[None, :] < K)
+    offs = i.to(tl.int64) * K * K + rows[:, None] * K + cols[None, :]
+    return tl.load(ptr + offs, mask=mask, other=0.0), offs, mask
+
+
+@triton.jit
+def _series(S, eye, TERMS):
+    """`N = sum_{j <= TERMS} S^j` for a zero-padded tile `S` (`TERMS >= 1`)."""
+    N = eye + S
+    P = S
+    for _ in range(1, TERMS):
+        P = tl.dot(P, S, input_precision="ieee")
+        N += P
+    return N
+
+
+@triton.jit
+def neumann_fwd(s_ptr, h_ptr, K, TERMS, BK: tl.constexpr):
+    # program i: OFT's Cayley-Neumann block H = (I + S) sum_{j <= TERMS} S^j for block i, the powers in registers
+    i = tl.program_id(0)
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, BK)
+    S, offs, mask = _block(s_ptr, i, K, rows, cols, BK)
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0).to(S.dtype)
+    H = tl.dot(eye + S, _series(S, eye, TERMS), input_precision="ieee")
+    tl.store(h_ptr + offs, H.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def neumann_bwd(s_ptr, gh_ptr, gs_ptr, K, TERMS, BK: tl.constexpr):
+    # program i: the gradient of neumann_fwd's block, gS = gH Nᵀ + sum_{j=1..TERMS} sum_{a+b=j-1} A^a G A^b with
+    # A = Sᵀ, G = (I + S)ᵀ gH; the inner sums D_j by D_1 = G, D_{j+1} = A D_j + G A^j
+    i = tl.program_id(0)
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, BK)
+    S, offs, mask = _block(s_ptr, i, K, rows, cols, BK)
+    gH, _, _ = _block(gh_ptr, i, K, rows, cols, BK)
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0).to(S.dtype)
+    A = tl.trans(S)
+    G = tl.dot(tl.trans(eye + S), gH, input_precision="ieee")
+    gS = tl.dot(gH, tl.trans(_series(S, eye, TERMS)), input_precision="ieee") + G
+    D = G
+    P = eye
+    for _ in range(1, TERMS):
+        P = tl.dot(P, A, input_precision="ieee")
+        D = tl.dot(A, D, input_precision="ieee") + tl.dot(G, P, input_precision="ieee")
+        gS += D
+    tl.store(gs_ptr + offs, gS.to(gs_ptr.dtype.element_ty), mask=mask)

@@ -53,11 +53,16 @@ FORMS = recompute.FORMS
 # kernel took 25-40 us for 128-1024 blocks of 32 x 32 where `inv_ex` took 230-340, 0.43-0.86 ms for 32-256 blocks of
 # 128 x 128 where `inv_ex` took 1.1-1.7 (docs/benchmarks.md)
 CAYLEY_MAX_BLOCK = 128
+# OFT's Cayley-Neumann blocks come from the `neumann_fwd` / `neumann_bwd` kernels (the series' powers and the
+# gradient's sums in a program's registers) up to this block size, else from PyTorch's batched matmuls and autograd
+# (about a dozen launches forward and two dozen backward per adapted layer); 0 switches the kernels off
+NEUMANN_MAX_BLOCK = 64
 
 log = logging.getLogger(__name__)
 
 _switched_off = 0
-_kernels = None  # (forward, backward, finish, cayley) once compiled; False when Triton cannot be imported
+# (forward, backward, finish, cayley, neumann_fwd, neumann_bwd) once compiled; False when Triton cannot be imported
+_kernels = None
 _device_ok: dict = {}  # device -> whether the kernels passed their first-use check there
 
 
@@ -74,7 +79,8 @@ def _load():
         except ImportError:
             _kernels = False
         else:
-            _kernels = (_triton_kernels.fwd, _triton_kernels.bwd, _triton_kernels.finish, _triton_kernels.cayley)
+            _kernels = (_triton_kernels.fwd, _triton_kernels.bwd, _triton_kernels.finish, _triton_kernels.cayley,
+                        _triton_kernels.neumann_fwd, _triton_kernels.neumann_bwd)
     return _kernels or None
 
 
@@ -372,3 +378,29 @@ def cayley(S: torch.Tensor) -> torch.Tensor:
         bk = _pow2(k)
         _load()[3][(n,)](S, H, k, BK=bk, num_warps=max(4, min(16, bk * bk // 1024)))
     return H
+
+
+def neumann_usable(S: torch.Tensor) -> bool:
+    """Whether `neumann_forward` / `neumann_backward` can run on these blocks: a `(n, k, k)` float32 batch with
+    `k <= NEUMANN_MAX_BLOCK` where the kernels run."""
+    return S.ndim == 3 and S.dtype == torch.float32 and 0 < S.shape[-1] <= NEUMANN_MAX_BLOCK and _ready(S.device)
+
+
+def _neumann_launch(kernel: int, terms: int, *tensors: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(tensors[0])
+    n, k = tensors[0].shape[0], tensors[0].shape[-1]
+    if n:
+        bk = max(16, _pow2(k))  # the smallest tile of Triton's matrix products
+        _load()[kernel][(n,)](*tensors, out, k, terms, BK=bk, num_warps=4)
+    return out
+
+
+def neumann_forward(S: torch.Tensor, terms: int) -> torch.Tensor:
+    """OFT's Cayley-Neumann blocks `H = (I + S) sum_{j <= terms} S^j` for a contiguous `(n, k, k)` batch, one
+    program per block (`terms >= 1`)."""
+    return _neumann_launch(4, terms, S)
+
+
+def neumann_backward(S: torch.Tensor, gH: torch.Tensor, terms: int) -> torch.Tensor:
+    """The gradient of `neumann_forward(S, terms)` for the contiguous upstream gradient `gH`."""
+    return _neumann_launch(5, terms, S, gH)

@@ -62,10 +62,31 @@ class _ExactCayley(torch.autograd.Function):
         return (M @ gH @ M).mul_(0.5)
 
 
+class _NeumannCayley(torch.autograd.Function):
+    """`H = (I + S) sum_{j <= K} S^j` for a batch of `S` on the GPU kernels (`gpu_kernel.neumann_forward`, one
+    launch each way where PyTorch takes about a dozen batched products forward and twice that backward): backward
+    recomputes the series from the kept `S` and takes `gS = gH Nᵀ + sum_{j=1..K} sum_{a+b=j-1} (S^a)ᵀ G (S^b)ᵀ`,
+    `G = (I + S)ᵀ gH`, in the same program."""
+
+    @staticmethod
+    def forward(ctx, S: torch.Tensor, terms: int) -> torch.Tensor:
+        S = S.contiguous()
+        ctx.terms = terms
+        ctx.save_for_backward(S)
+        return gpu_kernel.neumann_forward(S, terms)
+
+    @staticmethod
+    def backward(ctx, gH: torch.Tensor):
+        (S,) = ctx.saved_tensors
+        return gpu_kernel.neumann_backward(S, gH.contiguous(), ctx.terms), None
+
+
 def cayley(S: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
     """`(I + S)(I - S)^-1` for a batch of skew-symmetric `S`, exact or with `K = neumann_terms` series terms."""
     if neumann_terms <= 0 and CAYLEY_BY_INVERSE:
         return _ExactCayley.apply(S)
+    if neumann_terms > 0 and gpu_kernel.neumann_usable(S):
+        return _NeumannCayley.apply(S, neumann_terms)
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
     if neumann_terms <= 0:
         # (I + S) and (I - S)^-1 commute, so solving from the left gives the same product; solve_ex skips the
