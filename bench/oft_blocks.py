@@ -115,9 +115,10 @@ def main(
                     f"{us[1]:.2f} us")
     print(f"$ {command}\n{setup}\n" + "\n".join(table) + f"\n{summary}")
     if write:
+        title = "Cayley-Neumann blocks per step: kernels vs PyTorch" if series else "blocks per step: inverse vs solve"
         write_section(
             f"bench/oft_blocks.py {device}{series}",
-            f"## OFT's blocks per step: inverse vs solve (`bench/oft_blocks.py`)\n\nRun on {date.today()}: "
+            f"## OFT's {title} (`bench/oft_blocks.py`)\n\nRun on {date.today()}: "
             f"`{command}`\n\n{setup}\n\n" + "\n".join(table) + f"\n\n{summary}\n",
         )
 

@@ -49,9 +49,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # before the kernel reads them (the A/B of `bench/ab_step.py`)
 FORMS = recompute.FORMS
 # OFT's exact Cayley blocks (`oft._ExactCayley`) come from the `cayley` kernel up to this block size (a block lives in
-# one program's registers) and from `torch.linalg.inv_ex` above it; 0 leaves them all to `inv_ex`. On an H100 the
-# kernel took 25-40 us for 128-1024 blocks of 32 x 32 where `inv_ex` took 230-340, 0.43-0.86 ms for 32-256 blocks of
-# 128 x 128 where `inv_ex` took 1.1-1.7 (docs/benchmarks.md)
+# one program's registers) and from `torch.linalg.inv_ex` above it; 0 leaves them all to `inv_ex`. On an H100
+# (`bench/oft_blocks.py --device cuda`) the kernel took 0.08 us a block of 32 x 32 where `inv_ex` took 0.37, and 3.7
+# us a block of 128 x 128 where `inv_ex` took 6.9
 CAYLEY_MAX_BLOCK = 128
 # OFT's Cayley-Neumann blocks come from the `neumann_fwd` / `neumann_bwd` kernels (the series' powers and the
 # gradient's sums in a program's registers) up to this block size, else from PyTorch's batched matmuls and autograd
