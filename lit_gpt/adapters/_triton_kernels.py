@@ -267,9 +267,7 @@ def cayley(s_ptr, h_ptr, K, BK: tl.constexpr):
     i = tl.program_id(0)
     rows = tl.arange(0, BK)
     cols = tl.arange(0, BK)
-    mask = (rows[:, None] < K) & (cols[None, :] < K)
-    offs = i.to(tl.int64) * K * K + rows[:, None] * K + cols[None, :]
-    S = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    S, offs, mask = _block(s_ptr, i, K, rows, cols, BK)
     eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0).to(S.dtype)
     A = eye - S
     for p in range(0, K):

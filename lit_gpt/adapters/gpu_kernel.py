@@ -371,13 +371,7 @@ def cayley(S: torch.Tensor) -> torch.Tensor:
     """OFT's exact blocks `H = (I + S)(I - S)^-1 = 2 (I - S)^-1 - I` for a batch of skew-symmetric `S` (`(n, k, k)`),
     one program per block: the GPU twin of `cpu_kernel.cayley`, one launch where `torch.linalg.inv_ex` takes a
     batched factorisation and inversion."""
-    S = S.contiguous()
-    H = torch.empty_like(S)
-    n, k = S.shape[0], S.shape[-1]
-    if n:
-        bk = _pow2(k)
-        _load()[3][(n,)](S, H, k, BK=bk, num_warps=max(4, min(16, bk * bk // 1024)))
-    return H
+    return _per_block(3, (S.contiguous(),))
 
 
 def neumann_usable(S: torch.Tensor) -> bool:
@@ -386,21 +380,23 @@ def neumann_usable(S: torch.Tensor) -> bool:
     return S.ndim == 3 and S.dtype == torch.float32 and 0 < S.shape[-1] <= NEUMANN_MAX_BLOCK and _ready(S.device)
 
 
-def _neumann_launch(kernel: int, terms: int, *tensors: torch.Tensor) -> torch.Tensor:
+def _per_block(kernel: int, tensors: tuple, *scalars, min_tile: int = 1) -> torch.Tensor:
+    """Runs `_load()[kernel]`, one program per `k x k` block of the contiguous `(n, k, k)` batches `tensors`, on
+    `(*tensors, out, k, *scalars)` with tiles of at least `min_tile`; returns the new batch `out`."""
     out = torch.empty_like(tensors[0])
     n, k = tensors[0].shape[0], tensors[0].shape[-1]
     if n:
-        bk = max(16, _pow2(k))  # the smallest tile of Triton's matrix products
-        _load()[kernel][(n,)](*tensors, out, k, terms, BK=bk, num_warps=4)
+        bk = max(min_tile, _pow2(k))
+        _load()[kernel][(n,)](*tensors, out, k, *scalars, BK=bk, num_warps=max(4, min(16, bk * bk // 1024)))
     return out
 
 
 def neumann_forward(S: torch.Tensor, terms: int) -> torch.Tensor:
     """OFT's Cayley-Neumann blocks `H = (I + S) sum_{j <= terms} S^j` for a contiguous `(n, k, k)` batch, one
     program per block (`terms >= 1`)."""
-    return _neumann_launch(4, terms, S)
+    return _per_block(4, (S,), terms, min_tile=16)  # 16: the smallest tile of Triton's matrix products
 
 
 def neumann_backward(S: torch.Tensor, gH: torch.Tensor, terms: int) -> torch.Tensor:
     """The gradient of `neumann_forward(S, terms)` for the contiguous upstream gradient `gH`."""
-    return _neumann_launch(5, terms, S, gH)
+    return _per_block(5, (S, gH), terms, min_tile=16)
