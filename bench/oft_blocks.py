@@ -67,14 +67,15 @@ def main(
         t.R_upper = p  # only the transforms are needed: the model's weights stay on the meta device
     n_blocks = sum(t.nb for t in transforms)
 
-    forms = [("inverse, two-product backward (default)", True, None),
-             ("solve, autograd backward (`CAYLEY_BY_INVERSE=False`)", False, None)]
+    # (label in the table, name in the summary, CAYLEY_BY_INVERSE, the kernels' block limit or None: unchanged)
+    forms = [("inverse, two-product backward (default)", "inverse", True, None),
+             ("solve, autograd backward (`CAYLEY_BY_INVERSE=False`)", "solve", False, None)]
     if device != "cpu":  # the inverse by the Triton kernel (the default for small blocks) and by inv_ex
-        forms.insert(1, ("inverse by `torch.linalg.inv_ex` (`gpu_kernel.CAYLEY_MAX_BLOCK=0`)", True, 0))
+        forms.insert(1, ("inverse by `torch.linalg.inv_ex` (`gpu_kernel.CAYLEY_MAX_BLOCK=0`)", "inv_ex", True, 0))
     switch = "CAYLEY_MAX_BLOCK"
     if neumann_terms:
-        forms = [(f"Cayley-Neumann, {neumann_terms} terms (default)", True, None),
-                 ("the same by PyTorch's products and autograd (`gpu_kernel.NEUMANN_MAX_BLOCK=0`)", True, 0)]
+        forms = [(f"Cayley-Neumann, {neumann_terms} terms (default)", "kernels", True, None),
+                 ("the same by PyTorch's products and autograd (`gpu_kernel.NEUMANN_MAX_BLOCK=0`)", "PyTorch", True, 0)]
         switch = "NEUMANN_MAX_BLOCK"
 
     def step(by_inverse: bool, max_block):
@@ -88,17 +89,18 @@ def main(
 
         return run
 
-    times = interleaved_ms([step(by_inverse, max_block) for _, by_inverse, max_block in forms], repeats, device=device)
+    times = interleaved_ms([step(*form[2:]) for form in forms], repeats, device=device)
     alone, kernel = None, None
-    with torch.no_grad():  # the inverses alone, all blocks as one batch
-        S = torch.cat([t.skew() for t in transforms]).contiguous()
-        eye = torch.eye(block_size, device=device)
-        if device == "cpu" and cpu_kernel.available() and not neumann_terms:
-            kernel = "`cpu_kernel.cayley`"
-            alone = interleaved_ms([lambda: cpu_kernel.cayley(S), lambda: torch.linalg.inv_ex(eye - S)], repeats)
-        elif device != "cpu" and gpu_kernel.cayley_usable(S) and not neumann_terms:
-            kernel = "`gpu_kernel.cayley`"
-            alone = interleaved_ms([lambda: gpu_kernel.cayley(S), lambda: torch.linalg.inv_ex(eye - S)], repeats,
+    if not neumann_terms:  # the inverses alone, all blocks as one batch
+        with torch.no_grad():
+            S = torch.cat([t.skew() for t in transforms]).contiguous()
+        if device == "cpu" and cpu_kernel.available():
+            kernel = cpu_kernel
+        elif device != "cpu" and gpu_kernel.cayley_usable(S):
+            kernel = gpu_kernel
+        if kernel is not None:
+            eye = torch.eye(block_size, device=device)
+            alone = interleaved_ms([lambda: kernel.cayley(S), lambda: torch.linalg.inv_ex(eye - S)], repeats,
                                    device=device)
     command = command_line()
     series = f" neumann{neumann_terms}" if neumann_terms else ""
@@ -106,12 +108,12 @@ def main(
              f"{n_blocks} blocks of {block_size} x {block_size} a step; float32 on {device}, {threads} threads, "
              f"{repeats} interleaved timings, medians; torch {torch.__version__}, {machine()}")
     table = ["| form | ms per step (forward + backward) |", "|---|---|"]
-    table += [f"| {label} | {ms:.2f} |" for (label, _, _), ms in zip(forms, times)]
-    summary = "; ".join(f"{label.split(',')[0].split(' (')[0]} / default: {ms / times[0]:.2f}x"
-                        for (label, _, _), ms in zip(forms[1:], times[1:]))
+    table += [f"| {form[0]} | {ms:.2f} |" for form, ms in zip(forms, times)]
+    summary = "; ".join(f"{form[1]} / {forms[0][1]}: {ms / times[0]:.2f}x" for form, ms in zip(forms[1:], times[1:]))
     if alone is not None:
         us = [1e3 * ms / n_blocks for ms in alone]
-        summary += (f"; the inverses alone: {kernel} {us[0]:.2f} us per block, `torch.linalg.inv_ex` "
+        name = kernel.__name__.split(".")[-1]
+        summary += (f"; the inverses alone: `{name}.cayley` {us[0]:.2f} us per block, `torch.linalg.inv_ex` "
                     f"{us[1]:.2f} us")
     print(f"$ {command}\n{setup}\n" + "\n".join(table) + f"\n{summary}")
     if write:

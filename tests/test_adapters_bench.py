@@ -103,6 +103,10 @@ def test_small_benches_print_their_tables(capsys):
         from lit_gpt.adapters import oft
 
         assert oft.CAYLEY_BY_INVERSE is True  # restored after the solve's turns
+        load_script("oft_blocks").main(shape="tiny", n_layer=1, block_size=16, neumann_terms=2, repeats=2)
+        out = capsys.readouterr().out
+        assert "OFT b16 neumann2" in out and "| Cayley-Neumann, 2 terms (default) |" in out
+        assert "PyTorch / kernels" in out
         ab = load_script("ab_step")
         spec = "lit_gpt.adapters.ether:HouseholderTransform.merge_output_spans=False"
         with ab.setting(spec):
