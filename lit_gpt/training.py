@@ -215,11 +215,11 @@ def finetune(
     train_data = SFTDataset.from_dir(io.train_data_dir, "train")
     val_data = SFTDataset.from_dir(io.val_data_dir, "test")
     config = Config.from_checkpoint(io.checkpoint_dir)
+    check_devices(devices)
     train.gradient_accumulation_iters(devices * num_nodes)
     if adapter_config is not None:  # an nb that does not divide a width fails here, on the meta device, in ms
         with torch.device("meta"):
             apply_adapters(GPT(config), adapter_config)
-    check_devices(devices)
     precision = precision or default_precision()
     out_dir = Path(io.out_dir)
     fabric = build_fabric(devices, num_nodes, precision, out_dir, train.activation_checkpointing)

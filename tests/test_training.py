@@ -199,6 +199,8 @@ def test_clear_errors_before_any_work(tiny_ckpt, tmp_path):
     r = run_cli("ether.py", *common_flags(tiny_ckpt, tmp_path / "x", 2, **{"--train.global_batch_size": "3",
                                                                           "--train.micro_batch_size": "2"}))
     assert r.returncode != 0 and "global_batch_size" in r.stderr.splitlines()[-1]
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, tmp_path / "x", 2, **{"--devices": "0"}))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--devices 0" in r.stderr.splitlines()[-1]
 
 
 def test_more_devices_than_gpus_is_a_clear_error(monkeypatch):
