@@ -107,6 +107,10 @@ def read_hparams(path: PathLike) -> dict:
 def read_finetuned(path: PathLike) -> FineTuned:
     """Open an adapter file, a full fine-tuning state dict or a training checkpoint (see the module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("lit_model*finetuned.pth"))
+        hint = f"the run's final file is {str(path / found[0])!r}" if found else "pass a lit_model_*finetuned.pth"
+        raise ValueError(f"Adapter/fine-tuned path {str(path)!r} is a folder, not a file: {hint}.")
     if not path.is_file():
         raise FileNotFoundError(f"Adapter/fine-tuned file {str(path)!r} does not exist.")
     obj = load_file(path, mmap=True)
@@ -135,17 +139,35 @@ def read_finetuned(path: PathLike) -> FineTuned:
     )
 
 
+def _recorded_path(hp: dict, *keys: str) -> Optional[Path]:
+    """The first path a run recorded under `keys` (dotted: `io.checkpoint_dir`) that exists from here, else the
+    first one recorded (None when none is). Runs record absolute paths; older ones the paths as given."""
+    recorded = []
+    for key in keys:
+        value = hp
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value:
+            recorded.append(Path(value))
+    return next((p for p in recorded if p.exists()), recorded[0] if recorded else None)
+
+
 def base_checkpoint_of(finetuned: FineTuned, checkpoint_dir: Optional[PathLike]) -> Path:
-    """`checkpoint_dir`, or the run's `base_checkpoint_dir` when it is not given."""
+    """`checkpoint_dir`, or the run's `base_checkpoint_dir` (or its `io.checkpoint_dir`) when it is not given."""
     if checkpoint_dir is not None:
         return Path(checkpoint_dir)
-    recorded = finetuned.hparams.get("base_checkpoint_dir")
-    if not recorded:
+    recorded = _recorded_path(finetuned.hparams, "base_checkpoint_dir", "io.checkpoint_dir")
+    if recorded is None:
         raise ValueError(
             f"No --checkpoint_dir given and no base_checkpoint_dir recorded in a {HPARAMS_FILENAME} next to "
             f"{str(finetuned.path)!r}: pass --checkpoint_dir with the base model the adapter was trained on."
         )
-    return Path(recorded)
+    if not recorded.is_dir():
+        raise FileNotFoundError(
+            f"The base model recorded in the run's {HPARAMS_FILENAME} ({str(recorded)!r}) does not exist here: pass "
+            "--checkpoint_dir with the base model the adapter was trained on."
+        )
+    return recorded
 
 
 def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: PathLike) -> None:
@@ -186,6 +208,29 @@ def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: Path
             )
 
 
+def check_not_merged_into(finetuned: FineTuned, checkpoint_dir: PathLike) -> None:
+    """Refuse, in one sentence, an adapter given with a checkpoint that already holds it: the base model's own
+    weights passed as the fine-tuned file, or a merged checkpoint (`merge_info.yaml`) made from this very file,
+    where applying it again would transform the weights twice."""
+    checkpoint_dir = Path(checkpoint_dir)
+    where, ckpt = str(finetuned.path), str(checkpoint_dir)
+    if (checkpoint_dir / WEIGHTS_FILENAME).resolve() == finetuned.path.resolve():
+        raise ValueError(f"{where} is the base checkpoint's own weights, not a fine-tuning output: pass the run's "
+                         "lit_model_*finetuned.pth as the adapter.")
+    info_path = checkpoint_dir / MERGE_INFO_FILENAME
+    if not info_path.is_file():
+        return
+    with open(info_path, encoding="utf-8") as f:
+        info = yaml.safe_load(f)
+    source = info.get("source") if isinstance(info, dict) else None
+    if source and Path(source).exists() and Path(source).resolve() == finetuned.path.resolve():
+        base = info.get("base_checkpoint_dir")
+        raise ValueError(
+            f"{ckpt!r} already has {where} merged into it ({MERGE_INFO_FILENAME}), so applying it again would "
+            f"transform the weights twice: drop the adapter, or pass the base model{f' {base!r}' if base else ''}."
+        )
+
+
 def _recorded_base(finetuned: FineTuned) -> str:
     recorded = finetuned.hparams.get("base_checkpoint_dir")
     return f" (the run recorded {recorded!r})" if recorded else ""
@@ -211,6 +256,7 @@ def load_finetuned(
     if adapter_path is None:
         return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
     finetuned = read_finetuned(adapter_path)
+    check_not_merged_into(finetuned, checkpoint_dir)
     config = Config.from_checkpoint(checkpoint_dir)
     with torch.device("meta"):
         model = GPT(config)
@@ -240,16 +286,24 @@ def read_prompt_style_file(checkpoint_dir: PathLike) -> Optional[dict]:
 
 
 def _run_prompt_style(adapter_path: PathLike) -> Optional[dict]:
-    """`{"prompt_style": ..., "system_prompt": ...}` from the prepare_config.yaml of the run's training data."""
+    """`{"prompt_style": ..., "system_prompt": ...}` the run trained with: recorded in its `hyperparameters.yaml`,
+    or (runs that did not record it) from the `prepare_config.yaml` of its training data. A run whose data cannot
+    be found says so on stderr, since the fallback format may not be the one the model learnt."""
     from lit_gpt.data import read_prepare_config
 
     hp = read_hparams(adapter_path)
-    data_dir = (hp.get("io") or {}).get("train_data_dir")
-    if not data_dir:
+    recorded = hp.get("prompt_style")
+    if isinstance(recorded, dict) and isinstance(recorded.get("prompt_style"), str):
+        return {"prompt_style": recorded["prompt_style"], "system_prompt": recorded.get("system_prompt")}
+    data_dir = _recorded_path(hp, "io.train_data_dir")
+    if data_dir is None:
         return None
     try:
         prepared = read_prepare_config(data_dir)
     except FileNotFoundError:
+        print(f"warning: the training data {str(data_dir)!r} recorded by the run of {str(adapter_path)!r} is not "
+              "found from here, so the prompt format it was trained with is unknown: pass --prompt_style (or run "
+              "from the directory the run was started in).", file=sys.stderr)
         return None
     return {"prompt_style": prepared.get("prompt_style", "alpaca"), "system_prompt": prepared.get("system_prompt")}
 
@@ -321,6 +375,7 @@ def merge_checkpoint(
         raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     finetuned = read_finetuned(adapter_path)
     checkpoint_dir = check_checkpoint_dir(base_checkpoint_of(finetuned, checkpoint_dir))
+    check_not_merged_into(finetuned, checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else finetuned.path.parent / "merged"
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {str(out_dir)!r} is the base checkpoint directory; choose another folder.")
@@ -372,7 +427,7 @@ def merge_checkpoint(
     if style is not None:
         style = {k: v for k, v in style.items() if v is not None}
         atomic_write_text(out_dir / PROMPT_STYLE_FILENAME, yaml.safe_dump(style, sort_keys=False))
-    info = {"source": str(finetuned.path), "method": finetuned.method, "base_checkpoint_dir": str(checkpoint_dir),
+    info = {"source": str(finetuned.path.resolve()), "method": finetuned.method, "base_checkpoint_dir": str(checkpoint_dir.resolve()),
             "dtype": str(_float_dtype(model)).removeprefix("torch."), "probe_max_abs_diff": max_diff}
     atomic_write_text(out_dir / MERGE_INFO_FILENAME, yaml.safe_dump(info, sort_keys=False))
     # weights last: a directory with lit_model.pth is complete

@@ -319,3 +319,57 @@ def test_missing_base_and_bad_files_are_clear(bases, tmp_path):
         load_finetuned(bases["llama"], bogus)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_finetuned(bases["llama"], tmp_path / "nope.pth")
+
+
+def test_run_paths_and_prompt_style_do_not_depend_on_the_working_directory(bases, tmp_path, monkeypatch):
+    adapter = make_run(tmp_path / "run", bases["llama"], AdapterConfig(method="ether", nb=4), prompt_style="flan")
+    hp_path = adapter.parent / "hyperparameters.yaml"
+    hp = yaml.safe_load(hp_path.read_text())
+    # a run started elsewhere recorded paths relative to its directory: from here they do not exist
+    hp["base_checkpoint_dir"] = "checkpoints/tiny-llama"
+    hp["io"]["train_data_dir"] = "data/tiny"
+    hp_path.write_text(yaml.safe_dump(hp))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"base model recorded in the run's hyperparameters.yaml "
+                                                r"\('checkpoints/tiny-llama'\) does not exist here: pass "
+                                                r"--checkpoint_dir"):
+        merge_checkpoint(adapter, log=lambda s: None)
+    # the data is gone too: the prompt format is unknown, which is said rather than silently replaced
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        style = resolve_prompt_style(bases["llama"], adapter)
+    assert style.name == "alpaca" and "prompt format it was trained with is unknown" in err.getvalue()
+    # runs record the style itself (and absolute paths), so neither matters any more
+    hp["prompt_style"] = {"prompt_style": "flan"}
+    hp["base_checkpoint_dir"] = str(bases["llama"].resolve())
+    hp_path.write_text(yaml.safe_dump(hp))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert resolve_prompt_style(bases["llama"], adapter).name == "flan"
+        out = merge_checkpoint(adapter, log=lambda s: None)
+    assert err.getvalue() == ""
+    assert yaml.safe_load((out / "prompt_style.yaml").read_text())["prompt_style"] == "flan"
+
+
+def test_an_adapter_is_not_applied_twice(bases, tmp_path):
+    adapter = make_run(tmp_path / "run", bases["llama"], AdapterConfig(method="etherplus", nb=4))
+    merged = merge_checkpoint(adapter, out_dir=tmp_path / "merged", log=lambda s: None)
+    for call in (lambda: load_finetuned(merged, adapter),
+                 lambda: merge_checkpoint(adapter, merged, out_dir=tmp_path / "twice", log=lambda s: None)):
+        with pytest.raises(ValueError, match="already has .* merged into it .* transform the weights twice: drop the "
+                                             "adapter, or pass the base model"):
+            call()
+    assert not (tmp_path / "twice").exists()
+    # another adapter on top of a merged model is a choice, not a mistake
+    other = make_run(tmp_path / "run2", bases["llama"], AdapterConfig(method="etherplus", nb=4), seed=5)
+    load_finetuned(merged, other)
+    # the base's own weights given as the fine-tuned file
+    with pytest.raises(ValueError, match="is the base checkpoint's own weights"):
+        load_finetuned(bases["llama"], bases["llama"] / "lit_model.pth")
+    # the run folder given where the file is expected names the file
+    with pytest.raises(ValueError, match=r"is a folder, not a file: the run's final file is .*"
+                                         r"lit_model_ether_finetuned.pth"):
+        read_finetuned(adapter.parent)
