@@ -7,9 +7,14 @@ import sys
 from typing import Any, Callable
 
 
+# OSErrors that a path the user gave causes (an output folder that is a file, no permission to write, ...): their
+# own message (`[Errno 17] File exists: 'out'`) names the path
+USER_OS_ERRORS = (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()) -> Any:
-    """`jsonargparse.CLI(fn)`, printing a user error (a missing file, a bad value, or one of `errors`) as
-    `error: …` and exiting 1.
+    """`jsonargparse.CLI(fn)`, printing a user error (a missing file, a bad value, a path that is a file where a
+    folder is needed or not writable, or one of `errors`) as `error: …` and exiting 1.
 
     Set `LIT_GPT_DEBUG=1` to see the traceback instead.
     """
@@ -17,7 +22,7 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
 
     try:
         return CLI(fn, as_positional=False)
-    except (FileNotFoundError, ValueError, *errors) as e:
+    except (FileNotFoundError, ValueError, *USER_OS_ERRORS, *errors) as e:
         if os.environ.get("LIT_GPT_DEBUG") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ fine-tuned variant or an unlisted size never depends on this table.
 from __future__ import annotations
 
 import difflib
+import sys
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -106,14 +107,46 @@ class Config:
 
     @classmethod
     def from_file(cls, path: Path | str, **overrides: Any) -> "Config":
+        """The config a `model_config.yaml` holds; a file that is not a mapping of known fields fails in one
+        sentence naming it."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Model config {str(path)!r} does not exist.")
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        redo = ("fix it, or write it again by converting the checkpoint (scripts/convert_hf_checkpoint.py or "
+                "convert_gguf_checkpoint.py)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"Model config {str(path)!r} is not valid YAML ({problem}{where}); {redo}.") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"Model config {str(path)!r} is not UTF-8 text; {redo}.") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"Model config {str(path)!r} must hold a mapping of Config fields (`n_layer: 30`, ...), not a "
+                f"{type(data).__name__}; {redo}."
+            )
         data.update(overrides)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            close = [m for k in unknown for m in difflib.get_close_matches(str(k), known, n=1, cutoff=0.7)]
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            # ignored, as files of other lit tools carry fields this model does not use; a typo shows here
+            print(f"warning: model config {str(path)!r} has field(s) this model does not use, ignored: "
+                  f"{', '.join(repr(k) for k in unknown)}{hint}.", file=sys.stderr)
+            data = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**data)
+        except (TypeError, ZeroDivisionError) as e:  # a value of the wrong type or zero, e.g. `n_head: "nine"`
+            raise ValueError(f"Model config {str(path)!r} has an invalid value ({e}); {redo}.") from None
+        except ValueError as e:  # __post_init__'s own checks, e.g. n_head not a multiple of n_query_groups
+            raise ValueError(f"Model config {str(path)!r}: {str(e).rstrip('.')}; {redo}.") from None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Path | str, **overrides: Any) -> "Config":
@@ -121,8 +154,17 @@ class Config:
         path = checkpoint_dir / CONFIG_FILENAME
         if path.is_file():
             return cls.from_file(path, **overrides)
+        if checkpoint_dir.is_file():
+            from lit_gpt.utils import not_a_directory_error
+
+            raise not_a_directory_error(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
+        from lit_gpt.utils import finetuning_run_hint
+
+        run = finetuning_run_hint(checkpoint_dir)
+        if run is not None:
+            raise ValueError(f"{run}.")
         raise FileNotFoundError(
             f"{str(path)!r} is missing: convert the checkpoint first with "
             f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`."

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lit_gpt.config import Config
-from lit_gpt.utils import WEIGHTS_FILENAME, atomic_save, atomic_write_text
+from lit_gpt.utils import WEIGHTS_FILENAME, atomic_save, atomic_write_text, check_output_dir
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
@@ -57,6 +57,10 @@ def open_gguf(path: Path | str):
     import gguf
 
     path = Path(path)
+    if path.is_dir():
+        files = sorted(p.name for p in path.glob("*.gguf"))[:3]
+        inside = f" such as {', '.join(repr(str(path / f)) for f in files)}" if files else ""
+        raise GGUFImportError(f"GGUF path {str(path)!r} is a directory, but a .gguf file is expected{inside}.")
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
     try:
@@ -443,6 +447,7 @@ def tokenizer_configs_from_gguf(metadata: dict, block_size: int) -> tuple[dict, 
 def convert_gguf(gguf_path: Path | str, checkpoint_dir: Path | str, dtype: torch.dtype = torch.float32) -> Config:
     """Write `checkpoint_dir` (lit_model.pth, model_config.yaml, tokenizer files) from the GGUF file."""
     gguf_path, checkpoint_dir = Path(gguf_path), Path(checkpoint_dir)
+    check_output_dir(checkpoint_dir, "--checkpoint_dir")  # before the long weight pass, not at its end
     reader = open_gguf(gguf_path)
     metadata = read_metadata(reader)
     arch = _architecture(metadata, gguf_path)

@@ -39,9 +39,22 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _unloadable(path: Path, library: str, error: BaseException) -> ValueError:
+    detail = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    detail = detail.replace(". at line", " at line")  # tokenizers: "Model missing. at line 1 column 17"
+    return ValueError(
+        f"{str(path)!r} could not be loaded by the {library} library ({detail}); copy the tokenizer files from the "
+        "original model again."
+    )
+
+
 class Tokenizer:
     def __init__(self, checkpoint_dir: Union[Path, str]) -> None:
         checkpoint_dir = Path(checkpoint_dir)
+        if checkpoint_dir.is_file():
+            from lit_gpt.utils import not_a_directory_error
+
+            raise not_a_directory_error(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise FileNotFoundError(f"Tokenizer directory {str(checkpoint_dir)!r} does not exist.")
         self.checkpoint_dir = checkpoint_dir
@@ -52,15 +65,28 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self.backend = "huggingface"
-            self.processor = HFTokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
+            path = checkpoint_dir / "tokenizer.json"
+            try:
+                self.processor = HFTokenizer.from_file(str(path))
+            except Exception as e:  # the library raises a bare Exception ("EOF while parsing", "Model missing.")
+                raise _unloadable(path, "tokenizers", e) from None
             self._special_pattern = None
         elif (checkpoint_dir / "tokenizer.model").is_file():
             from sentencepiece import SentencePieceProcessor
 
             self.backend = "sentencepiece"
-            self.processor = SentencePieceProcessor(model_file=str(checkpoint_dir / "tokenizer.model"))
+            path = checkpoint_dir / "tokenizer.model"
+            try:
+                self.processor = SentencePieceProcessor(model_file=str(path))
+            except (RuntimeError, ValueError) as e:  # "could not parse ModelProto", "unk is not defined."
+                raise _unloadable(path, "sentencepiece", e) from None
             self._special_pattern = self._sentencepiece_special_pattern(config)
         else:
+            from lit_gpt.utils import finetuning_run_hint
+
+            run = finetuning_run_hint(checkpoint_dir)
+            if run is not None:
+                raise ValueError(f"{run}.")
             raise FileNotFoundError(
                 f"{str(checkpoint_dir)!r} has no tokenizer: looked for {' and '.join(TOKENIZER_FILES)}. Copy the "
                 "tokenizer files of the model into it (scripts/download.py and scripts/convert_gguf_checkpoint.py "

@@ -8,8 +8,11 @@ a crash never leaves a half-written checkpoint), and loading never runs pickled 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -61,18 +64,182 @@ def atomic_save(obj: Any, path: Path | str) -> None:
 
 
 def load_file(path: Path | str, mmap: bool = True) -> Any:
-    """Load a `.safetensors` or torch file without executing pickled code; tensors stay on the CPU."""
+    """Load a `.safetensors` or torch file without executing pickled code; tensors stay on the CPU.
+
+    A file that cannot be read (truncated, not a checkpoint, or holding pickled Python objects) raises a one-sentence
+    `ValueError` naming it.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(_directory_given_for_file(path))
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as st_load
 
-        return st_load(str(path))
+        try:
+            return st_load(str(path))
+        except (PermissionError, MemoryError):
+            raise
+        except Exception as e:
+            raise checkpoint_read_error(path, e) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError:  # mmap needs the zipfile format; old-style files load without it
+    except (PermissionError, MemoryError):
+        raise
+    except Exception as e:
+        if not (mmap and isinstance(e, RuntimeError)):
+            raise checkpoint_read_error(path, e) from None
+        first = e  # `e` is unbound after the except clause
+    # mmap needs the zipfile format; old-style files load without it
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, MemoryError):
+        raise
+    except Exception as e:
+        # a zip archive (torch.save's format) failed for its own reason the first time; else mmap was the problem
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        raise checkpoint_read_error(path, first if is_zip else e) from None
+
+
+def _first_sentence(text: str) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line.split(". ", 1)[0].rstrip(".")
+
+
+def checkpoint_read_error(path: Path | str, error: BaseException) -> ValueError:
+    """The one-sentence error for a weights file that torch/safetensors could not read (`error` is theirs)."""
+    path = Path(path)
+    message = str(error)
+    detail = ""
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in message:
+        # torch's weights_only refusal: a long text advising weights_only=False, with its own reason inside it
+        # ("WeightsUnpickler error: Unsupported global: GLOBAL m.C was not ...", "Trying to load unsupported GLOBAL")
+        reason = message.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in message else next(
+            (line for line in message.splitlines() if "GLOBAL" in line), "")
+        detail = _first_sentence(reason).split(" was not an allowed", 1)[0]
+        if "GLOBAL" in detail and zipfile.is_zipfile(path):
+            return ValueError(
+                f"{str(path)!r} holds Python objects ({detail}) that lit_gpt does not unpickle, since loading never "
+                "runs pickled code: save plain tensors instead (a state dict, e.g. `torch.save(model.state_dict(), "
+                "path)`) or pass the right file."
+            )
+    detail = detail or _first_sentence(message) or type(error).__name__
+    if isinstance(error, OSError) and error.strerror:  # torch's zip reader on a cut archive: "[Errno 22] Invalid ..."
+        detail = f"reading it failed: {error.strerror}"
+    if isinstance(error, EOFError):
+        detail = f"the file ends early{': ' + detail if str(error) else ''}"
+    return ValueError(
+        f"{str(path)!r} could not be read as a PyTorch/safetensors checkpoint ({detail}): it is truncated or not a "
+        "checkpoint; pass the right file, or download, convert or save it again."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- paths users give
+FINETUNED_PATTERN = "lit_model*finetuned.pth"  # what finetune/ writes (lit_gpt/training.py)
+HPARAMS_FILENAME = "hyperparameters.yaml"
+
+
+def finetuning_run_hint(directory: Path | str) -> Optional[str]:
+    """When `directory` is a fine-tuning run (finetune/'s output: `hyperparameters.yaml`, `lit_model_*finetuned.pth`)
+    rather than a model, the sentence (without a final period) saying how to use it; otherwise None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = sorted(directory.glob(FINETUNED_PATTERN))
+    hparams = directory / HPARAMS_FILENAME
+    if not found and not hparams.is_file():
+        return None
+    adapter = str(found[0]) if found else str(directory / "lit_model_<method>_finetuned.pth")
+    base = "<base model>"
+    try:
+        import yaml
+
+        hp = yaml.safe_load(hparams.read_text(encoding="utf-8")) if hparams.is_file() else None
+        for recorded in (hp.get("base_checkpoint_dir"), (hp.get("io") or {}).get("checkpoint_dir")):
+            if recorded and Path(recorded).is_dir():
+                base = str(recorded)
+                break
+    except Exception:  # a hint only: an unreadable hyperparameters.yaml leaves the placeholder
+        pass
+    merge = "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
+    return (
+        f"{str(directory)!r} is a fine-tuning run, not a model: pass `--checkpoint_dir {base} --adapter_path "
+        f"{adapter}` (to a script that takes --adapter_path), or merge it first with `python scripts/{merge} "
+        f"--adapter_path {adapter}` and pass its output, {str(directory / 'merged')!r}"
+    )
+
+
+def _directory_given_for_file(path: Path) -> str:
+    files = sorted(str(p) for p in path.glob(FINETUNED_PATTERN)) or sorted(
+        str(p) for p in path.iterdir() if p.suffix in (".pth", ".safetensors", ".bin")
+    )
+    inside = f", e.g. {files[0]!r}" if files else ""
+    return f"{str(path)!r} is a directory, but a weights file is expected: pass the file itself{inside}."
+
+
+def not_a_directory_error(
+    path: Path | str, expected: str = "a checkpoint directory (lit_model.pth + model_config.yaml)"
+) -> ValueError:
+    """The one-sentence error for an existing file given where a directory is expected."""
+    path = Path(path)
+    if fnmatch(path.name, FINETUNED_PATTERN):
+        hint = ("it is a fine-tuning output: pass the base model as --checkpoint_dir and this file as "
+                f"--adapter_path, or merge it first with `python scripts/merge_ether.py --adapter_path {path}`")
+    elif path.suffix == ".gguf":
+        hint = (f"import it first with `python scripts/convert_gguf_checkpoint.py --gguf_path {path} "
+                "--checkpoint_dir <new folder>`")
+    elif path.suffix in (".pth", ".safetensors", ".bin", ".json", ".yaml", ".model"):
+        hint = f"pass the folder that holds it, {str(path.parent)!r}"
+    else:
+        hint = "pass the folder that holds the model's files"
+    return ValueError(f"{str(path)!r} is a file, but {expected} is expected: {hint}.")
+
+
+def check_output_dir(path: Path | str, flag: str) -> Path:
+    """Fail early, in one sentence, when the folder `flag` names cannot be created or written into because it, or
+    a folder above it, is an existing file (`mkdir` would fail only after the long work)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is an existing file" if p == path else f"cannot be created because {str(p)!r} is a file"
+                raise ValueError(f"{flag} {str(path)!r} {where}; pass a folder to write into (it is created if new).")
+            break
+    return path
+
+
+def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
+    """The `torch.device` for a `--device` flag: None picks `cuda` when a GPU is available, else `cpu`.
+
+    A string torch does not parse, a CUDA device on a machine or torch build without one, or a GPU index past the
+    visible ones raises a one-sentence `ValueError` naming `--device`.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = "use cpu, cuda, cuda:N (N the index of a visible GPU) or mps"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; {valid}.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device} was given but no CUDA GPU is available to this torch build; use --device cpu."
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"--device {device} names GPU {dev.index} but only {count} GPU(s) are visible; use "
+                f"{'cuda:0' if count == 1 else f'cuda:0 to cuda:{count - 1}'} (or set CUDA_VISIBLE_DEVICES)."
+            )
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {device} was given but MPS is not available here; use --device cpu.")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r} is not supported; {valid}.")
+    return dev
 
 
 def check_checkpoint_dir(checkpoint_dir: Path | str, weights: str = WEIGHTS_FILENAME) -> Path:
@@ -80,10 +247,15 @@ def check_checkpoint_dir(checkpoint_dir: Path | str, weights: str = WEIGHTS_FILE
     from lit_gpt.config import CONFIG_FILENAME
 
     checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_file():
+        raise not_a_directory_error(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
     missing = [name for name in (weights, CONFIG_FILENAME) if not (checkpoint_dir / name).is_file()]
     if missing:
+        run = finetuning_run_hint(checkpoint_dir)
+        if run is not None:
+            raise ValueError(f"{run}.")
         hf_files = list(checkpoint_dir.glob("*.safetensors")) + list(checkpoint_dir.glob("pytorch_model*.bin"))
         fix = (
             f"convert it first with `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`"
@@ -124,7 +296,7 @@ def load_model_weights(
     unexpected = sorted(set(sd) - expected)
     if strict and (missing or unexpected):
         where = path_or_state_dict if not isinstance(path_or_state_dict, dict) else "the state dict"
-        raise RuntimeError(
+        raise ValueError(
             f"The weights in {where} do not match the model config: missing {missing[:5]}"
             f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}."
         )

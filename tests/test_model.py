@@ -105,7 +105,7 @@ def test_missing_weights_or_config_is_one_clear_sentence(tmp_path):
 def test_weights_from_another_model_are_refused(tmp_path):
     model = GPT(tiny())
     other = GPT(tiny(n_layer=3))
-    with pytest.raises(RuntimeError, match="do not match the model config"):
+    with pytest.raises(ValueError, match="do not match the model config"):
         load_model_weights(model, other.state_dict())
 
 
