@@ -90,6 +90,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 ###################################################################################################
 # config.json <-> Config
 ###################################################################################################
+# the key of an exported config.json that names the lit model it came from (transformers keeps unknown keys)
+LIT_NAME_KEY = "lit_gpt_name"
+
+
 def config_from_hf(hf_config: dict, name: str = "") -> Config:
     """The `Config` of a Hugging Face `config.json` (as a dict) for the families in `SUPPORTED_MODEL_TYPES`."""
     model_type = hf_config.get("model_type")
@@ -578,7 +582,12 @@ def find_hf_weight_files(checkpoint_dir: Path) -> list[Path]:
     ):
         index = checkpoint_dir / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise ConversionError(
+                    f"{index} is not a JSON index with a weight_map ({e}); download it again."
+                ) from None
             files = [checkpoint_dir / f for f in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
@@ -596,13 +605,17 @@ def find_hf_weight_files(checkpoint_dir: Path) -> list[Path]:
 
 def iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) from each weight file in turn, one tensor in memory at a time for safetensors."""
-    from lit_gpt.utils import load_file
+    from lit_gpt.utils import checkpoint_read_error, load_file
 
     for path in files:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            try:
+                f = safe_open(str(path), framework="pt", device="cpu")
+            except SafetensorError as e:  # a truncated download: "incomplete metadata, file not fully covered"
+                raise checkpoint_read_error(path, e) from None
+            with f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         else:
@@ -626,6 +639,10 @@ def convert_hf_checkpoint(
 
     checkpoint_dir = Path(checkpoint_dir)
     torch_dtype = parse_dtype(dtype)
+    if checkpoint_dir.is_file():
+        from lit_gpt.utils import not_a_directory_error
+
+        raise not_a_directory_error(checkpoint_dir, "a Hugging Face model folder (config.json + weights)")
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
     hf_config_path = checkpoint_dir / HF_CONFIG_FILENAME
@@ -636,9 +653,12 @@ def convert_hf_checkpoint(
         )
     try:
         hf_config = json.loads(hf_config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{hf_config_path} is not valid JSON ({e}); download it again.") from None
-    config = config_from_hf(hf_config, name=model_name or checkpoint_dir.name)
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"{hf_config_path} must hold a JSON object (the model's config); download it again.")
+    # an export of ours names the model it came from, so a round trip keeps the name adapters were trained under
+    config = config_from_hf(hf_config, name=model_name or hf_config.get(LIT_NAME_KEY) or checkpoint_dir.name)
     files = find_hf_weight_files(checkpoint_dir)
     if not files:
         raise FileNotFoundError(
@@ -659,10 +679,10 @@ def convert_lit_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write a transformers model folder for the lit checkpoint in `checkpoint_dir` into `output_dir`."""
-    from lit_gpt.utils import WEIGHTS_FILENAME, atomic_write_text, check_checkpoint_dir, load_file
+    from lit_gpt.utils import WEIGHTS_FILENAME, atomic_write_text, check_checkpoint_dir, check_output_dir, load_file
 
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    output_dir = Path(output_dir)
+    output_dir = check_output_dir(output_dir, "--output_dir")
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise ConversionError(
             f"--output_dir {str(output_dir)!r} is the checkpoint directory itself; pick a new folder so the export "
@@ -692,6 +712,7 @@ def convert_lit_checkpoint(
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf_config[key] = source_hf.get(key, generation.get(key))
     hf_config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    hf_config[LIT_NAME_KEY] = config.name
     atomic_write_text(output_dir / HF_CONFIG_FILENAME, json.dumps(hf_config, indent=2) + "\n")
     if generation:
         _copy(checkpoint_dir / "generation_config.json", output_dir)

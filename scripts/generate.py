@@ -10,7 +10,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lit_gpt import GPT, Tokenizer  # noqa: E402
+from lit_gpt.data.prompts import prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import generate_stream  # noqa: E402
+from lit_gpt.merge import read_prompt_style_file  # noqa: E402
+from lit_gpt.utils import resolve_device  # noqa: E402
 
 
 def main(
@@ -37,11 +40,17 @@ def main(
         top_p: Sample from the smallest set of tokens whose probability adds up to top_p (1.0: all).
         dtype: Weight and compute dtype; default bfloat16 on a GPU that supports it, else float32.
         device: "cpu", "cuda", "cuda:1", ...; default the first GPU if there is one.
-        chat_template: Wrap the prompt in the checkpoint's chat template when it has one.
-        system_prompt: A system message for the chat template.
+        chat_template: Format the prompt as the model was trained: with the style of the checkpoint's
+            `prompt_style.yaml` (what `scripts/merge_ether.py` writes for a fine-tuned model), else with its chat
+            template when it has one; false sends the prompt as raw text.
+        system_prompt: A system message (chat template and chatml styles only).
         seed: Random seed for sampling.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if system_prompt is not None and not chat_template:
+        raise ValueError("--system_prompt needs a prompt format; it is unused with --chat_template false.")
+    device = resolve_device(device)
     if dtype is None:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         torch_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -52,10 +61,16 @@ def main(
     model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=torch_dtype).eval()
 
     text = prompt
-    if chat_template and tokenizer.chat_template is not None:
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    spec = read_prompt_style_file(checkpoint_dir) if chat_template else None
+    if spec is not None or (chat_template and tokenizer.chat_template is not None):
+        name = spec["prompt_style"] if spec is not None else "chat_template"
+        if system_prompt is None and spec is not None:
+            system_prompt = spec.get("system_prompt")
+        text = prompt_style_from_name(name, checkpoint_dir, system_prompt=system_prompt, tokenizer=tokenizer
+                                      ).apply(prompt)
+    elif system_prompt is not None:
+        raise ValueError(f"--system_prompt needs a chat template or a prompt_style.yaml, and {str(checkpoint_dir)!r} "
+                         "has neither.")
     ids = tokenizer.encode(text, device=device)
 
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -238,6 +238,9 @@ def test_dtype_and_sharded_export(tmp_path):
     idx = torch.randint(0, VOCAB, (1, 12))
     lit = GPT.from_checkpoint(hf_dir, dtype=torch.float32).eval()
     torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
+    # converting the export back keeps the model's name (what adapters record as their base), not the folder's
+    convert_hf_checkpoint(out)
+    assert Config.from_checkpoint(out).name == Config.from_checkpoint(hf_dir).name == "hf"
 
 
 def test_export_copies_tokenizer_and_generation_files(tmp_path):

@@ -190,7 +190,7 @@ def test_generate_script_streams_the_greedy_answer(tmp_path):
     hf.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "add_bos_token": False}))
     vocab = hf.get_vocab_size()
-    model = tiny_model(5, vocab_size=vocab, padded_vocab_size=vocab, block_size=64)
+    model = tiny_model(5, vocab_size=vocab, padded_vocab_size=vocab, block_size=256)
     model.config.save(tmp_path)
     save_model_weights(model, tmp_path)
 
@@ -205,6 +205,26 @@ def test_generate_script_streams_the_greedy_answer(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == tok.decode(expected) + "\n"
     assert "tokens/s" in result.stderr
+
+    # a merged fine-tune's prompt_style.yaml formats the prompt as the model was trained
+    from lit_gpt.data.prompts import prompt_style_from_name
+
+    (tmp_path / "prompt_style.yaml").write_text("prompt_style: alpaca\n")
+    formatted = tok.encode(prompt_style_from_name("alpaca").apply(prompt))
+    expected = generate(model, formatted, 10, temperature=0.0, eos_id=tok.stop_ids, include_prompt=False)
+    run = lambda *flags: subprocess.run(  # noqa: E731
+        [sys.executable, str(REPO_ROOT / "scripts" / "generate.py"), "--checkpoint_dir", str(tmp_path),
+         "--prompt", prompt, "--max_new_tokens", "10", "--temperature", "0", *flags],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tok.decode(expected) + "\n"
+    assert f"prompt of {formatted.numel()} tokens" in result.stderr
+    for flags, message in [(("--max_new_tokens", "0"), "--max_new_tokens must be at least 1"),
+                           (("--chat_template", "false", "--system_prompt", "be brief"), "--system_prompt needs")]:
+        result = run(*flags)
+        assert result.returncode == 1 and result.stderr.startswith("error: " + message), result.stderr
 
 
 def test_model_trains_after_generating():
