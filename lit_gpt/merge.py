@@ -36,6 +36,7 @@ from lit_gpt.utils import (
     atomic_save,
     atomic_write_text,
     check_checkpoint_dir,
+    check_output_dir,
     lit_state_dict,
     load_file,
     load_model_weights,
@@ -376,7 +377,7 @@ def merge_checkpoint(
     finetuned = read_finetuned(adapter_path)
     checkpoint_dir = check_checkpoint_dir(base_checkpoint_of(finetuned, checkpoint_dir))
     check_not_merged_into(finetuned, checkpoint_dir)
-    out_dir = Path(out_dir) if out_dir is not None else finetuned.path.parent / "merged"
+    out_dir = check_output_dir(out_dir if out_dir is not None else finetuned.path.parent / "merged", "--out_dir")
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {str(out_dir)!r} is the base checkpoint directory; choose another folder.")
 

@@ -363,6 +363,9 @@ def test_an_adapter_is_not_applied_twice(bases, tmp_path):
                                              "adapter, or pass the base model"):
             call()
     assert not (tmp_path / "twice").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="--out_dir .* is an existing file; pass a folder"):
+        merge_checkpoint(adapter, out_dir=tmp_path / "a_file", log=lambda s: None)
     # another adapter on top of a merged model is a choice, not a mistake
     other = make_run(tmp_path / "run2", bases["llama"], AdapterConfig(method="etherplus", nb=4), seed=5)
     load_finetuned(merged, other)
