@@ -18,8 +18,10 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
 
     Set `LIT_GPT_DEBUG=1` to see the traceback instead.
     """
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_docstring_parse_options
 
+    # the dataclasses' attribute docstrings (lit_gpt/args.py) become the help of --io.*, --train.*, --eval.*
+    set_docstring_parse_options(attribute_docstrings=True)
     try:
         return CLI(fn, as_positional=False)
     except (FileNotFoundError, ValueError, *USER_OS_ERRORS, *errors) as e:

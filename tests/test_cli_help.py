@@ -1,0 +1,20 @@
+"""`--help` of the entrypoints explains every option group, not only the top-level flags."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script", ["finetune/ether.py", "finetune/lora.py", "finetune/full.py"])
+def test_finetune_help_describes_the_grouped_options(script):
+    r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    # the attribute docstrings of lit_gpt/args.py's dataclasses
+    assert "--io.checkpoint_dir CHECKPOINT_DIR Base model checkpoint (default: the parent of" in text
+    assert "--train.global_batch_size GLOBAL_BATCH_SIZE Samples per optimizer step, over all devices" in text
+    assert "--eval.interval INTERVAL" in text
