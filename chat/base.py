@@ -14,6 +14,7 @@ from lit_gpt.data.prompts import ChatTemplate, PromptStyle, PromptStyleName, pro
 from lit_gpt.generate import generate_stream  # noqa: E402
 from lit_gpt.merge import load_finetuned, resolve_prompt_style  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer  # noqa: E402
+from lit_gpt.utils import resolve_device  # noqa: E402
 
 QUIT_COMMANDS = ("!quit", "!exit")
 RESET_COMMAND = "!reset"
@@ -98,13 +99,18 @@ def main(
     multi_turn: bool = True,
     seed: int = 1234,
 ) -> None:
-    """Chat with a model, streaming each answer as it is generated. Prompt format, unless --prompt_style is given:
-    the checkpoint's prompt_style.yaml (written by merge_ether.py/merge_lora.py: the format the run was trained
-    with, e.g. Alpaca); with --adapter_path, the prompt style of the run's training data; otherwise the checkpoint's
-    chat template if its tokenizer has one (multi-turn); otherwise Alpaca. Input: a line ending in a backslash
-    continues the message on the next line; !quit, !exit or end of input ends the chat; !reset forgets the
-    conversation. With piped standard input only the answers are printed to stdout, one per message. Speed
-    (tokens/s, time to first token) goes to stderr after each answer.
+    """Chat with a model, streaming each answer as it is generated.
+
+    Controls: end a line with a backslash (\\) to continue the message on the next line; !quit, !exit, Ctrl-D (end
+    of input) or Ctrl-C ends the chat; !reset forgets the conversation so far.
+
+    Prompt format, unless --prompt_style is given: the checkpoint's prompt_style.yaml (written by merge_ether.py and
+    merge_lora.py: the format the run was trained with, e.g. Alpaca); with --adapter_path, the prompt style of the
+    run's training data; otherwise the checkpoint's chat template if its tokenizer has one (multi-turn); otherwise
+    Alpaca.
+
+    With piped standard input only the answers are printed to stdout, one per message. Speed (tokens/s, time to
+    first token) goes to stderr after each answer.
 
     Args:
         checkpoint_dir: A lit checkpoint: a merged one (scripts/merge_ether.py, merge_lora.py) or the base model.
@@ -125,7 +131,7 @@ def main(
     """
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_device = resolve_device(device)
     if precision is None:
         precision = "bf16-true" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
     dtype = DTYPES[precision]

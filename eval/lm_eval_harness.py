@@ -1,14 +1,18 @@
 """Evaluate a lit checkpoint (merged, or base + adapter) on lm-evaluation-harness tasks."""
 
+import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.cli import run_cli  # noqa: E402
 
 Precision = Literal["32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed"]
+# the reference code's evaluation set (lm-eval 0.3 names, mapped to lm-eval 0.4's with a printed note)
+DEFAULT_TASKS = ("arc_challenge", "piqa", "hellaswag", "hendrycksTest-*")
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 class TaskDataError(ValueError):
@@ -18,11 +22,12 @@ class TaskDataError(ValueError):
 def main(
     checkpoint_dir: Path,
     adapter_path: Optional[Path] = None,
-    eval_tasks: list[str] = ["arc_challenge", "piqa", "hellaswag", "hendrycksTest-*"],
+    eval_tasks: Optional[Union[str, list[str]]] = None,
     num_fewshot: Optional[int] = None,
     limit: Optional[float] = None,
     batch_size: int = 16,
     include_path: Optional[Path] = None,
+    metadata: Optional[dict[str, Any]] = None,
     save_filepath: Optional[Path] = None,
     precision: Optional[Precision] = None,
     device: Optional[str] = None,
@@ -30,26 +35,33 @@ def main(
     max_length: Optional[int] = None,
     bootstrap_iters: int = 100000,
 ) -> dict:
-    """Run lm-eval tasks on a lit checkpoint and print lm-eval's results table.
+    """Run lm-eval tasks on a lit checkpoint and print lm-eval's results table (and, with --save_filepath, write
+    lm-eval's results JSON).
 
-    Examples:
-        python eval/lm_eval_harness.py --checkpoint_dir out/merged --eval_tasks "['arc_challenge', 'mmlu']"
-        python eval/lm_eval_harness.py --checkpoint_dir checkpoints/base --adapter_path out/run/lit_model_ether_finetuned.pth
-        python eval/lm_eval_harness.py --checkpoint_dir out/merged --include_path tests/eval_tasks --eval_tasks "['lit_mc']"
+    For example, the offline quickstart's held-out set: `python eval/lm_eval_harness.py --checkpoint_dir out/merged
+    --include_path eval/tasks/quickstart --eval_tasks quickstart`; two built-in tasks on a base model plus an
+    unmerged adapter: `... --checkpoint_dir checkpoints/base --adapter_path out/run/lit_model_ether_finetuned.pth
+    --eval_tasks arc_easy,piqa`.
 
     Args:
         checkpoint_dir: A lit checkpoint directory: a merged fine-tuned model (scripts/merge_ether.py,
             scripts/merge_lora.py), or the base model of --adapter_path.
         adapter_path: An adapter file from fine-tuning (lit_model_ether_finetuned.pth, lit_model_lora_finetuned.pth),
             evaluated unmerged on top of --checkpoint_dir; or a full fine-tuning lit_model_finetuned.pth.
-        eval_tasks: lm-eval task or group names; glob patterns work ("mmlu_*"). The lm-eval 0.3 names of the reference
-            code are mapped with a printed note: truthfulqa_mc -> truthfulqa_mc1 and truthfulqa_mc2,
+        eval_tasks: lm-eval task or group names: one name (--eval_tasks arc_easy), several separated by commas
+            (--eval_tasks arc_easy,piqa) or a list (--eval_tasks "[arc_easy, piqa]", or a YAML list in --config);
+            --eval_tasks+ NAME adds one to those given before it. Glob patterns work ("mmlu_*"). Default: the
+            reference code's set, arc_challenge, piqa, hellaswag and hendrycksTest-* (MMLU). Its lm-eval 0.3 names
+            are mapped with a printed note: truthfulqa_mc -> truthfulqa_mc1 and truthfulqa_mc2,
             hendrycksTest-<subject> -> mmlu_<subject>. lm-eval's built-in tasks download their data from the Hugging
             Face Hub.
         num_fewshot: Few-shot examples per prompt (default: each task's own setting, else 0).
         limit: Evaluate only this many documents per task (a number below 1 is a fraction). For testing only.
         batch_size: Sequences per forward pass.
-        include_path: A folder of local task YAMLs (e.g. tests/eval_tasks), searched before lm-eval's own tasks.
+        include_path: A folder of local task YAMLs (e.g. eval/tasks/quickstart), searched before lm-eval's own tasks.
+        metadata: Settings for the tasks, as JSON: merged into every task's `metadata`, which lm-eval passes to
+            a task's data loading function, e.g. --metadata '{"data_file": "data/quickstart/test.jsonl"}' for the
+            quickstart task.
         save_filepath: Write lm-eval's results JSON here (`results` -> task -> metric).
         precision: "bf16-true", "32-true", ...; default bf16-true on a GPU that supports it, else 32-true.
         device: "cpu", "cuda", "cuda:1", ...; default the first GPU if there is one.
@@ -59,36 +71,41 @@ def main(
     """
     import json
 
+    from lit_gpt.utils import atomic_write_text, resolve_device
+
+    names = task_names(eval_tasks)
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be positive, got {limit}.")
+    if save_filepath is not None and save_filepath.is_dir():
+        raise ValueError(
+            f"--save_filepath {str(save_filepath)!r} is a directory; give a file name such as results.json."
+        )
+    torch_device = resolve_device(device)
+    # the offline switches the user set, which an unreachable-Hub error then names
+    switched_off = [k for k in OFFLINE_SWITCHES if os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")]
+
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
 
     from lit_gpt.lm_eval import LitGPTLM, build_task_manager, resolve_tasks, top_level_items
-    from lit_gpt.utils import atomic_write_text
 
-    if isinstance(eval_tasks, str):
-        eval_tasks = [t for t in eval_tasks.split(",") if t.strip()]
-    if not eval_tasks:
-        raise ValueError("--eval_tasks is empty; name at least one lm-eval task.")
-    if limit is not None and limit <= 0:
-        raise ValueError(f"--limit must be positive, got {limit}.")
-    if save_filepath is not None and save_filepath.is_dir():
-        raise ValueError(f"--save_filepath {str(save_filepath)!r} is a directory; give a file name such as results.json.")
-
-    task_manager = build_task_manager(include_path, names=eval_tasks)
+    task_manager = build_task_manager(include_path, names=names, metadata=metadata)
     notes: list[str] = []
-    names = resolve_tasks(eval_tasks, task_manager, notes)
+    names = resolve_tasks(names, task_manager, notes)
     for note in notes:
         print(note, file=sys.stderr)
 
     # the tasks (and their data) are loaded before the model, so a missing dataset is reported in seconds
-    tasks = top_level_items(_load_tasks(task_manager, names))
+    tasks = top_level_items(_load_tasks(task_manager, names, switched_off))
 
-    model = LitGPTLM(checkpoint_dir=checkpoint_dir, adapter_path=adapter_path, batch_size=batch_size, device=device,
-                     precision=precision, max_length=max_length)
+    model = LitGPTLM(checkpoint_dir=checkpoint_dir, adapter_path=adapter_path, batch_size=batch_size,
+                     device=torch_device, precision=precision, max_length=max_length)
     results = lm_eval.simple_evaluate(
         model=model, tasks=tasks, task_manager=task_manager, num_fewshot=num_fewshot, limit=limit,
         bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed,
+        # only recorded (in the results' `config`) for an already built model
+        batch_size=model.batch_size, device=str(model.device),
     )
     print(make_table(results))
     if results.get("groups"):
@@ -100,24 +117,46 @@ def main(
     return results
 
 
-def _load_tasks(task_manager, names: list[str]) -> dict:
+def task_names(eval_tasks: Optional[Union[str, list[str]]]) -> list[str]:
+    """--eval_tasks as a list of names: None is the default set; a string or list item may hold several, comma
+    separated."""
+    if eval_tasks is None:
+        return list(DEFAULT_TASKS)
+    items = [eval_tasks] if isinstance(eval_tasks, str) else eval_tasks
+    names = [name.strip() for item in items for name in str(item).split(",") if name.strip()]
+    if not names:
+        raise ValueError("--eval_tasks is empty; name at least one lm-eval task, e.g. --eval_tasks arc_easy.")
+    return names
+
+
+def _load_tasks(task_manager, names: list[str], switched_off: Sequence[str] = ()) -> dict:
     try:
         return task_manager.load(names)
-    except (ConnectionError, OSError) as e:
-        raise TaskDataError(
-            f"Could not load the data of task(s) {', '.join(names)}: lm-eval's built-in tasks download it from the "
-            f"Hugging Face Hub, which is not reachable from here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "run where the Hub is reachable, or pass local task YAMLs with --include_path."
-        ) from None
     except Exception as e:
         # the datasets library reports an offline or missing dataset with its own exception classes
-        if type(e).__module__.startswith(("datasets", "huggingface_hub", "requests", "urllib3")):
-            raise TaskDataError(
-                f"Could not load the data of task(s) {', '.join(names)} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); run where the Hugging Face Hub is reachable, or pass "
-                "local task YAMLs with --include_path."
-            ) from None
-        raise
+        library = type(e).__module__.startswith(("datasets", "huggingface_hub", "requests", "urllib3"))
+        if isinstance(e, FileNotFoundError) and not library:
+            raise  # a local task's data file (the quickstart task's, say): its own message names it
+        unreachable = isinstance(e, OSError) and not isinstance(e, FileNotFoundError)  # ConnectionError included
+        if not (unreachable or library):
+            raise
+        error = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
+        tasks = ", ".join(names)
+        fix = "run where the Hugging Face Hub is reachable"
+        if switched_off and "OfflineModeIsEnabled" in str(e):
+            settings = " and ".join(f"{k}={os.environ.get(k)}" for k in switched_off)
+            message = (f"lm-eval's built-in tasks download it from the Hugging Face Hub, which {settings} turns off, "
+                       "and it is not in the Hugging Face datasets cache")
+            fix = f"unset {' and '.join(switched_off)} where the Hub is reachable"
+        elif unreachable:
+            message = (f"lm-eval's built-in tasks download it from the Hugging Face Hub, which is not reachable from "
+                       f"here ({error})")
+        else:
+            message = error
+        raise TaskDataError(
+            f"Could not load the data of task(s) {tasks}: {message}; {fix}, or pass local task YAMLs with "
+            "--include_path."
+        ) from None
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Any, Callable
@@ -22,6 +23,7 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
 
     # the dataclasses' attribute docstrings (lit_gpt/args.py) become the help of --io.*, --train.*, --eval.*
     set_docstring_parse_options(attribute_docstrings=True)
+    _whole_description(fn)
     try:
         return CLI(fn, as_positional=False)
     except (FileNotFoundError, ValueError, *USER_OS_ERRORS, *errors) as e:
@@ -29,3 +31,12 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+
+
+def _whole_description(fn: Callable[..., Any]) -> None:
+    """jsonargparse shows only a docstring's first line as --help's description: join the lines before `Args:`
+    into that line (argparse wraps it anyway), so all of it shows."""
+    if not fn.__doc__:
+        return
+    description, args_title, args = inspect.cleandoc(fn.__doc__).partition("\n\nArgs:")
+    fn.__doc__ = " ".join(description.split()) + args_title + args

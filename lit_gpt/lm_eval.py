@@ -32,6 +32,7 @@ from tqdm import tqdm
 from lit_gpt.generate import generate_batch
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import resolve_device
 
 PRECISIONS = ("32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed", "64-true")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -103,7 +104,7 @@ class LitGPTLM(TemplateLM):
         model: Optional[GPT] = None,
         tokenizer: Optional[Tokenizer] = None,
         batch_size: Union[int, str] = 16,
-        device: Optional[str] = None,
+        device: Optional[Union[str, torch.device]] = None,
         precision: Optional[str] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
         max_length: Optional[int] = None,
@@ -115,7 +116,7 @@ class LitGPTLM(TemplateLM):
         if model is None and checkpoint_dir is None:
             raise ValueError("LitGPTLM needs checkpoint_dir=<a lit checkpoint directory> (or a built `model`).")
         self.batch_size_per_gpu = self._parse_batch_size(batch_size)
-        self._device = torch.device(device) if device else (
+        self._device = resolve_device(device) if device else (
             model.lm_head.weight.device if model is not None
             else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
@@ -231,7 +232,8 @@ class LitGPTLM(TemplateLM):
         bos_text = self.tokenizer.special_tokens.get("bos_token")
         if bos_text and context.startswith(bos_text):
             return self.tok_encode(context, add_special_tokens=False)
-        return self.tok_encode(context, add_special_tokens=self.add_bos_token if self.add_bos_token is not None else True)
+        add_bos = self.add_bos_token if self.add_bos_token is not None else True
+        return self.tok_encode(context, add_special_tokens=add_bos)
 
     def tok_decode(self, tokens: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
@@ -340,7 +342,8 @@ class LitGPTLM(TemplateLM):
 
         reorder = Collator([req.args for req in requests], sort_fn=sort_key, group_by="gen_kwargs",
                            group_fn=lambda req: req[1])
-        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False) if self.eot_token_id is not None else None
+        eos_text = (self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+                    if self.eot_token_id is not None else None)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="lit_gpt generate_until")
         results: list[str] = []
         # requests are grouped by generation kwargs and sorted longest first, so each batch shares its settings and
@@ -416,11 +419,12 @@ LEGACY_MMLU_PREFIX = "hendrycksTest-"
 
 
 def build_task_manager(include_path: Optional[Union[Path, str, Sequence[Union[Path, str]]]] = None,
-                       names: Optional[Sequence[str]] = None):
+                       names: Optional[Sequence[str]] = None, metadata: Optional[dict[str, Any]] = None):
     """A `TaskManager` that knows the local tasks in `include_path` and, when needed, lm-eval's built-in tasks.
 
     Indexing lm-eval's ~15,000 built-in task files takes tens of seconds, so when every name in `names` is found in
-    `include_path` alone, only that folder is indexed.
+    `include_path` alone, only that folder is indexed. `metadata` is merged into every loaded task's metadata (what
+    lm-eval's own `--metadata` does), which a task's `custom_dataset` function receives as keyword arguments.
     """
     from lm_eval.tasks import TaskManager
 
@@ -430,12 +434,14 @@ def build_task_manager(include_path: Optional[Union[Path, str, Sequence[Union[Pa
         paths = [Path(p) for p in paths]
         for p in paths:
             if not p.exists():
-                raise FileNotFoundError(f"--include_path {str(p)!r} does not exist; point it at a folder of task YAMLs.")
+                raise FileNotFoundError(
+                    f"--include_path {str(p)!r} does not exist; point it at a folder of task YAMLs."
+                )
         if names is not None:
-            local = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
+            local = TaskManager(include_path=[str(p) for p in paths], include_defaults=False, metadata=metadata)
             if all(_matches(name, local.all_tasks) for name in names):
                 return local
-    return TaskManager(include_path=[str(p) for p in paths] if paths else None)
+    return TaskManager(include_path=[str(p) for p in paths] if paths else None, metadata=metadata)
 
 
 def _is_pattern(name: str) -> bool:

@@ -88,6 +88,21 @@ def test_bad_input_is_one_line(tiny, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
+def test_help_describes_the_controls_and_the_prompt_format_rule():
+    r = chat("--help", stdin="")
+    assert r.returncode == 0, r.stderr
+    description = " ".join(r.stdout.split("options:")[0].split())  # argparse wraps it
+    for text in ("!quit", "!exit", "!reset", "backslash", "Ctrl-D", "prompt_style.yaml", "chat template",
+                 "otherwise Alpaca", "tokens/s"):
+        assert text in description, text
+
+
+def test_bad_device_is_one_line():
+    r = chat("--checkpoint_dir", "unused", "--device", "foo", stdin="")
+    assert r.returncode == 1 and r.stderr.startswith("error: --device 'foo' is not a device"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_read_message_and_conversation_rules(tiny):
     import io
 

@@ -18,3 +18,12 @@ def test_finetune_help_describes_the_grouped_options(script):
     assert "--io.checkpoint_dir CHECKPOINT_DIR Base model checkpoint (default: the parent of" in text
     assert "--train.global_batch_size GLOBAL_BATCH_SIZE Samples per optimizer step, over all devices" in text
     assert "--eval.interval INTERVAL" in text
+
+
+def test_script_descriptions_show_whole():
+    """jsonargparse shows a docstring's first line only; run_cli joins the description so all of it shows."""
+    r = subprocess.run([sys.executable, "scripts/merge_ether.py", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "as a standalone checkpoint. Writes lit_model.pth (base architecture, no adapter keys)" in text

@@ -39,7 +39,8 @@ def _tokenizer(d: Path) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus * 3, trainer)
     # BOS written by the post-processor too, so that transformers' tokenizer (lm-eval's `hf` backend) adds it as well
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                          "add_bos_token": True}))
@@ -213,6 +214,85 @@ def test_cli_runs_local_tasks_and_saves_lm_evals_json(tiny_ckpt, tmp_path):
     assert set(saved["results"]) == {"lit_mc", "lit_ppl"}
     assert 0.0 <= saved["results"]["lit_mc"]["acc,none"] <= 1.0
     assert saved["results"]["lit_ppl"]["bits_per_byte,none"] > 0
+
+
+def _harness():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_eval_harness", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parsed_eval_tasks(*args: str) -> object:
+    import yaml
+
+    result = _run("--checkpoint_dir", "unused", *args, "--print_config")
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["eval_tasks"]
+
+
+def test_eval_tasks_takes_a_name_a_comma_separated_string_or_a_list(tmp_path):
+    assert _parsed_eval_tasks("--eval_tasks", "quickstart") == "quickstart"
+    assert _parsed_eval_tasks("--eval_tasks", "a,b") == "a,b"
+    assert _parsed_eval_tasks("--eval_tasks", "['a', 'b']") == ["a", "b"]
+    assert _parsed_eval_tasks("--eval_tasks", "[a, b]") == ["a", "b"]
+    # `+` adds to the names given before it, not to the default set
+    assert _parsed_eval_tasks("--eval_tasks+", "q") == ["q"]
+    assert _parsed_eval_tasks("--eval_tasks", "a", "--eval_tasks+", "b") == ["a", "b"]
+    config = tmp_path / "eval.yaml"
+    config.write_text("eval_tasks:\n  - x\n  - y\n")
+    assert _parsed_eval_tasks("--config", str(config)) == ["x", "y"]
+    assert _parsed_eval_tasks() is None
+
+    task_names = _harness().task_names
+    assert task_names(None) == ["arc_challenge", "piqa", "hellaswag", "hendrycksTest-*"]
+    assert task_names("quickstart") == ["quickstart"]
+    assert task_names("a, b,") == ["a", "b"]
+    assert task_names(["a", "b,c"]) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="--eval_tasks is empty"):
+        task_names(" , ")
+
+
+def test_help_shows_the_whole_description_and_the_eval_tasks_forms():
+    result = _run("--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps it
+    description = text.split("options:")[0]
+    assert "--include_path eval/tasks/quickstart --eval_tasks quickstart" in description
+    assert "--eval_tasks arc_easy,piqa" in text and "--eval_tasks+ NAME" in text and "--metadata '{" in text
+
+
+def test_cli_metadata_reaches_the_task_and_results_record_batch_size_and_device(tiny_ckpt, tmp_path):
+    """--eval_tasks as a plain name, --metadata naming the quickstart task's data file, and the results JSON's
+    `config` recording the batch size and device the model ran with."""
+    rows = [{"prompt": f"Question {i}?", "output": "yes"} for i in range(3)]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "eval.json"
+    quickstart = str(REPO / "eval" / "tasks" / "quickstart")
+    result = _run("--checkpoint_dir", str(tiny_ckpt), "--include_path", quickstart, "--eval_tasks", "quickstart",
+                  "--metadata", json.dumps({"data_file": str(data)}), "--batch_size", "2", "--device", "cpu",
+                  "--precision", "32-true", "--bootstrap_iters", "0", "--save_filepath", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert saved["n-samples"]["quickstart"]["original"] == 3  # our file, not data/quickstart/test.jsonl
+    assert saved["config"]["batch_size"] == 2 and saved["config"]["device"] == "cpu"
+
+    missing = tmp_path / "missing.jsonl"
+    result = _run("--checkpoint_dir", str(tiny_ckpt), "--include_path", quickstart, "--eval_tasks", "quickstart",
+                  "--metadata", json.dumps({"data_file": str(missing)}))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(missing) in errors[0] and "--metadata" in errors[0], result.stderr
+
+
+def test_bad_device_is_one_line():
+    for device, expected in (("foo", "--device 'foo' is not a device"), ("cuda:99", "--device cuda:99")):
+        result = _run("--checkpoint_dir", "unused", "--device", device)
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {expected}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_cli_reports_task_data_that_cannot_be_downloaded_in_one_line(tiny_ckpt, tmp_path):

@@ -27,8 +27,8 @@ def load_test_set(data_file: str | None = None, **metadata):
     if not path.is_file():
         raise FileNotFoundError(
             f"The quickstart test set {str(path)!r} does not exist; write it with "
-            f"`python scripts/make_quickstart_data.py --out_dir {path.parent}` or pass its path as "
-            f"metadata data_file."
+            f"`python scripts/make_quickstart_data.py --out_dir {path.parent}` or pass the path of an existing one "
+            """with --metadata '{"data_file": "PATH"}'."""
         )
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for i, row in enumerate(rows):
