@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
 from lit_gpt.cli import run_cli
-from lit_gpt.data.prepare import DataPreparationError, check_rows, prepare_instruction_data, read_records
+from lit_gpt.data.prepare import check_input_file, check_rows, prepare_instruction_data, read_records
 
 
 def prepare(
@@ -37,9 +37,7 @@ def prepare(
         prompt_style: Template the examples are written in (chatml or chat_template for chat models).
         system_prompt: System message for the chatml/chat_template styles.
     """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataPreparationError(f"--csv_path {str(csv_path)!r} does not exist.")
+    csv_path = check_input_file(csv_path, "--csv_path")
 
     def load_rows(destination: Path):
         return check_rows(read_records(csv_path), csv_path, required=("instruction", "output"),

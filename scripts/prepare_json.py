@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
 from lit_gpt.cli import run_cli
-from lit_gpt.data.prepare import DataPreparationError, check_rows, prepare_instruction_data, read_records
+from lit_gpt.data.prepare import check_input_file, check_rows, prepare_instruction_data, read_records
 
 
 def prepare(
@@ -39,9 +39,7 @@ def prepare(
         prompt_style: Template the examples are written in (chatml or chat_template for chat models).
         system_prompt: System message for the chatml/chat_template styles.
     """
-    json_path = Path(json_path)
-    if not json_path.is_file():
-        raise DataPreparationError(f"--json_path {str(json_path)!r} does not exist.")
+    json_path = check_input_file(json_path, "--json_path")
 
     def load_rows(destination: Path):
         return check_rows(read_records(json_path), json_path, required=("instruction", "output"),

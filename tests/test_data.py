@@ -385,6 +385,58 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "train.pt").exists()
 
 
+def test_a_prepare_that_drops_every_row_writes_nothing_and_says_why(tmp_path, checkpoint_dir, reference,
+                                                                   monkeypatch):
+    no_download(monkeypatch)
+    data = write_json(tmp_path / "alpaca.json", ROWS)
+    shortest = min(expected_tokens(reference, r)[1].count(-100) for r in ROWS)  # prompt tokens of the shortest
+    out = tmp_path / "out"
+    with pytest.raises(DataPreparationError) as e:
+        prepare_alpaca.prepare(destination_path=out, checkpoint_dir=checkpoint_dir, data_file_path=data,
+                               test_split_fraction=0.0, max_seq_length=shortest)
+    assert str(e.value) == (
+        f"All {len(ROWS)} training rows were dropped because their prompt alone fills --max_seq_length {shortest} "
+        f"(the shortest such prompt has {shortest} tokens), leaving no response token to learn from: raise "
+        f"--max_seq_length above {shortest}; nothing was written to {str(out)!r}."
+    )
+    assert not any((out / name).exists() for name in ("train.pt", "test.pt", "prepare_config.yaml"))
+
+
+def test_input_paths_and_the_checkpoint_are_checked_in_a_useful_order(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    with pytest.raises(DataPreparationError, match=r"--json_path '.*' is a directory: pass the data file itself"):
+        prepare_json.prepare(json_path=tmp_path, checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    with pytest.raises(DataPreparationError, match=r"--csv_path '.*' is a directory"):
+        prepare_csv.prepare(csv_path=tmp_path, checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    with pytest.raises(DataPreparationError, match=r"--data_file_path '.*' is a directory"):
+        prepare_alpaca.prepare(destination_path=tmp_path / "a", checkpoint_dir=checkpoint_dir, max_seq_length=64,
+                               data_file_path=tmp_path)
+    # a missing (default) checkpoint is named first, not the --max_seq_length that would be read from it
+    data = write_json(tmp_path / "alpaca.json", ROWS)
+    with pytest.raises(FileNotFoundError, match="Tokenizer directory '.*nowhere' does not exist"):
+        prepare_alpaca.prepare(checkpoint_dir=tmp_path / "nowhere", data_file_path=data)
+
+
+def test_prepare_config_records_the_tokenizer_fingerprint(tmp_path, checkpoint_dir, monkeypatch):
+    from lit_gpt.tokenizer import Tokenizer
+
+    no_download(monkeypatch)
+    out = prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                                 data_file_path=write_json(tmp_path / "alpaca.json", ROWS), max_seq_length=64)
+    recorded = read_prepare_config(out)["tokenizer_fingerprint"]
+    assert recorded == prep.tokenizer_fingerprint(Tokenizer(checkpoint_dir)) and recorded.startswith("sha256:")
+    # the same tokens under other ids (two swapped) is another tokenizer, with another fingerprint
+    other = tmp_path / "other"
+    other.mkdir()
+    spec = json.loads((checkpoint_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = (next(k for k, v in vocab.items() if v == i) for i in (300, 301))
+    vocab[a], vocab[b] = 301, 300
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    (other / "tokenizer_config.json").write_bytes((checkpoint_dir / "tokenizer_config.json").read_bytes())
+    assert prep.tokenizer_fingerprint(Tokenizer(other)) != recorded
+
+
 # --------------------------------------------------------------------------------------------- other datasets
 
 

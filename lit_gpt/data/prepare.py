@@ -18,6 +18,7 @@ with the prompt positions set to `ignore_index` when `mask_inputs`; the loss shi
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import sys
@@ -85,10 +86,18 @@ class Source:
             module.download_hf(self.hf_repo_id, self.hf_filename, target, token=self.token)
 
 
+def check_input_file(path: Path | str, flag: str) -> Path:
+    """`path` must be an existing file: a directory or a missing path is one sentence naming `flag`."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataPreparationError(f"{flag} {str(path)!r} is a directory: pass the data file itself.")
+    if not path.is_file():
+        raise DataPreparationError(f"{flag} {str(path)!r} does not exist.")
+    return path
+
+
 def local_data_file(data_file_path: Path | str) -> Path:
-    data_file_path = Path(data_file_path)
-    if not data_file_path.is_file():
-        raise DataPreparationError(f"--data_file_path {str(data_file_path)!r} does not exist.")
+    data_file_path = check_input_file(data_file_path, "--data_file_path")
     print(f"Using the local data file {str(data_file_path)!r}.")
     return data_file_path
 
@@ -234,7 +243,9 @@ def split_rows(rows: Sequence[dict], test_split_fraction: float, seed: int) -> t
     if test_split_fraction > 0 and n_test == 0:
         n_test = 1
     if n - n_test < 1:
-        raise DataPreparationError(f"{n} rows leave nothing to train on with --test_split_fraction {test_split_fraction}.")
+        raise DataPreparationError(
+            f"{n} rows leave nothing to train on with --test_split_fraction {test_split_fraction}."
+        )
     train, test = torch.utils.data.random_split(
         list(rows), [n - n_test, n_test], generator=torch.Generator().manual_seed(seed)
     )
@@ -268,6 +279,22 @@ def load_tokenizer(checkpoint_dir: Path) -> Any:
     return Tokenizer(checkpoint_dir)
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
+    """A short hash of the tokenizer's vocabulary (every token and its id), recorded in `prepare_config.yaml` so that
+    training can refuse data tokenized for another model; None for a tokenizer this does not know how to read."""
+    processor, backend = getattr(tokenizer, "processor", None), getattr(tokenizer, "backend", None)
+    if backend == "huggingface":
+        items = sorted(processor.get_vocab(with_added_tokens=True).items(), key=lambda kv: (kv[1], kv[0]))
+    elif backend == "sentencepiece":
+        items = [(processor.id_to_piece(i), i) for i in range(processor.get_piece_size())]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for token, i in items:
+        digest.update(f"{i}\t{token}\n".encode("utf-8", "surrogatepass"))
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
 def encode_example(
     prompt: str, response: str, tokenizer: Any, max_seq_length: int, mask_inputs: bool = True,
     ignore_index: int = -100,
@@ -290,6 +317,7 @@ class SplitStats:
     truncated: int = 0
     dropped: int = 0  # the prompt alone filled max_seq_length: no response token left to learn from
     longest: int = 0
+    shortest_dropped_prompt: int = 0  # tokens in the shortest prompt of a dropped row (0: none dropped)
 
 
 def tokenize_rows(
@@ -302,13 +330,14 @@ def tokenize_rows(
     samples, stats = [], SplitStats(rows=len(rows))
     for row in tqdm(rows, desc=desc, disable=None, mininterval=2.0):
         prompt = prompt_style.apply(row["instruction"], row.get("input", ""))
-        input_ids, labels, _, truncated = encode_example(
+        input_ids, labels, prompt_length, truncated = encode_example(
             prompt, row["output"], tokenizer, max_seq_length, mask_inputs, ignore_index
         )
         stats.truncated += truncated
         # a row without one response token left trains nothing, and a batch of only such rows has a NaN loss
         if mask_inputs and bool((labels == ignore_index).all()):
             stats.dropped += 1
+            stats.shortest_dropped_prompt = min(stats.shortest_dropped_prompt or prompt_length, prompt_length)
             continue
         stats.longest = max(stats.longest, len(input_ids))
         samples.append({"input_ids": input_ids, "labels": labels, "instruction": row["instruction"],
@@ -327,15 +356,21 @@ def write_prepared(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
     style = prompt_style_from_name(prompt_style, checkpoint_dir=checkpoint_dir, system_prompt=system_prompt,
                                    tokenizer=tokenizer)
-    stats = {}
-    for split, rows, filename in (("train", train_rows, TRAIN_FILENAME), ("test", test_rows, TEST_FILENAME)):
-        samples, stats[split] = tokenize_rows(rows, tokenizer, style, max_seq_length, mask_inputs, ignore_index,
-                                              desc=f"{dataset} {split}")
-        atomic_save(samples, destination_path / filename)
-    if stats["train"].kept == 0:
+    stats, samples = {}, {}
+    for split, rows in (("train", train_rows), ("test", test_rows)):
+        samples[split], stats[split] = tokenize_rows(rows, tokenizer, style, max_seq_length, mask_inputs,
+                                                     ignore_index, desc=f"{dataset} {split}")
+    # nothing is written unless there is something to train on: a failed run leaves the directory as it was
+    train_stats = stats["train"]
+    if train_stats.kept == 0:
         raise DataPreparationError(
-            f"No training example has a response token within --max_seq_length {max_seq_length}; raise it."
+            f"All {train_stats.rows:,} training rows were dropped because their prompt alone fills --max_seq_length "
+            f"{max_seq_length} (the shortest such prompt has {train_stats.shortest_dropped_prompt} tokens), leaving "
+            f"no response token to learn from: raise --max_seq_length above {train_stats.shortest_dropped_prompt}; "
+            f"nothing was written to {str(destination_path)!r}."
         )
+    for split, filename in (("train", TRAIN_FILENAME), ("test", TEST_FILENAME)):
+        atomic_save(samples[split], destination_path / filename)
     config = {
         "dataset": dataset,
         "prompt_style": prompt_style,
@@ -347,6 +382,7 @@ def write_prepared(
         "bos_id": getattr(tokenizer, "bos_id", None),
         "eos_id": getattr(tokenizer, "eos_id", None),
         "vocab_size": getattr(tokenizer, "vocab_size", None),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "longest_seq_length": max(stats["train"].longest, stats["test"].longest),
         **(extra or {}),
         "splits": {split: vars(s) for split, s in stats.items()},
@@ -372,11 +408,12 @@ def prepare_instruction_data(
     own test split, the test rows; otherwise the rows are split with `test_split_fraction` and `seed`.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    print(f"Loading the tokenizer from {str(checkpoint_dir)!r} ...")
+    # before any download, and before the context length is looked up in it: a wrong checkpoint stops right away
+    tokenizer = load_tokenizer(checkpoint_dir)
     max_seq_length = resolve_max_seq_length(checkpoint_dir, max_seq_length)
     destination_path = Path(destination_path) if destination_path else default_destination(
         checkpoint_dir, dataset, max_seq_length)
-    print(f"Loading the tokenizer from {str(checkpoint_dir)!r} ...")
-    tokenizer = load_tokenizer(checkpoint_dir)  # before any download: a missing tokenizer stops right away
     # the chat template is read now, not after the download, for the same reason
     prompt_style_from_name(prompt_style, checkpoint_dir=checkpoint_dir, system_prompt=system_prompt,
                            tokenizer=tokenizer)

@@ -78,7 +78,9 @@ class SFTDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(_missing_data_message(path))
         samples = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(samples, list):
-            raise ValueError(f"{str(path)!r} holds a {type(samples).__name__}, not a list of examples; prepare it again.")
+            raise ValueError(
+                f"{str(path)!r} holds a {type(samples).__name__}, not a list of examples; prepare it again."
+            )
         return cls(samples, max_seq_length=max_seq_length, source=str(path))
 
     def __len__(self) -> int:
@@ -97,6 +99,11 @@ class SFTDataset(torch.utils.data.Dataset):
     @property
     def longest_seq_length(self) -> int:
         return max(self.lengths, default=0)
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest input id (-1 for an empty dataset): it must index the model's embedding table."""
+        return max((int(s["input_ids"].max()) for s in self.samples if s["input_ids"].numel()), default=-1)
 
 
 def read_prepare_config(data_dir: Path | str) -> dict:
@@ -267,5 +274,7 @@ class MicroBatchLoader:
             detail = ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in differ.items())
             raise ValueError(f"Cannot resume the data order: {detail}; resume with the original settings.")
         if not 0 <= state["step"] <= self.batches_per_epoch:
-            raise ValueError(f"Saved step {state['step']} is outside an epoch of {self.batches_per_epoch} micro-batches.")
+            raise ValueError(
+                f"Saved step {state['step']} is outside an epoch of {self.batches_per_epoch} micro-batches."
+            )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
