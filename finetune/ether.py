@@ -63,23 +63,30 @@ def setup(
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.
-        resume: `auto` continues from the newest complete checkpoint in the run directory, a path from that file.
+        resume: `auto` (or `true`) continues from the newest complete checkpoint in the run directory (`io.out_dir`);
+            a `step-*.pth` path continues from that checkpoint; `false` starts from step 0.
         model_name: With `--dry_run`: a named config to plan for without any checkpoint (see scripts/download.py).
         dry_run: Print trainable/frozen parameter counts and memory needs on the meta device, then exit.
     """
+    flags = dict(locals())  # the parsed flags only: hyperparameters.yaml records these
     from lit_gpt.adapters import AdapterConfig
 
     targets = targets_from_flags(
         query=ether_query, key=ether_key, value=ether_value, projection=ether_projection, mlp=ether_mlp,
         head=ether_head,
     )
+    if oft_eps is not None and not oft_coft:
+        raise ValueError(
+            f"--oft_eps {oft_eps} only applies to constrained OFT: add --oft_coft true (with --Htype oft) or drop "
+            "--oft_eps."
+        )
     extra = {} if oft_eps is None else {"eps": oft_eps}
     adapter = AdapterConfig(
         method=Htype, nb=ether_nb, targets=targets, flip_side=flip_side, dropout=ether_dropout,
         block_dropout=block_dropout, coft=oft_coft, block_share=oft_block_share, neumann_terms=oft_neumann_terms,
         **extra,
     )
-    run_entrypoint(Htype, adapter, locals())
+    run_entrypoint(Htype, adapter, flags)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,13 @@ def setup(
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.
-        resume: `auto` continues from the newest complete checkpoint in the run directory, a path from that file.
+        resume: `auto` (or `true`) continues from the newest complete checkpoint in the run directory (`io.out_dir`);
+            a `step-*.pth` path continues from that checkpoint; `false` starts from step 0.
         model_name: With `--dry_run`: a named config to plan for without any checkpoint (see scripts/download.py).
         dry_run: Print trainable/frozen parameter counts and memory needs on the meta device, then exit.
     """
-    run_entrypoint("full", None, locals())
+    flags = dict(locals())  # the parsed flags only: hyperparameters.yaml records these
+    run_entrypoint("full", None, flags)
 
 
 if __name__ == "__main__":

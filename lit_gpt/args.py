@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,20 +29,27 @@ class TrainArgs:
     """Optimisation hyperparameters."""
 
     learning_rate: float = 1e-3
+    """AdamW's peak learning rate, reached after the warm-up and decayed by a cosine to `min_lr`."""
     global_batch_size: int = 16
     """Samples per optimizer step, over all devices (gradient accumulation makes up the difference)."""
     micro_batch_size: int = 1
     """Samples per forward pass on one device."""
     epochs: int = 1
+    """Passes over `epoch_size` samples (unless `max_steps` is set)."""
     epoch_size: Optional[int] = None
     """Samples per epoch (default: the size of the training set)."""
     max_steps: Optional[int] = None
-    """Stop after this many optimizer steps (overrides epochs × epoch_size)."""
+    """Stop after this many optimizer steps (null: train for epochs × epoch_size samples)."""
     lr_warmup_steps: int = 100
+    """Optimizer steps of linear warm-up to `learning_rate`."""
     min_lr: float = 0.0
+    """The learning rate the cosine schedule ends at."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the trainable parameters."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.999
+    """AdamW's second-moment decay."""
     max_norm: Optional[float] = None
     """Clip the gradient norm to this value (None: no clipping)."""
     max_seq_length: Optional[int] = None
@@ -62,6 +70,35 @@ class TrainArgs:
             )
         return self.global_batch_size // per_step
 
+    def validate(self) -> None:
+        """Refuse, in one sentence naming the flag, a value that would crash or silently mistrain later."""
+        _at_least(self.global_batch_size, 1, "--train.global_batch_size")
+        _at_least(self.micro_batch_size, 1, "--train.micro_batch_size")
+        _at_least(self.epochs, 1, "--train.epochs")
+        _at_least(self.epoch_size, 1, "--train.epoch_size", unset="to use the size of the training set")
+        _at_least(self.max_steps, 1, "--train.max_steps", unset="to train for --train.epochs")
+        _at_least(self.lr_warmup_steps, 0, "--train.lr_warmup_steps")
+        _at_least(self.max_seq_length, 1, "--train.max_seq_length", unset="to use the longest sample")
+        _at_least(self.save_interval, 1, "--train.save_interval")
+        _at_least(self.log_interval, 1, "--train.log_interval")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < math.inf):
+            raise ValueError(f"--train.learning_rate {self.learning_rate}: pass a positive number (e.g. 1e-3).")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ValueError(
+                f"--train.min_lr {self.min_lr}: pass a value from 0 to --train.learning_rate ({self.learning_rate:g}), "
+                "the rate the cosine schedule decays to."
+            )
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"--train.weight_decay {self.weight_decay}: pass 0 or a positive number.")
+        for flag, beta in (("--train.beta1", self.beta1), ("--train.beta2", self.beta2)):
+            if not 0 <= beta < 1:
+                raise ValueError(f"{flag} {beta}: pass a value in [0, 1) (AdamW's moment decay, e.g. 0.9 or 0.999).")
+        if self.max_norm is not None and not 0 < self.max_norm < math.inf:
+            raise ValueError(
+                f"--train.max_norm {self.max_norm}: pass a positive gradient-norm bound, or leave it unset for no "
+                "clipping."
+            )
+
 
 @dataclass
 class EvalArgs:
@@ -70,6 +107,20 @@ class EvalArgs:
     interval: int = 100
     """Validate every this many optimizer steps (0: only at the end)."""
     max_iters: int = 100
-    """Validation micro-batches per evaluation."""
+    """Validation micro-batches per evaluation (0: no validation)."""
     max_new_tokens: int = 100
     """Length of the sample generation printed at each validation (0: no sample)."""
+
+    def validate(self) -> None:
+        _at_least(self.interval, 0, "--eval.interval", unset=None)
+        _at_least(self.max_iters, 0, "--eval.max_iters", unset=None)
+        _at_least(self.max_new_tokens, 0, "--eval.max_new_tokens", unset=None)
+
+
+def _at_least(value: Optional[int], low: int, flag: str, unset: Optional[str] = None) -> None:
+    """`value` must be an integer >= `low`; None is allowed (meaning "unset") only when `unset` says what it does."""
+    if value is None and unset is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        hint = f", or null {unset}" if unset is not None else ""
+        raise ValueError(f"{flag} {value}: pass a whole number, {low} or more{hint}.")

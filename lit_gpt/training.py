@@ -2,11 +2,19 @@
 
 Reads top to bottom: `finetune()` sets up Fabric, the model and the data, then `fit()` runs the optimisation.
 Everything a run needs to continue after a crash (adapter or weights, optimizer, scheduler, step, data position, RNG)
-goes into one atomically written file per checkpoint, so `--resume auto` picks up the newest complete one.
+goes into one atomically written file per checkpoint, so `--resume auto` picks up the newest complete one. The last
+step is checkpointed too, so `--resume auto` on a finished run says it is finished instead of redoing steps.
+
+Every input is checked before a model loads: the numbers (`TrainArgs.validate`), the data directory, then the base
+checkpoint, then that the data was tokenized for that checkpoint, then that a `--resume` checkpoint belongs to this
+run (method, adapter config, data order). `hyperparameters.yaml` is written only once all of that has passed, and no
+checkpoint or final file is written unless every trainable tensor is finite.
 """
 
 from __future__ import annotations
 
+import csv
+import inspect
 import math
 import os
 import random
@@ -22,16 +30,72 @@ import torch.nn as nn
 import yaml
 
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
-from lit_gpt.config import Config
+from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import GPT, Block
-from lit_gpt.utils import atomic_save, atomic_write_text, check_checkpoint_dir, load_file, load_model_weights, num_parameters
+from lit_gpt.utils import (
+    atomic_path,
+    atomic_save,
+    atomic_write_text,
+    check_checkpoint_dir,
+    load_file,
+    load_model_weights,
+    num_parameters,
+)
 
 HPARAMS_FILENAME = "hyperparameters.yaml"
+METRICS_FILENAME = "metrics.csv"
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pth$")
+# adapter settings that may change on --resume: regularisers of the training, not part of what the tensors mean
+RESUMABLE_ADAPTER_CHANGES = ("dropout", "block_dropout")
+ADAPTER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "the --*_query/key/value/projection/mlp/head flag",
+                 "flip_side": "--flip_side", "r": "--lora_r", "alpha": "--lora_alpha", "coft": "--oft_coft",
+                 "eps": "--oft_eps", "block_share": "--oft_block_share", "neumann_terms": "--oft_neumann_terms"}
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def non_finite_advice(precision: str) -> str:
+    """What to do about a NaN/inf: in float16 it is nearly always the format, not the learning rate."""
+    if precision.startswith("16-true"):
+        # torch's AdamW keeps its state in the parameters' dtype: in float16 its eps (1e-8) and squared gradients
+        # below ~2e-4 round to 0, so a step divides 0 by 0 (NaN) or a small moment by 0 (inf)
+        return ("--precision 16-true keeps the trainable weights and AdamW's state in float16, where AdamW's eps and "
+                "small squared gradients round to 0 and updates overflow: train with --precision bf16-true or "
+                "16-mixed")
+    return "Lower --train.learning_rate or set --train.max_norm"
+
+
+def _non_finite_error(what: str, step: int, last_good: Optional[Path], precision: str,
+                      unwritten: Optional[str] = None) -> NonFiniteLossError:
+    skipped = f", so {unwritten} was not written" if unwritten else ""
+    if last_good is not None:
+        where = f"the last good checkpoint is {last_good}"
+        then = f", then resume from that checkpoint with --resume {last_good}"
+    else:
+        where, then = "no good checkpoint exists yet", ""
+    return NonFiniteLossError(f"{what} at step {step}{skipped}; {where}. {non_finite_advice(precision)}{then}.")
+
+
+def first_non_finite(state_dict: dict) -> Optional[str]:
+    return next((k for k, v in state_dict.items()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
+def check_finite(state_dict: dict, what: str, step: int, last_good: Optional[Path], precision: str,
+                 fabric: Any = None) -> None:
+    """Refuse to write trainable tensors holding NaN/inf (a checkpoint or final file is only written when finite).
+
+    With several processes only rank 0 holds the gathered tensors (`trainable_state_dict`), so rank 0 decides and
+    every rank raises together (a rank that went on would wait forever at the next collective)."""
+    several = fabric is not None and fabric.world_size > 1
+    bad = first_non_finite(state_dict) if not several or fabric.global_rank == 0 else None
+    if several:
+        bad = fabric.broadcast(bad, src=0)
+    if bad is not None:
+        raise _non_finite_error(f"The trainable weights became non-finite ({bad})", step, last_good, precision,
+                                unwritten=what)
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
@@ -65,9 +129,10 @@ def check_devices(devices: int) -> None:
 def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, activation_checkpointing: bool):
     """A Fabric for one device, or FSDP2 (`fully_shard` per block) through `ModelParallelStrategy` for several."""
     import lightning as L
-    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+    from lightning.fabric.loggers import TensorBoardLogger
 
-    loggers = [CSVLogger(root_dir=out_dir, name="logs", version="")]
+    # logs/metrics.csv is written by MetricsCSV (flushed per row, kept on --resume), not by Lightning's CSVLogger
+    loggers = []
     try:
         loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard", version=""))
     except ModuleNotFoundError:  # tensorboard is in requirements.txt; a stripped install still trains
@@ -99,11 +164,129 @@ def shard_model(model: nn.Module, device_mesh) -> nn.Module:
 
 
 def resolve_io(io: IOArgs, run_name: str) -> IOArgs:
-    io.val_data_dir = io.val_data_dir or io.train_data_dir
-    io.checkpoint_dir = io.checkpoint_dir or io.train_data_dir.parent
-    io.out_dir = io.out_dir or io.log_dir / run_name
+    io.train_data_dir = Path(io.train_data_dir)
+    io.val_data_dir = Path(io.val_data_dir or io.train_data_dir)
+    io.checkpoint_dir = Path(io.checkpoint_dir or io.train_data_dir.parent)
+    io.out_dir = Path(io.out_dir or Path(io.log_dir) / run_name)
     return io
 
+
+# ---------------------------------------------------------------------------------------------- input checks
+def check_numbers(train: TrainArgs, eval: EvalArgs, devices: int, num_nodes: int) -> None:
+    """Every number of the run, before anything is read from disk (one sentence naming the flag)."""
+    check_devices(devices)
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ValueError(f"--num_nodes {num_nodes}: pass the number of machines, 1 or more.")
+    train.validate()
+    eval.validate()
+
+
+def normalize_resume(resume: Any) -> Optional[str | Path]:
+    """`--resume`: None (start at step 0), "auto" (`true` means the same) or the path of a checkpoint."""
+    if resume is None or resume is False or str(resume).strip().lower() in ("", "false", "no", "0", "none"):
+        return None
+    if resume is True or str(resume).strip().lower() in ("auto", "true", "yes", "1"):
+        return "auto"
+    return Path(resume)
+
+
+def load_data_dir(data_dir: Path, split: str, flag: str, default: Optional[Path] = None):
+    """The `SFTDataset` of one split, with an error naming the flag and what the directory must hold."""
+    from lit_gpt.data import SFTDataset
+    from lit_gpt.data.sft import SPLIT_FILES
+
+    filename = SPLIT_FILES[split]
+    what = (f"a directory written by a scripts/prepare_*.py script (it holds {filename} and prepare_config.yaml; "
+            "scripts/prepare_json.py --json_path FILE --checkpoint_dir MODEL makes one from your own data)")
+    if not data_dir.exists():
+        if default is not None and data_dir == default:
+            raise FileNotFoundError(f"--io.train_data_dir is required: the default {str(data_dir)!r} does not "
+                                    f"exist; pass {what}.")
+        raise FileNotFoundError(f"{flag} {str(data_dir)!r} does not exist: pass {what}.")
+    if not data_dir.is_dir():
+        raise ValueError(f"{flag} {str(data_dir)!r} is a file: pass {what}.")
+    if not (data_dir / filename).is_file():
+        raise FileNotFoundError(f"{flag} {str(data_dir)!r} has no {filename}: pass {what}, or prepare it with "
+                                f"--destination_path {str(data_dir)!r}.")
+    data = SFTDataset.from_dir(data_dir, split)
+    if split == "train" and len(data) == 0:
+        raise ValueError(f"{str(data_dir / filename)!r} holds no examples: prepare the data again (its "
+                         "prepare_config.yaml says how many rows were dropped and why).")
+    return data
+
+
+def prepared_config(data_dir: Path) -> Optional[dict]:
+    """The data's `prepare_config.yaml`, or None when it has none (data made by other code)."""
+    from lit_gpt.data import read_prepare_config
+
+    try:
+        return read_prepare_config(data_dir)
+    except FileNotFoundError:
+        return None
+
+
+def check_base_checkpoint(io: IOArgs, inferred: bool) -> None:
+    """`io.checkpoint_dir` must be a lit checkpoint; when it was inferred from the data directory, say so."""
+    try:
+        check_checkpoint_dir(io.checkpoint_dir)
+    except (FileNotFoundError, ValueError):
+        from lit_gpt.utils import WEIGHTS_FILENAME
+
+        missing = [n for n in (WEIGHTS_FILENAME, CONFIG_FILENAME) if not (io.checkpoint_dir / n).is_file()]
+        if not inferred or not missing:
+            raise
+        recorded = (prepared_config(io.train_data_dir) or {}).get("checkpoint_dir")
+        hint = ""
+        if recorded and (Path(recorded) / CONFIG_FILENAME).is_file():
+            hint = f" (the data's prepare_config.yaml names {str(recorded)!r})"
+        raise FileNotFoundError(
+            f"No --io.checkpoint_dir was given, so the base model was looked for in {str(io.checkpoint_dir)!r}, the "
+            f"parent of --io.train_data_dir, which has no {' or '.join(missing)}: pass --io.checkpoint_dir with the "
+            f"model the data was prepared for{hint}."
+        ) from None
+
+
+def check_data_matches_model(data_dir: Path, data, prepared: Optional[dict], tokenizer: Any, config: Config,
+                             checkpoint_dir: Path) -> None:
+    """Refuse data tokenized for another model: its recorded tokenizer fingerprint (or vocab size, BOS, EOS) must be
+    the checkpoint's, and no token id may be past the model's embedding table."""
+    from lit_gpt.data.prepare import tokenizer_fingerprint
+
+    fix = f"prepare the data again with --checkpoint_dir {str(checkpoint_dir)!r}"
+    if prepared is not None:
+        made_with = str(prepared.get("checkpoint_dir") or "another checkpoint")
+        fix_other = f"{fix}, or pass --io.checkpoint_dir {made_with!r}, the model it was prepared for"
+        recorded = prepared.get("tokenizer_fingerprint")
+        if recorded is not None:
+            current = tokenizer_fingerprint(tokenizer)
+            if current is not None and current != recorded:
+                raise ValueError(
+                    f"{str(data_dir)!r} was tokenized with the tokenizer of {made_with!r} (fingerprint {recorded}), "
+                    f"not that of the base model {str(checkpoint_dir)!r} ({current}): {fix_other}."
+                )
+        for key in ("vocab_size", "bos_id", "eos_id"):
+            want, have = prepared.get(key), getattr(tokenizer, key, None)
+            if want is not None and have is not None and want != have:
+                raise ValueError(
+                    f"{str(data_dir)!r} was tokenized with the tokenizer of {made_with!r} ({key} {want}), not that "
+                    f"of the base model {str(checkpoint_dir)!r} ({key} {have}): {fix_other}."
+                )
+    largest = data.max_token_id
+    if largest >= config.padded_vocab_size:
+        raise ValueError(
+            f"{str(data_dir)!r} holds token id {largest}, but the base model {str(checkpoint_dir)!r} has only "
+            f"{config.padded_vocab_size} token embeddings (vocab_size {config.vocab_size}), so it was tokenized for "
+            f"another model: {fix}."
+        )
+
+
+def check_tied_head(config: Config, adapter_config: Any, method: str) -> None:
+    if adapter_config is not None and config.tie_embeddings and "head" in adapter_config.targets:
+        flag = "--lora_head" if method == "lora" else "--ether_head"
+        raise ValueError(
+            f"{config.name} ties its output head to the token embeddings, so an adapter on the head could not be "
+            f"merged back into the model: drop {flag} true."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- learning rate
@@ -119,7 +302,8 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def trainable_state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
-    """Full (unsharded) trainable parameters and optimizer state on the CPU; identical on every rank's call."""
+    """Full (unsharded) trainable parameters and optimizer state on the CPU: on rank 0 only when several processes
+    run (torch gathers to rank 0 with `cpu_offload`); every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -133,9 +317,13 @@ def trainable_state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optim
     return {k: v for k, v in msd.items() if k in trained}, osd
 
 
-def load_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd: dict, osd: dict) -> None:
+def load_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd: dict, osd: dict,
+                         ckpt: Path = Path("checkpoint")) -> None:
+    """Load a checkpoint's trainable tensors and optimizer state; the tensors must be exactly the trainable ones
+    (frozen weights are not in a checkpoint, hence `strict=False` below, after this check)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    check_trainable_keys(model, msd, ckpt)
     set_state_dict(
         model, optimizer, model_state_dict=msd, optim_state_dict=osd,
         options=StateDictOptions(full_state_dict=True, strict=False),
@@ -160,6 +348,138 @@ def find_resume_checkpoint(out_dir: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
+def check_trainable_keys(model: nn.Module, saved_keys, ckpt: Path) -> None:
+    """The checkpoint must hold exactly this run's trainable tensors (a tensor shared by two modules under either
+    of its names), or loading it would silently leave weights at their initial values."""
+    names_by_param: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names_by_param.setdefault(id(p), []).append(n)
+    trained = {n for names in names_by_param.values() for n in names}
+    saved_keys = set(saved_keys)
+    unexpected = sorted(saved_keys - trained)
+    missing = sorted(names[0] for names in names_by_param.values() if not saved_keys.intersection(names))
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"lacks {len(missing)} trainable tensor(s) of this run (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"holds {len(unexpected)} this run does not train (e.g. {unexpected[0]})")
+        raise ValueError(
+            f"--resume {str(ckpt)!r} {' and '.join(parts)}: it was written by a run with other adapter flags; "
+            "resume with that run's flags, or start a new run without --resume."
+        )
+
+
+def resolve_resume(resume: Optional[str | Path], out_dir: Path) -> Optional[Path]:
+    """The checkpoint `--resume` names (None: start at step 0)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        ckpt = find_resume_checkpoint(out_dir)
+        if ckpt is None:
+            print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0.")
+        return ckpt
+    ckpt = Path(resume)
+    if ckpt.is_dir():
+        raise ValueError(f"--resume {str(ckpt)!r} is a directory: pass one of its checkpoints/step-*.pth files, or "
+                         f"--resume auto with --io.out_dir set to the run directory.")
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--resume {str(ckpt)!r} does not exist: pass a checkpoints/step-*.pth file of the "
+                                "run, or --resume auto.")
+    return ckpt
+
+
+def _saved_adapter_config(saved: dict, ckpt: Path) -> Optional[dict]:
+    """The adapter config a checkpoint was trained with: in the file, or (older checkpoints) its run's hparams."""
+    if saved.get("adapter_config") is not None:
+        return saved["adapter_config"]
+    hparams = ckpt.parent.parent / HPARAMS_FILENAME
+    if hparams.is_file():
+        hp = yaml.safe_load(hparams.read_text(encoding="utf-8"))
+        if isinstance(hp, dict) and isinstance(hp.get("adapter_config"), dict):
+            return hp["adapter_config"]
+    return None
+
+
+def check_resume_matches(saved: Any, ckpt: Path, method: str, adapter_config: Optional[Any]) -> None:
+    """Refuse, in one sentence naming both, a checkpoint of another method or adapter configuration."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and "step" in saved):
+        raise ValueError(f"--resume {str(ckpt)!r} is not a training checkpoint (no model/step): pass a "
+                         "checkpoints/step-*.pth file written by finetune/.")
+    bad = first_non_finite(saved["model"])
+    if bad is not None:
+        raise ValueError(f"--resume {str(ckpt)!r} holds non-finite weights ({bad}): resume from an earlier "
+                         "checkpoint of the run, or start a new run without --resume.")
+    saved_method = saved.get("method")
+    if saved_method is not None and saved_method != method:
+        script = ("finetune/full.py" if saved_method == "full" else "finetune/lora.py" if saved_method == "lora"
+                  else f"finetune/ether.py --Htype {saved_method}")
+        raise ValueError(
+            f"--resume {str(ckpt)!r} is a checkpoint of method {saved_method!r}, but this run trains {method!r}: "
+            f"resume with {script} and the flags the run was started with, or start a new run without --resume."
+        )
+    if adapter_config is None:
+        return
+    was = _saved_adapter_config(saved, ckpt)
+    if was is None:
+        return  # an old checkpoint: the strict key check still catches another set of tensors
+    now = adapter_config.to_dict()
+    differ = [k for k in now if k not in RESUMABLE_ADAPTER_CHANGES and k in was and was[k] != now[k]]
+    if differ:
+        detail = "; ".join(f"{k} was {was[k]!r}, now {now[k]!r}"
+                           + (f" ({ADAPTER_FLAGS[k]})" if k in ADAPTER_FLAGS else "") for k in differ)
+        raise ValueError(
+            f"--resume {str(ckpt)!r} was trained with another adapter configuration ({detail}): resume with the "
+            "flags the run was started with, or start a new run without --resume."
+        )
+
+
+class MetricsCSV:
+    """`logs/metrics.csv` in Lightning's CSVLogger layout (a row per log call, sorted columns, a `step` column), but
+    every row is on disk when `log` returns (a killed run keeps its curves) and a resumed run keeps the rows up to
+    the step it resumes from (the later ones are redone)."""
+
+    def __init__(self, path: Path, keep_until_step: int) -> None:
+        self.path = Path(path)
+        self.keys: list[str] = []
+        if self.path.is_file():
+            rows, keys = self._read()
+            kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= keep_until_step]
+            self.keys = keys
+            if len(kept) != len(rows):
+                self._rewrite(kept)
+
+    def _read(self) -> tuple[list[dict], list[str]]:
+        with open(self.path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return list(reader), list(reader.fieldnames or [])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=self.keys, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def log(self, metrics: dict, step: int) -> None:
+        row = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        row["step"] = step
+        if not set(row) <= set(self.keys):  # a new column: the header changes, so the file is rewritten once
+            rows = self._read()[0] if self.path.is_file() else []
+            self.keys = sorted(set(self.keys) | set(row))
+            self._rewrite(rows)
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, fieldnames=self.keys, restval="").writerow(row)
+
+
+def _row_step(row: dict) -> Optional[int]:
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- entry
 def targets_from_flags(**flags: bool) -> list[str]:
     targets = [name for name, on in flags.items() if on]
@@ -176,16 +496,35 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         model = args["model_name"]
         if model is None:  # plan for the checkpoint the run would train
             io = args["io"]
-            model = Config.from_checkpoint(io.checkpoint_dir or io.train_data_dir.parent)
+            ckpt = Path(io.checkpoint_dir or Path(io.train_data_dir).parent)
+            if io.checkpoint_dir is None and not (ckpt / CONFIG_FILENAME).is_file():
+                raise FileNotFoundError(
+                    f"No --io.checkpoint_dir or --model_name was given, so the model was looked for in {str(ckpt)!r}, "
+                    f"the parent of --io.train_data_dir, which has no {CONFIG_FILENAME}: pass --io.checkpoint_dir "
+                    "or --model_name."
+                )
+            model = Config.from_checkpoint(ckpt)
+            check_tied_head(model, adapter_config, method)
         print(plan_report(model, adapter_config, args["precision"] or default_precision()))
         return None
-    cli_args = {k: v for k, v in args.items() if k not in ("io", "train", "eval", "adapter", "targets", "extra")}
+    # the flags only: never a class or module a script happened to have in scope
+    cli_args = {k: v for k, v in args.items() if k not in ("io", "train", "eval", "adapter", "targets", "extra")
+                and not (inspect.isclass(v) or inspect.ismodule(v) or inspect.isroutine(v))}
     cli_args.update(train=asdict(args["train"]), eval=asdict(args["eval"]))
     return finetune(
         method=method, adapter_config=adapter_config, io=args["io"], train=args["train"], eval=args["eval"],
         precision=args["precision"], devices=args["devices"], num_nodes=args["num_nodes"], seed=args["seed"],
         resume=args["resume"], cli_args=cli_args,
     )
+
+
+def make_loader(train_data, train: TrainArgs, seed: int, rank: int, world_size: int, pad_id: int,
+                max_len: Optional[int]):
+    """The training order; the longest micro-batch comes first, so an out-of-memory error shows at step 1."""
+    from lit_gpt.data import MicroBatchLoader
+
+    return MicroBatchLoader(train_data, train.micro_batch_size, seed=seed, rank=rank, world_size=world_size,
+                            pad_id=pad_id, max_seq_length=max_len, longest_first=True)
 
 
 def finetune(
@@ -202,37 +541,60 @@ def finetune(
     resume: str | bool,
     cli_args: dict,
 ) -> Path:
-    """Fine-tune the checkpoint in `io.checkpoint_dir` with `adapter_config` (None: every weight) and return the run dir."""
+    """Fine-tune the checkpoint in `io.checkpoint_dir` with `adapter_config` (None: every weight); returns the run
+    directory."""
     from lit_gpt.adapters import apply_adapters, save_adapters
-
-    from lit_gpt.data import SFTDataset
     from lit_gpt.tokenizer import Tokenizer
 
     # every input is checked before any process is launched, so a typo costs seconds, not a cluster allocation
+    check_numbers(train, eval, devices, num_nodes)
+    resume = normalize_resume(resume)
+    inferred_checkpoint = io.checkpoint_dir is None
+    given_val = io.val_data_dir is not None
     io = resolve_io(io, run_name(method, adapter_config, train))
-    check_checkpoint_dir(io.checkpoint_dir)
+    # the data first: a typo in --io.train_data_dir is about the data, not about its parent folder not being a model
+    train_data = load_data_dir(io.train_data_dir, "train", "--io.train_data_dir", default=IOArgs().train_data_dir)
+    val_data = load_data_dir(io.val_data_dir, "test", "--io.val_data_dir" if given_val else "--io.train_data_dir")
+    check_base_checkpoint(io, inferred_checkpoint)
     tokenizer = Tokenizer(io.checkpoint_dir)
-    train_data = SFTDataset.from_dir(io.train_data_dir, "train")
-    val_data = SFTDataset.from_dir(io.val_data_dir, "test")
     config = Config.from_checkpoint(io.checkpoint_dir)
-    check_devices(devices)
-    train.gradient_accumulation_iters(devices * num_nodes)
+    prepared = prepared_config(io.train_data_dir)
+    check_data_matches_model(io.train_data_dir, train_data, prepared, tokenizer, config, io.checkpoint_dir)
+    if io.val_data_dir != io.train_data_dir:
+        check_data_matches_model(io.val_data_dir, val_data, prepared_config(io.val_data_dir), tokenizer, config,
+                                 io.checkpoint_dir)
+    world_size = devices * num_nodes
+    train.gradient_accumulation_iters(world_size)
+    check_tied_head(config, adapter_config, method)
     if adapter_config is not None:  # an nb that does not divide a width fails here, on the meta device, in ms
         with torch.device("meta"):
             apply_adapters(GPT(config), adapter_config)
     precision = precision or default_precision()
     out_dir = Path(io.out_dir)
+    steps = total_steps(train, len(train_data))
+
+    # --resume: the checkpoint must be this run's (method, adapter, data order) before anything is written
+    ckpt = resolve_resume(resume, out_dir)
+    saved = None
+    if ckpt is not None:
+        saved = load_file(ckpt, mmap=False)
+        check_resume_matches(saved, ckpt, method, adapter_config)
+        if saved.get("data") is not None:
+            make_loader(train_data, train, seed, 0, world_size, 0, None).load_state_dict(saved["data"])
+        final = out_dir / final_filename(method)
+        if saved["step"] >= steps and final.is_file():
+            print(f"The run in {out_dir} already finished: {ckpt.name} is at step {saved['step']} of {steps} and "
+                  f"{final.name} exists, so there is nothing to train (raise --train.max_steps to train on).")
+            return out_dir
+        if saved["step"] > steps:
+            raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
+                             "run: raise --train.max_steps, or resume from an earlier checkpoint.")
+    if precision.startswith("16-true"):
+        print(f"warning: {non_finite_advice(precision)}.", file=sys.stderr)
+
     fabric = build_fabric(devices, num_nodes, precision, out_dir, train.activation_checkpointing)
     fabric.launch()
     fabric.seed_everything(seed)
-
-    hparams = dict(cli_args, method=method, precision=precision,
-                   adapter_config=adapter_config.to_dict() if adapter_config is not None else None,
-                   io={k: str(v) if v is not None else None for k, v in asdict(io).items()},
-                   base_checkpoint_dir=str(io.checkpoint_dir))
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / HPARAMS_FILENAME, yaml.safe_dump(_plain(hparams), sort_keys=False))
 
     # model: loaded on the CPU straight into the training dtype (memory-mapped, one copy), adapted, then sharded
     with torch.device("meta"):
@@ -252,48 +614,68 @@ def finetune(
         trainable, lr=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
     )
     optimizer = fabric.setup_optimizers(optimizer)
-
-    steps = total_steps(train, len(train_data))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(train.lr_warmup_steps, steps, train.min_lr / train.learning_rate)
     )
 
-    state = {"step": 0, "data": None}
-    ckpt = None
-    if resume not in (False, None, "false", "False", ""):
-        ckpt = find_resume_checkpoint(out_dir) if str(resume) == "auto" else Path(resume)
-        if ckpt is None:
-            fabric.print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0.")
-    if ckpt is not None:
-        saved = load_file(ckpt, mmap=False)
-        load_trainable_state(model.module, optimizer.optimizer, saved["model"], saved["optimizer"])
+    state = {"step": 0, "data": None, "last_good": None, "checkpoint_last": adapter_config is not None}
+    if saved is not None:
+        load_trainable_state(model.module, optimizer.optimizer, saved["model"], saved["optimizer"], ckpt)
         scheduler.load_state_dict(saved["scheduler"])
         state["step"] = saved["step"]
         state["data"] = saved["data"]
+        state["last_good"] = ckpt
         set_rng_state(saved["rng"])
         fabric.print(f"Resumed from {ckpt} at step {state['step']}.")
+
+    # only now, with every check passed, does the run directory change
+    hparams = dict(cli_args, method=method, precision=precision,
+                   adapter_config=adapter_config.to_dict() if adapter_config is not None else None,
+                   io={k: str(v) if v is not None else None for k, v in asdict(io).items()},
+                   base_checkpoint_dir=str(Path(io.checkpoint_dir).resolve()))
+    if prepared is not None:  # the prompt format the model learns: merge, chat and eval prompt with it
+        hparams["prompt_style"] = {"prompt_style": prepared.get("prompt_style", "alpaca"),
+                                   "system_prompt": prepared.get("system_prompt")}
+    metrics_csv = None
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / HPARAMS_FILENAME, yaml.safe_dump(_plain(hparams), sort_keys=False))
+        metrics_csv = MetricsCSV(out_dir / "logs" / METRICS_FILENAME, keep_until_step=state["step"])
+
+    def log_metrics(metrics: dict, step: int) -> None:
+        fabric.log_dict(metrics, step=step)
+        if metrics_csv is not None:
+            metrics_csv.log(metrics, step)
 
     def save_checkpoint(step: int, data_state: dict) -> Path:
         msd, osd = trainable_state_dict(model.module, optimizer.optimizer)
         path = out_dir / "checkpoints" / f"step-{step:06d}.pth"
+        check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
         if fabric.global_rank == 0:
             atomic_save({"model": msd, "optimizer": osd, "scheduler": scheduler.state_dict(), "step": step,
-                         "data": data_state, "rng": rng_state(), "method": method}, path)
+                         "data": data_state, "rng": rng_state(), "method": method,
+                         "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path)
         fabric.barrier()
+        state["last_good"] = path
         return path
 
+    if len(val_data) == 0 or eval.max_iters == 0:
+        why = (f"{str(io.val_data_dir / 'test.pt')!r} holds no examples" if len(val_data) == 0
+               else "--eval.max_iters is 0")
+        fabric.print(f"No validation: {why}.")
     status = "failed"
     try:
         fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, train, eval, state, steps, seed,
-            save_checkpoint, pad_id=0)
+            save_checkpoint, log_metrics, precision, pad_id=0)
         status = "success"
-    finally:  # flush the CSV/TensorBoard logs whatever happened, so a failed run still shows its curves
+    finally:  # flush the TensorBoard logs whatever happened, so a failed run still shows its curves
         for logger in fabric.loggers:
             logger.finalize(status)
 
     # the final artefact: the adapter (or the full weights) as a standalone file
     final = out_dir / final_filename(method)
     msd, _ = trainable_state_dict(model.module)
+    check_finite(msd, str(final), steps, state["last_good"], precision, fabric)
     if fabric.global_rank == 0:
         if adapter_config is not None:
             save_adapters(model.module, final, state_dict=msd)
@@ -345,24 +727,24 @@ def _plain(obj: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- the loop
 def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, train: TrainArgs, eval: EvalArgs,
-        state: dict, steps: int, seed: int, save_checkpoint, pad_id: int) -> None:
-    from lit_gpt.data import MicroBatchLoader
-
+        state: dict, steps: int, seed: int, save_checkpoint, log_metrics, precision: str, pad_id: int) -> None:
     accum = train.gradient_accumulation_iters(fabric.world_size)
     max_len = min(train.max_seq_length or model.module.config.block_size, model.module.config.block_size)
-    # the longest micro-batch comes first, so an out-of-memory error shows at step 1 rather than hours in
-    loader = MicroBatchLoader(
-        train_data, train.micro_batch_size, seed=seed, rank=fabric.global_rank, world_size=fabric.world_size,
-        pad_id=pad_id, max_seq_length=max_len, longest_first=True,
-    )
+    loader = make_loader(train_data, train, seed, fabric.global_rank, fabric.world_size, pad_id, max_len)
     if state["data"] is not None:
         loader.load_state_dict(state["data"])
     batches = iter(loader)
     progress = _progress(fabric, state["step"], steps)
-    last_good = None
+    validating = len(val_data) > 0 and eval.max_iters > 0
+
+    def non_finite(what: str, step: int) -> NonFiniteLossError:
+        return _non_finite_error(what, step, state["last_good"], precision)
+
+    start = state["step"]
     model.train()
     while state["step"] < steps:
         t0 = time.perf_counter()
+        step = state["step"] + 1
         loss_sum, tokens = torch.zeros((), device=fabric.device), 0
         for i in range(accum):
             batch = next(batches)
@@ -372,33 +754,41 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
                 fabric.backward(loss / accum)
             loss_sum += loss.detach()
             tokens += input_ids.numel()
+        loss_val = fabric.all_reduce(loss_sum / accum).item()
+        if not math.isfinite(loss_val):
+            raise non_finite(f"The training loss became {loss_val}", step)
         if train.max_norm:
-            fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+            try:
+                fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+            except RuntimeError as e:  # torch: "The total norm of order 2.0 for gradients ... is non-finite"
+                if "non-finite" not in str(e):
+                    raise
+                raise non_finite("The gradient norm became non-finite", step) from None
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on below)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        state["step"] += 1
-        step = state["step"]
+        state["step"] = step
 
-        loss_val = fabric.all_reduce(loss_sum / accum).item()
-        if not math.isfinite(loss_val):
-            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-            raise NonFiniteLossError(
-                f"The training loss became {loss_val} at step {step}; {where}. Lower --train.learning_rate or "
-                f"set --train.max_norm, then resume from that checkpoint with --resume."
-            )
         dt = time.perf_counter() - t0
-        metrics = {"loss": loss_val, "lr": scheduler.get_last_lr()[0], "step_time": dt,
+        metrics = {"loss": loss_val, "lr": lr, "step_time": dt,
                    "tokens_per_sec": tokens * fabric.world_size / dt, "step": step}
         if step % train.log_interval == 0 or step == steps:
-            fabric.log_dict(metrics, step=step)
+            log_metrics(metrics, step)
         progress.update(metrics)
 
-        if eval.interval and step % eval.interval == 0 and step < steps:
-            validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress)
+        if validating and eval.interval and step % eval.interval == 0 and step < steps:
+            validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
+                             non_finite)
         if step % train.save_interval == 0 and step < steps:
-            last_good = save_checkpoint(step, loader.state_dict())
-    validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, steps, progress)
+            save_checkpoint(step, loader.state_dict())
+    if validating:
+        validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, steps, progress, log_metrics,
+                         non_finite)
+    # the last step too, so --resume auto on a finished run knows it is finished; not for full fine-tuning, whose
+    # checkpoint (every weight and two AdamW moments: ~80 GB at 7B) would cost far more than redoing a few steps
+    if state["step"] > start and state["checkpoint_last"]:
+        save_checkpoint(steps, loader.state_dict())
     progress.close()
 
 
@@ -419,9 +809,12 @@ def validate(fabric, model, val_data, eval: EvalArgs, max_len: int, pad_id: int,
     return (total / count.clamp(min=1)).item()
 
 
-def validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress) -> None:
+def validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
+                     non_finite) -> None:
     val_loss = validate(fabric, model, val_data, eval, max_len, pad_id)
-    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
+    if not math.isfinite(val_loss):
+        raise non_finite(f"The validation loss became {val_loss}", step)
+    log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step)
     progress.write(f"step {step}: val loss {val_loss:.4f}")
     if eval.max_new_tokens > 0 and len(val_data):
         sample = sample_generation(fabric, model, val_data[0], tokenizer, eval.max_new_tokens)
@@ -436,7 +829,8 @@ def sample_generation(fabric, model, row: dict, tokenizer, max_new_tokens: int) 
     prompt = row["input_ids"][: int((row["labels"] == -100).sum())] if "labels" in row else row["input_ids"]
     module = model.module
     model.eval()
-    out = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, stop_tokens=[[i] for i in tokenizer.stop_ids])
+    out = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0,
+                   stop_tokens=[[i] for i in tokenizer.stop_ids])
     module.clear_kv_cache()
     model.train()
     return tokenizer.decode(out[len(prompt):])

@@ -106,7 +106,7 @@ def test_a_few_steps_of_every_method(tiny_ckpt, tmp_path, script, method, kwargs
     )
     base = load_file(tiny_ckpt / "lit_model.pth")
     hp = yaml.safe_load((out / "hyperparameters.yaml").read_text())
-    assert hp["method"] == method and hp["base_checkpoint_dir"] == str(tiny_ckpt)
+    assert hp["method"] == method and hp["base_checkpoint_dir"] == str(tiny_ckpt.resolve())
     if method == "full":
         final = final_tensors(out, "lit_model_finetuned.pth")
         assert set(final) == set(base)
@@ -160,15 +160,27 @@ def test_sigkill_after_a_checkpoint_then_resume_auto_equals_an_uninterrupted_run
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "lit_model_ether_finetuned.pth").exists()
+    # every logged row is on disk when the process dies (Lightning's CSVLogger kept them in memory)
+    killed_steps = _csv_loss_steps(out)
+    assert killed_steps[:4] == [1, 2, 3, 4]
 
     r = run_cli("ether.py", *common_flags(tiny_ckpt, out, 12, **{"--train.save_interval": "4"}),
                 "--Htype", "etherplus", "--ether_nb", "4", "--ether_dropout", "0.1", "--resume", "auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resumed from" in r.stdout + r.stderr
+    # the rows before the resumed step are kept, the redone ones are not doubled: the same steps as an uninterrupted run
+    assert _csv_loss_steps(out) == _csv_loss_steps(ref) == list(range(1, 13))
     a, b = final_tensors(ref), final_tensors(out)
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+
+
+def _csv_loss_steps(out_dir: Path) -> list[int]:
+    import csv
+
+    with open(out_dir / "logs" / "metrics.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("loss")]
 
 
 @pytest.mark.slow
@@ -293,5 +305,11 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny
         capture_output=True, text=True, cwd=REPO, env=dict(os.environ, LIT_GPT_NO_PROGRESS="1"), timeout=600)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: The training loss became") and "at step" in last
-    assert "last good checkpoint is" in last and str(out / "checkpoints") in last
+    # the weights blow up before the loss shows it: the checkpoint of that step is refused, not written as "good"
+    assert last.startswith(("error: The training loss became", "error: The trainable weights became non-finite"))
+    assert "at step" in last and "last good checkpoint is" in last and str(out / "checkpoints") in last
+    good = sorted((out / "checkpoints").glob("step-*.pth"))
+    assert good and str(good[-1]) in last
+    for path in good:  # every checkpoint written is finite, so the one named can really be resumed from
+        assert all(torch.isfinite(v).all() for v in load_file(path, mmap=False)["model"].values())
+    assert not (out / "lit_model_finetuned.pth").exists()

@@ -1,0 +1,337 @@
+"""What the training entrypoints do with bad or surprising input: the run directory records what merge/chat need,
+--resume refuses a checkpoint of another run, numbers and directories are checked before a model loads, data made
+for another tokenizer is refused, NaN/inf never reaches a file, and logs/metrics.csv survives kills and resumes.
+
+The tiny model, tokenizer and prepared data are `tests/test_training.py`'s `tiny_ckpt` fixture."""
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_gpt import GPT, Config
+from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
+from lit_gpt.utils import load_file
+from test_training import REPO, common_flags, run_cli, tiny_ckpt  # noqa: F401 (tiny_ckpt is a fixture)
+
+
+def csv_rows(out_dir: Path) -> list[dict]:
+    with open(out_dir / "logs" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def setup_ether(data_dir: Path, out_dir: Path, ckpt: "Path | None" = None, train: "dict | None" = None,
+                eval: "dict | None" = None, **kwargs):
+    import ether
+
+    t = dict(learning_rate=1e-2, max_steps=1, global_batch_size=1, micro_batch_size=1, lr_warmup_steps=1)
+    e = dict(interval=0, max_iters=1, max_new_tokens=0)
+    kwargs = dict(dict(ether_nb=4, precision="32-true"), **kwargs)
+    return ether.setup(io=IOArgs(train_data_dir=data_dir, checkpoint_dir=ckpt, out_dir=out_dir),
+                       train=TrainArgs(**dict(t, **(train or {}))), eval=EvalArgs(**dict(e, **(eval or {}))), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- a finished run
+@pytest.fixture(scope="module")
+def finished_run(tiny_ckpt, tmp_path_factory) -> Path:
+    """Three steps of ETHER through the CLI, with the data and checkpoint given as paths relative to the repo."""
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    rel_data = os.path.relpath(tiny_ckpt / "data", REPO)
+    r = run_cli("ether.py", *common_flags(tiny_ckpt, out, 3, **{"--io.train_data_dir": rel_data,
+                                                                "--io.checkpoint_dir": os.path.relpath(tiny_ckpt, REPO),
+                                                                "--train.global_batch_size": "1"}),
+                "--ether_nb", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_hyperparameters_record_the_absolute_base_the_prompt_style_and_only_flags(finished_run, tiny_ckpt):
+    text = (finished_run / "hyperparameters.yaml").read_text()
+    hp = yaml.safe_load(text)
+    assert hp["base_checkpoint_dir"] == str(tiny_ckpt.resolve())  # merge/chat work from any directory
+    assert hp["io"]["checkpoint_dir"] == os.path.relpath(tiny_ckpt, REPO)  # as the user gave it
+    assert hp["prompt_style"] == {"prompt_style": "alpaca", "system_prompt": None}
+    assert "AdapterConfig" not in hp and "<class" not in text
+    assert hp["adapter_config"]["nb"] == 4 and hp["method"] == "ether"
+
+
+def test_the_logged_lr_is_the_one_each_step_used_and_the_last_step_is_checkpointed(finished_run):
+    from lit_gpt.training import lr_lambda
+
+    rows = [r for r in csv_rows(finished_run) if r["loss"]]
+    schedule = lr_lambda(warmup_steps=2, max_steps=3, min_ratio=0.0)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    for r in rows:  # step k trains with the scheduler's value for index k - 1
+        assert float(r["lr"]) == pytest.approx(1e-3 * schedule(int(r["step"]) - 1))
+    assert float(rows[-1]["lr"]) > 0
+    assert (finished_run / "checkpoints" / "step-000003.pth").is_file()
+
+
+def test_resume_refuses_another_run_and_keeps_the_run_dir(finished_run, tiny_ckpt, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    hparams = (run / "hyperparameters.yaml").read_bytes()
+    metrics = (run / "logs" / "metrics.csv").read_bytes()
+    step3 = run / "checkpoints" / "step-000003.pth"
+    saved = load_file(step3, mmap=False)
+    assert saved["method"] == "ether" and saved["adapter_config"]["nb"] == 4
+
+    flags = common_flags(tiny_ckpt, run, 3, **{"--train.global_batch_size": "1"})
+    r = run_cli("ether.py", *flags, "--ether_nb", "8", "--resume", "auto")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "nb was 4, now 8 (--ether_nb)" in last and str(step3) in last
+    assert (run / "hyperparameters.yaml").read_bytes() == hparams  # a rejected resume rewrites nothing
+
+    r = run_cli("lora.py", *common_flags(tiny_ckpt, tmp_path / "lora", 3), "--resume", str(step3))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "checkpoint of method 'ether', but this run trains 'lora'" in r.stderr.strip().splitlines()[-1]
+
+    # `true` means `auto`; a finished run says so and touches nothing
+    r = run_cli("ether.py", *flags, "--ether_nb", "4", "--resume", "true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already finished" in r.stdout
+    assert (run / "logs" / "metrics.csv").read_bytes() == metrics
+    assert (run / "hyperparameters.yaml").read_bytes() == hparams
+
+    # training on: the rows of steps 1-3 are kept (Lightning's CSVLogger deleted them), 4 and 5 appended
+    before = csv_rows(run)
+    flags = common_flags(tiny_ckpt, run, 5, **{"--train.global_batch_size": "1"})
+    r = run_cli("ether.py", *flags, "--ether_nb", "4", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Resumed from {step3} at step 3" in r.stdout
+    after = csv_rows(run)
+    assert [row["loss"] for row in after[: len(before)]] == [row["loss"] for row in before]
+    assert [int(row["step"]) for row in after if row["loss"]] == [1, 2, 3, 4, 5]
+
+
+def test_resume_flag_values_and_paths(tmp_path):
+    from lit_gpt.training import normalize_resume, resolve_resume
+
+    assert normalize_resume(True) == normalize_resume("auto") == normalize_resume("true") == "auto"
+    assert normalize_resume(False) is None and normalize_resume("false") is None and normalize_resume(None) is None
+    assert normalize_resume("out/checkpoints/step-000004.pth") == Path("out/checkpoints/step-000004.pth")
+    with pytest.raises(FileNotFoundError, match="--resume '.*nope.pth' does not exist: pass a checkpoints/step"):
+        resolve_resume(tmp_path / "nope.pth", tmp_path)
+    with pytest.raises(ValueError, match="is a directory: pass one of its checkpoints/step-\\*.pth files"):
+        resolve_resume(tmp_path, tmp_path)
+
+
+def test_loading_a_checkpoint_with_other_trainable_tensors_is_refused():
+    from lit_gpt.adapters import AdapterConfig, adapter_state_dict, apply_adapters
+    from lit_gpt.training import check_trainable_keys
+
+    cfg = Config(name="t", n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16)
+    ether = apply_adapters(GPT(cfg), AdapterConfig(method="ether", nb=4))
+    lora = apply_adapters(GPT(cfg), AdapterConfig(method="lora", r=2))
+    check_trainable_keys(ether, adapter_state_dict(ether), Path("ok.pth"))
+    with pytest.raises(ValueError, match=r"--resume 'x.pth' lacks 2 trainable tensor\(s\) of this run .* and holds "
+                                         r"4 this run does not train"):
+        check_trainable_keys(ether, adapter_state_dict(lora), Path("x.pth"))
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+@pytest.mark.parametrize("group,field,value,flag", [
+    ("train", "save_interval", 0, "--train.save_interval 0"),
+    ("train", "log_interval", 0, "--train.log_interval 0"),
+    ("train", "micro_batch_size", 0, "--train.micro_batch_size 0"),
+    ("train", "global_batch_size", 0, "--train.global_batch_size 0"),
+    ("train", "learning_rate", 0.0, "--train.learning_rate 0.0"),
+    ("train", "max_steps", -1, "--train.max_steps -1"),
+    ("train", "max_steps", 0, "--train.max_steps 0"),
+    ("train", "epochs", 0, "--train.epochs 0"),
+    ("train", "lr_warmup_steps", -5, "--train.lr_warmup_steps -5"),
+    ("train", "min_lr", 1.0, "--train.min_lr 1.0"),
+    ("train", "beta2", 1.0, "--train.beta2 1.0"),
+    ("train", "max_norm", -1.0, "--train.max_norm -1.0"),
+    ("train", "weight_decay", float("nan"), "--train.weight_decay nan"),
+    ("eval", "max_iters", -1, "--eval.max_iters -1"),
+    ("run", "num_nodes", 0, "--num_nodes 0"),
+])
+def test_bad_numbers_fail_naming_the_flag_before_anything_loads(tiny_ckpt, tmp_path, monkeypatch, group, field,
+                                                                 value, flag):
+    from lit_gpt import training
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("no model may load before the numbers are checked")
+
+    monkeypatch.setattr(training, "load_model_weights", no_model)
+    kwargs = {"train": {field: value}} if group == "train" else {"eval": {field: value}} if group == "eval" else {
+        field: value}
+    with pytest.raises(ValueError, match=flag.replace(".", r"\.")) as e:
+        setup_ether(tmp_path / "no-data", tmp_path / "out", **kwargs)  # checked even before the data directory
+    assert len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_oft_eps_without_coft_and_a_tied_head_name_their_flags(tiny_ckpt, tmp_path):
+    from lit_gpt.adapters import AdapterConfig
+    from lit_gpt.training import check_tied_head
+
+    with pytest.raises(ValueError, match="--oft_eps 0.1 only applies to constrained OFT: add --oft_coft true"):
+        setup_ether(tiny_ckpt / "data", tmp_path / "out", Htype="oft", oft_eps=0.1)
+    tied = Config(name="tied", n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16, tie_embeddings=True)
+    with pytest.raises(ValueError, match="tied ties its output head .* drop --lora_head true"):
+        check_tied_head(tied, AdapterConfig(method="lora", targets=["query", "head"]), "lora")
+    with pytest.raises(ValueError, match="drop --ether_head true"):
+        check_tied_head(tied, AdapterConfig(method="oft", nb=4, targets=["head"]), "oft")
+
+
+# ---------------------------------------------------------------------------------------------- directories
+def test_wrong_directories_name_the_flag(tiny_ckpt, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"--io.train_data_dir '.*nonexist' does not exist: pass a directory "
+                                                r"written by a scripts/prepare_\*.py script"):
+        setup_ether(tmp_path / "nonexist", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="--io.train_data_dir '.*empty' has no train.pt"):
+        setup_ether(tmp_path / "empty", tmp_path / "out")
+    # data moved away from its model: the checkpoint dir was inferred from the data's parent, so say that
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(tiny_ckpt / "data", moved)
+    with pytest.raises(FileNotFoundError) as e:
+        setup_ether(moved, tmp_path / "out")
+    assert str(e.value) == (
+        f"No --io.checkpoint_dir was given, so the base model was looked for in {str(moved.parent)!r}, the parent of "
+        f"--io.train_data_dir, which has no lit_model.pth or model_config.yaml: pass --io.checkpoint_dir with the "
+        f"model the data was prepared for (the data's prepare_config.yaml names {str(tiny_ckpt)!r})."
+    )
+    monkeypatch.chdir(tmp_path)  # no data/alpaca here: running with no flags says which one is required
+    with pytest.raises(FileNotFoundError, match="--io.train_data_dir is required: the default 'data/alpaca' does"):
+        setup_ether(IOArgs().train_data_dir, None)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- data vs model
+def test_data_tokenized_for_another_model_is_refused(tiny_ckpt, tmp_path):
+    from lit_gpt.data.prepare import tokenizer_fingerprint
+    from lit_gpt.tokenizer import Tokenizer
+
+    config = yaml.safe_load((tiny_ckpt / "data" / "prepare_config.yaml").read_text())
+    assert config["tokenizer_fingerprint"] == tokenizer_fingerprint(Tokenizer(tiny_ckpt))
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_ckpt / "data", other)
+    config["tokenizer_fingerprint"] = "sha256:0123456789abcdef"
+    config["checkpoint_dir"] = "checkpoints/some/other-model"
+    (other / "prepare_config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError) as e:
+        setup_ether(other, tmp_path / "out", ckpt=tiny_ckpt)
+    msg = str(e.value)
+    assert "'checkpoints/some/other-model' (fingerprint sha256:0123456789abcdef)" in msg
+    assert f"not that of the base model {str(tiny_ckpt)!r}" in msg and "--checkpoint_dir" in msg
+
+    del config["tokenizer_fingerprint"]  # data prepared before the fingerprint existed: the vocab size still tells
+    config["vocab_size"] = 49152
+    (other / "prepare_config.yaml").write_text(yaml.safe_dump(config))
+    ours = Tokenizer(tiny_ckpt).vocab_size
+    with pytest.raises(ValueError, match=rf"\(vocab_size 49152\), not that of the base model .* \(vocab_size {ours}\)"):
+        setup_ether(other, tmp_path / "out", ckpt=tiny_ckpt)
+
+    # no prepare_config at all: a token id past the embedding table is still caught before the forward's IndexError
+    (other / "prepare_config.yaml").unlink()
+    samples = torch.load(other / "train.pt", weights_only=True)
+    samples[5]["input_ids"][3] = 10_000
+    torch.save(samples, other / "train.pt")
+    with pytest.raises(ValueError, match=r"holds token id 10000, but the base model .* has only 448 token embeddings"):
+        setup_ether(other, tmp_path / "out", ckpt=tiny_ckpt)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_test_split_skips_validation(tiny_ckpt, tmp_path, capsys):
+    data = tmp_path / "no-test"
+    shutil.copytree(tiny_ckpt / "data", data)
+    torch.save([], data / "test.pt")
+    out = tmp_path / "run"
+    setup_ether(data, out, ckpt=tiny_ckpt, eval={"interval": 1, "max_new_tokens": 2}, train={"max_steps": 2})
+    assert f"No validation: {str(data / 'test.pt')!r} holds no examples." in capsys.readouterr().out
+    rows = csv_rows(out)
+    assert "val_loss" not in rows[0] and len(rows) == 2  # no "val loss 0.0000 / ppl 1.0" row
+
+
+# ---------------------------------------------------------------------------------------------- NaN / inf
+@pytest.mark.skipif(not hasattr(torch, "float16"), reason="needs float16")
+def test_float16_training_never_writes_non_finite_weights_and_names_the_format(tiny_ckpt, tmp_path):
+    from lit_gpt.training import NonFiniteLossError
+
+    out = tmp_path / "fp16"
+    with pytest.raises(NonFiniteLossError) as e:
+        setup_ether(tiny_ckpt / "data", out, precision="16-true", train={"max_steps": 2, "save_interval": 1})
+    msg = str(e.value)
+    assert "at step 1" in msg and "no good checkpoint exists yet" in msg
+    assert "--precision 16-true" in msg and "train with --precision bf16-true or 16-mixed" in msg
+    assert "Lower --train.learning_rate" not in msg
+    assert not list(out.glob("checkpoints/*.pth")) and not (out / "lit_model_ether_finetuned.pth").exists()
+
+    # one step: the only sign is the validation loss; before, the run exited 0 with a NaN adapter
+    with pytest.raises(NonFiniteLossError, match="The validation loss became nan at step 1"):
+        setup_ether(tiny_ckpt / "data", tmp_path / "fp16b", precision="16-true")
+    assert not (tmp_path / "fp16b" / "lit_model_ether_finetuned.pth").exists()
+
+
+def test_a_non_finite_gradient_norm_is_the_same_one_line_error(tiny_ckpt, tmp_path, monkeypatch):
+    import lightning
+
+    from lit_gpt.training import NonFiniteLossError
+
+    def clip(self, *args, **kwargs):
+        raise RuntimeError("The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot "
+                           "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+                           "set `error_if_nonfinite=False`")
+
+    monkeypatch.setattr(lightning.Fabric, "clip_gradients", clip)
+    with pytest.raises(NonFiniteLossError, match="The gradient norm became non-finite at step 1; no good checkpoint"):
+        setup_ether(tiny_ckpt / "data", tmp_path / "out", train={"max_norm": 1.0})
+
+
+def test_checkpoint_finiteness_check_names_the_tensor():
+    from lit_gpt.training import NonFiniteLossError, check_finite
+
+    check_finite({"a": torch.ones(2)}, "x.pth", 3, None, "32-true")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite \(b\) at step 3, so x.pth was not written; the last "
+                                                 r"good checkpoint is c.pth\. Lower --train.learning_rate"):
+        check_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")])}, "x.pth", 3, Path("c.pth"),
+                     "32-true")
+
+
+# ---------------------------------------------------------------------------------------------- metrics.csv
+def test_metrics_csv_is_on_disk_after_every_row_and_kept_up_to_the_resumed_step(tmp_path):
+    from lit_gpt.training import MetricsCSV
+
+    path = tmp_path / "logs" / "metrics.csv"
+    log = MetricsCSV(path, keep_until_step=0)
+    for step in (1, 2, 3):
+        log.log({"loss": float(step), "lr": 0.1}, step)
+        assert len(list(csv.DictReader(path.open()))) == step  # no buffering: a kill -9 loses nothing logged
+    log.log({"val_loss": 9.0}, 3)  # a new column rewrites the header and keeps the rows
+    rows = list(csv.DictReader(path.open()))
+    assert [r["loss"] for r in rows] == ["1.0", "2.0", "3.0", ""] and rows[3]["val_loss"] == "9.0"
+
+    log = MetricsCSV(path, keep_until_step=2)  # resumed at step 2: steps 3.. are redone
+    assert [r["step"] for r in csv.DictReader(path.open())] == ["1", "2"]
+    log.log({"loss": 33.0, "lr": 0.1}, 3)
+    assert [(r["step"], r["loss"]) for r in csv.DictReader(path.open())][-1] == ("3", "33.0")
+    MetricsCSV(path, keep_until_step=0)  # a fresh run in the same directory starts an empty log
+    assert list(csv.DictReader(path.open())) == []
+
+
+def test_hyperparameters_yaml_keeps_no_stray_objects(monkeypatch):
+    import inspect
+
+    import ether
+
+    from lit_gpt import training
+
+    # ether.setup imports AdapterConfig inside the function: its flags are captured before that line
+    source = inspect.getsource(ether.setup)
+    assert source.index("flags = dict(locals())") < source.index("from lit_gpt.adapters import AdapterConfig")
+    captured = {}
+    monkeypatch.setattr(training, "finetune", lambda **kwargs: captured.update(kwargs["cli_args"]))
+    training.run_entrypoint("ether", None, {
+        "dry_run": False, "io": IOArgs(), "train": TrainArgs(), "eval": EvalArgs(), "precision": None, "devices": 1,
+        "num_nodes": 1, "seed": 1, "resume": False, "AdapterConfig": Config, "json": json})
+    assert "AdapterConfig" not in captured and "json" not in captured and captured["seed"] == 1
