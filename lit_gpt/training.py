@@ -1,9 +1,11 @@
 """The one training loop behind `finetune/ether.py`, `finetune/lora.py` and `finetune/full.py`.
 
 Reads top to bottom: `finetune()` sets up Fabric, the model and the data, then `fit()` runs the optimisation.
-Everything a run needs to continue after a crash (adapter or weights, optimizer, scheduler, step, data position, RNG)
-goes into one atomically written file per checkpoint, so `--resume auto` picks up the newest complete one. The last
-step is checkpointed too, so `--resume auto` on a finished run says it is finished instead of redoing steps.
+Everything a run needs to continue after a crash (adapter or weights, optimizer, step, data position, RNG) goes into
+one atomically written file per checkpoint, so `--resume auto` picks up the newest complete one. The last step is
+checkpointed too, so `--resume auto` on a finished run says it is finished instead of redoing steps. A resumed run
+takes its learning-rate schedule, weight decay and betas from its own flags (`use_optimiser_flags`), AdamW's moments
+from the checkpoint.
 
 Every input is checked before a model loads: the numbers (`TrainArgs.validate`), the data directory, then the base
 checkpoint, then that the data was tokenized for that checkpoint, then that a `--resume` checkpoint belongs to this
@@ -59,12 +61,23 @@ class NonFiniteLossError(RuntimeError):
 def non_finite_advice(precision: str) -> str:
     """What to do about a NaN/inf: in float16 it is nearly always the format, not the learning rate."""
     if precision.startswith("16-true"):
-        # torch's AdamW keeps its state in the parameters' dtype: in float16 its eps (1e-8) and squared gradients
-        # below ~2e-4 round to 0, so a step divides 0 by 0 (NaN) or a small moment by 0 (inf)
-        return ("--precision 16-true keeps the trainable weights and AdamW's state in float16, where AdamW's eps and "
-                "small squared gradients round to 0 and updates overflow: train with --precision bf16-true or "
-                "16-mixed")
+        # the trainable weights and AdamW's state are float32 (`fabric_precision`); what is left in
+        # float16 is the model's activations, whose largest finite value is 65504
+        return ("--precision 16-true computes in float16, whose largest value (65504) activations can exceed: train "
+                "with --precision bf16-true or 16-mixed")
     return "Lower --train.learning_rate or set --train.max_norm"
+
+
+def check_precision(precision: str, adapter_config: Optional[Any]) -> None:
+    """Full fine-tuning cannot keep float16 weights: AdamW's state would be float16 too, where its eps (1e-8) and
+    squared gradients below ~2e-4 round to 0, so a step divides 0 by 0. (An adapter run keeps its few trainable
+    weights in float32 instead: `fabric_precision`.)"""
+    if adapter_config is None and precision.startswith("16-true"):
+        raise ValueError(
+            "--precision 16-true cannot train every weight: AdamW's state would be float16, where its eps and small "
+            "squared gradients round to 0 and the first steps turn the weights into NaN; use --precision bf16-true "
+            "on GPUs with bfloat16, or 16-mixed (float32 weights, float16 compute)."
+        )
 
 
 def _non_finite_error(what: str, step: int, last_good: Optional[Path], precision: str,
@@ -113,6 +126,37 @@ def precision_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
+def fabric_precision(precision: str, adapter_config: Optional[Any]) -> dict:
+    """Fabric's `precision=` or `plugins=` for a run: `16-true` with an adapter keeps the trainable weights in float32
+    (`_float16_keeping_trainable_float32`); everything else is Lightning's own."""
+    if adapter_config is not None and precision.startswith("16-true"):
+        return {"plugins": [_float16_keeping_trainable_float32()()]}
+    return {"precision": precision}
+
+
+def _float16_keeping_trainable_float32():
+    """The plugin class, defined on first use: importing lightning takes seconds."""
+    from lightning.fabric.plugins.precision import HalfPrecision
+
+    class Float16KeepingTrainableFloat32(HalfPrecision):
+        """Lightning's `16-true` (float16 weights, inputs and compute), except that the trainable weights are cast
+        to float32 before FSDP shards them: their gradients and AdamW's state are then float32, where AdamW works
+        (PEFT keeps adapter weights in float32 for the same reason). The adapters cast their weights to the
+        activations' dtype, and the gradients back."""
+
+        def __init__(self) -> None:
+            super().__init__("16-true")
+
+        def convert_module(self, module: nn.Module) -> nn.Module:
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            module = super().convert_module(module)
+            for p in trainable:
+                p.data = p.data.float()
+            return module
+
+    return Float16KeepingTrainableFloat32
+
+
 def check_devices(devices: int) -> None:
     """Fail in one sentence when `--devices` asks for more GPUs than this machine has (Fabric would fail later, in a
     traceback); without a GPU the processes run on the CPU, as many as asked."""
@@ -126,15 +170,20 @@ def check_devices(devices: int) -> None:
         )
 
 
-def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, activation_checkpointing: bool):
-    """A Fabric for one device, or FSDP2 (`fully_shard` per block) through `ModelParallelStrategy` for several."""
+def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, activation_checkpointing: bool, *,
+                 purge_step: Optional[int] = None, adapter_config: Optional[Any] = None):
+    """A Fabric for one device, or FSDP2 (`fully_shard` per block) through `ModelParallelStrategy` for several.
+
+    `purge_step`: the first step this run logs; TensorBoard hides what older event files in `out_dir` hold from that
+    step on (a resumed run redoes those steps, a new run in the same directory starts over). `adapter_config`: the
+    run's adapter, if any (`fabric_precision`)."""
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
 
     # logs/metrics.csv is written by MetricsCSV (flushed per row, kept on --resume), not by Lightning's CSVLogger
     loggers = []
     try:
-        loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard", version="", purge_step=purge_step))
     except ModuleNotFoundError:  # tensorboard is in requirements.txt; a stripped install still trains
         pass
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,8 +196,8 @@ def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, ac
     else:
         strategy = "auto"
     return L.Fabric(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
-        loggers=loggers,
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, loggers=loggers,
+        **fabric_precision(precision, adapter_config),
     )
 
 
@@ -179,6 +228,37 @@ def check_numbers(train: TrainArgs, eval: EvalArgs, devices: int, num_nodes: int
         raise ValueError(f"--num_nodes {num_nodes}: pass the number of machines, 1 or more.")
     train.validate()
     eval.validate()
+    check_nodes(num_nodes)
+
+
+def multi_node_launch_detected() -> bool:
+    """Whether a launcher told this process which node it is: one of Lightning's cluster environments (srun under
+    SLURM, torchrun, LSF's jsrun, MPI; Kubeflow cannot be detected) or NODE_RANK in the environment (a manual launch,
+    or `fabric run --node-rank`)."""
+    from lightning.fabric.plugins.environments import (KubeflowEnvironment, LSFEnvironment, MPIEnvironment,
+                                                       SLURMEnvironment, TorchElasticEnvironment)
+
+    if "NODE_RANK" in os.environ:
+        return True
+    for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment, KubeflowEnvironment):
+        try:
+            if env.detect():
+                return True
+        except NotImplementedError:  # KubeflowEnvironment: "can't be detected automatically"
+            pass
+    return False
+
+
+def check_nodes(num_nodes: int) -> None:
+    """Without a multi-node launcher, Fabric takes this machine for node 0 of `num_nodes` (MASTER_ADDR 127.0.0.1) and
+    waits forever for the others: refuse instead."""
+    if num_nodes > 1 and not multi_node_launch_detected():
+        raise ValueError(
+            f"--num_nodes {num_nodes}: no multi-node launch was detected, so this process would wait forever for the "
+            f"other nodes; every node must start this same command, with srun under SLURM, with torchrun --nnodes "
+            f"{num_nodes} --node_rank R --master_addr ADDR --master_port PORT, or with MASTER_ADDR, MASTER_PORT and "
+            "NODE_RANK set on each node (on one machine, drop --num_nodes and use --devices)."
+        )
 
 
 def normalize_resume(resume: Any) -> Optional[str | Path]:
@@ -324,6 +404,10 @@ def load_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     check_trainable_keys(model, msd, ckpt)
+    # a param-group setting this optimizer lacks (`initial_lr`, which the scheduler adds) would fail torch's loader;
+    # the settings are this run's flags anyway (`use_optimiser_flags`), only the state tensors matter
+    known = set(optimizer.param_groups[0]) if optimizer.param_groups else set()
+    osd = dict(osd, param_groups=[{k: v for k, v in g.items() if k in known} for g in osd.get("param_groups", [])])
     set_state_dict(
         model, optimizer, model_state_dict=msd, optim_state_dict=osd,
         options=StateDictOptions(full_state_dict=True, strict=False),
@@ -435,6 +519,34 @@ def check_resume_matches(saved: Any, ckpt: Path, method: str, adapter_config: Op
         )
 
 
+# what a resumed run takes from its own flags, not from the checkpoint: AdamW's hyperparameters and the schedule (the
+# schedule's length too, `changed_optimiser_flags`); AdamW's moments and the step counter come from the checkpoint
+RESUME_FROM_FLAGS = ("learning_rate", "min_lr", "lr_warmup_steps", "weight_decay", "beta1", "beta2")
+
+
+def changed_optimiser_flags(saved: dict, train: TrainArgs, steps: int, n_samples: int) -> list[str]:
+    """`--train.X old -> new` for each optimiser or schedule setting of this run that differs from the checkpoint's
+    (none for checkpoints written before the settings were recorded in them)."""
+    was = saved.get("train")
+    if not isinstance(was, dict):
+        return []
+    now = asdict(train)
+    changed = [f"--train.{k} {was[k]} -> {now[k]}" for k in RESUME_FROM_FLAGS if k in was and was[k] != now[k]]
+    was_steps = total_steps(TrainArgs(**{k: v for k, v in was.items() if k in now}), n_samples)
+    if was_steps != steps:
+        flag = "--train.max_steps" if was.get("max_steps") and train.max_steps else "the schedule's length in steps"
+        changed.append(f"{flag} {was_steps} -> {steps}")
+    return changed
+
+
+def use_optimiser_flags(optimizer: torch.optim.Optimizer, train: TrainArgs) -> None:
+    """Loading a checkpoint's optimizer state restored its lr, weight decay and betas: put this run's flags back,
+    keeping AdamW's moments and step counts (`initial_lr` is the base rate the scheduler scales)."""
+    for group in optimizer.param_groups:
+        group.update(lr=train.learning_rate, initial_lr=train.learning_rate, weight_decay=train.weight_decay,
+                     betas=(train.beta1, train.beta2))
+
+
 class MetricsCSV:
     """`logs/metrics.csv` in Lightning's CSVLogger layout (a row per log call, sorted columns, a `step` column), but
     every row is on disk when `log` returns (a killed run keeps its curves) and a resumed run keeps the rows up to
@@ -505,7 +617,9 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
                 )
             model = Config.from_checkpoint(ckpt)
             check_tied_head(model, adapter_config, method)
-        print(plan_report(model, adapter_config, args["precision"] or default_precision()))
+        precision = args["precision"] or default_precision()
+        check_precision(precision, adapter_config)
+        print(plan_report(model, adapter_config, precision))
         return None
     # the flags only: never a class or module a script happened to have in scope
     cli_args = {k: v for k, v in args.items() if k not in ("io", "train", "eval", "adapter", "targets", "extra")
@@ -570,12 +684,13 @@ def finetune(
         with torch.device("meta"):
             apply_adapters(GPT(config), adapter_config)
     precision = precision or default_precision()
+    check_precision(precision, adapter_config)
     out_dir = Path(io.out_dir)
     steps = total_steps(train, len(train_data))
 
     # --resume: the checkpoint must be this run's (method, adapter, data order) before anything is written
     ckpt = resolve_resume(resume, out_dir)
-    saved = None
+    saved, changed = None, []
     if ckpt is not None:
         saved = load_file(ckpt, mmap=False)
         check_resume_matches(saved, ckpt, method, adapter_config)
@@ -589,10 +704,13 @@ def finetune(
         if saved["step"] > steps:
             raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
                              "run: raise --train.max_steps, or resume from an earlier checkpoint.")
-    if precision.startswith("16-true"):
-        print(f"warning: {non_finite_advice(precision)}.", file=sys.stderr)
+        changed = changed_optimiser_flags(saved, train, steps, len(train_data))
+    start_step = saved["step"] if saved is not None else 0
 
-    fabric = build_fabric(devices, num_nodes, precision, out_dir, train.activation_checkpointing)
+    # steps are logged as 1, 2, ...: a run resumed at step N logs N + 1 first, and TensorBoard drops what the old
+    # event files hold from there on (metrics.csv keeps the same rows: `MetricsCSV`)
+    fabric = build_fabric(devices, num_nodes, precision, out_dir, train.activation_checkpointing,
+                          purge_step=start_step + 1, adapter_config=adapter_config)
     fabric.launch()
     fabric.seed_everything(seed)
 
@@ -603,6 +721,9 @@ def finetune(
     if adapter_config is not None:
         apply_adapters(model, adapter_config)
     model.activation_checkpointing = train.activation_checkpointing
+    if "plugins" in fabric_precision(precision, adapter_config):
+        fabric.print("--precision 16-true: the adapter's weights, gradients and AdamW state are float32 (float16 ones "
+                     "round AdamW's steps to NaN); the frozen model and the activations are float16.")
     fabric.print(
         f"trainable parameters: {num_parameters(model, requires_grad=True):,}  "
         f"frozen: {num_parameters(model, requires_grad=False):,}"
@@ -614,25 +735,33 @@ def finetune(
         trainable, lr=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
     )
     optimizer = fabric.setup_optimizers(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(train.lr_warmup_steps, steps, train.min_lr / train.learning_rate)
-    )
 
     state = {"step": 0, "data": None, "last_good": None, "checkpoint_last": adapter_config is not None}
     if saved is not None:
+        # AdamW's moments and step counts from the checkpoint; its lr, weight decay and betas from the flags
         load_trainable_state(model.module, optimizer.optimizer, saved["model"], saved["optimizer"], ckpt)
-        scheduler.load_state_dict(saved["scheduler"])
+        use_optimiser_flags(optimizer.optimizer, train)
         state["step"] = saved["step"]
         state["data"] = saved["data"]
         state["last_good"] = ckpt
         set_rng_state(saved["rng"])
         fabric.print(f"Resumed from {ckpt} at step {state['step']}.")
+        if changed:
+            fabric.print(f"Resumed with other optimiser settings than the checkpoint's (old -> new): "
+                         f"{', '.join(changed)}; steps {state['step'] + 1} on use the new ones.")
+    # the schedule of this run's flags, at the resumed step (`last_epoch` is the step before, which the scheduler's
+    # first `step()` moves on): not the checkpoint's scheduler state, which holds the old base rate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(train.lr_warmup_steps, steps, train.min_lr / train.learning_rate),
+        last_epoch=state["step"] - 1,
+    )
 
     # only now, with every check passed, does the run directory change
     hparams = dict(cli_args, method=method, precision=precision,
                    adapter_config=adapter_config.to_dict() if adapter_config is not None else None,
                    io={k: str(v) if v is not None else None for k, v in asdict(io).items()},
-                   base_checkpoint_dir=str(Path(io.checkpoint_dir).resolve()))
+                   base_checkpoint_dir=str(Path(io.checkpoint_dir).resolve()),
+                   started_in=str(Path.cwd()))  # what the relative `io` paths are relative to (`--config` of it)
     if prepared is not None:  # the prompt format the model learns: merge, chat and eval prompt with it
         hparams["prompt_style"] = {"prompt_style": prepared.get("prompt_style", "alpaca"),
                                    "system_prompt": prepared.get("system_prompt")}
@@ -653,7 +782,7 @@ def finetune(
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
         if fabric.global_rank == 0:
             atomic_save({"model": msd, "optimizer": osd, "scheduler": scheduler.state_dict(), "step": step,
-                         "data": data_state, "rng": rng_state(), "method": method,
+                         "data": data_state, "rng": rng_state(), "method": method, "train": asdict(train),
                          "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path)
         fabric.barrier()
         state["last_good"] = path

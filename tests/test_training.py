@@ -199,6 +199,21 @@ def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
     assert any(not torch.allclose(v, torch.zeros_like(v)) for v in b.values())
 
 
+def test_two_fsdp_processes_train_a_float16_model_with_float32_adapters(tiny_ckpt, tmp_path):
+    """16-true under FSDP2: the float32 adapter and the float16 frozen weights share each block's shard."""
+    flags = ["--Htype", "etherplus", "--ether_nb", "4", "--train.learning_rate", "1e-2", "--precision", "16-true"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cpu = dict(CUDA_VISIBLE_DEVICES="")
+    for out, devices in ((one, "1"), (two, "2")):
+        r = run_cli("ether.py", *common_flags(tiny_ckpt, out, 3, **{"--devices": devices}), *flags, **cpu)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = final_tensors(one), final_tensors(two)
+    assert set(a) == set(b) and {v.dtype for v in b.values()} == {torch.float32}
+    for k in a:  # float16 activations: each process rounds its own micro-batches' partial sums
+        torch.testing.assert_close(b[k], a[k], atol=2e-3, rtol=0, msg=k)
+    assert any(not torch.allclose(v, torch.zeros_like(v)) for v in b.values())
+
+
 def test_clear_errors_before_any_work(tiny_ckpt, tmp_path):
     r = run_cli("ether.py", "--io.train_data_dir", str(tmp_path / "nowhere" / "data"))
     assert r.returncode != 0

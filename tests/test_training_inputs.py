@@ -6,6 +6,7 @@ The tiny model, tokenizer and prepared data are `tests/test_training.py`'s `tiny
 
 import csv
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -254,23 +255,74 @@ def test_an_empty_test_split_skips_validation(tiny_ckpt, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- NaN / inf
-@pytest.mark.skipif(not hasattr(torch, "float16"), reason="needs float16")
-def test_float16_training_never_writes_non_finite_weights_and_names_the_format(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("extra", [dict(Htype="ether"), dict(Htype="oft")], ids=["ether", "oft"])
+def test_float16_adapter_training_keeps_the_trainable_weights_in_float32(tiny_ckpt, tmp_path, capsys, extra):
+    """16-true: float16 weights gave AdamW float16 state (eps and small squared gradients round to 0): the adapter
+    was NaN after the first step. The adapter's weights, gradients and AdamW state are now float32, the frozen model
+    float16."""
+    from lit_gpt.training import _float16_keeping_trainable_float32
+
+    seen = {}
+    real = _float16_keeping_trainable_float32()
+
+    class Spy(real):
+        def convert_module(self, module):
+            module = super().convert_module(module)
+            seen.update({n: p.dtype for n, p in module.named_parameters()})
+            return module
+
+    import lit_gpt.training as training
+
+    orig = training._float16_keeping_trainable_float32
+    training._float16_keeping_trainable_float32 = lambda: Spy
+    try:
+        out = tmp_path / "fp16"
+        setup_ether(tiny_ckpt / "data", out, precision="16-true", eval={"interval": 2},
+                    train={"max_steps": 4, "save_interval": 2, "learning_rate": 1e-3}, **extra)
+    finally:
+        training._float16_keeping_trainable_float32 = orig
+    assert "the adapter's weights, gradients and AdamW state are float32" in capsys.readouterr().out
+    trainable = {n for n in seen if n.rsplit(".", 1)[-1] in ("u", "v", "R", "R_upper")}
+    assert trainable and {seen[n] for n in trainable} == {torch.float32}
+    assert {seen[n] for n in seen if n not in trainable} == {torch.float16}
+    weights = load_file(out / "lit_model_ether_finetuned.pth")["state_dict"]
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    ckpt = load_file(out / "checkpoints" / "step-000004.pth", mmap=False)
+    moments = [s["exp_avg_sq"] for s in ckpt["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 and torch.isfinite(m).all() for m in moments)
+    losses = [float(r["loss"]) for r in csv_rows(out) if r.get("loss")]
+    assert len(losses) == 4 and all(map(math.isfinite, losses))
+
+
+def test_float16_lora_trains_with_float32_factors(tiny_ckpt, tmp_path):
+    import lora
+
+    out = tmp_path / "lora16"
+    lora.setup(io=IOArgs(train_data_dir=tiny_ckpt / "data", out_dir=out), lora_r=4, precision="16-true",
+               train=TrainArgs(learning_rate=1e-2, max_steps=3, global_batch_size=1, micro_batch_size=1,
+                               lr_warmup_steps=1), eval=EvalArgs(interval=0, max_iters=1, max_new_tokens=0))
+    Bs = [v for k, v in load_file(out / "lit_model_lora_finetuned.pth")["state_dict"].items() if k.endswith(".B")]
+    assert Bs and all(b.dtype == torch.float32 and torch.isfinite(b).all() for b in Bs)
+    assert any(b.abs().sum() > 0 for b in Bs)  # B starts at 0: it moved, so the factors' gradients arrived
+
+
+def test_float16_full_fine_tuning_is_refused_before_anything_is_written(tiny_ckpt, tmp_path):
+    out = tmp_path / "full16"
+    r = run_cli("full.py", *common_flags(tiny_ckpt, out, 2, **{"--precision": "16-true"}))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --precision 16-true cannot train every weight")
+    assert "16-mixed" in r.stderr and not out.exists()
+
+
+def test_a_non_finite_validation_loss_stops_the_run(tiny_ckpt, tmp_path, monkeypatch):
+    import lit_gpt.training as training
     from lit_gpt.training import NonFiniteLossError
 
-    out = tmp_path / "fp16"
-    with pytest.raises(NonFiniteLossError) as e:
-        setup_ether(tiny_ckpt / "data", out, precision="16-true", train={"max_steps": 2, "save_interval": 1})
-    msg = str(e.value)
-    assert "at step 1" in msg and "no good checkpoint exists yet" in msg
-    assert "--precision 16-true" in msg and "train with --precision bf16-true or 16-mixed" in msg
-    assert "Lower --train.learning_rate" not in msg
-    assert not list(out.glob("checkpoints/*.pth")) and not (out / "lit_model_ether_finetuned.pth").exists()
-
+    monkeypatch.setattr(training, "validate", lambda *a, **k: float("nan"))
     # one step: the only sign is the validation loss; before, the run exited 0 with a NaN adapter
     with pytest.raises(NonFiniteLossError, match="The validation loss became nan at step 1"):
-        setup_ether(tiny_ckpt / "data", tmp_path / "fp16b", precision="16-true")
-    assert not (tmp_path / "fp16b" / "lit_model_ether_finetuned.pth").exists()
+        setup_ether(tiny_ckpt / "data", tmp_path / "nan")
+    assert not (tmp_path / "nan" / "lit_model_ether_finetuned.pth").exists()
 
 
 def test_a_non_finite_gradient_norm_is_the_same_one_line_error(tiny_ckpt, tmp_path, monkeypatch):

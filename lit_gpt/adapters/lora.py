@@ -37,7 +37,7 @@ class LoRAAdapter(SliceAdapter):
 
     def factors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[C, P]` with `C Pᵀ = (alpha / r) B A x` for `AdaptedLinear`'s in-place slice update."""
-        return [F.linear(x, self.A), self.B * self.scaling]
+        return [F.linear(x, self.A.to(x.dtype)), (self.B * self.scaling).to(x.dtype)]
 
     @staticmethod
     def linear_slices(
@@ -45,18 +45,19 @@ class LoRAAdapter(SliceAdapter):
     ) -> Optional[torch.Tensor]:
         """`W x + b` plus `(alpha/r) B_s A_s x` on the rows `(lo, hi)` of every `(lo, hi, adapter)` of `parts`, as one
         autograd node (`_LoRALinear`) where `W`, `b` are frozen and every tensor has `x`'s dtype outside autocast;
-        None elsewhere (the caller then adds each slice's product on its own)."""
+        None elsewhere (the caller then adds each slice's product on its own). Float32 factors (kept so under
+        `--precision 16-true`) enter in `x`'s dtype, their gradients leave in float32."""
         ads = [ad for *_, ad in parts]
         if (
             W.requires_grad
             or (bias is not None and bias.requires_grad)
             or torch.is_autocast_enabled(x.device.type)
-            or any(t.dtype != x.dtype for t in [W] + [p for ad in ads for p in (ad.A, ad.B)])
+            or W.dtype != x.dtype
         ):
             return None
         spans = tuple((lo, hi) for lo, hi, _ in parts)
         return _LoRALinear.apply(x, W, bias, spans, tuple(ad.scaling for ad in ads),
-                                 *[p for ad in ads for p in (ad.A, ad.B)])
+                                 *[p.to(x.dtype) for ad in ads for p in (ad.A, ad.B)])
 
     def delta_weight(self) -> torch.Tensor:
         dtype = compute_dtype(self.A)

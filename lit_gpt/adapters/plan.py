@@ -51,9 +51,11 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     trainable = num_parameters(gpt, requires_grad=True)
     frozen = num_parameters(gpt, requires_grad=False)
     nbytes, meaning = PRECISION_BYTES[precision]
-    weights = (trainable + frozen) * nbytes
-    grads = trainable * nbytes
-    adam = 2 * trainable * nbytes
+    # 16-true keeps an adapter's weights (so their gradients and AdamW's state) in float32: lit_gpt.training
+    trainable_bytes = 4 if precision == "16-true" and config is not None else nbytes
+    weights = frozen * nbytes + trainable * trainable_bytes
+    grads = trainable * trainable_bytes
+    adam = 2 * trainable * trainable_bytes
     method = "full fine-tuning" if config is None else config.describe()
     lines = [
         f"model: {model_config.name} ({model_config.n_layer} layers, width {model_config.n_embd})",
@@ -64,7 +66,8 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     lines += [
         f"trainable parameters: {trainable:,}",
         f"frozen parameters: {frozen:,}",
-        f"precision: {precision} ({meaning}, {nbytes} bytes per parameter)",
+        f"precision: {precision} ({meaning}, {nbytes} bytes per parameter"
+        + (f"; the trainable ones float32, {trainable_bytes} bytes)" if trainable_bytes != nbytes else ")"),
         f"weights: {format_bytes(weights)}",
         f"gradients: {format_bytes(grads)}",
         f"AdamW state: {format_bytes(adam)} (2 tensors per trainable parameter)",

@@ -1,0 +1,171 @@
+"""What a resumed (or launched) run does with the flags it is given now: new optimiser and schedule flags are used,
+not silently replaced by the checkpoint's; TensorBoard shows each redone step once; `--num_nodes 2` without a
+multi-node launcher is refused instead of waiting forever.
+
+The tiny model, tokenizer and prepared data are `tests/test_training.py`'s `tiny_ckpt` fixture."""
+
+import csv
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from lit_gpt.utils import load_file
+from test_training import tiny_ckpt  # noqa: F401 (tiny_ckpt is a fixture)
+from test_training_inputs import setup_ether
+
+# 4 steps of ETHER, a checkpoint every 2 steps, validation at the end only
+FIRST = dict(learning_rate=1e-2, max_steps=4, save_interval=2, lr_warmup_steps=1)
+
+
+def csv_rows(out_dir: Path) -> list[dict]:
+    with open(out_dir / "logs" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "first"
+    setup_ether(tiny_ckpt / "data", out, ckpt=tiny_ckpt, train=FIRST)
+    assert (out / "checkpoints" / "step-000002.pth").is_file()
+    return out
+
+
+def copy_of(run: Path, dest: Path) -> Path:
+    """A copy of a run, once the clock has moved past the second its event files were written in: TensorBoard reads
+    a directory's event files in name order, and the names start with the time in whole seconds."""
+    shutil.copytree(run, dest)
+    newest = max(int(p.name.split(".")[3]) for p in (dest / "tensorboard").glob("events.out.tfevents.*"))
+    time.sleep(max(0.0, newest + 1 - time.time()))
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- optimiser flags
+def test_resume_uses_the_optimiser_and_schedule_flags_given_now_and_says_what_changed(first_run, tiny_ckpt, tmp_path,
+                                                                                      capsys):
+    from lit_gpt.training import lr_lambda
+
+    run = copy_of(first_run, tmp_path / "run")
+    step2 = run / "checkpoints" / "step-000002.pth"
+    assert load_file(step2, mmap=False)["train"]["learning_rate"] == 1e-2  # the flags are in the checkpoint
+    capsys.readouterr()
+    new = dict(FIRST, learning_rate=5e-3, max_steps=6, weight_decay=0.1, beta2=0.99)
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=new, resume=str(step2))
+    out = capsys.readouterr().out
+    assert (f"Resumed with other optimiser settings than the checkpoint's (old -> new): --train.learning_rate 0.01 "
+            f"-> 0.005, --train.weight_decay 0.0 -> 0.1, --train.beta2 0.999 -> 0.99, --train.max_steps 4 -> 6; "
+            f"steps 3 on use the new ones.") in out
+
+    rows = {int(r["step"]): float(r["lr"]) for r in csv_rows(run) if r["loss"]}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    old, now = lr_lambda(1, 4, 0.0), lr_lambda(1, 6, 0.0)
+    for step in (1, 2):  # kept from the first run
+        assert rows[step] == pytest.approx(1e-2 * old(step - 1))
+    for step in (3, 4, 5, 6):  # the schedule of the new flags, evaluated at the resumed step
+        assert rows[step] == pytest.approx(5e-3 * now(step - 1))
+
+    last = load_file(run / "checkpoints" / "step-000006.pth", mmap=False)
+    group = last["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == 5e-3 and group["lr"] == pytest.approx(5e-3 * now(6))
+    assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.9, 0.99)
+    # AdamW's state came from the checkpoint: its step count goes on from 2, not from 0
+    assert {float(s["step"]) for s in last["optimizer"]["state"].values()} == {6.0}
+    assert last["train"]["learning_rate"] == 5e-3
+
+
+def test_resume_with_the_same_flags_prints_no_change_and_older_checkpoints_use_the_flags(first_run, tiny_ckpt,
+                                                                                         tmp_path, capsys):
+    import torch
+
+    run = copy_of(first_run, tmp_path / "run")
+    step2 = run / "checkpoints" / "step-000002.pth"
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=FIRST, resume=str(step2))
+    assert "other optimiser settings" not in capsys.readouterr().out
+
+    # a checkpoint written before the flags were recorded: no line, but the flags given now still rule
+    saved = load_file(step2, mmap=False)
+    del saved["train"]
+    torch.save(saved, step2)
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=dict(FIRST, learning_rate=2e-3), resume=str(step2))
+    assert "other optimiser settings" not in capsys.readouterr().out
+    from lit_gpt.training import lr_lambda
+
+    rows = {int(r["step"]): float(r["lr"]) for r in csv_rows(run) if r["loss"]}
+    assert rows[3] == pytest.approx(2e-3 * lr_lambda(1, 4, 0.0)(2))
+
+
+# ---------------------------------------------------------------------------------------------- TensorBoard
+def tensorboard_steps(run: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_shows_each_redone_step_once(first_run, tiny_ckpt, tmp_path):
+    run = copy_of(first_run, tmp_path / "run")
+    assert tensorboard_steps(run, "loss") == [1, 2, 3, 4] and tensorboard_steps(run, "val_loss") == [4]
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=FIRST, resume=str(run / "checkpoints" /
+                                                                                  "step-000002.pth"))
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    # steps 1-2 from the first file, 3-4 (redone) from the second; not 1, 2, 3, 4, 3, 4
+    assert tensorboard_steps(run, "loss") == [1, 2, 3, 4]
+    assert tensorboard_steps(run, "val_loss") == [4]
+    assert [int(r["step"]) for r in csv_rows(run) if r["loss"]] == [1, 2, 3, 4]  # the same rows as metrics.csv
+
+
+# ---------------------------------------------------------------------------------------------- --num_nodes
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """A single machine: no cluster environment detects, no NODE_RANK."""
+    from lightning.fabric.plugins import environments as envs
+
+    for name in ("SLURMEnvironment", "TorchElasticEnvironment", "LSFEnvironment", "KubeflowEnvironment",
+                 "MPIEnvironment"):
+        monkeypatch.setattr(getattr(envs, name), "detect", staticmethod(lambda: False))
+    for var in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_num_nodes_without_a_multi_node_launcher_is_refused_before_anything_loads(no_cluster, tiny_ckpt, tmp_path):
+    from lit_gpt import training
+
+    def no_launch(*args, **kwargs):  # (a 2-node launch on one machine would hang the test, not fail it)
+        raise AssertionError("nothing may launch or load when the run cannot start")
+
+    no_cluster.setattr(training, "build_fabric", no_launch)
+    no_cluster.setattr(training, "load_model_weights", no_launch)
+    with pytest.raises(ValueError) as e:
+        setup_ether(tiny_ckpt / "data", tmp_path / "out", ckpt=tiny_ckpt, num_nodes=2, train={"global_batch_size": 2})
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith("--num_nodes 2: no multi-node launch was detected")
+    assert "every node must start this same command" in msg and "srun" in msg and "torchrun" in msg
+    assert "MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node" in msg
+    assert not (tmp_path / "out").exists()
+    training.check_nodes(1)  # one machine needs no launcher
+
+
+def test_num_nodes_passes_with_node_rank_or_a_cluster_environment(no_cluster):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from lit_gpt.training import check_nodes
+
+    with pytest.raises(ValueError, match="--num_nodes 2"):
+        check_nodes(2)
+    no_cluster.setenv("MASTER_ADDR", "10.0.0.1")
+    no_cluster.setenv("MASTER_PORT", "29500")
+    with pytest.raises(ValueError, match="--num_nodes 2"):  # without NODE_RANK every node would think it is node 0
+        check_nodes(2)
+    no_cluster.setenv("NODE_RANK", "1")  # `fabric run --node-rank 1 ...` or a manual launch
+    check_nodes(2)
+    no_cluster.delenv("NODE_RANK")
+    no_cluster.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))  # under srun
+    check_nodes(2)
+
+
+def test_dry_run_with_num_nodes_still_plans(no_cluster, tiny_ckpt, capsys):
+    setup_ether(tiny_ckpt / "data", None, dry_run=True, num_nodes=2)
+    assert "model: tiny-llama" in capsys.readouterr().out
