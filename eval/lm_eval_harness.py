@@ -1,6 +1,7 @@
 """Evaluate a lit checkpoint (merged, or base + adapter) on lm-evaluation-harness tasks."""
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -142,20 +143,28 @@ def _load_tasks(task_manager, names: list[str], switched_off: Sequence[str] = ()
             raise
         error = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
         tasks = ", ".join(names)
-        fix = "run where the Hugging Face Hub is reachable"
+        # datasets names the Hub dataset it could not find: "Couldn't reach 'allenai/ai2_arc' on the Hub (...)"
+        reached = re.search(r"Couldn't reach '([^']+)'", str(e))
+        dataset = f"the dataset {reached[1]!r}" if reached else "the task data"
+        fix = "run where the Hugging Face Hub is reachable (or download the dataset there into the cache)"
+        retries = ""
         if switched_off and "OfflineModeIsEnabled" in str(e):
             settings = " and ".join(f"{k}={os.environ.get(k)}" for k in switched_off)
-            message = (f"lm-eval's built-in tasks download it from the Hugging Face Hub, which {settings} turns off, "
-                       "and it is not in the Hugging Face datasets cache")
+            message = (f"{dataset} is not in the Hugging Face datasets cache, and {settings} turns off the Hugging "
+                       "Face Hub that lm-eval's built-in tasks download it from")
             fix = f"unset {' and '.join(switched_off)} where the Hub is reachable"
         elif unreachable:
-            message = (f"lm-eval's built-in tasks download it from the Hugging Face Hub, which is not reachable from "
-                       f"here ({error})")
+            # huggingface_hub retries an unreachable Hub for ~23 s before this error; the offline switch skips that
+            message = (f"{dataset} is not in the Hugging Face datasets cache, and the Hugging Face Hub that lm-eval's "
+                       f"built-in tasks download it from is not reachable from here, so this machine looks offline "
+                       f"({error})")
+            retries = ("; without network, set HF_HUB_OFFLINE=1 to get this error at once instead of after "
+                       "huggingface_hub's retries")
         else:
             message = error
         raise TaskDataError(
             f"Could not load the data of task(s) {tasks}: {message}; {fix}, or pass local task YAMLs with "
-            "--include_path."
+            f"--include_path{retries}."
         ) from None
 
 

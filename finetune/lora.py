@@ -70,4 +70,4 @@ if __name__ == "__main__":
     from lit_gpt.cli import run_cli
     from lit_gpt.training import NonFiniteLossError
 
-    run_cli(setup, errors=(NonFiniteLossError,))
+    run_cli(setup, errors=(NonFiniteLossError,), finetune_script="finetune/lora.py")

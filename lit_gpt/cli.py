@@ -2,32 +2,65 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
+import re
 import sys
-from typing import Any, Callable
-
+import typing
+from collections import abc
+from pathlib import Path, PurePath
+from types import SimpleNamespace
+from typing import Any, Callable, Literal, Optional, Sequence, Union, get_args, get_origin
 
 # OSErrors that a path the user gave causes (an output folder that is a file, no permission to write, ...): their
 # own message (`[Errno 17] File exists: 'out'`) names the path
 USER_OS_ERRORS = (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# jsonargparse's exit status for a bad flag (argparse's)
+USAGE_ERROR_CODE = 2
+# what a finetune run writes into its hyperparameters.yaml besides its flags (lit_gpt/training.py::finetune); only
+# `method` marks the file as a run's, every other key that is not a flag of the script is dropped too
+RUN_METHOD_KEY = "method"
+RUN_CONFIG_HELP = ("Path to a YAML file of flags (config_hub/finetune/*/*.yaml), or a run's hyperparameters.yaml to "
+                   "repeat or vary that run; flags after --config override its values.")
+# `--resume` values that are not paths (lit_gpt/training.py::normalize_resume)
+_RESUME_WORDS = ("", "auto", "true", "false", "yes", "no", "1", "0", "none")
 
 
-def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()) -> Any:
+class RunConfigError(ValueError):
+    """A run's hyperparameters.yaml given as `--config` to a script that did not write it."""
+
+
+def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = (), finetune_script: Optional[str] = None,
+            args: Optional[list[str]] = None) -> Any:
     """`jsonargparse.CLI(fn)`, printing a user error (a missing file, a bad value, a path that is a file where a
-    folder is needed or not writable, or one of `errors`) as `error: …` and exiting 1.
+    folder is needed or not writable, or one of `errors`) as `error: …` and exiting 1, and a flag jsonargparse cannot
+    parse as one line `error: --flag: expected …, got '…' (see --help)`, exiting 2.
 
-    Set `LIT_GPT_DEBUG=1` to see the traceback instead.
+    `finetune_script` (`finetune/ether.py`, ...): `fn` is that script's, and `--config` also takes the
+    `hyperparameters.yaml` of a run it made (see `run_config_args`).
+
+    Set `LIT_GPT_DEBUG=1` to see the traceback (and jsonargparse's full message) instead.
     """
     from jsonargparse import CLI, set_docstring_parse_options
 
     # the dataclasses' attribute docstrings (lit_gpt/args.py) become the help of --io.*, --train.*, --eval.*
     set_docstring_parse_options(attribute_docstrings=True)
     _whole_description(fn)
+    args = list(sys.argv[1:] if args is None else args)
+    debug = os.environ.get("LIT_GPT_DEBUG") == "1"
     try:
-        return CLI(fn, as_positional=False)
+        if finetune_script is not None:
+            args = run_config_args(args, fn, finetune_script)
+        extra = {"config_help": RUN_CONFIG_HELP} if finetune_script is not None else {}
+        return CLI(fn, args=args, as_positional=False, parser_class=_one_line_parser(fn, args), **extra)
+    except RunConfigError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR_CODE)
     except (FileNotFoundError, ValueError, *USER_OS_ERRORS, *errors) as e:
-        if os.environ.get("LIT_GPT_DEBUG") == "1":
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
@@ -40,3 +73,227 @@ def _whole_description(fn: Callable[..., Any]) -> None:
         return
     description, args_title, args = inspect.cleandoc(fn.__doc__).partition("\n\nArgs:")
     fn.__doc__ = " ".join(description.split()) + args_title + args
+
+
+# ---------------------------------------------------------------------------------------------- one-line errors
+def _one_line_parser(fn: Callable[..., Any], args: list[str]) -> type:
+    """An `ArgumentParser` (jsonargparse's `parser_class` hook) whose parse errors are one line: the flag, what it
+    takes (from `fn`'s type hints) and what was given; not the usage block and union dumps jsonargparse prints."""
+    from jsonargparse import ArgumentParser
+
+    class OneLineErrorParser(ArgumentParser):
+        def error(self, message: str, ex: Optional[Exception] = None) -> typing.NoReturn:
+            # nested parsers (exit_on_error=False) raise for their parent to report; debug shows everything
+            if (not self.exit_on_error or os.environ.get("LIT_GPT_DEBUG") == "1"
+                    or os.environ.get("JSONARGPARSE_DEBUG")):
+                super().error(message, ex)
+            sys.stderr.write(f"error: {one_line_error(message, fn, args)}\n")
+            self.exit(USAGE_ERROR_CODE)
+
+    return OneLineErrorParser
+
+
+def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = ()) -> str:
+    """jsonargparse's (possibly multi-line) parse error as one sentence naming the flag, what it expects (from
+    `fn`'s type hints) and the value given (as typed on the command line, else as jsonargparse reports it)."""
+    required = re.match(r"the following arguments are required: (.*)", message)
+    if required is not None:  # as_positional=False: each is a flag
+        names = [n if n.startswith("-") else f"--{n}" for n in required[1].split(", ")]
+        return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} required (see --help)"
+    # the innermost key: `--train '{"learning_rate": "abc"}'` fails as "train" and, inside, "train.learning_rate"
+    m = None
+    for m in re.finditer(r'Parser key "(?P<key>[^"]+)":\s*', message):
+        pass
+    if m is None:  # argparse's own: "unrecognized arguments: --x 1", "argument --resume: expected one argument"
+        return f"{' '.join(message.split())} (see --help)"
+    key, rest = m["key"], message[m.end():]
+    flag = f"--{key}"
+    given = _given_value(args, flag)
+    if given is None:
+        found = (re.findall(r"(?:Got|Given) value: (.*)", rest) or re.findall(r"Unable to load config '(.*)'", rest))
+        given = found[-1].strip() if found else None
+    tp = _flag_type(fn, key)
+    if tp is not None and given is not None:
+        return f"{flag}: expected {_describe(tp, key)}, got {given!r} (see --help)"
+    expected = re.search(r"Expected a (.*?)\. Got value: (.*)", rest)
+    if expected is not None:
+        return f"{flag}: expected {_plain_type_name(expected[1])}, got {expected[2].strip()!r} (see --help)"
+    first = next((line.strip() for line in rest.splitlines() if line.strip()), "invalid value")
+    got = f" (got {given!r})" if given is not None and given not in first else ""
+    return f"{flag}: {first}{got} (see --help)"
+
+
+def _given_value(args: Sequence[str], flag: str) -> Optional[str]:
+    """The last value given to `flag` on the command line (`--flag VALUE` or `--flag=VALUE`)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def _flag_type(fn: Callable[..., Any], key: str) -> Any:
+    """The type hint of `--key` (`train.learning_rate`: the `learning_rate` field of `fn`'s `train` dataclass)."""
+    owner: Any = fn
+    tp = None
+    for part in key.split("."):
+        if owner is None:  # a nested key under a flag that is not a dataclass
+            return None
+        try:
+            hints = typing.get_type_hints(owner)
+        except Exception:  # an annotation that does not evaluate: describe nothing rather than fail the error
+            return None
+        if part not in hints:
+            return None
+        tp = hints[part]
+        owner = next((t for t in (tp, *get_args(tp)) if dataclasses.is_dataclass(t)), None)
+    return tp
+
+
+def _describe(tp: Any, key: str) -> str:
+    """A type hint in words: `an integer`, `a number`, `true or false`, `ether, oft or lora`, `a path`, ..."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union or type(tp).__name__ == "UnionType":
+        parts = [a for a in args if a is not type(None)]
+        return " or ".join(dict.fromkeys(_describe(a, key) for a in parts)) if parts else "null"
+    if origin is Literal:
+        words = [str(a) for a in args]
+        return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if inspect.isclass(tp) and issubclass(tp, PurePath):
+        return "a path"
+    if dataclasses.is_dataclass(tp):
+        return f"a YAML/JSON mapping of --{key}.* values (or a file of them)"
+    if tp is dict or origin in (dict, abc.Mapping, abc.MutableMapping):
+        return "a JSON/YAML mapping such as '{\"key\": \"value\"}'"
+    if tp is list or origin in (list, tuple, set, frozenset, abc.Sequence, abc.Iterable, abc.Collection):
+        inner = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(args[0] if args else None)
+        return f"a list of {inner} such as [a, b]" if inner else "a list such as [a, b]"
+    return _plain_type_name(str(tp))
+
+
+def _plain_type_name(text: str) -> str:
+    """`<class 'int'>` -> `int`, `typing.Literal['a', 'b']` -> `Literal['a', 'b']`."""
+    return re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text).replace("typing.", "")
+
+
+# ---------------------------------------------------------------------------------------------- --config <run>
+def script_of_method(method: str) -> str:
+    """The finetune script whose runs record `method` in their hyperparameters.yaml."""
+    return {"lora": "finetune/lora.py", "full": "finetune/full.py"}.get(method, "finetune/ether.py")
+
+
+def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> list[str]:
+    """`args` with each `--config PATH` that names a run's `hyperparameters.yaml` replaced by `--config YAML`, the
+    file's flags only, so the run can be repeated or varied (flags after `--config` still override its values).
+
+    A run's file records, besides the flags, what the run derived from them (`method`, `adapter_config`,
+    `base_checkpoint_dir`, `prompt_style`, `started_in`, the resolved `io` paths): those are dropped, and `io` paths
+    equal to the defaults they were derived from are left to the flags to derive again (so `--train.learning_rate`
+    changes the default run directory too). The `io` paths were relative to the directory the run was started in
+    (`started_in`): when that is not the current one, they are made absolute. A file written by another script (a LoRA run's, given to
+    finetune/ether.py) raises `RunConfigError`. Any other `--config` (config_hub/'s YAMLs) is left as it is.
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            index, path, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            index, path, prefix = i, arg[len("--config="):], "--config="
+        else:
+            continue
+        hparams = _read_run_hparams(path, fn)
+        if hparams is not None:
+            import yaml
+
+            out[index] = prefix + yaml.safe_dump(run_flags(hparams, fn, script, path), sort_keys=False)
+    return out
+
+
+def _read_run_hparams(path: str, fn: Callable[..., Any]) -> Optional[dict]:
+    """The contents of `path` when it is a run's hyperparameters.yaml (a mapping with a `method` key that is not a
+    flag of `fn`), else None (jsonargparse reads it, and reports what is wrong with it)."""
+    import yaml
+
+    try:
+        if not Path(path).is_file():
+            return None
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if isinstance(data, dict) and RUN_METHOD_KEY in data and RUN_METHOD_KEY not in inspect.signature(fn).parameters:
+        return data
+    return None
+
+
+def run_flags(hparams: dict, fn: Callable[..., Any], script: str, path: str) -> dict:
+    """The flags of a run's `hyperparameters.yaml` as `fn` (the function of `script`) takes them."""
+    method = hparams[RUN_METHOD_KEY]
+    wrote = script_of_method(str(method))
+    if wrote != script:
+        raise RunConfigError(
+            f"--config {path!r} is the hyperparameters.yaml of a run written by {wrote} (method {method}): pass it "
+            f"to {wrote}, not {script}."
+        )
+    params = inspect.signature(fn).parameters
+    flags = {k: v for k, v in hparams.items() if k in params}
+    io = flags.get("io")
+    if not isinstance(io, dict):
+        return flags
+    started_in = hparams.get("started_in")  # recorded since 2026-11; older files: worked out from the paths
+    cwd = Path(started_in) if isinstance(started_in, str) else _run_directory(io, hparams.get("base_checkpoint_dir"))
+    if cwd == Path.cwd().resolve():
+        cwd = None  # started here: its relative paths mean what they meant
+    flags["io"] = _run_io(dict(io), hparams, method, cwd)
+    resume = flags.get("resume")
+    if cwd is not None and isinstance(resume, str) and resume.strip().lower() not in _RESUME_WORDS:
+        flags["resume"] = str(cwd / resume)  # a checkpoint path (an absolute one stays as it is)
+    return flags
+
+
+def _run_io(io: dict, hparams: dict, method: str, cwd: Optional[Path]) -> dict:
+    """The `io` flags of a run: resolved paths equal to their defaults dropped, relative ones anchored in `cwd`."""
+    train_dir = io.get("train_data_dir")
+    if train_dir is not None:
+        if io.get("val_data_dir") == train_dir:
+            io.pop("val_data_dir")
+        if io.get("checkpoint_dir") == str(Path(train_dir).parent):
+            io.pop("checkpoint_dir")
+    if io.get("out_dir") is not None and io.get("log_dir") is not None:
+        try:
+            from lit_gpt.training import run_name
+
+            adapter = hparams.get("adapter_config")
+            name = run_name(method, SimpleNamespace(**adapter) if isinstance(adapter, dict) else None,
+                            SimpleNamespace(**hparams.get("train", {})))
+        except Exception:  # a file from another version: keep the recorded run directory
+            name = None
+        if name is not None and io["out_dir"] == str(Path(io["log_dir"]) / name):
+            io.pop("out_dir")
+    if cwd is not None:
+        io = {k: str(cwd / v) if isinstance(v, str) else v for k, v in io.items()}  # an absolute v stays as it is
+    return io
+
+
+def _run_directory(io: dict, base_checkpoint_dir: Any) -> Optional[Path]:
+    """The directory a run was started in, which its relative `io` paths are relative to: `base_checkpoint_dir`
+    (absolute) less the `io.checkpoint_dir` it was resolved from (relative). None when that cannot be told."""
+    ckpt = io.get("checkpoint_dir")
+    if not isinstance(ckpt, str) or not isinstance(base_checkpoint_dir, str) or Path(ckpt).is_absolute():
+        return None
+    parts = [p for p in Path(ckpt).parts if p != "."]
+    base = Path(base_checkpoint_dir)
+    if ".." in parts or not base.is_absolute() or len(parts) >= len(base.parts):
+        return None
+    if parts and list(base.parts[-len(parts):]) != parts:
+        return None  # a symbolic link on the way: resolve() changed the path
+    return Path(*base.parts[: len(base.parts) - len(parts)])

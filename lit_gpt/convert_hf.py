@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -722,7 +723,31 @@ def convert_lit_checkpoint(
     for name in TOKENIZER_FILES:
         if (checkpoint_dir / name).is_file():
             _copy(checkpoint_dir / name, output_dir)
+    warning = tokenizer_files_warning(checkpoint_dir, output_dir)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     return output_dir
+
+
+def tokenizer_files_warning(checkpoint_dir: Path, output_dir: Path) -> Optional[str]:
+    """What an export of `checkpoint_dir` lacks for `transformers.AutoTokenizer.from_pretrained(output_dir)` (None:
+    nothing): a vocabulary (tokenizer.json, tokenizer.model, or vocab.json with merges.txt), or tokenizer_config.json
+    (without it AutoTokenizer guesses the tokenizer class, special tokens and chat template from the model type)."""
+    present = [name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()]
+    has_vocab = any(name in present for name in ("tokenizer.json", "tokenizer.model")) or {
+        "vocab.json", "merges.txt"} <= set(present)
+    fix = (f"copy the tokenizer files from the original model folder (the Hugging Face download the checkpoint was "
+           f"converted from) into {str(output_dir)!r}")
+    if not has_vocab:
+        missing = "tokenizer.json, tokenizer.model, vocab.json + merges.txt, tokenizer_config.json"
+        found = f" (it has only {', '.join(present)})" if present else ""
+        return (f"the checkpoint folder {str(checkpoint_dir)!r} has no tokenizer files{found}, so the export cannot "
+                f"be loaded with AutoTokenizer.from_pretrained: none of {missing} was found; {fix}.")
+    if "tokenizer_config.json" not in present:
+        return (f"the checkpoint folder {str(checkpoint_dir)!r} has {', '.join(present)} but no tokenizer_config.json, "
+                "so AutoTokenizer.from_pretrained guesses the export's tokenizer class, special tokens and chat "
+                f"template from its model type; {fix}.")
+    return None
 
 
 def _save_safetensors(convert, lit_sd: dict, output_dir: Path, max_shard_bytes: int) -> None:

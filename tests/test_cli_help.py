@@ -18,6 +18,8 @@ def test_finetune_help_describes_the_grouped_options(script):
     assert "--io.checkpoint_dir CHECKPOINT_DIR Base model checkpoint (default: the parent of" in text
     assert "--train.global_batch_size GLOBAL_BATCH_SIZE Samples per optimizer step, over all devices" in text
     assert "--eval.interval INTERVAL" in text
+    # a run's hyperparameters.yaml is a --config (lit_gpt/cli.py::run_config_args)
+    assert "or a run's hyperparameters.yaml to repeat or vary that run; flags after --config override" in text
 
 
 def test_script_descriptions_show_whole():

@@ -1,0 +1,277 @@
+"""The command line as a user meets it: a run's hyperparameters.yaml fed back with `--config`, flag errors as one
+line, a warning for an export without a tokenizer, and one clear sentence for a task dataset an offline machine
+cannot fetch."""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
+from lit_gpt.cli import run_cli, run_config_args
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "finetune"))
+sys.path.insert(0, str(REPO / "eval"))
+
+import ether  # noqa: E402
+import full  # noqa: E402
+import lm_eval_harness  # noqa: E402
+import lora  # noqa: E402
+from test_merge import make_base  # noqa: E402
+from test_training import tiny_ckpt  # noqa: E402, F401  (a fixture)
+
+RUN_FLAGS = dict(Htype="etherplus", ether_nb=4, ether_mlp=True, seed=7, precision="32-true")
+
+
+@pytest.fixture(scope="module")
+def ether_run(tiny_ckpt):  # noqa: F811
+    """A finished 2-step ETHER+ run started in the checkpoint's parent folder with relative paths (what a user
+    typing `--io.train_data_dir tiny-llama/data` gets): (the folder it was started in, its hyperparameters.yaml)."""
+    started_in = tiny_ckpt.parent
+    cwd = os.getcwd()
+    os.chdir(started_in)
+    try:
+        ether.setup(
+            io=IOArgs(train_data_dir=Path(tiny_ckpt.name) / "data"),
+            train=TrainArgs(learning_rate=1e-2, max_steps=2, global_batch_size=2, micro_batch_size=1,
+                            lr_warmup_steps=1),
+            eval=EvalArgs(interval=0, max_iters=1, max_new_tokens=0),
+            **RUN_FLAGS,
+        )
+    finally:
+        os.chdir(cwd)
+    (hparams,) = (started_in / "logs").glob("*/hyperparameters.yaml")
+    return started_in, hparams
+
+
+def parsed_flags(monkeypatch, script_module, script: str, *args: str) -> dict:
+    """The flags `run_cli` hands the script's function for `args` (the training itself is not run)."""
+    captured = {}
+    monkeypatch.setattr(script_module, "run_entrypoint", lambda method, adapter, flags: captured.update(flags))
+    run_cli(script_module.setup, finetune_script=script, args=list(args))
+    return captured
+
+
+# ---------------------------------------------------------------------------------------------- --config <run>
+def test_a_runs_hyperparameters_parse_back_to_its_flags(ether_run, monkeypatch, tmp_path):
+    started_in, hparams_path = ether_run
+    hp = yaml.safe_load(hparams_path.read_text())
+    # derived keys the file records besides the flags (jsonargparse refused the file because of them)
+    assert {"method", "adapter_config", "base_checkpoint_dir", "prompt_style", "io"} <= set(hp)
+
+    for cwd in (started_in, tmp_path):  # from where the run was started, and from elsewhere
+        monkeypatch.chdir(cwd)
+        flags = parsed_flags(monkeypatch, ether, "finetune/ether.py", "--config", str(hparams_path))
+        for key, value in hp.items():
+            if key in ("train", "eval"):
+                assert asdict(flags[key]) == value, key
+            elif key != "io" and key in flags:
+                assert flags[key] == value, key
+        assert flags["Htype"] == "etherplus" and flags["ether_mlp"] is True and flags["seed"] == 7
+        io = flags["io"]
+        # the paths mean what they meant for the run; those the run derived are derived again
+        assert (cwd / io.train_data_dir).resolve() == (started_in / hp["io"]["train_data_dir"]).resolve()
+        assert (cwd / io.log_dir).resolve() == (started_in / "logs").resolve()
+        assert io.val_data_dir is None and io.checkpoint_dir is None and io.out_dir is None
+        if cwd == started_in:
+            assert str(io.train_data_dir) == hp["io"]["train_data_dir"]  # kept as the user typed it
+
+    # flags after --config override the file's values; the rest stay the file's
+    flags = parsed_flags(monkeypatch, ether, "finetune/ether.py", f"--config={hparams_path}",
+                         "--train.learning_rate", "0.002", "--io.out_dir", str(tmp_path / "new"))
+    assert flags["train"].learning_rate == 0.002 and flags["train"].max_steps == 2
+    assert flags["io"].out_dir == tmp_path / "new" and flags["ether_nb"] == 4
+
+
+def test_a_file_without_started_in_anchors_its_paths_in_the_checkpoint_path(ether_run, tmp_path, monkeypatch):
+    """Runs made before `started_in` was recorded: the folder is the absolute base path less the relative one."""
+    started_in, hparams_path = ether_run
+    hp = yaml.safe_load(hparams_path.read_text())
+    assert hp.pop("started_in") == str(started_in)
+    hp["io"]["checkpoint_dir"] = hp["io"]["checkpoint_dir"] + "/"  # as typed: not the derived default
+    older = tmp_path / "hyperparameters.yaml"
+    older.write_text(yaml.safe_dump(hp, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    io = parsed_flags(monkeypatch, ether, "finetune/ether.py", "--config", str(older))["io"]
+    assert io.checkpoint_dir.resolve() == Path(hp["base_checkpoint_dir"])
+    assert io.train_data_dir.resolve() == (started_in / hp["io"]["train_data_dir"]).resolve()
+
+
+def test_an_explicit_out_dir_is_kept(ether_run, tmp_path, monkeypatch):
+    """Only an out_dir equal to the default (log_dir / run name) is left to derive again."""
+    _, hparams_path = ether_run
+    hp = yaml.safe_load(hparams_path.read_text())
+    hp["io"]["out_dir"] = str(tmp_path / "mine")
+    edited = tmp_path / "hyperparameters.yaml"
+    edited.write_text(yaml.safe_dump(hp, sort_keys=False))
+    flags = parsed_flags(monkeypatch, ether, "finetune/ether.py", "--config", str(edited))
+    assert flags["io"].out_dir == tmp_path / "mine"
+
+
+@pytest.mark.slow
+def test_a_runs_hyperparameters_rerun_with_other_flags(ether_run, tmp_path):
+    """`python finetune/ether.py --config <run>/hyperparameters.yaml --io.out_dir ... --train.max_steps 1` from
+    another folder trains, and records the same flags but the two changed."""
+    started_in, hparams_path = ether_run
+    out = tmp_path / "rerun"
+    r = subprocess.run([sys.executable, str(REPO / "finetune" / "ether.py"), "--config", str(hparams_path),
+                        "--io.out_dir", str(out), "--train.max_steps", "1"], capture_output=True, text=True,
+                       cwd=tmp_path, env=dict(os.environ, LIT_GPT_NO_PROGRESS="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "lit_model_ether_finetuned.pth").is_file()
+    before = yaml.safe_load(hparams_path.read_text())
+    after = yaml.safe_load((out / "hyperparameters.yaml").read_text())
+    assert after["train"].pop("max_steps") == 1 and before["train"].pop("max_steps") == 2
+    io_before, io_after = before.pop("io"), after.pop("io")
+    assert before.pop("started_in") == str(started_in) and after.pop("started_in") == str(tmp_path)
+    assert after == before  # flags, method, adapter config, base checkpoint, prompt style
+    assert io_after["out_dir"] == str(out)
+    for key in ("train_data_dir", "val_data_dir", "checkpoint_dir"):
+        assert Path(io_after[key]) == (started_in / io_before[key]).resolve(), key
+
+
+@pytest.mark.parametrize("module,script", [(lora, "finetune/lora.py"), (full, "finetune/full.py")])
+def test_another_scripts_run_is_refused_in_one_sentence(ether_run, module, script, capsys, monkeypatch):
+    _, hparams_path = ether_run
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(module.setup, finetune_script=script, args=["--config", str(hparams_path)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --config {str(hparams_path)!r} is the hyperparameters.yaml of a run written by finetune/ether.py "
+        f"(method etherplus): pass it to finetune/ether.py, not {script}.\n"
+    )
+
+
+def test_a_lora_runs_file_given_to_ether_names_lora(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "hyperparameters.yaml"
+    path.write_text(yaml.safe_dump({"lora_r": 4, "method": "lora", "io": {"train_data_dir": "data"}}))
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    with pytest.raises(SystemExit):
+        run_cli(ether.setup, finetune_script="finetune/ether.py", args=["--config", str(path)])
+    err = capsys.readouterr().err
+    assert "written by finetune/lora.py (method lora): pass it to finetune/lora.py, not finetune/ether.py" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config_hub" / "finetune").glob("*/*.yaml")), ids=str)
+def test_config_hub_yamls_are_passed_on_as_they_are(path, monkeypatch):
+    module, script = (lora, "finetune/lora.py") if path.stem == "lora" else (ether, "finetune/ether.py")
+    args = ["--config", str(path), "--train.max_steps", "3"]
+    assert run_config_args(args, module.setup, script) == args
+    flags = parsed_flags(monkeypatch, module, script, *args)
+    assert flags["train"].max_steps == 3
+    assert flags["train"].learning_rate == float(yaml.safe_load(path.read_text())["train"]["learning_rate"])
+
+
+# ---------------------------------------------------------------------------------------------- one-line errors
+ETHER_ERRORS = [
+    (["--devices", "two"], "--devices: expected an integer, got 'two'"),
+    (["--Htype", "foo"], "--Htype: expected ether, etherplus, etherplusHH or oft, got 'foo'"),
+    (["--train.learning_rate", "abc"], "--train.learning_rate: expected a number, got 'abc'"),
+    (["--oft_eps", "x"], "--oft_eps: expected a number, got 'x'"),  # Optional[float]: a union
+    (["--train.max_steps=1.5"], "--train.max_steps: expected an integer, got '1.5'"),
+    (["--flip_side", "maybe"], "--flip_side: expected true or false, got 'maybe'"),
+    (["--train", '{"learning_rate": "abc"}'], "--train.learning_rate: expected a number, got 'abc'"),
+    (["--nosuch", "1"], "unrecognized arguments: --nosuch 1"),
+]
+EVAL_ERRORS = [
+    (["--checkpoint_dir", "x", "--metadata", "notjson"],
+     "--metadata: expected a JSON/YAML mapping such as '{\"key\": \"value\"}', got 'notjson'"),
+    (["--checkpoint_dir", "x", "--precision", "17"],
+     "--precision: expected 32-true, bf16-true, 16-true, bf16-mixed or 16-mixed, got '17'"),
+    ([], "--checkpoint_dir is required"),
+]
+
+
+@pytest.mark.parametrize("fn,args,expected", [(ether.setup, a, e) for a, e in ETHER_ERRORS]
+                         + [(lm_eval_harness.main, a, e) for a, e in EVAL_ERRORS])
+def test_flag_errors_are_one_line(fn, args, expected, capsys, monkeypatch):
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(fn, args=args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {expected} (see --help)\n"
+
+
+def test_a_bad_value_in_a_config_file_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    (tmp_path / "c.yaml").write_text("devices: two\n")
+    with pytest.raises(SystemExit):
+        run_cli(ether.setup, args=["--config", str(tmp_path / "c.yaml")])
+    assert capsys.readouterr().err == "error: --devices: expected an integer, got 'two' (see --help)\n"
+
+
+def test_lit_gpt_debug_shows_jsonargparses_whole_message(capsys, monkeypatch):
+    monkeypatch.setenv("LIT_GPT_DEBUG", "1")
+    with pytest.raises(SystemExit) as e:
+        run_cli(ether.setup, args=["--oft_eps", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Does not validate against any of the Union subtypes" in err and "Given value: x" in err
+
+
+def test_the_script_prints_one_line():
+    r = subprocess.run([sys.executable, "finetune/ether.py", "--devices", "two"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "LIT_GPT_DEBUG"})
+    assert r.returncode == 2 and r.stderr == "error: --devices: expected an integer, got 'two' (see --help)\n"
+
+
+# ---------------------------------------------------------------------------------------------- export tokenizer
+def test_export_without_tokenizer_files_warns(tmp_path, capsys):
+    from lit_gpt.convert_hf import convert_lit_checkpoint
+
+    base = make_base(tmp_path / "base")
+    convert_lit_checkpoint(base, tmp_path / "hf")
+    assert "warning" not in capsys.readouterr().err
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("lit_model.pth", "model_config.yaml", "generation_config.json"):
+        shutil.copy(base / name, bare)
+    convert_lit_checkpoint(bare, tmp_path / "hf-bare")
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: the checkpoint folder {str(bare)!r} has no tokenizer files") and err.count(
+        "\n") == 1
+    assert "AutoTokenizer" in err and "tokenizer.json, tokenizer.model" in err and "tokenizer_config.json" in err
+    assert "copy the tokenizer files from the original model folder" in err and str(tmp_path / "hf-bare") in err
+
+    shutil.copy(base / "tokenizer.json", bare)  # a vocabulary, but no tokenizer_config.json
+    convert_lit_checkpoint(bare, tmp_path / "hf-no-config")
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: the checkpoint folder {str(bare)!r} has tokenizer.json but no "
+                          "tokenizer_config.json")
+
+
+# ---------------------------------------------------------------------------------------------- offline eval data
+class _UnreachableHub:
+    """A TaskManager whose task data `datasets` cannot fetch (what an offline machine gets)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def load(self, names):
+        raise ConnectionError(f"Couldn't reach 'allenai/ai2_arc' on the Hub ({self.reason})")
+
+
+def test_an_unreachable_hub_is_one_sentence_naming_task_dataset_and_fix(monkeypatch):
+    for key in lm_eval_harness.OFFLINE_SWITCHES:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(lm_eval_harness.TaskDataError) as e:
+        lm_eval_harness._load_tasks(_UnreachableHub("LocalEntryNotFoundError"), ["arc_easy"])
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("Could not load the data of task(s) arc_easy: the dataset "
+                                                      "'allenai/ai2_arc' is not in the Hugging Face datasets cache")
+    assert "offline" in message and "HF_HUB_OFFLINE=1" in message and "--include_path" in message
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(lm_eval_harness.TaskDataError) as e:
+        lm_eval_harness._load_tasks(_UnreachableHub("OfflineModeIsEnabled"), ["arc_easy"], ["HF_HUB_OFFLINE"])
+    assert "the dataset 'allenai/ai2_arc' is not in the Hugging Face datasets cache, and HF_HUB_OFFLINE=1 turns " \
+           "off" in str(e.value)
