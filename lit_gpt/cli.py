@@ -23,8 +23,6 @@ USAGE_ERROR_CODE = 2
 RUN_METHOD_KEY = "method"
 RUN_CONFIG_HELP = ("Path to a YAML file of flags (config_hub/finetune/*/*.yaml), or a run's hyperparameters.yaml to "
                    "repeat or vary that run; flags after --config override its values.")
-# `--resume` values that are not paths (lit_gpt/training.py::normalize_resume)
-_RESUME_WORDS = ("", "auto", "true", "false", "yes", "no", "1", "0", "none")
 
 
 class RunConfigError(ValueError):
@@ -254,8 +252,10 @@ def run_flags(hparams: dict, fn: Callable[..., Any], script: str, path: str) -> 
     if cwd == Path.cwd().resolve():
         cwd = None  # started here: its relative paths mean what they meant
     flags["io"] = _run_io(dict(io), hparams, method, cwd)
+    from lit_gpt.training import normalize_resume
+
     resume = flags.get("resume")
-    if cwd is not None and isinstance(resume, str) and resume.strip().lower() not in _RESUME_WORDS:
+    if cwd is not None and isinstance(resume, str) and isinstance(normalize_resume(resume), Path):
         flags["resume"] = str(cwd / resume)  # a checkpoint path (an absolute one stays as it is)
     return flags
 

@@ -126,10 +126,14 @@ def precision_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
+def keeps_trainable_float32(precision: str, adapter_config: Optional[Any]) -> bool:
+    """`16-true` with an adapter keeps the trainable weights in float32 (`_float16_keeping_trainable_float32`)."""
+    return adapter_config is not None and precision.startswith("16-true")
+
+
 def fabric_precision(precision: str, adapter_config: Optional[Any]) -> dict:
-    """Fabric's `precision=` or `plugins=` for a run: `16-true` with an adapter keeps the trainable weights in float32
-    (`_float16_keeping_trainable_float32`); everything else is Lightning's own."""
-    if adapter_config is not None and precision.startswith("16-true"):
+    """Fabric's `precision=` or `plugins=` for a run: Lightning's own, but for `keeps_trainable_float32`."""
+    if keeps_trainable_float32(precision, adapter_config):
         return {"plugins": [_float16_keeping_trainable_float32()()]}
     return {"precision": precision}
 
@@ -721,7 +725,7 @@ def finetune(
     if adapter_config is not None:
         apply_adapters(model, adapter_config)
     model.activation_checkpointing = train.activation_checkpointing
-    if "plugins" in fabric_precision(precision, adapter_config):
+    if keeps_trainable_float32(precision, adapter_config):
         fabric.print("--precision 16-true: the adapter's weights, gradients and AdamW state are float32 (float16 ones "
                      "round AdamW's steps to NaN); the frozen model and the activations are float16.")
     fabric.print(
@@ -781,7 +785,7 @@ def finetune(
         path = out_dir / "checkpoints" / f"step-{step:06d}.pth"
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
         if fabric.global_rank == 0:
-            atomic_save({"model": msd, "optimizer": osd, "scheduler": scheduler.state_dict(), "step": step,
+            atomic_save({"model": msd, "optimizer": osd, "step": step,
                          "data": data_state, "rng": rng_state(), "method": method, "train": asdict(train),
                          "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path)
         fabric.barrier()
