@@ -748,6 +748,7 @@ def finetune(
         state["step"] = saved["step"]
         state["data"] = saved["data"]
         state["last_good"] = ckpt
+        state["validated_last"] = bool(saved.get("last_of_run")) and saved["step"] == steps
         set_rng_state(saved["rng"])
         fabric.print(f"Resumed from {ckpt} at step {state['step']}.")
         if changed:
@@ -761,7 +762,9 @@ def finetune(
     )
 
     # only now, with every check passed, does the run directory change
-    hparams = dict(cli_args, method=method, precision=precision,
+    # `precision` as given (null: the device's default, chosen again when `--config` replays the file on another
+    # machine), `precision_used` as resolved here
+    hparams = dict(cli_args, method=method, precision_used=precision,
                    adapter_config=adapter_config.to_dict() if adapter_config is not None else None,
                    io={k: str(v) if v is not None else None for k, v in asdict(io).items()},
                    base_checkpoint_dir=str(Path(io.checkpoint_dir).resolve()),
@@ -780,13 +783,14 @@ def finetune(
         if metrics_csv is not None:
             metrics_csv.log(metrics, step)
 
-    def save_checkpoint(step: int, data_state: dict) -> Path:
+    def save_checkpoint(step: int, data_state: dict, last_of_run: bool = False) -> Path:
         msd, osd = trainable_state_dict(model.module, optimizer.optimizer)
         path = out_dir / "checkpoints" / f"step-{step:06d}.pth"
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
         if fabric.global_rank == 0:
             atomic_save({"model": msd, "optimizer": osd, "step": step,
                          "data": data_state, "rng": rng_state(), "method": method, "train": asdict(train),
+                         "last_of_run": last_of_run,  # written after the final validation
                          "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path)
         fabric.barrier()
         state["last_good"] = path
@@ -915,13 +919,15 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
                              non_finite)
         if step % train.save_interval == 0 and step < steps:
             save_checkpoint(step, loader.state_dict())
-    if validating:
+    # the final validation, unless this resumes the last-step checkpoint, which was written after it (its row is
+    # in the logs already: only the final file was missing)
+    if validating and not (state["step"] == start and state.get("validated_last")):
         validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, steps, progress, log_metrics,
                          non_finite)
     # the last step too, so --resume auto on a finished run knows it is finished; not for full fine-tuning, whose
     # checkpoint (every weight and two AdamW moments: ~80 GB at 7B) would cost far more than redoing a few steps
     if state["step"] > start and state["checkpoint_last"]:
-        save_checkpoint(steps, loader.state_dict())
+        save_checkpoint(steps, loader.state_dict(), last_of_run=True)
     progress.close()
 
 

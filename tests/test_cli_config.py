@@ -103,6 +103,22 @@ def test_a_file_without_started_in_anchors_its_paths_in_the_checkpoint_path(ethe
     assert io.train_data_dir.resolve() == (started_in / hp["io"]["train_data_dir"]).resolve()
 
 
+def test_a_default_precision_is_recorded_as_default_and_chosen_again(tiny_ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """A run left to the device's default precision records `precision: null` (and the precision it used apart),
+    so its file replayed on another machine picks that machine's default instead of the CPU's 32-true."""
+    from lit_gpt.training import default_precision
+    from test_training_inputs import setup_ether
+
+    setup_ether(tiny_ckpt / "data", tmp_path / "run", ckpt=tiny_ckpt, precision=None)
+    hparams_path = tmp_path / "run" / "hyperparameters.yaml"
+    hp = yaml.safe_load(hparams_path.read_text())
+    assert hp["precision"] is None and hp["precision_used"] == default_precision()
+    assert parsed_flags(monkeypatch, ether, "finetune/ether.py", "--config", str(hparams_path))["precision"] is None
+    flags = parsed_flags(monkeypatch, ether, "finetune/ether.py", "--config", str(hparams_path),
+                         "--precision", "bf16-true")
+    assert flags["precision"] == "bf16-true"
+
+
 def test_an_explicit_out_dir_is_kept(ether_run, tmp_path, monkeypatch):
     """Only an out_dir equal to the default (log_dir / run name) is left to derive again."""
     _, hparams_path = ether_run

@@ -116,6 +116,30 @@ def test_tensorboard_shows_each_redone_step_once(first_run, tiny_ckpt, tmp_path)
     assert [int(r["step"]) for r in csv_rows(run) if r["loss"]] == [1, 2, 3, 4]  # the same rows as metrics.csv
 
 
+def test_resuming_the_last_step_without_the_final_file_writes_it_without_validating_again(first_run, tiny_ckpt,
+                                                                                          tmp_path, capsys):
+    """Killed after the last-step checkpoint and before the final file: the resume writes the final file, and the
+    final validation (done before that checkpoint) is neither redone nor logged twice."""
+    run = copy_of(first_run, tmp_path / "run")
+    final = run / "lit_model_ether_finetuned.pth"
+    final.unlink()
+    assert load_file(run / "checkpoints" / "step-000004.pth", mmap=False)["last_of_run"] is True
+    capsys.readouterr()
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=FIRST, resume="auto")
+    out = capsys.readouterr()
+    assert "Resumed from" in out.out and "val loss" not in out.out + out.err
+    assert final.is_file()
+    assert [int(r["step"]) for r in csv_rows(run) if r["val_loss"]] == [4]
+    assert tensorboard_steps(run, "val_loss") == [4]
+
+    # an intermediate checkpoint that happens to sit at the end of a shorter run was not validated as its last step
+    run2 = copy_of(first_run, tmp_path / "run2")
+    (run2 / "lit_model_ether_finetuned.pth").unlink()
+    setup_ether(tiny_ckpt / "data", run2, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=2),
+                resume=str(run2 / "checkpoints" / "step-000002.pth"))
+    assert [int(r["step"]) for r in csv_rows(run2) if r["val_loss"]] == [2]
+
+
 # ---------------------------------------------------------------------------------------------- --num_nodes
 @pytest.fixture
 def no_cluster(monkeypatch):
