@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import os
 import re
+import signal
 import sys
 import typing
 from collections import abc
@@ -62,6 +63,11 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except KeyboardInterrupt:  # Ctrl-C: the shell's exit status for it, not a traceback (files are written atomically)
+        if debug:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT)
 
 
 def _whole_description(fn: Callable[..., Any]) -> None:

@@ -11,6 +11,10 @@ Every input is checked before a model loads: the numbers (`TrainArgs.validate`),
 checkpoint, then that the data was tokenized for that checkpoint, then that a `--resume` checkpoint belongs to this
 run (method, adapter config, data order). `hyperparameters.yaml` is written only once all of that has passed, and no
 checkpoint or final file is written unless every trainable tensor is finite.
+
+Ctrl-C (SIGINT) or a scheduler's SIGTERM (preemption, `scancel`, `kill`) stops a run after the step in progress, with
+a checkpoint of that step, on every rank at once (`StopRequest`); the process exits with 128 + the signal's number,
+and the same command with `--resume auto` goes on from there. The same signal again stops at once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -56,6 +62,44 @@ ADAPTER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "the --*_qu
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainingStopped(SystemExit):
+    """The run stopped on a signal after a step, with a checkpoint of it; exits with 128 + the signal's number."""
+
+
+class StopRequest:
+    """While entered (in the main thread): SIGINT and SIGTERM ask the run to stop after the step in progress
+    (`signum` becomes the signal's number) instead of killing it mid-step; the same signal again acts as it did before
+    (Ctrl-C raises KeyboardInterrupt, SIGTERM terminates). `fit` shares the request with every rank in the step's
+    loss all-reduce, so all stop after the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum = 0
+        self.announce = announce  # rank 0 says what will happen; the others stay quiet
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # the next one acts at once
+        if self.announce:  # os.write: a handler may interrupt a print (or tqdm) on the same stream
+            name = signal.Signals(signum).name
+            os.write(2, f"\n{name} received: the run stops after the step in progress, with a checkpoint of it "
+                        f"({name} again stops at once, without one).\n".encode())
 
 
 def non_finite_advice(precision: str) -> str:
@@ -801,25 +845,30 @@ def finetune(
                else "--eval.max_iters is 0")
         fabric.print(f"No validation: {why}.")
     status = "failed"
-    try:
-        fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, train, eval, state, steps, seed,
-            save_checkpoint, log_metrics, precision, pad_id=0)
-        status = "success"
-    finally:  # flush the TensorBoard logs whatever happened, so a failed run still shows its curves
-        for logger in fabric.loggers:
-            logger.finalize(status)
+    # a signal from here on stops the run after a step with a checkpoint; once the loop is over, the run finishes
+    with StopRequest(announce=fabric.global_rank == 0) as stop:
+        try:
+            fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, train, eval, state, steps, seed,
+                save_checkpoint, log_metrics, precision, pad_id=0, stop=stop)
+            status = "success"
+        except TrainingStopped:
+            status = "stopped"
+            raise
+        finally:  # flush the TensorBoard logs whatever happened, so a failed run still shows its curves
+            for logger in fabric.loggers:
+                logger.finalize(status)
 
-    # the final artefact: the adapter (or the full weights) as a standalone file
-    final = out_dir / final_filename(method)
-    msd, _ = trainable_state_dict(model.module)
-    check_finite(msd, str(final), steps, state["last_good"], precision, fabric)
-    if fabric.global_rank == 0:
-        if adapter_config is not None:
-            save_adapters(model.module, final, state_dict=msd)
-        else:
-            atomic_save(msd, final)
-        fabric.print(f"Saved {final}")
-    fabric.barrier()
+        # the final artefact: the adapter (or the full weights) as a standalone file
+        final = out_dir / final_filename(method)
+        msd, _ = trainable_state_dict(model.module)
+        check_finite(msd, str(final), steps, state["last_good"], precision, fabric)
+        if fabric.global_rank == 0:
+            if adapter_config is not None:
+                save_adapters(model.module, final, state_dict=msd)
+            else:
+                atomic_save(msd, final)
+            fabric.print(f"Saved {final}")
+        fabric.barrier()
     return out_dir
 
 
@@ -864,7 +913,8 @@ def _plain(obj: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- the loop
 def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, train: TrainArgs, eval: EvalArgs,
-        state: dict, steps: int, seed: int, save_checkpoint, log_metrics, precision: str, pad_id: int) -> None:
+        state: dict, steps: int, seed: int, save_checkpoint, log_metrics, precision: str, pad_id: int,
+        stop: Optional[StopRequest] = None) -> None:
     accum = train.gradient_accumulation_iters(fabric.world_size)
     max_len = min(train.max_seq_length or model.module.config.block_size, model.module.config.block_size)
     loader = make_loader(train_data, train, seed, fabric.global_rank, fabric.world_size, pad_id, max_len)
@@ -891,7 +941,9 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
                 fabric.backward(loss / accum)
             loss_sum += loss.detach()
             tokens += input_ids.numel()
-        loss_val = fabric.all_reduce(loss_sum / accum).item()
+        # one all-reduce (mean) for the loss and for whether any rank was asked to stop
+        asked = float(stop.signum) if stop is not None else 0.0
+        loss_val, stopping = fabric.all_reduce(torch.stack([loss_sum / accum, loss_sum.new_tensor(asked)])).tolist()
         if not math.isfinite(loss_val):
             raise non_finite(f"The training loss became {loss_val}", step)
         if train.max_norm:
@@ -914,6 +966,13 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
             log_metrics(metrics, step)
         progress.update(metrics)
 
+        if stopping and step < steps:  # (at the last step, the run finishes: validation, checkpoint, final file)
+            path = save_checkpoint(step, loader.state_dict())
+            progress.close()
+            signum = stop.signum or signal.SIGTERM  # (a signal another rank received)
+            fabric.print(f"Stopped by {signal.Signals(signum).name} after step {step} of {steps}, with a checkpoint "
+                         f"of it: {path}. The same command with --resume auto goes on from there.")
+            raise TrainingStopped(128 + signum)
         if validating and eval.interval and step % eval.interval == 0 and step < steps:
             validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
                              non_finite)

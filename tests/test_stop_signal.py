@@ -1,0 +1,135 @@
+"""Ctrl-C and SIGTERM (a scheduler's preemption) stop a run after the step in progress, with a checkpoint of that
+step, on every rank; `--resume auto` then ends where an uninterrupted run would.
+
+The tiny model, tokenizer and prepared data are `tests/test_training.py`'s `tiny_ckpt` fixture."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_gpt.utils import load_file
+from test_training import REPO, common_flags, final_tensors, tiny_ckpt  # noqa: F401 (tiny_ckpt is a fixture)
+from test_training_inputs import setup_ether
+
+TRAIN = dict(learning_rate=1e-2, max_steps=6, save_interval=100, lr_warmup_steps=1)
+
+
+def checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("step-*.pth"))
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_ends_where_an_unstopped_run_does(
+        tiny_ckpt, tmp_path, monkeypatch, capfd):
+    from lit_gpt import training
+
+    setup_ether(tiny_ckpt / "data", tmp_path / "whole", ckpt=tiny_ckpt, train=TRAIN)
+
+    update = training._progress.update
+
+    def update_and_signal(self, m):  # SIGTERM arrives while step 2 is being logged: step 3 is the last one
+        update(self, m)
+        if m["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(training._progress, "update", update_and_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    run = tmp_path / "stopped"
+    capfd.readouterr()
+    with pytest.raises(training.TrainingStopped) as stopped:
+        setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=TRAIN)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the caller's again
+    out = capfd.readouterr()
+    assert "SIGTERM received: the run stops after the step in progress" in out.err
+    assert f"Stopped by SIGTERM after step 3 of 6, with a checkpoint of it: {run / 'checkpoints' / 'step-000003.pth'}"\
+           in out.out
+    assert checkpoints(run) == ["step-000003.pth"] and not (run / "lit_model_ether_finetuned.pth").exists()
+
+    monkeypatch.setattr(training._progress, "update", update)
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=TRAIN, resume="auto")
+    a, b = final_tensors(tmp_path / "whole"), final_tensors(run)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "finetune" / "ether.py"), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, LIT_GPT_NO_PROGRESS="1", **env))
+
+
+def signal_when_logged(proc: subprocess.Popen, run: Path, sig: int, timeout: float = 120) -> tuple[str, str]:
+    """Send `sig` to `proc` once the run has logged a step; then its output."""
+    metrics = run / "logs" / "metrics.csv"
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"the run logged no step: {err[-3000:]}")
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def stopped_step(out: str, sig: str) -> int:
+    line = next(line for line in out.splitlines() if line.startswith(f"Stopped by {sig} after step"))
+    return int(line.split("after step ")[1].split()[0])
+
+
+@pytest.mark.slow
+def test_ctrl_c_from_the_command_line_stops_with_a_checkpoint_and_exit_130(tiny_ckpt, tmp_path):
+    run = tmp_path / "run"
+    flags = common_flags(tiny_ckpt, run, 100000, **{"--train.global_batch_size": "1"})
+    proc = start([*flags, "--ether_nb", "4"], {})
+    out, err = signal_when_logged(proc, run, signal.SIGINT)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    step = stopped_step(out, "SIGINT")
+    assert checkpoints(run) == [f"step-{step:06d}.pth"]
+    assert load_file(run / "checkpoints" / f"step-{step:06d}.pth", mmap=False)["step"] == step
+
+    # the same command, --resume auto and a run length that ends soon, goes on from there
+    flags = common_flags(tiny_ckpt, run, step + 2, **{"--train.global_batch_size": "1"})
+    r = subprocess.run([sys.executable, str(REPO / "finetune" / "ether.py"), *flags, "--ether_nb", "4",
+                        "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, LIT_GPT_NO_PROGRESS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {step}." in r.stdout and (run / "lit_model_ether_finetuned.pth").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_0_stops_both_fsdp_processes_after_the_same_step(tiny_ckpt, tmp_path):
+    run = tmp_path / "run"
+    flags = common_flags(tiny_ckpt, run, 100000, **{"--devices": "2", "--train.global_batch_size": "2"})
+    proc = start([*flags, "--ether_nb", "4"], dict(CUDA_VISIBLE_DEVICES=""))
+    out, err = signal_when_logged(proc, run, signal.SIGTERM)  # to rank 0 only: rank 1 learns it in the all-reduce
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    step = stopped_step(out, "SIGTERM")
+    assert checkpoints(run) == [f"step-{step:06d}.pth"]
+    saved = load_file(run / "checkpoints" / f"step-{step:06d}.pth", mmap=False)
+    assert saved["step"] == step and saved["model"]  # gathered from both shards
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
+    """Ctrl-C while a script loads or prepares (or a second one during training): no traceback."""
+    from lit_gpt.cli import run_cli
+
+    def setup(steps: int = 1) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(setup, args=[])
+    assert e.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
