@@ -68,6 +68,6 @@ def setup(
 
 if __name__ == "__main__":
     from lit_gpt.cli import run_cli
-    from lit_gpt.training import NonFiniteLossError
+    from lit_gpt.training import TRAINING_ERRORS
 
-    run_cli(setup, errors=(NonFiniteLossError,), finetune_script="finetune/lora.py")
+    run_cli(setup, errors=TRAINING_ERRORS, finetune_script="finetune/lora.py")

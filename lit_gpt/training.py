@@ -64,6 +64,35 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class RunWriteError(RuntimeError):
+    """Rank 0 could not write a file of the run (a full disk, a folder where a file goes): every rank stops."""
+
+
+def write_on_rank_0(fabric, path: Path, write, last_good: Optional[Path] = None) -> None:
+    """`write()` on rank 0 (which writes the run's files), then every rank learns whether it worked: on an
+    `OSError` rank 0 raises `RunWriteError` naming `path` (and `last_good`, the newest complete checkpoint) and the
+    other ranks exit quietly, instead of waiting at the next collective for a rank that has died."""
+    error = None
+    if fabric.global_rank == 0:
+        try:
+            write()
+        except OSError as e:
+            kept = (f"the last complete checkpoint, {last_good}, is intact: " if last_good is not None
+                    else "nothing was lost: ")
+            error = (f"Could not write {path}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; {kept}"
+                     "free space (or fix the folder), then run the same command with --resume auto.")
+    if fabric.world_size > 1:
+        error = fabric.broadcast(error, src=0)
+    if error is not None:
+        if fabric.global_rank == 0:
+            raise RunWriteError(error)
+        raise SystemExit(1)
+
+
+# what the finetune scripts print as one `error:` line (besides the input errors every script prints so)
+TRAINING_ERRORS = (NonFiniteLossError, RunWriteError)
+
+
 class TrainingStopped(SystemExit):
     """The run stopped on a signal after a step, with a checkpoint of it; exits with 128 + the signal's number."""
 
@@ -816,11 +845,15 @@ def finetune(
     if prepared is not None:  # the prompt format the model learns: merge, chat and eval prompt with it
         hparams["prompt_style"] = {"prompt_style": prepared.get("prompt_style", "alpaca"),
                                    "system_prompt": prepared.get("system_prompt")}
-    metrics_csv = None
-    if fabric.global_rank == 0:
+    logs = {}
+
+    def start_logs() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / HPARAMS_FILENAME, yaml.safe_dump(_plain(hparams), sort_keys=False))
-        metrics_csv = MetricsCSV(out_dir / "logs" / METRICS_FILENAME, keep_until_step=state["step"])
+        logs["csv"] = MetricsCSV(out_dir / "logs" / METRICS_FILENAME, keep_until_step=state["step"])
+
+    write_on_rank_0(fabric, out_dir / HPARAMS_FILENAME, start_logs, state["last_good"])
+    metrics_csv = logs.get("csv")
 
     def log_metrics(metrics: dict, step: int) -> None:
         fabric.log_dict(metrics, step=step)
@@ -831,12 +864,11 @@ def finetune(
         msd, osd = trainable_state_dict(model.module, optimizer.optimizer)
         path = out_dir / "checkpoints" / f"step-{step:06d}.pth"
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
-        if fabric.global_rank == 0:
-            atomic_save({"model": msd, "optimizer": osd, "step": step,
-                         "data": data_state, "rng": rng_state(), "method": method, "train": asdict(train),
-                         "last_of_run": last_of_run,  # written after the final validation
-                         "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path)
-        fabric.barrier()
+        write_on_rank_0(fabric, path, lambda: atomic_save(
+            {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng_state(), "method": method,
+             "train": asdict(train), "last_of_run": last_of_run,  # written after the final validation
+             "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),
+            state["last_good"])
         state["last_good"] = path
         return path
 
@@ -862,13 +894,9 @@ def finetune(
         final = out_dir / final_filename(method)
         msd, _ = trainable_state_dict(model.module)
         check_finite(msd, str(final), steps, state["last_good"], precision, fabric)
-        if fabric.global_rank == 0:
-            if adapter_config is not None:
-                save_adapters(model.module, final, state_dict=msd)
-            else:
-                atomic_save(msd, final)
-            fabric.print(f"Saved {final}")
-        fabric.barrier()
+        write_on_rank_0(fabric, final, lambda: save_adapters(model.module, final, state_dict=msd)
+                        if adapter_config is not None else atomic_save(msd, final), state["last_good"])
+        fabric.print(f"Saved {final}")
     return out_dir
 
 

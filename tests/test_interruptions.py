@@ -1,5 +1,7 @@
-"""Ctrl-C and SIGTERM (a scheduler's preemption) stop a run after the step in progress, with a checkpoint of that
-step, on every rank; `--resume auto` then ends where an uninterrupted run would.
+"""What interrupts a run costs nothing but the steps since its last checkpoint: Ctrl-C and SIGTERM (a scheduler's
+preemption) stop it after the step in progress, with a checkpoint of that step, on every rank, and `--resume auto` then
+ends where an uninterrupted run would; a checkpoint rank 0 cannot write (a full disk) stops every rank with one
+sentence naming the file and the intact checkpoint before it.
 
 The tiny model, tokenizer and prepared data are `tests/test_training.py`'s `tiny_ckpt` fixture."""
 
@@ -133,3 +135,52 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(setup, args=[])
     assert e.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
+
+
+# ---------------------------------------------------------------------------------------------- failed writes
+def test_a_full_disk_at_a_checkpoint_names_it_and_the_intact_one_before(tiny_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    from lit_gpt import training
+
+    save = training.atomic_save
+
+    def full_disk_at_step_4(obj, path):
+        if Path(path).name == "step-000004.pth":
+            with training.atomic_path(path) as tmp:  # a partial file, then the write fails
+                tmp.write_bytes(b"half a checkpoint")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, path)
+
+    monkeypatch.setattr(training, "atomic_save", full_disk_at_step_4)
+    run = tmp_path / "run"
+    with pytest.raises(training.RunWriteError) as e:
+        setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=dict(TRAIN, save_interval=2))
+    ckpts = run / "checkpoints"
+    assert str(e.value) == (f"Could not write {ckpts / 'step-000004.pth'}: No space left on device; the last complete "
+                            f"checkpoint, {ckpts / 'step-000002.pth'}, is intact: free space (or fix the folder), "
+                            "then run the same command with --resume auto.")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002.pth"]  # no partial file left
+
+    monkeypatch.setattr(training, "atomic_save", save)
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=dict(TRAIN, save_interval=2), resume="auto")
+    assert (run / "lit_model_ether_finetuned.pth").is_file()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_rank_0_cannot_write_stops_both_fsdp_processes_in_one_line(tiny_ckpt, tmp_path):
+    """Rank 0 writes, rank 1 waits for it: rank 1 must learn of the failure, not wait at the next collective."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("a file where the checkpoints folder goes")
+    flags = common_flags(tiny_ckpt, run, 4, **{"--devices": "2", "--train.global_batch_size": "2",
+                                               "--train.save_interval": "2"})
+    r = subprocess.run([sys.executable, str(REPO / "finetune" / "ether.py"), *flags, "--ether_nb", "4"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, LIT_GPT_NO_PROGRESS="1", CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: Could not write {run / 'checkpoints' / 'step-000002.pth'}: File exists "
+                      f"({run / 'checkpoints'}); nothing was lost: free space (or fix the folder), then run the same "
+                      "command with --resume auto."]
