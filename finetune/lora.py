@@ -25,6 +25,7 @@ def setup(
     lora_mlp: bool = False,
     lora_head: bool = False,
     precision: Optional[str] = None,
+    adapter_float32: bool = False,
     devices: int = 1,
     num_nodes: int = 1,
     seed: int = 1337,
@@ -48,6 +49,9 @@ def setup(
         lora_mlp: Adapt every MLP linear layer.
         lora_head: Adapt the output head.
         precision: `bf16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs that support it, else 32-true).
+        adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in
+            float32 (PEFT's default; always so under 16-true), so that Adam steps below half a bfloat16 spacing
+            are not rounded away; the frozen model and the activations stay bfloat16.
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.

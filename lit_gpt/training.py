@@ -199,30 +199,31 @@ def precision_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
-def keeps_trainable_float32(precision: str, adapter_config: Optional[Any]) -> bool:
-    """`16-true` with an adapter keeps the trainable weights in float32 (`_float16_keeping_trainable_float32`)."""
-    return adapter_config is not None and precision.startswith("16-true")
+def keeps_trainable_float32(precision: str, adapter_config: Optional[Any], adapter_float32: bool = False) -> bool:
+    """An adapter run keeps its trainable weights in float32 (`_half_keeping_trainable_float32`) under `16-true`
+    always, and under `bf16-true` when asked (`--adapter_float32`); in the other precisions they are float32 anyway."""
+    if adapter_config is None:
+        return False
+    return precision.startswith("16-true") or (adapter_float32 and precision.startswith("bf16-true"))
 
 
-def fabric_precision(precision: str, adapter_config: Optional[Any]) -> dict:
+def fabric_precision(precision: str, adapter_config: Optional[Any], adapter_float32: bool = False) -> dict:
     """Fabric's `precision=` or `plugins=` for a run: Lightning's own, but for `keeps_trainable_float32`."""
-    if keeps_trainable_float32(precision, adapter_config):
-        return {"plugins": [_float16_keeping_trainable_float32()()]}
+    if keeps_trainable_float32(precision, adapter_config, adapter_float32):
+        return {"plugins": [_half_keeping_trainable_float32()(precision)]}
     return {"precision": precision}
 
 
-def _float16_keeping_trainable_float32():
+def _half_keeping_trainable_float32():
     """The plugin class, defined on first use: importing lightning takes seconds."""
     from lightning.fabric.plugins.precision import HalfPrecision
 
-    class Float16KeepingTrainableFloat32(HalfPrecision):
-        """Lightning's `16-true` (float16 weights, inputs and compute), except that the trainable weights are cast
-        to float32 before FSDP shards them: their gradients and AdamW's state are then float32, where AdamW works
-        (PEFT keeps adapter weights in float32 for the same reason). The adapters cast their weights to the
-        activations' dtype, and the gradients back."""
-
-        def __init__(self) -> None:
-            super().__init__("16-true")
+    class HalfKeepingTrainableFloat32(HalfPrecision):
+        """Lightning's `16-true` or `bf16-true` (half-precision weights, inputs and compute), except that the
+        trainable weights are cast to float32 before FSDP shards them: their gradients and AdamW's state are then
+        float32 (PEFT keeps adapter weights in float32 too). In float16 AdamW needs it (its state underflows to NaN);
+        in bfloat16 it keeps the Adam steps smaller than half a bfloat16 spacing, which bfloat16 weights drop. The
+        adapters cast their weights to the activations' dtype, and the gradients back."""
 
         def convert_module(self, module: nn.Module) -> nn.Module:
             trainable = [p for p in module.parameters() if p.requires_grad]
@@ -231,7 +232,7 @@ def _float16_keeping_trainable_float32():
                 p.data = p.data.float()
             return module
 
-    return Float16KeepingTrainableFloat32
+    return HalfKeepingTrainableFloat32
 
 
 def check_devices(devices: int) -> None:
@@ -248,12 +249,13 @@ def check_devices(devices: int) -> None:
 
 
 def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, activation_checkpointing: bool, *,
-                 purge_step: Optional[int] = None, adapter_config: Optional[Any] = None):
+                 purge_step: Optional[int] = None, adapter_config: Optional[Any] = None,
+                 adapter_float32: bool = False):
     """A Fabric for one device, or FSDP2 (`fully_shard` per block) through `ModelParallelStrategy` for several.
 
     `purge_step`: the first step this run logs; TensorBoard hides what older event files in `out_dir` hold from that
     step on (a resumed run redoes those steps, a new run in the same directory starts over). `adapter_config`: the
-    run's adapter, if any (`fabric_precision`)."""
+    run's adapter, if any, and `adapter_float32` the flag (`fabric_precision`)."""
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
 
@@ -274,7 +276,7 @@ def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, ac
         strategy = "auto"
     return L.Fabric(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, loggers=loggers,
-        **fabric_precision(precision, adapter_config),
+        **fabric_precision(precision, adapter_config, adapter_float32),
     )
 
 
@@ -696,7 +698,9 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
             check_tied_head(model, adapter_config, method)
         precision = args["precision"] or default_precision()
         check_precision(precision, adapter_config)
-        print(plan_report(model, adapter_config, precision))
+        print(plan_report(model, adapter_config, precision,
+                          trainable_float32=keeps_trainable_float32(precision, adapter_config,
+                                                                    args.get("adapter_float32", False))))
         return None
     # the flags only: never a class or module a script happened to have in scope
     cli_args = {k: v for k, v in args.items() if k not in ("io", "train", "eval", "adapter", "targets", "extra")
@@ -705,7 +709,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
     return finetune(
         method=method, adapter_config=adapter_config, io=args["io"], train=args["train"], eval=args["eval"],
         precision=args["precision"], devices=args["devices"], num_nodes=args["num_nodes"], seed=args["seed"],
-        resume=args["resume"], cli_args=cli_args,
+        resume=args["resume"], cli_args=cli_args, adapter_float32=args.get("adapter_float32", False),
     )
 
 
@@ -731,6 +735,7 @@ def finetune(
     seed: int,
     resume: str | bool,
     cli_args: dict,
+    adapter_float32: bool = False,
 ) -> Path:
     """Fine-tune the checkpoint in `io.checkpoint_dir` with `adapter_config` (None: every weight); returns the run
     directory."""
@@ -787,7 +792,8 @@ def finetune(
     # steps are logged as 1, 2, ...: a run resumed at step N logs N + 1 first, and TensorBoard drops what the old
     # event files hold from there on (metrics.csv keeps the same rows: `MetricsCSV`)
     fabric = build_fabric(devices, num_nodes, precision, out_dir, train.activation_checkpointing,
-                          purge_step=start_step + 1, adapter_config=adapter_config)
+                          purge_step=start_step + 1, adapter_config=adapter_config,
+                          adapter_float32=adapter_float32)
     fabric.launch()
     fabric.seed_everything(seed)
 
@@ -798,9 +804,12 @@ def finetune(
     if adapter_config is not None:
         apply_adapters(model, adapter_config)
     model.activation_checkpointing = train.activation_checkpointing
-    if keeps_trainable_float32(precision, adapter_config):
-        fabric.print("--precision 16-true: the adapter's weights, gradients and AdamW state are float32 (float16 ones "
-                     "round AdamW's steps to NaN); the frozen model and the activations are float16.")
+    if keeps_trainable_float32(precision, adapter_config, adapter_float32):
+        why = ("float16 ones round AdamW's steps to NaN" if precision.startswith("16-true")
+               else "--adapter_float32: no Adam step is rounded away")
+        half = "float16" if precision.startswith("16-true") else "bfloat16"
+        fabric.print(f"--precision {precision}: the adapter's weights, gradients and AdamW state are float32 ({why}); "
+                     f"the frozen model and the activations are {half}.")
     fabric.print(
         f"trainable parameters: {num_parameters(model, requires_grad=True):,}  "
         f"frozen: {num_parameters(model, requires_grad=False):,}"

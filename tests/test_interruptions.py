@@ -101,14 +101,7 @@ def test_ctrl_c_from_the_command_line_stops_with_a_checkpoint_and_exit_130(tiny_
     step = stopped_step(out, "SIGINT")
     assert checkpoints(run) == [f"step-{step:06d}.pth"]
     assert load_file(run / "checkpoints" / f"step-{step:06d}.pth", mmap=False)["step"] == step
-
-    # the same command, --resume auto and a run length that ends soon, goes on from there
-    flags = common_flags(tiny_ckpt, run, step + 2, **{"--train.global_batch_size": "1"})
-    r = subprocess.run([sys.executable, str(REPO / "finetune" / "ether.py"), *flags, "--ether_nb", "4",
-                        "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, LIT_GPT_NO_PROGRESS="1"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"at step {step}." in r.stdout and (run / "lit_model_ether_finetuned.pth").is_file()
+    # (--resume auto from it: the in-process test above)
 
 
 @pytest.mark.slow

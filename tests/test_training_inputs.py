@@ -260,10 +260,10 @@ def test_float16_adapter_training_keeps_the_trainable_weights_in_float32(tiny_ck
     """16-true: float16 weights gave AdamW float16 state (eps and small squared gradients round to 0): the adapter
     was NaN after the first step. The adapter's weights, gradients and AdamW state are now float32, the frozen model
     float16."""
-    from lit_gpt.training import _float16_keeping_trainable_float32
+    from lit_gpt.training import _half_keeping_trainable_float32
 
     seen = {}
-    real = _float16_keeping_trainable_float32()
+    real = _half_keeping_trainable_float32()
 
     class Spy(real):
         def convert_module(self, module):
@@ -273,14 +273,14 @@ def test_float16_adapter_training_keeps_the_trainable_weights_in_float32(tiny_ck
 
     import lit_gpt.training as training
 
-    orig = training._float16_keeping_trainable_float32
-    training._float16_keeping_trainable_float32 = lambda: Spy
+    orig = training._half_keeping_trainable_float32
+    training._half_keeping_trainable_float32 = lambda: Spy
     try:
         out = tmp_path / "fp16"
         setup_ether(tiny_ckpt / "data", out, precision="16-true", eval={"interval": 2},
                     train={"max_steps": 4, "save_interval": 2, "learning_rate": 1e-3}, **extra)
     finally:
-        training._float16_keeping_trainable_float32 = orig
+        training._half_keeping_trainable_float32 = orig
     assert "the adapter's weights, gradients and AdamW state are float32" in capsys.readouterr().out
     trainable = {n for n in seen if n.rsplit(".", 1)[-1] in ("u", "v", "R", "R_upper")}
     assert trainable and {seen[n] for n in trainable} == {torch.float32}
@@ -304,6 +304,38 @@ def test_float16_lora_trains_with_float32_factors(tiny_ckpt, tmp_path):
     Bs = [v for k, v in load_file(out / "lit_model_lora_finetuned.pth")["state_dict"].items() if k.endswith(".B")]
     assert Bs and all(b.dtype == torch.float32 and torch.isfinite(b).all() for b in Bs)
     assert any(b.abs().sum() > 0 for b in Bs)  # B starts at 0: it moved, so the factors' gradients arrived
+
+
+def test_bfloat16_adapter_float32_keeps_the_small_adam_steps_bfloat16_weights_drop(tiny_ckpt, tmp_path, capsys):
+    """bf16-true: each Adam step moves a weight by about the learning rate (1e-5 here), below half a bfloat16
+    spacing for almost every weight, so bfloat16 adapter weights barely move in 5 steps; with --adapter_float32 they
+    are float32 (weights, AdamW state, final file) and every one moves, while the frozen model stays bfloat16."""
+    from lit_gpt.adapters import plan_report
+    from lit_gpt.config import Config
+
+    moved, runs = {}, {}
+    for f32 in (False, True):
+        out = runs[f32] = tmp_path / f"f32-{f32}"
+        setup_ether(tiny_ckpt / "data", out, precision="bf16-true", adapter_float32=f32, Htype="etherplus",
+                    train={"max_steps": 6, "save_interval": 1, "learning_rate": 1e-5, "lr_warmup_steps": 1})
+        first = load_file(out / "checkpoints" / "step-000001.pth", mmap=False)["model"]
+        last = load_file(out / "lit_model_ether_finetuned.pth", mmap=False)["state_dict"]
+        assert first and {v.dtype for v in last.values()} == {torch.float32 if f32 else torch.bfloat16}
+        changed = sum(int((last[k].float() != first[k].float()).sum()) for k in first)
+        moved[f32] = changed / sum(v.numel() for v in first.values())
+    assert moved[False] < 0.2 and moved[True] > 0.99, moved
+    out = capsys.readouterr().out
+    assert ("--precision bf16-true: the adapter's weights, gradients and AdamW state are float32 (--adapter_float32: "
+            "no Adam step is rounded away); the frozen model and the activations are bfloat16.") in out
+    ckpt = load_file(runs[True] / "checkpoints" / "step-000006.pth", mmap=False)
+    assert {s["exp_avg_sq"].dtype for s in ckpt["optimizer"]["state"].values()} == {torch.float32}
+    # the plan counts 4 bytes for each trainable weight
+    cfg = Config.from_checkpoint(tiny_ckpt)
+    from lit_gpt.adapters import AdapterConfig
+
+    adapter = AdapterConfig(method="etherplus", nb=4, targets=["query", "value"])
+    assert "the trainable ones float32, 4 bytes" in plan_report(cfg, adapter, "bf16-true", trainable_float32=True)
+    assert "float32" not in plan_report(cfg, adapter, "bf16-true")
 
 
 def test_float16_full_fine_tuning_is_refused_before_anything_is_written(tiny_ckpt, tmp_path):

@@ -35,9 +35,11 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], precision: str = "bf16-true") -> str:
+def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], precision: str = "bf16-true",
+                trainable_float32: bool = False) -> str:
     """A plain-text plan for fine-tuning `model` (a name of `Config.from_name`, or a checkpoint's `Config`) with
-    `config` (`None`: full fine-tuning) at Lightning `precision`."""
+    `config` (`None`: full fine-tuning) at Lightning `precision`; `trainable_float32`: the adapter's weights are
+    float32 whatever the precision (`--adapter_float32`)."""
     precision = PRECISION_ALIASES.get(precision, precision)
     if precision not in PRECISION_BYTES:
         raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}.")
@@ -51,8 +53,10 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     trainable = num_parameters(gpt, requires_grad=True)
     frozen = num_parameters(gpt, requires_grad=False)
     nbytes, meaning = PRECISION_BYTES[precision]
-    # 16-true keeps an adapter's weights (so their gradients and AdamW's state) in float32: lit_gpt.training
-    trainable_bytes = 4 if precision == "16-true" and config is not None else nbytes
+    # 16-true (and bf16-true with --adapter_float32) keeps an adapter's weights, so their gradients and AdamW's
+    # state, in float32: lit_gpt.training.keeps_trainable_float32
+    float32 = config is not None and (precision == "16-true" or trainable_float32)
+    trainable_bytes = 4 if float32 else nbytes
     weights = frozen * nbytes + trainable * trainable_bytes
     grads = trainable * trainable_bytes
     adam = 2 * trainable * trainable_bytes
