@@ -965,6 +965,7 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
         return _non_finite_error(what, step, state["last_good"], precision)
 
     start = state["step"]
+    trained = {"seconds": 0.0, "tokens": 0}  # the optimisation steps only (no validation or checkpoints)
     model.train()
     while state["step"] < steps:
         t0 = time.perf_counter()
@@ -997,6 +998,8 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
         state["step"] = step
 
         dt = time.perf_counter() - t0
+        trained["seconds"] += dt
+        trained["tokens"] += tokens * fabric.world_size
         metrics = {"loss": loss_val, "lr": lr, "step_time": dt,
                    "tokens_per_sec": tokens * fabric.world_size / dt, "step": step}
         if step % train.log_interval == 0 or step == steps:
@@ -1025,6 +1028,23 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
     if state["step"] > start and state["checkpoint_last"]:
         save_checkpoint(steps, loader.state_dict(), last_of_run=True)
     progress.close()
+    if state["step"] > start:
+        fabric.print(f"Trained steps {start + 1}-{steps} in {trained['seconds']:.1f} s of optimisation "
+                     f"({trained['tokens'] / trained['seconds']:,.0f} tokens/s, padding included); "
+                     f"{peak_memory(fabric.device, fabric.world_size)}.")
+
+
+def peak_memory(device: torch.device, world_size: int = 1) -> str:
+    """This process's peak memory, as a phrase: the GPU's allocations, or on the CPU the resident set."""
+    if device.type == "cuda":
+        where = " on rank 0's GPU" if world_size > 1 else ""
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB{where}"
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return "peak memory unknown"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return f"peak memory {kib / 2**20:.2f} GiB (the process's resident set)"
 
 
 @torch.no_grad()

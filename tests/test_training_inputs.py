@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -327,6 +328,9 @@ def test_bfloat16_adapter_float32_keeps_the_small_adam_steps_bfloat16_weights_dr
     out = capsys.readouterr().out
     assert ("--precision bf16-true: the adapter's weights, gradients and AdamW state are float32 (--adapter_float32: "
             "no Adam step is rounded away); the frozen model and the activations are bfloat16.") in out
+    # the run's summary: time, throughput and peak memory of the optimisation
+    assert re.search(r"Trained steps 1-6 in [\d.]+ s of optimisation \([\d,]+ tokens/s, padding included\); "
+                     r"peak memory [\d.]+ GiB \(the process's resident set\)\.", out)
     ckpt = load_file(runs[True] / "checkpoints" / "step-000006.pth", mmap=False)
     assert {s["exp_avg_sq"].dtype for s in ckpt["optimizer"]["state"].values()} == {torch.float32}
     # the plan counts 4 bytes for each trainable weight
