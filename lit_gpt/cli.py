@@ -204,8 +204,9 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
     `base_checkpoint_dir`, `prompt_style`, `started_in`, the resolved `io` paths): those are dropped, and `io` paths
     equal to the defaults they were derived from are left to the flags to derive again (so `--train.learning_rate`
     changes the default run directory too). The `io` paths were relative to the directory the run was started in
-    (`started_in`): when that is not the current one, they are made absolute. A file written by another script (a LoRA run's, given to
-    finetune/ether.py) raises `RunConfigError`. Any other `--config` (config_hub/'s YAMLs) is left as it is.
+    (`started_in`): when that is not the current one, they are made absolute. A file written by another script (a
+    LoRA run's, given to finetune/ether.py) raises `RunConfigError`. Any other `--config` (config_hub/'s YAMLs) is
+    left as it is.
     """
     out = list(args)
     for i, arg in enumerate(out):

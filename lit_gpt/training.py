@@ -862,12 +862,16 @@ def finetune(
         logs["csv"] = MetricsCSV(out_dir / "logs" / METRICS_FILENAME, keep_until_step=state["step"])
 
     write_on_rank_0(fabric, out_dir / HPARAMS_FILENAME, start_logs, state["last_good"])
-    metrics_csv = logs.get("csv")
 
     def log_metrics(metrics: dict, step: int) -> None:
         fabric.log_dict(metrics, step=step)
-        if metrics_csv is not None:
-            metrics_csv.log(metrics, step)
+        if logs.get("csv") is not None:  # rank 0
+            try:
+                logs["csv"].log(metrics, step)
+            except OSError as e:  # a full disk: the run goes on (a checkpoint it cannot write stops it, in one line)
+                fabric.print(f"warning: could not write {logs['csv'].path} ({e.strerror or e}): it stops at the rows "
+                             f"before step {step}; TensorBoard's logs and the checkpoints go on.")
+                logs["csv"] = None
 
     def save_checkpoint(step: int, data_state: dict, last_of_run: bool = False) -> Path:
         msd, osd = trainable_state_dict(model.module, optimizer.optimizer)
@@ -965,69 +969,71 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
         return _non_finite_error(what, step, state["last_good"], precision)
 
     start = state["step"]
-    trained = {"seconds": 0.0, "tokens": 0}  # the optimisation steps only (no validation or checkpoints)
-    model.train()
-    while state["step"] < steps:
-        t0 = time.perf_counter()
-        step = state["step"] + 1
-        loss_sum, tokens = torch.zeros((), device=fabric.device), 0
-        for i in range(accum):
-            batch = next(batches)
-            input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
-            with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                loss = model(input_ids, labels=labels)
-                fabric.backward(loss / accum)
-            loss_sum += loss.detach()
-            tokens += input_ids.numel()
-        # one all-reduce (mean) for the loss and for whether any rank was asked to stop
-        asked = float(stop.signum) if stop is not None else 0.0
-        loss_val, stopping = fabric.all_reduce(torch.stack([loss_sum / accum, loss_sum.new_tensor(asked)])).tolist()
-        if not math.isfinite(loss_val):
-            raise non_finite(f"The training loss became {loss_val}", step)
-        if train.max_norm:
-            try:
-                fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
-            except RuntimeError as e:  # torch: "The total norm of order 2.0 for gradients ... is non-finite"
-                if "non-finite" not in str(e):
-                    raise
-                raise non_finite("The gradient norm became non-finite", step) from None
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on below)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state["step"] = step
+    try:
+        trained = {"seconds": 0.0, "tokens": 0}  # the optimisation steps only (no validation or checkpoints)
+        model.train()
+        while state["step"] < steps:
+            t0 = time.perf_counter()
+            step = state["step"] + 1
+            loss_sum, tokens = torch.zeros((), device=fabric.device), 0
+            for i in range(accum):
+                batch = next(batches)
+                input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+                with fabric.no_backward_sync(model, enabled=i < accum - 1):
+                    loss = model(input_ids, labels=labels)
+                    fabric.backward(loss / accum)
+                loss_sum += loss.detach()
+                tokens += input_ids.numel()
+            # one all-reduce (mean) for the loss and for whether any rank was asked to stop
+            asked = float(stop.signum) if stop is not None else 0.0
+            loss_val, stopping = fabric.all_reduce(torch.stack([loss_sum / accum, loss_sum.new_tensor(asked)])).tolist()
+            if not math.isfinite(loss_val):
+                raise non_finite(f"The training loss became {loss_val}", step)
+            if train.max_norm:
+                try:
+                    fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+                except RuntimeError as e:  # torch: "The total norm of order 2.0 for gradients ... is non-finite"
+                    if "non-finite" not in str(e):
+                        raise
+                    raise non_finite("The gradient norm became non-finite", step) from None
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on below)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] = step
 
-        dt = time.perf_counter() - t0
-        trained["seconds"] += dt
-        trained["tokens"] += tokens * fabric.world_size
-        metrics = {"loss": loss_val, "lr": lr, "step_time": dt,
-                   "tokens_per_sec": tokens * fabric.world_size / dt, "step": step}
-        if step % train.log_interval == 0 or step == steps:
-            log_metrics(metrics, step)
-        progress.update(metrics)
+            dt = time.perf_counter() - t0
+            trained["seconds"] += dt
+            trained["tokens"] += tokens * fabric.world_size
+            metrics = {"loss": loss_val, "lr": lr, "step_time": dt,
+                       "tokens_per_sec": tokens * fabric.world_size / dt, "step": step}
+            if step % train.log_interval == 0 or step == steps:
+                log_metrics(metrics, step)
+            progress.update(metrics)
 
-        if stopping and step < steps:  # (at the last step, the run finishes: validation, checkpoint, final file)
-            path = save_checkpoint(step, loader.state_dict())
-            progress.close()
-            signum = stop.signum or signal.SIGTERM  # (a signal another rank received)
-            fabric.print(f"Stopped by {signal.Signals(signum).name} after step {step} of {steps}, with a checkpoint "
-                         f"of it: {path}. The same command with --resume auto goes on from there.")
-            raise TrainingStopped(128 + signum)
-        if validating and eval.interval and step % eval.interval == 0 and step < steps:
-            validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
+            if stopping and step < steps:  # (at the last step, the run finishes: validation, checkpoint, final file)
+                path = save_checkpoint(step, loader.state_dict())
+                progress.close()
+                signum = stop.signum or signal.SIGTERM  # (a signal another rank received)
+                fabric.print(f"Stopped by {signal.Signals(signum).name} after step {step} of {steps}, with a "
+                             f"checkpoint of it: {path}. The same command with --resume auto goes on from there.")
+                raise TrainingStopped(128 + signum)
+            if validating and eval.interval and step % eval.interval == 0 and step < steps:
+                validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
+                                 non_finite)
+            if step % train.save_interval == 0 and step < steps:
+                save_checkpoint(step, loader.state_dict())
+        # the final validation, unless this resumes the last-step checkpoint, which was written after it (its row is
+        # in the logs already: only the final file was missing)
+        if validating and not (state["step"] == start and state.get("validated_last")):
+            validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, steps, progress, log_metrics,
                              non_finite)
-        if step % train.save_interval == 0 and step < steps:
-            save_checkpoint(step, loader.state_dict())
-    # the final validation, unless this resumes the last-step checkpoint, which was written after it (its row is
-    # in the logs already: only the final file was missing)
-    if validating and not (state["step"] == start and state.get("validated_last")):
-        validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, steps, progress, log_metrics,
-                         non_finite)
-    # the last step too, so --resume auto on a finished run knows it is finished; not for full fine-tuning, whose
-    # checkpoint (every weight and two AdamW moments: ~80 GB at 7B) would cost far more than redoing a few steps
-    if state["step"] > start and state["checkpoint_last"]:
-        save_checkpoint(steps, loader.state_dict(), last_of_run=True)
-    progress.close()
+        # the last step too, so --resume auto on a finished run knows it is finished; not for full fine-tuning, whose
+        # checkpoint (every weight and two AdamW moments: ~80 GB at 7B) would cost far more than redoing a few steps
+        if state["step"] > start and state["checkpoint_last"]:
+            save_checkpoint(steps, loader.state_dict(), last_of_run=True)
+    finally:  # also when a step fails, so that the error starts on a line of its own
+        progress.close()
     if state["step"] > start:
         fabric.print(f"Trained steps {start + 1}-{steps} in {trained['seconds']:.1f} s of optimisation "
                      f"({trained['tokens'] / trained['seconds']:,.0f} tokens/s, padding included); "

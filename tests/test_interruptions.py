@@ -177,3 +177,27 @@ def test_a_checkpoint_rank_0_cannot_write_stops_both_fsdp_processes_in_one_line(
     assert errors == [f"error: Could not write {run / 'checkpoints' / 'step-000002.pth'}: File exists "
                       f"({run / 'checkpoints'}); nothing was lost: free space (or fix the folder), then run the same "
                       "command with --resume auto."]
+
+
+def test_a_metrics_row_that_cannot_be_written_costs_the_csv_not_the_run(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lit_gpt import training
+    from test_resume_semantics import csv_rows
+
+    log = training.MetricsCSV.log
+
+    def full_disk_from_step_3(self, metrics, step):
+        if step >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        log(self, metrics, step)
+
+    monkeypatch.setattr(training.MetricsCSV, "log", full_disk_from_step_3)
+    run = tmp_path / "run"
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=TRAIN)
+    out = capsys.readouterr().out
+    warning = (f"warning: could not write {run / 'logs' / 'metrics.csv'} (No space left on device): it stops at the "
+               "rows before step 3; TensorBoard's logs and the checkpoints go on.")
+    assert out.count(warning) == 1
+    assert [int(r["step"]) for r in csv_rows(run)] == [1, 2]
+    assert (run / "lit_model_ether_finetuned.pth").is_file()
