@@ -44,3 +44,23 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, f"GGUF import failed:\n{result.stdout}\n{result.stderr}"
     return out
+
+
+# ---------------------------------------------------------------------------------------------- Triton interpreter
+# Without a GPU, tests/test_gpu_kernel.py runs again in a child process under Triton's interpreter: one core's work
+# for about two minutes. It starts as soon as the test that waits for it is selected, so it runs beside the rest.
+TRITON_INTERPRETER_CHILD = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        if item.name == "test_kernels_in_triton_interpreter":
+            session.config.stash[TRITON_INTERPRETER_CHILD] = item.module.start_interpreter_child()
+            break
+
+
+def pytest_unconfigure(config):
+    child = config.stash.get(TRITON_INTERPRETER_CHILD, None)
+    if child is not None and child.poll() is None:  # the session ended before the test collected it
+        child.kill()
+        child.wait()

@@ -13,7 +13,9 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -29,18 +31,35 @@ INTERPRETER = os.environ.get(CHILD) == "1" and os.environ.get("TRITON_INTERPRET"
 direct = pytest.mark.skipif(not (CUDA or INTERPRETER), reason="no GPU: run by test_kernels_in_triton_interpreter")
 
 
-def test_kernels_in_triton_interpreter():
+def start_interpreter_child() -> Optional[subprocess.Popen]:
+    """This file's tests in a child pytest under Triton's interpreter, started (its output in `.output`, a temporary
+    file); None where they run directly (a GPU, or already the child) or Triton is missing. conftest.py starts it
+    when the session begins, so that it runs beside the other tests."""
+    if CUDA or INTERPRETER or importlib.util.find_spec("triton") is None:
+        return None
+    output = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1", CHILD: "1"},
+        stdout=output, stderr=subprocess.STDOUT, text=True,
+    )
+    proc.output = output
+    return proc
+
+
+def test_kernels_in_triton_interpreter(request):
     if CUDA or INTERPRETER:
         pytest.skip("the kernel tests run directly in this process")
     if importlib.util.find_spec("triton") is None:
         pytest.skip("neither a CUDA GPU nor Triton (for its interpreter) is available")
-    env = {**os.environ, "TRITON_INTERPRET": "1", CHILD: "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    from conftest import TRITON_INTERPRETER_CHILD
+
+    proc = request.config.stash.get(TRITON_INTERPRETER_CHILD, None) or start_interpreter_child()
+    proc.wait()
+    proc.output.seek(0)
+    out = proc.output.read()
+    assert proc.returncode == 0, out[-8000:]
+    assert " passed" in out and "failed" not in out
 
 
 COEFS = {"ether": (-2.0,), "etherplus": (-1.0, 1.0)}
