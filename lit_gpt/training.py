@@ -12,9 +12,10 @@ checkpoint, then that the data was tokenized for that checkpoint, then that a `-
 run (method, adapter config, data order). `hyperparameters.yaml` is written only once all of that has passed, and no
 checkpoint or final file is written unless every trainable tensor is finite.
 
-Ctrl-C (SIGINT) or a scheduler's SIGTERM (preemption, `scancel`, `kill`) stops a run after the step in progress, with
-a checkpoint of that step, on every rank at once (`StopRequest`); the process exits with 128 + the signal's number,
-and the same command with `--resume auto` goes on from there. The same signal again stops at once.
+Ctrl-C (SIGINT), a scheduler's SIGTERM (preemption, `scancel`, `kill`) or SIGUSR1 (SLURM's warning before the time
+limit with `#SBATCH --signal=USR1@90`) stops a run after the step in progress, with a checkpoint of that step, on every
+rank at once (`StopRequest`); the process exits with 128 + the signal's number, and the same command with `--resume
+auto` goes on from there. The same signal again acts at once (SIGUSR1: terminates).
 """
 
 from __future__ import annotations
@@ -98,12 +99,12 @@ class TrainingStopped(SystemExit):
 
 
 class StopRequest:
-    """While entered (in the main thread): SIGINT and SIGTERM ask the run to stop after the step in progress
+    """While entered (in the main thread): SIGINT, SIGTERM and SIGUSR1 ask the run to stop after the step in progress
     (`signum` becomes the signal's number) instead of killing it mid-step; the same signal again acts as it did before
     (Ctrl-C raises KeyboardInterrupt, SIGTERM terminates). `fit` shares the request with every rank in the step's
     loss all-reduce, so all stop after the same step."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ())
 
     def __init__(self, announce: bool = True) -> None:
         self.signum = 0

@@ -61,6 +61,25 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_ends_where_an
         assert torch.equal(a[k], b[k]), k
 
 
+def test_the_stop_signals_and_a_second_one(capfd):
+    """SIGUSR1 (SLURM's `--signal=USR1@90` warning before the time limit) asks for a stop as SIGTERM and Ctrl-C do;
+    the same signal again acts at once (a second Ctrl-C raises KeyboardInterrupt); leaving restores the handlers."""
+    from lit_gpt.training import StopRequest
+
+    before = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
+    assert signal.SIGUSR1 in before
+    with StopRequest(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signum == signal.SIGUSR1
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS} == before
+    assert capfd.readouterr().err.count("SIGINT received: the run stops after the step in progress") == 1
+
+
 def start(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "finetune" / "ether.py"), *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
