@@ -9,6 +9,10 @@ CPU (default): width 1024, 4 layers, seq 256. GPU: `--shape 7b --device cuda --d
 (32 layers, width 4096) in bf16, where also the peak allocated memory and MFU are reported. MFU counts the FLOPs a
 frozen model must do (forward + input gradients: 4 × frozen linear parameters × tokens, plus attention) plus the
 weight gradients of trainable parameters, over `--peak_tflops` (H100 SXM bf16 dense: 989).
+
+A method name ending in `+f32` (`etherplusHH+f32`) keeps that adapter's weights, and so AdamW's state, in float32
+while the model is `--dtype`, as `finetune/*.py --adapter_float32 true` does under bf16-true: its cost is the row
+next to the plain method's.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from lit_gpt.utils import num_parameters  # noqa: E402
 SHAPES = {
     "small": dict(n_layer=4, n_embd=1024, n_head=16, n_query_groups=16, intermediate_size=2816),
     "7b": dict(n_layer=32, n_embd=4096, n_head=32, n_query_groups=32, intermediate_size=11008),
+    "tiny": dict(n_layer=1, n_embd=128, n_head=4, n_query_groups=4, intermediate_size=256),  # the smoke test's
 }
+FLOAT32_SUFFIX = "+f32"
 
 
 def method_config(method: str, targets: list[str]) -> Optional[AdapterConfig]:
@@ -46,6 +52,8 @@ def method_config(method: str, targets: list[str]) -> Optional[AdapterConfig]:
 
 
 def build(method: str, base: dict, config: Config, targets: list[str], device: str, dtype: torch.dtype) -> GPT:
+    float32 = method.endswith(FLOAT32_SUFFIX)
+    method = method.removesuffix(FLOAT32_SUFFIX)
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(base, assign=True)  # the same tensors for every variant: one copy of the weights
@@ -59,6 +67,10 @@ def build(method: str, base: dict, config: Config, targets: list[str], device: s
     if adapter is not None:
         apply_adapters(model, adapter)
         model.to(device=device, dtype=dtype)
+        if float32:  # what lit_gpt.training's precision plugin does for --adapter_float32
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
     return model.train()
 
 
@@ -102,10 +114,11 @@ def main(
     Args:
         device: `cpu` or `cuda`.
         dtype: Weight and activation dtype (`float32`, `bfloat16`).
-        shape: `small` (width 1024, 4 layers) or `7b` (Llama-2-7B).
+        shape: `small` (width 1024, 4 layers), `7b` (Llama-2-7B) or `tiny` (width 128, 1 layer: a smoke test).
         seq_len: Tokens per sample.
         micro_batch_size: Samples per step.
-        methods: Comma-separated: frozen, ether, etherplus, etherplusHH, oft, lora, full.
+        methods: Comma-separated: frozen, ether, etherplus, etherplusHH, oft, lora, full; an adapter's name
+            with `+f32` appended keeps its weights float32 (`--adapter_float32`).
         targets: Comma-separated adapter targets (query, key, value, projection, mlp).
         repeats: Interleaved rounds; medians are reported.
         warmup: Untimed rounds first.

@@ -127,3 +127,31 @@ def test_small_benches_print_their_tables(capsys):
             assert float(node.split()[1]) == 0 and float(node.split()[2]) > 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_train_bench_keeps_f32_variants_adapters_float32_and_reports_every_row(capsys):
+    """`bench/train.py`'s `+f32` variants (the cost of `--adapter_float32`): float32 adapter weights on a bfloat16
+    model, and a row of their own beside the plain method's."""
+    if str(BENCH.parent) not in sys.path:
+        sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH.parent / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    from lit_gpt import GPT, Config
+
+    config = Config.from_name("Llama-2-7b-hf", **train.SHAPES["tiny"], vocab_size=320)
+    base = {k: v.bfloat16() for k, v in GPT(config).state_dict().items()}
+    for name, expected in (("etherplusHH", torch.bfloat16), ("etherplusHH+f32", torch.float32),
+                           ("lora+f32", torch.float32)):
+        model = train.build(name, base, config, ["query", "value"], "cpu", torch.bfloat16)
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {expected}, name
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}, name
+
+    threads = torch.get_num_threads()
+    try:
+        train.main(shape="tiny", dtype="bfloat16", seq_len=16, methods="etherplus,etherplus+f32", repeats=1,
+                   warmup=0, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| frozen |" in out and "| etherplus |" in out and "| etherplus+f32 |" in out
