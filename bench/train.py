@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from common import command_line, machine, saved_bytes, sync, write_section  # noqa: E402
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.adapters import AdapterConfig, apply_adapters  # noqa: E402
+from lit_gpt.training import cast_trainable_float32  # noqa: E402
 from lit_gpt.utils import num_parameters  # noqa: E402
 
 SHAPES = {
@@ -68,9 +69,7 @@ def build(method: str, base: dict, config: Config, targets: list[str], device: s
         apply_adapters(model, adapter)
         model.to(device=device, dtype=dtype)
         if float32:  # what lit_gpt.training's precision plugin does for --adapter_float32
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
+            cast_trainable_float32(model)
     return model.train()
 
 

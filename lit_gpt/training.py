@@ -227,13 +227,18 @@ def _half_keeping_trainable_float32():
         adapters cast their weights to the activations' dtype, and the gradients back."""
 
         def convert_module(self, module: nn.Module) -> nn.Module:
-            trainable = [p for p in module.parameters() if p.requires_grad]
             module = super().convert_module(module)
-            for p in trainable:
-                p.data = p.data.float()
+            cast_trainable_float32(module)
             return module
 
     return HalfKeepingTrainableFloat32
+
+
+def cast_trainable_float32(module: nn.Module) -> None:
+    """The trainable weights of `module` in float32, in place (their gradients and AdamW's state follow them)."""
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def check_devices(devices: int) -> None:
@@ -699,9 +704,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
             check_tied_head(model, adapter_config, method)
         precision = args["precision"] or default_precision()
         check_precision(precision, adapter_config)
-        print(plan_report(model, adapter_config, precision,
-                          trainable_float32=keeps_trainable_float32(precision, adapter_config,
-                                                                    args.get("adapter_float32", False))))
+        print(plan_report(model, adapter_config, precision, adapter_float32=args.get("adapter_float32", False)))
         return None
     # the flags only: never a class or module a script happened to have in scope
     cli_args = {k: v for k, v in args.items() if k not in ("io", "train", "eval", "adapter", "targets", "extra")
@@ -987,7 +990,8 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
                 tokens += input_ids.numel()
             # one all-reduce (mean) for the loss and for whether any rank was asked to stop
             asked = float(stop.signum) if stop is not None else 0.0
-            loss_val, stopping = fabric.all_reduce(torch.stack([loss_sum / accum, loss_sum.new_tensor(asked)])).tolist()
+            both = torch.stack([loss_sum / accum, torch.full_like(loss_sum, asked)])  # (no host-to-device copy)
+            loss_val, stopping = fabric.all_reduce(both).tolist()
             if not math.isfinite(loss_val):
                 raise non_finite(f"The training loss became {loss_val}", step)
             if train.max_norm:

@@ -338,7 +338,7 @@ def test_bfloat16_adapter_float32_keeps_the_small_adam_steps_bfloat16_weights_dr
     from lit_gpt.adapters import AdapterConfig
 
     adapter = AdapterConfig(method="etherplus", nb=4, targets=["query", "value"])
-    assert "the trainable ones float32, 4 bytes" in plan_report(cfg, adapter, "bf16-true", trainable_float32=True)
+    assert "the trainable ones float32, 4 bytes" in plan_report(cfg, adapter, "bf16-true", adapter_float32=True)
     assert "float32" not in plan_report(cfg, adapter, "bf16-true")
 
 

@@ -36,10 +36,9 @@ def format_bytes(n: float) -> str:
 
 
 def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], precision: str = "bf16-true",
-                trainable_float32: bool = False) -> str:
+                adapter_float32: bool = False) -> str:
     """A plain-text plan for fine-tuning `model` (a name of `Config.from_name`, or a checkpoint's `Config`) with
-    `config` (`None`: full fine-tuning) at Lightning `precision`; `trainable_float32`: the adapter's weights are
-    float32 whatever the precision (`--adapter_float32`)."""
+    `config` (`None`: full fine-tuning) at Lightning `precision`; `adapter_float32`: the flag of that name."""
     precision = PRECISION_ALIASES.get(precision, precision)
     if precision not in PRECISION_BYTES:
         raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}.")
@@ -53,10 +52,9 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     trainable = num_parameters(gpt, requires_grad=True)
     frozen = num_parameters(gpt, requires_grad=False)
     nbytes, meaning = PRECISION_BYTES[precision]
-    # 16-true (and bf16-true with --adapter_float32) keeps an adapter's weights, so their gradients and AdamW's
-    # state, in float32: lit_gpt.training.keeps_trainable_float32
-    float32 = config is not None and (precision == "16-true" or trainable_float32)
-    trainable_bytes = 4 if float32 else nbytes
+    from lit_gpt.training import keeps_trainable_float32  # (16-true, and bf16-true with --adapter_float32)
+
+    trainable_bytes = 4 if keeps_trainable_float32(precision, config, adapter_float32) else nbytes
     weights = frozen * nbytes + trainable * trainable_bytes
     grads = trainable * trainable_bytes
     adam = 2 * trainable * trainable_bytes
