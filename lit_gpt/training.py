@@ -15,7 +15,8 @@ checkpoint or final file is written unless every trainable tensor is finite.
 Ctrl-C (SIGINT), a scheduler's SIGTERM (preemption, `scancel`, `kill`) or SIGUSR1 (SLURM's warning before the time
 limit with `#SBATCH --signal=USR1@90`) stops a run after the step in progress, with a checkpoint of that step, on every
 rank at once (`StopRequest`); the process exits with 128 + the signal's number, and the same command with `--resume
-auto` goes on from there. The same signal again acts at once (SIGUSR1: terminates).
+auto` goes on from there. A validation in progress, or due at that step, is left to the resume, which runs it first.
+The same signal again acts at once (SIGUSR1: terminates).
 """
 
 from __future__ import annotations
@@ -511,6 +512,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def checkpoint_validated(saved: dict, steps: int) -> bool:
+    """Whether a validation ran at a checkpoint's step before it was written. Checkpoints of earlier versions say so
+    only at the last step (`last_of_run`); before it, they were written after any validation due at their step."""
+    if "validated" in saved:
+        return bool(saved["validated"])
+    return bool(saved.get("last_of_run")) if saved["step"] >= steps else True
+
+
 def find_resume_checkpoint(out_dir: Path) -> Optional[Path]:
     ckpt_dir = out_dir / "checkpoints"
     found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*.pth") if (m := CHECKPOINT_RE.match(p.name))]
@@ -826,7 +835,8 @@ def finetune(
     )
     optimizer = fabric.setup_optimizers(optimizer)
 
-    state = {"step": 0, "data": None, "last_good": None, "checkpoint_last": adapter_config is not None}
+    state = {"step": 0, "data": None, "last_good": None, "checkpoint_last": adapter_config is not None,
+             "validated": False}
     if saved is not None:
         # AdamW's moments and step counts from the checkpoint; its lr, weight decay and betas from the flags
         load_trainable_state(model.module, optimizer.optimizer, saved["model"], saved["optimizer"], ckpt)
@@ -834,7 +844,7 @@ def finetune(
         state["step"] = saved["step"]
         state["data"] = saved["data"]
         state["last_good"] = ckpt
-        state["validated_last"] = bool(saved.get("last_of_run")) and saved["step"] == steps
+        state["validated"] = checkpoint_validated(saved, steps)
         set_rng_state(saved["rng"])
         fabric.print(f"Resumed from {ckpt} at step {state['step']}.")
         if changed:
@@ -877,13 +887,13 @@ def finetune(
                              f"before step {step}; TensorBoard's logs and the checkpoints go on.")
                 logs["csv"] = None
 
-    def save_checkpoint(step: int, data_state: dict, last_of_run: bool = False) -> Path:
+    def save_checkpoint(step: int, data_state: dict, validated: bool) -> Path:
         msd, osd = trainable_state_dict(model.module, optimizer.optimizer)
         path = out_dir / "checkpoints" / f"step-{step:06d}.pth"
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
         write_on_rank_0(fabric, path, lambda: atomic_save(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng_state(), "method": method,
-             "train": asdict(train), "last_of_run": last_of_run,  # written after the final validation
+             "train": asdict(train), "validated": validated,  # whether a validation ran at this step before it
              "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),
             state["last_good"])
         state["last_good"] = path
@@ -972,9 +982,29 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
     def non_finite(what: str, step: int) -> NonFiniteLossError:
         return _non_finite_error(what, step, state["last_good"], precision)
 
+    def due(step: int) -> bool:  # a validation at this step: every --eval.interval steps, and after the last one
+        return validating and (step == steps or bool(eval.interval) and step % eval.interval == 0)
+
+    def validate_here(step: int) -> None:  # a stop requested meanwhile abandons it: a resume runs it again
+        if not validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
+                                non_finite, stop):
+            stop_after(step)
+
+    def stop_after(step: int) -> None:  # before the step's validation, or cut short in it
+        path = save_checkpoint(step, loader.state_dict(), validated=False)
+        progress.close()
+        signum = stop.signum or signal.SIGTERM  # (a signal another rank received)
+        fabric.print(f"Stopped by {signal.Signals(signum).name} after step {step} of {steps}, with a checkpoint of it: "
+                     f"{path}. The same command with --resume auto goes on from there.")
+        raise TrainingStopped(128 + signum)
+
     start = state["step"]
     try:
         trained = {"seconds": 0.0, "tokens": 0}  # the optimisation steps only (no validation or checkpoints)
+        # a checkpoint written before its step's validation (a stop came first, or cut it short): that validation
+        # first (at the last step, the final validation below)
+        if 0 < start < steps and due(start) and not state["validated"]:
+            validate_here(start)
         model.train()
         while state["step"] < steps:
             t0 = time.perf_counter()
@@ -1016,27 +1046,21 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
                 log_metrics(metrics, step)
             progress.update(metrics)
 
-            if stopping and step < steps:  # (at the last step, the run finishes: validation, checkpoint, final file)
-                path = save_checkpoint(step, loader.state_dict())
-                progress.close()
-                signum = stop.signum or signal.SIGTERM  # (a signal another rank received)
-                fabric.print(f"Stopped by {signal.Signals(signum).name} after step {step} of {steps}, with a "
-                             f"checkpoint of it: {path}. The same command with --resume auto goes on from there.")
-                raise TrainingStopped(128 + signum)
-            if validating and eval.interval and step % eval.interval == 0 and step < steps:
-                validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
-                                 non_finite)
-            if step % train.save_interval == 0 and step < steps:
-                save_checkpoint(step, loader.state_dict())
+            if stopping and step < steps:  # (after the last one, the final validation stops, or the run just finishes)
+                stop_after(step)
+            if step < steps:
+                if due(step):
+                    validate_here(step)
+                if step % train.save_interval == 0:
+                    save_checkpoint(step, loader.state_dict(), validated=due(step))
         # the final validation, unless this resumes the last-step checkpoint, which was written after it (its row is
         # in the logs already: only the final file was missing)
-        if validating and not (state["step"] == start and state.get("validated_last")):
-            validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, steps, progress, log_metrics,
-                             non_finite)
+        if due(steps) and not (state["step"] == start and state["validated"]):
+            validate_here(steps)
         # the last step too, so --resume auto on a finished run knows it is finished; not for full fine-tuning, whose
         # checkpoint (every weight and two AdamW moments: ~80 GB at 7B) would cost far more than redoing a few steps
         if state["step"] > start and state["checkpoint_last"]:
-            save_checkpoint(steps, loader.state_dict(), last_of_run=True)
+            save_checkpoint(steps, loader.state_dict(), validated=due(steps))
     finally:  # also when a step fails, so that the error starts on a line of its own
         progress.close()
     if state["step"] > start:
@@ -1058,26 +1082,48 @@ def peak_memory(device: torch.device, world_size: int = 1) -> str:
     return f"peak memory {kib / 2**20:.2f} GiB (the process's resident set)"
 
 
+def stop_requested(fabric, stop: Optional[StopRequest]) -> bool:
+    """Whether any rank was asked to stop; every rank must call it at the same point (one tiny all-reduce)."""
+    asked = float(stop.signum) if stop is not None else 0.0
+    if fabric.world_size == 1:
+        return bool(asked)
+    return fabric.all_reduce(torch.full((), asked, device=fabric.device), reduce_op="max").item() > 0
+
+
 @torch.no_grad()
-def validate(fabric, model, val_data, eval: EvalArgs, max_len: int, pad_id: int, micro_batch_size: int = 1) -> float:
+def validate(fabric, model, val_data, eval: EvalArgs, max_len: int, pad_id: int,
+             stop: Optional[StopRequest] = None) -> Optional[float]:
+    """The mean loss of up to `eval.max_iters` examples per rank; None when a stop was requested on any rank before
+    it finished (a signal does not wait for a long validation)."""
     from lit_gpt.data import collate
 
     model.eval()
-    n = min(len(val_data), eval.max_iters * fabric.world_size)
-    total = torch.zeros((), device=fabric.device)
-    count = torch.zeros((), device=fabric.device)
-    for j in range(fabric.global_rank, n, fabric.world_size):
-        batch = collate([val_data[j]], pad_id=pad_id, max_seq_length=max_len)
-        total += model(batch["input_ids"].to(fabric.device), labels=batch["labels"].to(fabric.device))
-        count += 1
-    model.train()
+    try:
+        n = min(len(val_data), eval.max_iters * fabric.world_size)
+        total = torch.zeros((), device=fabric.device)
+        count = torch.zeros((), device=fabric.device)
+        # every rank runs the same number of forwards, or a sharded model waits forever in the one a rank skips: in
+        # the last round, a rank past the end runs the last example again and does not count it
+        for j in range(fabric.global_rank, n + (-n % fabric.world_size), fabric.world_size):
+            if stop_requested(fabric, stop):
+                return None
+            batch = collate([val_data[min(j, n - 1)]], pad_id=pad_id, max_seq_length=max_len)
+            loss = model(batch["input_ids"].to(fabric.device), labels=batch["labels"].to(fabric.device))
+            if j < n:
+                total += loss
+                count += 1
+    finally:
+        model.train()
     total, count = fabric.all_reduce(total, reduce_op="sum"), fabric.all_reduce(count, reduce_op="sum")
     return (total / count.clamp(min=1)).item()
 
 
 def validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
-                     non_finite) -> None:
-    val_loss = validate(fabric, model, val_data, eval, max_len, pad_id)
+                     non_finite, stop: Optional[StopRequest] = None) -> bool:
+    """Validate, log and show a sample answer; False (nothing logged) when a stop request cut the validation short."""
+    val_loss = validate(fabric, model, val_data, eval, max_len, pad_id, stop)
+    if val_loss is None:
+        return False
     if not math.isfinite(val_loss):
         raise non_finite(f"The validation loss became {val_loss}", step)
     log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step)
@@ -1085,6 +1131,7 @@ def validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, 
     if eval.max_new_tokens > 0 and len(val_data):
         sample = sample_generation(fabric, model, val_data[0], tokenizer, eval.max_new_tokens)
         progress.write(f"sample: {sample!r}")
+    return True
 
 
 @torch.no_grad()

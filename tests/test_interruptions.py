@@ -61,6 +61,62 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_ends_where_an
         assert torch.equal(a[k], b[k]), k
 
 
+def metric_rows(run: Path, key: str) -> list[tuple[int, float]]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+@pytest.mark.parametrize("when", ["in-the-step-before", "in-the-validation", "in-the-final-validation"])
+def test_a_stop_at_a_validation_step_leaves_it_to_the_resume(tiny_ckpt, tmp_path, monkeypatch, capfd, when):
+    """A stop does not wait for a validation due at its step (a long one could outlast a scheduler's grace period):
+    the checkpoint says that validation did not run, and `--resume auto` runs it before anything else; the logs end
+    as an unstopped run's, each validation once (the final one too: a stop during it leaves no final file until the
+    resume writes it)."""
+    from lit_gpt import training
+
+    train, eval = dict(TRAIN), dict(interval=2, max_iters=4)  # 4 batches per validation: steps 2, 4 and 6
+    setup_ether(tiny_ckpt / "data", tmp_path / "whole", ckpt=tiny_ckpt, train=train, eval=eval)
+
+    at_step = 6 if when == "in-the-final-validation" else 2
+    update, stop_requested, calls = training._progress.update, training.stop_requested, []
+
+    def update_and_signal(self, m):  # logging step 1: step 2's all-reduce carries it
+        update(self, m)
+        if m["step"] == 1 and when == "in-the-step-before":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def signal_in_the_validation(fabric, stop):  # after the first batch of step `at_step`'s
+        calls.append(stop)
+        if len(calls) == 2 + 4 * (at_step // 2 - 1) and when != "in-the-step-before":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stop_requested(fabric, stop)
+
+    monkeypatch.setattr(training._progress, "update", update_and_signal)
+    monkeypatch.setattr(training, "stop_requested", signal_in_the_validation)
+    run = tmp_path / "stopped"
+    with pytest.raises(training.TrainingStopped):
+        setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=train, eval=eval)
+    assert f"Stopped by SIGTERM after step {at_step} of 6" in capfd.readouterr().out
+    assert checkpoints(run) == [f"step-{at_step:06d}.pth"] and not (run / "lit_model_ether_finetuned.pth").exists()
+    assert load_file(run / "checkpoints" / f"step-{at_step:06d}.pth", mmap=False)["validated"] is False
+    assert [s for s, _ in metric_rows(run, "val_loss")] == list(range(2, at_step, 2))  # not the one cut short
+
+    monkeypatch.setattr(training._progress, "update", update)
+    monkeypatch.setattr(training, "stop_requested", stop_requested)
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=train, eval=eval, resume="auto")
+    assert f"step {at_step}: val loss" in capfd.readouterr().err
+    assert metric_rows(run, "val_loss") == pytest.approx(metric_rows(tmp_path / "whole", "val_loss"), abs=1e-6)
+    assert metric_rows(run, "loss") == metric_rows(tmp_path / "whole", "loss")
+    a, b = final_tensors(tmp_path / "whole"), final_tensors(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and once finished, it says so (the last-step checkpoint, as any finished run's, is after the final validation)
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=train, eval=eval, resume="auto")
+    assert "already finished" in capfd.readouterr().out
+
+
 def test_the_stop_signals_and_a_second_one(capfd):
     """SIGUSR1 (SLURM's `--signal=USR1@90` warning before the time limit) asks for a stop as SIGTERM and Ctrl-C do;
     the same signal again acts at once (a second Ctrl-C raises KeyboardInterrupt); leaving restores the handlers."""
@@ -126,15 +182,19 @@ def test_ctrl_c_from_the_command_line_stops_with_a_checkpoint_and_exit_130(tiny_
 @pytest.mark.slow
 def test_sigterm_to_rank_0_stops_both_fsdp_processes_after_the_same_step(tiny_ckpt, tmp_path):
     run = tmp_path / "run"
-    flags = common_flags(tiny_ckpt, run, 100000, **{"--devices": "2", "--train.global_batch_size": "2"})
+    # a validation of 4 batches per rank after every step: the signal lands in a step or in a validation, and either
+    # way rank 1 learns it in an all-reduce (the step's loss, or the one before each validation batch)
+    flags = common_flags(tiny_ckpt, run, 100000, **{"--devices": "2", "--train.global_batch_size": "2",
+                                                     "--eval.interval": "1", "--eval.max_iters": "4"})
     proc = start([*flags, "--ether_nb", "4"], dict(CUDA_VISIBLE_DEVICES=""))
-    out, err = signal_when_logged(proc, run, signal.SIGTERM)  # to rank 0 only: rank 1 learns it in the all-reduce
+    out, err = signal_when_logged(proc, run, signal.SIGTERM)  # to rank 0 only
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err
     step = stopped_step(out, "SIGTERM")
     assert checkpoints(run) == [f"step-{step:06d}.pth"]
     saved = load_file(run / "checkpoints" / f"step-{step:06d}.pth", mmap=False)
     assert saved["step"] == step and saved["model"]  # gathered from both shards
+    assert saved["validated"] is False  # (a step due for validation, as every step is here)
 
 
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):

@@ -123,7 +123,7 @@ def test_resuming_the_last_step_without_the_final_file_writes_it_without_validat
     run = copy_of(first_run, tmp_path / "run")
     final = run / "lit_model_ether_finetuned.pth"
     final.unlink()
-    assert load_file(run / "checkpoints" / "step-000004.pth", mmap=False)["last_of_run"] is True
+    assert load_file(run / "checkpoints" / "step-000004.pth", mmap=False)["validated"] is True
     capsys.readouterr()
     setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=FIRST, resume="auto")
     out = capsys.readouterr()
@@ -138,6 +138,18 @@ def test_resuming_the_last_step_without_the_final_file_writes_it_without_validat
     setup_ether(tiny_ckpt / "data", run2, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=2),
                 resume=str(run2 / "checkpoints" / "step-000002.pth"))
     assert [int(r["step"]) for r in csv_rows(run2) if r["val_loss"]] == [2]
+
+
+def test_checkpoints_of_earlier_versions_say_whether_their_step_was_validated():
+    """Before `validated`, a last-step checkpoint said `last_of_run` (written after the final validation), and any
+    other checkpoint was written after the validation due at its step: resuming them redoes no validation."""
+    from lit_gpt.training import checkpoint_validated
+
+    assert checkpoint_validated({"step": 4, "last_of_run": True}, steps=4)
+    assert not checkpoint_validated({"step": 4, "last_of_run": False}, steps=4)
+    assert not checkpoint_validated({"step": 2}, steps=2)  # the end of a shorter run: its final validation is due
+    assert checkpoint_validated({"step": 2}, steps=4)
+    assert not checkpoint_validated({"step": 2, "validated": False}, steps=4)
 
 
 # ---------------------------------------------------------------------------------------------- --num_nodes
