@@ -1140,13 +1140,20 @@ def sample_generation(fabric, model, row: dict, tokenizer, max_new_tokens: int) 
     from lit_gpt.generate import generate
 
     prompt = row["input_ids"][: int((row["labels"] == -100).sum())] if "labels" in row else row["input_ids"]
-    module = model.module
+    # sharded, every rank must run as many forwards as the others: one that stopped at an end token the others did not
+    # pick (a last-bit difference between GPUs) would leave them waiting forever, so all run `max_new_tokens` and the
+    # answer is cut at the first stop token
+    sharded = fabric.world_size > 1
     model.eval()
-    out = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0,
-                   stop_tokens=[[i] for i in tokenizer.stop_ids])
-    module.clear_kv_cache()
-    model.train()
-    return tokenizer.decode(out[len(prompt):])
+    try:
+        new = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, include_prompt=False,
+                       stop_tokens=() if sharded else [[i] for i in tokenizer.stop_ids]).tolist()
+    finally:
+        model.module.clear_kv_cache()
+        model.train()
+    if sharded:
+        new = new[:next((k for k, t in enumerate(new) if t in tokenizer.stop_ids), len(new))]
+    return tokenizer.decode(new)
 
 
 class _progress:

@@ -214,6 +214,50 @@ def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
     assert len(val_losses(two)) == 1 and val_losses(two) == pytest.approx(val_losses(one), abs=1e-4)
 
 
+def test_the_sample_answer_of_a_sharded_run_takes_as_many_forwards_on_every_rank():
+    """A rank that stopped at an end token the others did not pick would leave them waiting in the next sharded
+    forward: sharded, every rank runs `max_new_tokens` and the answer is cut at the first stop token."""
+    from types import SimpleNamespace
+
+    from lit_gpt.training import sample_generation
+
+    torch.manual_seed(0)
+    gpt = GPT(Config(name="t", block_size=64, n_layer=1, n_embd=32, n_head=2, vocab_size=50, padding_multiple=1))
+    forwards = []
+    gpt.register_forward_hook(lambda *a: forwards.append(1))
+    row = {"input_ids": torch.tensor([1, 2, 3, 4]), "labels": torch.tensor([-100, -100, 3, 4])}
+    decode = SimpleNamespace(decode=lambda ids: list(ids), stop_ids=[])
+    free = sample_generation(SimpleNamespace(world_size=1, device=torch.device("cpu")), gpt_runner(gpt), row, decode, 8)
+    assert len(free) == 8 and len(forwards) == 8
+    stopper = SimpleNamespace(decode=lambda ids: list(ids), stop_ids=[free[2]])  # the third answer token ends it
+    for world_size in (1, 2):
+        forwards.clear()
+        answer = sample_generation(SimpleNamespace(world_size=world_size, device=torch.device("cpu")),
+                                   gpt_runner(gpt), row, stopper, 8)
+        assert answer == free[:free.index(free[2])]
+        assert len(forwards) == (8 if world_size == 2 else free.index(free[2]) + 1)
+    assert gpt.training
+
+
+def gpt_runner(gpt: GPT) -> torch.nn.Module:
+    """As `fabric.setup_module` wraps a model: callable, `.module`, other attributes the model's."""
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = gpt
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return Wrapped()
+
+
 def test_two_fsdp_processes_train_a_float16_model_with_float32_adapters(tiny_ckpt, tmp_path):
     """16-true under FSDP2: the float32 adapter and the float16 frozen weights share each block's shard."""
     flags = ["--Htype", "etherplus", "--ether_nb", "4", "--train.learning_rate", "1e-2", "--precision", "16-true"]
