@@ -7,7 +7,8 @@ from typing import Literal, Optional, Union
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
-from lit_gpt.training import run_entrypoint, targets_from_flags
+from lit_gpt.adapters.config import named_by_flags
+from lit_gpt.training import ETHER_FLAGS, run_entrypoint, targets_from_flags
 
 
 def setup(
@@ -60,7 +61,8 @@ def setup(
         oft_eps: COFT radius (default: the adapter's own default).
         oft_block_share: One OFT block shared by all blocks of a layer.
         oft_neumann_terms: Replace OFT's exact inverse by this many Neumann-series terms (OFTv2); 0 = exact Cayley.
-        precision: `bf16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs that support it, else 32-true).
+        precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
+            16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in
             float32 (PEFT's default; always so under 16-true), so that Adam steps below half a bfloat16 spacing
             are not rounded away; the frozen model and the activations stay bfloat16.
@@ -85,12 +87,13 @@ def setup(
             "--oft_eps."
         )
     extra = {} if oft_eps is None else {"eps": oft_eps}
-    adapter = AdapterConfig(
-        method=Htype, nb=ether_nb, targets=targets, flip_side=flip_side, dropout=ether_dropout,
-        block_dropout=block_dropout, coft=oft_coft, block_share=oft_block_share, neumann_terms=oft_neumann_terms,
-        **extra,
-    )
-    run_entrypoint(Htype, adapter, flags)
+    with named_by_flags(ETHER_FLAGS):  # errors name the flags, not the fields
+        adapter = AdapterConfig(
+            method=Htype, nb=ether_nb, targets=targets, flip_side=flip_side, dropout=ether_dropout,
+            block_dropout=block_dropout, coft=oft_coft, block_share=oft_block_share, neumann_terms=oft_neumann_terms,
+            **extra,
+        )
+        run_entrypoint(Htype, adapter, flags)
 
 
 if __name__ == "__main__":

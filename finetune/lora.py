@@ -7,7 +7,8 @@ from typing import Optional, Union
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
-from lit_gpt.training import run_entrypoint, targets_from_flags
+from lit_gpt.adapters.config import named_by_flags
+from lit_gpt.training import LORA_FLAGS, run_entrypoint, targets_from_flags
 
 
 def setup(
@@ -48,7 +49,8 @@ def setup(
         lora_projection: Adapt the attention output projection.
         lora_mlp: Adapt every MLP linear layer.
         lora_head: Adapt the output head.
-        precision: `bf16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs that support it, else 32-true).
+        precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
+            16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in
             float32 (PEFT's default; always so under 16-true), so that Adam steps below half a bfloat16 spacing
             are not rounded away; the frozen model and the activations stay bfloat16.
@@ -66,8 +68,9 @@ def setup(
     targets = targets_from_flags(
         query=lora_query, key=lora_key, value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head
     )
-    adapter = AdapterConfig(method="lora", r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
-    run_entrypoint("lora", adapter, flags)
+    with named_by_flags(LORA_FLAGS):  # errors name the flags, not the fields
+        adapter = AdapterConfig(method="lora", r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
+        run_entrypoint("lora", adapter, flags)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -39,6 +40,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from lit_gpt.adapters.config import field_name
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import GPT, Block
@@ -57,9 +59,12 @@ METRICS_FILENAME = "metrics.csv"
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pth$")
 # adapter settings that may change on --resume: regularisers of the training, not part of what the tensors mean
 RESUMABLE_ADAPTER_CHANGES = ("dropout", "block_dropout")
-ADAPTER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "the --*_query/key/value/projection/mlp/head flag",
-                 "flip_side": "--flip_side", "r": "--lora_r", "alpha": "--lora_alpha", "coft": "--oft_coft",
-                 "eps": "--oft_eps", "block_share": "--oft_block_share", "neumann_terms": "--oft_neumann_terms"}
+# the flag of each `AdapterConfig` field in finetune/ether.py and finetune/lora.py: their errors name these
+# (`named_by_flags`)
+ETHER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "--ether_* layer flags", "flip_side": "--flip_side",
+               "dropout": "--ether_dropout", "block_dropout": "--block_dropout", "coft": "--oft_coft",
+               "eps": "--oft_eps", "block_share": "--oft_block_share", "neumann_terms": "--oft_neumann_terms"}
+LORA_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "targets": "--lora_* layer flags"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -146,7 +151,13 @@ def non_finite_advice(precision: str) -> str:
 def check_precision(precision: str, adapter_config: Optional[Any]) -> None:
     """Full fine-tuning cannot keep float16 weights: AdamW's state would be float16 too, where its eps (1e-8) and
     squared gradients below ~2e-4 round to 0, so a step divides 0 by 0. (An adapter run keeps its few trainable
-    weights in float32 instead: `fabric_precision`.)"""
+    weights in float32 instead: `fabric_precision`.) Nor a precision of Lightning's that this training does not
+    support (transformer-engine and 8-bit need other packages and keep the weights otherwise)."""
+    from lit_gpt.adapters.plan import PRECISION_ALIASES, PRECISION_BYTES
+
+    if PRECISION_ALIASES.get(precision, precision) not in PRECISION_BYTES:
+        raise ValueError(f"--precision {precision}: choose one of {', '.join(k for k in PRECISION_BYTES if k != '32')} "
+                         "(bf16-true on GPUs with bfloat16, 16-mixed on older ones, 32-true on the CPU).")
     if adapter_config is None and precision.startswith("16-true"):
         raise ValueError(
             "--precision 16-true cannot train every weight: AdamW's state would be float16, where its eps and small "
@@ -242,12 +253,13 @@ def cast_trainable_float32(module: nn.Module) -> None:
             p.data = p.data.float()
 
 
-def check_devices(devices: int) -> None:
+def check_devices(devices: int, this_machine: bool = True) -> None:
     """Fail in one sentence when `--devices` asks for more GPUs than this machine has (Fabric would fail later, in a
-    traceback); without a GPU the processes run on the CPU, as many as asked."""
-    if devices < 1:
+    traceback); without a GPU the processes run on the CPU, as many as asked. `this_machine=False` (a plan for
+    another machine): the number only."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ValueError(f"--devices {devices}: pass the number of processes per machine, 1 or more.")
-    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+    if this_machine and torch.cuda.is_available() and devices > torch.cuda.device_count():
         n = torch.cuda.device_count()
         raise ValueError(
             f"--devices {devices} asks for more GPUs than this machine has ({n}); pass --devices {n} or fewer "
@@ -298,23 +310,84 @@ def shard_model(model: nn.Module, device_mesh) -> nn.Module:
     return model
 
 
-def resolve_io(io: IOArgs, run_name: str) -> IOArgs:
+def resolve_io(io: IOArgs, run_name: str, resume: Optional[str | Path] = None) -> IOArgs:
     io.train_data_dir = Path(io.train_data_dir)
     io.val_data_dir = Path(io.val_data_dir or io.train_data_dir)
     io.checkpoint_dir = Path(io.checkpoint_dir or io.train_data_dir.parent)
+    if io.out_dir is None and isinstance(resume, Path) and resume.parent.name == "checkpoints":
+        io.out_dir = resume.parent.parent  # a resume goes on in its run's directory, whatever the flags name now
     io.out_dir = Path(io.out_dir or Path(io.log_dir) / run_name)
     return io
 
 
+def run_dir_contents(out_dir: Path) -> list[str]:
+    """What makes `out_dir` a run's directory: its checkpoints and final file."""
+    found = [f"checkpoints up to step {max(steps)}" for steps in [list(checkpoint_steps(out_dir))] if steps]
+    return found + [name for name in FINAL_FILENAMES if (out_dir / name).is_file()]
+
+
+def check_run_dir(out_dir: Path, out_dir_given: bool, resume: Optional[str | Path]) -> None:
+    """A run directory that can be written, and a new run never mixed into another run's: without --resume (or
+    resuming a checkpoint of another directory) `out_dir` must not hold checkpoints or a final file, which `--resume
+    auto` would later take for this run's."""
+    flag = "--io.out_dir" if out_dir_given else "--io.log_dir"
+    for d in (out_dir, *out_dir.parents):
+        if d.exists():
+            if not d.is_dir():
+                what = "is" if d == out_dir else f"is inside {str(d)!r}, which is"
+                raise ValueError(f"The run directory {str(out_dir)!r} {what} a file: pass a folder as {flag}.")
+            break
+    own = isinstance(resume, Path) and resume.resolve().parent == (out_dir / "checkpoints").resolve()
+    if resume == "auto" or own:
+        return
+    found = run_dir_contents(out_dir)
+    if found:
+        how = (f"resume {str(resume)!r} into a new --io.out_dir" if resume is not None
+               else "continue it with --resume auto (a checkpoint: --resume PATH)")
+        raise ValueError(f"{str(out_dir)!r} already holds a run ({' and '.join(found)}): {how}, or pass another "
+                         f"--io.out_dir for a new run (or delete that folder to start it over).")
+
+
+def checkpoint_steps(out_dir: Path) -> dict[int, Path]:
+    ckpt_dir = out_dir / "checkpoints"
+    return {int(m.group(1)): p for p in ckpt_dir.glob("step-*.pth") if (m := CHECKPOINT_RE.match(p.name))}
+
+
+def set_aside_later_branch(out_dir: Path, step: int) -> Optional[Path]:
+    """Resuming step `step` of a run that went further (a branch: new flags from an earlier checkpoint) moves the
+    later checkpoints, the final file and the metrics into `superseded/<time>/`, so that neither `--resume auto` nor
+    a reader takes them for this branch's; nothing is deleted. Returns that folder (None: nothing was later)."""
+    later = [p for s, p in sorted(checkpoint_steps(out_dir).items()) if s > step]
+    if not later:
+        return None
+    dest = out_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    (dest / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for p in later:
+        os.replace(p, dest / "checkpoints" / p.name)
+    for name in FINAL_FILENAMES:
+        if (out_dir / name).is_file():
+            os.replace(out_dir / name, dest / name)
+    for path in (out_dir / "logs" / METRICS_FILENAME, out_dir / HPARAMS_FILENAME):
+        if path.is_file():
+            shutil.copy2(path, dest / path.name)
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------- input checks
-def check_numbers(train: TrainArgs, eval: EvalArgs, devices: int, num_nodes: int) -> None:
-    """Every number of the run, before anything is read from disk (one sentence naming the flag)."""
-    check_devices(devices)
+def check_numbers(train: TrainArgs, eval: EvalArgs, devices: int, num_nodes: int, seed: int = 0,
+                  this_machine: bool = True) -> None:
+    """Every number of the run, before anything is read from disk (one sentence naming the flag). `this_machine=False`
+    (`--dry_run`, which may plan for another machine): not whether this one has the GPUs and the multi-node launch."""
+    check_devices(devices, this_machine)
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise ValueError(f"--num_nodes {num_nodes}: pass the number of machines, 1 or more.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"--seed {seed}: pass an integer from 0 to {2**32 - 1}.")
     train.validate()
     eval.validate()
-    check_nodes(num_nodes)
+    train.gradient_accumulation_iters(devices * num_nodes)
+    if this_machine:
+        check_nodes(num_nodes)
 
 
 def multi_node_launch_detected() -> bool:
@@ -446,6 +519,33 @@ def check_data_matches_model(data_dir: Path, data, prepared: Optional[dict], tok
         )
 
 
+def use_loss_ignore_index(data, prepared: Optional[dict]) -> None:
+    """Data prepared with `--ignore_index N` marks the positions without a loss (the prompt) with N; the loss skips
+    -100 (PyTorch's default), so relabel N as -100 once, here, instead of threading N through every loss."""
+    marker = (prepared or {}).get("ignore_index", -100)
+    if isinstance(marker, int) and marker != -100:
+        for sample in data.samples:
+            sample["labels"] = sample["labels"].masked_fill(sample["labels"] == marker, -100)
+
+
+def check_answers_fit(data, max_len: int, data_dir: Path, flag_given: bool) -> None:
+    """An example whose answer begins past the first `max_len` tokens (truncation) has no token to learn from: refuse
+    data where that holds for every example (the loss would be 0 at every step), warn where it holds for some."""
+    if not len(data):
+        return
+    empty = [i for i, s in enumerate(data.samples) if not bool((s["labels"][1:max_len] != -100).any())]
+    if not empty:
+        return
+    limit = f"--train.max_seq_length {max_len}" if flag_given else f"the model's block_size ({max_len} tokens)"
+    prompts = [int((s["labels"] == -100).sum()) for s in (data.samples[i] for i in empty)]
+    what = (f"{len(empty)} of the {len(data)} examples in {str(data_dir / 'train.pt')!r} have no answer token within "
+            f"{limit} (the longest of their prompts has {max(prompts)} tokens)")
+    if len(empty) == len(data):
+        fix = "raise --train.max_seq_length" if flag_given else "prepare shorter examples"
+        raise ValueError(f"{what}, so training would learn nothing (a loss of 0 at every step): {fix}.")
+    print(f"warning: {what}; they train nothing.")
+
+
 def check_tied_head(config: Config, adapter_config: Any, method: str) -> None:
     if adapter_config is not None and config.tie_embeddings and "head" in adapter_config.targets:
         flag = "--lora_head" if method == "lora" else "--ether_head"
@@ -521,9 +621,8 @@ def checkpoint_validated(saved: dict, steps: int) -> bool:
 
 
 def find_resume_checkpoint(out_dir: Path) -> Optional[Path]:
-    ckpt_dir = out_dir / "checkpoints"
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*.pth") if (m := CHECKPOINT_RE.match(p.name))]
-    return max(found)[1] if found else None
+    found = checkpoint_steps(out_dir)
+    return found[max(found)] if found else None
 
 
 def check_trainable_keys(model: nn.Module, saved_keys, ckpt: Path) -> None:
@@ -549,14 +648,31 @@ def check_trainable_keys(model: nn.Module, saved_keys, ckpt: Path) -> None:
         )
 
 
-def resolve_resume(resume: Optional[str | Path], out_dir: Path) -> Optional[Path]:
-    """The checkpoint `--resume` names (None: start at step 0)."""
+def other_runs(out_dir: Path) -> list[Path]:
+    """Run directories beside a default `out_dir` with the same method and adapter but another learning rate or batch
+    size (the last parts of the default name: `run_name`), that hold checkpoints."""
+    prefix = out_dir.name.rsplit("_lr", 1)[0] + "_lr"
+    if not out_dir.parent.is_dir():
+        return []
+    return sorted(d for d in out_dir.parent.iterdir()
+                  if d != out_dir and d.name.startswith(prefix) and d.is_dir() and checkpoint_steps(d))
+
+
+def resolve_resume(resume: Optional[str | Path], out_dir: Path, others: Optional[list[Path]] = None
+                   ) -> Optional[Path]:
+    """The checkpoint `--resume` names (None: start at step 0). `others`: runs `--resume auto` may have meant, when
+    `out_dir` is the default one, whose name holds the learning rate and batch size."""
     if resume is None:
         return None
     if resume == "auto":
         ckpt = find_resume_checkpoint(out_dir)
         if ckpt is None:
-            print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0.")
+            hint = ""
+            if others:
+                hint = (f" (the default --io.out_dir names the learning rate and batch size; to resume "
+                        f"{'one of these runs' if len(others) > 1 else 'the run'} with new ones, pass its folder as "
+                        f"--io.out_dir: {', '.join(str(d) for d in others)})")
+            print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0{hint}.")
         return ckpt
     ckpt = Path(resume)
     if ckpt.is_dir():
@@ -606,7 +722,7 @@ def check_resume_matches(saved: Any, ckpt: Path, method: str, adapter_config: Op
     differ = [k for k in now if k not in RESUMABLE_ADAPTER_CHANGES and k in was and was[k] != now[k]]
     if differ:
         detail = "; ".join(f"{k} was {was[k]!r}, now {now[k]!r}"
-                           + (f" ({ADAPTER_FLAGS[k]})" if k in ADAPTER_FLAGS else "") for k in differ)
+                           + (f" ({field_name(k)})" if field_name(k) != k else "") for k in differ)
         raise ValueError(
             f"--resume {str(ckpt)!r} was trained with another adapter configuration ({detail}): resume with the "
             "flags the run was started with, or start a new run without --resume."
@@ -614,18 +730,38 @@ def check_resume_matches(saved: Any, ckpt: Path, method: str, adapter_config: Op
 
 
 # what a resumed run takes from its own flags, not from the checkpoint: AdamW's hyperparameters and the schedule (the
-# schedule's length too, `changed_optimiser_flags`); AdamW's moments and the step counter come from the checkpoint
-RESUME_FROM_FLAGS = ("learning_rate", "min_lr", "lr_warmup_steps", "weight_decay", "beta1", "beta2")
+# schedule's length too, `changed_training_flags`), the batch size, clipping and truncation; AdamW's moments and the
+# step counter come from the checkpoint
+RESUME_FROM_FLAGS = ("learning_rate", "min_lr", "lr_warmup_steps", "weight_decay", "beta1", "beta2",
+                     "global_batch_size", "max_norm", "max_seq_length")
 
 
-def changed_optimiser_flags(saved: dict, train: TrainArgs, steps: int, n_samples: int) -> list[str]:
-    """`--train.X old -> new` for each optimiser or schedule setting of this run that differs from the checkpoint's
-    (none for checkpoints written before the settings were recorded in them)."""
+# what fixes the order of the training data, by the flags that set it
+DATA_ORDER_FLAGS = {"seed": "--seed", "micro_batch_size": "--train.micro_batch_size",
+                    "world_size": "--devices × --num_nodes", "num_samples": "the size of --io.train_data_dir's train.pt"}
+
+
+def check_data_order(loader, state: dict, ckpt: Path) -> None:
+    """A resume must go on with the data order the checkpoint's run had: refuse other flags in one sentence."""
+    differ = loader.order_differences(state)
+    if differ:
+        detail = "; ".join(f"{DATA_ORDER_FLAGS.get(k, k)} was {old}, now {new}" for k, (old, new) in differ.items())
+        raise ValueError(f"--resume {str(ckpt)!r} cannot go on with the same order of the training data ({detail}): "
+                         "resume with the flags the run was started with, or start a new run without --resume.")
+    loader.load_state_dict(state)
+
+
+def changed_training_flags(saved: dict, train: TrainArgs, steps: int, n_samples: int, precision: str) -> list[str]:
+    """`--train.X old -> new` for each training setting of this run that differs from the checkpoint's (none for
+    checkpoints written before the settings were recorded in them), and `--precision` likewise."""
+    changed = []
+    if saved.get("precision") not in (None, precision):
+        changed.append(f"--precision {saved['precision']} -> {precision}")
     was = saved.get("train")
     if not isinstance(was, dict):
-        return []
+        return changed
     now = asdict(train)
-    changed = [f"--train.{k} {was[k]} -> {now[k]}" for k in RESUME_FROM_FLAGS if k in was and was[k] != now[k]]
+    changed += [f"--train.{k} {was[k]} -> {now[k]}" for k in RESUME_FROM_FLAGS if k in was and was[k] != now[k]]
     was_steps = total_steps(TrainArgs(**{k: v for k, v in was.items() if k in now}), n_samples)
     if was_steps != steps:
         flag = "--train.max_steps" if was.get("max_steps") and train.max_steps else "the schedule's length in steps"
@@ -699,6 +835,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
     if args["dry_run"]:
         from lit_gpt.adapters import plan_report
 
+        check_numbers(args["train"], args["eval"], args["devices"], args["num_nodes"], args["seed"], this_machine=False)
         model = args["model_name"]
         if model is None:  # plan for the checkpoint the run would train
             io = args["io"]
@@ -710,10 +847,13 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
                     "or --model_name."
                 )
             model = Config.from_checkpoint(ckpt)
-            check_tied_head(model, adapter_config, method)
+        else:
+            model = Config.from_name(model)
+        check_tied_head(model, adapter_config, method)
         precision = args["precision"] or default_precision()
         check_precision(precision, adapter_config)
-        print(plan_report(model, adapter_config, precision, adapter_float32=args.get("adapter_float32", False)))
+        print(plan_report(model, adapter_config, precision, adapter_float32=args.get("adapter_float32", False),
+                          world_size=args["devices"] * args["num_nodes"]))
         return None
     # the flags only: never a class or module a script happened to have in scope
     cli_args = {k: v for k, v in args.items() if k not in ("io", "train", "eval", "adapter", "targets", "extra")
@@ -756,11 +896,13 @@ def finetune(
     from lit_gpt.tokenizer import Tokenizer
 
     # every input is checked before any process is launched, so a typo costs seconds, not a cluster allocation
-    check_numbers(train, eval, devices, num_nodes)
+    check_numbers(train, eval, devices, num_nodes, seed)
     resume = normalize_resume(resume)
     inferred_checkpoint = io.checkpoint_dir is None
     given_val = io.val_data_dir is not None
-    io = resolve_io(io, run_name(method, adapter_config, train))
+    given_out = io.out_dir is not None
+    io = resolve_io(io, run_name(method, adapter_config, train), resume)
+    check_run_dir(io.out_dir, given_out, resume)
     # the data first: a typo in --io.train_data_dir is about the data, not about its parent folder not being a model
     train_data = load_data_dir(io.train_data_dir, "train", "--io.train_data_dir", default=IOArgs().train_data_dir)
     val_data = load_data_dir(io.val_data_dir, "test", "--io.val_data_dir" if given_val else "--io.train_data_dir")
@@ -769,11 +911,14 @@ def finetune(
     config = Config.from_checkpoint(io.checkpoint_dir)
     prepared = prepared_config(io.train_data_dir)
     check_data_matches_model(io.train_data_dir, train_data, prepared, tokenizer, config, io.checkpoint_dir)
+    use_loss_ignore_index(train_data, prepared)
+    val_prepared = prepared if io.val_data_dir == io.train_data_dir else prepared_config(io.val_data_dir)
     if io.val_data_dir != io.train_data_dir:
-        check_data_matches_model(io.val_data_dir, val_data, prepared_config(io.val_data_dir), tokenizer, config,
-                                 io.checkpoint_dir)
+        check_data_matches_model(io.val_data_dir, val_data, val_prepared, tokenizer, config, io.checkpoint_dir)
+    use_loss_ignore_index(val_data, val_prepared)
+    check_answers_fit(train_data, min(train.max_seq_length or config.block_size, config.block_size), io.train_data_dir,
+                      train.max_seq_length is not None)
     world_size = devices * num_nodes
-    train.gradient_accumulation_iters(world_size)
     check_tied_head(config, adapter_config, method)
     if adapter_config is not None:  # an nb that does not divide a width fails here, on the meta device, in ms
         with torch.device("meta"):
@@ -784,13 +929,13 @@ def finetune(
     steps = total_steps(train, len(train_data))
 
     # --resume: the checkpoint must be this run's (method, adapter, data order) before anything is written
-    ckpt = resolve_resume(resume, out_dir)
+    ckpt = resolve_resume(resume, out_dir, others=None if given_out else other_runs(out_dir))
     saved, changed = None, []
     if ckpt is not None:
         saved = load_file(ckpt, mmap=False)
         check_resume_matches(saved, ckpt, method, adapter_config)
         if saved.get("data") is not None:
-            make_loader(train_data, train, seed, 0, world_size, 0, None).load_state_dict(saved["data"])
+            check_data_order(make_loader(train_data, train, seed, 0, world_size, 0, None), saved["data"], ckpt)
         final = out_dir / final_filename(method)
         if saved["step"] >= steps and final.is_file():
             print(f"The run in {out_dir} already finished: {ckpt.name} is at step {saved['step']} of {steps} and "
@@ -799,7 +944,7 @@ def finetune(
         if saved["step"] > steps:
             raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
                              "run: raise --train.max_steps, or resume from an earlier checkpoint.")
-        changed = changed_optimiser_flags(saved, train, steps, len(train_data))
+        changed = changed_training_flags(saved, train, steps, len(train_data), precision)
     start_step = saved["step"] if saved is not None else 0
 
     # steps are logged as 1, 2, ...: a run resumed at step N logs N + 1 first, and TensorBoard drops what the old
@@ -848,7 +993,7 @@ def finetune(
         set_rng_state(saved["rng"])
         fabric.print(f"Resumed from {ckpt} at step {state['step']}.")
         if changed:
-            fabric.print(f"Resumed with other optimiser settings than the checkpoint's (old -> new): "
+            fabric.print(f"Resumed with other settings than the checkpoint's (old -> new): "
                          f"{', '.join(changed)}; steps {state['step'] + 1} on use the new ones.")
     # the schedule of this run's flags, at the resumed step (`last_epoch` is the step before, which the scheduler's
     # first `step()` moves on): not the checkpoint's scheduler state, which holds the old base rate
@@ -872,7 +1017,16 @@ def finetune(
 
     def start_logs() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / HPARAMS_FILENAME, yaml.safe_dump(_plain(hparams), sort_keys=False))
+        if saved is not None:
+            aside = set_aside_later_branch(out_dir, saved["step"])
+            if aside is not None:
+                fabric.print(f"Resuming step {saved['step']} of a run that went further: its later checkpoints, final "
+                             f"file and metrics are now in {aside}.")
+        path = out_dir / HPARAMS_FILENAME
+        if saved is not None and path.is_file() and changed_hparams(path, _plain(hparams)):  # the flags of steps 1..N
+            (out_dir / "logs").mkdir(exist_ok=True)
+            os.replace(path, out_dir / "logs" / f"hyperparameters.until-step-{saved['step']:06d}.yaml")
+        atomic_write_text(path, yaml.safe_dump(_plain(hparams), sort_keys=False))
         logs["csv"] = MetricsCSV(out_dir / "logs" / METRICS_FILENAME, keep_until_step=state["step"])
 
     write_on_rank_0(fabric, out_dir / HPARAMS_FILENAME, start_logs, state["last_good"])
@@ -893,7 +1047,8 @@ def finetune(
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
         write_on_rank_0(fabric, path, lambda: atomic_save(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng_state(), "method": method,
-             "train": asdict(train), "validated": validated,  # whether a validation ran at this step before it
+             "train": asdict(train), "precision": precision,
+             "validated": validated,  # whether a validation ran at this step before it was written
              "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),
             state["last_good"])
         state["last_good"] = path
@@ -941,6 +1096,9 @@ def final_filename(method: str) -> str:
     return f"lit_model_{family}_finetuned.pth"
 
 
+FINAL_FILENAMES = tuple(final_filename(method) for method in ("ether", "lora", "full"))
+
+
 def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> str:
     parts = [method]
     if adapter_config is not None:
@@ -953,6 +1111,17 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> st
             parts.append("flip")
     parts += [f"lr{train.learning_rate:g}", f"bs{train.global_batch_size}"]
     return "_".join(parts)
+
+
+def changed_hparams(path: Path, new: dict) -> bool:
+    """Whether a resume's settings differ from those `path` recorded (apart from `--resume` itself)."""
+    try:
+        old = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return True
+    if not isinstance(old, dict):
+        return True
+    return {k: v for k, v in old.items() if k != "resume"} != {k: v for k, v in new.items() if k != "resume"}
 
 
 def _plain(obj: Any) -> Any:

@@ -53,7 +53,7 @@ def test_resume_uses_the_optimiser_and_schedule_flags_given_now_and_says_what_ch
     new = dict(FIRST, learning_rate=5e-3, max_steps=6, weight_decay=0.1, beta2=0.99)
     setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=new, resume=str(step2))
     out = capsys.readouterr().out
-    assert (f"Resumed with other optimiser settings than the checkpoint's (old -> new): --train.learning_rate 0.01 "
+    assert (f"Resumed with other settings than the checkpoint's (old -> new): --train.learning_rate 0.01 "
             f"-> 0.005, --train.weight_decay 0.0 -> 0.1, --train.beta2 0.999 -> 0.99, --train.max_steps 4 -> 6; "
             f"steps 3 on use the new ones.") in out
 
@@ -81,14 +81,14 @@ def test_resume_with_the_same_flags_prints_no_change_and_older_checkpoints_use_t
     run = copy_of(first_run, tmp_path / "run")
     step2 = run / "checkpoints" / "step-000002.pth"
     setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=FIRST, resume=str(step2))
-    assert "other optimiser settings" not in capsys.readouterr().out
+    assert "other settings" not in capsys.readouterr().out
 
     # a checkpoint written before the flags were recorded: no line, but the flags given now still rule
     saved = load_file(step2, mmap=False)
     del saved["train"]
     torch.save(saved, step2)
     setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=dict(FIRST, learning_rate=2e-3), resume=str(step2))
-    assert "other optimiser settings" not in capsys.readouterr().out
+    assert "other settings" not in capsys.readouterr().out
     from lit_gpt.training import lr_lambda
 
     rows = {int(r["step"]): float(r["lr"]) for r in csv_rows(run) if r["loss"]}
@@ -152,6 +152,17 @@ def test_checkpoints_of_earlier_versions_say_whether_their_step_was_validated():
     assert not checkpoint_validated({"step": 2, "validated": False}, steps=4)
 
 
+def test_a_resume_with_another_batch_size_or_precision_says_so(first_run, tiny_ckpt, tmp_path, capsys):
+    run = copy_of(first_run, tmp_path / "run")
+    capsys.readouterr()
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=dict(FIRST, global_batch_size=2, max_steps=5),
+                resume="auto", precision="bf16-true")
+    assert ("Resumed with other settings than the checkpoint's (old -> new): --precision 32-true -> bf16-true, "
+            "--train.global_batch_size 1 -> 2, --train.max_steps 4 -> 5; steps 5 on use the new ones."
+            ) in capsys.readouterr().out
+    assert load_file(run / "checkpoints" / "step-000005.pth", mmap=False)["precision"] == "bf16-true"
+
+
 # ---------------------------------------------------------------------------------------------- --num_nodes
 @pytest.fixture
 def no_cluster(monkeypatch):
@@ -203,5 +214,6 @@ def test_num_nodes_passes_with_node_rank_or_a_cluster_environment(no_cluster):
 
 
 def test_dry_run_with_num_nodes_still_plans(no_cluster, tiny_ckpt, capsys):
-    setup_ether(tiny_ckpt / "data", None, dry_run=True, num_nodes=2)
-    assert "model: tiny-llama" in capsys.readouterr().out
+    setup_ether(tiny_ckpt / "data", None, dry_run=True, num_nodes=2, train=dict(global_batch_size=2))
+    out = capsys.readouterr().out
+    assert "model: tiny-llama" in out and "per device, sharded over 2:" in out

@@ -154,6 +154,8 @@ def test_loading_a_checkpoint_with_other_trainable_tensors_is_refused():
     ("train", "weight_decay", float("nan"), "--train.weight_decay nan"),
     ("eval", "max_iters", -1, "--eval.max_iters -1"),
     ("run", "num_nodes", 0, "--num_nodes 0"),
+    ("run", "seed", -1, "--seed -1"),
+    ("run", "devices", 0, "--devices 0"),
 ])
 def test_bad_numbers_fail_naming_the_flag_before_anything_loads(tiny_ckpt, tmp_path, monkeypatch, group, field,
                                                                  value, flag):
@@ -182,6 +184,84 @@ def test_oft_eps_without_coft_and_a_tied_head_name_their_flags(tiny_ckpt, tmp_pa
         check_tied_head(tied, AdapterConfig(method="lora", targets=["query", "head"]), "lora")
     with pytest.raises(ValueError, match="drop --ether_head true"):
         check_tied_head(tied, AdapterConfig(method="oft", nb=4, targets=["head"]), "oft")
+
+
+def test_adapter_errors_name_the_flags_of_the_script_that_set_them(tiny_ckpt, tmp_path):
+    """`AdapterConfig` names its fields (`nb`); the finetune scripts' sentences name their flags (`--ether_nb`)."""
+    import lora
+
+    from lit_gpt.adapters import AdapterConfig
+
+    with pytest.raises(ValueError, match=r"^--ether_nb 5 does not divide the 64 input features of "
+                                         r"transformer\.h\.0\.attn\.qkv \(query rows\): choose an --ether_nb that "
+                                         r"divides 64\.$"):
+        setup_ether(tiny_ckpt / "data", tmp_path / "out", ether_nb=5, dry_run=True)
+    with pytest.raises(ValueError, match=r"^--ether_dropout must be a probability in \[0, 1\), got 1\.5\.$"):
+        setup_ether(tiny_ckpt / "data", tmp_path / "out", ether_dropout=1.5, dry_run=True)
+    with pytest.raises(ValueError, match=r"^--oft_coft is an OFT option; --Htype etherplus does not use it\.$"):
+        setup_ether(tiny_ckpt / "data", tmp_path / "out", Htype="etherplus", oft_coft=True, dry_run=True)
+    with pytest.raises(ValueError, match=r"^The LoRA rank --lora_r must be a positive integer, got 0\.$"):
+        lora.setup(io=IOArgs(train_data_dir=tiny_ckpt / "data"), lora_r=0, dry_run=True)
+    # the library, outside a script, names the fields
+    with pytest.raises(ValueError, match=r"^nb must be a positive number of blocks, got 0\.$"):
+        AdapterConfig(nb=0)
+    with pytest.raises(ValueError, match="^--precision garbage: choose one of 64-true, 32-true, bf16-mixed, 16-mixed, "
+                                         "bf16-true, 16-true"):
+        setup_ether(tiny_ckpt / "data", tmp_path / "out", precision="garbage")
+
+
+def test_a_max_seq_length_that_cuts_off_every_answer_is_refused_and_some_are_warned_of(tiny_ckpt, tmp_path,
+                                                                                        capsys):
+    from lit_gpt.data import SFTDataset
+    from lit_gpt.training import check_answers_fit
+
+    with pytest.raises(ValueError) as e:
+        setup_ether(tiny_ckpt / "data", tmp_path / "out", train=dict(max_seq_length=8))
+    assert re.fullmatch(r"73 of the 73 examples in '.*train\.pt' have no answer token within --train\.max_seq_length 8 "
+                        r"\(the longest of their prompts has \d+ tokens\), so training would learn nothing \(a loss "
+                        r"of 0 at every step\): raise --train\.max_seq_length\.", str(e.value)), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+    def example(prompt: int, answer: int) -> dict:
+        ids = torch.arange(prompt + answer)
+        return {"input_ids": ids, "labels": torch.cat([torch.full((prompt,), -100), ids[prompt:]])}
+
+    data = SFTDataset([example(3, 2), example(9, 2), example(4, 0)])
+    check_answers_fit(data, 12, Path("d"), flag_given=True)  # (an empty answer is one that train.pt never holds)
+    assert capsys.readouterr().out == ("warning: 1 of the 3 examples in 'd/train.pt' have no answer token within "
+                                       "--train.max_seq_length 12 (the longest of their prompts has 4 tokens); they "
+                                       "train nothing.\n")
+    check_answers_fit(data, 9, Path("d"), flag_given=False)
+    assert "2 of the 3 examples in 'd/train.pt' have no answer token within the model's block_size (9 tokens)" \
+           in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("marker", [-1, 0])
+def test_data_prepared_with_another_ignore_index_trains_as_with_the_default(tiny_ckpt, tmp_path, marker):
+    """`prepare_*.py --ignore_index N` marks the prompt with N: training skips those positions as it skips -100
+    (before, -1 crashed the loss with a traceback and 0 trained the model to predict token 0 over every prompt)."""
+    import prepare_json
+
+    other = tmp_path / "other-marker"
+    prepare_json.prepare(json_path=tiny_ckpt / "rows.json", destination_path=other, checkpoint_dir=tiny_ckpt,
+                         max_seq_length=256, ignore_index=marker)
+    assert any(bool((s["labels"] == marker).any()) for s in torch.load(other / "train.pt", weights_only=True))
+    train = dict(max_steps=3, learning_rate=1e-2)
+    setup_ether(tiny_ckpt / "data", tmp_path / "default", ckpt=tiny_ckpt, train=train)
+    setup_ether(other, tmp_path / "marked", ckpt=tiny_ckpt, train=train)
+    assert [r["loss"] for r in csv_rows(tmp_path / "marked")] == [r["loss"] for r in csv_rows(tmp_path / "default")]
+
+
+def test_a_resume_with_another_data_order_names_the_flags(tiny_ckpt):
+    from lit_gpt.data import SFTDataset
+    from lit_gpt.training import TrainArgs, check_data_order, make_loader
+
+    data = SFTDataset.from_dir(tiny_ckpt / "data")
+    state = make_loader(data, TrainArgs(micro_batch_size=1), 1337, 0, 2, 0, None).state_dict()
+    with pytest.raises(ValueError, match=r"^--resume 'c\.pth' cannot go on with the same order of the training data "
+                                         r"\(--seed was 1337, now 7; --devices × --num_nodes was 2, now 1\): resume "
+                                         r"with the flags the run was started with"):
+        check_data_order(make_loader(data, TrainArgs(micro_batch_size=1), 7, 0, 1, 0, None), state, Path("c.pth"))
 
 
 # ---------------------------------------------------------------------------------------------- directories

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_gpt import recompute
-from lit_gpt.adapters.config import ALL_LINEAR, GPT_TARGETS, AdapterConfig
+from lit_gpt.adapters.config import ALL_LINEAR, GPT_TARGETS, AdapterConfig, field_name, setting
 
 FULL = "full"  # the slice name of a layer adapted as a whole
 QKV_SLICES = ("query", "key", "value")
@@ -132,13 +132,14 @@ def num_blocks(config: AdapterConfig, size: int, layer: str, side: str) -> int:
     if config.block_size is not None:
         if size % config.block_size:
             raise ValueError(
-                f"block_size={config.block_size} does not divide the {size} {side} features of {layer}: "
-                f"choose a block_size that divides {size}."
+                f"{setting('block_size', config.block_size)} does not divide the {size} {side} features of {layer}: "
+                f"choose a {field_name('block_size')} that divides {size}."
             )
         return size // config.block_size
     if size % config.nb:
         raise ValueError(
-            f"nb={config.nb} does not divide the {size} {side} features of {layer}: choose an nb that divides {size}."
+            f"{setting('nb', config.nb)} does not divide the {size} {side} features of {layer}: choose an "
+            f"{field_name('nb')} that divides {size}."
         )
     return config.nb
 
@@ -536,7 +537,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         if shared:
             raise ValueError(
                 f"{name}.weight is tied to {shared[0]}; an adapter on {name!r} could not be merged back into the "
-                f"base architecture: remove it from the targets."
+                f"base architecture: remove it from the {field_name('targets')}."
             )
         layout = _slice_layout(model, name, module)
         W = module.weight

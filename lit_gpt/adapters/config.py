@@ -6,8 +6,10 @@ The paper's and the reference CLI's words are kept as field names (`nb`, `flip_s
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 # every method an `AdapterConfig` accepts; the multiplicative ones share the block machinery
 MULTIPLICATIVE_METHODS = ("ether", "etherplus", "etherplusHH", "oft")
@@ -17,6 +19,32 @@ METHODS = MULTIPLICATIVE_METHODS + ("lora",)
 GPT_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 # PEFT's "all-linear" convention: every linear layer of the blocks, not the output head
 ALL_LINEAR = "all-linear"
+
+
+# how an error names a field: by its name here, or, inside `named_by_flags` (which the finetune scripts enter), by the
+# command-line flag that set it, so that the sentence says what to change where the user typed it
+_FLAGS: ContextVar[dict[str, str]] = ContextVar("adapter_flag_names", default={})
+
+
+@contextmanager
+def named_by_flags(flags: dict[str, str]) -> Iterator[None]:
+    """Within: adapter errors name `flags[field]` (e.g. `--ether_nb`) for each field it maps."""
+    token = _FLAGS.set(flags)
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+def field_name(name: str) -> str:
+    """A field as an error names it: its flag inside `named_by_flags`, else the field's name."""
+    return _FLAGS.get().get(name, name)
+
+
+def setting(name: str, value: Any) -> str:
+    """A field's value as an error names it: `--ether_nb 33` inside `named_by_flags`, else `nb=33`."""
+    flag = _FLAGS.get().get(name)
+    return f"{flag} {value}" if flag else f"{name}={value!r}"
 
 
 @dataclass
@@ -78,45 +106,49 @@ class AdapterConfig:
             raise ValueError(
                 f"Unknown adapter method {self.method!r}{hint}: choose one of {', '.join(METHODS)}."
             )
+        n = field_name
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ValueError(f"targets must be a non-empty list of module names, got {self.targets!r}.")
+            raise ValueError(f"{n('targets')} must be a non-empty list of module names, got {self.targets!r}.")
         if not isinstance(self.nb, int) or self.nb < 1:
-            raise ValueError(f"nb must be a positive number of blocks, got {self.nb!r}.")
+            raise ValueError(f"{n('nb')} must be a positive number of blocks, got {self.nb!r}.")
         if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
-            raise ValueError(f"block_size must be a positive integer or None, got {self.block_size!r}.")
+            raise ValueError(f"{n('block_size')} must be a positive integer or None, got {self.block_size!r}.")
         for name in ("dropout", "block_dropout"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}.")
+                raise ValueError(f"{n(name)} must be a probability in [0, 1), got {p!r}.")
         if not isinstance(self.neumann_terms, int) or self.neumann_terms < 0:
             raise ValueError(
-                f"neumann_terms must be 0 (exact Cayley) or a positive integer, got {self.neumann_terms!r}."
+                f"{n('neumann_terms')} must be 0 (exact Cayley) or a positive integer, got {self.neumann_terms!r}."
             )
         if not self.eps > 0:
-            raise ValueError(f"eps (the COFT radius) must be positive, got {self.eps!r}.")
+            raise ValueError(f"{n('eps')} (the COFT radius) must be positive, got {self.eps!r}.")
 
         if self.method == "lora":
             if not isinstance(self.r, int) or self.r < 1:
-                raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
+                raise ValueError(f"The LoRA rank {n('r')} must be a positive integer, got {self.r!r}.")
             if not self.alpha > 0:
-                raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}.")
+                raise ValueError(f"The LoRA scale {n('alpha')} must be positive, got {self.alpha!r}.")
             for name in ("flip_side", "coft", "block_share", "upper_triangle"):
                 if getattr(self, name):
-                    raise ValueError(f"{name} does not apply to LoRA: it is an option of the multiplicative methods.")
+                    raise ValueError(f"{n(name)} does not apply to LoRA: it is an option of the multiplicative "
+                                     "methods.")
             if self.block_dropout:
-                raise ValueError("block_dropout does not apply to LoRA (it has no blocks): use dropout instead.")
+                raise ValueError(f"{n('block_dropout')} does not apply to LoRA (it has no blocks): use "
+                                 f"{n('dropout')} instead.")
             if self.neumann_terms:
-                raise ValueError("neumann_terms is an OFT option and does not apply to LoRA.")
+                raise ValueError(f"{n('neumann_terms')} is an OFT option and does not apply to LoRA.")
             if self.block_size is not None:
-                raise ValueError("block_size does not apply to LoRA: set its rank with r.")
+                raise ValueError(f"{n('block_size')} does not apply to LoRA: set its rank with {n('r')}.")
         if self.method != "oft":
             for name in ("coft", "block_share", "upper_triangle"):
                 if getattr(self, name):
-                    raise ValueError(f"{name} is an OFT option; method {self.method!r} does not use it.")
+                    raise ValueError(f"{n(name)} is an OFT option; {setting('method', self.method)} does not use it.")
             if self.neumann_terms:
-                raise ValueError(f"neumann_terms is an OFT option; method {self.method!r} does not use it.")
+                raise ValueError(f"{n('neumann_terms')} is an OFT option; {setting('method', self.method)} does not "
+                                 "use it.")
         if self.method == "etherplusHH" and self.flip_side:
-            raise ValueError("etherplusHH already transforms both sides: drop flip_side.")
+            raise ValueError(f"etherplusHH already transforms both sides: drop {n('flip_side')}.")
 
     # ------------------------------------------------------------------ plain data
     @property

@@ -36,9 +36,10 @@ def format_bytes(n: float) -> str:
 
 
 def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], precision: str = "bf16-true",
-                adapter_float32: bool = False) -> str:
+                adapter_float32: bool = False, world_size: int = 1) -> str:
     """A plain-text plan for fine-tuning `model` (a name of `Config.from_name`, or a checkpoint's `Config`) with
-    `config` (`None`: full fine-tuning) at Lightning `precision`; `adapter_float32`: the flag of that name."""
+    `config` (`None`: full fine-tuning) at Lightning `precision`; `adapter_float32`: the flag of that name;
+    `world_size` processes (devices × nodes) shard the weights, gradients and AdamW state with FSDP2."""
     precision = PRECISION_ALIASES.get(precision, precision)
     if precision not in PRECISION_BYTES:
         raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}.")
@@ -75,4 +76,8 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
         f"AdamW state: {format_bytes(adam)} (2 tensors per trainable parameter)",
         f"total before activations: {format_bytes(weights + grads + adam)}",
     ]
+    if world_size > 1:  # FSDP2 shards every parameter (so its gradient and AdamW state) evenly over the processes
+        largest_block = max((num_parameters(block) for block in gpt.transformer.h), default=0) * nbytes
+        lines.append(f"per device, sharded over {world_size}: {format_bytes((weights + grads + adam) / world_size)}, "
+                     f"and up to {format_bytes(2 * largest_block)} for the gathered blocks in use")
     return "\n".join(lines)

@@ -268,8 +268,12 @@ class MicroBatchLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, **self._order_settings()}
 
+    def order_differences(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """The settings of `state` (a `state_dict`) that fix the order and differ from this loader's: (old, new)."""
+        return {k: (state[k], v) for k, v in self._order_settings().items() if k in state and state[k] != v}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        differ = {k: (state[k], v) for k, v in self._order_settings().items() if k in state and state[k] != v}
+        differ = self.order_differences(state)
         if differ:
             detail = ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in differ.items())
             raise ValueError(f"Cannot resume the data order: {detail}; resume with the original settings.")
