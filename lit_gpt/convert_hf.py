@@ -458,11 +458,18 @@ def expected_lit_shapes(config: Config) -> dict[str, torch.Size]:
     return shapes
 
 
-def check_lit_state_dict(sd: dict, config: Config, where: str) -> None:
-    """Fail with one sentence when `sd` does not fit `GPT(config)` (names, shapes)."""
+def check_lit_state_dict(sd: dict, config: Config, where: str, hf_model_type: Optional[str] = None) -> None:
+    """Fail with one sentence when `sd` does not fit `GPT(config)` (names, shapes).
+
+    With `hf_model_type` (`sd` was converted from a transformers checkpoint of that type), missing and unexpected
+    tensors are named as they are in the user's file, not by their lit names.
+    """
     expected = expected_lit_shapes(config)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
+    if hf_model_type is not None:
+        missing = _hf_names(missing, expected, config, hf_model_type)
+        unexpected = _hf_names(unexpected, {k: v.shape for k, v in sd.items()}, config, hf_model_type)
     if missing or unexpected:
         hint = ""
         if any(("adapter" in k or "lora" in k or "ether" in k or "oft" in k) for k in unexpected):
@@ -477,6 +484,20 @@ def check_lit_state_dict(sd: dict, config: Config, where: str) -> None:
             raise ConversionError(
                 f"Tensor {k!r} of {where} has shape {tuple(sd[k].shape)} but the model config needs {tuple(shape)}."
             )
+
+
+def _hf_names(names: list[str], shapes: dict, config: Config, model_type: str) -> list[str]:
+    """The transformers names of lit tensors (a fused qkv is three); a name without one is kept as it is."""
+    out = []
+    for name in names:
+        try:
+            hf = [k for k, _ in iter_lit_to_hf([(name, torch.empty(shapes[name], device="meta"))], config, model_type)]
+        except Exception:  # a shape the split does not fit: the lit name still says which tensor
+            hf = []
+        if model_type == "phi" and name != "lm_head.bias":
+            hf = [k for k in hf if k != "lm_head.bias"]  # the zero bias a phi export adds is not this tensor
+        out.extend(hf or [name])
+    return sorted(dict.fromkeys(out))
 
 
 def iter_lit_to_hf(
@@ -575,12 +596,16 @@ def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
 
 
 def find_hf_weight_files(checkpoint_dir: Path) -> list[Path]:
-    """The weight files of a transformers folder: safetensors preferred, then `pytorch_model*.bin`; an index file
-    (`*.index.json`) decides which shards belong to the model."""
-    for index_name, pattern in (
-        ("model.safetensors.index.json", "*.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    """The weight files of a transformers folder, in transformers' order: `model.safetensors`, else the shards its
+    index (`*.index.json`) lists, then the same for `pytorch_model.bin`; without either, every `*.safetensors`
+    (or `pytorch_model*.bin`), which `iter_hf_tensors` refuses to merge when two hold the same tensor."""
+    for single, index_name, pattern in (
+        ("model.safetensors", "model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model*.bin"),
     ):
+        # e.g. next to adapter_model.safetensors or model.fp16.safetensors, which transformers does not load
+        if (checkpoint_dir / single).is_file():
+            return [checkpoint_dir / single]
         index = checkpoint_dir / index_name
         if index.is_file():
             try:
@@ -608,6 +633,18 @@ def iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]
     """(name, tensor) from each weight file in turn, one tensor in memory at a time for safetensors."""
     from lit_gpt.utils import checkpoint_read_error, load_file
 
+    found_in: dict[str, Path] = {}
+
+    def check_new(key: str, path: Path) -> None:
+        # two unindexed files with the same tensor (an old copy, another variant): silently keeping the last one
+        # would convert a model transformers never loads
+        if key in found_in:
+            raise ConversionError(
+                f"Tensor {key!r} is in both {str(found_in[key])!r} and {str(path)!r}, so it is unclear which file "
+                "belongs to the model: move the one that does not out of the folder (or add an index file)."
+            )
+        found_in[key] = path
+
     for path in files:
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
@@ -618,12 +655,14 @@ def iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]
                 raise checkpoint_read_error(path, e) from None
             with f:
                 for key in f.keys():
+                    check_new(key, path)
                     yield key, f.get_tensor(key)
         else:
             sd = load_file(path)  # torch.load(weights_only=True, mmap=True): no pickled code runs
             if not isinstance(sd, dict):
                 raise ConversionError(f"{path} does not hold a state dict.")
             for key in list(sd):
+                check_new(key, path)
                 yield key, sd.pop(key)
             del sd
 
@@ -667,7 +706,7 @@ def convert_hf_checkpoint(
             "`python scripts/download.py --repo_id ORG/NAME`."
         )
     lit_sd = dict(iter_hf_to_lit(iter_hf_tensors(files), config, torch_dtype))
-    check_lit_state_dict(lit_sd, config, f"the checkpoint in {checkpoint_dir}")
+    check_lit_state_dict(lit_sd, config, f"the checkpoint in {checkpoint_dir}", hf_config.get("model_type"))
     atomic_save(lit_sd, checkpoint_dir / WEIGHTS_FILENAME)
     config.save(checkpoint_dir)
     return config
@@ -705,8 +744,11 @@ def convert_lit_checkpoint(
     out_dtype = torch_dtype or (floats[0] if floats else torch.float32)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(lambda sd: iter_lit_to_hf(sd.items(), config, model_type, out_dtype), lit_sd, output_dir,
-                      max_shard_bytes)
+    stale = _save_safetensors(lambda sd: iter_lit_to_hf(sd.items(), config, model_type, out_dtype), lit_sd,
+                              output_dir, max_shard_bytes)
+    if stale:
+        print(f"Removed {', '.join(stale)} from {str(output_dir)!r}: weight files of an earlier export that "
+              "transformers would have loaded with (or instead of) this one.", file=sys.stderr)
 
     source_hf = _read_json(checkpoint_dir / HF_CONFIG_FILENAME)
     generation = _read_json(checkpoint_dir / "generation_config.json")
@@ -750,8 +792,9 @@ def tokenizer_files_warning(checkpoint_dir: Path, output_dir: Path) -> Optional[
     return None
 
 
-def _save_safetensors(convert, lit_sd: dict, output_dir: Path, max_shard_bytes: int) -> None:
-    """Write `convert(lit_sd)` as safetensors, holding one shard's converted tensors in memory at a time.
+def _save_safetensors(convert, lit_sd: dict, output_dir: Path, max_shard_bytes: int) -> list[str]:
+    """Write `convert(lit_sd)` as safetensors, holding one shard's converted tensors in memory at a time; then remove
+    the weight files of an earlier export into the same folder (returns their names).
 
     A first pass over meta tensors (free: no data) sizes the tensors, which fixes the shard count up front.
     """
@@ -788,8 +831,25 @@ def _save_safetensors(convert, lit_sd: dict, output_dir: Path, max_shard_bytes: 
     if n > 1:
         weight_map = {name: names[i] for name, i in shard_of.items()}
         atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    elif index.exists():
-        index.unlink()  # a stale index from an earlier sharded export would point transformers at old shards
+        names.append(index.name)
+    return _remove_stale_weight_files(output_dir, keep=names)
+
+
+# the names transformers loads weights from: an earlier export's files among them would be loaded instead of ours
+# (model.safetensors is read before an index) or next to them; other files in the folder are the user's
+_HF_WEIGHT_FILE = re.compile(
+    r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json"
+)
+
+
+def _remove_stale_weight_files(output_dir: Path, keep: list[str]) -> list[str]:
+    """Delete the HF weight files (and indexes) in `output_dir` that are not in `keep`; returns their names."""
+    stale = sorted(p.name for p in output_dir.iterdir()
+                   if p.is_file() and p.name not in keep and _HF_WEIGHT_FILE.fullmatch(p.name))
+    for name in stale:
+        (output_dir / name).unlink()
+    return stale
 
 
 def _read_json(path: Path) -> dict:

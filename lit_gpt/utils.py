@@ -11,7 +11,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -44,6 +44,35 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_paths(*paths: Path | str) -> Iterator[list[Path]]:
+    """`atomic_path` for files that are only valid together (prepared data and the config that describes it).
+
+    Every file is written to its temporary path first; only when the block succeeds are they renamed into place,
+    in the order given. A failed write changes none of them. A rename that still fails after others succeeded
+    (rare: the temporary files are on the same file system) deletes the files already renamed, so that the set is
+    left incomplete rather than mixing two runs: put first the file whose absence stops the readers.
+    """
+    paths = [Path(p) for p in paths]
+    replaced: list[Path] = []
+    try:
+        with ExitStack() as stack:
+            temps = {}
+            for path in reversed(paths):  # the stack exits (renames) in reverse: paths[0] is renamed first
+
+                def note_replaced(exc_type, *_, path=path) -> None:
+                    if exc_type is None:  # this file's rename went through
+                        replaced.append(path)
+
+                stack.push(note_replaced)
+                temps[path] = stack.enter_context(atomic_path(path))
+            yield [temps[p] for p in paths]
+    except BaseException:
+        for path in replaced:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -207,6 +236,75 @@ def check_output_dir(path: Path | str, flag: str) -> Path:
                 where = "is an existing file" if p == path else f"cannot be created because {str(p)!r} is a file"
                 raise ValueError(f"{flag} {str(path)!r} {where}; pass a folder to write into (it is created if new).")
             break
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the Hugging Face Hub
+def secret_text(value: Any, flag: str = "--access_token") -> Optional[str]:
+    """The text of a token flag typed `SecretStr` (so that `--print_config` masks it), or None.
+
+    YAML turns an unquoted `12345`, `[hf_x]` or `{a: b}` in a `--config` into a number, list or mapping, which the
+    Hub would refuse with a confusing error: that is one sentence naming `flag`, which never shows the value.
+    """
+    value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+    if value is None or isinstance(value, str):
+        return value
+    kind = {bool: "true/false", int: "number", float: "number", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__)
+    raise ValueError(
+        f"{flag} must be text (a token such as hf_...), but it was read as a YAML {kind}: put it in quotes in the "
+        "--config file."
+    )
+
+
+def error_chain(error: BaseException) -> list[BaseException]:
+    """`error` and its causes, outermost first (huggingface_hub re-raises a failed call as a local-cache miss)."""
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether `error` itself is a network failure (no connection, DNS, timeout, proxy) rather than a server answer."""
+    # huggingface_hub's HTTP stack changed across versions (requests, httpx, httpx2): recognise their network
+    # errors by origin rather than importing each one
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    root = type(error).__module__.split(".")[0]
+    return root in ("requests", "urllib3", "httpx", "httpx2", "httpcore", "socket") and any(
+        word in type(error).__name__ for word in ("Connect", "Timeout", "Network", "Proxy")
+    )
+
+
+def hub_unreachable(error: BaseException) -> bool:
+    """Whether a failed Hugging Face Hub call failed because the Hub could not be reached (offline, HF_HUB_OFFLINE,
+    a proxy or firewall) rather than because the Hub answered with an error (gated, not found, HTTP 5xx)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    chain = error_chain(error)
+    if any(isinstance(e, HfHubHTTPError) for e in chain):
+        return False
+    return any(isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or is_connection_error(e) for e in chain)
+
+
+def check_output_file(path: Path | str, flag: str, example: str = "results.json") -> Path:
+    """Fail early, in one sentence naming `flag`, when the file it names could not be written at the end of the
+    work: it is a folder, a folder above it is a file, or the nearest existing folder above it is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file name such as {str(path / example)!r}.")
+    for p in path.parents:
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            raise ValueError(f"{flag} {str(path)!r} cannot be written because {str(p)!r} is a file, not a folder; "
+                             "pass a path inside a folder (missing folders are created).")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {str(path)!r} cannot be written: no permission to write in {str(p)!r}; pass a "
+                             "path in a folder you can write to.")
+        break
     return path
 
 

@@ -1,6 +1,7 @@
 """Download a model from the Hugging Face Hub (and convert it to a lit checkpoint), or list the named models."""
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from jsonargparse.typing import SecretStr  # noqa: E402
 
 from lit_gpt.config import configs  # noqa: E402
 from lit_gpt.convert_hf import TOKENIZER_FILES, convert_hf_checkpoint  # noqa: E402
+from lit_gpt.utils import error_chain, is_connection_error, secret_text  # noqa: E402
 
 # what a transformers model folder needs besides its weights
 CONFIG_FILES = ["config.json", "generation_config.json"]
@@ -72,9 +74,8 @@ def main(
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
 
-    if isinstance(access_token, SecretStr):  # the CLI's type, so that --print_config masks it
-        access_token = access_token.get_secret_value()
-    token = access_token or os.environ.get("HF_TOKEN") or None
+    # typed SecretStr so that --print_config masks it
+    token = secret_text(access_token) or os.environ.get("HF_TOKEN") or None
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path("checkpoints") / repo_id
     with hub_errors(repo_id, token):
         if tokenizer_only:
@@ -102,9 +103,10 @@ def weight_files(files: list[str], repo_id: str, from_safetensors: bool) -> list
     """The weight files to fetch among a repo's files: top-level transformers weights only (not the `original/`
     Meta checkpoints or Mistral's `consolidated.safetensors`, which duplicate them in another layout)."""
     top = [f for f in files if "/" not in f]
-    safetensors = [f for f in top if f.endswith(".safetensors") and not f.startswith("consolidated")]
-    safetensors += [f for f in top if f == "model.safetensors.index.json"]
-    bins = [f for f in top if f.startswith("pytorch_model") and (f.endswith(".bin") or f.endswith(".bin.index.json"))]
+    safetensors = _loaded_files(top, "model.safetensors", [
+        f for f in top if f.endswith(".safetensors") and not f.startswith("consolidated")])
+    bins = _loaded_files(top, "pytorch_model.bin", [
+        f for f in top if f.startswith("pytorch_model") and f.endswith(".bin")])
     if from_safetensors and safetensors:
         return safetensors
     if not from_safetensors and bins:
@@ -121,6 +123,21 @@ def weight_files(files: list[str], repo_id: str, from_safetensors: bool) -> list
         f"{repo_id} has no transformers weights (model*.safetensors or pytorch_model*.bin) at its top level; "
         "pick the repo of the transformers version of the model."
     )
+
+
+def _loaded_files(top: list[str], single: str, candidates: list[str]) -> list[str]:
+    """Among a repo's `candidates` weight files, those transformers loads: `single` when the repo has it, else the
+    index and the shards it names (by their standard names), else all of them. Not `adapter_model.safetensors`,
+    `model.fp16.safetensors` and the like next to them, which would be downloaded for nothing (and converted
+    into the model if the conversion read them)."""
+    if single in top:
+        return [single]
+    index = f"{single}.index.json"
+    if index in top:
+        stem, suffix = single.rsplit(".", 1)
+        shards = [f for f in candidates if re.fullmatch(rf"{stem}-\d+-of-\d+\.{suffix}", f)]
+        return [index, *(shards or candidates)]
+    return candidates
 
 
 @contextmanager
@@ -145,10 +162,7 @@ def explain_hub_error(error: BaseException, repo_id: str, has_token: bool) -> Op
     snapshot_download re-raises some failures as a local-cache miss, so the chain of causes is searched for the most
     specific error first.
     """
-    chain, e = [], error
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = error_chain(error)
     url = f"https://huggingface.co/{repo_id}"
     token_hint = "pass --access_token or set HF_TOKEN" if not has_token else "check that your token is valid"
     for e in chain:
@@ -172,7 +186,7 @@ def explain_hub_error(error: BaseException, repo_id: str, has_token: bool) -> Op
                 return f"The Hugging Face Hub rejected the request for {repo_id} (401): {token_hint}."
             return f"The Hugging Face Hub answered HTTP {status} for {repo_id}; try again later."
     for e in chain:
-        if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or _is_connection_error(e):
+        if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or is_connection_error(e):
             return (
                 f"Could not reach the Hugging Face Hub to download {repo_id} (offline, HF_HUB_OFFLINE set, or a "
                 "proxy/firewall in the way): check the network connection and try again."
@@ -180,18 +194,37 @@ def explain_hub_error(error: BaseException, repo_id: str, has_token: bool) -> Op
     return None
 
 
-def _is_connection_error(error: BaseException) -> bool:
-    # huggingface_hub's HTTP stack changed across versions (requests, httpx, httpx2): recognise their network
-    # errors by origin rather than importing each one
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    root = type(error).__module__.split(".")[0]
-    return root in ("requests", "urllib3", "httpx", "httpx2", "httpcore", "socket") and any(
-        word in type(error).__name__ for word in ("Connect", "Timeout", "Network", "Proxy")
-    )
+def inline_config_error(args: list[str]) -> Optional[str]:
+    """The one-line error for a `--config` given as YAML text that does not parse, or None.
+
+    jsonargparse's own error repeats the text, which may hold the access token; this one says only where it broke.
+    """
+    import yaml
+
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            text = args[i + 1]
+        elif arg.startswith("--config="):
+            text = arg.removeprefix("--config=")
+        else:
+            continue
+        if Path(text).is_file():
+            continue  # a config file: jsonargparse names the file, not its contents
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or "not valid YAML"
+            return (f"--config: the YAML text does not parse ({problem}{where}); it is not repeated here because it "
+                    "may hold your access token (see --help)")
+    return None
 
 
 if __name__ == "__main__":
-    from lit_gpt.cli import run_cli
+    from lit_gpt.cli import USAGE_ERROR_CODE, run_cli
 
+    if (config_error := inline_config_error(sys.argv[1:])) is not None:
+        print(f"error: {config_error}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR_CODE)
     run_cli(main, errors=(DownloadError,))

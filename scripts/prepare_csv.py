@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
 from lit_gpt.cli import run_cli
-from lit_gpt.data.prepare import check_input_file, check_rows, prepare_instruction_data, read_records
+from lit_gpt.data.prepare import check_input_file, check_rows, prepare_instruction_data, read_csv_records
 
 
 def prepare(
@@ -26,7 +26,7 @@ def prepare(
     """Tokenize a CSV file (header line: instruction,input,output; input may be left out) into train.pt and test.pt.
 
     Args:
-        csv_path: The CSV file.
+        csv_path: The CSV file (comma-separated, UTF-8), whatever its name ends with.
         destination_path: Output directory (default: <checkpoint_dir>/<csv file name>-t<max_seq_length>).
         checkpoint_dir: Checkpoint whose tokenizer to use.
         test_split_fraction: Fraction of rows held out as test.pt.
@@ -40,8 +40,8 @@ def prepare(
     csv_path = check_input_file(csv_path, "--csv_path")
 
     def load_rows(destination: Path):
-        return check_rows(read_records(csv_path), csv_path, required=("instruction", "output"),
-                          optional=("input",)), None
+        columns = dict(required=("instruction", "output"), optional=("input",))
+        return check_rows(read_csv_records(csv_path, **columns), csv_path, **columns), None
 
     return prepare_instruction_data(
         dataset=csv_path.stem, checkpoint_dir=checkpoint_dir, destination_path=destination_path,

@@ -72,10 +72,17 @@ def prepare(
     """
     names = list(SUBSETS) if subsets is None else [s.strip() for s in subsets.split(",") if s.strip()]
     unknown = [s for s in names if s not in SUBSETS]
-    if unknown or not names:
+    if not names:
+        raise DataPreparationError(
+            f"--subsets {subsets!r} names no subset; pass comma-separated names from {', '.join(SUBSETS)}, or leave "
+            "it out for all of them."
+        )
+    if unknown:
         raise DataPreparationError(
             f"--subsets has unknown FLAN subsets {unknown}; choose from {', '.join(SUBSETS)}."
         )
+    if data_file_path is not None and subsets is not None:
+        print("Note: --subsets is not used with --data_file_path; every row of that file is used.", file=sys.stderr)
 
     def load_rows(destination: Path):
         if data_file_path is not None:
@@ -92,7 +99,8 @@ def prepare(
         dataset="flan", checkpoint_dir=checkpoint_dir, destination_path=destination_path,
         max_seq_length=max_seq_length, load_rows=load_rows, test_split_fraction=test_split_fraction, seed=seed,
         mask_inputs=mask_inputs, ignore_index=ignore_index, prompt_style=prompt_style, system_prompt=system_prompt,
-        extra={"subsets": names},
+        # what was used: a local file's rows are whatever it holds, not the subsets named
+        extra={"subsets": names} if data_file_path is None else {"source": str(data_file_path)},
     )
 
 

@@ -28,7 +28,8 @@ def prepare(
     Each object needs "instruction" and "output"; "input" is optional.
 
     Args:
-        json_path: The JSON (.json) or JSON Lines (.jsonl) file.
+        json_path: The JSON (a list of objects) or JSON Lines (one object per line) file, UTF-8; a CSV file goes
+            to scripts/prepare_csv.py.
         destination_path: Output directory (default: <checkpoint_dir>/<json file name>-t<max_seq_length>).
         checkpoint_dir: Checkpoint whose tokenizer to use.
         test_split_fraction: Fraction of rows held out as test.pt.
@@ -42,7 +43,7 @@ def prepare(
     json_path = check_input_file(json_path, "--json_path")
 
     def load_rows(destination: Path):
-        return check_rows(read_records(json_path), json_path, required=("instruction", "output"),
+        return check_rows(read_records(json_path, "--json_path"), json_path, required=("instruction", "output"),
                           optional=("input",)), None
 
     return prepare_instruction_data(

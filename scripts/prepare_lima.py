@@ -7,8 +7,11 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jsonargparse.typing import SecretStr
+
 from lit_gpt.data.prompts import PromptStyleName
 from lit_gpt.cli import run_cli
+from lit_gpt.utils import secret_text
 from lit_gpt.data.prepare import (
     DataPreparationError,
     Source,
@@ -45,7 +48,7 @@ def prepare(
     data_repo_id: str = "GAIR/lima",
     data_file_name: str = "train.jsonl",
     data_file_path: Optional[Path] = None,
-    access_token: Optional[str] = None,
+    access_token: Optional[SecretStr] = None,
     prompt_style: PromptStyleName = "lima",
     system_prompt: Optional[str] = None,
 ) -> Path:
@@ -69,14 +72,17 @@ def prepare(
         prompt_style: Template the examples are written in (chatml or chat_template for chat models).
         system_prompt: System message for the chatml/chat_template styles.
     """
-    token = access_token or os.getenv("HF_TOKEN")
+    # typed SecretStr so that --print_config masks it
+    token = secret_text(access_token) or os.getenv("HF_TOKEN") or None
+    if token:
+        gated_hint = (f"{data_repo_id} is gated: accept its terms on the Hugging Face Hub with the account your token "
+                      "belongs to, and check that the token is valid.")
+    else:
+        gated_hint = (f"{data_repo_id} is gated: accept its terms on the Hugging Face Hub, then pass --access_token "
+                      "TOKEN or set HF_TOKEN.")
 
     def load_rows(destination: Path):
-        source = Source(
-            hf_repo_id=data_repo_id, hf_filename=data_file_name, token=token,
-            hint=f"{data_repo_id} is gated: accept its terms on the Hugging Face Hub, then pass --access_token "
-                 "TOKEN or set HF_TOKEN.",
-        )
+        source = Source(hf_repo_id=data_repo_id, hf_filename=data_file_name, token=token, hint=gated_hint)
         path = fetch_data_file(destination, data_file_name, source, data_file_path)
         records = read_records(path)
         for number, record in enumerate(records, start=1):

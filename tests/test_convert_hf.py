@@ -243,6 +243,75 @@ def test_dtype_and_sharded_export(tmp_path):
     assert Config.from_checkpoint(out).name == Config.from_checkpoint(hf_dir).name == "hf"
 
 
+@pytest.mark.parametrize("first_shard_bytes, second_shard_bytes", [(None, 20_000), (20_000, None)],
+                         ids=["single_then_sharded", "sharded_then_single"])
+def test_export_into_an_earlier_export_loads_the_new_model(first_shard_bytes, second_shard_bytes, tmp_path,
+                                                          capsys):
+    """transformers reads model.safetensors before an index: files of the earlier export must not stay behind."""
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    dirs = []
+    for seed in (0, 1):
+        hf_dir = tmp_path / f"hf{seed}"
+        make_hf_model(model_type, seed=seed, **kwargs).save_pretrained(hf_dir)
+        convert_hf_checkpoint(hf_dir)
+        dirs.append(hf_dir)
+    out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "model.safetensors").write_text("not ours")  # not a weight file of this folder: kept
+    (out / "model_backup.safetensors").write_text("not ours either")
+    for hf_dir, shard_bytes in zip(dirs, (first_shard_bytes, second_shard_bytes)):
+        convert_lit_checkpoint(hf_dir, out, dtype="float32", **({"max_shard_bytes": shard_bytes} if shard_bytes
+                                                                   else {}))
+    (removed,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Removed ")]
+    sharded = second_shard_bytes is not None
+    assert "earlier export" in removed
+    removed = removed.removeprefix("Removed ").split(" from ")[0].split(", ")
+    if sharded:
+        assert removed == ["model.safetensors"]
+    else:
+        assert len(removed) > 2 and set(removed) == {"model.safetensors.index.json"} | {
+            n for n in removed if n.startswith("model-0") and n.endswith(".safetensors")}
+    names = {p.name for p in out.iterdir()}
+    assert ("model.safetensors" in names) != sharded and ("model.safetensors.index.json" in names) == sharded
+    if sharded:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert {n for n in names if n.startswith("model-")} == set(index["weight_map"].values())
+    else:
+        assert not [n for n in names if n.startswith("model-")]
+    assert (out / "notes" / "model.safetensors").is_file() and (out / "model_backup.safetensors").is_file()
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    lit = GPT.from_checkpoint(dirs[1], dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
+
+
+def test_unindexed_weight_files_are_read_as_transformers_reads_them(tmp_path):
+    from safetensors.torch import save_file
+
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_dir = tmp_path / "hf"
+    hf_model.save_pretrained(hf_dir)
+    # what a Hub repo or an old download may hold next to model.safetensors: same tensor names, other values
+    stale = {k: torch.ones_like(v) for k, v in load_safetensors(hf_dir / "model.safetensors").items()}
+    save_file(stale, hf_dir / "model.fp16.safetensors")
+    save_file({"base_model.model.lora_A.weight": torch.ones(2, 2)}, hf_dir / "adapter_model.safetensors")
+    convert_hf_checkpoint(hf_dir)
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    lit = GPT.from_checkpoint(hf_dir, dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(reference, idx), lit_logits(lit, idx), **TOL)
+
+    # without model.safetensors or an index, two files holding one tensor are refused, naming both
+    (hf_dir / "model.safetensors").rename(hf_dir / "a.safetensors")
+    (hf_dir / "adapter_model.safetensors").unlink()
+    with pytest.raises(ConversionError) as e:
+        convert_hf_checkpoint(hf_dir)
+    message = str(e.value)
+    assert "is in both" in message and "a.safetensors" in message and "model.fp16.safetensors" in message
+    assert "\n" not in message
+
+
 def test_export_copies_tokenizer_and_generation_files(tmp_path):
     model_type, kwargs, _, _ = FAMILIES["llama_tied"]
     hf_dir = tmp_path / "hf"
@@ -345,6 +414,25 @@ def test_bad_checkpoint_contents(tmp_path):
     (tmp_path / shard).unlink()
     with pytest.raises(ConversionError, match=f"lists '{shard}', which is missing"):
         convert_hf_checkpoint(tmp_path)
+
+
+def test_missing_and_extra_tensors_are_named_as_in_the_users_file(tmp_path):
+    from safetensors.torch import save_file
+
+    model_type, kwargs, _, _ = FAMILIES["mistral_gqa"]
+    sd = {k: v.contiguous() for k, v in make_hf_model(model_type, **kwargs).state_dict().items()}
+    AutoConfig.for_model(model_type, **kwargs).save_pretrained(tmp_path)
+    del sd["model.layers.1.mlp.down_proj.weight"], sd["model.layers.0.self_attn.k_proj.weight"]
+    sd["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ConversionError, match=r"no k_proj.weight for layer 0"):
+        convert_hf_checkpoint(tmp_path)
+    sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"][:32].clone()
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ConversionError) as e:
+        convert_hf_checkpoint(tmp_path)
+    assert "missing ['model.layers.1.mlp.down_proj.weight']" in str(e.value)
+    assert "unexpected ['model.layers.0.self_attn.o_proj.bias']" in str(e.value)
 
 
 def test_export_refuses_adapter_weights_and_its_own_directory(tmp_path):

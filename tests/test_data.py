@@ -720,3 +720,201 @@ def test_every_prepare_cli_runs(tmp_path, checkpoint_dir):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: Tokenizer directory")
+
+
+# --------------------------------------------------------------------------------------------- audit fixes
+
+
+def test_a_failed_write_leaves_no_mix_of_two_runs(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    data = write_json(tmp_path / "mine.json", ROWS)
+    out = tmp_path / "out"
+    prepare_json.prepare(json_path=data, destination_path=out, checkpoint_dir=checkpoint_dir, max_seq_length=512)
+    before = {name: (out / name).read_bytes() for name in ("train.pt", "test.pt", "prepare_config.yaml")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # the last file fails: the first two must not have replaced the old ones
+    monkeypatch.setattr(prep.yaml, "safe_dump", full_disk)
+    with pytest.raises(DataPreparationError, match=r"Could not write the prepared data into --destination_path "
+                                                   r".*No space left on device"):
+        prepare_json.prepare(json_path=data, destination_path=out, checkpoint_dir=checkpoint_dir,
+                             max_seq_length=512, prompt_style="chatml")
+    monkeypatch.undo()
+    no_download(monkeypatch)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no temporary file left either
+
+    # a rename that fails after train.pt was replaced: train.pt goes, so nothing trains on a mix (as in the audit)
+    (out / "test.pt").unlink()
+    (out / "test.pt").mkdir()
+    with pytest.raises(DataPreparationError, match="Is a directory"):
+        prepare_json.prepare(json_path=data, destination_path=out, checkpoint_dir=checkpoint_dir,
+                             max_seq_length=512, prompt_style="chatml")
+    assert not (out / "train.pt").exists()
+    assert read_prepare_config(out)["prompt_style"] == "alpaca"
+
+
+def test_lima_token_is_masked_by_print_config(checkpoint_dir, capsys):
+    from lit_gpt.cli import run_cli
+
+    secret = "hf_SECRETtoken123456"
+    with pytest.raises(SystemExit) as e:
+        run_cli(prepare_lima.prepare, args=["--access_token", secret, "--checkpoint_dir", str(checkpoint_dir),
+                                            "--print_config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert secret not in out and "access_token: '**********'" in out
+    with pytest.raises(ValueError, match=r"--access_token must be text .* read as a YAML number"):
+        prepare_lima.prepare(checkpoint_dir=checkpoint_dir, access_token=12345, max_seq_length=64)
+
+
+def test_the_script_decides_the_file_format(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    csv_text = "instruction,input,output\n" + "".join(f"q{i},,a{i}\n" for i in range(5))
+    (tmp_path / "data.txt").write_text(csv_text)
+    out = prepare_csv.prepare(csv_path=tmp_path / "data.txt", destination_path=tmp_path / "o_txt",
+                              checkpoint_dir=checkpoint_dir, max_seq_length=64, test_split_fraction=0.0)
+    assert sorted(s["instruction"] for s in load_split(out, "train")) == [f"q{i}" for i in range(5)]
+    (tmp_path / "data.tsv").write_text(csv_text.replace(",", "\t"))
+    with pytest.raises(DataPreparationError) as e:
+        prepare_csv.prepare(csv_path=tmp_path / "data.tsv", destination_path=tmp_path / "o_tsv",
+                            checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    assert str(e.value).startswith(f"{str(tmp_path / 'data.tsv')!r} is not comma-separated (header: "
+                                   "'instruction\\tinput\\toutput')")
+    (tmp_path / "data.csv").write_text(csv_text)
+    with pytest.raises(DataPreparationError, match=r"data.csv' is not valid JSON .* use scripts/prepare_csv.py"):
+        prepare_json.prepare(json_path=tmp_path / "data.csv", destination_path=tmp_path / "o_csv",
+                             checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    # JSON Lines in a .json file is still JSON Lines
+    out = prepare_json.prepare(json_path=write_jsonl(tmp_path / "lines.json", ROWS), checkpoint_dir=checkpoint_dir,
+                               destination_path=tmp_path / "o_lines", max_seq_length=512)
+    assert len(load_split(out, "train")) + len(load_split(out, "test")) == len(ROWS)
+
+
+def test_csv_column_errors_show_the_header(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    cases = {
+        "caps.csv": ("Instruction,Input,Output\nq,,a\n",
+                     "has no instruction, output columns: the header has columns Instruction, Input, Output; "
+                     "expected instruction, output (input optional)."),
+        "other.csv": ("question,answer\nq,a\n",
+                      "has no instruction, output columns: the header has columns question, answer; expected "
+                      "instruction, output (input optional)."),
+        "dup.csv": ("instruction,output,instruction\nq,a,z\n",
+                    "names the column instruction more than once; keep one."),
+    }
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataPreparationError) as e:
+            prepare_csv.prepare(csv_path=tmp_path / name, destination_path=tmp_path / "out",
+                                checkpoint_dir=checkpoint_dir, max_seq_length=64)
+        assert str(e.value).endswith(expected) and str(tmp_path / name) in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_leaves_no_folder_and_flags_are_checked_before_a_download(tmp_path, checkpoint_dir,
+                                                                               monkeypatch):
+    no_download(monkeypatch)
+    failing = {
+        "empty.json": "",
+        "broken.json": "[{",
+        "missing.json": json.dumps([{"instruction": "q"}]),
+    }
+    for name, text in failing.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataPreparationError):
+            prepare_json.prepare(json_path=tmp_path / name, destination_path=tmp_path / "out" / name,
+                                 checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    with pytest.raises(DataPreparationError, match="nothing was written"):
+        prepare_json.prepare(json_path=write_json(tmp_path / "ok.json", ROWS), destination_path=tmp_path / "out" / "a",
+                             checkpoint_dir=checkpoint_dir, max_seq_length=1)
+    assert not (tmp_path / "out").exists()
+    # no_download: these would fail with an AssertionError if the download came first
+    for fraction in (1.0, -0.5, float("nan")):
+        for script in (prepare_alpaca, prepare_dolly, prepare_lima):
+            with pytest.raises(DataPreparationError, match="--test_split_fraction must be in"):
+                script.prepare(destination_path=tmp_path / "d", checkpoint_dir=checkpoint_dir, max_seq_length=64,
+                               test_split_fraction=fraction)
+    assert not (tmp_path / "d").exists()
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(prep, "download_url", offline)
+    with pytest.raises(DataPreparationError, match="Could not download"):
+        prepare_alpaca.prepare(destination_path=tmp_path / "d", checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    assert not (tmp_path / "d").exists()
+
+
+def test_lima_offline_says_the_hub_is_unreachable(tmp_path, checkpoint_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    def http_error(cls, status):
+        return cls("a long paragraph from the Hub", response=SimpleNamespace(status_code=status, headers={},
+                                                                             request=None))
+
+    def raising(error):
+        def fail(*args, **kwargs):
+            raise error
+        return fail
+
+    network = (LocalEntryNotFoundError("An error happened ... Please check your connection"),
+               OfflineModeIsEnabled("offline"), ConnectionError("[Errno 101] Network is unreachable"))
+    for error in network:
+        monkeypatch.setattr(prep, "download_hf", raising(error))
+        with pytest.raises(DataPreparationError) as e:
+            prepare_lima.prepare(destination_path=tmp_path / "l", checkpoint_dir=checkpoint_dir, max_seq_length=64,
+                                 access_token="hf_x")
+        message = str(e.value)
+        assert message.startswith("Could not reach the Hugging Face Hub to download the Hugging Face dataset "
+                                  "'GAIR/lima'") and "--data_file_path FILE" in message
+        assert "gated" not in message and "check your connection" not in message
+    monkeypatch.setattr(prep, "download_hf", raising(http_error(GatedRepoError, 403)))
+    with pytest.raises(DataPreparationError) as e:
+        prepare_lima.prepare(destination_path=tmp_path / "l", checkpoint_dir=checkpoint_dir, max_seq_length=64,
+                             access_token="hf_x")
+    assert "(GatedRepoError, HTTP 403). GAIR/lima is gated: accept its terms" in str(e.value)
+    assert "with the account your token belongs to" in str(e.value) and "paragraph" not in str(e.value)
+    monkeypatch.setattr(prep, "download_hf", raising(http_error(HfHubHTTPError, 503)))
+    with pytest.raises(DataPreparationError) as e:
+        prepare_lima.prepare(destination_path=tmp_path / "l", checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    assert "(HfHubHTTPError, HTTP 503). If you have the file" in str(e.value) and "gated" not in str(e.value)
+
+
+def test_minor_input_mistakes_are_one_sentence(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    (tmp_path / "latin1.csv").write_bytes("instruction,output\ncaf\xe9,a\n".encode("latin-1"))
+    (tmp_path / "latin1.json").write_bytes(json.dumps(ROWS, ensure_ascii=False).replace("Paris", "Par\xeds")
+                                           .encode("latin-1"))
+    for script, flag, name in ((prepare_csv, "--csv_path", "latin1.csv"), (prepare_json, "--json_path",
+                                                                          "latin1.json")):
+        with pytest.raises(DataPreparationError) as e:
+            script.prepare(**{flag[2:]: tmp_path / name}, destination_path=tmp_path / "out",
+                           checkpoint_dir=checkpoint_dir, max_seq_length=64)
+        assert str(e.value).startswith(f"{flag} {str(tmp_path / name)!r} is not UTF-8 text (byte 0x")
+        assert str(e.value).endswith("save it with UTF-8 encoding and run again.")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"^--destination_path '.*afile' is an existing file; pass a folder"):
+        prepare_json.prepare(json_path=write_json(tmp_path / "ok.json", ROWS), destination_path=tmp_path / "afile",
+                             checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    with pytest.raises(DataPreparationError) as e:
+        prepare_json.prepare(json_path=write_json(tmp_path / "one.json", ROWS[0]), destination_path=tmp_path / "o1",
+                             checkpoint_dir=checkpoint_dir, max_seq_length=64)
+    assert str(e.value) == ("1 row leaves nothing to train on with --test_split_fraction 0.1: pass "
+                            "--test_split_fraction 0 to train on all of it.")
+    with pytest.raises(DataPreparationError, match=r"^--subsets ',' names no subset; pass comma-separated names"):
+        prepare_flan.prepare(checkpoint_dir=checkpoint_dir, subsets=",", max_seq_length=64)
+
+
+def test_flan_records_the_local_file_not_ignored_subsets(tmp_path, checkpoint_dir, monkeypatch, capsys):
+    no_download(monkeypatch)
+    data = write_jsonl(tmp_path / "flan.jsonl", [{"inputs": f"q{i}", "targets": f"a{i}"} for i in range(10)])
+    out = prepare_flan.prepare(destination_path=tmp_path / "local", checkpoint_dir=checkpoint_dir,
+                               subsets="piqa_10templates", data_file_path=data, max_seq_length=512)
+    config = read_prepare_config(out)
+    assert "subsets" not in config and config["source"] == str(data)
+    assert "--subsets is not used with --data_file_path" in capsys.readouterr().err

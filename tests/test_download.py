@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from jsonargparse.typing import SecretStr
 
 from lit_gpt.config import configs
 
@@ -239,3 +240,50 @@ def test_cli_offline_error_and_masked_token(tmp_path):
     assert TOKEN not in done.stdout + done.stderr
     shown = _run("--repo_id", "o/m", f"--access_token={TOKEN}", "--print_config")
     assert shown.returncode == 0 and TOKEN not in shown.stdout and "access_token: '**********'" in shown.stdout
+
+
+def test_only_the_files_transformers_loads_are_fetched(hub, tmp_path):
+    """Next to model.safetensors (or an index), variants and adapters are not the model: transformers skips them."""
+    extras = ["adapter_model.safetensors", "model.fp16.safetensors", "model.fp16-00001-of-00002.safetensors"]
+    cases = [
+        (["model.safetensors", *extras], True, ["model.safetensors"]),
+        (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+          *extras], True,
+         ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+        (["pytorch_model.bin", "pytorch_model.fp16.bin", "model.safetensors"], False, ["pytorch_model.bin"]),
+        (["weights.safetensors"], True, ["weights.safetensors"]),  # nothing standard: what there is
+    ]
+    for files, from_safetensors, expected in cases:
+        assert download.weight_files(["config.json", *files], "o/m", from_safetensors) == expected
+
+
+def test_a_token_that_is_not_text_is_one_sentence(hub, tmp_path):
+    hub(error=LocalEntryNotFoundError("cannot find the requested files"))
+    for value, kind in ((12345, "number"), (["hf_x"], "list"), ({"tok": TOKEN}, "mapping")):
+        with pytest.raises(ValueError) as info:
+            download.main(repo_id="o/m", access_token=SecretStr(value), checkpoint_dir=tmp_path)
+        assert str(info.value).startswith(f"--access_token must be text (a token such as hf_...), but it was read "
+                                           f"as a YAML {kind}")
+        assert TOKEN not in str(info.value)
+
+
+def test_an_inline_config_that_does_not_parse_is_not_echoed():
+    args = ["--config", f"{{access_token: {TOKEN}, repo_id: ["]
+    message = download.inline_config_error(args)
+    assert message.startswith("--config: the YAML text does not parse") and TOKEN not in message
+    assert download.inline_config_error([f"--config=access_token: {TOKEN}\n bad: ["]) is not None
+    assert download.inline_config_error(["--config", f"{{access_token: {TOKEN}}}"]) is None
+    assert download.inline_config_error(["--repo_id", "{not: [yaml"]) is None
+
+
+@pytest.mark.slow
+def test_cli_config_errors_never_show_the_token(tmp_path):
+    done = _run("--config", f"{{access_token: {TOKEN}, repo_id: [")
+    assert done.returncode == 2 and TOKEN not in done.stdout + done.stderr
+    assert done.stderr.startswith("error: --config: the YAML text does not parse")
+    (tmp_path / "c.yaml").write_text("repo_id: o/m\naccess_token: 12345\n")
+    done = _run("--config", str(tmp_path / "c.yaml"), "--checkpoint_dir", str(tmp_path / "x"),
+                env_extra={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("error: --access_token must be text (a token such as hf_...), but it was read as "
+                                   "a YAML number: put it in quotes in the --config file.")

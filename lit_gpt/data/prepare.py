@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from lit_gpt.data.prompts import PromptStyle, prompt_style_from_name
-from lit_gpt.utils import atomic_path, atomic_save, atomic_write_text
+from lit_gpt.utils import atomic_path, atomic_paths, check_output_dir, error_chain, hub_unreachable
 
 TRAIN_FILENAME = "train.pt"
 TEST_FILENAME = "test.pt"
@@ -113,39 +113,82 @@ def fetch_data_file(
         print(f"Using the data file already at {str(target)!r}.")
         return target
     print(f"Downloading {source.describe()} to {str(target)!r} ...")
+    new_folder = not target.parent.exists()
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         source.fetch(target)
     except Exception as e:  # network, HTTP, hub and file errors all mean the same thing to the user
-        hint = f" {source.hint}" if source.hint else ""
+        if new_folder and target.parent.is_dir() and not any(target.parent.iterdir()):
+            target.parent.rmdir()  # a failed run leaves no empty destination behind
+        if source.hf_repo_id and hub_unreachable(e):
+            # no gating advice (nothing was asked of the Hub) and not the Hub's long text about its local cache
+            raise DataPreparationError(
+                f"Could not reach the Hugging Face Hub to download {source.describe()} (offline, HF_HUB_OFFLINE set, "
+                "or a proxy/firewall in the way): check the network connection, or pass the file with "
+                f"--data_file_path FILE (or put it at {str(target)!r}) and run again."
+            ) from None
+        detail, hint = f"{type(e).__name__}: {e}", f" {source.hint}" if source.hint else ""
+        answer = _hub_answer(e) if source.hf_repo_id else None
+        if answer is not None:
+            detail, refused = answer
+            hint = hint if refused else ""  # gating advice only where the Hub refused access, not for an HTTP 5xx
         raise DataPreparationError(
-            f"Could not download {source.describe()} ({type(e).__name__}: {e}).{hint} If you have the file, pass "
+            f"Could not download {source.describe()} ({detail}).{hint} If you have the file, pass "
             f"it with --data_file_path FILE (or put it at {str(target)!r}) and run again."
         ) from e
     return target
+
+
+def _hub_answer(error: BaseException) -> Optional[tuple[str, bool]]:
+    """For a Hub call the Hub answered with an error: its short description (not the Hub's paragraph) and whether
+    it refused access (401/403, or the gated/not-found answer a gated repo gives without a token); else None."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    answer = next((e for e in error_chain(error) if isinstance(e, HfHubHTTPError)), None)
+    if answer is None:
+        return None
+    status = getattr(getattr(answer, "response", None), "status_code", None)
+    refused = status in (401, 403) or isinstance(answer, (GatedRepoError, RepositoryNotFoundError))
+    return f"{type(answer).__name__}, HTTP {status}", refused
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # reading and checking rows
 
 
-def read_records(path: Path | str) -> list[dict]:
-    """Rows of a JSON array, a JSON Lines file or a CSV file with a header line (chosen by the file's content)."""
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, flag, e) from None
+
+
+def _not_utf8(path: Path, flag: str, error: UnicodeDecodeError) -> DataPreparationError:
+    return DataPreparationError(
+        f"{flag} {str(path)!r} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at position {error.start}): "
+        "save it with UTF-8 encoding and run again."
+    )
+
+
+def read_records(path: Path | str, flag: str = "The data file") -> list[dict]:
+    """Rows of a JSON array or a JSON Lines file (a `.jsonl` suffix, or several values one per line), whatever the
+    file is called: the script decides the format, so a CSV file gets an error rather than a guess."""
     path = Path(path)
     if not path.is_file():
-        raise DataPreparationError(f"The data file {str(path)!r} does not exist.")
-    if path.suffix.lower() == ".csv":
-        return _read_csv(path)
-    text = path.read_text(encoding="utf-8-sig")
+        raise DataPreparationError(f"{flag} {str(path)!r} does not exist.")
+    text = _read_text(path, flag)
     if not text.strip():
-        raise DataPreparationError(f"The data file {str(path)!r} is empty.")
+        raise DataPreparationError(f"{flag} {str(path)!r} is empty.")
     if path.suffix.lower() != ".jsonl":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # "Extra data" after the first value means JSON Lines
+                csv_hint = " (for a CSV file use scripts/prepare_csv.py --csv_path)" if path.suffix.lower() in (
+                    ".csv", ".tsv") else ""
                 raise DataPreparationError(
                     f"{str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}); expected a list of objects or "
-                    "JSON Lines (one object per line)."
+                    f"JSON Lines (one object per line){csv_hint}."
                 ) from None
         else:
             if isinstance(data, dict):  # a single object is one row of JSON Lines
@@ -169,21 +212,48 @@ def read_records(path: Path | str) -> list[dict]:
     return rows
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise DataPreparationError(
-                f"The CSV file {str(path)!r} is empty; it needs a header line naming instruction,input,output."
-            )
-        rows = []
-        for row in reader:
-            if None in row:  # more cells than header columns
+def read_csv_records(
+    path: Path | str, required: Sequence[str], optional: Sequence[str] = (), flag: str = "--csv_path"
+) -> list[dict]:
+    """Rows of a comma-separated file with a header line, whatever the file is called; the header must name the
+    `required` columns (and may name the `optional` ones), each once."""
+    path = Path(path)
+    expected = f"expected {', '.join(required)}" + (f" ({', '.join(optional)} optional)" if optional else "")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames
+            if not header:
                 raise DataPreparationError(
-                    f"{str(path)!r} row {len(rows) + 1} has more cells than the header has columns "
-                    f"({', '.join(reader.fieldnames)}); quote cells that contain commas."
+                    f"The CSV file {str(path)!r} is empty; it needs a header line naming {', '.join(required)}"
+                    f"{''.join(',' + c for c in optional)}."
                 )
-            rows.append(row)
+            if len(header) == 1 and "\t" in header[0]:
+                raise DataPreparationError(
+                    f"{str(path)!r} is not comma-separated (header: {header[0]!r}); save it with commas between the "
+                    "columns, or as JSON Lines for scripts/prepare_json.py."
+                )
+            duplicated = sorted({c for c in header if header.count(c) > 1})
+            if duplicated:  # DictReader would keep the last such column without a word
+                raise DataPreparationError(
+                    f"The header of {str(path)!r} names the column {', '.join(duplicated)} more than once; keep one."
+                )
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataPreparationError(
+                    f"{str(path)!r} has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}: the header "
+                    f"has columns {', '.join(header)}; {expected}."
+                )
+            rows = []
+            for row in reader:
+                if None in row:  # more cells than header columns
+                    raise DataPreparationError(
+                        f"{str(path)!r} row {len(rows) + 1} has more cells than the header has columns "
+                        f"({', '.join(header)}); quote cells that contain commas."
+                    )
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, flag, e) from None
     return rows
 
 
@@ -229,6 +299,11 @@ def check_rows(
 # splitting, tokenizing, writing
 
 
+def check_test_split_fraction(test_split_fraction: float) -> None:
+    if not 0.0 <= test_split_fraction < 1.0:
+        raise DataPreparationError(f"--test_split_fraction must be in [0, 1), got {test_split_fraction}.")
+
+
 def split_rows(rows: Sequence[dict], test_split_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """A random train/test split that depends only on (len(rows), test_split_fraction, seed).
 
@@ -236,15 +311,15 @@ def split_rows(rows: Sequence[dict], test_split_fraction: float, seed: int) -> t
     `torch.utils.data.random_split` as lit-gpt did, so the same seed selects the same test rows as lit-gpt's
     prepare scripts (Alpaca with the default 0.03865 gets exactly 2,000 test rows).
     """
-    if not 0.0 <= test_split_fraction < 1.0:
-        raise DataPreparationError(f"--test_split_fraction must be in [0, 1), got {test_split_fraction}.")
+    check_test_split_fraction(test_split_fraction)
     n = len(rows)
     n_test = int(n * test_split_fraction)
     if test_split_fraction > 0 and n_test == 0:
         n_test = 1
     if n - n_test < 1:
         raise DataPreparationError(
-            f"{n} rows leave nothing to train on with --test_split_fraction {test_split_fraction}."
+            f"{n} row{'s leave' if n != 1 else ' leaves'} nothing to train on with --test_split_fraction "
+            f"{test_split_fraction}: pass --test_split_fraction 0 to train on all of {'them' if n != 1 else 'it'}."
         )
     train, test = torch.utils.data.random_split(
         list(rows), [n - n_test, n_test], generator=torch.Generator().manual_seed(seed)
@@ -369,8 +444,6 @@ def write_prepared(
             f"no response token to learn from: raise --max_seq_length above {train_stats.shortest_dropped_prompt}; "
             f"nothing was written to {str(destination_path)!r}."
         )
-    for split, filename in (("train", TRAIN_FILENAME), ("test", TEST_FILENAME)):
-        atomic_save(samples[split], destination_path / filename)
     config = {
         "dataset": dataset,
         "prompt_style": prompt_style,
@@ -387,7 +460,22 @@ def write_prepared(
         **(extra or {}),
         "splits": {split: vars(s) for split, s in stats.items()},
     }
-    atomic_write_text(destination_path / PREPARE_CONFIG_FILENAME, yaml.safe_dump(config, sort_keys=False))
+    paths = [destination_path / name for name in (TRAIN_FILENAME, TEST_FILENAME, PREPARE_CONFIG_FILENAME)]
+    try:
+        # all three or none: new train.pt next to an earlier run's prepare_config.yaml would be trained with the
+        # wrong prompt style; should a rename fail midway, train.pt is deleted, which training refuses by name
+        with atomic_paths(*paths) as (train_tmp, test_tmp, config_tmp):
+            torch.save(samples["train"], train_tmp)
+            torch.save(samples["test"], test_tmp)
+            config_tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    except OSError as e:  # a full disk, no permission, a folder in the way of a file
+        where = e.filename2 or e.filename  # a failed rename names the temporary file first, then the target
+        detail = f"{e.strerror}: {str(where)!r}" if e.strerror and where else (e.strerror or str(e))
+        raise DataPreparationError(
+            f"Could not write the prepared data into --destination_path {str(destination_path)!r} ({detail}); fix "
+            "that (free disk space, permissions) and run again: its train.pt, test.pt and prepare_config.yaml "
+            "were not left mixing this run with an earlier one."
+        ) from None
     for split, s in stats.items():
         dropped = f", {s.dropped:,} dropped (prompt alone fills it)" if s.dropped else ""
         print(f"{split}: {s.kept:,} examples written; {s.truncated:,} of {s.rows:,} rows truncated to "
@@ -408,6 +496,7 @@ def prepare_instruction_data(
     own test split, the test rows; otherwise the rows are split with `test_split_fraction` and `seed`.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    check_test_split_fraction(test_split_fraction)  # a bad flag stops before a download, not after it
     print(f"Loading the tokenizer from {str(checkpoint_dir)!r} ...")
     # before any download, and before the context length is looked up in it: a wrong checkpoint stops right away
     tokenizer = load_tokenizer(checkpoint_dir)
@@ -417,7 +506,8 @@ def prepare_instruction_data(
     # the chat template is read now, not after the download, for the same reason
     prompt_style_from_name(prompt_style, checkpoint_dir=checkpoint_dir, system_prompt=system_prompt,
                            tokenizer=tokenizer)
-    destination_path.mkdir(parents=True, exist_ok=True)
+    # created by the first file written into it (a download or the data), so a failed run leaves no empty folder
+    check_output_dir(destination_path, "--destination_path")
     rows, test_rows = load_rows(destination_path)
     if test_rows is None:
         train_rows, test_rows = split_rows(rows, test_split_fraction, seed)
