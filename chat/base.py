@@ -11,15 +11,17 @@ import torch  # noqa: E402
 
 from lit_gpt.cli import run_cli  # noqa: E402
 from lit_gpt.data.prompts import ChatTemplate, PromptStyle, PromptStyleName, prompt_style_from_name  # noqa: E402
-from lit_gpt.generate import generate_stream  # noqa: E402
+from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
 from lit_gpt.merge import load_finetuned, resolve_prompt_style  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer  # noqa: E402
-from lit_gpt.utils import resolve_device  # noqa: E402
+from lit_gpt.utils import check_checkpoint_dir, resolve_device  # noqa: E402
 
 QUIT_COMMANDS = ("!quit", "!exit")
 RESET_COMMAND = "!reset"
 CONTINUATION = "\\"
 DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
+RUN_CONFIG_FIX = ("chat with the run's adapter unmerged, --checkpoint_dir {base} --adapter_path {adapter}, or with "
+                  "its merged checkpoint (scripts/merge_ether.py or merge_lora.py write {merged}) as --checkpoint_dir")
 
 
 def read_message(stream: TextIO, interactive: bool) -> Optional[str]:
@@ -105,9 +107,10 @@ def main(
     of input) or Ctrl-C ends the chat; !reset forgets the conversation so far.
 
     Prompt format, unless --prompt_style is given: the checkpoint's prompt_style.yaml (written by merge_ether.py and
-    merge_lora.py: the format the run was trained with, e.g. Alpaca); with --adapter_path, the prompt style of the
-    run's training data; otherwise the checkpoint's chat template if its tokenizer has one (multi-turn); otherwise
-    Alpaca.
+    merge_lora.py: the format the run was trained with, e.g. Alpaca); with --adapter_path, the prompt style the
+    run trained with (from its hyperparameters.yaml, or from the adapter file itself when it is alone); otherwise
+    the checkpoint's chat template if its tokenizer has one (multi-turn); otherwise Alpaca. An adapter whose format
+    is unknown gets a warning naming the one used.
 
     With piped standard input only the answers are printed to stdout, one per message. Speed (tokens/s, time to
     first token) goes to stderr after each answer.
@@ -131,11 +134,13 @@ def main(
     """
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
+    check_sampling(temperature, top_k, top_p, flag_prefix="--")
     torch_device = resolve_device(device)
     if precision is None:
         precision = "bf16-true" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
     dtype = DTYPES[precision]
 
+    check_checkpoint_dir(checkpoint_dir)  # before the tokenizer, whose error would blame a "tokenizer directory"
     tokenizer = Tokenizer(checkpoint_dir)
     model = load_finetuned(checkpoint_dir, adapter_path, device=torch_device, dtype=dtype)
     if prompt_style is not None:
@@ -209,4 +214,4 @@ def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    run_cli(main)
+    run_cli(main, run_config_fix=RUN_CONFIG_FIX)

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_gpt.cli import run_cli  # noqa: E402
+from lit_gpt.cli import USAGE_ERROR_CODE, run_cli  # noqa: E402
 
 Precision = Literal["32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed"]
 # the reference code's evaluation set (lm-eval 0.3 names, mapped to lm-eval 0.4's with a printed note)
@@ -72,15 +72,15 @@ def main(
     """
     import json
 
-    from lit_gpt.utils import atomic_write_text, resolve_device
+    from lit_gpt.utils import atomic_write_text, check_output_file, resolve_device
 
     names = task_names(eval_tasks)
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be positive, got {limit}.")
-    if save_filepath is not None and save_filepath.is_dir():
-        raise ValueError(
-            f"--save_filepath {str(save_filepath)!r} is a directory; give a file name such as results.json."
-        )
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"--num_fewshot must be 0 or more, got {num_fewshot}.")
+    if save_filepath is not None:  # found now, not after hours of evaluation
+        check_output_file(save_filepath, "--save_filepath", example="results.json")
     torch_device = resolve_device(device)
     # the offline switches the user set, which an unreachable-Hub error then names
     switched_off = [k for k in OFFLINE_SWITCHES if os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")]
@@ -168,5 +168,22 @@ def _load_tasks(task_manager, names: list[str], switched_off: Sequence[str] = ()
         ) from None
 
 
+RUN_CONFIG_FIX = ("evaluate its adapter unmerged, --checkpoint_dir {base} --adapter_path {adapter}, or its merged "
+                  "checkpoint (scripts/merge_ether.py or merge_lora.py write {merged}) as --checkpoint_dir")
+
+
+def lm_eval_flag_hint(args: Sequence[str]) -> Optional[str]:
+    """The one-line error for lm-eval's own `--tasks` flag, which this script calls --eval_tasks (jsonargparse
+    would only say that it is unrecognized)."""
+    if any(a == "--tasks" or a.startswith("--tasks=") for a in args):
+        return ("--tasks is lm-eval's own flag; this script names the tasks with --eval_tasks (e.g. --eval_tasks "
+                "arc_easy,piqa).")
+    return None
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    hint = lm_eval_flag_hint(sys.argv[1:])
+    if hint is not None:
+        print(f"error: {hint}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR_CODE)
+    run_cli(main, run_config_fix=RUN_CONFIG_FIX)

@@ -31,13 +31,16 @@ class RunConfigError(ValueError):
 
 
 def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = (), finetune_script: Optional[str] = None,
-            args: Optional[list[str]] = None) -> Any:
+            args: Optional[list[str]] = None, run_config_fix: Optional[str] = None) -> Any:
     """`jsonargparse.CLI(fn)`, printing a user error (a missing file, a bad value, a path that is a file where a
     folder is needed or not writable, or one of `errors`) as `error: …` and exiting 1, and a flag jsonargparse cannot
     parse as one line `error: --flag: expected …, got '…' (see --help)`, exiting 2.
 
     `finetune_script` (`finetune/ether.py`, ...): `fn` is that script's, and `--config` also takes the
     `hyperparameters.yaml` of a run it made (see `run_config_args`).
+    `run_config_fix` (scripts that use a run's output rather than repeat it: chat, eval, merge, generate): a run's
+    `hyperparameters.yaml` given as `--config` is refused in one sentence ending with this fix (see
+    `refuse_run_config`), instead of jsonargparse's complaint about the first of its keys the script lacks.
 
     Set `LIT_GPT_DEBUG=1` to see the traceback (and jsonargparse's full message) instead.
     """
@@ -51,6 +54,8 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
     try:
         if finetune_script is not None:
             args = run_config_args(args, fn, finetune_script)
+        elif run_config_fix is not None:
+            refuse_run_config(args, fn, run_config_fix)
         extra = {"config_help": RUN_CONFIG_HELP} if finetune_script is not None else {}
         return CLI(fn, args=args, as_positional=False, parser_class=_one_line_parser(fn, args), **extra)
     except RunConfigError as e:
@@ -222,6 +227,33 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
 
             out[index] = prefix + yaml.safe_dump(run_flags(hparams, fn, script, path), sort_keys=False)
     return out
+
+
+def refuse_run_config(args: Sequence[str], fn: Callable[..., Any], fix: str) -> None:
+    """Raise `RunConfigError` when a `--config` in `args` is a run's `hyperparameters.yaml`, which only the finetune
+    script that wrote it takes. `fix` says what to pass instead; `{run}`, `{merged}`, `{adapter}` and `{base}` in it
+    become the run's folder, its default merge output, its final adapter file and its base model (quoted)."""
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg[len("--config="):]
+        else:
+            continue
+        hparams = _read_run_hparams(path, fn)
+        if hparams is None:
+            continue
+        run = Path(path).parent
+        found = sorted(run.glob("lit_model*finetuned.pth"))
+        adapter = str(found[0]) if found else str(run / "lit_model_<method>_finetuned.pth")
+        base = hparams.get("base_checkpoint_dir")
+        wrote = script_of_method(str(hparams[RUN_METHOD_KEY]))
+        where = {"run": repr(str(run)), "merged": repr(str(run / "merged")), "adapter": repr(adapter),
+                 "base": repr(base) if isinstance(base, str) else "<base model>"}
+        raise RunConfigError(
+            f"--config {path!r} is a training run's hyperparameters.yaml, which only {wrote} takes (to repeat or "
+            f"vary the run): {fix.format(**where)}."
+        )
 
 
 def _read_run_hparams(path: str, fn: Callable[..., Any]) -> Optional[dict]:

@@ -36,6 +36,17 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_prefix: str = "") -> None:
+    """Refuse, in one sentence, sampling settings `sample` cannot use. Scripts call it with `flag_prefix="--"` at
+    start-up, so that the message names their flag before the model is loaded."""
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"{flag_prefix}temperature must be >= 0 (0 is greedy), got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"{flag_prefix}top_k must be a positive integer or None, got {top_k}.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{flag_prefix}top_p must be in (0, 1] (1 keeps every token), got {top_p}.")
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -44,12 +55,7 @@ def sample(
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """The next token id(s) from logits of shape `(..., vocab)`; temperature 0 is greedy (argmax)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}.")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0 or top_k == 1:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

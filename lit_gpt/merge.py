@@ -4,7 +4,8 @@ to prompt it, and fold adapters into a standalone checkpoint.
 Everything is read from the files a run wrote, never from directory names:
 
 * an adapter file (`lit_model_ether_finetuned.pth`, `lit_model_lora_finetuned.pth`) carries its `AdapterConfig`,
-  the base model's name and the shapes of the layers it adapted;
+  the base model's name, the shapes of the layers it adapted and (files written since `save_adapters` took
+  `prompt_style`) the prompt style it was trained with, so that it can be used away from its run;
 * a full fine-tuning file (`lit_model_finetuned.pth`) is a plain lit state dict;
 * a training checkpoint (`checkpoints/step-*.pth`) holds the trainable tensors under `"model"`; its method comes
   from the run's `hyperparameters.yaml`;
@@ -282,47 +283,83 @@ def read_prompt_style_file(checkpoint_dir: PathLike) -> Optional[dict]:
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict) or not isinstance(data.get("prompt_style"), str):
-        raise ValueError(f"{str(path)!r} must be a YAML mapping with a 'prompt_style' name (e.g. prompt_style: alpaca).")
+        raise ValueError(
+            f"{str(path)!r} must be a YAML mapping with a 'prompt_style' name (e.g. prompt_style: alpaca)."
+        )
     return data
 
 
-def _run_prompt_style(adapter_path: PathLike) -> Optional[dict]:
-    """`{"prompt_style": ..., "system_prompt": ...}` the run trained with: recorded in its `hyperparameters.yaml`,
-    or (runs that did not record it) from the `prepare_config.yaml` of its training data. A run whose data cannot
-    be found says so on stderr, since the fallback format may not be the one the model learnt."""
-    from lit_gpt.data import read_prepare_config
-
-    hp = read_hparams(adapter_path)
-    recorded = hp.get("prompt_style")
+def _style_spec(recorded: Any) -> Optional[dict]:
+    """`{"prompt_style": name, "system_prompt": ...}` from a recorded mapping; None when it names no style."""
     if isinstance(recorded, dict) and isinstance(recorded.get("prompt_style"), str):
         return {"prompt_style": recorded["prompt_style"], "system_prompt": recorded.get("system_prompt")}
+    return None
+
+
+def trained_prompt_style(finetuned: Union[FineTuned, PathLike]) -> tuple[Optional[dict], Optional[str]]:
+    """`({"prompt_style": ..., "system_prompt": ...}, None)`: the style the run trained with, from the first of
+    the run's `hyperparameters.yaml`, the adapter file itself (`save_adapters(prompt_style=...)`) and, for runs
+    that recorded neither, the `prepare_config.yaml` of its training data. `(None, why)` when none of them says,
+    `why` being the start of a sentence for the caller's warning, which also names the format it falls back to."""
+    from lit_gpt.data import read_prepare_config
+
+    if not isinstance(finetuned, FineTuned):
+        finetuned = read_finetuned(finetuned)
+    where = str(finetuned.path)
+    hp = finetuned.hparams
+    spec = _style_spec(hp.get("prompt_style"))
+    if spec is None and finetuned.kind == "adapter":
+        # an adapter file copied away from its run still carries the style (older files do not)
+        spec = _style_spec(finetuned.payload.get("prompt_style"))
+    if spec is not None:
+        return spec, None
     data_dir = _recorded_path(hp, "io.train_data_dir")
     if data_dir is None:
-        return None
+        own = ("the file predates recording it" if finetuned.kind == "adapter"
+               else "a full fine-tuning state dict has no place for it")
+        beside = (f"the {HPARAMS_FILENAME} of its run records none" if hp
+                  else f"there is no run {HPARAMS_FILENAME} beside it")
+        return None, f"{where!r} does not record the prompt format it was trained with ({own}, and {beside})"
     try:
         prepared = read_prepare_config(data_dir)
     except FileNotFoundError:
-        print(f"warning: the training data {str(data_dir)!r} recorded by the run of {str(adapter_path)!r} is not "
-              "found from here, so the prompt format it was trained with is unknown: pass --prompt_style (or run "
-              "from the directory the run was started in).", file=sys.stderr)
-        return None
-    return {"prompt_style": prepared.get("prompt_style", "alpaca"), "system_prompt": prepared.get("system_prompt")}
+        return None, (f"the training data {str(data_dir)!r} recorded by the run of {where!r} is not found from "
+                      "here (run from the directory the run was started in), so the prompt format it was trained "
+                      "with is unknown")
+    spec = {"prompt_style": prepared.get("prompt_style", "alpaca"), "system_prompt": prepared.get("system_prompt")}
+    return spec, None
+
+
+def _fallback_style_name(checkpoint_dir: PathLike, tokenizer: Any = None) -> str:
+    """The style `resolve_prompt_style` uses for `checkpoint_dir` when nothing records one."""
+    if tokenizer is None:
+        from lit_gpt.tokenizer import Tokenizer
+
+        try:
+            tokenizer = Tokenizer(checkpoint_dir)
+        except (OSError, ValueError):  # no usable tokenizer: loading the model will say so
+            return "alpaca"
+    return "chat_template" if tokenizer.chat_template is not None else "alpaca"
 
 
 def resolve_prompt_style(checkpoint_dir: PathLike, adapter_path: Optional[PathLike] = None, tokenizer: Any = None):
     """How to format a prompt for this model, by the first rule that applies:
 
     1. `prompt_style.yaml` in `checkpoint_dir` (what `merge_checkpoint` writes: the style the model was trained with);
-    2. with `adapter_path`: the style in the `prepare_config.yaml` of the run's training data
-       (`hyperparameters.yaml` -> `io.train_data_dir`);
+    2. with `adapter_path`: the style the run trained with (`trained_prompt_style`: its `hyperparameters.yaml`,
+       the adapter file, or the `prepare_config.yaml` of its training data);
     3. the checkpoint's chat template (tokenizer), for chat models;
     4. Alpaca, the format of the instruction data the ETHER paper trained on.
+
+    With `adapter_path`, falling through to 3 or 4 prints one warning on stderr naming the format used, since it
+    may not be the one the model learnt.
     """
     from lit_gpt.data import prompt_style_from_name
 
     spec = read_prompt_style_file(checkpoint_dir)
+    unknown = None
     if spec is None and adapter_path is not None:
-        spec = _run_prompt_style(adapter_path)
+        spec, unknown = trained_prompt_style(adapter_path)
     if spec is not None:
         return prompt_style_from_name(
             spec["prompt_style"], checkpoint_dir=checkpoint_dir, system_prompt=spec.get("system_prompt"),
@@ -332,7 +369,12 @@ def resolve_prompt_style(checkpoint_dir: PathLike, adapter_path: Optional[PathLi
         from lit_gpt.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(checkpoint_dir)
-    if tokenizer.chat_template is not None:
+    name = _fallback_style_name(checkpoint_dir, tokenizer)
+    if unknown is not None:
+        used = "the checkpoint's chat template" if name == "chat_template" else "the Alpaca format"
+        print(f"warning: {unknown}: prompting with {used}; pass --prompt_style to choose the right one.",
+              file=sys.stderr)
+    if name == "chat_template":
         return prompt_style_from_name("chat_template", tokenizer=tokenizer)
     return prompt_style_from_name("alpaca")
 
@@ -367,7 +409,8 @@ def merge_checkpoint(
     float32; default: the base checkpoint's dtype).
 
     Writes `lit_model.pth` (base architecture, no adapter keys), `model_config.yaml`, the tokenizer files,
-    `generation_config.json`, `prompt_style.yaml` (the style the run's data was prepared with) and
+    `generation_config.json`, `prompt_style.yaml` (the style the run trained with, see `trained_prompt_style`; else
+    the base's; else none, with a warning, and one an earlier merge left in `out_dir` is removed) and
     `merge_info.yaml`. Returns the output directory (default `<adapter's dir>/merged`).
     """
     from lit_gpt.adapters import load_adapters, merge_adapters
@@ -386,13 +429,15 @@ def merge_checkpoint(
         model = GPT(config)
     check_same_base(finetuned, model, checkpoint_dir)
     load_model_weights(model, checkpoint_dir / WEIGHTS_FILENAME)  # memory-mapped, stored dtype
-    model.eval()
     if finetuned.kind == "adapter":
         load_adapters(model, finetuned.payload)
         description = f"adapter {read_config_description(finetuned)}"
     else:
         load_model_weights(model, finetuned.payload, dtype=_float_dtype(model), strict=False)
         description = "full fine-tuning weights"
+    # after load_adapters: the adapter modules it creates start in training mode, and their dropout would make
+    # the probe's unmerged logits random
+    model.eval()
 
     before = None
     if probe:
@@ -423,12 +468,28 @@ def merge_checkpoint(
     for name in TOKENIZER_FILENAMES:
         if (checkpoint_dir / name).is_file():
             _copy_file(checkpoint_dir / name, out_dir / name)
+        else:  # an earlier merge into this folder, from another base, may have left one
+            (out_dir / name).unlink(missing_ok=True)
     config.save(out_dir)
-    style = _run_prompt_style(finetuned.path) or read_prompt_style_file(checkpoint_dir)
+    style, unknown = trained_prompt_style(finetuned)
+    if style is None:
+        style = read_prompt_style_file(checkpoint_dir)
+    if unknown is not None:
+        if style is not None:
+            used = f"the base checkpoint's {PROMPT_STYLE_FILENAME} ({style['prompt_style']})"
+        else:
+            fallback = _fallback_style_name(checkpoint_dir)
+            used = "its chat template" if fallback == "chat_template" else "the Alpaca format"
+            used = f"no {PROMPT_STYLE_FILENAME}, so chat and generate will prompt it with {used}"
+        log(f"warning: {unknown}: the merged checkpoint gets {used}; if that is not the format it was trained with, "
+            f"write the right one into {str(out_dir / PROMPT_STYLE_FILENAME)!r} (e.g. prompt_style: alpaca).")
     if style is not None:
         style = {k: v for k, v in style.items() if v is not None}
         atomic_write_text(out_dir / PROMPT_STYLE_FILENAME, yaml.safe_dump(style, sort_keys=False))
-    info = {"source": str(finetuned.path.resolve()), "method": finetuned.method, "base_checkpoint_dir": str(checkpoint_dir.resolve()),
+    else:  # a previous merge's style would otherwise be taken for this model's
+        (out_dir / PROMPT_STYLE_FILENAME).unlink(missing_ok=True)
+    info = {"source": str(finetuned.path.resolve()), "method": finetuned.method,
+            "base_checkpoint_dir": str(checkpoint_dir.resolve()),
             "dtype": str(_float_dtype(model)).removeprefix("torch."), "probe_max_abs_diff": max_diff}
     atomic_write_text(out_dir / MERGE_INFO_FILENAME, yaml.safe_dump(info, sort_keys=False))
     # weights last: a directory with lit_model.pth is complete
@@ -481,4 +542,5 @@ __all__ = [
     "read_finetuned",
     "read_hparams",
     "resolve_prompt_style",
+    "trained_prompt_style",
 ]

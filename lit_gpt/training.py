@@ -1076,7 +1076,9 @@ def finetune(
         final = out_dir / final_filename(method)
         msd, _ = trainable_state_dict(model.module)
         check_finite(msd, str(final), steps, state["last_good"], precision, fabric)
-        write_on_rank_0(fabric, final, lambda: save_adapters(model.module, final, state_dict=msd)
+        # the adapter file carries the prompt format it was trained with, for when it is copied away from the run
+        write_on_rank_0(fabric, final, lambda: save_adapters(model.module, final, state_dict=msd,
+                                                             prompt_style=hparams.get("prompt_style"))
                         if adapter_config is not None else atomic_save(msd, final), state["last_good"])
         fabric.print(f"Saved {final}")
     return out_dir

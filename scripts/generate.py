@@ -11,9 +11,33 @@ import torch  # noqa: E402
 
 from lit_gpt import GPT, Tokenizer  # noqa: E402
 from lit_gpt.data.prompts import prompt_style_from_name  # noqa: E402
-from lit_gpt.generate import generate_stream  # noqa: E402
+from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
 from lit_gpt.merge import read_prompt_style_file  # noqa: E402
-from lit_gpt.utils import resolve_device  # noqa: E402
+from lit_gpt.utils import (  # noqa: E402
+    FINETUNED_PATTERN,
+    WEIGHTS_FILENAME,
+    check_checkpoint_dir,
+    finetuning_run_hint,
+    resolve_device,
+)
+
+RUN_CONFIG_FIX = ("merge the run first (scripts/merge_ether.py or merge_lora.py --adapter_path {adapter}) and pass "
+                  "its output, {merged}, as --checkpoint_dir")
+
+
+def check_model_dir(checkpoint_dir: Path) -> None:
+    """`check_checkpoint_dir`, with a fine-tuning run's folder refused in words that fit this script: it takes no
+    --adapter_path, so the run has to be merged first (or used unmerged by chat/base.py)."""
+    if not (checkpoint_dir / WEIGHTS_FILENAME).is_file() and finetuning_run_hint(checkpoint_dir) is not None:
+        found = sorted(checkpoint_dir.glob(FINETUNED_PATTERN))
+        adapter = str(found[0]) if found else str(checkpoint_dir / "lit_model_<method>_finetuned.pth")
+        merge = "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
+        raise ValueError(
+            f"{str(checkpoint_dir)!r} is a fine-tuning run, not a model: merge it first with `python scripts/{merge} "
+            f"--adapter_path {adapter}` and pass its output, {str(checkpoint_dir / 'merged')!r}, as --checkpoint_dir "
+            f"(or use it unmerged: `python chat/base.py --checkpoint_dir <its base model> --adapter_path {adapter}`)."
+        )
+    check_checkpoint_dir(checkpoint_dir)
 
 
 def main(
@@ -50,6 +74,8 @@ def main(
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
     if system_prompt is not None and not chat_template:
         raise ValueError("--system_prompt needs a prompt format; it is unused with --chat_template false.")
+    check_sampling(temperature, top_k, top_p, flag_prefix="--")
+    check_model_dir(checkpoint_dir)
     device = resolve_device(device)
     if dtype is None:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -104,4 +130,4 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     from lit_gpt.cli import run_cli
 
-    run_cli(main)
+    run_cli(main, run_config_fix=RUN_CONFIG_FIX)

@@ -10,6 +10,8 @@ from lit_gpt.cli import run_cli  # noqa: E402
 from lit_gpt.merge import merge_cli  # noqa: E402
 
 Precision = Literal["bf16-true", "bf16-mixed", "16-true", "16-mixed", "32-true"]
+RUN_CONFIG_FIX = ("pass the run's adapter file instead, --lora_path {adapter} (its base model and prompt style are "
+                  "read from the run)")
 
 
 def main(
@@ -23,10 +25,11 @@ def main(
     """Merge a fine-tuned adapter into its base model (W' = W + alpha/r B A) as a standalone checkpoint.
 
     Writes lit_model.pth (base architecture, no adapter keys), model_config.yaml, the tokenizer files,
-    generation_config.json and prompt_style.yaml (the prompt format of the run's training data), so that
+    generation_config.json and prompt_style.yaml (the prompt format the run trained with), so that
     GPT.from_checkpoint, chat/base.py, eval and scripts/convert_lit_checkpoint.py take the result as is. The method
-    and its settings (r, alpha, targets) are read from the adapter file, the base checkpoint and prompt style from the run's
-    hyperparameters.yaml next to it; never from directory names. Same routine as merge_ether.py.
+    and its settings (r, alpha, targets) are read from the adapter file, the base checkpoint and prompt
+    style from the run's hyperparameters.yaml next to it (the prompt style also from a recent adapter file
+    alone); never from directory names. Same routine as merge_ether.py.
 
     Args:
         lora_path: The adapter file, e.g. out/run/lit_model_lora_finetuned.pth.
@@ -43,4 +46,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, run_config_fix=RUN_CONFIG_FIX)

@@ -71,11 +71,15 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def plot_runs(run_dirs: list[Path], out: Path, metric: str = "loss", smooth_window: int = 1,
               title: Optional[str] = None) -> Path:
-    """Draw `metric` against the optimizer step for every run into the PNG `out` (written atomically)."""
+    """Draw `metric` against the optimizer step for every run into `out` (written atomically), in the image format
+    its suffix names (`.png`, `.svg`, `.pdf`, ...; PNG when it has none)."""
+    from lit_gpt.utils import atomic_path, check_output_file
+
     if not run_dirs:
         raise ValueError("Pass at least one run directory.")
     if smooth_window < 1:
         raise ValueError(f"--smooth must be at least 1, got {smooth_window}.")
+    out = check_output_file(out, "--out", example="loss.png")
     curves = [(run_label(d), *read_metric(d, metric)) for d in run_dirs]
     try:
         import matplotlib
@@ -83,8 +87,6 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "loss", smooth_wind
         raise ImportError("Plotting needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lit_gpt.utils import atomic_path
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for label, steps, values in curves:
@@ -94,22 +96,28 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "loss", smooth_wind
     ax.set_title(title or f"{metric} per optimizer step")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    # the temporary file's name has no meaningful suffix, so the format is passed, taken from the real name
+    image_format = out.suffix[1:].lower() or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if image_format not in supported:
+        plt.close(fig)
+        raise ValueError(f"--out {str(out)!r}: matplotlib cannot write .{image_format} files; use a name ending in "
+                         f"{', '.join('.' + s for s in sorted(supported))}.")
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format=image_format)
     plt.close(fig)
     return out
 
 
 def main(run_dirs: list[Path], out: Path = Path("loss.png"), metric: str = "loss", smooth: int = 1,
          title: Optional[str] = None) -> None:
-    """Plot the training loss (or another logged metric) of several fine-tuning runs in one PNG.
+    """Plot the training loss (or another logged metric) of several fine-tuning runs in one image.
 
     Args:
         run_dirs: Run directories (each finetune run's --io.out_dir, holding logs/metrics.csv).
-        out: The PNG file to write.
+        out: The image file to write; its suffix picks the format (.png, .svg, .pdf, ...).
         metric: Column of metrics.csv to plot (loss, val_loss, lr, ...).
         smooth: Moving-average window in logged points (1: raw values).
         title: Plot title (default: the metric's name).

@@ -60,6 +60,8 @@ def test_hyperparameters_record_the_absolute_base_the_prompt_style_and_only_flag
     assert hp["prompt_style"] == {"prompt_style": "alpaca", "system_prompt": None}
     assert "AdapterConfig" not in hp and "<class" not in text
     assert hp["adapter_config"]["nb"] == 4 and hp["method"] == "ether"
+    # and the adapter file, for when it is copied away from the run (merge and chat read it there)
+    assert load_file(finished_run / "lit_model_ether_finetuned.pth")["prompt_style"] == hp["prompt_style"]
 
 
 def test_the_logged_lr_is_the_one_each_step_used_and_the_last_step_is_checkpointed(finished_run):

@@ -6,7 +6,8 @@ A file is a plain dict that `torch.load(weights_only=True)` reads without runnin
      "adapter_config": {...AdapterConfig.to_dict()...},
      "base_model": "Llama-2-7b-hf" or None,
      "base_shapes": {"transformer.h.0.attn.qkv.weight": [out, in], ...},
-     "state_dict": {"transformer.h.0.attn.qkv.adapters.query.input.u": tensor, ...}}
+     "state_dict": {"transformer.h.0.attn.qkv.adapters.query.input.u": tensor, ...},
+     "prompt_style": {"prompt_style": "alpaca", "system_prompt": None}}   # optional; absent in older files
 """
 
 from __future__ import annotations
@@ -48,17 +49,37 @@ def _base_model_name(model: nn.Module) -> Optional[str]:
     return name if isinstance(name, str) and name else None
 
 
+def _prompt_style_record(prompt_style: Optional[dict]) -> Optional[dict]:
+    if prompt_style is None:
+        return None
+    name = prompt_style.get("prompt_style") if isinstance(prompt_style, dict) else None
+    system_prompt = prompt_style.get("system_prompt") if isinstance(prompt_style, dict) else None
+    if not isinstance(name, str) or not isinstance(system_prompt, (str, type(None))):
+        raise ValueError(
+            "save_adapters: prompt_style must be a mapping such as {'prompt_style': 'alpaca', 'system_prompt': None} "
+            f"(what the run records in hyperparameters.yaml), got {prompt_style!r}."
+        )
+    return {"prompt_style": name, "system_prompt": system_prompt}
+
+
 def save_adapters(
-    model: nn.Module, path: Union[str, Path], state_dict: Optional[dict[str, torch.Tensor]] = None
+    model: nn.Module,
+    path: Union[str, Path],
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    prompt_style: Optional[dict] = None,
 ) -> Path:
     """Write the adapters of `model` to `path` atomically (see the module docstring for the layout).
 
     `state_dict` replaces the model's own adapter tensors, e.g. the full tensors gathered from a sharded (FSDP)
     model; its keys must be exactly the adapter keys.
+    `prompt_style` is the `{"prompt_style": name, "system_prompt": text or None}` the model was trained with (what
+    the run records in `hyperparameters.yaml` under `prompt_style`): stored in the file, so merging or chatting with
+    the file alone, away from its run, still prompts the model in that format.
     """
     config = adapter_config_of(model)
     if config is None:
         raise ValueError("The model has no adapters to save: call apply_adapters first.")
+    style = _prompt_style_record(prompt_style)
     if state_dict is None:
         state_dict = adapter_state_dict(model)
     elif set(state_dict) != set(adapter_state_dict(model)):
@@ -71,6 +92,8 @@ def save_adapters(
         "base_shapes": _base_shapes(model),
         "state_dict": {k: v.detach().to("cpu").clone() for k, v in state_dict.items()},
     }
+    if style is not None:  # absent rather than None, like the files written before it existed
+        payload["prompt_style"] = style
     path = Path(path)
     atomic_save(payload, path)
     return path
