@@ -49,6 +49,7 @@ from lit_gpt.utils import (
     atomic_save,
     atomic_write_text,
     check_checkpoint_dir,
+    check_output_dir,
     load_file,
     load_model_weights,
     num_parameters,
@@ -322,7 +323,8 @@ def resolve_io(io: IOArgs, run_name: str, resume: Optional[str | Path] = None) -
 
 def run_dir_contents(out_dir: Path) -> list[str]:
     """What makes `out_dir` a run's directory: its checkpoints and final file."""
-    found = [f"checkpoints up to step {max(steps)}" for steps in [list(checkpoint_steps(out_dir))] if steps]
+    steps = checkpoint_steps(out_dir)
+    found = [f"checkpoints up to step {max(steps)}"] if steps else []
     return found + [name for name in FINAL_FILENAMES if (out_dir / name).is_file()]
 
 
@@ -330,13 +332,9 @@ def check_run_dir(out_dir: Path, out_dir_given: bool, resume: Optional[str | Pat
     """A run directory that can be written, and a new run never mixed into another run's: without --resume (or
     resuming a checkpoint of another directory) `out_dir` must not hold checkpoints or a final file, which `--resume
     auto` would later take for this run's."""
-    flag = "--io.out_dir" if out_dir_given else "--io.log_dir"
-    for d in (out_dir, *out_dir.parents):
-        if d.exists():
-            if not d.is_dir():
-                what = "is" if d == out_dir else f"is inside {str(d)!r}, which is"
-                raise ValueError(f"The run directory {str(out_dir)!r} {what} a file: pass a folder as {flag}.")
-            break
+    if not out_dir_given:  # the default run directory is a new name under --io.log_dir
+        check_output_dir(out_dir.parent, "--io.log_dir")
+    check_output_dir(out_dir, "--io.out_dir")
     own = isinstance(resume, Path) and resume.resolve().parent == (out_dir / "checkpoints").resolve()
     if resume == "auto" or own:
         return

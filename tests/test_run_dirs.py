@@ -67,10 +67,12 @@ def test_a_run_directory_that_is_a_file_is_refused_before_the_model_loads(tiny_c
 
     monkeypatch.setattr(training, "load_model_weights", lambda *a, **k: pytest.fail("the model loaded"))
     (tmp_path / "a-file").write_text("x")
-    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
-        with pytest.raises(ValueError, match=r"The run directory .* a file: pass a folder as --io.out_dir\."):
-            setup_ether(tiny_ckpt / "data", out, ckpt=tiny_ckpt)
-    with pytest.raises(ValueError, match=r"is inside .*a-file', which is a file: pass a folder as --io.log_dir\."):
+    with pytest.raises(ValueError, match=r"^--io\.out_dir '.*a-file' is an existing file; pass a folder to write "):
+        setup_ether(tiny_ckpt / "data", tmp_path / "a-file", ckpt=tiny_ckpt)
+    with pytest.raises(ValueError, match=r"^--io\.out_dir '.*a-file/run' cannot be created because '.*a-file' is a "
+                                         r"file; pass a folder"):
+        setup_ether(tiny_ckpt / "data", tmp_path / "a-file" / "run", ckpt=tiny_ckpt)
+    with pytest.raises(ValueError, match=r"^--io\.log_dir '.*a-file' is an existing file; pass a folder"):
         in_log_dir(tiny_ckpt, tmp_path / "a-file", TRAIN)
 
 
