@@ -281,7 +281,7 @@ def test_clear_errors_before_any_work(tiny_ckpt, tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "nb=7" in last and "qkv" in last
+    assert last.startswith("error:") and "--ether_nb 7 does not divide" in last and "qkv" in last
     r = run_cli("ether.py", *common_flags(tiny_ckpt, tmp_path / "x", 2, **{"--train.global_batch_size": "3",
                                                                           "--train.micro_batch_size": "2"}))
     assert r.returncode != 0 and "global_batch_size" in r.stderr.splitlines()[-1]
