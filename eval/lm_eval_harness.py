@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_gpt.cli import USAGE_ERROR_CODE, run_cli  # noqa: E402
+from lit_gpt.cli import run_cli  # noqa: E402
 
 Precision = Literal["32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed"]
 # the reference code's evaluation set (lm-eval 0.3 names, mapped to lm-eval 0.4's with a printed note)
@@ -182,8 +182,4 @@ def lm_eval_flag_hint(args: Sequence[str]) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    hint = lm_eval_flag_hint(sys.argv[1:])
-    if hint is not None:
-        print(f"error: {hint}", file=sys.stderr)
-        raise SystemExit(USAGE_ERROR_CODE)
-    run_cli(main, run_config_fix=RUN_CONFIG_FIX)
+    run_cli(main, run_config_fix=RUN_CONFIG_FIX, arg_check=lm_eval_flag_hint)

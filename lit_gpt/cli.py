@@ -31,7 +31,8 @@ class RunConfigError(ValueError):
 
 
 def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = (), finetune_script: Optional[str] = None,
-            args: Optional[list[str]] = None, run_config_fix: Optional[str] = None) -> Any:
+            args: Optional[list[str]] = None, run_config_fix: Optional[str] = None,
+            arg_check: Optional[Callable[[list[str]], Optional[str]]] = None) -> Any:
     """`jsonargparse.CLI(fn)`, printing a user error (a missing file, a bad value, a path that is a file where a
     folder is needed or not writable, or one of `errors`) as `error: …` and exiting 1, and a flag jsonargparse cannot
     parse as one line `error: --flag: expected …, got '…' (see --help)`, exiting 2.
@@ -41,6 +42,9 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
     `run_config_fix` (scripts that use a run's output rather than repeat it: chat, eval, merge, generate): a run's
     `hyperparameters.yaml` given as `--config` is refused in one sentence ending with this fix (see
     `refuse_run_config`), instead of jsonargparse's complaint about the first of its keys the script lacks.
+    `arg_check(args)`: a script's own one-line error for its arguments before jsonargparse parses them (None: fine),
+    for what jsonargparse would say worse (an unknown flag a user brings from another tool) or must not say (a
+    `--config` text holding a token); it exits 2, as a bad flag does.
 
     Set `LIT_GPT_DEBUG=1` to see the traceback (and jsonargparse's full message) instead.
     """
@@ -52,6 +56,9 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
     args = list(sys.argv[1:] if args is None else args)
     debug = os.environ.get("LIT_GPT_DEBUG") == "1"
     try:
+        problem = arg_check(args) if arg_check is not None else None
+        if problem is not None:
+            raise RunConfigError(problem)  # (the same one-line exit 2)
         if finetune_script is not None:
             args = run_config_args(args, fn, finetune_script)
         elif run_config_fix is not None:
@@ -214,13 +221,7 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
     left as it is.
     """
     out = list(args)
-    for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
-            index, path, prefix = i + 1, out[i + 1], ""
-        elif arg.startswith("--config="):
-            index, path, prefix = i, arg[len("--config="):], "--config="
-        else:
-            continue
+    for index, path, prefix in config_values(out):
         hparams = _read_run_hparams(path, fn)
         if hparams is not None:
             import yaml
@@ -229,23 +230,30 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
     return out
 
 
+def config_values(args: Sequence[str]) -> list[tuple[int, str, str]]:
+    """Each `--config` value in `args`: (its index in `args`, the value, the prefix before it there: "" for
+    `--config VALUE`, "--config=" for `--config=VALUE`)."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            found.append((i + 1, args[i + 1], ""))
+        elif arg.startswith("--config="):
+            found.append((i, arg[len("--config="):], "--config="))
+    return found
+
+
 def refuse_run_config(args: Sequence[str], fn: Callable[..., Any], fix: str) -> None:
     """Raise `RunConfigError` when a `--config` in `args` is a run's `hyperparameters.yaml`, which only the finetune
     script that wrote it takes. `fix` says what to pass instead; `{run}`, `{merged}`, `{adapter}` and `{base}` in it
     become the run's folder, its default merge output, its final adapter file and its base model (quoted)."""
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            path = args[i + 1]
-        elif arg.startswith("--config="):
-            path = arg[len("--config="):]
-        else:
-            continue
+    from lit_gpt.utils import run_adapter_file
+
+    for _, path, _ in config_values(args):
         hparams = _read_run_hparams(path, fn)
         if hparams is None:
             continue
         run = Path(path).parent
-        found = sorted(run.glob("lit_model*finetuned.pth"))
-        adapter = str(found[0]) if found else str(run / "lit_model_<method>_finetuned.pth")
+        adapter = run_adapter_file(run)
         base = hparams.get("base_checkpoint_dir")
         wrote = script_of_method(str(hparams[RUN_METHOD_KEY]))
         where = {"run": repr(str(run)), "merged": repr(str(run / "merged")), "adapter": repr(adapter),

@@ -43,7 +43,7 @@ import yaml
 from lit_gpt.adapters.config import field_name
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.config import CONFIG_FILENAME, Config
-from lit_gpt.model import GPT, Block
+from lit_gpt.model import GPT
 from lit_gpt.utils import (
     atomic_path,
     atomic_save,

@@ -170,6 +170,12 @@ FINETUNED_PATTERN = "lit_model*finetuned.pth"  # what finetune/ writes (lit_gpt/
 HPARAMS_FILENAME = "hyperparameters.yaml"
 
 
+def run_adapter_file(run: Path | str) -> str:
+    """The final file of a fine-tuning run's folder, for a message (a placeholder when it has none yet)."""
+    found = sorted(Path(run).glob(FINETUNED_PATTERN))
+    return str(found[0]) if found else str(Path(run) / "lit_model_<method>_finetuned.pth")
+
+
 def finetuning_run_hint(directory: Path | str) -> Optional[str]:
     """When `directory` is a fine-tuning run (finetune/'s output: `hyperparameters.yaml`, `lit_model_*finetuned.pth`)
     rather than a model, the sentence (without a final period) saying how to use it; otherwise None."""
@@ -287,6 +293,12 @@ def hub_unreachable(error: BaseException) -> bool:
     if any(isinstance(e, HfHubHTTPError) for e in chain):
         return False
     return any(isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or is_connection_error(e) for e in chain)
+
+
+def hub_unreachable_sentence(what: str) -> str:
+    """The start of the error for a download `hub_unreachable` explains; the caller ends it with what to do."""
+    return (f"Could not reach the Hugging Face Hub to download {what} (offline, HF_HUB_OFFLINE set, or a "
+            "proxy/firewall in the way): check the network connection")
 
 
 def check_output_file(path: Path | str, flag: str, example: str = "results.json") -> Path:

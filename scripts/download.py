@@ -13,8 +13,6 @@ from huggingface_hub import HfApi, snapshot_download  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
     GatedRepoError,
     HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -22,7 +20,7 @@ from jsonargparse.typing import SecretStr  # noqa: E402
 
 from lit_gpt.config import configs  # noqa: E402
 from lit_gpt.convert_hf import TOKENIZER_FILES, convert_hf_checkpoint  # noqa: E402
-from lit_gpt.utils import error_chain, is_connection_error, secret_text  # noqa: E402
+from lit_gpt.utils import error_chain, hub_unreachable, hub_unreachable_sentence, secret_text  # noqa: E402
 
 # what a transformers model folder needs besides its weights
 CONFIG_FILES = ["config.json", "generation_config.json"]
@@ -185,12 +183,8 @@ def explain_hub_error(error: BaseException, repo_id: str, has_token: bool) -> Op
             if status == 401:
                 return f"The Hugging Face Hub rejected the request for {repo_id} (401): {token_hint}."
             return f"The Hugging Face Hub answered HTTP {status} for {repo_id}; try again later."
-    for e in chain:
-        if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or is_connection_error(e):
-            return (
-                f"Could not reach the Hugging Face Hub to download {repo_id} (offline, HF_HUB_OFFLINE set, or a "
-                "proxy/firewall in the way): check the network connection and try again."
-            )
+    if hub_unreachable(error):  # (every answer of the Hub returned above)
+        return f"{hub_unreachable_sentence(repo_id)} and try again."
     return None
 
 
@@ -201,13 +195,9 @@ def inline_config_error(args: list[str]) -> Optional[str]:
     """
     import yaml
 
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            text = args[i + 1]
-        elif arg.startswith("--config="):
-            text = arg.removeprefix("--config=")
-        else:
-            continue
+    from lit_gpt.cli import config_values
+
+    for _, text, _ in config_values(args):
         if Path(text).is_file():
             continue  # a config file: jsonargparse names the file, not its contents
         try:
@@ -222,9 +212,6 @@ def inline_config_error(args: list[str]) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    from lit_gpt.cli import USAGE_ERROR_CODE, run_cli
+    from lit_gpt.cli import run_cli
 
-    if (config_error := inline_config_error(sys.argv[1:])) is not None:
-        print(f"error: {config_error}", file=sys.stderr)
-        raise SystemExit(USAGE_ERROR_CODE)
-    run_cli(main, errors=(DownloadError,))
+    run_cli(main, errors=(DownloadError,), arg_check=inline_config_error)

@@ -14,11 +14,11 @@ from lit_gpt.data.prompts import prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
 from lit_gpt.merge import read_prompt_style_file  # noqa: E402
 from lit_gpt.utils import (  # noqa: E402
-    FINETUNED_PATTERN,
     WEIGHTS_FILENAME,
     check_checkpoint_dir,
     finetuning_run_hint,
     resolve_device,
+    run_adapter_file,
 )
 
 RUN_CONFIG_FIX = ("merge the run first (scripts/merge_ether.py or merge_lora.py --adapter_path {adapter}) and pass "
@@ -29,8 +29,7 @@ def check_model_dir(checkpoint_dir: Path) -> None:
     """`check_checkpoint_dir`, with a fine-tuning run's folder refused in words that fit this script: it takes no
     --adapter_path, so the run has to be merged first (or used unmerged by chat/base.py)."""
     if not (checkpoint_dir / WEIGHTS_FILENAME).is_file() and finetuning_run_hint(checkpoint_dir) is not None:
-        found = sorted(checkpoint_dir.glob(FINETUNED_PATTERN))
-        adapter = str(found[0]) if found else str(checkpoint_dir / "lit_model_<method>_finetuned.pth")
+        adapter = run_adapter_file(checkpoint_dir)
         merge = "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
         raise ValueError(
             f"{str(checkpoint_dir)!r} is a fine-tuning run, not a model: merge it first with `python scripts/{merge} "

@@ -31,7 +31,8 @@ import torch
 import yaml
 
 from lit_gpt.data.prompts import PromptStyle, prompt_style_from_name
-from lit_gpt.utils import atomic_path, atomic_paths, check_output_dir, error_chain, hub_unreachable
+from lit_gpt.utils import (atomic_path, atomic_paths, check_output_dir, error_chain, hub_unreachable,
+                           hub_unreachable_sentence)
 
 TRAIN_FILENAME = "train.pt"
 TEST_FILENAME = "test.pt"
@@ -123,9 +124,8 @@ def fetch_data_file(
         if source.hf_repo_id and hub_unreachable(e):
             # no gating advice (nothing was asked of the Hub) and not the Hub's long text about its local cache
             raise DataPreparationError(
-                f"Could not reach the Hugging Face Hub to download {source.describe()} (offline, HF_HUB_OFFLINE set, "
-                "or a proxy/firewall in the way): check the network connection, or pass the file with "
-                f"--data_file_path FILE (or put it at {str(target)!r}) and run again."
+                f"{hub_unreachable_sentence(source.describe())}, or pass the file with --data_file_path FILE (or put "
+                f"it at {str(target)!r}) and run again."
             ) from None
         detail, hint = f"{type(e).__name__}: {e}", f" {source.hint}" if source.hint else ""
         answer = _hub_answer(e) if source.hf_repo_id else None
