@@ -14,8 +14,10 @@ from huggingface_hub.errors import (  # noqa: E402
     GatedRepoError,
     HfHubHTTPError,
     RepositoryNotFoundError,
+    HFValidationError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id  # noqa: E402
 from jsonargparse.typing import SecretStr  # noqa: E402
 
 from lit_gpt.config import configs  # noqa: E402
@@ -72,6 +74,7 @@ def main(
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
 
+    check_repo_id(repo_id)
     # typed SecretStr so that --print_config masks it
     token = secret_text(access_token) or os.environ.get("HF_TOKEN") or None
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path("checkpoints") / repo_id
@@ -95,6 +98,17 @@ def main(
             f"  python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}"
             + (f" --dtype {dtype}" if dtype else "")
         )
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a --repo_id the Hub cannot name (checked by huggingface_hub's own rule) before any request."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise DownloadError(
+            f"--repo_id {repo_id!r} is not a Hub model id: give it as org/name, e.g. meta-llama/Llama-2-7b-hf "
+            "(`python scripts/download.py` lists the named models)."
+        ) from None
 
 
 def weight_files(files: list[str], repo_id: str, from_safetensors: bool) -> list[str]:

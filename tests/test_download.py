@@ -287,3 +287,11 @@ def test_cli_config_errors_never_show_the_token(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip() == ("error: --access_token must be text (a token such as hf_...), but it was read as "
                                    "a YAML number: put it in quotes in the --config file.")
+
+
+@pytest.mark.parametrize("repo_id", ["a/b/c", "org/name with space", "/model"])
+def test_a_repo_id_the_hub_cannot_name_is_refused_before_any_request(hub, tmp_path, repo_id):
+    fake = hub()
+    with pytest.raises(download.DownloadError, match=r"--repo_id .* is not a Hub model id: give it as org/name"):
+        download.main(repo_id=repo_id, checkpoint_dir=tmp_path)
+    assert fake.api_tokens == [] and fake.downloads == []
