@@ -291,7 +291,7 @@ def test_split_is_deterministic_per_seed(tmp_path, checkpoint_dir, monkeypatch):
         prep.split_rows(list(range(30)), 1.0, seed=1)
 
 
-def test_default_destination_names(tmp_path, checkpoint_dir, monkeypatch):
+def test_default_destination_names(tmp_path, checkpoint_dir, monkeypatch, capsys):
     no_download(monkeypatch)
     ckpt = tmp_path / "checkpoints" / "org" / "model"
     ckpt.mkdir(parents=True)
@@ -303,6 +303,11 @@ def test_default_destination_names(tmp_path, checkpoint_dir, monkeypatch):
     # without --max_seq_length the model's context length (block_size 512 in model_config.yaml) is used
     assert prepare_alpaca.prepare(checkpoint_dir=ckpt, data_file_path=data) == ckpt / "alpaca-t512"
     assert read_prepare_config(ckpt / "alpaca-t512")["max_seq_length"] == 512
+    assert "longer than the model's context" not in capsys.readouterr().err
+    # beyond the context it is kept (the user asked for it) with a note that training cuts to the context
+    assert prepare_alpaca.prepare(checkpoint_dir=ckpt, data_file_path=data, max_seq_length=4096) == ckpt / "alpaca-t4096"
+    assert ("--max_seq_length 4096 is longer than the model's context of 512 tokens; training cuts every example to "
+            "512 tokens") in capsys.readouterr().err
     (ckpt / "model_config.yaml").unlink()
     with pytest.raises(DataPreparationError, match="Pass --max_seq_length"):
         prepare_alpaca.prepare(checkpoint_dir=ckpt, data_file_path=data)

@@ -329,12 +329,18 @@ def split_rows(rows: Sequence[dict], test_split_fraction: float, seed: int) -> t
 
 def resolve_max_seq_length(checkpoint_dir: Path, max_seq_length: Optional[int]) -> int:
     """`max_seq_length` if given, else the model's context length from the checkpoint's `model_config.yaml`."""
+    from lit_gpt.config import CONFIG_FILENAME, Config
+
     if max_seq_length is not None:
         if max_seq_length < 1:
             raise DataPreparationError(f"--max_seq_length must be positive, got {max_seq_length}.")
+        if (Path(checkpoint_dir) / CONFIG_FILENAME).is_file():
+            block_size = Config.from_checkpoint(checkpoint_dir).block_size
+            if max_seq_length > block_size:
+                print(f"Note: --max_seq_length {max_seq_length} is longer than the model's context of {block_size} "
+                      f"tokens; training cuts every example to {block_size} tokens, and --max_seq_length {block_size} "
+                      "writes just what training will use.", file=sys.stderr)
         return max_seq_length
-    from lit_gpt.config import CONFIG_FILENAME, Config
-
     if not (Path(checkpoint_dir) / CONFIG_FILENAME).is_file():
         raise DataPreparationError(
             f"Pass --max_seq_length: without it the model's context length is read from "
