@@ -217,6 +217,13 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
     if params and all(isinstance(v, dict) for v in params.values()):
         raise ConversionError("config.json gives per-layer-type rope_parameters, which lit_gpt does not support.")
     scaling = dict(hf.get("rope_scaling") or {})
+    if params and scaling:
+        types = [d.get("rope_type") or d.get("type") or "default" for d in (scaling, params)]
+        if types[0] != types[1]:  # transformers versions disagree on which one wins: refuse rather than guess
+            raise ConversionError(
+                f"config.json gives both rope_scaling (type {types[0]!r}) and rope_parameters (type {types[1]!r}); "
+                "keep the one the model was trained with and remove the other."
+            )
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
     if model_type == "gpt_neox":

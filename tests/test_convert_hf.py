@@ -379,6 +379,13 @@ def test_unsupported_model_type_and_fields():
         config_from_hf({"model_type": "bert", "hidden_size": 64})
     with pytest.raises(ConversionError, match="rope scaling type 'yarn'"):
         config_from_hf(dict(_LLAMA, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    # both spellings at once, disagreeing: which one transformers applies depends on its version
+    with pytest.raises(ConversionError, match=r"both rope_scaling \(type 'linear'\) and rope_parameters \(type 'def"):
+        config_from_hf(dict(_LLAMA, model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0},
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+    agreeing = dict(_LLAMA, model_type="llama", rope_scaling={"type": "default"},
+                    rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    assert config_from_hf(agreeing).rope_base == 500.0
     with pytest.raises(ConversionError, match="attention_bias=True but mlp_bias=False"):
         config_from_hf(dict(_LLAMA, model_type="llama", attention_bias=True))
     with pytest.raises(ConversionError, match="hidden_act='gelu'"):
