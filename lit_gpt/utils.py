@@ -159,6 +159,8 @@ def checkpoint_read_error(path: Path | str, error: BaseException) -> ValueError:
         detail = f"reading it failed: {error.strerror}"
     if isinstance(error, EOFError):
         detail = f"the file ends early{': ' + detail if str(error) else ''}"
+    if isinstance(error, KeyError):  # torch's legacy reader found no magic number: the key is the bytes it read
+        detail = "it does not start as a file written by torch.save does"
     return ValueError(
         f"{str(path)!r} could not be read as a PyTorch/safetensors checkpoint ({detail}): it is truncated or not a "
         "checkpoint; pass the right file, or download, convert or save it again."
