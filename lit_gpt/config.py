@@ -138,7 +138,9 @@ class Config:
             close = [m for k in unknown for m in difflib.get_close_matches(str(k), known, n=1, cutoff=0.7)]
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             # ignored, as files of other lit tools carry fields this model does not use; a typo shows here
-            print(f"warning: model config {str(path)!r} has field(s) this model does not use, ignored: "
+            from lit_gpt.utils import print_once  # every process of a run reads the config; one says so
+
+            print_once(f"warning: model config {str(path)!r} has field(s) this model does not use, ignored: "
                   f"{', '.join(repr(k) for k in unknown)}{hint}.", file=sys.stderr)
             data = {k: v for k, v in data.items() if k in known}
         try:

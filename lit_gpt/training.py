@@ -53,6 +53,7 @@ from lit_gpt.utils import (
     load_file,
     load_model_weights,
     num_parameters,
+    print_once,
 )
 
 HPARAMS_FILENAME = "hyperparameters.yaml"
@@ -541,7 +542,7 @@ def check_answers_fit(data, max_len: int, data_dir: Path, flag_given: bool) -> N
     if len(empty) == len(data):
         fix = "raise --train.max_seq_length" if flag_given else "prepare shorter examples"
         raise ValueError(f"{what}, so training would learn nothing (a loss of 0 at every step): {fix}.")
-    print(f"warning: {what}; they train nothing.")
+    print_once(f"warning: {what}; they train nothing.")
 
 
 def check_tied_head(config: Config, adapter_config: Any, method: str) -> None:
@@ -670,7 +671,7 @@ def resolve_resume(resume: Optional[str | Path], out_dir: Path, others: Optional
                 hint = (f" (the default --io.out_dir names the learning rate and batch size; to resume "
                         f"{'one of these runs' if len(others) > 1 else 'the run'} with new ones, pass its folder as "
                         f"--io.out_dir: {', '.join(str(d) for d in others)})")
-            print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0{hint}.")
+            print_once(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0{hint}.")
         return ckpt
     ckpt = Path(resume)
     if ckpt.is_dir():
@@ -936,7 +937,7 @@ def finetune(
             check_data_order(make_loader(train_data, train, seed, 0, world_size, 0, None), saved["data"], ckpt)
         final = out_dir / final_filename(method)
         if saved["step"] >= steps and final.is_file():
-            print(f"The run in {out_dir} already finished: {ckpt.name} is at step {saved['step']} of {steps} and "
+            print_once(f"The run in {out_dir} already finished: {ckpt.name} is at step {saved['step']} of {steps} and "
                   f"{final.name} exists, so there is nothing to train (raise --train.max_steps to train on).")
             return out_dir
         if saved["step"] > steps:

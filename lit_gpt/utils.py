@@ -303,6 +303,25 @@ def hub_unreachable_sentence(what: str) -> str:
             "proxy/firewall in the way): check the network connection")
 
 
+# ---------------------------------------------------------------------------------------------- processes
+def launched_as_another_rank() -> bool:
+    """Whether a launcher started this process as one of a run's processes other than the first.
+
+    Every process of a multi-device run runs the checks before `fabric.launch()`: Fabric's launcher starts the other
+    local ranks by running the same command with LOCAL_RANK set, torchrun starts every rank with RANK set. What those
+    checks print (warnings, notes) is printed by the first process only, once.
+    """
+    if "RANK" in os.environ:
+        return os.environ["RANK"] != "0"
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def print_once(*args: Any, **kwargs: Any) -> None:
+    """`print`, in the first process of a run only (see `launched_as_another_rank`)."""
+    if not launched_as_another_rank():
+        print(*args, **kwargs)
+
+
 def check_output_file(path: Path | str, flag: str, example: str = "results.json") -> Path:
     """Fail early, in one sentence naming `flag`, when the file it names could not be written at the end of the
     work: it is a folder, a folder above it is a file, or the nearest existing folder above it is not writable."""

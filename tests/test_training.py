@@ -198,7 +198,13 @@ def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
     val7 = tmp_path / "val7"
     shutil.copytree(tiny_ckpt / "data", val7)
     torch.save(torch.load(val7 / "test.pt", weights_only=True)[:7], val7 / "test.pt")
-    flags = ["--Htype", "etherplusHH", "--ether_nb", "4", "--train.learning_rate", "1e-2"]
+    # a model config with a field it does not use: every process reads it, the warning is printed once
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt, ignore=shutil.ignore_patterns("data"))
+    with open(ckpt / "model_config.yaml", "a") as f:
+        f.write("unused_field: 1\n")
+    flags = ["--Htype", "etherplusHH", "--ether_nb", "4", "--train.learning_rate", "1e-2",
+             "--io.checkpoint_dir", str(ckpt)]
     one, two = tmp_path / "one", tmp_path / "two"
     cpu = dict(CUDA_VISIBLE_DEVICES="")  # two processes on the CPU (gloo), also on a machine with one GPU
     val = {"--io.val_data_dir": str(val7), "--eval.max_iters": "100"}
@@ -206,6 +212,7 @@ def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("ether.py", *common_flags(tiny_ckpt, two, 4, **val, **{"--devices": "2"}), *flags, timeout=300, **cpu)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (r.stdout + r.stderr).count("has field(s) this model does not use, ignored: 'unused_field'") == 1
     a, b = final_tensors(one), final_tensors(two)
     assert set(a) == set(b)
     for k in a:
@@ -387,3 +394,19 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny
     for path in good:  # every checkpoint written is finite, so the one named can really be resumed from
         assert all(torch.isfinite(v).all() for v in load_file(path, mmap=False)["model"].values())
     assert not (out / "lit_model_finetuned.pth").exists()
+
+
+@pytest.mark.parametrize("env,prints", [
+    ({}, True), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
+    ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+    ({"RANK": "3", "LOCAL_RANK": "1"}, False),  # torchrun
+])
+def test_what_the_checks_before_launch_find_is_printed_by_the_first_process_only(monkeypatch, capsys, env, prints):
+    from lit_gpt.utils import print_once
+
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    print_once("warning: once")
+    assert (capsys.readouterr().out == "warning: once\n") is prints
