@@ -3,8 +3,9 @@
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -97,7 +98,8 @@ def main(
         print(note, file=sys.stderr)
 
     # the tasks (and their data) are loaded before the model, so a missing dataset is reported in seconds
-    tasks = top_level_items(_load_tasks(task_manager, names, switched_off))
+    with quiet_data_file_hint(own_tasks(task_manager)):
+        tasks = top_level_items(_load_tasks(task_manager, names, switched_off))
 
     model = LitGPTLM(checkpoint_dir=checkpoint_dir, adapter_path=adapter_path, batch_size=batch_size,
                      device=torch_device, precision=precision, max_length=max_length)
@@ -128,6 +130,36 @@ def task_names(eval_tasks: Optional[Union[str, list[str]]]) -> list[str]:
     if not names:
         raise ValueError("--eval_tasks is empty; name at least one lm-eval task, e.g. --eval_tasks arc_easy.")
     return names
+
+
+def own_tasks(task_manager) -> list[str]:
+    """The tasks whose YAML is one of this repository's (eval/tasks/)."""
+    ours = Path(__file__).resolve().parent / "tasks"
+    names = []
+    for name, entry in getattr(task_manager, "task_index", {}).items():
+        yaml_path = entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
+        if isinstance(yaml_path, (str, Path)) and Path(yaml_path).resolve().is_relative_to(ours):
+            names.append(name)
+    return names
+
+
+@contextmanager
+def quiet_data_file_hint(names: Sequence[str]) -> Iterator[None]:
+    """Leave out lm-eval's warning that a task with its own data loader takes settings from --metadata, for this
+    repository's tasks: their YAML and --help say which (`data_file`), and the quickstart's user needs none."""
+    import logging
+
+    prefixes = tuple(f"{name}: Custom kwargs can be passed" for name in names)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (prefixes and str(record.msg).startswith(prefixes))
+
+    logger = logging.getLogger("lm_eval.api.task")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _load_tasks(task_manager, names: list[str], switched_off: Sequence[str] = ()) -> dict:

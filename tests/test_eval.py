@@ -225,6 +225,35 @@ def _harness():
     return module
 
 
+def test_only_this_repositorys_tasks_lose_lm_evals_metadata_hint(tmp_path):
+    import logging
+
+    from lit_gpt.lm_eval import build_task_manager
+
+    harness = _harness()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for f in ("quickstart.yaml", "utils.py"):
+        text = (REPO / "eval" / "tasks" / "quickstart" / f).read_text()
+        (theirs / f).write_text(text.replace("task: quickstart", "task: their_task"))
+    manager = build_task_manager([REPO / "eval" / "tasks" / "quickstart", theirs], names=["quickstart", "their_task"])
+    assert harness.own_tasks(manager) == ["quickstart"]
+    logger = logging.getLogger("lm_eval.api.task")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        with harness.quiet_data_file_hint(harness.own_tasks(manager)):
+            for name in ("quickstart", "their_task"):
+                logger.warning(f"{name}: Custom kwargs can be passed to `--metadata` in console")
+            logger.warning("quickstart: something else")
+    finally:
+        logger.removeHandler(handler)
+    assert [m.split(":")[0] for m in seen] == ["their_task", "quickstart"]
+    assert not logger.filters
+
+
 def _parsed_eval_tasks(*args: str) -> object:
     import yaml
 
@@ -276,6 +305,8 @@ def test_cli_metadata_reaches_the_task_and_results_record_batch_size_and_device(
                   "--metadata", json.dumps({"data_file": str(data)}), "--batch_size", "2", "--device", "cpu",
                   "--precision", "32-true", "--bootstrap_iters", "0", "--save_filepath", str(out))
     assert result.returncode == 0, result.stderr
+    # lm-eval's hint that such a task takes --metadata is for tasks that do not say so themselves
+    assert "Custom kwargs can be passed" not in result.stderr
     saved = json.loads(out.read_text())
     assert saved["n-samples"]["quickstart"]["original"] == 3  # our file, not data/quickstart/test.jsonl
     assert saved["config"]["batch_size"] == 2 and saved["config"]["device"] == "cpu"
