@@ -161,7 +161,9 @@ class Config:
 
             raise not_a_directory_error(checkpoint_dir)
         if not checkpoint_dir.is_dir():
-            raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
+            from lit_gpt.utils import missing_checkpoint_dir_error
+
+            raise missing_checkpoint_dir_error(checkpoint_dir)
         from lit_gpt.utils import finetuning_run_hint
 
         run = finetuning_run_hint(checkpoint_dir)

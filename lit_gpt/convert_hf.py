@@ -691,7 +691,9 @@ def convert_hf_checkpoint(
 
         raise not_a_directory_error(checkpoint_dir, "a Hugging Face model folder (config.json + weights)")
     if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
+        from lit_gpt.utils import missing_checkpoint_dir_error
+
+        raise missing_checkpoint_dir_error(checkpoint_dir, hf_folder=True)
     hf_config_path = checkpoint_dir / HF_CONFIG_FILENAME
     if not hf_config_path.is_file():
         raise FileNotFoundError(

@@ -56,7 +56,9 @@ class Tokenizer:
 
             raise not_a_directory_error(checkpoint_dir)
         if not checkpoint_dir.is_dir():
-            raise FileNotFoundError(f"Tokenizer directory {str(checkpoint_dir)!r} does not exist.")
+            from lit_gpt.utils import missing_checkpoint_dir_error
+
+            raise missing_checkpoint_dir_error(checkpoint_dir)
         self.checkpoint_dir = checkpoint_dir
         config = _read_json(checkpoint_dir / "tokenizer_config.json")
         generation_config = _read_json(checkpoint_dir / "generation_config.json")

@@ -466,7 +466,7 @@ def prepared_config(data_dir: Path) -> Optional[dict]:
 def check_base_checkpoint(io: IOArgs, inferred: bool) -> None:
     """`io.checkpoint_dir` must be a lit checkpoint; when it was inferred from the data directory, say so."""
     try:
-        check_checkpoint_dir(io.checkpoint_dir)
+        check_checkpoint_dir(io.checkpoint_dir, flag="--io.checkpoint_dir")
     except (FileNotFoundError, ValueError):
         from lit_gpt.utils import WEIGHTS_FILENAME
 
@@ -845,6 +845,10 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
                     f"the parent of --io.train_data_dir, which has no {CONFIG_FILENAME}: pass --io.checkpoint_dir "
                     "or --model_name."
                 )
+            if not ckpt.is_dir() and not ckpt.is_file():
+                from lit_gpt.utils import missing_checkpoint_dir_error
+
+                raise missing_checkpoint_dir_error(ckpt, "--io.checkpoint_dir")
             model = Config.from_checkpoint(ckpt)
         else:
             model = Config.from_name(model)

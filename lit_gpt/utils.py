@@ -373,7 +373,27 @@ def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
     return dev
 
 
-def check_checkpoint_dir(checkpoint_dir: Path | str, weights: str = WEIGHTS_FILENAME) -> Path:
+def missing_checkpoint_dir_error(checkpoint_dir: Path | str, flag: str = "--checkpoint_dir",
+                                 hf_folder: bool = False) -> FileNotFoundError:
+    """The one-sentence error for a model folder that does not exist: how to make it (`hf_folder`: a transformers
+    folder, which download.py fetches, rather than a converted lit checkpoint)."""
+    path = Path(checkpoint_dir)
+    parts = path.parts
+    # download.py's default folder is checkpoints/<repo_id> (relative): a path of that form names its repo id
+    repo_id = "/".join(parts[1:]) if len(parts) == 3 and parts[0] == "checkpoints" else None
+    download = (f"`python scripts/download.py --repo_id {repo_id}`" if repo_id
+                else f"`python scripts/download.py --repo_id ORG/NAME --checkpoint_dir {path}`")
+    if hf_folder:
+        fix = (f"download the model into it with {download}, which converts it too, or pass the folder holding its "
+               "config.json and weights")
+    else:
+        fix = (f"download and convert a model into it with {download}, import a GGUF file with "
+               "`python scripts/convert_gguf_checkpoint.py`, or pass the folder of a converted model")
+    return FileNotFoundError(f"{flag} {str(path)!r} does not exist: {fix}.")
+
+
+def check_checkpoint_dir(checkpoint_dir: Path | str, weights: str = WEIGHTS_FILENAME,
+                         flag: str = "--checkpoint_dir") -> Path:
     """Fail early, in one sentence, when a checkpoint directory lacks what loading needs."""
     from lit_gpt.config import CONFIG_FILENAME
 
@@ -381,7 +401,7 @@ def check_checkpoint_dir(checkpoint_dir: Path | str, weights: str = WEIGHTS_FILE
     if checkpoint_dir.is_file():
         raise not_a_directory_error(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
+        raise missing_checkpoint_dir_error(checkpoint_dir, flag)
     missing = [name for name in (weights, CONFIG_FILENAME) if not (checkpoint_dir / name).is_file()]
     if missing:
         run = finetuning_run_hint(checkpoint_dir)

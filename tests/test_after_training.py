@@ -249,7 +249,10 @@ def test_missing_checkpoint_dir_and_run_folder_errors_name_the_right_thing(base,
     chat = load_script("chat/base.py")
     with pytest.raises(SystemExit):
         run_cli(chat.main, args=["--checkpoint_dir", str(tmp_path / "missing"), "--device", "cpu"])
-    assert capsys.readouterr().err == f"error: Checkpoint directory {str(tmp_path / 'missing')!r} does not exist.\n"
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --checkpoint_dir {str(tmp_path / 'missing')!r} does not exist: download and convert "
+                          "a model into it with `python scripts/download.py --repo_id ORG/NAME --checkpoint_dir ")
+    assert len(err.splitlines()) == 1
 
     adapter = make_run(tmp_path / "run", base, AdapterConfig(method="ether", nb=4))
     generate_script = load_script("scripts/generate.py")

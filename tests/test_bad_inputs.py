@@ -326,3 +326,23 @@ def test_resolve_device(monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda:2 names GPU 2 but only 2 GPU\(s\) are visible; use cuda:0 "
                                          "to cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_a_missing_model_folder_names_the_flag_and_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # download.py's default folder: the hint names the repo id to download
+    with pytest.raises(FileNotFoundError) as e:
+        Tokenizer("checkpoints/meta-llama/Llama-2-7b-hf")
+    assert str(e.value) == (
+        "--checkpoint_dir 'checkpoints/meta-llama/Llama-2-7b-hf' does not exist: download and convert a model into it "
+        "with `python scripts/download.py --repo_id meta-llama/Llama-2-7b-hf`, import a GGUF file with "
+        "`python scripts/convert_gguf_checkpoint.py`, or pass the folder of a converted model.")
+    with pytest.raises(FileNotFoundError, match=r"^--checkpoint_dir 'models/x' does not exist: .* --repo_id ORG/NAME "
+                                                r"--checkpoint_dir models/x`"):
+        Config.from_checkpoint("models/x")
+    with pytest.raises(FileNotFoundError, match=r"^--checkpoint_dir 'checkpoints/o/m' does not exist: download the "
+                                                r"model into it with `python scripts/download.py --repo_id o/m`, "
+                                                r"which converts it too"):
+        convert_hf_checkpoint("checkpoints/o/m")
+    with pytest.raises(FileNotFoundError, match=r"^--io.checkpoint_dir 'x' does not exist"):
+        check_checkpoint_dir("x", flag="--io.checkpoint_dir")

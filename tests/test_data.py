@@ -418,7 +418,7 @@ def test_input_paths_and_the_checkpoint_are_checked_in_a_useful_order(tmp_path, 
                                data_file_path=tmp_path)
     # a missing (default) checkpoint is named first, not the --max_seq_length that would be read from it
     data = write_json(tmp_path / "alpaca.json", ROWS)
-    with pytest.raises(FileNotFoundError, match="Tokenizer directory '.*nowhere' does not exist"):
+    with pytest.raises(FileNotFoundError, match="--checkpoint_dir '.*nowhere' does not exist: download and convert"):
         prepare_alpaca.prepare(checkpoint_dir=tmp_path / "nowhere", data_file_path=data)
 
 
@@ -724,7 +724,7 @@ def test_every_prepare_cli_runs(tmp_path, checkpoint_dir):
         cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: Tokenizer directory")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --checkpoint_dir ")
 
 
 # --------------------------------------------------------------------------------------------- audit fixes
