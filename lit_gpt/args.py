@@ -12,8 +12,8 @@ from typing import Optional
 class IOArgs:
     """Where data, the base checkpoint, logs and outputs live."""
 
-    train_data_dir: Path = Path("data/alpaca")
-    """Directory with `train.pt` made by a `scripts/prepare_*.py` script."""
+    train_data_dir: Optional[Path] = None
+    """Directory with `train.pt` made by a `scripts/prepare_*.py` script (required)."""
     val_data_dir: Optional[Path] = None
     """Directory with `test.pt` for validation (default: `train_data_dir`)."""
     checkpoint_dir: Optional[Path] = None

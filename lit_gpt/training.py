@@ -428,22 +428,34 @@ def normalize_resume(resume: Any) -> Optional[str | Path]:
     return Path(resume)
 
 
-def load_data_dir(data_dir: Path, split: str, flag: str, default: Optional[Path] = None):
+def prepared_data_description(filename: str = "train.pt") -> str:
+    return (f"a directory written by a scripts/prepare_*.py script (it holds {filename} and prepare_config.yaml; "
+            "scripts/prepare_json.py --json_path FILE --checkpoint_dir MODEL makes one from your own data)")
+
+
+def check_train_data_given(io: IOArgs) -> None:
+    if io.train_data_dir is None:
+        raise ValueError(f"--io.train_data_dir is required: pass {prepared_data_description()}.")
+
+
+def load_data_dir(data_dir: Path, split: str, flag: str):
     """The `SFTDataset` of one split, with an error naming the flag and what the directory must hold."""
     from lit_gpt.data import SFTDataset
     from lit_gpt.data.sft import SPLIT_FILES
 
     filename = SPLIT_FILES[split]
-    what = (f"a directory written by a scripts/prepare_*.py script (it holds {filename} and prepare_config.yaml; "
-            "scripts/prepare_json.py --json_path FILE --checkpoint_dir MODEL makes one from your own data)")
+    what = prepared_data_description(filename)
     if not data_dir.exists():
-        if default is not None and data_dir == default:
-            raise FileNotFoundError(f"--io.train_data_dir is required: the default {str(data_dir)!r} does not "
-                                    f"exist; pass {what}.")
         raise FileNotFoundError(f"{flag} {str(data_dir)!r} does not exist: pass {what}.")
     if not data_dir.is_dir():
         raise ValueError(f"{flag} {str(data_dir)!r} is a file: pass {what}.")
     if not (data_dir / filename).is_file():
+        if (data_dir / CONFIG_FILENAME).is_file():  # the model folder itself, a likely slip
+            prepared = sorted(d.name + "/" for d in data_dir.iterdir() if (d / filename).is_file())
+            inside = f"one of its prepared data folders ({', '.join(prepared)})" if prepared else (
+                f"a data folder prepared for it (`python scripts/prepare_alpaca.py --checkpoint_dir {data_dir}` "
+                "writes one inside it)")
+            raise ValueError(f"{flag} {str(data_dir)!r} is a model checkpoint, not prepared data: pass {inside}.")
         raise FileNotFoundError(f"{flag} {str(data_dir)!r} has no {filename}: pass {what}, or prepare it with "
                                 f"--destination_path {str(data_dir)!r}.")
     data = SFTDataset.from_dir(data_dir, split)
@@ -838,6 +850,9 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         model = args["model_name"]
         if model is None:  # plan for the checkpoint the run would train
             io = args["io"]
+            if io.checkpoint_dir is None and io.train_data_dir is None:
+                raise ValueError("--dry_run plans for a model: name it with --model_name (e.g. Llama-2-7b-hf) or "
+                                 "--io.checkpoint_dir, or pass the --io.train_data_dir the run would train on.")
             ckpt = Path(io.checkpoint_dir or Path(io.train_data_dir).parent)
             if io.checkpoint_dir is None and not (ckpt / CONFIG_FILENAME).is_file():
                 raise FileNotFoundError(
@@ -900,6 +915,7 @@ def finetune(
 
     # every input is checked before any process is launched, so a typo costs seconds, not a cluster allocation
     check_numbers(train, eval, devices, num_nodes, seed)
+    check_train_data_given(io)
     resume = normalize_resume(resume)
     inferred_checkpoint = io.checkpoint_dir is None
     given_val = io.val_data_dir is not None
@@ -907,7 +923,7 @@ def finetune(
     io = resolve_io(io, run_name(method, adapter_config, train), resume)
     check_run_dir(io.out_dir, given_out, resume)
     # the data first: a typo in --io.train_data_dir is about the data, not about its parent folder not being a model
-    train_data = load_data_dir(io.train_data_dir, "train", "--io.train_data_dir", default=IOArgs().train_data_dir)
+    train_data = load_data_dir(io.train_data_dir, "train", "--io.train_data_dir")
     val_data = load_data_dir(io.val_data_dir, "test", "--io.val_data_dir" if given_val else "--io.train_data_dir")
     check_base_checkpoint(io, inferred_checkpoint)
     tokenizer = Tokenizer(io.checkpoint_dir)

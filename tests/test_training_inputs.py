@@ -284,10 +284,17 @@ def test_wrong_directories_name_the_flag(tiny_ckpt, tmp_path, monkeypatch):
         f"--io.train_data_dir, which has no lit_model.pth or model_config.yaml: pass --io.checkpoint_dir with the "
         f"model the data was prepared for (the data's prepare_config.yaml names {str(tiny_ckpt)!r})."
     )
-    monkeypatch.chdir(tmp_path)  # no data/alpaca here: running with no flags says which one is required
-    with pytest.raises(FileNotFoundError, match="--io.train_data_dir is required: the default 'data/alpaca' does"):
+    monkeypatch.chdir(tmp_path)  # running with no flags says which one is required
+    with pytest.raises(ValueError, match="--io.train_data_dir is required: pass a directory written by a scripts/"):
         setup_ether(IOArgs().train_data_dir, None)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
+    # the model folder itself (its prepared data is a folder inside it): named as such, with the folders to pass
+    with pytest.raises(ValueError) as e:
+        setup_ether(tiny_ckpt, tmp_path / "out")
+    assert str(e.value) == (f"--io.train_data_dir {str(tiny_ckpt)!r} is a model checkpoint, not prepared data: pass "
+                            "one of its prepared data folders (data/).")
+    with pytest.raises(ValueError, match="--dry_run plans for a model: name it with --model_name"):
+        setup_ether(None, None, dry_run=True)
 
 
 # ---------------------------------------------------------------------------------------------- data vs model
