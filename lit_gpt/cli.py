@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import os
 import re
@@ -103,19 +104,36 @@ def _one_line_parser(fn: Callable[..., Any], args: list[str]) -> type:
             if (not self.exit_on_error or os.environ.get("LIT_GPT_DEBUG") == "1"
                     or os.environ.get("JSONARGPARSE_DEBUG")):
                 super().error(message, ex)
-            sys.stderr.write(f"error: {one_line_error(message, fn, args)}\n")
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            sys.stderr.write(f"error: {one_line_error(message, fn, args, known)}\n")
             self.exit(USAGE_ERROR_CODE)
 
     return OneLineErrorParser
 
 
-def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = ()) -> str:
+def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (), known: Sequence[str] = ()) -> str:
     """jsonargparse's (possibly multi-line) parse error as one sentence naming the flag, what it expects (from
-    `fn`'s type hints) and the value given (as typed on the command line, else as jsonargparse reports it)."""
+    `fn`'s type hints) and the value given (as typed on the command line, else as jsonargparse reports it). An
+    unknown flag or `--config` key gets the flag it was likely meant as, among `known`."""
     required = re.match(r"the following arguments are required: (.*)", message)
     if required is not None:  # as_positional=False: each is a flag
         names = [n if n.startswith("-") else f"--{n}" for n in required[1].split(", ")]
         return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} required (see --help)"
+    unknown = re.match(r"unrecognized arguments: (.*)", " ".join(message.split()))
+    if unknown is not None:
+        flags = [a.split("=", 1)[0] for a in unknown[1].split() if a.startswith("--")]
+        hints = [h for h in (_flag_hint(f, known) for f in flags) if h]
+        return f"unrecognized arguments: {unknown[1]}{'; ' + '; '.join(hints) if hints else ''} (see --help)"
+    option = re.match(r"Option '([^']+)' is not accepted", message)
+    if option is not None:  # a key of a --config file
+        key = option[1]
+        script = _script_of_flag(f"--{key}", known)
+        if script is not None:
+            configs = [repr(value) for _, value, _ in config_values(args)]
+            which = f"--config {configs[0]}" if len(configs) == 1 else "--config"
+            return f"{which} sets {key}, an option of {script}: run it with {script} (see --help)"
+        hint = _flag_hint(f"--{key}", known)
+        return f"{option[0]}{': ' + hint if hint else ''} (see --help)"
     # the innermost key: `--train '{"learning_rate": "abc"}'` fails as "train" and, inside, "train.learning_rate"
     m = None
     for m in re.finditer(r'Parser key "(?P<key>[^"]+)":\s*', message):
@@ -137,6 +155,35 @@ def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (
     first = next((line.strip() for line in rest.splitlines() if line.strip()), "invalid value")
     got = f" (got {given!r})" if given is not None and given not in first else ""
     return f"{flag}: {first}{got} (see --help)"
+
+
+# options of one finetune script that users bring to another (a recipe or a command line of the other method)
+METHOD_FLAG_SCRIPTS = {"--lora_": "finetune/lora.py", "--ether_": "finetune/ether.py", "--oft_": "finetune/ether.py",
+                       "--Htype": "finetune/ether.py"}
+
+
+def _script_of_flag(flag: str, known: Sequence[str]) -> Optional[str]:
+    """The other finetune script whose option the unknown `flag` is, when `known` are a finetune script's flags."""
+    if "--train.learning_rate" not in known:
+        return None
+    for prefix, script in METHOD_FLAG_SCRIPTS.items():
+        # (not when this script has options of that prefix: then it is a misspelt option of this one)
+        if flag.startswith(prefix) and not any(k.startswith(prefix) for k in known):
+            return script
+    return None
+
+
+def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
+    """What an unknown `flag` was likely meant as: a known flag spelt with `-` for `_` or close to it, or the
+    finetune script whose option it is."""
+    if not known:
+        return None
+    underscored = "--" + flag[2:].replace("-", "_")
+    close = [underscored] if underscored in known else difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+    if close:
+        return f"did you mean {close[0]}?"
+    script = _script_of_flag(flag, known)
+    return f"{flag} is an option of {script}" if script is not None else None
 
 
 def _given_value(args: Sequence[str], flag: str) -> Optional[str]:

@@ -196,6 +196,11 @@ ETHER_ERRORS = [
     (["--flip_side", "maybe"], "--flip_side: expected true or false, got 'maybe'"),
     (["--train", '{"learning_rate": "abc"}'], "--train.learning_rate: expected a number, got 'abc'"),
     (["--nosuch", "1"], "unrecognized arguments: --nosuch 1"),
+    # a likely slip gets the flag it was meant as: `-` for `_`, a close spelling, another finetune script's option
+    (["--train.learning-rate", "1e-3"], "unrecognized arguments: --train.learning-rate 1e-3; did you mean "
+                                        "--train.learning_rate?"),
+    (["--ether_bn=4"], "unrecognized arguments: --ether_bn=4; did you mean --ether_nb?"),
+    (["--lora_r", "8"], "unrecognized arguments: --lora_r 8; --lora_r is an option of finetune/lora.py"),
 ]
 EVAL_ERRORS = [
     (["--checkpoint_dir", "x", "--metadata", "notjson"],
@@ -222,6 +227,27 @@ def test_a_bad_value_in_a_config_file_is_one_line(tmp_path, capsys, monkeypatch)
     with pytest.raises(SystemExit):
         run_cli(ether.setup, args=["--config", str(tmp_path / "c.yaml")])
     assert capsys.readouterr().err == "error: --devices: expected an integer, got 'two' (see --help)\n"
+
+
+@pytest.mark.parametrize("fn,recipe,expected", [
+    (lora.setup, "ether.yaml", "sets Htype, an option of finetune/ether.py: run it with finetune/ether.py"),
+    (full.setup, "lora.yaml", "sets lora_r, an option of finetune/lora.py: run it with finetune/lora.py"),
+])
+def test_a_recipe_given_to_another_finetune_script_names_the_script(fn, recipe, expected, capsys, monkeypatch):
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    path = str(REPO / "config_hub" / "finetune" / "smollm2-135m" / recipe)
+    with pytest.raises(SystemExit) as e:
+        run_cli(fn, args=["--config", path])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: --config {path!r} {expected} (see --help)\n"
+
+
+def test_a_misspelt_key_of_a_config_file_gets_the_option_it_was_meant_as(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    (tmp_path / "c.yaml").write_text("ether_bn: 4\n")
+    with pytest.raises(SystemExit):
+        run_cli(ether.setup, args=["--config", str(tmp_path / "c.yaml")])
+    assert capsys.readouterr().err == "error: Option 'ether_bn' is not accepted: did you mean --ether_nb? (see --help)\n"
 
 
 def test_lit_gpt_debug_shows_jsonargparses_whole_message(capsys, monkeypatch):
