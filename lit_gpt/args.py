@@ -61,12 +61,14 @@ class TrainArgs:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory, ~30% more compute)."""
 
-    def gradient_accumulation_iters(self, devices: int) -> int:
-        per_step = self.micro_batch_size * devices
+    def gradient_accumulation_iters(self, devices: int, num_nodes: int = 1) -> int:
+        """Micro-batches per optimizer step on each of `devices` × `num_nodes` processes."""
+        per_step = self.micro_batch_size * devices * num_nodes
         if self.global_batch_size % per_step:
+            nodes = (" × --num_nodes", f" × {num_nodes}") if num_nodes > 1 else ("", "")
             raise ValueError(
-                f"--train.global_batch_size {self.global_batch_size} must be a multiple of "
-                f"--train.micro_batch_size × devices = {self.micro_batch_size} × {devices}."
+                f"--train.global_batch_size {self.global_batch_size} must be a multiple of --train.micro_batch_size "
+                f"× --devices{nodes[0]} = {self.micro_batch_size} × {devices}{nodes[1]} = {per_step}."
             )
         return self.global_batch_size // per_step
 

@@ -384,7 +384,7 @@ def check_numbers(train: TrainArgs, eval: EvalArgs, devices: int, num_nodes: int
         raise ValueError(f"--seed {seed}: pass an integer from 0 to {2**32 - 1}.")
     train.validate()
     eval.validate()
-    train.gradient_accumulation_iters(devices * num_nodes)
+    train.gradient_accumulation_iters(devices, num_nodes)
     if this_machine:
         check_nodes(num_nodes)
 

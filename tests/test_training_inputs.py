@@ -175,6 +175,19 @@ def test_bad_numbers_fail_naming_the_flag_before_anything_loads(tiny_ckpt, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_batch_size_that_does_not_divide_names_devices_and_nodes():
+    from lit_gpt.training import check_numbers
+
+    train = TrainArgs(global_batch_size=8, micro_batch_size=8)
+    check_numbers(train, EvalArgs(), 1, 1, this_machine=False)
+    with pytest.raises(ValueError) as e:
+        check_numbers(train, EvalArgs(), 1, 2, this_machine=False)
+    assert str(e.value) == ("--train.global_batch_size 8 must be a multiple of --train.micro_batch_size × --devices × "
+                            "--num_nodes = 8 × 1 × 2 = 16.")
+    with pytest.raises(ValueError, match=r"multiple of --train.micro_batch_size × --devices = 4 × 3 = 12\.$"):
+        check_numbers(TrainArgs(global_batch_size=16, micro_batch_size=4), EvalArgs(), 3, 1, this_machine=False)
+
+
 def test_oft_eps_without_coft_and_a_tied_head_name_their_flags(tiny_ckpt, tmp_path):
     from lit_gpt.adapters import AdapterConfig
     from lit_gpt.training import check_tied_head
