@@ -140,6 +140,12 @@ def _first_sentence(text: str) -> str:
 def checkpoint_read_error(path: Path | str, error: BaseException) -> ValueError:
     """The one-sentence error for a weights file that torch/safetensors could not read (`error` is theirs)."""
     path = Path(path)
+    if path.name == HPARAMS_FILENAME and path.parent.is_dir():  # a run's settings, next to the weights meant
+        return ValueError(f"{str(path)!r} is a fine-tuning run's settings, not weights: pass the run's adapter file, "
+                          f"{run_adapter_file(path.parent)!r}.")
+    if path.suffix.lower() in (".yaml", ".yml", ".json", ".txt", ".csv", ".md"):
+        return ValueError(f"{str(path)!r} is a text file ({path.suffix}), not weights: pass the weights file "
+                          "(.pth or .safetensors).")
     message = str(error)
     detail = ""
     if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in message:

@@ -64,9 +64,14 @@ def test_truncated_pth_is_one_sentence(tmp_path):
 def test_yaml_given_as_weights_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "hyperparameters.yaml"
     path.write_text("method: ether\nlearning_rate: 0.01\n")
-    with pytest.raises(ValueError, match="hyperparameters.yaml' could not be read as a PyTorch/safetensors") as e:
+    with pytest.raises(ValueError) as e:
         load_file(path)
-    one_sentence(str(e.value))
+    assert str(e.value) == (f"{str(path)!r} is a fine-tuning run's settings, not weights: pass the run's adapter "
+                            f"file, {str(tmp_path / 'lit_model_<method>_finetuned.pth')!r}.")
+    other = tmp_path / "notes.json"
+    other.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=r"notes.json' is a text file \(.json\), not weights: pass the weights file"):
+        load_file(other)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02garbage" * 10, b"hello world, this is text\n" * 10])
