@@ -397,14 +397,49 @@ def tokenizer_from_gguf(metadata: dict, path: Path | str):
             added.append(AddedToken(token, special=False, normalized=False))
     if added:
         tokenizer.add_tokens(added)
+    # what llama.cpp adds around a text, for the tokenizer.json's own users (transformers reads no add_bos_token
+    # for a generic fast tokenizer; lit_gpt's Tokenizer adds BOS itself and encodes without special tokens)
+    template = _special_token_template(metadata)
+    if template is not None:
+        steps = [tokenizer.post_processor] if tokenizer.post_processor is not None else []
+        tokenizer.post_processor = processors.Sequence(steps + [template])
     return tokenizer
+
+
+def _added_special_tokens(metadata: dict) -> tuple[Optional[tuple[str, int]], Optional[tuple[str, int]]]:
+    """(BOS, EOS) as (token, id), each when llama.cpp adds it to every text it encodes (else None)."""
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    model = metadata.get("tokenizer.ggml.model")
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+
+    def token(key: str) -> Optional[tuple[str, int]]:
+        i = metadata.get(f"tokenizer.ggml.{key}")
+        return (tokens[int(i)], int(i)) if i is not None and 0 <= int(i) < len(tokens) else None
+
+    # llama.cpp's defaults when the flag is absent: SentencePiece and Llama-3 vocabularies start with BOS
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", model == "llama" or pre in _LLAMA3_GROUP)
+    add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
+    return (token("bos_token_id") if add_bos else None), (token("eos_token_id") if add_eos else None)
+
+
+def _special_token_template(metadata: dict):
+    """A `TemplateProcessing` adding BOS/EOS as llama.cpp does (None when it adds neither)."""
+    from tokenizers import processors
+
+    bos, eos = _added_special_tokens(metadata)
+    if bos is None and eos is None:
+        return None
+    start, end = ([f"{bos[0]}:0"] if bos else []), ([f"{eos[0]}:0"] if eos else [])
+    second = ([f"{bos[0]}:1"] if bos else []) + ["$B:1"] + ([f"{eos[0]}:1"] if eos else [])
+    return processors.TemplateProcessing(
+        single=" ".join(start + ["$A:0"] + end), pair=" ".join(start + ["$A:0"] + end + second),
+        special_tokens=list(dict.fromkeys(t for t in (bos, eos) if t is not None)),
+    )
 
 
 def tokenizer_configs_from_gguf(metadata: dict, block_size: int) -> tuple[dict, dict]:
     """`(tokenizer_config.json, generation_config.json)` contents with the file's special tokens and template."""
     tokens = metadata.get("tokenizer.ggml.tokens") or []
-    model = metadata.get("tokenizer.ggml.model")
-    pre = metadata.get("tokenizer.ggml.pre", "default")
 
     def token(key: str) -> tuple[Optional[int], Optional[str]]:
         i = metadata.get(f"tokenizer.ggml.{key}")
@@ -417,12 +452,11 @@ def tokenizer_configs_from_gguf(metadata: dict, block_size: int) -> tuple[dict, 
     eot_id, _ = token("eot_token_id")
     _, unk = token("unknown_token_id")
     pad_id, pad = token("padding_token_id")
-    # llama.cpp's defaults when the flag is absent: SentencePiece and Llama-3 vocabularies start with BOS
-    add_bos = metadata.get("tokenizer.ggml.add_bos_token", model == "llama" or pre in _LLAMA3_GROUP)
+    added_bos, added_eos = _added_special_tokens(metadata)
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(add_bos) and bos is not None,
-        "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": added_bos is not None,
+        "add_eos_token": added_eos is not None,
         "model_max_length": block_size,
     }
     for name, value in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)):

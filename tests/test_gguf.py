@@ -272,20 +272,29 @@ def test_quantized_types_match_transformers_gguf_loader(tmp_path, byte_level_voc
 
 
 @pytest.mark.slow
-def test_byte_level_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, byte_level_vocab):
+@pytest.mark.parametrize("add_bos", [False, True])  # SmolLM2's vocabulary; Llama-3's (BOS before every text)
+def test_byte_level_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, byte_level_vocab, add_bos):
     transformers = pytest.importorskip("transformers")
     tokens, merges = byte_level_vocab
     hf = hf_model("llama", len(tokens), num_hidden_layers=1)
-    path = write_gguf(tmp_path / "tok.gguf", "llama",
-                      {**model_metadata(hf.config, "llama"), **tokenizer_metadata(tokens, merges)},
+    metadata = {**tokenizer_metadata(tokens, merges), "tokenizer.ggml.add_bos_token": add_bos}
+    path = write_gguf(tmp_path / "tok.gguf", "llama", {**model_metadata(hf.config, "llama"), **metadata},
                       gguf_tensors_from_hf(hf, "llama"))
     convert_gguf(path, tmp_path / "ckpt")
     ours = Tokenizer(tmp_path / "ckpt")
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    # the imported folder as transformers reads it (and as the HF export carries it): the same ids, BOS included
+    folder = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"))
     for text in ["the quick brown fox", "It's  hello\n\nworld!", "<|im_start|>user\nhé 日本<|im_end|>", "ab 12 3"]:
-        assert ours.encode(text).tolist() == ref.encode(text, add_special_tokens=False)
-        assert ours.decode(ours.encode(text)) == text
-    assert (ours.bos_id, ours.eos_id, ours.use_bos) == (1, 2, False)
+        assert ours.encode(text, bos=False).tolist() == ref.encode(text, add_special_tokens=False)
+        assert folder.encode(text) == ref.encode(text)
+        expected = ref.encode(text)
+        if add_bos and expected[:2] == [1, 1]:  # the text starts with BOS (<|im_start|> here): ours adds no second
+            expected = expected[1:]
+        assert ours.encode(text).tolist() == expected
+        assert expected[0] == 1 or not add_bos
+        assert ours.decode(ours.encode(text, bos=False)) == text
+    assert (ours.bos_id, ours.eos_id, ours.use_bos) == (1, 2, add_bos)
     messages = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(messages) == ref.apply_chat_template(messages, tokenize=False,
                                                                          add_generation_prompt=True)
@@ -327,6 +336,10 @@ def test_sentencepiece_style_vocabulary_matches_sentencepiece():
         assert tok.encode(text).ids == sp.encode(text), text
         assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
     assert tok.encode("</s>hello").ids == [2] + sp.encode("hello")
+    # with a BOS token, which llama.cpp adds to such vocabularies' texts by default: tokenizer.json adds it too
+    tok = tokenizer_from_gguf({**metadata, "tokenizer.ggml.bos_token_id": 1}, "spm.gguf")
+    assert tok.encode("hello the fox").ids == [1] + sp.encode("hello the fox")
+    assert tok.encode("hello the fox", add_special_tokens=False).ids == sp.encode("hello the fox")
 
 
 # ------------------------------------------------------------------------------------------------ clear errors
