@@ -247,7 +247,8 @@ def test_a_misspelt_key_of_a_config_file_gets_the_option_it_was_meant_as(tmp_pat
     (tmp_path / "c.yaml").write_text("ether_bn: 4\n")
     with pytest.raises(SystemExit):
         run_cli(ether.setup, args=["--config", str(tmp_path / "c.yaml")])
-    assert capsys.readouterr().err == "error: Option 'ether_bn' is not accepted: did you mean --ether_nb? (see --help)\n"
+    expected = "error: Option 'ether_bn' is not accepted: did you mean --ether_nb? (see --help)\n"
+    assert capsys.readouterr().err == expected
 
 
 def test_lit_gpt_debug_shows_jsonargparses_whole_message(capsys, monkeypatch):
