@@ -286,11 +286,16 @@ class LitGPTLM(TemplateLM):
             for _, context_enc, continuation_enc in chunk:
                 if not context_enc or not continuation_enc:
                     raise ValueError("A log-likelihood request has an empty context or continuation after tokenising.")
+                if len(continuation_enc) > self.max_length:  # (lm-eval's hf backend fails on it too, with an assert)
+                    raise ValueError(
+                        f"A log-likelihood request's continuation has {len(continuation_enc)} tokens, more than the "
+                        f"context of {self.max_length} tokens the model is evaluated with, so it cannot be scored: "
+                        "raise --max_length (up to the model's block_size), or use a task with shorter answers."
+                    )
                 # the last token is only ever a target; cut from the left what does not fit
                 inp = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
-                n_scored = min(len(continuation_enc), len(inp))
                 inputs.append(inp)
-                spans.append((len(inp) - n_scored, len(inp)))
+                spans.append((len(inp) - len(continuation_enc), len(inp)))
             for (request_str, context_enc, continuation_enc), logprobs in zip(
                 chunk, self._continuation_logprobs(inputs, spans)
             ):
@@ -399,7 +404,22 @@ class LitGPTLM(TemplateLM):
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+        """The conversation as the checkpoint's template writes it. lm-eval asks for no generation prompt when the
+        last message is an answer prefix (a task's `gen_prefix`) to continue: its turn is left open, as lm-eval's
+        `hf` backend leaves it. A template that refuses a system message gets the conversation without it, as there."""
+        from lit_gpt.tokenizer import ChatTemplateError
+
+        def render(history: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(history, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+
+        try:
+            return render(chat_history)
+        except ChatTemplateError:
+            without_system = [m for m in chat_history if m.get("role") != "system"]
+            if len(without_system) == len(chat_history):
+                raise
+            return render(without_system)
 
     def chat_template(self, chat_template: Union[bool, str] = False) -> Optional[str]:
         if chat_template is False or chat_template is None:

@@ -48,6 +48,10 @@ def _unloadable(path: Path, library: str, error: BaseException) -> ValueError:
     )
 
 
+class ChatTemplateError(ValueError):
+    """The checkpoint's chat template refused a conversation (its own `raise_exception` message)."""
+
+
 class Tokenizer:
     def __init__(self, checkpoint_dir: Union[Path, str]) -> None:
         checkpoint_dir = Path(checkpoint_dir)
@@ -266,13 +270,19 @@ class Tokenizer:
             template = (checkpoint_dir / "chat_template.jinja").read_text(encoding="utf-8")
         return template
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's Jinja chat template.
 
         The environment matches the one transformers renders templates in (sandboxed, `trim_blocks`,
         `lstrip_blocks`, `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII characters), so the
         text equals what the model was trained on. Extra keyword arguments become template variables.
+        `continue_final_message`: the text ends with the last message's content, its turn left open for the model
+        to go on (as transformers' option of that name: an answer prefix to continue, e.g. lm-eval's `gen_prefix`).
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message, and add_generation_prompt opens a "
+                             "new one: pass add_generation_prompt=False with it.")
         if self.chat_template is None:
             raise ValueError(
                 f"The tokenizer in {str(self.checkpoint_dir)!r} has no chat template (no `chat_template` in "
@@ -285,12 +295,30 @@ class Tokenizer:
         import jinja2
 
         try:
-            return self._compiled_template.render(
+            text = self._compiled_template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **variables
             )
         except jinja2.exceptions.TemplateError as e:
             # templates raise on bad conversations ("roles must alternate"); the message is the template's own
-            raise ValueError(f"The chat template in {str(self.checkpoint_dir)!r} rejected the messages: {e}") from None
+            raise ChatTemplateError(
+                f"The chat template in {str(self.checkpoint_dir)!r} rejected the messages: {e}") from None
+        return _end_at_final_message(text, messages) if continue_final_message else text
+
+
+def _end_at_final_message(text: str, messages: list[dict]) -> str:
+    """`text` cut right after the last message's content (kept with its trailing whitespace when the template kept
+    it; templates that strip contents get the stripped end)."""
+    content = messages[-1].get("content") if messages else None
+    core = content.strip() if isinstance(content, str) else ""
+    at = text.rfind(core) if core else -1
+    if at < 0:
+        raise ValueError("continue_final_message needs the last message's text in the rendered conversation, and "
+                         "the chat template did not write it (or it is empty).")
+    end = at + len(core)
+    trailing = content[len(content.rstrip()):]
+    if text[end:end + len(trailing)] == trailing:
+        end += len(trailing)
+    return text[:end]
 
 
 def _compile_template(source: str):

@@ -356,6 +356,12 @@ def test_bad_model_arguments_are_one_sentence(tiny_ckpt):
         LitGPTLM(checkpoint_dir=tiny_ckpt, precision="bf17-true")
     with pytest.raises(ValueError, match="max_length must be between 2 and the model's block_size 128"):
         LitGPTLM(checkpoint_dir=tiny_ckpt, max_length=4096)
+    # a continuation longer than the context: one sentence, where it failed in torch.gather on tensor shapes
+    lm = LitGPTLM(checkpoint_dir=tiny_ckpt, max_length=8, device="cpu", precision="32-true")
+    with pytest.raises(ValueError, match=r"continuation has 9 tokens, more than the context of 8 tokens .* raise "
+                                         r"--max_length"):
+        lm._loglikelihood_tokens([(None, [1, 2], list(range(3, 12)))], disable_tqdm=True)
+    assert len(lm._loglikelihood_tokens([(None, [1, 2], list(range(3, 11)))], disable_tqdm=True)) == 1
 
 
 @pytest.fixture(scope="module")
@@ -389,3 +395,34 @@ def test_seed_command_offline_fails_with_one_sentence(tiny_ckpt):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Hugging Face Hub" in errors[0], result.stderr
     assert "truthfulqa_mc1" in result.stderr and "mmlu_" in result.stderr  # the printed name notes
+
+
+def test_chat_template_continues_an_answer_prefix_as_lm_evals_hf_backend_does(tmp_path):
+    """lm-eval asks for no generation prompt when the last message is a task's `gen_prefix`: its `hf` backend leaves
+    that assistant turn open (transformers' continue_final_message), and retries without the system message when
+    the template refuses one."""
+    from types import SimpleNamespace
+
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from lit_gpt.lm_eval import LitGPTLM
+    from lit_gpt.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "<|im_end|>": 1}
+    HFTokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "chat_template": template}))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    lm = SimpleNamespace(tokenizer=Tokenizer(tmp_path))
+    question = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    with_prefix = question + [{"role": "assistant", "content": "Answer:"}]
+    got = LitGPTLM.apply_chat_template(lm, with_prefix, add_generation_prompt=False)
+    assert got == ref.apply_chat_template(with_prefix[1:], tokenize=False, continue_final_message=True)
+    assert got.endswith("<|im_start|>assistant\nAnswer:")
+    got = LitGPTLM.apply_chat_template(lm, question, add_generation_prompt=True)
+    assert got == ref.apply_chat_template(question[1:], tokenize=False, add_generation_prompt=True)

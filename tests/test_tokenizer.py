@@ -226,3 +226,19 @@ def test_chat_template_matches_transformers(tmp_path):
         )
     text = tok.apply_chat_template(messages)
     assert tok.encode(text).tolist() == ref(text, add_special_tokens=False)["input_ids"]
+
+    # an answer prefix to continue (lm-eval's gen_prefix): the turn left open, with a template that trims contents
+    # and one that keeps them as they are
+    for trims in (True, False):
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        config["chat_template"] = template if trims else template.replace(" | trim", "")
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        ref, tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path)), Tokenizer(tmp_path)
+        for prefix in ("Answer:", "Answer: ", " The answer is\n"):
+            history = messages + [{"role": "assistant", "content": prefix}]
+            ours = tok.apply_chat_template(history, add_generation_prompt=False, continue_final_message=True)
+            theirs = ref.apply_chat_template(history, tokenize=False, continue_final_message=True)
+            assert ours == theirs, (trims, prefix)
+            assert ours.endswith(prefix.strip()) or ours.endswith(prefix)
+    with pytest.raises(ValueError, match="pass add_generation_prompt=False with it"):
+        tok.apply_chat_template(messages, continue_final_message=True)
