@@ -70,6 +70,15 @@ FAMILIES = {
         "LlamaForCausalLM",
         dict(rope_adjustments=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=64)),
     ),
+    # head_dim != hidden_size / num_attention_heads (as Mistral-Nemo's 128 with 5120 / 32): the attention scale,
+    # the RoPE width and the q/k/v/proj widths must all come from head_dim
+    "llama_head_dim": (
+        "llama", dict(_LLAMA, num_key_value_heads=2, head_dim=24), "LlamaForCausalLM", dict(head_size=24),
+    ),
+    "mistral_head_dim": (
+        "mistral", dict(_LLAMA, num_attention_heads=8, num_key_value_heads=4, head_dim=12, sliding_window=None),
+        "LlamaForCausalLM", dict(head_size=12, n_head=8, n_query_groups=4),
+    ),
     "mistral_gqa": (
         "mistral", dict(_LLAMA, num_key_value_heads=2, sliding_window=16, max_position_embeddings=64),
         "LlamaForCausalLM", dict(n_query_groups=2, block_size=16),
