@@ -69,7 +69,7 @@ def main(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> None:
-    """Print the median step-time ratio to the floor of setting A and of setting B.
+    """Step time of setting A and of setting B, each divided by the floor's (the same model, no adapter): medians.
 
     Args:
         a: Setting A, `module:Name.attr=value` or "-".
@@ -79,7 +79,7 @@ def main(
         nb: Blocks per transform (ETHER family).
         block_size: OFT block size.
         r: LoRA rank.
-        shape: A shape of `bench/adapters.py` ("small", "llama2-7b", "smollm2-135m").
+        shape: A shape of `bench/adapters.py` ("small", "llama2-7b", "smollm2-135m", "tiny").
         n_layer: Layers.
         seq_len: Tokens per sequence.
         batch_size: Sequences per step.

@@ -460,16 +460,25 @@ def main(
             f"## Adapters on {kind.upper()}{subset}: step time and memory against the frozen floor "
             f"(`bench/adapters.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n{table}\n\n"
-            "`time / floor`: every variant runs next to a floor step of its own framework (ours: `floor`; PEFT: "
-            "`transformers floor`, same weights) and its wall time is divided by the mean of the floor steps just "
-            "before and after it; the median over rounds is shown. `CPU time / floor`: the same with the process's "
-            "CPU time. Differences smaller than the floor's own step-to-step movement (above) are noise. `saved MiB` "
-            "is what a step keeps for backward (autograd's saved tensors, distinct storages, model weights excluded) "
-            "plus the trainable parameters' gradients.\n\n"
+            + table_notes(cpu_clock) + "\n\n"
             "Goals (checked by the script on the " + ("CPU-time" if cpu_clock else "wall-time") + " ratios):\n\n"
             + "\n".join(goals) + "\n\n" + WHERE_THE_TIME_GOES + "\n"
         )
         write_section(f"bench/adapters.py {kind}" + (" only " + " ".join(only) if only else ""), section)
+
+
+def table_notes(cpu_clock: bool) -> str:
+    """What the table's columns mean; the `CPU time / floor` sentence only where the table has that column (CPU runs;
+    a CUDA run's ratios are wall time only)."""
+    return (
+        "`time / floor`: every variant runs next to a floor step of its own framework (ours: `floor`; PEFT: "
+        "`transformers floor`, same weights) and its wall time is divided by the mean of the floor steps just "
+        "before and after it; the median over rounds is shown. "
+        + ("`CPU time / floor`: the same with the process's CPU time. " if cpu_clock else "")
+        + "Differences smaller than the floor's own step-to-step movement (above) are noise. `saved MiB` "
+        "is what a step keeps for backward (autograd's saved tensors, distinct storages, model weights excluded) "
+        "plus the trainable parameters' gradients."
+    )
 
 
 def goal_lines(rows: list[dict], key: str, nb: int, oft_block_size: int, lora_r: int, noise: float) -> list[str]:
@@ -527,7 +536,7 @@ WHERE_THE_TIME_GOES = (
     "where PyTorch's batched matmul works on permuted copies, and backward takes the input gradient and the "
     "block gradient in one pass), and an adapted layer is one node (`_OFTLinear`) as for the ETHER family. "
     "LoRA's extra cost is a few skinny GEMMs; its backward takes them as `(r x tokens)` and `(r x out)` products "
-    "(`bench/lora_shapes.py`: MKL runs the transposed forms 3-10 times slower). "
+    "(`bench/lora_shapes.py`: MKL runs the other forms 2.3-10 times slower). "
     "Memory: a transform on a layer's input needs that input for its gradient (the frozen GEMM alone keeps "
     "nothing). Where the input is a norm's output or the MLP's product, it keeps instead what the norm and the "
     "product keep anyway (the norm's float32 input and `1/rms`; `silu(a)` and `b`) and rebuilds the input in "

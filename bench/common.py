@@ -108,3 +108,8 @@ def write_section(name: str, section: str, path: Path = BENCHMARKS_MD) -> None:
         text = text.rstrip("\n") + "\n\n" + body + "\n"
     atomic_write_text(path, text)
     print(f"wrote {path.relative_to(REPO_ROOT)}")
+
+
+if __name__ == "__main__":
+    print("bench/common.py is a helper module of the bench/*.py scripts, not a benchmark: run one of those "
+          "(e.g. python bench/adapters.py --help).")

@@ -40,7 +40,7 @@ def main(
     repeats: int = 15,
     write: bool = False,
 ) -> None:
-    """Print ns per number of both codes for every width.
+    """Time the CPU kernel's ETHER/ETHER+ update per block size: ns per number, vector code vs plain loops.
 
     Args:
         widths: Transform widths (each must be a multiple of nb).
@@ -95,9 +95,9 @@ def main(
             "the block's end that overlaps the one before it, its overlapping lanes masked off; the vector "
             "gradient's partial sums keep that last vector apart, so no store overlaps another. Block sizes 16, "
             "32, 64 and 128 are compiled as constants (the compiler unrolls a block's loops completely); at those "
-            "sizes the backward runs the plain loops in both columns, since the vector code was no faster there "
-            "(ETHER+ at 32 numbers: ~6% slower), and the forward the vector code. The tensors fit the last-level "
-            "cache here: "
+            "sizes the backward runs the plain loops in both columns, since the vector code measured no faster there "
+            "when that choice was made (a run of 2026-11-23, not recorded here), and the forward the vector code. "
+            "The tensors fit the last-level cache here: "
             "inside a training step, where they come from memory, the difference is smaller (`bench/ab_step.py "
             "--b lit_gpt.adapters.cpu_kernel:VECTOR_CODE=False` measures it)."
         ))

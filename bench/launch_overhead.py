@@ -1,4 +1,4 @@
-"""Host time per call of the ETHER family's GPU pieces at a size where the GPU waits on the host.
+"""Host time per call of the ETHER family's GPU pieces at a size where the GPU waits on the host (CUDA only).
 
 A 7B step at micro-batch 1 (256 tokens) keeps an H100 busy for only a few milliseconds: its time is the host's,
 issuing kernels from Python. This prints, per call and without synchronising in between (so the GPU never holds
@@ -40,7 +40,7 @@ def host_us(fn, calls: int) -> float:
 
 
 def main(tokens: int = 256, width: int = 4096, nb: int = 32, calls: int = 200, repeats: int = 9) -> None:
-    """Print host microseconds per call.
+    """CUDA only: host microseconds per call of the ETHER family's Triton kernels, their wrappers, an adapted QKV.
 
     Args:
         tokens: Rows of the activation (micro-batch x sequence).
@@ -50,8 +50,8 @@ def main(tokens: int = 256, width: int = 4096, nb: int = 32, calls: int = 200, r
         repeats: Interleaved rounds (every call timed once per round); medians are printed.
     """
     if not torch.cuda.is_available() or not gpu_kernel.available():
-        print("needs a CUDA GPU and Triton")
-        return
+        raise SystemExit("error: bench/launch_overhead.py is CUDA only: it needs a CUDA GPU and Triton (which ships "
+                         "with PyTorch's CUDA builds); run it on a GPU machine.")
     torch.manual_seed(0)
     dev, dt = torch.device("cuda"), torch.bfloat16
     x = torch.randn(tokens, width, device=dev, dtype=dt)

@@ -31,7 +31,7 @@ def main(
     calls: int = 5,
     repeats: int = 21,
 ) -> None:
-    """Print milliseconds per product, both forms, for a few span shapes.
+    """Time LoRA's small backward products as written and transposed: ms per product for a few span shapes.
 
     Args:
         tokens: Rows of the activation (micro-batch x sequence).

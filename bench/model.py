@@ -3,7 +3,8 @@
 Measures a training step (forward + backward) and greedy generation (ours `lit_gpt.generate.generate` with its KV
 cache, theirs `model.generate(do_sample=False)`), with identical weights, prompt and number of new tokens. A and B
 runs are interleaved (the order alternates each round) so that drift in machine load hits both alike; the medians
-and the ratio ours/theirs are printed (below 1 means ours is faster) and written to docs/benchmarks.md.
+and the ratio ours/theirs are printed (below 1 means ours is faster); `--write_docs true` also writes them to
+docs/benchmarks.md.
 """
 
 import os
@@ -59,7 +60,7 @@ def main(
     repeats: int = 5,
     threads: Optional[int] = None,
     device: str = "cpu",
-    write_docs: bool = True,
+    write_docs: bool = False,
 ) -> None:
     """Time our GPT against transformers' LlamaForCausalLM on one random Llama config.
 
@@ -170,10 +171,11 @@ def main(
             f"{table}\n\nSame weights on both sides: max |logit difference| {diff:.2e}, identical greedy tokens: "
             f"{same_tokens}. Time ratio < 1 and tokens/s ratio > 1 mean ours is faster.\n\n"
             "On a machine shared with other jobs, wall-clock medians move by tens of percent between runs; the "
-            "CPU-time rows (process time, which does not count the time another process held the core) are the steadier "
-            "comparison, and `--threads 1` keeps a busy second core from stalling every parallel kernel. Under "
-            "`torch.profiler` both models spend ~88% of a training step in `aten::mm` (ours issues fewer, larger "
-            "matmuls: one fused QKV projection instead of three).\n"
+            "CPU-time rows (process time, which does not count the time another process held the core) are the "
+            "steadier comparison, and `--threads 1` keeps a busy second core from stalling every parallel kernel. "
+            "Under `torch.profiler` (a one-off profile of 2026-11-22, not recorded here) both models spent ~88% of a "
+            "training step in `aten::mm` (ours issues fewer, larger matmuls: one fused QKV projection instead of "
+            "three).\n"
         )
         write_section("bench/model.py", section)
 

@@ -25,7 +25,7 @@ from lit_gpt.adapters.ether import ETHERPLUS_COEFS  # noqa: E402
 
 
 def main(tokens: int = 1024, width: int = 1024, nb: int = 32, threads: int = 1, repeats: int = 25) -> None:
-    """Print milliseconds per call, both forms.
+    """Time ETHER+HH's output side on a fused QKV output: ms per call, one pass per span vs whole rows.
 
     Args:
         tokens: Rows of the activation (micro-batch x sequence).

@@ -55,11 +55,12 @@ def main(
         method: floor, ether, etherplus, etherplusHH, oft or lora.
         device: "cpu" or "cuda".
         dtype: "float32" or "bfloat16".
-        shape: A shape of bench/adapters.py: small, llama2-7b or tiny.
+        shape: A shape of bench/adapters.py: small (width 1024), llama2-7b (width 4096), smollm2-135m (width 576,
+            grouped queries) or tiny (width 64, a smoke test).
         n_layer: Transformer blocks.
         batch_size: Sequences per step.
         seq_len: Tokens per sequence.
-        targets: Adapter targets of a lit_gpt.GPT (query, key, value, projection, mlp, all-linear).
+        targets: Adapter targets of a lit_gpt.GPT (query, key, value, projection, mlp, head, all-linear).
         nb: Blocks of the ETHER family and OFT.
         steps: Profiled steps (after two warm-up steps).
         rows: Rows of the printed table.

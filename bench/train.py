@@ -118,7 +118,8 @@ def main(
         micro_batch_size: Samples per step.
         methods: Comma-separated: frozen, ether, etherplus, etherplusHH, oft, lora, full; an adapter's name
             with `+f32` appended keeps its weights float32 (`--adapter_float32`).
-        targets: Comma-separated adapter targets (query, key, value, projection, mlp).
+        targets: Comma-separated adapter targets (query, key, value, projection, mlp, head), or all-linear (every
+            linear layer but the output head).
         repeats: Interleaved rounds; medians are reported.
         warmup: Untimed rounds first.
         threads: torch CPU threads (default: torch's).
@@ -219,7 +220,8 @@ def main(
     if device.startswith("cuda"):
         where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     summary = (f"{shape} shape ({config.n_layer} layers, width {config.n_embd}), {dtype}, {device}, seq {seq_len}, "
-               f"micro-batch {micro_batch_size}, targets {','.join(target_list)}, {repeats} interleaved rounds; {where}")
+               f"micro-batch {micro_batch_size}, targets {','.join(target_list)}, {repeats} interleaved rounds; "
+               f"{where}")
     print(summary)
     print(table)
     if write:

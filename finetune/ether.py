@@ -58,7 +58,9 @@ def setup(
         ether_mlp: Adapt every MLP linear layer.
         ether_head: Adapt the output head.
         oft_coft: Constrained OFT: keep each skew-symmetric block within Frobenius norm `oft_eps` of zero.
-        oft_eps: COFT radius (default: the adapter's own default).
+        oft_eps: COFT radius per block, with `--oft_coft true`; null (unset) means 6e-5, the OFT authors' and
+            PEFT's number. Their code bounds each block by `eps / sqrt(nb)`: pass that value to reproduce their
+            constraint.
         oft_block_share: One OFT block shared by all blocks of a layer.
         oft_neumann_terms: Replace OFT's exact inverse by this many Neumann-series terms (OFTv2); 0 = exact Cayley.
         precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,

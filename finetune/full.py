@@ -29,8 +29,8 @@ def setup(
         io: Data, checkpoint, log and output directories.
         train: Optimisation hyperparameters.
         eval: Periodic validation.
-        precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
-            16-mixed on older GPUs, 32-true on the CPU).
+        precision: `bf16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16, 16-mixed on
+            older GPUs, 32-true on the CPU); not `16-true`: float16 AdamW state for every weight turns to NaN.
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.

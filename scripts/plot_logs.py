@@ -115,12 +115,16 @@ def main(run_dirs: list[Path], out: Path = Path("loss.png"), metric: str = "loss
          title: Optional[str] = None) -> None:
     """Plot the training loss (or another logged metric) of several fine-tuning runs in one image.
 
+    Usage: `python scripts/plot_logs.py RUN_DIR [RUN_DIR ...] [--out loss.png] [--metric loss] ...`, e.g.
+    `python scripts/plot_logs.py logs/quickstart/* --out loss.png`: the run directories come first, before any
+    flag (or give them as `--run_dirs '["RUN_DIR", ...]'` anywhere).
+
     Args:
         run_dirs: Run directories (each finetune run's --io.out_dir, holding logs/metrics.csv).
         out: The image file to write; its suffix picks the format (.png, .svg, .pdf, ...).
         metric: Column of metrics.csv to plot (loss, val_loss, lr, ...).
         smooth: Moving-average window in logged points (1: raw values).
-        title: Plot title (default: the metric's name).
+        title: Plot title (default: "<metric> per optimizer step", e.g. "loss per optimizer step").
     """
     try:
         path = plot_runs(run_dirs, out, metric=metric, smooth_window=smooth, title=title)

@@ -6,13 +6,20 @@
 #
 # Ends with one line: `quickstart: base accuracy A% -> fine-tuned accuracy B%`. Every step whose output exists is
 # skipped, so a second run only reprints the result; delete a step's output (or `out/quickstart`) to redo it.
-# Environment: QUICKSTART_METHOD (a config in config_hub/finetune/smollm2-135m/, default etherplus),
+# Environment: QUICKSTART_METHOD (a config in config_hub/finetune/smollm2-135m/: ether, etherplus (the default),
+# etherplusHH, oft or lora),
 # QUICKSTART_SKIP_INSTALL=1 to use the packages already installed, PYTHON to pick the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python}
 METHOD=${QUICKSTART_METHOD:-etherplus}
+RECIPES=config_hub/finetune/smollm2-135m
+if [[ "$METHOD" == */* || ! -f "$RECIPES/$METHOD.yaml" ]]; then  # a typo stops here, before any work
+  names=$(cd "$RECIPES" && ls *.yaml | sed 's/\.yaml$//' | paste -sd ' ' -)
+  echo "error: QUICKSTART_METHOD=$METHOD has no recipe $RECIPES/$METHOD.yaml: use one of $names." >&2
+  exit 2
+fi
 CKPT=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 DATA=data/quickstart
 RUN=logs/quickstart/$METHOD
@@ -48,10 +55,10 @@ evaluate() {  # checkpoint_dir, results json
 step "evaluate the base model on the held-out set"
 evaluate "$CKPT" "$OUT/base.json"
 
-step "fine-tune with $METHOD (config_hub/finetune/smollm2-135m/$METHOD.yaml)"
+step "fine-tune with $METHOD ($RECIPES/$METHOD.yaml)"
 [ -f "$RUN/lit_model_ether_finetuned.pth" ] || [ -f "$RUN/lit_model_lora_finetuned.pth" ] || {
   SCRIPT=finetune/ether.py; [ "$METHOD" = lora ] && SCRIPT=finetune/lora.py
-  $PY "$SCRIPT" --config "config_hub/finetune/smollm2-135m/$METHOD.yaml" --io.out_dir "$RUN" --resume auto
+  $PY "$SCRIPT" --config "$RECIPES/$METHOD.yaml" --io.out_dir "$RUN" --resume auto
 }
 ADAPTER=$(ls "$RUN"/lit_model_*_finetuned.pth | head -n 1)
 

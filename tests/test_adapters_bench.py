@@ -50,6 +50,13 @@ def test_bench_runs_every_variant_on_a_tiny_model(capsys):
     assert "- etherplusHH nb32, all linear layers:" in out
 
 
+def test_table_notes_explain_the_cpu_time_column_only_where_the_table_has_it():
+    bench = load_bench()
+    assert "`CPU time / floor`" in bench.table_notes(cpu_clock=True)
+    assert "CPU time" not in bench.table_notes(cpu_clock=False)  # CUDA runs: wall-time ratios only
+    assert "`time / floor`" in bench.table_notes(cpu_clock=False)
+
+
 def test_householder_kernel_bench_prints_both_paths(capsys):
     from lit_gpt.adapters import cpu_kernel
 

@@ -29,3 +29,62 @@ def test_script_descriptions_show_whole():
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     assert "as a standalone checkpoint. Writes lit_model.pth (base architecture, no adapter keys)" in text
+
+
+# the first line of each bench script's --help says what it measures (jsonargparse shows only that line)
+BENCH_FIRST_LINES = {
+    "bench/ab_step.py": "each divided by the floor's (the same model, no adapter)",
+    "bench/householder_blocks.py": "Time the CPU kernel's ETHER/ETHER+ update per block size",
+    "bench/launch_overhead.py": "CUDA only: host microseconds per call",
+    "bench/lora_shapes.py": "Time LoRA's small backward products as written and transposed",
+    "bench/output_spans.py": "Time ETHER+HH's output side on a fused QKV output",
+}
+
+
+@pytest.mark.parametrize("script", sorted(BENCH_FIRST_LINES))
+def test_bench_help_says_what_the_script_measures(script):
+    r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert BENCH_FIRST_LINES[script] in " ".join(r.stdout.split())
+
+
+def test_launch_overhead_without_cuda_fails_in_one_sentence():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the benchmark would run")
+    r = subprocess.run([sys.executable, "bench/launch_overhead.py"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+    assert r.stdout == ""
+    assert r.stderr.startswith("error: bench/launch_overhead.py is CUDA only") and len(r.stderr.splitlines()) == 1
+
+
+def test_bench_common_says_it_is_a_helper_module():
+    r = subprocess.run([sys.executable, "bench/common.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1 and "helper module" in r.stdout
+
+
+def test_plot_logs_help_shows_the_positional_form_and_the_real_title_default():
+    r = subprocess.run([sys.executable, "scripts/plot_logs.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "python scripts/plot_logs.py logs/quickstart/* --out loss.png" in text
+    assert "the run directories come first, before any flag" in text
+    assert '(default: "<metric> per optimizer step"' in text
+
+
+def test_finetune_help_shows_oft_eps_default_and_full_precision_choices():
+    def help_text(script):
+        r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return " ".join(r.stdout.split())
+
+    ether = help_text("finetune/ether.py")
+    assert "null (unset) means 6e-5" in ether and "`eps / sqrt(nb)`" in ether
+    full = help_text("finetune/full.py")
+    choices = full.rsplit("--precision PRECISION", 1)[1].split("(default:", 1)[0]
+    assert "bf16-true" in choices and "16-true" not in choices.replace("bf16-true", "")
