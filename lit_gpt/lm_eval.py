@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lit_gpt.generate import generate_batch
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import resolve_device
+from lit_gpt.utils import progress_bars_off, resolve_device
 
 PRECISIONS = ("32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed", "64-true")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -279,7 +279,8 @@ class LitGPTLM(TemplateLM):
             return req[1] + req[2][:-1]
 
         reorder = Collator(requests, sort_fn=sort_key, group_by="contexts", group_fn=same_input)
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="lit_gpt loglikelihood")
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0 or progress_bars_off(),
+                    desc="lit_gpt loglikelihood")
         results: list[tuple[float, bool]] = []
         for chunk in reorder.get_batched(n=override_bs or self.batch_size):
             inputs, spans = [], []
@@ -349,7 +350,8 @@ class LitGPTLM(TemplateLM):
                            group_fn=lambda req: req[1])
         eos_text = (self.tok_decode([self.eot_token_id], skip_special_tokens=False)
                     if self.eot_token_id is not None else None)
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="lit_gpt generate_until")
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0 or progress_bars_off(),
+                    desc="lit_gpt generate_until")
         results: list[str] = []
         # requests are grouped by generation kwargs and sorted longest first, so each batch shares its settings and
         # pads little

@@ -54,6 +54,7 @@ from lit_gpt.utils import (
     load_model_weights,
     num_parameters,
     print_once,
+    progress_bars_off,
 )
 
 HPARAMS_FILENAME = "hyperparameters.yaml"
@@ -1355,7 +1356,7 @@ class _progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr, disable=os.environ.get("LIT_GPT_NO_PROGRESS") == "1")
+                            file=sys.stderr, disable=progress_bars_off())
 
     def update(self, m: dict) -> None:
         if self.bar is not None:

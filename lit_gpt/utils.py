@@ -322,6 +322,11 @@ def launched_as_another_rank() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
+def progress_bars_off() -> bool:
+    """LIT_GPT_NO_PROGRESS=1: no progress bars (training, evaluation), e.g. for logs written to a file."""
+    return os.environ.get("LIT_GPT_NO_PROGRESS") == "1"
+
+
 def print_once(*args: Any, **kwargs: Any) -> None:
     """`print`, in the first process of a run only (see `launched_as_another_rank`)."""
     if not launched_as_another_rank():

@@ -364,6 +364,16 @@ def test_bad_model_arguments_are_one_sentence(tiny_ckpt):
     assert len(lm._loglikelihood_tokens([(None, [1, 2], list(range(3, 11)))], disable_tqdm=True)) == 1
 
 
+def test_lit_gpt_no_progress_turns_off_the_backends_bars(tiny_ckpt, capsys, monkeypatch):
+    from lit_gpt.lm_eval import LitGPTLM
+
+    lm = LitGPTLM(checkpoint_dir=tiny_ckpt, device="cpu", precision="32-true")
+    for off in ("0", "1"):
+        monkeypatch.setenv("LIT_GPT_NO_PROGRESS", off)
+        lm._loglikelihood_tokens([(None, [1, 2], [3, 4])])
+        assert ("lit_gpt loglikelihood" in capsys.readouterr().err) is (off == "0")
+
+
 @pytest.fixture(scope="module")
 def builtin_task_manager():
     from lm_eval.tasks import TaskManager
