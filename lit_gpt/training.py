@@ -159,7 +159,9 @@ def check_precision(precision: str, adapter_config: Optional[Any]) -> None:
     from lit_gpt.adapters.plan import PRECISION_ALIASES, PRECISION_BYTES
 
     if PRECISION_ALIASES.get(precision, precision) not in PRECISION_BYTES:
-        raise ValueError(f"--precision {precision}: choose one of {', '.join(k for k in PRECISION_BYTES if k != '32')} "
+        # (full fine-tuning refuses float16 weights, below: not offered to it)
+        offered = [k for k in PRECISION_BYTES if k != "32" and not (adapter_config is None and k.startswith("16-true"))]
+        raise ValueError(f"--precision {precision}: choose one of {', '.join(offered)} "
                          "(bf16-true on GPUs with bfloat16, 16-mixed on older ones, 32-true on the CPU).")
     if adapter_config is None and precision.startswith("16-true"):
         raise ValueError(

@@ -525,3 +525,14 @@ def test_hyperparameters_yaml_keeps_no_stray_objects(monkeypatch):
         "dry_run": False, "io": IOArgs(), "train": TrainArgs(), "eval": EvalArgs(), "precision": None, "devices": 1,
         "num_nodes": 1, "seed": 1, "resume": False, "AdapterConfig": Config, "json": json})
     assert "AdapterConfig" not in captured and "json" not in captured and captured["seed"] == 1
+
+
+def test_an_unknown_precision_lists_what_the_script_takes():
+    from lit_gpt.adapters import AdapterConfig
+    from lit_gpt.training import check_precision
+
+    with pytest.raises(ValueError) as adapter:
+        check_precision("bf15-true", AdapterConfig(method="ether", nb=4))
+    with pytest.raises(ValueError) as full:  # full fine-tuning refuses 16-true: not offered
+        check_precision("bf15-true", None)
+    assert "bf16-true, 16-true (" in str(adapter.value) and "16-true" not in str(full.value).replace("bf16-true", "")
