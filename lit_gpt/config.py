@@ -152,6 +152,7 @@ class Config:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Path | str, **overrides: Any) -> "Config":
+        """The config in `checkpoint_dir/model_config.yaml`, with `overrides` (field=value) applied."""
         checkpoint_dir = Path(checkpoint_dir)
         path = checkpoint_dir / CONFIG_FILENAME
         if path.is_file():
@@ -178,6 +179,7 @@ class Config:
         return asdict(self)
 
     def save(self, checkpoint_dir: Path | str) -> Path:
+        """Write `checkpoint_dir/model_config.yaml` (atomically) and return its path."""
         from lit_gpt.utils import atomic_write_text
 
         path = Path(checkpoint_dir) / CONFIG_FILENAME

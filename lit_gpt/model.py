@@ -31,6 +31,10 @@ from lit_gpt.config import Config
 
 
 class GPT(nn.Module):
+    """A decoder-only transformer described by a `Config`: Llama, Mistral, Qwen2, Phi, GPT-NeoX/Pythia and GPT-2
+    styles (norms, MLP, rotary or learned positions, grouped queries, parallel residual), one fused QKV projection
+    per layer. `GPT.from_checkpoint(dir)` loads a lit checkpoint; `apply_adapters(model, config)` adapts it."""
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
@@ -90,6 +94,9 @@ class GPT(nn.Module):
     def set_kv_cache(
         self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None
     ) -> None:
+        """Give every attention layer a KV cache of `batch_size` rows and `max_seq_length` positions (default: the
+        block size), on the weights' device and dtype unless given; `forward(idx, input_pos=...)` then decodes
+        incrementally. `clear_kv_cache()` removes them."""
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(

@@ -53,6 +53,10 @@ class ChatTemplateError(ValueError):
 
 
 class Tokenizer:
+    """The tokenizer of a checkpoint folder: `tokenizer.json` (Hugging Face `tokenizers`) or `tokenizer.model`
+    (SentencePiece), with `tokenizer_config.json` and `generation_config.json` for the special tokens, whether
+    prompts start with BOS, the stop tokens (`stop_ids`) and the chat template (`apply_chat_template`)."""
+
     def __init__(self, checkpoint_dir: Union[Path, str]) -> None:
         checkpoint_dir = Path(checkpoint_dir)
         if checkpoint_dir.is_file():
@@ -137,6 +141,7 @@ class Tokenizer:
         return self.processor.get_piece_size()
 
     def token_to_id(self, token: str) -> int:
+        """The id of `token` (a whole vocabulary entry, e.g. "<|im_end|>"); a `ValueError` when it has none."""
         id_ = self._id_or_none(token)
         if id_ is None:
             raise ValueError(
@@ -196,6 +201,8 @@ class Tokenizer:
         return torch.tensor(tokens, dtype=torch.long, device=device)
 
     def decode(self, ids: Union[torch.Tensor, Iterable[int]], skip_special_tokens: bool = False) -> str:
+        """The text of token `ids` (a tensor of any shape, or ints); `skip_special_tokens` leaves out control
+        tokens such as BOS/EOS."""
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1).tolist()
         else:
