@@ -3,9 +3,10 @@ to prompt it, and fold adapters into a standalone checkpoint.
 
 Everything is read from the files a run wrote, never from directory names:
 
-* an adapter file (`lit_model_ether_finetuned.pth`, `lit_model_lora_finetuned.pth`) carries its `AdapterConfig`,
-  the base model's name, the shapes of the layers it adapted and (files written since `save_adapters` took
-  `prompt_style`) the prompt style it was trained with, so that it can be used away from its run;
+* an adapter file (`lit_model_ether_finetuned.pth`, `lit_model_lora_finetuned.pth`, or a `.safetensors` file
+  written by `save_adapters`) carries its `AdapterConfig`, the base model's name, the shapes of the layers it
+  adapted and (files written since `save_adapters` took `prompt_style`) the prompt style it was trained with, so
+  that it can be used away from its run;
 * a full fine-tuning file (`lit_model_finetuned.pth`) is a plain lit state dict;
 * a training checkpoint (`checkpoints/step-*.pth`) holds the trainable tensors under `"model"`; its method comes
   from the run's `hyperparameters.yaml`;
@@ -39,7 +40,6 @@ from lit_gpt.utils import (
     check_checkpoint_dir,
     check_output_dir,
     lit_state_dict,
-    load_file,
     load_model_weights,
 )
 
@@ -115,7 +115,9 @@ def read_finetuned(path: PathLike) -> FineTuned:
         raise ValueError(f"Adapter/fine-tuned path {str(path)!r} is a folder, not a file: {hint}.")
     if not path.is_file():
         raise FileNotFoundError(f"Adapter/fine-tuned file {str(path)!r} does not exist.")
-    obj = load_file(path, mmap=True)
+    from lit_gpt.adapters import load_adapter_file
+
+    obj = load_adapter_file(path, mmap=True)  # an adapter `.safetensors` file comes back as the `.pth` dict
     hp = read_hparams(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{str(path)!r} is not a lit_gpt fine-tuning output (it holds a {type(obj).__name__}).")
@@ -179,8 +181,11 @@ def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: Path
     where, ckpt = str(finetuned.path), str(checkpoint_dir)
     own = getattr(getattr(model, "config", None), "name", None)
     if finetuned.kind == "adapter":
+        from lit_gpt.adapters import align_adapter_keys
+
         trained_on = finetuned.payload.get("base_model")
-        shapes = finetuned.payload.get("base_shapes") or {}
+        # a file saved through a wrapper (`module.`, `_orig_mod.`) names the layers with its prefix
+        shapes = align_adapter_keys(finetuned.payload, model).get("base_shapes") or {}
         for key, shape in shapes.items():
             try:
                 actual = list(model.get_parameter(key).shape)

@@ -526,12 +526,19 @@ def test_load_refuses_an_adapter_of_another_base_model(base_gpt, tmp_path):
     assert "transformer.h.0.attn.qkv.weight" in msg and "[64, 32]" in msg and "[96, 48]" in msg
     assert not any(True for _ in adapted_layers(other))  # a refused file leaves the model untouched
 
-    # already adapted, same layers, other adapter shapes: the first mismatching adapter tensor is named
+    # already adapted with other settings: the settings are named, not the tensors they shape
     wider = apply_adapters(copy.deepcopy(base_gpt), AdapterConfig(method="ether", nb=8))
     raw = torch.load(path, weights_only=True)
-    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.attn\.qkv\.adapters\.query\.input\.u' has shape "
-                                         r"\[4, 8\] in the file but \[8, 4\]"):
+    with pytest.raises(ValueError, match=r"^The adapter dict was trained with other adapter settings than this "
+                                         r"model's \(nb=4 in the file, nb=8 in this model\)"):
         load_adapters(wider, raw)
+    # the same settings on another width, with no base shapes to say so (a training checkpoint's tensors): the first
+    # mismatching adapter tensor is named
+    del raw["base_shapes"]
+    other = apply_adapters(GPT(tiny_config(n_embd=48, n_head=6, n_query_groups=3)), AdapterConfig(method="ether", nb=4))
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.attn\.qkv\.adapters\.query\.input\.u' has shape "
+                                         r"\[4, 8\] in the file but \[4, 12\]"):
+        load_adapters(other, raw)
 
 
 def test_gqa_key_value_shapes():

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from lit_gpt import GPT, Config  # noqa: E402
-from lit_gpt.adapters import AdaptedLinear, AdapterConfig, apply_adapters, merge_adapters  # noqa: E402
+from lit_gpt.adapters import AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, merge_adapters  # noqa: E402
 from test_adapters import CASES, make_config, randomize_adapters, ref_slice_output  # noqa: E402
 
 V, N, HEADS, GROUPS, HS, INTER, LAYERS = 64, 32, 4, 2, 8, 48, 2
@@ -152,6 +152,17 @@ def test_gpt2_tied_head_is_refused(hf_gpt2):
         apply_adapters(copy.deepcopy(hf_gpt2), AdapterConfig(method="lora", targets=["lm_head"]))
 
 
+def test_a_target_naming_a_non_linear_module_says_what_to_name(hf_llama):
+    with pytest.raises(ValueError, match=r"^Adapter target 'mlp' matches only modules that are not linear layers in "
+                                         r"LlamaForCausalLM \(such as 'model\.layers\.0\.mlp', a LlamaMLP\): name its "
+                                         r"linear layers \(e\.g\. 'mlp\.gate_proj'\) or use a pattern \(e\.g\. "
+                                         r"'\*mlp\.\*'\) in the targets\.$"):
+        apply_adapters(copy.deepcopy(hf_llama), AdapterConfig(method="lora", targets=["mlp"]))
+    model = apply_adapters(copy.deepcopy(hf_llama), AdapterConfig(method="lora", targets=["*mlp.*"]))
+    assert sorted(n for n, _ in adapted_layers(model)) == sorted(
+        f"model.layers.{i}.mlp.{p}_proj" for i in range(LAYERS) for p in ("gate", "up", "down"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # HF PEFT 0.21
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,3 +240,19 @@ def test_oft_equals_peft_oft(peft_kw, ours_kw, sign):
         assert (torch.linalg.matrix_norm(S) > ours_kw["eps"] * 0.999).all()
     x = torch.randn(2, 5, k * nb, dtype=torch.float64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "gpt2-tied-head", "sequence-classification"])
+def test_all_linear_adapts_what_peft_all_linear_adapts(hf_llama, hf_gpt2, kind):
+    if kind == "causal-lm":
+        base = hf_llama
+    elif kind == "gpt2-tied-head":  # Conv1D layers, and a head tied to the embeddings (ours would refuse it)
+        base = hf_gpt2
+    else:  # get_output_embeddings() is None: the classifier is adapted too
+        base = transformers.LlamaForSequenceClassification(hf_llama.config).double()
+    theirs = peft_model(base, peft.LoraConfig(r=2, target_modules="all-linear"))
+    expected = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                      if isinstance(m, peft.tuners.lora.LoraLayer))
+    ours = apply_adapters(copy.deepcopy(base), AdapterConfig(method="lora", r=2, targets=["all-linear"]))
+    assert sorted(n for n, _ in adapted_layers(ours)) == expected
+    assert len(expected) > 0

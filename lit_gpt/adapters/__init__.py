@@ -4,8 +4,8 @@
 
     model = apply_adapters(model, AdapterConfig(method="etherplus", nb=32, targets=["query", "value"]))
     ...train...
-    save_adapters(model, "out/adapter.pth")
-    merged = merge_adapters(model)          # plain nn.Linear weights W' = H_out W H_in again
+    save_adapters(model, "out/adapter.pth")  # or "out/adapter_model.safetensors"
+    merged = merge_adapters(model)           # plain nn.Linear weights W' = H_out W H_in again
 
 Apply adapters after loading the base weights (the adapted model's `state_dict` has the base keys plus the adapter
 keys), or load base weights with `strict=False`. METHODS.md defines every formula; one file per method registers
@@ -32,7 +32,14 @@ from lit_gpt.adapters.ether import HouseholderTransform
 from lit_gpt.adapters.lora import LoRAAdapter
 from lit_gpt.adapters.oft import OFTTransform, cayley
 from lit_gpt.adapters.plan import plan_report
-from lit_gpt.adapters.state import adapter_state_dict, load_adapters, read_adapter_config, save_adapters
+from lit_gpt.adapters.state import (
+    adapter_state_dict,
+    align_adapter_keys,
+    load_adapter_file,
+    load_adapters,
+    read_adapter_config,
+    save_adapters,
+)
 
 __all__ = [
     "ALL_LINEAR",
@@ -50,8 +57,10 @@ __all__ = [
     "adapted_layers",
     "adapter_config_of",
     "adapter_state_dict",
+    "align_adapter_keys",
     "apply_adapters",
     "cayley",
+    "load_adapter_file",
     "load_adapters",
     "merge_adapters",
     "plan_report",

@@ -45,6 +45,13 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for `x`'s device type; False for types autocast does not know (the `meta` device of
+    shape inference and FLOP counting), about which `torch.is_autocast_enabled` raises."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's `Conv1D` (weight stored `(in, out)`), detected by name so transformers is never imported."""
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2
@@ -482,7 +489,23 @@ def _is_gpt(model: nn.Module) -> bool:
     return isinstance(model, GPT)
 
 
-def _resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str]]:
+def _output_head(model: nn.Module) -> Optional[str]:
+    """The name of the output head that ``all-linear`` leaves out, as PEFT does: the module
+    `get_output_embeddings()` returns where the model has that method (HF transformers), else a top-level
+    `lm_head`."""
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        head = get()
+        return None if head is None else next((n for n, m in model.named_modules() if m is head), None)
+    return "lm_head" if isinstance(getattr(model, "lm_head", None), nn.Module) else None
+
+
+def _linear_children(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if n and is_adaptable(m)]
+
+
+def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, list[str]], set[str]]:
+    """module name -> adapted slice names, and the names that only ``all-linear`` selected."""
     modules = dict(model.named_modules())
     gpt = _is_gpt(model)
     named = set()
@@ -497,48 +520,90 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[
     plan = _plan_gpt(model, named) if named else {}
 
     candidates = [n for n, m in modules.items() if n and is_adaptable(m)]
+    all_linear: set[str] = set()
     for pattern in patterns:
-        hits = [n for n in candidates if _match(pattern, n)]
+        if pattern == ALL_LINEAR:
+            head = _output_head(model)
+            hits = [n for n in candidates if n != head]
+            all_linear.update(hits)
+        else:
+            hits = [n for n in candidates if _match(pattern, n)]
         if not hits:
-            what = (
-                f"; the named targets of a lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}" if gpt else ""
-            )
-            raise ValueError(
-                f"Adapter target {pattern!r} matches no nn.Linear or Conv1D module of {type(model).__name__}{what}."
-            )
+            raise ValueError(_no_match(model, modules, pattern, gpt))
         for n in hits:
             if n in plan:
                 raise ValueError(f"Layer {n!r} is matched by more than one adapter target: list it once.")
             plan[n] = [FULL]
-    return plan
+    return plan, all_linear  # (a layer two targets select is refused above)
 
 
-def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Replace the targeted layers by `AdaptedLinear` modules, freeze every other parameter, return `model`."""
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"apply_adapters needs an AdapterConfig, got {type(config).__name__}.")
-    config.validate()
-    if any(True for _ in adapted_layers(model)):
-        raise ValueError("The model already has adapters: merge them (merge_adapters) or start from a fresh model.")
+def _no_match(model: nn.Module, modules: dict[str, nn.Module], pattern: str, gpt: bool) -> str:
+    """Why `pattern` adapts nothing, and what to write instead."""
+    what = type(model).__name__
+    if pattern == ALL_LINEAR:
+        return f"Adapter target {ALL_LINEAR!r} finds no nn.Linear or Conv1D module in {what} besides its output head."
+    others = [n for n, m in modules.items() if n and _match(pattern, n)]
+    if others:
+        first = modules[others[0]]
+        children = _linear_children(first)
+        example = f"{pattern}.{children[0]}" if children else None
+        hint = (f"name its linear layers (e.g. {example!r}) or use a pattern (e.g. {'*' + pattern + '.*'!r})"
+                if example and not pattern.startswith("re:") and not any(c in pattern for c in "*?[")
+                else "name its nn.Linear or Conv1D layers")
+        return (
+            f"Adapter target {pattern!r} matches only modules that are not linear layers in {what} (such as "
+            f"{others[0]!r}, a {type(first).__name__}): {hint} in the {field_name('targets')}."
+        )
+    named = f"; the named targets of a lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}" if gpt else ""
+    return f"Adapter target {pattern!r} matches no nn.Linear or Conv1D module of {what}{named}."
+
+
+def _refusal(model: nn.Module, name: str, module: nn.Module, owners: dict[int, list[str]], all_linear: bool
+             ) -> Optional[str]:
+    """Why the layer `name` cannot take an adapter, or None when it can."""
+    fix = f"leave it out of the {field_name('targets')}" + (
+        f" (name the layers to adapt instead of {ALL_LINEAR!r})" if all_linear else ""
+    )
+    if nn.parameter.is_lazy(module.weight):
+        return (f"Layer {name!r} ({type(module).__name__}) is not initialized yet: run a forward pass through the "
+                "model first, then apply the adapters.")
+    # the adapted layer computes `F.linear` on the base weight: a subclass's own computation would be dropped, and a
+    # layer whose owner reads its weight directly would never call the adapter
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+        return (f"Layer {name!r} is a {type(module).__name__}, whose own forward replaces nn.Linear's, so an adapter "
+                f"(which computes nn.Linear's formula) would change what it computes: {fix}.")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return (f"Layer {name!r} is the {child} of an nn.MultiheadAttention, which reads its weight directly "
+                f"instead of calling it, so an adapter there would never run: {fix}.")
+    shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+    if shared:
+        return (f"{name}.weight is tied to {shared[0]}; an adapter on {name!r} could not be merged back into the "
+                f"base architecture: {fix}.")
+    return None
+
+
+# a layer to adapt, before the model is touched: (module name, base module, slice layout, adapters by slice name)
+Built = tuple[str, nn.Module, list[tuple[str, int, int]], dict[str, SliceAdapter]]
+
+
+def build_adapters(model: nn.Module, config: AdapterConfig) -> list[Built]:
+    """Check every layer `config` targets in `model` and build its adapters, leaving the model untouched: every
+    refusal (a width `nb` does not divide, a tied weight, a layer whose own forward would be bypassed) comes
+    before anything changes."""
+    plan, all_linear = _resolve_targets(model, config)
     builder = _BUILDERS[config.method]
-    plan = _resolve_targets(model, config)
-
     # a weight shared with another module (tied embeddings) cannot take a merged W' without changing the other
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
-
-    in_place = _is_gpt(model)  # see AdaptedLinear.in_place_outputs
-    for p in model.parameters():
-        p.requires_grad_(False)
+    built = []
     for name, slice_names in plan.items():
         module = model.get_submodule(name)
-        shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
-        if shared:
-            raise ValueError(
-                f"{name}.weight is tied to {shared[0]}; an adapter on {name!r} could not be merged back into the "
-                f"base architecture: remove it from the {field_name('targets')}."
-            )
+        refusal = _refusal(model, name, module, owners, name in all_linear)
+        if refusal is not None:
+            raise ValueError(refusal)
         layout = _slice_layout(model, name, module)
         W = module.weight
         n = W.shape[0] if is_conv1d(module) else W.shape[1]
@@ -547,6 +612,16 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
             if sname in slice_names:
                 where = name if sname == FULL else f"{name} ({sname} rows)"
                 adapters[sname] = builder(config, where, n, hi - lo, W.device, W.dtype)
+        built.append((name, module, layout, adapters))
+    return built
+
+
+def install_adapters(model: nn.Module, config: AdapterConfig, built: list[Built]) -> nn.Module:
+    """Swap in the layers `build_adapters` made and freeze every parameter but the adapters'."""
+    in_place = _is_gpt(model)  # see AdaptedLinear.in_place_outputs
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module, layout, adapters in built:
         new = AdaptedLinear(module, layout, adapters, config)
         new.in_place_outputs = in_place
         parent_name, _, child = name.rpartition(".")
@@ -556,6 +631,20 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         for p in layer.adapters.parameters():
             p.requires_grad_(True)
     return model
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Replace the targeted layers by `AdaptedLinear` modules, freeze every other parameter, return `model`.
+
+    Every target is checked and every adapter built before the model is touched, so a refused call changes
+    nothing. The model keeps its own copy of `config`."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"apply_adapters needs an AdapterConfig, got {type(config).__name__}.")
+    config.validate()
+    config = AdapterConfig.from_dict(config.to_dict())  # later edits of the caller's object change nothing here
+    if any(True for _ in adapted_layers(model)):
+        raise ValueError("The model already has adapters: merge them (merge_adapters) or start from a fresh model.")
+    return install_adapters(model, config, build_adapters(model, config))
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

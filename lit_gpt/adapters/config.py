@@ -6,6 +6,7 @@ The paper's and the reference CLI's words are kept as field names (`nb`, `flip_s
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
@@ -17,7 +18,7 @@ METHODS = MULTIPLICATIVE_METHODS + ("lora",)
 
 # the named targets of a `lit_gpt.GPT` (see the module names at the top of `lit_gpt/model.py`)
 GPT_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
-# PEFT's "all-linear" convention: every linear layer of the blocks, not the output head
+# PEFT's "all-linear" convention: every linear layer but the output head
 ALL_LINEAR = "all-linear"
 
 
@@ -60,7 +61,10 @@ class AdapterConfig:
             ``all-linear`` (everything but ``head``). On any model (GPT included): module names matched against
             the dotted module path, PEFT-style: ``q_proj`` matches every module whose name ends in ``.q_proj``;
             a pattern with ``*``/``?``/``[`` is an ``fnmatch`` glob on the full name; ``re:<regex>`` is a
-            regular expression that must match the full name. Only ``nn.Linear`` and GPT-2 ``Conv1D`` are adapted.
+            regular expression that must match the full name; ``all-linear`` is every such layer but the output
+            head (the module ``get_output_embeddings()`` returns, else a top-level ``lm_head``), as in PEFT. Only
+            ``nn.Linear`` (subclasses that keep its ``forward``) and GPT-2 ``Conv1D`` are adapted, and not the
+            ``out_proj`` of an ``nn.MultiheadAttention``, which never calls it.
         flip_side: put the one-sided transform on the output side (``y = H W x + b``) instead of the input side.
         dropout: ordinary dropout on the input of the adapted computation (the reference ``ether_dropout``;
             LoRA's ``lora_dropout``).
@@ -95,7 +99,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = [self.targets]
-        else:
+        elif isinstance(self.targets, (list, tuple)):
             self.targets = list(self.targets)
         self.validate()
 
@@ -107,17 +111,43 @@ class AdapterConfig:
                 f"Unknown adapter method {self.method!r}{hint}: choose one of {', '.join(METHODS)}."
             )
         n = field_name
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+        if not isinstance(self.targets, list) or not self.targets or not all(
+            isinstance(t, str) and t for t in self.targets
+        ):
             raise ValueError(f"{n('targets')} must be a non-empty list of module names, got {self.targets!r}.")
-        if not isinstance(self.nb, int) or self.nb < 1:
+        for t in self.targets:
+            if t.startswith("re:"):
+                try:
+                    re.compile(t[3:])
+                except re.error as e:
+                    raise ValueError(
+                        f"The {n('targets')} entry {t!r} is not a valid regular expression ({e}): fix the pattern "
+                        "after 're:'."
+                    ) from None
+        # a bool is an int and a str is truthy: both would pass the checks below with a meaning nobody asked for
+        for name in ("flip_side", "coft", "block_share", "upper_triangle"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{n(name)} must be True or False, got {value!r} ({type(value).__name__}).")
+        for name in ("nb", "block_size", "r", "neumann_terms"):
+            value = getattr(self, name)
+            if value is None and name == "block_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{n(name)} must be an integer, got {value!r} ({type(value).__name__}).")
+        for name in ("dropout", "block_dropout", "alpha", "eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{n(name)} must be a number, got {value!r} ({type(value).__name__}).")
+        if self.nb < 1:
             raise ValueError(f"{n('nb')} must be a positive number of blocks, got {self.nb!r}.")
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+        if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"{n('block_size')} must be a positive integer or None, got {self.block_size!r}.")
         for name in ("dropout", "block_dropout"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{n(name)} must be a probability in [0, 1), got {p!r}.")
-        if not isinstance(self.neumann_terms, int) or self.neumann_terms < 0:
+        if self.neumann_terms < 0:
             raise ValueError(
                 f"{n('neumann_terms')} must be 0 (exact Cayley) or a positive integer, got {self.neumann_terms!r}."
             )
@@ -125,7 +155,7 @@ class AdapterConfig:
             raise ValueError(f"{n('eps')} (the COFT radius) must be positive, got {self.eps!r}.")
 
         if self.method == "lora":
-            if not isinstance(self.r, int) or self.r < 1:
+            if self.r < 1:
                 raise ValueError(f"The LoRA rank {n('r')} must be a positive integer, got {self.r!r}.")
             if not self.alpha > 0:
                 raise ValueError(f"The LoRA scale {n('alpha')} must be positive, got {self.alpha!r}.")

@@ -990,8 +990,16 @@ def row_stride(t: torch.Tensor) -> Optional[int]:
 
 
 def runs(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the kernel runs tensors of this dtype on this device (before any is made for it)."""
-    return not _switched_off and dtype in _SUFFIX and torch.device(device).type == "cpu" and available()
+    """Whether the kernel runs tensors of this dtype on this device (before any is made for it). Never while
+    `torch.compile` traces: the kernel writes through `data_ptr()`, which the compiler does not see, so compiled code
+    takes the eager path (same results)."""
+    return (
+        not _switched_off
+        and dtype in _SUFFIX
+        and torch.device(device).type == "cpu"
+        and not torch.compiler.is_compiling()
+        and available()
+    )
 
 
 def usable(vecs: torch.Tensor, *tensors: torch.Tensor) -> bool:

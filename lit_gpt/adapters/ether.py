@@ -22,7 +22,14 @@ import torch.nn.functional as F
 
 from lit_gpt import recompute
 from lit_gpt.adapters import cpu_kernel, gpu_kernel
-from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute_dtype, num_blocks, register_method
+from lit_gpt.adapters.base import (
+    BlockTransform,
+    MultiplicativeAdapter,
+    autocast_on,
+    compute_dtype,
+    num_blocks,
+    register_method,
+)
 from lit_gpt.adapters.config import AdapterConfig
 
 NORM_EPS = 1e-12  # guards ‖w‖ of an all-zero vector; far below any norm a trained vector has
@@ -84,6 +91,17 @@ def _eager_update(
             c -= beta[:, None, :, None]
         _update(zc, c, vecs, coefs, outr[a:a + step])
     return cs
+
+
+def _traced_update(z: torch.Tensor, vecs: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
+    """`H z` over the last dimension as plain differentiable operations: what `torch.compile` traces in place of the
+    kernels and the hand-written autograd nodes, whose in-place writes it cannot follow (`cpu_kernel.runs`)."""
+    J, nb, k = vecs.shape
+    zr = z.reshape(*z.shape[:-1], nb, k)
+    out = zr
+    for s, w in zip(coefs, vecs):
+        out = out + s * (zr * w).sum(-1, keepdim=True) * w
+    return out.reshape(z.shape)
 
 
 def _eager_backward(
@@ -729,6 +747,8 @@ class HouseholderTransform(BlockTransform):
         return [None if keep is None else keep.float(), *self.vector_params()]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _traced_update(z, self.unit_vectors(self.keep_mask(z.device)).to(z.dtype), self.coefs)
         if gpu_kernel.usable_raw(z, self.vector_params()):
             keep, *params = self.raw_inputs(z.device)
             return _RawVectorUpdate.apply(z, keep, self.coefs, *params)
@@ -742,6 +762,13 @@ class HouseholderTransform(BlockTransform):
         `(lo, hi, transform)` of `parts`: one autograd node per layer (`_OutputRowsUpdate`). `source`, `(x, W,
         in_spans, in_inputs)` as given to `_GroupedLinear`, lets the GPU kernels' node keep the GEMM's input in
         place of the output (see there)."""
+        if torch.compiler.is_compiling():  # plain operations, a slice at a time (see `_traced_update`)
+            pieces, at = [], 0
+            for lo, hi, t in parts:
+                bs = 0 if bias is None else bias[lo:hi].to(y.dtype)
+                pieces += [y[..., at:lo], t(y[..., lo:hi] - bs) + bs]
+                at = hi
+            return torch.cat([*pieces, y[..., at:]], dim=-1)
         m = y.shape[-1]
         y2 = y.view(-1, m)
         raw = all(
@@ -774,7 +801,7 @@ class HouseholderTransform(BlockTransform):
         return (
             HouseholderTransform.fuse_swiglu
             and cpu_kernel.runs(x.dtype, x.device)
-            and not torch.is_autocast_enabled(x.device.type)
+            and not autocast_on(x)
             and all(len(t.coefs) <= cpu_kernel.MAX_VECTORS for t in transforms)
         )
 
@@ -816,7 +843,7 @@ class HouseholderTransform(BlockTransform):
             or W.requires_grad
             or (bias is not None and bias.requires_grad)
             or W.dtype != x.dtype
-            or torch.is_autocast_enabled(x.device.type)
+            or autocast_on(x)
         ):
             return None
         if all(gpu_kernel.usable_raw(x, t.vector_params()) for t in ts):

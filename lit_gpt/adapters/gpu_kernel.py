@@ -101,10 +101,14 @@ def disabled():
 
 
 def _ready(device: torch.device) -> bool:
-    """Not switched off, a CUDA device (the CPU under `TRITON_INTERPRET=1`), Triton there and the kernels working."""
+    """Not switched off, a CUDA device (the CPU under `TRITON_INTERPRET=1`), Triton there and the kernels working.
+    Never while `torch.compile` traces: the kernels write into buffers in place, inside autograd Functions, and check
+    themselves on first use, which the compiler cannot follow, so compiled code takes the eager path (same results),
+    as on the CPU (`cpu_kernel.runs`)."""
     return (
         not _switched_off
         and device.type == ("cpu" if _interpreted() else "cuda")
+        and not torch.compiler.is_compiling()
         and available()
         and _works_on(device)
     )

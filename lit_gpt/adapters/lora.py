@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_gpt import recompute
-from lit_gpt.adapters.base import SliceAdapter, compute_dtype, register_method
+from lit_gpt.adapters.base import SliceAdapter, autocast_on, compute_dtype, register_method
 from lit_gpt.adapters.config import AdapterConfig
 
 
@@ -51,7 +51,7 @@ class LoRAAdapter(SliceAdapter):
         if (
             W.requires_grad
             or (bias is not None and bias.requires_grad)
-            or torch.is_autocast_enabled(x.device.type)
+            or autocast_on(x)
             or W.dtype != x.dtype
         ):
             return None

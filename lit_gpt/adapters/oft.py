@@ -24,7 +24,14 @@ import torch.nn as nn
 
 from lit_gpt import recompute
 from lit_gpt.adapters import cpu_kernel, gpu_kernel
-from lit_gpt.adapters.base import BlockTransform, MultiplicativeAdapter, compute_dtype, num_blocks, register_method
+from lit_gpt.adapters.base import (
+    BlockTransform,
+    MultiplicativeAdapter,
+    autocast_on,
+    compute_dtype,
+    num_blocks,
+    register_method,
+)
 from lit_gpt.adapters.config import AdapterConfig
 
 
@@ -158,7 +165,7 @@ class OFTTransform(BlockTransform):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         H = self.blocks(self.keep_mask(z.device)).to(z.dtype)
-        if not torch.is_autocast_enabled(z.device.type):
+        if not autocast_on(z):
             return _BlockMatmul.apply(z, H)
         return _block_matmul(z, H)
 
@@ -175,7 +182,7 @@ class OFTTransform(BlockTransform):
             or outputs
             or W.requires_grad
             or (bias is not None and bias.requires_grad)
-            or torch.is_autocast_enabled(x.device.type)
+            or autocast_on(x)
             or not _on_kernel(W, x, *([] if bias is None else [bias]))
         ):
             return None

@@ -1,6 +1,6 @@
 """Adapter files: only the adapter tensors, plus the config and the base shapes they were trained on.
 
-A file is a plain dict that `torch.load(weights_only=True)` reads without running pickled code::
+A `.pth` file is a plain dict that `torch.load(weights_only=True)` reads without running pickled code::
 
     {"format": "lit_gpt.adapters", "version": 1,
      "adapter_config": {...AdapterConfig.to_dict()...},
@@ -8,22 +8,38 @@ A file is a plain dict that `torch.load(weights_only=True)` reads without runnin
      "base_shapes": {"transformer.h.0.attn.qkv.weight": [out, in], ...},
      "state_dict": {"transformer.h.0.attn.qkv.adapters.query.input.u": tensor, ...},
      "prompt_style": {"prompt_style": "alpaca", "system_prompt": None}}   # optional; absent in older files
+
+A `.safetensors` file (PEFT's `adapter_model.safetensors`) holds the same: the `state_dict` tensors under the same
+names, and every other entry in the file's metadata under its key, as JSON text (`"version": "1"`,
+`"adapter_config": "{\"method\": \"ether\", ...}"`). Both are read by `load_adapters`, `read_adapter_config` and
+`load_adapter_file`, the reader `lit_gpt.merge` (so merge, chat and eval) uses.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from lit_gpt.adapters.base import adapted_layers, adapter_config_of, apply_adapters
-from lit_gpt.adapters.config import AdapterConfig
-from lit_gpt.utils import atomic_save, load_file
+from lit_gpt.adapters.base import adapted_layers, adapter_config_of, build_adapters, install_adapters
+from lit_gpt.adapters.config import AdapterConfig, setting
+from lit_gpt.utils import atomic_path, atomic_save, load_file
 
 FORMAT = "lit_gpt.adapters"
 VERSION = 1
+SAFETENSORS_SUFFIX = ".safetensors"
+# the entries of a `.safetensors` adapter file's metadata (JSON text each); its tensors are the `state_dict`
+METADATA_KEYS = ("format", "version", "adapter_config", "base_model", "base_shapes", "prompt_style")
+# the key prefixes wrappers add to a model's names: DDP / DataParallel / FSDP1 (`module.`), torch.compile (`_orig_mod.`)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# settings that do not change what the adapters compute in eval mode (regularisers of training, which a resumed run
+# may change too: `lit_gpt.training.RESUMABLE_ADAPTER_CHANGES`): loading keeps the model's own
+REGULARISERS = ("dropout", "block_dropout")
+BLOCK_FIELDS = ("nb", "block_size", "flip_side", "block_dropout")
+OFT_FIELDS = ("coft", "eps", "block_share", "neumann_terms", "upper_triangle")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +84,8 @@ def save_adapters(
     state_dict: Optional[dict[str, torch.Tensor]] = None,
     prompt_style: Optional[dict] = None,
 ) -> Path:
-    """Write the adapters of `model` to `path` atomically (see the module docstring for the layout).
+    """Write the adapters of `model` to `path` atomically: a `.safetensors` file for that suffix, else a torch file
+    (see the module docstring for both layouts).
 
     `state_dict` replaces the model's own adapter tensors, e.g. the full tensors gathered from a sharded (FSDP)
     model; its keys must be exactly the adapter keys.
@@ -84,6 +101,7 @@ def save_adapters(
         state_dict = adapter_state_dict(model)
     elif set(state_dict) != set(adapter_state_dict(model)):
         raise ValueError("save_adapters: the given state_dict's keys are not the model's adapter keys.")
+    path = Path(path)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -94,38 +112,150 @@ def save_adapters(
     }
     if style is not None:  # absent rather than None, like the files written before it existed
         payload["prompt_style"] = style
-    path = Path(path)
-    atomic_save(payload, path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        atomic_save(payload, path)
+        return path
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in payload.pop("state_dict").items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in payload.items()})
     return path
+
+
+def load_adapter_file(path: Union[str, Path], mmap: bool = False) -> Any:
+    """What `lit_gpt.utils.load_file` reads from `path`, except that a `.safetensors` file written by `save_adapters`
+    comes back as the dict a `.pth` one holds (its metadata decoded). Other `.safetensors` files stay plain tensor
+    dicts."""
+    path = Path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        return load_file(path, mmap=mmap)
+    tensors = load_file(path)  # refuses a missing or unreadable file in one sentence
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "adapter_config" not in metadata:
+        return tensors
+    obj: dict[str, Any] = {}
+    for key in METADATA_KEYS:
+        if key in metadata:
+            try:
+                obj[key] = json.loads(metadata[key])
+            except ValueError:
+                raise ValueError(
+                    f"{str(path)} is not an adapter file written by save_adapters: its metadata entry {key!r} is not "
+                    "JSON text."
+                ) from None
+    obj["state_dict"] = tensors
+    return obj
 
 
 def _read(path_or_obj: Union[str, Path, dict]) -> tuple[dict, str]:
     if isinstance(path_or_obj, dict):
-        obj, where = path_or_obj, "the adapter dict"
+        obj, where = path_or_obj, "The adapter dict"
     else:
         where = str(path_or_obj)
-        obj = load_file(path_or_obj, mmap=False)
+        obj = load_adapter_file(path_or_obj)
     if not isinstance(obj, dict) or "state_dict" not in obj or "adapter_config" not in obj:
         raise ValueError(
             f"{where} is not an adapter file written by save_adapters (it lacks 'adapter_config' or 'state_dict')."
+        )
+    # absent in the dicts `lit_gpt.merge` makes of training checkpoints, present in every file save_adapters wrote
+    fmt, version = obj.get("format", FORMAT), obj.get("version", VERSION)
+    if fmt != FORMAT:
+        raise ValueError(
+            f"{where} is not a lit_gpt adapter file (its format is {fmt!r}, not {FORMAT!r}): pass a file written by "
+            "save_adapters."
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"{where} has no valid adapter file version ({version!r}, where save_adapters writes 1 to {VERSION}): "
+            "pass a file written by save_adapters."
+        )
+    if version > VERSION:
+        raise ValueError(
+            f"{where} is an adapter file of version {version}, newer than this lit_gpt reads (up to {VERSION}): "
+            "update lit_gpt to load it."
         )
     return obj, where
 
 
 def read_adapter_config(path_or_obj: Union[str, Path, dict]) -> AdapterConfig:
-    """The `AdapterConfig` an adapter file was trained with."""
+    """The `AdapterConfig` an adapter file (`.pth` or `.safetensors`) was trained with."""
     obj, _ = _read(path_or_obj)
     return AdapterConfig.from_dict(obj["adapter_config"])
 
 
-def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) -> nn.Module:
-    """Load an adapter file into `model`, first applying its config if `model` has no adapters yet.
+def _wrapper_prefix(keys: Iterable[str]) -> str:
+    """The run of wrapper prefixes (`WRAPPER_PREFIXES`) that every key starts with."""
+    keys = list(keys)
+    prefix = ""
+    while keys:
+        step = next((w for w in WRAPPER_PREFIXES if all(k.startswith(prefix + w) for k in keys)), None)
+        if step is None:
+            break
+        prefix += step
+    return prefix
 
-    Refuses, in one sentence naming the file, the first mismatching tensor and both shapes, an adapter trained on
-    another base model.
+
+def _adapted_weights(obj: dict) -> list[str]:
+    """The weight names of the layers an adapter file adapted: its base shapes' keys, else from its tensor names."""
+    if obj.get("base_shapes"):
+        return list(obj["base_shapes"])
+    layers = {("." + k).rpartition(".adapters.")[0][1:] for k in obj["state_dict"]}
+    return sorted(f"{name}.weight" if name else "weight" for name in layers)
+
+
+def align_adapter_keys(obj: dict, model: nn.Module) -> dict:
+    """`obj` (an adapter dict) with its names moved onto `model`'s where it was saved through a wrapper (DDP's
+    `module.`, torch.compile's `_orig_mod.`) that `model` lacks, or the other way round; `obj` itself when its
+    names already fit or another prefix would not make them fit."""
+    weights = _adapted_weights(obj)
+    params = {name for name, _ in model.named_parameters()}
+    if not weights or all(w in params for w in weights):
+        return obj
+    old, new = _wrapper_prefix(weights), _wrapper_prefix(params)
+    if old == new or not all(k.startswith(old) for k in obj["state_dict"]):
+        return obj
+    if not all(new + w[len(old):] in params for w in weights):
+        return obj
+    aligned = dict(obj)
+    if obj.get("base_shapes"):
+        aligned["base_shapes"] = {new + k[len(old):]: v for k, v in obj["base_shapes"].items()}
+    aligned["state_dict"] = {new + k[len(old):]: v for k, v in obj["state_dict"].items()}
+    return aligned
+
+
+def _setting_differences(saved: AdapterConfig, own: AdapterConfig) -> list[str]:
+    """`"nb=4 in the file, nb=8 in this model"` for every setting of one method that changes what its adapters
+    compute from their tensors. Targets are left to the tensor names, regularisers (`REGULARISERS`) to the model."""
+    ignore = {"method", "targets", *REGULARISERS}
+    ignore.update(BLOCK_FIELDS if saved.method == "lora" else ("r", "alpha"))
+    if saved.method != "oft":
+        ignore.update(OFT_FIELDS)
+    elif not (saved.coft or own.coft):
+        ignore.add("eps")  # the COFT radius
+    if saved.block_size is not None and own.block_size is not None:
+        ignore.add("nb")  # block_size decides
+    a, b = saved.to_dict(), own.to_dict()
+    return [f"{setting(k, a[k])} in the file, {setting(k, b[k])} in this model" for k in a
+            if k not in ignore and a[k] != b[k]]
+
+
+def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) -> nn.Module:
+    """Load an adapter file (`.pth` or `.safetensors`) into `model`, first applying its config if `model` has no
+    adapters yet.
+
+    A model that already has adapters must have them with the file's settings (its own `dropout` and
+    `block_dropout` are kept: they do not change what it computes in eval mode). Refuses in one sentence naming the
+    file: the settings that differ, else the first mismatching tensor (an adapter trained on another base model).
+    A refused file leaves the model untouched. A file saved through a wrapper (DDP's `module.`, torch.compile's
+    `_orig_mod.`) loads into the unwrapped model, and the other way round.
     """
     obj, where = _read(path_or_obj)
     saved_config = AdapterConfig.from_dict(obj["adapter_config"])
+    obj = align_adapter_keys(obj, model)
     # the base shapes are checked before anything is applied, so a refused file leaves the model untouched
     for key, shape in (obj.get("base_shapes") or {}).items():
         try:
@@ -141,16 +271,26 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) ->
                 f"but has {list(tensor.shape)} in this model."
             )
     current = adapter_config_of(model)
+    built = None
     if current is None:
-        apply_adapters(model, saved_config)
+        built = build_adapters(model, saved_config)
+        own = {f"{name}.adapters.{sname}.{k}": v for name, _, _, adapters in built
+               for sname, ad in adapters.items() for k, v in ad.state_dict().items()}
     elif current.method != saved_config.method:
         raise ValueError(
             f"{where} holds {saved_config.method} adapters but the model has {current.method} adapters: "
             f"load it into a model without adapters, or into one adapted with method {saved_config.method!r}."
         )
+    else:
+        differ = _setting_differences(saved_config, current)
+        if differ:
+            raise ValueError(
+                f"{where} was trained with other adapter settings than this model's ({'; '.join(differ)}): load it "
+                "into a model without adapters, which then gets the file's settings."
+            )
+        own = adapter_state_dict(model)
 
     saved: dict[str, torch.Tensor] = obj["state_dict"]
-    own = adapter_state_dict(model)
     for key, value in saved.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(
@@ -168,6 +308,8 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) ->
             f"{where} does not fit this model's adapters ({detail}): it was trained with other targets or on "
             f"another base model (it says {obj.get('base_model')!r}, targets {saved_config.targets})."
         )
+    if built is not None:
+        install_adapters(model, saved_config, built)
 
     params = dict(model.named_parameters())
     with torch.no_grad():
