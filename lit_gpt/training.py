@@ -41,6 +41,7 @@ import torch.nn as nn
 import yaml
 
 from lit_gpt.adapters.config import field_name
+from lit_gpt.adapters.state import REGULARISERS  # adapter settings a resume may change
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import GPT
@@ -60,8 +61,6 @@ from lit_gpt.utils import (
 HPARAMS_FILENAME = "hyperparameters.yaml"
 METRICS_FILENAME = "metrics.csv"
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pth$")
-# adapter settings that may change on --resume: regularisers of the training, not part of what the tensors mean
-RESUMABLE_ADAPTER_CHANGES = ("dropout", "block_dropout")
 # the flag of each `AdapterConfig` field in finetune/ether.py and finetune/lora.py: their errors name these
 # (`named_by_flags`)
 ETHER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "--ether_* layer flags", "flip_side": "--flip_side",
@@ -733,7 +732,7 @@ def check_resume_matches(saved: Any, ckpt: Path, method: str, adapter_config: Op
     if was is None:
         return  # an old checkpoint: the strict key check still catches another set of tensors
     now = adapter_config.to_dict()
-    differ = [k for k in now if k not in RESUMABLE_ADAPTER_CHANGES and k in was and was[k] != now[k]]
+    differ = [k for k in now if k not in REGULARISERS and k in was and was[k] != now[k]]
     if differ:
         detail = "; ".join(f"{k} was {was[k]!r}, now {now[k]!r}"
                            + (f" ({field_name(k)})" if field_name(k) != k else "") for k in differ)

@@ -1,7 +1,7 @@
-"""The adapter test matrix: every method × side × target set, checked against METHODS.md's formulas written out
+"""The adapter test matrix: every method × side × target set, checked against docs/METHODS.md's formulas written out
 again here in float64 (not against our own code), plus the PEFT-style behaviour checks (unchanged at init,
 merged == adapted, save → load round trip, only adapter tensors train, disabled == base, block dropout, GQA,
-bf16) and the dry-run parameter counts of METHODS.md's table. HF transformers / PEFT references live in
+bf16) and the dry-run parameter counts of docs/METHODS.md's table. HF transformers / PEFT references live in
 `test_adapters_hf.py`."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from lit_gpt.adapters import (
 )
 
 # ---------------------------------------------------------------------------------------------------------------
-# METHODS.md, written out independently in float64
+# docs/METHODS.md, written out independently in float64
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -206,7 +206,7 @@ def as_out_in(module: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the formulas themselves: the reference blocks have the properties METHODS.md states
+# the formulas themselves: the reference blocks have the properties docs/METHODS.md states
 # ---------------------------------------------------------------------------------------------------------------
 def test_reference_blocks_have_the_stated_properties():
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 whose own forward would be bypassed, atomic `apply_adapters`, loading into an adapted model (settings compared
 field by field, wrapper prefixes), `.safetensors` adapter files (through `lit_gpt.merge` too), `all-linear` on
 any model, one-sentence errors for bad input, and a forward on the `meta` device. Numbers are checked against the
-METHODS.md formulas written out in float64 in `test_adapters.py`, or against the eager model."""
+docs/METHODS.md formulas written out in float64 in `test_adapters.py`, or against the eager model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fused CPU kernel of the Householder family (lit_gpt/adapters/cpu_kernel.py) against METHODS.md's blocks in
+"""The fused CPU kernel of the Householder family (lit_gpt/adapters/cpu_kernel.py) against docs/METHODS.md's blocks in
 float64 and against the eager path, and its fallbacks: switched off, no compiler, a failing compiler."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ COEFS = {"ether": (-2.0,), "etherplus": (-1.0, 1.0)}
 
 
 def dense_blocks(vecs: torch.Tensor, coefs) -> torch.Tensor:
-    """METHODS.md: `H = diag(I + sum_j s_j ŵ_j ŵ_jᵀ)` as one dense matrix (vectors already unit length)."""
+    """docs/METHODS.md: `H = diag(I + sum_j s_j ŵ_j ŵ_jᵀ)` as one dense matrix (vectors already unit length)."""
     J, nb, k = vecs.shape
     eye = torch.eye(k, dtype=vecs.dtype)
     return torch.block_diag(*[eye + sum(s * torch.outer(vecs[j, i], vecs[j, i]) for j, s in enumerate(coefs))
@@ -364,7 +364,7 @@ def test_every_block_size_and_way_of_giving_z(dtype, k, coefs, n_threads, vector
     """The explicit vector code covers a block by whole vectors and, where the vector length does not divide the
     block size, one more ending at the block's end that overlaps the one before it; its lanes that overlap must add
     nothing to the dot products, the vector gradient or an accumulated gradient, and an update in place must not
-    read numbers it has already written. Forward and backward against METHODS.md's blocks in float64, `z` given as
+    read numbers it has already written. Forward and backward against docs/METHODS.md's blocks in float64, `z` given as
     rows (a column slice), as an RMSNorm's parts, as the MLP's product (both bit for bit the rows' result) and as
     the kept output of an update in place with a bias, or not at all (the sums without `z`, the projections
     returned); the input gradient in place and accumulated; the plain loops (`VECTOR_CODE = False`) alike."""

@@ -1,4 +1,4 @@
-"""The fused Triton kernels of the Householder family (lit_gpt/adapters/gpu_kernel.py) against METHODS.md's blocks
+"""The fused Triton kernels of the Householder family (lit_gpt/adapters/gpu_kernel.py) against docs/METHODS.md's blocks
 (float64 references) and against the eager path.
 
 They run on a CUDA GPU when there is one. Without one, `test_kernels_in_triton_interpreter` runs this file again in a

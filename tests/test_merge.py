@@ -1,6 +1,6 @@
 """Merging adapters into standalone checkpoints, and loading fine-tuned models unmerged.
 
-The merged weights are checked against the METHODS.md formulas evaluated here in float64 from the raw adapter
+The merged weights are checked against the docs/METHODS.md formulas evaluated here in float64 from the raw adapter
 tensors (block-diagonal Householder / ETHER+ / Cayley blocks, W + alpha/r B A), and one merged checkpoint is exported
 and run by transformers' LlamaForCausalLM."""
 
@@ -96,7 +96,7 @@ def bases(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- float64 reference
 def _blocks_reference(method: str, tensors: dict, nb_k: tuple) -> torch.Tensor:
-    """The `(nb, k, k)` blocks of one side, from METHODS.md, in float64."""
+    """The `(nb, k, k)` blocks of one side, from docs/METHODS.md, in float64."""
     nb, k = nb_k
     eye = torch.eye(k, dtype=torch.float64)
     if method in ("ether", "etherplus", "etherplusHH"):

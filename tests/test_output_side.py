@@ -1,7 +1,7 @@
 """The output side of the Householder family (`_OutputRowsUpdate` in lit_gpt/adapters/ether.py): every adapted
 slice of a layer's GEMM output in one autograd node, in place inside a `lit_gpt.GPT` with the result kept for
 backward (the transform's input rebuilt from it), out of place elsewhere. Checked against numerical derivatives
-and METHODS.md's dense blocks in float64, on the fused CPU kernel and on the eager path, and for what it keeps."""
+and docs/METHODS.md's dense blocks in float64, on the fused CPU kernel and on the eager path, and for what it keeps."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lit_gpt import GPT, Config
 from lit_gpt.adapters import AdaptedLinear, AdapterConfig, apply_adapters, cpu_kernel
 from lit_gpt.adapters import ether
-from test_cpu_kernel import dense_blocks as dense  # METHODS.md's blocks as one dense matrix
+from test_cpu_kernel import dense_blocks as dense  # docs/METHODS.md's blocks as one dense matrix
 
 COEFS = {"ether": (-2.0,), "etherplus": (-1.0, 1.0)}
 

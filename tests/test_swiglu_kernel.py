@@ -1,5 +1,5 @@
 """The CPU kernel's SwiGLU node: `silu(H_a a) * (H_b b)` with fc_1's and fc_2's output-side transforms, the SiLU
-and the product in one pass each way, against METHODS.md's dense blocks and PyTorch's SiLU in float64, and inside a
+and the product in one pass each way, against docs/METHODS.md's dense blocks and PyTorch's SiLU in float64, and inside a
 `lit_gpt.GPT` against the unfused path."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_swiglu_kernel_is_the_formula(dtype, n, nb, sides, method, n_threads):
     va = unit(len(coefs), nb, k, dtype) if sides in ("both", "a") else None
     vb = unit(len(coefs), nb, k, dtype) if sides in ("both", "b") else None
 
-    # the reference: dense H (METHODS.md) and PyTorch's SiLU, in float64 with autograd
+    # the reference: dense H (docs/METHODS.md) and PyTorch's SiLU, in float64 with autograd
     ref = {}
     a64, b64 = a0.clone().requires_grad_(), b0.clone().requires_grad_()
     va64 = va.double().requires_grad_() if va is not None else None

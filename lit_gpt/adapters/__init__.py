@@ -8,7 +8,7 @@
     merged = merge_adapters(model)           # plain nn.Linear weights W' = H_out W H_in again
 
 Apply adapters after loading the base weights (the adapted model's `state_dict` has the base keys plus the adapter
-keys), or load base weights with `strict=False`. METHODS.md defines every formula; one file per method registers
+keys), or load base weights with `strict=False`. docs/METHODS.md defines every formula; one file per method registers
 itself here.
 """
 

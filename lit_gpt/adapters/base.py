@@ -93,7 +93,7 @@ class BlockTransform(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def reset_parameters(self) -> None:
-        """Initialise the parameters as METHODS.md specifies for the method."""
+        """Initialise the parameters as docs/METHODS.md specifies for the method."""
 
     def extra_repr(self) -> str:
         return f"size={self.size}, nb={self.nb}, k={self.k}" + (
@@ -135,7 +135,8 @@ def register_method(*names: str) -> Callable[[Builder], Builder]:
 
 
 def num_blocks(config: AdapterConfig, size: int, layer: str, side: str) -> int:
-    """`nb` for the `side` ("input"/"output") of `layer`, with the error METHODS.md asks for when it does not divide."""
+    """`nb` for the `side` ("input"/"output") of `layer`, with the error docs/METHODS.md asks for when it does not
+    divide."""
     if config.block_size is not None:
         if size % config.block_size:
             raise ValueError(

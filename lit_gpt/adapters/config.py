@@ -50,7 +50,7 @@ def setting(name: str, value: Any) -> str:
 
 @dataclass
 class AdapterConfig:
-    """How adapters are placed and parametrised (METHODS.md is the definition of every formula).
+    """How adapters are placed and parametrised (docs/METHODS.md is the definition of every formula).
 
     Args:
         method: ``ether``, ``etherplus``, ``etherplusHH``, ``oft`` or ``lora``.

@@ -36,7 +36,7 @@ METADATA_KEYS = ("format", "version", "adapter_config", "base_model", "base_shap
 # the key prefixes wrappers add to a model's names: DDP / DataParallel / FSDP1 (`module.`), torch.compile (`_orig_mod.`)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # settings that do not change what the adapters compute in eval mode (regularisers of training, which a resumed run
-# may change too: `lit_gpt.training.RESUMABLE_ADAPTER_CHANGES`): loading keeps the model's own
+# may change too: `lit_gpt.training`): loading keeps the model's own
 REGULARISERS = ("dropout", "block_dropout")
 BLOCK_FIELDS = ("nb", "block_size", "flip_side", "block_dropout")
 OFT_FIELDS = ("coft", "eps", "block_share", "neumann_terms", "upper_triangle")
