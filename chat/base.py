@@ -117,8 +117,8 @@ def main(
 
     Args:
         checkpoint_dir: A lit checkpoint: a merged one (scripts/merge_ether.py, merge_lora.py) or the base model.
-        adapter_path: An adapter file (lit_model_*_finetuned.pth) applied to --checkpoint_dir without merging, or a
-            full fine-tuning state dict (lit_model_finetuned.pth).
+        adapter_path: An adapter file (lit_model_*_finetuned.pth, or a .safetensors one `save_adapters` wrote)
+            applied to --checkpoint_dir without merging, or a full fine-tuning state dict (lit_model_finetuned.pth).
         max_new_tokens: Stop each answer after this many tokens (fewer when the context ends first).
         temperature: Sampling temperature; 0 always picks the most likely token (greedy).
         top_k: Sample among the k most likely tokens only (None: all).

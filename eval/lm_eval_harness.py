@@ -48,8 +48,9 @@ def main(
     Args:
         checkpoint_dir: A lit checkpoint directory: a merged fine-tuned model (scripts/merge_ether.py,
             scripts/merge_lora.py), or the base model of --adapter_path.
-        adapter_path: An adapter file from fine-tuning (lit_model_ether_finetuned.pth, lit_model_lora_finetuned.pth),
-            evaluated unmerged on top of --checkpoint_dir; or a full fine-tuning lit_model_finetuned.pth.
+        adapter_path: An adapter file from fine-tuning (lit_model_ether_finetuned.pth, lit_model_lora_finetuned.pth,
+            or a .safetensors one `save_adapters` wrote), evaluated unmerged on top of --checkpoint_dir; or a full
+            fine-tuning lit_model_finetuned.pth.
         eval_tasks: lm-eval task or group names: one name (--eval_tasks arc_easy), several separated by commas
             (--eval_tasks arc_easy,piqa) or a list (--eval_tasks "[arc_easy, piqa]", or a YAML list in --config);
             --eval_tasks+ NAME adds one to those given before it. Glob patterns work ("mmlu_*"). Default: the

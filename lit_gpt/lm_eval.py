@@ -78,8 +78,8 @@ class LitGPTLM(TemplateLM):
     Args:
         checkpoint_dir: A lit checkpoint directory (lit_model.pth, model_config.yaml, tokenizer files); a merged
             fine-tuned model, or the base model of `adapter_path`.
-        adapter_path: An adapter file written by fine-tuning (lit_model_ether_finetuned.pth, ...), evaluated unmerged
-            on top of `checkpoint_dir`.
+        adapter_path: An adapter file written by fine-tuning (lit_model_ether_finetuned.pth, ..., or a .safetensors
+            one `save_adapters` wrote), evaluated unmerged on top of `checkpoint_dir`.
         model: An already built `GPT` to evaluate instead of loading one (needs `tokenizer` or `checkpoint_dir`
             for the tokenizer).
         tokenizer: An already built `Tokenizer`.

@@ -32,7 +32,8 @@ def main(
     alone); never from directory names. Same routine as merge_ether.py.
 
     Args:
-        lora_path: The adapter file, e.g. out/run/lit_model_lora_finetuned.pth.
+        lora_path: The adapter file, e.g. out/run/lit_model_lora_finetuned.pth (or a .safetensors one
+            `save_adapters` wrote).
         checkpoint_dir: The base checkpoint the adapter was trained on; default the run's base_checkpoint_dir.
         out_dir: Where to write the merged checkpoint; default <adapter's dir>/merged.
         precision: Dtype of the saved weights: bf16-true -> bfloat16, 16-true -> float16, 32-true (or *-mixed)
