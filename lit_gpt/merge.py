@@ -203,6 +203,7 @@ def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: Path
                 f"{where} was trained on base model {trained_on!r} but {ckpt!r} holds {own!r}; pass the "
                 f"--checkpoint_dir it was trained on{_recorded_base(finetuned)}."
             )
+        warn_other_base(finetuned, checkpoint_dir)
         return
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key, value in finetuned.payload.items():
@@ -213,6 +214,18 @@ def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: Path
                 f"{where} was trained on another base model: its tensor {key!r} has shape {list(value.shape)} but "
                 f"{ckpt!r} ({own!r}) {found}; pass the --checkpoint_dir it was trained on{_recorded_base(finetuned)}."
             )
+    warn_other_base(finetuned, checkpoint_dir)
+
+
+def warn_other_base(finetuned: FineTuned, checkpoint_dir: PathLike) -> None:
+    """A warning when `checkpoint_dir` is not the base model the run recorded, which still exists: the shapes
+    match (same architecture), but it may be another model of that shape (a base for its -Instruct version)."""
+    recorded = _recorded_path(finetuned.hparams or {}, "base_checkpoint_dir", "io.checkpoint_dir")
+    if recorded is None or not recorded.is_dir() or recorded.resolve() == Path(checkpoint_dir).resolve():
+        return
+    print(f"warning: {str(finetuned.path)!r} was trained on {str(recorded)!r} (its run's {HPARAMS_FILENAME}), not on "
+          f"--checkpoint_dir {str(checkpoint_dir)!r}; the shapes match, so it is applied to that model as asked.",
+          file=sys.stderr)
 
 
 def check_not_merged_into(finetuned: FineTuned, checkpoint_dir: PathLike) -> None:

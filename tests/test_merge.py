@@ -376,3 +376,16 @@ def test_an_adapter_is_not_applied_twice(bases, tmp_path):
     with pytest.raises(ValueError, match=r"is a folder, not a file: the run's final file is .*"
                                          r"lit_model_ether_finetuned.pth"):
         read_finetuned(adapter.parent)
+
+
+def test_a_base_other_than_the_recorded_one_of_the_same_shape_is_merged_with_a_warning(tmp_path, capsys):
+    """SmolLM2-135M for SmolLM2-135M-Instruct: nothing in the shapes tells them apart, the run's record does."""
+    base = make_base(tmp_path / "base")
+    other = make_base(tmp_path / "other", seed=5)  # same name and shapes, other weights
+    adapter = make_run(tmp_path / "run", base, AdapterConfig(method="ether", nb=4))
+    merge_checkpoint(adapter, base, out_dir=tmp_path / "m1", log=lambda s: None)
+    assert "warning" not in capsys.readouterr().err
+    merge_checkpoint(adapter, other, out_dir=tmp_path / "m2", log=lambda s: None)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {str(adapter)!r} was trained on {str(base)!r}"), err
+    assert f"not on --checkpoint_dir {str(other)!r}; the shapes match" in err
