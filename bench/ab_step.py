@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from adapters import llama_config, lit_model, make_step  # noqa: E402
 from common import patched  # noqa: E402
@@ -129,4 +128,6 @@ def main(
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from common import command_line, machine, saved_bytes, sync, write_section  # noqa: E402
 from lit_gpt import GPT, Config, recompute  # noqa: E402
@@ -556,4 +555,6 @@ WHERE_THE_TIME_GOES = (
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

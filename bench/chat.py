@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from common import command_line, write_section  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from lit_gpt import GPT, Config, Tokenizer  # noqa: E402
 from lit_gpt.generate import generate_stream  # noqa: E402
@@ -200,4 +199,6 @@ def main(
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

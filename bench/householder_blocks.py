@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from common import command_line, interleaved_ms, machine, patched, write_section  # noqa: E402
 from lit_gpt.adapters import cpu_kernel  # noqa: E402
@@ -114,4 +113,6 @@ def with_code(vector: bool, fn):
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

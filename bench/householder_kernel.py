@@ -21,7 +21,6 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from common import command_line, machine, sync, write_section  # noqa: E402
 from lit_gpt.adapters import cpu_kernel, gpu_kernel  # noqa: E402
@@ -155,4 +154,6 @@ def sweep_gpu_tiles(z: torch.Tensor, g: torch.Tensor, nb: int) -> list[str]:
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from common import sync  # noqa: E402  (also puts the repository on the path)
 from lit_gpt.adapters import gpu_kernel  # noqa: E402
@@ -94,4 +93,6 @@ def main(tokens: int = 256, width: int = 4096, nb: int = 32, calls: int = 200, r
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

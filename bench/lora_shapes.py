@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from common import interleaved_ms  # noqa: E402  (also puts the repository on the path)
 
@@ -71,4 +70,6 @@ def main(
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

@@ -22,7 +22,6 @@ import torch  # noqa: E402
 
 from common import command_line, write_section  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from lit_gpt import GPT  # noqa: E402
 from lit_gpt.convert_hf import config_from_hf, hf_to_lit_state_dict  # noqa: E402
@@ -181,4 +180,6 @@ def main(
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

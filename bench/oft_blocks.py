@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from adapters import llama_config  # noqa: E402
 from common import command_line, interleaved_ms, machine, patched, write_section  # noqa: E402
@@ -126,4 +125,6 @@ def main(
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from common import interleaved_ms  # noqa: E402  (also puts the repository on the path)
 from lit_gpt.adapters import cpu_kernel  # noqa: E402
@@ -72,4 +71,6 @@ def main(tokens: int = 1024, width: int = 1024, nb: int = 32, threads: int = 1, 
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)

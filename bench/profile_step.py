@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 from adapters import lit_model, llama_config  # noqa: E402
 from common import sync  # noqa: E402
@@ -144,4 +143,6 @@ def compare(method: str, steps_of: dict, steps: int, activities, key: str, rows:
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from lit_gpt.cli import run_cli
+
+    run_cli(main)
