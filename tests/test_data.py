@@ -305,7 +305,8 @@ def test_default_destination_names(tmp_path, checkpoint_dir, monkeypatch, capsys
     assert read_prepare_config(ckpt / "alpaca-t512")["max_seq_length"] == 512
     assert "longer than the model's context" not in capsys.readouterr().err
     # beyond the context it is kept (the user asked for it) with a note that training cuts to the context
-    assert prepare_alpaca.prepare(checkpoint_dir=ckpt, data_file_path=data, max_seq_length=4096) == ckpt / "alpaca-t4096"
+    out = prepare_alpaca.prepare(checkpoint_dir=ckpt, data_file_path=data, max_seq_length=4096)
+    assert out == ckpt / "alpaca-t4096"
     assert ("--max_seq_length 4096 is longer than the model's context of 512 tokens; training cuts every example to "
             "512 tokens") in capsys.readouterr().err
     (ckpt / "model_config.yaml").unlink()

@@ -182,8 +182,8 @@ def test_a_batch_size_that_does_not_divide_names_devices_and_nodes():
     check_numbers(train, EvalArgs(), 1, 1, this_machine=False)
     with pytest.raises(ValueError) as e:
         check_numbers(train, EvalArgs(), 1, 2, this_machine=False)
-    assert str(e.value) == ("--train.global_batch_size 8 must be a multiple of --train.micro_batch_size × --devices × "
-                            "--num_nodes = 8 × 1 × 2 = 16.")
+    assert str(e.value) == ("--train.global_batch_size 8 must be a multiple of --train.micro_batch_size × "
+                            "--devices × --num_nodes = 8 × 1 × 2 = 16.")
     with pytest.raises(ValueError, match=r"multiple of --train.micro_batch_size × --devices = 4 × 3 = 12\.$"):
         check_numbers(TrainArgs(global_batch_size=16, micro_batch_size=4), EvalArgs(), 3, 1, this_machine=False)
 
