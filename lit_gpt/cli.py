@@ -49,10 +49,14 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
 
     Set `LIT_GPT_DEBUG=1` to see the traceback (and jsonargparse's full message) instead.
     """
-    from jsonargparse import CLI, set_docstring_parse_options
+    import jsonargparse
+    from jsonargparse import CLI
 
     # the dataclasses' attribute docstrings (lit_gpt/args.py) become the help of --io.*, --train.*, --eval.*
-    set_docstring_parse_options(attribute_docstrings=True)
+    if hasattr(jsonargparse, "set_parsing_settings"):  # jsonargparse >= 4.39 (the older call goes in 5.0)
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    else:
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
     _whole_description(fn)
     args = list(sys.argv[1:] if args is None else args)
     debug = os.environ.get("LIT_GPT_DEBUG") == "1"
