@@ -183,8 +183,12 @@ class Config:
         from lit_gpt.utils import atomic_write_text
 
         path = Path(checkpoint_dir) / CONFIG_FILENAME
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, self.to_yaml())
         return path
+
+    def to_yaml(self) -> str:
+        """The text of `model_config.yaml`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 ###################################################################################################

@@ -29,7 +29,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -103,6 +103,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             f"config.json has model_type {model_type!r}, which lit_gpt cannot import; supported model types are "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}."
         )
+    _check_field_types(hf_config)
     hf = dict(_HF_DEFAULTS[model_type])
     hf.update(hf_config)
 
@@ -187,6 +188,36 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
         name=short or model_type, hf_config=dict(org=org, name=short or model_type), vocab_size=vocab,
         padded_vocab_size=vocab, tie_embeddings=bool(hf["tie_word_embeddings"]), **arch,
     )
+
+
+_INT_FIELDS = (
+    "n_embd", "n_head", "n_layer", "n_positions", "n_inner", "hidden_size", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "vocab_size", "sliding_window",
+    "max_window_layers", "original_max_position_embeddings",
+)
+_FLOAT_FIELDS = (
+    "layer_norm_epsilon", "rms_norm_eps", "layer_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct",
+    "partial_rotary_factor", "factor", "low_freq_factor", "high_freq_factor",
+)
+
+
+def _check_field_types(hf_config: dict, prefix: str = "") -> None:
+    """Refuse, naming the field, a value of the wrong type where the conversion reads a number or an object (a
+    hand-edited config, another tool's), before Python's own message would leave the field unnamed."""
+    for key, value in hf_config.items():
+        if value is None:
+            continue
+        name = f"{prefix}{key}"
+        if key in ("rope_scaling", "rope_parameters") and not prefix:
+            if not isinstance(value, dict):
+                raise ConversionError(f"config.json field {name!r} must be an object or null, got {value!r}.")
+            if not all(isinstance(v, dict) for v in value.values()):  # per-layer-type parameters are refused later
+                _check_field_types(value, prefix=f"{name}.")
+        elif key in _INT_FIELDS and not (
+                type(value) is int or (isinstance(value, float) and value.is_integer())):
+            raise ConversionError(f"config.json field {name!r} must be an integer, got {value!r}.")
+        elif key in _FLOAT_FIELDS and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ConversionError(f"config.json field {name!r} must be a number, got {value!r}.")
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -674,6 +705,17 @@ def iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]
             del sd
 
 
+def read_hf_config(path: Path) -> dict:
+    """The JSON object in a transformers `config.json`, or a `ConversionError` naming the file."""
+    try:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); download it again.") from None
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"{path} must hold a JSON object (the model's config); download it again.")
+    return hf_config
+
+
 def convert_hf_checkpoint(
     checkpoint_dir: Path | str, dtype: Optional[str | torch.dtype] = None, model_name: Optional[str] = None
 ) -> Config:
@@ -696,16 +738,16 @@ def convert_hf_checkpoint(
         raise missing_checkpoint_dir_error(checkpoint_dir, hf_folder=True)
     hf_config_path = checkpoint_dir / HF_CONFIG_FILENAME
     if not hf_config_path.is_file():
+        from lit_gpt.utils import peft_adapter_error
+
+        peft = peft_adapter_error(checkpoint_dir)
+        if peft is not None:
+            raise peft
         raise FileNotFoundError(
             f"{str(checkpoint_dir)!r} has no config.json: download the model with "
             "`python scripts/download.py --repo_id ORG/NAME` (it fetches config.json with the weights)."
         )
-    try:
-        hf_config = json.loads(hf_config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{hf_config_path} is not valid JSON ({e}); download it again.") from None
-    if not isinstance(hf_config, dict):
-        raise ConversionError(f"{hf_config_path} must hold a JSON object (the model's config); download it again.")
+    hf_config = read_hf_config(hf_config_path)
     # an export of ours names the model it came from, so a round trip keeps the name adapters were trained under
     config = config_from_hf(hf_config, name=model_name or hf_config.get(LIT_NAME_KEY) or checkpoint_dir.name)
     files = find_hf_weight_files(checkpoint_dir)
@@ -753,11 +795,18 @@ def convert_lit_checkpoint(
     out_dtype = torch_dtype or (floats[0] if floats else torch.float32)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    stale = _save_safetensors(lambda sd: iter_lit_to_hf(sd.items(), config, model_type, out_dtype), lit_sd,
-                              output_dir, max_shard_bytes)
-    if stale:
-        print(f"Removed {', '.join(stale)} from {str(output_dir)!r}: weight files of an earlier export that "
-              "transformers would have loaded with (or instead of) this one.", file=sys.stderr)
+    convert = lambda sd: iter_lit_to_hf(sd.items(), config, model_type, out_dtype)  # noqa: E731
+    plan = _shard_plan(convert, lit_sd, max_shard_bytes)
+    # An earlier export's files go before the first new one is written: transformers would load stale weight files
+    # with (or instead of) ours, and stale shards next to new ones of the same names would make an interrupted
+    # export a silent mix of two models (without them it is a folder transformers refuses: shards, no index). Its
+    # tokenizer files go too where the checkpoint has its own (a stale chat_template.jinja takes priority).
+    stale = _remove_earlier_export(output_dir, checkpoint_dir if _has_vocabulary(checkpoint_dir) else None)
+    gone = [name for name in stale if name not in plan.names]
+    if gone:
+        print(f"Removed {', '.join(gone)} from {str(output_dir)!r}: files of an earlier export that transformers "
+              "would have loaded with (or instead of) this one.", file=sys.stderr)
+    _write_shards(convert, lit_sd, output_dir, plan)
 
     source_hf = _read_json(checkpoint_dir / HF_CONFIG_FILENAME)
     generation = _read_json(checkpoint_dir / "generation_config.json")
@@ -785,8 +834,7 @@ def tokenizer_files_warning(checkpoint_dir: Path, output_dir: Path) -> Optional[
     nothing): a vocabulary (tokenizer.json, tokenizer.model, or vocab.json with merges.txt), or tokenizer_config.json
     (without it AutoTokenizer guesses the tokenizer class, special tokens and chat template from the model type)."""
     present = [name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()]
-    has_vocab = any(name in present for name in ("tokenizer.json", "tokenizer.model")) or {
-        "vocab.json", "merges.txt"} <= set(present)
+    has_vocab = _has_vocabulary(checkpoint_dir)
     fix = (f"copy the tokenizer files from the original model folder (the Hugging Face download the checkpoint was "
            f"converted from) into {str(output_dir)!r}")
     if not has_vocab:
@@ -801,16 +849,21 @@ def tokenizer_files_warning(checkpoint_dir: Path, output_dir: Path) -> Optional[
     return None
 
 
-def _save_safetensors(convert, lit_sd: dict, output_dir: Path, max_shard_bytes: int) -> list[str]:
-    """Write `convert(lit_sd)` as safetensors, holding one shard's converted tensors in memory at a time; then remove
-    the weight files of an earlier export into the same folder (returns their names).
+class _ShardPlan(NamedTuple):
+    names: list[str]  # the weight files, the index last where there is one
+    shard_of: dict[str, int]  # HF tensor name -> index into `names`
+    total_bytes: int
 
-    A first pass over meta tensors (free: no data) sizes the tensors, which fixes the shard count up front.
-    """
-    from safetensors.torch import save_file
 
-    from lit_gpt.utils import atomic_path, atomic_write_text
+def _has_vocabulary(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer's vocabulary: tokenizer.json, tokenizer.model, or vocab.json + merges.txt."""
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")) or all(
+        (folder / name).is_file() for name in ("vocab.json", "merges.txt"))
 
+
+def _shard_plan(convert, lit_sd: dict, max_shard_bytes: int) -> _ShardPlan:
+    """Which tensors of `convert(lit_sd)` go into which safetensors file: a pass over meta tensors (free: no data)
+    sizes them, which fixes the shard count before anything is written."""
     plan: list[list[str]] = [[]]
     shard_bytes = total = 0
     for name, t in convert({k: v.to("meta") for k, v in lit_sd.items()}):
@@ -824,24 +877,33 @@ def _save_safetensors(convert, lit_sd: dict, output_dir: Path, max_shard_bytes: 
     n = len(plan)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     shard_of = {name: i for i, names_in in enumerate(plan) for name in names_in}
+    if n > 1:
+        names.append("model.safetensors.index.json")
+    return _ShardPlan(names, shard_of, total)
+
+
+def _write_shards(convert, lit_sd: dict, output_dir: Path, plan: _ShardPlan) -> None:
+    """Write `convert(lit_sd)` as `plan` says, holding one shard's converted tensors in memory at a time, each file
+    atomically and the index last, so that an interrupted export is never a loadable folder."""
+    from safetensors.torch import save_file
+
+    from lit_gpt.utils import atomic_path, atomic_write_text
 
     def write(i: int, tensors: dict) -> None:
-        with atomic_path(output_dir / names[i]) as tmp:
+        with atomic_path(output_dir / plan.names[i]) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
 
     current, buffer = 0, {}
     for name, t in convert(lit_sd):
-        if shard_of[name] != current:
+        if plan.shard_of[name] != current:
             write(current, buffer)
-            current, buffer = shard_of[name], {}
+            current, buffer = plan.shard_of[name], {}
         buffer[name] = t
     write(current, buffer)
-    index = output_dir / "model.safetensors.index.json"
-    if n > 1:
-        weight_map = {name: names[i] for name, i in shard_of.items()}
-        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        names.append(index.name)
-    return _remove_stale_weight_files(output_dir, keep=names)
+    if plan.names[-1].endswith(".index.json"):
+        weight_map = {name: plan.names[i] for name, i in plan.shard_of.items()}
+        index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
+        atomic_write_text(output_dir / plan.names[-1], json.dumps(index, indent=2))
 
 
 # the names transformers loads weights from: an earlier export's files among them would be loaded instead of ours
@@ -852,13 +914,16 @@ _HF_WEIGHT_FILE = re.compile(
 )
 
 
-def _remove_stale_weight_files(output_dir: Path, keep: list[str]) -> list[str]:
-    """Delete the HF weight files (and indexes) in `output_dir` that are not in `keep`; returns their names."""
-    stale = sorted(p.name for p in output_dir.iterdir()
-                   if p.is_file() and p.name not in keep and _HF_WEIGHT_FILE.fullmatch(p.name))
-    for name in stale:
+def _remove_earlier_export(output_dir: Path, tokenizer_source: Optional[Path]) -> list[str]:
+    """Delete the HF weight files and indexes in `output_dir` (the indexes first), and the tokenizer files that
+    `tokenizer_source` (the checkpoint being exported; None: keep them) lacks; returns their names."""
+    weights = sorted((p.name for p in output_dir.iterdir() if p.is_file() and _HF_WEIGHT_FILE.fullmatch(p.name)),
+                     key=lambda name: (not name.endswith(".index.json"), name))
+    tokenizer = [] if tokenizer_source is None else [
+        name for name in TOKENIZER_FILES if (output_dir / name).is_file() and not (tokenizer_source / name).is_file()]
+    for name in weights + tokenizer:
         (output_dir / name).unlink()
-    return stale
+    return weights + tokenizer
 
 
 def _read_json(path: Path) -> dict:

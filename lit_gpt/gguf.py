@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
-from lit_gpt.config import Config
-from lit_gpt.utils import WEIGHTS_FILENAME, atomic_save, atomic_write_text, check_output_dir
+from lit_gpt.config import CONFIG_FILENAME, Config
+from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
@@ -238,12 +239,13 @@ def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-def iter_lit_weights(reader, config: Config, arch: str, path: Path | str,
+def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
                      dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(lit name, tensor)` pairs, dequantized one tensor at a time so memory holds the output plus one layer."""
+    """`(lit name, tensor)` pairs from a reader's `tensors`, dequantized one tensor at a time so memory holds the
+    output plus one layer."""
     path = Path(path)
     pending: dict[int, dict[str, torch.Tensor]] = {}
-    for tensor in reader.tensors:
+    for tensor in tensors:
         name = tensor.name
         if name == "rope_freqs.weight":  # folded into config.rope_adjustments
             continue
@@ -482,28 +484,90 @@ def convert_gguf(gguf_path: Path | str, checkpoint_dir: Path | str, dtype: torch
     """Write `checkpoint_dir` (lit_model.pth, model_config.yaml, tokenizer files) from the GGUF file."""
     gguf_path, checkpoint_dir = Path(gguf_path), Path(checkpoint_dir)
     check_output_dir(checkpoint_dir, "--checkpoint_dir")  # before the long weight pass, not at its end
+    _check_holds_no_other_model(checkpoint_dir)
     reader = open_gguf(gguf_path)
     metadata = read_metadata(reader)
+    tensors = list(reader.tensors) + _other_split_tensors(gguf_path, metadata)
+    expected = metadata.get("split.tensors.count")
+    if expected is not None and len(tensors) != int(expected):
+        raise GGUFImportError(f"the parts of the split GGUF model {str(gguf_path)!r} hold {len(tensors)} tensors, "
+                              f"but its split.tensors.count says {expected}: download the parts again.")
     arch = _architecture(metadata, gguf_path)
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    rope_freqs = next((dequantize(t, gguf_path).numpy() for t in reader.tensors if t.name == "rope_freqs.weight"),
-                      None)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in tensors}
+    rope_freqs = next((dequantize(t, gguf_path).numpy() for t in tensors if t.name == "rope_freqs.weight"), None)
     config = config_from_gguf(metadata, shapes, gguf_path, rope_freqs=rope_freqs)
     # build the tokenizer before the long weight pass so a vocabulary problem fails fast
     tokenizer = tokenizer_from_gguf(metadata, gguf_path)
     tokenizer_config, generation_config = tokenizer_configs_from_gguf(metadata, config.block_size)
 
-    state_dict = dict(iter_lit_weights(reader, config, arch, gguf_path, dtype))
+    state_dict = dict(iter_lit_weights(tensors, config, arch, gguf_path, dtype))
     _check_complete(state_dict, config, gguf_path)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(state_dict, checkpoint_dir / WEIGHTS_FILENAME)
-    config.save(checkpoint_dir)
-    atomic_write_text(checkpoint_dir / "tokenizer.json", tokenizer.to_str())
-    atomic_write_text(checkpoint_dir / "tokenizer_config.json",
-                      json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(checkpoint_dir / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")
+    # one set: a re-import stopped part way must not pair one model's weights with another's tokenizer
+    with atomic_paths(*(checkpoint_dir / name for name in _IMPORT_FILES)) as (weights, config_yaml, *tokenizer_files):
+        torch.save(state_dict, weights)
+        config_yaml.write_text(config.to_yaml(), encoding="utf-8")
+        texts = (tokenizer.to_str(), json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+                 json.dumps(generation_config, indent=2) + "\n")
+        for path, text in zip(tokenizer_files, texts):
+            path.write_text(text, encoding="utf-8")
     return config
+
+
+def _other_split_tensors(path: Path, metadata: dict) -> list:
+    """The tensors of parts 2..N when `path` is part 1 of a model split by llama.cpp's `llama-gguf-split` (files
+    `<name>-00001-of-0000N.gguf`, ...; `split.no` counts from 0, and only part 1 has the model's metadata)."""
+    count, no = int(metadata.get("split.count", 1)), int(metadata.get("split.no", 0))
+    if count <= 1:
+        return []
+    match = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", path.name)
+    if match is None or int(match[3]) != count or int(match[2]) != no + 1:
+        raise GGUFImportError(
+            f"{str(path)!r} is part {no + 1} of {count} of a split GGUF model, but its name does not end in "
+            f"-{no + 1:05d}-of-{count:05d}.gguf, so the other parts cannot be found: give the parts the names "
+            "llama-gguf-split gave them, or merge them with `llama-gguf-split --merge`."
+        )
+    part = lambda i: path.with_name(f"{match[1]}-{i:05d}-of-{count:05d}.gguf")  # noqa: E731
+    if no != 0:
+        raise GGUFImportError(f"{str(path)!r} is part {no + 1} of {count} of a split GGUF model: pass the first part, "
+                              f"{str(part(1))!r}, and keep the others beside it.")
+    tensors = []
+    for i in range(2, count + 1):
+        if not part(i).is_file():
+            raise GGUFImportError(f"{str(path)!r} is part 1 of {count} of a split GGUF model, but part {i}, "
+                                  f"{str(part(i))!r}, is missing: put every part in the same folder.")
+        other = open_gguf(part(i))
+        other_no = other.fields.get("split.no")
+        if other_no is None or int(other_no.contents()) != i - 1:
+            raise GGUFImportError(f"{str(part(i))!r} is not part {i} of the split GGUF model {str(path)!r}; put the "
+                                  "parts of one model, under the names llama-gguf-split gave them, in one folder.")
+        tensors += list(other.tensors)
+    return tensors
+
+
+# what an import writes (a re-import replaces them); the weights first, as readers need them
+_IMPORT_FILES = (WEIGHTS_FILENAME, CONFIG_FILENAME, "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _check_holds_no_other_model(checkpoint_dir: Path) -> None:
+    """Refuse a folder holding another model's files that the import would not replace: its config.json (whose
+    token ids an export prefers), weights, or tokenizer files (a chat_template.jinja takes priority over ours)."""
+    from lit_gpt.convert_hf import HF_CONFIG_FILENAME, TOKENIZER_FILES
+
+    if not checkpoint_dir.is_dir():
+        return
+    other = sorted(
+        p.name for p in checkpoint_dir.iterdir()
+        if p.is_file() and p.name not in _IMPORT_FILES and (
+            p.name == HF_CONFIG_FILENAME or p.name in TOKENIZER_FILES or p.suffix == ".safetensors"
+            or (p.name.startswith("pytorch_model") and p.suffix == ".bin"))
+    )
+    if other:
+        raise GGUFImportError(
+            f"--checkpoint_dir {str(checkpoint_dir)!r} holds another model's files ({', '.join(other)}), which would "
+            "stay beside the import and be read with it: import into a new folder, or delete them first."
+        )
 
 
 def _check_complete(state_dict: dict, config: Config, path: Path) -> None:

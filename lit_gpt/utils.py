@@ -403,6 +403,17 @@ def missing_checkpoint_dir_error(checkpoint_dir: Path | str, flag: str = "--chec
     return FileNotFoundError(f"{flag} {str(path)!r} does not exist: {fix}.")
 
 
+def peft_adapter_error(folder: Path) -> Optional[ValueError]:
+    """The error for a folder PEFT's `save_pretrained` wrote (an adapter, not a model), or None."""
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    return ValueError(
+        f"{str(folder)!r} holds a PEFT adapter (adapter_config.json), not a model: pass its base model's folder, or "
+        f"merge it into the base with PEFT (`PeftModel.from_pretrained(base, {str(folder)!r}).merge_and_unload()"
+        ".save_pretrained(out)`) and convert `out` with scripts/convert_hf_checkpoint.py."
+    )
+
+
 def check_checkpoint_dir(checkpoint_dir: Path | str, weights: str = WEIGHTS_FILENAME,
                          flag: str = "--checkpoint_dir") -> Path:
     """Fail early, in one sentence, when a checkpoint directory lacks what loading needs."""
@@ -418,6 +429,9 @@ def check_checkpoint_dir(checkpoint_dir: Path | str, weights: str = WEIGHTS_FILE
         run = finetuning_run_hint(checkpoint_dir)
         if run is not None:
             raise ValueError(f"{run}.")
+        peft = peft_adapter_error(checkpoint_dir)
+        if peft is not None:
+            raise peft
         hf_files = list(checkpoint_dir.glob("*.safetensors")) + list(checkpoint_dir.glob("pytorch_model*.bin"))
         fix = (
             f"convert it first with `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`"

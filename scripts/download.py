@@ -21,7 +21,13 @@ from huggingface_hub.utils import validate_repo_id  # noqa: E402
 from jsonargparse.typing import SecretStr  # noqa: E402
 
 from lit_gpt.config import configs  # noqa: E402
-from lit_gpt.convert_hf import TOKENIZER_FILES, convert_hf_checkpoint  # noqa: E402
+from lit_gpt.convert_hf import (  # noqa: E402
+    TOKENIZER_FILES,
+    ConversionError,
+    config_from_hf,
+    convert_hf_checkpoint,
+    read_hf_config,
+)
 from lit_gpt.utils import error_chain, hub_unreachable, hub_unreachable_sentence, secret_text  # noqa: E402
 
 # what a transformers model folder needs besides its weights
@@ -83,7 +89,12 @@ def main(
             patterns = list(TOKENIZER_FILES) + ["generation_config.json"]
         else:
             files = [s.rfilename for s in (HfApi(token=token).model_info(repo_id).siblings or [])]
-            patterns = CONFIG_FILES + list(TOKENIZER_FILES) + weight_files(files, repo_id, from_safetensors)
+            weights = weight_files(files, repo_id, from_safetensors)
+            if convert_checkpoint:
+                # config.json first: a model the conversion would refuse is refused before gigabytes of weights
+                snapshot_download(repo_id, local_dir=checkpoint_dir, allow_patterns=CONFIG_FILES, token=token)
+                check_convertible(checkpoint_dir / "config.json", repo_id)
+            patterns = CONFIG_FILES + list(TOKENIZER_FILES) + weights
         snapshot_download(repo_id, local_dir=checkpoint_dir, allow_patterns=patterns, token=token)
     print(f"Downloaded {repo_id} to {checkpoint_dir}", file=sys.stderr)
 
@@ -98,6 +109,18 @@ def main(
             f"  python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}"
             + (f" --dtype {dtype}" if dtype else "")
         )
+
+
+def check_convertible(hf_config_path: Path, repo_id: str) -> None:
+    """Refuse, before the weights come down, a repo whose config.json the conversion would refuse (an unsupported
+    model type or RoPE scaling, ...); a repo without one is refused by the conversion itself."""
+    if not hf_config_path.is_file():
+        return
+    try:
+        config_from_hf(read_hf_config(hf_config_path), name=repo_id)
+    except ConversionError as e:
+        raise ConversionError(f"{str(e).rstrip('.')}; only the config was downloaded (--convert_checkpoint false "
+                              "downloads the weights without converting them).") from None
 
 
 def check_repo_id(repo_id: str) -> None:

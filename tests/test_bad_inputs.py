@@ -250,6 +250,21 @@ def test_an_ordinary_empty_folder_keeps_the_download_hint(tmp_path):
         check_checkpoint_dir(tmp_path)
 
 
+def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
+    """What `PeftModel.save_pretrained` leaves: model-taking scripts and the conversion say what it is, rather than
+    sending the user from one to the other."""
+    from safetensors.torch import save_file
+
+    peft = tmp_path / "peft_out"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "x"}')
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}, peft / "adapter_model.safetensors")
+    for check in (check_checkpoint_dir, convert_hf_checkpoint):
+        with pytest.raises(ValueError, match="holds a PEFT adapter .*, not a model: pass its base model's folder, "
+                                             "or merge it .*merge_and_unload"):
+            check(peft)
+
+
 def test_convert_hf_of_a_file_says_to_pass_the_folder(tmp_path):
     folder = _hf_folder(tmp_path / "hf")
     with pytest.raises(ValueError, match=f"is a file, but a Hugging Face model folder .* {str(folder)!r}"):

@@ -294,6 +294,75 @@ def test_export_into_an_earlier_export_loads_the_new_model(first_shard_bytes, se
     torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
 
 
+def test_interrupted_export_into_an_earlier_one_is_never_a_loadable_mix(tmp_path, monkeypatch):
+    """Shards share their names from one export to the next: an export stopped after its first shard must not leave
+    the earlier export's later shards and index beside it (transformers would load that mix without a word)."""
+    import safetensors.torch
+
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_dir = tmp_path / "hf"
+    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
+    convert_hf_checkpoint(hf_dir)
+    out = tmp_path / "out"
+    convert_lit_checkpoint(hf_dir, out, max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    # the same model after more training: every weight changed
+    trained = tmp_path / "trained"
+    make_hf_model(model_type, seed=1, **kwargs).save_pretrained(trained)
+    convert_hf_checkpoint(trained)
+
+    real, calls = safetensors.torch.save_file, []
+
+    def ctrl_c_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", ctrl_c_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert_lit_checkpoint(trained, out, max_shard_bytes=20_000)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert not (out / "model.safetensors.index.json").exists()
+    with pytest.raises(OSError):  # refused, not loaded
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    convert_lit_checkpoint(trained, out, max_shard_bytes=20_000)  # the rerun completes it
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    lit = GPT.from_checkpoint(trained, dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
+
+
+def test_export_into_an_earlier_one_drops_its_tokenizer_files(tmp_path, capsys):
+    """transformers prefers chat_template.jinja to tokenizer_config.json's template and still reads the legacy
+    special-token files: an earlier export's must not stay beside the new model's tokenizer."""
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_dir = tmp_path / "hf"
+    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text('{"version": "1.0"}')
+    (hf_dir / "tokenizer_config.json").write_text('{"chat_template": "NEW"}')
+    convert_hf_checkpoint(hf_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("chat_template.jinja", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"):
+        (out / name).write_text("{}")  # as an export of another model left them
+    (out / "README.md").write_text("the user's")
+    convert_lit_checkpoint(hf_dir, out)
+    (removed,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Removed ")]
+    assert removed.startswith("Removed special_tokens_map.json, added_tokens.json, chat_template.jinja from ")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}'
+
+    # a checkpoint without a tokenizer of its own leaves the folder's alone (the export's warning says to copy them
+    # there by hand)
+    (hf_dir / "tokenizer.json").unlink()
+    (out / "chat_template.jinja").write_text("{{ messages }}")
+    convert_lit_checkpoint(hf_dir, out)
+    assert (out / "chat_template.jinja").is_file() and (out / "tokenizer.json").is_file()
+
+
 def test_unindexed_weight_files_are_read_as_transformers_reads_them(tmp_path):
     from safetensors.torch import save_file
 
@@ -406,6 +475,22 @@ def test_unsupported_model_type_and_fields():
     with pytest.raises(ConversionError, match="cannot be exported.*norm_class_name='LayerNorm'"):
         config_to_hf(Config(n_layer=1, n_embd=64, n_head=4, mlp_class_name="LLaMAMLP", intermediate_size=96,
                             norm_class_name="LayerNorm", bias=False))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("rope_parameters", [1, 2], "'rope_parameters' must be an object or null, got \\[1, 2\\]"),
+    ("rope_scaling", "linear", "'rope_scaling' must be an object or null, got 'linear'"),
+    ("hidden_size", "sixty-four", "'hidden_size' must be an integer, got 'sixty-four'"),
+    ("num_key_value_heads", 2.5, "'num_key_value_heads' must be an integer, got 2.5"),
+    ("rms_norm_eps", "1e-5", "'rms_norm_eps' must be a number, got '1e-5'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}, "'rope_scaling.factor' must be a number, got '8'"),
+])
+def test_config_values_of_the_wrong_type_name_the_field(field, value, match):
+    """Hand-edited configs and other tools' configs: one sentence naming the field, not Python's own message."""
+    with pytest.raises(ConversionError, match=f"^config.json field {match}\\.$"):
+        config_from_hf(dict(_LLAMA, model_type="llama", **{field: value}))
+    assert config_from_hf(dict(_LLAMA, model_type="llama", intermediate_size=96.0)).intermediate_size == 96
 
 
 def test_bad_checkpoint_contents(tmp_path):

@@ -39,8 +39,9 @@ LLAMA_FILES = [
 class FakeHub:
     """Stands in for `HfApi` and `snapshot_download`; records what the script asked for."""
 
-    def __init__(self, files, error=None, error_in="snapshot_download"):
+    def __init__(self, files, error=None, error_in="snapshot_download", contents=None):
         self.files, self.error, self.error_in = files, error, error_in
+        self.contents = contents or {}  # name -> text that snapshot_download writes when the patterns ask for it
         self.api_tokens, self.downloads = [], []
 
     def api(self, token=None):
@@ -56,6 +57,10 @@ class FakeHub:
         if self.error is not None and self.error_in == "snapshot_download":
             raise self.error
         self.downloads.append(dict(repo_id=repo_id, **kwargs))
+        for name, text in self.contents.items():
+            if name in kwargs["allow_patterns"]:
+                Path(kwargs["local_dir"]).mkdir(parents=True, exist_ok=True)
+                (Path(kwargs["local_dir"]) / name).write_text(text)
         return str(kwargs["local_dir"])
 
 
@@ -152,8 +157,31 @@ def test_download_then_convert_by_default(hub, monkeypatch, tmp_path):
         lambda d, dtype=None, model_name=None: converted.append((d, dtype, model_name)) or SimpleNamespace(name="x"),
     )
     download.main(repo_id="meta-llama/Llama-2-7b-hf", checkpoint_dir=tmp_path)
-    assert len(fake.downloads) == 1
+    # config.json first (checked before the weights come down), then the rest
+    assert [d["allow_patterns"] for d in fake.downloads][0] == ["config.json", "generation_config.json"]
+    assert "model-00001-of-00002.safetensors" in fake.downloads[1]["allow_patterns"]
     assert converted == [(tmp_path, None, "meta-llama/Llama-2-7b-hf")]
+
+
+@pytest.mark.parametrize("config, match", [
+    ('{"model_type": "gemma", "hidden_size": 64}', "model_type 'gemma'"),
+    ('{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, '
+     '"num_attention_heads": 4, "vocab_size": 128, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}', "yarn"),
+    ("{not json", "is not valid JSON"),
+])
+def test_a_model_the_conversion_refuses_is_refused_before_its_weights(hub, tmp_path, config, match):
+    from lit_gpt.convert_hf import ConversionError
+
+    fake = hub(contents={"config.json": config})
+    with pytest.raises(ConversionError, match=match) as e:
+        download.main(repo_id="google/gemma-2b", checkpoint_dir=tmp_path)
+    assert "only the config was downloaded" in str(e.value) or "JSON" in str(e.value)
+    (call,) = fake.downloads
+    assert not [p for p in call["allow_patterns"] if "safetensors" in p or p.endswith(".bin")]
+    # without converting, the user gets what they asked for
+    fake = hub(contents={"config.json": config})
+    download.main(repo_id="google/gemma-2b", checkpoint_dir=tmp_path, convert_checkpoint=False)
+    assert len(fake.downloads) == 1 and "model-00001-of-00002.safetensors" in fake.downloads[0]["allow_patterns"]
 
 
 def test_token_from_flag_or_hf_token(hub, monkeypatch, tmp_path, capsys):

@@ -406,6 +406,58 @@ def test_unknown_tensor_and_pre_tokenizer_and_bad_file_are_clear_errors(tmp_path
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
 
 
+def test_split_gguf_is_imported_from_its_first_part(tmp_path, byte_level_vocab):
+    """Models over the Hub's file size limit come split by llama-gguf-split: `-00001-of-0000N.gguf` holds the
+    metadata and some tensors, the others just tensors and their `split.no` (counted from 0)."""
+    from lit_gpt.utils import load_file
+
+    whole = tiny_llama_gguf(tmp_path, byte_level_vocab)
+    reader = gguf.GGUFReader(whole)
+    metadata = {k: f.contents() for k, f in reader.fields.items()
+                if not k.startswith("GGUF.") and k != "general.architecture"}
+    tensors = {t.name: (np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))), Q.F32) for t in reader.tensors}
+    names = list(tensors)
+    parts = [names[:5], names[5:9], names[9:]]
+    split = tmp_path / "split"
+    split.mkdir()
+    for i, part in enumerate(parts):
+        meta = {**(metadata if i == 0 else {}), "split.no": i, "split.count": 3, "split.tensors.count": len(names)}
+        write_gguf(split / f"m-{i + 1:05d}-of-00003.gguf", "llama", meta, {k: tensors[k] for k in part})
+    convert_gguf(whole, tmp_path / "whole")
+    convert_gguf(split / "m-00001-of-00003.gguf", tmp_path / "from_split")
+    expected, got = load_file(tmp_path / "whole" / "lit_model.pth"), load_file(tmp_path / "from_split" / "lit_model.pth")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+    with pytest.raises(GGUFImportError, match=r"is part 2 of 3 of a split GGUF model: pass the first part, .*"
+                                              r"m-00001-of-00003\.gguf"):
+        convert_gguf(split / "m-00002-of-00003.gguf", tmp_path / "out")
+    (split / "m-00003-of-00003.gguf").rename(split / "elsewhere.gguf")
+    with pytest.raises(GGUFImportError, match=r"part 3, .*m-00003-of-00003\.gguf', is missing"):
+        convert_gguf(split / "m-00001-of-00003.gguf", tmp_path / "out")
+    (split / "m-00001-of-00003.gguf").rename(split / "renamed.gguf")
+    with pytest.raises(GGUFImportError, match="is part 1 of 3 .* its name does not end in -00001-of-00003.gguf"):
+        convert_gguf(split / "renamed.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_into_a_folder_of_another_model_is_refused(tmp_path, byte_level_vocab):
+    """Another model's config.json (whose token ids an export prefers), weights or chat_template.jinja (which takes
+    priority over ours) would be read with the import; a re-import into the import's own folder is fine."""
+    path = tiny_llama_gguf(tmp_path, byte_level_vocab)
+    out = tmp_path / "out"
+    convert_gguf(path, out)
+    convert_gguf(path, out)  # a second run over its own files
+    (out / "prepared-data").mkdir()  # folders inside are the user's (prepared datasets)
+    convert_gguf(path, out)
+    for name in ("config.json", "model.safetensors", "chat_template.jinja"):
+        (out / name).write_text("{}")
+    with pytest.raises(GGUFImportError, match=r"holds another model's files \(chat_template\.jinja, config\.json, "
+                                              r"model\.safetensors\), .*: import into a new folder"):
+        convert_gguf(path, out)
+
+
 @pytest.mark.slow
 def test_cli_prints_one_line_error_without_traceback(tmp_path, byte_level_vocab):
     path = tiny_llama_gguf(tmp_path, byte_level_vocab, arch="mamba")
