@@ -52,6 +52,20 @@ class ChatTemplateError(ValueError):
     """The checkpoint's chat template refused a conversation (its own `raise_exception` message)."""
 
 
+def check_utf8(text: str, what: str = "The text") -> None:
+    """Refuse text holding bytes that are not UTF-8: Python reads them from argv, stdin or a file opened with
+    `errors="surrogateescape"` as lone surrogates (U+DC80-U+DCFF), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        byte = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"character U+{ord(char):04X}"
+        raise ValueError(
+            f"{what} is not valid UTF-8 ({byte} at character {e.start}, e.g. from a file or terminal in Latin-1): "
+            "convert it to UTF-8."
+        ) from None
+
+
 class Tokenizer:
     """The tokenizer of a checkpoint folder: `tokenizer.json` (Hugging Face `tokenizers`) or `tokenizer.model`
     (SentencePiece), with `tokenizer_config.json` and `generation_config.json` for the special tokens, whether
@@ -180,6 +194,8 @@ class Tokenizer:
         device: Optional[torch.device] = None,
     ) -> torch.Tensor:
         """Token ids of `text` (1-D `torch.long`); `bos=None` adds BOS when the model's prompts start with it."""
+        if not text.isascii():
+            check_utf8(text)
         if self.backend == "huggingface":
             tokens = self.processor.encode(text, add_special_tokens=False).ids
         else:
@@ -269,12 +285,14 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat template
     @staticmethod
     def _read_chat_template(checkpoint_dir: Path, config: dict) -> Optional[str]:
+        # as transformers: a separate chat_template.jinja takes priority over tokenizer_config.json's entry (Hub
+        # repos that moved their template to the file often keep an older one in the config)
+        if (checkpoint_dir / "chat_template.jinja").is_file():
+            return (checkpoint_dir / "chat_template.jinja").read_text(encoding="utf-8")
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        if template is None and (checkpoint_dir / "chat_template.jinja").is_file():
-            template = (checkpoint_dir / "chat_template.jinja").read_text(encoding="utf-8")
         return template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,

@@ -242,3 +242,10 @@ def test_chat_template_matches_transformers(tmp_path):
             assert ours.endswith(prefix.strip()) or ours.endswith(prefix)
     with pytest.raises(ValueError, match="pass add_generation_prompt=False with it"):
         tok.apply_chat_template(messages, continue_final_message=True)
+
+    # a chat_template.jinja beside a template in tokenizer_config.json: transformers takes the file (Hub repos that
+    # moved their template there often keep an older one in the config), and so do we
+    (tmp_path / "chat_template.jinja").write_text("NEW {% for m in messages %}<{{ m['role'] }}>{% endfor %}")
+    ref, tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path)), Tokenizer(tmp_path)
+    assert tok.apply_chat_template(messages) == ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True) == "NEW <user><assistant><user>"
