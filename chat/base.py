@@ -1,5 +1,6 @@
 """Chat with a lit checkpoint (merged, or base + adapter), streaming the answer as it is generated."""
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,16 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lit_gpt.cli import run_cli  # noqa: E402
-from lit_gpt.data.prompts import ChatTemplate, PromptStyle, PromptStyleName, prompt_style_from_name  # noqa: E402
+from lit_gpt.data.prompts import PromptStyle, PromptStyleName, prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
-from lit_gpt.merge import load_finetuned, resolve_prompt_style  # noqa: E402
-from lit_gpt.tokenizer import Tokenizer  # noqa: E402
+from lit_gpt.merge import PRECISIONS, load_finetuned, resolve_prompt_style  # noqa: E402
+from lit_gpt.tokenizer import Tokenizer, check_utf8  # noqa: E402
 from lit_gpt.utils import check_checkpoint_dir, resolve_device  # noqa: E402
 
 QUIT_COMMANDS = ("!quit", "!exit")
 RESET_COMMAND = "!reset"
 CONTINUATION = "\\"
-DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
 RUN_CONFIG_FIX = ("chat with the run's adapter unmerged, --checkpoint_dir {base} --adapter_path {adapter}, or with "
                   "its merged checkpoint (scripts/merge_ether.py or merge_lora.py write {merged}) as --checkpoint_dir")
 
@@ -47,21 +47,19 @@ def read_message(stream: TextIO, interactive: bool) -> Optional[str]:
 
 
 class Conversation:
-    """Turns into prompt text: the whole history through the chat template (multi-turn), or one message through a
-    fixed-format style such as Alpaca (single-turn: those models were trained on single exchanges)."""
+    """Turns into prompt text: the whole history (multi-turn) for the styles that render conversations (the chat
+    template, ChatML), or one message through a fixed-format style such as Alpaca (single-turn: those models were
+    trained on single exchanges)."""
 
     def __init__(self, style: PromptStyle, multi_turn: bool) -> None:
         self.style = style
-        self.multi_turn = multi_turn and isinstance(style, ChatTemplate)
+        self.multi_turn = multi_turn and hasattr(style, "apply_messages")
         self.history: list[dict] = []
 
     def prompt(self, message: str, drop_turns: int = 0) -> str:
         if not self.multi_turn:
             return self.style.apply(message)
-        messages = [{"role": "system", "content": self.style.system_prompt}] if self.style.system_prompt else []
-        messages += self.history[2 * drop_turns:]
-        messages.append({"role": "user", "content": message})
-        return self.style.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.style.apply_messages(self.history[2 * drop_turns:] + [{"role": "user", "content": message}])
 
     def add(self, message: str, answer: str) -> None:
         if self.multi_turn:
@@ -72,15 +70,16 @@ class Conversation:
 
 
 def encode_prompt(conversation: Conversation, tokenizer: Tokenizer, message: str, block_size: int,
-                  device: torch.device) -> torch.Tensor:
-    """Token ids of the prompt, dropping the oldest turns while the conversation leaves no room to answer."""
+                  device: torch.device, max_new_tokens: int = 1) -> tuple[torch.Tensor, int]:
+    """Token ids of the prompt, and how many of the oldest exchanges were dropped (forgotten) to leave room for a
+    whole answer of `max_new_tokens`; the message alone, with less room, when even that does not leave it."""
     turns = len(conversation.history) // 2
     for drop in range(turns + 1):
         ids = tokenizer.encode(conversation.prompt(message, drop_turns=drop), device=device)
-        if ids.numel() < block_size:
+        if ids.numel() + max_new_tokens <= block_size or (drop == turns and ids.numel() < block_size):
             if drop:
                 conversation.history = conversation.history[2 * drop:]
-            return ids
+            return ids, drop
     raise ValueError(
         f"The message is {ids.numel()} tokens long with its prompt format; the model's context is {block_size} "
         "tokens: send a shorter one."
@@ -121,15 +120,16 @@ def main(
             applied to --checkpoint_dir without merging, or a full fine-tuning state dict (lit_model_finetuned.pth).
         max_new_tokens: Stop each answer after this many tokens (fewer when the context ends first).
         temperature: Sampling temperature; 0 always picks the most likely token (greedy).
-        top_k: Sample among the k most likely tokens only (None: all).
+        top_k: Sample among the k most likely tokens only (null: all).
         top_p: Sample from the smallest set of tokens whose probability adds up to top_p (1.0: all).
         precision: Weight dtype: bf16-true, 16-true or 32-true; default bf16-true on a GPU that supports it, else
             32-true.
         device: "cpu", "cuda", "cuda:1", ...; default the first GPU if there is one.
         prompt_style: Force a prompt format (alpaca, chatml, chat_template, ...) instead of the rule above.
         system_prompt: A system message (chat template and chatml styles only).
-        multi_turn: Keep the conversation for chat-template models (the oldest turns are dropped when the context
-            is full); fixed-format styles such as Alpaca are always single-turn.
+        multi_turn: Keep the conversation with the chat template and chatml styles (when the context cannot hold
+            it and a whole answer, the oldest exchanges are forgotten, with a note on stderr); fixed-format styles
+            such as Alpaca are always single-turn.
         seed: Random seed for sampling.
     """
     if max_new_tokens < 1:
@@ -138,11 +138,11 @@ def main(
     torch_device = resolve_device(device)
     if precision is None:
         precision = "bf16-true" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
-    dtype = DTYPES[precision]
+    dtype = PRECISIONS[precision]
 
     check_checkpoint_dir(checkpoint_dir)  # before the tokenizer, whose error would blame a "tokenizer directory"
     tokenizer = Tokenizer(checkpoint_dir)
-    model = load_finetuned(checkpoint_dir, adapter_path, device=torch_device, dtype=dtype)
+    # the prompt format before the model: its mistakes (a --system_prompt Alpaca cannot take) need no weights
     if prompt_style is not None:
         style = prompt_style_from_name(prompt_style, checkpoint_dir, system_prompt=system_prompt, tokenizer=tokenizer)
     else:
@@ -151,39 +151,67 @@ def main(
             style = prompt_style_from_name(
                 getattr(style, "name"), checkpoint_dir, system_prompt=system_prompt, tokenizer=tokenizer
             )
+    model = load_finetuned(checkpoint_dir, adapter_path, device=torch_device, dtype=dtype)
     conversation = Conversation(style, multi_turn)
     generator = torch.Generator(device=torch_device).manual_seed(seed)
 
+    # a byte that is not UTF-8 (a Latin-1 file or terminal) reaches the tokenizer, which refuses that message in one
+    # line, rather than ending the chat in a decoding error
+    sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
+        try:
+            # line editing and history; it also reads a pasted message whole, which the terminal's own line buffer
+            # would cut at 4 KiB
+            import readline  # noqa: F401
+        except ImportError:  # not on Windows
+            pass
         print(f"Chatting with {checkpoint_dir}{f' + {adapter_path}' if adapter_path else ''} "
               f"({getattr(style, 'name', type(style).__name__)} prompts). End a line with \\ to continue it; "
               f"{', '.join(QUIT_COMMANDS)} or Ctrl-D to leave, {RESET_COMMAND} to forget the conversation.",
               file=sys.stderr)
 
     try:
-        chat_loop(model, tokenizer, conversation, generator, interactive, max_new_tokens, temperature, top_k, top_p)
+        refused = chat_loop(model, tokenizer, conversation, generator, interactive, max_new_tokens, temperature,
+                            top_k, top_p)
     except KeyboardInterrupt:  # Ctrl-C leaves like !quit, without a traceback
         print(file=sys.stderr)
+        return
+    except BrokenPipeError:  # `| head` closed stdout: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    if refused and not interactive:
+        raise SystemExit(f"error: {refused} of the messages were refused (see above); their answers are empty lines.")
 
 
 def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator: torch.Generator,
-              interactive: bool, max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:
+              interactive: bool, max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> int:
+    """Answer messages until the input ends or the user quits; returns how many messages were refused (each
+    answered with an empty line when the input is piped, so that answers stay one line per message)."""
     device = model.transformer.wte.weight.device
+    block_size = model.config.block_size
+    refused = 0
     while True:
         message = read_message(sys.stdin, interactive)
         if message is None or message.strip() in QUIT_COMMANDS:
-            return
+            return refused
         if message.strip() == RESET_COMMAND:
             conversation.reset()
             continue
         if not message.strip():
             continue
         try:
-            ids = encode_prompt(conversation, tokenizer, message, model.config.block_size, device)
+            check_utf8(message, "The message")
+            ids, dropped = encode_prompt(conversation, tokenizer, message, block_size, device, max_new_tokens)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
+            refused += 1
+            if not interactive:
+                print(flush=True)
             continue
+        if dropped:
+            print(f"[the context is full: the {dropped} oldest exchange{'s' if dropped > 1 else ''} "
+                  f"forgotten; {RESET_COMMAND} forgets them all]", file=sys.stderr)
 
         count, first_token_at = 0, None
         start = time.perf_counter()
@@ -208,8 +236,10 @@ def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator
         elapsed = time.perf_counter() - start
         conversation.add(message, "".join(pieces))
         ttft = f"{first_token_at:.2f} s" if first_token_at is not None else "-"
+        cut = ("; stopped at the end of the model's context" if count < max_new_tokens
+               and ids.numel() + count >= block_size else "")
         print(f"[{count} tokens in {elapsed:.2f} s: {count / max(elapsed, 1e-9):.2f} tokens/s, first token after "
-              f"{ttft}, prompt {ids.numel()} tokens]", file=sys.stderr, flush=True)
+              f"{ttft}, prompt {ids.numel()} tokens{cut}]", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

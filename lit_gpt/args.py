@@ -51,7 +51,7 @@ class TrainArgs:
     beta2: float = 0.999
     """AdamW's second-moment decay."""
     max_norm: Optional[float] = None
-    """Clip the gradient norm to this value (None: no clipping)."""
+    """Clip the gradient norm to this value (null: no clipping)."""
     max_seq_length: Optional[int] = None
     """Truncate samples to this many tokens (default: the longest sample, capped by the model's block size)."""
     save_interval: int = 1000

@@ -152,6 +152,8 @@ def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (
         given = found[-1].strip() if found else None
     tp = _flag_type(fn, key)
     if tp is not None and given is not None:
+        if given.lower() == "none" and type(None) in typing.get_args(tp):  # Python's spelling of YAML's null
+            return f"{flag}: expected {_describe(tp, key)}, got {given!r}: write null for None (see --help)"
         return f"{flag}: expected {_describe(tp, key)}, got {given!r} (see --help)"
     expected = re.search(r"Expected a (.*?)\. Got value: (.*)", rest)
     if expected is not None:

@@ -1,5 +1,6 @@
 """Generate text from a lit checkpoint, streaming the answer to stdout."""
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,9 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lit_gpt import GPT, Tokenizer  # noqa: E402
+from lit_gpt.tokenizer import check_utf8  # noqa: E402
 from lit_gpt.data.prompts import prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
-from lit_gpt.merge import read_prompt_style_file  # noqa: E402
+from lit_gpt.merge import PRECISIONS, read_prompt_style_file  # noqa: E402
 from lit_gpt.utils import (  # noqa: E402
     WEIGHTS_FILENAME,
     check_checkpoint_dir,
@@ -46,7 +48,7 @@ def main(
     temperature: float = 0.8,
     top_k: Optional[int] = 50,
     top_p: float = 1.0,
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    precision: Optional[Literal["bf16-true", "16-true", "32-true"]] = None,
     device: Optional[str] = None,
     chat_template: bool = True,
     system_prompt: Optional[str] = None,
@@ -59,9 +61,10 @@ def main(
         prompt: The user's message (or the raw text to continue with --chat_template false).
         max_new_tokens: Stop after this many new tokens (fewer if the model's context ends first).
         temperature: Sampling temperature; 0 always picks the most likely token.
-        top_k: Sample among the k most likely tokens only (None: all).
+        top_k: Sample among the k most likely tokens only (null: all).
         top_p: Sample from the smallest set of tokens whose probability adds up to top_p (1.0: all).
-        dtype: Weight and compute dtype; default bfloat16 on a GPU that supports it, else float32.
+        precision: Weight dtype: bf16-true, 16-true or 32-true (as chat/base.py and eval take it); default
+            bf16-true on a GPU that supports it, else 32-true.
         device: "cpu", "cuda", "cuda:1", ...; default the first GPU if there is one.
         chat_template: Format the prompt as the model was trained: with the style of the checkpoint's
             `prompt_style.yaml` (what `scripts/merge_ether.py` writes for a fine-tuned model), else with its chat
@@ -74,17 +77,14 @@ def main(
     if system_prompt is not None and not chat_template:
         raise ValueError("--system_prompt needs a prompt format; it is unused with --chat_template false.")
     check_sampling(temperature, top_k, top_p, flag_prefix="--")
+    check_utf8(prompt, "--prompt")
     check_model_dir(checkpoint_dir)
     device = resolve_device(device)
-    if dtype is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        torch_dtype = torch.bfloat16 if bf16 else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    if precision is None:
+        precision = "bf16-true" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    torch_dtype = PRECISIONS[precision]
 
     tokenizer = Tokenizer(checkpoint_dir)
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=torch_dtype).eval()
-
     text = prompt
     spec = read_prompt_style_file(checkpoint_dir) if chat_template else None
     if spec is not None or (chat_template and tokenizer.chat_template is not None):
@@ -97,6 +97,8 @@ def main(
         raise ValueError(f"--system_prompt needs a chat template or a prompt_style.yaml, and {str(checkpoint_dir)!r} "
                          "has neither.")
     ids = tokenizer.encode(text, device=device)
+    # the prompt before the model: its mistakes need no weights
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=torch_dtype).eval()
 
     generator = torch.Generator(device=device).manual_seed(seed)
     count = 0
@@ -112,9 +114,13 @@ def main(
         model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_id=tokenizer.stop_ids, generator=generator,
     )
-    for piece in tokenizer.decode_stream(counted(stream)):
-        print(piece, end="", flush=True)
-    print(flush=True)
+    try:
+        for piece in tokenizer.decode_stream(counted(stream)):
+            print(piece, end="", flush=True)
+        print(flush=True)
+    except BrokenPipeError:  # `| head` closed stdout: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     elapsed = time.perf_counter() - start
     print(
         f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.2f} tokens/s (prompt of {ids.numel()} tokens, "

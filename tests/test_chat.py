@@ -1,8 +1,10 @@
 """chat/base.py driven through piped standard input: the streamed answer is the greedy `generate` answer on the
 same prompt; !quit and end of input exit cleanly; an unmerged adapter answers like its merged checkpoint."""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,67 @@ def test_bad_input_is_one_line(tiny, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
+def test_piped_refused_messages_keep_one_line_per_message(tiny):
+    """Scripts pair answers with messages: a refused one (here not UTF-8, from a Latin-1 file) is answered with an
+    empty line and a one-line error, the chat goes on, and the exit status says not all went well."""
+    base, _, _ = tiny
+    r = subprocess.run([sys.executable, "chat/base.py", "--checkpoint_dir", str(base), *GREEDY],
+                       input="Add two and three.\ncaf\xe9 au lait\nWrite a response.\n".encode("latin-1"),
+                       capture_output=True, cwd=REPO, timeout=300)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 1, err
+    lines = out.split("\n")
+    assert len(lines) == 4 and lines[0] and lines[1] == "" and lines[2] and lines[3] == "", out
+    assert "error: The message is not valid UTF-8 (byte 0xe9 at character 3" in err and "Traceback" not in err
+    assert err.rstrip().endswith("error: 1 of the messages were refused (see above); their answers are empty lines.")
+    # an Alpaca model takes no system prompt: said before the model loads, naming the flag
+    r = chat("--checkpoint_dir", str(base), "--system_prompt", "Be brief.", *GREEDY, stdin="hi\n")
+    assert r.returncode == 1 and r.stderr.startswith("error: --system_prompt cannot be used with the 'alpaca'")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs a pseudo-terminal (Linux)")
+def test_a_long_pasted_message_arrives_whole_on_a_terminal(tiny):
+    """A terminal's own line buffer cuts a line at 4 KiB; the chat reads through readline, which does not."""
+    import pty
+    import select
+
+    base, _, _ = tiny
+    message = "x " * 3000
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat, on the terminal
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "chat/base.py", "--checkpoint_dir", str(base), *GREEDY])
+    out = b""
+
+    def read_until(text: bytes, timeout: float = 120) -> None:
+        nonlocal out
+        end = time.time() + timeout
+        while text not in out and time.time() < end:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                out += data
+
+    try:
+        read_until(b">> You: ")
+        for i in range(0, len(message), 512):  # as a paste arrives
+            os.write(fd, message[i:i + 512].encode())
+            time.sleep(0.01)
+        os.write(fd, b"\r")
+        read_until(b"send a shorter one")  # the tiny model's context is shorter than the message
+        os.write(fd, b"\x04")
+    finally:
+        os.waitpid(pid, 0)
+    tokens = len(Tokenizer(base).encode(prompt_style_from_name("alpaca").apply(message)))
+    assert f"The message is {tokens} tokens long".encode() in out, out[-300:]
+
+
 def test_help_describes_the_controls_and_the_prompt_format_rule():
     r = chat("--help", stdin="")
     assert r.returncode == 0, r.stderr
@@ -121,10 +184,27 @@ def test_read_message_and_conversation_rules(tiny):
     conv = chat_base.Conversation(prompt_style_from_name("chat_template", tokenizer=tok), multi_turn=True)
     conv.add("hi", "hello")
     assert conv.prompt("again") == "<|user|>\nhi</s>\n<|assistant|>\nhello</s>\n<|user|>\nagain</s>\n<|assistant|>\n"
-    # dropping the oldest turn when the context is full
-    ids = chat_base.encode_prompt(conv, tok, "again", block_size=len(tok.encode(conv.prompt("again"))),
-                                  device=torch.device("cpu"))
-    assert conv.history == [] and tok.decode(ids).endswith("<|user|>\nagain</s>\n<|assistant|>\n")
+    # the oldest exchanges are dropped until a whole answer fits, then the message alone with what room is left
+    full = len(tok.encode(conv.prompt("again")))
+    alone = len(tok.encode(conv.prompt("again", drop_turns=1)))
+    cpu = torch.device("cpu")
+    assert chat_base.encode_prompt(conv, tok, "again", full + 3, cpu, max_new_tokens=3)[1] == 0
+    assert len(conv.history) == 2
+    ids, dropped = chat_base.encode_prompt(conv, tok, "again", full + 3, cpu, max_new_tokens=4)
+    assert dropped == 1 and conv.history == [] and len(ids) == alone
+    conv.add("hi", "hello")
+    ids, dropped = chat_base.encode_prompt(conv, tok, "again", alone + 1, cpu, max_new_tokens=50)
+    assert dropped == 1 and tok.decode(ids).endswith("<|user|>\nagain</s>\n<|assistant|>\n")
+    with pytest.raises(ValueError, match="the model's context is"):
+        chat_base.encode_prompt(conv, tok, "again", alone, cpu)
+    # ChatML renders conversations too
+    chatml = chat_base.Conversation(prompt_style_from_name("chatml", system_prompt="Be brief."), multi_turn=True)
+    chatml.add("hi", "hello")
+    assert chatml.prompt("again") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello"
+        "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt_style_from_name("chatml").apply("x") == chat_base.Conversation(
+        prompt_style_from_name("chatml"), multi_turn=True).prompt("x")
     alpaca = chat_base.Conversation(prompt_style_from_name("alpaca"), multi_turn=True)
     alpaca.add("hi", "hello")
     assert alpaca.prompt("x") == prompt_style_from_name("alpaca").apply("x")

@@ -222,9 +222,25 @@ def test_generate_script_streams_the_greedy_answer(tmp_path):
     assert result.stdout == tok.decode(expected) + "\n"
     assert f"prompt of {formatted.numel()} tokens" in result.stderr
     for flags, message in [(("--max_new_tokens", "0"), "--max_new_tokens must be at least 1"),
-                           (("--chat_template", "false", "--system_prompt", "be brief"), "--system_prompt needs")]:
+                           (("--chat_template", "false", "--system_prompt", "be brief"), "--system_prompt needs"),
+                           (("--system_prompt", "be brief"), "--system_prompt cannot be used with the 'alpaca'"),
+                           (("--prompt", "caf\udce9"), "--prompt is not valid UTF-8 (byte 0xe9 at character 3")]:
         result = run(*flags)
         assert result.returncode == 1 and result.stderr.startswith("error: " + message), result.stderr
+    # the precision flag chat/base.py and eval take; the greedy answer is the same
+    result = run("--precision", "32-true")
+    assert result.returncode == 0 and result.stdout == tok.decode(expected) + "\n", result.stderr
+    assert "cpu, float32" in result.stderr
+    # a reader that closes the pipe early (`| head -c 3`) ends the script quietly
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "scripts" / "generate.py"), "--checkpoint_dir", str(tmp_path),
+         "--prompt", prompt, "--max_new_tokens", "200", "--temperature", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    )
+    proc.stdout.read(1)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err, err
 
 
 def test_model_trains_after_generating():

@@ -91,8 +91,14 @@ class ChatML(PromptStyle):
         self.system_prompt = system_prompt
 
     def apply(self, instruction: str, input: str = "") -> str:
-        system = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else ""
-        return f"{system}<|im_start|>user\n{_user_message(instruction, input)}<|im_end|>\n<|im_start|>assistant\n"
+        return self.apply_messages([{"role": "user", "content": _user_message(instruction, input)}])
+
+    def apply_messages(self, messages: list[dict]) -> str:
+        """A conversation (`[{"role": ..., "content": ...}]`, after the system prompt), ending where the next
+        assistant answer starts."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in system + messages)
+        return f"{turns}<|im_start|>assistant\n"
 
     def __repr__(self) -> str:
         return f"ChatML(system_prompt={self.system_prompt!r})"
@@ -124,9 +130,13 @@ class ChatTemplate(PromptStyle):
         return cls(Tokenizer(checkpoint_dir), system_prompt=system_prompt)
 
     def apply(self, instruction: str, input: str = "") -> str:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": _user_message(instruction, input)})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.apply_messages([{"role": "user", "content": _user_message(instruction, input)}])
+
+    def apply_messages(self, messages: list[dict]) -> str:
+        """A conversation (`[{"role": ..., "content": ...}]`, after the system prompt), ending where the next
+        assistant answer starts."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return self.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
 
     def __repr__(self) -> str:
         return f"ChatTemplate({str(getattr(self.tokenizer, 'checkpoint_dir', ''))!r})"
@@ -155,5 +165,6 @@ def prompt_style_from_name(name: str, checkpoint_dir: Optional[Path | str] = Non
     if name == ChatML.name:
         return ChatML(system_prompt=system_prompt)
     if system_prompt:
-        raise ValueError(f"The {name!r} prompt style has a fixed header and takes no system prompt.")
+        raise ValueError(f"--system_prompt cannot be used with the {name!r} prompt style, which has a fixed header: "
+                         "leave it out, or pick --prompt_style chatml or chat_template.")
     return PROMPT_STYLES[name]()
