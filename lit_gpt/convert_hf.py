@@ -779,6 +779,7 @@ def convert_lit_checkpoint(
             f"--output_dir {str(output_dir)!r} is the checkpoint directory itself; pick a new folder so the export "
             "does not overwrite the original config.json and weights."
         )
+    _check_not_another_model(output_dir)
     torch_dtype = parse_dtype(dtype)
     config = Config.from_checkpoint(checkpoint_dir)
     hf_config = config_to_hf(config)
@@ -912,6 +913,20 @@ _HF_WEIGHT_FILE = re.compile(
     r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
     r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json"
 )
+
+
+def _check_not_another_model(output_dir: Path) -> None:
+    """Refuse an --output_dir holding transformers weights that are not an earlier export of ours (its config.json
+    names the lit model it came from): an export replaces those, which must not destroy a download."""
+    if not output_dir.is_dir():
+        return
+    weights = sorted(p.name for p in output_dir.iterdir() if p.is_file() and _HF_WEIGHT_FILE.fullmatch(p.name))
+    if weights and LIT_NAME_KEY not in _read_json(output_dir / HF_CONFIG_FILENAME):
+        raise ConversionError(
+            f"--output_dir {str(output_dir)!r} holds a transformers model that is not an export of lit_gpt "
+            f"({', '.join(weights[:3])}{', …' if len(weights) > 3 else ''}), whose weight files an export would "
+            "replace: pick a new folder."
+        )
 
 
 def _remove_earlier_export(output_dir: Path, tokenizer_source: Optional[Path]) -> list[str]:

@@ -333,6 +333,21 @@ def test_interrupted_export_into_an_earlier_one_is_never_a_loadable_mix(tmp_path
     torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
 
 
+def test_export_into_a_folder_of_another_transformers_model_is_refused(tmp_path):
+    """An export replaces an earlier export's weight files; a download's (no lit_gpt name in its config.json) are
+    the user's, and stay."""
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_dir, download = tmp_path / "hf", tmp_path / "download"
+    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
+    convert_hf_checkpoint(hf_dir)
+    make_hf_model(model_type, seed=1, **kwargs).save_pretrained(download)
+    before = {p.name: p.read_bytes() for p in download.iterdir()}
+    with pytest.raises(ConversionError, match=r"holds a transformers model that is not an export of lit_gpt "
+                                              r"\(model.safetensors\), .*: pick a new folder"):
+        convert_lit_checkpoint(hf_dir, download)
+    assert {p.name: p.read_bytes() for p in download.iterdir()} == before
+
+
 def test_export_into_an_earlier_one_drops_its_tokenizer_files(tmp_path, capsys):
     """transformers prefers chat_template.jinja to tokenizer_config.json's template and still reads the legacy
     special-token files: an earlier export's must not stay beside the new model's tokenizer."""
