@@ -150,24 +150,35 @@ def non_finite_advice(precision: str) -> str:
     return "Lower --train.learning_rate or set --train.max_norm"
 
 
-def check_precision(precision: str, adapter_config: Optional[Any]) -> None:
+# what FSDP2 (Lightning's ModelParallelStrategy) takes: the sharded weights are kept in one dtype
+SHARDED_PRECISIONS = ("32-true", "32", "bf16-true", "bf16-mixed", "16-true")
+
+
+def check_precision(precision: str, adapter_config: Optional[Any], world_size: int = 1) -> None:
     """Full fine-tuning cannot keep float16 weights: AdamW's state would be float16 too, where its eps (1e-8) and
     squared gradients below ~2e-4 round to 0, so a step divides 0 by 0. (An adapter run keeps its few trainable
     weights in float32 instead: `fabric_precision`.) Nor a precision of Lightning's that this training does not
-    support (transformer-engine and 8-bit need other packages and keep the weights otherwise)."""
+    support (transformer-engine and 8-bit need other packages and keep the weights otherwise), or that FSDP2 does
+    not when `world_size` (--devices × --num_nodes) is over 1."""
     from lit_gpt.adapters.plan import PRECISION_ALIASES, PRECISION_BYTES
 
-    if PRECISION_ALIASES.get(precision, precision) not in PRECISION_BYTES:
+    unified = PRECISION_ALIASES.get(precision, precision)
+    if unified not in PRECISION_BYTES:
         # (full fine-tuning refuses float16 weights, below: not offered to it)
         offered = [k for k in PRECISION_BYTES if k != "32" and not (adapter_config is None and k.startswith("16-true"))]
         raise ValueError(f"--precision {precision}: choose one of {', '.join(offered)} "
                          "(bf16-true on GPUs with bfloat16, 16-mixed on older ones, 32-true on the CPU).")
     if adapter_config is None and precision.startswith("16-true"):
+        other = "16-mixed (float32 weights, float16 compute)" if world_size == 1 else "32-true"
         raise ValueError(
             "--precision 16-true cannot train every weight: AdamW's state would be float16, where its eps and small "
             "squared gradients round to 0 and the first steps turn the weights into NaN; use --precision bf16-true "
-            "on GPUs with bfloat16, or 16-mixed (float32 weights, float16 compute)."
+            f"on GPUs with bfloat16, or {other}."
         )
+    if world_size > 1 and unified not in SHARDED_PRECISIONS:
+        offered = "32-true, bf16-true, bf16-mixed" + (" or 16-true" if adapter_config is not None else "")
+        raise ValueError(f"--precision {precision} does not work with --devices × --num_nodes = {world_size}: FSDP2 "
+                         f"keeps the sharded weights in one dtype, so choose {offered}.")
 
 
 def _non_finite_error(what: str, step: int, last_good: Optional[Path], precision: str,
@@ -202,9 +213,13 @@ def check_finite(state_dict: dict, what: str, step: int, last_good: Optional[Pat
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
-def default_precision() -> str:
+def default_precision(world_size: int = 1) -> str:
+    """bf16-true on GPUs with bfloat16; on older ones 16-mixed on one device and 32-true sharded (FSDP2 takes no
+    mixed float16); 32-true on the CPU."""
     if torch.cuda.is_available():
-        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-mixed"
+        if torch.cuda.is_bf16_supported():
+            return "bf16-true"
+        return "16-mixed" if world_size == 1 else "32-true"
     return "32-true"
 
 
@@ -339,14 +354,41 @@ def check_run_dir(out_dir: Path, out_dir_given: bool, resume: Optional[str | Pat
         check_output_dir(out_dir.parent, "--io.log_dir")
     check_output_dir(out_dir, "--io.out_dir")
     own = isinstance(resume, Path) and resume.resolve().parent == (out_dir / "checkpoints").resolve()
-    if resume == "auto" or own:
+    if own:
         return
     found = run_dir_contents(out_dir)
-    if found:
-        how = (f"resume {str(resume)!r} into a new --io.out_dir" if resume is not None
-               else "continue it with --resume auto (a checkpoint: --resume PATH)")
-        raise ValueError(f"{str(out_dir)!r} already holds a run ({' and '.join(found)}): {how}, or pass another "
-                         f"--io.out_dir for a new run (or delete that folder to start it over).")
+    if not found:
+        return
+    if not checkpoint_steps(out_dir):  # a finished run with nothing to go on from: --resume auto would redo it
+        if resume is None or resume == "auto":
+            raise ValueError(
+                f"{str(out_dir)!r} holds a finished run ({' and '.join(found)}) and no checkpoint to go on from: pass "
+                "another --io.out_dir for a new run (or delete that folder to start it over)."
+            )
+    elif resume == "auto":
+        return
+    how = (f"resume {str(resume)!r} into a new --io.out_dir" if resume is not None
+           else "continue it with --resume auto (a checkpoint: --resume PATH)")
+    raise ValueError(f"{str(out_dir)!r} already holds a run ({' and '.join(found)}): {how}, or pass another "
+                     f"--io.out_dir for a new run (or delete that folder to start it over).")
+
+
+# atomic_path's temporary files (`.<name>.<random>.tmp`) of the files a run writes; a writer killed outright (the
+# OOM killer, a scheduler's kill after its grace period) leaves one, as large as a checkpoint
+_PARTIAL_WRITE = re.compile(r"\.(step-\d+\.pth|lit_model\w*\.pth|hyperparameters\.yaml)\.\w+\.tmp")
+
+
+def remove_partial_writes(out_dir: Path) -> list[str]:
+    """Delete the temporary files of writes that never finished in the run directory `out_dir` (a run starting
+    there is its only writer); returns their names with their sizes."""
+    freed = []
+    for folder in (out_dir, out_dir / "checkpoints"):
+        for p in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+            if p.is_file() and _PARTIAL_WRITE.fullmatch(p.name):
+                size = p.stat().st_size
+                p.unlink()
+                freed.append(f"{p.relative_to(out_dir)}, {size / 2**20:.1f} MiB")
+    return freed
 
 
 def checkpoint_steps(out_dir: Path) -> dict[int, Path]:
@@ -389,6 +431,24 @@ def check_numbers(train: TrainArgs, eval: EvalArgs, devices: int, num_nodes: int
     train.gradient_accumulation_iters(devices, num_nodes)
     if this_machine:
         check_nodes(num_nodes)
+        check_launched_processes(devices, num_nodes)
+
+
+def check_launched_processes(devices: int, num_nodes: int) -> None:
+    """torchrun started its own processes (--nproc_per_node N × --nnodes, its WORLD_SIZE) for another count than
+    --devices × --num_nodes: each process would take itself for a whole run, and they would all write into one run
+    directory. (Fabric's own launcher sets WORLD_SIZE too, from --devices, but not torchrun's other variables.)"""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    launched = os.environ.get("WORLD_SIZE")
+    if (not TorchElasticEnvironment.detect() or launched is None or not launched.isdigit()
+            or int(launched) == devices * num_nodes):
+        return
+    per_node = int(launched) // num_nodes if int(launched) % num_nodes == 0 else None
+    fix = (f"pass --devices {per_node} (the processes per machine)" if per_node
+           else "make --devices × --num_nodes equal it")
+    raise ValueError(f"The launcher started {launched} processes (WORLD_SIZE={launched}), but --devices {devices} × "
+                     f"--num_nodes {num_nodes} = {devices * num_nodes}: {fix}.")
 
 
 def multi_node_launch_detected() -> bool:
@@ -870,8 +930,8 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         else:
             model = Config.from_name(model)
         check_tied_head(model, adapter_config, method)
-        precision = args["precision"] or default_precision()
-        check_precision(precision, adapter_config)
+        precision = args["precision"] or default_precision(args["devices"] * args["num_nodes"])
+        check_precision(precision, adapter_config, args["devices"] * args["num_nodes"])
         print(plan_report(model, adapter_config, precision, adapter_float32=args.get("adapter_float32", False),
                           world_size=args["devices"] * args["num_nodes"]))
         return None
@@ -944,8 +1004,8 @@ def finetune(
     if adapter_config is not None:  # an nb that does not divide a width fails here, on the meta device, in ms
         with torch.device("meta"):
             apply_adapters(GPT(config), adapter_config)
-    precision = precision or default_precision()
-    check_precision(precision, adapter_config)
+    precision = precision or default_precision(world_size)
+    check_precision(precision, adapter_config, world_size)
     out_dir = Path(io.out_dir)
     steps = total_steps(train, len(train_data))
 
@@ -1038,6 +1098,10 @@ def finetune(
 
     def start_logs() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        freed = remove_partial_writes(out_dir)
+        if freed:
+            fabric.print(f"Removed {len(freed)} partly written file{'s' if len(freed) > 1 else ''} of a process "
+                         f"killed while saving ({', '.join(freed)}).")
         if saved is not None:
             aside = set_aside_later_branch(out_dir, saved["step"])
             if aside is not None:

@@ -62,6 +62,22 @@ def test_a_new_run_in_the_directory_of_another_is_refused(finished, tiny_ckpt, t
     setup_ether(tiny_ckpt / "data", tmp_path / "died", ckpt=tiny_ckpt, train=dict(TRAIN, max_steps=1))
 
 
+def test_a_finished_run_without_checkpoints_is_not_redone_by_resume_auto(finished, tiny_ckpt):
+    """A full fine-tune does not checkpoint its last step, and users delete checkpoints/ to free disk: `--resume
+    auto` (a requeue script passes it every time) would find nothing and train the finished run again over it."""
+    import shutil
+
+    shutil.rmtree(finished / "checkpoints")
+    before = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()}
+    for resume in (None, "auto"):
+        with pytest.raises(ValueError) as e:
+            setup_ether(tiny_ckpt / "data", finished, ckpt=tiny_ckpt, train=TRAIN, resume=resume)
+        assert str(e.value) == (
+            f"{str(finished)!r} holds a finished run (lit_model_ether_finetuned.pth) and no checkpoint to go on from: "
+            "pass another --io.out_dir for a new run (or delete that folder to start it over).")
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == before
+
+
 def test_a_run_directory_that_is_a_file_is_refused_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch):
     from lit_gpt import training
 
@@ -120,3 +136,19 @@ def test_a_resume_goes_on_in_the_directory_of_its_checkpoint(tiny_ckpt, tmp_path
     assert previous.name == "hyperparameters.until-step-000004.yaml"
     assert yaml.safe_load(previous.read_text())["train"]["learning_rate"] == 1e-2
     assert load_file(run / "checkpoints" / "step-000006.pth", mmap=False)["train"]["learning_rate"] == 2e-3
+
+
+def test_partly_written_files_of_a_killed_writer_are_removed_on_resume(finished, tiny_ckpt, capsys):
+    """A save killed outright (OOM killer, a scheduler's kill after its grace period) leaves atomic_path's temporary
+    file, as large as a checkpoint; the next start in the run directory removes it, and only such files."""
+    partial = finished / "checkpoints" / ".step-000008.pth.k3x9_q.tmp"
+    partial.write_bytes(b"\0" * 2**20)
+    users = [finished / "checkpoints" / ".notes.tmp", finished / ".step-000008.pth.tmp"]
+    for path in users:
+        path.write_text("the user's")
+    capsys.readouterr()
+    setup_ether(tiny_ckpt / "data", finished, ckpt=tiny_ckpt, train=dict(TRAIN, max_steps=8), resume="auto")
+    assert not partial.exists() and all(p.is_file() for p in users)
+    assert ("Removed 1 partly written file of a process killed while saving (checkpoints/.step-000008.pth.k3x9_q.tmp,"
+            " 1.0 MiB).") in capsys.readouterr().out
+    assert steps_of(finished) == [2, 4, 6, 8]

@@ -536,3 +536,49 @@ def test_an_unknown_precision_lists_what_the_script_takes():
     with pytest.raises(ValueError) as full:  # full fine-tuning refuses 16-true: not offered
         check_precision("bf15-true", None)
     assert "bf16-true, 16-true (" in str(adapter.value) and "16-true" not in str(full.value).replace("bf16-true", "")
+
+
+def test_precisions_fsdp_cannot_shard_are_refused_with_several_devices(monkeypatch):
+    """FSDP2 keeps sharded weights in one dtype: 16-mixed and 64-true fail inside Lightning, naming its strategy
+    class, not a flag; full.py's advice for 16-true must not send the user there."""
+    from lit_gpt import training
+    from lit_gpt.adapters import AdapterConfig
+    from lit_gpt.training import check_precision
+
+    adapter = AdapterConfig(method="ether", nb=4)
+    for precision in ("16-mixed", "16", "64-true"):
+        check_precision(precision, adapter, world_size=1)
+        with pytest.raises(ValueError, match=rf"^--precision {precision} does not work with --devices × --num_nodes "
+                                             r"= 2: FSDP2 .* choose 32-true, bf16-true, bf16-mixed or 16-true\.$"):
+            check_precision(precision, adapter, world_size=2)
+    with pytest.raises(ValueError, match="choose 32-true, bf16-true, bf16-mixed.$"):
+        check_precision("16-mixed", None, world_size=4)
+    for precision in ("32-true", "32", "bf16-true", "bf16-mixed", "bf16", "16-true"):
+        check_precision(precision, adapter, world_size=2)
+    with pytest.raises(ValueError, match="or 16-mixed") as one:
+        check_precision("16-true", None, world_size=1)
+    with pytest.raises(ValueError, match="bfloat16, or 32-true.$") as several:
+        check_precision("16-true", None, world_size=2)
+    assert "16-mixed" in str(one.value) and "16-mixed" not in str(several.value)
+    # the default on a GPU without bfloat16: 16-mixed alone, 32-true sharded
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert training.default_precision(1) == "16-mixed" and training.default_precision(2) == "32-true"
+
+
+def test_a_launcher_that_started_another_number_of_processes_is_refused(monkeypatch):
+    """torchrun --nproc_per_node 2 without --devices 2: each process would take itself for a whole run."""
+    from lit_gpt.training import check_launched_processes
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_launched_processes(1, 1)  # Fabric's own launcher leaves WORLD_SIZE set in the process that launched
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets besides
+    check_launched_processes(2, 1)
+    with pytest.raises(ValueError, match=r"^The launcher started 2 processes \(WORLD_SIZE=2\), but --devices 1 × "
+                                         r"--num_nodes 1 = 1: pass --devices 2 \(the processes per machine\)\.$"):
+        check_launched_processes(1, 1)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match="= 2: pass --devices 4 "):
+        check_launched_processes(1, 2)
+    monkeypatch.delenv("WORLD_SIZE")
+    check_launched_processes(1, 1)
