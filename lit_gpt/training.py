@@ -824,12 +824,15 @@ def check_data_order(loader, state: dict, ckpt: Path) -> None:
     loader.load_state_dict(state)
 
 
-def changed_training_flags(saved: dict, train: TrainArgs, steps: int, n_samples: int, precision: str) -> list[str]:
+def changed_training_flags(saved: dict, train: TrainArgs, steps: int, n_samples: int, precision: str,
+                           adapter_float32: bool = False) -> list[str]:
     """`--train.X old -> new` for each training setting of this run that differs from the checkpoint's (none for
-    checkpoints written before the settings were recorded in them), and `--precision` likewise."""
+    checkpoints written before the settings were recorded in them), and `--precision`, `--adapter_float32` likewise."""
     changed = []
     if saved.get("precision") not in (None, precision):
         changed.append(f"--precision {saved['precision']} -> {precision}")
+    if saved.get("adapter_float32") not in (None, adapter_float32):
+        changed.append(f"--adapter_float32 {str(saved['adapter_float32']).lower()} -> {str(adapter_float32).lower()}")
     was = saved.get("train")
     if not isinstance(was, dict):
         return changed
@@ -1025,7 +1028,7 @@ def finetune(
         if saved["step"] > steps:
             raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
                              "run: raise --train.max_steps, or resume from an earlier checkpoint.")
-        changed = changed_training_flags(saved, train, steps, len(train_data), precision)
+        changed = changed_training_flags(saved, train, steps, len(train_data), precision, adapter_float32)
     start_step = saved["step"] if saved is not None else 0
 
     # steps are logged as 1, 2, ...: a run resumed at step N logs N + 1 first, and TensorBoard drops what the old
@@ -1132,7 +1135,7 @@ def finetune(
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
         write_on_rank_0(fabric, path, lambda: atomic_save(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng_state(), "method": method,
-             "train": asdict(train), "precision": precision,
+             "train": asdict(train), "precision": precision, "adapter_float32": adapter_float32,
              "validated": validated,  # whether a validation ran at this step before it was written
              "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),
             state["last_good"])

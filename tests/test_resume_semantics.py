@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_gpt.utils import load_file
 from test_training import tiny_ckpt  # noqa: F401 (tiny_ckpt is a fixture)
@@ -161,6 +162,23 @@ def test_a_resume_with_another_batch_size_or_precision_says_so(first_run, tiny_c
             "--train.global_batch_size 1 -> 2, --train.max_steps 4 -> 5; steps 5 on use the new ones."
             ) in capsys.readouterr().out
     assert load_file(run / "checkpoints" / "step-000005.pth", mmap=False)["precision"] == "bf16-true"
+
+
+def test_a_resume_without_adapter_float32_says_so_and_keeps_one_dtype(tiny_ckpt, tmp_path, capsys):
+    """float32 adapters under bf16-true, resumed without the flag: the change is listed with the others, and AdamW's
+    moments follow their (now bfloat16) parameters (torch's loader casts them; its step counts stay float32)."""
+    run = tmp_path / "run"
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=2), precision="bf16-true",
+                adapter_float32=True)
+    first = load_file(run / "checkpoints" / "step-000002.pth", mmap=False)
+    assert first["adapter_float32"] is True and {v.dtype for v in first["model"].values()} == {torch.float32}
+    capsys.readouterr()
+    setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=FIRST, resume="auto", precision="bf16-true")
+    assert ("Resumed with other settings than the checkpoint's (old -> new): --adapter_float32 true -> false, "
+            "--train.max_steps 2 -> 4; steps 3 on use the new ones.") in capsys.readouterr().out
+    saved = load_file(run / "checkpoints" / "step-000004.pth", mmap=False)
+    moments = {v.dtype for st in saved["optimizer"]["state"].values() for k, v in st.items() if k != "step"}
+    assert {v.dtype for v in saved["model"].values()} == moments == {torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------- --num_nodes
