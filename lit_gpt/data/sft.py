@@ -177,8 +177,9 @@ def make_batches(
     """This rank's micro-batches (lists of dataset indices) for one epoch, minus the first `skip` of them.
 
     `dataset` is a dataset or its size. `shuffle=False` walks the data in order (evaluation). With
-    `longest_first` (needs `lengths`, or a dataset with a `lengths` attribute) the micro-batch holding this rank's
-    longest example comes first, so an out-of-memory error shows at the first step rather than hours later.
+    `longest_first` (needs `lengths`, or a dataset with a `lengths` attribute) the micro-batch holding the epoch's
+    longest example comes first (on rank 0), so an out-of-memory error shows at the first step rather than hours
+    later.
     """
     n = dataset if isinstance(dataset, int) else len(dataset)
     if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -198,16 +199,18 @@ def make_batches(
     elif n % step:
         pad = step - n % step
         order = torch.cat([order] + [order] * (pad // n) + [order[: pad % n]])
-    order = order.view(-1, world_size, micro_batch_size)[:, rank]  # (steps, micro_batch_size)
-    batches = order.tolist()
     if longest_first:
         if lengths is None:
             lengths = getattr(dataset, "lengths", None)
         if lengths is None:
             raise ValueError("longest_first needs the example lengths (pass lengths= or a dataset with .lengths).")
-        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-        batches.insert(0, batches.pop(longest))
-    return batches[skip:]
+        # the micro-batch of the permutation holding the longest example goes first, before the order is dealt to
+        # the ranks: each optimizer step then holds the same examples for any --devices (and the same global batch)
+        chunks = order.view(-1, micro_batch_size)
+        longest = max(range(len(chunks)), key=lambda c: max(lengths[i] for i in chunks[c].tolist()))
+        order = torch.cat([chunks[longest], chunks[:longest].flatten(), chunks[longest + 1:].flatten()])
+    order = order.view(-1, world_size, micro_batch_size)[:, rank]  # (steps, micro_batch_size)
+    return order.tolist()[skip:]
 
 
 class MicroBatchLoader:
