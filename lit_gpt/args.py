@@ -109,7 +109,7 @@ class EvalArgs:
     interval: int = 100
     """Validate every this many optimizer steps (0: only at the end)."""
     max_iters: int = 100
-    """Validation micro-batches per evaluation (0: no validation)."""
+    """Validation examples per evaluation, shared among the processes: the first this many (0: no validation)."""
     max_new_tokens: int = 100
     """Length of the sample generation printed at each validation (0: no sample)."""
 

@@ -434,6 +434,25 @@ def check_numbers(train: TrainArgs, eval: EvalArgs, devices: int, num_nodes: int
         check_launched_processes(devices, num_nodes)
 
 
+def die_with_launcher() -> None:
+    """In a process a launcher started (LOCAL_RANK set: Fabric's own launcher, which re-runs the script for ranks 1..,
+    or torchrun), ask Linux for SIGTERM when the launching process dies. Before training starts, neither forwards a
+    signal it gets, so `kill` of a run still starting left the other ranks waiting for it until the process group's
+    timeout (30 minutes), holding their GPUs."""
+    if "LOCAL_RANK" not in os.environ or sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not glibc/musl: nothing to ask
+        return
+    if os.getppid() == 1:  # the launcher died before the request: it will not come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def check_launched_processes(devices: int, num_nodes: int) -> None:
     """torchrun started its own processes (--nproc_per_node N × --nnodes, its WORLD_SIZE) for another count than
     --devices × --num_nodes: each process would take itself for a whole run, and they would all write into one run
@@ -978,6 +997,7 @@ def finetune(
     from lit_gpt.adapters import apply_adapters, save_adapters
     from lit_gpt.tokenizer import Tokenizer
 
+    die_with_launcher()
     # every input is checked before any process is launched, so a typo costs seconds, not a cluster allocation
     check_numbers(train, eval, devices, num_nodes, seed)
     check_train_data_given(io)
@@ -1352,13 +1372,14 @@ def stop_requested(fabric, stop: Optional[StopRequest]) -> bool:
 @torch.no_grad()
 def validate(fabric, model, val_data, eval: EvalArgs, max_len: int, pad_id: int,
              stop: Optional[StopRequest] = None) -> Optional[float]:
-    """The mean loss of up to `eval.max_iters` examples per rank; None when a stop was requested on any rank before
-    it finished (a signal does not wait for a long validation)."""
+    """The mean loss of the first `eval.max_iters` validation examples (all of them when fewer), shared among the
+    ranks, so that the same model reports the same loss on any number of processes; None when a stop was requested
+    on any rank before it finished (a signal does not wait for a long validation)."""
     from lit_gpt.data import collate
 
     model.eval()
     try:
-        n = min(len(val_data), eval.max_iters * fabric.world_size)
+        n = min(len(val_data), eval.max_iters)
         total = torch.zeros((), device=fabric.device)
         count = torch.zeros((), device=fabric.device)
         # every rank runs the same number of forwards, or a sharded model waits forever in the one a rank skips: in

@@ -280,3 +280,40 @@ def test_a_metrics_row_that_cannot_be_written_costs_the_csv_not_the_run(tiny_ckp
     assert out.count(warning) == 1
     assert [int(r["step"]) for r in csv_rows(run)] == [1, 2]
     assert (run / "lit_model_ether_finetuned.pth").is_file()
+
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("launched", [True, False], ids=["rank_of_a_launcher", "plain_process"])
+def test_a_launched_rank_dies_with_its_launcher(launched):
+    """`kill` of a run still starting killed only the launching process (rank 0): Fabric's launcher forwards no
+    signal before training, and rank 1 waited for it until the process group's 30-minute timeout.
+
+    A supervisor adopts the orphan (a subreaper, as init would), so that what ends it is the rank's own request."""
+    rank = ("from lit_gpt.training import die_with_launcher; die_with_launcher(); print('ready', flush=True); "
+            "import time; time.sleep(60)")
+    launcher = (
+        "import os, subprocess, sys\n"
+        f"rank = subprocess.Popen([sys.executable, '-c', {rank!r}], stdout=subprocess.PIPE, "
+        "stderr=subprocess.DEVNULL, text=True)\n"
+        "assert rank.stdout.readline().strip() == 'ready'\n"
+        "print(rank.pid, flush=True)\n"
+        "os._exit(0)\n"  # the launcher dies without a word
+    )
+    supervisor = (
+        "import ctypes, os, signal, subprocess, sys, time\n"
+        "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)\n"  # PR_SET_CHILD_SUBREAPER
+        f"env = {{k: v for k, v in os.environ.items() if k != 'LOCAL_RANK'}}\n"
+        f"env.update({{'LOCAL_RANK': '1'}} if {launched} else {{}})\n"
+        f"out = subprocess.run([sys.executable, '-c', {launcher!r}], env=env, capture_output=True, text=True)\n"
+        "pid = int(out.stdout)\n"
+        "deadline = time.time() + 8\n"
+        "while time.time() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):\n"
+        "    time.sleep(0.1)\n"
+        "alive = time.time() >= deadline\n"
+        "print('alive' if alive else 'dead')\n"
+        "os.kill(pid, signal.SIGKILL) if alive else None\n"
+    )
+    r = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("dead" if launched else "alive")

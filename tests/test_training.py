@@ -193,8 +193,9 @@ def val_losses(out_dir: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
-    """Also with 7 validation examples for 2 processes: a sharded forward needs every rank, so the rank without an
-    example of its own in the last round runs one it does not count (before, the run waited there forever)."""
+    """Also with 7 validation examples, of which --eval.max_iters takes 5 (in all, so the loss is the same for any
+    number of processes), for 2 processes: a sharded forward needs every rank, so the rank without an example of its
+    own in the last round runs one it does not count (before, the run waited there forever)."""
     val7 = tmp_path / "val7"
     shutil.copytree(tiny_ckpt / "data", val7)
     torch.save(torch.load(val7 / "test.pt", weights_only=True)[:7], val7 / "test.pt")
@@ -207,7 +208,7 @@ def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
              "--io.checkpoint_dir", str(ckpt)]
     one, two = tmp_path / "one", tmp_path / "two"
     cpu = dict(CUDA_VISIBLE_DEVICES="")  # two processes on the CPU (gloo), also on a machine with one GPU
-    val = {"--io.val_data_dir": str(val7), "--eval.max_iters": "100"}
+    val = {"--io.val_data_dir": str(val7), "--eval.max_iters": "5"}
     r = run_cli("ether.py", *common_flags(tiny_ckpt, one, 4, **val), *flags, **cpu)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("ether.py", *common_flags(tiny_ckpt, two, 4, **val, **{"--devices": "2"}), *flags, timeout=300, **cpu)
