@@ -98,8 +98,22 @@ def write_on_rank_0(fabric, path: Path, write, last_good: Optional[Path] = None)
         raise SystemExit(1)
 
 
+class PeerLostError(RuntimeError):
+    """Another process of a multi-process run ended without a word (killed, out of memory) in the middle of a
+    collective; the message names the intact checkpoint."""
+
+
+# what a collective raises when a peer's connection is gone (gloo on the CPU; NCCL's DistBackendError)
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted")
+
+
+def peer_lost(error: BaseException) -> bool:
+    dist_backend_error = getattr(torch.distributed, "DistBackendError", ())
+    return isinstance(error, dist_backend_error) or any(text in str(error) for text in _PEER_LOST)
+
+
 # what the finetune scripts print as one `error:` line (besides the input errors every script prints so)
-TRAINING_ERRORS = (NonFiniteLossError, RunWriteError)
+TRAINING_ERRORS = (NonFiniteLossError, RunWriteError, PeerLostError)
 
 
 class TrainingStopped(SystemExit):
@@ -1176,6 +1190,13 @@ def finetune(
         except TrainingStopped:
             status = "stopped"
             raise
+        except RuntimeError as e:
+            if fabric.world_size == 1 or not peer_lost(e):
+                raise
+            kept = (f"the last complete checkpoint, {state['last_good']}, is intact: run the same command with "
+                    "--resume auto" if state["last_good"] is not None else "no checkpoint was written yet")
+            raise PeerLostError(f"Another process of the run ended without a word while rank {fabric.global_rank} "
+                                f"waited for it (killed? out of memory?); {kept}.") from None
         finally:  # flush the TensorBoard logs whatever happened, so a failed run still shows its curves
             for logger in fabric.loggers:
                 logger.finalize(status)

@@ -197,6 +197,38 @@ def test_sigterm_to_rank_0_stops_both_fsdp_processes_after_the_same_step(tiny_ck
     assert saved["validated"] is False  # (a step due for validation, as every step is here)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds rank 1 through /proc")
+def test_a_rank_killed_outright_stops_the_other_in_one_line_naming_the_checkpoint(tiny_ckpt, tmp_path):
+    """The OOM killer ends rank 1 without a word: rank 0 learns it in the next collective, and says so in one line
+    with the intact checkpoint, instead of gloo's traceback of a hundred lines."""
+    run = tmp_path / "run"
+    flags = common_flags(tiny_ckpt, run, 100000, **{"--devices": "2", "--train.global_batch_size": "2",
+                                                     "--train.save_interval": "1"})
+    proc = start([*flags, "--ether_nb", "4"], dict(CUDA_VISIBLE_DEVICES=""))
+    metrics, deadline = run / "logs" / "metrics.csv", time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rank1 = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").is_file()
+             and _parent_pid(p) == proc.pid]
+    assert len(rank1) == 1, "rank 1 not found"
+    os.kill(rank1[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: Another process of the run ended without a word while rank 0 waited for it "
+                           "(killed? out of memory?); the last complete checkpoint, "), last
+    named = Path(last.split("checkpoint, ")[1].split(", is intact")[0])
+    assert named.is_file() and load_file(named, mmap=False)["model"]
+
+
+def _parent_pid(proc_dir: Path) -> int:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
     """Ctrl-C while a script loads or prepares (or a second one during training): no traceback."""
     from lit_gpt.cli import run_cli
