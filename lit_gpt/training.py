@@ -848,7 +848,9 @@ DATA_ORDER_FLAGS = {"seed": "--seed", "micro_batch_size": "--train.micro_batch_s
 
 
 def check_data_order(loader, state: dict, ckpt: Path) -> None:
-    """A resume must go on with the data order the checkpoint's run had: refuse other flags in one sentence."""
+    """A resume must go on with the data order the checkpoint's run had: refuse other flags in one sentence (another
+    number of processes is fine where the position converts: `MicroBatchLoader.resumable_state`)."""
+    state = loader.resumable_state(state)
     differ = loader.order_differences(state)
     if differ:
         detail = "; ".join(f"{DATA_ORDER_FLAGS.get(k, k)} was {old}, now {new}" for k, (old, new) in differ.items())
@@ -1063,6 +1065,9 @@ def finetune(
             raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
                              "run: raise --train.max_steps, or resume from an earlier checkpoint.")
         changed = changed_training_flags(saved, train, steps, len(train_data), precision, adapter_float32)
+        was_world = (saved.get("data") or {}).get("world_size")
+        if was_world not in (None, world_size):
+            changed.append(f"--devices × --num_nodes {was_world} -> {world_size}")
     start_step = saved["step"] if saved is not None else 0
 
     # steps are logged as 1, 2, ...: a run resumed at step N logs N + 1 first, and TensorBoard drops what the old
@@ -1274,7 +1279,7 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
     max_len = min(train.max_seq_length or model.module.config.block_size, model.module.config.block_size)
     loader = make_loader(train_data, train, seed, fabric.global_rank, fabric.world_size, pad_id, max_len)
     if state["data"] is not None:
-        loader.load_state_dict(state["data"])
+        loader.load_state_dict(loader.resumable_state(state["data"]))
     batches = iter(loader)
     progress = _progress(fabric, state["step"], steps)
     validating = len(val_data) > 0 and eval.max_iters > 0

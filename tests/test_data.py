@@ -926,3 +926,37 @@ def test_flan_records_the_local_file_not_ignored_subsets(tmp_path, checkpoint_di
     config = read_prepare_config(out)
     assert "subsets" not in config and config["source"] == str(data)
     assert "--subsets is not used with --data_file_path" in capsys.readouterr().err
+
+
+def test_a_position_moves_to_another_number_of_processes():
+    """One permutation dealt to the ranks a micro-batch each: a run checkpointed on 2 processes goes on with the
+    same examples on 1 (or 4) once its position (an optimizer step's boundary) is a whole number of micro-steps."""
+    ds = make_dataset(41)
+
+    def examples(batch):  # make_dataset's example i is made of the token i
+        return batch["input_ids"][:, 0].tolist()
+
+    loaders = [MicroBatchLoader(ds, 2, seed=3, rank=r, world_size=2, longest_first=True) for r in range(2)]
+    two = [iter(loader) for loader in loaders]
+    for _ in range(6):  # 3 optimizer steps of a global batch of 8: 2 micro-steps on each rank
+        for it in two:
+            next(it)
+    state = loaders[0].state_dict()
+    assert (state["epoch"], state["step"], state["world_size"]) == (0, 6, 2)
+    after = [e for _ in range(4) for it in two for e in examples(next(it))]  # the next 2 optimizer steps
+    for world_size in (1, 4):
+        moved = [MicroBatchLoader(ds, 2, seed=3, rank=r, world_size=world_size, longest_first=True)
+                 for r in range(world_size)]
+        for loader in moved:
+            loader.load_state_dict(loader.resumable_state(state))
+        its = [iter(loader) for loader in moved]
+        assert [e for _ in range(8 // world_size) for it in its for e in examples(next(it))] == after
+    # a position that is not a whole number of micro-steps on 3 processes stays refused, naming the setting
+    three = MicroBatchLoader(ds, 2, seed=3, rank=0, world_size=3, longest_first=True)
+    assert three.resumable_state(dict(state, step=1)) == dict(state, step=1)
+    with pytest.raises(ValueError, match="world_size was 2, now 3"):
+        three.load_state_dict(three.resumable_state(dict(state, step=1)))
+    # at the end of an epoch (whose padding depends on the process count): the next epoch's start
+    end = MicroBatchLoader(ds, 2, seed=3, rank=0, world_size=1, longest_first=True).resumable_state(
+        dict(state, step=11))
+    assert (end["epoch"], end["step"], end["world_size"]) == (1, 0, 1)

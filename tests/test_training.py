@@ -222,6 +222,28 @@ def test_two_fsdp_processes_equal_one_process(tiny_ckpt, tmp_path):
     assert len(val_losses(two)) == 1 and val_losses(two) == pytest.approx(val_losses(one), abs=1e-4)
 
 
+@pytest.mark.slow
+def test_a_run_of_two_processes_resumes_on_one(tiny_ckpt, tmp_path):
+    """A job that comes back with fewer GPUs goes on: the same global batch takes the same examples in each step on
+    any number of processes, so the position converts, and the run ends where the uninterrupted one did."""
+    run = tmp_path / "run"
+    flags = [*common_flags(tiny_ckpt, run, 4, **{"--train.save_interval": "2"}), "--ether_nb", "4",
+             "--train.learning_rate", "1e-2"]
+    cpu = dict(CUDA_VISIBLE_DEVICES="")
+    r = run_cli("ether.py", *flags, "--devices", "2", timeout=300, **cpu)
+    assert r.returncode == 0, r.stderr[-3000:]
+    uninterrupted = final_tensors(run)
+    # as if the job had been stopped after step 2's checkpoint
+    (run / "lit_model_ether_finetuned.pth").unlink()
+    (run / "checkpoints" / "step-000004.pth").unlink()
+    r = run_cli("ether.py", *flags, "--resume", "auto", **cpu)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--devices × --num_nodes 2 -> 1; steps 3 on use the new ones." in r.stdout + r.stderr
+    resumed = final_tensors(run)
+    for k in uninterrupted:
+        torch.testing.assert_close(resumed[k], uninterrupted[k], atol=1e-5, rtol=0, msg=k)
+
+
 def test_the_sample_answer_of_a_sharded_run_takes_as_many_forwards_on_every_rank():
     """A rank that stopped at an end token the others did not pick would leave them waiting in the next sharded
     forward: sharded, every rank runs `max_new_tokens` and the answer is cut at the first stop token."""

@@ -23,6 +23,7 @@ permutation (as `torch.utils.data.DistributedSampler` pads), or dropped with `dr
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sized
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -274,6 +275,26 @@ class MicroBatchLoader:
     def order_differences(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """The settings of `state` (a `state_dict`) that fix the order and differ from this loader's: (old, new)."""
         return {k: (state[k], v) for k, v in self._order_settings().items() if k in state and state[k] != v}
+
+    def resumable_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` (another loader's `state_dict`) with its position moved to this loader's number of processes, when
+        that is all that differs: the order is one permutation dealt to the ranks a micro-batch each, so a position
+        of `step × world_size × micro_batch_size` examples into the epoch is the same on any number of processes
+        that divides it (an optimizer step's boundary with the same global batch always does). Otherwise `state`
+        unchanged, for `order_differences` to name what differs."""
+        old = state.get("world_size")
+        if old in (None, self.world_size) or self.drop_last or set(self.order_differences(state)) != {"world_size"}:
+            return state
+        n, m = len(self.dataset), self.micro_batch_size
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if step >= math.ceil(n / (old * m)):  # at the end of an epoch (padding differs with the process count)
+            epoch, step = epoch + 1, 0
+        else:
+            done = step * old * m
+            if done % (self.world_size * m) or done >= n:
+                return state
+            step = done // (self.world_size * m)
+        return {**state, "epoch": epoch, "step": step, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         differ = self.order_differences(state)
