@@ -130,4 +130,6 @@ def main(
 if __name__ == "__main__":
     from lit_gpt.cli import run_cli
 
-    run_cli(main)
+    from common import device_check
+
+    run_cli(main, arg_check=device_check)

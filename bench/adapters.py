@@ -476,7 +476,8 @@ def table_notes(cpu_clock: bool) -> str:
         + ("`CPU time / floor`: the same with the process's CPU time. " if cpu_clock else "")
         + "Differences smaller than the floor's own step-to-step movement (above) are noise. `saved MiB` "
         "is what a step keeps for backward (autograd's saved tensors, distinct storages, model weights excluded) "
-        "plus the trainable parameters' gradients."
+        "plus the trainable parameters' gradients. `neumann5`: PEFT's `num_cayley_neumann_terms=5`, which is our "
+        "`neumann_terms=3` (the series up to S^3)."
     )
 
 
@@ -557,4 +558,6 @@ WHERE_THE_TIME_GOES = (
 if __name__ == "__main__":
     from lit_gpt.cli import run_cli
 
-    run_cli(main)
+    from common import device_check
+
+    run_cli(main, arg_check=device_check)

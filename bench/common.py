@@ -36,6 +36,18 @@ def machine() -> str:
     return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
+def device_check(args: list[str]) -> str | None:
+    """`run_cli`'s `arg_check` for the scripts with `--device`: a CUDA device asked of a torch that has none, in one
+    sentence (instead of torch's assertion deep inside the first `.to(device)`)."""
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--device" and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--device=") else None)
+        if value is not None and value.startswith("cuda") and not torch.cuda.is_available():
+            return (f"--device {value}: torch finds no CUDA GPU here (torch.cuda.is_available() is False); run on a "
+                    "GPU machine, or pass --device cpu.")
+    return None
+
+
 def sync(device: str | torch.device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

@@ -156,4 +156,6 @@ def sweep_gpu_tiles(z: torch.Tensor, g: torch.Tensor, nb: int) -> list[str]:
 if __name__ == "__main__":
     from lit_gpt.cli import run_cli
 
-    run_cli(main)
+    from common import device_check
+
+    run_cli(main, arg_check=device_check)

@@ -73,7 +73,7 @@ def main(
         forms.insert(1, ("inverse by `torch.linalg.inv_ex` (`gpu_kernel.CAYLEY_MAX_BLOCK=0`)", "inv_ex", True, 0))
     switch = "CAYLEY_MAX_BLOCK"
     if neumann_terms:
-        forms = [(f"Cayley-Neumann, {neumann_terms} terms (default)", "kernels", True, None),
+        forms = [(f"Cayley-Neumann to S^{neumann_terms} (default)", "kernels", True, None),
                  ("the same by PyTorch's products and autograd (`gpu_kernel.NEUMANN_MAX_BLOCK=0`)", "PyTorch", True, 0)]
         switch = "NEUMANN_MAX_BLOCK"
 
@@ -127,4 +127,6 @@ def main(
 if __name__ == "__main__":
     from lit_gpt.cli import run_cli
 
-    run_cli(main)
+    from common import device_check
+
+    run_cli(main, arg_check=device_check)

@@ -145,4 +145,6 @@ def compare(method: str, steps_of: dict, steps: int, activities, key: str, rows:
 if __name__ == "__main__":
     from lit_gpt.cli import run_cli
 
-    run_cli(main)
+    from common import device_check
+
+    run_cli(main, arg_check=device_check)

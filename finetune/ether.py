@@ -62,7 +62,8 @@ def setup(
             PEFT's number. Their code bounds each block by `eps / sqrt(nb)`: pass that value to reproduce their
             constraint.
         oft_block_share: One OFT block shared by all blocks of a layer.
-        oft_neumann_terms: Replace OFT's exact inverse by this many Neumann-series terms (OFTv2); 0 = exact Cayley.
+        oft_neumann_terms: K: replace OFT's exact inverse (I - S)^-1 by the series sum_{j=0..K} S^j (OFTv2's
+            Cayley-Neumann; K + 1 terms, so PEFT's num_cayley_neumann_terms T is K = T - 2); 0 = exact Cayley.
         precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
             16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in

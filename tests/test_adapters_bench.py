@@ -112,7 +112,7 @@ def test_small_benches_print_their_tables(capsys):
         assert oft.CAYLEY_BY_INVERSE is True  # restored after the solve's turns
         load_script("oft_blocks").main(shape="tiny", n_layer=1, block_size=16, neumann_terms=2, repeats=2)
         out = capsys.readouterr().out
-        assert "OFT b16 neumann2" in out and "| Cayley-Neumann, 2 terms (default) |" in out
+        assert "OFT b16 neumann2" in out and "| Cayley-Neumann to S^2 (default) |" in out
         assert "PyTorch / kernels" in out
         ab = load_script("ab_step")
         spec = "lit_gpt.adapters.ether:HouseholderTransform.merge_output_spans=False"
@@ -162,3 +162,19 @@ def test_train_bench_keeps_f32_variants_adapters_float32_and_reports_every_row(c
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "| frozen |" in out and "| etherplus |" in out and "| etherplus+f32 |" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("script", ["ab_step", "adapters", "chat", "householder_kernel", "lora_shapes", "model",
+                                    "oft_blocks", "profile_step", "train"])
+def test_a_cuda_device_without_a_gpu_is_one_line(script):
+    """The docs invite readers to rerun the GPU commands: on a machine without one, a sentence, not torch's
+    assertion at the end of a traceback."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / f"{script}.py"), "--device=cuda:0"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --device cuda:0: torch finds no CUDA GPU here (torch.cuda.is_available() is False); run on a GPU "
+        "machine, or pass --device cpu."), r.stderr[-2000:]

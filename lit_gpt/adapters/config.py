@@ -76,7 +76,8 @@ class AdapterConfig:
         eps: the COFT radius, per block. 6e-5 is the OFT authors' and PEFT's default number; note that their
             code bounds ``‖S_i‖_F`` by ``eps / sqrt(nb)``: pass that value to reproduce their constraint.
         block_share: OFT with one ``R`` shared by all blocks of a side.
-        neumann_terms: OFT with ``K > 0`` replaces ``(I - S)^-1`` by ``sum_{j=0..K} S^j`` (OFTv2); 0 is exact.
+        neumann_terms: OFT with ``K > 0`` replaces ``(I - S)^-1`` by ``sum_{j=0..K} S^j`` (OFTv2; K + 1 terms:
+            PEFT's ``num_cayley_neumann_terms`` T is K = T - 2); 0 is exact.
         upper_triangle: OFT stores only the strict upper triangle of each ``R_i`` (``k(k-1)/2`` numbers, ``R_i``'s
             lower triangle is zero), half the parameters of full blocks for the same set of rotations.
     """
