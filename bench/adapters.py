@@ -536,7 +536,7 @@ WHERE_THE_TIME_GOES = (
     "where PyTorch's batched matmul works on permuted copies, and backward takes the input gradient and the "
     "block gradient in one pass), and an adapted layer is one node (`_OFTLinear`) as for the ETHER family. "
     "LoRA's extra cost is a few skinny GEMMs; its backward takes them as `(r x tokens)` and `(r x out)` products "
-    "(`bench/lora_shapes.py`: MKL runs the other forms 2.3-10 times slower). "
+    "(`bench/lora_shapes.py`: MKL runs the other forms 1.4-12 times slower). "
     "Memory: a transform on a layer's input needs that input for its gradient (the frozen GEMM alone keeps "
     "nothing). Where the input is a norm's output or the MLP's product, it keeps instead what the norm and the "
     "product keep anyway (the norm's float32 input and `1/rms`; `silu(a)` and `b`) and rebuilds the input in "
