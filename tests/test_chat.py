@@ -127,8 +127,8 @@ def test_a_long_pasted_message_arrives_whole_on_a_terminal(tiny):
     def read_until(text: bytes, timeout: float = 120) -> None:
         nonlocal out
         end = time.time() + timeout
-        while text not in out and time.time() < end:
-            if select.select([fd], [], [], 0.5)[0]:
+        while text not in out[start:] and time.time() < end:
+            if select.select([fd], [], [], 0.05)[0]:
                 try:
                     data = os.read(fd, 65536)
                 except OSError:
@@ -137,16 +137,30 @@ def test_a_long_pasted_message_arrives_whole_on_a_terminal(tiny):
                     return
                 out += data
 
+    start = 0
     try:
         read_until(b">> You: ")
-        for i in range(0, len(message), 512):  # as a paste arrives
+        time.sleep(0.5)  # readline takes the terminal over once it waits for input
+        for i in range(0, len(message), 512):  # as a paste arrives, its echo read meanwhile
             os.write(fd, message[i:i + 512].encode())
-            time.sleep(0.01)
+            read_until(b"\0", timeout=0.02)
+        start = len(out)
         os.write(fd, b"\r")
         read_until(b"send a shorter one")  # the tiny model's context is shorter than the message
+        read_until(b">> You: ", timeout=30)
         os.write(fd, b"\x04")
+        deadline = time.time() + 30
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.time() > deadline:
+                raise AssertionError(f"the chat did not end at Ctrl-D: {out[-500:]!r}")
+            read_until(b"\0", timeout=0.1)
     finally:
-        os.waitpid(pid, 0)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
     tokens = len(Tokenizer(base).encode(prompt_style_from_name("alpaca").apply(message)))
     assert f"The message is {tokens} tokens long".encode() in out, out[-300:]
 
