@@ -81,6 +81,17 @@ class Config:
         if self.attn_bias is None:
             self.attn_bias = self.bias
         self.rope_n_elem = int(self.rotary_percentage * self.head_size) if self.pos_embedding == "rope" else 0
+        if self.rope_n_elem % 2:
+            raise ValueError(
+                f"Config {self.name!r}: rotary_percentage={self.rotary_percentage:g} of head_size={self.head_size} "
+                f"gives {self.rope_n_elem} rotary features, but RoPE rotates pairs: choose a rotary_percentage that "
+                "gives an even number."
+            )
+        if self.shared_attention_norm and not self.parallel_residual:
+            raise ValueError(
+                f"Config {self.name!r}: shared_attention_norm=true needs parallel_residual=true (the MLP reads the "
+                "attention's norm only in the parallel block)."
+            )
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -64,11 +64,12 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "mistral": dict(
         hidden_act="silu", max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, rope_theta=10000.0,
-        tie_word_embeddings=False, sliding_window=4096,
+        tie_word_embeddings=False, sliding_window=4096, num_key_value_heads=8,
     ),
     "qwen2": dict(
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+        num_key_value_heads=32,
     ),
     "phi": dict(
         hidden_act="gelu_new", max_position_embeddings=2048, layer_norm_eps=1e-5, rope_theta=10000.0,
@@ -104,6 +105,13 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}."
         )
     _check_field_types(hf_config)
+    quantization = hf_config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ConversionError(
+            f"config.json has a quantization_config (quant_method {method!r}): lit_gpt converts unquantized weights "
+            "only; download the original float16/bfloat16/float32 model instead."
+        )
     hf = dict(_HF_DEFAULTS[model_type])
     hf.update(hf_config)
 
@@ -129,6 +137,12 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
         n_embd, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
         head_size = hf.get("head_dim") or n_embd // n_head
         n_query_groups = int(hf.get("num_key_value_heads") or n_head)
+        if n_head % n_query_groups:
+            default = "" if hf_config.get("num_key_value_heads") else f", transformers' default for {model_type}"
+            raise ConversionError(
+                f"config.json has num_attention_heads={n_head} and num_key_value_heads={n_query_groups}{default}: "
+                "the attention heads must be a multiple of the key/value heads; set num_key_value_heads."
+            )
         rope_base, rope_adjustments, partial = _rope_from_hf(hf, model_type)
         arch = dict(
             n_layer=int(need("num_hidden_layers")), n_embd=n_embd, n_head=n_head, head_size=int(head_size),
@@ -137,7 +151,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
         )
         if model_type in ("llama", "mistral", "qwen2"):
-            if hf["hidden_act"] != "silu":
+            if hf["hidden_act"] not in ("silu", "swish"):  # transformers' "swish" is SiLU
                 raise ConversionError(
                     f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
                     "SwiGLU with 'silu'."
@@ -184,10 +198,13 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
     # the HF vocab_size is the embedding's row count, padding included
     vocab = int(need("vocab_size"))
     org, short = _split_name(name or hf_config.get("_name_or_path") or "")
-    return Config(
-        name=short or model_type, hf_config=dict(org=org, name=short or model_type), vocab_size=vocab,
-        padded_vocab_size=vocab, tie_embeddings=bool(hf["tie_word_embeddings"]), **arch,
-    )
+    try:
+        return Config(
+            name=short or model_type, hf_config=dict(org=org, name=short or model_type), vocab_size=vocab,
+            padded_vocab_size=vocab, tie_embeddings=bool(hf["tie_word_embeddings"]), **arch,
+        )
+    except ValueError as e:  # e.g. an odd number of rotary features: the sentence names the field, not the file
+        raise ConversionError(f"config.json describes a model lit_gpt cannot build: {e}") from None
 
 
 _INT_FIELDS = (
@@ -262,7 +279,9 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
         partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf["rotary_pct"]))
     else:
         base = merged.get("rope_theta", hf["rope_theta"])
-        partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        # transformers' Llama, Mistral and Qwen2 rotate the whole head whatever partial_rotary_factor says
+        partial = (merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+                   if model_type == "phi" else 1.0)
     if rope_type == "default":
         return base, None, partial
     if rope_type == "llama3":
@@ -441,10 +460,8 @@ def iter_hf_to_lit(
             continue
         module, _, param = key.rpartition(".")
         if module in _GLOBALS and param in ("weight", "bias"):
-            lit_key = f"{_GLOBALS[module]}.{param}"
-            if lit_key == "lm_head.weight" and config.tie_embeddings:
-                continue  # transformers ties it to the embedding; lit stores the shared tensor once
-            yield lit_key, cast(t)
+            # a tied head is yielded too: `untie_differing_head` drops it, or unties the config as transformers does
+            yield f"{_GLOBALS[module]}.{param}", cast(t)
             continue
         m = _LAYER.match(key)
         if m is None:
@@ -478,9 +495,29 @@ def iter_hf_to_lit(
         )
 
 
+def untie_differing_head(lit_sd: dict, config: Config, where: str) -> Optional[str]:
+    """With `tie_embeddings`, drop a stored `lm_head.weight` equal to the embedding (lit stores the shared tensor
+    once), or keep one that differs and set `config.tie_embeddings = False`: transformers then loads the stored head
+    (a fine-tune that trained it on its own), so the logits stay the same. Returns a note for the user in that case."""
+    head = lit_sd.get("lm_head.weight")
+    if not config.tie_embeddings or head is None:
+        return None
+    wte = lit_sd.get("transformer.wte.weight")
+    if wte is None or (head.shape == wte.shape and torch.equal(head, wte)):
+        del lit_sd["lm_head.weight"]
+        return None
+    config.tie_embeddings = False
+    return (
+        f"Note: config.json of {where} sets tie_word_embeddings, but its lm_head.weight differs from the embedding; "
+        "kept both, as transformers does (the model is converted untied)."
+    )
+
+
 def hf_to_lit_state_dict(hf_sd: dict, config: Config, dtype: Optional[torch.dtype] = None) -> dict:
-    """A lit state dict (as `lit_model.pth` stores it) from a transformers state dict of any supported family."""
+    """A lit state dict (as `lit_model.pth` stores it) from a transformers state dict of any supported family.
+    A tied head that differs from the embedding unties `config` (`untie_differing_head`)."""
     lit_sd = dict(iter_hf_to_lit(hf_sd.items(), config, dtype))
+    untie_differing_head(lit_sd, config, "the state dict")
     check_lit_state_dict(lit_sd, config, "the converted checkpoint")
     return lit_sd
 
@@ -757,6 +794,9 @@ def convert_hf_checkpoint(
             "`python scripts/download.py --repo_id ORG/NAME`."
         )
     lit_sd = dict(iter_hf_to_lit(iter_hf_tensors(files), config, torch_dtype))
+    note = untie_differing_head(lit_sd, config, repr(str(checkpoint_dir)))
+    if note is not None:
+        print(note, file=sys.stderr)
     check_lit_state_dict(lit_sd, config, f"the checkpoint in {checkpoint_dir}", hf_config.get("model_type"))
     atomic_save(lit_sd, checkpoint_dir / WEIGHTS_FILENAME)
     config.save(checkpoint_dir)

@@ -29,6 +29,8 @@ import torch.utils.checkpoint
 from lit_gpt import recompute
 from lit_gpt.config import Config
 
+NO_KV_CACHE = "input_pos was given but no KV cache is set: call model.set_kv_cache() first."
+
 
 class GPT(nn.Module):
     """A decoder-only transformer described by a `Config`: Llama, Mistral, Qwen2, Phi, GPT-NeoX/Pythia and GPT-2
@@ -146,6 +148,8 @@ class GPT(nn.Module):
             needed = T
         else:
             positions = input_pos
+            if self.transformer.h[0].attn.kv_cache is None:
+                raise RuntimeError(NO_KV_CACHE)
             needed = self.transformer.h[0].attn.kv_cache.k.size(2)
 
         x = self.transformer.wte(idx)
@@ -275,7 +279,7 @@ class CausalSelfAttention(nn.Module):
 
         if input_pos is not None:
             if self.kv_cache is None:
-                raise RuntimeError("input_pos was given but no KV cache is set: call model.set_kv_cache() first.")
+                raise RuntimeError(NO_KV_CACHE)
             k, v = self.kv_cache(input_pos, k, v)
             if mask is None:
                 mask = input_pos[:, None] >= torch.arange(k.size(2), device=k.device)[None, :]

@@ -492,6 +492,78 @@ def test_unsupported_model_type_and_fields():
                             norm_class_name="LayerNorm", bias=False))
 
 
+def test_config_json_read_as_transformers_reads_it():
+    """Fields transformers reads otherwise than their names suggest: Llama-like models rotate the whole head whatever
+    partial_rotary_factor says (Phi honours it), "swish" is SiLU, and Mistral/Qwen2 default num_key_value_heads to
+    8/32, not to the number of heads."""
+    for model_type in ("llama", "mistral", "qwen2"):
+        for spelling in (dict(partial_rotary_factor=0.5),
+                         dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))):
+            config = config_from_hf(dict(_LLAMA, model_type=model_type, num_key_value_heads=2, **spelling))
+            assert config.rotary_percentage == 1.0 and config.rope_n_elem == config.head_size, (model_type, spelling)
+    assert config_from_hf(dict(FAMILIES["phi"][1], model_type="phi", partial_rotary_factor=0.4)).rotary_percentage \
+        == 0.4
+    assert config_from_hf(dict(_LLAMA, model_type="llama", hidden_act="swish")).mlp_class_name == "LLaMAMLP"
+    for model_type, default in (("mistral", 8), ("qwen2", 32)):
+        heads = dict(_LLAMA, model_type=model_type, num_attention_heads=default * 2, hidden_size=default * 2 * 4)
+        assert config_from_hf(heads).n_query_groups == default
+        with pytest.raises(ConversionError, match=f"num_attention_heads=4 and num_key_value_heads={default}, "
+                                                  f"transformers' default for {model_type}: .*set num_key_value_h"):
+            config_from_hf(dict(_LLAMA, model_type=model_type))
+    with pytest.raises(ConversionError, match="num_attention_heads=4 and num_key_value_heads=3: "):
+        config_from_hf(dict(_LLAMA, model_type="llama", num_key_value_heads=3))
+
+
+def test_partial_rotary_factor_of_a_llama_computes_what_transformers_computes(tmp_path):
+    hf_model = make_hf_model("llama", **dict(_LLAMA, num_key_value_heads=2, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)))
+    hf_model.save_pretrained(tmp_path)
+    convert_hf_checkpoint(tmp_path)
+    idx = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lit_logits(GPT.from_checkpoint(tmp_path).eval(), idx), hf_logits(hf_model, idx), **TOL)
+
+
+@pytest.mark.parametrize("model_type, kwargs", [("llama", dict(_LLAMA)), ("gpt2", FAMILIES["gpt2"][1])])
+def test_a_tied_head_that_differs_from_the_embedding_is_kept_as_transformers_keeps_it(model_type, kwargs, tmp_path,
+                                                                                       capsys):
+    """A fine-tune that trained the output head on its own saves a config that still says tie_word_embeddings with
+    a head of its own: transformers unties them and uses the stored head; so does the conversion, with a note. An
+    equal copy is dropped (the checkpoint stays tied)."""
+    from safetensors.torch import load_file as load_st, save_file
+
+    hf_model = make_hf_model(model_type, **dict(kwargs, tie_word_embeddings=True))
+    for name, differ in (("same", False), ("own", True)):
+        folder = tmp_path / name
+        hf_model.save_pretrained(folder)
+        sd = load_st(folder / "model.safetensors")
+        wte = next(v for k, v in sd.items() if k.endswith(("embed_tokens.weight", "wte.weight")))
+        sd["lm_head.weight"] = wte + 0.5 if differ else wte.clone()
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
+        capsys.readouterr()
+        config = convert_hf_checkpoint(folder)
+        assert config.tie_embeddings is not differ
+        assert ("its lm_head.weight differs from the embedding" in capsys.readouterr().err) is differ
+        idx = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(lit_logits(GPT.from_checkpoint(folder).eval(), idx), hf_logits(reference, idx),
+                                   **TOL)
+
+
+def test_configs_the_model_cannot_compute_are_refused_when_read(tmp_path):
+    neox = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB,
+                rotary_pct=0.25, max_position_embeddings=64)  # head 12 * 0.25: 3 rotary features
+    with pytest.raises(ConversionError, match="config.json describes a model lit_gpt cannot build: .*gives 3 rotary "
+                                              "features, but RoPE rotates pairs"):
+        config_from_hf(dict(neox, model_type="gpt_neox"))
+    with pytest.raises(ValueError, match="shared_attention_norm=true needs parallel_residual=true"):
+        Config(n_layer=1, n_embd=32, n_head=4, shared_attention_norm=True, parallel_residual=False)
+    fp8 = dict(_LLAMA, model_type="llama", quantization_config={"quant_method": "fp8", "weight_block_size": [8, 8]})
+    with pytest.raises(ConversionError, match="quantization_config \\(quant_method 'fp8'\\): lit_gpt converts "
+                                              "unquantized weights only; download the original"):
+        config_from_hf(fp8)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("rope_parameters", [1, 2], "'rope_parameters' must be an object or null, got \\[1, 2\\]"),
     ("rope_scaling", "linear", "'rope_scaling' must be an object or null, got 'linear'"),

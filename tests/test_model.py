@@ -72,6 +72,19 @@ def test_sequence_longer_than_block_size_is_a_clear_error():
         model(torch.zeros(1, 49, dtype=torch.long))
 
 
+def test_decoding_without_a_kv_cache_is_a_clear_error():
+    model = GPT(tiny())
+    with pytest.raises(RuntimeError, match=r"no KV cache is set: call model.set_kv_cache\(\) first"):
+        model(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
+
+
+def test_configs_the_blocks_cannot_compute_are_refused():
+    with pytest.raises(ValueError, match="rotary_percentage=0.3 of head_size=32 gives 9 rotary features"):
+        tiny(n_embd=128, rotary_percentage=0.3)
+    with pytest.raises(ValueError, match="shared_attention_norm=true needs parallel_residual=true"):
+        tiny(shared_attention_norm=True)
+
+
 def test_tied_embeddings_share_storage_and_survive_save_load(tmp_path):
     cfg = tiny(tie_embeddings=True)
     model = GPT(cfg)
