@@ -157,6 +157,26 @@ def test_linear_subclass_without_its_own_forward_is_adapted():
                                rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["lora", "etherplus"])
+def test_a_gpts_fused_qkv_named_as_a_module_adapts_its_three_slices(method):
+    """`targets=["transformer.h.0.attn.qkv"]` (or a pattern that matches it) adapted nothing: the fused layer has
+    query/key/value slices, never a whole-layer one. It now computes what the named targets query, key and value
+    compute on that layer."""
+    torch.manual_seed(0)
+    base = GPT(tiny_config()).double()
+    by_name, by_target = copy.deepcopy(base), copy.deepcopy(base)
+    apply_adapters(by_name, AdapterConfig(method=method, nb=4, targets=["transformer.h.0.attn.qkv"]))
+    apply_adapters(by_target, AdapterConfig(method=method, nb=4, targets=["query", "key", "value"]))
+    assert set(by_name.transformer.h[0].attn.qkv.adapters) == {"query", "key", "value"}
+    randomize_adapters(by_target)
+    state = {k: v for k, v in by_target.state_dict().items() if k.startswith("transformer.h.0.attn.qkv.adapters.")}
+    assert state and by_name.load_state_dict(state, strict=False).unexpected_keys == []
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    adapted = by_target.transformer.h[0].attn.qkv(x)
+    assert (adapted - base.transformer.h[0].attn.qkv(x)).abs().max() > 1e-3
+    torch.testing.assert_close(by_name.transformer.h[0].attn.qkv(x), adapted)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3, 8. loading into a model that already has adapters: its settings must be the file's
 # ---------------------------------------------------------------------------------------------------------------
