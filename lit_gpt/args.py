@@ -33,7 +33,9 @@ class TrainArgs:
     global_batch_size: int = 16
     """Samples per optimizer step, over all devices (gradient accumulation makes up the difference)."""
     micro_batch_size: int = 1
-    """Samples per forward pass on one device."""
+    """Samples per forward pass on one device. A step's loss is the mean of its micro-batches' per-token mean losses
+    (litgpt's convention), so this changes how examples of different lengths are weighted; the number of devices
+    does not."""
     epochs: int = 1
     """Passes over `epoch_size` samples (unless `max_steps` is set)."""
     epoch_size: Optional[int] = None

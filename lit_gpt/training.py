@@ -154,13 +154,15 @@ class StopRequest:
                         f"({name} again stops at once, without one).\n".encode())
 
 
-def non_finite_advice(precision: str) -> str:
+def non_finite_advice(precision: str, max_norm: Optional[float] = None) -> str:
     """What to do about a NaN/inf: in float16 it is nearly always the format, not the learning rate."""
     if precision.startswith("16-true"):
         # the trainable weights and AdamW's state are float32 (`fabric_precision`); what is left in
         # float16 is the model's activations, whose largest finite value is 65504
         return ("--precision 16-true computes in float16, whose largest value (65504) activations can exceed: train "
                 "with --precision bf16-true or 16-mixed")
+    if max_norm:
+        return f"Lower --train.learning_rate or --train.max_norm (now {max_norm:g})"
     return "Lower --train.learning_rate or set --train.max_norm"
 
 
@@ -196,14 +198,14 @@ def check_precision(precision: str, adapter_config: Optional[Any], world_size: i
 
 
 def _non_finite_error(what: str, step: int, last_good: Optional[Path], precision: str,
-                      unwritten: Optional[str] = None) -> NonFiniteLossError:
+                      unwritten: Optional[str] = None, max_norm: Optional[float] = None) -> NonFiniteLossError:
     skipped = f", so {unwritten} was not written" if unwritten else ""
     if last_good is not None:
         where = f"the last good checkpoint is {last_good}"
         then = f", then resume from that checkpoint with --resume {last_good}"
     else:
         where, then = "no good checkpoint exists yet", ""
-    return NonFiniteLossError(f"{what} at step {step}{skipped}; {where}. {non_finite_advice(precision)}{then}.")
+    return NonFiniteLossError(f"{what} at step {step}{skipped}; {where}. {non_finite_advice(precision, max_norm)}{then}.")
 
 
 def first_non_finite(state_dict: dict) -> Optional[str]:
@@ -212,7 +214,7 @@ def first_non_finite(state_dict: dict) -> Optional[str]:
 
 
 def check_finite(state_dict: dict, what: str, step: int, last_good: Optional[Path], precision: str,
-                 fabric: Any = None) -> None:
+                 fabric: Any = None, max_norm: Optional[float] = None) -> None:
     """Refuse to write trainable tensors holding NaN/inf (a checkpoint or final file is only written when finite).
 
     With several processes only rank 0 holds the gathered tensors (`trainable_state_dict`), so rank 0 decides and
@@ -223,7 +225,7 @@ def check_finite(state_dict: dict, what: str, step: int, last_good: Optional[Pat
         bad = fabric.broadcast(bad, src=0)
     if bad is not None:
         raise _non_finite_error(f"The trainable weights became non-finite ({bad})", step, last_good, precision,
-                                unwritten=what)
+                                unwritten=what, max_norm=max_norm)
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
@@ -662,6 +664,14 @@ def check_tied_head(config: Config, adapter_config: Any, method: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- learning rate
+def warmup_warning(warmup_steps: int, steps: int) -> str:
+    """The note for a warm-up as long as the run: its learning rate never reaches the one asked for (litgpt caps the
+    warm-up instead; a run that later raises --train.max_steps would then differ from one that had them all along)."""
+    return (f"Warning: --train.lr_warmup_steps {warmup_steps} is not below the run's {steps} optimizer steps, so the "
+            f"learning rate only reaches {steps / (warmup_steps + 1):.0%} of --train.learning_rate and never decays: "
+            f"lower --train.lr_warmup_steps (e.g. to {steps // 10}).")
+
+
 def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float):
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -1069,6 +1079,8 @@ def finetune(
         if was_world not in (None, world_size):
             changed.append(f"--devices × --num_nodes {was_world} -> {world_size}")
     start_step = saved["step"] if saved is not None else 0
+    if train.lr_warmup_steps >= steps and start_step < steps:
+        print_once(warmup_warning(train.lr_warmup_steps, steps), file=sys.stderr)
 
     # steps are logged as 1, 2, ...: a run resumed at step N logs N + 1 first, and TensorBoard drops what the old
     # event files hold from there on (metrics.csv keeps the same rows: `MetricsCSV`)
@@ -1171,7 +1183,7 @@ def finetune(
     def save_checkpoint(step: int, data_state: dict, validated: bool) -> Path:
         msd, osd = trainable_state_dict(model.module, optimizer.optimizer)
         path = out_dir / "checkpoints" / f"step-{step:06d}.pth"
-        check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric)
+        check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric, train.max_norm)
         write_on_rank_0(fabric, path, lambda: atomic_save(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng_state(), "method": method,
              "train": asdict(train), "precision": precision, "adapter_float32": adapter_float32,
@@ -1209,7 +1221,7 @@ def finetune(
         # the final artefact: the adapter (or the full weights) as a standalone file
         final = out_dir / final_filename(method)
         msd, _ = trainable_state_dict(model.module)
-        check_finite(msd, str(final), steps, state["last_good"], precision, fabric)
+        check_finite(msd, str(final), steps, state["last_good"], precision, fabric, train.max_norm)
         # the adapter file carries the prompt format it was trained with, for when it is copied away from the run
         write_on_rank_0(fabric, final, lambda: save_adapters(model.module, final, state_dict=msd,
                                                              prompt_style=hparams.get("prompt_style"))
@@ -1284,8 +1296,10 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
     progress = _progress(fabric, state["step"], steps)
     validating = len(val_data) > 0 and eval.max_iters > 0
 
+    scaler = getattr(fabric.strategy.precision, "scaler", None)  # a GradScaler under 16-mixed, else None
+
     def non_finite(what: str, step: int) -> NonFiniteLossError:
-        return _non_finite_error(what, step, state["last_good"], precision)
+        return _non_finite_error(what, step, state["last_good"], precision, max_norm=train.max_norm)
 
     def due(step: int) -> bool:  # a validation at this step: every --eval.interval steps, and after the last one
         return validating and (step == steps or bool(eval.interval) and step % eval.interval == 0)
@@ -1331,7 +1345,8 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
                 raise non_finite(f"The training loss became {loss_val}", step)
             if train.max_norm:
                 try:
-                    fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+                    # 16-mixed: an overflow is the loss scaler's to handle (it skips the step and lowers the scale)
+                    fabric.clip_gradients(model, optimizer, max_norm=train.max_norm, error_if_nonfinite=scaler is None)
                 except RuntimeError as e:  # torch: "The total norm of order 2.0 for gradients ... is non-finite"
                     if "non-finite" not in str(e):
                         raise
@@ -1435,17 +1450,30 @@ def validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, 
     log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step)
     progress.write(f"step {step}: val loss {val_loss:.4f}")
     if eval.max_new_tokens > 0 and len(val_data):
-        sample = sample_generation(fabric, model, val_data[0], tokenizer, eval.max_new_tokens)
-        progress.write(f"sample: {sample!r}")
+        prompt = sample_prompt(val_data.samples[0], max_len)
+        if prompt is None:
+            progress.write("sample: none (the first validation example has no masked prompt and no prompt_length: "
+                           "data prepared with --mask_inputs false by an older version; prepare it again)")
+        else:
+            sample = sample_generation(fabric, model, prompt, tokenizer, eval.max_new_tokens)
+            progress.write(f"sample: {sample!r}")
     return True
 
 
+def sample_prompt(sample: dict, max_len: int) -> Optional[torch.Tensor]:
+    """The prompt tokens of a prepared example (its `prompt_length`, else its masked labels; at most `max_len`), or
+    None when it shows none: data prepared unmasked before examples recorded their prompt's length."""
+    ids = sample["input_ids"]
+    length = sample.get("prompt_length")
+    length = int(length) if length is not None else int((sample["labels"] == -100).sum())
+    return ids[:min(length, max_len)].long() if length > 0 else None
+
+
 @torch.no_grad()
-def sample_generation(fabric, model, row: dict, tokenizer, max_new_tokens: int) -> str:
-    """Greedy answer to the first validation prompt (every rank runs it: sharded weights are gathered per block)."""
+def sample_generation(fabric, model, prompt: torch.Tensor, tokenizer, max_new_tokens: int) -> str:
+    """Greedy answer to `prompt` (every rank runs it: sharded weights are gathered per block)."""
     from lit_gpt.generate import generate
 
-    prompt = row["input_ids"][: int((row["labels"] == -100).sum())] if "labels" in row else row["input_ids"]
     # sharded, every rank must run as many forwards as the others: one that stopped at an end token the others did not
     # pick (a last-bit difference between GPUs) would leave them waiting forever, so all run `max_new_tokens` and the
     # answer is cut at the first stop token

@@ -36,7 +36,7 @@ def prepare(
         test_split_fraction: Fraction of rows held out as test.pt (0.03865 gives the 2,000 of lit-gpt).
         seed: Seed of the train/test split.
         mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
-        ignore_index: Label value of positions without a loss.
+        ignore_index: Label value of positions without a loss (negative: -100 is PyTorch's default).
         max_seq_length: Truncate examples to this many tokens (default: the model's context length).
         data_file_name: Name of the raw file in the destination; a copy already there is used without downloading.
         data_file_url: Where to download the raw JSON from.

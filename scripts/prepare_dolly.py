@@ -33,7 +33,7 @@ def prepare(
         test_split_fraction: Fraction of rows held out as test.pt.
         seed: Seed of the train/test split.
         mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
-        ignore_index: Label value of positions without a loss.
+        ignore_index: Label value of positions without a loss (negative: -100 is PyTorch's default).
         max_seq_length: Truncate examples to this many tokens (default: the model's context length).
         data_repo_id: Hugging Face dataset repository to download from.
         data_file_name: File in that repository, and its name in the destination (a copy there is used as is).

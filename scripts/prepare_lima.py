@@ -23,7 +23,9 @@ from lit_gpt.data.prepare import (
 
 
 def conversation_rows(conversations: list, path: Path, include_multiturn_conversations: bool) -> list[dict]:
-    """lit-gpt's convention: the first (user, assistant) pair of each conversation, or every pair as its own row."""
+    """The first (user, assistant) pair of each conversation, or every pair as its own row; a later pair's row carries
+    the turns before it as `history`, which the chat prompt styles render before its question (the others, lit-gpt's
+    convention, leave it out)."""
     rows = []
     for number, turns in enumerate(conversations, start=1):
         if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, str) for t in turns):
@@ -32,7 +34,11 @@ def conversation_rows(conversations: list, path: Path, include_multiturn_convers
                 "(user, assistant, ...)."
             )
         pairs = range(0, len(turns) - 1, 2) if include_multiturn_conversations else range(0, 1)
-        rows.extend({"instruction": turns[i], "input": "", "output": turns[i + 1]} for i in pairs)
+        for i in pairs:
+            row = {"instruction": turns[i], "input": "", "output": turns[i + 1]}
+            if i:
+                row["history"] = [{"role": ("user", "assistant")[j % 2], "content": turns[j]} for j in range(i)]
+            rows.append(row)
     return rows
 
 
@@ -62,9 +68,11 @@ def prepare(
         test_split_fraction: Fraction of rows held out as test.pt.
         seed: Seed of the train/test split.
         mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
-        ignore_index: Label value of positions without a loss.
+        ignore_index: Label value of positions without a loss (negative: -100 is PyTorch's default).
         max_seq_length: Truncate examples to this many tokens (default: the model's context length).
-        include_multiturn_conversations: Make a row of every (user, assistant) pair instead of only the first.
+        include_multiturn_conversations: Make a row of every (user, assistant) pair instead of only the first; with
+            --prompt_style chatml or chat_template a later pair's prompt holds the conversation before it, with
+            the other styles (single-turn formats) it is the pair's question alone.
         data_repo_id: Hugging Face dataset repository to download from (gated: accept its terms on the Hub first).
         data_file_name: File in that repository, and its name in the destination (a copy there is used as is).
         data_file_path: A local LIMA JSON Lines file to use instead of downloading.
@@ -89,7 +97,11 @@ def prepare(
             if not isinstance(record, dict) or "conversations" not in record:
                 raise DataPreparationError(f"{str(path)!r} row {number} has no 'conversations' field.")
         rows = conversation_rows([r["conversations"] for r in records], path, include_multiturn_conversations)
-        return check_rows(rows, path, required=("instruction", "output"), optional=("input",)), None
+        checked = check_rows(rows, path, required=("instruction", "output"), optional=("input",))
+        for row, kept in zip(rows, checked):  # (the turns of `history` are texts: `conversation_rows` checked them)
+            if "history" in row:
+                kept["history"] = row["history"]
+        return checked, None
 
     return prepare_instruction_data(
         dataset="lima", checkpoint_dir=checkpoint_dir, destination_path=destination_path,

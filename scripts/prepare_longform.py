@@ -50,7 +50,7 @@ def prepare(
         test_split_fraction: Fraction held out as test.pt when --data_file_path is used.
         seed: Seed of that split.
         mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
-        ignore_index: Label value of positions without a loss.
+        ignore_index: Label value of positions without a loss (negative: -100 is PyTorch's default).
         max_seq_length: Truncate examples to this many tokens (default: the model's context length).
         data_url: Folder URL holding LongForm's train.json and val.json.
         data_file_path: A local LongForm JSON file (input/output) to use instead of downloading.

@@ -494,10 +494,36 @@ def test_prepare_lima_turns(tmp_path, checkpoint_dir, reference, monkeypatch):
                                include_multiturn_conversations=True)
     pairs = {(s["instruction"], s["output"]) for s in load_split(out, "train")}
     assert pairs == {("What is 2+2?", "4"), ("And 3+3?", "6"), ("Name a colour.", "Blue")}
+    second = next(s for s in load_split(out, "train") if s["output"] == "6")
+    prompt = [bos] + tok.encode(ALPACA_NO_INPUT.format(instruction="And 3+3?"), add_special_tokens=False).ids
+    assert second["input_ids"][:second["prompt_length"]].tolist() == prompt  # single-turn formats: the pair alone
+    # a chat format renders the conversation so far before a later turn's question
+    out = prepare_lima.prepare(destination_path=tmp_path / "chat", checkpoint_dir=checkpoint_dir,
+                               data_file_path=data, test_split_fraction=0.0, max_seq_length=512,
+                               include_multiturn_conversations=True, prompt_style="chatml")
+    second = next(s for s in load_split(out, "train") if s["output"] == "6")
+    chat = ("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+            "<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n")
+    assert second["input_ids"][:second["prompt_length"]].tolist() == [bos] + tok.encode(
+        chat, add_special_tokens=False).ids
+    assert (second["labels"][:second["prompt_length"]] == -100).all()
+    assert second["labels"][second["prompt_length"]:].tolist() == second["input_ids"][second["prompt_length"]:].tolist()
     bad = write_jsonl(tmp_path / "bad.jsonl", conversations + [{"conversations": ["only a question"]}])
     with pytest.raises(DataPreparationError, match=r"bad.jsonl' row 3 field 'conversations' must be a list"):
         prepare_lima.prepare(destination_path=tmp_path / "bad", checkpoint_dir=checkpoint_dir,
                              data_file_path=bad, max_seq_length=64)
+
+
+def test_ignore_index_must_not_be_a_token_id(tmp_path, checkpoint_dir):
+    """A token id as the mask marker also masks every answer token with that id (the EOS: the model never learns to
+    stop)."""
+    rows = write_jsonl(tmp_path / "rows.json", ROWS)
+    for value in (0, 1, True):
+        with pytest.raises(ValueError, match=f"--ignore_index must be a negative integer, not a token id \\(got "
+                                             f"{value!r}\\).*use -100"):
+            prepare_json.prepare(json_path=rows, destination_path=tmp_path / "d", checkpoint_dir=checkpoint_dir,
+                                 max_seq_length=64, ignore_index=value)
+    assert not (tmp_path / "d").exists()
 
 
 def test_prepare_flan_subsets_and_local_file(tmp_path, checkpoint_dir, reference, monkeypatch):

@@ -255,7 +255,7 @@ def test_the_sample_answer_of_a_sharded_run_takes_as_many_forwards_on_every_rank
     gpt = GPT(Config(name="t", block_size=64, n_layer=1, n_embd=32, n_head=2, vocab_size=50, padding_multiple=1))
     forwards = []
     gpt.register_forward_hook(lambda *a: forwards.append(1))
-    row = {"input_ids": torch.tensor([1, 2, 3, 4]), "labels": torch.tensor([-100, -100, 3, 4])}
+    row = torch.tensor([1, 2])
     decode = SimpleNamespace(decode=lambda ids: list(ids), stop_ids=[])
     free = sample_generation(SimpleNamespace(world_size=1, device=torch.device("cpu")), gpt_runner(gpt), row, decode, 8)
     assert len(free) == 8 and len(forwards) == 8
@@ -398,6 +398,53 @@ def test_dry_run_plans_for_the_checkpoint_of_the_data_dir(tiny_ckpt):
     assert r.returncode == 0, r.stderr[-2000:]
     # input side: query and value each transform the 64-wide input; 2 layers x 2 slices x 64 x 2 vectors (u, v)
     assert "model: tiny-llama" in r.stdout and "trainable parameters: 512" in r.stdout
+
+
+def test_data_prepared_unmasked_trains_and_shows_its_sample_answer(tiny_ckpt, tmp_path, capsys):
+    """`--mask_inputs false` (lit-gpt's default for Dolly, FLAN, LongForm) left no -100 label to find the prompt by,
+    and the first validation's sample answer ended the run before its checkpoint. Examples now record their prompt's
+    length. The run's warm-up (the default 100 steps) is longer than its 2 steps: that is said, not left silent."""
+    import lora
+    import prepare_json
+
+    data = tmp_path / "unmasked"
+    prepare_json.prepare(json_path=tiny_ckpt / "rows.json", destination_path=data, checkpoint_dir=tiny_ckpt,
+                         max_seq_length=256, mask_inputs=False)
+    masked = torch.load(tiny_ckpt / "data" / "test.pt", weights_only=True)[0]
+    sample = torch.load(data / "test.pt", weights_only=True)[0]
+    assert not (sample["labels"] == -100).any()
+    assert sample["prompt_length"] == masked["prompt_length"] == int((masked["labels"] == -100).sum())
+    out = tmp_path / "run"
+    capsys.readouterr()
+    lora.setup(io=IOArgs(train_data_dir=data, checkpoint_dir=tiny_ckpt, out_dir=out),
+               train=TrainArgs(max_steps=2, global_batch_size=2, micro_batch_size=1, save_interval=2),
+               eval=EvalArgs(interval=1, max_iters=2, max_new_tokens=2), precision="32-true", lora_r=2)
+    err = capsys.readouterr().err
+    assert err.count("sample: ") == 2 and "sample: none" not in err
+    assert "Warning: --train.lr_warmup_steps 100 is not below the run's 2 optimizer steps, so the learning rate only " \
+           "reaches 2% of --train.learning_rate" in err
+    assert (out / "lit_model_lora_finetuned.pth").is_file() and (out / "checkpoints" / "step-000002.pth").is_file()
+
+
+def test_16_mixed_skips_an_overflowing_step_with_max_norm_set(tiny_ckpt, tmp_path, monkeypatch):
+    """Under 16-mixed an overflow in the gradients is the loss scaler's to skip (it lowers its scale), also when
+    --train.max_norm clips: the clipping used to call it a non-finite gradient norm and end the run. A GPU's plugin
+    on the CPU (Lightning swaps 16-mixed for bf16-mixed there), with a loss scale so high that steps overflow."""
+    import lora
+    from lightning.fabric.plugins.precision.amp import MixedPrecision
+
+    import lit_gpt.training as training
+
+    own = training.fabric_precision
+    monkeypatch.setattr(training, "fabric_precision", lambda precision, *a, **k: {
+        "plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 60))]}
+        if precision == "16-mixed" else own(precision, *a, **k))
+    out = tmp_path / "amp"
+    lora.setup(io=IOArgs(train_data_dir=tiny_ckpt / "data", out_dir=out),
+               train=TrainArgs(max_steps=2, global_batch_size=2, micro_batch_size=1, lr_warmup_steps=0, max_norm=1.0),
+               eval=EvalArgs(interval=0, max_iters=0), precision="16-mixed", lora_r=2)
+    final = final_tensors(out, "lit_model_lora_finetuned.pth")
+    assert final and all(torch.isfinite(v).all() for v in final.values())
 
 
 def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny_ckpt, tmp_path):

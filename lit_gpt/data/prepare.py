@@ -3,8 +3,9 @@
 Every `scripts/prepare_*.py` is a thin CLI over these helpers: find or download the raw file, read and check its
 rows, split them, tokenize with the checkpoint's tokenizer and write the result. A prepared directory holds
 
-* `train.pt`, `test.pt`: lists of ``{"input_ids", "labels", "instruction", "input", "output"}``; the two tensors are
-  1-D int64 of equal length, loadable with ``torch.load(weights_only=True)``;
+* `train.pt`, `test.pt`: lists of ``{"input_ids", "labels", "prompt_length", "instruction", "input", "output"}``;
+  the two tensors are 1-D int64 of equal length, loadable with ``torch.load(weights_only=True)``; `prompt_length`
+  counts the prompt's tokens (masked in `labels` or not: `--mask_inputs false`);
 * `prepare_config.yaml`: what it was prepared with (prompt style, tokenizer directory, max_seq_length, ...), which
   training, chat and eval read back instead of guessing.
 
@@ -30,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import yaml
 
-from lit_gpt.data.prompts import PromptStyle, prompt_style_from_name
+from lit_gpt.data.prompts import PromptStyle, prompt_style_from_name, user_message
 from lit_gpt.utils import (atomic_path, atomic_paths, check_output_dir, error_chain, hub_unreachable,
                            hub_unreachable_sentence)
 
@@ -401,6 +402,16 @@ class SplitStats:
     shortest_dropped_prompt: int = 0  # tokens in the shortest prompt of a dropped row (0: none dropped)
 
 
+def prompt_text(prompt_style: PromptStyle, row: dict) -> str:
+    """A row's prompt; a multi-turn row's earlier turns (`history`) come first where the style renders
+    conversations (`apply_messages`: chatml, chat_template)."""
+    history = row.get("history")
+    if history and hasattr(prompt_style, "apply_messages"):
+        return prompt_style.apply_messages(list(history) + [
+            {"role": "user", "content": user_message(row["instruction"], row.get("input", ""))}])
+    return prompt_style.apply(row["instruction"], row.get("input", ""))
+
+
 def tokenize_rows(
     rows: Iterable[dict], tokenizer: Any, prompt_style: PromptStyle, max_seq_length: int, mask_inputs: bool,
     ignore_index: int, desc: str = "",
@@ -410,7 +421,7 @@ def tokenize_rows(
     rows = list(rows)
     samples, stats = [], SplitStats(rows=len(rows))
     for row in tqdm(rows, desc=desc, disable=None, mininterval=2.0):
-        prompt = prompt_style.apply(row["instruction"], row.get("input", ""))
+        prompt = prompt_text(prompt_style, row)
         input_ids, labels, prompt_length, truncated = encode_example(
             prompt, row["output"], tokenizer, max_seq_length, mask_inputs, ignore_index
         )
@@ -421,8 +432,8 @@ def tokenize_rows(
             stats.shortest_dropped_prompt = min(stats.shortest_dropped_prompt or prompt_length, prompt_length)
             continue
         stats.longest = max(stats.longest, len(input_ids))
-        samples.append({"input_ids": input_ids, "labels": labels, "instruction": row["instruction"],
-                        "input": row.get("input", ""), "output": row["output"]})
+        samples.append({"input_ids": input_ids, "labels": labels, "prompt_length": min(prompt_length, len(input_ids)),
+                        "instruction": row["instruction"], "input": row.get("input", ""), "output": row["output"]})
     stats.kept = len(samples)
     return samples, stats
 
@@ -490,6 +501,15 @@ def write_prepared(
     return config
 
 
+def check_ignore_index(ignore_index: int) -> None:
+    """A token id as the mask marker would also mask every answer token with that id (often the EOS)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or ignore_index >= 0:
+        raise ValueError(
+            f"--ignore_index must be a negative integer, not a token id (got {ignore_index!r}): training would also "
+            "drop every answer token with that id from the loss; use -100, PyTorch's default."
+        )
+
+
 def prepare_instruction_data(
     *, dataset: str, checkpoint_dir: Path, destination_path: Optional[Path], max_seq_length: Optional[int],
     load_rows: Callable[[Path], tuple[list[dict], Optional[list[dict]]]], test_split_fraction: float = 0.1,
@@ -503,6 +523,7 @@ def prepare_instruction_data(
     """
     checkpoint_dir = Path(checkpoint_dir)
     check_test_split_fraction(test_split_fraction)  # a bad flag stops before a download, not after it
+    check_ignore_index(ignore_index)
     print(f"Loading the tokenizer from {str(checkpoint_dir)!r} ...")
     # before any download, and before the context length is looked up in it: a wrong checkpoint stops right away
     tokenizer = load_tokenizer(checkpoint_dir)

@@ -78,7 +78,7 @@ class LongForm(PromptStyle):
         return f"{_ALPACA_HEADER_INPUT}### Instruction:\n{body}\n\n### Response:"
 
 
-def _user_message(instruction: str, input: str) -> str:
+def user_message(instruction: str, input: str) -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
 
@@ -91,7 +91,7 @@ class ChatML(PromptStyle):
         self.system_prompt = system_prompt
 
     def apply(self, instruction: str, input: str = "") -> str:
-        return self.apply_messages([{"role": "user", "content": _user_message(instruction, input)}])
+        return self.apply_messages([{"role": "user", "content": user_message(instruction, input)}])
 
     def apply_messages(self, messages: list[dict]) -> str:
         """A conversation (`[{"role": ..., "content": ...}]`, after the system prompt), ending where the next
@@ -130,7 +130,7 @@ class ChatTemplate(PromptStyle):
         return cls(Tokenizer(checkpoint_dir), system_prompt=system_prompt)
 
     def apply(self, instruction: str, input: str = "") -> str:
-        return self.apply_messages([{"role": "user", "content": _user_message(instruction, input)}])
+        return self.apply_messages([{"role": "user", "content": user_message(instruction, input)}])
 
     def apply_messages(self, messages: list[dict]) -> str:
         """A conversation (`[{"role": ..., "content": ...}]`, after the system prompt), ending where the next
