@@ -408,9 +408,10 @@ def peft_adapter_error(folder: Path) -> Optional[ValueError]:
     if not (folder / "adapter_config.json").is_file():
         return None
     return ValueError(
-        f"{str(folder)!r} holds a PEFT adapter (adapter_config.json), not a model: pass its base model's folder, or "
-        f"merge it into the base with PEFT (`PeftModel.from_pretrained(base, {str(folder)!r}).merge_and_unload()"
-        ".save_pretrained(out)`) and convert `out` with scripts/convert_hf_checkpoint.py."
+        f"{str(folder)!r} holds a PEFT adapter (adapter_config.json), not a model: pass its base model's folder, and "
+        f"for a LoRA convert the adapter with `python scripts/convert_peft_adapter.py import --peft_dir "
+        f"{str(folder)!r} --checkpoint_dir BASE --adapter_path adapter.safetensors` (other PEFT methods: merge with "
+        "PEFT's merge_and_unload and convert the result with scripts/convert_hf_checkpoint.py)."
     )
 
 

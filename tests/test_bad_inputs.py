@@ -261,7 +261,7 @@ def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
     save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}, peft / "adapter_model.safetensors")
     for check in (check_checkpoint_dir, convert_hf_checkpoint):
         with pytest.raises(ValueError, match="holds a PEFT adapter .*, not a model: pass its base model's folder, "
-                                             "or merge it .*merge_and_unload"):
+                                             "and .*convert_peft_adapter.py import .*merge_and_unload"):
             check(peft)
 
 

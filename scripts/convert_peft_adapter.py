@@ -1,0 +1,101 @@
+"""Move LoRA adapters between lit_gpt and Hugging Face PEFT (`PeftModel.save_pretrained` folders), both ways.
+
+    python scripts/convert_peft_adapter.py export --adapter_path out/run/lit_model_lora_finetuned.pth \\
+        --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --output_dir out/peft_adapter
+    python scripts/convert_peft_adapter.py import --peft_dir path/to/peft_adapter \\
+        --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --adapter_path out/imported/adapter.safetensors
+
+`python scripts/convert_peft_adapter.py export --help` (or `import --help`) lists each command's flags.
+"""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_gpt.adapters.peft_format import export_peft_lora, import_peft_lora  # noqa: E402
+from lit_gpt.cli import USAGE_ERROR_CODE, run_cli  # noqa: E402
+from lit_gpt.convert_hf import ConversionError  # noqa: E402
+from lit_gpt.data.prompts import PromptStyleName  # noqa: E402
+
+
+def export_adapter(adapter_path: Path, checkpoint_dir: Path, output_dir: Path) -> Path:
+    """Write a lit LoRA adapter file as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<export>), output_dir)`, where `<export>` is
+    the base exported with `python scripts/convert_lit_checkpoint.py --checkpoint_dir <checkpoint_dir>`, then
+    computes the same logits as the lit model with the adapter. Query/key/value LoRAs go to transformers' q_proj,
+    k_proj, v_proj; on GPT-2's c_attn and GPT-NeoX's query_key_value, which are one layer there, slices with their
+    own A are written exactly as one LoRA of rank k*r (rank_pattern). ETHER, ETHER+ and OFT adapters have no PEFT
+    LoRA form: merge them (scripts/merge_ether.py) and export the merged checkpoint instead.
+
+    Args:
+        adapter_path: The LoRA adapter file finetune/lora.py wrote (lit_model_lora_finetuned.pth, or a
+            .safetensors file written by save_adapters).
+        checkpoint_dir: The lit base checkpoint the adapter was trained on.
+        output_dir: Folder to write adapter_config.json and adapter_model.safetensors into (created if new).
+    """
+    out = export_peft_lora(adapter_path, checkpoint_dir, output_dir)
+    print(f"Wrote the PEFT adapter {str(out)!r}; load it with PeftModel.from_pretrained on the transformers model "
+          f"`python scripts/convert_lit_checkpoint.py --checkpoint_dir {checkpoint_dir}` exports.", file=sys.stderr)
+    return out
+
+
+def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
+                   prompt_style: Optional[PromptStyleName] = None) -> Path:
+    """Write a PEFT LoRA folder (from `PeftModel.save_pretrained`) as a lit adapter file.
+
+    The file works wherever a file from finetune/lora.py does: scripts/merge_lora.py --lora_path, chat/base.py and
+    eval/lm_eval_harness.py with their --adapter_path. r and alpha are set so the update's scale equals PEFT's
+    (use_rslora's lora_alpha/sqrt(r) included); target_modules (a list or a regex), layers_to_transform and
+    exclude_modules are read as PEFT reads them. Refused, with the reason: DoRA, bias other than "none",
+    modules_to_save, ranks or scales that differ between layers, q/k/v adapted on some layers only, tensors whose
+    shapes do not fit the checkpoint, and adapter_model.bin (a pickle: re-save with safe_serialization=True).
+
+    Args:
+        peft_dir: The folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors).
+        checkpoint_dir: The lit checkpoint converted (scripts/convert_hf_checkpoint.py) from the transformers
+            model the adapter was trained on.
+        adapter_path: The adapter file to write: .pth (torch) or .safetensors.
+        prompt_style: The prompt format the adapter was trained with, stored in the file for chat and merge
+            (default: none is stored; they then use the base checkpoint's).
+    """
+    out = import_peft_lora(peft_dir, checkpoint_dir, adapter_path, prompt_style=prompt_style)
+    print(f"Wrote the lit adapter {str(out)!r}; merge it with `python scripts/merge_lora.py --lora_path {out} "
+          f"--checkpoint_dir {checkpoint_dir}`.", file=sys.stderr)
+    return out
+
+
+COMMANDS = {"export": export_adapter, "import": import_adapter}
+
+
+def usage() -> str:
+    lines = [(__doc__ or "").strip(), "", "commands:"]
+    for name, fn in COMMANDS.items():
+        lines.append(f"  {name:<8}{(fn.__doc__ or '').strip().splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def main(args: Optional[list[str]] = None) -> Path:
+    """Run the command named by the first argument (`export` or `import`) with the flags after it."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0)
+    if not args or args[0] not in COMMANDS:
+        given = f"got {args[0]!r}" if args else "got nothing"
+        print(f"error: the first argument must be the command, export or import ({given}); see --help.",
+              file=sys.stderr)
+        raise SystemExit(USAGE_ERROR_CODE)
+    command = args[0]
+    prog = sys.argv[0]
+    sys.argv[0] = f"{prog} {command}"  # the usage line of `export --help` names the command
+    try:
+        return run_cli(COMMANDS[command], errors=(ConversionError,), args=args[1:])
+    finally:
+        sys.argv[0] = prog
+
+
+if __name__ == "__main__":
+    main()

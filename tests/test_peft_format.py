@@ -1,0 +1,360 @@
+"""LoRA adapters between lit_gpt and HF PEFT (`lit_gpt/adapters/peft_format.py`, `scripts/convert_peft_adapter.py`),
+checked against PEFT's own `PeftModel` on transformers models: small random models of the llama (GQA), GPT-2
+(`Conv1D`, fused `c_attn`) and GPT-NeoX (interleaved `query_key_value`) families, converted with the scripts'
+functions, compared on float32 logits."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from lit_gpt import GPT  # noqa: E402
+from lit_gpt.adapters import AdapterConfig, adapted_layers, apply_adapters, read_adapter_config, save_adapters  # noqa
+from lit_gpt.adapters.peft_format import export_peft_lora, import_peft_lora  # noqa: E402
+from lit_gpt.adapters.state import load_adapter_file  # noqa: E402
+from lit_gpt.convert_hf import convert_hf_checkpoint, convert_lit_checkpoint  # noqa: E402
+from lit_gpt.merge import load_finetuned  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64
+TOL = dict(atol=2e-5, rtol=2e-5)
+IDX = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+
+FAMILIES = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                  rms_norm_eps=1e-5),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32,
+                 bos_token_id=0, eos_token_id=0),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, vocab_size=VOCAB, rotary_pct=0.5, max_position_embeddings=32),
+}
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def make_hf(family: str, seed: int = 0):
+    kwargs = dict(FAMILIES[family])
+    config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """family -> (transformers model, folder holding its files and the lit conversion next to them)."""
+    out = {}
+    for family in FAMILIES:
+        model = make_hf(family)
+        folder = tmp_path_factory.mktemp(family) / "hf"
+        model.save_pretrained(folder)
+        convert_hf_checkpoint(folder)  # lit_model.pth + model_config.yaml, as scripts/convert_hf_checkpoint.py
+        out[family] = (model, folder)
+    return out
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(IDX)
+    return (out if isinstance(out, torch.Tensor) else out.logits).float()
+
+
+def randomize_lora(model, seed: int = 1) -> None:
+    """Random non-zero A and B on every LoRA of a lit model (B starts at zero) or of a PeftModel."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".adapters." in name or "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def peft_model(base, folder: Path):
+    return peft.PeftModel.from_pretrained(base, str(folder)).eval()
+
+
+def hf_export(folder: Path, tmp_path: Path):
+    out = tmp_path / "hf_export"
+    if not out.is_dir():
+        convert_lit_checkpoint(folder, out)
+    return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def lit_lora(folder: Path, targets: list[str], r: int = 4, alpha: float = 6.0, seed: int = 1) -> GPT:
+    model = GPT.from_checkpoint(folder).eval()
+    apply_adapters(model, AdapterConfig(method="lora", r=r, alpha=alpha, targets=targets))
+    randomize_lora(model, seed)
+    return model.eval()
+
+
+def save_peft(base, tmp_path: Path, seed: int = 2, **config) -> tuple[object, Path]:
+    """A PeftModel with random non-zero LoRA weights on a copy of `base`, saved as PEFT saves it."""
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **config))
+    randomize_lora(model, seed)
+    folder = tmp_path / "peft"
+    model.save_pretrained(folder)
+    return model.eval(), folder
+
+
+# ---------------------------------------------------------------------------------------------- (a) export
+EXPORT_TARGETS = {
+    "llama": ["query", "key", "value", "projection", "mlp", "head"],
+    "gpt2": ["query", "value", "mlp"],  # c_attn in block form (rank 2r, rank_pattern) next to rank-r layers
+    "gpt_neox": ["query", "key", "value", "projection"],  # block form through the per-head interleave
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_export_loads_in_peft_with_the_same_logits(family, suffix, bases, tmp_path):
+    _, folder = bases[family]
+    model = lit_lora(folder, EXPORT_TARGETS[family])
+    adapter = save_adapters(model, tmp_path / f"adapter{suffix}")
+    out = export_peft_lora(adapter, folder, tmp_path / "peft")
+
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["task_type"], cfg["bias"]) == ("LORA", "CAUSAL_LM", "none")
+    assert cfg["fan_in_fan_out"] == (family == "gpt2")
+    expected = logits(model)
+    assert (expected - logits(GPT.from_checkpoint(folder).eval())).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), out)), expected, **TOL)
+
+
+def test_export_names_transformers_modules(bases, tmp_path):
+    _, folder = bases["gpt2"]
+    out = export_peft_lora(save_adapters(lit_lora(folder, EXPORT_TARGETS["gpt2"]), tmp_path / "a.pth"), folder,
+                           tmp_path / "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    # mlp.c_proj, not c_proj: the bare name would also select the attention's c_proj
+    assert cfg["target_modules"] == ["c_attn", "c_fc", "mlp.c_proj"]
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (4, 6, {"c_attn": 8},
+                                                                                         {"c_attn": 12})
+
+
+# ---------------------------------------------------------------------------------------------- (b) import
+IMPORT_CASES = {
+    "llama_rslora": ("llama", dict(r=4, lora_alpha=12, use_rslora=True, lora_dropout=0.1,
+                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"])),
+    "llama_regex": ("llama", dict(r=3, lora_alpha=5, target_modules=r".*\.(q_proj|v_proj|lm_head)")),
+    "llama_all_linear": ("llama", dict(r=2, lora_alpha=16, target_modules="all-linear")),
+    # layer subsets of whole layers: module-name targets
+    "llama_layers": ("llama", dict(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], layers_to_transform=[1])),
+    "gpt2": ("gpt2", dict(r=4, lora_alpha=7, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    "gpt_neox_rslora": ("gpt_neox", dict(r=4, lora_alpha=3, use_rslora=True,
+                                         target_modules=["query_key_value", "dense"])),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPORT_CASES))
+def test_import_computes_what_peft_computes(case, bases, tmp_path):
+    family, lora_config = IMPORT_CASES[case]
+    base, folder = bases[family]
+    model, peft_dir = save_peft(base, tmp_path, **lora_config)
+    expected = logits(model)
+    assert (expected - logits(base)).abs().max() > 1e-2
+
+    adapter = import_peft_lora(peft_dir, folder, tmp_path / "imported.safetensors")
+    config = read_adapter_config(adapter)
+    r_peft, alpha_peft = lora_config["r"], lora_config["lora_alpha"]
+    peft_scale = alpha_peft / (math.sqrt(r_peft) if lora_config.get("use_rslora") else r_peft)
+    assert config.alpha / config.r == pytest.approx(peft_scale)
+    assert config.dropout == lora_config.get("lora_dropout", 0.0)
+    torch.testing.assert_close(logits(load_finetuned(folder, adapter)), expected, **TOL)
+
+
+def test_import_targets(bases, tmp_path):
+    base, folder = bases["llama"]
+    _, peft_dir = save_peft(base, tmp_path, **IMPORT_CASES["llama_layers"][1])
+    config = read_adapter_config(import_peft_lora(peft_dir, folder, tmp_path / "a.pth"))
+    assert config.targets == ["transformer.h.1.attn.proj", "transformer.h.1.mlp.proj"]
+    _, peft_dir = save_peft(base, tmp_path / "all", **IMPORT_CASES["llama_all_linear"][1])
+    config = read_adapter_config(import_peft_lora(peft_dir, folder, tmp_path / "b.pth"))
+    assert config.targets == ["query", "key", "value", "projection", "mlp"]
+
+
+# ---------------------------------------------------------------------------------------------- (c) round trips
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_of_export_gives_the_adapter_back(family, bases, tmp_path):
+    _, folder = bases[family]
+    adapter = save_adapters(lit_lora(folder, EXPORT_TARGETS[family]), tmp_path / "a.safetensors")
+    out = export_peft_lora(adapter, folder, tmp_path / "peft")
+    back = import_peft_lora(out, folder, tmp_path / "back.safetensors")
+    before, after = load_adapter_file(adapter), load_adapter_file(back)
+    assert read_adapter_config(back).to_dict() == read_adapter_config(adapter).to_dict()
+    assert sorted(after["state_dict"]) == sorted(before["state_dict"])
+    for k, v in before["state_dict"].items():
+        assert torch.equal(after["state_dict"][k], v), k
+
+
+@pytest.mark.parametrize("case", ["gpt2", "gpt_neox_rslora"])
+def test_export_of_import_gives_the_peft_tensors_back(case, bases, tmp_path):
+    """A fused layer's one PEFT A (every slice shares it after the import) is written back as one A."""
+    family, lora_config = IMPORT_CASES[case]
+    base, folder = bases[family]
+    _, peft_dir = save_peft(base, tmp_path, **lora_config)
+    out = export_peft_lora(import_peft_lora(peft_dir, folder, tmp_path / "a.pth"), folder, tmp_path / "again")
+    from safetensors.torch import load_file
+
+    before, after = load_file(peft_dir / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert sorted(after) == sorted(before)
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- (d) refusals
+@pytest.fixture
+def llama_peft(bases, tmp_path):
+    base, folder = bases["llama"]
+    _, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    return peft_dir, folder
+
+
+def edit_config(peft_dir: Path, **changes) -> None:
+    path = peft_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(use_dora=True), ["use_dora", "DoRA", "merge"]),
+    (dict(bias="lora_only"), ["bias='lora_only'", "biases"]),
+    (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
+    (dict(peft_type="IA3"), ["IA3", "only LORA"]),
+    (dict(init_lora_weights="pissa"), ["init_lora_weights='pissa'", "path_initial_model_for_weight_conversion"]),
+    (dict(rank_pattern={"o_proj": 2}), ["rank 4", "r=2"]),
+    (dict(alpha_pattern={"o_proj": 2}), ["rank_pattern/alpha_pattern", "one r and alpha", "o_proj"]),
+    (dict(target_modules=["q_proj", "v_proj"]), ["o_proj", "do not select", "ignore"]),
+    (dict(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]), ["selects", "down_proj", "incomplete"]),
+])
+def test_import_refuses_in_one_sentence(changes, words, llama_peft, tmp_path):
+    peft_dir, folder = llama_peft
+    edit_config(peft_dir, **changes)
+    with pytest.raises(ValueError) as e:
+        import_peft_lora(peft_dir, folder, tmp_path / "out.pth")
+    message = str(e.value)
+    assert "adapter_config.json" in message or "adapter_model" in message, message
+    assert all(w in message for w in words), message
+    assert "\n" not in message and message.endswith("."), message
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_import_refuses_q_proj_on_some_layers(bases, tmp_path):
+    base, folder = bases["llama"]
+    _, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0])
+    with pytest.raises(ValueError, match="some layers only.*cannot express"):
+        import_peft_lora(peft_dir, folder, tmp_path / "out.pth")
+
+
+def test_import_refuses_pickle_and_another_base(llama_peft, bases, tmp_path):
+    peft_dir, folder = llama_peft
+    _, other = bases["gpt_neox"]
+    with pytest.raises(ValueError, match=r"adapts 'model\.layers\.0\.self_attn\.o_proj', which the transformers"):
+        import_peft_lora(peft_dir, other, tmp_path / "out.pth")
+    # same module names, other widths: the tensor is named
+    wider_config = dict(FAMILIES["llama"], intermediate_size=40)
+    del wider_config["model_type"]
+    wider = transformers.LlamaForCausalLM(transformers.LlamaConfig(**wider_config))
+    _, peft_wide = save_peft(wider, tmp_path / "wide", r=4, lora_alpha=8, target_modules=["down_proj"])
+    with pytest.raises(ValueError, match=r"down_proj\.lora_A\.weight in .* has shape \[4, 40\], .* takes 48 inputs"):
+        import_peft_lora(peft_wide, folder, tmp_path / "out.pth")
+
+    (peft_dir / "adapter_model.safetensors").rename(peft_dir / "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.bin, a pickle file.*safe_serialization=True"):
+        import_peft_lora(peft_dir, folder, tmp_path / "out.pth")
+
+
+@pytest.mark.parametrize("method", ["ether", "etherplus", "etherplusHH", "oft"])
+def test_export_refuses_other_methods(method, bases, tmp_path):
+    _, folder = bases["llama"]
+    model = GPT.from_checkpoint(folder)
+    apply_adapters(model, AdapterConfig(method=method, nb=4, targets=["query", "value"]))
+    adapter = save_adapters(model, tmp_path / "a.pth")
+    with pytest.raises(ValueError, match=f"holds {method} adapters, which PEFT's LoRA format cannot hold.*merge"):
+        export_peft_lora(adapter, folder, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+def test_export_refuses_another_base(bases, tmp_path):
+    _, llama = bases["llama"]
+    _, neox = bases["gpt_neox"]
+    adapter = save_adapters(lit_lora(llama, ["mlp"]), tmp_path / "a.pth")
+    with pytest.raises(ValueError, match="trained on another base model"):
+        export_peft_lora(adapter, neox, tmp_path / "peft")
+
+
+# ---------------------------------------------------------------------------------------------- (e) the CLI
+def test_cli_import_then_merge_and_export(bases, tmp_path, capsys):
+    base, folder = bases["llama"]
+    model, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8, use_rslora=True,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    expected = logits(model)
+    script = load_script("convert_peft_adapter")
+    adapter = tmp_path / "run" / "imported.pth"
+    script.main(["import", "--peft_dir", str(peft_dir), "--checkpoint_dir", str(folder), "--adapter_path",
+                 str(adapter), "--prompt_style", "alpaca"])
+    assert load_adapter_file(adapter)["prompt_style"] == {"prompt_style": "alpaca", "system_prompt": None}
+
+    merged = load_script("merge_lora").main(lora_path=adapter, checkpoint_dir=folder, out_dir=tmp_path / "merged")
+    merged_model = GPT.from_checkpoint(merged).eval()
+    assert not list(adapted_layers(merged_model))
+    torch.testing.assert_close(logits(merged_model), expected, **TOL)
+
+    script.main(["export", "--adapter_path", str(adapter), "--checkpoint_dir", str(folder), "--output_dir",
+                 str(tmp_path / "peft_again")])
+    torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), tmp_path / "peft_again")), expected,
+                               **TOL)
+    assert "merge_lora.py --lora_path" in capsys.readouterr().err
+
+
+def test_cli_help_and_errors(llama_peft, tmp_path, capsys):
+    peft_dir, folder = llama_peft
+    edit_config(peft_dir, use_dora=True)
+    r = subprocess.run([sys.executable, "scripts/convert_peft_adapter.py", "import", "--peft_dir", str(peft_dir),
+                        "--checkpoint_dir", str(folder), "--adapter_path", str(tmp_path / "a.pth")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "use_dora" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    script = load_script("convert_peft_adapter")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    assert e.value.code == 0 and "export  Write a lit LoRA adapter" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        script.main(["imprt", "--peft_dir", "x"])
+    assert e.value.code == 2 and "export or import (got 'imprt')" in capsys.readouterr().err
