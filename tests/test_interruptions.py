@@ -124,14 +124,22 @@ def test_the_stop_signals_and_a_second_one(capfd):
 
     before = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
     assert signal.SIGUSR1 in before
+    def handled(stop, sig) -> bool:
+        """Send `sig` to this process and wait (boundedly) until its handler ran: in a process with other threads
+        (torch's) the signal may arrive on one of them, and Python runs the handler a little later."""
+        os.kill(os.getpid(), sig)
+        deadline = time.monotonic() + 10
+        while stop.signum != sig and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return stop.signum == sig
+
     with StopRequest(announce=False) as stop:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.signum == signal.SIGUSR1
+        assert handled(stop, signal.SIGUSR1)
     with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT
+        assert handled(stop, signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # (interrupted as soon as the handler runs)
     assert {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS} == before
     assert capfd.readouterr().err.count("SIGINT received: the run stops after the step in progress") == 1
 
