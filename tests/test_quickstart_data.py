@@ -126,7 +126,8 @@ def test_lm_eval_loads_the_task_and_scores_with_it(tmp_path):
 
     paths = write_dataset(tmp_path, n_train=10, n_test=24, seed=0)
     rows = [json.loads(line) for line in paths["test"].read_text().splitlines()]
-    manager = TaskManager(include_path=str(TASK_DIR), metadata={"data_file": str(paths["test"])})
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                          metadata={"data_file": str(paths["test"])})
     if hasattr(manager, "load"):  # lm-eval's newer API; load_task_or_group is deprecated there
         task = manager.load(["quickstart"])["tasks"]["quickstart"]
     else:
