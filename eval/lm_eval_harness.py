@@ -36,6 +36,11 @@ def main(
     seed: int = 1234,
     max_length: Optional[int] = None,
     bootstrap_iters: int = 100000,
+    apply_chat_template: bool = False,
+    system_instruction: Optional[str] = None,
+    fewshot_as_multiturn: Optional[bool] = None,
+    gen_kwargs: Optional[Union[str, dict[str, Any]]] = None,
+    log_samples: bool = False,
 ) -> dict:
     """Run lm-eval tasks on a lit checkpoint and print lm-eval's results table (and, with --save_filepath, write
     lm-eval's results JSON).
@@ -71,6 +76,17 @@ def main(
         seed: Seed for sampling, few-shot example selection and every other random choice lm-eval makes.
         max_length: Context length in tokens (default: the model's block_size).
         bootstrap_iters: Bootstrap resamples for the standard errors of non-mean metrics (0 skips them).
+        apply_chat_template: Write every prompt in the checkpoint's chat template (as lm-eval's
+            --apply_chat_template does; for instruction-tuned chat models).
+        system_instruction: A system message put before every prompt (in the chat template's system turn with
+            --apply_chat_template, else as text before the prompt).
+        fewshot_as_multiturn: With --apply_chat_template, give the few-shot examples as earlier user/assistant
+            turns (default: true with --apply_chat_template, as lm-eval does).
+        gen_kwargs: Generation settings for every generation task, overriding the tasks' own: lm-eval's
+            "temperature=0.7,do_sample=True" form or a JSON object. This backend applies until, max_gen_toks,
+            do_sample, temperature, top_k and top_p; others are refused.
+        log_samples: Also write every document's prompt(s), answers and scores, one JSON Lines file per task next
+            to --save_filepath (<stem>_samples_<task>.jsonl), to inspect or compare runs.
     """
     import json
 
@@ -83,6 +99,13 @@ def main(
         raise ValueError(f"--num_fewshot must be 0 or more, got {num_fewshot}.")
     if save_filepath is not None:  # found now, not after hours of evaluation
         check_output_file(save_filepath, "--save_filepath", example="results.json")
+    elif log_samples:
+        raise ValueError("--log_samples writes its files next to the results JSON: pass --save_filepath too.")
+    if fewshot_as_multiturn and not apply_chat_template:
+        raise ValueError("--fewshot_as_multiturn true needs --apply_chat_template true (the turns are the chat "
+                         "template's).")
+    if fewshot_as_multiturn is None:
+        fewshot_as_multiturn = apply_chat_template
     torch_device = resolve_device(device)
     # the offline switches the user set, which an unreachable-Hub error then names
     switched_off = [k for k in OFFLINE_SWITCHES if os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")]
@@ -90,7 +113,14 @@ def main(
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from lit_gpt.lm_eval import LitGPTLM, build_task_manager, resolve_tasks, top_level_items
+    from lit_gpt.lm_eval import LitGPTLM, build_task_manager, check_gen_kwargs, resolve_tasks, top_level_items
+
+    if isinstance(gen_kwargs, str):
+        from lm_eval.utils import simple_parse_args_string
+
+        gen_kwargs = simple_parse_args_string(gen_kwargs)
+    if gen_kwargs:
+        check_gen_kwargs(gen_kwargs, "--gen_kwargs")
 
     task_manager = build_task_manager(include_path, names=names, metadata=metadata)
     notes: list[str] = []
@@ -98,27 +128,77 @@ def main(
     for note in notes:
         print(note, file=sys.stderr)
 
+    # lm-eval seeds before it loads the tasks: a task that shuffles its choices while its documents are processed
+    # (GPQA's zero-shot variants, ...) then gets the same order on every machine, the one lm-eval's own runs get
+    seed_everything(seed)
     # the tasks (and their data) are loaded before the model, so a missing dataset is reported in seconds
     with quiet_data_file_hint(own_tasks(task_manager)):
-        tasks = top_level_items(_load_tasks(task_manager, names, switched_off))
+        loaded = _load_tasks(task_manager, names, switched_off)
+    for name, task in _leaf_tasks(loaded):  # refused now rather than after the tasks before it have run
+        if getattr(task, "OUTPUT_TYPE", None) == "generate_until":  # (--gen_kwargs updates the task's own)
+            check_gen_kwargs({**(task.config.generation_kwargs or {}), **(gen_kwargs or {})},
+                             f"Task {name!r}'s generation_kwargs")
+    tasks = top_level_items(loaded)
 
     model = LitGPTLM(checkpoint_dir=checkpoint_dir, adapter_path=adapter_path, batch_size=batch_size,
                      device=torch_device, precision=precision, max_length=max_length)
     results = lm_eval.simple_evaluate(
         model=model, tasks=tasks, task_manager=task_manager, num_fewshot=num_fewshot, limit=limit,
-        bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters, log_samples=log_samples, apply_chat_template=apply_chat_template,
+        system_instruction=system_instruction, fewshot_as_multiturn=fewshot_as_multiturn, gen_kwargs=gen_kwargs,
+        # (seeded above, before the tasks were loaded: not again here)
+        random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=seed,
         # only recorded (in the results' `config`) for an already built model
         batch_size=model.batch_size, device=str(model.device),
     )
+    # recorded as lm-eval's own CLI records them (its evaluation tracker's fields), so two runs can be told apart
+    results["config"].update(apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+                             fewshot_as_multiturn=fewshot_as_multiturn,
+                             chat_template=model.chat_template(apply_chat_template),
+                             random_seed=seed, numpy_seed=seed, torch_seed=seed)  # (seeded here, not by lm-eval)
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
     if save_filepath is not None:
         save_filepath.parent.mkdir(parents=True, exist_ok=True)
+        samples = results.pop("samples", None) or {}
+        for task_name, rows in samples.items():
+            path = samples_path(save_filepath, task_name)
+            atomic_write_text(path, "".join(json.dumps(row, default=handle_non_serializable) + "\n" for row in rows))
+            print(f"Saved {len(rows)} samples of {task_name} to {path}", file=sys.stderr)
         atomic_write_text(save_filepath, json.dumps(results, indent=2, default=handle_non_serializable))
         print(f"Saved results to {save_filepath}", file=sys.stderr)
+        if samples:
+            results["samples"] = samples
     return results
+
+
+def seed_everything(seed: int) -> None:
+    """What lm-eval's `simple_evaluate` seeds with `--seed S`: Python's, NumPy's and torch's generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def samples_path(save_filepath: Path, task_name: str) -> Path:
+    """Where --log_samples writes a task's samples: beside the results JSON, named after it and the task."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task_name)
+    return save_filepath.with_name(f"{save_filepath.stem}_samples_{safe}.jsonl")
+
+
+def _leaf_tasks(loaded: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(name, task) of every task in `TaskManager.load`'s result, groups opened."""
+    for key, value in loaded.items():
+        name = getattr(key, "group_name", None) or getattr(key, "group", None) or str(key)
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value, prefix)
+        else:
+            yield name, value
 
 
 def task_names(eval_tasks: Optional[Union[str, list[str]]]) -> list[str]:

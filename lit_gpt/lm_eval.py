@@ -131,7 +131,9 @@ class LitGPTLM(TemplateLM):
         elif model is not None and precision is None:
             weight_dtype, self._autocast_dtype = None, None
         else:
-            weight_dtype, self._autocast_dtype = precision_to_dtypes(precision or default_precision(self._device))
+            precision = precision or default_precision(self._device)
+            weight_dtype, self._autocast_dtype = precision_to_dtypes(precision)
+        self.precision = precision  # (None: given as a dtype, or a built model's own)
 
         if model is None:
             model = load_eval_model(checkpoint_dir, adapter_path, device=self._device, dtype=weight_dtype)
@@ -200,9 +202,16 @@ class LitGPTLM(TemplateLM):
         return str(self.tokenizer.checkpoint_dir).replace("/", "__")
 
     def get_model_info(self) -> dict:
+        """What lm-eval records in the results' `config`: with what the numbers depend on (context length,
+        precision, BOS), so two evaluations of one checkpoint can be told apart."""
         return {
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.lm_head.weight.dtype),
+            "autocast_dtype": str(self._autocast_dtype) if self._autocast_dtype is not None else None,
+            "precision": self.precision,
+            "max_length": self.max_length,
+            "max_gen_toks": self.max_gen_toks,
+            "add_bos_token": self._uses_bos(),
             "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
             "adapter_path": str(self.adapter_path) if self.adapter_path else None,
         }
@@ -278,6 +287,10 @@ class LitGPTLM(TemplateLM):
             # requests that differ only in their last continuation token share one forward
             return req[1] + req[2][:-1]
 
+        # every request, not only the ones batching keeps: a continuation that encodes to nothing shares its group
+        # with its sibling choices and would be scored as certain (log p = 0) without a word
+        for request_str, context_enc, continuation_enc in requests:
+            self._check_request(request_str, context_enc, continuation_enc)
         reorder = Collator(requests, sort_fn=sort_key, group_by="contexts", group_fn=same_input)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0 or progress_bars_off(),
                     desc="lit_gpt loglikelihood")
@@ -285,14 +298,6 @@ class LitGPTLM(TemplateLM):
         for chunk in reorder.get_batched(n=override_bs or self.batch_size):
             inputs, spans = [], []
             for _, context_enc, continuation_enc in chunk:
-                if not context_enc or not continuation_enc:
-                    raise ValueError("A log-likelihood request has an empty context or continuation after tokenising.")
-                if len(continuation_enc) > self.max_length:  # (lm-eval's hf backend fails on it too, with an assert)
-                    raise ValueError(
-                        f"A log-likelihood request's continuation has {len(continuation_enc)} tokens, more than the "
-                        f"context of {self.max_length} tokens the model is evaluated with, so it cannot be scored: "
-                        "raise --max_length (up to the model's block_size), or use a task with shorter answers."
-                    )
                 # the last token is only ever a target; cut from the left what does not fit
                 inp = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
                 inputs.append(inp)
@@ -316,6 +321,30 @@ class LitGPTLM(TemplateLM):
                     pbar.update(1)
         pbar.close()
         return reorder.get_original(results)
+
+    def _check_request(self, request_str: Any, context_enc: list[int], continuation_enc: list[int]) -> None:
+        """One sentence, naming the request, for a log-likelihood request that cannot be scored."""
+        shown = ""
+        if isinstance(request_str, tuple) and len(request_str) == 2:
+            context, continuation = request_str
+            shown = f" (context ending {context[-40:]!r}, continuation {continuation!r})"
+        if not continuation_enc:
+            raise ValueError(
+                f"A log-likelihood request{shown} has a continuation that encodes to no tokens of its own: it merges "
+                "into the context's last token, so it cannot be scored; give the task a target_delimiter such as "
+                "' ' or change its choices."
+            )
+        if not context_enc:
+            raise ValueError(
+                f"A log-likelihood request{shown} has a context that encodes to no tokens and the tokenizer adds no "
+                "BOS to condition on; give the task a non-empty context."
+            )
+        if len(continuation_enc) > self.max_length:  # (lm-eval's hf backend fails on it too, with an assert)
+            raise ValueError(
+                f"A log-likelihood request's continuation{shown} has {len(continuation_enc)} tokens, more than the "
+                f"context of {self.max_length} tokens the model is evaluated with, so it cannot be scored: "
+                "raise --max_length (up to the model's block_size), or use a task with shorter answers."
+            )
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each document, scored in disjoint windows of `max_length` tokens (as HFLM)."""
@@ -380,6 +409,7 @@ class LitGPTLM(TemplateLM):
         top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
         if not do_sample:
             temperature, top_k, top_p = 0.0, None, 1.0
+        check_gen_kwargs(kwargs)
         prompts = [
             torch.tensor(self._encode_generation_context(c)[-(self.max_length - max_gen_toks):], dtype=torch.long,
                          device=self._device)
@@ -432,6 +462,28 @@ class LitGPTLM(TemplateLM):
                 "no chat template."
             )
         return self.tokenizer.chat_template
+
+
+# ---------------------------------------------------------------------------------------------- generation settings
+# what `generate_until` applies; anything else a task (or --gen_kwargs) asks for would be silently ignored
+SUPPORTED_GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens",
+                        "do_sample", "temperature", "top_k", "top_p")
+# settings whose value here asks for what generation does anyway
+NO_OP_GEN_KWARGS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "min_new_tokens": 0}
+
+
+def check_gen_kwargs(gen_kwargs: dict, where: str = "A task's generation_kwargs") -> None:
+    """Refuse, in one sentence, generation settings this backend does not apply (lm-eval's `hf` backend passes
+    them to transformers' `generate`: their text would differ from ours)."""
+    unsupported = sorted(k for k, v in gen_kwargs.items()
+                         if k not in SUPPORTED_GEN_KWARGS and not (k in NO_OP_GEN_KWARGS and v == NO_OP_GEN_KWARGS[k]))
+    if unsupported:
+        raise ValueError(
+            f"{where} set {', '.join(f'{k}={gen_kwargs[k]!r}' for k in unsupported)}, which the lit_gpt backend "
+            f"does not apply (it applies {', '.join(SUPPORTED_GEN_KWARGS[:2] + SUPPORTED_GEN_KWARGS[5:])}); remove "
+            "them from the task, or evaluate with lm-eval's hf backend on the transformers export "
+            "(scripts/convert_lit_checkpoint.py)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- task names

@@ -445,3 +445,112 @@ def test_chat_template_continues_an_answer_prefix_as_lm_evals_hf_backend_does(tm
     assert got.endswith("<|im_start|>assistant\nAnswer:")
     got = LitGPTLM.apply_chat_template(lm, question, add_generation_prompt=True)
     assert got == ref.apply_chat_template(question[1:], tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------- audit 4
+def _shuffling_task(folder: Path) -> Path:
+    """lit_mc with its choices shuffled by Python's global `random` while its documents are processed, as lm-eval's
+    GPQA zero-shot and metabench permuted tasks do."""
+    folder.mkdir()
+    (folder / "utils.py").write_text(
+        "import random\n\nimport datasets\n\n\ndef shuffle(dataset):\n    rows = []\n    for doc in dataset:\n"
+        "        choices = list(doc['choices'])\n        right = choices[doc['answer']]\n"
+        "        random.shuffle(choices)\n        rows.append({**doc, 'choices': choices, 'answer': "
+        "choices.index(right)})\n    return datasets.Dataset.from_list(rows)\n")
+    text = (TASKS_DIR / "lit_mc.yaml").read_text().replace("task: lit_mc", "task: lit_shuffled").replace(
+        "tests/eval_tasks/lit_mc.jsonl", str(TASKS_DIR / "lit_mc.jsonl"))
+    (folder / "lit_shuffled.yaml").write_text(text + "process_docs: !function utils.shuffle\n")
+    return folder
+
+
+def _choice_orders(samples_file: Path) -> list[list[str]]:
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    return [[arg[1] for arg in row["arguments"]] for row in sorted(rows, key=lambda r: r["doc_id"])]
+
+
+def test_seed_is_applied_before_the_tasks_shuffle_their_choices(tiny_ckpt, tmp_path):
+    """lm-eval seeds before it loads the tasks; we loaded them first, so a task that shuffles its choices while its
+    documents are processed got an order that depended on whatever had run before (on a fresh machine: another
+    score each run)."""
+    import random
+
+    harness, tasks = _harness(), _shuffling_task(tmp_path / "tasks")
+    orders = []
+    for before in (0, 999):  # whatever the global generators hold before the run
+        random.seed(before)
+        out = tmp_path / f"run{before}" / "eval.json"
+        harness.main(checkpoint_dir=tiny_ckpt, include_path=tasks, eval_tasks="lit_shuffled", precision="32-true",
+                     device="cpu", bootstrap_iters=0, seed=1234, log_samples=True, save_filepath=out)
+        orders.append(_choice_orders(out.with_name("eval_samples_lit_shuffled.jsonl")))
+        assert json.loads(out.read_text())["config"]["random_seed"] == 1234
+    assert orders[0] == orders[1]
+    assert any(order != [" " + c for c in row["choices"]] for order, row in zip(orders[0], (
+        json.loads(line) for line in (TASKS_DIR / "lit_mc.jsonl").read_text().splitlines())))  # it did shuffle
+
+
+def test_cli_chat_template_system_instruction_samples_and_record(tiny_ckpt, tmp_path):
+    """--apply_chat_template, --system_instruction, --fewshot_as_multiturn (on by default with a template),
+    --gen_kwargs and --log_samples, which only the Python API reached; the results record max_length, precision
+    and the chat settings."""
+    ckpt = tmp_path / "chat"
+    shutil.copytree(tiny_ckpt, ckpt)
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "results" / "eval.json"
+    harness = _harness()
+    harness.main(checkpoint_dir=ckpt, include_path=TASKS_DIR, eval_tasks="lit_gen", precision="32-true",
+                 device="cpu", bootstrap_iters=0, limit=2, num_fewshot=1, max_length=100, apply_chat_template=True,
+                 system_instruction="Be brief.", gen_kwargs="max_gen_toks=3", log_samples=True, save_filepath=out)
+    rows = [json.loads(line) for line in (out.parent / "eval_samples_lit_gen.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    prompt, settings = rows[0]["arguments"][0]
+    assert prompt.startswith("<|system|>Be brief.</s><|user|>Question: ") and prompt.endswith("<|assistant|>")
+    assert prompt.count("<|user|>") == 2 and prompt.count("<|assistant|>") == 2  # the few-shot example as turns
+    assert settings["max_gen_toks"] == 3
+    record = json.loads(out.read_text())
+    assert "samples" not in record
+    c = record["config"]
+    assert (c["max_length"], c["precision"], c["apply_chat_template"], c["system_instruction"],
+            c["fewshot_as_multiturn"]) == (100, "32-true", True, "Be brief.", True)
+    assert c["chat_template"] == config["chat_template"] and c["add_bos_token"] is True
+    with pytest.raises(ValueError, match="--fewshot_as_multiturn true needs --apply_chat_template true"):
+        harness.main(checkpoint_dir=ckpt, eval_tasks="lit_gen", fewshot_as_multiturn=True)
+    with pytest.raises(ValueError, match="--log_samples writes its files next to the results JSON: pass "
+                                         "--save_filepath too"):
+        harness.main(checkpoint_dir=ckpt, eval_tasks="lit_gen", log_samples=True)
+
+
+def test_generation_settings_the_backend_does_not_apply_are_refused_before_the_model_loads(tmp_path):
+    """lm-eval's hf backend passes a task's repetition_penalty, num_beams, ... to transformers; ours dropped them
+    without a word, and its text differed. A value that asks for what generation does anyway is fine."""
+    from lit_gpt.lm_eval import check_gen_kwargs
+
+    check_gen_kwargs({"until": ["\n"], "max_gen_toks": 4, "do_sample": False, "num_beams": 1})
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    text = (TASKS_DIR / "lit_gen.yaml").read_text().replace("task: lit_gen", "task: lit_penalty").replace(
+        "tests/eval_tasks/lit_gen.jsonl", str(TASKS_DIR / "lit_gen.jsonl"))
+    (tasks / "lit_penalty.yaml").write_text(text.replace("  do_sample: false\n",
+                                                         "  do_sample: false\n  repetition_penalty: 1.3\n"))
+    harness = _harness()
+    never = tmp_path / "never_loaded"  # the model's folder is not even looked at
+    with pytest.raises(ValueError, match=r"Task 'lit_penalty'.s generation_kwargs set repetition_penalty=1.3, which "
+                                         r"the lit_gpt backend does not apply \(it applies until, max_gen_toks, "
+                                         r"do_sample, temperature, top_k, top_p\)"):
+        harness.main(checkpoint_dir=never, include_path=tasks, eval_tasks="lit_penalty")
+    with pytest.raises(ValueError, match="--gen_kwargs set num_beams=4, which the lit_gpt backend does not apply"):
+        harness.main(checkpoint_dir=never, include_path=TASKS_DIR, eval_tasks="lit_gen", gen_kwargs="num_beams=4")
+
+
+def test_a_choice_that_merges_into_its_context_is_refused_even_beside_other_choices(tiny_ckpt):
+    """With `target_delimiter: ""` an answer can merge into the context's last token: its continuation is empty and
+    was scored as certain (log p = 0) whenever another choice shared the context; only a lone one was refused."""
+    lm = _our_lm(tiny_ckpt)
+    requests = [(("The capital of France is Par", "ma"), [5, 6, 7], [8]),
+                (("The capital of France is Par", "is"), [5, 6, 7], [])]  # (grouped with the first)
+    with pytest.raises(ValueError, match=r"request \(context ending 'The capital of France is Par', continuation "
+                                         r"'is'\) has a continuation that encodes to no tokens of its own.*"
+                                         "target_delimiter"):
+        lm._loglikelihood_tokens(requests)
