@@ -26,6 +26,7 @@ from lit_gpt.adapters.peft_format import export_peft_lora, import_peft_lora  # n
 from lit_gpt.adapters.state import load_adapter_file  # noqa: E402
 from lit_gpt.convert_hf import convert_hf_checkpoint, convert_lit_checkpoint  # noqa: E402
 from lit_gpt.merge import load_finetuned  # noqa: E402
+from test_adapters import one_thread  # noqa: E402, F401  (autouse: one intra-op thread for tiny tensors)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -50,13 +51,6 @@ def load_script(name: str):
     return module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
