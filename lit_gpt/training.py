@@ -631,6 +631,13 @@ def use_loss_ignore_index(data, prepared: Optional[dict]) -> None:
     """Data prepared with `--ignore_index N` marks the positions without a loss (the prompt) with N; the loss skips
     -100 (PyTorch's default), so relabel N as -100 once, here, instead of threading N through every loss."""
     marker = (prepared or {}).get("ignore_index", -100)
+    if isinstance(marker, int) and not isinstance(marker, bool) and marker >= 0:
+        where = str(Path(data.source).parent) if getattr(data, "source", "") else "the data"
+        raise ValueError(
+            f"{where!r} was prepared with --ignore_index {marker}, a token id: the answers' tokens {marker} cannot be "
+            "told from the masked prompt, so the model would never learn them; prepare it again with the default "
+            "--ignore_index -100."
+        )
     if isinstance(marker, int) and marker != -100:
         for sample in data.samples:
             sample["labels"] = sample["labels"].masked_fill(sample["labels"] == marker, -100)

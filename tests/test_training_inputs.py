@@ -251,10 +251,12 @@ def test_a_max_seq_length_that_cuts_off_every_answer_is_refused_and_some_are_war
            in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("marker", [-1, 0])
+@pytest.mark.parametrize("marker", [-1, -7])
 def test_data_prepared_with_another_ignore_index_trains_as_with_the_default(tiny_ckpt, tmp_path, marker):
     """`prepare_*.py --ignore_index N` marks the prompt with N: training skips those positions as it skips -100
-    (before, -1 crashed the loss with a traceback and 0 trained the model to predict token 0 over every prompt)."""
+    (before, -1 crashed the loss with a traceback). A token id as the marker is refused when preparing, and data an
+    earlier version prepared with one is refused by training (its answer tokens with that id cannot be told from
+    the prompt)."""
     import prepare_json
 
     other = tmp_path / "other-marker"
@@ -265,6 +267,12 @@ def test_data_prepared_with_another_ignore_index_trains_as_with_the_default(tiny
     setup_ether(tiny_ckpt / "data", tmp_path / "default", ckpt=tiny_ckpt, train=train)
     setup_ether(other, tmp_path / "marked", ckpt=tiny_ckpt, train=train)
     assert [r["loss"] for r in csv_rows(tmp_path / "marked")] == [r["loss"] for r in csv_rows(tmp_path / "default")]
+    if marker == -1:
+        config = other / "prepare_config.yaml"
+        config.write_text(config.read_text().replace("ignore_index: -1", "ignore_index: 0"))
+        with pytest.raises(ValueError, match=r"other-marker' was prepared with --ignore_index 0, a token id: .*prepare "
+                                             "it again with the default --ignore_index -100"):
+            setup_ether(other, tmp_path / "token-marker", ckpt=tiny_ckpt, train=train)
 
 
 def test_a_resume_with_another_data_order_names_the_flags(tiny_ckpt):

@@ -535,7 +535,8 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[dict[str,
             if n in plan:
                 raise ValueError(f"Layer {n!r} is matched by more than one adapter target: list it once.")
             # a GPT's fused QKV by name: its three slices, as the named targets query, key and value adapt it
-            plan[n] = [sname for sname, _, _ in _slice_layout(model, n, modules[n])]
+            plan[n] = ([sname for sname, _, _ in _slice_layout(model, n, modules[n])]
+                       if gpt and n.endswith("attn.qkv") else [FULL])
     return plan, all_linear  # (a layer two targets select is refused above)
 
 
