@@ -1,6 +1,7 @@
 """Shared fixtures. Several people add fixtures here: add yours, do not rewrite others'."""
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,11 +49,14 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------- Triton interpreter
 # Without a GPU, tests/test_gpu_kernel.py runs again in a child process under Triton's interpreter: one core's work
-# for about two minutes. It starts as soon as the test that waits for it is selected, so it runs beside the rest.
+# for about two minutes. It starts as soon as the test that waits for it is selected, so it runs beside the rest
+# (with pytest-xdist's workers, beside the other worker's tests).
 TRITON_INTERPRETER_CHILD = pytest.StashKey()
 
 
 def pytest_collection_finish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # every worker collects every test: the one that runs it starts the child then, beside the others
     for item in session.items:
         if item.name == "test_kernels_in_triton_interpreter":
             session.config.stash[TRITON_INTERPRETER_CHILD] = item.module.start_interpreter_child()

@@ -39,7 +39,8 @@ def start_interpreter_child() -> Optional[subprocess.Popen]:
         return None
     output = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        # (one process: not the project's parallel workers, -n in addopts)
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", __file__],
         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1", CHILD: "1"},
         stdout=output, stderr=subprocess.STDOUT, text=True,
     )
