@@ -399,9 +399,10 @@ def test_fused_qkv_block_dropout_uses_one_mask_of_whole_blocks():
     "method,opts",
     [("ether", {}), ("etherplus", {"flip_side": True}), ("oft", {}), ("oft", {"flip_side": True, "block_share": True})],
 )
-def test_block_dropout_replaces_whole_blocks_by_identity_in_training_only(method, opts):
+@pytest.mark.parametrize("p", [0.5, 0.15])  # (at 0.5 dropping and keeping look alike: 0.15 tells them apart)
+def test_block_dropout_replaces_whole_blocks_by_identity_in_training_only(method, opts, p):
     torch.manual_seed(0)
-    n, nb, p = 32, 8, 0.5
+    n, nb = 32, 8
     layer = nn.Linear(n, n, bias=False).double()
     with torch.no_grad():
         layer.weight.copy_(torch.eye(n))
@@ -433,7 +434,35 @@ def test_block_dropout_replaces_whole_blocks_by_identity_in_training_only(method
         masks.add(tuple(kept))
         dropped += kept.count(False)
     assert len(masks) > 10  # drawn anew each forward
-    assert 0.35 < dropped / (60 * nb) < 0.65  # each block with probability p
+    assert abs(dropped / (60 * nb) - p) < 0.1  # each block with probability p (480 draws: ~0.02 standard deviation)
+
+
+def test_lora_dropout_drops_the_adapters_input_in_training_only():
+    """`W x + b + (alpha / r) B A dropout(x)`: the base product sees the whole input, the adapter the dropped one
+    (the mask drawn as `F.dropout` draws it), and eval mode drops nothing."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    n, p = 16, 0.5
+    holder = Holder(nn.Linear(n, n).double())
+    apply_adapters(holder, AdapterConfig(method="lora", r=4, alpha=8.0, dropout=p, targets=["proj"]))
+    randomize_adapters(holder)
+    layer, ad = holder.proj, holder.proj.adapters["full"]
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+
+    def expected(xd):
+        return x @ layer.weight.T + layer.bias + 2.0 * (xd @ ad.A.T) @ ad.B.T
+
+    holder.eval()
+    torch.testing.assert_close(holder(x), expected(x), rtol=1e-10, atol=1e-12)
+    holder.train()
+    torch.manual_seed(1)
+    y = holder(x)
+    torch.manual_seed(1)
+    xd = F.dropout(x, p, training=True)
+    assert (xd == 0).any()
+    torch.testing.assert_close(y, expected(xd), rtol=1e-10, atol=1e-12)
+    assert (y - expected(x)).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -76,6 +76,38 @@ def test_the_logged_lr_is_the_one_each_step_used_and_the_last_step_is_checkpoint
     assert (finished_run / "checkpoints" / "step-000003.pth").is_file()
 
 
+def test_the_schedule_is_linear_warm_up_then_cosine_to_min_lr():
+    """The numbers written out (2 warm-up steps, 10 steps, min_lr a tenth of the rate), not the code's own formula:
+    step k (index k - 1) warms up to (k)/(warmup + 1) of the rate, then the cosine falls to min_lr at the end."""
+    from lit_gpt.training import lr_lambda
+
+    f = lr_lambda(warmup_steps=2, max_steps=10, min_ratio=0.1)
+    expected = {0: 1 / 3, 1: 2 / 3, 2: 1.0, 6: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)), 10: 0.1}
+    assert {i: f(i) for i in expected} == pytest.approx(expected)
+    assert f(9) > 0.1 and f(12) == pytest.approx(0.1)  # (a resumed run past its end stays at min_lr)
+
+
+def test_the_logged_loss_is_the_mean_over_the_micro_batches(tiny_ckpt, tmp_path):
+    """Four identical examples in a step of four micro-batches: the logged loss of step 1 is the base model's loss
+    on one of them (a sum over the micro-batches would log four times it)."""
+    import prepare_json
+
+    from lit_gpt import GPT
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5"}] * 8))
+    data = tmp_path / "same"
+    prepare_json.prepare(json_path=rows, destination_path=data, checkpoint_dir=tiny_ckpt, max_seq_length=64,
+                         test_split_fraction=0.25)
+    sample = torch.load(data / "train.pt", weights_only=True)[0]
+    with torch.no_grad():
+        base = float(GPT.from_checkpoint(tiny_ckpt)(sample["input_ids"][None], labels=sample["labels"][None]))
+    # (ETHER+ starts as the identity, so step 1's loss is the base model's)
+    setup_ether(data, tmp_path / "run", ckpt=tiny_ckpt, train=dict(max_steps=1, global_batch_size=4),
+                Htype="etherplus")
+    assert float(csv_rows(tmp_path / "run")[0]["loss"]) == pytest.approx(base, rel=1e-5)
+
+
 def test_resume_refuses_another_run_and_keeps_the_run_dir(finished_run, tiny_ckpt, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
