@@ -767,3 +767,34 @@ def test_dry_run_precisions():
     mixed = plan_report("Llama-2-7b-hf", AdapterConfig(method="lora"), "bf16")  # Lightning's alias of bf16-mixed
     assert "precision: bf16-mixed (float32 weights, bfloat16 compute, 4 bytes per parameter)" in mixed
     assert "gradients: 16.00 MiB" in mixed  # 4,194,304 float32 gradients
+
+
+def test_coft_projects_onto_the_eps_ball_and_leaves_blocks_inside_it_alone():
+    """METHODS.md: rescale S_i so that ‖S_i‖_F <= eps, a projection: a block inside the ball is S itself, one outside
+    is eps S / ‖S‖ (not every block rescaled to radius eps)."""
+    from lit_gpt.adapters import OFTTransform
+
+    t = OFTTransform(8, 2, coft=True, eps=0.1, dtype=torch.float64)
+    with torch.no_grad():
+        t.R.copy_(torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+        t.R[0] *= 0.01 / torch.linalg.matrix_norm((t.R[0] - t.R[0].T) / 2)  # ‖S_0‖ = 0.01, inside
+        t.R[1] *= 1.0 / torch.linalg.matrix_norm((t.R[1] - t.R[1].T) / 2)  # ‖S_1‖ = 1, outside
+    S = (t.R - t.R.transpose(-1, -2)) / 2
+    torch.testing.assert_close(t.skew()[0], S[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(t.skew()[1], 0.1 * S[1], rtol=1e-12, atol=1e-15)
+
+
+def test_bf16_householder_vectors_are_normalised_in_float32():
+    """METHODS.md: the unit vectors of bfloat16 parameters are computed in float32, so the reflections stay
+    orthogonal to float32 accuracy (normalised in bfloat16, |û| is 1 ± 4e-3)."""
+    from lit_gpt.adapters import HouseholderTransform
+
+    for coefs in ((-2.0,), (-1.0, 1.0)):
+        t = HouseholderTransform(64, 2, coefs, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for p in t.vector_params():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3)
+        vecs = t.unit_vectors()
+        assert vecs.dtype == torch.float32
+        exact = torch.stack([F.normalize(p.double(), dim=-1) for p in t.vector_params()])
+        torch.testing.assert_close(vecs.double(), exact, rtol=0, atol=1e-6)

@@ -146,3 +146,22 @@ def test_loading_refuses_pickled_code(tmp_path):
     torch.save({"x": Evil()}, path)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|not allowed"):
         load_file(path)
+
+
+def test_rms_norm_in_bfloat16_equals_transformers_llama_rms_norm():
+    """Computed in float32 and cast before the weight, as transformers' LlamaRMSNorm: bit for bit in bfloat16 (a norm
+    in bfloat16 differs in ~30% of its outputs, and the logits then drift from transformers')."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lit_gpt.model import RMSNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 7, 576) * 3).to(torch.bfloat16)
+    ours, theirs = RMSNorm(576, eps=1e-5), LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(576))
+        theirs.weight.copy_(ours.weight)
+    ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
