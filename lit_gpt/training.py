@@ -205,7 +205,8 @@ def _non_finite_error(what: str, step: int, last_good: Optional[Path], precision
         then = f", then resume from that checkpoint with --resume {last_good}"
     else:
         where, then = "no good checkpoint exists yet", ""
-    return NonFiniteLossError(f"{what} at step {step}{skipped}; {where}. {non_finite_advice(precision, max_norm)}{then}.")
+    advice = non_finite_advice(precision, max_norm)
+    return NonFiniteLossError(f"{what} at step {step}{skipped}; {where}. {advice}{then}.")
 
 
 def first_non_finite(state_dict: dict) -> Optional[str]:
