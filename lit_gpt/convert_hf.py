@@ -744,13 +744,9 @@ def iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]
 
 def read_hf_config(path: Path) -> dict:
     """The JSON object in a transformers `config.json`, or a `ConversionError` naming the file."""
-    try:
-        hf_config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({e}); download it again.") from None
-    if not isinstance(hf_config, dict):
-        raise ConversionError(f"{path} must hold a JSON object (the model's config); download it again.")
-    return hf_config
+    from lit_gpt.utils import read_json_object
+
+    return read_json_object(path, "download it again", holds="the model's config", error=ConversionError)
 
 
 def convert_hf_checkpoint(

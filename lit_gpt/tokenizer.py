@@ -27,16 +27,11 @@ def _token_content(token: Any) -> Optional[str]:
 
 
 def _read_json(path: Path) -> dict:
+    from lit_gpt.utils import read_json_object
+
     if not path.is_file():
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); fix or delete the file.") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object.")
-    return data
+    return read_json_object(path, "fix or delete the file")
 
 
 def _unloadable(path: Path, library: str, error: BaseException) -> ValueError:

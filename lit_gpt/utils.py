@@ -403,6 +403,20 @@ def missing_checkpoint_dir_error(checkpoint_dir: Path | str, flag: str = "--chec
     return FileNotFoundError(f"{flag} {str(path)!r} does not exist: {fix}.")
 
 
+def read_json_object(path: Path | str, fix: str, holds: str = "", error: type[ValueError] = ValueError) -> dict:
+    """The JSON object in `path`, else `error` in one sentence naming the file and ending with `fix`: text that is
+    not JSON, or JSON that is not an object (`holds` says what the object is)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{str(path)!r} is not valid JSON ({e}); {fix}.") from None
+    if not isinstance(data, dict):
+        raise error(f"{str(path)!r} must hold a JSON object{f' ({holds})' if holds else ''}; {fix}.")
+    return data
+
+
 def peft_adapter_error(folder: Path) -> Optional[ValueError]:
     """The error for a folder PEFT's `save_pretrained` wrote (an adapter, not a model), or None."""
     if not (folder / "adapter_config.json").is_file():

@@ -40,7 +40,7 @@ from lit_gpt.adapters.state import SAFETENSORS_SUFFIX, load_adapters, save_adapt
 from lit_gpt.config import Config
 from lit_gpt.convert_hf import config_to_hf, iter_lit_to_hf
 from lit_gpt.model import GPT
-from lit_gpt.utils import atomic_paths, check_checkpoint_dir, check_output_dir, load_file
+from lit_gpt.utils import atomic_paths, check_checkpoint_dir, check_output_dir, load_file, read_json_object
 
 PEFT_CONFIG_FILENAME = "adapter_config.json"
 PEFT_WEIGHTS_FILENAME = "adapter_model.safetensors"
@@ -257,12 +257,7 @@ def export_peft_lora(adapter_path: Union[str, Path], checkpoint_dir: Union[str, 
 def read_peft_config(peft_dir: Path) -> dict:
     """The `adapter_config.json` of a PEFT LoRA folder, refusing in one sentence what a lit LoRA cannot compute."""
     path = peft_dir / PEFT_CONFIG_FILENAME
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}): save the adapter again with PEFT.") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object (a PEFT LoraConfig): save the adapter again.")
+    cfg = read_json_object(path, "save the adapter again with PEFT", holds="a PEFT LoraConfig")
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(
