@@ -130,7 +130,9 @@ def main(
 
     # lm-eval seeds before it loads the tasks: a task that shuffles its choices while its documents are processed
     # (GPQA's zero-shot variants, ...) then gets the same order on every machine, the one lm-eval's own runs get
-    seed_everything(seed)
+    from lightning.fabric.utilities.seed import seed_everything
+
+    seed_everything(seed, verbose=False)  # Python's, NumPy's and torch's generators, as simple_evaluate's seeds
     # the tasks (and their data) are loaded before the model, so a missing dataset is reported in seconds
     with quiet_data_file_hint(own_tasks(task_manager)):
         loaded = _load_tasks(task_manager, names, switched_off)
@@ -173,32 +175,19 @@ def main(
     return results
 
 
-def seed_everything(seed: int) -> None:
-    """What lm-eval's `simple_evaluate` seeds with `--seed S`: Python's, NumPy's and torch's generators."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def samples_path(save_filepath: Path, task_name: str) -> Path:
     """Where --log_samples writes a task's samples: beside the results JSON, named after it and the task."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task_name)
     return save_filepath.with_name(f"{save_filepath.stem}_samples_{safe}.jsonl")
 
 
-def _leaf_tasks(loaded: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def _leaf_tasks(loaded: dict) -> Iterator[tuple[str, Any]]:
     """(name, task) of every task in `TaskManager.load`'s result, groups opened."""
     for key, value in loaded.items():
-        name = getattr(key, "group_name", None) or getattr(key, "group", None) or str(key)
-        if isinstance(value, dict):
-            yield from _leaf_tasks(value, prefix)
+        if isinstance(value, dict):  # a group: its tasks
+            yield from _leaf_tasks(value)
         else:
-            yield name, value
+            yield str(key), value
 
 
 def task_names(eval_tasks: Optional[Union[str, list[str]]]) -> list[str]:

@@ -465,9 +465,10 @@ class LitGPTLM(TemplateLM):
 
 
 # ---------------------------------------------------------------------------------------------- generation settings
-# what `generate_until` applies; anything else a task (or --gen_kwargs) asks for would be silently ignored
-SUPPORTED_GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens",
-                        "do_sample", "temperature", "top_k", "top_p")
+# what `generate_until` applies (and the names lm-eval's `normalize_gen_kwargs` reads as max_gen_toks); anything
+# else a task (or --gen_kwargs) asks for would be silently ignored
+APPLIED_GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
+SUPPORTED_GEN_KWARGS = APPLIED_GEN_KWARGS + ("max_new_tokens", "max_tokens", "max_completion_tokens")
 # settings whose value here asks for what generation does anyway
 NO_OP_GEN_KWARGS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "min_new_tokens": 0}
 
@@ -480,7 +481,7 @@ def check_gen_kwargs(gen_kwargs: dict, where: str = "A task's generation_kwargs"
     if unsupported:
         raise ValueError(
             f"{where} set {', '.join(f'{k}={gen_kwargs[k]!r}' for k in unsupported)}, which the lit_gpt backend "
-            f"does not apply (it applies {', '.join(SUPPORTED_GEN_KWARGS[:2] + SUPPORTED_GEN_KWARGS[5:])}); remove "
+            f"does not apply (it applies {', '.join(APPLIED_GEN_KWARGS)}); remove "
             "them from the task, or evaluate with lm-eval's hf backend on the transformers export "
             "(scripts/convert_lit_checkpoint.py)."
         )
