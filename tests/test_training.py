@@ -426,6 +426,41 @@ def test_data_prepared_unmasked_trains_and_shows_its_sample_answer(tiny_ckpt, tm
     assert (out / "lit_model_lora_finetuned.pth").is_file() and (out / "checkpoints" / "step-000002.pth").is_file()
 
 
+def test_gradient_accumulation_averages_the_micro_batches(tiny_ckpt, tmp_path):
+    """Two examples with as many answer tokens each, in one step: two micro-batches of one must bring AdamW the
+    gradient one micro-batch of two brings, the mean loss's (a sum would be twice that: invisible to AdamW alone,
+    but `--train.max_norm` would then clip at half the norm asked for, and 16-mixed's scaler would see it)."""
+    import lora
+    import prepare_json
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    rows = [{"instruction": "Add 1 and 2.", "input": "", "output": "3"},
+            {"instruction": "Add 3 and 5.", "input": "", "output": "8"},
+            {"instruction": "Add 2 and 2.", "input": "", "output": "4"}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    data = prepare_json.prepare(json_path=tmp_path / "rows.json", destination_path=tmp_path / "data",
+                                checkpoint_dir=tiny_ckpt, test_split_fraction=0.34, max_seq_length=256)
+    train = torch.load(data / "train.pt", weights_only=True)
+    assert len(train) == 2 and len({int((ex["labels"] != -100).sum()) for ex in train}) == 1
+
+    grads = []
+
+    def record(optimizer, args, kwargs):
+        grads.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+
+    for micro in (1, 2):
+        handle = register_optimizer_step_pre_hook(record)
+        try:
+            lora.setup(io=IOArgs(train_data_dir=data, checkpoint_dir=tiny_ckpt, out_dir=tmp_path / f"micro{micro}"),
+                       train=TrainArgs(max_steps=1, global_batch_size=2, micro_batch_size=micro, lr_warmup_steps=0),
+                       eval=EvalArgs(interval=0, max_iters=0), precision="32-true", lora_r=2, lora_mlp=True, lora_dropout=0.0)
+        finally:
+            handle.remove()
+    assert len(grads) == 2 and grads[0] and any(g.abs().max() > 0 for g in grads[0])
+    for accumulated, whole in zip(*grads):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
+
+
 def test_16_mixed_skips_an_overflowing_step_with_max_norm_set(tiny_ckpt, tmp_path, monkeypatch):
     """Under 16-mixed an overflow in the gradients is the loss scaler's to skip (it lowers its scale), also when
     --train.max_norm clips: the clipping used to call it a non-finite gradient norm and end the run. A GPU's plugin
