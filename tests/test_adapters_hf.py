@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +241,18 @@ def test_oft_equals_peft_oft(peft_kw, ours_kw, sign):
         assert (torch.linalg.matrix_norm(S) > ours_kw["eps"] * 0.999).all()
     x = torch.randn(2, 5, k * nb, dtype=torch.float64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+def test_the_coft_radius_default_is_peft_number_and_the_one_help_states():
+    """`--oft_coft true` without `--oft_eps` uses PEFT's (and the OFT authors') number, as `--help` says."""
+    import dataclasses
+    import re
+
+    default = AdapterConfig().eps
+    assert default == {f.name: f.default for f in dataclasses.fields(peft.OFTConfig)}["eps"]
+    help_text = (Path(__file__).resolve().parents[1] / "finetune" / "ether.py").read_text()
+    stated = re.search(r"oft_eps: .*?null \(unset\) means ([0-9.e-]+),", help_text, re.S)
+    assert stated and float(stated.group(1)) == default
 
 
 @pytest.mark.parametrize("kind", ["causal-lm", "gpt2-tied-head", "sequence-classification"])
