@@ -19,6 +19,9 @@ METHODS = ["ether", "etherplus", "etherplusHH", "oft", "lora"]
 LLAMA = dict(norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", parallel_residual=False)
 NEOX = dict(norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", parallel_residual=True,
             shared_attention_norm=False, bias=True)
+# GPT-2 (and Phi): tanh-approximated GELU, which the MLP's rebuild must recompute as such
+GPT2 = dict(norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", parallel_residual=False, bias=True,
+            gelu_approximate="tanh")
 
 
 def gpt(arch: dict, dtype=torch.float32) -> GPT:
@@ -55,7 +58,7 @@ def path(request):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("arch", [LLAMA, NEOX], ids=["llama", "neox"])
+@pytest.mark.parametrize("arch", [LLAMA, NEOX, GPT2], ids=["llama", "neox", "gpt2"])
 def test_rebuilt_inputs_give_the_same_gradients_and_keep_less(path, method, arch):
     base = gpt(arch)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -71,7 +74,7 @@ def test_rebuilt_inputs_give_the_same_gradients_and_keep_less(path, method, arch
     # input (the frozen embedding's output), which does not require grad: that norm keeps nothing, so rebuilding
     # would keep more than the output, and it does not mark it. Llama's second norm reads the residual after
     # attention; GPT-NeoX's (parallel residual) reads the block input too.
-    norms = 2 * cfg.n_layer - (1 if arch is LLAMA else 2)
+    norms = 2 * cfg.n_layer - (2 if cfg.parallel_residual else 1)
     rebuilt = cfg.n_layer * T * cfg.intermediate_size + norms * T * cfg.n_embd
     assert without[1] - with_recipes[1] == rebuilt * 4
 
