@@ -1,4 +1,7 @@
-"""Move LoRA adapters between lit_gpt and Hugging Face PEFT (`PeftModel.save_pretrained` folders), both ways.
+"""Move adapters between lit_gpt and Hugging Face PEFT (`PeftModel.save_pretrained` folders), both ways.
+
+LoRA is PEFT's LoRA (both ways), OFT is PEFT's OFT (both ways), ETHER is PEFT's HRA (export; an import takes back
+only HRA in ETHER's block form, as an export writes it). ETHER+ (etherplus, etherplusHH) has no PEFT form: merge it.
 
     python scripts/convert_peft_adapter.py export --adapter_path out/run/lit_model_lora_finetuned.pth \\
         --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --output_dir out/peft_adapter
@@ -14,29 +17,48 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_gpt.adapters.peft_format import export_peft_lora, import_peft_lora  # noqa: E402
+from lit_gpt.adapters import read_adapter_config  # noqa: E402
+from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapter  # noqa: E402
 from lit_gpt.cli import USAGE_ERROR_CODE, run_cli  # noqa: E402
 from lit_gpt.convert_hf import ConversionError  # noqa: E402
 from lit_gpt.data.prompts import PromptStyleName  # noqa: E402
 
 
 def export_adapter(adapter_path: Path, checkpoint_dir: Path, output_dir: Path) -> Path:
-    """Write a lit LoRA adapter file as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    """Write a lit LoRA, OFT or ETHER adapter file as a PEFT LoRA, OFT or HRA adapter folder.
 
+    The folder holds adapter_config.json and adapter_model.safetensors.
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<export>), output_dir)`, where `<export>` is
     the base exported with `python scripts/convert_lit_checkpoint.py --checkpoint_dir <checkpoint_dir>`, then
-    computes the same logits as the lit model with the adapter. Query/key/value LoRAs go to transformers' q_proj,
-    k_proj, v_proj; on GPT-2's c_attn and GPT-NeoX's query_key_value, which are one layer there, slices with their
-    own A are written exactly as one LoRA of rank k*r (rank_pattern). ETHER, ETHER+ and OFT adapters have no PEFT
-    LoRA form: merge them (scripts/merge_ether.py) and export the merged checkpoint instead.
+    computes the same logits as the lit model with the adapter.
+
+    LoRA: query/key/value LoRAs go to transformers' q_proj, k_proj, v_proj; on GPT-2's c_attn and GPT-NeoX's
+    query_key_value, which are one layer there, slices with their own A are written exactly as one LoRA of rank
+    k*r (rank_pattern).
+
+    OFT (finetune/ether.py --Htype oft) becomes PEFT's OFT: oft_block_size (or r where the block sizes differ and
+    the block counts do not), exact Cayley or use_cayley_neumann with num_cayley_neumann_terms = K + 2 for
+    --oft_neumann_terms K >= 2, coft with eps = our eps * sqrt(nb) (PEFT bounds each block by eps / sqrt(r)),
+    block_share, and --block_dropout as module_dropout (training only: PEFT 0.21 does not apply it).
+    --ether_dropout (dropout on the layer input, training only) has no OFT or HRA field and is left out.
+
+    ETHER (--Htype ether) becomes PEFT's HRA with r = nb: ETHER's block reflection is the product of nb full-width
+    reflections whose vectors are the blocks' vectors, zero outside their block.
+
+    Refused, with the reason: ETHER+ (etherplus, etherplusHH: not products of reflections) and --flip_side
+    (PEFT's OFT and HRA transform only a layer's input): merge those with scripts/merge_ether.py and export the
+    merged checkpoint; OFT or ETHER on GPT-2's Conv1D layers (PEFT's OFT and HRA wrap torch.nn.Linear
+    only, and GPT-2's one Linear, the head, is tied to the embeddings);
+    on GPT-NeoX's fused query_key_value, query/key/value with different transforms; --oft_neumann_terms 1; one
+    HRA r (or COFT radius) where the layers have different block counts.
 
     Args:
-        adapter_path: The LoRA adapter file finetune/lora.py wrote (lit_model_lora_finetuned.pth, or a
+        adapter_path: The adapter file finetune/lora.py or finetune/ether.py wrote (lit_model_*_finetuned.pth, or a
             .safetensors file written by save_adapters).
         checkpoint_dir: The lit base checkpoint the adapter was trained on.
         output_dir: Folder to write adapter_config.json and adapter_model.safetensors into (created if new).
     """
-    out = export_peft_lora(adapter_path, checkpoint_dir, output_dir)
+    out = export_peft_adapter(adapter_path, checkpoint_dir, output_dir)
     print(f"Wrote the PEFT adapter {str(out)!r}; load it with PeftModel.from_pretrained on the transformers model "
           f"`python scripts/convert_lit_checkpoint.py --checkpoint_dir {checkpoint_dir}` exports.", file=sys.stderr)
     return out
@@ -44,14 +66,23 @@ def export_adapter(adapter_path: Path, checkpoint_dir: Path, output_dir: Path) -
 
 def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
                    prompt_style: Optional[PromptStyleName] = None) -> Path:
-    """Write a PEFT LoRA folder (from `PeftModel.save_pretrained`) as a lit adapter file.
+    """Write a PEFT LoRA, OFT or HRA folder (from `PeftModel.save_pretrained`) as a lit adapter file.
 
-    The file works wherever a file from finetune/lora.py does: scripts/merge_lora.py --lora_path, chat/base.py and
-    eval/lm_eval_harness.py with their --adapter_path. r and alpha are set so the update's scale equals PEFT's
-    (use_rslora's lora_alpha/sqrt(r) included); target_modules (a list or a regex), layers_to_transform and
-    exclude_modules are read as PEFT reads them. Refused, with the reason: DoRA, bias other than "none",
-    modules_to_save, ranks or scales that differ between layers, q/k/v adapted on some layers only, tensors whose
-    shapes do not fit the checkpoint, and adapter_model.bin (a pickle: re-save with safe_serialization=True).
+    The file works wherever a file from finetune/lora.py or finetune/ether.py does: scripts/merge_lora.py
+    --lora_path or scripts/merge_ether.py, chat/base.py and eval/lm_eval_harness.py with their --adapter_path.
+    target_modules (a list or a regex), layers_to_transform and exclude_modules are read as PEFT reads them.
+
+    LoRA: r and alpha are set so the update's scale equals PEFT's (use_rslora's lora_alpha/sqrt(r) included).
+    OFT: an OFT adapter storing each block's strict upper triangle (upper_triangle), with PEFT's exact Cayley or
+    its Cayley-Neumann series, coft (our eps is PEFT's eps / sqrt(r)), block_share and module_dropout.
+    HRA: only in ETHER's block form, as an ETHER export writes it (r vectors in r disjoint equal blocks of the
+    input), which becomes ETHER with nb = r; an HRA PEFT trained (full-width vectors) is refused: merge it with
+    PEFT (merge_and_unload) and convert the merged model with scripts/convert_hf_checkpoint.py.
+
+    Refused, with the reason: DoRA, bias other than "none", modules_to_save, LoRA ranks or scales that differ
+    between layers, q/k/v adapted on some layers only, OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann
+    adapter saved before PEFT 0.18, tensors whose shapes do not fit the checkpoint, and adapter_model.bin (a
+    pickle: re-save with safe_serialization=True).
 
     Args:
         peft_dir: The folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors).
@@ -61,9 +92,13 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
         prompt_style: The prompt format the adapter was trained with, stored in the file for chat and merge
             (default: none is stored; they then use the base checkpoint's).
     """
-    out = import_peft_lora(peft_dir, checkpoint_dir, adapter_path, prompt_style=prompt_style)
-    print(f"Wrote the lit adapter {str(out)!r}; merge it with `python scripts/merge_lora.py --lora_path {out} "
-          f"--checkpoint_dir {checkpoint_dir}`.", file=sys.stderr)
+    out = import_peft_adapter(peft_dir, checkpoint_dir, adapter_path, prompt_style=prompt_style)
+    if read_adapter_config(out).method == "lora":
+        merge = f"python scripts/merge_lora.py --lora_path {out}"
+    else:
+        merge = f"python scripts/merge_ether.py --ether_path {out}"
+    print(f"Wrote the lit adapter {str(out)!r}; merge it with `{merge} --checkpoint_dir {checkpoint_dir}`.",
+          file=sys.stderr)
     return out
 
 

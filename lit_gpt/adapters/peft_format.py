@@ -1,4 +1,5 @@
-"""LoRA adapters in Hugging Face PEFT's format, both ways, for a `lit_gpt.GPT` and its transformers export.
+"""Adapters in Hugging Face PEFT's format for a `lit_gpt.GPT` and its transformers export: LoRA and OFT both ways,
+ETHER as PEFT's HRA (and back where the HRA is in ETHER's block form).
 
 A PEFT LoRA folder (what `PeftModel.save_pretrained` writes) holds `adapter_config.json` (a `LoraConfig`) and
 `adapter_model.safetensors`, whose tensors are named after the transformers modules they adapt:
@@ -19,6 +20,12 @@ directions are exact:
 * import: the block form (every column of `B` non-zero in one slice only, as many columns per slice) comes back as
   per-slice adapters of rank `r`, anything else as every slice with the whole `A` and its rows of `B`.
 
+OFT and HRA (`_oft_export`, `_hra_export`, `_oft_slices`, `_hra_slices`) transform a whole `torch.nn.Linear`'s
+input, as our input-side transforms do: `oft_R.weight` `(r, k(k-1)/2)` holds each block's strict upper triangle of
+PEFT's skew `Q` (`S = Q` for exact Cayley, `S = -Q` for its Cayley-Neumann series), `hra_u` `(in, r)` the raw
+reflection vectors (ETHER's blocks' vectors, zero outside their block). Output-side transforms (`flip_side`),
+ETHER+ and GPT-2's `Conv1D` layers have no PEFT form; a fused QKV layer takes one transform for all its slices.
+
 Reading never runs pickled code: `adapter_model.safetensors` only (an `adapter_model.bin` is refused).
 """
 
@@ -34,13 +41,28 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from lit_gpt.adapters.base import _slice_layout, adapted_layers, adapter_config_of, apply_adapters, is_adaptable
+from lit_gpt.adapters.base import (
+    _slice_layout,
+    adapted_layers,
+    adapter_config_of,
+    apply_adapters,
+    compute_dtype,
+    is_adaptable,
+)
 from lit_gpt.adapters.config import AdapterConfig
+from lit_gpt.adapters.ether import NORM_EPS
 from lit_gpt.adapters.state import SAFETENSORS_SUFFIX, load_adapters, save_adapters
 from lit_gpt.config import Config
 from lit_gpt.convert_hf import config_to_hf, iter_lit_to_hf
 from lit_gpt.model import GPT
-from lit_gpt.utils import atomic_paths, check_checkpoint_dir, check_output_dir, load_file, read_json_object
+from lit_gpt.utils import (
+    WEIGHTS_FILENAME,
+    atomic_paths,
+    check_checkpoint_dir,
+    check_output_dir,
+    load_file,
+    read_json_object,
+)
 
 PEFT_CONFIG_FILENAME = "adapter_config.json"
 PEFT_WEIGHTS_FILENAME = "adapter_model.safetensors"
@@ -48,6 +70,11 @@ PEFT_PICKLE_FILENAME = "adapter_model.bin"
 # `PeftModel.save_pretrained` names every tensor after the wrapped model's module, under this prefix
 PEFT_PREFIX = "base_model.model."
 ADAPTER_SUFFIXES = (".pth", SAFETENSORS_SUFFIX)
+# the PEFT method each lit method exports as (ETHER+ has none: its blocks are not products of reflections)
+PEFT_TYPE_OF = {"lora": "LORA", "oft": "OFT", "ether": "HRA"}
+# the `peft_version` an OFT export records: PEFT warns about Cayley-Neumann adapters saved before 0.18, whose series
+# was another one
+PEFT_OFT_VERSION = "0.18.0"
 # LoraConfig settings (set: truthy) that make the adapter compute something else than `W x + scaling B A x` on the
 # plain base weights, or that train other tensors as well: an import refuses them, saying what they are
 UNSUPPORTED_SETTINGS = {
@@ -64,6 +91,8 @@ UNSUPPORTED_SETTINGS = {
     "monteclora_config": "MonteCLoRA (sampled LoRA weights)",
     "arrow_config": "Arrow routing between several LoRAs",
 }
+# the lit method each importable PEFT method becomes
+LIT_METHOD_OF = {"LORA": "lora", "OFT": "oft", "HRA": "ether"}
 # init_lora_weights values that rewrite the base weights (W - B0 A0): the adapter alone fits only that changed base
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # how the GPT's named targets (`AdapterConfig.targets`) cover its layers
@@ -163,42 +192,8 @@ def _number(x: float) -> Union[int, float]:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def export_peft_lora(adapter_path: Union[str, Path], checkpoint_dir: Union[str, Path],
-                     output_dir: Union[str, Path]) -> Path:
-    """Write the LoRA adapter file `adapter_path` (`.pth` or `.safetensors`, as `save_adapters` writes it) as a PEFT
-    adapter folder in `output_dir`: `adapter_config.json` and `adapter_model.safetensors`, which
-    `PeftModel.from_pretrained(<the transformers export of checkpoint_dir>, output_dir)` loads into a model that
-    computes the same logits as the adapted lit model. Refuses, in one sentence, adapters of other methods
-    (PEFT has no ETHER: merge them instead) and an adapter trained on another base model."""
-    from lit_gpt.merge import check_same_base, read_finetuned
-
-    finetuned = read_finetuned(adapter_path)
-    where = str(finetuned.path)
-    if finetuned.kind != "adapter":
-        raise ValueError(
-            f"{where!r} holds full fine-tuning weights, not an adapter: export the whole model with "
-            "scripts/convert_lit_checkpoint.py instead."
-        )
-    if finetuned.method != "lora":
-        raise ValueError(
-            f"{where!r} holds {finetuned.method} adapters, which PEFT's LoRA format cannot hold (PEFT has no "
-            f"ETHER, and its OFT is parametrised differently): merge it with scripts/merge_ether.py and export the "
-            "merged checkpoint with scripts/convert_lit_checkpoint.py."
-        )
-    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    output_dir = check_output_dir(output_dir, "--output_dir")
-    if output_dir.resolve() == checkpoint_dir.resolve():
-        raise ValueError(f"--output_dir {str(output_dir)!r} is the base checkpoint directory: pick a new folder.")
-    config = Config.from_checkpoint(checkpoint_dir)
-    modules = hf_linear_modules(config)
-    with torch.device("meta"):
-        model = GPT(config)
-    check_same_base(finetuned, model, checkpoint_dir)
-    load_adapters(model, finetuned.payload)  # the adapter tensors replace their meta placeholders
-    adapter_config = adapter_config_of(model)
-    saved = finetuned.payload["state_dict"]
-    dtype = next((v.dtype for v in saved.values() if v.is_floating_point()), torch.float32)
-
+def _lora_export(model: GPT, modules: dict[str, HFModule], dtype: torch.dtype) -> tuple[dict, dict]:
+    """The LoRA part of `adapter_config.json` and the tensors of `adapter_model.safetensors` for `model`."""
     tensors: dict[str, torch.Tensor] = {}
     settings: dict[str, tuple[int, float]] = {}  # transformers module -> (rank, lora_alpha)
     for name, layer in adapted_layers(model):
@@ -221,11 +216,12 @@ def export_peft_lora(adapter_path: Union[str, Path], checkpoint_dir: Union[str, 
         for piece in _module_names(group, adapted):
             rank_pattern[re.escape(piece)] = value[0]
             alpha_pattern[re.escape(piece)] = _number(value[1])
-    model_type = config_to_hf(config)["model_type"]
-    peft_config: dict[str, Any] = {
+    model_type = config_to_hf(model.config)["model_type"]
+    adapter_config = adapter_config_of(model)
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": _base_model_name(config),
+        "base_model_name_or_path": _base_model_name(model.config),
         "revision": None,
         "inference_mode": True,
         "r": r,
@@ -242,7 +238,226 @@ def export_peft_lora(adapter_path: Union[str, Path], checkpoint_dir: Union[str, 
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
+    }, tensors
+
+
+def _input_transforms(model: GPT, modules: dict[str, HFModule], where: str, peft_name: str) -> dict[str, Any]:
+    """The input-side transform (an `OFTTransform` or ETHER's `HouseholderTransform`) of every transformers module
+    the adapters of `model` cover: PEFT's OFT and HRA wrap a whole `torch.nn.Linear` and transform its input, so a
+    module must be a Linear and every lit slice its rows come from must carry the same transform."""
+    model_type = config_to_hf(model.config)["model_type"]
+    found: dict[str, Any] = {}
+    for name, layer in adapted_layers(model):
+        for hf_module, module in modules.items():
+            if module.lit != name:
+                continue
+            hit = [s for s, lo, hi in layer.slices if bool(((module.rows >= lo) & (module.rows < hi)).any())]
+            adapted = [s for s in hit if s in layer.adapters]
+            if not adapted:
+                continue
+            if model_type == "gpt2" and hf_module != "lm_head":
+                raise ValueError(
+                    f"{where} adapts {name} ({hf_module!r} in transformers), a GPT-2 Conv1D layer, which PEFT's "
+                    f"{peft_name} cannot wrap (it takes torch.nn.Linear layers only): merge the adapter with "
+                    "scripts/merge_ether.py and export the merged checkpoint with scripts/convert_lit_checkpoint.py."
+                )
+            transforms = [layer.adapters[s].input for s in adapted]
+            first = transforms[0]
+            same = len(adapted) == len(hit) and all(
+                all(torch.equal(a, b) for a, b in zip(first.parameters(), t.parameters())) for t in transforms[1:])
+            if not same:
+                raise ValueError(
+                    f"{where} gives the {'/'.join(hit)} slices of {name} different transforms (adapted: "
+                    f"{', '.join(adapted)}), but transformers' {hf_module!r} is one layer whose input PEFT's "
+                    f"{peft_name} transforms once for all its rows: adapt {', '.join(hit)} with equal transforms (an "
+                    "import of a PEFT adapter has them), or merge the adapter with scripts/merge_ether.py and export "
+                    "the merged checkpoint with scripts/convert_lit_checkpoint.py."
+                )
+            found[hf_module] = first
+    return found
+
+
+def _export_dtype(saved_dtype: torch.dtype) -> torch.dtype:
+    """OFT's and HRA's tensors as PEFT keeps its adapter weights: float32 (float64 stays), so the packed skew
+    entries (a difference) and the vectors are written without a second rounding."""
+    return torch.float64 if saved_dtype == torch.float64 else torch.float32
+
+
+def _one_value(values: dict[str, int], what: str, where: str, field: str, fix: str) -> int:
+    """The value every module shares, or a one-sentence refusal naming two modules that differ."""
+    distinct = sorted(set(values.values()))
+    if len(distinct) == 1:
+        return distinct[0]
+    a = next(m for m, v in values.items() if v == distinct[0])
+    b = next(m for m, v in values.items() if v == distinct[1])
+    raise ValueError(f"{where} has {what} {distinct[0]} on {a!r} but {distinct[1]} on {b!r}, while PEFT's {field} is "
+                     f"one number for every layer: {fix}.")
+
+
+def _oft_export(model: GPT, modules: dict[str, HFModule], where: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    """PEFT's OFT (`OFTConfig`, `oft_R.weight` `(r, k(k-1)/2)` per module) for the lit OFT adapters of `model`.
+
+    PEFT stores per block the strict upper triangle `q` (`torch.triu_indices` order) of a skew `Q` and multiplies
+    the input rows by its rotation from the right: exact Cayley is our `S = Q`, its Cayley-Neumann series of `T`
+    terms our `S = -Q` with `K = T - 2` (docs/METHODS.md, `lit_gpt/adapters/oft.py`); its COFT radius is
+    `eps / sqrt(stored blocks)` per block, ours `eps`."""
+    adapter_config = adapter_config_of(model)
+    transforms = _input_transforms(model, modules, where, "OFT")
+    K = adapter_config.neumann_terms
+    if K == 1:
+        raise ValueError(
+            f"{where} sets neumann_terms=1, a series (I + S)(I + S) that no PEFT num_cayley_neumann_terms gives "
+            "(T terms are K = T - 2 for T >= 4, and T = 3 is K = 2): retrain with neumann_terms 0 (exact) or >= 2, "
+            "or merge the adapter with scripts/merge_ether.py."
+        )
+    out_dtype = _export_dtype(dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    sizes: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for hf_module, t in transforms.items():
+        rows, cols = torch.triu_indices(t.k, t.k, 1)
+        if t.upper_triangle:
+            S_upper = t.R_upper.detach().double() / 2
+        else:
+            R = t.R.detach().double()
+            S_upper = ((R - R.transpose(-1, -2)) / 2)[:, rows, cols]
+        q = S_upper if K == 0 else -S_upper
+        tensors[f"{PEFT_PREFIX}{hf_module}.oft_R.weight"] = q.to(out_dtype).contiguous()
+        sizes[hf_module], counts[hf_module] = t.k, t.nb
+    fix = "set block_size (or nb) so every adapted layer has the same, or merge the adapter with scripts/merge_ether.py"
+    # the config's own choice (nb or block_size) where it is one number for PEFT: an import gives it back
+    if len(set(sizes.values())) == 1 and (adapter_config.block_size is not None or len(set(counts.values())) > 1):
+        r, block_size = 0, next(iter(sizes.values()))
+    else:
+        r, block_size = _one_value(counts, "nb (blocks)", where, "r (or oft_block_size)", fix), 0
+    eps = adapter_config.eps
+    if adapter_config.coft and not adapter_config.block_share:
+        # PEFT bounds each block by eps / sqrt(r): one eps fits only where every layer has the same r
+        eps = adapter_config.eps * math.sqrt(_one_value(counts, "nb (blocks)", where, "COFT radius eps / sqrt(r)",
+                                                        "set nb (not block_size) for COFT, or merge the adapter"))
+    peft_config = {
+        "peft_type": "OFT",
+        "task_type": "CAUSAL_LM",
+        # PEFT warns about a Cayley-Neumann adapter saved before 0.18, whose series differed: this is the new one
+        "peft_version": PEFT_OFT_VERSION,
+        "base_model_name_or_path": _base_model_name(model.config),
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "oft_block_size": block_size,
+        "module_dropout": adapter_config.block_dropout,
+        "target_modules": _module_names(set(transforms), set(modules)),
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "exclude_modules": None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+        "coft": adapter_config.coft,
+        "eps": eps,
+        "block_share": adapter_config.block_share,
+        "use_cayley_neumann": K > 0,
+        "num_cayley_neumann_terms": K + 2 if K > 0 else 5,
     }
+    return peft_config, tensors
+
+
+def _hra_export(model: GPT, modules: dict[str, HFModule], where: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    """PEFT's HRA (`HRAConfig`, `hra_u` `(in, r)` per module) for the lit ETHER adapters of `model`.
+
+    ETHER's `I - 2 sum_b û_b û_bᵀ` over blocks with disjoint supports is the product of the `nb` full-width
+    reflections `I - 2 w_b w_bᵀ`, `w_b` being `û_b` zero-padded outside block `b` (they commute; Gram-Schmidt leaves
+    orthogonal vectors as they are): PEFT's HRA with `r = nb` and the raw `u_b` (it normalises each column)."""
+    transforms = _input_transforms(model, modules, where, "HRA")
+    out_dtype = _export_dtype(dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for hf_module, t in transforms.items():
+        u = t.u.detach()
+        norms = torch.linalg.vector_norm(u.to(compute_dtype(u)), dim=-1)
+        if bool((norms < NORM_EPS).any()):
+            block = int((norms < NORM_EPS).nonzero()[0, 0])
+            raise ValueError(
+                f"{where} has an all-zero vector u on block {block} of {t.nb} of the layer exported as {hf_module!r} "
+                "(an identity block), which a PEFT HRA reflection cannot be: merge the adapter with "
+                "scripts/merge_ether.py instead."
+            )
+        padded = torch.zeros(t.nb * t.k, t.nb, dtype=out_dtype)
+        for b in range(t.nb):
+            padded[b * t.k:(b + 1) * t.k, b] = u[b].to(out_dtype)
+        tensors[f"{PEFT_PREFIX}{hf_module}.hra_u"] = padded
+        counts[hf_module] = t.nb
+    r = _one_value(counts, "nb (blocks)", where, "HRA r", "retrain with nb instead of block_size, or merge the "
+                   "adapter with scripts/merge_ether.py")
+    peft_config = {
+        "peft_type": "HRA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": _base_model_name(model.config),
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "apply_GS": False,
+        "target_modules": _module_names(set(transforms), set(modules)),
+        "exclude_modules": None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "bias": "none",
+        "modules_to_save": None,
+    }
+    return peft_config, tensors
+
+
+def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[str, Path],
+                        output_dir: Union[str, Path]) -> Path:
+    """Write the adapter file `adapter_path` (`.pth` or `.safetensors`, as `save_adapters` writes it) as a PEFT
+    adapter folder in `output_dir`: `adapter_config.json` and `adapter_model.safetensors`, which
+    `PeftModel.from_pretrained(<the transformers export of checkpoint_dir>, output_dir)` loads into a model that
+    computes the same logits as the adapted lit model. LoRA becomes PEFT's LoRA, OFT its OFT, ETHER its HRA (a
+    product of `nb` reflections). Refuses, in one sentence, what PEFT cannot compute: ETHER+ (not a product of
+    reflections), output-side transforms (`flip_side`), OFT or ETHER on GPT-2's Conv1D layers or with different
+    transforms on the slices of a fused QKV layer, and an adapter trained on another base model."""
+    from lit_gpt.merge import check_same_base, read_finetuned
+
+    finetuned = read_finetuned(adapter_path)
+    where = str(finetuned.path)
+    if finetuned.kind != "adapter":
+        raise ValueError(
+            f"{where!r} holds full fine-tuning weights, not an adapter: export the whole model with "
+            "scripts/convert_lit_checkpoint.py instead."
+        )
+    method = finetuned.method
+    merge_instead = ("merge it with scripts/merge_ether.py and export the merged checkpoint with "
+                     "scripts/convert_lit_checkpoint.py")
+    if method not in PEFT_TYPE_OF:
+        raise ValueError(
+            f"{where!r} holds {method} adapters, whose blocks I - ûûᵀ + v̂v̂ᵀ are not products of reflections, "
+            f"so no PEFT method computes them (ETHER exports as HRA, OFT as OFT): {merge_instead}."
+        )
+    if finetuned.payload["adapter_config"].get("flip_side"):
+        raise ValueError(
+            f"{where!r} transforms the layers' outputs (flip_side=True), while PEFT's {PEFT_TYPE_OF[method]} "
+            f"transforms only a layer's input: {merge_instead}."
+        )
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    output_dir = check_output_dir(output_dir, "--output_dir")
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise ValueError(f"--output_dir {str(output_dir)!r} is the base checkpoint directory: pick a new folder.")
+    config = Config.from_checkpoint(checkpoint_dir)
+    modules = hf_linear_modules(config)
+    with torch.device("meta"):
+        model = GPT(config)
+    check_same_base(finetuned, model, checkpoint_dir)
+    load_adapters(model, finetuned.payload)  # the adapter tensors replace their meta placeholders
+    saved = finetuned.payload["state_dict"]
+    dtype = next((v.dtype for v in saved.values() if v.is_floating_point()), torch.float32)
+    if method == "lora":
+        peft_config, tensors = _lora_export(model, modules, dtype)
+    elif method == "oft":
+        peft_config, tensors = _oft_export(model, modules, repr(where), dtype)
+    else:
+        peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     from safetensors.torch import save_file
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -254,40 +469,83 @@ def export_peft_lora(adapter_path: Union[str, Path], checkpoint_dir: Union[str, 
 
 
 # ---------------------------------------------------------------------------------------------- import
+def _version(text: Any) -> tuple[int, ...]:
+    """`"0.18.0"` (or `"0.18.0.dev0@abc"`) as `(0, 18, 0)`; `()` for anything else."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(text or ""))
+    return tuple(int(x) for x in m.groups() if x is not None) if m else ()
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def read_peft_config(peft_dir: Path) -> dict:
-    """The `adapter_config.json` of a PEFT LoRA folder, refusing in one sentence what a lit LoRA cannot compute."""
+    """The `adapter_config.json` of a PEFT LoRA, OFT or HRA folder, refusing in one sentence what a lit adapter
+    cannot compute."""
     path = peft_dir / PEFT_CONFIG_FILENAME
-    cfg = read_json_object(path, "save the adapter again with PEFT", holds="a PEFT LoraConfig")
+    where = repr(str(path))
+    cfg = read_json_object(path, "save the adapter again with PEFT", holds="a PEFT adapter config")
     peft_type = cfg.get("peft_type")
-    if peft_type != "LORA":
+    if peft_type not in LIT_METHOD_OF:
         raise ValueError(
-            f"{str(path)!r} is a {peft_type} adapter (peft_type), but only LORA adapters convert to lit_gpt: merge "
-            "it into the base with PEFT (merge_and_unload) and convert that model with "
+            f"{where} is a {peft_type} adapter (peft_type), but only LORA, OFT and HRA adapters convert to lit_gpt: "
+            "merge it into the base with PEFT (merge_and_unload) and convert that model with "
             "scripts/convert_hf_checkpoint.py."
         )
+    ours = {"LORA": "LoRA", "OFT": "OFT", "HRA": "ETHER"}[peft_type]
     fix = ("retrain without it, or merge the adapter into the base with PEFT (merge_and_unload) and convert that "
            "model with scripts/convert_hf_checkpoint.py")
     if cfg.get("bias", "none") != "none":
         raise ValueError(
-            f"{str(path)!r} sets bias={cfg['bias']!r}, which trains the base model's biases, while a lit LoRA "
-            f"adapter holds only A and B: {fix}."
+            f"{where} sets bias={cfg['bias']!r}, which trains the base model's biases, while a lit {ours} adapter "
+            f"holds only its own tensors: {fix}."
         )
     for key, what in UNSUPPORTED_SETTINGS.items():
         if cfg.get(key):
-            raise ValueError(f"{str(path)!r} sets {key}={cfg[key]!r}, {what}, which lit_gpt's LoRA does not "
+            raise ValueError(f"{where} sets {key}={cfg[key]!r}, {what}, which lit_gpt's {ours} does not "
                              f"implement: {fix}.")
-    init = str(cfg.get("init_lora_weights", True)).lower()
-    if init.startswith(BASE_CHANGING_INITS):
-        raise ValueError(
-            f"{str(path)!r} sets init_lora_weights={cfg['init_lora_weights']!r}, which rewrites the base weights, so "
-            "the adapter only fits that changed base: save it again with PEFT's save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...) so it applies to the original base model."
-        )
     if cfg.get("target_modules") is None:
-        raise ValueError(f"{str(path)!r} has no target_modules: save the adapter again with PEFT.")
-    for key in ("r", "lora_alpha"):
-        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise ValueError(f"{str(path)!r} has no positive number {key} (got {cfg.get(key)!r}): save it again.")
+        raise ValueError(f"{where} has no target_modules: save the adapter again with PEFT.")
+    if peft_type == "LORA":
+        init = str(cfg.get("init_lora_weights", True)).lower()
+        if init.startswith(BASE_CHANGING_INITS):
+            raise ValueError(
+                f"{where} sets init_lora_weights={cfg['init_lora_weights']!r}, which rewrites the base weights, so "
+                "the adapter only fits that changed base: save it again with PEFT's save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...) so it applies to the original base model."
+            )
+        for key in ("r", "lora_alpha"):
+            if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+                raise ValueError(f"{where} has no positive number {key} (got {cfg.get(key)!r}): save it again.")
+    elif peft_type == "OFT":
+        if "oft_block_size" not in cfg:  # what PEFT's OFTConfig.check_kwargs refuses too
+            raise ValueError(f"{where} has no oft_block_size: it was saved by PEFT before 0.14, whose OFT layout "
+                             "differs; retrain the adapter with PEFT >= 0.14.")
+        r, size = cfg.get("r", 0), cfg.get("oft_block_size")
+        if not (_is_count(r, 0) and _is_count(size, 0)) or (r == 0) == (size == 0):
+            raise ValueError(f"{where} must set exactly one of r and oft_block_size to a positive integer (got "
+                             f"r={r!r}, oft_block_size={size!r}): save the adapter again with PEFT.")
+        if cfg.get("use_cayley_neumann", True):
+            terms = cfg.get("num_cayley_neumann_terms", 5)
+            if not _is_count(terms, 3):
+                raise ValueError(
+                    f"{where} sets num_cayley_neumann_terms={terms!r}, whose series (the identity, or I + 2Q) is "
+                    "not a Cayley-Neumann block lit_gpt's OFT implements (3 or more terms are): retrain with more "
+                    "terms or use_cayley_neumann=false, or merge the adapter into the base with PEFT "
+                    "(merge_and_unload)."
+                )
+            if _version(cfg.get("peft_version")) < (0, 18):
+                raise ValueError(
+                    f"{where} uses the Cayley-Neumann series and was saved by PEFT "
+                    f"{cfg.get('peft_version') or 'before 0.18 (no peft_version)'}, whose series differs from the "
+                    "one PEFT >= 0.18 and lit_gpt compute: retrain it with PEFT >= 0.18, or merge it into the base "
+                    "with that older PEFT (merge_and_unload) and convert that model with "
+                    "scripts/convert_hf_checkpoint.py."
+                )
+        if cfg.get("coft") and not (isinstance(cfg.get("eps"), (int, float)) and cfg["eps"] > 0):
+            raise ValueError(f"{where} sets coft=true without a positive eps (got {cfg.get('eps')!r}): save it again.")
+    elif not _is_count(cfg.get("r"), 1):
+        raise ValueError(f"{where} has no positive integer r (got {cfg.get('r')!r}): save it again with PEFT.")
     return cfg
 
 
@@ -398,14 +656,14 @@ def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: s
     return targets + sorted(layers)
 
 
-def import_peft_lora(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path], adapter_path: Union[str, Path],
-                     prompt_style: Optional[str] = None) -> Path:
-    """Write the PEFT LoRA folder `peft_dir` as a lit adapter file `adapter_path` (`.pth` or `.safetensors`) for the
-    lit checkpoint `checkpoint_dir` (converted from the transformers model the adapter was trained on), which
-    `lit_gpt.merge` (scripts/merge_lora.py, chat, eval) takes like a file finetune/lora.py wrote; the adapted lit
-    model computes the logits `PeftModel` computes. `prompt_style` (e.g. `alpaca`) is stored in the file for chat
-    and merge. Refuses, in one sentence, what a lit LoRA cannot compute (DoRA, trained biases or modules, differing
-    ranks or scales per layer, ...) and tensors whose shapes do not fit the checkpoint."""
+# the tensor names `PeftModel.save_pretrained` writes per adapted module (after `PEFT_PREFIX<module>`), by peft_type
+TENSOR_NAMES = {"LORA": (r"lora_([AB])\.weight", ("A", "B")), "OFT": (r"(oft_R)\.weight", ("oft_R",)),
+                "HRA": (r"(hra_u)", ("hra_u",))}
+
+
+def _check_import_paths(peft_dir: Union[str, Path], adapter_path: Union[str, Path],
+                        prompt_style: Optional[str]) -> tuple[Path, Path, Optional[dict]]:
+    """The import's folder, output file and stored prompt style, refusing bad paths before anything is read."""
     peft_dir = Path(peft_dir)
     if peft_dir.is_file():
         raise ValueError(f"--peft_dir {str(peft_dir)!r} is a file: pass the folder PEFT's save_pretrained wrote "
@@ -432,52 +690,88 @@ def import_peft_lora(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path
         if prompt_style not in PROMPT_STYLE_NAMES:
             raise ValueError(f"--prompt_style {prompt_style!r} is not one of {', '.join(PROMPT_STYLE_NAMES)}.")
         style = {"prompt_style": prompt_style, "system_prompt": None}
-    cfg = read_peft_config(peft_dir)
-    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    config = Config.from_checkpoint(checkpoint_dir)
-    modules = hf_linear_modules(config)
-    head = next((m for m, info in modules.items() if info.lit == _HEAD), None)
+    return peft_dir, adapter_path, style
+
+
+def _check_head_copy(key: str, tensor: torch.Tensor, weights: str, ckpt: str) -> None:
+    """PEFT saves the base output head next to the adapter when `target_modules` names `lm_head`
+    (`save_embedding_layers="auto"`) and loads it back over the model's: it must be the checkpoint's own head."""
+    sd = load_file(Path(ckpt) / WEIGHTS_FILENAME)
+    head = sd.get(f"{_HEAD}.weight", sd.get("transformer.wte.weight"))
+    low = tensor.dtype if tensor.element_size() <= head.element_size() else head.dtype  # compare as saved
+    if head.shape != tensor.shape or not torch.equal(tensor.to(low), head.to(low)):
+        raise ValueError(
+            f"{weights!r} holds {key!r}, a copy of the output head that differs from the head of {ckpt!r} (PEFT "
+            "saves one when target_modules names lm_head; it differs where the head was trained or resized): pass "
+            "the --checkpoint_dir converted from the model the adapter was trained on, or merge the adapter into the "
+            "base with PEFT (merge_and_unload) and convert that model with scripts/convert_hf_checkpoint.py."
+        )
+
+
+def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckpt: str) -> dict[str, dict]:
+    """The adapter tensors of `adapter_model.safetensors` by transformers module and part (`A`/`B`, `oft_R`,
+    `hra_u`), checked against the modules of the checkpoint's export and the config's selection of them."""
+    kind = cfg["peft_type"]
+    pattern, parts = TENSOR_NAMES[kind]
     tensors = _read_peft_tensors(peft_dir)
     weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
-    ckpt = str(checkpoint_dir)
-
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    found: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight", key)
+        copy = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.base_layer\.weight", key)
+        if copy is not None and copy[1] in modules and modules[copy[1]].lit == _HEAD:
+            _check_head_copy(key, t, weights, ckpt)
+            continue
+        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.{pattern}", key)
         if m is None:
-            kind = ("a DoRA magnitude" if "lora_magnitude_vector" in key else
-                    "a LoRA on an embedding" if "lora_embedding" in key else "not a LoRA factor of a linear layer")
-            raise ValueError(f"{weights!r} holds {key!r} ({kind}), which lit_gpt's LoRA cannot load: merge the "
-                             "adapter into the base with PEFT (merge_and_unload) instead.")
-        factors.setdefault(m[1], {})[m[2]] = t
-    if not factors:
-        raise ValueError(f"{weights!r} holds no LoRA tensors: save the adapter again with PEFT.")
-    for module, pair in sorted(factors.items()):
+            what = ("a DoRA magnitude" if "lora_magnitude_vector" in key else
+                    "a LoRA on an embedding" if "lora_embedding" in key else
+                    "an OFT on an embedding" if "oft_embedding_R" in key else
+                    f"not a {kind} tensor of a linear layer")
+            raise ValueError(f"{weights!r} holds {key!r} ({what}), which lit_gpt cannot load: merge the adapter "
+                             "into the base with PEFT (merge_and_unload) instead.")
+        found.setdefault(m[1], {})[m[2]] = t
+    if not found:
+        raise ValueError(f"{weights!r} holds no {kind} tensors: save the adapter again with PEFT.")
+    for module, got in sorted(found.items()):
         if module not in modules:
             raise ValueError(
                 f"{weights!r} adapts {module!r}, which the transformers export of {ckpt!r} does not have: pass the "
                 "--checkpoint_dir converted from the model the adapter was trained on."
             )
-        missing = "A" if "A" not in pair else "B" if "B" not in pair else None
+        missing = next((part for part in parts if part not in got), None)
         if missing is not None:
             raise ValueError(f"{weights!r} has no {PEFT_PREFIX}{module}.lora_{missing}.weight: the file is "
                              "incomplete; save the adapter again with PEFT.")
+    head = next((m for m, info in modules.items() if info.lit == _HEAD), None)
     selected = {m for m in modules if peft_selects(cfg, m, head)}
-    for module in sorted(selected - set(factors)):
+    for module in sorted(selected - set(found)):
         raise ValueError(f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r} selects {module!r} (target_modules) but "
-                         f"{weights!r} has no LoRA tensors for it: the folder is incomplete or from another base "
+                         f"{weights!r} has no {kind} tensors for it: the folder is incomplete or from another base "
                          "model; copy the whole folder PEFT wrote.")
-    for module in sorted(set(factors) - selected):
-        raise ValueError(f"{weights!r} holds LoRA tensors for {module!r}, which {PEFT_CONFIG_FILENAME}'s "
+    for module in sorted(set(found) - selected):
+        raise ValueError(f"{weights!r} holds {kind} tensors for {module!r}, which {PEFT_CONFIG_FILENAME}'s "
                          "target_modules do not select, so PEFT would ignore them: fix target_modules in "
                          f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r}.")
+    return found
 
-    with torch.device("meta"):
-        model = GPT(config)
+
+def _hit_slices(model: GPT, info: HFModule) -> list[tuple[str, int, int]]:
+    """The `(slice, lo, hi)` of the lit layer that the rows of a transformers module come from."""
+    layout = _slice_layout(model, info.lit, model.get_submodule(info.lit))
+    return [(s, lo, hi) for s, lo, hi in layout if bool(((info.rows >= lo) & (info.rows < hi)).any())]
+
+
+Slices = dict[tuple[str, str], dict[str, torch.Tensor]]  # (lit layer, slice) -> adapter tensor name -> tensor
+
+
+def _lora_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GPT, peft_dir: Path,
+                 ckpt: str) -> tuple[Slices, dict]:
+    """Per-slice LoRA factors and the `AdapterConfig` settings that compute what PEFT's LoRA computes."""
+    weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
     slices: dict[tuple[str, str], _Factors] = {}
     source: dict[tuple[str, str], str] = {}  # the transformers module each slice's factors come from
     rslora = bool(cfg.get("use_rslora"))
-    for module, pair in sorted(factors.items()):
+    for module, pair in sorted(found.items()):
         A, B = pair["A"], pair["B"]
         info = modules[module]
         prefix = f"{PEFT_PREFIX}{module}"
@@ -506,8 +800,7 @@ def import_peft_lora(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path
                 return alpha_cfg * rank / math.sqrt(r_cfg)
             return float(alpha_cfg) if rank == r_cfg else alpha_cfg * rank / r_cfg
 
-        layout = _slice_layout(model, info.lit, model.get_submodule(info.lit))
-        hit = [(s, lo, hi) for s, lo, hi in layout if bool(((info.rows >= lo) & (info.rows < hi)).any())]
+        hit = _hit_slices(model, info)
         if len(hit) == 1:
             s, lo, hi = hit[0]
             B_lit = torch.empty(hi - lo, B.shape[1], dtype=B.dtype)
@@ -533,21 +826,138 @@ def import_peft_lora(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path
             f"{f2.A.shape[0]}, scale {f2.scaling:g} on {source[k2]!r}), while a lit adapter has one r and alpha for "
             "all layers: merge it into the base with PEFT (merge_and_unload) instead."
         )
-    rank = next(iter(ranks))
-    alpha = next(iter(slices.values())).alpha
-    where = repr(str(peft_dir))
-    targets = _targets(set(slices), config, model, where)
-    adapter_config = AdapterConfig(method="lora", r=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0),
-                                   targets=targets)
-    apply_adapters(model, adapter_config)
+    settings = dict(method="lora", r=next(iter(ranks)), alpha=next(iter(slices.values())).alpha,
+                    dropout=float(cfg.get("lora_dropout") or 0.0))
+    return {key: {"A": f.A, "B": f.B} for key, f in slices.items()}, settings
+
+
+def _shape_error(name: str, weights: str, shape: list, ckpt: str, needs: str) -> ValueError:
+    return ValueError(f"{name} in {weights!r} has shape {shape}, but {needs} for the layer of {ckpt!r} it adapts: "
+                      "the adapter was trained on another base model; pass the --checkpoint_dir converted from that "
+                      "model.")
+
+
+def _blocking(sizes: dict[str, int], counts: dict[str, int], prefer_size: bool, where: str) -> dict:
+    """`block_size=k` or `nb=n` for the imported layers' block sizes and counts (one of the two is uniform)."""
+    if len(set(sizes.values())) == 1 and (prefer_size or len(set(counts.values())) > 1):
+        return {"block_size": next(iter(sizes.values()))}
+    return {"nb": _one_value(counts, "blocks", where, "r", "merge the adapter into the base with PEFT "
+                             "(merge_and_unload) and convert that model with scripts/convert_hf_checkpoint.py")}
+
+
+def _oft_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GPT, peft_dir: Path,
+                ckpt: str) -> tuple[Slices, dict]:
+    """Per-slice OFT blocks (`R_upper`, the strict upper triangle: `2 q` for exact Cayley, `-2 q` for PEFT's
+    Cayley-Neumann series, which builds the transposed rotation) and the settings that compute PEFT's OFT."""
+    weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
+    neumann = bool(cfg.get("use_cayley_neumann", True))
+    terms = cfg.get("num_cayley_neumann_terms", 5)
+    K = (2 if terms == 3 else terms - 2) if neumann else 0  # PEFT's 3-term series equals its 4-term one
+    share = bool(cfg.get("block_share"))
+    slices: Slices = {}
+    sizes: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for module, got in sorted(found.items()):
+        q, info = got["oft_R"], modules[module]
+        name, n = f"{PEFT_PREFIX}{module}.oft_R.weight", info.in_features
+        m = q.shape[-1] if q.ndim == 2 else -1
+        k = (1 + math.isqrt(1 + 8 * m)) // 2 if m > 0 else 0
+        if q.ndim != 2 or k * (k - 1) // 2 != m or n % k:
+            raise _shape_error(name, weights, list(q.shape), ckpt, f"its columns must be k(k-1)/2 for a block size "
+                               f"k dividing the {n} inputs")
+        if q.shape[0] != (1 if share else n // k):
+            raise _shape_error(name, weights, list(q.shape), ckpt, f"{1 if share else n // k} rows of blocks of "
+                               f"size {k} (block_share={share}) are needed")
+        R_upper = q * 2 if K == 0 else q * -2
+        for s, _, _ in _hit_slices(model, info):
+            slices[(info.lit, s)] = {"input.R_upper": R_upper.clone()}
+        sizes[module], counts[module] = k, n // k
+    where = repr(str(peft_dir / PEFT_CONFIG_FILENAME))
+    settings = dict(method="oft", upper_triangle=True, block_share=share, neumann_terms=K,
+                    block_dropout=float(cfg.get("module_dropout") or 0.0),
+                    **_blocking(sizes, counts, bool(cfg.get("oft_block_size")), where))
+    if cfg.get("coft"):
+        stored = 1 if share else _one_value(counts, "blocks", where, "COFT radius eps / sqrt(r)",
+                                            "merge the adapter into the base with PEFT (merge_and_unload) instead")
+        # PEFT's radius per block, computed as it computes it (a float32 tensor)
+        settings.update(coft=True, eps=float(cfg["eps"] * 1 / torch.sqrt(torch.tensor(stored))))
+    return slices, settings
+
+
+def _hra_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GPT, peft_dir: Path,
+                ckpt: str) -> tuple[Slices, dict]:
+    """ETHER vectors for an HRA whose `r` vectors per layer lie in `r` disjoint blocks of equal size (what an export
+    of an ETHER adapter writes): their reflections commute and multiply to ETHER's block-diagonal one."""
+    weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
+    r = cfg["r"]
+    merge = ("merge the adapter into the base with PEFT (merge_and_unload) and convert that model with "
+             "scripts/convert_hf_checkpoint.py")
+    slices: Slices = {}
+    for module, got in sorted(found.items()):
+        U, info = got["hra_u"], modules[module]
+        name, n = f"{PEFT_PREFIX}{module}.hra_u", info.in_features
+        if list(U.shape) != [n, r]:
+            raise _shape_error(name, weights, list(U.shape), ckpt, f"[{n}, {r}] (inputs, r) is needed")
+        if n % r:
+            raise ValueError(f"{name} in {weights!r} has r={r} vectors for {n} inputs, which ETHER cannot split into "
+                             f"{r} equal blocks: {merge}.")
+        k = n // r
+        u = torch.zeros(r, k, dtype=U.dtype)
+        owner: dict[int, int] = {}
+        for j in range(r):
+            blocks = sorted(set((U[:, j].nonzero().flatten() // k).tolist()))
+            if len(blocks) != 1 or blocks[0] in owner:
+                what = ("is all zero" if not blocks else f"is nonzero in blocks {blocks[0]} and {blocks[1]}"
+                        if len(blocks) > 1 else f"shares block {blocks[0]} with vector {owner[blocks[0]]}")
+                raise ValueError(
+                    f"{name} in {weights!r}: vector {j} {what} (blocks of {k} of the {n} inputs), so its "
+                    "reflections are not ETHER's block-diagonal one (only HRA adapters whose r vectors lie in r "
+                    f"disjoint equal blocks, as an ETHER export writes them, import): {merge}."
+                )
+            owner[blocks[0]] = j
+            u[blocks[0]] = U[blocks[0] * k:(blocks[0] + 1) * k, j]
+        for s, _, _ in _hit_slices(model, info):
+            slices[(info.lit, s)] = {"input.u": u.clone()}
+    return slices, dict(method="ether", nb=r)
+
+
+def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path],
+                        adapter_path: Union[str, Path], prompt_style: Optional[str] = None) -> Path:
+    """Write the PEFT folder `peft_dir` (LoRA, OFT, or HRA as an ETHER export writes it) as a lit adapter file
+    `adapter_path` (`.pth` or `.safetensors`) for the lit checkpoint `checkpoint_dir` (converted from the
+    transformers model the adapter was trained on), which `lit_gpt.merge` (scripts/merge_lora.py,
+    scripts/merge_ether.py, chat, eval) takes like a file finetune/ wrote; the adapted lit model computes the logits
+    `PeftModel` computes. `prompt_style` (e.g. `alpaca`) is stored in the file for chat and merge. Refuses, in one
+    sentence, what a lit adapter cannot compute (DoRA, trained biases or modules, differing LoRA ranks or scales per
+    layer, HRA vectors that are not in disjoint blocks, ...) and tensors whose shapes do not fit the checkpoint."""
+    peft_dir, adapter_path, style = _check_import_paths(peft_dir, adapter_path, prompt_style)
+    cfg = read_peft_config(peft_dir)
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    ckpt = str(checkpoint_dir)
+    config = Config.from_checkpoint(checkpoint_dir)
+    modules = hf_linear_modules(config)
+    found = _module_tensors(peft_dir, cfg, modules, ckpt)
+    with torch.device("meta"):
+        model = GPT(config)
+    read = {"LORA": _lora_slices, "OFT": _oft_slices, "HRA": _hra_slices}[cfg["peft_type"]]
+    slices, settings = read(cfg, found, modules, model, peft_dir, ckpt)
+    if config.tie_embeddings and any(layer == _HEAD for layer, _ in slices):
+        head = next(m for m, info in modules.items() if info.lit == _HEAD)
+        raise ValueError(
+            f"{str(peft_dir / PEFT_WEIGHTS_FILENAME)!r} adapts {head!r}, whose weight {ckpt!r} ties to the token "
+            "embeddings, and a lit adapter on a tied head could not be merged back: retrain without it in "
+            "target_modules, or merge the adapter into the base with PEFT (merge_and_unload) and convert that model "
+            "with scripts/convert_hf_checkpoint.py."
+        )
+    targets = _targets(set(slices), config, model, repr(str(peft_dir)))
+    apply_adapters(model, AdapterConfig(targets=targets, **settings))
     state_dict = {}
     for name, layer in adapted_layers(model):
         for s in layer.adapters:
-            f = slices.pop((name, s))
-            state_dict[f"{name}.adapters.{s}.A"] = f.A
-            state_dict[f"{name}.adapters.{s}.B"] = f.B
+            for key, tensor in slices.pop((name, s)).items():
+                state_dict[f"{name}.adapters.{s}.{key}"] = tensor
     if slices:  # the targets above are built to place every slice: a bug, not the user's file
-        raise RuntimeError(f"import_peft_lora: targets {targets} left {sorted(slices)[:2]} unplaced.")
+        raise RuntimeError(f"import_peft_adapter: targets {targets} left {sorted(slices)[:2]} unplaced.")
     peft_base = cfg.get("base_model_name_or_path")
     if isinstance(peft_base, str) and peft_base and config.name and \
             peft_base.rstrip("/").split("/")[-1] != config.name:
@@ -560,9 +970,9 @@ __all__ = [
     "HFModule",
     "PEFT_CONFIG_FILENAME",
     "PEFT_WEIGHTS_FILENAME",
-    "export_peft_lora",
+    "export_peft_adapter",
     "hf_linear_modules",
-    "import_peft_lora",
+    "import_peft_adapter",
     "peft_selects",
     "read_peft_config",
 ]
