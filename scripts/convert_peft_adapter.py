@@ -72,15 +72,16 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
     --lora_path or scripts/merge_ether.py, chat/base.py and eval/lm_eval_harness.py with their --adapter_path.
     target_modules (a list or a regex), layers_to_transform and exclude_modules are read as PEFT reads them.
 
-    LoRA: r and alpha are set so the update's scale equals PEFT's (use_rslora's lora_alpha/sqrt(r) included).
+    LoRA: r and alpha are set so the update's scale equals PEFT's (use_rslora's lora_alpha/sqrt(r) included);
+    ranks or scales that differ between layers (rank_pattern, alpha_pattern) become the largest rank, the lower
+    ranks padded with zeros (which stay zero in training), and the most common scale, the others folded into B.
     OFT: an OFT adapter storing each block's strict upper triangle (upper_triangle), with PEFT's exact Cayley or
     its Cayley-Neumann series, coft (our eps is PEFT's eps / sqrt(r)), block_share and module_dropout.
     HRA: only in ETHER's block form, as an ETHER export writes it (r vectors in r disjoint equal blocks of the
     input), which becomes ETHER with nb = r; an HRA PEFT trained (full-width vectors) is refused: merge it with
     PEFT (merge_and_unload) and convert the merged model with scripts/convert_hf_checkpoint.py.
 
-    Refused, with the reason: DoRA, bias other than "none", modules_to_save, LoRA ranks or scales that differ
-    between layers, q/k/v adapted on some layers only, OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann
+    Refused, with the reason: DoRA, bias other than "none", modules_to_save, q/k/v adapted on some layers only, OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann
     adapter saved before PEFT 0.18, tensors whose shapes do not fit the checkpoint, and adapter_model.bin (a
     pickle: re-save with safe_serialization=True).
 

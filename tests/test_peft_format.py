@@ -196,6 +196,27 @@ def test_import_computes_what_peft_computes(case, bases, tmp_path):
     torch.testing.assert_close(logits(load_finetuned(folder, adapter)), expected, **TOL)
 
 
+def test_import_of_ranks_and_scales_that_differ_between_layers(bases, tmp_path, capsys):
+    """rank_pattern / alpha_pattern: one lit r and alpha for all layers, the lower ranks padded with zeros (which
+    get zero gradients, so training keeps those layers at their rank) and the other scales folded into B."""
+    base, folder = bases["llama"]
+    model, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                                rank_pattern={"o_proj": 2}, alpha_pattern={"v_proj": 3})
+    expected = logits(model)
+    adapter = import_peft_adapter(peft_dir, folder, tmp_path / "imported.safetensors")
+    err = capsys.readouterr().err
+    assert "imported as rank 4, scale 2," in err, err
+    config = read_adapter_config(adapter)
+    assert (config.r, config.alpha) == (4, 8)
+    lit = load_finetuned(folder, adapter)
+    torch.testing.assert_close(logits(lit), expected, **TOL)
+    proj = lit.transformer.h[0].attn.proj.adapters["full"]
+    assert proj.A.shape[0] == 4 and not proj.A[2:].any() and not proj.B[:, 2:].any()
+    loss = lit(IDX).square().mean()
+    loss.backward()
+    assert proj.A.grad[:2].any() and not proj.A.grad[2:].any() and not proj.B.grad[:, 2:].any()
+
+
 def test_import_targets(bases, tmp_path):
     base, folder = bases["llama"]
     _, peft_dir = save_peft(base, tmp_path, **IMPORT_CASES["llama_layers"][1])
@@ -255,7 +276,6 @@ def edit_config(peft_dir: Path, **changes) -> None:
     (dict(peft_type="IA3"), ["IA3", "only LORA"]),
     (dict(init_lora_weights="pissa"), ["init_lora_weights='pissa'", "path_initial_model_for_weight_conversion"]),
     (dict(rank_pattern={"o_proj": 2}), ["rank 4", "r=2"]),
-    (dict(alpha_pattern={"o_proj": 2}), ["rank_pattern/alpha_pattern", "one r and alpha", "o_proj"]),
     (dict(target_modules=["q_proj", "v_proj"]), ["o_proj", "do not select", "ignore"]),
     (dict(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]), ["selects", "down_proj", "incomplete"]),
 ])

@@ -814,20 +814,28 @@ def _lora_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GP
             for s, f in _split_fused(A, B_full, hit, scaling, alpha_of).items():
                 slices[(info.lit, s)] = f
                 source[(info.lit, s)] = module
-    ranks = Counter(f.A.shape[0] for f in slices.values())
-    scalings = [f.scaling for f in slices.values()]
-    if len(ranks) > 1 or any(not math.isclose(s, scalings[0], rel_tol=1e-6) for s in scalings):
-        k1, f1 = next(iter(slices.items()))
-        k2, f2 = next((k, f) for k, f in slices.items()
-                      if f.A.shape[0] != f1.A.shape[0] or not math.isclose(f.scaling, f1.scaling, rel_tol=1e-6))
-        raise ValueError(
-            f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r} gives its layers different LoRA ranks or scales "
-            f"(rank_pattern/alpha_pattern: rank {f1.A.shape[0]}, scale {f1.scaling:g} on {source[k1]!r} but rank "
-            f"{f2.A.shape[0]}, scale {f2.scaling:g} on {source[k2]!r}), while a lit adapter has one r and alpha for "
-            "all layers: merge it into the base with PEFT (merge_and_unload) instead."
-        )
-    settings = dict(method="lora", r=next(iter(ranks)), alpha=next(iter(slices.values())).alpha,
-                    dropout=float(cfg.get("lora_dropout") or 0.0))
+    r = max(f.A.shape[0] for f in slices.values())
+    full = [f for f in slices.values() if f.A.shape[0] == r]
+    common = Counter(round(f.scaling, 12) for f in full).most_common(1)[0][0]
+    ref = next(f for f in full if math.isclose(f.scaling, common, rel_tol=1e-9))  # (its alpha as PEFT wrote it)
+    scale, alpha = ref.scaling, ref.alpha
+    uneven = [(k, f) for k, f in slices.items()
+              if f.A.shape[0] != r or not math.isclose(f.scaling, scale, rel_tol=1e-9)]
+    if uneven:
+        # one r and alpha for every layer: a lower rank gets zero rows of A and zero columns of B (zero, they get
+        # zero gradients and stay so in training), another scale goes into B
+        for k, f in uneven:
+            pad = r - f.A.shape[0]
+            A = torch.cat([f.A, f.A.new_zeros(pad, f.A.shape[1])])
+            B = torch.cat([f.B * (f.scaling / scale), f.B.new_zeros(f.B.shape[0], pad)], dim=1)
+            slices[k] = _Factors(A, B, scale, alpha)
+        k1, f1 = uneven[0]
+        print(f"note: {str(peft_dir / PEFT_CONFIG_FILENAME)!r} gives its layers different LoRA ranks or scales "
+              f"(rank_pattern/alpha_pattern; {source[k1]!r}: rank {f1.A.shape[0]}, scale {f1.scaling:g}), and a lit "
+              f"adapter has one r and alpha: imported as rank {r}, scale {scale:g}, the lower ranks padded with "
+              "zeros (which stay zero in training) and the other scales folded into B, so it computes what PEFT "
+              "computes.", file=sys.stderr)
+    settings = dict(method="lora", r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0))
     return {key: {"A": f.A, "B": f.B} for key, f in slices.items()}, settings
 
 
@@ -928,8 +936,7 @@ def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, P
     transformers model the adapter was trained on), which `lit_gpt.merge` (scripts/merge_lora.py,
     scripts/merge_ether.py, chat, eval) takes like a file finetune/ wrote; the adapted lit model computes the logits
     `PeftModel` computes. `prompt_style` (e.g. `alpaca`) is stored in the file for chat and merge. Refuses, in one
-    sentence, what a lit adapter cannot compute (DoRA, trained biases or modules, differing LoRA ranks or scales per
-    layer, HRA vectors that are not in disjoint blocks, ...) and tensors whose shapes do not fit the checkpoint."""
+    sentence, what a lit adapter cannot compute (DoRA, trained biases or modules, HRA vectors that are not in disjoint blocks, ...) and tensors whose shapes do not fit the checkpoint."""
     peft_dir, adapter_path, style = _check_import_paths(peft_dir, adapter_path, prompt_style)
     cfg = read_peft_config(peft_dir)
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
