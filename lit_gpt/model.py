@@ -83,12 +83,14 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ rope
     def rope_cache(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self._rope_cache
-        # a cache built under torch.inference_mode (generation, evaluation) cannot take part in a training forward
-        stale = cache is not None and cache[0].is_inference() and not torch.is_inference_mode_enabled()
-        if cache is None or stale or cache[0].size(0) < length or cache[0].device != device:
+        if cache is None or cache[0].size(0) < length or cache[0].device != device:
             # grow geometrically so generation does not rebuild it every token
             n = max(length, 2 * cache[0].size(0) if cache is not None else 0, 256)
-            cache = build_rope_cache(n, self.config, device)
+            if torch.compiler.is_compiling():
+                cache = build_rope_cache(n, self.config, device)
+            else:  # never an inference tensor (one built while generating could not take part in training)
+                with torch.inference_mode(False):
+                    cache = build_rope_cache(n, self.config, device)
             self._rope_cache = cache
         return cache
 

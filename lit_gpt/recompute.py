@@ -59,7 +59,8 @@ def mark(
     input for backward anyway (else a consumer keeping them would cost memory instead of saving it). `form` (one of
     `FORMS`) says that `fn` is that product, exactly."""
     assert form is None or form in FORMS, form
-    if _marking.get():
+    # under torch.compile the compiler plans what backward keeps; the adapters run plain operations there
+    if not torch.compiler.is_compiling() and _marking.get():
         setattr(out, _ATTR, (Recipe(fn, form), inputs))
     return out
 

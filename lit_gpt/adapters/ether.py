@@ -45,7 +45,7 @@ CPU_CHUNK_BYTES = 1 << 20
 def _chunks(z: torch.Tensor) -> int:
     if z.device.type != "cpu":
         return max(1, z.shape[0])
-    return max(1, CPU_CHUNK_BYTES // max(1, z[0].numel() * z.element_size()))
+    return max(1, CPU_CHUNK_BYTES // max(1, math.prod(z.shape[1:]) * z.element_size()))  # (z may have no rows)
 
 
 def _kernel(vecs: torch.Tensor, *tensors: torch.Tensor):

@@ -53,6 +53,7 @@ class LoRAAdapter(SliceAdapter):
             or (bias is not None and bias.requires_grad)
             or autocast_on(x)
             or W.dtype != x.dtype
+            or torch.compiler.is_compiling()
         ):
             return None
         spans = tuple((lo, hi) for lo, hi, _ in parts)

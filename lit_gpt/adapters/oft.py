@@ -165,7 +165,7 @@ class OFTTransform(BlockTransform):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         H = self.blocks(self.keep_mask(z.device)).to(z.dtype)
-        if not autocast_on(z):
+        if not autocast_on(z) and not torch.compiler.is_compiling():  # (plain operations for the compiler)
             return _BlockMatmul.apply(z, H)
         return _block_matmul(z, H)
 
@@ -183,6 +183,7 @@ class OFTTransform(BlockTransform):
             or W.requires_grad
             or (bias is not None and bias.requires_grad)
             or autocast_on(x)
+            or torch.compiler.is_compiling()
             or not _on_kernel(W, x, *([] if bias is None else [bias]))
         ):
             return None
