@@ -6,6 +6,7 @@ docs/METHODS.md formulas written out in float64 in `test_adapters.py`, or agains
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -114,6 +115,20 @@ def test_compiled_gpt_equals_eager(method, opts):
     randomize_adapters(model, scale=0.3)
     idx = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
     compiled_equals_eager(model, (idx,), torch.randn(2, 8, 32, dtype=torch.float64), trainable(model))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,opts", METHODS_ONCE)
+def test_an_input_with_no_rows_gives_an_output_with_no_rows(method, opts, dtype, kernel):
+    """As `nn.Linear` does (an empty batch, an empty slice of tokens); bfloat16 on the CPU runs the eager path."""
+    model = apply_adapters(mlp().to(dtype), make_config(method, opts, ["0", "2"]))
+    x = torch.randn(0, 16, dtype=dtype, requires_grad=True)
+    with contextlib.nullcontext() if kernel else cpu_kernel.disabled():
+        y = model(x)
+        y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 16)
+    assert all(p.grad is not None and not p.grad.any() for p in trainable(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------
