@@ -423,7 +423,7 @@ def peft_adapter_error(folder: Path) -> Optional[ValueError]:
         return None
     return ValueError(
         f"{str(folder)!r} holds a PEFT adapter (adapter_config.json), not a model: pass its base model's folder, and "
-        f"for a LoRA convert the adapter with `python scripts/convert_peft_adapter.py import --peft_dir "
+        f"for a LoRA, OFT or HRA convert the adapter with `python scripts/convert_peft_adapter.py import --peft_dir "
         f"{str(folder)!r} --checkpoint_dir BASE --adapter_path adapter.safetensors` (other PEFT methods: merge with "
         "PEFT's merge_and_unload and convert the result with scripts/convert_hf_checkpoint.py)."
     )

@@ -5,6 +5,7 @@ LoRA and OFT layers with the same parameters."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,15 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from lit_gpt import GPT, Config  # noqa: E402
-from lit_gpt.adapters import AdaptedLinear, AdapterConfig, adapted_layers, apply_adapters, merge_adapters  # noqa: E402
+from lit_gpt.adapters import (  # noqa: E402
+    AdaptedLinear,
+    AdapterConfig,
+    adapted_layers,
+    apply_adapters,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+)
 from test_adapters import CASES, make_config, randomize_adapters, ref_slice_output  # noqa: E402
 
 V, N, HEADS, GROUPS, HS, INTER, LAYERS = 64, 32, 4, 2, 8, 48, 2
@@ -162,6 +171,46 @@ def test_a_target_naming_a_non_linear_module_says_what_to_name(hf_llama):
     model = apply_adapters(copy.deepcopy(hf_llama), AdapterConfig(method="lora", targets=["*mlp.*"]))
     assert sorted(n for n, _ in adapted_layers(model)) == sorted(
         f"model.layers.{i}.mlp.{p}_proj" for i in range(LAYERS) for p in ("gate", "up", "down"))
+
+
+@pytest.mark.parametrize("targets,why", [
+    (None, r"'query' \(a named target of a lit_gpt\.GPT only, as are the default targets \['query', 'value'\]\)"),
+    ([".*q_proj"], r"'\.\*q_proj' \(a regular expression is written 're:\.\*q_proj'; a pattern with \* is matched "
+                   r"as a shell glob\)"),
+    (["qproj"], r"'qproj'"),
+])
+def test_a_target_matching_nothing_lists_the_layers_to_name(hf_llama, targets, why):
+    """On a transformers model: the default targets (a lit_gpt.GPT's names) and a PEFT-style regex say why."""
+    config = AdapterConfig(method="lora") if targets is None else AdapterConfig(method="lora", targets=targets)
+    with pytest.raises(ValueError, match=rf"^Adapter target {why} matches no nn\.Linear or Conv1D module of "
+                                         r"LlamaForCausalLM: set targets to names of its linear layers \(down_proj, "
+                                         r"gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\), "
+                                         r"'all-linear', or a regular expression written 're:<regex>'\.$"):
+        apply_adapters(copy.deepcopy(hf_llama), config)
+    model = apply_adapters(copy.deepcopy(hf_llama), AdapterConfig(method="lora", targets=["re:.*q_proj"]))
+    assert len(list(adapted_layers(model))) == LAYERS
+
+
+def test_a_peft_adapter_given_to_load_adapters_says_how_to_convert_it(hf_llama, tmp_path):
+    peft_model(hf_llama, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "peft")
+    model = apply_adapters(copy.deepcopy(hf_llama), AdapterConfig(method="lora", r=2, targets=["q_proj"]))
+    for given in (tmp_path / "peft", tmp_path / "peft" / "adapter_model.safetensors"):
+        with pytest.raises(ValueError, match=rf"^'{re.escape(str(given))}' is a Hugging Face PEFT adapter .* "
+                                             r"peft\.PeftModel\.from_pretrained .* scripts/convert_peft_adapter\.py "
+                                             rf"import --peft_dir '{re.escape(str(tmp_path / 'peft'))}' .*\.$"):
+            load_adapters(model, given)
+
+
+def test_save_adapters_to_a_directory_is_one_sentence(hf_llama, tmp_path):
+    """`save_pretrained("out/")` habits: a folder, existing or with a trailing slash, is refused, not written as a
+    file named `out` (or failing on a temporary file's name)."""
+    model = apply_adapters(copy.deepcopy(hf_llama), AdapterConfig(method="lora", r=2, targets=["q_proj"]))
+    (tmp_path / "there").mkdir()
+    for given in (tmp_path / "there", str(tmp_path / "new") + "/"):
+        with pytest.raises(ValueError, match=r"^save_adapters writes one file .* is a directory: pass a file path such "
+                                             r"as '.*/adapter\.safetensors' \(or a \.pth one\)\.$"):
+            save_adapters(model, given)
+    assert not (tmp_path / "new").exists() and list((tmp_path / "there").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

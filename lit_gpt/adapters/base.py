@@ -557,8 +557,20 @@ def _no_match(model: nn.Module, modules: dict[str, nn.Module], pattern: str, gpt
             f"Adapter target {pattern!r} matches only modules that are not linear layers in {what} (such as "
             f"{others[0]!r}, a {type(first).__name__}): {hint} in the {field_name('targets')}."
         )
-    named = f"; the named targets of a lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}" if gpt else ""
-    return f"Adapter target {pattern!r} matches no nn.Linear or Conv1D module of {what}{named}."
+    if gpt:
+        return (f"Adapter target {pattern!r} matches no nn.Linear or Conv1D module of {what}; the named targets of a "
+                f"lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}.")
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and is_adaptable(m)})
+    layers = ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
+    if pattern in GPT_TARGETS:  # e.g. AdapterConfig's default targets, which name a lit_gpt.GPT's layers
+        why = f" (a named target of a lit_gpt.GPT only, as are the default targets {list(AdapterConfig().targets)})"
+    elif not pattern.startswith("re:") and (".*" in pattern or any(c in pattern for c in "\\^$|+(")):
+        why = f" (a regular expression is written 're:{pattern}'; a pattern with * is matched as a shell glob)"
+    else:
+        why = ""
+    return (f"Adapter target {pattern!r}{why} matches no nn.Linear or Conv1D module of {what}: set "
+            f"{field_name('targets')} to names of its linear layers ({layers}), {ALL_LINEAR!r}, or a regular "
+            "expression written 're:<regex>'.")
 
 
 def _refusal(model: nn.Module, name: str, module: nn.Module, owners: dict[int, list[str]], all_linear: bool

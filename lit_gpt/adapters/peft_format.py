@@ -51,7 +51,13 @@ from lit_gpt.adapters.base import (
 )
 from lit_gpt.adapters.config import AdapterConfig
 from lit_gpt.adapters.ether import NORM_EPS
-from lit_gpt.adapters.state import SAFETENSORS_SUFFIX, load_adapters, save_adapters
+from lit_gpt.adapters.state import (
+    PEFT_CONFIG_FILENAME,
+    PEFT_PREFIX,  # `PeftModel.save_pretrained` names every tensor after the wrapped model's module, under it
+    SAFETENSORS_SUFFIX,
+    load_adapters,
+    save_adapters,
+)
 from lit_gpt.config import Config
 from lit_gpt.convert_hf import config_to_hf, iter_lit_to_hf
 from lit_gpt.model import GPT
@@ -64,11 +70,8 @@ from lit_gpt.utils import (
     read_json_object,
 )
 
-PEFT_CONFIG_FILENAME = "adapter_config.json"
 PEFT_WEIGHTS_FILENAME = "adapter_model.safetensors"
 PEFT_PICKLE_FILENAME = "adapter_model.bin"
-# `PeftModel.save_pretrained` names every tensor after the wrapped model's module, under this prefix
-PEFT_PREFIX = "base_model.model."
 ADAPTER_SUFFIXES = (".pth", SAFETENSORS_SUFFIX)
 # the PEFT method each lit method exports as (ETHER+ has none: its blocks are not products of reflections)
 PEFT_TYPE_OF = {"lora": "LORA", "oft": "OFT", "ether": "HRA"}
@@ -936,7 +939,8 @@ def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, P
     transformers model the adapter was trained on), which `lit_gpt.merge` (scripts/merge_lora.py,
     scripts/merge_ether.py, chat, eval) takes like a file finetune/ wrote; the adapted lit model computes the logits
     `PeftModel` computes. `prompt_style` (e.g. `alpaca`) is stored in the file for chat and merge. Refuses, in one
-    sentence, what a lit adapter cannot compute (DoRA, trained biases or modules, HRA vectors that are not in disjoint blocks, ...) and tensors whose shapes do not fit the checkpoint."""
+    sentence, what a lit adapter cannot compute (DoRA, trained biases or modules, HRA vectors that are not in
+    disjoint blocks, ...) and tensors whose shapes do not fit the checkpoint."""
     peft_dir, adapter_path, style = _check_import_paths(peft_dir, adapter_path, prompt_style)
     cfg = read_peft_config(peft_dir)
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)

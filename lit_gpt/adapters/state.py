@@ -18,6 +18,7 @@ names, and every other entry in the file's metadata under its key, as JSON text 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -27,6 +28,11 @@ import torch.nn as nn
 from lit_gpt.adapters.base import adapted_layers, adapter_config_of, build_adapters, install_adapters
 from lit_gpt.adapters.config import AdapterConfig, setting
 from lit_gpt.utils import atomic_path, atomic_save, load_file
+
+# what PEFT's save_pretrained writes (`lit_gpt.adapters.peft_format` converts it): this config file beside the
+# weights, whose tensors are named after the wrapped model's modules under this prefix
+PEFT_CONFIG_FILENAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
 
 FORMAT = "lit_gpt.adapters"
 VERSION = 1
@@ -101,6 +107,11 @@ def save_adapters(
         state_dict = adapter_state_dict(model)
     elif set(state_dict) != set(adapter_state_dict(model)):
         raise ValueError("save_adapters: the given state_dict's keys are not the model's adapter keys.")
+    if Path(path).is_dir() or str(path).endswith(("/", os.sep)):
+        raise ValueError(
+            f"save_adapters writes one file (the adapter settings inside it), and {str(path)!r} is a directory: pass "
+            f"a file path such as {str(Path(path) / 'adapter.safetensors')!r} (or a .pth one)."
+        )
     path = Path(path)
     payload = {
         "format": FORMAT,
@@ -156,8 +167,13 @@ def _read(path_or_obj: Union[str, Path, dict]) -> tuple[dict, str]:
         obj, where = path_or_obj, "The adapter dict"
     else:
         where = str(path_or_obj)
-        obj = load_adapter_file(path_or_obj)
+        path = Path(path_or_obj)
+        if path.is_dir() and (path / PEFT_CONFIG_FILENAME).is_file():
+            raise _peft_adapter_given(where, path)
+        obj = load_adapter_file(path)
     if not isinstance(obj, dict) or "state_dict" not in obj or "adapter_config" not in obj:
+        if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith(PEFT_PREFIX) for k in obj):
+            raise _peft_adapter_given(where, Path(where).parent)
         raise ValueError(
             f"{where} is not an adapter file written by save_adapters (it lacks 'adapter_config' or 'state_dict')."
         )
@@ -179,6 +195,15 @@ def _read(path_or_obj: Union[str, Path, dict]) -> tuple[dict, str]:
             "update lit_gpt to load it."
         )
     return obj, where
+
+
+def _peft_adapter_given(where: str, folder: Path) -> ValueError:
+    return ValueError(
+        f"{where!r} is a Hugging Face PEFT adapter (what save_pretrained writes), not a file written by "
+        "save_adapters: load it with peft.PeftModel.from_pretrained on a transformers model, or convert it for a lit "
+        f"checkpoint with `python scripts/convert_peft_adapter.py import --peft_dir {str(folder)!r} --checkpoint_dir "
+        "BASE --adapter_path adapter.safetensors` and load that."
+    )
 
 
 def read_adapter_config(path_or_obj: Union[str, Path, dict]) -> AdapterConfig:
