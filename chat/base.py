@@ -105,10 +105,10 @@ def main(
     Controls: end a line with a backslash (\\) to continue the message on the next line; !quit, !exit, Ctrl-D (end
     of input) or Ctrl-C ends the chat; !reset forgets the conversation so far.
 
-    Prompt format, unless --prompt_style is given: the checkpoint's prompt_style.yaml (written by merge_ether.py and
-    merge_lora.py: the format the run was trained with, e.g. Alpaca); with --adapter_path, the prompt style the
-    run trained with (from its hyperparameters.yaml, or from the adapter file itself when it is alone); otherwise
-    the checkpoint's chat template if its tokenizer has one (multi-turn); otherwise Alpaca. An adapter whose format
+    Prompt format, unless --prompt_style is given: with --adapter_path, the prompt style the run trained with (from
+    its hyperparameters.yaml, or from the adapter file itself when it is alone); else the checkpoint's
+    prompt_style.yaml (written by merge_ether.py and merge_lora.py: the format the run was trained with, e.g.
+    Alpaca); otherwise the checkpoint's chat template if its tokenizer has one (multi-turn); otherwise Alpaca. An adapter whose format
     is unknown gets a warning naming the one used.
 
     With piped standard input only the answers are printed to stdout, one per message. Speed (tokens/s, time to

@@ -363,9 +363,10 @@ def _fallback_style_name(checkpoint_dir: PathLike, tokenizer: Any = None) -> str
 def resolve_prompt_style(checkpoint_dir: PathLike, adapter_path: Optional[PathLike] = None, tokenizer: Any = None):
     """How to format a prompt for this model, by the first rule that applies:
 
-    1. `prompt_style.yaml` in `checkpoint_dir` (what `merge_checkpoint` writes: the style the model was trained with);
-    2. with `adapter_path`: the style the run trained with (`trained_prompt_style`: its `hyperparameters.yaml`,
-       the adapter file, or the `prepare_config.yaml` of its training data);
+    1. with `adapter_path`: the style the run trained with (`trained_prompt_style`: its `hyperparameters.yaml`,
+       the adapter file, or the `prepare_config.yaml` of its training data), also on a merged checkpoint whose own
+       style another run set (the adapter learnt its run's format, as `merge_checkpoint` then records);
+    2. `prompt_style.yaml` in `checkpoint_dir` (what `merge_checkpoint` writes: the style the model was trained with);
     3. the checkpoint's chat template (tokenizer), for chat models;
     4. Alpaca, the format of the instruction data the ETHER paper trained on.
 
@@ -374,10 +375,9 @@ def resolve_prompt_style(checkpoint_dir: PathLike, adapter_path: Optional[PathLi
     """
     from lit_gpt.data import prompt_style_from_name
 
-    spec = read_prompt_style_file(checkpoint_dir)
-    unknown = None
-    if spec is None and adapter_path is not None:
-        spec, unknown = trained_prompt_style(adapter_path)
+    spec, unknown = trained_prompt_style(adapter_path) if adapter_path is not None else (None, None)
+    if spec is None:
+        spec = read_prompt_style_file(checkpoint_dir)
     if spec is not None:
         return prompt_style_from_name(
             spec["prompt_style"], checkpoint_dir=checkpoint_dir, system_prompt=spec.get("system_prompt"),

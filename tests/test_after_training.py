@@ -99,6 +99,25 @@ def test_an_adapter_file_alone_keeps_its_prompt_style(base, tmp_path):
         trained_adapter(base, config, tmp_path / "bad.pth", prompt_style={"style": "flan"})
 
 
+def test_an_adapter_on_a_merged_checkpoint_is_prompted_as_its_own_run_trained(tmp_path):
+    """Merge a fine-tune (its prompt_style.yaml says alpaca), train a new adapter on the merged model with chatml
+    data: chat with that adapter, and its merge, use chatml; the checkpoint's file is for the model alone."""
+    merged = make_base(tmp_path / "merged")
+    (merged / "prompt_style.yaml").write_text(yaml.safe_dump({"prompt_style": "alpaca"}))
+    adapter = make_run(tmp_path / "run", merged, AdapterConfig(method="ether", nb=4), prompt_style="chatml")
+    assert resolve_prompt_style(merged, adapter).name == "chatml"
+    assert resolve_prompt_style(merged).name == "alpaca"
+    out, _ = quiet_merge(adapter)
+    assert yaml.safe_load((out / "prompt_style.yaml").read_text()) == {"prompt_style": "chatml"}
+    # a run that records nothing: the checkpoint's file, without a warning about the adapter
+    (adapter.parent / "hyperparameters.yaml").unlink()
+    (adapter.parent / "data" / "prepare_config.yaml").unlink()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert resolve_prompt_style(merged, adapter).name == "alpaca"
+    assert err.getvalue() == ""
+
+
 def test_the_runs_hyperparameters_come_before_the_files_record(base, tmp_path):
     adapter = make_run(tmp_path / "run", base, AdapterConfig(method="ether", nb=4), prompt_style="flan")
     model = GPT.from_checkpoint(base)
