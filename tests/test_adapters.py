@@ -755,6 +755,15 @@ def test_dry_run_counts_match_the_table_for_llama2_7b(config, expected):
     assert f"AdamW state: {adam / unit[1]:,.2f} {unit[0]}" in report
 
 
+def test_dry_run_per_device_memory_of_a_sharded_run():
+    """Full fine-tuning of Llama-2-7B in bf16-true over 4 devices: 6,738,415,616 x (2 + 2 + 4) bytes = 50.21 GiB,
+    12.55 GiB a device, plus two gathered blocks of 202,383,360 parameters (772.03 MiB)."""
+    report = plan_report("Llama-2-7b-hf", None, "bf16-true", world_size=4)
+    assert "total before activations: 50.21 GiB\n" in report
+    assert report.endswith("per device, sharded over 4: 12.55 GiB, and up to 772.03 MiB for the gathered blocks in use")
+    assert "per device" not in plan_report("Llama-2-7b-hf", None, "bf16-true", world_size=1)
+
+
 def test_dry_run_takes_a_config_too():
     config = Config.from_name("Llama-2-7b-hf")
     ether = AdapterConfig(method="ether", nb=32)

@@ -501,6 +501,24 @@ def test_forward_on_the_meta_device(method, opts):
     assert out.device.type == "meta" and out.shape == (2, 8, 64)
 
 
+@pytest.mark.parametrize("into", ["fresh", "adapted"])
+def test_an_adapter_file_missing_a_tensor_is_refused_and_the_model_left_alone(tmp_path, into):
+    """A lost tensor would otherwise keep its random initial value (ETHER's u): garbage outputs, no error."""
+    source = apply_adapters(mlp(), AdapterConfig(method="ether", nb=4, targets=["0", "2"]))
+    randomize_adapters(source, scale=0.3)
+    obj = torch.load(save_adapters(source, tmp_path / "a.pth"), weights_only=True)
+    lost = sorted(obj["state_dict"])[1]
+    del obj["state_dict"][lost]
+    model = mlp() if into == "fresh" else apply_adapters(mlp(), AdapterConfig(method="ether", nb=4,
+                                                                             targets=["0", "2"]))
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=rf"does not fit this model's adapters \(this model's {re.escape(repr(lost))} "
+                                         r"is missing from it\)"):
+        load_adapters(model, obj)
+    assert_unchanged(model, before)
+    assert (adapter_config_of(model) is None) == (into == "fresh")
+
+
 def test_an_adapter_dict_without_format_and_version_loads():
     """What `lit_gpt.merge` makes of a training checkpoint: the config and the tensors, nothing else."""
     source = apply_adapters(mlp(), AdapterConfig(method="oft", nb=4, targets=["0"], coft=True, eps=0.05))

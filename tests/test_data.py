@@ -139,6 +139,9 @@ def test_alpaca_template_text_with_and_without_input():
 def test_other_prompt_styles():
     assert prompt_style_from_name("flan").apply("Premise: a. Hypothesis: b.") == ALPACA_NO_INPUT.format(
         instruction="Premise: a. Hypothesis: b.")
+    # FLAN has no input field: a row's input is kept, after the instruction, not dropped
+    assert prompt_style_from_name("flan").apply("Summarise.", "The cat sat.") == ALPACA_NO_INPUT.format(
+        instruction="Summarise.\n\nThe cat sat.")
     assert prompt_style_from_name("longform").apply("Write an essay.") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nWrite an essay.\n\n"

@@ -373,6 +373,23 @@ def test_bad_model_arguments_are_one_sentence(tiny_ckpt):
     assert len(lm._loglikelihood_tokens([(None, [1, 2], list(range(3, 11)))], disable_tqdm=True)) == 1
 
 
+def test_bf16_scores_are_a_float32_log_softmax_of_the_bf16_logits(tiny_ckpt):
+    """Under bf16-true the model computes in bfloat16, but the log-softmax (a sum of exponentials over the whole
+    vocabulary) runs in float32, as lm-eval's hf backend does: a bfloat16 one is off by 1e-2 nats and more."""
+    from lit_gpt.lm_eval import LitGPTLM
+
+    lm = LitGPTLM(checkpoint_dir=tiny_ckpt, device="cpu", precision="bf16-true")
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    context, continuation = [5, 17, 33, 2, 9, 41], [7, 12, 3]
+    (score, _), = lm._loglikelihood_tokens([(None, context, continuation)], disable_tqdm=True)
+    tokens = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logits = lm.model(tokens[:, :-1])[0, len(context) - 1:]
+    assert logits.dtype == torch.bfloat16
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(continuation)[:, None]).sum().item()
+    assert score == pytest.approx(expected, abs=1e-5)
+
+
 def test_lit_gpt_no_progress_turns_off_the_backends_bars(tiny_ckpt, capsys, monkeypatch):
     from lit_gpt.lm_eval import LitGPTLM
 

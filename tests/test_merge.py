@@ -275,6 +275,17 @@ def test_a_float32_adapter_on_a_bf16_base_is_folded_in_float32_and_rounded_once(
         torch.testing.assert_close(got.double(), want.double(), atol=0, rtol=2 ** -7, msg=key)
 
 
+@pytest.mark.parametrize("precision,dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16),
+                                             ("32-true", torch.float32), ("bf16-mixed", torch.float32),
+                                             ("16-mixed", torch.float32), (None, torch.float32)])
+def test_merge_precision_writes_the_dtype_help_names(bases, tmp_path, precision, dtype):
+    """--precision: bf16-true bfloat16, 16-true float16 (GPUs without bfloat16), 32-true and *-mixed float32,
+    unset the base's dtype (float32 here)."""
+    adapter = make_run(tmp_path / "run", bases["llama"], AdapterConfig(method="lora", r=2, targets=["query"]))
+    out = merge_checkpoint(adapter, precision=precision, probe=False, log=lambda s: None)
+    assert {v.dtype for v in load_file(out / "lit_model.pth", mmap=False).values()} == {dtype}
+
+
 def test_the_seed_commands_flags_parse(monkeypatch):
     """`merge_ether.py --checkpoint_dir … --precision bf16-true --ether_path …` as written in the README."""
     import merge_ether
