@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import lit_gpt.data.prepare as prep
 from lit_gpt.config import Config
