@@ -311,6 +311,25 @@ def test_byte_level_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, byte
                                                                          add_generation_prompt=True)
 
 
+def test_end_of_turn_token_stops_generation_and_llama3_vocabularies_add_bos_by_default(tmp_path, byte_level_vocab):
+    """llama.cpp's defaults (llama-vocab.cpp), written here as data: generation ends at any end-of-generation token,
+    EOT as well as EOS (a chat model's <|im_end|> next to <|endoftext|>); a Llama-3 pre-tokenizer (llama-bpe, ...)
+    starts every text with BOS when the file does not say add_bos_token."""
+    tokens, merges = byte_level_vocab
+    hf = hf_model("llama", len(tokens), num_hidden_layers=1)
+    metadata = {**tokenizer_metadata(tokens, merges, pre="llama-bpe"), "tokenizer.ggml.eos_token_id": 0,
+                "tokenizer.ggml.eot_token_id": 2}
+    del metadata["tokenizer.ggml.add_bos_token"]
+    path = write_gguf(tmp_path / "chat.gguf", "llama", {**model_metadata(hf.config, "llama"), **metadata},
+                      gguf_tensors_from_hf(hf, "llama"))
+    convert_gguf(path, tmp_path / "ckpt")
+    tok = Tokenizer(tmp_path / "ckpt")
+    assert tok.stop_ids == [0, 2] and tok.eos_id == 0
+    assert json.loads((tmp_path / "ckpt" / "generation_config.json").read_text())["eos_token_id"] == [0, 2]
+    assert json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    assert tok.use_bos and tok.encode("the fox").tolist()[0] == 1
+
+
 def test_sentencepiece_style_vocabulary_matches_sentencepiece():
     """A `tokenizer.ggml.model = llama` vocabulary (pieces + scores, as llama.cpp's converter stores a SentencePiece
     model) tokenizes like SentencePiece itself."""
