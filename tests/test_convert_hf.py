@@ -164,6 +164,26 @@ def lit_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 SAVE_MODE = {"gpt2": "bin", "qwen2_qkv_bias": "sharded"}
 
 
+def test_defaults_for_keys_a_config_json_leaves_out_are_transformers_own():
+    """An older or hand-written config.json may omit a key: the conversion then assumes what transformers' config
+    class assumes (its constructor's default; RoPE's base and fraction, which transformers 5 keeps in
+    rope_parameters, from a default instance)."""
+    import inspect
+
+    from lit_gpt.convert_hf import _HF_DEFAULTS
+
+    for model_type, defaults in _HF_DEFAULTS.items():
+        instance = AutoConfig.for_model(model_type)
+        signature = inspect.signature(type(instance).__init__).parameters
+        rope = getattr(instance, "rope_parameters", None) or {}
+        for key, ours in defaults.items():
+            if key in signature:
+                theirs = signature[key].default
+            else:
+                theirs = rope[{"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}.get(key, key)]
+            assert ours == theirs, (model_type, key, ours, theirs)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_import_and_export_match_transformers(family, tmp_path):
     model_type, kwargs, export_class, expected_fields = FAMILIES[family]
