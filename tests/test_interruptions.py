@@ -279,6 +279,35 @@ def test_a_full_disk_at_a_checkpoint_names_it_and_the_intact_one_before(tiny_ckp
     assert (run / "lit_model_ether_finetuned.pth").is_file()
 
 
+def test_a_rename_failing_inside_a_set_of_files_leaves_it_incomplete_not_mixed(tmp_path, monkeypatch):
+    """`atomic_paths` (prepared data + its config, a converted checkpoint, a PEFT folder): when the second rename
+    fails after the first went through, the first file is removed again, so readers find the set incomplete (training
+    refuses a missing train.pt by name) instead of a new train.pt beside the old run's test.pt and config."""
+    import errno
+
+    from lit_gpt.utils import atomic_paths
+
+    names = ["train.pt", "test.pt", "prepare_config.yaml"]
+    for name in names:
+        (tmp_path / name).write_text("old run")
+    replace, calls = os.replace, []
+
+    def full_disk_at_the_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk_at_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_paths(*(tmp_path / n for n in names)) as temps:
+            for tmp in temps:
+                tmp.write_text("new run")
+    assert [Path(c).name for c in calls] == ["train.pt", "test.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepare_config.yaml", "test.pt"]  # no temporary file
+    assert {p.read_text() for p in tmp_path.iterdir()} == {"old run"}
+
+
 @pytest.mark.slow
 def test_a_checkpoint_rank_0_cannot_write_stops_both_fsdp_processes_in_one_line(tiny_ckpt, tmp_path):
     """Rank 0 writes, rank 1 waits for it: rank 1 must learn of the failure, not wait at the next collective."""
