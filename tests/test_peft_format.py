@@ -217,6 +217,23 @@ def test_import_of_ranks_and_scales_that_differ_between_layers(bases, tmp_path, 
     assert proj.A.grad[:2].any() and not proj.A.grad[2:].any() and not proj.B.grad[:, 2:].any()
 
 
+def test_rank_and_alpha_patterns_select_what_peft_selects():
+    """`rank_pattern` keys match the end of a module's name, as PEFT's get_pattern_key matches them: a key that is a
+    prefix ("model.layers.1") or a piece of a name ("q") selects nothing, a suffix or a regex does."""
+    from peft.utils.other import get_pattern_key
+
+    from lit_gpt.adapters.peft_format import _pattern_value
+
+    modules = [f"model.layers.{i}.self_attn.{p}_proj" for i in (1, 12) for p in "qkvo"] + ["lm_head"]
+    keys = ["model.layers.1", "layers.1.self_attn", "q", "q_proj", "layers.12.self_attn.v_proj", r".*\.(k|o)_proj",
+            "layers.1.self_attn.q_proj", "lm_head"]
+    for key in keys:
+        for pattern in ({key: 16}, {key: 16, "v_proj": 2}):
+            for module in modules:
+                expected = pattern.get(get_pattern_key(pattern.keys(), module), 8)
+                assert _pattern_value(pattern, module, 8) == expected, (pattern, module)
+
+
 def test_import_targets(bases, tmp_path):
     base, folder = bases["llama"]
     _, peft_dir = save_peft(base, tmp_path, **IMPORT_CASES["llama_layers"][1])
