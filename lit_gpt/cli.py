@@ -271,16 +271,56 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
     changes the default run directory too). The `io` paths were relative to the directory the run was started in
     (`started_in`): when that is not the current one, they are made absolute. A file written by another script (a
     LoRA run's, given to finetune/ether.py) raises `RunConfigError`. Any other `--config` (config_hub/'s YAMLs) is
-    left as it is.
+    left as it is. Without any `--config`, a `--resume` of a run that has a `hyperparameters.yaml` takes the run's
+    flags first (`_resumed_run_hparams`), so resuming needs only `--resume PATH` (or `--resume auto --io.out_dir`).
     """
+    import yaml
+
     out = list(args)
     for index, path, prefix in config_values(out):
         hparams = _read_run_hparams(path, fn)
         if hparams is not None:
-            import yaml
-
             out[index] = prefix + yaml.safe_dump(run_flags(hparams, fn, script, path), sort_keys=False)
+    resumed = _resumed_run_hparams(out, fn, script)
+    if resumed is not None:  # the run's own flags first; the ones given here still override them
+        flags = run_flags(_read_run_hparams(resumed, fn), fn, script, resumed)
+        if isinstance(flags.get("io"), dict):  # the run goes on where it now is (a run folder may have moved)
+            flags["io"].pop("out_dir", None)
+        print(f"note: --resume: the run's flags come from {resumed!r}; flags given here override them.",
+              file=sys.stderr)
+        out = ["--config", yaml.safe_dump(flags, sort_keys=False), *out]
     return out
+
+
+def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:
+    """The last value of `flag` in `args` (`--flag VALUE` or `--flag=VALUE`), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def _resumed_run_hparams(args: Sequence[str], fn: Callable[..., Any], script: str) -> Optional[str]:
+    """The `hyperparameters.yaml` of the run that `--resume` continues (`--resume PATH`: PATH's run; `--resume auto`:
+    `--io.out_dir`'s), when `args` give no `--config` of their own and `script` wrote the run, so that a resume
+    needs no flag the run recorded (another script's run is left to the resume's own check, which names both)."""
+    from lit_gpt.training import HPARAMS_FILENAME, normalize_resume
+
+    if config_values(args) or "resume" not in inspect.signature(fn).parameters:
+        return None
+    resume = normalize_resume(_flag_value(args, "--resume"))
+    if isinstance(resume, Path):
+        run = resume.parent.parent if resume.parent.name == "checkpoints" else None
+    else:
+        out_dir = _flag_value(args, "--io.out_dir")
+        run = Path(out_dir) if resume == "auto" and out_dir else None
+    hparams = None if run is None else _read_run_hparams(str(run / HPARAMS_FILENAME), fn)
+    if hparams is None or script_of_method(str(hparams[RUN_METHOD_KEY])) != script:
+        return None
+    return str(run / HPARAMS_FILENAME)
 
 
 def config_values(args: Sequence[str]) -> list[tuple[int, str, str]]:

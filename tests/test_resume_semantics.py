@@ -141,6 +141,31 @@ def test_resuming_the_last_step_without_the_final_file_writes_it_without_validat
     assert [int(r["step"]) for r in csv_rows(run2) if r["val_loss"]] == [2]
 
 
+def test_resume_alone_takes_the_runs_recorded_flags(first_run, tmp_path, capsys):
+    """`--resume PATH` (or `--resume auto --io.out_dir RUN`) with no other flag: the run's hyperparameters.yaml
+    gives the data, the base model, the method and the batch sizes; the run goes on in the folder where it now is."""
+    import ether
+
+    from lit_gpt.cli import run_cli
+    from lit_gpt.training import TRAINING_ERRORS
+
+    first_log = (first_run / "logs" / "metrics.csv").read_text()
+    for how in ("path", "auto"):
+        run = copy_of(first_run, tmp_path / how)  # a moved run folder: its file names the first one's
+        (run / "lit_model_ether_finetuned.pth").unlink()
+        (run / "checkpoints" / "step-000004.pth").unlink()
+        args = (["--resume", str(run / "checkpoints" / "step-000002.pth")] if how == "path"
+                else ["--resume", "auto", "--io.out_dir", str(run)])
+        capsys.readouterr()
+        run_cli(ether.setup, args=args, errors=TRAINING_ERRORS, finetune_script="finetune/ether.py")
+        out = capsys.readouterr()
+        assert f"note: --resume: the run's flags come from {str(run / 'hyperparameters.yaml')!r}" in out.err
+        assert "Resumed from" in out.out and (run / "lit_model_ether_finetuned.pth").is_file()
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002.pth", "step-000004.pth"]
+        assert [int(r["step"]) for r in csv_rows(run) if r["val_loss"]] == [4]
+    assert (first_run / "logs" / "metrics.csv").read_text() == first_log  # the folder it was copied from: untouched
+
+
 def test_checkpoints_of_earlier_versions_say_whether_their_step_was_validated():
     """Before `validated`, a last-step checkpoint said `last_of_run` (written after the final validation), and any
     other checkpoint was written after the validation due at its step: resuming them redoes no validation."""
