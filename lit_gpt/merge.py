@@ -108,7 +108,11 @@ def read_hparams(path: PathLike) -> dict:
 
 def read_finetuned(path: PathLike) -> FineTuned:
     """Open an adapter file, a full fine-tuning state dict or a training checkpoint (see the module docstring)."""
+    from lit_gpt.adapters.state import PEFT_CONFIG_FILENAME, PEFT_PREFIX, peft_adapter_given
+
     path = Path(path)
+    if path.is_dir() and (path / PEFT_CONFIG_FILENAME).is_file():
+        raise peft_adapter_given(str(path), path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("lit_model*finetuned.pth"))
         hint = f"the run's final file is {str(path / found[0])!r}" if found else "pass a lit_model_*finetuned.pth"
@@ -135,6 +139,8 @@ def read_finetuned(path: PathLike) -> FineTuned:
                        "state_dict": obj["model"]}
             return FineTuned(path, "adapter", payload, hp)
         return FineTuned(path, "full", obj["model"], hp)
+    if obj and all(isinstance(k, str) and k.startswith(PEFT_PREFIX) for k in obj):  # PEFT's save_pretrained
+        raise peft_adapter_given(str(path), path.parent)
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return FineTuned(path, "full", obj, hp)
     raise ValueError(

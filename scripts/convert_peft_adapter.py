@@ -59,8 +59,10 @@ def export_adapter(adapter_path: Path, checkpoint_dir: Path, output_dir: Path) -
         output_dir: Folder to write adapter_config.json and adapter_model.safetensors into (created if new).
     """
     out = export_peft_adapter(adapter_path, checkpoint_dir, output_dir)
-    print(f"Wrote the PEFT adapter {str(out)!r}; load it with PeftModel.from_pretrained on the transformers model "
-          f"`python scripts/convert_lit_checkpoint.py --checkpoint_dir {checkpoint_dir}` exports.", file=sys.stderr)
+    hf = f"{str(out).rstrip('/')}-base-hf"
+    print(f"Wrote the PEFT adapter {str(out)!r}. To load it: export the base with `python "
+          f"scripts/convert_lit_checkpoint.py --checkpoint_dir {str(checkpoint_dir)!r} --output_dir {hf!r}`, then "
+          f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({hf!r}), {str(out)!r}).", file=sys.stderr)
     return out
 
 

@@ -308,6 +308,18 @@ def test_import_refuses_in_one_sentence(changes, words, llama_peft, tmp_path):
     assert not (tmp_path / "out.pth").exists()
 
 
+def test_a_peft_adapter_given_as_adapter_path_says_how_to_convert_it(llama_peft):
+    """chat, eval and merge --adapter_path read through read_finetuned: a PEFT folder or its weights file was taken
+    for full fine-tuning weights of another base model."""
+    from lit_gpt.merge import read_finetuned
+
+    peft_dir, _ = llama_peft
+    for given in (peft_dir, peft_dir / "adapter_model.safetensors"):
+        with pytest.raises(ValueError, match=r"is a Hugging Face PEFT adapter .* `python scripts/convert_peft_adapter"
+                                             r"\.py import --peft_dir '.*' --checkpoint_dir BASE"):
+            read_finetuned(given)
+
+
 def test_import_refuses_q_proj_on_some_layers(bases, tmp_path):
     base, folder = bases["llama"]
     _, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -355,6 +357,12 @@ def test_cli_exports_oft_and_says_so_in_help(bases, tmp_path, capsys):
                  str(tmp_path / "peft")])
     torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), tmp_path / "peft")), logits(model),
                                **TOL)
+    # the next step it prints runs as pasted
+    hint = re.search(r"`python scripts/convert_lit_checkpoint\.py ([^`]*)`", capsys.readouterr().err)
+    from lit_gpt.cli import run_cli
+
+    run_cli(load_script("convert_lit_checkpoint").main, args=shlex.split(hint.group(1)))
+    assert (tmp_path / "peft-base-hf" / "config.json").is_file()
     script.main(["import", "--peft_dir", str(tmp_path / "peft"), "--checkpoint_dir", str(folder), "--adapter_path",
                  str(tmp_path / "back.pth")])
     assert "merge_ether.py" in capsys.readouterr().err

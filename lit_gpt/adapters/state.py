@@ -169,11 +169,11 @@ def _read(path_or_obj: Union[str, Path, dict]) -> tuple[dict, str]:
         where = str(path_or_obj)
         path = Path(path_or_obj)
         if path.is_dir() and (path / PEFT_CONFIG_FILENAME).is_file():
-            raise _peft_adapter_given(where, path)
+            raise peft_adapter_given(where, path)
         obj = load_adapter_file(path)
     if not isinstance(obj, dict) or "state_dict" not in obj or "adapter_config" not in obj:
         if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith(PEFT_PREFIX) for k in obj):
-            raise _peft_adapter_given(where, Path(where).parent)
+            raise peft_adapter_given(where, Path(where).parent)
         raise ValueError(
             f"{where} is not an adapter file written by save_adapters (it lacks 'adapter_config' or 'state_dict')."
         )
@@ -197,12 +197,14 @@ def _read(path_or_obj: Union[str, Path, dict]) -> tuple[dict, str]:
     return obj, where
 
 
-def _peft_adapter_given(where: str, folder: Path) -> ValueError:
+def peft_adapter_given(where: str, folder: Path) -> ValueError:
+    """The error for a PEFT adapter (its folder, or its `adapter_model.safetensors`) given where a lit_gpt adapter
+    file is expected (`load_adapters`, and `--adapter_path` of chat, eval and merge)."""
     return ValueError(
-        f"{where!r} is a Hugging Face PEFT adapter (what save_pretrained writes), not a file written by "
-        "save_adapters: load it with peft.PeftModel.from_pretrained on a transformers model, or convert it for a lit "
-        f"checkpoint with `python scripts/convert_peft_adapter.py import --peft_dir {str(folder)!r} --checkpoint_dir "
-        "BASE --adapter_path adapter.safetensors` and load that."
+        f"{where!r} is a Hugging Face PEFT adapter (what PEFT's save_pretrained writes), not a lit_gpt adapter file: "
+        "load it with peft.PeftModel.from_pretrained on a transformers model, or convert it for a lit checkpoint "
+        f"with `python scripts/convert_peft_adapter.py import --peft_dir {str(folder)!r} --checkpoint_dir BASE "
+        "--adapter_path adapter.safetensors` and pass that file."
     )
 
 
