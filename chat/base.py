@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from lit_gpt.cli import run_cli  # noqa: E402
 from lit_gpt.data.prompts import PromptStyle, PromptStyleName, prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
-from lit_gpt.merge import PRECISIONS, load_finetuned, resolve_prompt_style  # noqa: E402
+from lit_gpt.merge import PRECISIONS, checkpoint_dir_for, load_finetuned, resolve_prompt_style  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer, check_utf8  # noqa: E402
 from lit_gpt.utils import check_checkpoint_dir, resolve_device  # noqa: E402
 
@@ -87,7 +87,7 @@ def encode_prompt(conversation: Conversation, tokenizer: Tokenizer, message: str
 
 
 def main(
-    checkpoint_dir: Path,
+    checkpoint_dir: Optional[Path] = None,
     adapter_path: Optional[Path] = None,
     max_new_tokens: int = 512,
     temperature: float = 0.8,
@@ -115,7 +115,8 @@ def main(
     first token) goes to stderr after each answer.
 
     Args:
-        checkpoint_dir: A lit checkpoint: a merged one (scripts/merge_ether.py, merge_lora.py) or the base model.
+        checkpoint_dir: A lit checkpoint: a merged one (scripts/merge_ether.py, merge_lora.py) or the base model
+            (default with --adapter_path: the base model its run recorded).
         adapter_path: An adapter file (lit_model_*_finetuned.pth, or a .safetensors one `save_adapters` wrote)
             applied to --checkpoint_dir without merging, or a full fine-tuning state dict (lit_model_finetuned.pth).
         max_new_tokens: Stop each answer after this many tokens (fewer when the context ends first).
@@ -140,6 +141,7 @@ def main(
         precision = "bf16-true" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
     dtype = PRECISIONS[precision]
 
+    checkpoint_dir = checkpoint_dir_for(checkpoint_dir, adapter_path)
     check_checkpoint_dir(checkpoint_dir)  # before the tokenizer, whose error would blame a "tokenizer directory"
     tokenizer = Tokenizer(checkpoint_dir)
     # the prompt format before the model: its mistakes (a --system_prompt Alpaca cannot take) need no weights

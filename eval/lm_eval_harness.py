@@ -22,7 +22,7 @@ class TaskDataError(ValueError):
 
 
 def main(
-    checkpoint_dir: Path,
+    checkpoint_dir: Optional[Path] = None,
     adapter_path: Optional[Path] = None,
     eval_tasks: Optional[Union[str, list[str]]] = None,
     num_fewshot: Optional[int] = None,
@@ -52,7 +52,8 @@ def main(
 
     Args:
         checkpoint_dir: A lit checkpoint directory: a merged fine-tuned model (scripts/merge_ether.py,
-            scripts/merge_lora.py), or the base model of --adapter_path.
+            scripts/merge_lora.py), or the base model of --adapter_path (default with --adapter_path: the base model
+            its run recorded).
         adapter_path: An adapter file from fine-tuning (lit_model_ether_finetuned.pth, lit_model_lora_finetuned.pth,
             or a .safetensors one `save_adapters` wrote), evaluated unmerged on top of --checkpoint_dir; or a full
             fine-tuning lit_model_finetuned.pth.
@@ -90,8 +91,10 @@ def main(
     """
     import json
 
+    from lit_gpt.merge import checkpoint_dir_for
     from lit_gpt.utils import atomic_write_text, check_output_file, resolve_device
 
+    checkpoint_dir = checkpoint_dir_for(checkpoint_dir, adapter_path)
     names = task_names(eval_tasks)
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be positive, got {limit}.")

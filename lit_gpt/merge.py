@@ -180,6 +180,16 @@ def base_checkpoint_of(finetuned: FineTuned, checkpoint_dir: Optional[PathLike])
     return recorded
 
 
+def checkpoint_dir_for(checkpoint_dir: Optional[PathLike], adapter_path: Optional[PathLike]) -> Path:
+    """`--checkpoint_dir`, or with only `--adapter_path` the base model its run recorded (as merging finds it)."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    if adapter_path is None:
+        raise ValueError("--checkpoint_dir is required: pass a lit checkpoint directory (a merged model, or the base "
+                         "model of an --adapter_path).")
+    return base_checkpoint_of(read_finetuned(adapter_path), None)
+
+
 def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: PathLike) -> None:
     """Refuse, in one sentence, weights trained on another base model than the one in `checkpoint_dir`.
 
@@ -560,6 +570,7 @@ __all__ = [
     "PROMPT_STYLE_FILENAME",
     "base_checkpoint_of",
     "check_same_base",
+    "checkpoint_dir_for",
     "find_run_dir",
     "load_finetuned",
     "merge_checkpoint",

@@ -22,9 +22,10 @@ from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapte
 from lit_gpt.cli import USAGE_ERROR_CODE, run_cli  # noqa: E402
 from lit_gpt.convert_hf import ConversionError  # noqa: E402
 from lit_gpt.data.prompts import PromptStyleName  # noqa: E402
+from lit_gpt.merge import checkpoint_dir_for  # noqa: E402
 
 
-def export_adapter(adapter_path: Path, checkpoint_dir: Path, output_dir: Path) -> Path:
+def export_adapter(adapter_path: Path, output_dir: Path, checkpoint_dir: Optional[Path] = None) -> Path:
     """Write a lit LoRA, OFT or ETHER adapter file as a PEFT LoRA, OFT or HRA adapter folder.
 
     The folder holds adapter_config.json and adapter_model.safetensors.
@@ -55,9 +56,10 @@ def export_adapter(adapter_path: Path, checkpoint_dir: Path, output_dir: Path) -
     Args:
         adapter_path: The adapter file finetune/lora.py or finetune/ether.py wrote (lit_model_*_finetuned.pth, or a
             .safetensors file written by save_adapters).
-        checkpoint_dir: The lit base checkpoint the adapter was trained on.
         output_dir: Folder to write adapter_config.json and adapter_model.safetensors into (created if new).
+        checkpoint_dir: The lit base checkpoint the adapter was trained on (default: the one its run recorded).
     """
+    checkpoint_dir = checkpoint_dir_for(checkpoint_dir, adapter_path)
     out = export_peft_adapter(adapter_path, checkpoint_dir, output_dir)
     hf = f"{str(out).rstrip('/')}-base-hf"
     print(f"Wrote the PEFT adapter {str(out)!r}. To load it: export the base with `python "

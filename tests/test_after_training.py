@@ -118,6 +118,20 @@ def test_an_adapter_on_a_merged_checkpoint_is_prompted_as_its_own_run_trained(tm
     assert err.getvalue() == ""
 
 
+def test_the_base_model_defaults_to_the_one_the_run_recorded(base, tmp_path):
+    """chat, eval and convert_peft_adapter.py export take --adapter_path alone, as merging does."""
+    from lit_gpt.merge import checkpoint_dir_for
+
+    adapter = make_run(tmp_path / "run", base, AdapterConfig(method="ether", nb=4))
+    assert checkpoint_dir_for(None, adapter) == base
+    assert checkpoint_dir_for(tmp_path / "other", adapter) == tmp_path / "other"
+    with pytest.raises(ValueError, match=r"^--checkpoint_dir is required: pass a lit checkpoint directory"):
+        checkpoint_dir_for(None, None)
+    lone = trained_adapter(base, AdapterConfig(method="ether", nb=4), tmp_path / "lone" / "a.pth")
+    with pytest.raises(ValueError, match=r"No --checkpoint_dir given and no base_checkpoint_dir recorded"):
+        checkpoint_dir_for(None, lone)
+
+
 def test_the_runs_hyperparameters_come_before_the_files_record(base, tmp_path):
     adapter = make_run(tmp_path / "run", base, AdapterConfig(method="ether", nb=4), prompt_style="flan")
     model = GPT.from_checkpoint(base)

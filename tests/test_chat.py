@@ -72,7 +72,8 @@ def test_quit_command_exits_cleanly(tiny):
 def test_unmerged_adapter_answers_like_the_merged_checkpoint(tiny):
     base, adapter, merged = tiny
     messages = "Add two and three.\nWrite a response.\n"
-    unmerged = chat("--checkpoint_dir", str(base), "--adapter_path", str(adapter), *GREEDY, stdin=messages)
+    # no --checkpoint_dir: the base model the run recorded
+    unmerged = chat("--adapter_path", str(adapter), *GREEDY, stdin=messages)
     from_merged = chat("--checkpoint_dir", str(merged), *GREEDY, stdin=messages)
     assert unmerged.returncode == 0 and from_merged.returncode == 0, unmerged.stderr + from_merged.stderr
     assert unmerged.stdout == from_merged.stdout
