@@ -860,10 +860,33 @@ def convert_lit_checkpoint(
     for name in TOKENIZER_FILES:
         if (checkpoint_dir / name).is_file():
             _copy(checkpoint_dir / name, output_dir)
+    _carry_prompt_style(checkpoint_dir, output_dir)
     warning = tokenizer_files_warning(checkpoint_dir, output_dir)
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
     return output_dir
+
+
+def _carry_prompt_style(checkpoint_dir: Path, output_dir: Path) -> None:
+    """A fine-tuned checkpoint's `prompt_style.yaml` (the format and system prompt it was trained with) goes along,
+    so that converting the export back restores it, with a note: transformers never reads it, and its chat template
+    (with its own default system prompt) is not what the model learnt."""
+    from lit_gpt.merge import PROMPT_STYLE_FILENAME, read_prompt_style_file
+
+    spec = read_prompt_style_file(checkpoint_dir)
+    if spec is None:
+        (output_dir / PROMPT_STYLE_FILENAME).unlink(missing_ok=True)  # an earlier export's
+        return
+    _copy(checkpoint_dir / PROMPT_STYLE_FILENAME, output_dir)
+    system, name = spec.get("system_prompt"), spec["prompt_style"]
+    if name == "chat_template" and not system:
+        return  # the export's own chat template is the format
+    fmt = "its chat template" if name == "chat_template" else f"the {name} prompt format"
+    with_system = f" with the system prompt {system!r}" if system else ""
+    print(f"note: {str(checkpoint_dir)!r} was fine-tuned on {fmt}{with_system} ({PROMPT_STYLE_FILENAME}, copied "
+          "along), which transformers does not read: prompt the export "
+          + ("that way" if name != "chat_template" else "with its chat template")
+          + (", giving that system prompt as the first message" if system else "") + ".", file=sys.stderr)
 
 
 def tokenizer_files_warning(checkpoint_dir: Path, output_dir: Path) -> Optional[str]:

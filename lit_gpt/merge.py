@@ -349,7 +349,8 @@ def trained_prompt_style(finetuned: Union[FineTuned, PathLike]) -> tuple[Optiona
         return spec, None
     data_dir = _recorded_path(hp, "io.train_data_dir")
     if data_dir is None:
-        own = ("the file predates recording it" if finetuned.kind == "adapter"
+        own = ("the file was written without one: by an older version, or imported without --prompt_style"
+               if finetuned.kind == "adapter"
                else "a full fine-tuning state dict has no place for it")
         beside = (f"the {HPARAMS_FILENAME} of its run records none" if hp
                   else f"there is no run {HPARAMS_FILENAME} beside it")

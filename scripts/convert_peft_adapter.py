@@ -28,7 +28,8 @@ from lit_gpt.merge import checkpoint_dir_for  # noqa: E402
 def export_adapter(adapter_path: Path, output_dir: Path, checkpoint_dir: Optional[Path] = None) -> Path:
     """Write a lit LoRA, OFT or ETHER adapter file as a PEFT LoRA, OFT or HRA adapter folder.
 
-    The folder holds adapter_config.json and adapter_model.safetensors.
+    The folder holds adapter_config.json and adapter_model.safetensors, and the prompt format the run trained with
+    (prompt_style.yaml: PEFT ignores it, an import reads it back).
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<export>), output_dir)`, where `<export>` is
     the base exported with `python scripts/convert_lit_checkpoint.py --checkpoint_dir <checkpoint_dir>`, then
     computes the same logits as the lit model with the adapter.
@@ -69,7 +70,7 @@ def export_adapter(adapter_path: Path, output_dir: Path, checkpoint_dir: Optiona
 
 
 def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
-                   prompt_style: Optional[PromptStyleName] = None) -> Path:
+                   prompt_style: Optional[PromptStyleName] = None, system_prompt: Optional[str] = None) -> Path:
     """Write a PEFT LoRA, OFT or HRA folder (from `PeftModel.save_pretrained`) as a lit adapter file.
 
     The file works wherever a file from finetune/lora.py or finetune/ether.py does: scripts/merge_lora.py
@@ -85,9 +86,9 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
     input), which becomes ETHER with nb = r; an HRA PEFT trained (full-width vectors) is refused: merge it with
     PEFT (merge_and_unload) and convert the merged model with scripts/convert_hf_checkpoint.py.
 
-    Refused, with the reason: DoRA, bias other than "none", modules_to_save, q/k/v adapted on some layers only, OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann
-    adapter saved before PEFT 0.18, tensors whose shapes do not fit the checkpoint, and adapter_model.bin (a
-    pickle: re-save with safe_serialization=True).
+    Refused, with the reason: DoRA, bias other than "none", modules_to_save, q/k/v adapted on some layers only,
+    OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann adapter saved before PEFT 0.18, tensors whose
+    shapes do not fit the checkpoint, and adapter_model.bin (a pickle: re-save with safe_serialization=True).
 
     Args:
         peft_dir: The folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors).
@@ -95,9 +96,12 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
             model the adapter was trained on.
         adapter_path: The adapter file to write: .pth (torch) or .safetensors.
         prompt_style: The prompt format the adapter was trained with, stored in the file for chat and merge
-            (default: none is stored; they then use the base checkpoint's).
+            (default: the prompt_style.yaml an export wrote into --peft_dir, else none is stored and they use the
+            base checkpoint's).
+        system_prompt: The system prompt it was trained with (with --prompt_style), stored likewise.
     """
-    out = import_peft_adapter(peft_dir, checkpoint_dir, adapter_path, prompt_style=prompt_style)
+    out = import_peft_adapter(peft_dir, checkpoint_dir, adapter_path, prompt_style=prompt_style,
+                              system_prompt=system_prompt)
     if read_adapter_config(out).method == "lora":
         merge = f"python scripts/merge_lora.py --lora_path {out}"
     else:

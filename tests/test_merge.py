@@ -275,6 +275,26 @@ def test_a_float32_adapter_on_a_bf16_base_is_folded_in_float32_and_rounded_once(
         torch.testing.assert_close(got.double(), want.double(), atol=0, rtol=2 ** -7, msg=key)
 
 
+def test_the_trained_prompt_format_survives_the_transformers_export_and_back(tmp_path, capsys):
+    """transformers never reads prompt_style.yaml: the export copies it (so converting back restores it) and says
+    how to prompt the export, where its chat template (with its own default system prompt) would mislead."""
+    from lit_gpt.convert_hf import convert_hf_checkpoint, convert_lit_checkpoint
+
+    merged = make_base(tmp_path / "merged")
+    (merged / "prompt_style.yaml").write_text(yaml.safe_dump({"prompt_style": "chatml",
+                                                              "system_prompt": "You are terse."}))
+    hf_dir = convert_lit_checkpoint(merged, tmp_path / "hf")
+    assert f"note: {str(merged)!r} was fine-tuned on the chatml prompt format with the system prompt 'You are terse.' " \
+           "(prompt_style.yaml, copied along), which transformers does not read: prompt the export that way, giving " \
+           "that system prompt as the first message." in capsys.readouterr().err
+    convert_hf_checkpoint(hf_dir)  # back: the lit files beside the transformers ones
+    style = resolve_prompt_style(hf_dir)
+    assert (style.name, style.system_prompt) == ("chatml", "You are terse.")
+    (merged / "prompt_style.yaml").unlink()  # a base model: nothing to carry, and an earlier export's file goes
+    convert_lit_checkpoint(merged, tmp_path / "hf")
+    assert not (hf_dir / "prompt_style.yaml").exists() and "note:" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("precision,dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16),
                                              ("32-true", torch.float32), ("bf16-mixed", torch.float32),
                                              ("16-mixed", torch.float32), (None, torch.float32)])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -245,6 +246,28 @@ def test_import_targets(bases, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- (c) round trips
+def test_the_trained_prompt_format_goes_to_peft_and_back(bases, tmp_path):
+    """The format and system prompt a run trained with: a prompt_style.yaml beside the PEFT files (PEFT ignores
+    it), which an import stores in the lit file again; --prompt_style / --system_prompt override it."""
+    from lit_gpt.merge import resolve_prompt_style
+
+    _, folder = bases["llama"]
+    trained = {"prompt_style": "chatml", "system_prompt": "You are terse."}
+    adapter = save_adapters(lit_lora(folder, ["query"]), tmp_path / "a.safetensors", prompt_style=trained)
+    out = export_peft_adapter(adapter, folder, tmp_path / "peft")
+    assert yaml.safe_load((out / "prompt_style.yaml").read_text()) == trained
+    back = import_peft_adapter(out, folder, tmp_path / "back.safetensors")
+    style = resolve_prompt_style(folder, back)
+    assert (style.name, style.system_prompt) == ("chatml", "You are terse.")
+    other = import_peft_adapter(out, folder, tmp_path / "other.pth", prompt_style="alpaca")
+    assert resolve_prompt_style(folder, other).name == "alpaca"
+    other = import_peft_adapter(out, folder, tmp_path / "other2.pth", prompt_style="chatml", system_prompt="Hi.")
+    assert resolve_prompt_style(folder, other).system_prompt == "Hi."
+    (out / "prompt_style.yaml").unlink()
+    with pytest.raises(ValueError, match=r"^--system_prompt needs --prompt_style"):
+        import_peft_adapter(out, folder, tmp_path / "x.pth", system_prompt="Hi.")
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_import_of_export_gives_the_adapter_back(family, bases, tmp_path):
     _, folder = bases[family]

@@ -64,6 +64,7 @@ from lit_gpt.model import GPT
 from lit_gpt.utils import (
     WEIGHTS_FILENAME,
     atomic_paths,
+    atomic_write_text,
     check_checkpoint_dir,
     check_output_dir,
     load_file,
@@ -463,11 +464,21 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     from safetensors.torch import save_file
 
+    from lit_gpt.merge import PROMPT_STYLE_FILENAME, trained_prompt_style
+
     output_dir.mkdir(parents=True, exist_ok=True)
+    # the format the run trained with (PEFT ignores the file; an import reads it back)
+    style, _ = trained_prompt_style(finetuned)
+    (output_dir / PROMPT_STYLE_FILENAME).unlink(missing_ok=True)  # an earlier export's, first
     # the config first: without it PEFT reads nothing, so an interrupted write never leaves a loadable mix
     with atomic_paths(output_dir / PEFT_CONFIG_FILENAME, output_dir / PEFT_WEIGHTS_FILENAME) as (cfg_tmp, st_tmp):
         cfg_tmp.write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(st_tmp), metadata={"format": "pt"})
+    if style is not None:
+        import yaml
+
+        atomic_write_text(output_dir / PROMPT_STYLE_FILENAME,
+                          yaml.safe_dump({k: v for k, v in style.items() if v is not None}, sort_keys=False))
     return output_dir
 
 
@@ -664,8 +675,8 @@ TENSOR_NAMES = {"LORA": (r"lora_([AB])\.weight", ("A", "B")), "OFT": (r"(oft_R)\
                 "HRA": (r"(hra_u)", ("hra_u",))}
 
 
-def _check_import_paths(peft_dir: Union[str, Path], adapter_path: Union[str, Path],
-                        prompt_style: Optional[str]) -> tuple[Path, Path, Optional[dict]]:
+def _check_import_paths(peft_dir: Union[str, Path], adapter_path: Union[str, Path], prompt_style: Optional[str],
+                        system_prompt: Optional[str] = None) -> tuple[Path, Path, Optional[dict]]:
     """The import's folder, output file and stored prompt style, refusing bad paths before anything is read."""
     peft_dir = Path(peft_dir)
     if peft_dir.is_file():
@@ -686,13 +697,19 @@ def _check_import_paths(peft_dir: Union[str, Path], adapter_path: Union[str, Pat
     if adapter_path.is_dir():
         raise ValueError(f"--adapter_path {str(adapter_path)!r} is a folder: pass a file name ending in .pth or "
                          ".safetensors.")
-    style = None
+    from lit_gpt.merge import read_prompt_style_file
+
+    style = read_prompt_style_file(peft_dir)  # what an export wrote beside the adapter, unless given here
     if prompt_style is not None:
         from lit_gpt.data.prompts import PROMPT_STYLE_NAMES
 
         if prompt_style not in PROMPT_STYLE_NAMES:
             raise ValueError(f"--prompt_style {prompt_style!r} is not one of {', '.join(PROMPT_STYLE_NAMES)}.")
         style = {"prompt_style": prompt_style, "system_prompt": None}
+    if system_prompt is not None:
+        if style is None:
+            raise ValueError("--system_prompt needs --prompt_style (the format it is given in).")
+        style = {**style, "system_prompt": system_prompt}
     return peft_dir, adapter_path, style
 
 
@@ -933,15 +950,17 @@ def _hra_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GPT
 
 
 def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path],
-                        adapter_path: Union[str, Path], prompt_style: Optional[str] = None) -> Path:
+                        adapter_path: Union[str, Path], prompt_style: Optional[str] = None,
+                        system_prompt: Optional[str] = None) -> Path:
     """Write the PEFT folder `peft_dir` (LoRA, OFT, or HRA as an ETHER export writes it) as a lit adapter file
     `adapter_path` (`.pth` or `.safetensors`) for the lit checkpoint `checkpoint_dir` (converted from the
     transformers model the adapter was trained on), which `lit_gpt.merge` (scripts/merge_lora.py,
     scripts/merge_ether.py, chat, eval) takes like a file finetune/ wrote; the adapted lit model computes the logits
-    `PeftModel` computes. `prompt_style` (e.g. `alpaca`) is stored in the file for chat and merge. Refuses, in one
+    `PeftModel` computes. `prompt_style` (e.g. `alpaca`) and `system_prompt` are stored in the file for chat and
+    merge (default: the `prompt_style.yaml` an export wrote beside the adapter, if any). Refuses, in one
     sentence, what a lit adapter cannot compute (DoRA, trained biases or modules, HRA vectors that are not in
     disjoint blocks, ...) and tensors whose shapes do not fit the checkpoint."""
-    peft_dir, adapter_path, style = _check_import_paths(peft_dir, adapter_path, prompt_style)
+    peft_dir, adapter_path, style = _check_import_paths(peft_dir, adapter_path, prompt_style, system_prompt)
     cfg = read_peft_config(peft_dir)
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     ckpt = str(checkpoint_dir)
