@@ -270,6 +270,10 @@ def test_dtype_and_sharded_export(tmp_path):
     # converting the export back keeps the model's name (what adapters record as their base), not the folder's
     convert_hf_checkpoint(out)
     assert Config.from_checkpoint(out).name == Config.from_checkpoint(hf_dir).name == "hf"
+    # without --dtype the export keeps lit_model.pth's (bfloat16 here), as --help says
+    kept = convert_lit_checkpoint(hf_dir, tmp_path / "kept")
+    assert json.loads((kept / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {v.dtype for v in load_safetensors(kept / "model.safetensors").values()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("first_shard_bytes, second_shard_bytes", [(None, 20_000), (20_000, None)],
