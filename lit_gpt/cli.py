@@ -292,17 +292,6 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
     return out
 
 
-def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:
-    """The last value of `flag` in `args` (`--flag VALUE` or `--flag=VALUE`), or None."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg[len(flag) + 1:]
-    return value
-
-
 def _resumed_run_hparams(args: Sequence[str], fn: Callable[..., Any], script: str) -> Optional[str]:
     """The `hyperparameters.yaml` of the run that `--resume` continues (`--resume PATH`: PATH's run; `--resume auto`:
     `--io.out_dir`'s), when `args` give no `--config` of their own and `script` wrote the run, so that a resume
@@ -311,11 +300,11 @@ def _resumed_run_hparams(args: Sequence[str], fn: Callable[..., Any], script: st
 
     if config_values(args) or "resume" not in inspect.signature(fn).parameters:
         return None
-    resume = normalize_resume(_flag_value(args, "--resume"))
+    resume = normalize_resume(_given_value(args, "--resume"))
     if isinstance(resume, Path):
         run = resume.parent.parent if resume.parent.name == "checkpoints" else None
     else:
-        out_dir = _flag_value(args, "--io.out_dir")
+        out_dir = _given_value(args, "--io.out_dir")
         run = Path(out_dir) if resume == "auto" and out_dir else None
     hparams = None if run is None else _read_run_hparams(str(run / HPARAMS_FILENAME), fn)
     if hparams is None or script_of_method(str(hparams[RUN_METHOD_KEY])) != script:
