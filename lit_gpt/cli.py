@@ -272,7 +272,8 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
     (`started_in`): when that is not the current one, they are made absolute. A file written by another script (a
     LoRA run's, given to finetune/ether.py) raises `RunConfigError`. Any other `--config` (config_hub/'s YAMLs) is
     left as it is. Without any `--config`, a `--resume` of a run that has a `hyperparameters.yaml` takes the run's
-    flags first (`_resumed_run_hparams`), so resuming needs only `--resume PATH` (or `--resume auto --io.out_dir`).
+    flags first (`_resumed_run_hparams`), so resuming needs only `--resume PATH` (or `--resume auto --io.out_dir`);
+    `--devices` and `--num_nodes` describe the job, not the run, and keep their defaults.
     """
     import yaml
 
@@ -286,6 +287,8 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
         flags = run_flags(_read_run_hparams(resumed, fn), fn, script, resumed)
         if isinstance(flags.get("io"), dict):  # the run goes on where it now is (a run folder may have moved)
             flags["io"].pop("out_dir", None)
+        for machine in ("devices", "num_nodes"):  # what the job has now (a resume may have fewer GPUs), not then
+            flags.pop(machine, None)
         print(f"note: --resume: the run's flags come from {resumed!r}; flags given here override them.",
               file=sys.stderr)
         out = ["--config", yaml.safe_dump(flags, sort_keys=False), *out]

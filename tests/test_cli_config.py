@@ -207,7 +207,6 @@ EVAL_ERRORS = [
      "--metadata: expected a JSON/YAML mapping such as '{\"key\": \"value\"}', got 'notjson'"),
     (["--checkpoint_dir", "x", "--precision", "17"],
      "--precision: expected 32-true, bf16-true, 16-true, bf16-mixed or 16-mixed, got '17'"),
-    ([], "--checkpoint_dir is required"),
 ]
 
 
@@ -219,6 +218,16 @@ def test_flag_errors_are_one_line(fn, args, expected, capsys, monkeypatch):
         run_cli(fn, args=args)
     assert e.value.code == 2
     assert capsys.readouterr().err == f"error: {expected} (see --help)\n"
+
+
+def test_eval_without_a_checkpoint_or_an_adapter_is_one_line(capsys, monkeypatch):
+    """--checkpoint_dir is optional next to --adapter_path (the base its run recorded), required without it."""
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lm_eval_harness.main, args=[])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == ("error: --checkpoint_dir is required: pass a lit checkpoint directory (a merged "
+                                       "model, or the base model of an --adapter_path).\n")
 
 
 @pytest.mark.parametrize("text,expected", [
