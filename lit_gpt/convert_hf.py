@@ -871,13 +871,12 @@ def _carry_prompt_style(checkpoint_dir: Path, output_dir: Path) -> None:
     """A fine-tuned checkpoint's `prompt_style.yaml` (the format and system prompt it was trained with) goes along,
     so that converting the export back restores it, with a note: transformers never reads it, and its chat template
     (with its own default system prompt) is not what the model learnt."""
-    from lit_gpt.merge import PROMPT_STYLE_FILENAME, read_prompt_style_file
+    from lit_gpt.merge import PROMPT_STYLE_FILENAME, read_prompt_style_file, write_prompt_style_file
 
     spec = read_prompt_style_file(checkpoint_dir)
+    write_prompt_style_file(output_dir, spec)  # (None: an earlier export's goes)
     if spec is None:
-        (output_dir / PROMPT_STYLE_FILENAME).unlink(missing_ok=True)  # an earlier export's
         return
-    _copy(checkpoint_dir / PROMPT_STYLE_FILENAME, output_dir)
     system, name = spec.get("system_prompt"), spec["prompt_style"]
     if name == "chat_template" and not system:
         return  # the export's own chat template is the format

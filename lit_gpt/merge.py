@@ -108,11 +108,10 @@ def read_hparams(path: PathLike) -> dict:
 
 def read_finetuned(path: PathLike) -> FineTuned:
     """Open an adapter file, a full fine-tuning state dict or a training checkpoint (see the module docstring)."""
-    from lit_gpt.adapters.state import PEFT_CONFIG_FILENAME, PEFT_PREFIX, peft_adapter_given
+    from lit_gpt.adapters.state import check_not_peft
 
     path = Path(path)
-    if path.is_dir() and (path / PEFT_CONFIG_FILENAME).is_file():
-        raise peft_adapter_given(str(path), path)
+    check_not_peft(path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("lit_model*finetuned.pth"))
         hint = f"the run's final file is {str(path / found[0])!r}" if found else "pass a lit_model_*finetuned.pth"
@@ -139,8 +138,7 @@ def read_finetuned(path: PathLike) -> FineTuned:
                        "state_dict": obj["model"]}
             return FineTuned(path, "adapter", payload, hp)
         return FineTuned(path, "full", obj["model"], hp)
-    if obj and all(isinstance(k, str) and k.startswith(PEFT_PREFIX) for k in obj):  # PEFT's save_pretrained
-        raise peft_adapter_given(str(path), path.parent)
+    check_not_peft(path, obj)
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return FineTuned(path, "full", obj, hp)
     raise ValueError(
@@ -321,6 +319,16 @@ def read_prompt_style_file(checkpoint_dir: PathLike) -> Optional[dict]:
             f"{str(path)!r} must be a YAML mapping with a 'prompt_style' name (e.g. prompt_style: alpaca)."
         )
     return data
+
+
+def write_prompt_style_file(folder: PathLike, spec: Optional[dict]) -> None:
+    """Write `spec` (`{"prompt_style": ..., "system_prompt": ...}`) as `folder`'s `prompt_style.yaml`; with None,
+    remove one an earlier write left there (it would be taken for this model's)."""
+    path = Path(folder) / PROMPT_STYLE_FILENAME
+    if spec is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write_text(path, yaml.safe_dump({k: v for k, v in spec.items() if v is not None}, sort_keys=False))
 
 
 def _style_spec(recorded: Any) -> Optional[dict]:
@@ -518,11 +526,7 @@ def merge_checkpoint(
             used = f"no {PROMPT_STYLE_FILENAME}, so chat and generate will prompt it with {used}"
         log(f"warning: {unknown}: the merged checkpoint gets {used}; if that is not the format it was trained with, "
             f"write the right one into {str(out_dir / PROMPT_STYLE_FILENAME)!r} (e.g. prompt_style: alpaca).")
-    if style is not None:
-        style = {k: v for k, v in style.items() if v is not None}
-        atomic_write_text(out_dir / PROMPT_STYLE_FILENAME, yaml.safe_dump(style, sort_keys=False))
-    else:  # a previous merge's style would otherwise be taken for this model's
-        (out_dir / PROMPT_STYLE_FILENAME).unlink(missing_ok=True)
+    write_prompt_style_file(out_dir, style)
     info = {"source": str(finetuned.path.resolve()), "method": finetuned.method,
             "base_checkpoint_dir": str(checkpoint_dir.resolve()),
             "dtype": str(_float_dtype(model)).removeprefix("torch."), "probe_max_abs_diff": max_diff}
@@ -579,4 +583,5 @@ __all__ = [
     "read_hparams",
     "resolve_prompt_style",
     "trained_prompt_style",
+    "write_prompt_style_file",
 ]

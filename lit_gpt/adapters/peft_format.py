@@ -64,7 +64,6 @@ from lit_gpt.model import GPT
 from lit_gpt.utils import (
     WEIGHTS_FILENAME,
     atomic_paths,
-    atomic_write_text,
     check_checkpoint_dir,
     check_output_dir,
     load_file,
@@ -464,21 +463,16 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     from safetensors.torch import save_file
 
-    from lit_gpt.merge import PROMPT_STYLE_FILENAME, trained_prompt_style
+    from lit_gpt.merge import trained_prompt_style, write_prompt_style_file
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    # the format the run trained with (PEFT ignores the file; an import reads it back)
-    style, _ = trained_prompt_style(finetuned)
-    (output_dir / PROMPT_STYLE_FILENAME).unlink(missing_ok=True)  # an earlier export's, first
+    write_prompt_style_file(output_dir, None)  # an earlier export's, first
     # the config first: without it PEFT reads nothing, so an interrupted write never leaves a loadable mix
     with atomic_paths(output_dir / PEFT_CONFIG_FILENAME, output_dir / PEFT_WEIGHTS_FILENAME) as (cfg_tmp, st_tmp):
         cfg_tmp.write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(st_tmp), metadata={"format": "pt"})
-    if style is not None:
-        import yaml
-
-        atomic_write_text(output_dir / PROMPT_STYLE_FILENAME,
-                          yaml.safe_dump({k: v for k, v in style.items() if v is not None}, sort_keys=False))
+    # the format the run trained with (PEFT ignores the file; an import reads it back)
+    write_prompt_style_file(output_dir, trained_prompt_style(finetuned)[0])
     return output_dir
 
 

@@ -167,13 +167,11 @@ def _read(path_or_obj: Union[str, Path, dict]) -> tuple[dict, str]:
         obj, where = path_or_obj, "The adapter dict"
     else:
         where = str(path_or_obj)
-        path = Path(path_or_obj)
-        if path.is_dir() and (path / PEFT_CONFIG_FILENAME).is_file():
-            raise peft_adapter_given(where, path)
-        obj = load_adapter_file(path)
+        check_not_peft(path_or_obj)
+        obj = load_adapter_file(path_or_obj)
     if not isinstance(obj, dict) or "state_dict" not in obj or "adapter_config" not in obj:
-        if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith(PEFT_PREFIX) for k in obj):
-            raise peft_adapter_given(where, Path(where).parent)
+        if not isinstance(path_or_obj, dict):
+            check_not_peft(path_or_obj, obj)
         raise ValueError(
             f"{where} is not an adapter file written by save_adapters (it lacks 'adapter_config' or 'state_dict')."
         )
@@ -197,9 +195,19 @@ def _read(path_or_obj: Union[str, Path, dict]) -> tuple[dict, str]:
     return obj, where
 
 
+def check_not_peft(path: Union[str, Path], contents: Any = None) -> None:
+    """Refuse a PEFT adapter (its folder, or the tensors of its `adapter_model.safetensors` as `contents`) given
+    where a lit_gpt adapter file is expected (`load_adapters`, and `--adapter_path` of chat, eval and merge)."""
+    path = Path(path)
+    if contents is None and path.is_dir() and (path / PEFT_CONFIG_FILENAME).is_file():
+        raise peft_adapter_given(str(path), path)
+    if isinstance(contents, dict) and contents and all(isinstance(k, str) and k.startswith(PEFT_PREFIX)
+                                                       for k in contents):
+        raise peft_adapter_given(str(path), path.parent)
+
+
 def peft_adapter_given(where: str, folder: Path) -> ValueError:
-    """The error for a PEFT adapter (its folder, or its `adapter_model.safetensors`) given where a lit_gpt adapter
-    file is expected (`load_adapters`, and `--adapter_path` of chat, eval and merge)."""
+    """The error `check_not_peft` raises."""
     return ValueError(
         f"{where!r} is a Hugging Face PEFT adapter (what PEFT's save_pretrained writes), not a lit_gpt adapter file: "
         "load it with peft.PeftModel.from_pretrained on a transformers model, or convert it for a lit checkpoint "
