@@ -98,6 +98,35 @@ def write_on_rank_0(fabric, path: Path, write, last_good: Optional[Path] = None)
         raise SystemExit(1)
 
 
+def launch(fabric, grace: float = 30.0) -> None:
+    """`fabric.launch()`, with Lightning's watcher of the other processes patient with rank 0.
+
+    When a process it started dies, Lightning's watcher (polling every 5 s) SIGKILLs the others and rank 0 itself, as
+    one hung in a collective may never return. Rank 0 usually learns of the death first, in its next collective, and
+    ends with a `PeerLostError` naming the intact checkpoint, but when the watcher's poll comes first the run vanishes
+    with exit -9 and no word of the checkpoint. Here the watcher still kills the other processes at once, but gives
+    rank 0 `grace` seconds to say so and exit before it kills it too."""
+    try:
+        from lightning.fabric.strategies.launchers import subprocess_script
+        watcher = subprocess_script._ChildProcessObserver
+    except (ImportError, AttributeError):  # another Lightning: its own watcher, as it is
+        fabric.launch()
+        return
+
+    class PatientWatcher(watcher):
+        def _terminate_all(self) -> None:
+            for proc in self._child_processes:
+                proc.send_signal(self._termination_signal)
+            time.sleep(grace)  # a daemon thread: gone with rank 0 when it exits in time
+            os.kill(self._main_pid, self._termination_signal)
+
+    subprocess_script._ChildProcessObserver = PatientWatcher
+    try:
+        fabric.launch()
+    finally:
+        subprocess_script._ChildProcessObserver = watcher
+
+
 class PeerLostError(RuntimeError):
     """Another process of a multi-process run ended without a word (killed, out of memory) in the middle of a
     collective; the message names the intact checkpoint."""
@@ -1095,7 +1124,7 @@ def finetune(
     fabric = build_fabric(devices, num_nodes, precision, out_dir, train.activation_checkpointing,
                           purge_step=start_step + 1, adapter_config=adapter_config,
                           adapter_float32=adapter_float32)
-    fabric.launch()
+    launch(fabric)
     fabric.seed_everything(seed)
 
     # model: loaded on the CPU straight into the training dtype (memory-mapped, one copy), adapted, then sharded

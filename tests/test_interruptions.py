@@ -230,6 +230,39 @@ def test_a_rank_killed_outright_stops_the_other_in_one_line_naming_the_checkpoin
     assert named.is_file() and load_file(named, mmap=False)["model"]
 
 
+_WATCHED = """
+import subprocess, sys, time
+from lightning.fabric.strategies.launchers import subprocess_script
+from lit_gpt.training import launch
+subprocess_script._ChildProcessObserver.__init__.__defaults__ = (0.05,)  # Lightning polls every 5 s
+
+class Fabric:  # what fabric.launch() does for rank 0 of a two-device run, with a rank 1 that is killed at once
+    def launch(self):
+        killed = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+        self.other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        subprocess_script._launch_process_observer([killed, self.other])
+
+fabric = Fabric()
+launch(fabric, grace=float(sys.argv[1]))
+fabric.other.wait(timeout=20)
+print("other:", fabric.other.returncode, flush=True)
+time.sleep(float(sys.argv[2]))  # rank 0 learning of it in a collective, then exiting
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Lightning's watcher sends SIGTERM there")
+@pytest.mark.parametrize("grace, exits_after, code", [(30, 0.5, 0), (0.3, 60, -signal.SIGKILL)])
+def test_the_watcher_of_a_killed_rank_lets_rank_0_exit_on_its_own_then_kills_it(grace, exits_after, code):
+    """Lightning's watcher kills the other processes at once, and rank 0 only after `grace` seconds: time to name
+    the intact checkpoint (before, a watcher's poll right after the death ended rank 0 with -9 and no word)."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _WATCHED, str(grace), str(exits_after)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert f"other: {-signal.SIGKILL}" in proc.stdout  # the other processes: not kept waiting
+    assert time.monotonic() - started < 50
+
+
 def _parent_pid(proc_dir: Path) -> int:
     try:
         return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
