@@ -1,6 +1,5 @@
 """Chat with a lit checkpoint (merged, or base + adapter), streaming the answer as it is generated."""
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lit_gpt.cli import run_cli  # noqa: E402
+from lit_gpt.cli import run_cli, silence_stdout  # noqa: E402
 from lit_gpt.data.prompts import PromptStyle, PromptStyleName, prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
 from lit_gpt.merge import PRECISIONS, checkpoint_dir_for, load_finetuned, resolve_prompt_style  # noqa: E402
@@ -180,7 +179,7 @@ def main(
         print(file=sys.stderr)
         return
     except BrokenPipeError:  # `| head` closed stdout: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
         return
     if refused and not interactive:
         raise SystemExit(f"error: {refused} of the messages were refused (see above); their answers are empty lines.")

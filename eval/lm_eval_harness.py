@@ -161,9 +161,7 @@ def main(
                              fewshot_as_multiturn=fewshot_as_multiturn,
                              chat_template=model.chat_template(apply_chat_template),
                              random_seed=seed, numpy_seed=seed, torch_seed=seed)  # (seeded here, not by lm-eval)
-    print(make_table(results))
-    if results.get("groups"):
-        print(make_table(results, "groups"))
+    # saved before the tables are printed: an error there (or a closed stdout) does not lose the evaluation
     if save_filepath is not None:
         save_filepath.parent.mkdir(parents=True, exist_ok=True)
         samples = results.pop("samples", None) or {}
@@ -175,6 +173,9 @@ def main(
         print(f"Saved results to {save_filepath}", file=sys.stderr)
         if samples:
             results["samples"] = samples
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
     return results
 
 

@@ -85,6 +85,16 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
             raise
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT)
+    except BrokenPipeError:  # the script printed to a reader that had gone (`| head`): cut short, say so on stderr
+        silence_stdout()
+        print("error: stdout was closed before the script finished (a `| head`?); it stopped there.", file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, "SIGPIPE", 13))
+
+
+def silence_stdout() -> None:
+    """After a `BrokenPipeError` on stdout (`script | head` took what it wanted and left): send the rest of stdout to
+    /dev/null, so that Python's flush at exit does not print a second traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _whole_description(fn: Callable[..., Any]) -> None:

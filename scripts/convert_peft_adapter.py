@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.adapters import read_adapter_config  # noqa: E402
 from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapter  # noqa: E402
-from lit_gpt.cli import USAGE_ERROR_CODE, run_cli  # noqa: E402
+from lit_gpt.cli import USAGE_ERROR_CODE, run_cli, silence_stdout  # noqa: E402
 from lit_gpt.convert_hf import ConversionError  # noqa: E402
 from lit_gpt.data.prompts import PromptStyleName  # noqa: E402
 from lit_gpt.merge import checkpoint_dir_for  # noqa: E402
@@ -125,7 +125,10 @@ def main(args: Optional[list[str]] = None) -> Path:
     """Run the command named by the first argument (`export` or `import`) with the flags after it."""
     args = list(sys.argv[1:] if args is None else args)
     if args and args[0] in ("-h", "--help"):
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:  # `--help | head -1`: exits 0, as argparse's --help does
+            silence_stdout()
         raise SystemExit(0)
     if not args or args[0] not in COMMANDS:
         given = f"got {args[0]!r}" if args else "got nothing"

@@ -77,7 +77,8 @@ def main(
                 print(f"{c['hf_config']['org']}/{c['hf_config']['name']}")
             sys.stdout.flush()
         except BrokenPipeError:  # `| head` closed the pipe: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            from lit_gpt.cli import silence_stdout
+            silence_stdout()
         return
 
     check_repo_id(repo_id)

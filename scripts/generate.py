@@ -1,6 +1,5 @@
 """Generate text from a lit checkpoint, streaming the answer to stdout."""
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -119,7 +118,8 @@ def main(
             print(piece, end="", flush=True)
         print(flush=True)
     except BrokenPipeError:  # `| head` closed stdout: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        from lit_gpt.cli import silence_stdout
+        silence_stdout()
         return
     elapsed = time.perf_counter() - start
     print(

@@ -88,3 +88,24 @@ def test_finetune_help_shows_oft_eps_default_and_full_precision_choices():
     full = help_text("finetune/full.py")
     choices = full.rsplit("--precision PRECISION", 1)[1].split("(default:", 1)[0]
     assert "bf16-true" in choices and "16-true" not in choices.replace("bf16-true", "")
+
+
+def _closed_stdout(*command: str) -> subprocess.CompletedProcess:
+    """Runs `command` with stdout a pipe whose reader has already gone, as in `command | head -0`."""
+    proc = subprocess.Popen(list(command), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, proc.returncode, "", err)
+
+
+def test_help_and_output_to_a_closed_pipe_end_without_a_traceback():
+    """`--help | head -1` of the script with subcommands (its own usage text, not argparse's) exits 0 quietly; a
+    script whose output is cut short by a closed pipe says so in one line on stderr and exits as SIGPIPE would."""
+    r = _closed_stdout(sys.executable, "scripts/convert_peft_adapter.py", "--help")
+    assert (r.returncode, r.stderr) == (0, "")
+    program = ("import sys; sys.path.insert(0, '.'); from lit_gpt.cli import run_cli\n"
+               "def lines(n: int = 100000):\n    'Print n lines.'\n    for i in range(n): print(i)\n"
+               "run_cli(lines, args=[])")
+    r = _closed_stdout(sys.executable, "-c", program)
+    assert r.returncode == 141 and r.stderr == ("error: stdout was closed before the script finished (a `| head`?); "
+                                                "it stopped there.\n"), r.stderr
