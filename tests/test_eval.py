@@ -571,3 +571,19 @@ def test_a_choice_that_merges_into_its_context_is_refused_even_beside_other_choi
                                          r"'is'\) has a continuation that encodes to no tokens of its own.*"
                                          "target_delimiter"):
         lm._loglikelihood_tokens(requests)
+
+
+def test_results_are_saved_before_the_tables_are_printed(tiny_ckpt, tmp_path, monkeypatch):
+    """An evaluation can take hours: its tables printed to a reader gone (`| head`), or an error of lm-eval's table
+    printer, must not lose the results JSON (the tables used to be printed first)."""
+    import lm_eval.utils
+
+    def closed_stdout(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(lm_eval.utils, "make_table", closed_stdout)
+    out = tmp_path / "eval.json"
+    with pytest.raises(BrokenPipeError):
+        _harness().main(checkpoint_dir=tiny_ckpt, include_path=TASKS_DIR, eval_tasks="lit_mc", precision="32-true",
+                        device="cpu", bootstrap_iters=0, limit=2, save_filepath=out)
+    assert "lit_mc" in json.loads(out.read_text())["results"]
