@@ -124,6 +124,21 @@ def test_ether_export_as_hra_with_the_same_logits(bases, tmp_path):
     assert torch.equal(u.ne(0).nonzero()[:, 1], torch.arange(48) // 12)
 
 
+@pytest.mark.parametrize("method, dropouts, note", [
+    ("ether", dict(dropout=0.1, block_dropout=0.2), "trained with dropout=0.1 on the layer input (--ether_dropout) "
+     "and block dropout=0.2 (--block_dropout), which PEFT's HRA has no setting for: the export computes the same, "
+     "but training it further in PEFT runs without them."),
+    ("oft", dict(dropout=0.1, block_dropout=0.2), "trained with dropout=0.1 on the layer input (--ether_dropout), "
+     "which PEFT's OFT has no setting for"),
+    ("oft", dict(block_dropout=0.2), None),  # PEFT's module_dropout
+])
+def test_export_notes_the_dropout_peft_has_no_setting_for(method, dropouts, note, bases, tmp_path, capsys):
+    cfg, _, _ = export_and_compare(bases, "llama", tmp_path, method=method, nb=4, targets=["query"], **dropouts)
+    err = capsys.readouterr().err
+    assert (note in err) if note else "note:" not in err, err
+    assert cfg.get("module_dropout", 0.2) == 0.2
+
+
 def test_hra_with_apply_gs_computes_the_same(bases, tmp_path):
     """Gram-Schmidt leaves the disjoint (orthogonal) vectors as they are: PEFT's apply_GS=True computes the same."""
     _, _, out = export_and_compare(bases, "llama", tmp_path, method="ether", nb=8, targets=["query", "value"])

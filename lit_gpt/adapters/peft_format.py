@@ -461,6 +461,7 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
         peft_config, tensors = _oft_export(model, modules, repr(where), dtype)
     else:
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
+    _note_dropped_dropout(finetuned.payload["adapter_config"], method, where)
     from safetensors.torch import save_file
 
     from lit_gpt.merge import trained_prompt_style, write_prompt_style_file
@@ -474,6 +475,20 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     # the format the run trained with (PEFT ignores the file; an import reads it back)
     write_prompt_style_file(output_dir, trained_prompt_style(finetuned)[0])
     return output_dir
+
+
+def _note_dropped_dropout(adapter_config: dict, method: str, where: str) -> None:
+    """A note for the training-time dropouts PEFT's OFT or HRA has no setting for (LoRA's dropout is `lora_dropout`,
+    OFT's block dropout `module_dropout`): the export computes the same, but training it on in PEFT drops them."""
+    dropped = []
+    if method != "lora" and adapter_config.get("dropout"):
+        dropped.append(f"dropout={adapter_config['dropout']:g} on the layer input (--ether_dropout)")
+    if method == "ether" and adapter_config.get("block_dropout"):
+        dropped.append(f"block dropout={adapter_config['block_dropout']:g} (--block_dropout)")
+    if dropped:
+        print(f"note: {where!r} trained with {' and '.join(dropped)}, which PEFT's {PEFT_TYPE_OF[method]} has no "
+              "setting for: the export computes the same, but training it further in PEFT runs without "
+              f"{'it' if len(dropped) == 1 else 'them'}.", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- import
