@@ -323,10 +323,18 @@ def _byte_level_pre_tokenizer(pre: str, path: Path):
     )
 
 
-def _unique_vocab(tokens: list[str]) -> dict[str, int]:
+def _unique_vocab(tokens: list[str], path: Path) -> dict[str, int]:
+    # llama.cpp (llama_vocab's load in llama-vocab.cpp) refuses a vocabulary that has a string at two ids ("duplicate
+    # token in vocabulary"; older versions abort on an assertion): text could map to either. Empty strings are not
+    # compared: llama.cpp renames each to "[EMPTY_<id>]", and no text encodes to one.
     vocab: dict[str, int] = {}
     for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)  # a duplicated string keeps its first id, as llama.cpp's lookup does
+        if token and token in vocab:
+            raise GGUFImportError(
+                f"{str(path)!r}: its vocabulary (tokenizer.ggml.tokens) has {token!r} at ids {vocab[token]} and {i}, "
+                "which llama.cpp refuses too: convert the model to GGUF again or download another copy."
+            )
+        vocab.setdefault(token, i)
     return vocab
 
 
@@ -365,7 +373,7 @@ def tokenizer_from_gguf(metadata: dict, path: Path | str):
                 raise GGUFImportError(f"{str(path)!r}: merge {merge!r} is not two tokens separated by a space.")
             merges.append((left, right))
         pre = metadata.get("tokenizer.ggml.pre", "default")
-        tokenizer = Tokenizer(models.BPE(vocab=_unique_vocab(tokens), merges=merges, fuse_unk=False,
+        tokenizer = Tokenizer(models.BPE(vocab=_unique_vocab(tokens, path), merges=merges, fuse_unk=False,
                                          byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES))
         tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre, path)
         tokenizer.decoder = decoders.ByteLevel()
@@ -374,7 +382,7 @@ def tokenizer_from_gguf(metadata: dict, path: Path | str):
         scores = list(metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
         unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
         unk = tokens[unk_id] if unk_id is not None else None
-        tokenizer = Tokenizer(models.BPE(vocab=_unique_vocab(tokens), merges=_spm_merges(tokens, scores, types),
+        tokenizer = Tokenizer(models.BPE(vocab=_unique_vocab(tokens, path), merges=_spm_merges(tokens, scores, types),
                                          unk_token=unk, fuse_unk=True, byte_fallback=True))
         steps = [normalizers.Replace(" ", "\u2581")]
         if metadata.get("tokenizer.ggml.add_space_prefix", True):

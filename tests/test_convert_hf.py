@@ -276,6 +276,31 @@ def test_dtype_and_sharded_export(tmp_path):
     assert {v.dtype for v in load_safetensors(kept / "model.safetensors").values()} == {torch.bfloat16}
 
 
+def test_sharded_export_fills_each_shard_as_huggingface_hub_does(tmp_path):
+    """Each weight file is filled up to the shard limit before the next one starts, as transformers' save_pretrained
+    (huggingface_hub's split_torch_state_dict_into_shards) fills them; a count that never restarted would write a 7B
+    export with 5 GB shards as one full file and then one file per tensor. The limit is above the largest tensor, where the Hub's split is a plain
+    greedy fill of the tensors in the order they are written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_dir = tmp_path / "hf"
+    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
+    convert_hf_checkpoint(hf_dir)
+    limit = 50_000
+    out = convert_lit_checkpoint(hf_dir, tmp_path / "out", max_shard_bytes=limit)
+    # the export's tensors in the order it converts (and writes) them
+    written = lit_to_hf_state_dict(load_file(hf_dir / "lit_model.pth"), Config.from_checkpoint(hf_dir))
+    assert max(t.numel() * t.element_size() for t in written.values()) < limit
+    ref = split_torch_state_dict_into_shards(written, max_shard_size=limit)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(ref.filename_to_tensors) > 2
+    assert index["weight_map"] == ref.tensor_to_filename
+    assert index["metadata"]["total_size"] == ref.metadata["total_size"]
+    for name, tensors in ref.filename_to_tensors.items():
+        assert sorted(load_safetensors(out / name)) == sorted(tensors)
+
+
 @pytest.mark.parametrize("first_shard_bytes, second_shard_bytes", [(None, 20_000), (20_000, None)],
                          ids=["single_then_sharded", "sharded_then_single"])
 def test_export_into_an_earlier_export_loads_the_new_model(first_shard_bytes, second_shard_bytes, tmp_path,

@@ -561,6 +561,28 @@ def test_generation_settings_the_backend_does_not_apply_are_refused_before_the_m
         harness.main(checkpoint_dir=never, include_path=TASKS_DIR, eval_tasks="lit_gen", gen_kwargs="num_beams=4")
 
 
+def test_a_greedy_task_ignores_its_sampling_settings_as_the_hf_backend_does(tiny_ckpt, tmp_path):
+    """A greedy task (do_sample: false) may still carry sampling settings, such as vLLM's `top_k: -1` for "off":
+    lm-eval's hf backend hands them to transformers, which ignores them when not sampling, so ours must give the same
+    greedy text; passing them on to the sampler would stop the run with "top_k must be a positive integer", after the
+    other tasks had run."""
+    from lm_eval.api.instance import Instance
+
+    from lit_gpt.convert_hf import convert_lit_checkpoint
+
+    hf_dir = convert_lit_checkpoint(tiny_ckpt, tmp_path / "hf", dtype="float32")
+    gen = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False, "temperature": 1.0, "top_k": -1}
+
+    def requests():
+        context = "Question: what is 2 + 2?\nAnswer:"
+        return [Instance(request_type="generate_until", doc={}, arguments=(context, dict(gen)), idx=0)]
+
+    ref = _hf_lm(hf_dir).generate_until(requests())
+    torch.manual_seed(1)  # (greedy: any seed gives the same text)
+    ours = _our_lm(tiny_ckpt).generate_until(requests())
+    assert ours == ref and ref[0].strip()
+
+
 def test_a_choice_that_merges_into_its_context_is_refused_even_beside_other_choices(tiny_ckpt):
     """With `target_delimiter: ""` an answer can merge into the context's last token: its continuation is empty and
     was scored as certain (log p = 0) whenever another choice shared the context; only a lone one was refused."""

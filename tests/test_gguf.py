@@ -4,6 +4,7 @@ own GGUF loader with its own dequantization and un-permutation), SentencePiece, 
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -330,15 +331,14 @@ def test_end_of_turn_token_stops_generation_and_llama3_vocabularies_add_bos_by_d
     assert tok.use_bos and tok.encode("the fox").tolist()[0] == 1
 
 
-def test_sentencepiece_style_vocabulary_matches_sentencepiece():
-    """A `tokenizer.ggml.model = llama` vocabulary (pieces + scores, as llama.cpp's converter stores a SentencePiece
-    model) tokenizes like SentencePiece itself."""
+def sentencepiece_gguf(lines: list[str], vocab_size: int):
+    """A SentencePiece BPE model trained on `lines` (byte fallback, as Llama's tokenizer.model) and the
+    `tokenizer.ggml.model = llama` metadata llama.cpp's converter stores for it (pieces + scores + types)."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
-    lines = ["the quick brown fox jumps over the lazy dog", "hello world, hello tokenizer", "numbers 123 and 4567"] * 4
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=330, model_type="bpe",
-                                   byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                                    character_coverage=1.0, minloglevel=2, normalization_rule_name="identity",
                                    # as in Llama's tokenizer.model: llama.cpp has no normalizer
                                    remove_extra_whitespaces=False)
@@ -361,6 +361,14 @@ def test_sentencepiece_style_vocabulary_matches_sentencepiece():
         "tokenizer.ggml.token_type": [piece_type(i) for i in range(n)],
         "tokenizer.ggml.unknown_token_id": 0,
     }
+    return sp, metadata
+
+
+def test_sentencepiece_style_vocabulary_matches_sentencepiece():
+    """A `tokenizer.ggml.model = llama` vocabulary (pieces + scores, as llama.cpp's converter stores a SentencePiece
+    model) tokenizes like SentencePiece itself."""
+    lines = ["the quick brown fox jumps over the lazy dog", "hello world, hello tokenizer", "numbers 123 and 4567"] * 4
+    sp, metadata = sentencepiece_gguf(lines, vocab_size=330)
     tok = tokenizer_from_gguf(metadata, "spm.gguf")
     for text in ["hello the fox", "the lazy dog jumps", "numbers 1234 héllo 日本", "  two  spaces", "brownfox"]:
         assert tok.encode(text).ids == sp.encode(text), text
@@ -372,9 +380,45 @@ def test_sentencepiece_style_vocabulary_matches_sentencepiece():
     assert tok.encode("hello the fox", add_special_tokens=False).ids == sp.encode("hello the fox")
 
 
+def test_sentencepiece_merges_are_ranked_by_score_as_sentencepiece_ranks_them():
+    """Words that share pieces ('the', 'her', 'er' in brother, weather, whether, together) can be joined in several
+    orders: SentencePiece and llama.cpp join first the pair whose piece scores highest. Joined the other way round,
+    'hello' came out as '▁', 'h', 'el', 'lo' (the test above's vocabulary is too small to show it)."""
+    lines = ["the quick brown fox jumps over the lazy dog", "hello world, hello tokenizer", "numbers 123 and 4567",
+             "there then these those other brother together weather whether", "another theory in the theatre"] * 4
+    sp, metadata = sentencepiece_gguf(lines, vocab_size=400)
+    tok = tokenizer_from_gguf(metadata, "spm.gguf")
+    for text in ["hello", "hello the fox", "brotherhood of weather", "the other theatre", "whethertogether",
+                 "thereby another theory"]:
+        assert tok.encode(text).ids == sp.encode(text), text
+
+
+def test_user_defined_tokens_are_matched_whole_and_kept_when_special_tokens_are_skipped(tmp_path, byte_level_vocab):
+    """A USER_DEFINED vocabulary entry (token type 4: Qwen's <think>, tool-call tags) is matched whole, as llama.cpp
+    matches it, but it is text, not a control token: decoding with skip_special_tokens (lm-eval's generate_until
+    answers) keeps it, as transformers' GGUF tokenizer does on the same file; an answer's <think> vanished."""
+    transformers = pytest.importorskip("transformers")
+    tokens, merges = byte_level_vocab
+    tokens = tokens + ["<think>"]
+    types = [3 if t in SPECIALS else 1 for t in tokens[:-1]] + [4]
+    path = tiny_llama_gguf(tmp_path, (tokens, merges), metadata={"tokenizer.ggml.token_type": types})
+    convert_gguf(path, tmp_path / "ckpt")
+    ours = Tokenizer(tmp_path / "ckpt")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    text = "<think>hello world<|im_end|>"
+    ids = ours.encode(text, bos=False).tolist()
+    assert ids == ref.encode(text, add_special_tokens=False)
+    assert ids[0] == len(tokens) - 1 and ids[-1] == 2
+    kept = ours.decode(ids, skip_special_tokens=True)
+    assert kept == ref.decode(ids, skip_special_tokens=True) == "<think>hello world"
+    assert ours.decode(ids) == text
+
+
 # ------------------------------------------------------------------------------------------------ clear errors
-def tiny_llama_gguf(tmp_path, byte_level_vocab, arch="llama", replace=None, name="m.gguf", drop=()):
-    """A random one-layer llama GGUF (width 64, 4 heads, 2 KV heads, MLP 96) with `replace`d tensors."""
+def tiny_llama_gguf(tmp_path, byte_level_vocab, arch="llama", replace=None, name="m.gguf", drop=(),
+                    metadata=None):
+    """A random one-layer llama GGUF (width 64, 4 heads, 2 KV heads, MLP 96) with `replace`d tensors and `metadata`
+    over the tokenizer's."""
     tokens, merges = byte_level_vocab
     rng = np.random.default_rng(0)
     shapes = {"token_embd.weight": (len(tokens), 64), "output_norm.weight": (64,), "output.weight": (len(tokens), 64),
@@ -388,7 +432,8 @@ def tiny_llama_gguf(tmp_path, byte_level_vocab, arch="llama", replace=None, name
     meta = {"block_count": 1, "context_length": 128, "embedding_length": 64, "feed_forward_length": 96,
             "attention.head_count": 4, "attention.head_count_kv": 2, "attention.layer_norm_rms_epsilon": 1e-5}
     meta = {f"{arch}.{k}": v for k, v in meta.items()}
-    return write_gguf(tmp_path / name, arch, {**meta, **tokenizer_metadata(tokens, merges)}, tensors)
+    return write_gguf(tmp_path / name, arch, {**meta, **tokenizer_metadata(tokens, merges), **(metadata or {})},
+                      tensors)
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path, byte_level_vocab):
@@ -425,26 +470,59 @@ def test_unknown_tensor_and_pre_tokenizer_and_bad_file_are_clear_errors(tmp_path
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
 
 
+def test_a_vocabulary_string_at_two_ids_is_refused_as_llama_cpp_refuses_it(tmp_path, byte_level_vocab):
+    """llama.cpp's vocabulary loader (llama_vocab's load, llama-vocab.cpp) stops at a string that has two ids
+    ("duplicate token in vocabulary"): text could be encoded to either, so the import would pick one that no
+    reference agrees on (transformers' GGUF tokenizer keeps the last). It stops before the weights are read, in one
+    sentence naming the file, the string and both ids. Empty strings, which llama.cpp renames and no text encodes
+    to, are not compared."""
+    tokens, merges = byte_level_vocab
+    n = len(tokens)
+    path = tiny_llama_gguf(tmp_path, (tokens + [tokens[300]], merges))
+    with pytest.raises(GGUFImportError, match=rf"^'.*m\.gguf': its vocabulary \(tokenizer\.ggml\.tokens\) has "
+                                              rf"{re.escape(repr(tokens[300]))} at ids 300 and {n}, which llama\.cpp "
+                                              r"refuses too: convert the model to GGUF again or download another "
+                                              r"copy\.$"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # a SentencePiece-style vocabulary likewise
+    spm = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a", "b", "ab", "ab"],
+           "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0],
+           "tokenizer.ggml.token_type": [2, 3, 3, 1, 1, 1, 1], "tokenizer.ggml.unknown_token_id": 0}
+    with pytest.raises(GGUFImportError, match="has 'ab' at ids 5 and 6"):
+        tokenizer_from_gguf(spm, "spm.gguf")
+    # empty strings (llama.cpp: "[EMPTY_<id>]") are not duplicates
+    tok = tokenizer_from_gguf(tokenizer_metadata(tokens + ["", ""], merges), "empty.gguf")
+    assert tok.decode(tok.encode("the quick fox").ids) == "the quick fox"
+
+
+def write_split_gguf(whole: Path, folder: Path, parts: list[slice]) -> Path:
+    """`whole` split as llama-gguf-split writes it, into `folder`/m-0000i-of-0000N.gguf: part i holds the tensors
+    `parts[i]` picks (by position), part 1 the metadata too; every part has its `split.no` (counted from 0),
+    `split.count` and `split.tensors.count` (the tensors of all parts together). Returns part 1."""
+    reader = gguf.GGUFReader(whole)
+    metadata = {k: f.contents() for k, f in reader.fields.items()
+                if not k.startswith("GGUF.") and k != "general.architecture"}
+    tensors = {t.name: (np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))), Q.F32) for t in reader.tensors}
+    names, n = list(tensors), len(parts)
+    folder.mkdir()
+    for i, part in enumerate(parts):
+        meta = {**(metadata if i == 0 else {}), "split.no": i, "split.count": n, "split.tensors.count": len(names)}
+        write_gguf(folder / f"m-{i + 1:05d}-of-{n:05d}.gguf", "llama", meta, {k: tensors[k] for k in names[part]})
+    return folder / f"m-00001-of-{n:05d}.gguf"
+
+
 def test_split_gguf_is_imported_from_its_first_part(tmp_path, byte_level_vocab):
     """Models over the Hub's file size limit come split by llama-gguf-split: `-00001-of-0000N.gguf` holds the
     metadata and some tensors, the others just tensors and their `split.no` (counted from 0)."""
     from lit_gpt.utils import load_file
 
     whole = tiny_llama_gguf(tmp_path, byte_level_vocab)
-    reader = gguf.GGUFReader(whole)
-    metadata = {k: f.contents() for k, f in reader.fields.items()
-                if not k.startswith("GGUF.") and k != "general.architecture"}
-    tensors = {t.name: (np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))), Q.F32) for t in reader.tensors}
-    names = list(tensors)
-    parts = [names[:5], names[5:9], names[9:]]
-    split = tmp_path / "split"
-    split.mkdir()
-    for i, part in enumerate(parts):
-        meta = {**(metadata if i == 0 else {}), "split.no": i, "split.count": 3, "split.tensors.count": len(names)}
-        write_gguf(split / f"m-{i + 1:05d}-of-00003.gguf", "llama", meta, {k: tensors[k] for k in part})
+    split = write_split_gguf(whole, tmp_path / "split", [slice(0, 5), slice(5, 9), slice(9, None)]).parent
     convert_gguf(whole, tmp_path / "whole")
     convert_gguf(split / "m-00001-of-00003.gguf", tmp_path / "from_split")
-    expected, got = load_file(tmp_path / "whole" / "lit_model.pth"), load_file(tmp_path / "from_split" / "lit_model.pth")
+    expected = load_file(tmp_path / "whole" / "lit_model.pth")
+    got = load_file(tmp_path / "from_split" / "lit_model.pth")
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
@@ -458,6 +536,22 @@ def test_split_gguf_is_imported_from_its_first_part(tmp_path, byte_level_vocab):
     (split / "m-00001-of-00003.gguf").rename(split / "renamed.gguf")
     with pytest.raises(GGUFImportError, match="is part 1 of 3 .* its name does not end in -00001-of-00003.gguf"):
         convert_gguf(split / "renamed.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("last_part, held", [(slice(8, None), 13), (slice(9, -1), 11)],
+                         ids=["repeats_a_tensor", "lacks_a_tensor"])
+def test_split_gguf_whose_parts_come_from_different_splits_is_refused(tmp_path, byte_level_vocab, last_part, held):
+    """A part downloaded again from another split of the model (the same file names, other split points) repeats a
+    tensor or lacks one: the parts then disagree with split.tensors.count, and the import stops in one sentence that
+    names the files and the fix. Without that check a repeated tensor went through without a word, and a lost one
+    was named without the parts as its cause."""
+    whole = tiny_llama_gguf(tmp_path, byte_level_vocab)
+    first = write_split_gguf(whole, tmp_path / "split", [slice(0, 5), slice(5, 9), last_part])
+    with pytest.raises(GGUFImportError, match=rf"^the parts of the split GGUF model '.*m-00001-of-00003\.gguf' hold "
+                                              rf"{held} tensors, but its split\.tensors\.count says 12: download the "
+                                              r"parts again\.$"):
+        convert_gguf(first, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
