@@ -906,6 +906,39 @@ def check_data_order(loader, state: dict, ckpt: Path) -> None:
     loader.load_state_dict(state)
 
 
+# what a resume reports of a training set prepared again: the prepare_config.yaml settings that change its examples
+PREPARE_SETTINGS = ("prompt_style", "system_prompt", "seed", "test_split_fraction", "max_seq_length", "mask_inputs")
+
+
+def data_fingerprint(data, prepared: Optional[dict]) -> dict:
+    """What identifies the examples a run trains on, kept in its checkpoints: a hash of every example's tokens and
+    labels in their order, and the `prepare_config.yaml` settings that made them (to say what changed)."""
+    import hashlib
+
+    samples = data.samples
+    digest = hashlib.sha256(torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.int64).numpy())
+    for key in ("input_ids", "labels"):
+        digest.update(torch.cat([s[key].to(torch.int64) for s in samples]).numpy())
+    settings = {k: prepared[k] for k in PREPARE_SETTINGS if prepared is not None and k in prepared}
+    return {"sha256": digest.hexdigest(), "prepared": settings}
+
+
+def check_same_training_data(saved: dict, now: dict, data_dir: Path, ckpt: Path) -> None:
+    """A resume trains on the examples its run started with: data prepared again in the same folder (another prompt
+    style, system prompt or split) is refused in one sentence, instead of a run that learns two formats."""
+    was = saved.get("data_fingerprint")
+    if not isinstance(was, dict) or was.get("sha256") in (None, now["sha256"]):
+        return  # the same examples (or a checkpoint from before fingerprints were kept)
+    old, new = was.get("prepared") or {}, now["prepared"]
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in PREPARE_SETTINGS if old.get(k) != new.get(k)]
+    detail = f" ({', '.join(changed)})" if changed else ""
+    raise ValueError(
+        f"--resume {str(ckpt)!r} trained on other examples than --io.train_data_dir {str(data_dir)!r} holds now: it "
+        f"was prepared again since{detail}; resume with the data the run started with (prepare it again as it was), "
+        "or start a new run without --resume."
+    )
+
+
 def changed_training_flags(saved: dict, train: TrainArgs, steps: int, n_samples: int, precision: str,
                            adapter_float32: bool = False) -> list[str]:
     """`--train.X old -> new` for each training setting of this run that differs from the checkpoint's (none for
@@ -1098,9 +1131,11 @@ def finetune(
     # --resume: the checkpoint must be this run's (method, adapter, data order) before anything is written
     ckpt = resolve_resume(resume, out_dir, others=None if given_out else other_runs(out_dir))
     saved, changed = None, []
+    fingerprint = data_fingerprint(train_data, prepared)
     if ckpt is not None:
         saved = load_file(ckpt, mmap=False)
         check_resume_matches(saved, ckpt, method, adapter_config)
+        check_same_training_data(saved, fingerprint, io.train_data_dir, ckpt)
         if saved.get("data") is not None:
             check_data_order(make_loader(train_data, train, seed, 0, world_size, 0, None), saved["data"], ckpt)
         final = out_dir / final_filename(method)
@@ -1225,6 +1260,7 @@ def finetune(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng_state(), "method": method,
              "train": asdict(train), "precision": precision, "adapter_float32": adapter_float32,
              "validated": validated,  # whether a validation ran at this step before it was written
+             "data_fingerprint": fingerprint,
              "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),
             state["last_good"])
         state["last_good"] = path

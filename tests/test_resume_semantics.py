@@ -260,3 +260,33 @@ def test_dry_run_with_num_nodes_still_plans(no_cluster, tiny_ckpt, capsys):
     setup_ether(tiny_ckpt / "data", None, dry_run=True, num_nodes=2, train=dict(global_batch_size=2))
     out = capsys.readouterr().out
     assert "model: tiny-llama" in out and "per device, sharded over 2:" in out
+
+
+# ---------------------------------------------------------------------------------------------- the data
+def test_resume_refuses_training_data_prepared_again_and_names_what_changed(first_run, tiny_ckpt, tmp_path):
+    """The same folder prepared again (another prompt style, system prompt or split seed) with as many rows went on
+    silently: half the run learnt Alpaca prompts, the rest ChatML, and merge, chat and eval then prompted in the
+    second. A copy of the same examples elsewhere resumes."""
+    import yaml
+
+    run = copy_of(first_run, tmp_path / "run")
+    step2 = str(run / "checkpoints" / "step-000002.pth")
+    assert load_file(step2, mmap=False)["data_fingerprint"]["prepared"]["prompt_style"] == "alpaca"
+    data = tmp_path / "data"
+    shutil.copytree(tiny_ckpt / "data", data)
+    # what a prepare of the same rows with --prompt_style chatml --seed 7 changes: the examples, and the record
+    samples = torch.load(data / "train.pt", weights_only=True)
+    torch.save(samples[1:] + samples[:1], data / "train.pt")
+    prepared = yaml.safe_load((data / "prepare_config.yaml").read_text())
+    (data / "prepare_config.yaml").write_text(yaml.safe_dump(dict(prepared, prompt_style="chatml", seed=7)))
+    with pytest.raises(ValueError) as e:
+        setup_ether(data, run, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=6), resume=step2)
+    assert str(e.value) == (
+        f"--resume {step2!r} trained on other examples than --io.train_data_dir {str(data)!r} holds now: it was "
+        "prepared again since (prompt_style 'alpaca' -> 'chatml', seed 42 -> 7); resume with the data the run started "
+        "with (prepare it again as it was), or start a new run without --resume.")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002.pth", "step-000004.pth"]
+    shutil.rmtree(data)
+    shutil.copytree(tiny_ckpt / "data", data)  # the run's examples in another folder
+    setup_ether(data, run, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=6), resume=step2)
+    assert (run / "checkpoints" / "step-000006.pth").is_file()
