@@ -113,6 +113,11 @@ def _one_line_parser(fn: Callable[..., Any], args: list[str]) -> type:
     from jsonargparse import ArgumentParser
 
     class OneLineErrorParser(ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # no abbreviated flags: argparse took `--train.lr 3` as --train.lr_warmup_steps 3 without a word
+            kwargs["allow_abbrev"] = False
+            super().__init__(*args, **kwargs)
+
         def error(self, message: str, ex: Optional[Exception] = None) -> typing.NoReturn:
             # nested parsers (exit_on_error=False) raise for their parent to report; debug shows everything
             if (not self.exit_on_error or os.environ.get("LIT_GPT_DEBUG") == "1"
@@ -189,13 +194,26 @@ def _script_of_flag(flag: str, known: Sequence[str]) -> Optional[str]:
     return None
 
 
+# what other tools (HF Trainer, litgpt, PEFT's examples) call some of the training flags: the last part of the name
+FLAG_SYNONYMS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps", "num_train_epochs": "epochs",
+                 "max_grad_norm": "max_norm", "gradient_clip_val": "max_norm", "batch_size": "global_batch_size",
+                 "per_device_train_batch_size": "micro_batch_size", "eval_steps": "interval",
+                 "save_steps": "save_interval", "logging_steps": "log_interval", "gradient_checkpointing":
+                 "activation_checkpointing", "max_length": "max_seq_length", "seq_len": "max_seq_length"}
+
+
 def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
-    """What an unknown `flag` was likely meant as: a known flag spelt with `-` for `_` or close to it, or the
-    finetune script whose option it is."""
+    """What an unknown `flag` was likely meant as: a known flag spelt with `-` for `_`, the name another tool gives
+    it, the one flag it abbreviates, or one close to it; or the finetune script whose option it is."""
     if not known:
         return None
     underscored = "--" + flag[2:].replace("-", "_")
-    close = [underscored] if underscored in known else difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+    group, _, name = underscored[2:].rpartition(".")
+    synonyms = [f"--{g}{FLAG_SYNONYMS[name]}" for g in (f"{group}." if group else "", "train.", "eval.")
+                if name in FLAG_SYNONYMS and f"--{g}{FLAG_SYNONYMS[name]}" in known]
+    prefixed = [k for k in known if k.startswith(underscored)]  # an abbreviation (argparse's are turned off)
+    close = ([underscored] if underscored in known else synonyms[:1] if synonyms
+             else prefixed if len(prefixed) == 1 else difflib.get_close_matches(flag, known, n=1, cutoff=0.8))
     if close:
         return f"did you mean {close[0]}?"
     script = _script_of_flag(flag, known)

@@ -201,6 +201,12 @@ ETHER_ERRORS = [
                                         "--train.learning_rate?"),
     (["--ether_bn=4"], "unrecognized arguments: --ether_bn=4; did you mean --ether_nb?"),
     (["--lora_r", "8"], "unrecognized arguments: --lora_r 8; --lora_r is an option of finetune/lora.py"),
+    # no abbreviations: argparse took `--train.lr 3` as --train.lr_warmup_steps 3 without a word
+    (["--train.lr", "3"], "unrecognized arguments: --train.lr 3; did you mean --train.learning_rate?"),
+    (["--train.lr_warm", "3"], "unrecognized arguments: --train.lr_warm 3; did you mean --train.lr_warmup_steps?"),
+    # the names HF Trainer and litgpt give some of the flags
+    (["--warmup-steps", "3"], "unrecognized arguments: --warmup-steps 3; did you mean --train.lr_warmup_steps?"),
+    (["--eval_steps=5"], "unrecognized arguments: --eval_steps=5; did you mean --eval.interval?"),
 ]
 EVAL_ERRORS = [
     (["--checkpoint_dir", "x", "--metadata", "notjson"],
