@@ -623,6 +623,24 @@ def check_base_checkpoint(io: IOArgs, inferred: bool) -> None:
         ) from None
 
 
+# the prepare settings that make validation examples look like the training ones (or not)
+FORMAT_SETTINGS = ("prompt_style", "system_prompt", "mask_inputs")
+
+
+def warn_other_val_format(train_dir: Path, prepared: Optional[dict], val_dir: Path, val_prepared: Optional[dict]):
+    """A warning when --io.val_data_dir was prepared in another format than the training data: its val loss (and
+    the sample generated from its prompts) would measure a format the model is not trained on."""
+    if prepared is None or val_prepared is None:
+        return
+    differ = [f"{k} {val_prepared.get(k)!r}, not {prepared.get(k)!r}" for k in FORMAT_SETTINGS
+              if val_prepared.get(k) != prepared.get(k)]
+    if differ:
+        print_once(f"warning: --io.val_data_dir {str(val_dir)!r} was prepared in another format than "
+                   f"--io.train_data_dir {str(train_dir)!r} ({'; '.join(differ)}): its val loss measures a format the "
+                   "model is not trained on; prepare the validation rows with the training data's settings.",
+                   file=sys.stderr)
+
+
 def check_data_matches_model(data_dir: Path, data, prepared: Optional[dict], tokenizer: Any, config: Config,
                              checkpoint_dir: Path) -> None:
     """Refuse data tokenized for another model: its recorded tokenizer fingerprint (or vocab size, BOS, EOS) must be
@@ -1115,6 +1133,7 @@ def finetune(
     val_prepared = prepared if io.val_data_dir == io.train_data_dir else prepared_config(io.val_data_dir)
     if io.val_data_dir != io.train_data_dir:
         check_data_matches_model(io.val_data_dir, val_data, val_prepared, tokenizer, config, io.checkpoint_dir)
+        warn_other_val_format(io.train_data_dir, prepared, io.val_data_dir, val_prepared)
     use_loss_ignore_index(val_data, val_prepared)
     check_answers_fit(train_data, min(train.max_seq_length or config.block_size, config.block_size), io.train_data_dir,
                       train.max_seq_length is not None)

@@ -622,3 +622,29 @@ def test_a_launcher_that_started_another_number_of_processes_is_refused(monkeypa
         check_launched_processes(1, 2)
     monkeypatch.delenv("WORLD_SIZE")
     check_launched_processes(1, 1)
+
+
+def test_validation_data_in_another_format_is_warned_about(tiny_ckpt, tmp_path, capsys):
+    """--io.val_data_dir prepared with another prompt style or system prompt than the training data: its val loss
+    measures a format the model is not trained on, which went unsaid (data of another tokenizer is refused)."""
+    import ether
+
+    val = tmp_path / "val"
+    shutil.copytree(tiny_ckpt / "data", val)
+    prepared = yaml.safe_load((val / "prepare_config.yaml").read_text())
+
+    def run(name: str) -> str:
+        capsys.readouterr()
+        ether.setup(io=IOArgs(train_data_dir=tiny_ckpt / "data", val_data_dir=val, checkpoint_dir=tiny_ckpt,
+                              out_dir=tmp_path / name),
+                    train=TrainArgs(max_steps=1, global_batch_size=1, micro_batch_size=1, lr_warmup_steps=0),
+                    eval=EvalArgs(interval=0, max_iters=1, max_new_tokens=0), ether_nb=4, precision="32-true")
+        return capsys.readouterr().err
+
+    assert "warning" not in run("same")
+    (val / "prepare_config.yaml").write_text(yaml.safe_dump(dict(prepared, prompt_style="chatml",
+                                                                 system_prompt="Be terse.")))
+    assert (f"warning: --io.val_data_dir {str(val)!r} was prepared in another format than --io.train_data_dir "
+            f"{str(tiny_ckpt / 'data')!r} (prompt_style 'chatml', not 'alpaca'; system_prompt 'Be terse.', not None): "
+            "its val loss measures a format the model is not trained on; prepare the validation rows with the "
+            "training data's settings.\n") in run("other")
