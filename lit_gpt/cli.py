@@ -112,6 +112,9 @@ def _one_line_parser(fn: Callable[..., Any], args: list[str]) -> type:
     takes (from `fn`'s type hints) and what was given; not the usage block and union dumps jsonargparse prints."""
     from jsonargparse import ArgumentParser
 
+    # the --config files, found now: jsonargparse parses a config file from inside its folder
+    files = [value for _, value, _ in config_values(args) if os.path.isfile(value)]
+
     class OneLineErrorParser(ArgumentParser):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             # no abbreviated flags: argparse took `--train.lr 3` as --train.lr_warmup_steps 3 without a word
@@ -124,16 +127,18 @@ def _one_line_parser(fn: Callable[..., Any], args: list[str]) -> type:
                     or os.environ.get("JSONARGPARSE_DEBUG")):
                 super().error(message, ex)
             known = [o for o in self._option_string_actions if o.startswith("--")]
-            sys.stderr.write(f"error: {one_line_error(message, fn, args, known)}\n")
+            sys.stderr.write(f"error: {one_line_error(message, fn, args, known, files)}\n")
             self.exit(USAGE_ERROR_CODE)
 
     return OneLineErrorParser
 
 
-def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (), known: Sequence[str] = ()) -> str:
+def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (), known: Sequence[str] = (),
+                   files: Optional[Sequence[str]] = None) -> str:
     """jsonargparse's (possibly multi-line) parse error as one sentence naming the flag, what it expects (from
     `fn`'s type hints) and the value given (as typed on the command line, else as jsonargparse reports it). An
-    unknown flag or `--config` key gets the flag it was likely meant as, among `known`."""
+    unknown flag or `--config` key gets the flag it was likely meant as, among `known`; an error in a `--config` file
+    names it (`files`: the `--config` values that are files, found before jsonargparse changed directory)."""
     required = re.match(r"the following arguments are required: (.*)", message)
     if required is not None:  # as_positional=False: each is a flag
         names = [n if n.startswith("-") else f"--{n}" for n in required[1].split(", ")]
@@ -143,16 +148,26 @@ def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (
         flags = [a.split("=", 1)[0] for a in unknown[1].split() if a.startswith("--")]
         hints = [h for h in (_flag_hint(f, known) for f in flags) if h]
         return f"unrecognized arguments: {unknown[1]}{'; ' + '; '.join(hints) if hints else ''} (see --help)"
-    option = re.match(r"Option '([^']+)' is not accepted", message)
+    if files is None:
+        files = [value for _, value, _ in config_values(args) if os.path.isfile(value)]
+    which = f"--config {files[0]!r}" if len(files) == 1 else "--config"  # (a run's flags come as YAML text)
+    yaml_error = re.match(r"Problems parsing config\s*:\s*(.*?)\s+in \"<unicode string>\", (line \d+, column \d+)",
+                          message, re.DOTALL)
+    if yaml_error is not None:
+        return f"{which} is not valid YAML: {' '.join(yaml_error[1].split())} at {yaml_error[2]} (see --help)"
+    option = (re.match(r"Option '([^']+)' is not accepted", message)
+              or re.match(r"Group '([^']+)' does not accept option '([^']+)'", message))
     if option is not None:  # a key of a --config file
-        key = option[1]
+        key = option[1] if option.lastindex == 1 else f"{option[1]}.{option[2]}"
+        if len(files) == 1 and Path(files[0]).name == "prepare_config.yaml":
+            return (f"{which} is the record of how the data in {str(Path(files[0]).parent)!r} was prepared, not "
+                    "options of this script: pass that folder as --io.train_data_dir (see --help)")
         script = _script_of_flag(f"--{key}", known)
         if script is not None:
-            configs = [repr(value) for _, value, _ in config_values(args)]
-            which = f"--config {configs[0]}" if len(configs) == 1 else "--config"
             return f"{which} sets {key}, an option of {script}: run it with {script} (see --help)"
         hint = _flag_hint(f"--{key}", known)
-        return f"{option[0]}{': ' + hint if hint else ''} (see --help)"
+        where = f" in {which}" if files else ""
+        return f"Option '{key}'{where} is not accepted{': ' + hint if hint else ''} (see --help)"
     # the innermost key: `--train '{"learning_rate": "abc"}'` fails as "train" and, inside, "train.learning_rate"
     m = None
     for m in re.finditer(r'Parser key "(?P<key>[^"]+)":\s*', message):
@@ -180,7 +195,11 @@ def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (
 
 # options of one finetune script that users bring to another (a recipe or a command line of the other method)
 METHOD_FLAG_SCRIPTS = {"--lora_": "finetune/lora.py", "--ether_": "finetune/ether.py", "--oft_": "finetune/ether.py",
-                       "--Htype": "finetune/ether.py"}
+                       "--Htype": "finetune/ether.py",
+                       # and a data preparation script's (its --print_config, or a recipe of it)
+                       "--json_path": "scripts/prepare_json.py", "--csv_path": "scripts/prepare_csv.py",
+                       "--data_file_path": "a scripts/prepare_*.py script",
+                       "--destination_path": "a scripts/prepare_*.py script"}
 
 
 def _script_of_flag(flag: str, known: Sequence[str]) -> Optional[str]:

@@ -236,16 +236,27 @@ def test_eval_without_a_checkpoint_or_an_adapter_is_one_line(capsys, monkeypatch
                                        "model, or the base model of an --adapter_path).\n")
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("devices: two\n", "--devices: expected an integer, got 'two'"),
-    # a misspelt key gets the option it was meant as
-    ("ether_bn: 4\n", "Option 'ether_bn' is not accepted: did you mean --ether_nb?"),
+@pytest.mark.parametrize("name,text,expected", [
+    ("c.yaml", "devices: two\n", "--devices: expected an integer, got 'two'"),
+    # a misspelt key gets the option it was meant as, at the top or in a group, and the file is named
+    ("c.yaml", "ether_bn: 4\n", "Option 'ether_bn' in --config {config} is not accepted: did you mean --ether_nb?"),
+    ("c.yaml", "train:\n  max_seq_len: 128\n",
+     "Option 'train.max_seq_len' in --config {config} is not accepted: did you mean --train.max_seq_length?"),
+    ("c.yaml", "train:\n  max_steps: 2\nether_nb: 8\n  ether_dropout: 0.1\n",
+     "--config {config} is not valid YAML: mapping values are not allowed in this context at line 4, column 16"),
+    # a data preparation script's options (its --print_config), or the record of a prepared folder
+    ("prep.yaml", "json_path: rows.json\ndestination_path: null\n",
+     "--config {config} sets json_path, an option of scripts/prepare_json.py: run it with scripts/prepare_json.py"),
+    ("prepare_config.yaml", "dataset: rows\nprompt_style: alpaca\nsplits:\n  train:\n    rows: 3\n",
+     "--config {config} is the record of how the data in {folder} was prepared, not options of this script: pass "
+     "that folder as --io.train_data_dir"),
 ])
-def test_a_bad_value_or_key_in_a_config_file_is_one_line(tmp_path, capsys, monkeypatch, text, expected):
+def test_a_bad_value_or_key_in_a_config_file_is_one_line(tmp_path, capsys, monkeypatch, name, text, expected):
     monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
-    (tmp_path / "c.yaml").write_text(text)
+    (tmp_path / name).write_text(text)
     with pytest.raises(SystemExit):
-        run_cli(ether.setup, args=["--config", str(tmp_path / "c.yaml")])
+        run_cli(ether.setup, args=["--config", str(tmp_path / name)])
+    expected = expected.format(config=repr(str(tmp_path / name)), folder=repr(str(tmp_path)))
     assert capsys.readouterr().err == f"error: {expected} (see --help)\n"
 
 
