@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.cli import run_cli  # noqa: E402
 from lit_gpt.data.quickstart import FAMILIES, write_dataset  # noqa: E402
+from lit_gpt.utils import check_output_dir  # noqa: E402
 
 
 def main(out_dir: Path = Path("data/quickstart"), seed: int = 0, n_train: int = 3000, n_test: int = 200) -> None:
@@ -23,6 +24,7 @@ def main(out_dir: Path = Path("data/quickstart"), seed: int = 0, n_train: int = 
         n_train: Number of training rows.
         n_test: Number of held-out rows; none of their questions appears in train.json.
     """
+    check_output_dir(out_dir, "--out_dir")
     paths = write_dataset(out_dir, n_train=n_train, n_test=n_test, seed=seed)
     print(f"Wrote {n_train} training rows to {paths['train']} and {n_test} held-out rows to {paths['test']} "
           f"({len(FAMILIES)} task families: {', '.join(sorted(FAMILIES))}).")

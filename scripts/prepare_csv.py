@@ -8,15 +8,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
 from lit_gpt.cli import run_cli
-from lit_gpt.data.prepare import check_input_file, check_rows, prepare_instruction_data, read_csv_records
+from lit_gpt.data.prepare import (
+    check_no_split_flags,
+    check_rows,
+    prepare_instruction_data,
+    read_csv_records,
+    train_and_val_files,
+)
 
 
 def prepare(
     csv_path: Path,
+    val_csv_path: Optional[Path] = None,
     destination_path: Optional[Path] = None,
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
-    test_split_fraction: float = 0.1,
-    seed: int = 42,
+    test_split_fraction: Optional[float] = None,
+    seed: Optional[int] = None,
     mask_inputs: bool = True,
     ignore_index: int = -100,
     max_seq_length: Optional[int] = None,
@@ -25,29 +32,43 @@ def prepare(
 ) -> Path:
     """Tokenize a CSV file (header line: instruction,input,output; input may be left out) into train.pt and test.pt.
 
+    The file is split at random into train.pt and test.pt, unless the validation rows come in a file of their own
+    (--val_csv_path, or a --csv_path folder holding train.csv and val.csv): then all of those rows are test.pt.
+
     Args:
-        csv_path: The CSV file (comma-separated, UTF-8), whatever its name ends with.
-        destination_path: Output directory (default: <checkpoint_dir>/<csv file name>-t<max_seq_length>).
+        csv_path: The CSV file (comma-separated, UTF-8), whatever its name ends with, or a folder holding train.csv
+            and val.csv.
+        val_csv_path: A CSV file of validation rows, all written to test.pt (no random split).
+        destination_path: Output directory (default: <checkpoint_dir>/<csv file or folder name>-t<max_seq_length>).
         checkpoint_dir: Checkpoint whose tokenizer to use.
-        test_split_fraction: Fraction of rows held out as test.pt.
-        seed: Seed of the train/test split.
+        test_split_fraction: Fraction of rows held out as test.pt (default 0.1); not with a validation file.
+        seed: Seed of the train/test split (default 42); not with a validation file.
         mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
         ignore_index: Label value of positions without a loss (negative: -100 is PyTorch's default).
         max_seq_length: Truncate examples to this many tokens (default: the model's context length).
         prompt_style: Template the examples are written in (chatml or chat_template for chat models).
         system_prompt: System message for the chatml/chat_template styles.
     """
-    csv_path = check_input_file(csv_path, "--csv_path")
+    folder = Path(csv_path).is_dir()
+    train_path, val_path = train_and_val_files(csv_path, "--csv_path", val_csv_path, "--val_csv_path", (".csv",))
+    if val_path is not None:
+        check_no_split_flags(test_split_fraction, seed, val_path)
+    val_flag = "--csv_path" if folder else "--val_csv_path"
+    columns = dict(required=("instruction", "output"), optional=("input",))
+
+    def read(path: Path, flag: str) -> list[dict]:
+        return check_rows(read_csv_records(path, flag=flag, **columns), path, **columns)
 
     def load_rows(destination: Path):
-        columns = dict(required=("instruction", "output"), optional=("input",))
-        return check_rows(read_csv_records(csv_path, **columns), csv_path, **columns), None
+        return read(train_path, "--csv_path"), read(val_path, val_flag) if val_path is not None else None
 
     return prepare_instruction_data(
-        dataset=csv_path.stem, checkpoint_dir=checkpoint_dir, destination_path=destination_path,
-        max_seq_length=max_seq_length, load_rows=load_rows, test_split_fraction=test_split_fraction, seed=seed,
-        mask_inputs=mask_inputs, ignore_index=ignore_index, prompt_style=prompt_style, system_prompt=system_prompt,
-        extra={"source": str(csv_path)},
+        dataset=Path(csv_path).resolve().name if folder else train_path.stem, checkpoint_dir=checkpoint_dir,
+        destination_path=destination_path, max_seq_length=max_seq_length, load_rows=load_rows,
+        test_split_fraction=test_split_fraction, seed=seed, mask_inputs=mask_inputs, ignore_index=ignore_index,
+        prompt_style=prompt_style, system_prompt=system_prompt,
+        # test.pt's rows: a random split of the source (seed and test_split_fraction are recorded), or val_source
+        extra={"source": str(train_path), **({"val_source": str(val_path)} if val_path is not None else {})},
     )
 
 

@@ -14,6 +14,7 @@ from lit_gpt.data.prepare import (
     check_rows,
     fetch_data_file,
     local_data_file,
+    note_unused_split_flags,
     prepare_instruction_data,
     read_records,
 )
@@ -40,8 +41,8 @@ def prepare(
     destination_path: Optional[Path] = None,
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
     subsets: Optional[str] = None,
-    test_split_fraction: float = 0.1,
-    seed: int = 42,
+    test_split_fraction: Optional[float] = None,
+    seed: Optional[int] = None,
     mask_inputs: bool = True,
     ignore_index: int = -100,
     max_seq_length: Optional[int] = None,
@@ -60,8 +61,8 @@ def prepare(
         destination_path: Output directory (default: <checkpoint_dir>/flan-t<max_seq_length>).
         checkpoint_dir: Checkpoint whose tokenizer to use.
         subsets: Comma-separated subset names, e.g. "arc_easy_10templates,piqa_10templates" (default: all 66).
-        test_split_fraction: Fraction held out as test.pt when --data_file_path is used.
-        seed: Seed of that split.
+        test_split_fraction: Fraction held out as test.pt when --data_file_path is used (default 0.1).
+        seed: Seed of that split (default 42).
         mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
         ignore_index: Label value of positions without a loss (negative: -100 is PyTorch's default).
         max_seq_length: Truncate examples to this many tokens (default: the model's context length).
@@ -83,6 +84,9 @@ def prepare(
         )
     if data_file_path is not None and subsets is not None:
         print("Note: --subsets is not used with --data_file_path; every row of that file is used.", file=sys.stderr)
+    if data_file_path is None:
+        note_unused_split_flags(test_split_fraction, seed, "FLAN's own train and test files are (a split is made "
+                                "only of a --data_file_path file)")
 
     def load_rows(destination: Path):
         if data_file_path is not None:

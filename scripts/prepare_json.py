@@ -8,15 +8,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
 from lit_gpt.cli import run_cli
-from lit_gpt.data.prepare import check_input_file, check_rows, prepare_instruction_data, read_records
+from lit_gpt.data.prepare import (
+    check_no_split_flags,
+    check_rows,
+    prepare_instruction_data,
+    read_records,
+    train_and_val_files,
+)
 
 
 def prepare(
     json_path: Path,
+    val_json_path: Optional[Path] = None,
     destination_path: Optional[Path] = None,
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
-    test_split_fraction: float = 0.1,
-    seed: int = 42,
+    test_split_fraction: Optional[float] = None,
+    seed: Optional[int] = None,
     mask_inputs: bool = True,
     ignore_index: int = -100,
     max_seq_length: Optional[int] = None,
@@ -25,32 +32,44 @@ def prepare(
 ) -> Path:
     """Tokenize a JSON or JSON Lines file of instruction/input/output objects into train.pt and test.pt.
 
-    Each object needs "instruction" and "output"; "input" is optional.
+    Each object needs "instruction" and "output"; "input" is optional. The file is split at random into train.pt
+    and test.pt, unless the validation rows come in a file of their own (--val_json_path, or a --json_path folder
+    holding train.json and val.json, as litgpt takes them): then all of those rows are test.pt.
 
     Args:
-        json_path: The JSON (a list of objects) or JSON Lines (one object per line) file, UTF-8; a CSV file goes
-            to scripts/prepare_csv.py.
-        destination_path: Output directory (default: <checkpoint_dir>/<json file name>-t<max_seq_length>).
+        json_path: The JSON (a list of objects) or JSON Lines (one object per line) file, UTF-8, or a folder
+            holding train.json (or .jsonl) and val.json (or .jsonl); a CSV file goes to scripts/prepare_csv.py.
+        val_json_path: A JSON or JSON Lines file of validation rows, all written to test.pt (no random split).
+        destination_path: Output directory (default: <checkpoint_dir>/<json file or folder name>-t<max_seq_length>).
         checkpoint_dir: Checkpoint whose tokenizer to use.
-        test_split_fraction: Fraction of rows held out as test.pt.
-        seed: Seed of the train/test split.
+        test_split_fraction: Fraction of rows held out as test.pt (default 0.1); not with a validation file.
+        seed: Seed of the train/test split (default 42); not with a validation file.
         mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
         ignore_index: Label value of positions without a loss (negative: -100 is PyTorch's default).
         max_seq_length: Truncate examples to this many tokens (default: the model's context length).
         prompt_style: Template the examples are written in (chatml or chat_template for chat models).
         system_prompt: System message for the chatml/chat_template styles.
     """
-    json_path = check_input_file(json_path, "--json_path")
+    folder = Path(json_path).is_dir()
+    train_path, val_path = train_and_val_files(json_path, "--json_path", val_json_path, "--val_json_path",
+                                               (".json", ".jsonl"))
+    if val_path is not None:
+        check_no_split_flags(test_split_fraction, seed, val_path)
+    val_flag = "--json_path" if folder else "--val_json_path"
+
+    def read(path: Path, flag: str) -> list[dict]:
+        return check_rows(read_records(path, flag), path, required=("instruction", "output"), optional=("input",))
 
     def load_rows(destination: Path):
-        return check_rows(read_records(json_path, "--json_path"), json_path, required=("instruction", "output"),
-                          optional=("input",)), None
+        return read(train_path, "--json_path"), read(val_path, val_flag) if val_path is not None else None
 
     return prepare_instruction_data(
-        dataset=json_path.stem, checkpoint_dir=checkpoint_dir, destination_path=destination_path,
-        max_seq_length=max_seq_length, load_rows=load_rows, test_split_fraction=test_split_fraction, seed=seed,
-        mask_inputs=mask_inputs, ignore_index=ignore_index, prompt_style=prompt_style, system_prompt=system_prompt,
-        extra={"source": str(json_path)},
+        dataset=Path(json_path).resolve().name if folder else train_path.stem, checkpoint_dir=checkpoint_dir,
+        destination_path=destination_path, max_seq_length=max_seq_length, load_rows=load_rows,
+        test_split_fraction=test_split_fraction, seed=seed, mask_inputs=mask_inputs, ignore_index=ignore_index,
+        prompt_style=prompt_style, system_prompt=system_prompt,
+        # test.pt's rows: a random split of the source (seed and test_split_fraction are recorded), or val_source
+        extra={"source": str(train_path), **({"val_source": str(val_path)} if val_path is not None else {})},
     )
 
 

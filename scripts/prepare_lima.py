@@ -15,6 +15,7 @@ from lit_gpt.utils import secret_text
 from lit_gpt.data.prepare import (
     DataPreparationError,
     Source,
+    check_not_wrapped,
     check_rows,
     fetch_data_file,
     prepare_instruction_data,
@@ -95,6 +96,8 @@ def prepare(
         records = read_records(path)
         for number, record in enumerate(records, start=1):
             if not isinstance(record, dict) or "conversations" not in record:
+                if len(records) == 1:
+                    check_not_wrapped(record, path)
                 raise DataPreparationError(f"{str(path)!r} row {number} has no 'conversations' field.")
         rows = conversation_rows([r["conversations"] for r in records], path, include_multiturn_conversations)
         checked = check_rows(rows, path, required=("instruction", "output"), optional=("input",))

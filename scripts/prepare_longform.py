@@ -13,6 +13,7 @@ from lit_gpt.data.prepare import (
     check_rows,
     fetch_data_file,
     local_data_file,
+    note_unused_split_flags,
     prepare_instruction_data,
     read_records,
 )
@@ -28,8 +29,8 @@ def longform_rows(path: Path) -> list[dict]:
 def prepare(
     destination_path: Optional[Path] = None,
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
-    test_split_fraction: float = 0.1,
-    seed: int = 42,
+    test_split_fraction: Optional[float] = None,
+    seed: Optional[int] = None,
     mask_inputs: bool = True,
     ignore_index: int = -100,
     max_seq_length: Optional[int] = None,
@@ -47,8 +48,8 @@ def prepare(
     Args:
         destination_path: Output directory (default: <checkpoint_dir>/longform-t<max_seq_length>).
         checkpoint_dir: Checkpoint whose tokenizer to use.
-        test_split_fraction: Fraction held out as test.pt when --data_file_path is used.
-        seed: Seed of that split.
+        test_split_fraction: Fraction held out as test.pt when --data_file_path is used (default 0.1).
+        seed: Seed of that split (default 42).
         mask_inputs: Leave the prompt out of the loss (labels = ignore_index at prompt positions).
         ignore_index: Label value of positions without a loss (negative: -100 is PyTorch's default).
         max_seq_length: Truncate examples to this many tokens (default: the model's context length).
@@ -57,6 +58,9 @@ def prepare(
         prompt_style: Template the examples are written in (chatml or chat_template for chat models).
         system_prompt: System message for the chatml/chat_template styles.
     """
+    if data_file_path is None:
+        note_unused_split_flags(test_split_fraction, seed, "LongForm's own train.json and val.json are (a split is "
+                                "made only of a --data_file_path file)")
 
     def load_rows(destination: Path):
         if data_file_path is not None:

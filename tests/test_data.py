@@ -412,9 +412,11 @@ def test_a_prepare_that_drops_every_row_writes_nothing_and_says_why(tmp_path, ch
 
 def test_input_paths_and_the_checkpoint_are_checked_in_a_useful_order(tmp_path, checkpoint_dir, monkeypatch):
     no_download(monkeypatch)
-    with pytest.raises(DataPreparationError, match=r"--json_path '.*' is a directory: pass the data file itself"):
+    with pytest.raises(DataPreparationError, match=r"--json_path '.*' is a directory without train.json or "
+                                                   r"train.jsonl and val.json or val.jsonl: put .* or pass the data "
+                                                   r"file itself"):
         prepare_json.prepare(json_path=tmp_path, checkpoint_dir=checkpoint_dir, max_seq_length=64)
-    with pytest.raises(DataPreparationError, match=r"--csv_path '.*' is a directory"):
+    with pytest.raises(DataPreparationError, match=r"--csv_path '.*' is a directory without train.csv"):
         prepare_csv.prepare(csv_path=tmp_path, checkpoint_dir=checkpoint_dir, max_seq_length=64)
     with pytest.raises(DataPreparationError, match=r"--data_file_path '.*' is a directory"):
         prepare_alpaca.prepare(destination_path=tmp_path / "a", checkpoint_dir=checkpoint_dir, max_seq_length=64,
@@ -955,6 +957,244 @@ def test_flan_records_the_local_file_not_ignored_subsets(tmp_path, checkpoint_di
     assert "subsets" not in config and config["source"] == str(data)
     assert "--subsets is not used with --data_file_path" in capsys.readouterr().err
 
+
+
+# --------------------------------------------------------------------------------------------- reading rows (audit 6)
+
+
+def test_json_lines_end_at_newline_only(tmp_path, checkpoint_dir, monkeypatch):
+    """JSON allows U+2028, U+2029 and U+0085 unescaped inside a string (`json.dumps(ensure_ascii=False)`, and
+    pandas' and datasets' `force_ascii=False`, write them so); only "\\n" ends a JSON Lines line, as in pandas,
+    datasets and Python's own file iteration, so they must not cut a row in two."""
+    no_download(monkeypatch)
+    rows = [dict(r) for r in ROWS]
+    rows[1]["instruction"] = "First paragraph.\u2028Second paragraph."
+    rows[3]["input"] = "Wait\u0085 what\u2029"
+    path = tmp_path / "u.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    with open(path, encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == rows  # the reference: Python's file iteration
+    assert prep.read_records(path) == rows
+    out = prepare_json.prepare(json_path=path, destination_path=tmp_path / "o", checkpoint_dir=checkpoint_dir,
+                               max_seq_length=512, test_split_fraction=0.0)
+    assert sorted(s["input"] for s in load_split(out, "train")) == sorted(r["input"] for r in rows)
+    # and a broken line after them is still named by its number in the file
+    path.write_text(path.read_text(encoding="utf-8") + '{"instruction": \n', encoding="utf-8")
+    with pytest.raises(DataPreparationError, match=f"line {len(rows) + 1} is not valid JSON"):
+        prep.read_records(path)
+
+
+def test_an_unpaired_surrogate_names_file_row_and_field(tmp_path, checkpoint_dir, monkeypatch):
+    """A JSON escape of half an emoji ("\\ud83d") is no character: the file is valid UTF-8, so the message names
+    the row and field to fix rather than the file's encoding. A whole pair ("\\ud83d\\ude00") is an emoji."""
+    no_download(monkeypatch)
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"instruction": "smile", "output": "\\ud83d\\ude00"}\n'
+                    '{"instruction": "Hi \\ud83d there", "output": "ok"}\n', encoding="utf-8")
+    with pytest.raises(DataPreparationError) as e:
+        prepare_json.prepare(json_path=path, destination_path=tmp_path / "o", checkpoint_dir=checkpoint_dir,
+                             max_seq_length=64, test_split_fraction=0.0)
+    assert str(e.value) == (f"{str(path)!r} row 2 field 'instruction' holds an unpaired surrogate (\\ud83d at "
+                            "character 4, e.g. half of an emoji cut off), which is no character: remove it or "
+                            "replace it.")
+    path.write_text('{"instruction": "smile", "output": "\\ud83d\\ude00"}\n{"instruction": "b", "output": "c"}\n',
+                    encoding="utf-8")
+    out = prepare_json.prepare(json_path=path, destination_path=tmp_path / "o", checkpoint_dir=checkpoint_dir,
+                               max_seq_length=64, test_split_fraction=0.0)
+    assert "\U0001F600" in [s["output"] for s in load_split(out, "train")]
+
+
+def test_rows_under_a_key_are_refused_saying_where_they_are(tmp_path, checkpoint_dir, monkeypatch):
+    """`{"train": [...]}` (as many exports write) is not read as one row lacking 'instruction'."""
+    no_download(monkeypatch)
+    for name, data, where in (
+        ("wrapped.json", {"train": ROWS, "version": "1.0"}, "'train' holds 10 rows"),
+        ("both.json", {"train": ROWS[:8], "val": ROWS[8:]}, "'train' holds 8 rows and 'val' holds 2 rows"),
+    ):
+        path = write_json(tmp_path / name, data)
+        with pytest.raises(DataPreparationError) as e:
+            prepare_json.prepare(json_path=path, destination_path=tmp_path / "o", checkpoint_dir=checkpoint_dir,
+                                 max_seq_length=64)
+        assert str(e.value) == (f"{str(path)!r} is an object whose {where}; the file must be the list of rows itself "
+                                "(or JSON Lines, one row per line).")
+    lima = write_json(tmp_path / "lima.json", {"train": [{"conversations": ["q", "a"]}]})
+    with pytest.raises(DataPreparationError, match=r"lima.json' is an object whose 'train' holds 1 row; the file"):
+        prepare_lima.prepare(data_file_path=lima, destination_path=tmp_path / "o", checkpoint_dir=checkpoint_dir,
+                             max_seq_length=64)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_csv_with_another_separator_says_to_save_it_with_commas(tmp_path, checkpoint_dir, monkeypatch):
+    """Excel writes ";" in most European locales; "|" is the other common one. Both get the sentence tabs get."""
+    no_download(monkeypatch)
+    for separator in (";", "|"):
+        path = tmp_path / "rows.csv"
+        path.write_text(separator.join(("instruction", "input", "output")) + "\n" + separator.join("qxa") + "\n")
+        with pytest.raises(DataPreparationError) as e:
+            prepare_csv.prepare(csv_path=path, destination_path=tmp_path / "o", checkpoint_dir=checkpoint_dir,
+                                max_seq_length=64)
+        assert str(e.value) == (f"{str(path)!r} is not comma-separated (header: "
+                                f"'instruction{separator}input{separator}output'); save it with commas between the "
+                                "columns, or as JSON Lines for scripts/prepare_json.py.")
+
+
+def test_a_tokenizer_without_eos_is_refused_before_any_download(tmp_path, checkpoint_dir, monkeypatch):
+    """Every example ends with EOS: a checkpoint whose tokenizer has none stops when the tokenizer loads (no_download:
+    before the download), naming the files that would say which it is, with a fix for a CLI user, not `eos=False`."""
+    no_download(monkeypatch)
+    d = tmp_path / "noeos"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((checkpoint_dir / "tokenizer.json").read_bytes())
+    start = f"--checkpoint_dir {str(d)!r} has no EOS token, which ends every training example: "
+    cases = [
+        ({}, "its tokenizer.json comes without tokenizer_config.json and generation_config.json, which name it "
+             "(eos_token, eos_token_id); copy them from the model's repository into it."),
+        ({"generation_config.json": {"bos_token_id": 0}},
+         "its tokenizer.json comes without tokenizer_config.json, which names it (eos_token); copy it from the model's "
+         "repository into it."),
+        ({"tokenizer_config.json": {"eos_token": "</nope>"}},
+         "its tokenizer_config.json names eos_token '</nope>', which its tokenizer.json does not hold; copy the "
+         "tokenizer files from the model's repository again."),
+        ({"tokenizer_config.json": {}, "generation_config.json": {}},
+         "neither its tokenizer_config.json (eos_token) nor its generation_config.json (eos_token_id) names one; copy "
+         "them from the model's repository again."),
+    ]
+    for files, expected in cases:
+        for name in ("tokenizer_config.json", "generation_config.json"):
+            (d / name).unlink(missing_ok=True)
+        for name, content in files.items():
+            (d / name).write_text(json.dumps(content))
+        with pytest.raises(DataPreparationError) as e:
+            prepare_alpaca.prepare(destination_path=tmp_path / "out", checkpoint_dir=d, max_seq_length=64)
+        assert str(e.value) == start + expected
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- own validation file
+
+
+def instructions(out: Path, split: str) -> list[str]:
+    return [s["instruction"] for s in load_split(out, split)]
+
+
+def write_csv(path: Path, rows) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["instruction", "input", "output"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_an_own_validation_file_is_test_pt_whole(tmp_path, checkpoint_dir, monkeypatch):
+    """--val_json_path / --val_csv_path, or a folder holding train.* and val.* (litgpt's JSON data module takes one):
+    every validation row goes to test.pt in its order, none to training, and prepare_config.yaml says from where."""
+    no_download(monkeypatch)
+    train, val = ROWS[:7], ROWS[7:]
+    own = tmp_path / "own"
+    own.mkdir()
+    write_json(own / "train.json", train)
+    write_jsonl(own / "val.jsonl", val)
+    write_csv(own / "train.csv", train)
+    write_csv(own / "val.csv", val)
+    runs = [
+        (prepare_json, dict(json_path=own), own / "train.json", own / "val.jsonl"),
+        (prepare_json, dict(json_path=own / "train.json", val_json_path=own / "val.jsonl"), own / "train.json",
+         own / "val.jsonl"),
+        (prepare_csv, dict(csv_path=own), own / "train.csv", own / "val.csv"),
+        (prepare_csv, dict(csv_path=own / "train.csv", val_csv_path=own / "val.csv"), own / "train.csv",
+         own / "val.csv"),
+    ]
+    for i, (script, flags, source, val_source) in enumerate(runs):
+        out = script.prepare(**flags, destination_path=tmp_path / f"out{i}", checkpoint_dir=checkpoint_dir,
+                             max_seq_length=512)
+        assert sorted(instructions(out, "train")) == sorted(r["instruction"] for r in train)
+        assert instructions(out, "test") == [r["instruction"] for r in val]
+        config = read_prepare_config(out)
+        assert (config["source"], config["val_source"]) == (str(source), str(val_source))
+        assert "seed" not in config and "test_split_fraction" not in config
+    # a folder names the default destination, as a file does
+    assert prepare_json.prepare(json_path=own, checkpoint_dir=checkpoint_dir, max_seq_length=77) == (
+        checkpoint_dir / "own-t77")
+    # without one, a file is split at random and the split recorded, as before
+    out = prepare_json.prepare(json_path=own / "train.json", destination_path=tmp_path / "split",
+                               checkpoint_dir=checkpoint_dir, max_seq_length=512)
+    config = read_prepare_config(out)
+    assert (config["seed"], config["test_split_fraction"], "val_source" in config) == (42, 0.1, False)
+    assert len(instructions(out, "test")) == 1
+
+
+def test_an_own_validation_file_mistakes_are_one_sentence(tmp_path, checkpoint_dir, monkeypatch):
+    no_download(monkeypatch)
+    d = tmp_path / "d"
+    d.mkdir()
+    write_json(d / "train.json", ROWS[:7])
+
+    def error(script=prepare_json, **flags) -> str:
+        with pytest.raises(DataPreparationError) as e:
+            script.prepare(**flags, destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
+                           max_seq_length=64)
+        return str(e.value)
+
+    assert error(json_path=d) == (
+        f"--json_path {str(d)!r} is a directory without val.json or val.jsonl: put the training rows in train.json "
+        "(or .jsonl) and the validation rows in val.json (or .jsonl) there, or pass the data file itself.")
+    assert error(prepare_csv, csv_path=d) == (
+        f"--csv_path {str(d)!r} is a directory without train.csv and val.csv: put the training rows in train.csv "
+        "and the validation rows in val.csv there, or pass the data file itself.")
+    write_jsonl(d / "train.jsonl", ROWS[:7])
+    assert error(json_path=d) == (f"--json_path {str(d)!r} holds both train.json and train.jsonl; keep the one that "
+                                  "holds the training rows.")
+    (d / "train.jsonl").unlink()
+    write_json(d / "val.json", ROWS[7:])
+    assert error(json_path=d, val_json_path=d / "val.json") == (
+        f"--val_json_path {str(d / 'val.json')!r} goes with a data file, not with the folder --json_path {str(d)!r}, "
+        f"whose val.json is the validation file: pass --json_path {str(d / 'train.json')!r} with --val_json_path, or "
+        "the folder alone.")
+    assert error(json_path=d / "train.json", val_json_path=d / "train.json") == (
+        f"--val_json_path {str(d / 'train.json')!r} is the --json_path file itself: validation rows must not be "
+        "trained on; pass a file of other rows, or leave it out to split the data file at random.")
+    assert error(json_path=d / "train.json", val_json_path=d / "nope.json") == (
+        f"--val_json_path {str(d / 'nope.json')!r} does not exist.")
+    # the split flags would do nothing: said, as litgpt refuses val_split_fraction with a folder
+    assert error(json_path=d, test_split_fraction=0.1) == (
+        f"--test_split_fraction splits one file at random, but the validation rows come from "
+        f"{str(d / 'val.json')!r}, all of which go to test.pt: leave it out.")
+    assert error(json_path=d / "train.json", val_json_path=d / "val.json", test_split_fraction=0.2, seed=7) == (
+        f"--test_split_fraction and --seed split one file at random, but the validation rows come from "
+        f"{str(d / 'val.json')!r}, all of which go to test.pt: leave them out.")
+    assert not (tmp_path / "out").exists()
+
+
+def test_flan_and_longform_say_their_own_test_files_leave_the_split_flags_unused(tmp_path, checkpoint_dir,
+                                                                                  monkeypatch, capsys):
+    no_download(monkeypatch)
+    flan, longform = tmp_path / "flan", tmp_path / "longform"
+    flan.mkdir()
+    longform.mkdir()
+    for split, n in (("train", 6), ("test", 2)):
+        write_jsonl(flan / f"arc_easy_10templates_{split}.jsonl",
+                    [{"inputs": f"{split} q{i}", "targets": f"a{i}"} for i in range(n)])
+    for split, n in (("train", 6), ("val", 2)):
+        write_json(longform / f"{split}.json", [{"input": f"{split} q{i}", "output": f"a{i}"} for i in range(n)])
+    common = dict(checkpoint_dir=checkpoint_dir, max_seq_length=512)
+    out = prepare_flan.prepare(destination_path=flan, subsets="arc_easy_10templates", test_split_fraction=0.5,
+                               seed=7, **common)
+    assert (len(instructions(out, "train")), len(instructions(out, "test"))) == (6, 2)
+    assert ("Note: --test_split_fraction and --seed are not used: FLAN's own train and test files are (a split is "
+            "made only of a --data_file_path file).\n") in capsys.readouterr().err
+    prepare_longform.prepare(destination_path=longform, seed=7, **common)
+    assert ("Note: --seed is not used: LongForm's own train.json and val.json are (a split is made only of a "
+            "--data_file_path file).\n") in capsys.readouterr().err
+    prepare_longform.prepare(destination_path=longform, **common)
+    prepare_flan.prepare(destination_path=flan, subsets="arc_easy_10templates", **common)
+    assert "Note" not in capsys.readouterr().err
+    # with a local file they split it, and say nothing
+    out = prepare_longform.prepare(destination_path=tmp_path / "local", data_file_path=longform / "train.json",
+                                   test_split_fraction=0.5, seed=7, **common)
+    assert (len(instructions(out, "train")), len(instructions(out, "test"))) == (3, 3)
+    assert "Note" not in capsys.readouterr().err
 
 def test_a_position_moves_to_another_number_of_processes():
     """One permutation dealt to the ranks a micro-batch each: a run checkpointed on 2 processes goes on with the

@@ -3,7 +3,6 @@
 import datetime
 import json
 import re
-import string
 import sys
 from pathlib import Path
 
@@ -142,3 +141,29 @@ def test_lm_eval_loads_the_task_and_scores_with_it(tmp_path):
     doc = docs[0]
     assert task.process_results(doc, [doc["output"].upper() + "."]) == {"exact_match": 1.0}
     assert task.process_results(doc, [doc["output"] + "0"]) == {"exact_match": 0.0}
+
+
+def test_test_set_lines_end_at_newline_only(task_utils, tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 unescaped in a string: they must not cut a row in two."""
+    rows = [{"prompt": "p\u2028q", "output": "a\u0085"}, {"prompt": "r", "output": "s\u2029"}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert task_utils.load_test_set(data_file=str(path))["test"].to_list() == rows
+
+
+def test_out_dir_that_is_a_file_is_one_sentence(tmp_path, capsys):
+    from lit_gpt.cli import run_cli
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import make_quickstart_data
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    path = tmp_path / "rows.json"
+    path.write_text("[]")
+    with pytest.raises(SystemExit) as e:
+        run_cli(make_quickstart_data.main, args=["--out_dir", str(path), "--n_train", "2", "--n_test", "2"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == (f"error: --out_dir {str(path)!r} is an existing file; pass a folder to write "
+                                       "into (it is created if new).\n")
+    assert path.read_text() == "[]"

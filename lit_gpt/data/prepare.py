@@ -98,6 +98,72 @@ def check_input_file(path: Path | str, flag: str) -> Path:
     return path
 
 
+def train_and_val_files(
+    path: Path | str, flag: str, val_path: Optional[Path | str], val_flag: str, suffixes: Sequence[str]
+) -> tuple[Path, Optional[Path]]:
+    """The training file and the validation file (None: split the training file) of `flag` and `val_flag`.
+
+    `flag` names a data file, or a folder holding `train<suffix>` and `val<suffix>` (litgpt's JSON data module takes
+    such a folder); `val_flag`, a validation file beside a data file. Every row of the validation file goes to
+    `test.pt`, none to training."""
+    path = Path(path)
+    if path.is_dir():
+        if val_path is not None:
+            raise DataPreparationError(
+                f"{val_flag} {str(val_path)!r} goes with a data file, not with the folder {flag} {str(path)!r}, whose "
+                f"val{suffixes[0]} is the validation file: pass {flag} {str(path / ('train' + suffixes[0]))!r} with "
+                f"{val_flag}, or the folder alone."
+            )
+        found = {}
+        for split in ("train", "val"):
+            files = [path / f"{split}{suffix}" for suffix in suffixes if (path / f"{split}{suffix}").is_file()]
+            if len(files) > 1:
+                raise DataPreparationError(
+                    f"{flag} {str(path)!r} holds both {' and '.join(f.name for f in files)}; keep the one that "
+                    f"holds the {'training' if split == 'train' else 'validation'} rows."
+                )
+            found[split] = files[0] if files else None
+        missing = [" or ".join(f"{split}{suffix}" for suffix in suffixes) for split, f in found.items() if f is None]
+        if missing:
+            also = "".join(f" (or {suffix})" for suffix in suffixes[1:])
+            raise DataPreparationError(
+                f"{flag} {str(path)!r} is a directory without {' and '.join(missing)}: put the training rows in "
+                f"train{suffixes[0]}{also} and the validation rows in val{suffixes[0]}{also} there, or pass the data "
+                "file itself."
+            )
+        return found["train"], found["val"]
+    path = check_input_file(path, flag)
+    if val_path is None:
+        return path, None
+    val_path = check_input_file(val_path, val_flag)
+    if val_path.resolve() == path.resolve():
+        raise DataPreparationError(
+            f"{val_flag} {str(val_path)!r} is the {flag} file itself: validation rows must not be trained on; pass "
+            "a file of other rows, or leave it out to split the data file at random."
+        )
+    return path, val_path
+
+
+def check_no_split_flags(test_split_fraction: Optional[float], seed: Optional[int], val_path: Path) -> None:
+    """A validation file of one's own is used whole: a split fraction or seed given with it would do nothing."""
+    given = [flag for flag, value in (("--test_split_fraction", test_split_fraction), ("--seed", seed))
+             if value is not None]
+    if given:
+        them = "them" if len(given) > 1 else "it"
+        raise DataPreparationError(
+            f"{' and '.join(given)} split{'' if len(given) > 1 else 's'} one file at random, but the validation "
+            f"rows come from {str(val_path)!r}, all of which go to test.pt: leave {them} out."
+        )
+
+
+def note_unused_split_flags(test_split_fraction: Optional[float], seed: Optional[int], why: str) -> None:
+    """A dataset's own test files are used: say so if a split fraction or seed was given, rather than drop it."""
+    given = [flag for flag, value in (("--test_split_fraction", test_split_fraction), ("--seed", seed))
+             if value is not None]
+    if given:
+        print(f"Note: {' and '.join(given)} {'are' if len(given) > 1 else 'is'} not used: {why}.", file=sys.stderr)
+
+
 def local_data_file(data_file_path: Path | str) -> Path:
     data_file_path = check_input_file(data_file_path, "--data_file_path")
     print(f"Using the local data file {str(data_file_path)!r}.")
@@ -201,7 +267,9 @@ def read_records(path: Path | str, flag: str = "The data file") -> list[dict]:
                 )
             return data
     rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" (a "\r" before it is whitespace to JSON), as JSON Lines says: str.splitlines() would also
+    # cut at U+2028, U+2029 and U+0085, which JSON allows unescaped inside a string
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -229,7 +297,7 @@ def read_csv_records(
                     f"The CSV file {str(path)!r} is empty; it needs a header line naming {', '.join(required)}"
                     f"{''.join(',' + c for c in optional)}."
                 )
-            if len(header) == 1 and "\t" in header[0]:
+            if len(header) == 1 and any(sep in header[0] for sep in "\t;|"):  # Excel in most of Europe writes ";"
                 raise DataPreparationError(
                     f"{str(path)!r} is not comma-separated (header: {header[0]!r}); save it with commas between the "
                     "columns, or as JSON Lines for scripts/prepare_json.py."
@@ -258,14 +326,42 @@ def read_csv_records(
     return rows
 
 
+def check_not_wrapped(record: Any, path: Path | str) -> None:
+    """A file that is one object holding the rows under a key (`{"train": [...]}`, as many exports write) would
+    be read as a single row: say where the rows are instead of that row's missing fields."""
+    if not isinstance(record, dict):
+        return
+    lists = {k: len(v) for k, v in record.items()
+             if isinstance(v, list) and v and all(isinstance(item, dict) for item in v)}
+    if lists:
+        where = " and ".join(f"{k!r} holds {n} row{'s' if n != 1 else ''}" for k, n in lists.items())
+        raise DataPreparationError(
+            f"{str(path)!r} is an object whose {where}; the file must be the list of rows itself (or JSON Lines, "
+            "one row per line)."
+        )
+
+
+def check_no_surrogate(text: str, what: str) -> None:
+    """Refuse an unpaired surrogate (a JSON escape such as "\\ud83d": half of an emoji, cut off by whatever wrote
+    the data), which is no character: no tokenizer encodes it, and the file's encoding is not to blame."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataPreparationError(
+            f"{what} holds an unpaired surrogate ({text[e.start].encode('unicode_escape').decode()} at character "
+            f"{e.start + 1}, e.g. half of an emoji cut off), which is no character: remove it or replace it."
+        ) from None
+
+
 def check_rows(
     rows: Sequence[Any], path: Path | str, required: Sequence[str], optional: Sequence[str] = (),
     rename: Optional[dict[str, str]] = None,
 ) -> list[dict[str, str]]:
     """Keep the `required` and `optional` text fields of every row, renamed with `rename`.
 
-    A row that is not an object, lacks a required field, or holds a non-text value stops preparation with one
-    sentence naming the file, the row (counting from 1) and the field. A missing optional field becomes "".
+    A row that is not an object, lacks a required field, or holds a non-text value or an unpaired surrogate stops
+    preparation with one sentence naming the file, the row (counting from 1) and the field. A missing optional field
+    becomes "". A file of one object that holds the rows under a key is refused as such (`check_not_wrapped`).
     """
     rename = rename or {}
     checked = []
@@ -280,6 +376,8 @@ def check_rows(
             value = row.get(key)
             if value is None:
                 if key in required:
+                    if len(rows) == 1:
+                        check_not_wrapped(row, path)
                     raise DataPreparationError(
                         f"{str(path)!r} row {number} has no {key!r} field (every row needs "
                         f"{' and '.join(repr(k) for k in required)})."
@@ -289,6 +387,8 @@ def check_rows(
                 raise DataPreparationError(
                     f"{str(path)!r} row {number} field {key!r} is a {type(value).__name__}; it must be text."
                 )
+            if not value.isascii():
+                check_no_surrogate(value, f"{str(path)!r} row {number} field {key!r}")
             out[rename.get(key, key)] = value
         checked.append(out)
     if not checked:
@@ -300,7 +400,13 @@ def check_rows(
 # splitting, tokenizing, writing
 
 
-def check_test_split_fraction(test_split_fraction: float) -> None:
+DEFAULT_TEST_SPLIT_FRACTION = 0.1
+DEFAULT_SEED = 42
+
+
+def check_test_split_fraction(test_split_fraction: Optional[float]) -> None:
+    if test_split_fraction is None:
+        return
     if not 0.0 <= test_split_fraction < 1.0:
         raise DataPreparationError(f"--test_split_fraction must be in [0, 1), got {test_split_fraction}.")
 
@@ -359,6 +465,33 @@ def load_tokenizer(checkpoint_dir: Path) -> Any:
     from lit_gpt.tokenizer import Tokenizer
 
     return Tokenizer(checkpoint_dir)
+
+
+def check_eos(tokenizer: Any, checkpoint_dir: Path) -> None:
+    """Every example ends with the EOS token (the model learns to stop): a checkpoint whose tokenizer has none is
+    refused when the tokenizer loads, before any download, naming the files that would have said which it is."""
+    if getattr(tokenizer, "eos_id", 0) is not None:
+        return
+    from lit_gpt.tokenizer import TOKENIZER_FILES
+
+    checkpoint_dir = Path(checkpoint_dir)
+    vocabulary = next((name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()), "tokenizer file")
+    keys = {"tokenizer_config.json": "eos_token", "generation_config.json": "eos_token_id"}
+    missing = [name for name in keys if not (checkpoint_dir / name).is_file()]
+    named = getattr(tokenizer, "special_tokens", {}).get("eos_token")
+    if named is not None:  # named, but not in the vocabulary
+        why = f"its tokenizer_config.json names eos_token {named!r}, which its {vocabulary} does not hold"
+        fix = "copy the tokenizer files from the model's repository again"
+    elif missing:
+        why = (f"its {vocabulary} comes without {' and '.join(missing)}, which name{'s' if len(missing) == 1 else ''}"
+               f" it ({', '.join(keys[name] for name in missing)})")
+        fix = f"copy {'it' if len(missing) == 1 else 'them'} from the model's repository into it"
+    else:
+        why = "neither its tokenizer_config.json (eos_token) nor its generation_config.json (eos_token_id) names one"
+        fix = "copy them from the model's repository again"
+    raise DataPreparationError(
+        f"--checkpoint_dir {str(checkpoint_dir)!r} has no EOS token, which ends every training example: {why}; {fix}."
+    )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
@@ -512,14 +645,15 @@ def check_ignore_index(ignore_index: int) -> None:
 
 def prepare_instruction_data(
     *, dataset: str, checkpoint_dir: Path, destination_path: Optional[Path], max_seq_length: Optional[int],
-    load_rows: Callable[[Path], tuple[list[dict], Optional[list[dict]]]], test_split_fraction: float = 0.1,
-    seed: int = 42, mask_inputs: bool = True, ignore_index: int = -100, prompt_style: str = "alpaca",
+    load_rows: Callable[[Path], tuple[list[dict], Optional[list[dict]]]], test_split_fraction: Optional[float] = None,
+    seed: Optional[int] = None, mask_inputs: bool = True, ignore_index: int = -100, prompt_style: str = "alpaca",
     system_prompt: Optional[str] = None, extra: Optional[dict] = None,
 ) -> Path:
     """The steps every prepare script shares, in the order that fails fastest.
 
     `load_rows(destination_path)` returns checked rows (instruction/input/output) and, for datasets that ship their
-    own test split, the test rows; otherwise the rows are split with `test_split_fraction` and `seed`.
+    own test split (or a validation file of the user's), the test rows; otherwise the rows are split with
+    `test_split_fraction` and `seed` (None: 0.1 and 42).
     """
     checkpoint_dir = Path(checkpoint_dir)
     check_test_split_fraction(test_split_fraction)  # a bad flag stops before a download, not after it
@@ -527,6 +661,7 @@ def prepare_instruction_data(
     print(f"Loading the tokenizer from {str(checkpoint_dir)!r} ...")
     # before any download, and before the context length is looked up in it: a wrong checkpoint stops right away
     tokenizer = load_tokenizer(checkpoint_dir)
+    check_eos(tokenizer, checkpoint_dir)
     max_seq_length = resolve_max_seq_length(checkpoint_dir, max_seq_length)
     destination_path = Path(destination_path) if destination_path else default_destination(
         checkpoint_dir, dataset, max_seq_length)
@@ -537,6 +672,8 @@ def prepare_instruction_data(
     check_output_dir(destination_path, "--destination_path")
     rows, test_rows = load_rows(destination_path)
     if test_rows is None:
+        test_split_fraction = DEFAULT_TEST_SPLIT_FRACTION if test_split_fraction is None else test_split_fraction
+        seed = DEFAULT_SEED if seed is None else seed
         train_rows, test_rows = split_rows(rows, test_split_fraction, seed)
         extra = {"seed": seed, "test_split_fraction": test_split_fraction, **(extra or {})}
     else:

@@ -30,7 +30,8 @@ def load_test_set(data_file: str | None = None, **metadata):
             f"`python scripts/make_quickstart_data.py --out_dir {path.parent}` or pass the path of an existing one "
             """with --metadata '{"data_file": "PATH"}'."""
         )
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # JSON Lines ends a line at "\n" only: splitlines() would also cut at a U+2028 / U+0085 inside a string
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     for i, row in enumerate(rows):
         missing = [k for k in ("prompt", "output") if k not in row]
         if missing:
