@@ -503,11 +503,12 @@ def check_launched_processes(devices: int, num_nodes: int) -> None:
     """torchrun started its own processes (--nproc_per_node N × --nnodes, its WORLD_SIZE) for another count than
     --devices × --num_nodes: each process would take itself for a whole run, and they would all write into one run
     directory. (Fabric's own launcher sets WORLD_SIZE too, from --devices, but not torchrun's other variables.)"""
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is None or not launched.isdigit() or int(launched) == devices * num_nodes:
+        return  # (before importing Lightning, seconds that an input error need not wait for)
     from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
-    launched = os.environ.get("WORLD_SIZE")
-    if (not TorchElasticEnvironment.detect() or launched is None or not launched.isdigit()
-            or int(launched) == devices * num_nodes):
+    if not TorchElasticEnvironment.detect():
         return
     per_node = int(launched) // num_nodes if int(launched) % num_nodes == 0 else None
     fix = (f"pass --devices {per_node} (the processes per machine)" if per_node
