@@ -161,21 +161,29 @@ def main(
                              fewshot_as_multiturn=fewshot_as_multiturn,
                              chat_template=model.chat_template(apply_chat_template),
                              random_seed=seed, numpy_seed=seed, torch_seed=seed)  # (seeded here, not by lm-eval)
-    # saved before the tables are printed: an error there (or a closed stdout) does not lose the evaluation
+    # saved before the tables are printed (an error there, or a closed stdout, does not lose the evaluation), the
+    # small results JSON before the samples; a file that cannot be written (a full disk) still lets the tables show
+    not_saved = None
     if save_filepath is not None:
-        save_filepath.parent.mkdir(parents=True, exist_ok=True)
         samples = results.pop("samples", None) or {}
-        for task_name, rows in samples.items():
-            path = samples_path(save_filepath, task_name)
-            atomic_write_text(path, "".join(json.dumps(row, default=handle_non_serializable) + "\n" for row in rows))
-            print(f"Saved {len(rows)} samples of {task_name} to {path}", file=sys.stderr)
-        atomic_write_text(save_filepath, json.dumps(results, indent=2, default=handle_non_serializable))
-        print(f"Saved results to {save_filepath}", file=sys.stderr)
+        try:
+            save_filepath.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(save_filepath, json.dumps(results, indent=2, default=handle_non_serializable))
+            print(f"Saved results to {save_filepath}", file=sys.stderr)
+            for task_name, rows in samples.items():
+                path = samples_path(save_filepath, task_name)
+                atomic_write_text(path, "".join(json.dumps(row, default=handle_non_serializable) + "\n"
+                                                for row in rows))
+                print(f"Saved {len(rows)} samples of {task_name} to {path}", file=sys.stderr)
+        except OSError as e:
+            not_saved = e
         if samples:
             results["samples"] = samples
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
+    if not_saved is not None:  # (run_cli says it in one line, after the tables)
+        raise not_saved
     return results
 
 

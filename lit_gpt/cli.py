@@ -80,6 +80,14 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except OSError as e:  # a disk full, over quota or read-only: the path and the fix, not a traceback
+        from lit_gpt.utils import DISK_ERRNOS, WriteError
+
+        if debug or not (isinstance(e, WriteError) or e.errno in DISK_ERRNOS):
+            raise
+        print(f"error: {e if isinstance(e, WriteError) else WriteError(e.errno, e.strerror, e.filename)}",
+              file=sys.stderr)
+        raise SystemExit(1)
     except KeyboardInterrupt:  # Ctrl-C: the shell's exit status for it, not a traceback (files are written atomically)
         if debug:
             raise

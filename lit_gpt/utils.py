@@ -7,8 +7,10 @@ a crash never leaves a half-written checkpoint), and loading never runs pickled 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from contextlib import ExitStack, contextmanager
@@ -22,9 +24,43 @@ import torch.nn as nn
 WEIGHTS_FILENAME = "lit_model.pth"
 
 
+# what a disk that cannot take the file raises: full, over quota, read-only, past the size limit
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+class WriteError(OSError):
+    """A file could not be written (`OSError(errno, strerror, filename)`), said in one sentence with the fix."""
+
+    def __str__(self) -> str:
+        fix = "free space there (or write elsewhere)" if self.errno in (errno.ENOSPC, errno.EDQUOT) else (
+            "write elsewhere")
+        return (f"Could not write {str(self.filename)!r}: {self.strerror}; {fix} and run the command again (nothing "
+                "was half-written under the file's name).")
+
+
+def _write_failure(error: BaseException, tmp: Path, path: Path) -> Optional[WriteError]:
+    """`error`, raised while writing `tmp`, as the `WriteError` it stands for: torch's writer reports a short write
+    as a RuntimeError ("unexpected pos"), safetensors an I/O error as "os error N"; neither is an `OSError`, so the
+    one-sentence handlers of a full disk never saw them. None for an error of another kind."""
+    text = str(error)
+    code = re.search(r"\(os error (\d+)\)", text)
+    if code is not None:
+        number = int(code[1])
+    elif "unexpected pos" in text or "PytorchStreamWriter failed" in text:
+        try:
+            stat = os.statvfs(tmp.parent)
+            number = errno.ENOSPC if stat.f_bavail * stat.f_frsize < (16 << 20) else errno.EIO
+        except (OSError, AttributeError):  # (no statvfs on Windows)
+            number = errno.EIO
+    else:
+        return None
+    return WriteError(number, os.strerror(number), str(path))
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`."""
+    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`. A write that fails
+    for want of space inside the block raises `WriteError` (an `OSError`) whatever the writer raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,7 +71,13 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            failure = None if isinstance(e, OSError) else _write_failure(e, tmp, path)
+            if failure is None:
+                raise
+            raise failure from e
         # again: writers that replace the file themselves (safetensors' save_file) bring back 0600
         os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:

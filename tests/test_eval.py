@@ -609,3 +609,23 @@ def test_results_are_saved_before_the_tables_are_printed(tiny_ckpt, tmp_path, mo
         _harness().main(checkpoint_dir=tiny_ckpt, include_path=TASKS_DIR, eval_tasks="lit_mc", precision="32-true",
                         device="cpu", bootstrap_iters=0, limit=2, save_filepath=out)
     assert "lit_mc" in json.loads(out.read_text())["results"]
+
+
+def test_results_that_cannot_be_saved_are_still_printed(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A disk that fills while the results are saved: the tables still print, then the one-sentence write error
+    (before, a traceback and nothing at all after an evaluation of hours)."""
+    import errno
+
+    from lit_gpt import utils
+    from lit_gpt.utils import WriteError
+
+    harness = _harness()
+
+    def full_disk(path, text):
+        raise WriteError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(utils, "atomic_write_text", full_disk)
+    with pytest.raises(WriteError, match="No space left on device; free space there"):
+        harness.main(checkpoint_dir=tiny_ckpt, include_path=TASKS_DIR, eval_tasks="lit_mc", precision="32-true",
+                     device="cpu", bootstrap_iters=0, limit=2, save_filepath=tmp_path / "eval.json")
+    assert "lit_mc" in capsys.readouterr().out  # the table

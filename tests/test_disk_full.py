@@ -1,0 +1,68 @@
+"""A disk that cannot take a file (full, over quota, past the process's file size limit): every writer says so in one
+sentence naming the file, and nothing is left half-written. torch's writer reports a short write as a RuntimeError
+("unexpected pos"), safetensors as "os error N": neither is an OSError, so the one-sentence handlers of a full disk
+(training's checkpoints, the prepared data, run_cli) never saw them; the tests of those handlers raise a plain
+OSError. Here the writers fail for real, under RLIMIT_FSIZE."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_training import tiny_ckpt  # noqa: F401 (tiny_ckpt is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE is POSIX")
+
+
+def small_file_limit(limit: int = 100_000):
+    """A `preexec_fn`: files past `limit` bytes fail with EFBIG (not the SIGXFSZ that would kill the process)."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+WRITERS = """
+import os, sys, torch
+from lit_gpt import utils
+if sys.argv[2] == "full":  # what statvfs says of a disk the write just filled
+    os.statvfs = lambda path: os.statvfs_result((4096, 4096, 100, 0, 0, 100, 0, 0, 0, 255))
+for name in ("a.pth", "a.safetensors"):
+    try:
+        utils.atomic_save({"w": torch.zeros(100_000)}, os.path.join(sys.argv[1], name))
+    except OSError as e:
+        print(type(e).__name__, e.errno, str(e))
+print(sorted(os.listdir(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("disk", ["full", "limit"])
+def test_torch_and_safetensors_writes_that_fail_for_space_raise_one_sentence(disk, tmp_path):
+    r = subprocess.run([sys.executable, "-c", WRITERS, str(tmp_path), disk], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), preexec_fn=small_file_limit(), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pth, st, left = r.stdout.splitlines()
+    fix = "; free space there (or write elsewhere)" if disk == "full" else "; write elsewhere"
+    reason = "No space left on device" if disk == "full" else "Input/output error"  # torch's writer: no errno
+    assert pth == (f"WriteError {28 if disk == 'full' else 5} Could not write {str(tmp_path / 'a.pth')!r}: {reason}"
+                   f"{fix} and run the command again (nothing was half-written under the file's name).")
+    assert st.startswith(f"WriteError 27 Could not write {str(tmp_path / 'a.safetensors')!r}: File too large; write")
+    assert left == "[]"  # no temporary file, nothing under the final names
+
+
+def test_an_export_that_cannot_be_written_is_one_line(tiny_ckpt, tmp_path):
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tiny_ckpt),
+                        "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True,
+                       preexec_fn=small_file_limit(20_000), timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"error: Could not write {str(out / 'model.safetensors')!r}: File too large; write elsewhere")
+    assert not list(out.glob("*.safetensors")) and not list(out.glob(".*.tmp"))
