@@ -30,12 +30,12 @@ import torch
 import torch.nn as nn
 import yaml
 
-from lit_gpt.config import Config
+from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import GPT
 from lit_gpt.utils import (
     WEIGHTS_FILENAME,
     atomic_path,
-    atomic_save,
+    atomic_paths,
     atomic_write_text,
     check_checkpoint_dir,
     check_output_dir,
@@ -328,7 +328,12 @@ def write_prompt_style_file(folder: PathLike, spec: Optional[dict]) -> None:
     if spec is None:
         path.unlink(missing_ok=True)
     else:
-        atomic_write_text(path, yaml.safe_dump({k: v for k, v in spec.items() if v is not None}, sort_keys=False))
+        atomic_write_text(path, prompt_style_text(spec))
+
+
+def prompt_style_text(spec: dict) -> str:
+    """The text of a `prompt_style.yaml` for `spec`."""
+    return yaml.safe_dump({k: v for k, v in spec.items() if v is not None}, sort_keys=False)
 
 
 def _style_spec(recorded: Any) -> Optional[dict]:
@@ -508,12 +513,6 @@ def merge_checkpoint(
                 p.data = p.data.to(target)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILENAMES:
-        if (checkpoint_dir / name).is_file():
-            _copy_file(checkpoint_dir / name, out_dir / name)
-        else:  # an earlier merge into this folder, from another base, may have left one
-            (out_dir / name).unlink(missing_ok=True)
-    config.save(out_dir)
     style, unknown = trained_prompt_style(finetuned)
     if style is None:
         style = read_prompt_style_file(checkpoint_dir)
@@ -526,13 +525,26 @@ def merge_checkpoint(
             used = f"no {PROMPT_STYLE_FILENAME}, so chat and generate will prompt it with {used}"
         log(f"warning: {unknown}: the merged checkpoint gets {used}; if that is not the format it was trained with, "
             f"write the right one into {str(out_dir / PROMPT_STYLE_FILENAME)!r} (e.g. prompt_style: alpaca).")
-    write_prompt_style_file(out_dir, style)
     info = {"source": str(finetuned.path.resolve()), "method": finetuned.method,
             "base_checkpoint_dir": str(checkpoint_dir.resolve()),
             "dtype": str(_float_dtype(model)).removeprefix("torch."), "probe_max_abs_diff": max_diff}
-    atomic_write_text(out_dir / MERGE_INFO_FILENAME, yaml.safe_dump(info, sort_keys=False))
-    # weights last: a directory with lit_model.pth is complete
-    atomic_save(lit_state_dict(model), out_dir / WEIGHTS_FILENAME)
+    texts = {CONFIG_FILENAME: config.to_yaml(), MERGE_INFO_FILENAME: yaml.safe_dump(info, sort_keys=False)}
+    if style is not None:
+        texts[PROMPT_STYLE_FILENAME] = prompt_style_text(style)
+    copies = [name for name in TOKENIZER_FILENAMES if (checkpoint_dir / name).is_file()]
+    names = [WEIGHTS_FILENAME, *texts, *copies]
+    # one set: a merge into an earlier merge's folder, stopped part way (Ctrl-C, a full disk), leaves that merge
+    # whole, never its weights beside this one's config, prompt format and merge_info.yaml
+    with atomic_paths(*(out_dir / name for name in names)) as temps:
+        tmp = dict(zip(names, temps))
+        torch.save(lit_state_dict(model), tmp[WEIGHTS_FILENAME])
+        for name, text in texts.items():
+            tmp[name].write_text(text, encoding="utf-8")
+        for name in copies:
+            shutil.copyfile(checkpoint_dir / name, tmp[name])
+    # what an earlier merge into this folder, from another base, may have left
+    for name in set(TOKENIZER_FILENAMES) - set(copies) | ({PROMPT_STYLE_FILENAME} if style is None else set()):
+        (out_dir / name).unlink(missing_ok=True)
     log(f"Merged {description} into {str(checkpoint_dir)!r}; wrote {str(out_dir)!r}")
     return out_dir
 

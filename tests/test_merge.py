@@ -5,6 +5,7 @@ tensors (block-diagonal Householder / ETHER+ / Cayley blocks, W + alpha/r B A), 
 and run by transformers' LlamaForCausalLM."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -453,3 +454,32 @@ def test_a_base_other_than_the_recorded_one_of_the_same_shape_is_merged_with_a_w
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {str(adapter)!r} was trained on {str(base)!r}"), err
     assert f"not on --checkpoint_dir {str(other)!r}; the shapes match" in err
+
+
+def test_a_merge_stopped_while_writing_into_an_earlier_merge_leaves_that_merge_whole(bases, tmp_path, monkeypatch):
+    """The files of a merge are written as one set: a re-merge into the same --out_dir stopped while the weights were
+    written (a full disk, Ctrl-C) left the new model_config, prompt format and merge_info.yaml beside the earlier
+    merge's weights, a folder that chat, eval and the exports took without a word."""
+    from lit_gpt.utils import WriteError
+
+    first = make_run(tmp_path / "run_a", bases["llama"], AdapterConfig(method="ether", nb=4))
+    merged = merge_checkpoint(first, out_dir=tmp_path / "merged", log=lambda s: None)
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    assert {"lit_model.pth", "model_config.yaml", "prompt_style.yaml", "merge_info.yaml"} <= set(before)
+    second = make_run(tmp_path / "run_b", bases["llama"], AdapterConfig(method="lora", r=2, alpha=4), seed=3,
+                      prompt_style="alpaca")
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 part of it")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3136 vs 3030")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 100, 0, 0, 100, 0, 0, 0, 255)))
+    with pytest.raises(WriteError, match=r"Could not write .*lit_model.pth.*: No space left on device"):
+        merge_checkpoint(second, out_dir=merged, log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before  # no temporary file either
+    monkeypatch.undo()
+    merge_checkpoint(second, out_dir=merged, log=lambda s: None)
+    assert yaml.safe_load((merged / "merge_info.yaml").read_text())["method"] == "lora"
+    assert yaml.safe_load((merged / "prompt_style.yaml").read_text())["prompt_style"] == "alpaca"
