@@ -843,15 +843,17 @@ def convert_lit_checkpoint(
     if gone:
         print(f"Removed {', '.join(gone)} from {str(output_dir)!r}: files of an earlier export that transformers "
               "would have loaded with (or instead of) this one.", file=sys.stderr)
-    _write_shards(convert, lit_sd, output_dir, plan)
-
     source_hf = _read_json(checkpoint_dir / HF_CONFIG_FILENAME)
     generation = _read_json(checkpoint_dir / "generation_config.json")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf_config[key] = source_hf.get(key, generation.get(key))
     hf_config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
     hf_config[LIT_NAME_KEY] = config.name
+    # config.json before the weights: it marks the folder as our export, so that the same command run again after
+    # an interruption goes on (shards without their index or config.json would be taken for another model), and
+    # transformers loads nothing from it until the weights (the index, or model.safetensors) are in place
     atomic_write_text(output_dir / HF_CONFIG_FILENAME, json.dumps(hf_config, indent=2) + "\n")
+    _write_shards(convert, lit_sd, output_dir, plan)
     if generation:
         _copy(checkpoint_dir / "generation_config.json", output_dir)
     else:

@@ -382,6 +382,37 @@ def test_interrupted_export_into_an_earlier_one_is_never_a_loadable_mix(tmp_path
     torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
 
 
+def test_a_first_export_stopped_part_way_is_completed_by_the_same_command(tmp_path, monkeypatch):
+    """config.json (which marks our export) came after the weights: a first export stopped after a shard left shards
+    alone, and the rerun refused them as "a transformers model that is not an export of lit_gpt"."""
+    import safetensors.torch
+
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_dir = tmp_path / "hf"
+    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
+    convert_hf_checkpoint(hf_dir)
+    out = tmp_path / "out"
+    real, calls = safetensors.torch.save_file, []
+
+    def stopped_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", stopped_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert_lit_checkpoint(hf_dir, out, max_shard_bytes=20_000)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert list(out.glob("model-*.safetensors")) and not (out / "model.safetensors.index.json").exists()
+    with pytest.raises(OSError):  # not loadable
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    convert_lit_checkpoint(hf_dir, out, max_shard_bytes=20_000)
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    torch.testing.assert_close(hf_logits(exported, idx), lit_logits(GPT.from_checkpoint(hf_dir).eval(), idx), **TOL)
+
+
 def test_export_into_a_folder_of_another_transformers_model_is_refused(tmp_path):
     """An export replaces an earlier export's weight files; a download's (no lit_gpt name in its config.json) are
     the user's, and stay."""
