@@ -291,8 +291,23 @@ def check_output_dir(path: Path | str, flag: str) -> Path:
             if not p.is_dir():
                 where = "is an existing file" if p == path else f"cannot be created because {str(p)!r} is a file"
                 raise ValueError(f"{flag} {str(path)!r} {where}; pass a folder to write into (it is created if new).")
+            why = _not_writable(p)
+            if why is not None:
+                raise ValueError(f"{flag} {str(path)!r} cannot be written: {why}; pass a folder you can write to.")
             break
     return path
+
+
+def _not_writable(folder: Path) -> Optional[str]:
+    """Why nothing can be written in the existing `folder` (a read-only file system, no permission), or None."""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{str(folder)!r} is on a read-only file system"
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        pass
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no permission to write in {str(folder)!r}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- the Hugging Face Hub
@@ -387,9 +402,10 @@ def check_output_file(path: Path | str, flag: str, example: str = "results.json"
         if not p.is_dir():
             raise ValueError(f"{flag} {str(path)!r} cannot be written because {str(p)!r} is a file, not a folder; "
                              "pass a path inside a folder (missing folders are created).")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ValueError(f"{flag} {str(path)!r} cannot be written: no permission to write in {str(p)!r}; pass a "
-                             "path in a folder you can write to.")
+        why = _not_writable(p)
+        if why is not None:
+            raise ValueError(f"{flag} {str(path)!r} cannot be written: {why}; pass a path in a folder you can write "
+                             "to.")
         break
     return path
 

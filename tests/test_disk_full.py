@@ -66,3 +66,27 @@ def test_an_export_that_cannot_be_written_is_one_line(tiny_ckpt, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(
         f"error: Could not write {str(out / 'model.safetensors')!r}: File too large; write elsewhere")
     assert not list(out.glob("*.safetensors")) and not list(out.glob(".*.tmp"))
+
+
+def test_an_output_on_a_read_only_file_system_is_refused_before_the_work(tmp_path, monkeypatch):
+    """merge, the exports and the GGUF import wrote only after the long weight pass, then failed with a traceback
+    (EROFS); the output checks looked for a file in the way, not for a folder that cannot be written. (Root may
+    write where permissions say no, so a read-only mount is what a shared cluster folder looks like even to root.)"""
+    from lit_gpt.utils import check_output_dir, check_output_file
+
+    real = os.statvfs
+    read_only = str(tmp_path / "ro")
+    (tmp_path / "ro").mkdir()
+
+    def statvfs(path):
+        s = real(path)
+        flag = s.f_flag | (os.ST_RDONLY if str(path) == read_only else 0)
+        return os.statvfs_result((*s[:8], flag, s[9]))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    with pytest.raises(ValueError, match=f"^--out_dir '{read_only}/merged' cannot be written: '{read_only}' is on a "
+                                         "read-only file system; pass a folder you can write to.$"):
+        check_output_dir(tmp_path / "ro" / "merged", "--out_dir")
+    with pytest.raises(ValueError, match="--save_filepath .* cannot be written: .* is on a read-only file system"):
+        check_output_file(tmp_path / "ro" / "r" / "results.json", "--save_filepath")
+    assert check_output_dir(tmp_path / "rw" / "merged", "--out_dir") == tmp_path / "rw" / "merged"
