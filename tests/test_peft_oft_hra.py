@@ -385,3 +385,30 @@ def test_cli_exports_oft_and_says_so_in_help(bases, tmp_path, capsys):
         script.main(["--help"])
     text = capsys.readouterr().out
     assert all(w in text for w in ["OFT", "HRA", "ETHER"]), text
+
+
+def test_a_re_export_stopped_part_way_leaves_the_earlier_export_whole(bases, tmp_path, monkeypatch):
+    """The prompt_style.yaml of an earlier export in the folder was deleted before the new export's files were
+    written: a re-export stopped part way left the earlier adapter without its prompt format."""
+    import safetensors.torch
+
+    _, folder = bases["llama"]
+    first = save_adapters(lit_adapted(folder, method="oft", nb=4, targets=["query"]), tmp_path / "a.safetensors",
+                          prompt_style={"prompt_style": "alpaca", "system_prompt": None})
+    out = export_peft_adapter(first, folder, tmp_path / "peft")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "prompt_style.yaml" in before
+    second = save_adapters(lit_adapted(folder, method="ether", nb=4, targets=["value"]), tmp_path / "b.safetensors",
+                           prompt_style={"prompt_style": "chatml", "system_prompt": "Be brief."})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_peft_adapter(second, folder, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    export_peft_adapter(second, folder, out)
+    assert "chatml" in (out / "prompt_style.yaml").read_text()
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "HRA"

@@ -464,16 +464,21 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     _note_dropped_dropout(finetuned.payload["adapter_config"], method, where)
     from safetensors.torch import save_file
 
-    from lit_gpt.merge import trained_prompt_style, write_prompt_style_file
+    from lit_gpt.merge import PROMPT_STYLE_FILENAME, prompt_style_text, trained_prompt_style
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_prompt_style_file(output_dir, None)  # an earlier export's, first
+    # the format the run trained with (PEFT ignores the file; an import reads it back), in the same set: a re-export
+    # stopped part way leaves the earlier export whole, its prompt format included
+    style = trained_prompt_style(finetuned)[0]
+    names = [PEFT_CONFIG_FILENAME, PEFT_WEIGHTS_FILENAME] + ([PROMPT_STYLE_FILENAME] if style is not None else [])
     # the config first: without it PEFT reads nothing, so an interrupted write never leaves a loadable mix
-    with atomic_paths(output_dir / PEFT_CONFIG_FILENAME, output_dir / PEFT_WEIGHTS_FILENAME) as (cfg_tmp, st_tmp):
-        cfg_tmp.write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, str(st_tmp), metadata={"format": "pt"})
-    # the format the run trained with (PEFT ignores the file; an import reads it back)
-    write_prompt_style_file(output_dir, trained_prompt_style(finetuned)[0])
+    with atomic_paths(*(output_dir / name for name in names)) as temps:
+        temps[0].write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, str(temps[1]), metadata={"format": "pt"})
+        if style is not None:
+            temps[2].write_text(prompt_style_text(style), encoding="utf-8")
+    if style is None:  # an earlier export's would be taken for this adapter's
+        (output_dir / PROMPT_STYLE_FILENAME).unlink(missing_ok=True)
     return output_dir
 
 
