@@ -8,11 +8,14 @@ a crash never leaves a half-written checkpoint), and loading never runs pickled 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import pickle
 import re
+import socket
 import tempfile
 import zipfile
+import zlib
 from contextlib import ExitStack, contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -57,13 +60,44 @@ def _write_failure(error: BaseException, tmp: Path, path: Path) -> Optional[Writ
     return WriteError(number, os.strerror(number), str(path))
 
 
+# who writes a temporary file, in its name: this machine (a hash of its name) and process, so that a later write of
+# the same file can tell the leftovers of a killed writer (SIGKILL, the OOM killer: no cleanup ran) from a live one's
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMP_WRITER = re.compile(r"h([0-9a-f]{8})p(\d+)_\w*\.tmp")
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files that writers of `path` on this machine left when they were killed (their process
+    is gone): a stopped import would otherwise leave a checkpoint-sized hidden file that no rerun removes."""
+    removed = []
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}h*p*_*.tmp"):
+        m = _TEMP_WRITER.fullmatch(tmp.name[len(prefix):])
+        if m is None or m[1] != _HOST or int(m[2]) == os.getpid() or _process_alive(int(m[2])):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's: alive
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`. A write that fails
     for want of space inside the block raises `WriteError` (an `OSError`) whatever the writer raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.h{_HOST}p{os.getpid()}_", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     # mkstemp creates 0600; the finished file should have the permissions an ordinary open() would give it

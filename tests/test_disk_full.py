@@ -90,3 +90,31 @@ def test_an_output_on_a_read_only_file_system_is_refused_before_the_work(tmp_pat
     with pytest.raises(ValueError, match="--save_filepath .* cannot be written: .* is on a read-only file system"):
         check_output_file(tmp_path / "ro" / "r" / "results.json", "--save_filepath")
     assert check_output_dir(tmp_path / "rw" / "merged", "--out_dir") == tmp_path / "rw" / "merged"
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_of_the_file(tmp_path):
+    """SIGKILL (the OOM killer) leaves a writer no time to clean up: a stopped GGUF import left its 538 MB temporary
+    weights behind, hidden, and no rerun removed them. The next write of the same file removes what writers that are
+    gone left; a live writer's file, another file's, or one not named by us, stays."""
+    from lit_gpt.utils import atomic_write_text
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    code = ("import sys, time; sys.path.insert(0, '.')\nfrom lit_gpt.utils import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('x'); print(tmp.name, flush=True); time.sleep(60)")
+    live = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "weights.pth")], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        live_tmp = tmp_path / live.stdout.readline().strip()
+        host = live_tmp.name.split(".h", 1)[1][:8]
+        stale = tmp_path / f".weights.pth.h{host}p{dead.pid}_abc123.tmp"
+        kept = [tmp_path / f".weights.pth.h{host}p{dead.pid}x.tmp",  # not a name of ours
+                tmp_path / f".other.pth.h{host}p{dead.pid}_abc123.tmp",  # another file's
+                tmp_path / f".weights.pth.h{'0' * 8 if host != '0' * 8 else '1' * 8}p{dead.pid}_abc123.tmp"]
+        for p in (stale, *kept):
+            p.write_text("partial")
+        atomic_write_text(tmp_path / "weights.pth", "done")
+        assert not stale.exists() and all(p.exists() for p in kept) and live_tmp.exists()
+        assert (tmp_path / "weights.pth").read_text() == "done"
+    finally:
+        live.kill()
