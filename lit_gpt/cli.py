@@ -364,7 +364,7 @@ def _resumed_run_hparams(args: Sequence[str], fn: Callable[..., Any], script: st
     else:
         out_dir = _given_value(args, "--io.out_dir")
         run = Path(out_dir) if resume == "auto" and out_dir else None
-    hparams = None if run is None else _read_run_hparams(str(run / HPARAMS_FILENAME), fn)
+    hparams = None if run is None else _read_run_hparams(str(run / HPARAMS_FILENAME), fn, strict=True)
     if hparams is None or script_of_method(str(hparams[RUN_METHOD_KEY])) != script:
         return None
     return str(run / HPARAMS_FILENAME)
@@ -404,17 +404,26 @@ def refuse_run_config(args: Sequence[str], fn: Callable[..., Any], fix: str) -> 
         )
 
 
-def _read_run_hparams(path: str, fn: Callable[..., Any]) -> Optional[dict]:
+def _read_run_hparams(path: str, fn: Callable[..., Any], strict: bool = False) -> Optional[dict]:
     """The contents of `path` when it is a run's hyperparameters.yaml (a mapping with a `method` key that is not a
-    flag of `fn`), else None (jsonargparse reads it, and reports what is wrong with it)."""
+    flag of `fn`), else None (jsonargparse reads it, and reports what is wrong with it). `strict` (a run folder's
+    own file, for `--resume`): a file that is there but not YAML raises `RunConfigError` naming it and its line,
+    rather than None, which would leave the resume asking for the flags the run recorded."""
     import yaml
 
     try:
         if not Path(path).is_file():
             return None
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        if not strict or isinstance(e, OSError):
+            return None
+        from lit_gpt.config import yaml_problem
+
+        problem = (yaml_problem(e) if isinstance(e, yaml.YAMLError)
+                   else "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e).rstrip("."))
+        raise RunConfigError(f"{path!r} is not valid YAML ({problem}): fix it, or pass the run's flags yourself "
+                             "in a --config file to resume.") from None
     if isinstance(data, dict) and RUN_METHOD_KEY in data and RUN_METHOD_KEY not in inspect.signature(fn).parameters:
         return data
     return None

@@ -17,6 +17,16 @@ from typing import Any, Literal, Optional
 import yaml
 
 CONFIG_FILENAME = "model_config.yaml"
+# the fields that say which model a file describes: every file `Config.to_yaml` writes has them (it writes all fields);
+# a file without them (emptied, or cut short) would otherwise be read as the defaults' 4096-wide model
+REQUIRED_FIELDS = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size", "mlp_class_name", "norm_class_name")
+
+
+def yaml_problem(e: Exception) -> str:
+    """What a `yaml.YAMLError` found and where, e.g. "found unexpected end of stream at line 40, column 25"."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -129,20 +139,21 @@ class Config:
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ValueError(f"Model config {str(path)!r} is not valid YAML ({problem}{where}); {redo}.") from None
+            raise ValueError(f"Model config {str(path)!r} is not valid YAML ({yaml_problem(e)}); {redo}.") from None
         except UnicodeDecodeError:
             raise ValueError(f"Model config {str(path)!r} is not UTF-8 text; {redo}.") from None
-        if data is None:
-            data = {}
+        if data is None:  # an emptied file: not "all defaults"
+            raise ValueError(f"Model config {str(path)!r} is empty; {redo}.")
         if not isinstance(data, dict):
             raise ValueError(
                 f"Model config {str(path)!r} must hold a mapping of Config fields (`n_layer: 30`, ...), not a "
                 f"{type(data).__name__}; {redo}."
             )
         data.update(overrides)
+        missing = [k for k in REQUIRED_FIELDS if k not in data]
+        if missing:  # cut short (every written file has them all), read as the defaults' model otherwise
+            raise ValueError(f"Model config {str(path)!r} lacks {', '.join(missing)} (the file is cut short or was "
+                             f"not written by lit_gpt); {redo}.")
         known = [f.name for f in fields(cls)]
         unknown = [k for k in data if k not in known]
         if unknown:

@@ -809,6 +809,9 @@ def convert_lit_checkpoint(
     from lit_gpt.utils import WEIGHTS_FILENAME, atomic_write_text, check_checkpoint_dir, check_output_dir, load_file
 
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    from lit_gpt.merge import check_tokenizer_files
+
+    check_tokenizer_files(checkpoint_dir)  # copied into the export: a corrupt one stops it before the weight work
     output_dir = check_output_dir(output_dir, "--output_dir")
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise ConversionError(

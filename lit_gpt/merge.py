@@ -94,13 +94,39 @@ def find_run_dir(path: PathLike) -> Optional[Path]:
     return None
 
 
+def read_run_yaml(path: PathLike) -> Any:
+    """The contents of a run's `hyperparameters.yaml`; a file that is not YAML (cut short, or broken by hand) fails
+    in one sentence naming it, the problem and its line."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        from lit_gpt.config import yaml_problem
+
+        raise ValueError(f"{str(path)!r} is not valid YAML ({yaml_problem(e)}): fix it, or pass the flags "
+                         "yourself.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: fix it, or pass the flags yourself.") from None
+
+
+def check_tokenizer_files(checkpoint_dir: PathLike) -> None:
+    """Load the tokenizer of `checkpoint_dir` once, so that a merge or an export that copies its tokenizer.json,
+    tokenizer_config.json or generation_config.json stops, before the long weight work, on a corrupt one (in the
+    tokenizer's one sentence naming it) rather than publish it. A folder without a vocabulary passes (the writers
+    warn about it)."""
+    from lit_gpt.tokenizer import Tokenizer
+
+    try:
+        Tokenizer(checkpoint_dir)
+    except FileNotFoundError:  # no tokenizer.json/tokenizer.model (its JSON files were read, and parsed, first)
+        pass
+
+
 def read_hparams(path: PathLike) -> dict:
     """The `hyperparameters.yaml` of the run that wrote `path`, or `{}` when the file sits outside a run dir."""
     run_dir = find_run_dir(path)
     if run_dir is None:
         return {}
-    with open(run_dir / HPARAMS_FILENAME, encoding="utf-8") as f:
-        hp = yaml.safe_load(f)
+    hp = read_run_yaml(run_dir / HPARAMS_FILENAME)
     if not isinstance(hp, dict):
         raise ValueError(f"{str(run_dir / HPARAMS_FILENAME)!r} is not a YAML mapping; it was not written by finetune/.")
     return hp
@@ -467,6 +493,7 @@ def merge_checkpoint(
         raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     finetuned = read_finetuned(adapter_path)
     checkpoint_dir = check_checkpoint_dir(base_checkpoint_of(finetuned, checkpoint_dir))
+    check_tokenizer_files(checkpoint_dir)  # copied into out_dir at the end: a corrupt one stops the merge now
     check_not_merged_into(finetuned, checkpoint_dir)
     out_dir = check_output_dir(out_dir if out_dir is not None else finetuned.path.parent / "merged", "--out_dir")
     if out_dir.resolve() == checkpoint_dir.resolve():

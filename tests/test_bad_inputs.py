@@ -176,12 +176,19 @@ def test_broken_sentencepiece_model_is_one_sentence(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- model_config.yaml
+_SHAPE = "n_layer: 1\nvocab_size: 8\nblock_size: 8\nmlp_class_name: GptNeoxMLP\nnorm_class_name: LayerNorm\n"
+
+
 @pytest.mark.parametrize("text, match", [
     ("n_layer: [\n", r"is not valid YAML \(.* at line 2, column 1\)"),
     ("garbage\n", "must hold a mapping of Config fields .* not a str"),
     ("- 1\n- 2\n", "must hold a mapping of Config fields .* not a list"),
-    ("n_head: nine\n", "has an invalid value"),
-    ("n_embd: 64\nn_head: 4\nn_query_groups: 3\n", "n_head=4 must be a multiple of n_query_groups=3"),
+    (_SHAPE + "n_embd: 64\nn_head: nine\n", "has an invalid value"),
+    (_SHAPE + "n_embd: 64\nn_head: 4\nn_query_groups: 3\n", "n_head=4 must be a multiple of n_query_groups=3"),
+    # emptied, or cut short: not the defaults' 4096-wide model (whose weights then "do not match")
+    ("", r"is empty; fix it, or write it again by converting the checkpoint"),
+    ("name: tiny\nblock_size: 128\nvocab_size: 300\n",
+     r"lacks n_layer, n_embd, n_head, mlp_class_name, norm_class_name \(the file is cut short"),
 ])
 def test_bad_model_config_names_the_file(tmp_path, text, match):
     (tmp_path / "model_config.yaml").write_text(text)

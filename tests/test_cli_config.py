@@ -165,6 +165,23 @@ def test_another_scripts_run_is_refused_in_one_sentence(ether_run, module, scrip
     )
 
 
+def test_resume_of_a_run_whose_hyperparameters_are_cut_names_the_file(tmp_path, capsys, monkeypatch):
+    """Before, the broken file was skipped without a word and the resume asked for --io.train_data_dir, which the
+    run had recorded."""
+    hparams = tmp_path / "run" / "hyperparameters.yaml"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    hparams.write_text("method: etherplus\nio:\n  train_data_dir: 'da")
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(ether.setup, finetune_script="finetune/ether.py",
+                args=["--resume", str(tmp_path / "run" / "checkpoints" / "step-000001.pth")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {str(hparams)!r} is not valid YAML (found unexpected end of stream at line 3, column 22): fix it, or "
+        "pass the run's flags yourself in a --config file to resume.\n"
+    )
+
+
 def test_a_lora_runs_file_given_to_ether_names_lora(tmp_path, capsys, monkeypatch):
     path = tmp_path / "hyperparameters.yaml"
     path.write_text(yaml.safe_dump({"lora_r": 4, "method": "lora", "io": {"train_data_dir": "data"}}))

@@ -50,6 +50,8 @@ _LLAMA = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
     max_position_embeddings=64, rms_norm_eps=1e-5,
 )
+# the smallest tokenizer.json the tokenizers library loads: an export loads the tokenizer before it copies it
+TOKENIZER_JSON = '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}'
 # (model_type, HF config kwargs, transformers class, lit fields the conversion must produce)
 FAMILIES = {
     "llama": ("llama", dict(_LLAMA, num_key_value_heads=4), "LlamaForCausalLM", dict(tie_embeddings=False)),
@@ -434,7 +436,7 @@ def test_export_into_an_earlier_one_drops_its_tokenizer_files(tmp_path, capsys):
     model_type, kwargs, _, _ = FAMILIES["llama"]
     hf_dir = tmp_path / "hf"
     make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
-    (hf_dir / "tokenizer.json").write_text('{"version": "1.0"}')
+    (hf_dir / "tokenizer.json").write_text(TOKENIZER_JSON)
     (hf_dir / "tokenizer_config.json").write_text('{"chat_template": "NEW"}')
     convert_hf_checkpoint(hf_dir)
     out = tmp_path / "out"
@@ -448,7 +450,7 @@ def test_export_into_an_earlier_one_drops_its_tokenizer_files(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json"]
-    assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert (out / "tokenizer.json").read_text() == TOKENIZER_JSON
 
     # a checkpoint without a tokenizer of its own leaves the folder's alone (the export's warning says to copy them
     # there by hand)
@@ -489,7 +491,7 @@ def test_export_copies_tokenizer_and_generation_files(tmp_path):
     model_type, kwargs, _, _ = FAMILIES["llama_tied"]
     hf_dir = tmp_path / "hf"
     make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
-    (hf_dir / "tokenizer.json").write_text('{"version": "1.0"}')
+    (hf_dir / "tokenizer.json").write_text(TOKENIZER_JSON)
     (hf_dir / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     (hf_dir / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.5}')
     convert_hf_checkpoint(hf_dir)
@@ -505,6 +507,24 @@ def test_export_copies_tokenizer_and_generation_files(tmp_path):
     os.umask(umask)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json"])
+def test_a_corrupt_tokenizer_file_stops_the_export_before_it_writes(name, tmp_path):
+    """Before, a cut tokenizer file was copied into the export, which then reported success."""
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_dir = tmp_path / "hf"
+    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text(TOKENIZER_JSON)
+    (hf_dir / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (hf_dir / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}')
+    convert_hf_checkpoint(hf_dir)
+    text = (hf_dir / name).read_text()
+    (hf_dir / name).write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match=f"^{str(hf_dir / name)!r} ") as e:
+        convert_lit_checkpoint(hf_dir, tmp_path / "out")
+    assert str(e.value).endswith(("from the original model again.", "fix or delete the file."))
+    assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

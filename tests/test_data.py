@@ -616,6 +616,24 @@ def test_missing_prepared_data_says_what_to_run(tmp_path):
         read_prepare_config(tmp_path)
 
 
+def test_cut_prepared_data_is_one_sentence_saying_prepare_again(tmp_path):
+    """An interrupted copy of a prepared folder: a cut train.pt or prepare_config.yaml, not a torch/yaml traceback."""
+    samples = [{"input_ids": torch.arange(8), "labels": torch.arange(8)}] * 4
+    torch.save(samples, tmp_path / "train.pt")
+    data = (tmp_path / "train.pt").read_bytes()
+    (tmp_path / "train.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError) as e:
+        SFTDataset.from_dir(tmp_path, "train")
+    assert str(e.value).startswith(f"{str(tmp_path / 'train.pt')!r} could not be read (")
+    assert str(e.value).endswith("): it is truncated or was not written by a scripts/prepare_*.py script; prepare "
+                                 "the data again.")
+    (tmp_path / "prepare_config.yaml").write_text("prompt_style: alpaca\nsplits:\n  train: {rows: 3\n")
+    with pytest.raises(ValueError) as e:
+        read_prepare_config(tmp_path)
+    assert str(e.value) == (f"{str(tmp_path / 'prepare_config.yaml')!r} is not valid YAML (expected ',' or '}}', but "
+                            "got '<stream end>' at line 4, column 1); prepare the data again.")
+
+
 def test_collate_pads_and_truncates():
     batch = [
         {"input_ids": torch.tensor([5, 6, 7, 8]), "labels": torch.tensor([-100, -100, 7, 8])},

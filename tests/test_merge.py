@@ -16,7 +16,7 @@ import yaml
 
 from lit_gpt import GPT, Config
 from lit_gpt.adapters import AdapterConfig, apply_adapters, save_adapters
-from lit_gpt.merge import load_finetuned, merge_checkpoint, read_finetuned, resolve_prompt_style
+from lit_gpt.merge import load_finetuned, merge_checkpoint, read_finetuned, read_hparams, resolve_prompt_style
 from lit_gpt.utils import load_file, save_model_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,6 +371,30 @@ def test_full_finetuning_file_and_training_checkpoint_load(bases, tmp_path):
     torch.save({"model": obj["state_dict"], "optimizer": {}, "step": 4}, step)
     with torch.no_grad():
         torch.testing.assert_close(load_finetuned(base, step)(tokens), load_finetuned(base, adapter)(tokens))
+
+
+def test_a_cut_runs_hyperparameters_is_one_sentence_naming_it_and_its_line(tmp_path):
+    """merge, chat, eval and the PEFT export read a run's hyperparameters.yaml (read_finetuned): a file cut short or
+    broken by hand is named, with the YAML problem and its line, not a yaml traceback."""
+    hparams = tmp_path / "hyperparameters.yaml"
+    hparams.write_text("method: ether\nio:\n  out_dir: 'out/ru")
+    with pytest.raises(ValueError) as e:
+        read_hparams(tmp_path / "lit_model_ether_finetuned.pth")
+    assert str(e.value) == (f"{str(hparams)!r} is not valid YAML (found unexpected end of stream at line 3, column "
+                            "19): fix it, or pass the flags yourself.")
+
+
+def test_a_corrupt_base_tokenizer_stops_the_merge_before_it_writes(tmp_path):
+    """Before, merge copied a cut tokenizer.json into its output and reported success."""
+    base = make_base(tmp_path / "base")
+    adapter = make_run(tmp_path / "run", base, AdapterConfig(method="ether", nb=4))
+    text = (base / "tokenizer.json").read_text()
+    (base / "tokenizer.json").write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError) as e:
+        merge_checkpoint(adapter, log=lambda s: None)
+    assert str(e.value).startswith(f"{str(base / 'tokenizer.json')!r} could not be loaded by the tokenizers library")
+    assert str(e.value).endswith("copy the tokenizer files from the original model again.")
+    assert not (adapter.parent / "merged").exists()
 
 
 def test_missing_base_and_bad_files_are_clear(bases, tmp_path):

@@ -77,7 +77,13 @@ class SFTDataset(torch.utils.data.Dataset):
         path = Path(data_dir) / SPLIT_FILES[split]
         if not path.is_file():
             raise FileNotFoundError(_missing_data_message(path))
-        samples = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            samples = torch.load(path, map_location="cpu", weights_only=True)
+        except (PermissionError, MemoryError):
+            raise
+        except Exception as e:  # cut short (an interrupted copy of the folder) or not a torch file
+            raise ValueError(f"{str(path)!r} could not be read ({_read_problem(e)}): it is truncated or was not "
+                             "written by a scripts/prepare_*.py script; prepare the data again.") from None
         if not isinstance(samples, list):
             raise ValueError(
                 f"{str(path)!r} holds a {type(samples).__name__}, not a list of examples; prepare it again."
@@ -107,13 +113,30 @@ class SFTDataset(torch.utils.data.Dataset):
         return max((int(s["input_ids"].max()) for s in self.samples if s["input_ids"].numel()), default=-1)
 
 
+def _read_problem(error: BaseException) -> str:
+    """What torch.load said about a file it could not read, in a few words."""
+    if isinstance(error, EOFError):
+        return "the file ends early"
+    if isinstance(error, OSError) and error.strerror:  # torch's zip reader on a cut archive: "[Errno 22] Invalid ..."
+        return f"reading it failed: {error.strerror}"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first[:100]}" if first else type(error).__name__
+
+
 def read_prepare_config(data_dir: Path | str) -> dict:
     """The `prepare_config.yaml` a prepare script wrote (prompt style, tokenizer directory, max_seq_length...)."""
     path = Path(data_dir) / PREPARE_CONFIG_FILENAME
     if not path.is_file():
         raise FileNotFoundError(_missing_data_message(path))
-    with open(path, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except yaml.YAMLError as e:  # cut short, or broken by hand
+        from lit_gpt.config import yaml_problem
+
+        raise ValueError(f"{str(path)!r} is not valid YAML ({yaml_problem(e)}); prepare the data again.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text; prepare the data again.") from None
     if not isinstance(config, dict):
         raise ValueError(f"{str(path)!r} is not a mapping; prepare the data again.")
     return config
