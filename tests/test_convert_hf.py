@@ -345,22 +345,10 @@ def test_export_into_an_earlier_export_loads_the_new_model(first_shard_bytes, se
     torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
 
 
-def test_interrupted_export_into_an_earlier_one_is_never_a_loadable_mix(tmp_path, monkeypatch):
-    """Shards share their names from one export to the next: an export stopped after its first shard must not leave
-    the earlier export's later shards and index beside it (transformers would load that mix without a word)."""
+def stop_export_on_its_second_shard(checkpoint: Path, out: Path, monkeypatch) -> None:
+    """An export of `checkpoint` into `out` in shards of 20 kB, stopped (Ctrl-C) while its second shard is written:
+    what is left must not be loadable."""
     import safetensors.torch
-
-    model_type, kwargs, _, _ = FAMILIES["llama"]
-    hf_dir = tmp_path / "hf"
-    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
-    convert_hf_checkpoint(hf_dir)
-    out = tmp_path / "out"
-    convert_lit_checkpoint(hf_dir, out, max_shard_bytes=20_000)
-    assert (out / "model.safetensors.index.json").is_file()
-    # the same model after more training: every weight changed
-    trained = tmp_path / "trained"
-    make_hf_model(model_type, seed=1, **kwargs).save_pretrained(trained)
-    convert_hf_checkpoint(trained)
 
     real, calls = safetensors.torch.save_file, []
 
@@ -372,47 +360,49 @@ def test_interrupted_export_into_an_earlier_one_is_never_a_loadable_mix(tmp_path
 
     monkeypatch.setattr(safetensors.torch, "save_file", ctrl_c_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        convert_lit_checkpoint(trained, out, max_shard_bytes=20_000)
+        convert_lit_checkpoint(checkpoint, out, max_shard_bytes=20_000)
     monkeypatch.setattr(safetensors.torch, "save_file", real)
-    assert not (out / "model.safetensors.index.json").exists()
+    assert list(out.glob("model-*.safetensors")) and not (out / "model.safetensors.index.json").exists()
     with pytest.raises(OSError):  # refused, not loaded
         AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    convert_lit_checkpoint(trained, out, max_shard_bytes=20_000)  # the rerun completes it
+
+
+def export_again_and_compare(checkpoint: Path, out: Path) -> None:
+    """The same command again completes the export, which computes the checkpoint's logits."""
+    convert_lit_checkpoint(checkpoint, out, max_shard_bytes=20_000)
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
     idx = torch.randint(0, VOCAB, (1, 12))
-    lit = GPT.from_checkpoint(trained, dtype=torch.float32).eval()
+    lit = GPT.from_checkpoint(checkpoint, dtype=torch.float32).eval()
     torch.testing.assert_close(hf_logits(exported, idx), lit_logits(lit, idx), **TOL)
 
 
-def test_a_first_export_stopped_part_way_is_completed_by_the_same_command(tmp_path, monkeypatch):
-    """config.json (which marks our export) came after the weights: a first export stopped after a shard left shards
-    alone, and the rerun refused them as "a transformers model that is not an export of lit_gpt"."""
-    import safetensors.torch
-
+def test_interrupted_export_into_an_earlier_one_is_never_a_loadable_mix(tmp_path, monkeypatch):
+    """Shards share their names from one export to the next: an export stopped after its first shard must not leave
+    the earlier export's later shards and index beside it (transformers would load that mix without a word)."""
     model_type, kwargs, _, _ = FAMILIES["llama"]
     hf_dir = tmp_path / "hf"
     make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
     convert_hf_checkpoint(hf_dir)
     out = tmp_path / "out"
-    real, calls = safetensors.torch.save_file, []
-
-    def stopped_on_second_shard(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", stopped_on_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        convert_lit_checkpoint(hf_dir, out, max_shard_bytes=20_000)
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
-    assert list(out.glob("model-*.safetensors")) and not (out / "model.safetensors.index.json").exists()
-    with pytest.raises(OSError):  # not loadable
-        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     convert_lit_checkpoint(hf_dir, out, max_shard_bytes=20_000)
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-    idx = torch.randint(0, VOCAB, (1, 12))
-    torch.testing.assert_close(hf_logits(exported, idx), lit_logits(GPT.from_checkpoint(hf_dir).eval(), idx), **TOL)
+    assert (out / "model.safetensors.index.json").is_file()
+    # the same model after more training: every weight changed
+    trained = tmp_path / "trained"
+    make_hf_model(model_type, seed=1, **kwargs).save_pretrained(trained)
+    convert_hf_checkpoint(trained)
+    stop_export_on_its_second_shard(trained, out, monkeypatch)
+    export_again_and_compare(trained, out)
+
+
+def test_a_first_export_stopped_part_way_is_completed_by_the_same_command(tmp_path, monkeypatch):
+    """config.json (which marks our export) came after the weights: a first export stopped after a shard left shards
+    alone, and the rerun refused them as "a transformers model that is not an export of lit_gpt"."""
+    model_type, kwargs, _, _ = FAMILIES["llama"]
+    hf_dir = tmp_path / "hf"
+    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
+    convert_hf_checkpoint(hf_dir)
+    stop_export_on_its_second_shard(hf_dir, tmp_path / "out", monkeypatch)
+    export_again_and_compare(hf_dir, tmp_path / "out")
 
 
 def test_export_into_a_folder_of_another_transformers_model_is_refused(tmp_path):
@@ -487,14 +477,21 @@ def test_unindexed_weight_files_are_read_as_transformers_reads_them(tmp_path):
     assert "\n" not in message
 
 
-def test_export_copies_tokenizer_and_generation_files(tmp_path):
-    model_type, kwargs, _, _ = FAMILIES["llama_tied"]
+def converted_with_tokenizer_files(tmp_path: Path, family: str) -> Path:
+    """A tiny transformers model of `family` with a tokenizer.json, tokenizer_config.json and generation_config.json,
+    converted to a lit checkpoint in the same folder."""
+    model_type, kwargs, _, _ = FAMILIES[family]
     hf_dir = tmp_path / "hf"
     make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
     (hf_dir / "tokenizer.json").write_text(TOKENIZER_JSON)
     (hf_dir / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     (hf_dir / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.5}')
     convert_hf_checkpoint(hf_dir)
+    return hf_dir
+
+
+def test_export_copies_tokenizer_and_generation_files(tmp_path):
+    hf_dir = converted_with_tokenizer_files(tmp_path, "llama_tied")
     out = convert_lit_checkpoint(hf_dir, tmp_path / "out")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_text() == (hf_dir / name).read_text()
@@ -512,13 +509,7 @@ def test_export_copies_tokenizer_and_generation_files(tmp_path):
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json"])
 def test_a_corrupt_tokenizer_file_stops_the_export_before_it_writes(name, tmp_path):
     """Before, a cut tokenizer file was copied into the export, which then reported success."""
-    model_type, kwargs, _, _ = FAMILIES["llama"]
-    hf_dir = tmp_path / "hf"
-    make_hf_model(model_type, **kwargs).save_pretrained(hf_dir)
-    (hf_dir / "tokenizer.json").write_text(TOKENIZER_JSON)
-    (hf_dir / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    (hf_dir / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}')
-    convert_hf_checkpoint(hf_dir)
+    hf_dir = converted_with_tokenizer_files(tmp_path, "llama")
     text = (hf_dir / name).read_text()
     (hf_dir / name).write_text(text[:len(text) // 2])
     with pytest.raises(ValueError, match=f"^{str(hf_dir / name)!r} ") as e:
