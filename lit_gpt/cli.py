@@ -80,6 +80,10 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except BrokenPipeError:  # printed to a reader that had gone (`| head`): cut short, say so (before OSError's)
+        silence_stdout()
+        print("error: stdout was closed before the script finished (a `| head`?); it stopped there.", file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, "SIGPIPE", 13))
     except OSError as e:  # a disk full, over quota or read-only: the path and the fix, not a traceback
         from lit_gpt.utils import DISK_ERRNOS, WriteError
 
@@ -93,10 +97,6 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
             raise
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT)
-    except BrokenPipeError:  # the script printed to a reader that had gone (`| head`): cut short, say so on stderr
-        silence_stdout()
-        print("error: stdout was closed before the script finished (a `| head`?); it stopped there.", file=sys.stderr)
-        raise SystemExit(128 + getattr(signal, "SIGPIPE", 13))
 
 
 def silence_stdout() -> None:
