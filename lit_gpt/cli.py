@@ -142,7 +142,7 @@ def _one_line_parser(fn: Callable[..., Any], args: list[str]) -> type:
 
 
 def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (), known: Sequence[str] = (),
-                   files: Optional[Sequence[str]] = None) -> str:
+                   files: Sequence[str] = ()) -> str:
     """jsonargparse's (possibly multi-line) parse error as one sentence naming the flag, what it expects (from
     `fn`'s type hints) and the value given (as typed on the command line, else as jsonargparse reports it). An
     unknown flag or `--config` key gets the flag it was likely meant as, among `known`; an error in a `--config` file
@@ -156,8 +156,6 @@ def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (
         flags = [a.split("=", 1)[0] for a in unknown[1].split() if a.startswith("--")]
         hints = [h for h in (_flag_hint(f, known) for f in flags) if h]
         return f"unrecognized arguments: {unknown[1]}{'; ' + '; '.join(hints) if hints else ''} (see --help)"
-    if files is None:
-        files = [value for _, value, _ in config_values(args) if os.path.isfile(value)]
     which = f"--config {files[0]!r}" if len(files) == 1 else "--config"  # (a run's flags come as YAML text)
     yaml_error = re.match(r"Problems parsing config\s*:\s*(.*?)\s+in \"<unicode string>\", (line \d+, column \d+)",
                           message, re.DOTALL)
@@ -409,21 +407,18 @@ def _read_run_hparams(path: str, fn: Callable[..., Any], strict: bool = False) -
     flag of `fn`), else None (jsonargparse reads it, and reports what is wrong with it). `strict` (a run folder's
     own file, for `--resume`): a file that is there but not YAML raises `RunConfigError` naming it and its line,
     rather than None, which would leave the resume asking for the flags the run recorded."""
-    import yaml
+    from lit_gpt.config import read_yaml_file
 
     try:
         if not Path(path).is_file():
             return None
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        if not strict or isinstance(e, OSError):
+        data = read_yaml_file(path, ": fix it, or pass the run's flags yourself in a --config file to resume.")
+    except OSError:
+        return None
+    except ValueError as e:
+        if not strict:
             return None
-        from lit_gpt.config import yaml_problem
-
-        problem = (yaml_problem(e) if isinstance(e, yaml.YAMLError)
-                   else "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e).rstrip("."))
-        raise RunConfigError(f"{path!r} is not valid YAML ({problem}): fix it, or pass the run's flags yourself "
-                             "in a --config file to resume.") from None
+        raise RunConfigError(str(e)) from None
     if isinstance(data, dict) and RUN_METHOD_KEY in data and RUN_METHOD_KEY not in inspect.signature(fn).parameters:
         return data
     return None

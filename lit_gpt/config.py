@@ -29,6 +29,17 @@ def yaml_problem(e: Exception) -> str:
     return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
+def read_yaml_file(path: Path | str, fix: str) -> Any:
+    """The contents of the YAML file `path`; one that is not YAML (cut short, broken by hand) or not UTF-8 raises a
+    `ValueError` naming it, the problem and its line, followed by `fix` (with its leading punctuation)."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{str(path)!r} is not valid YAML ({yaml_problem(e)}){fix}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text{fix}") from None
+
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from lit_gpt.config import CONFIG_FILENAME, Config
+from lit_gpt.config import CONFIG_FILENAME, Config, read_yaml_file
 from lit_gpt.model import GPT
 from lit_gpt.utils import (
     WEIGHTS_FILENAME,
@@ -94,20 +94,6 @@ def find_run_dir(path: PathLike) -> Optional[Path]:
     return None
 
 
-def read_run_yaml(path: PathLike) -> Any:
-    """The contents of a run's `hyperparameters.yaml`; a file that is not YAML (cut short, or broken by hand) fails
-    in one sentence naming it, the problem and its line."""
-    try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        from lit_gpt.config import yaml_problem
-
-        raise ValueError(f"{str(path)!r} is not valid YAML ({yaml_problem(e)}): fix it, or pass the flags "
-                         "yourself.") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text: fix it, or pass the flags yourself.") from None
-
-
 def check_tokenizer_files(checkpoint_dir: PathLike) -> None:
     """Load the tokenizer of `checkpoint_dir` once, so that a merge or an export that copies its tokenizer.json,
     tokenizer_config.json or generation_config.json stops, before the long weight work, on a corrupt one (in the
@@ -126,7 +112,7 @@ def read_hparams(path: PathLike) -> dict:
     run_dir = find_run_dir(path)
     if run_dir is None:
         return {}
-    hp = read_run_yaml(run_dir / HPARAMS_FILENAME)
+    hp = read_yaml_file(run_dir / HPARAMS_FILENAME, ": fix it, or pass the flags yourself.")
     if not isinstance(hp, dict):
         raise ValueError(f"{str(run_dir / HPARAMS_FILENAME)!r} is not a YAML mapping; it was not written by finetune/.")
     return hp

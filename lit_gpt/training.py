@@ -926,8 +926,8 @@ def check_data_order(loader, state: dict, ckpt: Path) -> None:
 
 
 # what a resume reports of a training set prepared again: the prepare_config.yaml settings that change its examples
-PREPARE_SETTINGS = ("dataset", "source", "prompt_style", "system_prompt", "seed", "test_split_fraction", "max_seq_length",
-                    "mask_inputs")
+PREPARE_SETTINGS = ("dataset", "source", "prompt_style", "system_prompt", "seed", "test_split_fraction",
+                    "max_seq_length", "mask_inputs")
 
 
 def data_fingerprint(data, prepared: Optional[dict]) -> dict:

@@ -85,7 +85,7 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):  # another user's: alive
+    except OSError:  # (PermissionError: another user's, alive)
         return True
     return True
 

@@ -8,13 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
 from lit_gpt.cli import run_cli
-from lit_gpt.data.prepare import (
-    check_no_split_flags,
-    check_rows,
-    prepare_instruction_data,
-    read_records,
-    train_and_val_files,
-)
+from lit_gpt.data.prepare import check_rows, prepare_own_rows, read_records
 
 
 def prepare(
@@ -50,28 +44,15 @@ def prepare(
         prompt_style: Template the examples are written in (chatml or chat_template for chat models).
         system_prompt: System message for the chatml/chat_template styles.
     """
-    folder = Path(json_path).is_dir()
-    train_path, val_path = train_and_val_files(json_path, "--json_path", val_json_path, "--val_json_path",
-                                               (".json", ".jsonl"))
-    if val_path is not None:
-        check_no_split_flags(test_split_fraction, seed, val_path)
-    val_flag = "--json_path" if folder else "--val_json_path"
-
     def read(path: Path, flag: str) -> list[dict]:
         return check_rows(read_records(path, flag), path, required=("instruction", "output"), optional=("input",))
 
-    def load_rows(destination: Path):
-        return read(train_path, "--json_path"), read(val_path, val_flag) if val_path is not None else None
-
-    return prepare_instruction_data(
-        dataset=Path(json_path).resolve().name if folder else train_path.stem, checkpoint_dir=checkpoint_dir,
-        destination_path=destination_path, max_seq_length=max_seq_length, load_rows=load_rows,
-        test_split_fraction=test_split_fraction, seed=seed, mask_inputs=mask_inputs, ignore_index=ignore_index,
-        prompt_style=prompt_style, system_prompt=system_prompt,
-        # test.pt's rows: a random split of the source (seed and test_split_fraction are recorded), or val_source
-        extra={"source": str(train_path), **({"val_source": str(val_path)} if val_path is not None else {})},
+    return prepare_own_rows(
+        json_path, "--json_path", val_json_path, "--val_json_path", (".json", ".jsonl"), read,
+        test_split_fraction=test_split_fraction, seed=seed, checkpoint_dir=checkpoint_dir,
+        destination_path=destination_path, max_seq_length=max_seq_length, mask_inputs=mask_inputs,
+        ignore_index=ignore_index, prompt_style=prompt_style, system_prompt=system_prompt,
     )
-
 
 if __name__ == "__main__":
     run_cli(prepare)

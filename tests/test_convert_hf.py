@@ -281,8 +281,8 @@ def test_dtype_and_sharded_export(tmp_path):
 def test_sharded_export_fills_each_shard_as_huggingface_hub_does(tmp_path):
     """Each weight file is filled up to the shard limit before the next one starts, as transformers' save_pretrained
     (huggingface_hub's split_torch_state_dict_into_shards) fills them; a count that never restarted would write a 7B
-    export with 5 GB shards as one full file and then one file per tensor. The limit is above the largest tensor, where the Hub's split is a plain
-    greedy fill of the tensors in the order they are written."""
+    export with 5 GB shards as one full file and then one file per tensor. The limit is above the largest tensor,
+    where the Hub's split is a plain greedy fill of the tensors in the order they are written."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     model_type, kwargs, _, _ = FAMILIES["llama"]

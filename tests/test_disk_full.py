@@ -101,7 +101,8 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_of_the_fil
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     code = ("import sys, time; sys.path.insert(0, '.')\nfrom lit_gpt.utils import atomic_path\n"
-            "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('x'); print(tmp.name, flush=True); time.sleep(60)")
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_text('x'); print(tmp.name, flush=True); time.sleep(60)")
     live = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "weights.pth")], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     try:

@@ -144,10 +144,15 @@ def train_and_val_files(
     return path, val_path
 
 
+def _given_split_flags(test_split_fraction: Optional[float], seed: Optional[int]) -> list[str]:
+    """The split flags given (not None: their defaults are None until a split uses them)."""
+    return [flag for flag, value in (("--test_split_fraction", test_split_fraction), ("--seed", seed))
+            if value is not None]
+
+
 def check_no_split_flags(test_split_fraction: Optional[float], seed: Optional[int], val_path: Path) -> None:
     """A validation file of one's own is used whole: a split fraction or seed given with it would do nothing."""
-    given = [flag for flag, value in (("--test_split_fraction", test_split_fraction), ("--seed", seed))
-             if value is not None]
+    given = _given_split_flags(test_split_fraction, seed)
     if given:
         them = "them" if len(given) > 1 else "it"
         raise DataPreparationError(
@@ -158,8 +163,7 @@ def check_no_split_flags(test_split_fraction: Optional[float], seed: Optional[in
 
 def note_unused_split_flags(test_split_fraction: Optional[float], seed: Optional[int], why: str) -> None:
     """A dataset's own test files are used: say so if a split fraction or seed was given, rather than drop it."""
-    given = [flag for flag, value in (("--test_split_fraction", test_split_fraction), ("--seed", seed))
-             if value is not None]
+    given = _given_split_flags(test_split_fraction, seed)
     if given:
         print(f"Note: {' and '.join(given)} {'are' if len(given) > 1 else 'is'} not used: {why}.", file=sys.stderr)
 
@@ -641,6 +645,31 @@ def check_ignore_index(ignore_index: int) -> None:
             f"--ignore_index must be a negative integer, not a token id (got {ignore_index!r}): training would also "
             "drop every answer token with that id from the loss; use -100, PyTorch's default."
         )
+
+
+def prepare_own_rows(
+    path: Path | str, flag: str, val_path: Optional[Path | str], val_flag: str, suffixes: Sequence[str],
+    read: Callable[[Path, str], list[dict]], *, test_split_fraction: Optional[float], seed: Optional[int],
+    **settings: Any,
+) -> Path:
+    """prepare_json's and prepare_csv's steps: the rows of a data file `flag` (or of a folder holding
+    `train<suffix>` and `val<suffix>`) and of the validation file `val_flag` if any, each read with
+    `read(path, flag)`, into `prepare_instruction_data` (which takes `settings`); `prepare_config.yaml` records the
+    source, and the validation file or the split."""
+    folder = Path(path).is_dir()
+    train_path, val = train_and_val_files(path, flag, val_path, val_flag, suffixes)
+    if val is not None:
+        check_no_split_flags(test_split_fraction, seed, val)
+
+    def load_rows(destination: Path):
+        return read(train_path, flag), read(val, flag if folder else val_flag) if val is not None else None
+
+    return prepare_instruction_data(
+        dataset=Path(path).resolve().name if folder else train_path.stem, load_rows=load_rows,
+        test_split_fraction=test_split_fraction, seed=seed,
+        # test.pt's rows: a random split of the source (seed and test_split_fraction are recorded), or val_source
+        extra={"source": str(train_path), **({"val_source": str(val)} if val is not None else {})}, **settings,
+    )
 
 
 def prepare_instruction_data(

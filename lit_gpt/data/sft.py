@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-import yaml
 
 from lit_gpt.data.prepare import PREPARE_CONFIG_FILENAME, TEST_FILENAME, TRAIN_FILENAME
 from lit_gpt.data.prompts import PromptStyle, prompt_style_from_name
@@ -128,15 +127,9 @@ def read_prepare_config(data_dir: Path | str) -> dict:
     path = Path(data_dir) / PREPARE_CONFIG_FILENAME
     if not path.is_file():
         raise FileNotFoundError(_missing_data_message(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-    except yaml.YAMLError as e:  # cut short, or broken by hand
-        from lit_gpt.config import yaml_problem
+    from lit_gpt.config import read_yaml_file
 
-        raise ValueError(f"{str(path)!r} is not valid YAML ({yaml_problem(e)}); prepare the data again.") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text; prepare the data again.") from None
+    config = read_yaml_file(path, "; prepare the data again.")  # (cut short, or broken by hand)
     if not isinstance(config, dict):
         raise ValueError(f"{str(path)!r} is not a mapping; prepare the data again.")
     return config
