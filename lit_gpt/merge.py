@@ -94,17 +94,37 @@ def find_run_dir(path: PathLike) -> Optional[Path]:
     return None
 
 
-def check_tokenizer_files(checkpoint_dir: PathLike) -> None:
-    """Load the tokenizer of `checkpoint_dir` once, so that a merge or an export that copies its tokenizer.json,
-    tokenizer_config.json or generation_config.json stops, before the long weight work, on a corrupt one (in the
-    tokenizer's one sentence naming it) rather than publish it. A folder without a vocabulary passes (the writers
-    warn about it)."""
-    from lit_gpt.tokenizer import Tokenizer
+# tokenizer side files the writers may copy that `Tokenizer` does not read: JSON ones, and text ones
+_SIDE_JSON = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "chat_template.json")
+_SIDE_TEXT = ("merges.txt",)
 
+
+def check_tokenizer_files(checkpoint_dir: PathLike) -> None:
+    """Load the tokenizer of `checkpoint_dir` once, compile its chat template and parse the side files it does not
+    read (special_tokens_map.json, added_tokens.json, vocab.json, merges.txt, chat_template.json), so that a merge
+    or an export that copies them stops, before the long weight work, on a corrupt one (in one sentence naming it)
+    rather than publish it. A folder without a vocabulary passes (the writers warn about it)."""
+    from lit_gpt.tokenizer import Tokenizer
+    from lit_gpt.utils import read_json_object
+
+    checkpoint_dir = Path(checkpoint_dir)
+    fix = "copy the tokenizer files from the original model again, or delete the file"
+    for name in _SIDE_JSON:
+        if (checkpoint_dir / name).is_file():
+            read_json_object(checkpoint_dir / name, fix)
+    for name in _SIDE_TEXT:
+        path = checkpoint_dir / name
+        if path.is_file():
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}.") from None
     try:
-        Tokenizer(checkpoint_dir)
+        tokenizer = Tokenizer(checkpoint_dir)
     except FileNotFoundError:  # no tokenizer.json/tokenizer.model (its JSON files were read, and parsed, first)
-        pass
+        return
+    if tokenizer.chat_template is not None:
+        tokenizer.compile_chat_template()
 
 
 def read_hparams(path: PathLike) -> dict:

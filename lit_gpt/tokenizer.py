@@ -139,7 +139,7 @@ class Tokenizer:
                 self.stop_ids.append(i)
 
         self.use_bos = self._uses_bos(config)
-        self.chat_template = self._read_chat_template(checkpoint_dir, config)
+        self.chat_template, self.chat_template_file = self._read_chat_template(checkpoint_dir, config)
         self._compiled_template = None
 
     # ------------------------------------------------------------------ vocabulary
@@ -279,16 +279,32 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat template
     @staticmethod
-    def _read_chat_template(checkpoint_dir: Path, config: dict) -> Optional[str]:
+    def _read_chat_template(checkpoint_dir: Path, config: dict) -> tuple[Optional[str], Path]:
+        """The template and the file it comes from."""
         # as transformers: a separate chat_template.jinja takes priority over tokenizer_config.json's entry (Hub
         # repos that moved their template to the file often keep an older one in the config)
-        if (checkpoint_dir / "chat_template.jinja").is_file():
-            return (checkpoint_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        path = checkpoint_dir / "chat_template.jinja"
+        if path.is_file():
+            try:
+                return path.read_text(encoding="utf-8"), path
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); copy the "
+                                 "tokenizer files from the original model again.") from None
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        return template
+        return template, checkpoint_dir / "tokenizer_config.json"
+
+    def compile_chat_template(self):
+        """The compiled Jinja template (compiled once); a template that does not parse is a ValueError naming its
+        file."""
+        if self._compiled_template is None:
+            try:
+                self._compiled_template = _compile_template(self.chat_template)
+            except ValueError as e:
+                raise ValueError(f"{str(self.chat_template_file)!r}: {e}") from None
+        return self._compiled_template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, **kwargs: Any) -> str:
@@ -308,14 +324,13 @@ class Tokenizer:
                 f"The tokenizer in {str(self.checkpoint_dir)!r} has no chat template (no `chat_template` in "
                 "tokenizer_config.json and no chat_template.jinja); format the prompt yourself."
             )
-        if self._compiled_template is None:
-            self._compiled_template = _compile_template(self.chat_template)
+        template = self.compile_chat_template()
         variables = dict(self.special_tokens)
         variables.update(kwargs)
         import jinja2
 
         try:
-            text = self._compiled_template.render(
+            text = template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **variables
             )
         except jinja2.exceptions.TemplateError as e:
@@ -382,4 +397,5 @@ def _compile_template(source: str):
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ValueError(f"The chat template does not parse as Jinja ({e.message}, line {e.lineno}).") from None
+        raise ValueError(f"the chat template does not parse as Jinja ({e.message}, line {e.lineno}); fix the "
+                         "template, or copy the tokenizer files from the original model again.") from None

@@ -519,6 +519,36 @@ def test_a_corrupt_tokenizer_file_stops_the_export_before_it_writes(name, tmp_pa
 
 
 @pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("special_tokens_map.json", b'{"bos_token": "<s>"', "is not valid JSON"),
+        ("added_tokens.json", b"[1, 2]", "must hold a JSON object"),
+        ("vocab.json", b'{"a": 0,', "is not valid JSON"),
+        ("chat_template.json", b"\xff\xfe{}", "is not valid JSON"),
+        ("merges.txt", b"#version: 0.2\n\xe2\x96 a\n", "is not UTF-8 text"),
+        ("chat_template.jinja", b"{% for m in messages %}{{ m.content }}", "the chat template does not parse as Jinja"),
+        ("chat_template.jinja", b"\xff{{ messages }}", "is not UTF-8 text"),
+    ],
+)
+def test_a_corrupt_tokenizer_side_file_stops_the_export_before_it_writes(name, content, expected, tmp_path):
+    """The files the tokenizer itself does not read (special_tokens_map.json, added_tokens.json, vocab.json,
+    merges.txt, chat templates) were copied into the export unread, corrupt or not."""
+    hf_dir = converted_with_tokenizer_files(tmp_path, "llama")
+    (hf_dir / name).write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        convert_lit_checkpoint(hf_dir, tmp_path / "out")
+    message = str(e.value)
+    assert message.startswith(f"{str(hf_dir / name)!r}") and expected in message, message
+    assert len(message.splitlines()) == 1 and not (tmp_path / "out").exists()
+    # the same files, intact, are copied as they are
+    (hf_dir / name).write_text('{"x": 1}' if name.endswith(".json") else "#version: 0.2\n")
+    if name == "chat_template.jinja":
+        (hf_dir / name).write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = convert_lit_checkpoint(hf_dir, tmp_path / "out")
+    assert (out / name).read_bytes() == (hf_dir / name).read_bytes()
+
+
+@pytest.mark.parametrize(
     "name, overrides, export_class",
     [
         # no output bias: transformers' Phi always has one, so the export writes zeros

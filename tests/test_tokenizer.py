@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -188,6 +189,29 @@ def test_chat_template_sandbox_and_missing_template(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({}))
     with pytest.raises(ValueError, match="has no chat template"):
         Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_a_broken_chat_template_is_one_sentence_naming_its_file(tmp_path):
+    build_hf_tokenizer(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": "{% if messages %}x"}))
+    with pytest.raises(ValueError) as e:
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+    assert str(e.value).startswith(f"{str(config)!r}: the chat template does not parse as Jinja (")
+    assert "\n" not in str(e.value)
+    # chat and the prepare scripts stop at their start (building the prompt style), not at the first message
+    from lit_gpt.data.prompts import prompt_style_from_name
+
+    with pytest.raises(ValueError, match="the chat template does not parse"):
+        prompt_style_from_name("chat_template", tokenizer=Tokenizer(tmp_path))
+    # a chat_template.jinja takes priority, and is named when it is the broken one (or not text)
+    jinja = tmp_path / "chat_template.jinja"
+    jinja.write_text("{{ messages ")
+    with pytest.raises(ValueError, match=f"^{re.escape(repr(str(jinja)))}: the chat template does not parse"):
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+    jinja.write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(ValueError, match=f"^{re.escape(repr(str(jinja)))} is not UTF-8 text"):
+        Tokenizer(tmp_path)
 
 
 def test_chat_template_file_and_named_templates(tmp_path):

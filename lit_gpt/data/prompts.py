@@ -120,6 +120,8 @@ class ChatTemplate(PromptStyle):
                 f"The tokenizer in {str(where)!r} has no chat template; pass another --prompt_style "
                 "(alpaca, chatml, ...)."
             )
+        if hasattr(tokenizer, "compile_chat_template"):
+            tokenizer.compile_chat_template()  # a template that does not parse stops chat and prepare at their start
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
 
