@@ -43,7 +43,7 @@ import yaml
 from lit_gpt.adapters.config import field_name
 from lit_gpt.adapters.state import REGULARISERS  # adapter settings a resume may change
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
-from lit_gpt.config import CONFIG_FILENAME, Config
+from lit_gpt.config import CONFIG_FILENAME, Config, read_yaml_file
 from lit_gpt.model import GPT
 from lit_gpt.utils import (
     atomic_path,
@@ -862,7 +862,8 @@ def _saved_adapter_config(saved: dict, ckpt: Path) -> Optional[dict]:
         return saved["adapter_config"]
     hparams = ckpt.parent.parent / HPARAMS_FILENAME
     if hparams.is_file():
-        hp = yaml.safe_load(hparams.read_text(encoding="utf-8"))
+        hp = read_yaml_file(hparams, ": fix or delete it (this older checkpoint keeps its adapter settings only "
+                                     "there, and --resume compares them with the flags).")
         if isinstance(hp, dict) and isinstance(hp.get("adapter_config"), dict):
             return hp["adapter_config"]
     return None
@@ -1358,8 +1359,8 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> st
 def changed_hparams(path: Path, new: dict) -> bool:
     """Whether a resume's settings differ from those `path` recorded (apart from `--resume` itself)."""
     try:
-        old = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, not YAML: treat as changed
         return True
     if not isinstance(old, dict):
         return True

@@ -178,6 +178,37 @@ def test_checkpoints_of_earlier_versions_say_whether_their_step_was_validated():
     assert not checkpoint_validated({"step": 2, "validated": False}, steps=4)
 
 
+def test_an_older_checkpoints_adapter_settings_come_from_its_runs_hyperparameters(tmp_path):
+    """Checkpoints written before they carried their AdapterConfig are compared with the flags through the run's
+    hyperparameters.yaml; a damaged one is named in one sentence (it was a yaml traceback)."""
+    from lit_gpt.adapters import AdapterConfig
+    from lit_gpt.training import check_resume_matches
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002.pth"
+    ckpt.parent.mkdir(parents=True)
+    saved = {"model": {"w": torch.zeros(2)}, "step": 2, "method": "ether"}
+    now = AdapterConfig(method="ether", nb=4)
+    check_resume_matches(saved, ckpt, "ether", now)  # no hyperparameters.yaml: nothing to compare
+    hparams = tmp_path / "run" / "hyperparameters.yaml"
+    hparams.write_text("adapter_config:\n  method: ether\n  nb: 8\n")
+    with pytest.raises(ValueError, match="another adapter configuration \\(nb was 8, now 4"):
+        check_resume_matches(saved, ckpt, "ether", now)
+    hparams.write_text("adapter_config:\n  method: ether\n  nb: [8\n")
+    with pytest.raises(ValueError) as e:
+        check_resume_matches(saved, ckpt, "ether", now)
+    assert str(e.value).startswith(f"{str(hparams)!r} is not valid YAML (") and "\n" not in str(e.value)
+    assert str(e.value).endswith("fix or delete it (this older checkpoint keeps its adapter settings only there, "
+                                 "and --resume compares them with the flags).")
+    # a resume keeps the old hyperparameters.yaml aside when its flags changed; a damaged one counts as changed
+    from lit_gpt.training import changed_hparams
+
+    hparams.write_text("a: 1\nresume: false\n")
+    assert not changed_hparams(hparams, {"a": 1, "resume": "auto"}) and changed_hparams(hparams, {"a": 2})
+    for damaged in (b"a: [1\n", b"a: \xff\n"):
+        hparams.write_bytes(damaged)
+        assert changed_hparams(hparams, {"a": 1})
+
+
 def test_a_resume_with_another_batch_size_or_precision_says_so(first_run, tiny_ckpt, tmp_path, capsys):
     run = copy_of(first_run, tmp_path / "run")
     capsys.readouterr()
