@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+import warnings
 from pathlib import Path
 
 import pytest
@@ -289,6 +290,15 @@ def test_split_is_deterministic_per_seed(tmp_path, checkpoint_dir, monkeypatch):
     train, test = prep.split_rows(list(range(30)), 0.3, seed=1)
     assert sorted(train + test) == list(range(30)) and len(test) == 9
     assert (train, test) == prep.split_rows(list(range(30)), 0.3, seed=1)
+    for n, fraction, seed in ((30, 0.3, 1), (52002, 0.03865, 42), (7, 0.5, 3)):
+        ours = prep.split_rows(list(range(n)), fraction, seed=seed)
+        theirs = torch.utils.data.random_split(list(range(n)), [len(ours[0]), len(ours[1])],
+                                               generator=torch.Generator().manual_seed(seed))
+        assert ours == tuple(list(part) for part in theirs)
+    with warnings.catch_warnings():  # random_split warns of its empty test split: we do not
+        warnings.simplefilter("error")
+        assert prep.split_rows([{"a": 1}], 0.0, seed=1) == ([{"a": 1}], [])
+        assert sorted(prep.split_rows(list(range(5)), 0.0, seed=1)[0]) == list(range(5))
     with pytest.raises(DataPreparationError, match="--test_split_fraction must be in"):
         prep.split_rows(list(range(30)), 1.0, seed=1)
 

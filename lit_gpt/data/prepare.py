@@ -432,10 +432,10 @@ def split_rows(rows: Sequence[dict], test_split_fraction: float, seed: int) -> t
             f"{n} row{'s leave' if n != 1 else ' leaves'} nothing to train on with --test_split_fraction "
             f"{test_split_fraction}: pass --test_split_fraction 0 to train on all of {'them' if n != 1 else 'it'}."
         )
-    train, test = torch.utils.data.random_split(
-        list(rows), [n - n_test, n_test], generator=torch.Generator().manual_seed(seed)
-    )
-    return list(train), list(test)
+    # the permutation `random_split` draws, taken directly: random_split warns of an empty split whenever
+    # --test_split_fraction is 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order[:n - n_test]], [rows[i] for i in order[n - n_test:]]
 
 
 def resolve_max_seq_length(checkpoint_dir: Path, max_seq_length: Optional[int]) -> int:
