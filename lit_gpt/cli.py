@@ -31,6 +31,27 @@ class RunConfigError(ValueError):
     """A run's hyperparameters.yaml given as `--config` to a script that did not write it."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, `timeout`, a scheduler) in a script other than training, raised in the main thread so that
+    its `finally` blocks run: a writer stopped mid-file removes its temporary file. A BaseException, as
+    KeyboardInterrupt, so that no `except Exception` takes it for an error to recover from."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _terminate_with_cleanup() -> Optional[Any]:
+    """Make SIGTERM raise `Terminated`, if nothing else handles it and this is the main thread; the previous
+    handler, or None when left alone. Training keeps the default: it handles the signals itself once it runs, and
+    its launched ranks must die at once while blocked in a collective (PDEATHSIG)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = (), finetune_script: Optional[str] = None,
             args: Optional[list[str]] = None, run_config_fix: Optional[str] = None,
             arg_check: Optional[Callable[[list[str]], Optional[str]]] = None) -> Any:
@@ -47,6 +68,9 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
     for what jsonargparse would say worse (an unknown flag a user brings from another tool) or must not say (a
     `--config` text holding a token); it exits 2, as a bad flag does.
 
+    Ctrl-C and (outside training, `_terminate_with_cleanup`) SIGTERM end the script with the shell's exit status for
+    them and one word, after its `finally` blocks have removed what it was writing.
+
     Set `LIT_GPT_DEBUG=1` to see the traceback (and jsonargparse's full message) instead.
     """
     import jsonargparse
@@ -60,6 +84,7 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
     _whole_description(fn)
     args = list(sys.argv[1:] if args is None else args)
     debug = os.environ.get("LIT_GPT_DEBUG") == "1"
+    previous_sigterm = _terminate_with_cleanup() if finetune_script is None else None
     try:
         problem = arg_check(args) if arg_check is not None else None
         if problem is not None:
@@ -97,6 +122,14 @@ def run_cli(fn: Callable[..., Any], errors: tuple[type[BaseException], ...] = ()
             raise
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT)
+    except Terminated:  # the same for SIGTERM, once the `finally` blocks on the way have removed temporary files
+        if debug:
+            raise
+        print("\nterminated", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def silence_stdout() -> None:

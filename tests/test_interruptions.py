@@ -282,6 +282,47 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
     assert e.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
 
 
+WRITER = """
+import signal, sys, time
+from pathlib import Path
+from lit_gpt.cli import run_cli
+from lit_gpt.utils import atomic_path
+
+def main(out: Path, finetune: bool = False) -> None:
+    print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"x" * 1000)
+        (out.parent / "ready").touch()
+        time.sleep(60)
+
+run_cli(main, finetune_script="finetune/x.py" if "--finetune" in sys.argv else None,
+        args=[a for a in sys.argv[1:] if a != "--finetune"])
+"""
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_sigterm_outside_training_removes_the_file_being_written(finetune, tmp_path):
+    """SIGTERM (`timeout`, `kill`) used to end a converter, merge or prepare script without its `finally` blocks,
+    leaving a temporary file as large as the output beside it. The finetune scripts keep the default action until
+    training takes the signal over (their launched ranks must die at once when blocked in a collective)."""
+    out = tmp_path / "out" / "weights.bin"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, "--out", str(out)] + (["--finetune"] if finetune else []),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not (out.parent / "ready").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    left = sorted(p.name for p in out.parent.iterdir())
+    if finetune:
+        assert proc.returncode == -signal.SIGTERM and stdout == "True\n" and stderr == ""
+        assert len(left) == 2 and left[0].startswith(".weights.bin.")  # (the next write of it removes it)
+    else:
+        assert (proc.returncode, stdout, stderr) == (128 + signal.SIGTERM, "False\n", "\nterminated\n")
+        assert left == ["ready"]
+
+
 # ---------------------------------------------------------------------------------------------- failed writes
 def test_a_full_disk_at_a_checkpoint_names_it_and_the_intact_one_before(tiny_ckpt, tmp_path, monkeypatch):
     import errno

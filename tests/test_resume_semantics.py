@@ -54,9 +54,9 @@ def test_resume_uses_the_optimiser_and_schedule_flags_given_now_and_says_what_ch
     new = dict(FIRST, learning_rate=5e-3, max_steps=6, weight_decay=0.1, beta2=0.99)
     setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=new, resume=str(step2))
     out = capsys.readouterr().out
-    assert (f"Resumed with other settings than the checkpoint's (old -> new): --train.learning_rate 0.01 "
-            f"-> 0.005, --train.weight_decay 0.0 -> 0.1, --train.beta2 0.999 -> 0.99, --train.max_steps 4 -> 6; "
-            f"steps 3 on use the new ones.") in out
+    assert ("Resumed with other settings than the checkpoint's (old -> new): --train.learning_rate 0.01 "
+            "-> 0.005, --train.weight_decay 0.0 -> 0.1, --train.beta2 0.999 -> 0.99, --train.max_steps 4 -> 6; "
+            "steps 3 on use the new ones.") in out
 
     rows = {int(r["step"]): float(r["lr"]) for r in csv_rows(run) if r["loss"]}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
