@@ -37,7 +37,9 @@ class TrainArgs:
     (litgpt's convention), so this changes how examples of different lengths are weighted; the number of devices
     does not."""
     epochs: int = 1
-    """Passes over `epoch_size` samples (unless `max_steps` is set)."""
+    """Passes over `epoch_size` samples (unless `max_steps` is set): ceil(epochs × epoch_size / global_batch_size)
+    optimizer steps. The passes follow each other without padding or repeats; a step that crosses into the next pass
+    takes its first examples."""
     epoch_size: Optional[int] = None
     """Samples per epoch (default: the size of the training set)."""
     max_steps: Optional[int] = None

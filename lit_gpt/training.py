@@ -784,6 +784,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def every_rank_rng_state(fabric) -> list[dict]:
+    """Each rank's `rng_state()`, in rank order (a collective: every rank calls it). Dropout draws as many numbers as
+    a micro-batch has elements, and micro-batches differ in length between ranks, so the ranks' generators part
+    after the first step: a checkpoint keeps them all."""
+    state = rng_state()
+    if fabric.world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list = [None] * fabric.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def seed_rank(seed: int, rank: int, step: int) -> None:
+    """A generator stream of this rank's own, from (seed, rank, step): ranks other than 0 draw other dropout masks
+    than rank 0 (each rank sees other examples; identical masks on equally long micro-batches would be correlated
+    noise), and rank 0's stream is the one a single-device run has."""
+    import hashlib
+
+    digest = hashlib.sha256(f"lit_gpt.rank:{seed}:{rank}:{step}".encode()).digest()
+    value = int.from_bytes(digest[:8], "little") >> 1
+    torch.manual_seed(value)
+    random.seed(value)
+
+
+def restore_rng_state(saved: Any, rank: int, seed: int, step: int) -> None:
+    """Set this rank's generators from a checkpoint's `rng`: a list holds every rank's (`every_rank_rng_state`);
+    a dict (checkpoints before 2026-11-24) only rank 0's. A rank the checkpoint has no state for (it ran on fewer
+    processes) starts a stream of its own."""
+    states = saved if isinstance(saved, list) else [saved] if isinstance(saved, dict) else []
+    if rank < len(states):
+        set_rng_state(states[rank])
+    else:
+        seed_rank(seed, rank, step)
+
+
 def checkpoint_validated(saved: dict, steps: int) -> bool:
     """Whether a validation ran at a checkpoint's step before it was written. Checkpoints of earlier versions say so
     only at the last step (`last_of_run`); before it, they were written after any validation due at their step."""
@@ -909,15 +946,13 @@ RESUME_FROM_FLAGS = ("learning_rate", "min_lr", "lr_warmup_steps", "weight_decay
                      "global_batch_size", "max_norm", "max_seq_length")
 
 
-# what fixes the order of the training data, by the flags that set it
-DATA_ORDER_FLAGS = {"seed": "--seed", "micro_batch_size": "--train.micro_batch_size",
-                    "world_size": "--devices × --num_nodes", "num_samples": "the size of --io.train_data_dir's train.pt"}
+# what fixes the order of the training data, by the flags that set it (the number of processes and the micro-batch
+# size do not: `MicroBatchLoader` deals one stream of examples)
+DATA_ORDER_FLAGS = {"seed": "--seed", "num_samples": "the size of --io.train_data_dir's train.pt"}
 
 
 def check_data_order(loader, state: dict, ckpt: Path) -> None:
-    """A resume must go on with the data order the checkpoint's run had: refuse other flags in one sentence (another
-    number of processes is fine where the position converts: `MicroBatchLoader.resumable_state`)."""
-    state = loader.resumable_state(state)
+    """A resume must go on with the data order the checkpoint's run had: refuse other flags in one sentence."""
     differ = loader.order_differences(state)
     if differ:
         detail = "; ".join(f"{DATA_ORDER_FLAGS.get(k, k)} was {old}, now {new}" for k, (old, new) in differ.items())
@@ -1169,7 +1204,7 @@ def finetune(
             raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
                              "run: raise --train.max_steps, or resume from an earlier checkpoint.")
         changed = changed_training_flags(saved, train, steps, len(train_data), precision, adapter_float32)
-        was_world = (saved.get("data") or {}).get("world_size")
+        was_world = saved.get("world_size", (saved.get("data") or {}).get("world_size"))
         if was_world not in (None, world_size):
             changed.append(f"--devices × --num_nodes {was_world} -> {world_size}")
     start_step = saved["step"] if saved is not None else 0
@@ -1211,6 +1246,8 @@ def finetune(
 
     state = {"step": 0, "data": None, "last_good": None, "checkpoint_last": adapter_config is not None,
              "validated": False}
+    if saved is None and fabric.global_rank > 0:  # (after the model's initialisation, which every rank makes alike)
+        seed_rank(seed, fabric.global_rank, 0)
     if saved is not None:
         # AdamW's moments and step counts from the checkpoint; its lr, weight decay and betas from the flags
         load_trainable_state(model.module, optimizer.optimizer, saved["model"], saved["optimizer"], ckpt)
@@ -1219,7 +1256,7 @@ def finetune(
         state["data"] = saved["data"]
         state["last_good"] = ckpt
         state["validated"] = checkpoint_validated(saved, steps)
-        set_rng_state(saved["rng"])
+        restore_rng_state(saved["rng"], fabric.global_rank, seed, saved["step"])
         fabric.print(f"Resumed from {ckpt} at step {state['step']}.")
         if changed:
             fabric.print(f"Resumed with other settings than the checkpoint's (old -> new): "
@@ -1276,11 +1313,12 @@ def finetune(
 
     def save_checkpoint(step: int, data_state: dict, validated: bool) -> Path:
         msd, osd = trainable_state_dict(model.module, optimizer.optimizer)
+        rng = every_rank_rng_state(fabric)
         path = out_dir / "checkpoints" / f"step-{step:06d}.pth"
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric, train.max_norm)
         write_on_rank_0(fabric, path, lambda: atomic_save(
-            {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng_state(), "method": method,
-             "train": asdict(train), "precision": precision, "adapter_float32": adapter_float32,
+            {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng,
+             "world_size": fabric.world_size, "method": method, "train": asdict(train), "precision": precision, "adapter_float32": adapter_float32,
              "validated": validated,  # whether a validation ran at this step before it was written
              "data_fingerprint": fingerprint,
              "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),
@@ -1329,7 +1367,7 @@ def total_steps(train: TrainArgs, n_samples: int) -> int:
     if train.max_steps:
         return train.max_steps
     epoch_size = train.epoch_size or n_samples
-    return max(1, (train.epochs * epoch_size) // train.global_batch_size)
+    return max(1, -(-train.epochs * epoch_size // train.global_batch_size))  # every example `epochs` times
 
 
 def final_filename(method: str) -> str:
@@ -1386,7 +1424,7 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
     max_len = min(train.max_seq_length or model.module.config.block_size, model.module.config.block_size)
     loader = make_loader(train_data, train, seed, fabric.global_rank, fabric.world_size, pad_id, max_len)
     if state["data"] is not None:
-        loader.load_state_dict(loader.resumable_state(state["data"]))
+        loader.load_state_dict(state["data"])
     batches = iter(loader)
     progress = _progress(fabric, state["step"], steps)
     validating = len(val_data) > 0 and eval.max_iters > 0

@@ -24,8 +24,8 @@ from lit_gpt.data import (
     MicroBatchLoader,
     SFTDataset,
     collate,
+    epoch_order,
     load_prompt_style,
-    make_batches,
     prompt_style_from_name,
     read_prepare_config,
 )
@@ -664,51 +664,67 @@ def test_collate_pads_and_truncates():
         collate([])
 
 
-def test_sampler_same_order_for_same_seed_and_epoch():
-    a = make_batches(50, 4, seed=7, epoch=3)
-    assert a == make_batches(50, 4, seed=7, epoch=3)
-    assert a != make_batches(50, 4, seed=7, epoch=4)
-    assert a != make_batches(50, 4, seed=8, epoch=3)
-    assert make_batches(10, 3, seed=0, epoch=0, shuffle=False) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]]
-
-
-@pytest.mark.parametrize("n, micro_batch_size, world_size", [(48, 4, 3), (50, 4, 3), (7, 2, 4), (5, 1, 1)])
-def test_sampler_shards_are_disjoint_and_cover_the_data(n, micro_batch_size, world_size):
-    shards = [sum(make_batches(n, micro_batch_size, 1, 0, rank, world_size), []) for rank in range(world_size)]
-    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of micro-batches
-    flat = sum(shards, [])
-    assert set(flat) == set(range(n))
-    pad = len(flat) - n
-    assert 0 <= pad < micro_batch_size * world_size
-    if pad == 0:
-        assert sorted(flat) == list(range(n))  # disjoint
-    else:  # only the padding repeats indices, and only ones from the start of the epoch's permutation
-        perm = sum((b for step in zip(*[make_batches(n, micro_batch_size, 1, 0, r, world_size)
-                                        for r in range(world_size)]) for b in step), [])
-        assert perm[n:] == perm[:pad] and sorted(perm[:n]) == list(range(n))
-    # drop_last: disjoint, equal shards, only a tail of fewer than one global step left out
-    shards = [sum(make_batches(n, micro_batch_size, 1, 0, r, world_size, drop_last=True), [])
-              for r in range(world_size)] if n >= micro_batch_size * world_size else None
-    if shards:
-        flat = sum(shards, [])
-        assert len(flat) == len(set(flat)) and n - len(flat) < micro_batch_size * world_size
-
-
-def test_sampler_skip_equals_tail_and_longest_first():
-    for rank in range(2):
-        full = make_batches(41, 3, seed=5, epoch=2, rank=rank, world_size=2)
-        for skip in (0, 1, 4, len(full)):
-            assert make_batches(41, 3, seed=5, epoch=2, rank=rank, world_size=2, skip=skip) == full[skip:]
+def test_epoch_order_depends_on_seed_and_epoch_only_and_puts_the_longest_first():
+    a = epoch_order(50, seed=7, epoch=3)
+    assert a == epoch_order(50, seed=7, epoch=3) and sorted(a) == list(range(50))
+    assert a != epoch_order(50, seed=7, epoch=4) and a != epoch_order(50, seed=8, epoch=3)
+    assert epoch_order(10, seed=0, epoch=0, shuffle=False) == list(range(10))
     lengths = [int(x) for x in torch.randint(1, 100, (41,), generator=torch.Generator().manual_seed(0))]
-    lengths[17] = 1000
-    batches = [make_batches(41, 3, 5, 2, r, 2, lengths=lengths, longest_first=True) for r in range(2)]
-    plain = [make_batches(41, 3, 5, 2, r, 2) for r in range(2)]
-    assert sorted(batches[0] + batches[1]) == sorted(plain[0] + plain[1])
-    assert 17 in batches[0][0]  # the longest example in the first micro-batch, on rank 0
-    # one order dealt to the ranks: the same micro-batches in each step for any number of processes (with the same
-    # global batch), so --devices 2 trains on what --devices 1 does
-    one = make_batches(41, 3, 5, 2, 0, 1, lengths=lengths, longest_first=True)
-    assert one == [b for step in zip(*batches) for b in step]
+    lengths[17] = lengths[30] = 1000
+    plain, first = epoch_order(41, 5, 0), epoch_order(41, 5, 0, lengths=lengths)
+    longest = min((17, 30), key=plain.index)  # the first of the two in the permutation
+    assert first[0] == longest and first[1:] == [i for i in plain if i != longest]
+    assert epoch_order(41, 5, 1, lengths=lengths) == epoch_order(41, 5, 1)  # later epochs as drawn
+
+
+def stream_of(n: int, micro_batch_size: int, world_size: int, micro_steps: int, **kwargs) -> list[list[int]]:
+    """The examples of each global micro-step, the ranks' micro-batches one after another (make_dataset's example
+    i is made of the token i)."""
+    ds = make_dataset(n)
+    loaders = [iter(MicroBatchLoader(ds, micro_batch_size, seed=1, rank=r, world_size=world_size, **kwargs))
+               for r in range(world_size)]
+    return [[e for it in loaders for e in next(it)["input_ids"][:, 0].tolist()] for _ in range(micro_steps)]
+
+
+@pytest.mark.parametrize("n, micro_batch_size, world_size", [(48, 4, 3), (50, 4, 3), (7, 2, 4), (5, 1, 1), (3, 4, 2)])
+def test_the_loader_deals_one_stream_of_whole_epochs_to_the_ranks(n, micro_batch_size, world_size):
+    """Every example once per pass, nothing padded or repeated: the passes follow each other, a micro-batch at the end
+    of one takes the first examples of the next (before, each epoch was padded with repeats, and `--train.epochs 3`
+    saw 40% of the examples only twice)."""
+    steps = -(-3 * n // (micro_batch_size * world_size)) + 1
+    flat = [e for step in stream_of(n, micro_batch_size, world_size, steps) for e in step]
+    expected = [i for epoch in range(len(flat) // n + 1) for i in epoch_order(n, 1, epoch)]
+    assert flat == expected[:len(flat)]
+    for epoch in range(3):
+        assert sorted(flat[epoch * n:(epoch + 1) * n]) == list(range(n))
+
+
+def test_an_optimizer_step_holds_the_same_examples_for_any_devices_and_micro_batch_size():
+    """A global batch of 4 as 1 x 4, 2 x 2, 4 x 1 and 1 x 1 with accumulation: the same examples in every step, so a
+    run may resume on another number of processes or micro-batch size and train on what it would have."""
+    steps = {}
+    for world_size, micro_batch_size in ((1, 4), (2, 2), (4, 1), (1, 1)):
+        per_step = 4 // (world_size * micro_batch_size)
+        stream = stream_of(11, micro_batch_size, world_size, 6 * per_step, longest_first=True)
+        steps[world_size, micro_batch_size] = [sorted(sum(stream[i:i + per_step], []))
+                                               for i in range(0, len(stream), per_step)]
+    assert len({str(v) for v in steps.values()}) == 1, steps
+
+
+def test_epochs_are_whole_passes_over_the_data():
+    """27 examples, 3 epochs, a global batch of 8: ceil(81 / 8) = 11 steps, every example seen 3 times (the 8 x 11 -
+    81 = 7 left are the start of a fourth pass)."""
+    from lit_gpt.args import TrainArgs
+    from lit_gpt.training import total_steps
+
+    train = TrainArgs(epochs=3, global_batch_size=8, micro_batch_size=8)
+    assert total_steps(train, 27) == 11
+    flat = [e for step in stream_of(27, 8, 1, 11) for e in step]
+    counts = [flat.count(i) for i in range(27)]
+    assert min(counts) == 3 and sum(counts) == 88 and flat[81:] == epoch_order(27, 1, 3)[:7]
+    assert total_steps(TrainArgs(epochs=2, global_batch_size=4), 28) == 14
+    assert total_steps(TrainArgs(epochs=1, epoch_size=10, global_batch_size=4), 28) == 3
+    assert total_steps(TrainArgs(max_steps=5, global_batch_size=4), 28) == 5
 
 
 def make_dataset(n: int) -> SFTDataset:
@@ -725,23 +741,24 @@ def test_loader_resumes_with_the_exact_same_batches():
     ds = make_dataset(11)
     kwargs = dict(micro_batch_size=2, seed=3, rank=1, world_size=2, pad_id=0, max_seq_length=6)
     reference = MicroBatchLoader(ds, **kwargs)
-    assert len(reference) == 3  # ceil(11 / 4) global steps
     it = iter(reference)
     seen = [next(it) for _ in range(5)]
     state = reference.state_dict()
-    assert (state["epoch"], state["step"]) == (1, 2)
+    assert (state["position"], state["epoch"]) == (20, 1)
     upcoming = [next(it) for _ in range(4)]  # crosses into epoch 2
     resumed = MicroBatchLoader(ds, **kwargs)
     resumed.load_state_dict(state)
     again = [b for _, b in zip(range(4), resumed)]
     for a, b in zip(upcoming, again):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
-    # batch contents are the sampler's indices, collated and cut to max_seq_length
-    epoch0 = make_batches(ds, 2, 3, 0, 1, 2)
-    assert [row[0].item() for row in seen[0]["input_ids"]] == epoch0[0]
+    # batch contents are the stream's indices (rank 1 takes the second micro-batch of each global micro-step),
+    # collated and cut to max_seq_length
+    assert [row[0].item() for row in seen[0]["input_ids"]] == epoch_order(11, 3, 0)[2:4]
     assert max(b["input_ids"].shape[1] for b in seen + upcoming) <= 6
-    with pytest.raises(ValueError, match="world_size was 2, now 4"):
-        MicroBatchLoader(ds, **dict(kwargs, world_size=4, rank=0)).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed was 3, now 4"):
+        MicroBatchLoader(ds, **dict(kwargs, seed=4)).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_samples was 11, now 12"):
+        MicroBatchLoader(make_dataset(12), **kwargs).load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------- the CLIs
@@ -1224,12 +1241,13 @@ def test_flan_and_longform_say_their_own_test_files_leave_the_split_flags_unused
     assert (len(instructions(out, "train")), len(instructions(out, "test"))) == (3, 3)
     assert "Note" not in capsys.readouterr().err
 
-def test_a_position_moves_to_another_number_of_processes():
-    """One permutation dealt to the ranks a micro-batch each: a run checkpointed on 2 processes goes on with the
-    same examples on 1 (or 4) once its position (an optimizer step's boundary) is a whole number of micro-steps."""
+
+def test_a_position_resumes_on_another_number_of_processes_and_older_states_convert():
+    """A run checkpointed on 2 processes goes on with the same examples on 1, 3 or 4 (the stream does not depend on
+    them); a state written before the stream (epoch and micro-step of padded epochs) resumes at the same place."""
     ds = make_dataset(41)
 
-    def examples(batch):  # make_dataset's example i is made of the token i
+    def examples(batch):
         return batch["input_ids"][:, 0].tolist()
 
     loaders = [MicroBatchLoader(ds, 2, seed=3, rank=r, world_size=2, longest_first=True) for r in range(2)]
@@ -1238,21 +1256,20 @@ def test_a_position_moves_to_another_number_of_processes():
         for it in two:
             next(it)
     state = loaders[0].state_dict()
-    assert (state["epoch"], state["step"], state["world_size"]) == (0, 6, 2)
-    after = [e for _ in range(4) for it in two for e in examples(next(it))]  # the next 2 optimizer steps
-    for world_size in (1, 4):
+    assert state["position"] == 24 and "world_size" not in state and "micro_batch_size" not in state
+    after = [e for _ in range(6) for it in two for e in examples(next(it))]  # the next 3 optimizer steps
+    for world_size in (1, 3, 4):
         moved = [MicroBatchLoader(ds, 2, seed=3, rank=r, world_size=world_size, longest_first=True)
                  for r in range(world_size)]
         for loader in moved:
-            loader.load_state_dict(loader.resumable_state(state))
+            loader.load_state_dict(state)
         its = [iter(loader) for loader in moved]
-        assert [e for _ in range(8 // world_size) for it in its for e in examples(next(it))] == after
-    # a position that is not a whole number of micro-steps on 3 processes stays refused, naming the setting
-    three = MicroBatchLoader(ds, 2, seed=3, rank=0, world_size=3, longest_first=True)
-    assert three.resumable_state(dict(state, step=1)) == dict(state, step=1)
-    with pytest.raises(ValueError, match="world_size was 2, now 3"):
-        three.load_state_dict(three.resumable_state(dict(state, step=1)))
-    # at the end of an epoch (whose padding depends on the process count): the next epoch's start
-    end = MicroBatchLoader(ds, 2, seed=3, rank=0, world_size=1, longest_first=True).resumable_state(
-        dict(state, step=11))
-    assert (end["epoch"], end["step"], end["world_size"]) == (1, 0, 1)
+        got = [e for _ in range(-(-24 // (2 * world_size))) for it in its for e in examples(next(it))]
+        assert got[:24] == after
+    old = {"epoch": 2, "step": 3, "seed": 3, "micro_batch_size": 2, "world_size": 2, "num_samples": 41,
+           "shuffle": True, "drop_last": False, "longest_first": True}
+    loader = MicroBatchLoader(ds, 2, seed=3, longest_first=True)
+    loader.load_state_dict(old)
+    assert loader.position == 2 * 41 + 12
+    loader.load_state_dict(dict(old, step=11))  # the padded end of an epoch: the next one's start
+    assert loader.position == 3 * 41

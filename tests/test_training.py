@@ -244,6 +244,29 @@ def test_a_run_of_two_processes_resumes_on_one(tiny_ckpt, tmp_path):
         torch.testing.assert_close(resumed[k], uninterrupted[k], atol=1e-5, rtol=0, msg=k)
 
 
+@pytest.mark.slow
+def test_a_run_of_two_processes_with_dropout_resumes_onto_the_same_masks(tiny_ckpt, tmp_path):
+    """Dropout draws as many numbers as a micro-batch has elements, so the ranks' generators part after a step: a
+    checkpoint kept rank 0's alone and gave it to both, and the resumed run trained on other masks (its adapter 15%
+    off the uninterrupted one's). Each rank's generators are kept now, and rank 1 draws masks of its own."""
+    run = tmp_path / "run"
+    flags = [*common_flags(tiny_ckpt, run, 4, **{"--train.save_interval": "2"}), "--ether_nb", "4",
+             "--ether_dropout", "0.2", "--train.learning_rate", "1e-2", "--devices", "2"]
+    cpu = dict(CUDA_VISIBLE_DEVICES="")
+    r = run_cli("ether.py", *flags, timeout=300, **cpu)
+    assert r.returncode == 0, r.stderr[-3000:]
+    uninterrupted = final_tensors(run)
+    saved = load_file(run / "checkpoints" / "step-000002.pth", mmap=False)["rng"]
+    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])
+    (run / "lit_model_ether_finetuned.pth").unlink()
+    (run / "checkpoints" / "step-000004.pth").unlink()
+    r = run_cli("ether.py", *flags, "--resume", "auto", timeout=300, **cpu)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = final_tensors(run)
+    for k in uninterrupted:
+        torch.testing.assert_close(resumed[k], uninterrupted[k], atol=0, rtol=0, msg=k)
+
+
 def test_the_sample_answer_of_a_sharded_run_takes_as_many_forwards_on_every_rank():
     """A rank that stopped at an end token the others did not pick would leave them waiting in the next sharded
     forward: sharded, every rank runs `max_new_tokens` and the answer is cut at the first stop token."""

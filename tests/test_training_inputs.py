@@ -313,10 +313,14 @@ def test_a_resume_with_another_data_order_names_the_flags(tiny_ckpt):
 
     data = SFTDataset.from_dir(tiny_ckpt / "data")
     state = make_loader(data, TrainArgs(micro_batch_size=1), 1337, 0, 2, 0, None).state_dict()
+    state["num_samples"] += 1
     with pytest.raises(ValueError, match=r"^--resume 'c\.pth' cannot go on with the same order of the training data "
-                                         r"\(--seed was 1337, now 7; --devices × --num_nodes was 2, now 1\): resume "
-                                         r"with the flags the run was started with"):
+                                         r"\(--seed was 1337, now 7; the size of --io.train_data_dir's train.pt was "
+                                         r"\d+, now \d+\): resume with the flags the run was started with"):
         check_data_order(make_loader(data, TrainArgs(micro_batch_size=1), 7, 0, 1, 0, None), state, Path("c.pth"))
+    # another number of processes or micro-batch size is no other order
+    check_data_order(make_loader(data, TrainArgs(micro_batch_size=2), 1337, 0, 1, 0, None),
+                     dict(state, num_samples=len(data)), Path("c.pth"))
 
 
 # ---------------------------------------------------------------------------------------------- directories

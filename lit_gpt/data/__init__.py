@@ -12,9 +12,9 @@ from lit_gpt.data.sft import (
     MicroBatchLoader,
     SFTDataset,
     collate,
+    epoch_order,
     epoch_permutation,
     load_prompt_style,
-    make_batches,
     read_prepare_config,
 )
 
@@ -29,9 +29,9 @@ __all__ = [
     "TRAIN_FILENAME",
     "collate",
     "encode_example",
+    "epoch_order",
     "epoch_permutation",
     "load_prompt_style",
-    "make_batches",
     "prompt_style_from_name",
     "read_prepare_config",
 ]

@@ -10,21 +10,20 @@ API for a training loop (one process per rank)::
         logits = model(batch["input_ids"])                  # (B, T)
         loss = cross_entropy(logits[:, :-1], batch["labels"][:, 1:], ignore_index=-100)
         ...
-        checkpoint["data"] = loader.state_dict()            # {"epoch", "step", ...}: the next micro-batch
+        checkpoint["data"] = loader.state_dict()            # {"position", ...}: the next micro-batch
 
-Order. Epoch `e` is a permutation of the dataset drawn from `(seed, e)` alone. It is cut into global steps of
-`world_size * micro_batch_size` consecutive indices, and rank `r` takes the `r`-th micro-batch of every global step,
-so the ranks' shards are disjoint and every rank gets the same number of equally sized micro-batches (collective
-ops never wait on a rank that ran out). The last global step is completed with indices from the start of the
-permutation (as `torch.utils.data.DistributedSampler` pads), or dropped with `drop_last`. Resuming at
-`(epoch, step)` yields exactly the micro-batches an uninterrupted run would have yielded from there.
+Order. Epoch `e` is a permutation of the dataset drawn from `(seed, e)` alone, and the epochs follow each other as
+one stream, without padding or repeats. Each global micro-step deals the next `world_size * micro_batch_size`
+examples of the stream, rank `r` taking the `r`-th `micro_batch_size` of them, so the ranks' shards are disjoint,
+every rank gets equally sized micro-batches (collective ops never wait on a rank that ran out), every example is seen
+once per pass, and an optimizer step holds the same examples on any number of processes. A micro-batch that crosses
+the end of an epoch takes the first examples of the next. Resuming at a `position` yields exactly the micro-batches
+an uninterrupted run would have yielded from there.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Sized
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -186,64 +185,38 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
-def make_batches(
-    dataset: Sized | int, micro_batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-    skip: int = 0, shuffle: bool = True, drop_last: bool = False, lengths: Optional[Sequence[int]] = None,
-    longest_first: bool = False,
-) -> list[list[int]]:
-    """This rank's micro-batches (lists of dataset indices) for one epoch, minus the first `skip` of them.
-
-    `dataset` is a dataset or its size. `shuffle=False` walks the data in order (evaluation). With
-    `longest_first` (needs `lengths`, or a dataset with a `lengths` attribute) the micro-batch holding the epoch's
-    longest example comes first (on rank 0), so an out-of-memory error shows at the first step rather than hours
-    later.
-    """
-    n = dataset if isinstance(dataset, int) else len(dataset)
-    if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"Need micro_batch_size >= 1 and 0 <= rank < world_size, got {micro_batch_size}, "
-                         f"rank={rank}, world_size={world_size}.")
-    if skip < 0:
-        raise ValueError(f"skip must be >= 0, got {skip}.")
-    if n == 0:
-        raise ValueError("Cannot batch an empty dataset.")
-    order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
-    step = world_size * micro_batch_size
-    if drop_last:
-        if n < step:
-            raise ValueError(f"{n} examples do not fill one global step of {world_size} x {micro_batch_size}; "
-                             "lower the micro-batch size or drop drop_last.")
-        order = order[: n - n % step]
-    elif n % step:
-        pad = step - n % step
-        order = torch.cat([order] + [order] * (pad // n) + [order[: pad % n]])
-    if longest_first:
-        if lengths is None:
-            lengths = getattr(dataset, "lengths", None)
-        if lengths is None:
-            raise ValueError("longest_first needs the example lengths (pass lengths= or a dataset with .lengths).")
-        # the micro-batch of the permutation holding the longest example goes first, before the order is dealt to
-        # the ranks: each optimizer step then holds the same examples for any --devices (and the same global batch)
-        chunks = order.view(-1, micro_batch_size)
-        longest = max(range(len(chunks)), key=lambda c: max(lengths[i] for i in chunks[c].tolist()))
-        order = torch.cat([chunks[longest], chunks[:longest].flatten(), chunks[longest + 1:].flatten()])
-    order = order.view(-1, world_size, micro_batch_size)[:, rank]  # (steps, micro_batch_size)
-    return order.tolist()[skip:]
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True,
+                lengths: Optional[Sequence[int]] = None) -> list[int]:
+    """Epoch `epoch`'s order of the examples: `epoch_permutation` (or `range` without `shuffle`). With `lengths`,
+    epoch 0's longest example is moved to the front, so that the first micro-batch is the longest there can be and an
+    out-of-memory error shows at the first step rather than hours later."""
+    order = (epoch_permutation(num_samples, seed, epoch) if shuffle else torch.arange(num_samples)).tolist()
+    if lengths is not None and epoch == 0 and order:
+        at = max(range(num_samples), key=lambda i: lengths[order[i]])  # (the first of the longest)
+        order.insert(0, order.pop(at))
+    return order
 
 
 class MicroBatchLoader:
     """An endless, resumable iterator over collated micro-batches for one rank (see the module docstring).
 
-    `epoch` and `step` always name the next micro-batch to be yielded; they are the same on every rank, so rank 0's
-    `state_dict()` can be saved for all. It also holds the settings that define the order, and `load_state_dict()`
-    refuses a state from a run whose order would differ.
+    `position` counts the examples dealt so far to all ranks: this rank's next micro-batch holds the examples at
+    `position + rank * micro_batch_size` onwards in the stream of epochs, the same on every rank, so rank 0's
+    `state_dict()` can be saved for all. The stream depends only on the seed, the number of examples and `shuffle`,
+    so a position resumes on any number of processes and with any micro-batch size. `load_state_dict()` refuses a
+    state from a run whose stream differs.
     """
 
     def __init__(
         self, dataset: SFTDataset, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
         pad_id: int = 0, ignore_index: int = -100, max_seq_length: Optional[int] = None,
-        shuffle: bool = True, drop_last: bool = False, longest_first: bool = False,
-        pad_to_length: Optional[int] = None,
+        shuffle: bool = True, longest_first: bool = False, pad_to_length: Optional[int] = None,
     ) -> None:
+        if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"Need micro_batch_size >= 1 and 0 <= rank < world_size, got {micro_batch_size}, "
+                             f"rank={rank}, world_size={world_size}.")
+        if len(dataset) == 0:
+            raise ValueError("Cannot batch an empty dataset.")
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.seed = seed
@@ -253,72 +226,61 @@ class MicroBatchLoader:
         self.ignore_index = ignore_index
         self.max_seq_length = max_seq_length
         self.shuffle = shuffle
-        self.drop_last = drop_last
         self.longest_first = longest_first
         self.pad_to_length = pad_to_length
         self._lengths = dataset.lengths if longest_first else None
-        self.epoch = 0
-        self.step = 0
-        self.batches_per_epoch = len(self._batches(0))
+        self._orders: dict[int, list[int]] = {}  # the epochs in use (one, or two across a boundary)
+        self.position = 0
 
-    def _batches(self, epoch: int, skip: int = 0) -> list[list[int]]:
-        return make_batches(self.dataset, self.micro_batch_size, self.seed, epoch, self.rank, self.world_size,
-                            skip=skip, shuffle=self.shuffle, drop_last=self.drop_last, lengths=self._lengths,
-                            longest_first=self.longest_first)
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next example dealt."""
+        return self.position // len(self.dataset)
 
-    def __len__(self) -> int:
-        """Micro-batches per epoch on this rank."""
-        return self.batches_per_epoch
+    def indices(self, start: int, count: int) -> list[int]:
+        """The dataset indices at positions `start .. start + count - 1` of the stream of epochs."""
+        n = len(self.dataset)
+        out: list[int] = []
+        while count > 0:
+            epoch, at = divmod(start, n)
+            if epoch not in self._orders:
+                self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+                self._orders[epoch] = epoch_order(n, self.seed, epoch, self.shuffle, self._lengths)
+            take = min(count, n - at)
+            out += self._orders[epoch][at:at + take]
+            start, count = start + take, count - take
+        return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        m = self.micro_batch_size
         while True:
-            for indices in self._batches(self.epoch, skip=self.step):
-                batch = collate([self.dataset[i] for i in indices], self.pad_id, self.ignore_index,
-                                self.max_seq_length, self.pad_to_length)
-                self.step += 1
-                yield batch
-            self.epoch += 1
-            self.step = 0
+            indices = self.indices(self.position + self.rank * m, m)
+            batch = collate([self.dataset[i] for i in indices], self.pad_id, self.ignore_index,
+                            self.max_seq_length, self.pad_to_length)
+            self.position += self.world_size * m
+            yield batch
 
     def _order_settings(self) -> dict[str, Any]:
-        return {"seed": self.seed, "micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
-                "num_samples": len(self.dataset), "shuffle": self.shuffle,
-                "drop_last": self.drop_last, "longest_first": self.longest_first}
+        return {"seed": self.seed, "num_samples": len(self.dataset), "shuffle": self.shuffle,
+                "longest_first": self.longest_first}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, **self._order_settings()}
+        return {"position": self.position, "epoch": self.epoch, **self._order_settings()}
 
     def order_differences(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """The settings of `state` (a `state_dict`) that fix the order and differ from this loader's: (old, new)."""
         return {k: (state[k], v) for k, v in self._order_settings().items() if k in state and state[k] != v}
-
-    def resumable_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """`state` (another loader's `state_dict`) with its position moved to this loader's number of processes, when
-        that is all that differs: the order is one permutation dealt to the ranks a micro-batch each, so a position
-        of `step × world_size × micro_batch_size` examples into the epoch is the same on any number of processes
-        that divides it (an optimizer step's boundary with the same global batch always does). Otherwise `state`
-        unchanged, for `order_differences` to name what differs."""
-        old = state.get("world_size")
-        if old in (None, self.world_size) or self.drop_last or set(self.order_differences(state)) != {"world_size"}:
-            return state
-        n, m = len(self.dataset), self.micro_batch_size
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if step >= math.ceil(n / (old * m)):  # at the end of an epoch (padding differs with the process count)
-            epoch, step = epoch + 1, 0
-        else:
-            done = step * old * m
-            if done % (self.world_size * m) or done >= n:
-                return state
-            step = done // (self.world_size * m)
-        return {**state, "epoch": epoch, "step": step, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         differ = self.order_differences(state)
         if differ:
             detail = ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in differ.items())
             raise ValueError(f"Cannot resume the data order: {detail}; resume with the original settings.")
-        if not 0 <= state["step"] <= self.batches_per_epoch:
-            raise ValueError(
-                f"Saved step {state['step']} is outside an epoch of {self.batches_per_epoch} micro-batches."
-            )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if "position" in state:
+            position = int(state["position"])
+        else:  # checkpoints before the stream (2026-11-24): epochs padded to whole global micro-steps
+            done = int(state["step"]) * int(state["world_size"]) * int(state["micro_batch_size"])
+            position = int(state["epoch"]) * len(self.dataset) + min(done, len(self.dataset))
+        if position < 0:
+            raise ValueError(f"Saved data position {position} is negative.")
+        self.position = position
