@@ -1257,6 +1257,8 @@ def finetune(
         state["last_good"] = ckpt
         state["validated"] = checkpoint_validated(saved, steps)
         restore_rng_state(saved["rng"], fabric.global_rank, seed, saved["step"])
+        if saved.get("precision_state"):  # 16-mixed: the loss scale the run had learnt (not its start again)
+            fabric.strategy.precision.load_state_dict(saved["precision_state"])
         fabric.print(f"Resumed from {ckpt} at step {state['step']}.")
         if changed:
             fabric.print(f"Resumed with other settings than the checkpoint's (old -> new): "
@@ -1318,6 +1320,7 @@ def finetune(
         check_finite(msd, f"checkpoint {path}", step, state["last_good"], precision, fabric, train.max_norm)
         write_on_rank_0(fabric, path, lambda: atomic_save(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng,
+             "precision_state": fabric.strategy.precision.state_dict(),  # 16-mixed's GradScaler; {} otherwise
              "world_size": fabric.world_size, "method": method, "train": asdict(train), "precision": precision, "adapter_float32": adapter_float32,
              "validated": validated,  # whether a validation ran at this step before it was written
              "data_fingerprint": fingerprint,

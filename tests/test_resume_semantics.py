@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lit_gpt.utils import load_file
-from test_training import tiny_ckpt  # noqa: F401 (tiny_ckpt is a fixture)
+from test_training import final_tensors, tiny_ckpt  # noqa: F401 (tiny_ckpt is a fixture)
 from test_training_inputs import setup_ether
 
 # 4 steps of ETHER, a checkpoint every 2 steps, validation at the end only
@@ -321,3 +321,41 @@ def test_resume_refuses_training_data_prepared_again_and_names_what_changed(firs
     shutil.copytree(tiny_ckpt / "data", data)  # the run's examples in another folder
     setup_ether(data, run, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=6), resume=step2)
     assert (run / "checkpoints" / "step-000006.pth").is_file()
+
+
+def test_a_16_mixed_resume_keeps_the_loss_scale_the_run_had_learnt(tiny_ckpt, tmp_path, monkeypatch):
+    """16-mixed's GradScaler halves its scale and skips the step on each overflow; a checkpoint did not keep the
+    scale, so every resume started again from the first one and skipped those steps anew (3 of 8 updates lost in
+    audit 7's run). Lightning swaps 16-mixed for bf16-mixed on the CPU: the test builds the plugin a GPU run gets,
+    with a start scale that overflows."""
+    from lightning.fabric.plugins.precision.amp import MixedPrecision
+
+    import lit_gpt.training as training
+
+    scales = []
+    init, update = torch.amp.GradScaler.__init__, torch.amp.GradScaler.update
+
+    def overflowing_init(self, *args, **kwargs):
+        init(self, *args, **dict(kwargs, init_scale=1e30))
+
+    def logged_update(self, *args, **kwargs):
+        update(self, *args, **kwargs)
+        scales.append(self.get_scale())
+
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", overflowing_init)
+    monkeypatch.setattr(torch.amp.GradScaler, "update", logged_update)
+    monkeypatch.setattr(training, "fabric_precision", lambda *a, **k: {"plugins": [MixedPrecision("16-mixed", "cpu")]})
+    train = dict(max_steps=6, save_interval=3, lr_warmup_steps=2)
+    straight = tmp_path / "straight"
+    setup_ether(tiny_ckpt / "data", straight, ckpt=tiny_ckpt, train=train, precision="16-mixed")
+    saved = load_file(straight / "checkpoints" / "step-000003.pth", mmap=False)
+    assert saved["precision_state"]["scale"] == scales[2] < 1e30  # the scale after step 3: it had backed off
+    steps_straight, scales[:] = list(scales), []
+    resumed = copy_of(straight, tmp_path / "resumed")
+    (resumed / "lit_model_ether_finetuned.pth").unlink()
+    (resumed / "checkpoints" / "step-000006.pth").unlink()
+    setup_ether(tiny_ckpt / "data", resumed, ckpt=tiny_ckpt, train=train, precision="16-mixed", resume="auto")
+    assert scales == steps_straight[3:]
+    a, b = final_tensors(straight), final_tensors(resumed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
