@@ -527,23 +527,25 @@ def merge_checkpoint(
     if finetuned.kind == "adapter":
         _adapters_to_file_precision(model, finetuned.payload["state_dict"])
         merge_adapters(model)
-    max_diff = rel_diff = None
-    if probe:
-        after = model(tokens).float()
-        max_diff = (after - before).abs().max().item()
-        rel_diff = max_diff / max(before.abs().max().item(), 1e-12)
-        log(f"merged vs unmerged logits on a {tuple(tokens.shape)} probe batch: max |diff| {max_diff:.3e} "
-            f"({rel_diff:.2e} of the largest logit)")
-        tol = 1e-4 if _float_dtype(model) == torch.float32 else 5e-2
-        if not rel_diff <= tol:
-            log(f"warning: the difference exceeds {tol:g} of the logit scale expected for "
-                f"{str(_float_dtype(model)).removeprefix('torch.')} weights")
-
+    # the cast first: the probe measures the weights that are written
     target = PRECISIONS[precision] if precision is not None else None
     if target is not None:
         for p in model.parameters():  # one tensor at a time: never a second full copy
             if p.is_floating_point() and p.dtype != target:
                 p.data = p.data.to(target)
+
+    max_diff = rel_diff = None
+    if probe:
+        after = model(tokens).float()
+        max_diff = (after - before).abs().max().item()
+        rel_diff = max_diff / max(before.abs().max().item(), 1e-12)
+        dtype = str(_float_dtype(model)).removeprefix("torch.")
+        log(f"merged ({dtype}) vs unmerged logits on a {tuple(tokens.shape)} probe batch: max |diff| {max_diff:.3e} "
+            f"({rel_diff:.2e} of the largest logit)")
+        tol = 1e-4 if _float_dtype(model) == torch.float32 else 5e-2
+        if not rel_diff <= tol:
+            log(f"warning: the difference exceeds {tol:g} of the logit scale expected for "
+                f"{dtype} weights")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     style, unknown = trained_prompt_style(finetuned)

@@ -307,6 +307,26 @@ def test_merge_precision_writes_the_dtype_help_names(bases, tmp_path, precision,
     assert {v.dtype for v in load_file(out / "lit_model.pth", mmap=False).values()} == {dtype}
 
 
+def test_the_probe_measures_the_checkpoint_that_is_written(bases, tmp_path):
+    """With --precision bf16-true on a float32 base, the probe compared the float32 merge (6e-7) and merge_info.yaml
+    recorded it beside `dtype: bfloat16`; the written model differs by bfloat16 rounding (1e-2)."""
+    from lit_gpt.merge import probe_batch
+
+    adapter = make_run(tmp_path / "run", bases["llama"], AdapterConfig(method="etherplus", nb=4))
+    logs = []
+    out = merge_checkpoint(adapter, precision="bf16-true", log=logs.append)
+    tokens = probe_batch(Config.from_checkpoint(bases["llama"]))
+    with torch.no_grad():
+        unmerged = load_finetuned(bases["llama"], adapter)(tokens).float()
+        written = GPT.from_checkpoint(out).eval()(tokens).float()
+    assert written.dtype == torch.float32 and load_file(out / "lit_model.pth")["lm_head.weight"].dtype == torch.bfloat16
+    info = yaml.safe_load((out / "merge_info.yaml").read_text())
+    assert info["dtype"] == "bfloat16"
+    assert info["probe_max_abs_diff"] == pytest.approx((written - unmerged).abs().max().item(), rel=1e-6)
+    assert info["probe_max_abs_diff"] > 1e-4  # bfloat16's rounding, not float32's
+    assert any(line.startswith("merged (bfloat16) vs unmerged logits") for line in logs)
+
+
 def test_the_seed_commands_flags_parse(monkeypatch):
     """`merge_ether.py --checkpoint_dir … --precision bf16-true --ether_path …` as written in the README."""
     import merge_ether
