@@ -113,7 +113,13 @@ class EvalArgs:
     interval: int = 100
     """Validate every this many optimizer steps (0: only at the end)."""
     max_iters: int = 100
-    """Validation examples per evaluation, shared among the processes: the first this many (0: no validation)."""
+    """Validation examples per periodic evaluation, shared among the processes: the first this many (0: no
+    validation). Examples, not batches: litgpt's max_iters counts batches of micro_batch_size."""
+    initial_validation: bool = False
+    """Also validate before the first step (logged as step 0), on the first `max_iters` examples."""
+    final_validation: bool = True
+    """After the last step, validate on the whole validation set (false: on the first `max_iters` examples, as the
+    periodic validations do)."""
     max_new_tokens: int = 100
     """Length of the sample generation printed at each validation (0: no sample)."""
 

@@ -1236,6 +1236,7 @@ def finetune(
         f"trainable parameters: {num_parameters(model, requires_grad=True):,}  "
         f"frozen: {num_parameters(model, requires_grad=False):,}"
     )
+    fabric.print(training_plan(train, steps, len(train_data)))
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1366,6 +1367,17 @@ def finetune(
     return out_dir
 
 
+def training_plan(train: TrainArgs, steps: int, n_samples: int) -> str:
+    """One line: the optimizer steps, their examples, and how many passes over the training set that makes (with
+    `--train.max_steps`, which overrides `--train.epochs`, as HF's Trainer does)."""
+    passes = steps * train.global_batch_size / n_samples
+    how = "--train.max_steps; it overrides --train.epochs" if train.max_steps else "--train.epochs"
+    batch = train.global_batch_size
+    return (f"Training for {steps:,} optimizer step{'s' if steps != 1 else ''} of {batch:,} "
+            f"example{'s' if batch != 1 else ''} ({how}): {passes:.3g} pass{'es' if passes != 1 else ''} over the "
+            f"{n_samples:,} training example{'s' if n_samples != 1 else ''}.")
+
+
 def total_steps(train: TrainArgs, n_samples: int) -> int:
     if train.max_steps:
         return train.max_steps
@@ -1442,7 +1454,7 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
 
     def validate_here(step: int) -> None:  # a stop requested meanwhile abandons it: a resume runs it again
         if not validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
-                                non_finite, stop):
+                                non_finite, stop, final=step == steps):
             stop_after(step)
 
     def stop_after(step: int) -> None:  # before the step's validation, or cut short in it
@@ -1460,6 +1472,9 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
         # first (at the last step, the final validation below)
         if 0 < start < steps and due(start) and not state["validated"]:
             validate_here(start)
+        if start == 0 and validating and eval.initial_validation:  # (a stop meanwhile waits for step 1's end)
+            validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, 0, progress, log_metrics,
+                             non_finite)
         model.train()
         while state["step"] < steps:
             t0 = time.perf_counter()
@@ -1547,16 +1562,16 @@ def stop_requested(fabric, stop: Optional[StopRequest]) -> bool:
 
 
 @torch.no_grad()
-def validate(fabric, model, val_data, eval: EvalArgs, max_len: int, pad_id: int,
+def validate(fabric, model, val_data, n: int, max_len: int, pad_id: int,
              stop: Optional[StopRequest] = None) -> Optional[float]:
-    """The mean loss of the first `eval.max_iters` validation examples (all of them when fewer), shared among the
-    ranks, so that the same model reports the same loss on any number of processes; None when a stop was requested
-    on any rank before it finished (a signal does not wait for a long validation)."""
+    """The mean loss of the first `n` validation examples (all of them when fewer), shared among the ranks, so that
+    the same model reports the same loss on any number of processes; None when a stop was requested on any rank
+    before it finished (a signal does not wait for a long validation)."""
     from lit_gpt.data import collate
 
     model.eval()
     try:
-        n = min(len(val_data), eval.max_iters)
+        n = min(len(val_data), n)
         total = torch.zeros((), device=fabric.device)
         count = torch.zeros((), device=fabric.device)
         # every rank runs the same number of forwards, or a sharded model waits forever in the one a rank skips: in
@@ -1576,15 +1591,18 @@ def validate(fabric, model, val_data, eval: EvalArgs, max_len: int, pad_id: int,
 
 
 def validate_and_log(fabric, model, val_data, tokenizer, eval, max_len, pad_id, step, progress, log_metrics,
-                     non_finite, stop: Optional[StopRequest] = None) -> bool:
-    """Validate, log and show a sample answer; False (nothing logged) when a stop request cut the validation short."""
-    val_loss = validate(fabric, model, val_data, eval, max_len, pad_id, stop)
+                     non_finite, stop: Optional[StopRequest] = None, final: bool = False) -> bool:
+    """Validate (`final`: the whole set, with `--eval.final_validation`), log and show a sample answer; False
+    (nothing logged) when a stop request cut the validation short."""
+    n = len(val_data) if final and eval.final_validation else min(eval.max_iters, len(val_data))
+    val_loss = validate(fabric, model, val_data, n, max_len, pad_id, stop)
     if val_loss is None:
         return False
     if not math.isfinite(val_loss):
         raise non_finite(f"The validation loss became {val_loss}", step)
-    log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step)
-    progress.write(f"step {step}: val loss {val_loss:.4f}")
+    log_metrics({"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf}, step)
+    examples = f"all {n:,}" if n == len(val_data) else f"first {n:,} of {len(val_data):,}"
+    progress.write(f"step {step}: val loss {val_loss:.4f} ({examples} validation examples)")
     if eval.max_new_tokens > 0 and len(val_data):
         prompt = sample_prompt(val_data.samples[0], max_len)
         if prompt is None:

@@ -401,6 +401,31 @@ def test_an_empty_test_split_skips_validation(tiny_ckpt, tmp_path, capsys):
     assert "val_loss" not in rows[0] and len(rows) == 2  # no "val loss 0.0000 / ppl 1.0" row
 
 
+def test_the_final_validation_covers_the_whole_set_and_says_how_many_examples(tiny_ckpt, tmp_path, capsys):
+    """The last step's loss was that of the first --eval.max_iters examples (100 by default: 1/20 of Alpaca's split),
+    unlike litgpt's final validation, and no line said how many. --eval.initial_validation validates at step 0."""
+    n = len(torch.load(tiny_ckpt / "data" / "test.pt", weights_only=True))
+    assert n > 2
+    runs = {}
+    for name, eval in (("final", dict(interval=1, max_iters=2, initial_validation=True)),
+                       ("all", dict(interval=1, max_iters=n, final_validation=False))):
+        setup_ether(tiny_ckpt / "data", tmp_path / name, ckpt=tiny_ckpt, eval=eval, train={"max_steps": 2})
+        runs[name] = {int(r["step"]): (float(r["val_loss"]), float(r["val_ppl"]))
+                      for r in csv_rows(tmp_path / name) if r.get("val_loss")}
+        captured = capsys.readouterr()
+        runs[name + " out"] = captured.out + captured.err
+    assert sorted(runs["final"]) == [0, 1, 2] and sorted(runs["all"]) == [1, 2]
+    assert runs["final"][2] == runs["all"][2]  # the whole set, as the run validating every example
+    assert runs["final"][1] != runs["all"][1]  # the periodic one: the first 2
+    assert f"step 1: val loss {runs['final'][1][0]:.4f} (first 2 of {n} validation examples)" in runs["final out"]
+    assert f"step 2: val loss {runs['final'][2][0]:.4f} (all {n} validation examples)" in runs["final out"]
+    assert f"step 0: val loss {runs['final'][0][0]:.4f} (first 2 of {n}" in runs["final out"]
+    for loss, ppl in runs["final"].values():
+        assert ppl == pytest.approx(math.exp(loss))  # (it was exp(min(loss, 50)): one number for every loss above)
+    assert "Training for 2 optimizer steps of 1 example (--train.max_steps; it overrides --train.epochs)" \
+        in runs["final out"]
+
+
 # ---------------------------------------------------------------------------------------------- NaN / inf
 @pytest.mark.parametrize("extra", [dict(Htype="ether"), dict(Htype="oft")], ids=["ether", "oft"])
 def test_float16_adapter_training_keeps_the_trainable_weights_in_float32(tiny_ckpt, tmp_path, capsys, extra):
