@@ -257,7 +257,15 @@ FLAG_SYNONYMS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps", "num_
                  "max_grad_norm": "max_norm", "gradient_clip_val": "max_norm", "batch_size": "global_batch_size",
                  "per_device_train_batch_size": "micro_batch_size", "eval_steps": "interval",
                  "save_steps": "save_interval", "logging_steps": "log_interval", "gradient_checkpointing":
-                 "activation_checkpointing", "max_length": "max_seq_length", "seq_len": "max_seq_length"}
+                 "activation_checkpointing", "max_length": "max_seq_length", "seq_len": "max_seq_length",
+                 # PEFT's LoraConfig(r=, lora_alpha=); lit-gpt's and nanoGPT's training iterations
+                 "r": "lora_r", "rank": "lora_r", "lora_rank": "lora_r", "alpha": "lora_alpha",
+                 "max_iters": "max_steps"}
+# names of other tools' settings that have no flag here, and what to do instead
+NO_EQUIVALENT = {"max_time": "there is no time limit: a scheduler's SIGTERM or SIGUSR1 (SLURM's --signal=USR1@90) "
+                             "stops the run after a step with a checkpoint, and --resume auto goes on"}
+# the shortest unknown name taken for an abbreviation of a longer flag: `--r` is not `--resume`
+MIN_ABBREVIATION = 3
 
 
 def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
@@ -267,9 +275,12 @@ def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
         return None
     underscored = "--" + flag[2:].replace("-", "_")
     group, _, name = underscored[2:].rpartition(".")
+    if name in NO_EQUIVALENT and "--train.learning_rate" in known:
+        return NO_EQUIVALENT[name]
     synonyms = [f"--{g}{FLAG_SYNONYMS[name]}" for g in (f"{group}." if group else "", "train.", "eval.")
                 if name in FLAG_SYNONYMS and f"--{g}{FLAG_SYNONYMS[name]}" in known]
-    prefixed = [k for k in known if k.startswith(underscored)]  # an abbreviation (argparse's are turned off)
+    # an abbreviation (argparse's are turned off)
+    prefixed = [k for k in known if k.startswith(underscored)] if len(name) >= MIN_ABBREVIATION else []
     close = ([underscored] if underscored in known else synonyms[:1] if synonyms
              else prefixed if len(prefixed) == 1 else difflib.get_close_matches(flag, known, n=1, cutoff=0.8))
     if close:

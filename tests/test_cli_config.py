@@ -224,6 +224,16 @@ ETHER_ERRORS = [
     # the names HF Trainer and litgpt give some of the flags
     (["--warmup-steps", "3"], "unrecognized arguments: --warmup-steps 3; did you mean --train.lr_warmup_steps?"),
     (["--eval_steps=5"], "unrecognized arguments: --eval_steps=5; did you mean --eval.interval?"),
+    # lit-gpt's and nanoGPT's training iterations, not --eval.max_iters (validation examples)
+    (["--max_iters", "1000"], "unrecognized arguments: --max_iters 1000; did you mean --train.max_steps?"),
+    (["--train.max_time", "3600"], "unrecognized arguments: --train.max_time 3600; there is no time limit: a "
+                                   "scheduler's SIGTERM or SIGUSR1 (SLURM's --signal=USR1@90) stops the run after a "
+                                   "step with a checkpoint, and --resume auto goes on"),
+    (["--r", "16"], "unrecognized arguments: --r 16"),  # not `--resume`
+]
+LORA_ERRORS = [  # PEFT's names of LoRA's settings
+    (["--r", "16"], "unrecognized arguments: --r 16; did you mean --lora_r?"),
+    (["--alpha=32"], "unrecognized arguments: --alpha=32; did you mean --lora_alpha?"),
 ]
 EVAL_ERRORS = [
     (["--checkpoint_dir", "x", "--metadata", "notjson"],
@@ -234,6 +244,7 @@ EVAL_ERRORS = [
 
 
 @pytest.mark.parametrize("fn,args,expected", [(ether.setup, a, e) for a, e in ETHER_ERRORS]
+                         + [(lora.setup, a, e) for a, e in LORA_ERRORS]
                          + [(lm_eval_harness.main, a, e) for a, e in EVAL_ERRORS])
 def test_flag_errors_are_one_line(fn, args, expected, capsys, monkeypatch):
     monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
