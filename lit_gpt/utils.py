@@ -482,8 +482,18 @@ def missing_checkpoint_dir_error(checkpoint_dir: Path | str, flag: str = "--chec
     folder, which download.py fetches, rather than a converted lit checkpoint)."""
     path = Path(checkpoint_dir)
     parts = path.parts
-    # download.py's default folder is checkpoints/<repo_id> (relative): a path of that form names its repo id
+    # download.py's default folder is checkpoints/<repo_id> (relative): a path of that form names its repo id, and
+    # litgpt takes the repo id itself for that folder
     repo_id = "/".join(parts[1:]) if len(parts) == 3 and parts[0] == "checkpoints" else None
+    if not path.is_absolute() and len(parts) == 2 and parts[0] not in ("checkpoints", ".", ".."):
+        where = Path("checkpoints") / path
+        if where.is_dir():
+            return FileNotFoundError(f"{flag} {str(path)!r} does not exist, but {str(where)!r} does (where "
+                                     f"scripts/download.py --repo_id {path.as_posix()} puts it): pass {flag} {where}.")
+        return FileNotFoundError(f"{flag} {str(path)!r} does not exist: if it is a repo id, download and convert it "
+                                 f"with `python scripts/download.py --repo_id {path.as_posix()}` (into "
+                                 f"{str(where)!r}, the folder to pass); else pass the folder of a converted model, or "
+                                 "import a GGUF file with `python scripts/convert_gguf_checkpoint.py`.")
     download = (f"`python scripts/download.py --repo_id {repo_id}`" if repo_id
                 else f"`python scripts/download.py --repo_id ORG/NAME --checkpoint_dir {path}`")
     if hf_folder:

@@ -364,9 +364,22 @@ def test_a_missing_model_folder_names_the_flag_and_how_to_make_it(tmp_path, monk
         "--checkpoint_dir 'checkpoints/meta-llama/Llama-2-7b-hf' does not exist: download and convert a model into it "
         "with `python scripts/download.py --repo_id meta-llama/Llama-2-7b-hf`, import a GGUF file with "
         "`python scripts/convert_gguf_checkpoint.py`, or pass the folder of a converted model.")
-    with pytest.raises(FileNotFoundError, match=r"^--checkpoint_dir 'models/x' does not exist: .* --repo_id ORG/NAME "
-                                                r"--checkpoint_dir models/x`"):
-        Config.from_checkpoint("models/x")
+    with pytest.raises(FileNotFoundError, match=r"^--checkpoint_dir 'models/x/y' does not exist: .* --repo_id "
+                                                r"ORG/NAME --checkpoint_dir models/x/y`"):
+        Config.from_checkpoint("models/x/y")
+    # a repo id, as litgpt takes it for checkpoints/<repo id>: download's folder named, or the command to make it
+    with pytest.raises(FileNotFoundError) as e:
+        Config.from_checkpoint("org/model")
+    assert str(e.value) == (
+        "--checkpoint_dir 'org/model' does not exist: if it is a repo id, download and convert it with `python "
+        "scripts/download.py --repo_id org/model` (into 'checkpoints/org/model', the folder to pass); else pass the "
+        "folder of a converted model, or import a GGUF file with `python scripts/convert_gguf_checkpoint.py`.")
+    (tmp_path / "checkpoints" / "org" / "model").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as e:
+        check_checkpoint_dir("org/model", flag="--io.checkpoint_dir")
+    assert str(e.value) == ("--io.checkpoint_dir 'org/model' does not exist, but 'checkpoints/org/model' does (where "
+                            "scripts/download.py --repo_id org/model puts it): pass --io.checkpoint_dir "
+                            "checkpoints/org/model.")
     with pytest.raises(FileNotFoundError, match=r"^--checkpoint_dir 'checkpoints/o/m' does not exist: download the "
                                                 r"model into it with `python scripts/download.py --repo_id o/m`, "
                                                 r"which converts it too"):
