@@ -196,6 +196,8 @@ def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator
         message = read_message(sys.stdin, interactive)
         if message is None or message.strip() in QUIT_COMMANDS:
             return refused
+        if interactive and message.strip().lower() in ("quit", "exit"):  # litgpt's words, typed alone in a terminal
+            return refused
         if message.strip() == RESET_COMMAND:
             conversation.reset()
             continue

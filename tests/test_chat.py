@@ -238,3 +238,20 @@ def test_real_smollm2_chat_template_multi_turn(smollm2_checkpoint):
     a2 = greedy_answer(model, tokenizer, tokenizer.apply_chat_template(messages))
     assert r.stdout == f"{a1}\n{a2}\n"
     assert "Paris" in a1
+
+
+@pytest.mark.parametrize("typed", ["quit", "exit", "  Exit "])
+def test_quit_or_exit_typed_alone_on_a_terminal_leaves(typed, monkeypatch):
+    """litgpt's chat leaves on `quit` or `exit`; here they went to the model, which answered and kept them in the
+    conversation. On a terminal they leave too (piped input sends them as they are)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "chat"))
+    import base as chat_base
+
+    typed_lines = iter([typed, "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed_lines))
+    model = SimpleNamespace(transformer=SimpleNamespace(wte=SimpleNamespace(weight=torch.zeros(1))),
+                            config=SimpleNamespace(block_size=8))
+    assert chat_base.chat_loop(model, None, None, None, True, 4, 0.0, None, 1.0) == 0
+    assert next(typed_lines) == "never read"
