@@ -281,6 +281,9 @@ def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
                 if name in FLAG_SYNONYMS and f"--{g}{FLAG_SYNONYMS[name]}" in known]
     # an abbreviation (argparse's are turned off)
     prefixed = [k for k in known if k.startswith(underscored)] if len(name) >= MIN_ABBREVIATION else []
+    if underscored not in known and not synonyms and len(prefixed) > 1:  # ambiguous: all, not the closest
+        names = sorted(prefixed)
+        return f"did you mean {', '.join(names[:-1])} or {names[-1]}?"
     close = ([underscored] if underscored in known else synonyms[:1] if synonyms
              else prefixed if len(prefixed) == 1 else difflib.get_close_matches(flag, known, n=1, cutoff=0.8))
     if close:

@@ -230,6 +230,11 @@ ETHER_ERRORS = [
                                    "scheduler's SIGTERM or SIGUSR1 (SLURM's --signal=USR1@90) stops the run after a "
                                    "step with a checkpoint, and --resume auto goes on"),
     (["--r", "16"], "unrecognized arguments: --r 16"),  # not `--resume`
+    # an ambiguous abbreviation: every flag it may stand for, not the one difflib finds closest
+    (["--train.max", "3"], "unrecognized arguments: --train.max 3; did you mean --train.max_norm, "
+                           "--train.max_seq_length or --train.max_steps?"),
+    (["--eval.max", "3"], "unrecognized arguments: --eval.max 3; did you mean --eval.max_iters or "
+                          "--eval.max_new_tokens?"),
 ]
 LORA_ERRORS = [  # PEFT's names of LoRA's settings
     (["--r", "16"], "unrecognized arguments: --r 16; did you mean --lora_r?"),
