@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lit_gpt import GPT, Config, Tokenizer
 from lit_gpt.adapters import AdapterConfig
@@ -196,6 +197,17 @@ def test_bad_model_config_names_the_file(tmp_path, text, match):
         Config.from_checkpoint(tmp_path)
     assert str(e.value).startswith(f"Model config {str(tmp_path / 'model_config.yaml')!r}")
     one_sentence(str(e.value))
+
+
+@pytest.mark.parametrize("field", ["n_layer", "n_embd", "n_head", "vocab_size", "block_size", "mlp_class_name",
+                                   "norm_class_name"])
+def test_a_model_config_without_any_one_shape_field_is_refused(tmp_path, field):
+    """Each of them: without it the default (a 50,254-token vocabulary, say) would be read, and the weights blamed."""
+    data = yaml.safe_load(Config(name="tiny", **TINY).to_yaml())
+    del data[field]
+    (tmp_path / "model_config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=f"lacks {field} "):
+        Config.from_checkpoint(tmp_path)
 
 
 def test_unknown_config_fields_are_ignored_with_a_warning(tmp_path, capsys):

@@ -1209,6 +1209,14 @@ def test_an_own_validation_file_mistakes_are_one_sentence(tmp_path, checkpoint_d
     assert error(json_path=d / "train.json", val_json_path=d / "val.json", test_split_fraction=0.2, seed=7) == (
         f"--test_split_fraction and --seed split one file at random, but the validation rows come from "
         f"{str(d / 'val.json')!r}, all of which go to test.pt: leave them out.")
+    # what is wrong inside a validation file is named by its own flag, not the training file's
+    (d / "empty.json").write_text("")
+    assert error(json_path=d / "train.json", val_json_path=d / "empty.json") == (
+        f"--val_json_path {str(d / 'empty.json')!r} is empty.")
+    write_csv(d / "train.csv", ROWS[:7])
+    (d / "bad.csv").write_bytes(b"instruction,input,output\n\xff,x,y\n")
+    assert error(prepare_csv, csv_path=d / "train.csv", val_csv_path=d / "bad.csv").startswith(
+        f"--val_csv_path {str(d / 'bad.csv')!r} is not UTF-8 text")
     assert not (tmp_path / "out").exists()
 
 

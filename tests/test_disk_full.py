@@ -117,5 +117,43 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_of_the_fil
         atomic_write_text(tmp_path / "weights.pth", "done")
         assert not stale.exists() and all(p.exists() for p in kept) and live_tmp.exists()
         assert (tmp_path / "weights.pth").read_text() == "done"
+        # the name atomic_path gave it, once its writer is killed: the parser reads our own names
+        live.kill()
+        live.wait()
+        atomic_write_text(tmp_path / "weights.pth", "again")
+        assert not live_tmp.exists()
     finally:
         live.kill()
+
+
+def test_another_users_live_writer_keeps_its_temporary_file(tmp_path, monkeypatch):
+    """`os.kill(pid, 0)` of another user's process raises PermissionError: it is alive, and its file is kept (the
+    tests run as root, where it never raises)."""
+    import errno
+
+    from lit_gpt import utils
+
+    other_pid = os.getpid() + 100_000
+    other = tmp_path / f".w.pth.h{utils._HOST}p{other_pid}_abc.tmp"
+    other.write_text("partial")
+    kill = os.kill
+
+    def kill_as_another_user(pid, sig):
+        if pid == other_pid:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill_as_another_user)
+    utils.atomic_write_text(tmp_path / "w.pth", "done")
+    assert other.exists()
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_full_disk_or_quota_says_to_free_space(code):
+    import errno
+
+    from lit_gpt.utils import WriteError
+
+    number = getattr(errno, code)
+    message = str(WriteError(number, os.strerror(number), "x.pth"))
+    assert message.startswith(f"Could not write 'x.pth': {os.strerror(number)}; free space there (or write elsewhere)")

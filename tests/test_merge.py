@@ -415,6 +415,17 @@ def test_a_corrupt_base_tokenizer_stops_the_merge_before_it_writes(tmp_path):
     assert str(e.value).startswith(f"{str(base / 'tokenizer.json')!r} could not be loaded by the tokenizers library")
     assert str(e.value).endswith("copy the tokenizer files from the original model again.")
     assert not (adapter.parent / "merged").exists()
+    # a chat template that does not parse, or a side file that is not text, likewise
+    (base / "tokenizer.json").write_text(text)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template="{% for m in messages %}{{ m")))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json': the chat template does not parse as Jinja"):
+        merge_checkpoint(adapter, log=lambda s: None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "merges.txt").write_bytes(b"#version: 0.2\n\xff\xfe a\n")
+    with pytest.raises(ValueError, match="merges.txt' is not UTF-8 text"):
+        merge_checkpoint(adapter, log=lambda s: None)
+    assert not (adapter.parent / "merged").exists()
 
 
 def test_missing_base_and_bad_files_are_clear(bases, tmp_path):

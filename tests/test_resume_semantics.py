@@ -166,6 +166,32 @@ def test_resume_alone_takes_the_runs_recorded_flags(first_run, tmp_path, capsys)
     assert (first_run / "logs" / "metrics.csv").read_text() == first_log  # the folder it was copied from: untouched
 
 
+def test_which_runs_flags_resume_alone_takes(first_run, tmp_path):
+    """`--resume PATH` alone takes the run's recorded flags, but not the machine's (--devices and --num_nodes are
+    the job's now), not another script's run (the resume check names both scripts), and not with a --config of the
+    user's own (then the defaults fill what it leaves out, as without --resume)."""
+    import ether
+    import lora
+    import yaml
+
+    from lit_gpt.cli import run_config_args
+
+    run = tmp_path / "run"
+    shutil.copytree(first_run, run)
+    hparams = yaml.safe_load((run / "hyperparameters.yaml").read_text())
+    (run / "hyperparameters.yaml").write_text(yaml.safe_dump(dict(hparams, devices=2, num_nodes=2)))
+    args = ["--resume", str(run / "checkpoints" / "step-000002.pth")]
+    out = run_config_args(args, ether.setup, "finetune/ether.py")
+    assert out[0] == "--config" and out[2:] == args
+    recorded = yaml.safe_load(out[1])
+    assert recorded["train"] == hparams["train"] and "devices" not in recorded and "num_nodes" not in recorded
+    assert run_config_args(args, lora.setup, "finetune/lora.py") == args
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  learning_rate: 0.001\n")
+    assert run_config_args(["--config", str(recipe), *args], ether.setup, "finetune/ether.py") == [
+        "--config", str(recipe), *args]
+
+
 def test_checkpoints_of_earlier_versions_say_whether_their_step_was_validated():
     """Before `validated`, a last-step checkpoint said `last_of_run` (written after the final validation), and any
     other checkpoint was written after the validation due at its step: resuming them redoes no validation."""
@@ -317,6 +343,15 @@ def test_resume_refuses_training_data_prepared_again_and_names_what_changed(firs
         "prepared again since (prompt_style 'alpaca' -> 'chatml', seed 42 -> 7); resume with the data the run started "
         "with (prepare it again as it was), or start a new run without --resume.")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002.pth", "step-000004.pth"]
+    # the rows edited and prepared again with the same flags: other examples, an unchanged record
+    (data / "prepare_config.yaml").write_text(yaml.safe_dump(prepared))
+    with pytest.raises(ValueError, match="it was prepared again since; resume with the data the run started with"):
+        setup_ether(data, run, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=6), resume=step2)
+    # the same tokens with other labels (--mask_inputs false): the run would learn the prompts too from here on
+    torch.save([dict(s, labels=s["input_ids"].clone()) for s in samples], data / "train.pt")
+    (data / "prepare_config.yaml").write_text(yaml.safe_dump(dict(prepared, mask_inputs=False)))
+    with pytest.raises(ValueError, match=r"prepared again since \(mask_inputs True -> False\)"):
+        setup_ether(data, run, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=6), resume=step2)
     shutil.rmtree(data)
     shutil.copytree(tiny_ckpt / "data", data)  # the run's examples in another folder
     setup_ether(data, run, ckpt=tiny_ckpt, train=dict(FIRST, max_steps=6), resume=step2)
