@@ -188,6 +188,9 @@ def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (
     if unknown is not None:
         flags = [a.split("=", 1)[0] for a in unknown[1].split() if a.startswith("--")]
         hints = [h for h in (_flag_hint(f, known) for f in flags) if h]
+        positional = _positional_hint(args, unknown[1].split(), known)
+        if positional is not None:
+            hints.insert(0, positional)
         return f"unrecognized arguments: {unknown[1]}{'; ' + '; '.join(hints) if hints else ''} (see --help)"
     which = f"--config {files[0]!r}" if len(files) == 1 else "--config"  # (a run's flags come as YAML text)
     yaml_error = re.match(r"Problems parsing config\s*:\s*(.*?)\s+in \"<unicode string>\", (line \d+, column \d+)",
@@ -261,9 +264,29 @@ FLAG_SYNONYMS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps", "num_
                  # PEFT's LoraConfig(r=, lora_alpha=); lit-gpt's and nanoGPT's training iterations
                  "r": "lora_r", "rank": "lora_r", "lora_rank": "lora_r", "alpha": "lora_alpha",
                  "max_iters": "max_steps"}
-# names of other tools' settings that have no flag here, and what to do instead
-NO_EQUIVALENT = {"max_time": "there is no time limit: a scheduler's SIGTERM or SIGUSR1 (SLURM's --signal=USR1@90) "
-                             "stops the run after a step with a checkpoint, and --resume auto goes on"}
+FLAG_SYNONYMS.update({"output_path": "save_filepath", "out_dir": "save_filepath", "dtype": "precision",
+                      "bf16": "precision", "fp16": "precision"})
+# names of other tools' settings that have no flag here: (a flag of the scripts the note is for, what to do instead)
+_TRAINING = "--train.learning_rate"
+NO_EQUIVALENT = {
+    "max_time": (_TRAINING, "there is no time limit: a scheduler's SIGTERM or SIGUSR1 (SLURM's --signal=USR1@90) "
+                            "stops the run after a step with a checkpoint, and --resume auto goes on"),
+    "gradient_accumulation_steps": (_TRAINING, "the accumulation follows from --train.global_batch_size / "
+                                               "(--train.micro_batch_size × devices): set the global batch size"),
+    "lr_warmup_fraction": (_TRAINING, "the warm-up is given in steps: --train.lr_warmup_steps (--dry_run true "
+                                      "prints the run's steps)"),
+    "warmup_ratio": (_TRAINING, "the warm-up is given in steps: --train.lr_warmup_steps (--dry_run true prints the "
+                                "run's steps)"),
+    "target_modules": (_TRAINING, "the adapted layers are chosen with the script's --*_query, --*_key, --*_value, "
+                                  "--*_projection, --*_mlp and --*_head flags"),
+    "use_rslora": (_TRAINING, "rsLoRA's scale alpha / sqrt(r) is --lora_alpha alpha × sqrt(r) here"),
+    "logger_name": (_TRAINING, "every run writes logs/metrics.csv and tensorboard/ in its run directory; there is no "
+                               "other logger"),
+    "quantize": (_TRAINING, "the frozen weights are not quantized here: --precision bf16-true halves their memory"),
+    "optimizer": (_TRAINING, "training uses AdamW (--train.learning_rate, --train.weight_decay, --train.beta1, "
+                             "--train.beta2)"),
+    "multiline": ("--multi_turn", "a message continues on the next line when a line ends with \\"),
+}
 # the shortest unknown name taken for an abbreviation of a longer flag: `--r` is not `--resume`
 MIN_ABBREVIATION = 3
 
@@ -275,10 +298,12 @@ def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
         return None
     underscored = "--" + flag[2:].replace("-", "_")
     group, _, name = underscored[2:].rpartition(".")
-    if name in NO_EQUIVALENT and "--train.learning_rate" in known:
-        return NO_EQUIVALENT[name]
+    if name in NO_EQUIVALENT and NO_EQUIVALENT[name][0] in known:
+        return NO_EQUIVALENT[name][1]
+    # another tool's name for a flag, then a nested flag typed without its group (`--epochs` for --train.epochs)
     synonyms = [f"--{g}{FLAG_SYNONYMS[name]}" for g in (f"{group}." if group else "", "train.", "eval.")
                 if name in FLAG_SYNONYMS and f"--{g}{FLAG_SYNONYMS[name]}" in known]
+    synonyms += [k for k in known if k.rpartition(".")[2] == name] if not group else []
     # an abbreviation (argparse's are turned off)
     prefixed = [k for k in known if k.startswith(underscored)] if len(name) >= MIN_ABBREVIATION else []
     if underscored not in known and not synonyms and len(prefixed) > 1:  # ambiguous: all, not the closest
@@ -290,6 +315,22 @@ def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
         return f"did you mean {close[0]}?"
     script = _script_of_flag(flag, known)
     return f"{flag} is an option of {script}" if script is not None else None
+
+
+def _positional_hint(args: Sequence[str], unknown: Sequence[str], known: Sequence[str]) -> Optional[str]:
+    """The flag for a value given without one, as litgpt takes the model or repo id (`chat CKPT`)."""
+    value = args[0] if args and not args[0].startswith("-") else None
+    if value is None or value not in unknown:
+        return None
+    from lit_gpt.utils import FINETUNED_PATTERN, finetuning_run_hint
+
+    candidates = ["--repo_id"]
+    if Path(value).is_dir() and finetuning_run_hint(Path(value)) is not None:  # litgpt's `merge_lora RUN`
+        candidates.insert(0, "--adapter_path")
+        value = str(next(iter(sorted(Path(value).glob(FINETUNED_PATTERN))), value))
+    candidates += ["--checkpoint_dir", "--io.checkpoint_dir"]
+    flag = next((c for c in candidates if c in known), None)
+    return f"values are given with their flag here: pass {flag} {value}" if flag is not None else None
 
 
 def _given_value(args: Sequence[str], flag: str) -> Optional[str]:

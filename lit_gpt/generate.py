@@ -44,7 +44,9 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_
     if top_k is not None and top_k < 1:
         raise ValueError(f"{flag_prefix}top_k must be a positive integer or None, got {top_k}.")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"{flag_prefix}top_p must be in (0, 1] (1 keeps every token), got {top_p}.")
+        greedy = f"{flag_prefix}temperature 0" if flag_prefix else "temperature=0"
+        greedy = f"; for greedy decoding (litgpt's top_p=0) pass {greedy}" if top_p == 0 else ""
+        raise ValueError(f"{flag_prefix}top_p must be in (0, 1] (1 keeps every token), got {top_p}{greedy}.")
 
 
 def sample(

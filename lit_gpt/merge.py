@@ -612,6 +612,12 @@ def merge_cli(
 ) -> Path:
     """What `scripts/merge_ether.py` and `scripts/merge_lora.py` run after parsing their flags."""
     if adapter_path is None:
+        from lit_gpt.utils import FINETUNED_PATTERN
+
+        found = sorted(Path(checkpoint_dir).glob(FINETUNED_PATTERN)) if checkpoint_dir is not None else []
+        if found:  # litgpt's `merge_lora RUN`: the run's folder where the base model goes
+            raise ValueError(f"--checkpoint_dir {str(checkpoint_dir)!r} is a fine-tuning run, not its base model: "
+                             f"pass {flag} {found[0]} (the base model comes from the run's hyperparameters.yaml).")
         raise ValueError(f"Pass the fine-tuned file to merge with {flag} (or --adapter_path).")
     return merge_checkpoint(adapter_path, checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision,
                             probe=probe, log=lambda s: print(s, file=sys.stderr))

@@ -224,7 +224,8 @@ def test_unwritable_save_filepath_fails_before_tasks_and_model(tmp_path, capsys,
 # ---------------------------------------------------------------------------------------------- 5. sampling flags
 @pytest.mark.parametrize("script", ["chat/base.py", "scripts/generate.py"])
 @pytest.mark.parametrize("flag,value,message", [
-    ("--top_p", "0", "--top_p must be in (0, 1]"),
+    ("--top_p", "0", "--top_p must be in (0, 1] (1 keeps every token), got 0.0; for greedy decoding (litgpt's "
+                     "top_p=0) pass --temperature 0."),
     ("--top_k", "0", "--top_k must be a positive integer or None"),
     ("--temperature", "-1", "--temperature must be >= 0"),
 ])

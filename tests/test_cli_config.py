@@ -239,8 +239,29 @@ ETHER_ERRORS = [
 LORA_ERRORS = [  # PEFT's names of LoRA's settings
     (["--r", "16"], "unrecognized arguments: --r 16; did you mean --lora_r?"),
     (["--alpha=32"], "unrecognized arguments: --alpha=32; did you mean --lora_alpha?"),
+    (["--use_rslora", "true"], "unrecognized arguments: --use_rslora true; rsLoRA's scale alpha / sqrt(r) is "
+                               "--lora_alpha alpha × sqrt(r) here"),
+    # a nested flag typed without its group (the difflib ratio of --epochs and --train.epochs is 0.73)
+    (["--epochs", "3"], "unrecognized arguments: --epochs 3; did you mean --train.epochs?"),
+    (["--max_steps", "5"], "unrecognized arguments: --max_steps 5; did you mean --train.max_steps?"),
+    # litgpt's and HF Trainer's settings that have no flag here: what to do instead
+    (["--train.gradient_accumulation_steps", "4"], "unrecognized arguments: --train.gradient_accumulation_steps 4; "
+     "the accumulation follows from --train.global_batch_size / (--train.micro_batch_size × devices): set the global "
+     "batch size"),
+    (["--warmup_ratio", "0.03"], "unrecognized arguments: --warmup_ratio 0.03; the warm-up is given in steps: "
+                                 "--train.lr_warmup_steps (--dry_run true prints the run's steps)"),
+    (["--logger_name", "wandb"], "unrecognized arguments: --logger_name wandb; every run writes logs/metrics.csv and "
+                                 "tensorboard/ in its run directory; there is no other logger"),
+    (["--bf16", "true"], "unrecognized arguments: --bf16 true; did you mean --precision?"),
+    # litgpt's positional checkpoint
+    (["checkpoints/x/y"], "unrecognized arguments: checkpoints/x/y; values are given with their flag here: pass "
+                          "--io.checkpoint_dir checkpoints/x/y"),
 ]
 EVAL_ERRORS = [
+    (["--checkpoint_dir", "x", "--output_path", "r.json"], "unrecognized arguments: --output_path r.json; did you "
+                                                           "mean --save_filepath?"),
+    (["x/y", "--eval_tasks", "arc_easy"], "unrecognized arguments: x/y; values are given with their flag here: pass "
+                                          "--checkpoint_dir x/y"),
     (["--checkpoint_dir", "x", "--metadata", "notjson"],
      "--metadata: expected a JSON/YAML mapping such as '{\"key\": \"value\"}', got 'notjson'"),
     (["--checkpoint_dir", "x", "--precision", "17"],

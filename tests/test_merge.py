@@ -430,6 +430,15 @@ def test_a_corrupt_base_tokenizer_stops_the_merge_before_it_writes(tmp_path):
 
 def test_missing_base_and_bad_files_are_clear(bases, tmp_path):
     adapter = make_run(tmp_path / "run", bases["llama"], AdapterConfig(method="ether", nb=4))
+    # litgpt's `merge_lora RUN`, typed as --checkpoint_dir RUN: the file to pass is named
+    from lit_gpt.merge import merge_cli
+
+    with pytest.raises(ValueError) as e:
+        merge_cli(None, adapter.parent, None, None, True, "--ether_path")
+    assert str(e.value) == (f"--checkpoint_dir {str(adapter.parent)!r} is a fine-tuning run, not its base model: pass "
+                            f"--ether_path {adapter} (the base model comes from the run's hyperparameters.yaml).")
+    with pytest.raises(ValueError, match=r"^Pass the fine-tuned file to merge with --ether_path \(or --adapter_path"):
+        merge_cli(None, bases["llama"], None, None, True, "--ether_path")
     (adapter.parent / "hyperparameters.yaml").unlink()
     with pytest.raises(ValueError, match="No --checkpoint_dir given and no base_checkpoint_dir"):
         merge_checkpoint(adapter, log=lambda s: None)
