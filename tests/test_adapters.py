@@ -599,6 +599,10 @@ def test_targets_tied_head_and_unknown_names():
         apply_adapters(GPT(tiny_config(tie_embeddings=True)), AdapterConfig(targets=["head"], nb=4))
     with pytest.raises(ValueError, match=r"'querry' matches no nn\.Linear .* query, key, value"):
         apply_adapters(GPT(tiny_config()), AdapterConfig(targets=["querry"], nb=4))
+    # PEFT's target_modules (transformers' layer names): the lit_gpt.GPT target of the same layer is named
+    with pytest.raises(ValueError, match=r"'q_proj' matches no nn\.Linear .* or all-linear \('q_proj' is 'query' "
+                                         r"here\)\.$"):
+        apply_adapters(GPT(tiny_config()), AdapterConfig(targets=["q_proj", "v_proj"], nb=4))
     # generic names and patterns also work on a GPT; every other parameter is frozen
     model = apply_adapters(GPT(tiny_config()), AdapterConfig(targets=["attn.proj", "re:.*mlp\\.fc_[12]"], nb=4))
     names = sorted(n for n, _ in adapted_layers(model))

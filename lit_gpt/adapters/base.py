@@ -540,6 +540,14 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[dict[str,
     return plan, all_linear  # (a layer two targets select is refused above)
 
 
+# transformers' layer names (PEFT's target_modules) and the lit_gpt.GPT target that adapts the same layer
+HF_TARGET_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "projection",
+                   "dense": "projection", "gate_proj": "mlp", "up_proj": "mlp",
+                   "down_proj": "mlp", "fc1": "mlp", "fc2": "mlp", "c_fc": "mlp", "dense_h_to_4h": "mlp",
+                   "dense_4h_to_h": "mlp", "lm_head": "head", "query_key_value": "query, key and value",
+                   "c_attn": "query, key and value", "qkv_proj": "query, key and value"}
+
+
 def _no_match(model: nn.Module, modules: dict[str, nn.Module], pattern: str, gpt: bool) -> str:
     """Why `pattern` adapts nothing, and what to write instead."""
     what = type(model).__name__
@@ -558,8 +566,10 @@ def _no_match(model: nn.Module, modules: dict[str, nn.Module], pattern: str, gpt
             f"{others[0]!r}, a {type(first).__name__}): {hint} in the {field_name('targets')}."
         )
     if gpt:
+        ours = HF_TARGET_NAMES.get(pattern.rsplit(".", 1)[-1])
+        instead = f" ({pattern!r} is {ours!r} here)" if ours else ""
         return (f"Adapter target {pattern!r} matches no nn.Linear or Conv1D module of {what}; the named targets of a "
-                f"lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}.")
+                f"lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}{instead}.")
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and is_adaptable(m)})
     layers = ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
     if pattern in GPT_TARGETS:  # e.g. AdapterConfig's default targets, which name a lit_gpt.GPT's layers
