@@ -59,8 +59,9 @@ def main(
     --convert_checkpoint false, in which case the command to run is printed.
 
     Args:
-        repo_id: The Hub repository, e.g. meta-llama/Llama-2-7b-hf. Without it, the models lit_gpt has a named
-            config for are listed, one org/name per line; other repos of a supported type work too.
+        repo_id: The Hub repository, e.g. meta-llama/Llama-2-7b-hf. Without it (or with `list`), the models
+            lit_gpt has a named config for are listed, one org/name per line; other repos of a supported type work
+            too.
         access_token: A Hugging Face token, needed for gated models (Llama, some Mistral repos) once you accepted
             their license on the Hub. Defaults to the HF_TOKEN environment variable (then to `hf auth login`).
         from_safetensors: Download the safetensors weights (falls back to .bin when the repo has none); false
@@ -71,7 +72,7 @@ def main(
             scripts/convert_hf_checkpoint.py does); false prints that command instead.
         dtype: Dtype of the converted weights; by default they keep the dtype they are stored in.
     """
-    if repo_id is None:
+    if repo_id is None or repo_id == "list":  # (litgpt's `download list`; no Hub repo is named "list")
         try:
             for c in configs:
                 print(f"{c['hf_config']['org']}/{c['hf_config']['name']}")

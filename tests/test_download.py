@@ -86,6 +86,8 @@ def test_listing_prints_every_named_model(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"{c['hf_config']['org']}/{c['hf_config']['name']}" for c in configs]
     assert "meta-llama/Llama-2-7b-hf" in lines and "EleutherAI/pythia-160m" in lines
+    download.main(repo_id="list")  # litgpt's `download list`
+    assert capsys.readouterr().out.splitlines() == lines
 
 
 def test_safetensors_chosen_and_only_what_lit_needs(hub, tmp_path):
