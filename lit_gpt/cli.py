@@ -423,6 +423,10 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
         hparams = _read_run_hparams(path, fn)
         if hparams is not None:
             out[index] = prefix + yaml.safe_dump(run_flags(hparams, fn, script, path), sort_keys=False)
+        else:
+            problem = _litgpt_config_problem(path, fn)
+            if problem is not None:
+                raise RunConfigError(problem)
     resumed = _resumed_run_hparams(out, fn, script)
     if resumed is not None:  # the run's own flags first; the ones given here still override them
         flags = run_flags(_read_run_hparams(resumed, fn), fn, script, resumed)
@@ -434,6 +438,44 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
               file=sys.stderr)
         out = ["--config", yaml.safe_dump(flags, sort_keys=False), *out]
     return out
+
+
+# litgpt's data modules and the script that prepares the same data here
+_LITGPT_DATA = {"JSON": "prepare_json.py --json_path {json_path}", "Alpaca": "prepare_alpaca.py",
+                "AlpacaGPT4": "prepare_alpaca.py", "Dolly": "prepare_dolly.py", "LIMA": "prepare_lima.py",
+                "FLAN": "prepare_flan.py", "LongForm": "prepare_longform.py"}
+
+
+def _litgpt_config_problem(path: str, fn: Callable[..., Any]) -> Optional[str]:
+    """For a litgpt finetune YAML given as `--config` (its `data:` names a `litgpt.data` class): every change it needs
+    in one sentence, rather than jsonargparse's refusal of one key per run."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    module = data.get("data") if isinstance(data, dict) else None
+    module = module.get("class_path", "") if isinstance(module, dict) else module
+    if not isinstance(module, str) or not module.startswith("litgpt."):
+        return None
+    init = data["data"].get("init_args") or {} if isinstance(data["data"], dict) else {}
+    prepare = _LITGPT_DATA.get(module.rsplit(".", 1)[-1], "prepare_json.py --json_path <your data>")
+    prepare = prepare.format(json_path=init.get("json_path", "<your data>") if isinstance(init, dict) else "")
+    ckpt = data.get("checkpoint_dir", "<model>")
+    hints = typing.get_type_hints(fn)
+    fields = {name: {f.name for f in dataclasses.fields(t)} for name, t in hints.items() if dataclasses.is_dataclass(t)}
+    moved = [k for k in ("checkpoint_dir", "out_dir") if k in data]
+    unknown = [k for k in data if k not in hints and k not in moved and k != "data"]
+    unknown += [f"{group}.{k}" for group, keys in data.items() if group in fields and isinstance(keys, dict)
+                for k in keys if k not in fields[group]]
+    parts = [f"prepare its data with `python scripts/{prepare} --checkpoint_dir {ckpt}` and pass the folder it "
+             "writes as io.train_data_dir"]
+    if moved:
+        parts.append(f"move {' and '.join(moved)} under io: ({', '.join('io.' + k for k in moved)})")
+    if unknown:
+        parts.append(f"delete {', '.join(unknown)} (no setting here; see --help)")
+    return f"--config {path!r} is a litgpt config ({module}): {'; '.join(parts)}."
 
 
 def _resumed_run_hparams(args: Sequence[str], fn: Callable[..., Any], script: str) -> Optional[str]:

@@ -394,3 +394,20 @@ def test_an_unreachable_hub_is_one_sentence_naming_task_dataset_and_fix(monkeypa
         lm_eval_harness._load_tasks(_UnreachableHub("OfflineModeIsEnabled"), ["arc_easy"], ["HF_HUB_OFFLINE"])
     assert "the dataset 'allenai/ai2_arc' is not in the Hugging Face datasets cache, and HF_HUB_OFFLINE=1 turns " \
            "off" in str(e.value)
+
+
+def test_a_litgpt_finetune_config_gets_every_change_it_needs_in_one_sentence(tmp_path, capsys, monkeypatch):
+    """A litgpt YAML took six runs, one refused key each, before the real fix (prepare the data) appeared."""
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    config = tmp_path / "lora.yaml"
+    config.write_text("checkpoint_dir: checkpoints/org/model\nout_dir: out/lora\nprecision: bf16-true\nquantize:\n"
+                      "lora_r: 8\ndata:\n  class_path: litgpt.data.JSON\n  init_args:\n    json_path: data.json\n"
+                      "train:\n  global_batch_size: 16\n  max_tokens:\n  epochs: 1\nlogger_name: csv\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli(lora.setup, args=["--config", str(config)], finetune_script="finetune/lora.py")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --config {str(config)!r} is a litgpt config (litgpt.data.JSON): prepare its data with `python "
+        "scripts/prepare_json.py --json_path data.json --checkpoint_dir checkpoints/org/model` and pass the folder it "
+        "writes as io.train_data_dir; move checkpoint_dir and out_dir under io: (io.checkpoint_dir, io.out_dir); "
+        "delete quantize, logger_name, train.max_tokens (no setting here; see --help).\n")
