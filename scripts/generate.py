@@ -13,7 +13,13 @@ from lit_gpt import GPT, Tokenizer  # noqa: E402
 from lit_gpt.tokenizer import check_utf8  # noqa: E402
 from lit_gpt.data.prompts import prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
-from lit_gpt.merge import PRECISIONS, read_prompt_style_file  # noqa: E402
+from lit_gpt.merge import (  # noqa: E402
+    PRECISIONS,
+    checkpoint_dir_for,
+    load_finetuned,
+    read_prompt_style_file,
+    resolve_prompt_style,
+)
 from lit_gpt.utils import (  # noqa: E402
     WEIGHTS_FILENAME,
     check_checkpoint_dir,
@@ -22,26 +28,28 @@ from lit_gpt.utils import (  # noqa: E402
     run_adapter_file,
 )
 
-RUN_CONFIG_FIX = ("merge the run first (scripts/merge_ether.py or merge_lora.py --adapter_path {adapter}) and pass "
-                  "its output, {merged}, as --checkpoint_dir")
+RUN_CONFIG_FIX = ("generate with the run's adapter unmerged, --checkpoint_dir {base} --adapter_path {adapter}, or "
+                  "with its merged checkpoint (scripts/merge_ether.py or merge_lora.py write {merged}) as "
+                  "--checkpoint_dir")
 
 
 def check_model_dir(checkpoint_dir: Path) -> None:
-    """`check_checkpoint_dir`, with a fine-tuning run's folder refused in words that fit this script: it takes no
-    --adapter_path, so the run has to be merged first (or used unmerged by chat/base.py)."""
+    """`check_checkpoint_dir`, with a fine-tuning run's folder given as --checkpoint_dir refused in words that fit
+    this script: pass its adapter file as --adapter_path, or merge it first."""
     if not (checkpoint_dir / WEIGHTS_FILENAME).is_file() and finetuning_run_hint(checkpoint_dir) is not None:
         adapter = run_adapter_file(checkpoint_dir)
         merge = "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
         raise ValueError(
-            f"{str(checkpoint_dir)!r} is a fine-tuning run, not a model: merge it first with `python scripts/{merge} "
-            f"--adapter_path {adapter}` and pass its output, {str(checkpoint_dir / 'merged')!r}, as --checkpoint_dir "
-            f"(or use it unmerged: `python chat/base.py --checkpoint_dir <its base model> --adapter_path {adapter}`)."
+            f"{str(checkpoint_dir)!r} is a fine-tuning run, not a model: pass --adapter_path {adapter} (its base model "
+            f"comes from the run), or merge it first with `python scripts/{merge} --adapter_path {adapter}` and pass "
+            f"its output, {str(checkpoint_dir / 'merged')!r}, as --checkpoint_dir."
         )
     check_checkpoint_dir(checkpoint_dir)
 
 
 def main(
-    checkpoint_dir: Path,
+    checkpoint_dir: Optional[Path] = None,
+    adapter_path: Optional[Path] = None,
     prompt: str = "What food do llamas eat?",
     max_new_tokens: int = 256,
     temperature: float = 0.8,
@@ -56,7 +64,10 @@ def main(
     """Generate an answer to `--prompt` with the model in `--checkpoint_dir` and print tokens/s to stderr.
 
     Args:
-        checkpoint_dir: A lit checkpoint (lit_model.pth, model_config.yaml and tokenizer files).
+        checkpoint_dir: A lit checkpoint (lit_model.pth, model_config.yaml and tokenizer files): a merged one, or
+            the base model of --adapter_path (default with --adapter_path: the base model its run recorded).
+        adapter_path: An adapter file (lit_model_*_finetuned.pth) applied to --checkpoint_dir without merging, or
+            a full fine-tuning state dict (lit_model_finetuned.pth); its run's prompt format is used.
         prompt: The user's message (or the raw text to continue with --chat_template false).
         max_new_tokens: Stop after this many new tokens (fewer if the model's context ends first).
         temperature: Sampling temperature; 0 always picks the most likely token.
@@ -65,9 +76,9 @@ def main(
         precision: Weight dtype: bf16-true, 16-true or 32-true (as chat/base.py and eval take it); default
             bf16-true on a GPU that supports it, else 32-true.
         device: "cpu", "cuda", "cuda:1", ...; default the first GPU if there is one.
-        chat_template: Format the prompt as the model was trained: with the style of the checkpoint's
-            `prompt_style.yaml` (what `scripts/merge_ether.py` writes for a fine-tuned model), else with its chat
-            template when it has one; false sends the prompt as raw text.
+        chat_template: Format the prompt as the model was trained: with --adapter_path, the style its run trained
+            with; else the style of the checkpoint's `prompt_style.yaml` (what `scripts/merge_ether.py` writes for a
+            fine-tuned model), else its chat template when it has one; false sends the prompt as raw text.
         system_prompt: A system message (chat template and chatml styles only).
         seed: Random seed for sampling.
     """
@@ -77,7 +88,11 @@ def main(
         raise ValueError("--system_prompt needs a prompt format; it is unused with --chat_template false.")
     check_sampling(temperature, top_k, top_p, flag_prefix="--")
     check_utf8(prompt, "--prompt")
-    check_model_dir(checkpoint_dir)
+    checkpoint_dir = checkpoint_dir_for(checkpoint_dir, adapter_path)
+    if adapter_path is None:
+        check_model_dir(checkpoint_dir)
+    else:
+        check_checkpoint_dir(checkpoint_dir)
     device = resolve_device(device)
     if precision is None:
         precision = "bf16-true" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
@@ -86,7 +101,12 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir)
     text = prompt
     spec = read_prompt_style_file(checkpoint_dir) if chat_template else None
-    if spec is not None or (chat_template and tokenizer.chat_template is not None):
+    if chat_template and adapter_path is not None:  # the format the run trained with
+        style = resolve_prompt_style(checkpoint_dir, adapter_path, tokenizer=tokenizer)
+        if system_prompt is not None:
+            style = prompt_style_from_name(style.name, checkpoint_dir, system_prompt=system_prompt, tokenizer=tokenizer)
+        text = style.apply(prompt)
+    elif spec is not None or (chat_template and tokenizer.chat_template is not None):
         name = spec["prompt_style"] if spec is not None else "chat_template"
         if system_prompt is None and spec is not None:
             system_prompt = spec.get("system_prompt")
@@ -97,7 +117,10 @@ def main(
                          "has neither.")
     ids = tokenizer.encode(text, device=device)
     # the prompt before the model: its mistakes need no weights
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=torch_dtype).eval()
+    if adapter_path is not None:
+        model = load_finetuned(checkpoint_dir, adapter_path, device=device, dtype=torch_dtype)
+    else:
+        model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=torch_dtype).eval()
 
     generator = torch.Generator(device=device).manual_seed(seed)
     count = 0

@@ -246,7 +246,7 @@ def test_bad_sampling_flags_fail_at_startup(tmp_path, capsys, monkeypatch, scrip
     ("eval/lm_eval_harness.py", ["--checkpoint_dir", "x"], "evaluate its adapter unmerged, --checkpoint_dir"),
     ("scripts/merge_ether.py", [], "pass the run's adapter file instead, --ether_path"),
     ("scripts/merge_lora.py", [], "pass the run's adapter file instead, --lora_path"),
-    ("scripts/generate.py", ["--checkpoint_dir", "x"], "merge the run first"),
+    ("scripts/generate.py", ["--checkpoint_dir", "x"], "generate with the run's adapter unmerged, --checkpoint_dir"),
 ])
 def test_a_runs_hyperparameters_as_config_is_refused_in_one_sentence(base, tmp_path, capsys, monkeypatch, script,
                                                                       flags, fix):
@@ -293,8 +293,27 @@ def test_missing_checkpoint_dir_and_run_folder_errors_name_the_right_thing(base,
     with pytest.raises(ValueError) as e:
         generate_script.main(checkpoint_dir=adapter.parent, device="cpu")
     message = str(e.value)
-    assert "is a fine-tuning run, not a model: merge it first with `python scripts/merge_ether.py" in message
-    assert "to a script that takes --adapter_path" not in message and "chat/base.py" in message
+    assert message == (f"{str(adapter.parent)!r} is a fine-tuning run, not a model: pass --adapter_path {adapter} (its "
+                       f"base model comes from the run), or merge it first with `python scripts/merge_ether.py "
+                       f"--adapter_path {adapter}` and pass its output, {str(adapter.parent / 'merged')!r}, as "
+                       "--checkpoint_dir.")
+
+
+def test_generate_with_an_unmerged_adapter_answers_as_its_merged_checkpoint(base, tmp_path, capsys):
+    """generate.py was the one inference script without --adapter_path: the run had to be merged first. The base
+    model and the prompt format come from the run, as in chat."""
+    from lit_gpt.merge import merge_checkpoint
+
+    adapter = make_run(tmp_path / "run", base, AdapterConfig(method="etherplus", nb=4, targets=["query", "mlp"]),
+                       prompt_style="flan")
+    merged = merge_checkpoint(adapter, precision="32-true", log=lambda s: None)
+    generate_script = load_script("scripts/generate.py")
+    greedy = dict(prompt="Add two and three.", temperature=0.0, max_new_tokens=8, device="cpu")
+    answers = []
+    for flags in (dict(adapter_path=adapter), dict(checkpoint_dir=merged)):
+        generate_script.main(**flags, **greedy)
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].strip()
 
 
 def test_plot_logs_writes_the_format_of_the_suffix(tmp_path):
