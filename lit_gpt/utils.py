@@ -283,9 +283,11 @@ def finetuning_run_hint(directory: Path | str) -> Optional[str]:
     except Exception:  # a hint only: an unreadable hyperparameters.yaml leaves the placeholder
         pass
     merge = "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
+    # a full fine-tune has nothing to merge: the merge script writes its weights with the base's config and tokenizer
+    first = ("make it a model folder" if Path(adapter).name == "lit_model_finetuned.pth" else "merge it") + " first"
     return (
         f"{str(directory)!r} is a fine-tuning run, not a model: pass `--checkpoint_dir {base} --adapter_path "
-        f"{adapter}` (to a script that takes --adapter_path), or merge it first with `python scripts/{merge} "
+        f"{adapter}` (to a script that takes --adapter_path), or {first} with `python scripts/{merge} "
         f"--adapter_path {adapter}` and pass its output, {str(directory / 'merged')!r}"
     )
 

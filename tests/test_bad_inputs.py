@@ -255,6 +255,14 @@ def test_a_finetuning_run_given_as_model_says_how_to_use_it(tiny):
         assert str(e.value).startswith(expected)
         assert f"python scripts/merge_ether.py --adapter_path {adapter}" in str(e.value)
         one_sentence(str(e.value))
+    assert ", or merge it first with" in str(e.value)
+    # a full fine-tune has nothing to merge: the script makes it a model folder
+    full = run.parent / "full-run"
+    full.mkdir()
+    (full / "lit_model_finetuned.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r", or make it a model folder first with `python scripts/merge_ether.py "
+                                         r"--adapter_path .*lit_model_finetuned.pth`"):
+        check_checkpoint_dir(full)
     # hyperparameters.yaml alone marks a run too (before its first weights are written)
     adapter.rename(run / "saved_elsewhere.pth")
     try:
