@@ -270,6 +270,44 @@ def _parent_pid(proc_dir: Path) -> int:
         return -1
 
 
+@pytest.mark.parametrize("error, shown", [
+    (OSError(28, os.strerror(28), "out/results.json"), "Could not write 'out/results.json': " + os.strerror(28)),
+    (OSError(30, os.strerror(30), "out"), "Could not write 'out': " + os.strerror(30)),
+    ("WriteError(5)", "Could not write 'out/lit_model.pth': " + os.strerror(5)),
+])
+def test_a_disk_error_outside_training_is_one_line_and_exit_1(error, shown, capsys):
+    """A plain OSError from a full disk or a read-only file system (Path.write_text, mkdir), and atomic_path's
+    WriteError for any errno: one line naming the path, not a traceback."""
+    from lit_gpt.cli import run_cli
+    from lit_gpt.utils import WriteError
+
+    if error == "WriteError(5)":
+        error = WriteError(5, os.strerror(5), "out/lit_model.pth")
+
+    def main(steps: int = 1) -> None:
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, args=[])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"error: {shown}; ") and err.count("\n") == 1, err
+
+
+def test_run_cli_gives_the_sigterm_action_back(capsys):
+    """run_cli makes SIGTERM raise Terminated while it runs a script; after it (a notebook, a wrapper that prepares
+    and then trains in-process), the action is the caller's again: training's ranks rely on the default."""
+    from lit_gpt.cli import run_cli
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        seen = []
+        run_cli(lambda steps=1: seen.append(signal.getsignal(signal.SIGTERM)), args=[])
+        assert seen and seen[0] is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
     """Ctrl-C while a script loads or prepares (or a second one during training): no traceback."""
     from lit_gpt.cli import run_cli

@@ -404,6 +404,16 @@ def test_a_cut_runs_hyperparameters_is_one_sentence_naming_it_and_its_line(tmp_p
                             "19): fix it, or pass the flags yourself.")
 
 
+def test_a_runs_hyperparameters_that_are_not_utf8_are_one_sentence(tmp_path):
+    """An editor that saved hyperparameters.yaml as Latin-1 (a café in a note) gave a UnicodeDecodeError traceback
+    in merge, chat, eval, the PEFT export and --resume."""
+    hparams = tmp_path / "hyperparameters.yaml"
+    hparams.write_bytes(b"method: ether\nnote: caf\xe9\n")
+    with pytest.raises(ValueError) as e:
+        read_hparams(tmp_path / "lit_model_ether_finetuned.pth")
+    assert str(e.value) == f"{str(hparams)!r} is not UTF-8 text: fix it, or pass the flags yourself."
+
+
 def test_a_corrupt_base_tokenizer_stops_the_merge_before_it_writes(tmp_path):
     """Before, merge copied a cut tokenizer.json into its output and reported success."""
     base = make_base(tmp_path / "base")

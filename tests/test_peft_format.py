@@ -266,6 +266,12 @@ def test_the_trained_prompt_format_goes_to_peft_and_back(bases, tmp_path):
     (out / "prompt_style.yaml").unlink()
     with pytest.raises(ValueError, match=r"^--system_prompt needs --prompt_style"):
         import_peft_adapter(out, folder, tmp_path / "x.pth", system_prompt="Hi.")
+    # an adapter without a recorded format exported into the same folder: the earlier export's file goes, or an
+    # import would take chatml for this adapter's format
+    export_peft_adapter(adapter, folder, out)
+    plain = save_adapters(lit_lora(folder, ["query"], seed=3), tmp_path / "b.safetensors")
+    export_peft_adapter(plain, folder, out)
+    assert not (out / "prompt_style.yaml").exists()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
