@@ -255,7 +255,7 @@ def _script_of_flag(flag: str, known: Sequence[str]) -> Optional[str]:
     return None
 
 
-# what other tools (HF Trainer, litgpt, PEFT's examples) call some of the training flags: the last part of the name
+# what other tools (HF Trainer, litgpt, PEFT, lm-eval) call some of our flags: the last part of the name
 FLAG_SYNONYMS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps", "num_train_epochs": "epochs",
                  "max_grad_norm": "max_norm", "gradient_clip_val": "max_norm", "batch_size": "global_batch_size",
                  "per_device_train_batch_size": "micro_batch_size", "eval_steps": "interval",
@@ -263,9 +263,10 @@ FLAG_SYNONYMS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps", "num_
                  "activation_checkpointing", "max_length": "max_seq_length", "seq_len": "max_seq_length",
                  # PEFT's LoraConfig(r=, lora_alpha=); lit-gpt's and nanoGPT's training iterations
                  "r": "lora_r", "rank": "lora_r", "lora_rank": "lora_r", "alpha": "lora_alpha",
-                 "max_iters": "max_steps"}
-FLAG_SYNONYMS.update({"output_path": "save_filepath", "out_dir": "save_filepath", "dtype": "precision",
-                      "bf16": "precision", "fp16": "precision"})
+                 "max_iters": "max_steps",
+                 # lm-eval's and litgpt evaluate's output, HF's dtype flags
+                 "output_path": "save_filepath", "out_dir": "save_filepath", "dtype": "precision",
+                 "bf16": "precision", "fp16": "precision"}
 # names of other tools' settings that have no flag here: (a flag of the scripts the note is for, what to do instead)
 _TRAINING = "--train.learning_rate"
 NO_EQUIVALENT = {

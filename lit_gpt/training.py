@@ -1322,7 +1322,8 @@ def finetune(
         write_on_rank_0(fabric, path, lambda: atomic_save(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng,
              "precision_state": fabric.strategy.precision.state_dict(),  # 16-mixed's GradScaler; {} otherwise
-             "world_size": fabric.world_size, "method": method, "train": asdict(train), "precision": precision, "adapter_float32": adapter_float32,
+             "world_size": fabric.world_size, "method": method, "train": asdict(train), "precision": precision,
+             "adapter_float32": adapter_float32,
              "validated": validated,  # whether a validation ran at this step before it was written
              "data_fingerprint": fingerprint,
              "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),
