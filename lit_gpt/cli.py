@@ -226,6 +226,9 @@ def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (
     if tp is not None and given is not None:
         if given.lower() == "none" and type(None) in typing.get_args(tp):  # Python's spelling of YAML's null
             return f"{flag}: expected {_describe(tp, key)}, got {given!r}: write null for None (see --help)"
+        if given.lower() == "auto":  # litgpt's and lm-eval's `--devices auto`, `--batch_size auto`
+            return f"{flag}: expected {_describe(tp, key)}, got {given!r}: there is no automatic choice here, pass " \
+                   "a number (see --help)"
         return f"{flag}: expected {_describe(tp, key)}, got {given!r} (see --help)"
     expected = re.search(r"Expected a (.*?)\. Got value: (.*)", rest)
     if expected is not None:

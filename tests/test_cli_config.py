@@ -206,6 +206,8 @@ def test_config_hub_yamls_are_passed_on_as_they_are(path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- one-line errors
 ETHER_ERRORS = [
     (["--devices", "two"], "--devices: expected an integer, got 'two'"),
+    (["--devices", "auto"], "--devices: expected an integer, got 'auto': there is no automatic choice here, pass a "
+                            "number"),
     (["--Htype", "foo"], "--Htype: expected ether, etherplus, etherplusHH or oft, got 'foo'"),
     (["--train.learning_rate", "abc"], "--train.learning_rate: expected a number, got 'abc'"),
     (["--oft_eps", "x"], "--oft_eps: expected a number, got 'x'"),  # Optional[float]: a union
