@@ -290,6 +290,12 @@ NO_EQUIVALENT = {
     "optimizer": (_TRAINING, "training uses AdamW (--train.learning_rate, --train.weight_decay, --train.beta1, "
                              "--train.beta2)"),
     "multiline": ("--multi_turn", "a message continues on the next line when a line ends with \\"),
+    "use_dora": (_TRAINING, "DoRA is not one of the methods here (finetune/lora.py, finetune/ether.py --Htype ...)"),
+    "modules_to_save": (_TRAINING, "only the adapter is trained (finetune/full.py trains every weight)"),
+    "max_tokens": (_TRAINING, "the run's length is set by --train.max_steps or --train.epochs"),
+    # litgpt's --data.*: prepared beforehand here
+    "data": (_TRAINING, "the data is prepared first with a scripts/prepare_*.py script, whose folder is "
+                        "--io.train_data_dir"),
 }
 # the shortest unknown name taken for an abbreviation of a longer flag: `--r` is not `--resume`
 MIN_ABBREVIATION = 3
@@ -302,8 +308,9 @@ def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
         return None
     underscored = "--" + flag[2:].replace("-", "_")
     group, _, name = underscored[2:].rpartition(".")
-    if name in NO_EQUIVALENT and NO_EQUIVALENT[name][0] in known:
-        return NO_EQUIVALENT[name][1]
+    note = NO_EQUIVALENT.get("data" if group.split(".")[0] == "data" else name)
+    if note is not None and note[0] in known:
+        return note[1]
     # another tool's name for a flag, then a nested flag typed without its group (`--epochs` for --train.epochs)
     synonyms = [f"--{g}{FLAG_SYNONYMS[name]}" for g in (f"{group}." if group else "", "train.", "eval.")
                 if name in FLAG_SYNONYMS and f"--{g}{FLAG_SYNONYMS[name]}" in known]

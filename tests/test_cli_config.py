@@ -255,6 +255,10 @@ LORA_ERRORS = [  # PEFT's names of LoRA's settings
     (["--logger_name", "wandb"], "unrecognized arguments: --logger_name wandb; every run writes logs/metrics.csv and "
                                  "tensorboard/ in its run directory; there is no other logger"),
     (["--bf16", "true"], "unrecognized arguments: --bf16 true; did you mean --precision?"),
+    (["--data.json_path", "d.json"], "unrecognized arguments: --data.json_path d.json; the data is prepared first "
+                                     "with a scripts/prepare_*.py script, whose folder is --io.train_data_dir"),
+    (["--use_dora", "true"], "unrecognized arguments: --use_dora true; DoRA is not one of the methods here "
+                             "(finetune/lora.py, finetune/ether.py --Htype ...)"),
     # litgpt's positional checkpoint
     (["checkpoints/x/y"], "unrecognized arguments: checkpoints/x/y; values are given with their flag here: pass "
                           "--io.checkpoint_dir checkpoints/x/y"),
