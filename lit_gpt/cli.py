@@ -333,12 +333,12 @@ def _positional_hint(args: Sequence[str], unknown: Sequence[str], known: Sequenc
     value = args[0] if args and not args[0].startswith("-") else None
     if value is None or value not in unknown:
         return None
-    from lit_gpt.utils import FINETUNED_PATTERN, finetuning_run_hint
+    from lit_gpt.utils import finetuning_run_hint, run_adapter_file
 
     candidates = ["--repo_id"]
-    if Path(value).is_dir() and finetuning_run_hint(Path(value)) is not None:  # litgpt's `merge_lora RUN`
+    if finetuning_run_hint(value) is not None:  # litgpt's `merge_lora RUN`
         candidates.insert(0, "--adapter_path")
-        value = str(next(iter(sorted(Path(value).glob(FINETUNED_PATTERN))), value))
+        value = run_adapter_file(value)
     candidates += ["--checkpoint_dir", "--io.checkpoint_dir"]
     flag = next((c for c in candidates if c in known), None)
     return f"values are given with their flag here: pass {flag} {value}" if flag is not None else None

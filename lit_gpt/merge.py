@@ -105,7 +105,7 @@ def check_tokenizer_files(checkpoint_dir: PathLike) -> None:
     or an export that copies them stops, before the long weight work, on a corrupt one (in one sentence naming it)
     rather than publish it. A folder without a vocabulary passes (the writers warn about it)."""
     from lit_gpt.tokenizer import Tokenizer
-    from lit_gpt.utils import read_json_object
+    from lit_gpt.utils import read_json_object, read_text_file
 
     checkpoint_dir = Path(checkpoint_dir)
     fix = "copy the tokenizer files from the original model again, or delete the file"
@@ -113,12 +113,8 @@ def check_tokenizer_files(checkpoint_dir: PathLike) -> None:
         if (checkpoint_dir / name).is_file():
             read_json_object(checkpoint_dir / name, fix)
     for name in _SIDE_TEXT:
-        path = checkpoint_dir / name
-        if path.is_file():
-            try:
-                path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}.") from None
+        if (checkpoint_dir / name).is_file():
+            read_text_file(checkpoint_dir / name, fix)
     try:
         tokenizer = Tokenizer(checkpoint_dir)
     except FileNotFoundError:  # no tokenizer.json/tokenizer.model (its JSON files were read, and parsed, first)
@@ -612,12 +608,12 @@ def merge_cli(
 ) -> Path:
     """What `scripts/merge_ether.py` and `scripts/merge_lora.py` run after parsing their flags."""
     if adapter_path is None:
-        from lit_gpt.utils import FINETUNED_PATTERN
+        from lit_gpt.utils import finetuning_run_hint, run_adapter_file
 
-        found = sorted(Path(checkpoint_dir).glob(FINETUNED_PATTERN)) if checkpoint_dir is not None else []
-        if found:  # litgpt's `merge_lora RUN`: the run's folder where the base model goes
-            raise ValueError(f"--checkpoint_dir {str(checkpoint_dir)!r} is a fine-tuning run, not its base model: "
-                             f"pass {flag} {found[0]} (the base model comes from the run's hyperparameters.yaml).")
+        if checkpoint_dir is not None and finetuning_run_hint(checkpoint_dir) is not None:  # litgpt's `merge_lora RUN`
+            raise ValueError(f"--checkpoint_dir {str(checkpoint_dir)!r} is a fine-tuning run, not its base model: pass "
+                             f"{flag} {run_adapter_file(checkpoint_dir)} (the base model comes from the run's "
+                             "hyperparameters.yaml).")
         raise ValueError(f"Pass the fine-tuned file to merge with {flag} (or --adapter_path).")
     return merge_checkpoint(adapter_path, checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision,
                             probe=probe, log=lambda s: print(s, file=sys.stderr))

@@ -285,11 +285,9 @@ class Tokenizer:
         # repos that moved their template to the file often keep an older one in the config)
         path = checkpoint_dir / "chat_template.jinja"
         if path.is_file():
-            try:
-                return path.read_text(encoding="utf-8"), path
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); copy the "
-                                 "tokenizer files from the original model again.") from None
+            from lit_gpt.utils import read_text_file
+
+            return read_text_file(path, "copy the tokenizer files from the original model again"), path
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

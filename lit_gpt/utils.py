@@ -507,6 +507,14 @@ def missing_checkpoint_dir_error(checkpoint_dir: Path | str, flag: str = "--chec
     return FileNotFoundError(f"{flag} {str(path)!r} does not exist: {fix}.")
 
 
+def read_text_file(path: Path | str, fix: str) -> str:
+    """The text of `path`; one that is not UTF-8 raises a `ValueError` naming it and the byte, ending with `fix`."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}.") from None
+
+
 def read_json_object(path: Path | str, fix: str, holds: str = "", error: type[ValueError] = ValueError) -> dict:
     """The JSON object in `path`, else `error` in one sentence naming the file and ending with `fix`: text that is
     not JSON, or JSON that is not an object (`holds` says what the object is)."""
