@@ -4,6 +4,7 @@ import os
 import re
 import sys
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
@@ -30,7 +31,7 @@ def main(
     batch_size: int = 16,
     include_path: Optional[Path] = None,
     metadata: Optional[dict[str, Any]] = None,
-    save_filepath: Optional[Path] = None,
+    save_filepath: Union[bool, Path, None] = None,
     precision: Optional[Precision] = None,
     device: Optional[str] = None,
     seed: int = 1234,
@@ -42,8 +43,13 @@ def main(
     gen_kwargs: Optional[Union[str, dict[str, Any]]] = None,
     log_samples: bool = False,
 ) -> dict:
-    """Run lm-eval tasks on a lit checkpoint and print lm-eval's results table (and, with --save_filepath, write
-    lm-eval's results JSON).
+    """Run lm-eval tasks on a lit checkpoint, write lm-eval's results JSON and print its results table.
+
+    The results JSON goes to --save_filepath, by default to a new file in the model's folder:
+    <folder>/eval/results_<UTC time YYYY-MM-DDTHH-MM-SS>.json, where <folder> is the fine-tuning run of
+    --adapter_path (the folder holding its hyperparameters.yaml, else the adapter file's own) or else
+    --checkpoint_dir. An earlier file is never overwritten, and a folder that cannot be written is reported before
+    the model is loaded.
 
     For example, the offline quickstart's held-out set: `python eval/lm_eval_harness.py --checkpoint_dir out/merged
     --include_path eval/tasks/quickstart --eval_tasks quickstart`; two built-in tasks on a base model plus an
@@ -55,8 +61,9 @@ def main(
             scripts/merge_lora.py), or the base model of --adapter_path (default with --adapter_path: the base model
             its run recorded).
         adapter_path: An adapter file from fine-tuning (lit_model_ether_finetuned.pth, lit_model_lora_finetuned.pth,
-            or a .safetensors one `save_adapters` wrote), evaluated unmerged on top of --checkpoint_dir; or a full
-            fine-tuning lit_model_finetuned.pth.
+            or a .safetensors one `save_adapters` wrote), evaluated unmerged on top of --checkpoint_dir, or a Hugging
+            Face PEFT adapter folder (LoRA, OFT, or HRA as an export writes it), imported in memory for
+            --checkpoint_dir; or a full fine-tuning lit_model_finetuned.pth.
         eval_tasks: lm-eval task or group names: one name (--eval_tasks arc_easy), several separated by commas
             (--eval_tasks arc_easy,piqa) or a list (--eval_tasks "[arc_easy, piqa]", or a YAML list in --config);
             --eval_tasks+ NAME adds one to those given before it. Glob patterns work ("mmlu_*"). Default: the
@@ -71,7 +78,9 @@ def main(
         metadata: Settings for the tasks, as JSON: merged into every task's `metadata`, which lm-eval passes to
             a task's data loading function, e.g. --metadata '{"data_file": "data/quickstart/test.jsonl"}' for the
             quickstart task.
-        save_filepath: Write lm-eval's results JSON here (`results` -> task -> metric).
+        save_filepath: Write lm-eval's results JSON (`results` -> task -> metric) to this file, replacing one that
+            is there. Default (or true): a new results_<UTC time>.json in the eval/ folder of the fine-tuning run of
+            --adapter_path, else of --checkpoint_dir (see above); false writes no file.
         precision: "bf16-true", "32-true", ...; default bf16-true on a GPU that supports it, else 32-true.
         device: "cpu", "cuda", "cuda:1", ...; default the first GPU if there is one.
         seed: Seed for sampling, few-shot example selection and every other random choice lm-eval makes.
@@ -87,7 +96,7 @@ def main(
             "temperature=0.7,do_sample=True" form or a JSON object. This backend applies until, max_gen_toks,
             do_sample, temperature, top_k and top_p; others are refused.
         log_samples: Also write every document's prompt(s), answers and scores, one JSON Lines file per task next
-            to --save_filepath (<stem>_samples_<task>.jsonl), to inspect or compare runs.
+            to the results JSON (<its name without .json>_samples_<task>.jsonl), to inspect or compare runs.
     """
     import json
 
@@ -100,10 +109,18 @@ def main(
         raise ValueError(f"--limit must be positive, got {limit}.")
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"--num_fewshot must be 0 or more, got {num_fewshot}.")
-    if save_filepath is not None:  # found now, not after hours of evaluation
+    # found now, not after hours of evaluation
+    results_dir = None  # the default folder, where a new file is named at the end
+    if isinstance(save_filepath, str):  # (from Python)
+        save_filepath = Path(save_filepath)
+    if isinstance(save_filepath, Path):
         check_output_file(save_filepath, "--save_filepath", example="results.json")
-    elif log_samples:
-        raise ValueError("--log_samples writes its files next to the results JSON: pass --save_filepath too.")
+    elif save_filepath is False:
+        if log_samples:
+            raise ValueError("--log_samples writes its files next to the results JSON, which --save_filepath false "
+                             "turns off: drop one of the two.")
+    else:
+        results_dir = default_results_dir(checkpoint_dir, adapter_path)
     if fewshot_as_multiturn and not apply_chat_template:
         raise ValueError("--fewshot_as_multiturn true needs --apply_chat_template true (the turns are the chat "
                          "template's).")
@@ -162,29 +179,93 @@ def main(
                              chat_template=model.chat_template(apply_chat_template),
                              random_seed=seed, numpy_seed=seed, torch_seed=seed)  # (seeded here, not by lm-eval)
     # saved before the tables are printed (an error there, or a closed stdout, does not lose the evaluation), the
-    # small results JSON before the samples; a file that cannot be written (a full disk) still lets the tables show
-    not_saved = None
-    if save_filepath is not None:
+    # small results JSON before the samples; a file that cannot be written (a full disk) still lets the tables show.
+    # Where they went is said after the tables, where it is seen at the end of a long run.
+    not_saved, saved = None, []
+    if save_filepath is not False:
         samples = results.pop("samples", None) or {}
         try:
-            save_filepath.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(save_filepath, json.dumps(results, indent=2, default=handle_non_serializable))
-            print(f"Saved results to {save_filepath}", file=sys.stderr)
+            if results_dir is not None:
+                save_filepath = new_results_file(results_dir)
+            else:
+                save_filepath.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                atomic_write_text(save_filepath, json.dumps(results, indent=2, default=handle_non_serializable))
+            except BaseException:
+                if results_dir is not None:  # (the empty file that reserved the name)
+                    save_filepath.unlink(missing_ok=True)
+                raise
+            saved.append(f"Saved results to {save_filepath}")
             for task_name, rows in samples.items():
                 path = samples_path(save_filepath, task_name)
                 atomic_write_text(path, "".join(json.dumps(row, default=handle_non_serializable) + "\n"
                                                 for row in rows))
-                print(f"Saved {len(rows)} samples of {task_name} to {path}", file=sys.stderr)
+                saved.append(f"Saved {len(rows)} samples of {task_name} to {path}")
         except OSError as e:
             not_saved = e
         if samples:
             results["samples"] = samples
-    print(make_table(results))
-    if results.get("groups"):
-        print(make_table(results, "groups"))
+    try:
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
+    finally:  # (stderr: also when stdout was closed)
+        for line in saved:
+            print(line, file=sys.stderr)
     if not_saved is not None:  # (run_cli says it in one line, after the tables)
         raise not_saved
     return results
+
+
+def default_results_dir(checkpoint_dir: Path, adapter_path: Optional[Path]) -> Path:
+    """The folder the results JSON goes to without --save_filepath: `eval/` in the fine-tuning run of
+    `adapter_path` (else beside the adapter file), or in `checkpoint_dir`. Refused in one sentence, before anything
+    is evaluated, when it cannot be written; not checked when the model's folder does not exist (loading it fails
+    anyway, with an error that names it)."""
+    from lit_gpt.merge import find_run_dir
+
+    if adapter_path is not None:
+        from lit_gpt.adapters.state import peft_folder
+
+        folder = peft_folder(adapter_path) or find_run_dir(adapter_path) or Path(adapter_path).parent
+    else:
+        folder = Path(checkpoint_dir)
+    results_dir = folder / "eval"
+    if not folder.is_dir():
+        return results_dir
+    for p in (results_dir, folder):  # the nearest existing one is the one written into
+        if not p.exists():
+            continue
+        why = None
+        if not p.is_dir():
+            why = f"{str(p)!r} is a file, not a folder"
+        elif not os.access(p, os.W_OK | os.X_OK):
+            why = f"there is no permission to write in {str(p)!r}"
+        elif hasattr(os, "statvfs") and os.statvfs(p).f_flag & os.ST_RDONLY:
+            why = f"{str(p)!r} is on a read-only file system"
+        if why is not None:
+            raise ValueError(f"The results JSON cannot be written to its default folder {str(results_dir)!r} "
+                             f"because {why}; pass --save_filepath with a file you can write (or --save_filepath "
+                             "false to write none).")
+        break
+    return results_dir
+
+
+def new_results_file(results_dir: Path, now: Optional[datetime] = None) -> Path:
+    """A new, empty `results_<UTC time>.json` in `results_dir` (the time `now`, default the current one), created
+    here so that no other run takes the name: when the name is taken (a run finished in the same second), `_2`,
+    `_3`, ... is added to it instead of the earlier file being replaced."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = "results_" + (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
+    for n in range(1, 1000):
+        path = results_dir / (f"{stem}.json" if n == 1 else f"{stem}_{n}.json")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{str(results_dir)!r} already holds 999 results files named {stem}*.json; pass "
+                          "--save_filepath.")
 
 
 def samples_path(save_filepath: Path, task_name: str) -> Path:

@@ -1,4 +1,4 @@
-"""Generate text from a lit checkpoint, streaming the answer to stdout."""
+"""Generate text from a lit checkpoint, streaming the answer (or --num_samples answers) to stdout."""
 
 import sys
 import time
@@ -60,14 +60,21 @@ def main(
     chat_template: bool = True,
     system_prompt: Optional[str] = None,
     seed: int = 1234,
+    num_samples: int = 1,
 ) -> None:
     """Generate an answer to `--prompt` with the model in `--checkpoint_dir` and print tokens/s to stderr.
+
+    With --num_samples N above 1, the model is loaded once and answers N times: stdout then holds N blocks, each a
+    header line `--- sample I of N ---` followed by the answer, with a blank line between blocks (an answer may have
+    blank lines of its own, so the headers are what tell them apart); each sample's tokens/s line goes to stderr.
 
     Args:
         checkpoint_dir: A lit checkpoint (lit_model.pth, model_config.yaml and tokenizer files): a merged one, or
             the base model of --adapter_path (default with --adapter_path: the base model its run recorded).
-        adapter_path: An adapter file (lit_model_*_finetuned.pth) applied to --checkpoint_dir without merging, or
-            a full fine-tuning state dict (lit_model_finetuned.pth); its run's prompt format is used.
+        adapter_path: An adapter file (lit_model_*_finetuned.pth) applied to --checkpoint_dir without merging, a
+            Hugging Face PEFT adapter folder (imported in memory for --checkpoint_dir, which it needs), or a full
+            fine-tuning state dict (lit_model_finetuned.pth); its run's prompt format is used (for a PEFT folder,
+            its prompt_style.yaml).
         prompt: The user's message (or the raw text to continue with --chat_template false).
         max_new_tokens: Stop after this many new tokens (fewer if the model's context ends first).
         temperature: Sampling temperature; 0 always picks the most likely token.
@@ -80,8 +87,13 @@ def main(
             with; else the style of the checkpoint's `prompt_style.yaml` (what `scripts/merge_ether.py` writes for a
             fine-tuned model), else its chat template when it has one; false sends the prompt as raw text.
         system_prompt: A system message (chat template and chatml styles only).
-        seed: Random seed for sampling.
+        seed: Random seed for sampling, set once: the samples of --num_samples differ from each other, and the
+            same seed gives the same samples again (the first one is the answer --num_samples 1 gives).
+        num_samples: How many answers to sample for the prompt from the one loaded model (at least 1); above 1,
+            each is printed after a line `--- sample I of N ---`, with a blank line between them.
     """
+    if num_samples < 1:
+        raise ValueError(f"--num_samples must be at least 1, got {num_samples}.")
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
     if system_prompt is not None and not chat_template:
@@ -116,12 +128,16 @@ def main(
         raise ValueError(f"--system_prompt needs a chat template or a prompt_style.yaml, and {str(checkpoint_dir)!r} "
                          "has neither.")
     ids = tokenizer.encode(text, device=device)
+    if num_samples > 1 and (temperature == 0 or top_k == 1):
+        greedy = "--temperature 0" if temperature == 0 else "--top_k 1"
+        print(f"Note: {greedy} is greedy decoding, so the {num_samples} samples will be identical.", file=sys.stderr)
     # the prompt before the model: its mistakes need no weights
     if adapter_path is not None:
         model = load_finetuned(checkpoint_dir, adapter_path, device=device, dtype=torch_dtype)
     else:
         model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=torch_dtype).eval()
 
+    # seeded once: each sample goes on from where the one before left the generator
     generator = torch.Generator(device=device).manual_seed(seed)
     count = 0
 
@@ -131,25 +147,31 @@ def main(
             count += 1
             yield token
 
-    start = time.perf_counter()
-    stream = generate_stream(
-        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=tokenizer.stop_ids, generator=generator,
-    )
-    try:
-        for piece in tokenizer.decode_stream(counted(stream)):
-            print(piece, end="", flush=True)
-        print(flush=True)
-    except BrokenPipeError:  # `| head` closed stdout: the reader has what it wanted
-        from lit_gpt.cli import silence_stdout
-        silence_stdout()
-        return
-    elapsed = time.perf_counter() - start
-    print(
-        f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.2f} tokens/s (prompt of {ids.numel()} tokens, "
-        f"{device.type}, {str(torch_dtype).removeprefix('torch.')})",
-        file=sys.stderr,
-    )
+    for i in range(num_samples):
+        count = 0
+        start = time.perf_counter()
+        stream = generate_stream(
+            model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_id=tokenizer.stop_ids, generator=generator,
+        )
+        try:
+            if num_samples > 1:
+                if i > 0:
+                    print()  # the blank line between samples
+                print(f"--- sample {i + 1} of {num_samples} ---", flush=True)
+            for piece in tokenizer.decode_stream(counted(stream)):
+                print(piece, end="", flush=True)
+            print(flush=True)
+        except BrokenPipeError:  # `| head` closed stdout: the reader has what it wanted
+            from lit_gpt.cli import silence_stdout
+            silence_stdout()
+            return
+        elapsed = time.perf_counter() - start
+        print(
+            f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.2f} tokens/s (prompt of {ids.numel()} tokens, "
+            f"{device.type}, {str(torch_dtype).removeprefix('torch.')})",
+            file=sys.stderr,
+        )
     if device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.02f} GB", file=sys.stderr)
 

@@ -255,6 +255,10 @@ def test_only_this_repositorys_tasks_lose_lm_evals_metadata_hint(tmp_path):
 
 
 def _parsed_eval_tasks(*args: str) -> object:
+    return _parsed_flags(*args)["eval_tasks"]
+
+
+def _parsed_flags(*args: str) -> dict:
     """What the script's parser makes of `args` (in this process: a subprocess per case cost seconds of imports)."""
     import contextlib
     import io
@@ -268,7 +272,7 @@ def _parsed_eval_tasks(*args: str) -> object:
         run_cli(harness.main, run_config_fix=harness.RUN_CONFIG_FIX, arg_check=harness.lm_eval_flag_hint,
                 args=["--checkpoint_dir", "unused", *args, "--print_config"])
     assert e.value.code in (0, None)
-    return yaml.safe_load(out.getvalue())["eval_tasks"]
+    return yaml.safe_load(out.getvalue())
 
 
 def test_eval_tasks_takes_a_name_a_comma_separated_string_or_a_list(tmp_path):
@@ -534,9 +538,9 @@ def test_cli_chat_template_system_instruction_samples_and_record(tiny_ckpt, tmp_
     assert c["chat_template"] == config["chat_template"] and c["add_bos_token"] is True
     with pytest.raises(ValueError, match="--fewshot_as_multiturn true needs --apply_chat_template true"):
         harness.main(checkpoint_dir=ckpt, eval_tasks="lit_gen", fewshot_as_multiturn=True)
-    with pytest.raises(ValueError, match="--log_samples writes its files next to the results JSON: pass "
-                                         "--save_filepath too"):
-        harness.main(checkpoint_dir=ckpt, eval_tasks="lit_gen", log_samples=True)
+    with pytest.raises(ValueError, match="--log_samples writes its files next to the results JSON, which "
+                                         "--save_filepath false turns off: drop one of the two"):
+        harness.main(checkpoint_dir=ckpt, eval_tasks="lit_gen", log_samples=True, save_filepath=False)
 
 
 def test_generation_settings_the_backend_does_not_apply_are_refused_before_the_model_loads(tmp_path):
@@ -629,3 +633,89 @@ def test_results_that_cannot_be_saved_are_still_printed(tiny_ckpt, tmp_path, cap
         harness.main(checkpoint_dir=tiny_ckpt, include_path=TASKS_DIR, eval_tasks="lit_mc", precision="32-true",
                      device="cpu", bootstrap_iters=0, limit=2, save_filepath=tmp_path / "eval.json")
     assert "lit_mc" in capsys.readouterr().out  # the table
+
+
+# ---------------------------------------------------------------------------------------------- default results file
+RESULTS_NAME = r"results_\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d(_\d+)?\.json"
+
+
+def test_results_are_written_by_default_into_the_models_eval_folder_never_over_an_earlier_file(tiny_ckpt, tmp_path,
+                                                                                             capsys, monkeypatch):
+    """litgpt's `evaluate` always writes its results; ours wrote them only with --save_filepath, so a finished run
+    of hours without it left nothing behind. Now: a new eval/results_<UTC time>.json in the model's folder (the
+    fine-tuning run's with --adapter_path), --log_samples beside it, and --save_filepath false for none."""
+    import re
+
+    from test_merge import make_run
+
+    from lit_gpt.adapters import AdapterConfig
+
+    # lm-eval records torch's environment report in every result, which runs `pip list` (1.5 s of each run here)
+    monkeypatch.setattr("torch.utils.collect_env.get_pretty_env_info", lambda: "(not collected in this test)")
+    harness = _harness()
+    ckpt = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, ckpt)
+    quick = dict(include_path=TASKS_DIR, eval_tasks="lit_mc", precision="32-true", device="cpu", bootstrap_iters=0,
+                 limit=2)
+    returned = harness.main(checkpoint_dir=ckpt, log_samples=True, **quick)
+    first, = (ckpt / "eval").glob("results_*.json")
+    assert re.fullmatch(RESULTS_NAME, first.name)
+    saved = json.loads(first.read_text())
+    assert set(saved) >= {"results", "configs", "versions", "n-samples", "config"} and "samples" not in saved
+    assert saved["results"] == json.loads(json.dumps(returned["results"]))
+    assert 0.0 <= saved["results"]["lit_mc"]["acc,none"] <= 1.0 and saved["n-samples"]["lit_mc"]["effective"] == 2
+    samples = first.with_name(f"{first.stem}_samples_lit_mc.jsonl")
+    assert len(samples.read_text().splitlines()) == 2
+    assert sorted(p.name for p in (ckpt / "eval").iterdir()) == [first.name, samples.name]
+    err = capsys.readouterr().err
+    assert f"Saved results to {first}\n" in err and f"Saved 2 samples of lit_mc to {samples}\n" in err
+
+    text = first.read_text()
+    harness.main(checkpoint_dir=ckpt, **quick)  # (often in the same second as the first)
+    files = sorted((ckpt / "eval").glob("results_*.json"))
+    assert len(files) == 2 and all(re.fullmatch(RESULTS_NAME, f.name) for f in files)
+    assert first.read_text() == text
+    second, = set(files) - {first}
+    assert f"Saved results to {second}\n" in capsys.readouterr().err
+    # two runs that end in the same second (deterministically here): the second name gets a number
+    from datetime import datetime, timezone
+
+    when = datetime(2025, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    names = [harness.new_results_file(tmp_path / "same", when).name for _ in range(3)]
+    assert names == ["results_2025-03-04T05-06-07.json", "results_2025-03-04T05-06-07_2.json",
+                     "results_2025-03-04T05-06-07_3.json"]
+
+    harness.main(checkpoint_dir=ckpt, save_filepath=False, **quick)
+    assert len(list((ckpt / "eval").iterdir())) == 3 and "Saved" not in capsys.readouterr().err
+
+    # an unmerged adapter: its run's folder, not the base model's
+    adapter = make_run(tmp_path / "run", ckpt, AdapterConfig(method="lora", r=2, alpha=4))
+    harness.main(adapter_path=adapter, **quick)
+    in_run, = (tmp_path / "run" / "eval").glob("results_*.json")
+    assert json.loads(in_run.read_text())["results"]["lit_mc"]
+    assert len(list((ckpt / "eval").iterdir())) == 3
+
+
+def test_an_unwritable_default_results_folder_fails_before_anything_is_evaluated(tmp_path, capsys, monkeypatch):
+    from lit_gpt.cli import run_cli
+
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    harness = _harness()
+    ckpt = tmp_path / "model"  # no model in it, and no task folder: had either been loaded first, that was the error
+    ckpt.mkdir()
+    (ckpt / "eval").write_text("a file where the results folder would go")  # (root may write anywhere else)
+    args = ["--checkpoint_dir", str(ckpt), "--eval_tasks", "quickstart", "--include_path", str(tmp_path / "none")]
+    with pytest.raises(SystemExit) as e:
+        run_cli(harness.main, args=args)
+    assert e.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: The results JSON cannot be written to its default folder {str(ckpt / 'eval')!r} because "
+        f"{str(ckpt / 'eval')!r} is a file, not a folder; pass --save_filepath with a file you can write (or "
+        "--save_filepath false to write none).\n")
+    # the flag's forms: a file, true (the default folder), false (no file)
+    for value, parsed in (("out/r.json", "out/r.json"), ("true", True), ("false", False)):
+        assert _parsed_flags("--save_filepath", value)["save_filepath"] == parsed
+    # with false, the folder is not looked at: the next check is the one that fails
+    with pytest.raises(SystemExit):
+        run_cli(harness.main, args=[*args, "--save_filepath", "false"])
+    assert "--save_filepath" not in capsys.readouterr().err

@@ -172,13 +172,12 @@ def test_bad_sampling_arguments_are_clear_errors():
         sample(logits, -1.0)
 
 
-@pytest.mark.slow
-def test_generate_script_streams_the_greedy_answer(tmp_path):
-    """scripts/generate.py on a tiny checkpoint: stdout is the decoded greedy continuation, tokens/s on stderr."""
+def write_tiny_checkpoint(folder: Path) -> GPT:
+    """A tiny random model with a byte-level BPE tokenizer (EOS `<eos>`, no BOS) saved as a lit checkpoint in
+    `folder`; returns the model."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from lit_gpt.tokenizer import Tokenizer
     from lit_gpt.utils import save_model_weights
 
     hf = HFTokenizer(models.BPE())
@@ -187,13 +186,21 @@ def test_generate_script_streams_the_greedy_answer(tmp_path):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(["the llama eats grass and hay in the field"] * 5, trainer=trainer)
-    hf.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "add_bos_token": False}))
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "add_bos_token": False}))
     vocab = hf.get_vocab_size()
     model = tiny_model(5, vocab_size=vocab, padded_vocab_size=vocab, block_size=256)
-    model.config.save(tmp_path)
-    save_model_weights(model, tmp_path)
+    model.config.save(folder)
+    save_model_weights(model, folder)
+    return model
 
+
+@pytest.mark.slow
+def test_generate_script_streams_the_greedy_answer(tmp_path):
+    """scripts/generate.py on a tiny checkpoint: stdout is the decoded greedy continuation, tokens/s on stderr."""
+    from lit_gpt.tokenizer import Tokenizer
+
+    model = write_tiny_checkpoint(tmp_path)
     tok = Tokenizer(tmp_path)
     prompt = "the llama eats"
     expected = generate(model, tok.encode(prompt), 10, temperature=0.0, eos_id=tok.stop_ids, include_prompt=False)
@@ -252,3 +259,50 @@ def test_model_trains_after_generating():
     x = torch.randint(0, 50, (2, 12))
     model(x, labels=x).backward()
     assert model.transformer.wte.weight.grad is not None
+
+
+def _load_generate_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_script", REPO_ROOT / "scripts" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_num_samples_prints_that_many_seeded_answers(tmp_path, capsys):
+    """--num_samples N: N answers from one seeded generator, the first the same as --num_samples 1 gives, all of
+    them again for the same seed; with greedy decoding they are identical (and a note says so)."""
+    import re
+
+    write_tiny_checkpoint(tmp_path)
+    script = _load_generate_script()
+    settings = dict(checkpoint_dir=tmp_path, prompt="the llama eats", max_new_tokens=12, temperature=1.5,
+                    top_k=None, device="cpu", seed=42)
+
+    def run(**kw) -> tuple[str, str]:
+        script.main(**{**settings, **kw})
+        captured = capsys.readouterr()
+        return captured.out, captured.err
+
+    def split(out: str, n: int) -> list[str]:
+        parts = re.split(r"(?:^|\n\n)--- sample (\d+) of (\d+) ---\n", out)
+        assert parts[0] == "" and len(parts) == 1 + 3 * n, out
+        assert [(int(i), int(total)) for i, total in zip(parts[1::3], parts[2::3])] == [(i, n) for i in range(1, n + 1)]
+        return [answer.removesuffix("\n") for answer in parts[3::3]]
+
+    one, err = run()
+    assert "--- sample" not in one and err.count("tokens/s") == 1
+    out, err = run(num_samples=3)
+    samples = split(out, 3)
+    assert samples[0] + "\n" == one  # the same first draws
+    assert len(set(samples)) == 3 and all(samples)  # one generator, seeded once: the draws go on
+    assert err.count("tokens/s") == 3 and "greedy" not in err
+    assert run(num_samples=3)[0] == out  # reproducible
+    assert run(num_samples=3, seed=43)[0] != out
+
+    out, err = run(num_samples=2, temperature=0.0)
+    greedy = split(out, 2)
+    assert greedy[0] == greedy[1] and err.count("greedy decoding") == 1
+    with pytest.raises(ValueError, match=r"^--num_samples must be at least 1, got 0\.$"):
+        run(num_samples=0)
