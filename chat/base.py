@@ -105,10 +105,10 @@ def main(
     of input) or Ctrl-C ends the chat; !reset forgets the conversation so far.
 
     Prompt format, unless --prompt_style is given: with --adapter_path, the prompt style the run trained with (from
-    its hyperparameters.yaml, or from the adapter file itself when it is alone); else the checkpoint's
-    prompt_style.yaml (written by merge_ether.py and merge_lora.py: the format the run was trained with, e.g.
-    Alpaca); otherwise the checkpoint's chat template if its tokenizer has one (multi-turn); otherwise Alpaca. An adapter whose format
-    is unknown gets a warning naming the one used.
+    its hyperparameters.yaml, from the adapter file itself when it is alone, or from the prompt_style.yaml in a
+    PEFT adapter folder); else the checkpoint's prompt_style.yaml (written by merge_ether.py and merge_lora.py: the
+    format the run was trained with, e.g. Alpaca); otherwise the checkpoint's chat template if its tokenizer has one
+    (multi-turn); otherwise Alpaca. An adapter whose format is unknown gets a warning naming the one used.
 
     With piped standard input only the answers are printed to stdout, one per message. Speed (tokens/s, time to
     first token) goes to stderr after each answer.
@@ -117,7 +117,8 @@ def main(
         checkpoint_dir: A lit checkpoint: a merged one (scripts/merge_ether.py, merge_lora.py) or the base model
             (default with --adapter_path: the base model its run recorded).
         adapter_path: An adapter file (lit_model_*_finetuned.pth, or a .safetensors one `save_adapters` wrote)
-            applied to --checkpoint_dir without merging, or a full fine-tuning state dict (lit_model_finetuned.pth).
+            applied to --checkpoint_dir without merging, a Hugging Face PEFT adapter folder (imported in memory for
+            --checkpoint_dir, which it needs), or a full fine-tuning state dict (lit_model_finetuned.pth).
         max_new_tokens: Stop each answer after this many tokens (fewer when the context ends first).
         temperature: Sampling temperature; 0 always picks the most likely token (greedy).
         top_k: Sample among the k most likely tokens only (null: all).

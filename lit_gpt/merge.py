@@ -10,6 +10,10 @@ Everything is read from the files a run wrote, never from directory names:
 * a full fine-tuning file (`lit_model_finetuned.pth`) is a plain lit state dict;
 * a training checkpoint (`checkpoints/step-*.pth`) holds the trainable tensors under `"model"`; its method comes
   from the run's `hyperparameters.yaml`;
+* a Hugging Face PEFT adapter folder (`PeftModel.save_pretrained`: `adapter_config.json` +
+  `adapter_model.safetensors`; LoRA, OFT, or HRA in ETHER's block form) is imported in memory for the lit base
+  checkpoint given with it (`lit_gpt.adapters.peft_format.peft_adapter_payload`, exactly what
+  `scripts/convert_peft_adapter.py import` writes), its prompt style read from a `prompt_style.yaml` beside it;
 * `hyperparameters.yaml` next to the file names the base checkpoint (`base_checkpoint_dir`) and the training data
   directory, whose `prepare_config.yaml` names the prompt style the model was trained with.
 
@@ -134,11 +138,18 @@ def read_hparams(path: PathLike) -> dict:
     return hp
 
 
-def read_finetuned(path: PathLike) -> FineTuned:
-    """Open an adapter file, a full fine-tuning state dict or a training checkpoint (see the module docstring)."""
-    from lit_gpt.adapters.state import check_not_peft
+def read_finetuned(path: PathLike, checkpoint_dir: Optional[PathLike] = None) -> FineTuned:
+    """Open an adapter file, a full fine-tuning state dict or a training checkpoint (see the module docstring).
+
+    A Hugging Face PEFT adapter folder (or its `adapter_model.safetensors`) is imported in memory for the lit
+    checkpoint `checkpoint_dir` (`peft_adapter_payload`, with a note on stderr), which it then needs: PEFT records
+    no lit base checkpoint."""
+    from lit_gpt.adapters.state import check_not_peft, peft_folder
 
     path = Path(path)
+    folder = peft_folder(path)
+    if folder is not None:
+        return _read_peft_folder(folder, checkpoint_dir)
     check_not_peft(path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("lit_model*finetuned.pth"))
@@ -173,6 +184,39 @@ def read_finetuned(path: PathLike) -> FineTuned:
         f"{str(path)!r} is neither an adapter file (no 'adapter_config'/'state_dict'), a full fine-tuning state dict "
         "nor a training checkpoint; pass a file written by finetune/ (lit_model_*finetuned.pth)."
     )
+
+
+def _peft_base_name(folder: Path) -> Optional[str]:
+    """The `base_model_name_or_path` a PEFT folder's `adapter_config.json` records, or None (the import itself
+    refuses, in its own words, a config that is not readable)."""
+    import json
+
+    from lit_gpt.adapters.state import PEFT_CONFIG_FILENAME
+
+    try:
+        name = json.loads((folder / PEFT_CONFIG_FILENAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def _read_peft_folder(folder: Path, checkpoint_dir: Optional[PathLike]) -> FineTuned:
+    """A PEFT adapter folder as a `FineTuned` adapter, imported in memory for `checkpoint_dir`."""
+    from lit_gpt.adapters.peft_format import LIT_METHOD_OF, peft_adapter_payload
+
+    if checkpoint_dir is None:
+        named = _peft_base_name(folder)
+        named = f" ({named!r}, as its adapter_config.json says)" if named else ""
+        raise ValueError(
+            f"{str(folder)!r} is a Hugging Face PEFT adapter, which records no lit base checkpoint: pass "
+            f"--checkpoint_dir with the lit checkpoint converted (scripts/convert_hf_checkpoint.py) from the adapter's "
+            f"base model{named}."
+        )
+    payload = peft_adapter_payload(folder, checkpoint_dir)
+    kind = next((k for k, m in LIT_METHOD_OF.items() if m == payload["adapter_config"]["method"]), "")
+    print(f"Imported the PEFT {kind.replace('LORA', 'LoRA')} adapter {str(folder)!r} in memory (`python "
+          "scripts/convert_peft_adapter.py import` writes it as a lit adapter file).", file=sys.stderr)
+    return FineTuned(folder, "adapter", payload, {})
 
 
 def _recorded_path(hp: dict, *keys: str) -> Optional[Path]:
@@ -317,7 +361,7 @@ def load_finetuned(
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     if adapter_path is None:
         return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
-    finetuned = read_finetuned(adapter_path)
+    finetuned = read_finetuned(adapter_path, checkpoint_dir)
     check_not_merged_into(finetuned, checkpoint_dir)
     config = Config.from_checkpoint(checkpoint_dir)
     with torch.device("meta"):
@@ -376,8 +420,16 @@ def trained_prompt_style(finetuned: Union[FineTuned, PathLike]) -> tuple[Optiona
     the run's `hyperparameters.yaml`, the adapter file itself (`save_adapters(prompt_style=...)`) and, for runs
     that recorded neither, the `prepare_config.yaml` of its training data. `(None, why)` when none of them says,
     `why` being the start of a sentence for the caller's warning, which also names the format it falls back to."""
+    from lit_gpt.adapters.state import peft_folder
     from lit_gpt.data import read_prepare_config
 
+    folder = peft_folder(finetuned.path if isinstance(finetuned, FineTuned) else finetuned)
+    if folder is not None:  # what an export wrote beside the adapter, as its import reads it: no conversion needed
+        spec = _style_spec(read_prompt_style_file(folder))
+        if spec is not None:
+            return spec, None
+        return None, (f"the PEFT adapter {str(folder)!r} does not record the prompt format it was trained with (no "
+                      f"{PROMPT_STYLE_FILENAME} beside it, which scripts/convert_peft_adapter.py export writes)")
     if not isinstance(finetuned, FineTuned):
         finetuned = read_finetuned(finetuned)
     where = str(finetuned.path)
@@ -487,17 +539,20 @@ def merge_checkpoint(
     Writes `lit_model.pth` (base architecture, no adapter keys), `model_config.yaml`, the tokenizer files,
     `generation_config.json`, `prompt_style.yaml` (the style the run trained with, see `trained_prompt_style`; else
     the base's; else none, with a warning, and one an earlier merge left in `out_dir` is removed) and
-    `merge_info.yaml`. Returns the output directory (default `<adapter's dir>/merged`).
+    `merge_info.yaml`. Returns the output directory (default `<adapter's dir>/merged`; for a PEFT adapter folder,
+    which is imported in memory for `checkpoint_dir`, `merged/` inside it).
     """
     from lit_gpt.adapters import load_adapters, merge_adapters
 
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
-    finetuned = read_finetuned(adapter_path)
+    finetuned = read_finetuned(adapter_path, checkpoint_dir)
     checkpoint_dir = check_checkpoint_dir(base_checkpoint_of(finetuned, checkpoint_dir))
     check_tokenizer_files(checkpoint_dir)  # copied into out_dir at the end: a corrupt one stops the merge now
     check_not_merged_into(finetuned, checkpoint_dir)
-    out_dir = check_output_dir(out_dir if out_dir is not None else finetuned.path.parent / "merged", "--out_dir")
+    if out_dir is None:  # a PEFT folder's own merged/, as a file's folder's
+        out_dir = (finetuned.path if finetuned.path.is_dir() else finetuned.path.parent) / "merged"
+    out_dir = check_output_dir(out_dir, "--out_dir")
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {str(out_dir)!r} is the base checkpoint directory; choose another folder.")
 

@@ -534,10 +534,11 @@ def peft_adapter_error(folder: Path) -> Optional[ValueError]:
     if not (folder / "adapter_config.json").is_file():
         return None
     return ValueError(
-        f"{str(folder)!r} holds a PEFT adapter (adapter_config.json), not a model: pass its base model's folder, and "
-        f"for a LoRA, OFT or HRA convert the adapter with `python scripts/convert_peft_adapter.py import --peft_dir "
-        f"{str(folder)!r} --checkpoint_dir BASE --adapter_path adapter.safetensors` (other PEFT methods: merge with "
-        "PEFT's merge_and_unload and convert the result with scripts/convert_hf_checkpoint.py)."
+        f"{str(folder)!r} holds a PEFT adapter (adapter_config.json), not a model: pass its base model's folder as "
+        f"--checkpoint_dir and this folder as --adapter_path (chat, generate, eval and the merge scripts import a "
+        f"LoRA, OFT or HRA in memory; `python scripts/convert_peft_adapter.py import --peft_dir {str(folder)!r} "
+        "--checkpoint_dir BASE --adapter_path adapter.safetensors` writes it as a file; other PEFT methods: merge "
+        "with PEFT's merge_and_unload and convert the result with scripts/convert_hf_checkpoint.py)."
     )
 
 

@@ -8,6 +8,12 @@ only HRA in ETHER's block form, as an export writes it). ETHER+ (etherplus, ethe
     python scripts/convert_peft_adapter.py import --peft_dir path/to/peft_adapter \\
         --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --adapter_path out/imported/adapter.safetensors
 
+An export's adapter_config.json names the base model (--base_model_name_or_path; default the Hub id the checkpoint
+was converted from, else the folder the final message says to write the base's transformers export to), so that
+AutoPeftModelForCausalLM.from_pretrained loads it. chat/base.py, scripts/generate.py, eval/lm_eval_harness.py and
+the merge scripts also take a PEFT folder itself as --adapter_path (with --checkpoint_dir), importing it in memory
+each time; `import` writes that conversion once, as a lit adapter file.
+
 `python scripts/convert_peft_adapter.py export --help` (or `import --help`) lists each command's flags.
 """
 
@@ -18,21 +24,30 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.adapters import read_adapter_config  # noqa: E402
-from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapter  # noqa: E402
+from lit_gpt.adapters.peft_format import (  # noqa: E402
+    PEFT_CONFIG_FILENAME,
+    base_export_dir,
+    export_peft_adapter,
+    import_peft_adapter,
+)
 from lit_gpt.cli import USAGE_ERROR_CODE, run_cli, silence_stdout  # noqa: E402
 from lit_gpt.convert_hf import ConversionError  # noqa: E402
 from lit_gpt.data.prompts import PromptStyleName  # noqa: E402
 from lit_gpt.merge import checkpoint_dir_for  # noqa: E402
+from lit_gpt.utils import read_json_object  # noqa: E402
 
 
-def export_adapter(adapter_path: Path, output_dir: Path, checkpoint_dir: Optional[Path] = None) -> Path:
+def export_adapter(adapter_path: Path, output_dir: Path, checkpoint_dir: Optional[Path] = None,
+                   base_model_name_or_path: Optional[str] = None) -> Path:
     """Write a lit LoRA, OFT or ETHER adapter file as a PEFT LoRA, OFT or HRA adapter folder.
 
     The folder holds adapter_config.json and adapter_model.safetensors, and the prompt format the run trained with
-    (prompt_style.yaml: PEFT ignores it, an import reads it back).
-    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<export>), output_dir)`, where `<export>` is
-    the base exported with `python scripts/convert_lit_checkpoint.py --checkpoint_dir <checkpoint_dir>`, then
-    computes the same logits as the lit model with the adapter.
+    (prompt_style.yaml: PEFT ignores it, an import reads it back). adapter_config.json names the base model that
+    `AutoPeftModelForCausalLM.from_pretrained(output_dir)` loads the adapter onto (base_model_name_or_path): the
+    Hub id of the model the checkpoint was converted from where its config names one, else (GGUF imports, local
+    models) the folder <output_dir>-base-hf, as an absolute path, to which the final message says to write the
+    base's transformers export with scripts/convert_lit_checkpoint.py. On that export the adapter computes the
+    same logits as the lit model with the adapter.
 
     LoRA: query/key/value LoRAs go to transformers' q_proj, k_proj, v_proj; on GPT-2's c_attn and GPT-NeoX's
     query_key_value, which are one layer there, slices with their own A are written exactly as one LoRA of rank
@@ -59,13 +74,27 @@ def export_adapter(adapter_path: Path, output_dir: Path, checkpoint_dir: Optiona
             .safetensors file written by save_adapters).
         output_dir: Folder to write adapter_config.json and adapter_model.safetensors into (created if new).
         checkpoint_dir: The lit base checkpoint the adapter was trained on (default: the one its run recorded).
+        base_model_name_or_path: The base model adapter_config.json names, as AutoPeftModelForCausalLM loads it: a
+            Hub id (org/name) or a folder holding the base's transformers export (default: the Hub id the
+            checkpoint was converted from, else the absolute path of <output_dir>-base-hf).
     """
     checkpoint_dir = checkpoint_dir_for(checkpoint_dir, adapter_path)
-    out = export_peft_adapter(adapter_path, checkpoint_dir, output_dir)
-    hf = f"{str(out).rstrip('/')}-base-hf"
-    print(f"Wrote the PEFT adapter {str(out)!r}. To load it: export the base with `python "
-          f"scripts/convert_lit_checkpoint.py --checkpoint_dir {str(checkpoint_dir)!r} --output_dir {hf!r}`, then "
-          f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({hf!r}), {str(out)!r}).", file=sys.stderr)
+    out = export_peft_adapter(adapter_path, checkpoint_dir, output_dir,
+                              base_model_name_or_path=base_model_name_or_path)
+    base = read_json_object(out / PEFT_CONFIG_FILENAME, "export the adapter again")["base_model_name_or_path"]
+    hf = str(base_export_dir(out))
+    convert = (f"`python scripts/convert_lit_checkpoint.py --checkpoint_dir {str(checkpoint_dir)!r} "
+               f"--output_dir {hf!r}`")
+    if base == hf:
+        print(f"Wrote the PEFT adapter {str(out)!r}, whose adapter_config.json names the base model {hf!r}: write "
+              f"it there with {convert}, then AutoPeftModelForCausalLM.from_pretrained({str(out)!r}) loads the "
+              "adapted model.", file=sys.stderr)
+    else:
+        print(f"Wrote the PEFT adapter {str(out)!r}, whose adapter_config.json names the base model {base!r}, onto "
+              f"which AutoPeftModelForCausalLM.from_pretrained({str(out)!r}) loads it; to load it onto this "
+              f"checkpoint's own weights instead, write them with {convert} and call "
+              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({hf!r}), {str(out)!r}).",
+              file=sys.stderr)
     return out
 
 
@@ -74,7 +103,9 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
     """Write a PEFT LoRA, OFT or HRA folder (from `PeftModel.save_pretrained`) as a lit adapter file.
 
     The file works wherever a file from finetune/lora.py or finetune/ether.py does: scripts/merge_lora.py
-    --lora_path or scripts/merge_ether.py, chat/base.py and eval/lm_eval_harness.py with their --adapter_path.
+    --lora_path or scripts/merge_ether.py, chat/base.py, scripts/generate.py and eval/lm_eval_harness.py with their
+    --adapter_path. Those also take the PEFT folder itself (with --checkpoint_dir), converting it in memory, with
+    the same result, each time they run.
     target_modules (a list or a regex), layers_to_transform and exclude_modules are read as PEFT reads them.
 
     LoRA: r and alpha are set so the update's scale equals PEFT's (use_rslora's lora_alpha/sqrt(r) included);

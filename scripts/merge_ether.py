@@ -33,9 +33,11 @@ def main(
 
     Args:
         ether_path: The adapter file, e.g. out/run/lit_model_ether_finetuned.pth (or a .safetensors one
-            `save_adapters` wrote).
-        checkpoint_dir: The base checkpoint the adapter was trained on; default the run's base_checkpoint_dir.
-        out_dir: Where to write the merged checkpoint; default <adapter's dir>/merged.
+            `save_adapters` wrote), or a Hugging Face PEFT adapter folder (LoRA, OFT, or HRA as an export writes
+            it), imported in memory for --checkpoint_dir.
+        checkpoint_dir: The base checkpoint the adapter was trained on; default the run's base_checkpoint_dir
+            (required with a PEFT folder: the lit checkpoint converted from its base model).
+        out_dir: Where to write the merged checkpoint; default <adapter's dir>/merged (a PEFT folder's merged/).
         precision: Dtype of the saved weights: bf16-true -> bfloat16, 16-true -> float16, 32-true (or *-mixed)
             -> float32; default the base checkpoint's dtype. Folding itself always runs in float32.
         adapter_path: Same as --ether_path (the name merge_lora.py also accepts).

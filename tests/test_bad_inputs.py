@@ -287,8 +287,9 @@ def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
     (peft / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "x"}')
     save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}, peft / "adapter_model.safetensors")
     for check in (check_checkpoint_dir, convert_hf_checkpoint):
-        with pytest.raises(ValueError, match="holds a PEFT adapter .*, not a model: pass its base model's folder, "
-                                             "and .*convert_peft_adapter.py import .*merge_and_unload"):
+        with pytest.raises(ValueError, match="holds a PEFT adapter .*, not a model: pass its base model's folder as "
+                                             "--checkpoint_dir and this folder as --adapter_path .*"
+                                             "convert_peft_adapter.py import .*merge_and_unload"):
             check(peft)
 
 

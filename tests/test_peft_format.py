@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -63,8 +64,8 @@ def quiet():
         yield
 
 
-def make_hf(family: str, seed: int = 0):
-    kwargs = dict(FAMILIES[family])
+def make_hf(family: str, seed: int = 0, **overrides):
+    kwargs = dict(FAMILIES[family], **overrides)
     config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
@@ -337,16 +338,19 @@ def test_import_refuses_in_one_sentence(changes, words, llama_peft, tmp_path):
     assert not (tmp_path / "out.pth").exists()
 
 
-def test_a_peft_adapter_given_as_adapter_path_says_how_to_convert_it(llama_peft):
-    """chat, eval and merge --adapter_path read through read_finetuned: a PEFT folder or its weights file was taken
-    for full fine-tuning weights of another base model."""
+def test_peft_weights_alone_as_adapter_path_say_what_is_missing(llama_peft, tmp_path):
+    """chat, eval and merge --adapter_path read through read_finetuned: PEFT's weights file without its
+    adapter_config.json was taken for full fine-tuning weights of another base model."""
     from lit_gpt.merge import read_finetuned
 
-    peft_dir, _ = llama_peft
-    for given in (peft_dir, peft_dir / "adapter_model.safetensors"):
-        with pytest.raises(ValueError, match=r"is a Hugging Face PEFT adapter .* `python scripts/convert_peft_adapter"
-                                             r"\.py import --peft_dir '.*' --checkpoint_dir BASE"):
-            read_finetuned(given)
+    peft_dir, folder = llama_peft
+    alone = tmp_path / "alone" / "adapter_model.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes((peft_dir / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"holds the tensors of a Hugging Face PEFT adapter, without the "
+                                         r"adapter_config\.json .* pass that folder as --adapter_path with "
+                                         r"--checkpoint_dir"):
+        read_finetuned(alone, folder)
 
 
 def test_import_refuses_q_proj_on_some_layers(bases, tmp_path):
@@ -434,3 +438,166 @@ def test_cli_help_and_errors(llama_peft, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         script.main(["imprt", "--peft_dir", "x"])
     assert e.value.code == 2 and "export or import (got 'imprt')" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- (f) PEFT folder as
+# --adapter_path: chat, generate, eval and merge import it in memory, as `convert_peft_adapter.py import` would
+@pytest.fixture(scope="module")
+def llama_tok(tmp_path_factory):
+    """A llama base with a real (tiny BPE) tokenizer, for chat and generate: (transformers model, lit folder)."""
+    import test_merge
+
+    model = make_hf("llama", vocab_size=300, max_position_embeddings=256)
+    folder = tmp_path_factory.mktemp("llama_tok") / "hf"
+    model.save_pretrained(folder)
+    convert_hf_checkpoint(folder)
+    test_merge.write_tokenizer(folder)
+    return model, folder
+
+
+@pytest.fixture
+def peft_and_import(llama_tok, tmp_path, capsys):
+    """A PEFT LoRA folder with the prompt_style.yaml an export writes, and its two-step import (a lit file)."""
+    base, folder = llama_tok
+    model, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8, use_rslora=True,
+                                target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    (peft_dir / "prompt_style.yaml").write_text("prompt_style: chatml\nsystem_prompt: Be brief.\n")
+    imported = import_peft_adapter(peft_dir, folder, tmp_path / "imported.safetensors")
+    capsys.readouterr()
+    return model, peft_dir, imported, folder
+
+
+NOTE = "Imported the PEFT LoRA adapter {!r} in memory (`python scripts/convert_peft_adapter.py import` writes it"
+
+
+def test_a_peft_folder_loads_as_its_import_does(peft_and_import, capsys):
+    """load_finetuned (chat, generate, eval) with the folder, or its adapter_model.safetensors, gives the logits of
+    the imported file exactly, and PeftModel's; the prompt format is the folder's prompt_style.yaml."""
+    from lit_gpt.lm_eval import load_eval_model
+    from lit_gpt.merge import resolve_prompt_style
+
+    model, peft_dir, imported, folder = peft_and_import
+    expected = logits(load_finetuned(folder, imported))
+    assert (expected - logits(GPT.from_checkpoint(folder).eval())).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(expected, logits(model), **TOL)
+    for given in (peft_dir, peft_dir / "adapter_model.safetensors"):
+        assert torch.equal(logits(load_finetuned(folder, given)), expected)
+        assert NOTE.format(str(peft_dir)) in capsys.readouterr().err
+    assert torch.equal(logits(load_eval_model(folder, peft_dir)), expected)
+    style = resolve_prompt_style(folder, peft_dir)
+    assert (style.name, style.system_prompt) == ("chatml", "Be brief.")
+    (peft_dir / "prompt_style.yaml").unlink()
+    resolve_prompt_style(folder, peft_dir)
+    assert "does not record the prompt format it was trained with (no prompt_style.yaml" in capsys.readouterr().err
+
+
+def test_chat_and_generate_take_a_peft_folder(peft_and_import, tmp_path, capsys, monkeypatch):
+    _, peft_dir, imported, folder = peft_and_import
+    generate = load_script("generate")
+    answers = []
+    for adapter in (peft_dir, imported):
+        generate.main(checkpoint_dir=folder, adapter_path=adapter, prompt="Add two and three.", max_new_tokens=6,
+                      temperature=0, device="cpu")
+        answers.append(capsys.readouterr())
+    assert answers[0].out == answers[1].out and answers[0].out.strip()
+    assert NOTE.format(str(peft_dir)) in answers[0].err
+
+    spec = importlib.util.spec_from_file_location("_chat_base", ROOT / "chat" / "base.py")
+    chat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat)
+    (tmp_path / "messages.txt").write_text("Add two and three.\nWrite a response.\n")
+    answers = []
+    for adapter in (peft_dir, imported):
+        with open(tmp_path / "messages.txt", encoding="utf-8") as stdin:
+            monkeypatch.setattr(sys, "stdin", stdin)
+            chat.main(checkpoint_dir=folder, adapter_path=adapter, max_new_tokens=6, temperature=0, device="cpu")
+        answers.append(capsys.readouterr())
+    assert answers[0].out == answers[1].out and len(answers[0].out.splitlines()) == 2
+    assert NOTE.format(str(peft_dir)) in answers[0].err
+
+
+def test_merging_a_peft_folder_writes_what_merging_its_import_writes(peft_and_import, tmp_path, capsys):
+    from lit_gpt.utils import load_file
+
+    model, peft_dir, imported, folder = peft_and_import
+    merge_lora = load_script("merge_lora")
+    from_peft = merge_lora.main(lora_path=peft_dir, checkpoint_dir=folder, out_dir=tmp_path / "a")
+    assert NOTE.format(str(peft_dir)) in capsys.readouterr().err
+    from_file = merge_lora.main(lora_path=imported, checkpoint_dir=folder, out_dir=tmp_path / "b")
+    a, b = load_file(from_peft / "lit_model.pth"), load_file(from_file / "lit_model.pth")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (from_peft / "prompt_style.yaml").read_text() == (from_file / "prompt_style.yaml").read_text()
+    torch.testing.assert_close(logits(GPT.from_checkpoint(from_peft).eval()), logits(model), **TOL)
+    # merge_ether.py is the same merge; its default output goes into the PEFT folder
+    out = load_script("merge_ether").main(ether_path=peft_dir, checkpoint_dir=folder, probe=False)
+    assert out == peft_dir / "merged" and (out / "lit_model.pth").is_file()
+    # the merged checkpoint knows what it holds: the same folder on top of it again is refused
+    with pytest.raises(ValueError, match="already has .* merged into it"):
+        load_finetuned(from_peft, peft_dir)
+
+
+def test_a_peft_folder_without_checkpoint_dir_asks_for_it(peft_and_import):
+    from lit_gpt.merge import checkpoint_dir_for
+
+    _, peft_dir, _, _ = peft_and_import
+    expected = (rf"^'{re.escape(str(peft_dir))}' is a Hugging Face PEFT adapter, which records no lit base "
+                r"checkpoint: pass --checkpoint_dir with the lit checkpoint converted \(scripts/convert_hf_checkpoint"
+                r"\.py\) from the adapter's base model\.$")
+    with pytest.raises(ValueError, match=expected):
+        checkpoint_dir_for(None, peft_dir)  # chat, generate, eval
+    with pytest.raises(ValueError, match=expected):
+        load_script("merge_lora").main(lora_path=peft_dir)
+    edit_config(peft_dir, base_model_name_or_path="org/tiny-llama")
+    with pytest.raises(ValueError, match=r"base model \('org/tiny-llama', as its adapter_config\.json says\)\.$"):
+        checkpoint_dir_for(None, peft_dir / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(use_dora=True), ["use_dora", "DoRA"]),
+    (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
+])
+def test_a_peft_folder_the_import_refuses_keeps_its_sentence(changes, words, peft_and_import, tmp_path):
+    _, peft_dir, _, folder = peft_and_import
+    edit_config(peft_dir, **changes)
+    for run in (lambda: load_finetuned(folder, peft_dir),
+                lambda: load_script("merge_lora").main(lora_path=peft_dir, checkpoint_dir=folder,
+                                                       out_dir=tmp_path / "m")):
+        with pytest.raises(ValueError) as e:
+            run()
+        message = str(e.value)
+        assert "adapter_config.json" in message and all(w in message for w in words), message
+        assert "\n" not in message and message.endswith("."), message
+    assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------------------------------------- (g) the export names
+# a base AutoPeftModelForCausalLM can load
+def test_export_names_the_base_folder_its_message_asks_for(bases, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    _, folder = bases["llama"]  # converted from a local transformers folder: no Hub id
+    model = lit_lora(folder, ["query", "value", "mlp"])
+    adapter = save_adapters(model, tmp_path / "a.safetensors")
+    script = load_script("convert_peft_adapter")
+    monkeypatch.chdir(tmp_path)
+    out = script.main(["export", "--adapter_path", str(adapter), "--checkpoint_dir", str(folder), "--output_dir",
+                       "peft"])
+    hf = str(tmp_path / "peft-base-hf")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == hf
+    err = capsys.readouterr().err
+    assert (f"names the base model {hf!r}: write it there with `python scripts/convert_lit_checkpoint.py "
+            f"--checkpoint_dir {str(folder)!r} --output_dir {hf!r}`, then AutoPeftModelForCausalLM.from_pretrained("
+            "'peft') loads the adapted model.") in err, err
+    convert_lit_checkpoint(folder, Path(hf))
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained("peft", dtype=torch.float32, attn_implementation="eager")
+    torch.testing.assert_close(logits(loaded.eval()), logits(model), **TOL)
+
+    script.main(["export", "--adapter_path", str(adapter), "--checkpoint_dir", str(folder), "--output_dir",
+                 "peft2", "--base_model_name_or_path", "org/tiny-llama"])
+    assert json.loads((tmp_path / "peft2" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "org/tiny-llama"
+    err = capsys.readouterr().err
+    assert "names the base model 'org/tiny-llama', onto which AutoPeftModelForCausalLM.from_pretrained('peft2')" \
+        in err, err
+    with pytest.raises(ValueError, match=r"^--base_model_name_or_path '' names no model: pass a Hub id"):
+        export_peft_adapter(adapter, folder, tmp_path / "peft3", base_model_name_or_path="")

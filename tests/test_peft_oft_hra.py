@@ -197,6 +197,25 @@ def test_hra_import_of_an_ether_export(bases, tmp_path):
     torch.testing.assert_close(logits(load_finetuned(folder, adapter)), logits(model.eval()), **TOL)
 
 
+@pytest.mark.parametrize("config, kind", [
+    (dict(method="oft", nb=4, targets=["query", "value", "mlp"]), "OFT"),
+    (dict(method="ether", nb=4, targets=LLAMA_ALL), "HRA"),
+])
+def test_an_oft_or_hra_folder_as_adapter_path_loads_and_merges_as_its_import(config, kind, bases, tmp_path, capsys):
+    """chat, generate and eval (load_finetuned) and the merge scripts import a PEFT folder in memory."""
+    _, folder = bases["llama"]
+    model = lit_adapted(folder, **config)
+    out = export_peft_adapter(save_adapters(model, tmp_path / "a.safetensors"), folder, tmp_path / "peft")
+    imported = import_peft_adapter(out, folder, tmp_path / "back.safetensors")
+    capsys.readouterr()
+    expected = logits(load_finetuned(folder, imported))
+    torch.testing.assert_close(expected, logits(model), **TOL)
+    assert torch.equal(logits(load_finetuned(folder, out)), expected)
+    assert f"Imported the PEFT {kind} adapter {str(out)!r} in memory" in capsys.readouterr().err
+    merged = load_script("merge_ether").main(ether_path=out, checkpoint_dir=folder, out_dir=tmp_path / "merged")
+    torch.testing.assert_close(logits(GPT.from_checkpoint(merged).eval()), expected, **TOL)
+
+
 # ---------------------------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("config", [
     dict(method="oft", block_size=8, upper_triangle=True, targets=["query", "value", "mlp"]),

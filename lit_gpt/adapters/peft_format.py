@@ -26,6 +26,11 @@ PEFT's skew `Q` (`S = Q` for exact Cayley, `S = -Q` for its Cayley-Neumann serie
 reflection vectors (ETHER's blocks' vectors, zero outside their block). Output-side transforms (`flip_side`),
 ETHER+ and GPT-2's `Conv1D` layers have no PEFT form; a fused QKV layer takes one transform for all its slices.
 
+An import (`peft_adapter_payload`) gives the lit adapter dict in memory, which `lit_gpt.merge` uses for a PEFT
+folder given as `--adapter_path` (chat, generate, eval, merge); `import_peft_adapter` writes the same dict as a lit
+adapter file. An export names the base model in `adapter_config.json` (`base_model_name_or_path`: a Hub id, or the
+folder of the base's transformers export, `base_export_dir`) so that `AutoPeftModelForCausalLM` can load it.
+
 Reading never runs pickled code: `adapter_model.safetensors` only (an `adapter_model.bin` is refused).
 """
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -54,9 +60,11 @@ from lit_gpt.adapters.ether import NORM_EPS
 from lit_gpt.adapters.state import (
     PEFT_CONFIG_FILENAME,
     PEFT_PREFIX,  # `PeftModel.save_pretrained` names every tensor after the wrapped model's module, under it
+    PEFT_WEIGHTS_FILENAME,
     SAFETENSORS_SUFFIX,
+    adapter_payload,
     load_adapters,
-    save_adapters,
+    write_adapter_file,
 )
 from lit_gpt.config import Config
 from lit_gpt.convert_hf import config_to_hf, iter_lit_to_hf
@@ -70,8 +78,9 @@ from lit_gpt.utils import (
     read_json_object,
 )
 
-PEFT_WEIGHTS_FILENAME = "adapter_model.safetensors"
 PEFT_PICKLE_FILENAME = "adapter_model.bin"
+# what `base_export_dir` appends to an export's folder name
+BASE_EXPORT_SUFFIX = "-base-hf"
 ADAPTER_SUFFIXES = (".pth", SAFETENSORS_SUFFIX)
 # the PEFT method each lit method exports as (ETHER+ has none: its blocks are not products of reflections)
 PEFT_TYPE_OF = {"lora": "LORA", "oft": "OFT", "ether": "HRA"}
@@ -412,18 +421,36 @@ def _hra_export(model: GPT, modules: dict[str, HFModule], where: str, dtype: tor
     return peft_config, tensors
 
 
+def base_export_dir(output_dir: Union[str, Path]) -> Path:
+    """`<output_dir>-base-hf`, as an absolute path: the folder an export's adapter_config.json names as the base
+    model where no Hub id is known, and `scripts/convert_peft_adapter.py export` asks the transformers export of the
+    base (scripts/convert_lit_checkpoint.py) to be written to."""
+    out = Path(os.path.abspath(output_dir))
+    return out.parent / f"{out.name}{BASE_EXPORT_SUFFIX}"
+
+
 def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[str, Path],
-                        output_dir: Union[str, Path]) -> Path:
+                        output_dir: Union[str, Path], base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the adapter file `adapter_path` (`.pth` or `.safetensors`, as `save_adapters` writes it) as a PEFT
     adapter folder in `output_dir`: `adapter_config.json` and `adapter_model.safetensors`, which
     `PeftModel.from_pretrained(<the transformers export of checkpoint_dir>, output_dir)` loads into a model that
     computes the same logits as the adapted lit model. LoRA becomes PEFT's LoRA, OFT its OFT, ETHER its HRA (a
     product of `nb` reflections). Refuses, in one sentence, what PEFT cannot compute: ETHER+ (not a product of
     reflections), output-side transforms (`flip_side`), OFT or ETHER on GPT-2's Conv1D layers or with different
-    transforms on the slices of a fused QKV layer, and an adapter trained on another base model."""
+    transforms on the slices of a fused QKV layer, and an adapter trained on another base model.
+
+    `base_model_name_or_path` is what adapter_config.json names as the base model, which
+    `AutoPeftModelForCausalLM.from_pretrained(output_dir)` loads: by default the Hub id of the model the checkpoint
+    was converted from where its config names one (`org/name`), else `base_export_dir(output_dir)`, where the
+    transformers export of `checkpoint_dir` is then to be written (scripts/convert_lit_checkpoint.py)."""
     from lit_gpt.merge import check_same_base, read_finetuned
 
-    finetuned = read_finetuned(adapter_path)
+    if base_model_name_or_path is not None and not (isinstance(base_model_name_or_path, str)
+                                                    and base_model_name_or_path.strip()):
+        raise ValueError(f"--base_model_name_or_path {base_model_name_or_path!r} names no model: pass a Hub id "
+                         "(org/name) or the folder holding the base model's transformers export.")
+
+    finetuned = read_finetuned(adapter_path, checkpoint_dir)
     where = str(finetuned.path)
     if finetuned.kind != "adapter":
         raise ValueError(
@@ -462,6 +489,9 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     else:
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     _note_dropped_dropout(finetuned.payload["adapter_config"], method, where)
+    # a name AutoPeftModelForCausalLM can load the base from, never null: the Hub id, else the export's folder
+    peft_config["base_model_name_or_path"] = (base_model_name_or_path or _base_model_name(config)
+                                              or str(base_export_dir(output_dir)))
     from safetensors.torch import save_file
 
     from lit_gpt.merge import PROMPT_STYLE_FILENAME, prompt_style_text, trained_prompt_style
@@ -689,9 +719,8 @@ TENSOR_NAMES = {"LORA": (r"lora_([AB])\.weight", ("A", "B")), "OFT": (r"(oft_R)\
                 "HRA": (r"(hra_u)", ("hra_u",))}
 
 
-def _check_import_paths(peft_dir: Union[str, Path], adapter_path: Union[str, Path], prompt_style: Optional[str],
-                        system_prompt: Optional[str] = None) -> tuple[Path, Path, Optional[dict]]:
-    """The import's folder, output file and stored prompt style, refusing bad paths before anything is read."""
+def _check_peft_dir(peft_dir: Union[str, Path]) -> Path:
+    """The import's PEFT folder, refused in one sentence before anything is read when it is not one."""
     peft_dir = Path(peft_dir)
     if peft_dir.is_file():
         raise ValueError(f"--peft_dir {str(peft_dir)!r} is a file: pass the folder PEFT's save_pretrained wrote "
@@ -703,6 +732,11 @@ def _check_import_paths(peft_dir: Union[str, Path], adapter_path: Union[str, Pat
         what = " (it holds a transformers model: config.json)" if (peft_dir / "config.json").is_file() else ""
         raise FileNotFoundError(f"--peft_dir {str(peft_dir)!r} has no {PEFT_CONFIG_FILENAME}{what}: pass the folder "
                                 "PEFT's save_pretrained wrote for the adapter.")
+    return peft_dir
+
+
+def _check_adapter_path(adapter_path: Union[str, Path]) -> Path:
+    """The import's output file, refused in one sentence before anything is read when it cannot be written."""
     adapter_path = Path(adapter_path)
     if adapter_path.suffix not in ADAPTER_SUFFIXES:
         raise ValueError(f"--adapter_path {str(adapter_path)!r} must end in .pth or .safetensors (the two adapter "
@@ -711,6 +745,12 @@ def _check_import_paths(peft_dir: Union[str, Path], adapter_path: Union[str, Pat
     if adapter_path.is_dir():
         raise ValueError(f"--adapter_path {str(adapter_path)!r} is a folder: pass a file name ending in .pth or "
                          ".safetensors.")
+    return adapter_path
+
+
+def _import_style(peft_dir: Path, prompt_style: Optional[str], system_prompt: Optional[str]) -> Optional[dict]:
+    """The prompt style an import stores: `prompt_style` (and `system_prompt`), else the `prompt_style.yaml` an
+    export wrote beside the adapter, else none."""
     from lit_gpt.merge import read_prompt_style_file
 
     style = read_prompt_style_file(peft_dir)  # what an export wrote beside the adapter, unless given here
@@ -724,7 +764,7 @@ def _check_import_paths(peft_dir: Union[str, Path], adapter_path: Union[str, Pat
         if style is None:
             raise ValueError("--system_prompt needs --prompt_style (the format it is given in).")
         style = {**style, "system_prompt": system_prompt}
-    return peft_dir, adapter_path, style
+    return style
 
 
 def _check_head_copy(key: str, tensor: torch.Tensor, weights: str, ckpt: str) -> None:
@@ -963,18 +1003,18 @@ def _hra_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GPT
     return slices, dict(method="ether", nb=r)
 
 
-def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path],
-                        adapter_path: Union[str, Path], prompt_style: Optional[str] = None,
-                        system_prompt: Optional[str] = None) -> Path:
-    """Write the PEFT folder `peft_dir` (LoRA, OFT, or HRA as an ETHER export writes it) as a lit adapter file
-    `adapter_path` (`.pth` or `.safetensors`) for the lit checkpoint `checkpoint_dir` (converted from the
-    transformers model the adapter was trained on), which `lit_gpt.merge` (scripts/merge_lora.py,
-    scripts/merge_ether.py, chat, eval) takes like a file finetune/ wrote; the adapted lit model computes the logits
-    `PeftModel` computes. `prompt_style` (e.g. `alpaca`) and `system_prompt` are stored in the file for chat and
-    merge (default: the `prompt_style.yaml` an export wrote beside the adapter, if any). Refuses, in one
-    sentence, what a lit adapter cannot compute (DoRA, trained biases or modules, HRA vectors that are not in
-    disjoint blocks, ...) and tensors whose shapes do not fit the checkpoint."""
-    peft_dir, adapter_path, style = _check_import_paths(peft_dir, adapter_path, prompt_style, system_prompt)
+def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path],
+                         prompt_style: Optional[str] = None, system_prompt: Optional[str] = None) -> dict:
+    """The PEFT folder `peft_dir` (LoRA, OFT, or HRA as an ETHER export writes it) as a lit adapter dict for the lit
+    checkpoint `checkpoint_dir` (converted from the transformers model the adapter was trained on), in memory: what
+    `import_peft_adapter` writes to a file, which `load_adapters` and `lit_gpt.merge` take as they take that file.
+    The adapted lit model computes the logits `PeftModel` computes. `prompt_style` (e.g. `alpaca`) and
+    `system_prompt` are stored in the dict for chat and merge (default: the `prompt_style.yaml` an export wrote
+    beside the adapter, if any). Refuses, in one sentence, what a lit adapter cannot compute (DoRA, trained biases
+    or modules, HRA vectors that are not in disjoint blocks, ...) and tensors whose shapes do not fit the
+    checkpoint."""
+    peft_dir = _check_peft_dir(peft_dir)
+    style = _import_style(peft_dir, prompt_style, system_prompt)
     cfg = read_peft_config(peft_dir)
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     ckpt = str(checkpoint_dir)
@@ -1001,22 +1041,37 @@ def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, P
             for key, tensor in slices.pop((name, s)).items():
                 state_dict[f"{name}.adapters.{s}.{key}"] = tensor
     if slices:  # the targets above are built to place every slice: a bug, not the user's file
-        raise RuntimeError(f"import_peft_adapter: targets {targets} left {sorted(slices)[:2]} unplaced.")
+        raise RuntimeError(f"peft_adapter_payload: targets {targets} left {sorted(slices)[:2]} unplaced.")
     peft_base = cfg.get("base_model_name_or_path")
     if isinstance(peft_base, str) and peft_base and config.name and \
             peft_base.rstrip("/").split("/")[-1] != config.name:
         print(f"warning: {PEFT_CONFIG_FILENAME} says the adapter was trained on {peft_base!r}, and {ckpt!r} is "
               f"{config.name!r}; the shapes fit, so it is converted for that model as asked.", file=sys.stderr)
-    return save_adapters(model, adapter_path, state_dict=state_dict, prompt_style=style)
+    return adapter_payload(model, state_dict=state_dict, prompt_style=style)
+
+
+def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path],
+                        adapter_path: Union[str, Path], prompt_style: Optional[str] = None,
+                        system_prompt: Optional[str] = None) -> Path:
+    """Write the PEFT folder `peft_dir` as a lit adapter file `adapter_path` (`.pth` or `.safetensors`) for the
+    lit checkpoint `checkpoint_dir`: the dict `peft_adapter_payload` converts (see it for the arguments and what
+    is refused), which `lit_gpt.merge` (scripts/merge_lora.py, scripts/merge_ether.py, chat, generate, eval) then
+    takes like a file finetune/ wrote. Those also take `peft_dir` itself, converting it in memory each time."""
+    _check_peft_dir(peft_dir)
+    adapter_path = _check_adapter_path(adapter_path)  # before the conversion reads anything
+    payload = peft_adapter_payload(peft_dir, checkpoint_dir, prompt_style=prompt_style, system_prompt=system_prompt)
+    return write_adapter_file(payload, adapter_path)
 
 
 __all__ = [
     "HFModule",
+    "base_export_dir",
     "PEFT_CONFIG_FILENAME",
     "PEFT_WEIGHTS_FILENAME",
     "export_peft_adapter",
     "hf_linear_modules",
     "import_peft_adapter",
+    "peft_adapter_payload",
     "peft_selects",
     "read_peft_config",
 ]

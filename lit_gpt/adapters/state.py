@@ -30,8 +30,9 @@ from lit_gpt.adapters.config import AdapterConfig, setting
 from lit_gpt.utils import atomic_path, atomic_save, load_file
 
 # what PEFT's save_pretrained writes (`lit_gpt.adapters.peft_format` converts it): this config file beside the
-# weights, whose tensors are named after the wrapped model's modules under this prefix
+# weights file, whose tensors are named after the wrapped model's modules under this prefix
 PEFT_CONFIG_FILENAME = "adapter_config.json"
+PEFT_WEIGHTS_FILENAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 FORMAT = "lit_gpt.adapters"
@@ -84,6 +85,59 @@ def _prompt_style_record(prompt_style: Optional[dict]) -> Optional[dict]:
     return {"prompt_style": name, "system_prompt": system_prompt}
 
 
+def adapter_payload(
+    model: nn.Module,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    prompt_style: Optional[dict] = None,
+) -> dict:
+    """The adapter dict `save_adapters` writes for `model` (the `.pth` layout of the module docstring), in memory:
+    `load_adapters` and `lit_gpt.merge` take it as they take the file. The arguments are `save_adapters`'s."""
+    config = adapter_config_of(model)
+    if config is None:
+        raise ValueError("The model has no adapters to save: call apply_adapters first.")
+    style = _prompt_style_record(prompt_style)
+    if state_dict is None:
+        state_dict = adapter_state_dict(model)
+    elif set(state_dict) != set(adapter_state_dict(model)):
+        raise ValueError("save_adapters: the given state_dict's keys are not the model's adapter keys.")
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "adapter_config": config.to_dict(),
+        "base_model": _base_model_name(model),
+        "base_shapes": _base_shapes(model),
+        "state_dict": {k: v.detach().to("cpu").clone() for k, v in state_dict.items()},
+    }
+    if style is not None:  # absent rather than None, like the files written before it existed
+        payload["prompt_style"] = style
+    return payload
+
+
+def _check_adapter_file_path(path: Union[str, Path]) -> Path:
+    if Path(path).is_dir() or str(path).endswith(("/", os.sep)):
+        raise ValueError(
+            f"save_adapters writes one file (the adapter settings inside it), and {str(path)!r} is a directory: pass "
+            f"a file path such as {str(Path(path) / 'adapter.safetensors')!r} (or a .pth one)."
+        )
+    return Path(path)
+
+
+def write_adapter_file(payload: dict, path: Union[str, Path]) -> Path:
+    """Write an adapter dict (`adapter_payload`) to `path` atomically: a `.safetensors` file for that suffix, else
+    a torch file (see the module docstring for both layouts)."""
+    path = _check_adapter_file_path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        atomic_save(payload, path)
+        return path
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in payload["state_dict"].items()}
+    metadata = {k: json.dumps(v) for k, v in payload.items() if k != "state_dict"}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
 def save_adapters(
     model: nn.Module,
     path: Union[str, Path],
@@ -99,39 +153,8 @@ def save_adapters(
     the run records in `hyperparameters.yaml` under `prompt_style`): stored in the file, so merging or chatting with
     the file alone, away from its run, still prompts the model in that format.
     """
-    config = adapter_config_of(model)
-    if config is None:
-        raise ValueError("The model has no adapters to save: call apply_adapters first.")
-    style = _prompt_style_record(prompt_style)
-    if state_dict is None:
-        state_dict = adapter_state_dict(model)
-    elif set(state_dict) != set(adapter_state_dict(model)):
-        raise ValueError("save_adapters: the given state_dict's keys are not the model's adapter keys.")
-    if Path(path).is_dir() or str(path).endswith(("/", os.sep)):
-        raise ValueError(
-            f"save_adapters writes one file (the adapter settings inside it), and {str(path)!r} is a directory: pass "
-            f"a file path such as {str(Path(path) / 'adapter.safetensors')!r} (or a .pth one)."
-        )
-    path = Path(path)
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "adapter_config": config.to_dict(),
-        "base_model": _base_model_name(model),
-        "base_shapes": _base_shapes(model),
-        "state_dict": {k: v.detach().to("cpu").clone() for k, v in state_dict.items()},
-    }
-    if style is not None:  # absent rather than None, like the files written before it existed
-        payload["prompt_style"] = style
-    if path.suffix != SAFETENSORS_SUFFIX:
-        atomic_save(payload, path)
-        return path
-    from safetensors.torch import save_file
-
-    tensors = {k: v.contiguous() for k, v in payload.pop("state_dict").items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in payload.items()})
-    return path
+    payload = adapter_payload(model, state_dict=state_dict, prompt_style=prompt_style)
+    return write_adapter_file(payload, path)
 
 
 def load_adapter_file(path: Union[str, Path], mmap: bool = False) -> Any:
@@ -195,12 +218,32 @@ def _read(path_or_obj: Union[str, Path, dict]) -> tuple[dict, str]:
     return obj, where
 
 
+def peft_folder(path: Union[str, Path]) -> Optional[Path]:
+    """The PEFT adapter folder `path` names (what `PeftModel.save_pretrained` writes: `adapter_config.json` beside
+    `adapter_model.safetensors`): `path` itself, or the folder of its `adapter_model.safetensors`; None for
+    anything else."""
+    path = Path(path)
+    if path.is_dir() and (path / PEFT_CONFIG_FILENAME).is_file():
+        return path
+    if path.name == PEFT_WEIGHTS_FILENAME and path.is_file() and (path.parent / PEFT_CONFIG_FILENAME).is_file():
+        # (`save_adapters` may have written a lit adapter under that name: its metadata says so)
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                ours = "adapter_config" in (f.metadata() or {})
+        except (OSError, SafetensorError):  # unreadable: the import says so, naming the file
+            ours = False
+        return None if ours else path.parent
+    return None
+
+
 def check_not_peft(path: Union[str, Path], contents: Any = None) -> None:
     """Refuse a PEFT adapter (its folder, or the tensors of its `adapter_model.safetensors` as `contents`) given
-    where a lit_gpt adapter file is expected (`load_adapters`, and `--adapter_path` of chat, eval and merge)."""
+    where a lit_gpt adapter file is expected (`load_adapters`; `lit_gpt.merge` imports a whole PEFT folder)."""
     path = Path(path)
-    if contents is None and path.is_dir() and (path / PEFT_CONFIG_FILENAME).is_file():
-        raise peft_adapter_given(str(path), path)
+    if contents is None and peft_folder(path) is not None:
+        raise peft_adapter_given(str(path), peft_folder(path))
     if isinstance(contents, dict) and contents and all(isinstance(k, str) and k.startswith(PEFT_PREFIX)
                                                        for k in contents):
         raise peft_adapter_given(str(path), path.parent)
@@ -208,11 +251,19 @@ def check_not_peft(path: Union[str, Path], contents: Any = None) -> None:
 
 def peft_adapter_given(where: str, folder: Path) -> ValueError:
     """The error `check_not_peft` raises."""
+    if not (folder / PEFT_CONFIG_FILENAME).is_file():  # the weights alone: nothing says what they adapt
+        return ValueError(
+            f"{where!r} holds the tensors of a Hugging Face PEFT adapter, without the {PEFT_CONFIG_FILENAME} PEFT's "
+            "save_pretrained writes beside them: copy the whole folder PEFT wrote and pass that folder as "
+            "--adapter_path with --checkpoint_dir (chat, generate, eval and merge import it), or load it with "
+            "peft.PeftModel.from_pretrained on a transformers model."
+        )
     return ValueError(
         f"{where!r} is a Hugging Face PEFT adapter (what PEFT's save_pretrained writes), not a lit_gpt adapter file: "
-        "load it with peft.PeftModel.from_pretrained on a transformers model, or convert it for a lit checkpoint "
+        "load it with peft.PeftModel.from_pretrained on a transformers model, convert it for a lit checkpoint "
         f"with `python scripts/convert_peft_adapter.py import --peft_dir {str(folder)!r} --checkpoint_dir BASE "
-        "--adapter_path adapter.safetensors` and pass that file."
+        "--adapter_path adapter.safetensors` and pass that file, or turn it into an adapter dict with "
+        "lit_gpt.adapters.peft_format.peft_adapter_payload(peft_dir, BASE)."
     )
 
 
