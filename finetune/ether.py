@@ -20,12 +20,13 @@ def setup(
     ether_dropout: float = 0.0,
     block_dropout: float = 0.0,
     flip_side: bool = False,
-    ether_query: bool = True,
-    ether_key: bool = False,
-    ether_value: bool = True,
-    ether_projection: bool = False,
-    ether_mlp: bool = False,
-    ether_head: bool = False,
+    ether_query: Optional[bool] = None,
+    ether_key: Optional[bool] = None,
+    ether_value: Optional[bool] = None,
+    ether_projection: Optional[bool] = None,
+    ether_mlp: Optional[bool] = None,
+    ether_head: Optional[bool] = None,
+    ether_targets: Optional[Union[str, list[str]]] = None,
     oft_coft: bool = False,
     oft_eps: Optional[float] = None,
     oft_block_share: bool = False,
@@ -51,12 +52,15 @@ def setup(
         ether_dropout: Dropout on the adapted layer's input (the reference code's semantics).
         block_dropout: Multiplicative dropout: each block is replaced by the identity with this probability per step.
         flip_side: Transform the layer's output instead of its input (one-sided methods).
-        ether_query: Adapt the attention queries.
-        ether_key: Adapt the attention keys.
-        ether_value: Adapt the attention values.
-        ether_projection: Adapt the attention output projection.
-        ether_mlp: Adapt every MLP linear layer.
-        ether_head: Adapt the output head.
+        ether_query: Adapt the attention queries (default: true).
+        ether_key: Adapt the attention keys (default: false).
+        ether_value: Adapt the attention values (default: true).
+        ether_projection: Adapt the attention output projection (default: false).
+        ether_mlp: Adapt every MLP linear layer (default: false).
+        ether_head: Adapt the output head (default: false).
+        ether_targets: The adapted layers in one flag, instead of the six above: names separated by commas
+            (query,value,mlp) or a list, or all-linear (PEFT's rule: every linear layer but the output head);
+            transformers' names (q_proj, v_proj, gate_proj, ...) are taken as ours. A layer flag given too must agree.
         oft_coft: Constrained OFT: keep each skew-symmetric block within Frobenius norm `oft_eps` of zero.
         oft_eps: COFT radius per block, with `--oft_coft true`; null (unset) means 6e-5, the OFT authors' and
             PEFT's number. Their code bounds each block by `eps / sqrt(nb)`: pass that value to reproduce their
@@ -81,6 +85,7 @@ def setup(
     from lit_gpt.adapters import AdapterConfig
 
     targets = targets_from_flags(
+        "ether", ether_targets,
         query=ether_query, key=ether_key, value=ether_value, projection=ether_projection, mlp=ether_mlp,
         head=ether_head,
     )

@@ -19,12 +19,13 @@ def setup(
     lora_r: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
-    lora_query: bool = True,
-    lora_key: bool = False,
-    lora_value: bool = True,
-    lora_projection: bool = False,
-    lora_mlp: bool = False,
-    lora_head: bool = False,
+    lora_query: Optional[bool] = None,
+    lora_key: Optional[bool] = None,
+    lora_value: Optional[bool] = None,
+    lora_projection: Optional[bool] = None,
+    lora_mlp: Optional[bool] = None,
+    lora_head: Optional[bool] = None,
+    lora_targets: Optional[Union[str, list[str]]] = None,
     precision: Optional[str] = None,
     adapter_float32: bool = False,
     devices: int = 1,
@@ -43,12 +44,15 @@ def setup(
         lora_r: Rank of the update `B A`.
         lora_alpha: Scale: the update is multiplied by `lora_alpha / lora_r`.
         lora_dropout: Dropout on the input of the LoRA branch.
-        lora_query: Adapt the attention queries.
-        lora_key: Adapt the attention keys.
-        lora_value: Adapt the attention values.
-        lora_projection: Adapt the attention output projection.
-        lora_mlp: Adapt every MLP linear layer.
-        lora_head: Adapt the output head.
+        lora_query: Adapt the attention queries (default: true).
+        lora_key: Adapt the attention keys (default: false).
+        lora_value: Adapt the attention values (default: true).
+        lora_projection: Adapt the attention output projection (default: false).
+        lora_mlp: Adapt every MLP linear layer (default: false).
+        lora_head: Adapt the output head (default: false).
+        lora_targets: The adapted layers in one flag, instead of the six above: names separated by commas
+            (query,value,mlp) or a list, or all-linear (PEFT's rule: every linear layer but the output head);
+            transformers' names (q_proj, v_proj, gate_proj, ...) are taken as ours. A layer flag given too must agree.
         precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
             16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in
@@ -66,6 +70,7 @@ def setup(
     from lit_gpt.adapters import AdapterConfig
 
     targets = targets_from_flags(
+        "lora", lora_targets,
         query=lora_query, key=lora_key, value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head
     )
     with named_by_flags(LORA_FLAGS):  # errors name the flags, not the fields

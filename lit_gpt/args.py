@@ -46,6 +46,9 @@ class TrainArgs:
     """Stop after this many optimizer steps (null: train for epochs × epoch_size samples)."""
     lr_warmup_steps: int = 100
     """Optimizer steps of linear warm-up to `learning_rate`."""
+    lr_warmup_fraction: Optional[float] = None
+    """The warm-up as a fraction of an epoch's optimizer steps instead (litgpt's lr_warmup_fraction; HF's
+    warmup_ratio, a fraction of the whole run, is warmup_ratio × epochs here): replaces `lr_warmup_steps`."""
     min_lr: float = 0.0
     """The learning rate the cosine schedule ends at."""
     weight_decay: float = 0.0
@@ -76,6 +79,14 @@ class TrainArgs:
             )
         return self.global_batch_size // per_step
 
+    def warmup_steps(self, n_samples: int) -> int:
+        """The warm-up's optimizer steps: `lr_warmup_steps`, or `lr_warmup_fraction` of an epoch's steps (rounded
+        up) for a training set of `n_samples` examples."""
+        if self.lr_warmup_fraction is None:
+            return self.lr_warmup_steps
+        epoch_steps = (self.epoch_size or n_samples) / self.global_batch_size
+        return math.ceil(self.lr_warmup_fraction * epoch_steps - 1e-9)
+
     def validate(self) -> None:
         """Refuse, in one sentence naming the flag, a value that would crash or silently mistrain later."""
         _at_least(self.global_batch_size, 1, "--train.global_batch_size")
@@ -84,6 +95,9 @@ class TrainArgs:
         _at_least(self.epoch_size, 1, "--train.epoch_size", unset="to use the size of the training set")
         _at_least(self.max_steps, 1, "--train.max_steps", unset="to train for --train.epochs")
         _at_least(self.lr_warmup_steps, 0, "--train.lr_warmup_steps")
+        if self.lr_warmup_fraction is not None and not 0 <= self.lr_warmup_fraction <= 1:
+            raise ValueError(f"--train.lr_warmup_fraction {self.lr_warmup_fraction}: pass a fraction of an epoch "
+                             "from 0 to 1 (e.g. 0.03), or leave it unset to use --train.lr_warmup_steps.")
         _at_least(self.max_seq_length, 1, "--train.max_seq_length", unset="to use the longest sample")
         _at_least(self.save_interval, 1, "--train.save_interval")
         _at_least(self.log_interval, 1, "--train.log_interval")

@@ -269,7 +269,9 @@ FLAG_SYNONYMS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps", "num_
                  "max_iters": "max_steps",
                  # lm-eval's and litgpt evaluate's output, HF's dtype flags
                  "output_path": "save_filepath", "out_dir": "save_filepath", "dtype": "precision",
-                 "bf16": "precision", "fp16": "precision"}
+                 "bf16": "precision", "fp16": "precision",
+                 # PEFT's LoraConfig(target_modules=...): one flag per adapter script
+                 "target_modules": ("lora_targets", "ether_targets")}
 # names of other tools' settings that have no flag here: (a flag of the scripts the note is for, what to do instead)
 _TRAINING = "--train.learning_rate"
 NO_EQUIVALENT = {
@@ -277,12 +279,9 @@ NO_EQUIVALENT = {
                             "stops the run after a step with a checkpoint, and --resume auto goes on"),
     "gradient_accumulation_steps": (_TRAINING, "the accumulation follows from --train.global_batch_size / "
                                                "(--train.micro_batch_size × devices): set the global batch size"),
-    "lr_warmup_fraction": (_TRAINING, "the warm-up is given in steps: --train.lr_warmup_steps (--dry_run true "
-                                      "prints the run's steps)"),
-    "warmup_ratio": (_TRAINING, "the warm-up is given in steps: --train.lr_warmup_steps (--dry_run true prints the "
-                                "run's steps)"),
-    "target_modules": (_TRAINING, "the adapted layers are chosen with the script's --*_query, --*_key, --*_value, "
-                                  "--*_projection, --*_mlp and --*_head flags"),
+    "warmup_ratio": (_TRAINING, "HF's warmup_ratio is a fraction of the whole run: --train.lr_warmup_fraction "
+                                "takes a fraction of one epoch (warmup_ratio × epochs), or --train.lr_warmup_steps "
+                                "steps"),
     "use_rslora": (_TRAINING, "rsLoRA's scale alpha / sqrt(r) is --lora_alpha alpha × sqrt(r) here"),
     "logger_name": (_TRAINING, "every run writes logs/metrics.csv and tensorboard/ in its run directory; there is no "
                                "other logger"),
@@ -312,8 +311,9 @@ def _flag_hint(flag: str, known: Sequence[str]) -> Optional[str]:
     if note is not None and note[0] in known:
         return note[1]
     # another tool's name for a flag, then a nested flag typed without its group (`--epochs` for --train.epochs)
-    synonyms = [f"--{g}{FLAG_SYNONYMS[name]}" for g in (f"{group}." if group else "", "train.", "eval.")
-                if name in FLAG_SYNONYMS and f"--{g}{FLAG_SYNONYMS[name]}" in known]
+    ours = FLAG_SYNONYMS.get(name, ())
+    synonyms = [f"--{g}{syn}" for syn in ((ours,) if isinstance(ours, str) else ours)
+                for g in (f"{group}." if group else "", "train.", "eval.") if f"--{g}{syn}" in known]
     synonyms += [k for k in known if k.rpartition(".")[2] == name] if not group else []
     # an abbreviation (argparse's are turned off)
     prefixed = [k for k in known if k.startswith(underscored)] if len(name) >= MIN_ABBREVIATION else []

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -63,10 +63,12 @@ METRICS_FILENAME = "metrics.csv"
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pth$")
 # the flag of each `AdapterConfig` field in finetune/ether.py and finetune/lora.py: their errors name these
 # (`named_by_flags`)
-ETHER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "--ether_* layer flags", "flip_side": "--flip_side",
-               "dropout": "--ether_dropout", "block_dropout": "--block_dropout", "coft": "--oft_coft",
-               "eps": "--oft_eps", "block_share": "--oft_block_share", "neumann_terms": "--oft_neumann_terms"}
-LORA_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "targets": "--lora_* layer flags"}
+ETHER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "--ether_targets or --ether_* layer flags",
+               "flip_side": "--flip_side", "dropout": "--ether_dropout", "block_dropout": "--block_dropout",
+               "coft": "--oft_coft", "eps": "--oft_eps", "block_share": "--oft_block_share",
+               "neumann_terms": "--oft_neumann_terms"}
+LORA_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout",
+              "targets": "--lora_targets or --lora_* layer flags"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -720,12 +722,16 @@ def check_tied_head(config: Config, adapter_config: Any, method: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- learning rate
-def warmup_warning(warmup_steps: int, steps: int) -> str:
+def warmup_warning(warmup_steps: int, steps: int, fraction: Optional[float] = None) -> str:
     """The note for a warm-up as long as the run: its learning rate never reaches the one asked for (litgpt caps the
     warm-up instead; a run that later raises --train.max_steps would then differ from one that had them all along)."""
-    return (f"Warning: --train.lr_warmup_steps {warmup_steps} is not below the run's {steps} optimizer steps, so the "
-            f"learning rate only reaches {steps / (warmup_steps + 1):.0%} of --train.learning_rate and never decays: "
-            f"lower --train.lr_warmup_steps (e.g. to {steps // 10}).")
+    if fraction is None:
+        given, fix = f"--train.lr_warmup_steps {warmup_steps}", f"lower --train.lr_warmup_steps (e.g. to {steps // 10})"
+    else:
+        given = f"--train.lr_warmup_fraction {fraction:g} ({warmup_steps} steps)"
+        fix = "lower --train.lr_warmup_fraction"
+    return (f"Warning: {given} is not below the run's {steps} optimizer steps, so the learning rate only reaches "
+            f"{steps / (warmup_steps + 1):.0%} of --train.learning_rate and never decays: {fix}.")
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float):
@@ -942,8 +948,8 @@ def check_resume_matches(saved: Any, ckpt: Path, method: str, adapter_config: Op
 # what a resumed run takes from its own flags, not from the checkpoint: AdamW's hyperparameters and the schedule (the
 # schedule's length too, `changed_training_flags`), the batch size, clipping and truncation; AdamW's moments and the
 # step counter come from the checkpoint
-RESUME_FROM_FLAGS = ("learning_rate", "min_lr", "lr_warmup_steps", "weight_decay", "beta1", "beta2",
-                     "global_batch_size", "max_norm", "max_seq_length")
+RESUME_FROM_FLAGS = ("learning_rate", "min_lr", "lr_warmup_steps", "lr_warmup_fraction", "weight_decay", "beta1",
+                     "beta2", "global_batch_size", "max_norm", "max_seq_length")
 
 
 # what fixes the order of the training data, by the flags that set it (the number of processes and the micro-batch
@@ -1070,11 +1076,60 @@ def _row_step(row: dict) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def targets_from_flags(**flags: bool) -> list[str]:
-    targets = [name for name, on in flags.items() if on]
-    if not targets:
-        raise ValueError("No layer is adapted: enable at least one of " + ", ".join(f"--*_{n}" for n in flags) + ".")
-    return targets
+# the layer flags' defaults when neither they nor --*_targets are given (the ETHER paper's queries and values)
+DEFAULT_TARGETS = ("query", "value")
+
+
+def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
+    """`--*_targets`'s value as named targets of a lit_gpt.GPT, in their canonical order: names separated by commas
+    or a list, `all-linear` (PEFT's rule: every linear layer but the output head), and transformers' layer names
+    (q_proj, v_proj, ...) taken as the target they are here."""
+    from lit_gpt.adapters.base import HF_TARGET_NAMES
+    from lit_gpt.adapters.config import ALL_LINEAR, GPT_TARGETS
+
+    items = given.split(",") if isinstance(given, str) else list(given)
+    names = [str(item).strip() for item in items if str(item).strip()]
+    if not names:
+        raise ValueError(f"{flag} names no layer: pass {ALL_LINEAR} or some of {', '.join(GPT_TARGETS)} (e.g. "
+                         f"{flag} query,value).")
+    chosen = set()
+    for name in names:
+        ours = name.lower()
+        if ours == ALL_LINEAR:
+            chosen.update(t for t in GPT_TARGETS if t != "head")
+        elif ours in GPT_TARGETS:
+            chosen.add(ours)
+        elif ours in HF_TARGET_NAMES:  # PEFT's target_modules names, e.g. q_proj
+            chosen.update(t.strip() for t in HF_TARGET_NAMES[ours].replace(" and ", ",").split(","))
+        else:
+            raise ValueError(f"{flag}: {name!r} is not a layer name here: pass {ALL_LINEAR} or some of "
+                             f"{', '.join(GPT_TARGETS)} (transformers' q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                             "up_proj, down_proj and lm_head are taken too).")
+    return [t for t in GPT_TARGETS if t in chosen]
+
+
+def targets_from_flags(prefix: str, targets: Optional[Union[str, Sequence[str]]] = None,
+                       **flags: Optional[bool]) -> list[str]:
+    """The adapted layers: `--{prefix}_targets` when given, else the `--{prefix}_query` ... `--{prefix}_head`
+    flags, whose unset (None) ones take their defaults (`DEFAULT_TARGETS` on). A layer flag set as well must agree
+    with `--{prefix}_targets` (a config file may set them), else one sentence names both."""
+    if targets is not None:
+        flag = f"--{prefix}_targets"
+        chosen = _target_names(targets, flag)
+        given = targets if isinstance(targets, str) else ",".join(map(str, targets))
+        for name, on in flags.items():
+            if on is not None and on != (name in chosen):
+                raise ValueError(
+                    f"--{prefix}_{name} {str(on).lower()} contradicts {flag} {given}, which "
+                    f"{'adapts' if name in chosen else 'leaves out'} the {name} layers: drop one of the two (set "
+                    f"--{prefix}_{name} null to unset it from a config file)."
+                )
+        return chosen
+    chosen = [name for name, on in flags.items() if (name in DEFAULT_TARGETS if on is None else on)]
+    if not chosen:
+        raise ValueError("No layer is adapted: enable at least one of "
+                         + ", ".join(f"--{prefix}_{n}" for n in flags) + f", or pass --{prefix}_targets.")
+    return chosen
 
 
 def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Optional[Path]:
@@ -1208,8 +1263,9 @@ def finetune(
         if was_world not in (None, world_size):
             changed.append(f"--devices × --num_nodes {was_world} -> {world_size}")
     start_step = saved["step"] if saved is not None else 0
-    if train.lr_warmup_steps >= steps and start_step < steps:
-        print_once(warmup_warning(train.lr_warmup_steps, steps), file=sys.stderr)
+    warmup = train.warmup_steps(len(train_data))
+    if warmup >= steps and start_step < steps:
+        print_once(warmup_warning(warmup, steps, train.lr_warmup_fraction), file=sys.stderr)
 
     # steps are logged as 1, 2, ...: a run resumed at step N logs N + 1 first, and TensorBoard drops what the old
     # event files hold from there on (metrics.csv keeps the same rows: `MetricsCSV`)
@@ -1237,6 +1293,9 @@ def finetune(
         f"frozen: {num_parameters(model, requires_grad=False):,}"
     )
     fabric.print(training_plan(train, steps, len(train_data)))
+    if train.lr_warmup_fraction is not None:
+        fabric.print(f"--train.lr_warmup_fraction {train.lr_warmup_fraction:g} of an epoch: {warmup:,} warm-up "
+                     f"step{'s' if warmup != 1 else ''} (instead of --train.lr_warmup_steps).")
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1267,7 +1326,7 @@ def finetune(
     # the schedule of this run's flags, at the resumed step (`last_epoch` is the step before, which the scheduler's
     # first `step()` moves on): not the checkpoint's scheduler state, which holds the old base rate
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(train.lr_warmup_steps, steps, train.min_lr / train.learning_rate),
+        optimizer, lr_lambda(warmup, steps, train.min_lr / train.learning_rate),
         last_epoch=state["step"] - 1,
     )
 
@@ -1403,7 +1462,7 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> st
             parts.append(f"r{adapter_config.r}")
         else:
             parts.append(f"nb{adapter_config.nb}")
-        parts.append("-".join(adapter_config.targets))
+        parts.append("-".join(adapter_config.targets))  # (all-linear too: a resume finds earlier runs' folders)
         if getattr(adapter_config, "flip_side", False):
             parts.append("flip")
     parts += [f"lr{train.learning_rate:g}", f"bs{train.global_batch_size}"]

@@ -222,7 +222,8 @@ ETHER_ERRORS = [
     (["--lora_r", "8"], "unrecognized arguments: --lora_r 8; --lora_r is an option of finetune/lora.py"),
     # no abbreviations: argparse took `--train.lr 3` as --train.lr_warmup_steps 3 without a word
     (["--train.lr", "3"], "unrecognized arguments: --train.lr 3; did you mean --train.learning_rate?"),
-    (["--train.lr_warm", "3"], "unrecognized arguments: --train.lr_warm 3; did you mean --train.lr_warmup_steps?"),
+    (["--train.lr_warm", "3"], "unrecognized arguments: --train.lr_warm 3; did you mean --train.lr_warmup_fraction "
+                               "or --train.lr_warmup_steps?"),
     # the names HF Trainer and litgpt give some of the flags
     (["--warmup-steps", "3"], "unrecognized arguments: --warmup-steps 3; did you mean --train.lr_warmup_steps?"),
     (["--eval_steps=5"], "unrecognized arguments: --eval_steps=5; did you mean --eval.interval?"),
@@ -232,6 +233,7 @@ ETHER_ERRORS = [
                                    "scheduler's SIGTERM or SIGUSR1 (SLURM's --signal=USR1@90) stops the run after a "
                                    "step with a checkpoint, and --resume auto goes on"),
     (["--r", "16"], "unrecognized arguments: --r 16"),  # not `--resume`
+    (["--target-modules", "q_proj"], "unrecognized arguments: --target-modules q_proj; did you mean --ether_targets?"),
     # an ambiguous abbreviation: every flag it may stand for, not the one difflib finds closest
     (["--train.max", "3"], "unrecognized arguments: --train.max 3; did you mean --train.max_norm, "
                            "--train.max_seq_length or --train.max_steps?"),
@@ -250,8 +252,12 @@ LORA_ERRORS = [  # PEFT's names of LoRA's settings
     (["--train.gradient_accumulation_steps", "4"], "unrecognized arguments: --train.gradient_accumulation_steps 4; "
      "the accumulation follows from --train.global_batch_size / (--train.micro_batch_size × devices): set the global "
      "batch size"),
-    (["--warmup_ratio", "0.03"], "unrecognized arguments: --warmup_ratio 0.03; the warm-up is given in steps: "
-                                 "--train.lr_warmup_steps (--dry_run true prints the run's steps)"),
+    (["--warmup_ratio", "0.03"], "unrecognized arguments: --warmup_ratio 0.03; HF's warmup_ratio is a fraction of "
+                                 "the whole run: --train.lr_warmup_fraction takes a fraction of one epoch "
+                                 "(warmup_ratio × epochs), or --train.lr_warmup_steps steps"),
+    # PEFT's target_modules: the script's own --*_targets
+    (["--target_modules", "all-linear"], "unrecognized arguments: --target_modules all-linear; did you mean "
+                                         "--lora_targets?"),
     (["--logger_name", "wandb"], "unrecognized arguments: --logger_name wandb; every run writes logs/metrics.csv and "
                                  "tensorboard/ in its run directory; there is no other logger"),
     (["--bf16", "true"], "unrecognized arguments: --bf16 true; did you mean --precision?"),

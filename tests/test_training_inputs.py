@@ -677,3 +677,97 @@ def test_validation_data_in_another_format_is_warned_about(tiny_ckpt, tmp_path, 
             f"{str(tiny_ckpt / 'data')!r} (prompt_style 'chatml', not 'alpaca'; system_prompt 'Be terse.', not None): "
             "its val loss measures a format the model is not trained on; prepare the validation rows with the "
             "training data's settings.\n") in run("other")
+
+
+# ---------------------------------------------------------------------------------------------- --*_targets
+def test_targets_flag_takes_names_all_linear_and_peft_names_and_refuses_a_contradiction():
+    from lit_gpt.training import targets_from_flags
+
+    unset = dict(query=None, key=None, value=None, projection=None, mlp=None, head=None)
+    assert targets_from_flags("lora", None, **unset) == ["query", "value"]  # the layer flags' defaults
+    assert targets_from_flags("lora", None, **dict(unset, query=False, mlp=True)) == ["value", "mlp"]
+    assert targets_from_flags("lora", "all-linear", **unset) == ["query", "key", "value", "projection", "mlp"]
+    assert targets_from_flags("lora", ["all-linear", "head"], **unset) == [
+        "query", "key", "value", "projection", "mlp", "head"]
+    # PEFT's names, commas, any order and case: the canonical order of our names
+    assert targets_from_flags("ether", "mlp, V_PROJ,q_proj", **unset) == ["query", "value", "mlp"]
+    assert targets_from_flags("ether", ["gate_proj", "lm_head"], **unset) == ["mlp", "head"]
+    assert targets_from_flags("ether", "c_attn", **unset) == ["query", "key", "value"]
+    # a layer flag that agrees (a config file's query/value true) is fine; one that contradicts is one sentence
+    assert targets_from_flags("lora", "all-linear", **dict(unset, query=True, head=False)) == [
+        "query", "key", "value", "projection", "mlp"]
+    with pytest.raises(ValueError, match=r"^--ether_mlp false contradicts --ether_targets all-linear, which adapts "
+                                         r"the mlp layers: drop one of the two \(set --ether_mlp null to unset it "
+                                         r"from a config file\)\.$"):
+        targets_from_flags("ether", "all-linear", **dict(unset, mlp=False))
+    with pytest.raises(ValueError, match=r"^--lora_head true contradicts --lora_targets query, which leaves out"):
+        targets_from_flags("lora", "query", **dict(unset, head=True))
+    with pytest.raises(ValueError, match=r"^--lora_targets: 'wq' is not a layer name here: pass all-linear or some "
+                                         r"of query, key, value, projection, mlp, head \(transformers' q_proj"):
+        targets_from_flags("lora", "query,wq", **unset)
+    with pytest.raises(ValueError, match=r"^--lora_targets names no layer"):
+        targets_from_flags("lora", " , ", **unset)
+    with pytest.raises(ValueError, match=r"^No layer is adapted: enable at least one of --lora_query, .*--lora_head, "
+                                         r"or pass --lora_targets\.$"):
+        targets_from_flags("lora", None, **dict(unset, query=False, value=False))
+
+
+def test_all_linear_from_the_command_line_adapts_what_the_five_flags_do(tiny_ckpt, capsys, monkeypatch):
+    """`--lora_targets all-linear` (PEFT's target_modules="all-linear") plans the same trainable parameters as the
+    five layer flags, through the script's parser; a config's agreeing flag is accepted beside it."""
+    import lora
+
+    from lit_gpt.cli import run_cli as run_in_process
+
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    counts = {}
+    for name, flags in (("flags", ["--lora_key", "true", "--lora_projection", "true", "--lora_mlp", "true"]),
+                        ("targets", ["--lora_targets", "all-linear", "--lora_query", "true"]),
+                        ("peft", ["--lora_targets", "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"]),
+                        ("default", [])):
+        run_in_process(lora.setup, args=["--io.checkpoint_dir", str(tiny_ckpt), "--dry_run", "true", *flags])
+        counts[name] = re.search(r"trainable parameters: ([\d,]+)", capsys.readouterr().out).group(1)
+    assert counts["flags"] == counts["targets"] == counts["peft"] != counts["default"]
+    with pytest.raises(SystemExit) as e:
+        run_in_process(lora.setup, args=["--io.checkpoint_dir", str(tiny_ckpt), "--dry_run", "true",
+                                         "--lora_targets", "all-linear", "--lora_mlp", "false"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.startswith("error: --lora_mlp false contradicts --lora_targets all-linear")
+
+
+def test_a_run_with_targets_records_them_and_its_adapter(tiny_ckpt, tmp_path):
+    out = tmp_path / "run"
+    setup_ether(tiny_ckpt / "data", out, ether_targets="q_proj,v_proj,mlp")
+    hp = yaml.safe_load((out / "hyperparameters.yaml").read_text())
+    assert hp["ether_targets"] == "q_proj,v_proj,mlp" and hp["adapter_config"]["targets"] == ["query", "value", "mlp"]
+    saved = load_file(out / "lit_model_ether_finetuned.pth")
+    assert saved["adapter_config"]["targets"] == ["query", "value", "mlp"]
+    layers = {k.split(".adapters.")[0].split(".", 3)[-1] for k in saved["state_dict"]}
+    assert layers == {"attn.qkv", "mlp.fc_1", "mlp.fc_2", "mlp.proj"}  # not attn.proj
+
+
+# ---------------------------------------------------------------------------------------------- warm-up fraction
+def test_the_warm_up_fraction_is_a_fraction_of_an_epochs_steps():
+    assert TrainArgs(lr_warmup_steps=7).warmup_steps(1000) == 7
+    t = TrainArgs(lr_warmup_fraction=0.1, lr_warmup_steps=7, global_batch_size=8, epochs=3)
+    assert t.warmup_steps(1000) == 13  # ceil(0.1 × 1000 / 8): one epoch's 125 steps, not the run's 375
+    assert TrainArgs(lr_warmup_fraction=0.1, global_batch_size=8, epoch_size=400).warmup_steps(1000) == 5
+    assert TrainArgs(lr_warmup_fraction=0.5, global_batch_size=1).warmup_steps(4) == 2  # (exact: not rounded up)
+    assert TrainArgs(lr_warmup_fraction=0.0).warmup_steps(100) == 0
+    with pytest.raises(ValueError, match=r"^--train\.lr_warmup_fraction 1\.5: pass a fraction of an epoch from 0 to "
+                                         r"1 \(e\.g\. 0\.03\), or leave it unset to use --train\.lr_warmup_steps\.$"):
+        TrainArgs(lr_warmup_fraction=1.5).validate()
+
+
+def test_a_run_warms_up_for_its_fraction_of_an_epoch(tiny_ckpt, tmp_path, capsys):
+    from lit_gpt.training import lr_lambda
+
+    n = len(torch.load(tiny_ckpt / "data" / "train.pt", weights_only=True))
+    out, fraction = tmp_path / "run", 2.5 / n  # 3 warm-up steps of the 4, whatever the fixture's size
+    setup_ether(tiny_ckpt / "data", out, train=dict(max_steps=4, lr_warmup_steps=100, lr_warmup_fraction=fraction))
+    warmup = 3
+    assert f"--train.lr_warmup_fraction {fraction:g} of an epoch: 3 warm-up steps" in capsys.readouterr().out
+    rows = [r for r in csv_rows(out) if r["loss"]]
+    schedule = lr_lambda(warmup_steps=warmup, max_steps=4, min_ratio=0.0)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-2 * schedule(i) for i in range(4)])
+    assert yaml.safe_load((out / "hyperparameters.yaml").read_text())["train"]["lr_warmup_fraction"] == fraction
