@@ -52,12 +52,12 @@ def setup(
         ether_dropout: Dropout on the adapted layer's input (the reference code's semantics).
         block_dropout: Multiplicative dropout: each block is replaced by the identity with this probability per step.
         flip_side: Transform the layer's output instead of its input (one-sided methods).
-        ether_query: Adapt the attention queries (default: true).
-        ether_key: Adapt the attention keys (default: false).
-        ether_value: Adapt the attention values (default: true).
-        ether_projection: Adapt the attention output projection (default: false).
-        ether_mlp: Adapt every MLP linear layer (default: false).
-        ether_head: Adapt the output head (default: false).
+        ether_query: Adapt the attention queries (unset: true, or as --ether_targets says).
+        ether_key: Adapt the attention keys (unset: false, or as --ether_targets says).
+        ether_value: Adapt the attention values (unset: true, or as --ether_targets says).
+        ether_projection: Adapt the attention output projection (unset: false, or as --ether_targets says).
+        ether_mlp: Adapt every MLP linear layer (unset: false, or as --ether_targets says).
+        ether_head: Adapt the output head (unset: false, or as --ether_targets says).
         ether_targets: The adapted layers in one flag, instead of the six above: names separated by commas
             (query,value,mlp) or a list, or all-linear (PEFT's rule: every linear layer but the output head);
             transformers' names (q_proj, v_proj, gate_proj, ...) are taken as ours. A layer flag given too must agree.

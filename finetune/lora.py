@@ -44,12 +44,12 @@ def setup(
         lora_r: Rank of the update `B A`.
         lora_alpha: Scale: the update is multiplied by `lora_alpha / lora_r`.
         lora_dropout: Dropout on the input of the LoRA branch.
-        lora_query: Adapt the attention queries (default: true).
-        lora_key: Adapt the attention keys (default: false).
-        lora_value: Adapt the attention values (default: true).
-        lora_projection: Adapt the attention output projection (default: false).
-        lora_mlp: Adapt every MLP linear layer (default: false).
-        lora_head: Adapt the output head (default: false).
+        lora_query: Adapt the attention queries (unset: true, or as --lora_targets says).
+        lora_key: Adapt the attention keys (unset: false, or as --lora_targets says).
+        lora_value: Adapt the attention values (unset: true, or as --lora_targets says).
+        lora_projection: Adapt the attention output projection (unset: false, or as --lora_targets says).
+        lora_mlp: Adapt every MLP linear layer (unset: false, or as --lora_targets says).
+        lora_head: Adapt the output head (unset: false, or as --lora_targets says).
         lora_targets: The adapted layers in one flag, instead of the six above: names separated by commas
             (query,value,mlp) or a list, or all-linear (PEFT's rule: every linear layer but the output head);
             transformers' names (q_proj, v_proj, gate_proj, ...) are taken as ours. A layer flag given too must agree.
