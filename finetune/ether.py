@@ -36,8 +36,10 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     seed: int = 1337,
+    logger_name: Literal["tensorboard", "wandb", "csv"] = "tensorboard",
     resume: Union[bool, str] = False,
     model_name: Optional[str] = None,
+    merge: bool = False,
     dry_run: bool = False,
 ) -> None:
     """Fine-tune a lit checkpoint with ETHER, ETHER+ or OFT on data made by a `scripts/prepare_*.py` script.
@@ -76,9 +78,17 @@ def setup(
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.
+        logger_name: Where the metrics go besides logs/metrics.csv (always written): `tensorboard` (tensorboard/
+            in the run directory), `wandb` (Weights & Biases, after `pip install wandb`: project $WANDB_PROJECT,
+            else lit-ether; the W&B run takes the run directory's name and hyperparameters, and a resume
+            continues it, recorded in logs/wandb_run.yaml: the steps a resume redoes show twice, at their
+            trainer/global_step) or `csv` (nothing more).
         resume: `auto` (or `true`) continues from the newest complete checkpoint in the run directory (`io.out_dir`);
             a `step-*.pth` path continues from that checkpoint; `false` starts from step 0.
         model_name: With `--dry_run`: a named config to plan for without any checkpoint (see scripts/download.py).
+        merge: After training, fold the final adapter into the base model, as scripts/merge_ether.py does, into the
+            standalone model folder `merged/` of the run directory, which chat/base.py takes as --checkpoint_dir
+            (a full copy of the model on disk).
         dry_run: Print trainable/frozen parameter counts and memory needs on the meta device, then exit.
     """
     flags = dict(locals())  # the parsed flags only: hyperparameters.yaml records these

@@ -2,7 +2,7 @@
 
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -19,11 +19,16 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     seed: int = 1337,
+    logger_name: Literal["tensorboard", "wandb", "csv"] = "tensorboard",
     resume: Union[bool, str] = False,
     model_name: Optional[str] = None,
     dry_run: bool = False,
 ) -> None:
     """Fine-tune every weight of a lit checkpoint on data made by a `scripts/prepare_*.py` script.
+
+    At the end, the run directory holds the weights, `lit_model_finetuned.pth`, and the model folder `final/`
+    (lit_model.pth, a hard link to those weights, with the config, tokenizer and prompt style of the run), which
+    chat/base.py, scripts/generate.py and eval/lm_eval_harness.py take as --checkpoint_dir.
 
     Args:
         io: Data, checkpoint, log and output directories.
@@ -34,6 +39,11 @@ def setup(
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.
+        logger_name: Where the metrics go besides logs/metrics.csv (always written): `tensorboard` (tensorboard/
+            in the run directory), `wandb` (Weights & Biases, after `pip install wandb`: project $WANDB_PROJECT,
+            else lit-ether; the W&B run takes the run directory's name and hyperparameters, and a resume
+            continues it, recorded in logs/wandb_run.yaml: the steps a resume redoes show twice, at their
+            trainer/global_step) or `csv` (nothing more).
         resume: `auto` (or `true`) continues from the newest complete checkpoint in the run directory (`io.out_dir`);
             a `step-*.pth` path continues from that checkpoint; `false` starts from step 0.
         model_name: With `--dry_run`: a named config to plan for without any checkpoint (see scripts/download.py).

@@ -283,8 +283,6 @@ NO_EQUIVALENT = {
                                 "takes a fraction of one epoch (warmup_ratio × epochs), or --train.lr_warmup_steps "
                                 "steps"),
     "use_rslora": (_TRAINING, "rsLoRA's scale alpha / sqrt(r) is --lora_alpha alpha × sqrt(r) here"),
-    "logger_name": (_TRAINING, "every run writes logs/metrics.csv and tensorboard/ in its run directory; there is no "
-                               "other logger"),
     "quantize": (_TRAINING, "the frozen weights are not quantized here: --precision bf16-true halves their memory"),
     "optimizer": (_TRAINING, "training uses AdamW (--train.learning_rate, --train.weight_decay, --train.beta1, "
                              "--train.beta2)"),
@@ -333,10 +331,13 @@ def _positional_hint(args: Sequence[str], unknown: Sequence[str], known: Sequenc
     value = args[0] if args and not args[0].startswith("-") else None
     if value is None or value not in unknown:
         return None
-    from lit_gpt.utils import finetuning_run_hint, run_adapter_file
+    from lit_gpt.utils import finetuning_run_hint, run_adapter_file, run_model_folder
 
     candidates = ["--repo_id"]
-    if finetuning_run_hint(value) is not None:  # litgpt's `merge_lora RUN`
+    folder = run_model_folder(value) if finetuning_run_hint(value) is not None else None
+    if folder is not None and any(c in known for c in ("--checkpoint_dir", "--io.checkpoint_dir")):
+        value = str(folder)  # litgpt's `chat out/finetune/full/final`: the run's model folder
+    elif finetuning_run_hint(value) is not None:  # litgpt's `merge_lora RUN`
         candidates.insert(0, "--adapter_path")
         value = run_adapter_file(value)
     candidates += ["--checkpoint_dir", "--io.checkpoint_dir"]

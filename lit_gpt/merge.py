@@ -24,11 +24,15 @@ Everything is read from the files a run wrote, never from directory names:
 
 from __future__ import annotations
 
+import glob
+import os
 import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -598,6 +602,37 @@ def merge_checkpoint(
             log(f"warning: the difference exceeds {tol:g} of the logit scale expected for "
                 f"{dtype} weights")
 
+    write_checkpoint_folder(out_dir, checkpoint_dir, finetuned, config, _float_dtype(model),
+                            lambda path: torch.save(lit_state_dict(model), path), probe_max_abs_diff=max_diff, log=log)
+    log(f"Merged {description} into {str(checkpoint_dir)!r}; wrote {str(out_dir)!r}")
+    return out_dir
+
+
+def write_checkpoint_folder(
+    out_dir: Path,
+    checkpoint_dir: Path,
+    finetuned: FineTuned,
+    config: Config,
+    dtype: torch.dtype,
+    save_weights: Callable[[Path], None],
+    probe_max_abs_diff: Optional[float] = None,
+    replace: bool = False,
+    log=print,
+) -> Path:
+    """Write a standalone lit checkpoint folder for the weights of `finetuned` on the base `checkpoint_dir`:
+    `save_weights(path)` writes `lit_model.pth` (in `dtype`), and beside it go `model_config.yaml` (`config`), the
+    base's tokenizer files and `generation_config.json`, `prompt_style.yaml` (the style the run trained with, see
+    `trained_prompt_style`; else the base's; else none, with a warning) and `merge_info.yaml`.
+
+    The files are written as one set: a write stopped part way (Ctrl-C, a full disk) leaves an earlier checkpoint in
+    `out_dir` whole, never its weights beside this one's config. With `replace`, the folder itself is replaced
+    (`_replacing_folder`): nothing of an earlier checkpoint there is left over, and the files this one does not
+    write (an `eval/` folder of results) are kept."""
+    if replace:
+        with _replacing_folder(out_dir) as tmp_dir:
+            write_checkpoint_folder(tmp_dir, checkpoint_dir, finetuned, config, dtype, save_weights,
+                                    probe_max_abs_diff, log=_naming(tmp_dir, out_dir, log))
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     style, unknown = trained_prompt_style(finetuned)
     if style is None:
@@ -609,11 +644,11 @@ def merge_checkpoint(
             fallback = _fallback_style_name(checkpoint_dir)
             used = "its chat template" if fallback == "chat_template" else "the Alpaca format"
             used = f"no {PROMPT_STYLE_FILENAME}, so chat and generate will prompt it with {used}"
-        log(f"warning: {unknown}: the merged checkpoint gets {used}; if that is not the format it was trained with, "
+        log(f"warning: {unknown}: the checkpoint folder gets {used}; if that is not the format it was trained with, "
             f"write the right one into {str(out_dir / PROMPT_STYLE_FILENAME)!r} (e.g. prompt_style: alpaca).")
     info = {"source": str(finetuned.path.resolve()), "method": finetuned.method,
             "base_checkpoint_dir": str(checkpoint_dir.resolve()),
-            "dtype": str(_float_dtype(model)).removeprefix("torch."), "probe_max_abs_diff": max_diff}
+            "dtype": str(dtype).removeprefix("torch."), "probe_max_abs_diff": probe_max_abs_diff}
     texts = {CONFIG_FILENAME: config.to_yaml(), MERGE_INFO_FILENAME: yaml.safe_dump(info, sort_keys=False)}
     if style is not None:
         texts[PROMPT_STYLE_FILENAME] = prompt_style_text(style)
@@ -623,7 +658,7 @@ def merge_checkpoint(
     # whole, never its weights beside this one's config, prompt format and merge_info.yaml
     with atomic_paths(*(out_dir / name for name in names)) as temps:
         tmp = dict(zip(names, temps))
-        torch.save(lit_state_dict(model), tmp[WEIGHTS_FILENAME])
+        save_weights(tmp[WEIGHTS_FILENAME])
         for name, text in texts.items():
             tmp[name].write_text(text, encoding="utf-8")
         for name in copies:
@@ -631,8 +666,63 @@ def merge_checkpoint(
     # what an earlier merge into this folder, from another base, may have left
     for name in set(TOKENIZER_FILENAMES) - set(copies) | ({PROMPT_STYLE_FILENAME} if style is None else set()):
         (out_dir / name).unlink(missing_ok=True)
-    log(f"Merged {description} into {str(checkpoint_dir)!r}; wrote {str(out_dir)!r}")
     return out_dir
+
+
+def _naming(tmp_dir: Path, out_dir: Path, log):
+    """`log`, with the temporary folder's path in a message replaced by the folder it becomes."""
+    return lambda text: log(text.replace(str(tmp_dir), str(out_dir)))
+
+
+# a folder being written (`.final.<random>.new`) and one being replaced (`.final.<random>.old`)
+_NEW_FOLDER, _OLD_FOLDER = ".new", ".old"
+
+
+@contextmanager
+def _replacing_folder(path: Path) -> Iterator[Path]:
+    """Yield a new, empty folder next to `path`; once the block succeeds it becomes `path`. An earlier folder there
+    is renamed aside, the new one renamed into its place, then what the new one does not hold (an `eval/` folder) is
+    moved over from the earlier one, which is deleted. A block that fails, or is stopped, leaves `path` as it was
+    and removes the new folder; the leftovers of a writer killed outright (SIGKILL) are cleared by the next write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
+        if leftover.is_dir() and leftover.name.endswith(_OLD_FOLDER):  # killed between the two renames, or after
+            if path.is_dir():
+                _finish_replacing(path, leftover)
+            else:
+                os.replace(leftover, path)
+        elif leftover.is_dir() and leftover.name.endswith(_NEW_FOLDER):
+            shutil.rmtree(leftover)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{str(path)!r} is a file, but the checkpoint folder goes there: move the file away.")
+    new = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_NEW_FOLDER, dir=path.parent))
+    os.chmod(new, 0o777 & ~_umask())  # mkdtemp makes it 0700; the folder should read as any other
+    try:
+        yield new
+        old = None
+        if path.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_OLD_FOLDER, dir=path.parent))
+            os.replace(path, old)  # (onto the empty folder just made: a rename cannot replace a folder that has files)
+        os.replace(new, path)
+        if old is not None:
+            _finish_replacing(path, old)
+    finally:
+        if new.exists():
+            shutil.rmtree(new, ignore_errors=True)
+
+
+def _finish_replacing(path: Path, old: Path) -> None:
+    """Move what the earlier folder `old` holds and the new `path` does not into `path`, then delete `old`."""
+    for entry in old.iterdir():
+        if not (path / entry.name).exists():
+            os.replace(entry, path / entry.name)
+    shutil.rmtree(old)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def read_config_description(finetuned: FineTuned) -> str:

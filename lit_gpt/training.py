@@ -53,6 +53,7 @@ from lit_gpt.utils import (
     check_output_dir,
     load_file,
     load_model_weights,
+    launched_as_another_rank,
     num_parameters,
     print_once,
     progress_bars_off,
@@ -334,23 +335,119 @@ def check_devices(devices: int, this_machine: bool = True) -> None:
         )
 
 
+# --logger_name: where the metrics go besides logs/metrics.csv, which every run writes (`MetricsCSV`)
+LOGGER_NAMES = ("tensorboard", "wandb", "csv")
+WANDB_DEFAULT_PROJECT = "lit-ether"  # when WANDB_PROJECT is not set
+# in the run's logs/: the id and project of its W&B run, which a resume continues
+WANDB_RUN_FILENAME = "wandb_run.yaml"
+
+
+def make_loggers(logger_name: str, out_dir: Path, purge_step: Optional[int] = None) -> list:
+    """Fabric's loggers for `--logger_name`: TensorBoard's event files in `out_dir/tensorboard/`, a Weights & Biases
+    run, or none (`csv`: logs/metrics.csv only). A run that starts logging past step 1 (`purge_step`, a resume)
+    continues the W&B run recorded in `out_dir/logs/wandb_run.yaml`; a new one starts another (project
+    `$WANDB_PROJECT`, else `lit-ether`; named after `out_dir`), recorded there when it first logs."""
+    if logger_name not in LOGGER_NAMES:
+        raise ValueError(f"--logger_name {logger_name!r}: choose {', '.join(LOGGER_NAMES[:-1])} or {LOGGER_NAMES[-1]}.")
+    if logger_name == "csv":
+        return []
+    if logger_name == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        try:
+            return [TensorBoardLogger(root_dir=out_dir, name="tensorboard", version="", purge_step=purge_step)]
+        except ModuleNotFoundError:  # tensorboard is in requirements.txt; a stripped install still trains
+            return []
+    try:
+        import wandb  # an optional dependency
+    except ImportError:
+        raise ValueError("--logger_name wandb needs the wandb package: pip install wandb.") from None
+    record = Path(out_dir) / "logs" / WANDB_RUN_FILENAME
+    run = _recorded_wandb_run(record) if purge_step is not None and purge_step > 1 else None
+    if run is None:  # a new W&B run: an id of our own, so that the run directory can record it
+        import secrets
+
+        run = {"id": secrets.token_hex(6), "project": os.environ.get("WANDB_PROJECT") or WANDB_DEFAULT_PROJECT}
+    return [_wandb_logger_class(wandb)(Path(out_dir), run, record)]
+
+
+def _recorded_wandb_run(path: Path) -> Optional[dict]:
+    """The W&B run (`id`, `project`) a run directory recorded, or None when it has none (it never logged to W&B)."""
+    if not path.is_file():
+        return None
+    run = read_yaml_file(path, ": delete it to log the resumed run to a new W&B run.")
+    if not (isinstance(run, dict) and isinstance(run.get("id"), str) and isinstance(run.get("project"), str)):
+        raise ValueError(f"{str(path)!r} does not hold a W&B run's id and project: delete it to log the resumed run "
+                         "to a new W&B run.")
+    return {"id": run["id"], "project": run["project"]}
+
+
+def _wandb_logger_class(wandb):
+    """Lightning's `WandbLogger`, defined on first use (importing Lightning takes seconds), that records its run in
+    the run directory, takes the run's hyperparameters.yaml as the W&B config and finishes the W&B run at the end.
+    Like Lightning's loggers it logs on rank 0 only; each step is logged as `trainer/global_step`, W&B's x-axis."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.loggers import WandbLogger
+
+    class RunWandbLogger(WandbLogger):
+        def __init__(self, out_dir: Path, run: dict, record: Path) -> None:
+            # the W&B files go into the run directory unless WANDB_DIR says otherwise
+            super().__init__(name=out_dir.name, project=run["project"], id=run["id"],
+                             save_dir=os.environ.get("WANDB_DIR") or out_dir)
+            self._wandb_init.pop("anonymous", None)  # (wandb warns that the setting has no effect)
+            self._out_dir, self._run, self._record = out_dir, run, record
+
+        @property
+        def experiment(self):
+            started = self._experiment is not None
+            try:
+                experiment = WandbLogger.experiment.fget(self)
+            except wandb.errors.Error as e:  # not logged in, no connection, ...
+                why = " ".join(str(e).split()).rstrip(".")
+                raise ValueError(f"--logger_name wandb could not start the W&B run ({why}): fix that, or set "
+                                 "WANDB_MODE=offline and upload the run later with `wandb sync`.") from None
+            if not started and rank_zero_only.rank == 0:
+                self._started(experiment)
+            return experiment
+
+        def _started(self, experiment) -> None:
+            try:
+                atomic_write_text(self._record, yaml.safe_dump(self._run, sort_keys=False))
+            except OSError as e:  # the run goes on; only a resume would start another W&B run
+                print(f"warning: could not write {self._record} ({e.strerror or e}): a resume of this run will log "
+                      "to a new W&B run.", file=sys.stderr)
+            hparams = self._out_dir / HPARAMS_FILENAME
+            try:
+                config = yaml.safe_load(hparams.read_text(encoding="utf-8"))
+            except (OSError, ValueError, yaml.YAMLError):  # (written just before training starts)
+                config = None
+            if isinstance(config, dict):  # a resume's flags may differ from the run's first ones
+                experiment.config.update(config, allow_val_change=True)
+
+        @rank_zero_only
+        def finalize(self, status: str) -> None:
+            super().finalize(status)
+            if self._experiment is not None:  # (Lightning's logger leaves the W&B run open until the process exits)
+                if status == "stopped":  # a signal stopped the run: `--resume auto` goes on with it
+                    self._experiment.mark_preempting()
+                self._experiment.finish(exit_code=0 if status == "success" else 1)
+                self._experiment = None
+
+    return RunWandbLogger
+
+
 def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, activation_checkpointing: bool, *,
                  purge_step: Optional[int] = None, adapter_config: Optional[Any] = None,
-                 adapter_float32: bool = False):
+                 adapter_float32: bool = False, logger_name: str = "tensorboard"):
     """A Fabric for one device, or FSDP2 (`fully_shard` per block) through `ModelParallelStrategy` for several.
 
     `purge_step`: the first step this run logs; TensorBoard hides what older event files in `out_dir` hold from that
     step on (a resumed run redoes those steps, a new run in the same directory starts over). `adapter_config`: the
-    run's adapter, if any, and `adapter_float32` the flag (`fabric_precision`)."""
+    run's adapter, if any, and `adapter_float32` the flag (`fabric_precision`). `logger_name`: `make_loggers`."""
     import lightning as L
-    from lightning.fabric.loggers import TensorBoardLogger
 
     # logs/metrics.csv is written by MetricsCSV (flushed per row, kept on --resume), not by Lightning's CSVLogger
-    loggers = []
-    try:
-        loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard", version="", purge_step=purge_step))
-    except ModuleNotFoundError:  # tensorboard is in requirements.txt; a stripped install still trains
-        pass
+    loggers = make_loggers(logger_name, out_dir, purge_step)
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     if devices * num_nodes > 1:
         from lightning.fabric.strategies import ModelParallelStrategy
@@ -446,8 +543,9 @@ def checkpoint_steps(out_dir: Path) -> dict[int, Path]:
 
 def set_aside_later_branch(out_dir: Path, step: int) -> Optional[Path]:
     """Resuming step `step` of a run that went further (a branch: new flags from an earlier checkpoint) moves the
-    later checkpoints, the final file and the metrics into `superseded/<time>/`, so that neither `--resume auto` nor
-    a reader takes them for this branch's; nothing is deleted. Returns that folder (None: nothing was later)."""
+    later checkpoints, the final file, the model folders made from it (`final/`, `merged/`) and the metrics into
+    `superseded/<time>/`, so that neither `--resume auto` nor a reader takes them for this branch's; nothing is
+    deleted. Returns that folder (None: nothing was later)."""
     later = [p for s, p in sorted(checkpoint_steps(out_dir).items()) if s > step]
     if not later:
         return None
@@ -457,6 +555,9 @@ def set_aside_later_branch(out_dir: Path, step: int) -> Optional[Path]:
         os.replace(p, dest / "checkpoints" / p.name)
     for name in FINAL_FILENAMES:
         if (out_dir / name).is_file():
+            os.replace(out_dir / name, dest / name)
+    for name in RUN_FOLDERS:  # the model folders made from that final file
+        if (out_dir / name).is_dir():
             os.replace(out_dir / name, dest / name)
     for path in (out_dir / "logs" / METRICS_FILENAME, out_dir / HPARAMS_FILENAME):
         if path.is_file():
@@ -1172,6 +1273,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         method=method, adapter_config=adapter_config, io=args["io"], train=args["train"], eval=args["eval"],
         precision=args["precision"], devices=args["devices"], num_nodes=args["num_nodes"], seed=args["seed"],
         resume=args["resume"], cli_args=cli_args, adapter_float32=args.get("adapter_float32", False),
+        logger_name=args.get("logger_name", "tensorboard"),
     )
 
 
@@ -1198,6 +1300,7 @@ def finetune(
     resume: str | bool,
     cli_args: dict,
     adapter_float32: bool = False,
+    logger_name: str = "tensorboard",
 ) -> Path:
     """Fine-tune the checkpoint in `io.checkpoint_dir` with `adapter_config` (None: every weight); returns the run
     directory."""
@@ -1254,6 +1357,9 @@ def finetune(
         if saved["step"] >= steps and final.is_file():
             print_once(f"The run in {out_dir} already finished: {ckpt.name} is at step {saved['step']} of {steps} and "
                   f"{final.name} exists, so there is nothing to train (raise --train.max_steps to train on).")
+            if not launched_as_another_rank():  # what the finished run lacks: final/, or the --merge asked for now
+                finish_finished_run(out_dir, final, io.checkpoint_dir, adapter_config is not None,
+                                    bool(cli_args.get("merge")))
             return out_dir
         if saved["step"] > steps:
             raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
@@ -1271,7 +1377,7 @@ def finetune(
     # event files hold from there on (metrics.csv keeps the same rows: `MetricsCSV`)
     fabric = build_fabric(devices, num_nodes, precision, out_dir, train.activation_checkpointing,
                           purge_step=start_step + 1, adapter_config=adapter_config,
-                          adapter_float32=adapter_float32)
+                          adapter_float32=adapter_float32, logger_name=logger_name)
     launch(fabric)
     fabric.seed_everything(seed)
 
@@ -1370,7 +1476,7 @@ def finetune(
                 logs["csv"].log(metrics, step)
             except OSError as e:  # a full disk: the run goes on (a checkpoint it cannot write stops it, in one line)
                 fabric.print(f"warning: could not write {logs['csv'].path} ({e.strerror or e}): it stops at the rows "
-                             f"before step {step}; TensorBoard's logs and the checkpoints go on.")
+                             f"before step {step}; the other logs (--logger_name) and the checkpoints go on.")
                 logs["csv"] = None
 
     def save_checkpoint(step: int, data_state: dict, validated: bool) -> Path:
@@ -1424,6 +1530,13 @@ def finetune(
                                                              prompt_style=hparams.get("prompt_style"))
                         if adapter_config is not None else atomic_save(msd, final), state["last_good"])
         fabric.print(f"Saved {final}")
+        if adapter_config is None:  # full fine-tuning: the model folder chat, generate and eval take as it is
+            folder = out_dir / FINAL_DIRNAME
+            write_on_rank_0(fabric, folder, lambda: write_final_folder(out_dir, final, io.checkpoint_dir,
+                                                                       log=fabric.print), state["last_good"])
+    # outside the stop request: Ctrl-C stops a long merge at once (its files are written as one set)
+    if adapter_config is not None and cli_args.get("merge") and fabric.global_rank == 0:
+        merge_after_training(out_dir, final, log=fabric.print)
     return out_dir
 
 
@@ -1727,3 +1840,86 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- after training
+FINAL_DIRNAME = "final"  # a full fine-tuning run's model folder (litgpt's finetune_full writes the same)
+MERGED_DIRNAME = "merged"  # an adapter run's merged model: `--merge true`, and scripts/merge_*.py by default
+RUN_FOLDERS = (FINAL_DIRNAME, MERGED_DIRNAME)
+
+
+def write_final_folder(out_dir: Path, final: Path, checkpoint_dir: Path, log=print) -> Path:
+    """`<out_dir>/final/`, the model folder of a full fine-tuning run: its weights `final` (lit_model_finetuned.pth)
+    with the base's config and tokenizer files and the prompt style the run trained with, by the merge's folder
+    writer (`write_checkpoint_folder`), into a new folder that then replaces an earlier one (`replace=True`): a write
+    that stops part way leaves no half folder, and an earlier `final/` whole.
+
+    Its `lit_model.pth` is a hard link to `final`, not a copy, so the weights take their disk space once (13 GB for
+    a 7B model in bfloat16) while `lit_model_finetuned.pth` stays what --adapter_path, --resume and the hints read;
+    both hold the weights as trained (the training dtype). Where the file system has no hard links, it is a copy."""
+    from lit_gpt.merge import read_finetuned, write_checkpoint_folder
+
+    final, checkpoint_dir = Path(final), Path(checkpoint_dir)
+    finetuned = read_finetuned(final)  # memory-mapped: its dtype, and the run's hyperparameters for the prompt style
+    dtype = next((v.dtype for v in finetuned.payload.values() if v.is_floating_point()), torch.float32)
+    folder = out_dir / FINAL_DIRNAME
+
+    how = [f"its lit_model.pth is {final.name}, hard-linked: no extra disk space"]
+
+    def link(path: Path) -> None:
+        path.unlink()
+        try:
+            os.link(final, path)
+        except OSError as e:  # a file system without hard links
+            shutil.copyfile(final, path)
+            how[0] = f"its lit_model.pth is a copy of {final.name}, as it could not be hard-linked ({e.strerror or e})"
+
+    write_checkpoint_folder(folder, checkpoint_dir, finetuned, Config.from_checkpoint(checkpoint_dir), dtype, link,
+                            replace=True, log=log)
+    log(f"Saved the model folder {folder} ({how[0]}); chat with it: python chat/base.py --checkpoint_dir {folder}")
+    return folder
+
+
+def merge_after_training(out_dir: Path, final: Path, log=print) -> Path:
+    """`--merge true`: fold the run's final adapter file into its base model, into `<out_dir>/merged/`, as
+    `python scripts/merge_ether.py --adapter_path FINAL` (or merge_lora.py) would afterwards."""
+    from lit_gpt.merge import merge_checkpoint
+
+    merged = out_dir / MERGED_DIRNAME
+    script = "merge_lora.py" if "lora" in final.name else "merge_ether.py"
+    try:
+        merge_checkpoint(final, out_dir=merged, log=log)
+    except OSError as e:  # a full disk: the run itself is done
+        raise RunWriteError(f"Could not write the merged model {merged} ({e.strerror or e}); the adapter {final} is "
+                            f"saved: once there is space, merge it with `python scripts/{script} --adapter_path "
+                            f"{final}`.") from None
+    log(f"Chat with the merged model: python chat/base.py --checkpoint_dir {merged}")
+    return merged
+
+
+def finish_finished_run(out_dir: Path, final: Path, checkpoint_dir: Path, adapter: bool, merge: bool,
+                        log=print) -> None:
+    """A resume of a finished run writes what the run lacks: a full run's `final/` (from before there was one), or
+    the merged model `--merge true` asks for now, unless `merged/` already holds a merge of `final` as it is."""
+    if not adapter:
+        if not (out_dir / FINAL_DIRNAME / "lit_model.pth").is_file():
+            write_final_folder(out_dir, final, checkpoint_dir, log=log)
+        return
+    if merge and not _merged_from(out_dir / MERGED_DIRNAME, final):
+        merge_after_training(out_dir, final, log=log)
+    elif merge:
+        log(f"{out_dir / MERGED_DIRNAME} already holds the merge of {final.name}.")
+
+
+def _merged_from(folder: Path, final: Path) -> bool:
+    """Whether the checkpoint folder `folder` is a merge of the file `final` as it is now (written after it)."""
+    from lit_gpt.merge import MERGE_INFO_FILENAME
+
+    weights = folder / "lit_model.pth"
+    try:
+        info = yaml.safe_load((folder / MERGE_INFO_FILENAME).read_text(encoding="utf-8"))
+        source = Path(info["source"])
+        return (source.resolve() == final.resolve() and weights.is_file()
+                and weights.stat().st_mtime >= final.stat().st_mtime)
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return False

@@ -260,9 +260,20 @@ def run_adapter_file(run: Path | str) -> str:
     return str(found[0]) if found else str(Path(run) / "lit_model_<method>_finetuned.pth")
 
 
+def run_model_folder(run: Path | str) -> Optional[Path]:
+    """The model folder a fine-tuning run holds, which loads as a checkpoint: `final/` (a full fine-tuning run's)
+    or `merged/` (an adapter run's, written by `--merge true` or scripts/merge_*.py); None when it has neither."""
+    for name in ("final", "merged"):
+        folder = Path(run) / name
+        if (folder / WEIGHTS_FILENAME).is_file():
+            return folder
+    return None
+
+
 def finetuning_run_hint(directory: Path | str) -> Optional[str]:
     """When `directory` is a fine-tuning run (finetune/'s output: `hyperparameters.yaml`, `lit_model_*finetuned.pth`)
-    rather than a model, the sentence (without a final period) saying how to use it; otherwise None."""
+    rather than a model, the sentence (without a final period) saying how to use it: pass its model folder
+    (`run_model_folder`) when it has one; otherwise None."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
@@ -270,6 +281,9 @@ def finetuning_run_hint(directory: Path | str) -> Optional[str]:
     hparams = directory / HPARAMS_FILENAME
     if not found and not hparams.is_file():
         return None
+    folder = run_model_folder(directory)
+    if folder is not None:
+        return f"{str(directory)!r} is a fine-tuning run, not a model: pass its model folder, {str(folder)!r}, instead"
     adapter = str(found[0]) if found else str(directory / "lit_model_<method>_finetuned.pth")
     base = "<base model>"
     try:

@@ -26,6 +26,7 @@ from lit_gpt.utils import (  # noqa: E402
     finetuning_run_hint,
     resolve_device,
     run_adapter_file,
+    run_model_folder,
 )
 
 RUN_CONFIG_FIX = ("generate with the run's adapter unmerged, --checkpoint_dir {base} --adapter_path {adapter}, or "
@@ -35,8 +36,12 @@ RUN_CONFIG_FIX = ("generate with the run's adapter unmerged, --checkpoint_dir {b
 
 def check_model_dir(checkpoint_dir: Path) -> None:
     """`check_checkpoint_dir`, with a fine-tuning run's folder given as --checkpoint_dir refused in words that fit
-    this script: pass its adapter file as --adapter_path, or merge it first."""
+    this script: pass its model folder (final/, merged/), or its adapter file as --adapter_path, or merge it first."""
     if not (checkpoint_dir / WEIGHTS_FILENAME).is_file() and finetuning_run_hint(checkpoint_dir) is not None:
+        folder = run_model_folder(checkpoint_dir)
+        if folder is not None:
+            raise ValueError(f"{str(checkpoint_dir)!r} is a fine-tuning run, not a model: pass its model folder, "
+                             f"--checkpoint_dir {folder}.")
         adapter = run_adapter_file(checkpoint_dir)
         merge = "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
         raise ValueError(

@@ -258,8 +258,7 @@ LORA_ERRORS = [  # PEFT's names of LoRA's settings
     # PEFT's target_modules: the script's own --*_targets
     (["--target_modules", "all-linear"], "unrecognized arguments: --target_modules all-linear; did you mean "
                                          "--lora_targets?"),
-    (["--logger_name", "wandb"], "unrecognized arguments: --logger_name wandb; every run writes logs/metrics.csv and "
-                                 "tensorboard/ in its run directory; there is no other logger"),
+    (["--logger", "wandb"], "unrecognized arguments: --logger wandb; did you mean --logger_name?"),
     (["--bf16", "true"], "unrecognized arguments: --bf16 true; did you mean --precision?"),
     (["--data.json_path", "d.json"], "unrecognized arguments: --data.json_path d.json; the data is prepared first "
                                      "with a scripts/prepare_*.py script, whose folder is --io.train_data_dir"),
@@ -422,4 +421,4 @@ def test_a_litgpt_finetune_config_gets_every_change_it_needs_in_one_sentence(tmp
         f"error: --config {str(config)!r} is a litgpt config (litgpt.data.JSON): prepare its data with `python "
         "scripts/prepare_json.py --json_path data.json --checkpoint_dir checkpoints/org/model` and pass the folder it "
         "writes as io.train_data_dir; move checkpoint_dir and out_dir under io: (io.checkpoint_dir, io.out_dir); "
-        "delete quantize, logger_name, train.max_tokens (no setting here; see --help).\n")
+        "delete quantize, train.max_tokens (no setting here; see --help).\n")

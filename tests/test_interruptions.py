@@ -457,7 +457,7 @@ def test_a_metrics_row_that_cannot_be_written_costs_the_csv_not_the_run(tiny_ckp
     setup_ether(tiny_ckpt / "data", run, ckpt=tiny_ckpt, train=TRAIN)
     out = capsys.readouterr().out
     warning = (f"warning: could not write {run / 'logs' / 'metrics.csv'} (No space left on device): it stops at the "
-               "rows before step 3; TensorBoard's logs and the checkpoints go on.")
+               "rows before step 3; the other logs (--logger_name) and the checkpoints go on.")
     assert out.count(warning) == 1
     assert [int(r["step"]) for r in csv_rows(run)] == [1, 2]
     assert (run / "lit_model_ether_finetuned.pth").is_file()
