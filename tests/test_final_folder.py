@@ -23,6 +23,7 @@ from lit_gpt.generate import generate
 from lit_gpt.merge import load_finetuned, merge_checkpoint
 from lit_gpt.training import write_final_folder
 from lit_gpt.utils import check_checkpoint_dir, load_file
+from test_after_training import load_script
 from test_training import REPO, run_cli, tiny_ckpt  # noqa: F401 (tiny_ckpt is a fixture)
 
 FINETUNED = "lit_model_finetuned.pth"
@@ -61,14 +62,6 @@ def copy_of(run: Path, dest: Path, base: Path) -> Path:
     shutil.copytree(run, dest)
     write_final_folder(dest, dest / FINETUNED, base, log=lambda s: None)
     return dest
-
-
-def load_script(relative: str):
-    path = REPO / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def leftovers(run: Path) -> list[str]:
