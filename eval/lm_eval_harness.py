@@ -31,7 +31,7 @@ def main(
     batch_size: int = 16,
     include_path: Optional[Path] = None,
     metadata: Optional[dict[str, Any]] = None,
-    save_filepath: Union[bool, Path, None] = None,
+    save_filepath: Union[bool, str, None] = None,
     precision: Optional[Precision] = None,
     device: Optional[str] = None,
     seed: int = 1234,
@@ -111,10 +111,8 @@ def main(
         raise ValueError(f"--num_fewshot must be 0 or more, got {num_fewshot}.")
     # found now, not after hours of evaluation
     results_dir = None  # the default folder, where a new file is named at the end
-    if isinstance(save_filepath, str):  # (from Python)
-        save_filepath = Path(save_filepath)
-    if isinstance(save_filepath, Path):
-        check_output_file(save_filepath, "--save_filepath", example="results.json")
+    if isinstance(save_filepath, (str, Path)):  # (a str keeps the `/` that says `new/folder/` is a folder)
+        save_filepath = check_output_file(save_filepath, "--save_filepath", example="results.json")
     elif save_filepath is False:
         if log_samples:
             raise ValueError("--log_samples writes its files next to the results JSON, which --save_filepath false "

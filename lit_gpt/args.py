@@ -48,7 +48,9 @@ class TrainArgs:
     """Optimizer steps of linear warm-up to `learning_rate`."""
     lr_warmup_fraction: Optional[float] = None
     """The warm-up as a fraction of an epoch's optimizer steps instead (litgpt's lr_warmup_fraction; HF's
-    warmup_ratio, a fraction of the whole run, is warmup_ratio × epochs here): replaces `lr_warmup_steps`."""
+    warmup_ratio, a fraction of the whole run, is warmup_ratio × epochs here): replaces `lr_warmup_steps` (a config
+    file's; the two given on the command line are refused, and `--train.lr_warmup_steps` on `--resume` replaces the
+    run's fraction)."""
     min_lr: float = 0.0
     """The learning rate the cosine schedule ends at."""
     weight_decay: float = 0.0

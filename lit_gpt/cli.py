@@ -431,6 +431,10 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
     import yaml
 
     out = list(args)
+    steps, fraction = _given_value(out, "--train.lr_warmup_steps"), _given_value(out, "--train.lr_warmup_fraction")
+    if steps is not None and fraction not in (None, "null", "None"):  # (a config file's steps: the fraction wins)
+        raise RunConfigError(f"--train.lr_warmup_steps {steps} and --train.lr_warmup_fraction {fraction} both set the "
+                             "warm-up: pass one of the two.")
     for index, path, prefix in config_values(out):
         hparams = _read_run_hparams(path, fn)
         if hparams is not None:
@@ -446,6 +450,8 @@ def run_config_args(args: list[str], fn: Callable[..., Any], script: str) -> lis
             flags["io"].pop("out_dir", None)
         for machine in ("devices", "num_nodes"):  # what the job has now (a resume may have fewer GPUs), not then
             flags.pop(machine, None)
+        if steps is not None and isinstance(flags.get("train"), dict):  # the warm-up given here replaces the run's
+            flags["train"]["lr_warmup_fraction"] = None
         print(f"note: --resume: the run's flags come from {resumed!r}; flags given here override them.",
               file=sys.stderr)
         out = ["--config", yaml.safe_dump(flags, sort_keys=False), *out]

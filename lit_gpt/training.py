@@ -54,6 +54,7 @@ from lit_gpt.utils import (
     load_file,
     load_model_weights,
     launched_as_another_rank,
+    merged_from,
     num_parameters,
     print_once,
     progress_bars_off,
@@ -1193,7 +1194,7 @@ def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
     if not names:
         raise ValueError(f"{flag} names no layer: pass {ALL_LINEAR} or some of {', '.join(GPT_TARGETS)} (e.g. "
                          f"{flag} query,value).")
-    chosen = set()
+    chosen, mlp_names = set(), set()
     for name in names:
         ours = name.lower()
         if ours == ALL_LINEAR:
@@ -1202,11 +1203,23 @@ def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
             chosen.add(ours)
         elif ours in HF_TARGET_NAMES:  # PEFT's target_modules names, e.g. q_proj
             chosen.update(t.strip() for t in HF_TARGET_NAMES[ours].replace(" and ", ",").split(","))
+            if HF_TARGET_NAMES[ours] == "mlp":
+                mlp_names.add(ours)
         else:
             raise ValueError(f"{flag}: {name!r} is not a layer name here: pass {ALL_LINEAR} or some of "
                              f"{', '.join(GPT_TARGETS)} (transformers' q_proj, k_proj, v_proj, o_proj, gate_proj, "
                              "up_proj, down_proj and lm_head are taken too).")
+    if mlp_names and not any(family <= mlp_names for family in _HF_MLP_LAYERS):
+        family = next((f for f in _HF_MLP_LAYERS if mlp_names & f), sorted(mlp_names))
+        layers = [n for n in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h")
+                  if n in family] or ["c_fc", "c_proj"]  # (GPT-2's)
+        raise ValueError(f"{flag}: {', '.join(sorted(mlp_names))} is only part of the MLP here, whose target, mlp, "
+                         f"adapts all of its linear layers ({', '.join(layers)}): pass mlp (or all of them).")
     return [t for t in GPT_TARGETS if t in chosen]
+
+
+# transformers' names of one MLP's linear layers (GPT-2's c_fc/c_proj: the mlp target, c_proj also naming attention's)
+_HF_MLP_LAYERS = ({"gate_proj", "up_proj", "down_proj"}, {"fc1", "fc2"}, {"dense_h_to_4h", "dense_4h_to_h"})
 
 
 def targets_from_flags(prefix: str, targets: Optional[Union[str, Sequence[str]]] = None,
@@ -1537,6 +1550,12 @@ def finetune(
     # outside the stop request: Ctrl-C stops a long merge at once (its files are written as one set)
     if adapter_config is not None and cli_args.get("merge") and fabric.global_rank == 0:
         merge_after_training(out_dir, final, log=fabric.print)
+    elif (adapter_config is not None and (out_dir / MERGED_DIRNAME).is_dir()
+          and not merged_from(out_dir / MERGED_DIRNAME, final)):  # a merge of an earlier final file: say so
+        script = "merge_lora.py" if "lora" in final.name else "merge_ether.py"
+        print_once(f"warning: {out_dir / MERGED_DIRNAME} holds a merge of the run's earlier {final.name}, not of this "
+                   f"one: merge again (--resume auto --merge true, or python scripts/{script} --adapter_path "
+                   f"{final}).", file=sys.stderr)
     return out_dir
 
 
@@ -1905,21 +1924,7 @@ def finish_finished_run(out_dir: Path, final: Path, checkpoint_dir: Path, adapte
         if not (out_dir / FINAL_DIRNAME / "lit_model.pth").is_file():
             write_final_folder(out_dir, final, checkpoint_dir, log=log)
         return
-    if merge and not _merged_from(out_dir / MERGED_DIRNAME, final):
+    if merge and not merged_from(out_dir / MERGED_DIRNAME, final):
         merge_after_training(out_dir, final, log=log)
     elif merge:
         log(f"{out_dir / MERGED_DIRNAME} already holds the merge of {final.name}.")
-
-
-def _merged_from(folder: Path, final: Path) -> bool:
-    """Whether the checkpoint folder `folder` is a merge of the file `final` as it is now (written after it)."""
-    from lit_gpt.merge import MERGE_INFO_FILENAME
-
-    weights = folder / "lit_model.pth"
-    try:
-        info = yaml.safe_load((folder / MERGE_INFO_FILENAME).read_text(encoding="utf-8"))
-        source = Path(info["source"])
-        return (source.resolve() == final.resolve() and weights.is_file()
-                and weights.stat().st_mtime >= final.stat().st_mtime)
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
-        return False

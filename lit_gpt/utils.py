@@ -260,13 +260,32 @@ def run_adapter_file(run: Path | str) -> str:
     return str(found[0]) if found else str(Path(run) / "lit_model_<method>_finetuned.pth")
 
 
+def merged_from(folder: Path | str, final: Path | str) -> bool:
+    """Whether the checkpoint folder `folder` is a merge of the file `final` as it is now: its merge_info.yaml
+    names `final`, and its weights were written after it (a resumed run rewrites `final`, not the merge)."""
+    import yaml
+
+    folder, final = Path(folder), Path(final)
+    weights = folder / WEIGHTS_FILENAME
+    try:
+        info = yaml.safe_load((folder / "merge_info.yaml").read_text(encoding="utf-8"))
+        source = Path(info["source"])
+        return (source.resolve() == final.resolve() and weights.is_file()
+                and weights.stat().st_mtime >= final.stat().st_mtime)
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return False
+
+
 def run_model_folder(run: Path | str) -> Optional[Path]:
     """The model folder a fine-tuning run holds, which loads as a checkpoint: `final/` (a full fine-tuning run's)
-    or `merged/` (an adapter run's, written by `--merge true` or scripts/merge_*.py); None when it has neither."""
-    for name in ("final", "merged"):
-        folder = Path(run) / name
-        if (folder / WEIGHTS_FILENAME).is_file():
-            return folder
+    or `merged/` (an adapter run's, written by `--merge true` or scripts/merge_*.py) when it is a merge of the run's
+    final adapter file as it is now; None when it has neither."""
+    run = Path(run)
+    if (run / "final" / WEIGHTS_FILENAME).is_file():
+        return run / "final"
+    adapters = sorted(run.glob("lit_model_*_finetuned.pth"))
+    if adapters and merged_from(run / "merged", adapters[0]):
+        return run / "merged"
     return None
 
 
@@ -443,8 +462,9 @@ def print_once(*args: Any, **kwargs: Any) -> None:
 def check_output_file(path: Path | str, flag: str, example: str = "results.json") -> Path:
     """Fail early, in one sentence naming `flag`, when the file it names could not be written at the end of the
     work: it is a folder, a folder above it is a file, or the nearest existing folder above it is not writable."""
+    is_folder = Path(path).is_dir() or str(path).endswith(("/", os.sep))  # (`new/folder/`: a folder to be)
     path = Path(path)
-    if path.is_dir():
+    if is_folder:
         raise ValueError(f"{flag} {str(path)!r} is a folder; give a file name such as {str(path / example)!r}.")
     for p in path.parents:
         if not p.exists():

@@ -214,6 +214,13 @@ def test_unwritable_save_filepath_fails_before_tasks_and_model(tmp_path, capsys,
                    "file, not a folder; pass a path inside a folder (missing folders are created).\n")
     with pytest.raises(ValueError, match=r"--save_filepath .* is a folder; give a file name such as"):
         harness.main(checkpoint_dir=tmp_path / "missing", eval_tasks="quickstart", save_filepath=tmp_path)
+    # a folder still to be made, said by its trailing `/`, is one too (not a file named `folder`)
+    with pytest.raises(SystemExit):
+        run_cli(harness.main, args=["--checkpoint_dir", str(tmp_path / "missing"), "--eval_tasks", "quickstart",
+                                    "--save_filepath", f"{tmp_path / 'new' / 'folder'}/"])
+    assert capsys.readouterr().err == (f"error: --save_filepath {str(tmp_path / 'new' / 'folder')!r} is a folder; "
+                                       "give a file name such as "
+                                       f"{str(tmp_path / 'new' / 'folder' / 'results.json')!r}.\n")
     with pytest.raises(ValueError, match=r"--num_fewshot must be 0 or more, got -1\."):
         harness.main(checkpoint_dir=tmp_path / "missing", eval_tasks="quickstart", num_fewshot=-1)
     hint = harness.lm_eval_flag_hint(["--checkpoint_dir", "x", "--tasks", "arc_easy"])

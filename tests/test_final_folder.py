@@ -248,3 +248,22 @@ def test_merge_true_with_resume_merges_a_finished_run_once(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already holds the merge" in r.stdout + r.stderr
     assert (run / "merged" / "lit_model.pth").stat().st_mtime_ns == stamp
+
+
+def test_a_merge_of_an_earlier_final_file_is_not_offered_as_the_run_s_model(tiny_ckpt, tmp_path, capsys):
+    """A run merged with --merge true, then trained on with --merge false (a resume with more steps, another rate):
+    merged/ holds the earlier adapter's merge. The run folder's hints no longer name it, and the run says so."""
+    from lit_gpt.utils import run_model_folder
+
+    run = tmp_path / "run"
+    train("ether", run, tiny_ckpt, steps=2, save_interval=1, ether_nb=4, merge=True)
+    assert run_model_folder(run) == run / "merged"
+    capsys.readouterr()
+    train("ether", run, tiny_ckpt, steps=3, save_interval=1, ether_nb=4, resume="auto")
+    err = capsys.readouterr().err
+    final = run / "lit_model_ether_finetuned.pth"
+    assert (f"warning: {run / 'merged'} holds a merge of the run's earlier {final.name}, not of this one: merge again "
+            f"(--resume auto --merge true, or python scripts/merge_ether.py --adapter_path {final}).") in err
+    assert run_model_folder(run) is None
+    with pytest.raises(ValueError, match="pass --adapter_path"):  # not the stale merged/
+        load_script("scripts/generate.py").check_model_dir(run)

@@ -601,3 +601,11 @@ def test_export_names_the_base_folder_its_message_asks_for(bases, tmp_path, caps
         in err, err
     with pytest.raises(ValueError, match=r"^--base_model_name_or_path '' names no model: pass a Hub id"):
         export_peft_adapter(adapter, folder, tmp_path / "peft3", base_model_name_or_path="")
+    # a local folder given relative to here is written absolute, so the adapter loads from any directory
+    for given in ("peft-base-hf", "./peft-base-hf"):
+        export_peft_adapter(adapter, folder, tmp_path / "peft4", base_model_name_or_path=given)
+        assert json.loads((tmp_path / "peft4" / "adapter_config.json").read_text())["base_model_name_or_path"] == hf
+    # and the default export, loaded onto the checkpoint it came from, is not taken for another base's adapter
+    capsys.readouterr()
+    load_finetuned(folder, tmp_path / "peft")
+    assert "warning" not in capsys.readouterr().err

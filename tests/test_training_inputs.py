@@ -691,7 +691,12 @@ def test_targets_flag_takes_names_all_linear_and_peft_names_and_refuses_a_contra
         "query", "key", "value", "projection", "mlp", "head"]
     # PEFT's names, commas, any order and case: the canonical order of our names
     assert targets_from_flags("ether", "mlp, V_PROJ,q_proj", **unset) == ["query", "value", "mlp"]
-    assert targets_from_flags("ether", ["gate_proj", "lm_head"], **unset) == ["mlp", "head"]
+    assert targets_from_flags("ether", ["gate_proj", "up_proj", "down_proj", "lm_head"], **unset) == ["mlp", "head"]
+    # one MLP layer is not a target here: mlp adapts all of them, which PEFT's gate_proj alone would not
+    with pytest.raises(ValueError, match=r"^--ether_targets: gate_proj, up_proj is only part of the MLP here, whose "
+                                         r"target, mlp, adapts all of its linear layers \(gate_proj, up_proj, "
+                                         r"down_proj\): pass mlp \(or all of them\)\.$"):
+        targets_from_flags("ether", "q_proj,up_proj,gate_proj", **unset)
     assert targets_from_flags("ether", "c_attn", **unset) == ["query", "key", "value"]
     # a layer flag that agrees (a config file's query/value true) is fine; one that contradicts is one sentence
     assert targets_from_flags("lora", "all-linear", **dict(unset, query=True, head=False)) == [
@@ -771,3 +776,35 @@ def test_a_run_warms_up_for_its_fraction_of_an_epoch(tiny_ckpt, tmp_path, capsys
     schedule = lr_lambda(warmup_steps=warmup, max_steps=4, min_ratio=0.0)
     assert [float(r["lr"]) for r in rows] == pytest.approx([1e-2 * schedule(i) for i in range(4)])
     assert yaml.safe_load((out / "hyperparameters.yaml").read_text())["train"]["lr_warmup_fraction"] == fraction
+
+
+def test_warm_up_steps_and_fraction_together_are_refused_and_steps_on_resume_replace_the_fraction(tiny_ckpt,
+                                                                                                 tmp_path, capsys,
+                                                                                                 monkeypatch):
+    import ether
+
+    from lit_gpt.cli import run_cli as run_in_process
+
+    monkeypatch.delenv("LIT_GPT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_in_process(ether.setup, args=["--io.train_data_dir", str(tiny_ckpt / "data"), "--dry_run", "true",
+                                          "--train.lr_warmup_steps", "5", "--train.lr_warmup_fraction", "0.1"],
+                       finetune_script="finetune/ether.py")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --train.lr_warmup_steps 5 and --train.lr_warmup_fraction 0.1 both set "
+                                       "the warm-up: pass one of the two.\n")
+    # a run warmed up by a fraction, resumed with --train.lr_warmup_steps: the steps given now are the warm-up
+    run = tmp_path / "run"
+    common = ["--io.train_data_dir", str(tiny_ckpt / "data"), "--io.out_dir", str(run), "--ether_nb", "4",
+              "--precision", "32-true", "--eval.interval", "0", "--eval.max_iters", "1", "--eval.final_validation",
+              "false", "--train.global_batch_size", "1", "--train.save_interval", "1"]
+    run_in_process(ether.setup, args=[*common, "--train.max_steps", "2", "--train.lr_warmup_fraction", "1.0"],
+                   finetune_script="finetune/ether.py")
+    run_in_process(ether.setup, args=["--resume", "auto", "--io.out_dir", str(run), "--train.max_steps", "4",
+                                      "--train.lr_warmup_steps", "0"], finetune_script="finetune/ether.py")
+    assert "--train.lr_warmup_fraction 1.0 -> None" in capsys.readouterr().out
+    rows = [r for r in csv_rows(run) if r["loss"]]
+    from lit_gpt.training import lr_lambda
+
+    schedule = lr_lambda(warmup_steps=0, max_steps=4, min_ratio=0.0)  # no warm-up from step 3 on
+    assert [float(r["lr"]) for r in rows[2:]] == pytest.approx([1e-3 * schedule(i) for i in (2, 3)])

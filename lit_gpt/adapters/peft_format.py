@@ -429,6 +429,11 @@ def base_export_dir(output_dir: Union[str, Path]) -> Path:
     return out.parent / f"{out.name}{BASE_EXPORT_SUFFIX}"
 
 
+def _local_path(name: str) -> bool:
+    """Whether a base_model_name_or_path names a local folder rather than a Hub id (`org/name`)."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[str, Path],
                         output_dir: Union[str, Path], base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the adapter file `adapter_path` (`.pth` or `.safetensors`, as `save_adapters` writes it) as a PEFT
@@ -490,6 +495,8 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     _note_dropped_dropout(finetuned.payload["adapter_config"], method, where)
     # a name AutoPeftModelForCausalLM can load the base from, never null: the Hub id, else the export's folder
+    if base_model_name_or_path and _local_path(base_model_name_or_path):  # absolute: it loads from any directory
+        base_model_name_or_path = os.path.abspath(os.path.expanduser(base_model_name_or_path))
     peft_config["base_model_name_or_path"] = (base_model_name_or_path or _base_model_name(config)
                                               or str(base_export_dir(output_dir)))
     from safetensors.torch import save_file
@@ -1043,7 +1050,8 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
     if slices:  # the targets above are built to place every slice: a bug, not the user's file
         raise RuntimeError(f"peft_adapter_payload: targets {targets} left {sorted(slices)[:2]} unplaced.")
     peft_base = cfg.get("base_model_name_or_path")
-    if isinstance(peft_base, str) and peft_base and config.name and \
+    exported = isinstance(peft_base, str) and peft_base.rstrip("/").endswith(BASE_EXPORT_SUFFIX)  # our export's base
+    if isinstance(peft_base, str) and peft_base and config.name and not exported and \
             peft_base.rstrip("/").split("/")[-1] != config.name:
         print(f"warning: {PEFT_CONFIG_FILENAME} says the adapter was trained on {peft_base!r}, and {ckpt!r} is "
               f"{config.name!r}; the shapes fit, so it is converted for that model as asked.", file=sys.stderr)
