@@ -141,6 +141,14 @@ def test_litgpts_positional_run_folder_is_answered_with_its_model_folder(full_ru
         run_in_process(generate_script.main, args=[str(full_run)])
     assert capsys.readouterr().err == (f"error: unrecognized arguments: {full_run}; values are given with their flag "
                                        f"here: pass --checkpoint_dir {full_run / 'final'} (see --help)\n")
+    # and the run's hyperparameters.yaml given as --config (a run's settings are not the model's)
+    hparams = full_run / "hyperparameters.yaml"
+    with pytest.raises(SystemExit):
+        run_in_process(generate_script.main, args=["--config", str(hparams)],
+                       run_config_fix=generate_script.RUN_CONFIG_FIX)
+    assert capsys.readouterr().err == (f"error: --config {str(hparams)!r} is a training run's hyperparameters.yaml, "
+                                       "which only finetune/full.py takes (to repeat or vary the run): pass its model "
+                                       f"folder, --checkpoint_dir {full_run / 'final'}.\n")
 
 
 # ---------------------------------------------------------------------------------------------- resumes
