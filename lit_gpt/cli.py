@@ -532,7 +532,7 @@ def refuse_run_config(args: Sequence[str], fn: Callable[..., Any], fix: str) -> 
     """Raise `RunConfigError` when a `--config` in `args` is a run's `hyperparameters.yaml`, which only the finetune
     script that wrote it takes. `fix` says what to pass instead; `{run}`, `{merged}`, `{adapter}` and `{base}` in it
     become the run's folder, its default merge output, its final adapter file and its base model (quoted)."""
-    from lit_gpt.utils import run_adapter_file, run_model_folder
+    from lit_gpt.utils import MERGED_DIRNAME, run_adapter_file, run_model_folder
 
     for _, path, _ in config_values(args):
         hparams = _read_run_hparams(path, fn)
@@ -542,7 +542,7 @@ def refuse_run_config(args: Sequence[str], fn: Callable[..., Any], fix: str) -> 
         adapter = run_adapter_file(run)
         base = hparams.get("base_checkpoint_dir")
         wrote = script_of_method(str(hparams[RUN_METHOD_KEY]))
-        where = {"run": repr(str(run)), "merged": repr(str(run / "merged")), "adapter": repr(adapter),
+        where = {"run": repr(str(run)), "merged": repr(str(run / MERGED_DIRNAME)), "adapter": repr(adapter),
                  "base": repr(base) if isinstance(base, str) else "<base model>"}
         folder = run_model_folder(run)  # final/ of a full run, a current merged/: the model itself
         instead = f"pass its model folder, --checkpoint_dir {folder}" if folder is not None else fix.format(**where)

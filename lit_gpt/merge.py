@@ -41,6 +41,7 @@ import yaml
 from lit_gpt.config import CONFIG_FILENAME, Config, read_yaml_file
 from lit_gpt.model import GPT
 from lit_gpt.utils import (
+    MERGED_DIRNAME,
     WEIGHTS_FILENAME,
     atomic_path,
     atomic_paths,
@@ -555,7 +556,7 @@ def merge_checkpoint(
     check_tokenizer_files(checkpoint_dir)  # copied into out_dir at the end: a corrupt one stops the merge now
     check_not_merged_into(finetuned, checkpoint_dir)
     if out_dir is None:  # a PEFT folder's own merged/, as a file's folder's
-        out_dir = (finetuned.path if finetuned.path.is_dir() else finetuned.path.parent) / "merged"
+        out_dir = (finetuned.path if finetuned.path.is_dir() else finetuned.path.parent) / MERGED_DIRNAME
     out_dir = check_output_dir(out_dir, "--out_dir")
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {str(out_dir)!r} is the base checkpoint directory; choose another folder.")

@@ -46,6 +46,9 @@ from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.config import CONFIG_FILENAME, Config, read_yaml_file
 from lit_gpt.model import GPT
 from lit_gpt.utils import (
+    FINAL_DIRNAME,
+    MERGED_DIRNAME,
+    WEIGHTS_FILENAME,
     atomic_path,
     atomic_save,
     atomic_write_text,
@@ -54,6 +57,7 @@ from lit_gpt.utils import (
     load_file,
     load_model_weights,
     launched_as_another_rank,
+    merge_script_for,
     merged_from,
     num_parameters,
     print_once,
@@ -712,8 +716,6 @@ def check_base_checkpoint(io: IOArgs, inferred: bool) -> None:
     try:
         check_checkpoint_dir(io.checkpoint_dir, flag="--io.checkpoint_dir")
     except (FileNotFoundError, ValueError):
-        from lit_gpt.utils import WEIGHTS_FILENAME
-
         missing = [n for n in (WEIGHTS_FILENAME, CONFIG_FILENAME) if not (io.checkpoint_dir / n).is_file()]
         if not inferred or not missing:
             raise
@@ -1552,9 +1554,9 @@ def finetune(
         merge_after_training(out_dir, final, log=fabric.print)
     elif (adapter_config is not None and (out_dir / MERGED_DIRNAME).is_dir()
           and not merged_from(out_dir / MERGED_DIRNAME, final)):  # a merge of an earlier final file: say so
-        script = "merge_lora.py" if "lora" in final.name else "merge_ether.py"
         print_once(f"warning: {out_dir / MERGED_DIRNAME} holds a merge of the run's earlier {final.name}, not of this "
-                   f"one: merge again (--resume auto --merge true, or python scripts/{script} --adapter_path "
+                   f"one: merge again (--resume auto --merge true, or python scripts/{merge_script_for(final)} "
+                   f"--adapter_path "
                    f"{final}).", file=sys.stderr)
     return out_dir
 
@@ -1862,8 +1864,6 @@ class _progress:
 
 
 # ---------------------------------------------------------------------------------------------- after training
-FINAL_DIRNAME = "final"  # a full fine-tuning run's model folder (litgpt's finetune_full writes the same)
-MERGED_DIRNAME = "merged"  # an adapter run's merged model: `--merge true`, and scripts/merge_*.py by default
 RUN_FOLDERS = (FINAL_DIRNAME, MERGED_DIRNAME)
 
 
@@ -1905,13 +1905,12 @@ def merge_after_training(out_dir: Path, final: Path, log=print) -> Path:
     from lit_gpt.merge import merge_checkpoint
 
     merged = out_dir / MERGED_DIRNAME
-    script = "merge_lora.py" if "lora" in final.name else "merge_ether.py"
     try:
         merge_checkpoint(final, out_dir=merged, log=log)
     except OSError as e:  # a full disk: the run itself is done
         raise RunWriteError(f"Could not write the merged model {merged} ({e.strerror or e}); the adapter {final} is "
-                            f"saved: once there is space, merge it with `python scripts/{script} --adapter_path "
-                            f"{final}`.") from None
+                            f"saved: once there is space, merge it with `python scripts/{merge_script_for(final)} "
+                            f"--adapter_path {final}`.") from None
     log(f"Chat with the merged model: python chat/base.py --checkpoint_dir {merged}")
     return merged
 
@@ -1921,7 +1920,7 @@ def finish_finished_run(out_dir: Path, final: Path, checkpoint_dir: Path, adapte
     """A resume of a finished run writes what the run lacks: a full run's `final/` (from before there was one), or
     the merged model `--merge true` asks for now, unless `merged/` already holds a merge of `final` as it is."""
     if not adapter:
-        if not (out_dir / FINAL_DIRNAME / "lit_model.pth").is_file():
+        if not (out_dir / FINAL_DIRNAME / WEIGHTS_FILENAME).is_file():
             write_final_folder(out_dir, final, checkpoint_dir, log=log)
         return
     if merge and not merged_from(out_dir / MERGED_DIRNAME, final):

@@ -260,6 +260,16 @@ def run_adapter_file(run: Path | str) -> str:
     return str(found[0]) if found else str(Path(run) / "lit_model_<method>_finetuned.pth")
 
 
+# a fine-tuning run's model folders: a full run's own (litgpt's finetune_full writes the same), and an adapter run's
+# merge (`--merge true`, and scripts/merge_*.py by default)
+FINAL_DIRNAME, MERGED_DIRNAME = "final", "merged"
+
+
+def merge_script_for(adapter: Path | str) -> str:
+    """The script that merges the adapter file `adapter`: merge_lora.py for a LoRA one, else merge_ether.py."""
+    return "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
+
+
 def merged_from(folder: Path | str, final: Path | str) -> bool:
     """Whether the checkpoint folder `folder` is a merge of the file `final` as it is now: its merge_info.yaml
     names `final`, and its weights were written after it (a resumed run rewrites `final`, not the merge)."""
@@ -281,11 +291,11 @@ def run_model_folder(run: Path | str) -> Optional[Path]:
     or `merged/` (an adapter run's, written by `--merge true` or scripts/merge_*.py) when it is a merge of the run's
     final adapter file as it is now; None when it has neither."""
     run = Path(run)
-    if (run / "final" / WEIGHTS_FILENAME).is_file():
-        return run / "final"
+    if (run / FINAL_DIRNAME / WEIGHTS_FILENAME).is_file():
+        return run / FINAL_DIRNAME
     adapters = sorted(run.glob("lit_model_*_finetuned.pth"))
-    if adapters and merged_from(run / "merged", adapters[0]):
-        return run / "merged"
+    if adapters and merged_from(run / MERGED_DIRNAME, adapters[0]):
+        return run / MERGED_DIRNAME
     return None
 
 
@@ -315,7 +325,7 @@ def finetuning_run_hint(directory: Path | str) -> Optional[str]:
                 break
     except Exception:  # a hint only: an unreadable hyperparameters.yaml leaves the placeholder
         pass
-    merge = "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
+    merge = merge_script_for(adapter)
     # a full fine-tune has nothing to merge: the merge script writes its weights with the base's config and tokenizer
     first = ("make it a model folder" if Path(adapter).name == "lit_model_finetuned.pth" else "merge it") + " first"
     return (

@@ -24,6 +24,7 @@ from lit_gpt.utils import (  # noqa: E402
     WEIGHTS_FILENAME,
     check_checkpoint_dir,
     finetuning_run_hint,
+    merge_script_for,
     resolve_device,
     run_adapter_file,
     run_model_folder,
@@ -43,7 +44,7 @@ def check_model_dir(checkpoint_dir: Path) -> None:
             raise ValueError(f"{str(checkpoint_dir)!r} is a fine-tuning run, not a model: pass its model folder, "
                              f"--checkpoint_dir {folder}.")
         adapter = run_adapter_file(checkpoint_dir)
-        merge = "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
+        merge = merge_script_for(adapter)
         raise ValueError(
             f"{str(checkpoint_dir)!r} is a fine-tuning run, not a model: pass --adapter_path {adapter} (its base model "
             f"comes from the run), or merge it first with `python scripts/{merge} --adapter_path {adapter}` and pass "
