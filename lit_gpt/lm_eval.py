@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lit_gpt.generate import generate_batch
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import progress_bars_off, resolve_device
+from lit_gpt.utils import progress_bars_off, read_merge_info, resolve_device
 
 PRECISIONS = ("32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed", "64-true")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -135,6 +135,9 @@ class LitGPTLM(TemplateLM):
             weight_dtype, self._autocast_dtype = precision_to_dtypes(precision)
         self.precision = precision  # (None: given as a dtype, or a built model's own)
 
+        # a merged checkpoint's merge_info.yaml (its source file and that file's hash), read with the weights: the
+        # results then say which merge they are of (a re-merge of a resumed run keeps the folder's name)
+        self.merge_info = read_merge_info(checkpoint_dir) if model is None else None
         if model is None:
             model = load_eval_model(checkpoint_dir, adapter_path, device=self._device, dtype=weight_dtype)
         elif adapter_path is not None:
@@ -214,6 +217,7 @@ class LitGPTLM(TemplateLM):
             "add_bos_token": self._uses_bos(),
             "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
             "adapter_path": str(self.adapter_path) if self.adapter_path else None,
+            "merge_info": self.merge_info,  # (None for a checkpoint that is not a merge)
         }
 
     # ------------------------------------------------------------------ tokenisation

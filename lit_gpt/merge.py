@@ -41,6 +41,7 @@ import yaml
 from lit_gpt.config import CONFIG_FILENAME, Config, read_yaml_file
 from lit_gpt.model import GPT
 from lit_gpt.utils import (
+    IDENTITY_KEYS,
     MERGED_DIRNAME,
     WEIGHTS_FILENAME,
     atomic_path,
@@ -48,8 +49,12 @@ from lit_gpt.utils import (
     atomic_write_text,
     check_checkpoint_dir,
     check_output_dir,
+    file_identity,
     lit_state_dict,
     load_model_weights,
+    merge_info_record,
+    merge_source,
+    read_merge_info,
 )
 
 HPARAMS_FILENAME = "hyperparameters.yaml"
@@ -328,18 +333,25 @@ def check_not_merged_into(finetuned: FineTuned, checkpoint_dir: PathLike) -> Non
     if (checkpoint_dir / WEIGHTS_FILENAME).resolve() == finetuned.path.resolve():
         raise ValueError(f"{where} is the base checkpoint's own weights, not a fine-tuning output: pass the run's "
                          "lit_model_*finetuned.pth as the adapter.")
-    info_path = checkpoint_dir / MERGE_INFO_FILENAME
-    if not info_path.is_file():
+    info = read_merge_info(checkpoint_dir)
+    if info is None:
         return
-    with open(info_path, encoding="utf-8") as f:
-        info = yaml.safe_load(f)
-    source = info.get("source") if isinstance(info, dict) else None
-    if source and Path(source).exists() and Path(source).resolve() == finetuned.path.resolve():
+    source = merge_source(checkpoint_dir, info)  # (also where a run moved with its merged/ has it now)
+    recorded = {key: info[key] for key in IDENTITY_KEYS if key in info}
+    if ((source is not None and source.resolve() == finetuned.path.resolve())
+            or (recorded and _identity_or_none(finetuned.path) == recorded)):  # a copy of the merged file
         base = info.get("base_checkpoint_dir")
         raise ValueError(
             f"{ckpt!r} already has {where} merged into it ({MERGE_INFO_FILENAME}), so applying it again would "
             f"transform the weights twice: drop the adapter, or pass the base model{f' {base!r}' if base else ''}."
         )
+
+
+def _identity_or_none(path: Path) -> Optional[dict]:
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
 
 
 def _recorded_base(finetuned: FineTuned) -> str:
@@ -647,7 +659,8 @@ def write_checkpoint_folder(
             used = f"no {PROMPT_STYLE_FILENAME}, so chat and generate will prompt it with {used}"
         log(f"warning: {unknown}: the checkpoint folder gets {used}; if that is not the format it was trained with, "
             f"write the right one into {str(out_dir / PROMPT_STYLE_FILENAME)!r} (e.g. prompt_style: alpaca).")
-    info = {"source": str(finetuned.path.resolve()), "method": finetuned.method,
+    # the source by path and by content: a run moved with its merged/, or resumed since, is told apart
+    info = {**merge_info_record(finetuned.path), "method": finetuned.method,
             "base_checkpoint_dir": str(checkpoint_dir.resolve()),
             "dtype": str(dtype).removeprefix("torch."), "probe_max_abs_diff": probe_max_abs_diff}
     texts = {CONFIG_FILENAME: config.to_yaml(), MERGE_INFO_FILENAME: yaml.safe_dump(info, sort_keys=False)}

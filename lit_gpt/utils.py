@@ -270,20 +270,168 @@ def merge_script_for(adapter: Path | str) -> str:
     return "merge_lora.py" if "lora" in Path(adapter).name else "merge_ether.py"
 
 
-def merged_from(folder: Path | str, final: Path | str) -> bool:
-    """Whether the checkpoint folder `folder` is a merge of the file `final` as it is now: its merge_info.yaml
-    names `final`, and its weights were written after it (a resumed run rewrites `final`, not the merge)."""
+MERGE_INFO_FILENAME = "merge_info.yaml"  # what a merged (or final/) model folder was made from (lit_gpt/merge.py)
+
+# A model folder's merge_info.yaml identifies the file it was merged from by content, so that a run moved, renamed
+# or copied (with or without its mtimes) keeps its merged/. A file up to _WHOLE_HASH_LIMIT (an adapter: KBs to MBs
+# at 7B) is hashed whole. A larger one (a full fine-tune's lit_model_finetuned.pth, GBs) is not read: a torch.save
+# archive is identified by the name, size and CRC-32 of each of its entries, from its index (every byte of every
+# tensor counts, for the cost of reading the index); a file of another kind, or an archive written without CRCs, by
+# its size and a hash of its first and last MiB only (they hold the start of the first tensor and the end of the
+# last one, which any training step changes). A torch.save archive's entries are named after the file it was first
+# written as (a temporary name, here), so the name of that folder inside it is left out: the same tensors saved
+# again are the same source.
+_WHOLE_HASH_LIMIT = 256 << 20
+_END_BYTES = 1 << 20
+IDENTITY_KEYS = ("source_sha256", "source_size", "source_sha256_zip_index", "source_sha256_first_last_mib")
+_identities: dict[tuple, dict] = {}  # file_identity's answers in this process, per file version
+
+
+def file_identity(path: Path | str) -> Optional[dict]:
+    """How merge_info.yaml identifies the merged file `path` by content: `{"source_sha256": ...}` (of the whole
+    file; of a torch.save archive, of its entries), or for a file over 256 MiB `{"source_size": ...,
+    "source_sha256_zip_index" or "source_sha256_first_last_mib": ...}` (see above); None for a folder (a PEFT
+    adapter folder), which merge_info.yaml identifies by its path only."""
+    path = Path(path)
+    st = path.stat()
+    if not path.is_file():
+        return None
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _identities:
+        _identities[key] = _archive_identity(path, st.st_size) or _bytes_identity(path, st.st_size)
+    return dict(_identities[key])
+
+
+def _archive_identity(path: Path, size: int) -> Optional[dict]:
+    import hashlib
+
+    if not zipfile.is_zipfile(path):
+        return None
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # ("archive/data/0" -> "data/0"; the .data/serialization_id record newer torch versions write is left out)
+            entries = [(e, e.filename.split("/", 1)[-1]) for e in archive.infolist()]
+            entries = [(e, name) for e, name in entries if name != ".data/serialization_id"]
+            if size <= _WHOLE_HASH_LIMIT:
+                for entry, name in entries:
+                    digest.update(f"{name}\0{entry.file_size}\0".encode())
+                    with archive.open(entry) as f:  # (checks the entry's CRC-32 at its end)
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            digest.update(chunk)
+                return {"source_sha256": digest.hexdigest()}
+            if all(entry.CRC for entry, _ in entries if entry.file_size):
+                for entry, name in entries:
+                    digest.update(f"{name}\0{entry.file_size}\0{entry.CRC:08x}\n".encode())
+                return {"source_size": size, "source_sha256_zip_index": digest.hexdigest()}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError):  # (hashed as bytes)
+        pass
+    return None
+
+
+def _bytes_identity(path: Path, size: int) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _WHOLE_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            return {"source_sha256": digest.hexdigest()}
+        digest.update(f.read(_END_BYTES))
+        f.seek(-_END_BYTES, os.SEEK_END)
+        digest.update(f.read(_END_BYTES))
+    return {"source_size": size, "source_sha256_first_last_mib": digest.hexdigest()}
+
+
+def merge_info_record(source: Path | str) -> dict:
+    """The fields of merge_info.yaml that name the file (or PEFT folder) `source` a model folder is merged from: its
+    absolute path, and its content (`file_identity`)."""
+    source = Path(source).resolve()
+    return {"source": str(source), **(file_identity(source) or {})}
+
+
+def read_merge_info(folder: Path | str) -> Optional[dict]:
+    """The mapping in `folder`'s merge_info.yaml; None when it has none, or one that cannot be read."""
     import yaml
 
+    try:
+        info = yaml.safe_load((Path(folder) / MERGE_INFO_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("source"), str) else None
+
+
+def merge_source(folder: Path | str, info: Optional[dict] = None) -> Optional[Path]:
+    """The file (or PEFT folder) the model folder `folder` was merged from, where it is now: the path its
+    merge_info.yaml records, else, for a run moved or renamed with its merged/, the file of that name beside
+    `folder` (in the run). None when it is in neither place (deleted, or the folder was copied without it)."""
+    folder = Path(folder)
+    info = read_merge_info(folder) if info is None else info
+    if info is None:
+        return None
+    recorded = Path(info["source"])
+    return next((p for p in (recorded, folder.parent / recorded.name) if p.exists()), None)
+
+
+def merged_from(folder: Path | str, final: Path | str) -> bool:
+    """Whether the checkpoint folder `folder` is a merge of the file `final` as it is now. Its merge_info.yaml
+    records the merged file's content (`file_identity`): the same content, wherever `final` is now. An older one,
+    without that record: it names `final` (or a file that moved with `folder`, see `merge_source`), and its weights
+    were written after `final` (a resumed run rewrites `final`, not the merge)."""
     folder, final = Path(folder), Path(final)
     weights = folder / WEIGHTS_FILENAME
-    try:
-        info = yaml.safe_load((folder / "merge_info.yaml").read_text(encoding="utf-8"))
-        source = Path(info["source"])
-        return (source.resolve() == final.resolve() and weights.is_file()
-                and weights.stat().st_mtime >= final.stat().st_mtime)
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+    info = read_merge_info(folder)
+    if info is None or not weights.is_file():
         return False
+    try:
+        recorded = {key: info[key] for key in IDENTITY_KEYS if key in info}
+        if recorded:
+            return file_identity(final) == recorded
+        source = merge_source(folder, info)
+        return (source is not None and source.resolve() == final.resolve()
+                and weights.stat().st_mtime >= final.stat().st_mtime)
+    except OSError:
+        return False
+
+
+def stale_merge_warning(folder: Path | str) -> Optional[str]:
+    """The one-line warning for a model folder whose merge_info.yaml names a file that still exists (where it was,
+    or beside the folder) but has changed since the merge (a run resumed after `--merge true`): the folder holds an
+    earlier model than that file's. None for any other folder."""
+    folder = Path(folder)
+    info = read_merge_info(folder)
+    source = merge_source(folder, info) if info is not None else None
+    # (a PEFT adapter folder is recorded by its path only, and its mtime says little: no warning for it)
+    if source is None or not source.is_file() or merged_from(folder, source):
+        return None
+    command = f"python scripts/{merge_script_for(source)} --adapter_path {source}"
+    base = info.get("base_checkpoint_dir")
+    if not (source.parent / HPARAMS_FILENAME).is_file() and isinstance(base, str):
+        command += f" --checkpoint_dir {base}"  # (the merge script finds a run's base in its hyperparameters.yaml)
+    if folder.resolve() != (source.parent / MERGED_DIRNAME).resolve():
+        command += f" --out_dir {folder}"
+    unmerged = f"--checkpoint_dir {base if isinstance(base, str) else '<base model>'} --adapter_path {source}"
+    return (f"warning: {str(folder)!r} is a merge of an earlier version of {str(source)!r} (its "
+            f"{MERGE_INFO_FILENAME}), which has changed since; it is loaded as it is: re-merge it with `{command}`, "
+            f"or load that file unmerged with `{unmerged}`.")
+
+
+_warned_stale: set[str] = set()
+
+
+def warn_if_stale_merge(folder: Path | str) -> None:
+    """Print `stale_merge_warning` for `folder` on stderr, once per folder in a process (a script checks its
+    --checkpoint_dir, then loads from it)."""
+    import sys
+
+    key = str(Path(folder).resolve())
+    if key in _warned_stale:
+        return
+    message = stale_merge_warning(folder)
+    if message is not None:
+        _warned_stale.add(key)
+        print(message, file=sys.stderr)
 
 
 def run_model_folder(run: Path | str) -> Optional[Path]:
@@ -612,6 +760,7 @@ def check_checkpoint_dir(checkpoint_dir: Path | str, weights: str = WEIGHTS_FILE
             "`python scripts/convert_hf_checkpoint.py`, or import a GGUF file with `scripts/convert_gguf_checkpoint.py`"
         )
         raise FileNotFoundError(f"{str(checkpoint_dir)!r} has no {' or '.join(missing)}: {fix}.")
+    warn_if_stale_merge(checkpoint_dir)  # a merged/ named directly, after its run was resumed
     return checkpoint_dir
 
 
