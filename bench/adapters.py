@@ -5,12 +5,13 @@ One run measures, on one random Llama-shaped model (the same weights everywhere)
 * ``floor``: forward + backward to the activations only (the input embeddings require grad, every weight is
   frozen): what any adapter must pay at least;
 * our ``ether``, ``etherplus``, ``etherplusHH`` (nb blocks), ``oft`` (block size, upper-triangle storage as PEFT;
-  exact Cayley, and the 5-term Cayley–Neumann series PEFT uses by default) and ``lora`` (rank r); ``ether`` also
+  exact Cayley, and the 5-term Cayley–Neumann series PEFT uses by default), ``lora`` (rank r) and ``dora`` (LoRA
+  with DoRA's magnitudes); ``ether`` also
   with the opt-in low-rank form on the fused QKV (`AdaptedLinear.fused_low_rank`);
 * ``ether weight-centric``: the same ETHER parameters, but forming `W H` every step as the authors' code does
   (here block-diagonal as the paper writes it), which also forces a weight-gradient GEMM;
 * with transformers + peft installed: transformers' ``LlamaForCausalLM`` (its own floor) with PEFT's LoRA, OFT and
-  HRA (a chain of r Householder reflections, also formed as a weight every step).
+  HRA (a chain of r Householder reflections, also formed as a weight every step), and LoRA with ``use_dora``.
 
 for two target sets: query + value, and all linear layers of the blocks (q, k, v, o, gate, up, down; not the head).
 Steps are interleaved (every variant once per round, the order alternating between rounds) and each variant's
@@ -316,11 +317,15 @@ def main(
              ours(AdapterConfig(method="lora", r=lora_r, alpha=2 * lora_r, targets=lit_targets))),
             (f"lora r{lora_r} per slice", "lit", tset,
              ours(AdapterConfig(method="lora", r=lora_r, alpha=2 * lora_r, targets=lit_targets), per_slice=True)),
+            (f"dora r{lora_r}", "lit", tset,
+             ours(AdapterConfig(method="lora", r=lora_r, alpha=2 * lora_r, targets=lit_targets, dora=True))),
         ]
         if have_peft:
             variants += [
                 (f"peft lora r{lora_r}", "hf", tset, theirs(lambda t=hf_targets: peft_lib.LoraConfig(
                     r=lora_r, lora_alpha=2 * lora_r, target_modules=t, lora_dropout=0.0))),
+                (f"peft dora r{lora_r}", "hf", tset, theirs(lambda t=hf_targets: peft_lib.LoraConfig(
+                    r=lora_r, lora_alpha=2 * lora_r, target_modules=t, lora_dropout=0.0, use_dora=True))),
                 (f"peft oft b{oft_block_size} exact", "hf", tset, theirs(lambda t=hf_targets: peft_lib.OFTConfig(
                     r=0, oft_block_size=oft_block_size, target_modules=t, use_cayley_neumann=False))),
                 (f"peft oft b{oft_block_size} neumann5", "hf", tset, theirs(lambda t=hf_targets: peft_lib.OFTConfig(
@@ -500,7 +505,8 @@ def goal_lines(rows: list[dict], key: str, nb: int, oft_block_size: int, lora_r:
     for tset in ("qv", "all"):
         for ours, theirs in ((f"oft b{oft_block_size} exact", f"peft oft b{oft_block_size} exact"),
                              (f"oft b{oft_block_size} neumann5", f"peft oft b{oft_block_size} neumann5"),
-                             (f"lora r{lora_r}", f"peft lora r{lora_r}")):
+                             (f"lora r{lora_r}", f"peft lora r{lora_r}"),
+                             (f"dora r{lora_r}", f"peft dora r{lora_r}")):
             a, b = by.get((ours, tset)), by.get((theirs, tset))
             if a and b:
                 out.append(f"- {ours} ({tset}): {a[key]:.3f}x vs PEFT's {b[key]:.3f}x of their floors "

@@ -19,6 +19,7 @@ def setup(
     lora_r: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
+    lora_dora: bool = False,
     lora_query: Optional[bool] = None,
     lora_key: Optional[bool] = None,
     lora_value: Optional[bool] = None,
@@ -46,6 +47,8 @@ def setup(
         lora_r: Rank of the update `B A`.
         lora_alpha: Scale: the update is multiplied by `lora_alpha / lora_r`.
         lora_dropout: Dropout on the input of the LoRA branch.
+        lora_dora: DoRA (PEFT's use_dora): also train a magnitude per output row of every adapted layer, which
+            rescales the row of `W + B A` to it (one more vector per layer; merges like plain LoRA).
         lora_query: Adapt the attention queries (unset: true, or as --lora_targets says).
         lora_key: Adapt the attention keys (unset: false, or as --lora_targets says).
         lora_value: Adapt the attention values (unset: true, or as --lora_targets says).
@@ -84,7 +87,8 @@ def setup(
         query=lora_query, key=lora_key, value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head
     )
     with named_by_flags(LORA_FLAGS):  # errors name the flags, not the fields
-        adapter = AdapterConfig(method="lora", r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
+        adapter = AdapterConfig(method="lora", r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dora=lora_dora,
+                                targets=targets)
         run_entrypoint("lora", adapter, flags)
 
 

@@ -287,7 +287,7 @@ NO_EQUIVALENT = {
     "optimizer": (_TRAINING, "training uses AdamW (--train.learning_rate, --train.weight_decay, --train.beta1, "
                              "--train.beta2)"),
     "multiline": ("--multi_turn", "a message continues on the next line when a line ends with \\"),
-    "use_dora": (_TRAINING, "DoRA is not one of the methods here (finetune/lora.py, finetune/ether.py --Htype ...)"),
+    "use_dora": (_TRAINING, "DoRA is --lora_dora true (finetune/lora.py)"),
     "modules_to_save": (_TRAINING, "only the adapter is trained (finetune/full.py trains every weight)"),
     "max_tokens": (_TRAINING, "the run's length is set by --train.max_steps or --train.epochs"),
     # litgpt's --data.*: prepared beforehand here

@@ -73,7 +73,7 @@ ETHER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "--ether_targ
                "flip_side": "--flip_side", "dropout": "--ether_dropout", "block_dropout": "--block_dropout",
                "coft": "--oft_coft", "eps": "--oft_eps", "block_share": "--oft_block_share",
                "neumann_terms": "--oft_neumann_terms"}
-LORA_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout",
+LORA_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "dora": "--lora_dora",
               "targets": "--lora_targets or --lora_* layer flags"}
 
 
@@ -1599,6 +1599,8 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> st
         parts.append("-".join(adapter_config.targets))  # (all-linear too: a resume finds earlier runs' folders)
         if getattr(adapter_config, "flip_side", False):
             parts.append("flip")
+        if getattr(adapter_config, "dora", False):
+            parts.append("dora")
     parts += [f"lr{train.learning_rate:g}", f"bs{train.global_batch_size}"]
     return "_".join(parts)
 

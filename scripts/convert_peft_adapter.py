@@ -51,7 +51,7 @@ def export_adapter(adapter_path: Path, output_dir: Path, checkpoint_dir: Optiona
 
     LoRA: query/key/value LoRAs go to transformers' q_proj, k_proj, v_proj; on GPT-2's c_attn and GPT-NeoX's
     query_key_value, which are one layer there, slices with their own A are written exactly as one LoRA of rank
-    k*r (rank_pattern).
+    k*r (rank_pattern). DoRA (--lora_dora) is written with use_dora and its magnitudes.
 
     OFT (finetune/ether.py --Htype oft) becomes PEFT's OFT: oft_block_size (or r where the block sizes differ and
     the block counts do not), exact Cayley or use_cayley_neumann with num_cayley_neumann_terms = K + 2 for
@@ -111,13 +111,14 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
     LoRA: r and alpha are set so the update's scale equals PEFT's (use_rslora's lora_alpha/sqrt(r) included);
     ranks or scales that differ between layers (rank_pattern, alpha_pattern) become the largest rank, the lower
     ranks padded with zeros (which stay zero in training), and the most common scale, the others folded into B.
+    DoRA (use_dora) becomes finetune/lora.py's --lora_dora, its magnitudes as they are.
     OFT: an OFT adapter storing each block's strict upper triangle (upper_triangle), with PEFT's exact Cayley or
     its Cayley-Neumann series, coft (our eps is PEFT's eps / sqrt(r)), block_share and module_dropout.
     HRA: only in ETHER's block form, as an ETHER export writes it (r vectors in r disjoint equal blocks of the
     input), which becomes ETHER with nb = r; an HRA PEFT trained (full-width vectors) is refused: merge it with
     PEFT (merge_and_unload) and convert the merged model with scripts/convert_hf_checkpoint.py.
 
-    Refused, with the reason: DoRA, bias other than "none", modules_to_save, q/k/v adapted on some layers only,
+    Refused, with the reason: bias other than "none", modules_to_save, q/k/v adapted on some layers only,
     OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann adapter saved before PEFT 0.18, tensors whose
     shapes do not fit the checkpoint, and adapter_model.bin (a pickle: re-save with safe_serialization=True).
 

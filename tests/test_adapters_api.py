@@ -37,6 +37,7 @@ METHODS_ONCE = [
     pytest.param("etherplusHH", {}, id="etherplusHH-both"),
     pytest.param("oft", {}, id="oft"),
     pytest.param("lora", {"r": 3, "alpha": 6.0}, id="lora"),
+    pytest.param("lora", {"r": 3, "alpha": 6.0, "dora": True}, id="dora"),
 ]
 
 

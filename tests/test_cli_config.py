@@ -262,8 +262,7 @@ LORA_ERRORS = [  # PEFT's names of LoRA's settings
     (["--bf16", "true"], "unrecognized arguments: --bf16 true; did you mean --precision?"),
     (["--data.json_path", "d.json"], "unrecognized arguments: --data.json_path d.json; the data is prepared first "
                                      "with a scripts/prepare_*.py script, whose folder is --io.train_data_dir"),
-    (["--use_dora", "true"], "unrecognized arguments: --use_dora true; DoRA is not one of the methods here "
-                             "(finetune/lora.py, finetune/ether.py --Htype ...)"),
+    (["--use_dora", "true"], "unrecognized arguments: --use_dora true; DoRA is --lora_dora true (finetune/lora.py)"),
     # litgpt's positional checkpoint
     (["checkpoints/x/y"], "unrecognized arguments: checkpoints/x/y; values are given with their flag here: pass "
                           "--io.checkpoint_dir checkpoints/x/y"),

@@ -303,6 +303,42 @@ def test_export_of_import_gives_the_peft_tensors_back(case, bases, tmp_path):
         torch.testing.assert_close(after[k], v, atol=0, rtol=0)
 
 
+# ---------------------------------------------------------------------------------------------- (c) DoRA
+DORA_TARGETS = {"llama": ["query", "value", "mlp"],
+                "gpt2": ["query", "value"],  # c_attn: its key rows have no adapter, and keep their norm
+                "gpt_neox": ["query", "key", "value", "projection"]}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dora_export_loads_in_peft_and_imports_back(family, bases, tmp_path):
+    _, folder = bases[family]
+    model = GPT.from_checkpoint(folder).eval()
+    apply_adapters(model, AdapterConfig(method="lora", r=4, alpha=6.0, targets=DORA_TARGETS[family], dora=True))
+    randomize_lora(model)
+    adapter = save_adapters(model, tmp_path / "a.safetensors")
+    out = export_peft_adapter(adapter, folder, tmp_path / "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True
+    expected = logits(model)
+    torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), out)), expected, **TOL)
+    back = import_peft_adapter(out, folder, tmp_path / "back.pth")
+    assert read_adapter_config(back).dora
+    torch.testing.assert_close(logits(load_finetuned(folder, back)), expected, **TOL)
+
+
+@pytest.mark.parametrize("family, targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn"])])
+def test_dora_import_computes_what_peft_computes(family, targets, bases, tmp_path):
+    base, folder = bases[family]
+    model, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+                                fan_in_fan_out=family == "gpt2")
+    expected = logits(model)
+    assert (expected - logits(base)).abs().max() > 1e-2
+    adapter = import_peft_adapter(peft_dir, folder, tmp_path / "imported.pth")
+    assert read_adapter_config(adapter).dora
+    assert any(k.endswith(".magnitude") for k in load_adapter_file(adapter)["state_dict"])
+    torch.testing.assert_close(logits(load_finetuned(folder, adapter)), expected, **TOL)
+
+
 # ---------------------------------------------------------------------------------------------- (d) refusals
 @pytest.fixture
 def llama_peft(bases, tmp_path):
@@ -317,7 +353,7 @@ def edit_config(peft_dir: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes, words", [
-    (dict(use_dora=True), ["use_dora", "DoRA", "merge"]),
+    (dict(use_dora=True), ["lora_magnitude_vector", "use_dora=true needs", "incomplete"]),  # LoRA that says DoRA
     (dict(bias="lora_only"), ["bias='lora_only'", "biases"]),
     (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
     (dict(peft_type="IA3"), ["IA3", "only LORA"]),
@@ -425,11 +461,11 @@ def test_cli_import_then_merge_and_export(bases, tmp_path, capsys):
 
 def test_cli_help_and_errors(llama_peft, tmp_path, capsys):
     peft_dir, folder = llama_peft
-    edit_config(peft_dir, use_dora=True)
+    edit_config(peft_dir, lora_bias=True)
     r = subprocess.run([sys.executable, "scripts/convert_peft_adapter.py", "import", "--peft_dir", str(peft_dir),
                         "--checkpoint_dir", str(folder), "--adapter_path", str(tmp_path / "a.pth")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and "use_dora" in r.stderr, r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "lora_bias" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     script = load_script("convert_peft_adapter")
     with pytest.raises(SystemExit) as e:
@@ -553,7 +589,7 @@ def test_a_peft_folder_without_checkpoint_dir_asks_for_it(peft_and_import):
 
 
 @pytest.mark.parametrize("changes, words", [
-    (dict(use_dora=True), ["use_dora", "DoRA"]),
+    (dict(lora_bias=True), ["lora_bias", "a bias on lora_B"]),
     (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
 ])
 def test_a_peft_folder_the_import_refuses_keeps_its_sentence(changes, words, peft_and_import, tmp_path):

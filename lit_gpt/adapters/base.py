@@ -196,6 +196,20 @@ def add_slice_products(y: torch.Tensor, ranges: list[tuple[int, int]], tensors: 
     return _AddSliceProducts.apply(y, tuple(ranges), *tensors)
 
 
+def _rows(pieces: list[tuple[int, int, torch.Tensor]], width: int) -> torch.Tensor:
+    """The `(lo, hi, tensor)` pieces (in order of `lo`) at their places along a last dimension of `width`, zeros
+    elsewhere."""
+    out, at = [], 0
+    for lo, hi, t in pieces:
+        if lo > at:
+            out.append(t.new_zeros(*t.shape[:-1], lo - at))
+        out.append(t)
+        at = hi
+    if at < width:
+        out.append(t.new_zeros(*t.shape[:-1], width - at))
+    return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The adapted layer
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,22 +270,43 @@ class AdaptedLinear(nn.Module):
         return self._forward_multiplicative(x, W)
 
     def _forward_additive(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        parts = [(lo, hi, self._adapter(name)) for name, lo, hi in self.slices if name in self.adapters]
+        dora = getattr(parts[0][2], "magnitude", None) is not None  # one method and config per layer
         if self.dropout is None or not self.training:
-            parts = [(lo, hi, self._adapter(name)) for name, lo, hi in self.slices if name in self.adapters]
-            kind = type(parts[0][2])  # one method per layer
+            kind = type(parts[0][2])
+            y = None
             if hasattr(kind, "linear_slices"):  # the method's own fused form of the products below, where it has one
                 y = kind.linear_slices(x, W, self.bias, parts)
-                if y is not None:
-                    return y
+            if y is None:
+                ranges, tensors = [], []
+                for lo, hi, ad in parts:
+                    ranges.append((lo, hi))
+                    tensors += ad.factors(x)
+                y = add_slice_products(F.linear(x, W, self.bias), ranges, tensors)
+            return self._dora_rescale(y, W, parts) if dora else y
         y = F.linear(x, W, self.bias)
-        xd = self.dropout(x) if self.dropout is not None else x
+        xd = self.dropout(x)
+        if dora:  # PEFT's form with dropout: y + (m/n - 1) (W_s x_d + s B A x_d) + s B A x_d on each slice
+            deltas = []
+            for lo, hi, ad in parts:
+                C, P = ad.factors(xd)
+                update = C @ P.t()
+                t = ad.dora_scale(W[lo:hi]).to(y.dtype)
+                deltas.append((lo, hi, update + t * (F.linear(xd, W[lo:hi]) + update)))
+            return y + _rows(deltas, self.out_features)
         ranges, tensors = [], []
-        for name, lo, hi in self.slices:
-            ad = self._adapter(name)
-            if ad is not None:
-                ranges.append((lo, hi))
-                tensors += ad.factors(xd)
+        for lo, hi, ad in parts:
+            ranges.append((lo, hi))
+            tensors += ad.factors(xd)
         return add_slice_products(y, ranges, tensors)
+
+    def _dora_rescale(self, y: torch.Tensor, W: torch.Tensor, parts: list) -> torch.Tensor:
+        """DoRA: `y + (m/n - 1) (y - b)` on every adapted slice of `y = W x + b + s B A x`, the other rows as they
+        are (`lit_gpt.adapters.lora`)."""
+        t = _rows([(lo, hi, ad.dora_scale(W[lo:hi])) for lo, hi, ad in parts], self.out_features)
+        from lit_gpt.adapters.lora import dora_rescale
+
+        return dora_rescale(y, t.to(y.dtype), None if self.bias is None else self.bias.to(y.dtype))
 
     def _forward_multiplicative(self, x: torch.Tensor, W: torch.Tensor, output_side: bool = True) -> torch.Tensor:
         """`H_out W H_in x + b` per slice; without `output_side`, `W H_in x + b` (`swiglu` applies `H_out`)."""
@@ -403,8 +438,8 @@ class AdaptedLinear(nn.Module):
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """`W'_s = H_out W_s H_in` (or `W_s + (alpha/r) B A`) for every slice, computed in float32, in the base
-        weight's dtype and storage layout."""
+        """`W'_s = H_out W_s H_in` (or `W_s + (alpha/r) B A`, its rows rescaled to DoRA's `m`) for every slice,
+        computed in float32, in the base weight's dtype and storage layout."""
         W = self.base_weight()
         Wm = W.to(compute_dtype(W)).clone()
         for name, lo, hi in self.slices:
@@ -412,7 +447,7 @@ class AdaptedLinear(nn.Module):
             if ad is None:
                 continue
             if ad.additive:
-                Wm[lo:hi] += ad.delta_weight().to(Wm.dtype)
+                Wm[lo:hi] = ad.merged_rows(Wm[lo:hi])
                 continue
             Ws = Wm[lo:hi]
             if ad.input is not None:
@@ -637,6 +672,8 @@ def build_adapters(model: nn.Module, config: AdapterConfig) -> list[Built]:
             if sname in slice_names:
                 where = name if sname == FULL else f"{name} ({sname} rows)"
                 adapters[sname] = builder(config, where, n, hi - lo, W.device, W.dtype)
+                if hasattr(adapters[sname], "init_from_base"):  # (DoRA's magnitudes: the base rows' norms)
+                    adapters[sname].init_from_base((W.t() if is_conv1d(module) else W)[lo:hi].detach())
         built.append((name, module, layout, adapters))
     return built
 

@@ -72,6 +72,10 @@ class AdapterConfig:
             probability, drawn anew every forward (never in eval mode). Multiplicative methods only.
         r: LoRA rank.
         alpha: LoRA scale numerator (the update is ``alpha / r * B A x``).
+        dora: LoRA only: DoRA (Liu et al., arXiv 2402.09353; PEFT's ``use_dora``), a trained magnitude ``m`` per
+            output row on top of LoRA: ``y = m / ||W + (alpha/r) B A||_row * (W + (alpha/r) B A) x + b``, the norm
+            taken per output row and treated as a constant in backward (as the paper suggests and PEFT does).
+            ``m`` starts at the base rows' norms, so the layer starts as the base layer.
         coft: constrained OFT: each skew block ``S_i`` is rescaled inside the forward so ``‖S_i‖_F <= eps``.
         eps: the COFT radius, per block. 6e-5 is the OFT authors' and PEFT's default number; note that their
             code bounds ``‖S_i‖_F`` by ``eps / sqrt(nb)``: pass that value to reproduce their constraint.
@@ -91,6 +95,7 @@ class AdapterConfig:
     block_dropout: float = 0.0
     r: int = 8
     alpha: float = 16.0
+    dora: bool = False
     coft: bool = False
     eps: float = 6e-5
     block_share: bool = False
@@ -126,7 +131,7 @@ class AdapterConfig:
                         "after 're:'."
                     ) from None
         # a bool is an int and a str is truthy: both would pass the checks below with a meaning nobody asked for
-        for name in ("flip_side", "coft", "block_share", "upper_triangle"):
+        for name in ("flip_side", "coft", "block_share", "upper_triangle", "dora"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{n(name)} must be True or False, got {value!r} ({type(value).__name__}).")
@@ -171,6 +176,8 @@ class AdapterConfig:
                 raise ValueError(f"{n('neumann_terms')} is an OFT option and does not apply to LoRA.")
             if self.block_size is not None:
                 raise ValueError(f"{n('block_size')} does not apply to LoRA: set its rank with {n('r')}.")
+        if self.dora and self.method != "lora":
+            raise ValueError(f"{n('dora')} (DoRA) is a LoRA option; {setting('method', self.method)} does not use it.")
         if self.method != "oft":
             for name in ("coft", "block_share", "upper_triangle"):
                 if getattr(self, name):
@@ -205,7 +212,7 @@ class AdapterConfig:
     def describe(self) -> str:
         """One line for logs and the dry-run report."""
         if self.method == "lora":
-            parts = [f"r={self.r}", f"alpha={self.alpha:g}"]
+            parts = [f"r={self.r}", f"alpha={self.alpha:g}"] + (["DoRA"] if self.dora else [])
         else:
             parts = [f"block_size={self.block_size}" if self.block_size else f"nb={self.nb}"]
             if self.flip_side:

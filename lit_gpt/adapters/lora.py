@@ -2,6 +2,16 @@
 
 The update is added in place onto the layer's GEMM output, per slice of rows, so on the fused QKV projection the
 un-targeted rows keep exactly the base layer's values and the base GEMM is never split.
+
+DoRA (Liu et al., arXiv 2402.09353; `AdapterConfig.dora`) adds a trained magnitude `m` per output row:
+`y = m / n * (W + s B A) x + b` with `s = alpha / r` and `n` the rows' norms `||W_i + s B_i A||`, taken as a
+constant in backward (the paper's section 4.3; PEFT does the same). With dropout in training it is PEFT's form
+`y = W x + b + (m/n - 1) W x_d + m/n s B A x_d` (`x_d` the dropped input). `n` is computed without forming
+`W + s B A`: `n_i² = ||W_i||² + 2 s B_i·(W Aᵀ)_i + s² B_i (A Aᵀ) B_iᵀ`, one `(rows x r)` product of the weight instead
+of PEFT's `(rows x in)` matrix (`||W_i||²` is kept while the frozen `W` is unchanged), and the output is rescaled in
+place as `y + (m/n - 1) (y - b)`, `m/n - 1` computed in float32 as `(m - n) / n`, keeping only the result for
+backward (`_DoRARescale`). Without gradients, in eval mode (chat, generation, evaluation), `n` is kept between calls
+until a weight changes.
 """
 
 from __future__ import annotations
@@ -23,17 +33,79 @@ class LoRAAdapter(SliceAdapter):
 
     additive = True
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, device=None, dtype=None) -> None:
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, device=None, dtype=None,
+                 dora: bool = False) -> None:
         super().__init__()
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
         self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        # DoRA's magnitude: set from the base weight by `init_from_base` (`build_adapters` calls it)
+        self.magnitude = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype)) if dora else None
+        self._norm_cache: Optional[tuple] = None
+        self._base_norm_cache: Optional[tuple] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """A Kaiming-uniform, B zero (DoRA's magnitude is the base weight's: `init_from_base`)."""
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
+
+    @torch.no_grad()
+    def init_from_base(self, W: torch.Tensor) -> None:
+        """DoRA: `m` = the norms of the rows of this slice's base weight `W` `(rows, in)`, so that with `B = 0` the
+        layer computes the base layer."""
+        if self.magnitude is not None:
+            self.magnitude.copy_(torch.linalg.vector_norm(W, dim=1, dtype=compute_dtype(W)))
+
+    def train(self, mode: bool = True) -> "LoRAAdapter":
+        self._norm_cache = None
+        return super().train(mode)
+
+    def _weight_norms(self, W: torch.Tensor) -> torch.Tensor:
+        """`||W_i + s B_i A||` for every row `i` of this slice's base weight `W` `(rows, in)`, from `W Aᵀ` (see the
+        module docstring), in float32 (float64 for float64 weights), without gradient."""
+        dtype = compute_dtype(W)
+        W, A, B = W.detach(), self.A.detach(), self.B.detach()
+        WA = F.linear(W, A.to(W.dtype)).to(dtype)  # (rows, r)
+        Bc, Ac = B.to(dtype), A.to(dtype)
+        s = self.scaling
+        n2 = self._base_norms_squared(W, dtype).clone()
+        n2 += (2 * s) * (Bc * WA).sum(1)
+        n2 += (s * s) * ((Bc @ (Ac @ Ac.t())) * Bc).sum(1)
+        return n2.clamp_min_(0).sqrt_()
+
+    def _base_norms_squared(self, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`||W_i||²`, kept while `W` (frozen in training) is the same tensor at the same version."""
+        if torch.compiler.is_compiling():  # (the compiler cannot trace the key: it computes them in the graph)
+            return torch.linalg.vector_norm(W, dim=1, dtype=dtype).square()
+        try:
+            key = (W.data_ptr(), W._version, W.shape, W.stride(), W.dtype, W.device, dtype)
+        except RuntimeError:  # an inference tensor has no version counter
+            return torch.linalg.vector_norm(W, dim=1, dtype=dtype).square()
+        if self._base_norm_cache is None or self._base_norm_cache[0] != key:
+            self._base_norm_cache = (key, torch.linalg.vector_norm(W, dim=1, dtype=dtype).square())
+        return self._base_norm_cache[1]
+
+    def _cached_norms(self, W: torch.Tensor) -> torch.Tensor:
+        """`_weight_norms`, kept between calls without gradient (generation) until `W`, `A` or `B` change (their
+        version counters and storage) or the module changes mode; in eval mode only."""
+        # only in eval mode: `train()` empties the cache, and sharded (FSDP) weights are gathered anew each call
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._weight_norms(W)
+        try:
+            key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (W, self.A, self.B))
+        except RuntimeError:  # inference tensors have no version counter
+            return self._weight_norms(W)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, self._weight_norms(W))
+        return self._norm_cache[1]
+
+    def dora_scale(self, W: torch.Tensor) -> torch.Tensor:
+        """`m / n - 1` per row of the slice (differentiable in `m` only), where `n` are `_weight_norms(W)`; computed
+        as `(m - n) / n` so that it keeps its precision when `m` is close to `n`."""
+        n = self._cached_norms(W)
+        return (self.magnitude.to(n.dtype) - n) / n
 
     def factors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[C, P]` with `C Pᵀ = (alpha / r) B A x` for `AdaptedLinear`'s in-place slice update."""
@@ -64,8 +136,17 @@ class LoRAAdapter(SliceAdapter):
         dtype = compute_dtype(self.A)
         return (self.B.to(dtype) @ self.A.to(dtype)) * self.scaling
 
+    def merged_rows(self, W: torch.Tensor) -> torch.Tensor:
+        """This slice's rows of the merged weight, from its base rows `W` `(rows, in)` (in the compute dtype):
+        `W + s B A`, and for DoRA those rows scaled to the norms `m`."""
+        Wm = W + self.delta_weight().to(W.dtype)
+        if self.magnitude is None:
+            return Wm
+        n = torch.linalg.vector_norm(Wm, dim=1)
+        return Wm * (self.magnitude.to(Wm.dtype) / n).unsqueeze(1)
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}"
+        return f"r={self.r}, alpha={self.alpha:g}" + (", DoRA" if self.magnitude is not None else "")
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -125,6 +206,46 @@ class _LoRALinear(torch.autograd.Function):
         return (gx, None, None, None, None, *grads)
 
 
+class _DoRARescale(torch.autograd.Function):
+    """`y += t (y - b)` in place (`t` = `m/n - 1` per output row, zero on rows without DoRA), keeping only the
+    result, which the next operation keeps anyway: `y - b = (out - b) / (1 + t)` comes back from it for `t`'s
+    gradient. One pass over the activations forward, two backward."""
+
+    @staticmethod
+    def forward(ctx, y, t, b):
+        ctx.mark_dirty(y)
+        if b is None:
+            y.mul_(1 + t)
+        else:
+            y.addcmul_(y - b, t)
+        ctx.save_for_backward(y, t, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        out, t, b = ctx.saved_tensors
+        gy = g * (1 + t) if ctx.needs_input_grad[0] else None
+        gt = None
+        if ctx.needs_input_grad[1]:  # the sum over tokens of g (y - b) = g (out - b) / (1 + t)
+            d = out.shape[-1]
+            g2, o2 = g.reshape(-1, d), out.reshape(-1, d)
+            s = (g2 * o2).sum(0, dtype=compute_dtype(t))
+            if b is not None:
+                s = s - b.to(s.dtype) * g2.sum(0, dtype=s.dtype)
+            gt = (s / (1 + t.to(s.dtype))).to(t.dtype)
+        return gy, gt, None
+
+
+def dora_rescale(y: torch.Tensor, t: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """`y + t (y - b)`, in place where autograd allows it (`_DoRARescale`); `t` and `b` in `y`'s dtype."""
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return y.addcmul_(y if b is None else y - b, t)
+    if torch.compiler.is_compiling() or y._base is not None or not y.requires_grad:  # out of place
+        return y + t * (y if b is None else y - b)
+    return _DoRARescale.apply(y, t, b)
+
+
 @register_method("lora")
 def build_lora(config: AdapterConfig, layer: str, in_features: int, out_features: int, device, dtype):
-    return LoRAAdapter(in_features, out_features, config.r, config.alpha, device=device, dtype=dtype)
+    return LoRAAdapter(in_features, out_features, config.r, config.alpha, device=device, dtype=dtype,
+                       dora=config.dora)

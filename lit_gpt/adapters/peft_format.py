@@ -20,6 +20,11 @@ directions are exact:
 * import: the block form (every column of `B` non-zero in one slice only, as many columns per slice) comes back as
   per-slice adapters of rank `r`, anything else as every slice with the whole `A` and its rows of `B`.
 
+DoRA (`use_dora`) adds `...lora_magnitude_vector` `(out,)` per module, its rows laid out as `B`'s; it becomes the
+`magnitude` of the lit slices those rows are (a fused module's slices all keep their adapter, never the block
+form: DoRA rescales every row). An export gives the rows of a fused module without an adapter their base norm, so
+PEFT leaves them as they are.
+
 OFT and HRA (`_oft_export`, `_hra_export`, `_oft_slices`, `_hra_slices`) transform a whole `torch.nn.Linear`'s
 input, as our input-side transforms do: `oft_R.weight` `(r, k(k-1)/2)` holds each block's strict upper triangle of
 PEFT's skew `Q` (`S = Q` for exact Cayley, `S = -Q` for its Cayley-Neumann series), `hra_u` `(in, r)` the raw
@@ -75,6 +80,7 @@ from lit_gpt.utils import (
     check_checkpoint_dir,
     check_output_dir,
     load_file,
+    load_model_weights,
     read_json_object,
 )
 
@@ -90,7 +96,6 @@ PEFT_OFT_VERSION = "0.18.0"
 # LoraConfig settings (set: truthy) that make the adapter compute something else than `W x + scaling B A x` on the
 # plain base weights, or that train other tensors as well: an import refuses them, saying what they are
 UNSUPPORTED_SETTINGS = {
-    "use_dora": "DoRA (a learned magnitude vector on top of LoRA)",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained modules besides the LoRA layers",
     "trainable_token_indices": "trained rows of the embedding",
@@ -175,9 +180,11 @@ def _module_names(group: set[str], universe: set[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _export_factors(layer, rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, int, float]]:
-    """`(A, B, rank, lora_alpha)` of the transformers module whose rows are the lit `rows` of the adapted `layer`
-    (`B`'s rows in the transformers order), or None where none of those rows carries an adapter."""
+def _export_factors(layer, rows: torch.Tensor
+                    ) -> Optional[tuple[torch.Tensor, torch.Tensor, int, float, Optional[torch.Tensor]]]:
+    """`(A, B, rank, lora_alpha, magnitude)` of the transformers module whose rows are the lit `rows` of the adapted
+    `layer` (`B`'s and DoRA's `magnitude`'s rows in the transformers order; `magnitude` None without DoRA), or None
+    where none of those rows carries an adapter."""
     covered = [(lo, hi, layer.adapters[s] if s in layer.adapters else None) for s, lo, hi in layer.slices
                if bool(((rows >= lo) & (rows < hi)).any())]
     adapted = [(lo, hi, ad) for lo, hi, ad in covered if ad is not None]
@@ -196,7 +203,14 @@ def _export_factors(layer, rows: torch.Tensor) -> Optional[tuple[torch.Tensor, t
         for i, (lo, hi, ad) in enumerate(adapted):
             B[lo:hi, i * r:(i + 1) * r] = ad.B.detach()
         r, alpha = k * r, k * alpha
-    return A.clone(), B[rows].contiguous(), r, alpha
+    magnitude = None
+    if first.magnitude is not None:  # rows without an adapter keep their norm: PEFT's DoRA then leaves them as they are
+        W = layer.base_weight().detach()
+        magnitude = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).to(first.magnitude.dtype)
+        for lo, hi, ad in adapted:
+            magnitude[lo:hi] = ad.magnitude.detach()
+        magnitude = magnitude[rows].contiguous()
+    return A.clone(), B[rows].contiguous(), r, alpha, magnitude
 
 
 def _number(x: float) -> Union[int, float]:
@@ -215,9 +229,11 @@ def _lora_export(model: GPT, modules: dict[str, HFModule], dtype: torch.dtype) -
             factors = _export_factors(layer, module.rows)
             if factors is None:
                 continue
-            A, B, r, alpha = factors
+            A, B, r, alpha, magnitude = factors
             tensors[f"{PEFT_PREFIX}{hf_module}.lora_A.weight"] = A.to(dtype)
             tensors[f"{PEFT_PREFIX}{hf_module}.lora_B.weight"] = B.to(dtype)
+            if magnitude is not None:
+                tensors[f"{PEFT_PREFIX}{hf_module}.lora_magnitude_vector"] = magnitude.to(dtype)
             settings[hf_module] = (r, alpha)
     # the most common (rank, alpha) is the config's; modules with others (a fused QKV's block form) get patterns
     (r, alpha), _ = Counter(settings.values()).most_common(1)[0]
@@ -243,7 +259,7 @@ def _lora_export(model: GPT, modules: dict[str, HFModule], dtype: torch.dtype) -
         "bias": "none",
         "fan_in_fan_out": model_type == "gpt2",  # GPT-2's Conv1D layers store their weight as (in, out)
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": adapter_config.dora,
         "modules_to_save": None,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -484,6 +500,8 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     with torch.device("meta"):
         model = GPT(config)
     check_same_base(finetuned, model, checkpoint_dir)
+    if finetuned.payload["adapter_config"].get("dora"):  # (the norms of rows without an adapter: `_export_factors`)
+        load_model_weights(model, checkpoint_dir / WEIGHTS_FILENAME)
     load_adapters(model, finetuned.payload)  # the adapter tensors replace their meta placeholders
     saved = finetuned.payload["state_dict"]
     dtype = next((v.dtype for v in saved.values() if v.is_floating_point()), torch.float32)
@@ -676,9 +694,12 @@ def _read_peft_tensors(peft_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _split_fused(A: torch.Tensor, B_full: torch.Tensor, slices: list[tuple[str, int, int]], scaling: float,
-                 alpha_of) -> dict[str, _Factors]:
+                 alpha_of, block_form: bool = True) -> dict[str, _Factors]:
     """One transformers LoRA on a whole fused QKV layer (`B_full` in lit row order) as per-slice factors: the block
-    form back as rank-`r` slices where it is one (see the module docstring), else every slice with all of `A`."""
+    form back as rank-`r` slices where it is one (see the module docstring) and `block_form` allows it, else every
+    slice with all of `A`."""
+    if not block_form:
+        return {s: _Factors(A.clone(), B_full[lo:hi].clone(), scaling, alpha_of(A.shape[0])) for s, lo, hi in slices}
     support = [[s for s, lo, hi in slices if bool(B_full[lo:hi, j].ne(0).any())] for j in range(A.shape[0])]
     columns: dict[str, list[int]] = {}
     for j, owners in enumerate(support):
@@ -722,8 +743,9 @@ def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: s
 
 
 # the tensor names `PeftModel.save_pretrained` writes per adapted module (after `PEFT_PREFIX<module>`), by peft_type
-TENSOR_NAMES = {"LORA": (r"lora_([AB])\.weight", ("A", "B")), "OFT": (r"(oft_R)\.weight", ("oft_R",)),
-                "HRA": (r"(hra_u)", ("hra_u",))}
+TENSOR_NAMES = {"LORA": (r"lora_([AB])\.weight", ("A", "B")),
+                "DORA": (r"lora_([AB])\.weight|lora_(magnitude)_vector", ("A", "B", "magnitude")),  # use_dora
+                "OFT": (r"(oft_R)\.weight", ("oft_R",)), "HRA": (r"(hra_u)", ("hra_u",))}
 
 
 def _check_peft_dir(peft_dir: Union[str, Path]) -> Path:
@@ -793,7 +815,8 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
     """The adapter tensors of `adapter_model.safetensors` by transformers module and part (`A`/`B`, `oft_R`,
     `hra_u`), checked against the modules of the checkpoint's export and the config's selection of them."""
     kind = cfg["peft_type"]
-    pattern, parts = TENSOR_NAMES[kind]
+    dora = kind == "LORA" and bool(cfg.get("use_dora"))
+    pattern, parts = TENSOR_NAMES["DORA" if dora else kind]
     tensors = _read_peft_tensors(peft_dir)
     weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
     found: dict[str, dict[str, torch.Tensor]] = {}
@@ -802,15 +825,15 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
         if copy is not None and copy[1] in modules and modules[copy[1]].lit == _HEAD:
             _check_head_copy(key, t, weights, ckpt)
             continue
-        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.{pattern}", key)
+        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(?:{pattern})", key)
         if m is None:
-            what = ("a DoRA magnitude" if "lora_magnitude_vector" in key else
+            what = ("a DoRA magnitude, while use_dora is false" if "lora_magnitude_vector" in key else
                     "a LoRA on an embedding" if "lora_embedding" in key else
                     "an OFT on an embedding" if "oft_embedding_R" in key else
                     f"not a {kind} tensor of a linear layer")
             raise ValueError(f"{weights!r} holds {key!r} ({what}), which lit_gpt cannot load: merge the adapter "
                              "into the base with PEFT (merge_and_unload) instead.")
-        found.setdefault(m[1], {})[m[2]] = t
+        found.setdefault(m[1], {})[next(g for g in m.groups()[1:] if g)] = t
     if not found:
         raise ValueError(f"{weights!r} holds no {kind} tensors: save the adapter again with PEFT.")
     for module, got in sorted(found.items()):
@@ -821,8 +844,10 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
             )
         missing = next((part for part in parts if part not in got), None)
         if missing is not None:
-            raise ValueError(f"{weights!r} has no {PEFT_PREFIX}{module}.lora_{missing}.weight: the file is "
-                             "incomplete; save the adapter again with PEFT.")
+            name = "lora_magnitude_vector" if missing == "magnitude" else f"lora_{missing}.weight"
+            why = f", which {PEFT_CONFIG_FILENAME}'s use_dora=true needs" if missing == "magnitude" else ""
+            raise ValueError(f"{weights!r} has no {PEFT_PREFIX}{module}.{name}{why}: the file is incomplete; save "
+                             "the adapter again with PEFT.")
     head = next((m for m, info in modules.items() if info.lit == _HEAD), None)
     selected = {m for m in modules if peft_selects(cfg, m, head)}
     for module in sorted(selected - set(found)):
@@ -852,10 +877,19 @@ def _lora_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GP
     slices: dict[tuple[str, str], _Factors] = {}
     source: dict[tuple[str, str], str] = {}  # the transformers module each slice's factors come from
     rslora = bool(cfg.get("use_rslora"))
+    dora = bool(cfg.get("use_dora"))
+    magnitudes: dict[tuple[str, str], torch.Tensor] = {}  # DoRA's, by lit slice
     for module, pair in sorted(found.items()):
         A, B = pair["A"], pair["B"]
         info = modules[module]
         prefix = f"{PEFT_PREFIX}{module}"
+        mag = pair.get("magnitude")
+        if mag is not None and list(mag.shape) != [len(info.rows)]:
+            raise ValueError(
+                f"{prefix}.lora_magnitude_vector in {weights!r} has shape {list(mag.shape)}, but the layer of "
+                f"{ckpt!r} it adapts has {len(info.rows)} outputs: the adapter was trained on another base model; "
+                "pass the --checkpoint_dir converted from that model."
+            )
         if A.ndim != 2 or A.shape[1] != info.in_features:
             raise ValueError(
                 f"{prefix}.lora_A.weight in {weights!r} has shape {list(A.shape)}, but the layer of {ckpt!r} it "
@@ -888,13 +922,22 @@ def _lora_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GP
             B_lit[info.rows - lo] = B
             slices[(info.lit, s)] = _Factors(A.clone(), B_lit, scaling, alpha_of(A.shape[0]))
             source[(info.lit, s)] = module
+            if mag is not None:
+                magnitudes[(info.lit, s)] = torch.empty(hi - lo, dtype=mag.dtype)
+                magnitudes[(info.lit, s)][info.rows - lo] = mag
         else:
             n_out = model.get_submodule(info.lit).weight.shape[0]
             B_full = torch.zeros(n_out, B.shape[1], dtype=B.dtype)
             B_full[info.rows] = B
-            for s, f in _split_fused(A, B_full, hit, scaling, alpha_of).items():
+            # (DoRA rescales every row of the module, so every slice of it keeps its adapter: not the block form)
+            for s, f in _split_fused(A, B_full, hit, scaling, alpha_of, block_form=not dora).items():
                 slices[(info.lit, s)] = f
                 source[(info.lit, s)] = module
+            if mag is not None:
+                m_full = torch.zeros(n_out, dtype=mag.dtype)
+                m_full[info.rows] = mag
+                for s, lo, hi in hit:
+                    magnitudes[(info.lit, s)] = m_full[lo:hi].clone()
     r = max(f.A.shape[0] for f in slices.values())
     full = [f for f in slices.values() if f.A.shape[0] == r]
     common = Counter(round(f.scaling, 12) for f in full).most_common(1)[0][0]
@@ -916,8 +959,11 @@ def _lora_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GP
               f"adapter has one r and alpha: imported as rank {r}, scale {scale:g}, the lower ranks padded with "
               "zeros (which stay zero in training) and the other scales folded into B, so it computes what PEFT "
               "computes.", file=sys.stderr)
-    settings = dict(method="lora", r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0))
-    return {key: {"A": f.A, "B": f.B} for key, f in slices.items()}, settings
+    settings = dict(method="lora", r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), dora=dora)
+    tensors = {key: {"A": f.A, "B": f.B} for key, f in slices.items()}
+    for key, mag in magnitudes.items():
+        tensors[key]["magnitude"] = mag
+    return tensors, settings
 
 
 def _shape_error(name: str, weights: str, shape: list, ckpt: str, needs: str) -> ValueError:
