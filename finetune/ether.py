@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.adapters.config import named_by_flags
-from lit_gpt.training import ETHER_FLAGS, run_entrypoint, targets_from_flags
+from lit_gpt.training import ETHER_FLAGS, run_entrypoint, targets_from_flags, train_modules_from_flag
 
 
 def setup(
@@ -27,6 +27,7 @@ def setup(
     ether_mlp: Optional[bool] = None,
     ether_head: Optional[bool] = None,
     ether_targets: Optional[Union[str, list[str]]] = None,
+    ether_train_modules: Optional[Union[str, list[str]]] = None,
     oft_coft: bool = False,
     oft_eps: Optional[float] = None,
     oft_block_share: bool = False,
@@ -63,6 +64,11 @@ def setup(
         ether_targets: The adapted layers in one flag, instead of the six above: names separated by commas
             (query,value,mlp) or a list, or all-linear (PEFT's rule: every linear layer but the output head);
             transformers' names (q_proj, v_proj, gate_proj, ...) are taken as ours. A layer flag given too must agree.
+        ether_train_modules: Modules trained in full beside the adapter (PEFT's modules_to_save), saved in its file
+            and merged with it: names separated by commas or a list, of head (the output head), embeddings (token
+            embeddings, and GPT-2's positions), norms (every norm), or module names (transformer.ln_f, norm_1) and
+            patterns ("re:<regex>"); transformers' names (lm_head, embed_tokens, input_layernorm, norm) are taken
+            as ours. A head tied to the embeddings trains them too; they keep the model's dtype.
         oft_coft: Constrained OFT: keep each skew-symmetric block within Frobenius norm `oft_eps` of zero.
         oft_eps: COFT radius per block, with `--oft_coft true`; null (unset) means 6e-5, the OFT authors' and
             PEFT's number. Their code bounds each block by `eps / sqrt(nb)`: pass that value to reproduce their
@@ -109,7 +115,7 @@ def setup(
         adapter = AdapterConfig(
             method=Htype, nb=ether_nb, targets=targets, flip_side=flip_side, dropout=ether_dropout,
             block_dropout=block_dropout, coft=oft_coft, block_share=oft_block_share, neumann_terms=oft_neumann_terms,
-            **extra,
+            train_modules=train_modules_from_flag(ether_train_modules), **extra,
         )
         run_entrypoint(Htype, adapter, flags)
 

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.adapters.config import named_by_flags
-from lit_gpt.training import LORA_FLAGS, run_entrypoint, targets_from_flags
+from lit_gpt.training import LORA_FLAGS, run_entrypoint, targets_from_flags, train_modules_from_flag
 
 
 def setup(
@@ -27,6 +27,7 @@ def setup(
     lora_mlp: Optional[bool] = None,
     lora_head: Optional[bool] = None,
     lora_targets: Optional[Union[str, list[str]]] = None,
+    lora_train_modules: Optional[Union[str, list[str]]] = None,
     precision: Optional[str] = None,
     adapter_float32: bool = False,
     devices: int = 1,
@@ -58,6 +59,11 @@ def setup(
         lora_targets: The adapted layers in one flag, instead of the six above: names separated by commas
             (query,value,mlp) or a list, or all-linear (PEFT's rule: every linear layer but the output head);
             transformers' names (q_proj, v_proj, gate_proj, ...) are taken as ours. A layer flag given too must agree.
+        lora_train_modules: Modules trained in full beside the adapter (PEFT's modules_to_save), saved in its file
+            and merged with it: names separated by commas or a list, of head (the output head), embeddings (token
+            embeddings, and GPT-2's positions), norms (every norm), or module names (transformer.ln_f, norm_1) and
+            patterns ("re:<regex>"); transformers' names (lm_head, embed_tokens, input_layernorm, norm) are taken
+            as ours. A head tied to the embeddings trains them too; they keep the model's dtype.
         precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
             16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in
@@ -88,7 +94,7 @@ def setup(
     )
     with named_by_flags(LORA_FLAGS):  # errors name the flags, not the fields
         adapter = AdapterConfig(method="lora", r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dora=lora_dora,
-                                targets=targets)
+                                targets=targets, train_modules=train_modules_from_flag(lora_train_modules))
         run_entrypoint("lora", adapter, flags)
 
 

@@ -288,7 +288,8 @@ NO_EQUIVALENT = {
                              "--train.beta2)"),
     "multiline": ("--multi_turn", "a message continues on the next line when a line ends with \\"),
     "use_dora": (_TRAINING, "DoRA is --lora_dora true (finetune/lora.py)"),
-    "modules_to_save": (_TRAINING, "only the adapter is trained (finetune/full.py trains every weight)"),
+    "modules_to_save": (_TRAINING, "modules trained in full beside the adapter are --lora_train_modules or "
+                                   "--ether_train_modules (head, embeddings, norms, or module names)"),
     "max_tokens": (_TRAINING, "the run's length is set by --train.max_steps or --train.epochs"),
     # litgpt's --data.*: prepared beforehand here
     "data": (_TRAINING, "the data is prepared first with a scripts/prepare_*.py script, whose folder is "

@@ -750,10 +750,13 @@ def _adapters_to_file_precision(model: nn.Module, saved: dict[str, torch.Tensor]
 
     `load_adapters` stores them in the base weight's dtype (what the unmerged forward computes in); an adapter trained
     in float32 on top of bf16 weights would otherwise be rounded to bf16 before it is folded in float32."""
-    params = dict(model.named_parameters())
+    from lit_gpt.adapters.base import trained_module_state_dict
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    trained = trained_module_state_dict(model)  # (modules trained in full are written in the model's dtype)
     for key, value in saved.items():
         p = params[key]
-        if value.is_floating_point() and value.dtype != p.dtype:
+        if key not in trained and value.is_floating_point() and value.dtype != p.dtype:
             p.data = value.to(device=p.device, dtype=torch.promote_types(value.dtype, p.dtype))
 
 

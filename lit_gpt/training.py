@@ -72,9 +72,9 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pth$")
 ETHER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "--ether_targets or --ether_* layer flags",
                "flip_side": "--flip_side", "dropout": "--ether_dropout", "block_dropout": "--block_dropout",
                "coft": "--oft_coft", "eps": "--oft_eps", "block_share": "--oft_block_share",
-               "neumann_terms": "--oft_neumann_terms"}
+               "neumann_terms": "--oft_neumann_terms", "train_modules": "--ether_train_modules"}
 LORA_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "dora": "--lora_dora",
-              "targets": "--lora_targets or --lora_* layer flags"}
+              "targets": "--lora_targets or --lora_* layer flags", "train_modules": "--lora_train_modules"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -228,6 +228,13 @@ def check_precision(precision: str, adapter_config: Optional[Any], world_size: i
             "squared gradients round to 0 and the first steps turn the weights into NaN; use --precision bf16-true "
             f"on GPUs with bfloat16, or {other}."
         )
+    if getattr(adapter_config, "train_modules", None) and precision.startswith("16-true"):
+        flag = "--lora_train_modules" if adapter_config.method == "lora" else "--ether_train_modules"
+        raise ValueError(
+            f"--precision 16-true cannot train modules in full ({flag}): they keep the model's float16, where AdamW's "
+            "state rounds to 0 and the first steps turn the weights into NaN; use --precision bf16-true on GPUs with "
+            "bfloat16, or 16-mixed."
+        )
     if world_size > 1 and unified not in SHARDED_PRECISIONS:
         offered = "32-true, bf16-true, bf16-mixed" + (" or 16-true" if adapter_config is not None else "")
         raise ValueError(f"--precision {precision} does not work with --devices × --num_nodes = {world_size}: FSDP2 "
@@ -320,9 +327,14 @@ def _half_keeping_trainable_float32():
 
 
 def cast_trainable_float32(module: nn.Module) -> None:
-    """The trainable weights of `module` in float32, in place (their gradients and AdamW's state follow them)."""
+    """The adapters' trainable weights of `module` in float32, in place (their gradients and AdamW's state follow
+    them). Modules trained in full (`AdapterConfig.train_modules`) keep the model's dtype, as full fine-tuning does
+    and PEFT does with `modules_to_save`: their own forward computes with their weights as they are."""
+    from lit_gpt.adapters.base import trained_module_state_dict
+
+    full = {id(p) for p in trained_module_state_dict(module).values()}
     for p in module.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in full:
             p.data = p.data.float()
 
 
@@ -816,6 +828,21 @@ def check_answers_fit(data, max_len: int, data_dir: Path, flag_given: bool) -> N
     print_once(f"warning: {what}; they train nothing.")
 
 
+def tied_trained_note(model: nn.Module) -> Optional[str]:
+    """A note when a module trained in full shares a weight with another module (a head tied to the embeddings),
+    which the training then changes too."""
+    from lit_gpt.adapters.base import trained_module_state_dict
+
+    trained = trained_module_state_dict(model)
+    by_id = {id(p): name for name, p in trained.items()}
+    tied = [(name, by_id[id(p)]) for name, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in by_id and name not in trained]
+    if not tied:
+        return None
+    other, own = tied[0]
+    return f"note: {own} is tied to {other} (one tensor), so training it in full changes both."
+
+
 def check_tied_head(config: Config, adapter_config: Any, method: str) -> None:
     if adapter_config is not None and config.tie_embeddings and "head" in adapter_config.targets:
         flag = "--lora_head" if method == "lora" else "--ether_head"
@@ -1224,6 +1251,23 @@ def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
 _HF_MLP_LAYERS = ({"gate_proj", "up_proj", "down_proj"}, {"fc1", "fc2"}, {"dense_h_to_4h", "dense_4h_to_h"})
 
 
+def train_modules_from_flag(given: Optional[Union[str, Sequence[str]]]) -> list[str]:
+    """`--*_train_modules`'s value: names separated by commas, or a list; `head`, `embeddings`, `norms` (the named
+    train modules of a lit_gpt.GPT), module names and patterns of `lit_gpt.GPT` (`transformer.ln_f`, `re:...`), and
+    transformers' names of the same modules (PEFT's modules_to_save: embed_tokens, input_layernorm, ...)."""
+    from lit_gpt.adapters.base import HF_TRAIN_MODULE_NAMES
+
+    if given is None:
+        return []
+    items = given.split(",") if isinstance(given, str) else list(given)
+    names = []
+    for item in (str(item).strip() for item in items):
+        name = HF_TRAIN_MODULE_NAMES.get(item, item)
+        if item and name not in names:
+            names.append(name)
+    return names
+
+
 def targets_from_flags(prefix: str, targets: Optional[Union[str, Sequence[str]]] = None,
                        **flags: Optional[bool]) -> list[str]:
     """The adapted layers: `--{prefix}_targets` when given, else the `--{prefix}_query` ... `--{prefix}_head`
@@ -1407,12 +1451,16 @@ def finetune(
         why = ("float16 ones round AdamW's steps to NaN" if precision.startswith("16-true")
                else "--adapter_float32: no Adam step is rounded away")
         half = "float16" if precision.startswith("16-true") else "bfloat16"
+        trained = ", ".join(adapter_config.train_modules)
+        also = f" and the modules trained in full ({trained})" if trained else ""
         fabric.print(f"--precision {precision}: the adapter's weights, gradients and AdamW state are float32 ({why}); "
-                     f"the frozen model and the activations are {half}.")
+                     f"the frozen model{also} and the activations are {half}.")
     fabric.print(
         f"trainable parameters: {num_parameters(model, requires_grad=True):,}  "
         f"frozen: {num_parameters(model, requires_grad=False):,}"
     )
+    if adapter_config is not None and tied_trained_note(model):
+        fabric.print(tied_trained_note(model))
     fabric.print(training_plan(train, steps, len(train_data)))
     if train.lr_warmup_fraction is not None:
         fabric.print(f"--train.lr_warmup_fraction {train.lr_warmup_fraction:g} of an epoch: {warmup:,} warm-up "
@@ -1597,6 +1645,8 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> st
         else:
             parts.append(f"nb{adapter_config.nb}")
         parts.append("-".join(adapter_config.targets))  # (all-linear too: a resume finds earlier runs' folders)
+        if getattr(adapter_config, "train_modules", None):
+            parts.append("train-" + "-".join(re.sub(r"[^A-Za-z0-9.]+", "", m) for m in adapter_config.train_modules))
         if getattr(adapter_config, "flip_side", False):
             parts.append("flip")
         if getattr(adapter_config, "dora", False):

@@ -34,10 +34,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_gpt import recompute
-from lit_gpt.adapters.config import ALL_LINEAR, GPT_TARGETS, AdapterConfig, field_name, setting
+from lit_gpt.adapters.config import (
+    ALL_LINEAR, GPT_TARGETS, GPT_TRAIN_MODULES, AdapterConfig, field_name, setting,
+)
 
 FULL = "full"  # the slice name of a layer adapted as a whole
 QKV_SLICES = ("query", "key", "value")
+# set on each module `AdapterConfig.train_modules` selects (`install_adapters`), so `trained_modules` finds them under
+# any wrapper's names (FSDP2 and torch.compile keep the module objects)
+TRAINED_IN_FULL = "_trained_in_full"
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -644,6 +649,88 @@ def _refusal(model: nn.Module, name: str, module: nn.Module, owners: dict[int, l
     return None
 
 
+# transformers' names of modules PEFT's modules_to_save lists, and the same modules of a lit_gpt.GPT
+HF_TRAIN_MODULE_NAMES = {"embed_tokens": "transformer.wte", "embed_in": "transformer.wte", "lm_head": "lm_head",
+                         "embed_out": "lm_head", "input_layernorm": "norm_1", "post_attention_layernorm": "norm_2",
+                         "norm": "transformer.ln_f", "final_layer_norm": "transformer.ln_f",
+                         "final_layernorm": "transformer.ln_f"}
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _gpt_train_modules(model: nn.Module, name: str) -> list[str]:
+    modules = dict(model.named_modules())
+    if name == "head":
+        return ["lm_head"]
+    if name == "embeddings":
+        return [n for n in ("transformer.wte", "transformer.wpe") if n in modules]
+    from lit_gpt.model import RMSNorm
+
+    return [n for n, m in modules.items() if isinstance(m, (RMSNorm, nn.LayerNorm))]
+
+
+def train_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The modules `config.train_modules` selects in `model` (the outermost of nested ones), in model order."""
+    if not config.train_modules:
+        return []
+    modules = dict(model.named_modules())
+    gpt = _is_gpt(model)
+    chosen: set[str] = set()
+    for pattern in config.train_modules:
+        if gpt and pattern in GPT_TRAIN_MODULES:
+            hits = _gpt_train_modules(model, pattern)
+        else:
+            hits = [n for n in modules if n and _match(pattern, n)]
+        hits = [n for n in hits if _has_parameters(modules[n])]
+        if not hits:
+            raise ValueError(_no_train_match(model, modules, pattern, gpt))
+        chosen.update(hits)
+    return [n for n in modules if n in chosen and not any(n.startswith(o + ".") for o in chosen)]
+
+
+def _no_train_match(model: nn.Module, modules: dict[str, nn.Module], pattern: str, gpt: bool) -> str:
+    what = type(model).__name__
+    flag = field_name("train_modules")
+    if any(n and _match(pattern, n) for n in modules):
+        return (f"The {flag} entry {pattern!r} matches only modules without parameters in {what}: name modules that "
+                "have some.")
+    if gpt:
+        ours = HF_TRAIN_MODULE_NAMES.get(pattern.rsplit(".", 1)[-1])
+        instead = f" ({pattern!r} is {ours!r} here)" if ours else ""
+        return (f"The {flag} entry {pattern!r} matches no module of {what}; the named train modules of a lit_gpt.GPT "
+                f"are {', '.join(GPT_TRAIN_MODULES)}{instead}, or write module names such as 'transformer.ln_f'.")
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                     if n and any(True for _ in m.parameters(recurse=False))})
+    names = ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
+    return (f"The {flag} entry {pattern!r} matches no module of {what}: name modules that have parameters ({names}) "
+            "or write a regular expression 're:<regex>'.")
+
+
+def _check_trained_not_adapted(trained: list[str], adapted: Iterator[str]) -> None:
+    for a in adapted:
+        for t in trained:
+            if a == t or a.startswith(t + ".") or t.startswith(a + "."):
+                holds = "is" if a == t else ("holds" if a.startswith(t + ".") else "is inside")
+                raise ValueError(
+                    f"{t!r} would be both trained in full ({field_name('train_modules')}) and adapted "
+                    f"({field_name('targets')}): it {holds} the adapted layer {a!r}; leave it out of one of the two."
+                )
+
+
+def trained_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The modules trained in full beside the adapters (`AdapterConfig.train_modules`), by name in `model`."""
+    for name, module in model.named_modules():
+        if getattr(module, TRAINED_IN_FULL, False):
+            yield name, module
+
+
+def trained_module_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of `trained_modules`, under their names in `model.state_dict()`."""
+    return {f"{name}.{k}": p for name, module in trained_modules(model) for k, p in module.named_parameters()}
+
+
 # a layer to adapt, before the model is touched: (module name, base module, slice layout, adapters by slice name)
 Built = tuple[str, nn.Module, list[tuple[str, int, int]], dict[str, SliceAdapter]]
 
@@ -653,6 +740,7 @@ def build_adapters(model: nn.Module, config: AdapterConfig) -> list[Built]:
     refusal (a width `nb` does not divide, a tied weight, a layer whose own forward would be bypassed) comes
     before anything changes."""
     plan, all_linear = _resolve_targets(model, config)
+    _check_trained_not_adapted(train_module_names(model, config), iter(plan))
     builder = _BUILDERS[config.method]
     # a weight shared with another module (tied embeddings) cannot take a merged W' without changing the other
     owners: dict[int, list[str]] = {}
@@ -679,8 +767,10 @@ def build_adapters(model: nn.Module, config: AdapterConfig) -> list[Built]:
 
 
 def install_adapters(model: nn.Module, config: AdapterConfig, built: list[Built]) -> nn.Module:
-    """Swap in the layers `build_adapters` made and freeze every parameter but the adapters'."""
+    """Swap in the layers `build_adapters` made and freeze every parameter but the adapters' and those of the
+    `train_modules`."""
     in_place = _is_gpt(model)  # see AdaptedLinear.in_place_outputs
+    trained = train_module_names(model, config)  # (no adapted layer is among or inside them: build_adapters)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module, layout, adapters in built:
@@ -691,6 +781,11 @@ def install_adapters(model: nn.Module, config: AdapterConfig, built: list[Built]
         setattr(parent, child, new)
     for _, layer in adapted_layers(model):
         for p in layer.adapters.parameters():
+            p.requires_grad_(True)
+    for name in trained:
+        module = model.get_submodule(name)
+        setattr(module, TRAINED_IN_FULL, True)
+        for p in module.parameters():
             p.requires_grad_(True)
     return model
 
@@ -712,7 +807,10 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into plain weights (`W' = H_out W H_in`, bias untouched) and put the base modules back,
     so `model.state_dict()` has exactly the base model's keys. Computed in float32 (float64 stays), cast back to the
-    weight's dtype; adapters switched off with `set_adapters_enabled` are folded in all the same."""
+    weight's dtype; adapters switched off with `set_adapters_enabled` are folded in all the same. The modules trained
+    in full (`AdapterConfig.train_modules`) keep their trained weights and become plain modules of the model."""
+    for _, module in list(trained_modules(model)):
+        module.__dict__.pop(TRAINED_IN_FULL, None)
     for name, layer in list(adapted_layers(model)):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -721,7 +819,15 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> nn.Module:
-    """A disabled adapter makes its layer compute exactly the base layer (PEFT's `disable_adapter`)."""
+    """A disabled adapter makes its layer compute exactly the base layer (PEFT's `disable_adapter`). Refused when
+    the model trains modules in full (`AdapterConfig.train_modules`): their original weights are not kept."""
+    trained = [name for name, _ in trained_modules(model)]
+    if not enabled and trained:
+        raise ValueError(
+            f"The model trains {trained[0]!r}{' and more' if len(trained) > 1 else ''} in full (train_modules), whose "
+            "original weights are not kept, so disabling the adapters would not give the base model: load the base "
+            "checkpoint for that."
+        )
     for _, layer in adapted_layers(model):
         layer.adapters_enabled = bool(enabled)
     return model

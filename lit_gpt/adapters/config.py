@@ -20,6 +20,9 @@ METHODS = MULTIPLICATIVE_METHODS + ("lora",)
 GPT_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 # PEFT's "all-linear" convention: every linear layer but the output head
 ALL_LINEAR = "all-linear"
+# the named train_modules of a `lit_gpt.GPT`: its output head, its embeddings (token, and GPT-2's positions) and
+# every norm
+GPT_TRAIN_MODULES = ("head", "embeddings", "norms")
 
 
 # how an error names a field: by its name here, or, inside `named_by_flags` (which the finetune scripts enter), by the
@@ -101,12 +104,15 @@ class AdapterConfig:
     block_share: bool = False
     neumann_terms: int = 0
     upper_triangle: bool = False
+    train_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            self.targets = [self.targets]
-        elif isinstance(self.targets, (list, tuple)):
-            self.targets = list(self.targets)
+        for name in ("targets", "train_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif isinstance(value, (list, tuple)):
+                setattr(self, name, list(value))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -121,15 +127,19 @@ class AdapterConfig:
             isinstance(t, str) and t for t in self.targets
         ):
             raise ValueError(f"{n('targets')} must be a non-empty list of module names, got {self.targets!r}.")
-        for t in self.targets:
-            if t.startswith("re:"):
-                try:
-                    re.compile(t[3:])
-                except re.error as e:
-                    raise ValueError(
-                        f"The {n('targets')} entry {t!r} is not a valid regular expression ({e}): fix the pattern "
-                        "after 're:'."
-                    ) from None
+        if not isinstance(self.train_modules, list) or not all(isinstance(t, str) and t for t in self.train_modules):
+            raise ValueError(f"{n('train_modules')} must be a list of module names (or empty), got "
+                             f"{self.train_modules!r}.")
+        for name in ("targets", "train_modules"):
+            for t in getattr(self, name):
+                if t.startswith("re:"):
+                    try:
+                        re.compile(t[3:])
+                    except re.error as e:
+                        raise ValueError(
+                            f"The {n(name)} entry {t!r} is not a valid regular expression ({e}): fix the pattern "
+                            "after 're:'."
+                        ) from None
         # a bool is an int and a str is truthy: both would pass the checks below with a meaning nobody asked for
         for name in ("flip_side", "coft", "block_share", "upper_triangle", "dora"):
             value = getattr(self, name)
@@ -197,6 +207,7 @@ class AdapterConfig:
         """Plain data (str/int/float/bool/list/None): safe for YAML and for `torch.load(weights_only=True)`."""
         data = asdict(self)
         data["targets"] = list(self.targets)
+        data["train_modules"] = list(self.train_modules)
         return data
 
     @classmethod
@@ -229,4 +240,5 @@ class AdapterConfig:
                 parts.append(f"block_dropout={self.block_dropout:g}")
         if self.dropout:
             parts.append(f"dropout={self.dropout:g}")
-        return f"{self.method} ({', '.join(parts)}; targets {', '.join(self.targets)})"
+        trained = f"; trains {', '.join(self.train_modules)} in full" if self.train_modules else ""
+        return f"{self.method} ({', '.join(parts)}; targets {', '.join(self.targets)}{trained})"

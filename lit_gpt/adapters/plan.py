@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from lit_gpt.adapters.base import adapted_layers, apply_adapters
+from lit_gpt.adapters.base import adapted_layers, apply_adapters, trained_module_state_dict
 from lit_gpt.adapters.config import AdapterConfig
 from lit_gpt.config import Config
 from lit_gpt.utils import num_parameters
@@ -56,9 +56,12 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     from lit_gpt.training import keeps_trainable_float32  # (16-true, and bf16-true with --adapter_float32)
 
     trainable_bytes = 4 if keeps_trainable_float32(precision, config, adapter_float32) else nbytes
-    weights = frozen * nbytes + trainable * trainable_bytes
-    grads = trainable * trainable_bytes
-    adam = 2 * trainable * trainable_bytes
+    # the modules trained in full keep the model's dtype (`lit_gpt.training.cast_trainable_float32`)
+    full = sum(p.numel() for p in {id(p): p for p in trained_module_state_dict(gpt).values()}.values())
+    trained_bytes = (trainable - full) * trainable_bytes + full * nbytes
+    weights = frozen * nbytes + trained_bytes
+    grads = trained_bytes
+    adam = 2 * trained_bytes
     method = "full fine-tuning" if config is None else config.describe()
     lines = [
         f"model: {model_config.name} ({model_config.n_layer} layers, width {model_config.n_embd})",
@@ -67,10 +70,12 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     if config is not None:
         lines.append(f"adapted layers: {sum(1 for _ in adapted_layers(gpt))}")
     lines += [
-        f"trainable parameters: {trainable:,}",
+        f"trainable parameters: {trainable:,}"
+        + (f" ({full:,} of them in the modules trained in full)" if full else ""),
         f"frozen parameters: {frozen:,}",
         f"precision: {precision} ({meaning}, {nbytes} bytes per parameter"
-        + (f"; the trainable ones float32, {trainable_bytes} bytes)" if trainable_bytes != nbytes else ")"),
+        + (f"; the {'adapter' if full else 'trainable'} ones float32, {trainable_bytes} bytes)"
+           if trainable_bytes != nbytes else ")"),
         f"weights: {format_bytes(weights)}",
         f"gradients: {format_bytes(grads)}",
         f"AdamW state: {format_bytes(adam)} (2 tensors per trainable parameter)",

@@ -25,7 +25,10 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from lit_gpt.adapters.base import adapted_layers, adapter_config_of, build_adapters, install_adapters
+from lit_gpt.adapters.base import (
+    adapted_layers, adapter_config_of, build_adapters, install_adapters, train_module_names,
+    trained_module_state_dict,
+)
 from lit_gpt.adapters.config import AdapterConfig, setting
 from lit_gpt.utils import atomic_path, atomic_save, load_file
 
@@ -50,13 +53,23 @@ OFT_FIELDS = ("coft", "eps", "block_share", "neumann_terms", "upper_triangle")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only, under their names in `model.state_dict()`."""
+    """The adapter tensors, and the parameters of the modules trained in full (`AdapterConfig.train_modules`), under
+    their names in `model.state_dict()`."""
     sd = {}
     for name, layer in adapted_layers(model):
         prefix = f"{name}.adapters." if name else "adapters."
         for key, value in layer.adapters.state_dict().items():
             sd[prefix + key] = value
+    sd.update(trained_module_state_dict(model))
     return sd
+
+
+def _aliases(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """Every name of the parameters called `names` (a weight tied to another module has two)."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    wanted = set(names)
+    ids = {id(p) for n, p in named if n in wanted}
+    return {n for n, p in named if id(p) in ids}
 
 
 def _base_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -96,10 +109,13 @@ def adapter_payload(
     if config is None:
         raise ValueError("The model has no adapters to save: call apply_adapters first.")
     style = _prompt_style_record(prompt_style)
+    own = adapter_state_dict(model)
     if state_dict is None:
-        state_dict = adapter_state_dict(model)
-    elif set(state_dict) != set(adapter_state_dict(model)):
-        raise ValueError("save_adapters: the given state_dict's keys are not the model's adapter keys.")
+        state_dict = own
+    else:  # (a trained weight tied to another module may come under both names: the model's first is kept)
+        if not set(own) <= set(state_dict) or not set(state_dict) <= _aliases(model, own):
+            raise ValueError("save_adapters: the given state_dict's keys are not the model's adapter keys.")
+        state_dict = {k: state_dict[k] for k in own}
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -362,6 +378,8 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) ->
         built = build_adapters(model, saved_config)
         own = {f"{name}.adapters.{sname}.{k}": v for name, _, _, adapters in built
                for sname, ad in adapters.items() for k, v in ad.state_dict().items()}
+        own.update({f"{name}.{k}": p for name in train_module_names(model, saved_config)
+                    for k, p in model.get_submodule(name).named_parameters()})
     elif current.method != saved_config.method:
         raise ValueError(
             f"{where} holds {saved_config.method} adapters but the model has {current.method} adapters: "
@@ -397,14 +415,16 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) ->
     if built is not None:
         install_adapters(model, saved_config, built)
 
-    params = dict(model.named_parameters())
+    named = list(model.named_parameters(remove_duplicate=False))
+    params = dict(named)
     with torch.no_grad():
         for key, value in saved.items():
             p = params[key]
-            if p.is_meta:
-                owner_name, _, attr = key.rpartition(".")
-                owner = model.get_submodule(owner_name)
-                setattr(owner, attr, nn.Parameter(value.to(dtype=p.dtype), requires_grad=p.requires_grad))
+            if p.is_meta:  # a new tensor, under every name of the old one (a weight tied to another module)
+                new = nn.Parameter(value.to(dtype=p.dtype), requires_grad=p.requires_grad)
+                for alias in [n for n, q in named if q is p]:
+                    owner_name, _, attr = alias.rpartition(".")
+                    setattr(model.get_submodule(owner_name) if owner_name else model, attr, new)
             else:
                 p.copy_(value)
     return model
