@@ -62,6 +62,12 @@ def export_adapter(adapter_path: Path, output_dir: Path, checkpoint_dir: Optiona
     ETHER (--Htype ether) becomes PEFT's HRA with r = nb: ETHER's block reflection is the product of nb full-width
     reflections whose vectors are the blocks' vectors, zero outside their block.
 
+    Modules trained in full beside the adapter (--lora_train_modules, --ether_train_modules: head, embeddings,
+    norms, module names) become modules_to_save, named as transformers names them (lm_head, embed_tokens,
+    input_layernorm, or a longer name such as layers.0.input_layernorm where the short one would select more), with
+    their trained tensors. A head tied to the embeddings (one tensor here) is saved as both lm_head and the
+    embeddings, with the same values (ensure_weight_tying for LoRA, so PEFT keeps training them as one).
+
     Refused, with the reason: ETHER+ (etherplus, etherplusHH: not products of reflections) and --flip_side
     (PEFT's OFT and HRA transform only a layer's input): merge those with scripts/merge_ether.py and export the
     merged checkpoint; OFT or ETHER on GPT-2's Conv1D layers (PEFT's OFT and HRA wrap torch.nn.Linear
@@ -117,8 +123,11 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
     HRA: only in ETHER's block form, as an ETHER export writes it (r vectors in r disjoint equal blocks of the
     input), which becomes ETHER with nb = r; an HRA PEFT trained (full-width vectors) is refused: merge it with
     PEFT (merge_and_unload) and convert the merged model with scripts/convert_hf_checkpoint.py.
+    modules_to_save (LoRA, OFT, HRA) becomes the adapter's train_modules (modules trained in full), their trained
+    tensors under the lit names; a head tied to the embeddings must be saved equal to them (ensure_weight_tying),
+    and lit_gpt's fused q/k/v must be saved whole.
 
-    Refused, with the reason: bias other than "none", modules_to_save, q/k/v adapted on some layers only,
+    Refused, with the reason: bias other than "none", q/k/v adapted on some layers only,
     OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann adapter saved before PEFT 0.18, tensors whose
     shapes do not fit the checkpoint, and adapter_model.bin (a pickle: re-save with safe_serialization=True).
 

@@ -355,7 +355,8 @@ def edit_config(peft_dir: Path, **changes) -> None:
 @pytest.mark.parametrize("changes, words", [
     (dict(use_dora=True), ["lora_magnitude_vector", "use_dora=true needs", "incomplete"]),  # LoRA that says DoRA
     (dict(bias="lora_only"), ["bias='lora_only'", "biases"]),
-    (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
+    # (modules_to_save imports: tests/test_peft_modules_to_save.py) a config naming tensors the folder lacks
+    (dict(modules_to_save=["lm_head"]), ["modules_to_save", "has no base_model.model.lm_head.weight", "incomplete"]),
     (dict(peft_type="IA3"), ["IA3", "only LORA"]),
     (dict(init_lora_weights="pissa"), ["init_lora_weights='pissa'", "path_initial_model_for_weight_conversion"]),
     (dict(rank_pattern={"o_proj": 2}), ["rank 4", "r=2"]),
@@ -590,7 +591,7 @@ def test_a_peft_folder_without_checkpoint_dir_asks_for_it(peft_and_import):
 
 @pytest.mark.parametrize("changes, words", [
     (dict(lora_bias=True), ["lora_bias", "a bias on lora_B"]),
-    (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
+    (dict(modules_to_save=["lm_head"]), ["modules_to_save", "has no base_model.model.lm_head.weight"]),
 ])
 def test_a_peft_folder_the_import_refuses_keeps_its_sentence(changes, words, peft_and_import, tmp_path):
     _, peft_dir, _, folder = peft_and_import

@@ -31,6 +31,15 @@ PEFT's skew `Q` (`S = Q` for exact Cayley, `S = -Q` for its Cayley-Neumann serie
 reflection vectors (ETHER's blocks' vectors, zero outside their block). Output-side transforms (`flip_side`),
 ETHER+ and GPT-2's `Conv1D` layers have no PEFT form; a fused QKV layer takes one transform for all its slices.
 
+Modules trained in full beside the adapter (`AdapterConfig.train_modules`: head, embeddings, norms) are PEFT's
+`modules_to_save`, both ways (`_train_modules_export`, `_train_modules_import`): PEFT saves each such module whole,
+as `base_model.model.<module>.<param>` (the transformers names `lit_gpt.convert_hf` converts), and selects it by the
+end of its name as a plain string (`norm` selects `input_layernorm` too), so an export writes the shortest names
+that select exactly the trained modules (`layers.0.input_layernorm` where `input_layernorm` would select more). A
+head tied to the token embeddings is one tensor here and two modules in transformers: an export saves both, with
+the same values (LoRA: `ensure_weight_tying`, so PEFT trains them as one); an import takes them only where PEFT
+computes with equal ones. lit_gpt's fused q/k/v is one tensor: an import needs q_proj, k_proj and v_proj saved alike.
+
 An import (`peft_adapter_payload`) gives the lit adapter dict in memory, which `lit_gpt.merge` uses for a PEFT
 folder given as `--adapter_path` (chat, generate, eval, merge); `import_peft_adapter` writes the same dict as a lit
 adapter file. An export names the base model in `adapter_config.json` (`base_model_name_or_path`: a Hub id, or the
@@ -59,8 +68,10 @@ from lit_gpt.adapters.base import (
     apply_adapters,
     compute_dtype,
     is_adaptable,
+    train_module_names,
+    trained_module_state_dict,
 )
-from lit_gpt.adapters.config import AdapterConfig
+from lit_gpt.adapters.config import GPT_TRAIN_MODULES, AdapterConfig
 from lit_gpt.adapters.ether import NORM_EPS
 from lit_gpt.adapters.state import (
     PEFT_CONFIG_FILENAME,
@@ -72,7 +83,7 @@ from lit_gpt.adapters.state import (
     write_adapter_file,
 )
 from lit_gpt.config import Config
-from lit_gpt.convert_hf import config_to_hf, iter_lit_to_hf
+from lit_gpt.convert_hf import ConversionError, config_to_hf, iter_hf_to_lit, iter_lit_to_hf
 from lit_gpt.model import GPT
 from lit_gpt.utils import (
     WEIGHTS_FILENAME,
@@ -97,7 +108,6 @@ PEFT_OFT_VERSION = "0.18.0"
 # plain base weights, or that train other tensors as well: an import refuses them, saying what they are
 UNSUPPORTED_SETTINGS = {
     "lora_bias": "a bias on lora_B",
-    "modules_to_save": "fully trained modules besides the LoRA layers",
     "trainable_token_indices": "trained rows of the embedding",
     "layer_replication": "duplicated layers",
     "target_parameters": "LoRA on parameters instead of linear modules",
@@ -177,6 +187,116 @@ def _module_names(group: set[str], universe: set[str]) -> list[str]:
                 names.add(piece)
                 break
     return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------- modules_to_save
+# PeftModel's own modules above the transformers model (`PeftModel.named_modules`): a modules_to_save name must not
+# select them
+_PEFT_WRAPPERS = ("base_model", "base_model.model")
+# modules transformers 5 names otherwise than its files (and transformers 4) do, by model type: PEFT names a module
+# as the running transformers does, so an export saves such a module under both names (the other matches nothing)
+_RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"}}
+
+
+def _save_matches(piece: str, module: str) -> bool:
+    """PEFT's matching of a `modules_to_save` entry (`peft.utils.other._set_trainable`): the end of the module's name,
+    as a string (`norm` selects `input_layernorm` too)."""
+    return module.endswith(piece)
+
+
+def _excluded_from_targets(module: str, modules_to_save: list[str]) -> bool:
+    """PEFT never adapts a module a `modules_to_save` entry names, nor a module inside one (its `(^|.*\\.)m($|\\..*)`
+    regular expression, `check_target_module_exists`)."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in modules_to_save)
+
+
+def hf_parameters(config: Config) -> dict[str, torch.Size]:
+    """Every parameter of the transformers model `scripts/convert_lit_checkpoint.py` exports for `config`, by its
+    name there, with its shape (a head tied to the token embeddings included, under its own name)."""
+    model_type = config_to_hf(config)["model_type"]
+    with torch.device("meta"):
+        model = GPT(config)
+    shapes = {k: t.shape for k, t in iter_lit_to_hf(model.state_dict().items(), config, model_type)}
+    if config.tie_embeddings:
+        shapes[f"{_hf_head(config, model_type)}.weight"] = shapes[f"{_hf_embedding(config, model_type)}.weight"]
+    return shapes
+
+
+def _hf_name(lit: str, config: Config, model_type: str) -> str:
+    """The transformers name of the lit module `lit` that transformers keeps whole (embeddings, head, norms)."""
+    bias = torch.empty(1, device="meta")  # (a bias's name, never skipped as a tied head's weight is)
+    return next(k for k, _ in iter_lit_to_hf([(f"{lit}.bias", bias)], config, model_type)).rpartition(".")[0]
+
+
+def _hf_head(config: Config, model_type: str) -> str:
+    return _hf_name(_HEAD, config, model_type)
+
+
+def _hf_embedding(config: Config, model_type: str) -> str:
+    return _hf_name("transformer.wte", config, model_type)
+
+
+def _hf_modules(parameters: dict[str, Any]) -> set[str]:
+    """The names of the modules holding `parameters` and of every module above them."""
+    names = set()
+    for key in parameters:
+        parts = key.split(".")[:-1]
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return names
+
+
+def _save_names(group: set[str], universe: set[str]) -> list[str]:
+    """The shortest trailing names (`lm_head`, `input_layernorm`, `layers.0.input_layernorm`) that select, among
+    `universe`, exactly the modules of `group`, as PEFT matches `modules_to_save` entries (`_save_matches`)."""
+    names = set()
+    for module in group:
+        parts = module.split(".")
+        # (never from a layer number on: `0.input_layernorm` would select layer 10's too in a deeper model)
+        pieces = [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1) if not parts[i].isdigit()]
+        names.add(next((p for p in pieces if all(m in group for m in universe if _save_matches(p, m))), module))
+    for name in sorted(names, key=len, reverse=True):  # one that others cover goes (`norm` covers `input_layernorm`)
+        if all(any(_save_matches(n, m) for n in names - {name}) for m in group):
+            names.discard(name)
+    return sorted(names)
+
+
+def _train_modules_export(model: GPT, saved: dict[str, torch.Tensor], adapted: set[str], where: str
+                          ) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """`modules_to_save` and the tensors `PeftModel.save_pretrained` writes for it (`base_model.model.<name>`, the
+    whole module) for the modules `model` trains in full (`AdapterConfig.train_modules`), their values from the
+    adapter file's `saved` tensors; `adapted` are the transformers modules the adapters wrap. A head tied to the
+    token embeddings is one tensor here and two modules in transformers: both are saved, with the same values."""
+    trained = trained_module_state_dict(model)
+    if not trained:
+        return [], {}
+    config = model.config
+    model_type = config_to_hf(config)["model_type"]
+    lit_sd = {k: saved.get(k, p).detach() for k, p in trained.items()}
+    head = _hf_head(config, model_type)
+    tied = None
+    if config.tie_embeddings and {"lm_head.weight", "transformer.wte.weight"} & set(lit_sd):
+        tied = lit_sd.pop("lm_head.weight", None)
+        tied = lit_sd.setdefault("transformer.wte.weight", tied)
+    hf_sd = dict(iter_lit_to_hf(lit_sd.items(), config, model_type))
+    if tied is not None:
+        hf_sd[f"{head}.weight"] = tied.clone()  # (safetensors stores no two names for one tensor)
+    owners = {k.rpartition(".")[0] for k in hf_sd}
+    if tied is None and not {"lm_head.weight", "lm_head.bias"} & set(lit_sd):
+        owners.discard(head)  # the zero output bias a Phi export adds, not a trained module
+    names = _save_names(owners, _hf_modules(hf_parameters(config)) | set(_PEFT_WRAPPERS))
+    clash = next((m for m in sorted(adapted) if _excluded_from_targets(m, names)), None)
+    if clash is not None:  # (lit_gpt adapts no module it trains in full: names that stray that far)
+        raise ValueError(f"{where} trains modules in full that PEFT would select as {names} (modules_to_save), which "
+                         f"also names the adapted {clash!r}: merge the adapter (scripts/merge_lora.py, "
+                         "scripts/merge_ether.py) and export the merged checkpoint "
+                         "(scripts/convert_lit_checkpoint.py).")
+    tensors = {f"{PEFT_PREFIX}{k}": v.contiguous() for k, v in hf_sd.items() if k.rpartition(".")[0] in owners}
+    for old, new in _RENAMED_MODULES.get(model_type, {}).items():
+        if old in owners:
+            names = sorted(names + [new])
+            tensors.update({f"{PEFT_PREFIX}{new}.{k[len(old) + 1:]}": v.clone() for k, v in hf_sd.items()
+                            if k.startswith(f"{old}.")})
+    return names, tensors
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -456,9 +576,10 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     adapter folder in `output_dir`: `adapter_config.json` and `adapter_model.safetensors`, which
     `PeftModel.from_pretrained(<the transformers export of checkpoint_dir>, output_dir)` loads into a model that
     computes the same logits as the adapted lit model. LoRA becomes PEFT's LoRA, OFT its OFT, ETHER its HRA (a
-    product of `nb` reflections). Refuses, in one sentence, what PEFT cannot compute: ETHER+ (not a product of
-    reflections), output-side transforms (`flip_side`), OFT or ETHER on GPT-2's Conv1D layers or with different
-    transforms on the slices of a fused QKV layer, and an adapter trained on another base model.
+    product of `nb` reflections); modules trained in full (`train_modules`) its `modules_to_save`. Refuses, in one
+    sentence, what PEFT cannot compute: ETHER+ (not a product of reflections), output-side transforms
+    (`flip_side`), OFT or ETHER on GPT-2's Conv1D layers or with different transforms on the slices of a fused QKV
+    layer, and an adapter trained on another base model.
 
     `base_model_name_or_path` is what adapter_config.json names as the base model, which
     `AutoPeftModelForCausalLM.from_pretrained(output_dir)` loads: by default the Hub id of the model the checkpoint
@@ -511,6 +632,14 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
         peft_config, tensors = _oft_export(model, modules, repr(where), dtype)
     else:
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
+    adapted = {m for m in modules if any(k.startswith(f"{PEFT_PREFIX}{m}.") for k in tensors)}
+    to_save, trained = _train_modules_export(model, saved, adapted, repr(where))
+    if to_save:
+        peft_config["modules_to_save"] = to_save
+        tensors.update(trained)
+        embed = _hf_embedding(config, config_to_hf(config)["model_type"])
+        if method == "lora" and config.tie_embeddings and f"{PEFT_PREFIX}{embed}.weight" in trained:
+            peft_config["ensure_weight_tying"] = True  # PEFT then trains the head and the embeddings as one tensor
     _note_dropped_dropout(finetuned.payload["adapter_config"], method, where)
     # a name AutoPeftModelForCausalLM can load the base from, never null: the Hub id, else the export's folder
     if base_model_name_or_path and _local_path(base_model_name_or_path):  # absolute: it loads from any directory
@@ -589,6 +718,10 @@ def read_peft_config(peft_dir: Path) -> dict:
                              f"implement: {fix}.")
     if cfg.get("target_modules") is None:
         raise ValueError(f"{where} has no target_modules: save the adapter again with PEFT.")
+    to_save = cfg.get("modules_to_save")
+    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(m, str) and m for m in to_save)):
+        raise ValueError(f"{where} has modules_to_save={to_save!r}, which is not a list of module names: save the "
+                         "adapter again with PEFT.")
     if peft_type == "LORA":
         init = str(cfg.get("init_lora_weights", True)).lower()
         if init.startswith(BASE_CHANGING_INITS):
@@ -635,7 +768,10 @@ def read_peft_config(peft_dir: Path) -> dict:
 def peft_selects(cfg: dict, module: str, output_head: str) -> bool:
     """Whether PEFT puts a LoRA layer on the linear `module` (its name in the transformers model) for `cfg`: its
     `exclude_modules`, `target_modules` (a list of names, a regex string, or `all-linear`) and `layers_to_transform`
-    / `layers_pattern`, as `peft.tuners.tuners_utils.check_target_module_exists` reads them."""
+    / `layers_pattern`, as `peft.tuners.tuners_utils.check_target_module_exists` reads them, never a module
+    `modules_to_save` names (PEFT trains it in full instead)."""
+    if _excluded_from_targets(module, cfg.get("modules_to_save") or []):
+        return False
     exclude = cfg.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
@@ -811,21 +947,68 @@ def _check_head_copy(key: str, tensor: torch.Tensor, weights: str, ckpt: str) ->
         )
 
 
-def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckpt: str) -> dict[str, dict]:
+def _saved_modules(cfg: dict, config: Config, parameters: dict[str, torch.Size]) -> set[str]:
+    """The transformers modules PEFT trains in full for `cfg`'s `modules_to_save` (`_save_matches`), among those
+    holding the export's `parameters`; with `ensure_weight_tying` a head tied to the token embeddings goes with them
+    (PEFT keeps one tensor for both)."""
+    names = cfg.get("modules_to_save") or []
+    model_type = config_to_hf(config)["model_type"]
+    renamed = _RENAMED_MODULES.get(model_type, {})
+    chosen = {m for m in _hf_modules(parameters)
+              if any(_save_matches(n, m) or (m in renamed and _save_matches(n, renamed[m])) for n in names)}
+    if chosen and config.tie_embeddings and cfg.get("ensure_weight_tying"):
+        pair = {_hf_head(config, model_type), _hf_embedding(config, model_type)}
+        if chosen & pair:
+            chosen |= pair
+    return chosen
+
+
+def _inside(name: str, modules: set[str]) -> bool:
+    """Whether the parameter `name` belongs to one of `modules` (or to a module inside one)."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
+def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckpt: str,
+                    parameters: dict[str, torch.Size], saved: set[str], renamed: dict[str, str]
+                    ) -> tuple[dict[str, dict], dict]:
     """The adapter tensors of `adapter_model.safetensors` by transformers module and part (`A`/`B`, `oft_R`,
-    `hra_u`), checked against the modules of the checkpoint's export and the config's selection of them."""
+    `hra_u`), checked against the modules of the checkpoint's export and the config's selection of them; and the
+    tensors of the modules PEFT trains in full (`saved`: `_saved_modules`), by their names in the export, whose
+    shapes `parameters` gives. Tensors under a module's transformers-5 name (`_RENAMED_MODULES`) count as the
+    export's (`renamed`: new name -> that name)."""
     kind = cfg["peft_type"]
     dora = kind == "LORA" and bool(cfg.get("use_dora"))
     pattern, parts = TENSOR_NAMES["DORA" if dora else kind]
     tensors = _read_peft_tensors(peft_dir)
     weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
+    for new, old in renamed.items():
+        for key in [k for k in tensors if k.startswith(f"{PEFT_PREFIX}{new}.")]:
+            t, alias = tensors.pop(key), f"{PEFT_PREFIX}{old}.{key[len(PEFT_PREFIX) + len(new) + 1:]}"
+            if alias in tensors and not torch.equal(tensors[alias], t):
+                raise ValueError(f"{weights!r} holds {key!r} and {alias!r}, one module under its transformers 5 and "
+                                 "4 names, with different values: keep the one the adapter was trained with.")
+            tensors[alias] = t
     found: dict[str, dict[str, torch.Tensor]] = {}
+    trained: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         copy = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.base_layer\.weight", key)
         if copy is not None and copy[1] in modules and modules[copy[1]].lit == _HEAD:
             _check_head_copy(key, t, weights, ckpt)
             continue
         m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(?:{pattern})", key)
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if m is None and _inside(name, saved):
+            if name not in parameters:
+                raise ValueError(f"{weights!r} holds {key!r} (modules_to_save), which the transformers export of "
+                                 f"{ckpt!r} does not have: pass the --checkpoint_dir converted from the model the "
+                                 "adapter was trained on.")
+            if list(t.shape) != list(parameters[name]):
+                raise ValueError(f"{key} in {weights!r} has shape {list(t.shape)}, but {ckpt!r}'s is "
+                                 f"{list(parameters[name])}: the adapter was trained on another base model; pass the "
+                                 "--checkpoint_dir converted from that model.")
+            trained[name] = t
+            continue
         if m is None:
             what = ("a DoRA magnitude, while use_dora is false" if "lora_magnitude_vector" in key else
                     "a LoRA on an embedding" if "lora_embedding" in key else
@@ -855,10 +1038,22 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
                          f"{weights!r} has no {kind} tensors for it: the folder is incomplete or from another base "
                          "model; copy the whole folder PEFT wrote.")
     for module in sorted(set(found) - selected):
+        if _excluded_from_targets(module, cfg.get("modules_to_save") or []):
+            raise ValueError(f"{weights!r} holds {kind} tensors for {module!r}, which {PEFT_CONFIG_FILENAME}'s "
+                             "modules_to_save trains in full, so PEFT would not adapt it (a module is either adapted "
+                             f"or trained in full): fix modules_to_save in {str(peft_dir / PEFT_CONFIG_FILENAME)!r}.")
         raise ValueError(f"{weights!r} holds {kind} tensors for {module!r}, which {PEFT_CONFIG_FILENAME}'s "
                          "target_modules do not select, so PEFT would ignore them: fix target_modules in "
                          f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r}.")
-    return found
+    # (a renamed module without tensors was named as the other transformers names it, which then selects nothing)
+    saved = saved - {old for old in renamed.values() if not any(k.startswith(f"{old}.") for k in trained)}
+    missing = next((k for k in sorted(parameters) if _inside(k, saved) and k not in trained), None)
+    if missing is not None:
+        module = missing.rpartition(".")[0]
+        raise ValueError(f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r} trains {module!r} in full beside the {kind} "
+                         f"layers (modules_to_save) but {weights!r} has no {PEFT_PREFIX}{missing}: the folder is "
+                         "incomplete or from another base model; copy the whole folder PEFT wrote.")
+    return found, trained
 
 
 def _hit_slices(model: GPT, info: HFModule) -> list[tuple[str, int, int]]:
@@ -1056,6 +1251,73 @@ def _hra_slices(cfg: dict, found: dict, modules: dict[str, HFModule], model: GPT
     return slices, dict(method="ether", nb=r)
 
 
+def _train_modules_import(trained: dict[str, torch.Tensor], config: Config, model: GPT, peft_dir: Path,
+                          ckpt: str) -> dict[str, torch.Tensor]:
+    """The tensors of the modules PEFT trained in full (`_module_tensors`), by their names in the lit `model`. A
+    head tied to the token embeddings is one tensor here: the head and the embeddings PEFT computes with must be
+    equal."""
+    if not trained:
+        return {}
+    weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
+    merge = ("merge the adapter into the base with PEFT (merge_and_unload) and convert that model with "
+             "scripts/convert_hf_checkpoint.py")
+    model_type = config_to_hf(config)["model_type"]
+    trained = dict(trained)
+    lit_sd: dict[str, torch.Tensor] = {}
+    if config.tie_embeddings:
+        head, embed = f"{_hf_head(config, model_type)}.weight", f"{_hf_embedding(config, model_type)}.weight"
+        got = {k: trained.pop(k) for k in (head, embed) if k in trained}
+        if got:  # PEFT computes with the saved one(s), the base's tied weight for the other
+            base = load_file(Path(ckpt) / WEIGHTS_FILENAME)["transformer.wte.weight"] if len(got) == 1 else None
+            h, e = got.get(head, base), got.get(embed, base)
+            low = h.dtype if h.element_size() <= e.element_size() else e.dtype
+            if h.shape != e.shape or not torch.equal(h.to(low), e.to(low)):
+                what = (f"{head!r} and {embed!r} as two tensors that differ" if len(got) == 2 else
+                        f"{next(iter(got))!r} but not {embed if head in got else head!r}, which then differ")
+                raise ValueError(
+                    f"{weights!r} trains {what} (modules_to_save), while {ckpt!r} ties the output head to the token "
+                    "embeddings, one tensor in lit_gpt: retrain with ensure_weight_tying=true (PEFT then trains them "
+                    f"as one), or {merge}."
+                )
+            lit_sd[f"{_HEAD}.weight"] = got.get(embed, got.get(head))
+    covered: set[str] = set()
+    for name, t in model.state_dict().items():  # (meta tensors: only the names are converted)
+        keys = [k for k, _ in iter_lit_to_hf([(name, t)], config, model_type)]
+        if model_type == "phi" and name != "lm_head.bias":
+            keys = [k for k in keys if k != "lm_head.bias"]  # the zero bias a Phi export adds, not this tensor
+        have = [k for k in keys if k in trained]
+        if have and len(have) < len(keys):
+            missing = next(k for k in keys if k not in trained)
+            raise ValueError(
+                f"{weights!r} trains {have[0]!r} in full (modules_to_save) but not {missing!r}, which lit_gpt holds in "
+                f"one tensor with it ({name!r}): retrain with both in modules_to_save, or {merge}."
+            )
+        covered.update(have)
+    for key in sorted(set(trained) - covered):
+        if not bool(trained[key].count_nonzero()):
+            continue  # a Phi head's bias as the export wrote it (zero), which a bias-free lit head computes
+        raise ValueError(f"{weights!r} trains {key!r} (modules_to_save), which {ckpt!r} has no tensor for (a trained "
+                         f"output bias): {merge}.")
+    try:
+        lit_sd.update(iter_hf_to_lit([(k, trained[k]) for k in sorted(covered)], config))
+    except ConversionError as e:  # (every tensor above has its lit name: a bug, not the user's file)
+        raise RuntimeError(f"_train_modules_import: {e}") from None
+    return lit_sd
+
+
+def _train_module_list(model: GPT, trained: dict[str, torch.Tensor], **adapter_config) -> list[str]:
+    """`AdapterConfig.train_modules` for the lit tensors `trained`: the GPT's named ones (`head`, `embeddings`,
+    `norms`) where they are whole, module names for the rest."""
+    rest = {k.rpartition(".")[0] for k in trained}
+    names = []
+    for named in GPT_TRAIN_MODULES if rest else ():
+        hits = set(train_module_names(model, AdapterConfig(**adapter_config, train_modules=[named])))
+        if hits <= rest:
+            names.append(named)
+            rest -= hits
+    return names + sorted(rest)
+
+
 def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path],
                          prompt_style: Optional[str] = None, system_prompt: Optional[str] = None) -> dict:
     """The PEFT folder `peft_dir` (LoRA, OFT, or HRA as an ETHER export writes it) as a lit adapter dict for the lit
@@ -1063,9 +1325,10 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
     `import_peft_adapter` writes to a file, which `load_adapters` and `lit_gpt.merge` take as they take that file.
     The adapted lit model computes the logits `PeftModel` computes. `prompt_style` (e.g. `alpaca`) and
     `system_prompt` are stored in the dict for chat and merge (default: the `prompt_style.yaml` an export wrote
-    beside the adapter, if any). Refuses, in one sentence, what a lit adapter cannot compute (DoRA, trained biases
-    or modules, HRA vectors that are not in disjoint blocks, ...) and tensors whose shapes do not fit the
-    checkpoint."""
+    beside the adapter, if any). `modules_to_save` becomes `train_modules`, its tensors under the lit names.
+    Refuses, in one sentence, what a lit adapter cannot compute (trained biases, HRA vectors that are not in disjoint
+    blocks, a tied head trained apart from the embeddings, part of a fused q/k/v trained in full, ...) and tensors
+    whose shapes do not fit the checkpoint."""
     peft_dir = _check_peft_dir(peft_dir)
     style = _import_style(peft_dir, prompt_style, system_prompt)
     cfg = read_peft_config(peft_dir)
@@ -1073,7 +1336,10 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
     ckpt = str(checkpoint_dir)
     config = Config.from_checkpoint(checkpoint_dir)
     modules = hf_linear_modules(config)
-    found = _module_tensors(peft_dir, cfg, modules, ckpt)
+    parameters = hf_parameters(config)
+    renamed = {new: old for old, new in _RENAMED_MODULES.get(config_to_hf(config)["model_type"], {}).items()}
+    found, trained = _module_tensors(peft_dir, cfg, modules, ckpt, parameters,
+                                     _saved_modules(cfg, config, parameters), renamed)
     with torch.device("meta"):
         model = GPT(config)
     read = {"LORA": _lora_slices, "OFT": _oft_slices, "HRA": _hra_slices}[cfg["peft_type"]]
@@ -1087,8 +1353,10 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
             "with scripts/convert_hf_checkpoint.py."
         )
     targets = _targets(set(slices), config, model, repr(str(peft_dir)))
-    apply_adapters(model, AdapterConfig(targets=targets, **settings))
-    state_dict = {}
+    trained = _train_modules_import(trained, config, model, peft_dir, ckpt)
+    train_modules = _train_module_list(model, trained, targets=targets, **settings)
+    apply_adapters(model, AdapterConfig(targets=targets, train_modules=train_modules, **settings))
+    state_dict = dict(trained)
     for name, layer in adapted_layers(model):
         for s in layer.adapters:
             for key, tensor in slices.pop((name, s)).items():
