@@ -138,6 +138,20 @@ def test_gpt_neox_head_under_its_transformers_5_name_imports_with_peft_logits(ba
     assert peft_adapter_payload(peft_dir, folder)["adapter_config"]["train_modules"] == ["transformer.ln_f"]
 
 
+def test_gpt_neox_head_adapted_both_ways_under_transformers_5_name(bases, tmp_path):
+    """A LoRA on GPT-NeoX's head: PEFT (transformers 5) saves it as lm_head, which an import reads as the converted
+    checkpoint's embed_out; an export names both, so PEFT finds the head whichever transformers runs."""
+    base, folder = bases["gpt_neox"]
+    expected, peft_dir = train_peft(base, tmp_path, peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["query_key_value", "lm_head"]))
+    torch.testing.assert_close(logits(load_finetuned(folder, peft_dir)), expected, **TOL)
+    model = lit_trained(folder, method="lora", r=4, alpha=8, targets=["query", "value", "head"])
+    out = export_peft_adapter(save_adapters(model, tmp_path / "adapter.safetensors"), folder, tmp_path / "out")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert {"embed_out", "lm_head"} <= set(cfg["target_modules"])
+    torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), out)), logits(model), **TOL)
+
+
 def test_oft_with_modules_to_save_imports_with_peft_logits(bases, tmp_path):
     base, folder = bases["llama"]
     expected, peft_dir = train_peft(base, tmp_path, peft.OFTConfig(

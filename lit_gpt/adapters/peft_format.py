@@ -633,6 +633,17 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     else:
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     adapted = {m for m in modules if any(k.startswith(f"{PEFT_PREFIX}{m}.") for k in tensors)}
+    # a module transformers 5 names otherwise (GPT-NeoX's head): adapted under both names, PEFT finds the one the
+    # running transformers has (the other matches nothing, and its tensors are not loaded)
+    for old, new in _RENAMED_MODULES.get(config_to_hf(config)["model_type"], {}).items():
+        if old in adapted:
+            peft_config["target_modules"] = sorted(set(peft_config["target_modules"]) | {new})
+            for field in ("rank_pattern", "alpha_pattern"):  # (LoRA: a head whose rank is not the config's)
+                pattern = peft_config.get(field) or {}
+                if re.escape(old) in pattern:
+                    pattern[re.escape(new)] = pattern[re.escape(old)]
+            tensors.update({f"{PEFT_PREFIX}{new}.{k[len(PEFT_PREFIX) + len(old) + 1:]}": v.clone()
+                            for k, v in list(tensors.items()) if k.startswith(f"{PEFT_PREFIX}{old}.")})
     to_save, trained = _train_modules_export(model, saved, adapted, repr(where))
     if to_save:
         peft_config["modules_to_save"] = to_save
@@ -1032,7 +1043,9 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
             raise ValueError(f"{weights!r} has no {PEFT_PREFIX}{module}.{name}{why}: the file is incomplete; save "
                              "the adapter again with PEFT.")
     head = next((m for m, info in modules.items() if info.lit == _HEAD), None)
-    selected = {m for m in modules if peft_selects(cfg, m, head)}
+    other_name = {old: new for new, old in renamed.items()}  # (selected under either of its transformers names)
+    selected = {m for m in modules if peft_selects(cfg, m, head)
+                or (m in other_name and peft_selects(cfg, other_name[m], other_name[m]))}
     for module in sorted(selected - set(found)):
         raise ValueError(f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r} selects {module!r} (target_modules) but "
                          f"{weights!r} has no {kind} tensors for it: the folder is incomplete or from another base "
