@@ -281,7 +281,10 @@ def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: Path
 
         trained_on = finetuned.payload.get("base_model")
         # a file saved through a wrapper (`module.`, `_orig_mod.`) names the layers with its prefix
-        shapes = align_adapter_keys(finetuned.payload, model).get("base_shapes") or {}
+        aligned = align_adapter_keys(finetuned.payload, model)
+        # the adapted layers' weights, then the tensors of the modules trained in full (`train_modules`)
+        shapes = dict(aligned.get("base_shapes") or {})
+        shapes.update({k: list(v.shape) for k, v in aligned["state_dict"].items() if ".adapters." not in k})
         for key, shape in shapes.items():
             try:
                 actual = list(model.get_parameter(key).shape)
@@ -290,7 +293,7 @@ def check_same_base(finetuned: FineTuned, model: nn.Module, checkpoint_dir: Path
             if actual != list(shape):
                 found = "has no such layer" if actual is None else f"has shape {actual}"
                 raise ValueError(
-                    f"{where} was trained on another base model ({trained_on!r}): its layer {key!r} had shape "
+                    f"{where} was trained on another base model ({trained_on!r}): its {key!r} had shape "
                     f"{list(shape)} there but {ckpt!r} ({own!r}) {found}; pass the --checkpoint_dir it was "
                     f"trained on{_recorded_base(finetuned)}."
                 )
@@ -386,7 +389,7 @@ def load_finetuned(
     check_same_base(finetuned, model, checkpoint_dir)
     load_model_weights(model, checkpoint_dir / WEIGHTS_FILENAME, device=device, dtype=dtype)
     if finetuned.kind == "adapter":
-        load_adapters(model, finetuned.payload)
+        load_adapters(model, finetuned.payload, where=str(finetuned.path))
     else:
         load_model_weights(model, finetuned.payload, device=device, dtype=dtype or _float_dtype(model), strict=False)
     return model.eval()
@@ -551,7 +554,8 @@ def merge_checkpoint(
     layer in float32 and casts it back, one layer at a time, so a 7B model merges on the CPU in the memory of one
     copy. With `probe`, logits on a fixed batch are computed before merging and compared after it (no second
     model). `precision` picks the saved dtype (`bf16-true` bfloat16, `16-true` float16, `32-true`/`*-mixed`
-    float32; default: the base checkpoint's dtype).
+    float32; default: the base checkpoint's dtype); one wider than the base's is applied before the adapters, so
+    the folded weights and the modules trained in full keep what it holds.
 
     Writes `lit_model.pth` (base architecture, no adapter keys), `model_config.yaml`, the tokenizer files,
     `generation_config.json`, `prompt_style.yaml` (the style the run trained with, see `trained_prompt_style`; else
@@ -578,8 +582,11 @@ def merge_checkpoint(
         model = GPT(config)
     check_same_base(finetuned, model, checkpoint_dir)
     load_model_weights(model, checkpoint_dir / WEIGHTS_FILENAME)  # memory-mapped, stored dtype
+    target = PRECISIONS[precision] if precision is not None else None
+    if target is not None and target.itemsize > _float_dtype(model).itemsize:
+        _cast(model, target)  # a wider dtype first: the folds and the trained modules keep what it can hold
     if finetuned.kind == "adapter":
-        load_adapters(model, finetuned.payload)
+        load_adapters(model, finetuned.payload, where=str(finetuned.path))
         description = f"adapter {read_config_description(finetuned)}"
     else:
         load_model_weights(model, finetuned.payload, dtype=_float_dtype(model), strict=False)
@@ -596,11 +603,8 @@ def merge_checkpoint(
         _adapters_to_file_precision(model, finetuned.payload["state_dict"])
         merge_adapters(model)
     # the cast first: the probe measures the weights that are written
-    target = PRECISIONS[precision] if precision is not None else None
     if target is not None:
-        for p in model.parameters():  # one tensor at a time: never a second full copy
-            if p.is_floating_point() and p.dtype != target:
-                p.data = p.data.to(target)
+        _cast(model, target)
 
     max_diff = rel_diff = None
     if probe:
@@ -619,6 +623,12 @@ def merge_checkpoint(
                             lambda path: torch.save(lit_state_dict(model), path), probe_max_abs_diff=max_diff, log=log)
     log(f"Merged {description} into {str(checkpoint_dir)!r}; wrote {str(out_dir)!r}")
     return out_dir
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    for p in model.parameters():  # one tensor at a time: never a second full copy (a tied weight stays tied)
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def write_checkpoint_folder(

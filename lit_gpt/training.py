@@ -481,10 +481,23 @@ def build_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, ac
 
 
 def shard_model(model: nn.Module, device_mesh) -> nn.Module:
-    """FSDP2: every transformer block is its own unit; embeddings, final norm and head stay with the root."""
+    """FSDP2: every transformer block is its own unit; embeddings, final norm and head stay with the root. A module
+    trained in full (`AdapterConfig.train_modules`) is a unit of its own, as FSDP2 needs one dtype for the trainable
+    weights of a unit and it keeps the model's where the adapters may be float32 (`cast_trainable_float32`); but
+    not a weight tied to another module (a unit cannot share it)."""
     from torch.distributed.fsdp import fully_shard
 
+    from lit_gpt.adapters.base import trained_modules
+
     mesh = device_mesh["data_parallel"]
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    for _, module in trained_modules(model):
+        if all(owners[id(p)] == 1 for p in module.parameters()):
+            # kept gathered until backward: a norm's weight rebuilds its output in the next layer's backward
+            # (`lit_gpt.recompute`), before the norm's own backward would gather it again
+            fully_shard(module, mesh=mesh, reshard_after_forward=False)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -1251,21 +1264,35 @@ def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
 _HF_MLP_LAYERS = ({"gate_proj", "up_proj", "down_proj"}, {"fc1", "fc2"}, {"dense_h_to_4h", "dense_4h_to_h"})
 
 
+def _split_names(given: str) -> list[str]:
+    """`given` split at its commas, but not at those inside brackets (a `re:` pattern's `{1,2}` or `[a,b]`)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(given):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth <= 0:
+            items.append(given[start:i])
+            start = i + 1
+    return items + [given[start:]]
+
+
 def train_modules_from_flag(given: Optional[Union[str, Sequence[str]]]) -> list[str]:
     """`--*_train_modules`'s value: names separated by commas, or a list; `head`, `embeddings`, `norms` (the named
     train modules of a lit_gpt.GPT), module names and patterns of `lit_gpt.GPT` (`transformer.ln_f`, `re:...`), and
-    transformers' names of the same modules (PEFT's modules_to_save: embed_tokens, input_layernorm, ...)."""
+    transformers' names of the same modules (PEFT's modules_to_save: embed_tokens, input_layernorm, ...). In one
+    order whatever the given one (the named modules first, then the rest sorted), `lm_head` as `head`, so that a run
+    spelled otherwise is the same run (its folder's name, a resume)."""
     from lit_gpt.adapters.base import HF_TRAIN_MODULE_NAMES
+    from lit_gpt.adapters.config import GPT_TRAIN_MODULES
 
     if given is None:
         return []
-    items = given.split(",") if isinstance(given, str) else list(given)
-    names = []
+    items = _split_names(given) if isinstance(given, str) else list(given)
+    names = set()
     for item in (str(item).strip() for item in items):
-        name = HF_TRAIN_MODULE_NAMES.get(item, item)
-        if item and name not in names:
-            names.append(name)
-    return names
+        if item:
+            name = HF_TRAIN_MODULE_NAMES.get(item, item)
+            names.add("head" if name == "lm_head" else name)
+    return [n for n in GPT_TRAIN_MODULES if n in names] + sorted(names - set(GPT_TRAIN_MODULES))
 
 
 def targets_from_flags(prefix: str, targets: Optional[Union[str, Sequence[str]]] = None,

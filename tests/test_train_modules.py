@@ -139,6 +139,9 @@ def test_a_tied_head_is_one_tensor_trained_in_both_places(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     x = torch.randint(0, 64, (1, 6))
     torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+    # a training checkpoint as lit_gpt.merge reads it (step-*.pth as --adapter_path): both names of the tied weight
+    step = {"adapter_config": read_config(path).to_dict(), "state_dict": msd}
+    torch.testing.assert_close(load_adapters(copy.deepcopy(base), step).eval()(x), model(x))
 
 
 def test_refusals(base, tmp_path):
@@ -164,6 +167,10 @@ def test_refusals(base, tmp_path):
     plain = apply_adapters(copy.deepcopy(base), AdapterConfig(method="ether", nb=4))
     with pytest.raises(ValueError, match=r"train_modules=\['norms'\] in the file, train_modules=\[\] in this model"):
         load_adapters(plain, path)
+    # the same modules written otherwise are the same setting
+    spelled = apply_adapters(copy.deepcopy(base),
+                             AdapterConfig(method="ether", nb=4, train_modules=["re:.*(norm_[12]|ln_f)"]))
+    load_adapters(spelled, path)
     with pytest.raises(ValueError, match="--precision 16-true cannot train modules in full"):
         check_precision("16-true", AdapterConfig(method="lora", train_modules=["head"]))
 
@@ -201,8 +208,9 @@ def test_half_precision_keeps_trained_modules_in_the_model_dtype(base):
 
 
 def test_flag_names_and_dry_run_count():
-    assert train_modules_from_flag("head, norms,embed_tokens,head") == ["head", "norms", "transformer.wte"]
-    assert train_modules_from_flag(["input_layernorm", "lm_head"]) == ["norm_1", "lm_head"]
+    assert train_modules_from_flag("norms, head,embed_tokens,head") == ["head", "norms", "transformer.wte"]
+    assert train_modules_from_flag(["input_layernorm", "lm_head"]) == train_modules_from_flag("head,norm_1")
+    assert train_modules_from_flag("re:h\\.[0-9]{1,2}\\.norm_1,head") == ["head", "re:h\\.[0-9]{1,2}\\.norm_1"]
     assert train_modules_from_flag(None) == []
     report = plan_report("Llama-2-7b-hf", AdapterConfig(method="lora", r=8, train_modules=["head", "norms"]),
                          "bf16-true", adapter_float32=True)
@@ -230,3 +238,60 @@ def test_finetune_with_train_modules_trains_and_merges(tiny_ckpt, tmp_path):  # 
     x = torch.randint(0, base.config.vocab_size, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(GPT.from_checkpoint(out / "merged").eval()(x), adapted(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_with_float32_adapters_and_trained_norms(tiny_ckpt, tmp_path):  # noqa: F811
+    """FSDP2 wants one dtype for a unit's trainable weights: the norms (bfloat16) are units of their own beside the
+    blocks' float32 adapters, kept gathered until backward (a norm's weight rebuilds its output there). Two
+    processes train as one does, to a bfloat16 spacing."""
+    from test_training import common_flags, final_tensors, run_cli
+
+    runs = {}
+    for devices in ("1", "2"):
+        out = tmp_path / devices
+        flags = common_flags(tiny_ckpt, out, 3, **{"--devices": devices, "--precision": "bf16-true"})
+        r = run_cli("lora.py", *flags, "--adapter_float32", "true", "--lora_train_modules", "norms,head",
+                    "--lora_dropout", "0", "--train.learning_rate", "1e-2", timeout=300, CUDA_VISIBLE_DEVICES="")
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[devices] = final_tensors(out, "lit_model_lora_finetuned.pth")
+    base = load_file(tiny_ckpt / "lit_model.pth")
+    for key, value in runs["2"].items():
+        assert value.dtype == (torch.float32 if ".adapters." in key else torch.bfloat16), key
+        torch.testing.assert_close(value.float(), runs["1"][key].float(), atol=2 ** -6, rtol=0, msg=key)
+    assert not torch.equal(runs["2"]["transformer.ln_f.weight"].float(), base["transformer.ln_f.weight"].float())
+
+
+def checkpoint(folder, model: GPT):
+    from lit_gpt.utils import save_model_weights
+
+    folder.mkdir()
+    model.config.save(folder)
+    save_model_weights(model, folder)
+    return folder
+
+
+def test_merge_and_load_check_the_trained_modules_against_the_base(tmp_path):
+    """A merge at a wider --precision than the base's keeps the trained weights as the file holds them; a base of
+    another vocabulary is refused before its weights are read, naming the file and the tensor."""
+    from lit_gpt.merge import merge_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = checkpoint(tmp_path / "base", GPT(tiny_config()).bfloat16())
+    model = apply_adapters(GPT.from_checkpoint(ckpt, dtype=torch.float32),
+                           AdapterConfig(method="lora", r=4, train_modules=["head", "norms"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 1e-3)  # below a bfloat16 spacing of the norms' ones
+    adapter = save_adapters(model, tmp_path / "run" / "adapter.pth")
+    out = merge_checkpoint(adapter, ckpt, tmp_path / "merged", precision="32-true", log=lambda *a: None)
+    merged = load_file(out / "lit_model.pth")
+    for key in ["lm_head.weight"] + NORMS:
+        assert torch.equal(merged[key], model.state_dict()[key]), key
+    torch.testing.assert_close(GPT.from_checkpoint(out).eval()(torch.arange(8)[None]),
+                               model.eval()(torch.arange(8)[None]), atol=1e-5, rtol=1e-5)
+    other = checkpoint(tmp_path / "other", GPT(tiny_config(vocab_size=96, padded_vocab_size=96)))
+    with pytest.raises(ValueError, match=rf"^{str(adapter)} was trained on another base model .*its 'lm_head.weight' "
+                                         r"had shape \[64, 32\] there but .* has shape \[96, 32\]"):
+        load_finetuned(other, adapter)

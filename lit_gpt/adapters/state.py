@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from lit_gpt.adapters.base import (
     adapted_layers, adapter_config_of, build_adapters, install_adapters, train_module_names,
-    trained_module_state_dict,
+    trained_module_state_dict, trained_modules,
 )
 from lit_gpt.adapters.config import AdapterConfig, setting
 from lit_gpt.utils import atomic_path, atomic_save, load_file
@@ -329,10 +329,19 @@ def align_adapter_keys(obj: dict, model: nn.Module) -> dict:
     return aligned
 
 
-def _setting_differences(saved: AdapterConfig, own: AdapterConfig) -> list[str]:
+def _same_trained_modules(model: nn.Module, saved: AdapterConfig) -> bool:
+    """Whether `saved.train_modules` selects in `model` the modules it trains in full (`head` and `lm_head` do)."""
+    try:
+        return set(train_module_names(model, saved)) == {name for name, _ in trained_modules(model)}
+    except ValueError:
+        return False
+
+
+def _setting_differences(saved: AdapterConfig, own: AdapterConfig, same_trained: bool = False) -> list[str]:
     """`"nb=4 in the file, nb=8 in this model"` for every setting of one method that changes what its adapters
-    compute from their tensors. Targets are left to the tensor names, regularisers (`REGULARISERS`) to the model."""
-    ignore = {"method", "targets", *REGULARISERS}
+    compute from their tensors. Targets are left to the tensor names, regularisers (`REGULARISERS`) to the model;
+    `train_modules` written otherwise for the same modules (`same_trained`) are the same."""
+    ignore = {"method", "targets", *REGULARISERS} | ({"train_modules"} if same_trained else set())
     ignore.update(BLOCK_FIELDS if saved.method == "lora" else ("r", "alpha"))
     if saved.method != "oft":
         ignore.update(OFT_FIELDS)
@@ -345,7 +354,8 @@ def _setting_differences(saved: AdapterConfig, own: AdapterConfig) -> list[str]:
             if k not in ignore and a[k] != b[k]]
 
 
-def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) -> nn.Module:
+def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any], where: Optional[str] = None
+                  ) -> nn.Module:
     """Load an adapter file (`.pth` or `.safetensors`) into `model`, first applying its config if `model` has no
     adapters yet.
 
@@ -353,9 +363,11 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) ->
     `block_dropout` are kept: they do not change what it computes in eval mode). Refuses in one sentence naming the
     file: the settings that differ, else the first mismatching tensor (an adapter trained on another base model).
     A refused file leaves the model untouched. A file saved through a wrapper (DDP's `module.`, torch.compile's
-    `_orig_mod.`) loads into the unwrapped model, and the other way round.
+    `_orig_mod.`) loads into the unwrapped model, and the other way round. `where` names an adapter dict in
+    errors (the file it was read from; default "The adapter dict").
     """
-    obj, where = _read(path_or_obj)
+    obj, read_from = _read(path_or_obj)
+    where = where if where is not None and isinstance(path_or_obj, dict) else read_from
     saved_config = AdapterConfig.from_dict(obj["adapter_config"])
     obj = align_adapter_keys(obj, model)
     # the base shapes are checked before anything is applied, so a refused file leaves the model untouched
@@ -386,7 +398,7 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) ->
             f"load it into a model without adapters, or into one adapted with method {saved_config.method!r}."
         )
     else:
-        differ = _setting_differences(saved_config, current)
+        differ = _setting_differences(saved_config, current, _same_trained_modules(model, saved_config))
         if differ:
             raise ValueError(
                 f"{where} was trained with other adapter settings than this model's ({'; '.join(differ)}): load it "
@@ -395,10 +407,14 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any]) ->
         own = adapter_state_dict(model)
 
     saved: dict[str, torch.Tensor] = obj["state_dict"]
+    # a training checkpoint names a trained weight tied to another module under both names: one is enough
+    aliases = _aliases(model, own) - set(own)
+    saved = {k: v for k, v in saved.items() if k not in aliases}
     for key, value in saved.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):
+            what = "adapter tensor" if ".adapters." in key else "tensor (of a module trained in full)"
             raise ValueError(
-                f"{where} was trained on another base model: adapter tensor {key!r} has shape {list(value.shape)} "
+                f"{where} was trained on another base model: {what} {key!r} has shape {list(value.shape)} "
                 f"in the file but {list(own[key].shape)} in this model."
             )
     missing = [k for k in own if k not in saved]
