@@ -763,10 +763,12 @@ def _adapters_to_file_precision(model: nn.Module, saved: dict[str, torch.Tensor]
     from lit_gpt.adapters.base import trained_module_state_dict
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    trained = trained_module_state_dict(model)  # (modules trained in full are written in the model's dtype)
+    # modules trained in full are written in the model's dtype (by identity: a training checkpoint also names a
+    # tied one by its other name)
+    trained = {id(p) for p in trained_module_state_dict(model).values()}
     for key, value in saved.items():
         p = params[key]
-        if key not in trained and value.is_floating_point() and value.dtype != p.dtype:
+        if id(p) not in trained and value.is_floating_point() and value.dtype != p.dtype:
             p.data = value.to(device=p.device, dtype=torch.promote_types(value.dtype, p.dtype))
 
 

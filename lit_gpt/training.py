@@ -487,14 +487,12 @@ def shard_model(model: nn.Module, device_mesh) -> nn.Module:
     not a weight tied to another module (a unit cannot share it)."""
     from torch.distributed.fsdp import fully_shard
 
-    from lit_gpt.adapters.base import trained_modules
+    from lit_gpt.adapters.base import parameter_names, trained_modules
 
     mesh = device_mesh["data_parallel"]
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
+    names = parameter_names(model)
     for _, module in trained_modules(model):
-        if all(owners[id(p)] == 1 for p in module.parameters()):
+        if all(len(names[id(p)]) == 1 for p in module.parameters()):
             # kept gathered until backward: a norm's weight rebuilds its output in the next layer's backward
             # (`lit_gpt.recompute`), before the norm's own backward would gather it again
             fully_shard(module, mesh=mesh, reshard_after_forward=False)
@@ -844,16 +842,14 @@ def check_answers_fit(data, max_len: int, data_dir: Path, flag_given: bool) -> N
 def tied_trained_note(model: nn.Module) -> Optional[str]:
     """A note when a module trained in full shares a weight with another module (a head tied to the embeddings),
     which the training then changes too."""
-    from lit_gpt.adapters.base import trained_module_state_dict
+    from lit_gpt.adapters.base import parameter_names, trained_module_state_dict
 
-    trained = trained_module_state_dict(model)
-    by_id = {id(p): name for name, p in trained.items()}
-    tied = [(name, by_id[id(p)]) for name, p in model.named_parameters(remove_duplicate=False)
-            if id(p) in by_id and name not in trained]
-    if not tied:
-        return None
-    other, own = tied[0]
-    return f"note: {own} is tied to {other} (one tensor), so training it in full changes both."
+    names = parameter_names(model)
+    for own, p in trained_module_state_dict(model).items():
+        others = [n for n in names[id(p)] if n != own]
+        if others:
+            return f"note: {own} is tied to {others[0]} (one tensor), so training it in full changes both."
+    return None
 
 
 def check_tied_head(config: Config, adapter_config: Any, method: str) -> None:
@@ -1486,8 +1482,9 @@ def finetune(
         f"trainable parameters: {num_parameters(model, requires_grad=True):,}  "
         f"frozen: {num_parameters(model, requires_grad=False):,}"
     )
-    if adapter_config is not None and tied_trained_note(model):
-        fabric.print(tied_trained_note(model))
+    note = tied_trained_note(model) if adapter_config is not None else None
+    if note:
+        fabric.print(note)
     fabric.print(training_plan(train, steps, len(train_data)))
     if train.lr_warmup_fraction is not None:
         fabric.print(f"--train.lr_warmup_fraction {train.lr_warmup_fraction:g} of an epoch: {warmup:,} warm-up "

@@ -142,6 +142,13 @@ def test_a_tied_head_is_one_tensor_trained_in_both_places(tmp_path):
     # a training checkpoint as lit_gpt.merge reads it (step-*.pth as --adapter_path): both names of the tied weight
     step = {"adapter_config": read_config(path).to_dict(), "state_dict": msd}
     torch.testing.assert_close(load_adapters(copy.deepcopy(base), step).eval()(x), model(x))
+    # merging it: the adapters go to the file's float32, the tied trained head stays in the model's dtype
+    from lit_gpt.merge import _adapters_to_file_precision
+
+    half = load_adapters(copy.deepcopy(base).bfloat16(), step)
+    _adapters_to_file_precision(half, {k: v.float() for k, v in msd.items()})
+    assert half.lm_head.weight.dtype == torch.bfloat16 and half.lm_head.weight is half.transformer.wte.weight
+    assert {p.dtype for n, p in half.named_parameters() if ".adapters." in n} == {torch.float32}
 
 
 def test_refusals(base, tmp_path):

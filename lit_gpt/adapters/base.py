@@ -482,6 +482,14 @@ class AdaptedLinear(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Placement
 # ---------------------------------------------------------------------------------------------------------------
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter of `model`, by the parameter's `id`: two for a weight tied to another module."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
@@ -743,9 +751,7 @@ def build_adapters(model: nn.Module, config: AdapterConfig) -> list[Built]:
     _check_trained_not_adapted(train_module_names(model, config), iter(plan))
     builder = _BUILDERS[config.method]
     # a weight shared with another module (tied embeddings) cannot take a merged W' without changing the other
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
+    owners = parameter_names(model)
     built = []
     for name, slice_names in plan.items():
         module = model.get_submodule(name)

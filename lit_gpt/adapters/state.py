@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from lit_gpt.adapters.base import (
-    adapted_layers, adapter_config_of, build_adapters, install_adapters, train_module_names,
+    adapted_layers, adapter_config_of, build_adapters, install_adapters, parameter_names, train_module_names,
     trained_module_state_dict, trained_modules,
 )
 from lit_gpt.adapters.config import AdapterConfig, setting
@@ -66,10 +66,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _aliases(model: nn.Module, names: Iterable[str]) -> set[str]:
     """Every name of the parameters called `names` (a weight tied to another module has two)."""
-    named = list(model.named_parameters(remove_duplicate=False))
     wanted = set(names)
-    ids = {id(p) for n, p in named if n in wanted}
-    return {n for n, p in named if id(p) in ids}
+    return {n for group in parameter_names(model).values() if wanted.intersection(group) for n in group}
 
 
 def _base_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -431,14 +429,14 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any], wh
     if built is not None:
         install_adapters(model, saved_config, built)
 
-    named = list(model.named_parameters(remove_duplicate=False))
-    params = dict(named)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = parameter_names(model)
     with torch.no_grad():
         for key, value in saved.items():
             p = params[key]
             if p.is_meta:  # a new tensor, under every name of the old one (a weight tied to another module)
                 new = nn.Parameter(value.to(dtype=p.dtype), requires_grad=p.requires_grad)
-                for alias in [n for n, q in named if q is p]:
+                for alias in names[id(p)]:
                     owner_name, _, attr = alias.rpartition(".")
                     setattr(model.get_submodule(owner_name) if owner_name else model, attr, new)
             else:
