@@ -8,7 +8,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.adapters.config import named_by_flags
-from lit_gpt.training import ETHER_FLAGS, run_entrypoint, targets_from_flags, train_modules_from_flag
+from lit_gpt.training import (
+    ETHER_FLAGS, layers_from_flag, run_entrypoint, targets_from_flags, train_modules_from_flag,
+)
 
 
 def setup(
@@ -28,6 +30,7 @@ def setup(
     ether_head: Optional[bool] = None,
     ether_targets: Optional[Union[str, list[str]]] = None,
     ether_train_modules: Optional[Union[str, list[str]]] = None,
+    ether_layers: Optional[Union[int, str, list[int]]] = None,
     oft_coft: bool = False,
     oft_eps: Optional[float] = None,
     oft_block_share: bool = False,
@@ -69,6 +72,9 @@ def setup(
             embeddings, and GPT-2's positions), norms (every norm), or module names (transformer.ln_f, norm_1) and
             patterns ("re:<regex>"); transformers' names (lm_head, embed_tokens, input_layernorm, norm) are taken
             as ours. A head tied to the embeddings trains them too; they keep the model's dtype.
+        ether_layers: Adapt the layers above in these transformer blocks only (PEFT's layers_to_transform):
+            indices from 0 and inclusive ranges separated by commas (0-7,30,31), or a list; unset: every block.
+            Cannot be combined with the head, which is in no block.
         oft_coft: Constrained OFT: keep each skew-symmetric block within Frobenius norm `oft_eps` of zero.
         oft_eps: COFT radius per block, with `--oft_coft true`; null (unset) means 6e-5, the OFT authors' and
             PEFT's number. Their code bounds each block by `eps / sqrt(nb)`: pass that value to reproduce their
@@ -115,7 +121,8 @@ def setup(
         adapter = AdapterConfig(
             method=Htype, nb=ether_nb, targets=targets, flip_side=flip_side, dropout=ether_dropout,
             block_dropout=block_dropout, coft=oft_coft, block_share=oft_block_share, neumann_terms=oft_neumann_terms,
-            train_modules=train_modules_from_flag(ether_train_modules), **extra,
+            train_modules=train_modules_from_flag(ether_train_modules),
+            layers=layers_from_flag(ether_layers, "--ether_layers"), **extra,
         )
         run_entrypoint(Htype, adapter, flags)
 

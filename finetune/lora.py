@@ -8,7 +8,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.adapters.config import named_by_flags
-from lit_gpt.training import LORA_FLAGS, run_entrypoint, targets_from_flags, train_modules_from_flag
+from lit_gpt.training import (
+    LORA_FLAGS, layers_from_flag, run_entrypoint, targets_from_flags, train_modules_from_flag,
+)
 
 
 def setup(
@@ -28,6 +30,7 @@ def setup(
     lora_head: Optional[bool] = None,
     lora_targets: Optional[Union[str, list[str]]] = None,
     lora_train_modules: Optional[Union[str, list[str]]] = None,
+    lora_layers: Optional[Union[int, str, list[int]]] = None,
     precision: Optional[str] = None,
     adapter_float32: bool = False,
     devices: int = 1,
@@ -64,6 +67,9 @@ def setup(
             embeddings, and GPT-2's positions), norms (every norm), or module names (transformer.ln_f, norm_1) and
             patterns ("re:<regex>"); transformers' names (lm_head, embed_tokens, input_layernorm, norm) are taken
             as ours. A head tied to the embeddings trains them too; they keep the model's dtype.
+        lora_layers: Adapt the layers above in these transformer blocks only (PEFT's layers_to_transform):
+            indices from 0 and inclusive ranges separated by commas (0-7,30,31), or a list; unset: every block.
+            Cannot be combined with the head, which is in no block.
         precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
             16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in
@@ -94,7 +100,8 @@ def setup(
     )
     with named_by_flags(LORA_FLAGS):  # errors name the flags, not the fields
         adapter = AdapterConfig(method="lora", r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dora=lora_dora,
-                                targets=targets, train_modules=train_modules_from_flag(lora_train_modules))
+                                targets=targets, train_modules=train_modules_from_flag(lora_train_modules),
+            layers=layers_from_flag(lora_layers, "--lora_layers"))
         run_entrypoint("lora", adapter, flags)
 
 

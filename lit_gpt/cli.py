@@ -271,7 +271,8 @@ FLAG_SYNONYMS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps", "num_
                  "output_path": "save_filepath", "out_dir": "save_filepath", "dtype": "precision",
                  "bf16": "precision", "fp16": "precision",
                  # PEFT's LoraConfig(target_modules=...): one flag per adapter script
-                 "target_modules": ("lora_targets", "ether_targets")}
+                 "target_modules": ("lora_targets", "ether_targets"),
+                 "layers_to_transform": ("lora_layers", "ether_layers")}
 # names of other tools' settings that have no flag here: (a flag of the scripts the note is for, what to do instead)
 _TRAINING = "--train.learning_rate"
 NO_EQUIVALENT = {

@@ -72,9 +72,11 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pth$")
 ETHER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "--ether_targets or --ether_* layer flags",
                "flip_side": "--flip_side", "dropout": "--ether_dropout", "block_dropout": "--block_dropout",
                "coft": "--oft_coft", "eps": "--oft_eps", "block_share": "--oft_block_share",
-               "neumann_terms": "--oft_neumann_terms", "train_modules": "--ether_train_modules"}
+               "neumann_terms": "--oft_neumann_terms", "train_modules": "--ether_train_modules",
+               "layers": "--ether_layers"}
 LORA_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "dora": "--lora_dora",
-              "targets": "--lora_targets or --lora_* layer flags", "train_modules": "--lora_train_modules"}
+              "targets": "--lora_targets or --lora_* layer flags", "train_modules": "--lora_train_modules",
+              "layers": "--lora_layers"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -1271,6 +1273,24 @@ def _split_names(given: str) -> list[str]:
     return items + [given[start:]]
 
 
+def layers_from_flag(given: Optional[Union[int, str, Sequence[int]]], flag: str) -> Optional[list[int]]:
+    """`--*_layers`'s value (PEFT's layers_to_transform) as sorted block indices: an index, indices and inclusive
+    ranges separated by commas (`0-7,30,31`), or a list; None (unset) is every block."""
+    if given is None:
+        return None
+    items = [given] if isinstance(given, int) else given.split(",") if isinstance(given, str) else list(given)
+    layers = set()
+    for item in items:
+        text = str(item).strip()
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", text)
+        if isinstance(item, bool) or m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"{flag} {given}: {text!r} is not a block index or a range of them: pass indices from 0 "
+                             f"and inclusive ranges separated by commas (e.g. {flag} 0-3,8), or leave it unset for "
+                             "every block.")
+        layers.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return sorted(layers)
+
+
 def train_modules_from_flag(given: Optional[Union[str, Sequence[str]]]) -> list[str]:
     """`--*_train_modules`'s value: names separated by commas, or a list; `head`, `embeddings`, `norms` (the named
     train modules of a lit_gpt.GPT), module names and patterns of `lit_gpt.GPT` (`transformer.ln_f`, `re:...`), and
@@ -1669,6 +1689,10 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> st
         else:
             parts.append(f"nb{adapter_config.nb}")
         parts.append("-".join(adapter_config.targets))  # (all-linear too: a resume finds earlier runs' folders)
+        if getattr(adapter_config, "layers", None) is not None:
+            from lit_gpt.adapters.config import format_layers
+
+            parts.append("layers" + format_layers(adapter_config.layers).replace(",", "."))
         if getattr(adapter_config, "train_modules", None):
             parts.append("train-" + "-".join(re.sub(r"[^A-Za-z0-9.]+", "", m) for m in adapter_config.train_modules))
         if getattr(adapter_config, "flip_side", False):

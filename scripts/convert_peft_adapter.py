@@ -112,7 +112,8 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
     --lora_path or scripts/merge_ether.py, chat/base.py, scripts/generate.py and eval/lm_eval_harness.py with their
     --adapter_path. Those also take the PEFT folder itself (with --checkpoint_dir), converting it in memory, with
     the same result, each time they run.
-    target_modules (a list or a regex), layers_to_transform and exclude_modules are read as PEFT reads them.
+    target_modules (a list or a regex), layers_to_transform and exclude_modules are read as PEFT reads them; the
+    same layers in some blocks only become the adapter's layers (finetune/*.py's --lora_layers, --ether_layers).
 
     LoRA: r and alpha are set so the update's scale equals PEFT's (use_rslora's lora_alpha/sqrt(r) included);
     ranks or scales that differ between layers (rank_pattern, alpha_pattern) become the largest rank, the lower
@@ -127,7 +128,8 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
     tensors under the lit names; a head tied to the embeddings must be saved equal to them (ensure_weight_tying),
     and lit_gpt's fused q/k/v must be saved whole.
 
-    Refused, with the reason: bias other than "none", q/k/v adapted on some layers only,
+    Refused, with the reason: bias other than "none", q/k/v adapted on some layers only with other modules
+    adapted in other layers (lit_gpt's q/k/v are one layer),
     OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann adapter saved before PEFT 0.18, tensors whose
     shapes do not fit the checkpoint, and adapter_model.bin (a pickle: re-save with safe_serialization=True).
 

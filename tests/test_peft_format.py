@@ -173,8 +173,9 @@ IMPORT_CASES = {
                                                    "down_proj"])),
     "llama_regex": ("llama", dict(r=3, lora_alpha=5, target_modules=r".*\.(q_proj|v_proj|lm_head)")),
     "llama_all_linear": ("llama", dict(r=2, lora_alpha=16, target_modules="all-linear")),
-    # layer subsets of whole layers: module-name targets
-    "llama_layers": ("llama", dict(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], layers_to_transform=[1])),
+    # the same layers in some blocks: AdapterConfig.layers
+    "llama_layers": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                                   layers_to_transform=[1])),
     "gpt2": ("gpt2", dict(r=4, lora_alpha=7, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
     "gpt_neox_rslora": ("gpt_neox", dict(r=4, lora_alpha=3, use_rslora=True,
                                          target_modules=["query_key_value", "dense"])),
@@ -195,6 +196,7 @@ def test_import_computes_what_peft_computes(case, bases, tmp_path):
     peft_scale = alpha_peft / (math.sqrt(r_peft) if lora_config.get("use_rslora") else r_peft)
     assert config.alpha / config.r == pytest.approx(peft_scale)
     assert config.dropout == lora_config.get("lora_dropout", 0.0)
+    assert config.layers == lora_config.get("layers_to_transform")
     torch.testing.assert_close(logits(load_finetuned(folder, adapter)), expected, **TOL)
 
 
@@ -240,7 +242,12 @@ def test_import_targets(bases, tmp_path):
     base, folder = bases["llama"]
     _, peft_dir = save_peft(base, tmp_path, **IMPORT_CASES["llama_layers"][1])
     config = read_adapter_config(import_peft_adapter(peft_dir, folder, tmp_path / "a.pth"))
-    assert config.targets == ["transformer.h.1.attn.proj", "transformer.h.1.mlp.proj"]
+    assert (config.targets, config.layers) == (["query", "value", "projection", "mlp.proj"], [1])
+    _, peft_dir = save_peft(base, tmp_path / "names", r=4, lora_alpha=8,
+                            target_modules=r".*(layers\.1\.self_attn\.o_proj|down_proj)")
+    config = read_adapter_config(import_peft_adapter(peft_dir, folder, tmp_path / "n.pth"))
+    assert (config.targets, config.layers) == (["transformer.h.0.mlp.proj", "transformer.h.1.attn.proj",
+                                                "transformer.h.1.mlp.proj"], None)
     _, peft_dir = save_peft(base, tmp_path / "all", **IMPORT_CASES["llama_all_linear"][1])
     config = read_adapter_config(import_peft_adapter(peft_dir, folder, tmp_path / "b.pth"))
     assert config.targets == ["query", "key", "value", "projection", "mlp"]
@@ -390,11 +397,29 @@ def test_peft_weights_alone_as_adapter_path_say_what_is_missing(llama_peft, tmp_
         read_finetuned(alone, folder)
 
 
-def test_import_refuses_q_proj_on_some_layers(bases, tmp_path):
+def test_import_refuses_q_proj_on_some_layers_and_other_modules_on_others(bases, tmp_path):
     base, folder = bases["llama"]
-    _, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0])
+    _, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8,
+                            target_modules=r".*(layers\.0\.self_attn\.q_proj|down_proj)")
     with pytest.raises(ValueError, match="some layers only.*cannot express"):
         import_peft_adapter(peft_dir, folder, tmp_path / "out.pth")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_of_some_blocks_writes_layers_to_transform(family, bases, tmp_path):
+    _, folder = bases[family]
+    model = GPT.from_checkpoint(folder).eval()
+    apply_adapters(model, AdapterConfig(method="lora", r=4, alpha=6.0, targets=["query", "value", "mlp"], layers=[1]))
+    randomize_lora(model)
+    adapter = save_adapters(model, tmp_path / "a.safetensors")
+    out = export_peft_adapter(adapter, folder, tmp_path / "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1]
+    assert cfg["target_modules"] == (["down_proj", "gate_proj", "q_proj", "up_proj", "v_proj"] if family == "llama"
+                                     else ["c_attn", "c_fc", "mlp.c_proj"])
+    torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), out)), logits(model), **TOL)
+    back = read_adapter_config(import_peft_adapter(out, folder, tmp_path / "back.pth"))
+    assert back.to_dict() == read_adapter_config(adapter).to_dict()
 
 
 def test_import_refuses_pickle_and_another_base(llama_peft, bases, tmp_path):

@@ -84,6 +84,7 @@ OFT_EXPORTS = {
     "neumann2": (dict(nb=2, neumann_terms=2, upper_triangle=True, targets=["key", "projection"]),
                  dict(use_cayley_neumann=True, num_cayley_neumann_terms=4)),
     "coft": (dict(nb=4, coft=True, eps=0.05, targets=["query", "value", "mlp"]), dict(coft=True, eps=0.1)),
+    "layers": (dict(nb=4, targets=["query", "mlp"], layers=[0]), dict(layers_to_transform=[0])),
     "block_share": (dict(block_size=4, block_share=True, coft=True, eps=0.05, targets=["value", "head"]),
                     dict(block_share=True, oft_block_size=4, eps=0.05)),
 }
@@ -154,7 +155,8 @@ OFT_IMPORTS = {
                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "lm_head"])),
     "llama_neumann5": ("llama", dict(r=4, oft_block_size=0, num_cayley_neumann_terms=5, module_dropout=0.1,
                                      target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])),
-    "llama_neumann3": ("llama", dict(oft_block_size=4, num_cayley_neumann_terms=3, target_modules=["q_proj"])),
+    "llama_neumann3": ("llama", dict(oft_block_size=4, num_cayley_neumann_terms=3, target_modules=["q_proj"],
+                                     layers_to_transform=[1])),
     "llama_coft": ("llama", dict(r=4, oft_block_size=0, use_cayley_neumann=False, coft=True, eps=0.1,
                                  target_modules=["q_proj", "v_proj"])),
     "llama_share": ("llama", dict(oft_block_size=8, block_share=True, coft=True, eps=0.03,
@@ -174,6 +176,7 @@ def test_oft_import_computes_what_peft_computes(case, bases, tmp_path):
     adapter = import_peft_adapter(peft_dir, folder, tmp_path / "imported.safetensors")
     config = read_adapter_config(adapter)
     assert (config.method, config.upper_triangle, config.block_dropout) == ("oft", True, kw.get("module_dropout", 0))
+    assert config.layers == kw.get("layers_to_transform")
     torch.testing.assert_close(logits(load_finetuned(folder, adapter)), expected, **TOL)
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from lit_gpt import recompute
 from lit_gpt.adapters.config import (
-    ALL_LINEAR, GPT_TARGETS, GPT_TRAIN_MODULES, AdapterConfig, field_name, setting,
+    ALL_LINEAR, GPT_TARGETS, GPT_TRAIN_MODULES, AdapterConfig, field_name, format_layers, setting,
 )
 
 FULL = "full"  # the slice name of a layer adapted as a whole
@@ -570,6 +570,7 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[dict[str,
 
     candidates = [n for n, m in modules.items() if n and is_adaptable(m)]
     all_linear: set[str] = set()
+    selected = {"head": ["lm_head"]} if "head" in named else {}  # target -> its layers (where it can miss blocks)
     for pattern in patterns:
         if pattern == ALL_LINEAR:
             head = _output_head(model)
@@ -579,13 +580,50 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[dict[str,
             hits = [n for n in candidates if _match(pattern, n)]
         if not hits:
             raise ValueError(_no_match(model, modules, pattern, gpt))
+        selected[pattern] = hits
         for n in hits:
             if n in plan:
                 raise ValueError(f"Layer {n!r} is matched by more than one adapter target: list it once.")
             # a GPT's fused QKV by name: its three slices, as the named targets query, key and value adapt it
             plan[n] = ([sname for sname, _, _ in _slice_layout(model, n, modules[n])]
                        if gpt and n.endswith("attn.qkv") else [FULL])
+    if config.layers is not None:
+        plan = _in_layers(plan, candidates, config.layers, selected)
+        all_linear &= set(plan)
     return plan, all_linear  # (a layer two targets select is refused above)
+
+
+def block_index(name: str) -> Optional[int]:
+    """The transformer block a module is in, as PEFT's `layers_to_transform` reads it (no `layers_pattern`): the
+    first number between dots after the first name (`model.layers.3.mlp.experts.0.up_proj` is in block 3)."""
+    found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+def _layers_setting(layers: list[int]) -> str:
+    flag = field_name("layers")
+    return f"{flag} {format_layers(layers)}" if flag != "layers" else f"layers={layers!r}"
+
+
+def _in_layers(plan: dict[str, list[str]], candidates: list[str], layers: list[int],
+               selected: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`plan` without the layers outside the blocks `layers` (PEFT's `layers_to_transform`, which leaves out what is
+    in no block); refuses a block the model does not have and a target (`selected`: its layers) left empty."""
+    blocks = {i for i in map(block_index, candidates) if i is not None}
+    missing = [i for i in layers if i not in blocks]
+    if missing:
+        have = f"blocks {format_layers(sorted(blocks))}" if blocks else "no numbered blocks"
+        raise ValueError(f"{_layers_setting(layers)}: the model has {have}, so block "
+                         f"{format_layers(missing)} does not exist: pass indices from 0 to {max(blocks, default=0)}.")
+    for target, hits in selected.items():
+        if not any(block_index(n) in layers for n in hits):
+            where = sorted({i for i in map(block_index, hits) if i is not None})
+            why = (f"selects layers only in block{'s' if len(where) > 1 else ''} {format_layers(where)}" if where
+                   else "is in no transformer block")
+            raise ValueError(f"The adapter target {target!r} {why}, so "
+                             f"{_layers_setting(layers)} leaves none of them: drop it from the "
+                             f"{field_name('targets')}, or change {field_name('layers')}.")
+    return {n: s for n, s in plan.items() if block_index(n) in layers}
 
 
 # transformers' layer names (PEFT's target_modules) and the lit_gpt.GPT target that adapts the same layer

@@ -87,6 +87,12 @@ class AdapterConfig:
             PEFT's ``num_cayley_neumann_terms`` T is K = T - 2); 0 is exact.
         upper_triangle: OFT stores only the strict upper triangle of each ``R_i`` (``k(k-1)/2`` numbers, ``R_i``'s
             lower triangle is zero), half the parameters of full blocks for the same set of rotations.
+        train_modules: modules trained in full beside the adapters (PEFT's ``modules_to_save``).
+        layers: only the targets inside these transformer blocks (indices from 0) take adapters (PEFT's
+            ``layers_to_transform``); ``None``: every block. A module's block is the number after
+            ``transformer.h.`` on a ``lit_gpt.GPT``, else the first number between dots in its name
+            (``model.layers.3.self_attn.q_proj`` is in block 3), as PEFT reads it; a target outside every block (an
+            output head) cannot be combined with it.
     """
 
     method: str = "ether"
@@ -105,6 +111,7 @@ class AdapterConfig:
     neumann_terms: int = 0
     upper_triangle: bool = False
     train_modules: list[str] = field(default_factory=list)
+    layers: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         for name in ("targets", "train_modules"):
@@ -113,7 +120,11 @@ class AdapterConfig:
                 setattr(self, name, [value])
             elif isinstance(value, (list, tuple)):
                 setattr(self, name, list(value))
+        if isinstance(self.layers, (tuple, range)):
+            self.layers = list(self.layers)
         self.validate()
+        if self.layers is not None:  # one spelling per set of blocks: resumes and run names compare it
+            self.layers = sorted(set(self.layers))
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -130,6 +141,10 @@ class AdapterConfig:
         if not isinstance(self.train_modules, list) or not all(isinstance(t, str) and t for t in self.train_modules):
             raise ValueError(f"{n('train_modules')} must be a list of module names (or empty), got "
                              f"{self.train_modules!r}.")
+        if self.layers is not None and (not isinstance(self.layers, list) or not self.layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
+            raise ValueError(f"{n('layers')} must be a non-empty list of block indices (integers from 0), or None for "
+                             f"every block, got {self.layers!r}.")
         for name in ("targets", "train_modules"):
             for t in getattr(self, name):
                 if t.startswith("re:"):
@@ -208,6 +223,7 @@ class AdapterConfig:
         data = asdict(self)
         data["targets"] = list(self.targets)
         data["train_modules"] = list(self.train_modules)
+        data["layers"] = None if self.layers is None else list(self.layers)
         return data
 
     @classmethod
@@ -241,4 +257,17 @@ class AdapterConfig:
         if self.dropout:
             parts.append(f"dropout={self.dropout:g}")
         trained = f"; trains {', '.join(self.train_modules)} in full" if self.train_modules else ""
-        return f"{self.method} ({', '.join(parts)}; targets {', '.join(self.targets)}{trained})"
+        where = "" if self.layers is None else \
+            f" in block{'s' if len(self.layers) > 1 else ''} {format_layers(self.layers)}"
+        return f"{self.method} ({', '.join(parts)}; targets {', '.join(self.targets)}{where}{trained})"
+
+
+def format_layers(layers: list[int]) -> str:
+    """Block indices as ranges: `[0, 1, 2, 5]` -> `0-2,5`."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)

@@ -66,6 +66,7 @@ from lit_gpt.adapters.base import (
     adapted_layers,
     adapter_config_of,
     apply_adapters,
+    block_index,
     compute_dtype,
     is_adaptable,
     train_module_names,
@@ -633,6 +634,10 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     else:
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     adapted = {m for m in modules if any(k.startswith(f"{PEFT_PREFIX}{m}.") for k in tensors)}
+    layers = finetuned.payload["adapter_config"].get("layers")
+    if layers is not None:  # as a PEFT user writes it: layer names, and the blocks in layers_to_transform
+        peft_config["target_modules"] = _module_names(adapted, {m for m in modules if block_index(m) in layers})
+        peft_config["layers_to_transform"] = list(layers)
     # a module transformers 5 names otherwise (GPT-NeoX's head): adapted under both names, PEFT finds the one the
     # running transformers has (the other matches nothing, and its tensors are not loaded)
     for old, new in _RENAMED_MODULES.get(config_to_hf(config)["model_type"], {}).items():
@@ -859,18 +864,33 @@ def _split_fused(A: torch.Tensor, B_full: torch.Tensor, slices: list[tuple[str, 
     return {s: _Factors(A.clone(), B_full[lo:hi].clone(), scaling, alpha_of(A.shape[0])) for s, lo, hi in slices}
 
 
-def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: str) -> list[str]:
-    """`AdapterConfig.targets` that adapt exactly the `(lit layer, slice)` pairs of `adapted` in `model`: the GPT's
+def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: str
+             ) -> tuple[list[str], Optional[list[int]]]:
+    """`AdapterConfig.targets` and `.layers` that adapt exactly the `(lit layer, slice)` pairs of `adapted` in
+    `model`: the same layers in some blocks only (PEFT's `layers_to_transform`) as those blocks; else the GPT's
     named targets where a kind of layer is adapted on every block, module names for the other linear layers."""
     n = config.n_layer
+    shape = [frozenset((layer[len(f"transformer.h.{i}."):], s) for layer, s in adapted
+                       if layer.startswith(f"transformer.h.{i}.")) for i in range(n)]
+    used = [i for i in range(n) if shape[i]]
+    if used and len(used) < n and _HEAD not in {layer for layer, _ in adapted} and len({shape[i] for i in used}) == 1:
+        kinds = shape[used[0]]
+        targets = [s for s in ("query", "key", "value") if (_ATTN, s) in kinds]
+        if any(layer == _PROJ for layer, _ in kinds):
+            targets.append("projection")
+        mlp = [f"mlp.{child}" for child, m in model.transformer.h[used[0]].mlp.named_children() if is_adaptable(m)]
+        chosen = sorted(layer for layer, _ in kinds if layer.startswith("mlp."))
+        targets += ["mlp"] if chosen == sorted(mlp) else chosen
+        return targets, used
     qkv = [frozenset(s for layer, s in adapted if layer == f"transformer.h.{i}.{_ATTN}") for i in range(n)]
     if len(set(qkv)) > 1:
         which = sorted({i for i in range(n) if qkv[i] != qkv[0]} | {0})
         raise ValueError(
             f"{where} adapts the attention's query/key/value projections on some layers only (layers "
-            f"{', '.join(map(str, which[:4]))}{' …' if len(which) > 4 else ''} differ: layers_to_transform or "
-            "per-layer target_modules), which lit_gpt's fused QKV layer cannot express: adapt q/k/v on every layer, "
-            "or merge the adapter into the base with PEFT (merge_and_unload)."
+            f"{', '.join(map(str, which[:4]))}{' …' if len(which) > 4 else ''} differ: per-layer target_modules, or "
+            "layers_to_transform with other modules adapted outside those layers), which lit_gpt's fused QKV layer "
+            "cannot express: adapt the same modules in every layer of layers_to_transform, or merge the adapter into "
+            "the base with PEFT (merge_and_unload)."
         )
     targets = [s for s in ("query", "key", "value") if s in qkv[0]]
     layers = {layer for layer, _ in adapted if not layer.endswith(_ATTN)}
@@ -886,7 +906,7 @@ def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: s
     if _HEAD in layers:
         targets.append("head")
         layers.discard(_HEAD)
-    return targets + sorted(layers)
+    return targets + sorted(layers), None
 
 
 # the tensor names `PeftModel.save_pretrained` writes per adapted module (after `PEFT_PREFIX<module>`), by peft_type
@@ -1365,10 +1385,10 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
             "target_modules, or merge the adapter into the base with PEFT (merge_and_unload) and convert that model "
             "with scripts/convert_hf_checkpoint.py."
         )
-    targets = _targets(set(slices), config, model, repr(str(peft_dir)))
+    targets, layers = _targets(set(slices), config, model, repr(str(peft_dir)))
     trained = _train_modules_import(trained, config, model, peft_dir, ckpt)
-    train_modules = _train_module_list(model, trained, targets=targets, **settings)
-    apply_adapters(model, AdapterConfig(targets=targets, train_modules=train_modules, **settings))
+    train_modules = _train_module_list(model, trained, targets=targets, layers=layers, **settings)
+    apply_adapters(model, AdapterConfig(targets=targets, train_modules=train_modules, layers=layers, **settings))
     state_dict = dict(trained)
     for name, layer in adapted_layers(model):
         for s in layer.adapters:

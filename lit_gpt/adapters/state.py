@@ -339,7 +339,7 @@ def _setting_differences(saved: AdapterConfig, own: AdapterConfig, same_trained:
     """`"nb=4 in the file, nb=8 in this model"` for every setting of one method that changes what its adapters
     compute from their tensors. Targets are left to the tensor names, regularisers (`REGULARISERS`) to the model;
     `train_modules` written otherwise for the same modules (`same_trained`) are the same."""
-    ignore = {"method", "targets", *REGULARISERS} | ({"train_modules"} if same_trained else set())
+    ignore = {"method", "targets", "layers", *REGULARISERS} | ({"train_modules"} if same_trained else set())
     ignore.update(BLOCK_FIELDS if saved.method == "lora" else ("r", "alpha"))
     if saved.method != "oft":
         ignore.update(OFT_FIELDS)
