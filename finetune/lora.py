@@ -32,7 +32,7 @@ def setup(
     lora_train_modules: Optional[Union[str, list[str]]] = None,
     lora_layers: Optional[Union[int, str, list[int]]] = None,
     precision: Optional[str] = None,
-    adapter_float32: bool = False,
+    adapter_float32: Optional[bool] = None,
     devices: int = 1,
     num_nodes: int = 1,
     seed: int = 1337,
@@ -74,7 +74,8 @@ def setup(
             16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in
             float32 (PEFT's default; always so under 16-true), so that Adam steps below half a bfloat16 spacing
-            are not rounded away; the frozen model and the activations stay bfloat16.
+            are not rounded away; the frozen model and the activations stay bfloat16 (unset: false, but true with
+            --lora_dora, whose magnitudes would not train in bfloat16).
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.

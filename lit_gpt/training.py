@@ -302,6 +302,21 @@ def keeps_trainable_float32(precision: str, adapter_config: Optional[Any], adapt
     return precision.startswith("16-true") or (adapter_float32 and precision.startswith("bf16-true"))
 
 
+def resolve_adapter_float32(given: Optional[bool], adapter_config: Optional[Any], precision: str) -> bool:
+    """`--adapter_float32` as the run uses it: unset (None) is false, but true for DoRA under `bf16-true`, whose
+    magnitudes start at the row norms (about 1), where AdamW's steps are below half a bfloat16 spacing and would all
+    be rounded away (PEFT keeps them in float32 too); DoRA with it set false there is refused."""
+    dora = bool(getattr(adapter_config, "dora", False)) and precision.startswith("bf16-true")
+    if given is None:
+        return dora
+    if dora and not given:
+        raise ValueError("--lora_dora true under --precision bf16-true needs --adapter_float32 true: DoRA's magnitudes "
+                         "start at the row norms (about 1), where AdamW's steps are below half a bfloat16 spacing, so "
+                         "in bfloat16 they would never train; drop --adapter_float32 false (unset, it is true for "
+                         "DoRA) or use --precision bf16-mixed.")
+    return given
+
+
 def fabric_precision(precision: str, adapter_config: Optional[Any], adapter_float32: bool = False) -> dict:
     """Fabric's `precision=` or `plugins=` for a run: Lightning's own, but for `keeps_trainable_float32`."""
     if keeps_trainable_float32(precision, adapter_config, adapter_float32):
@@ -321,23 +336,27 @@ def _half_keeping_trainable_float32():
         adapters cast their weights to the activations' dtype, and the gradients back."""
 
         def convert_module(self, module: nn.Module) -> nn.Module:
+            # float32 trainable weights keep their values (DoRA's magnitudes, set from the base weights in float32)
+            exact = {id(p): p.data for p in module.parameters() if p.requires_grad and p.dtype == torch.float32}
             module = super().convert_module(module)
-            cast_trainable_float32(module)
+            cast_trainable_float32(module, exact)
             return module
 
     return HalfKeepingTrainableFloat32
 
 
-def cast_trainable_float32(module: nn.Module) -> None:
+def cast_trainable_float32(module: nn.Module, exact: Optional[dict[int, torch.Tensor]] = None) -> None:
     """The adapters' trainable weights of `module` in float32, in place (their gradients and AdamW's state follow
-    them). Modules trained in full (`AdapterConfig.train_modules`) keep the model's dtype, as full fine-tuning does
-    and PEFT does with `modules_to_save`: their own forward computes with their weights as they are."""
+    them): `exact[id(p)]` where given (their float32 values before a cast to half precision), else `p` as it is.
+    Modules trained in full (`AdapterConfig.train_modules`) keep the model's dtype, as full fine-tuning does and PEFT
+    does with `modules_to_save`: their own forward computes with their weights as they are."""
     from lit_gpt.adapters.base import trained_module_state_dict
 
     full = {id(p) for p in trained_module_state_dict(module).values()}
+    exact = exact or {}
     for p in module.parameters():
         if p.requires_grad and id(p) not in full:
-            p.data = p.data.float()
+            p.data = exact[id(p)] if id(p) in exact else p.data.float()
 
 
 def check_devices(devices: int, this_machine: bool = True) -> None:
@@ -1364,7 +1383,8 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         check_tied_head(model, adapter_config, method)
         precision = args["precision"] or default_precision(args["devices"] * args["num_nodes"])
         check_precision(precision, adapter_config, args["devices"] * args["num_nodes"])
-        print(plan_report(model, adapter_config, precision, adapter_float32=args.get("adapter_float32", False),
+        adapter_float32 = resolve_adapter_float32(args.get("adapter_float32"), adapter_config, precision)
+        print(plan_report(model, adapter_config, precision, adapter_float32=adapter_float32,
                           world_size=args["devices"] * args["num_nodes"]))
         return None
     # the flags only: never a class or module a script happened to have in scope
@@ -1374,7 +1394,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
     return finetune(
         method=method, adapter_config=adapter_config, io=args["io"], train=args["train"], eval=args["eval"],
         precision=args["precision"], devices=args["devices"], num_nodes=args["num_nodes"], seed=args["seed"],
-        resume=args["resume"], cli_args=cli_args, adapter_float32=args.get("adapter_float32", False),
+        resume=args["resume"], cli_args=cli_args, adapter_float32=args.get("adapter_float32"),
         logger_name=args.get("logger_name", "tensorboard"),
     )
 
@@ -1401,7 +1421,7 @@ def finetune(
     seed: int,
     resume: str | bool,
     cli_args: dict,
-    adapter_float32: bool = False,
+    adapter_float32: Optional[bool] = None,
     logger_name: str = "tensorboard",
 ) -> Path:
     """Fine-tune the checkpoint in `io.checkpoint_dir` with `adapter_config` (None: every weight); returns the run
@@ -1442,6 +1462,7 @@ def finetune(
             apply_adapters(GPT(config), adapter_config)
     precision = precision or default_precision(world_size)
     check_precision(precision, adapter_config, world_size)
+    adapter_float32 = resolve_adapter_float32(adapter_float32, adapter_config, precision)
     out_dir = Path(io.out_dir)
     steps = total_steps(train, len(train_data))
 
@@ -1492,6 +1513,7 @@ def finetune(
     model.activation_checkpointing = train.activation_checkpointing
     if keeps_trainable_float32(precision, adapter_config, adapter_float32):
         why = ("float16 ones round AdamW's steps to NaN" if precision.startswith("16-true")
+               else "DoRA's magnitudes would not train in bfloat16" if getattr(adapter_config, "dora", False)
                else "--adapter_float32: no Adam step is rounded away")
         half = "float16" if precision.startswith("16-true") else "bfloat16"
         trained = ", ".join(adapter_config.train_modules)

@@ -22,7 +22,8 @@ def main(
     adapter_path: Optional[Path] = None,
     probe: bool = True,
 ) -> Path:
-    """Merge a fine-tuned adapter into its base model (W' = W + alpha/r B A) as a standalone checkpoint.
+    """Merge a fine-tuned adapter into its base model (W' = W + alpha/r B A; with DoRA each row of that rescaled to
+    its trained magnitude, m / ||W'||_row W') as a standalone checkpoint.
 
     Writes lit_model.pth (base architecture, no adapter keys), model_config.yaml, the tokenizer files,
     generation_config.json and prompt_style.yaml (the prompt format the run trained with), so that

@@ -143,6 +143,62 @@ def test_dora_is_a_lora_option():
     assert "DoRA" in AdapterConfig(**DORA).describe()
 
 
+def test_in_bfloat16_the_magnitudes_are_float32_and_the_model_starts_as_the_base():
+    """As PEFT keeps them: bfloat16 would round AdamW's steps at the row norms away, and round the start."""
+    from lit_gpt.training import _half_keeping_trainable_float32, resolve_adapter_float32
+
+    torch.manual_seed(0)
+    base = GPT(tiny_config()).to(torch.bfloat16).eval()
+    model = apply_adapters(copy.deepcopy(base), AdapterConfig(**DORA, targets=["query", "value", "mlp"]))
+    magnitudes = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".magnitude")}
+    assert magnitudes and all(m.dtype == torch.float32 for m in magnitudes.values())
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))
+    # the training's bf16-true with float32 adapters (which DoRA implies there) keeps their float32 values
+    _half_keeping_trainable_float32()("bf16-true").convert_module(model)
+    assert all(torch.equal(p, magnitudes[n]) for n, p in model.named_parameters() if n in magnitudes)
+    dora, lora = AdapterConfig(**DORA), AdapterConfig(method="lora")
+    assert resolve_adapter_float32(None, dora, "bf16-true") and not resolve_adapter_float32(None, dora, "32-true")
+    assert not resolve_adapter_float32(None, lora, "bf16-true") and resolve_adapter_float32(True, lora, "bf16-true")
+    with pytest.raises(ValueError, match=r"^--lora_dora true under --precision bf16-true needs --adapter_float32 "
+                                         r"true: .*drop --adapter_float32 false"):
+        resolve_adapter_float32(False, dora, "bf16-true")
+
+
+def test_an_in_place_operation_after_the_layer_leaves_the_gradients_alone():
+    """Outside a lit_gpt.GPT the rescale is out of place: an in-place ReLU after the layer must not change what
+    backward reads."""
+    def grads(inplace: bool):
+        torch.manual_seed(0)
+        model = apply_adapters(nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=inplace)),
+                               AdapterConfig(**DORA, targets=["0"]))
+        randomize(model)
+        model(torch.randn(4, 8)).square().sum().backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b)
+
+
+def test_an_all_zero_row_stays_finite_and_merges():
+    """A padded vocabulary row of a head is zero: its output is the bias, not 0/0 (PEFT's DoRA gives NaN)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    with torch.no_grad():
+        layer.weight[2] = 0
+    x = torch.randn(3, 8)
+    expected = layer(x)
+    model = apply_adapters(nn.Sequential(layer), AdapterConfig(**DORA, targets=["0"]))
+    torch.testing.assert_close(model(x), expected)
+    randomize(model)
+    y = model(x)
+    y.sum().backward()
+    assert y.isfinite().all() and all(p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(merge_adapters(model)(x), y)
+
+
 def test_eval_mode_keeps_the_norms_until_a_weight_changes(gpt):
     """Generation calls each layer once per token: the norms are kept between calls without gradients, and a
     changed weight (an optimizer step, a loaded file) or a switch of mode is never served the old ones."""

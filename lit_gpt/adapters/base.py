@@ -311,7 +311,8 @@ class AdaptedLinear(nn.Module):
         t = _rows([(lo, hi, ad.dora_scale(W[lo:hi])) for lo, hi, ad in parts], self.out_features)
         from lit_gpt.adapters.lora import dora_rescale
 
-        return dora_rescale(y, t.to(y.dtype), None if self.bias is None else self.bias.to(y.dtype))
+        return dora_rescale(y, t.to(y.dtype), None if self.bias is None else self.bias.to(y.dtype),
+                            in_place=self.in_place_outputs)
 
     def _forward_multiplicative(self, x: torch.Tensor, W: torch.Tensor, output_side: bool = True) -> torch.Tensor:
         """`H_out W H_in x + b` per slice; without `output_side`, `W H_in x + b` (`swiglu` applies `H_out`)."""

@@ -78,7 +78,8 @@ class AdapterConfig:
         dora: LoRA only: DoRA (Liu et al., arXiv 2402.09353; PEFT's ``use_dora``), a trained magnitude ``m`` per
             output row on top of LoRA: ``y = m / ||W + (alpha/r) B A||_row * (W + (alpha/r) B A) x + b``, the norm
             taken per output row and treated as a constant in backward (as the paper suggests and PEFT does).
-            ``m`` starts at the base rows' norms, so the layer starts as the base layer.
+            ``m`` starts at the base rows' norms, so the layer starts as the base layer; it is float32 on a
+            half-precision model (as in PEFT), where bfloat16 would round AdamW's steps near 1 away.
         coft: constrained OFT: each skew block ``S_i`` is rescaled inside the forward so ``‖S_i‖_F <= eps``.
         eps: the COFT radius, per block. 6e-5 is the OFT authors' and PEFT's default number; note that their
             code bounds ``‖S_i‖_F`` by ``eps / sqrt(nb)``: pass that value to reproduce their constraint.

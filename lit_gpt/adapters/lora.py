@@ -40,8 +40,12 @@ class LoRAAdapter(SliceAdapter):
         self.scaling = alpha / r
         self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
-        # DoRA's magnitude: set from the base weight by `init_from_base` (`build_adapters` calls it)
-        self.magnitude = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype)) if dora else None
+        # DoRA's magnitude: set from the base weight by `init_from_base` (`build_adapters` calls it). In float32 on a
+        # half-precision model, as PEFT keeps it: it starts at the row norms (about 1), where AdamW's steps are below
+        # half a bfloat16 spacing, and a rounded start would not compute the base layer
+        half = (dtype or torch.get_default_dtype()) in (torch.float16, torch.bfloat16)
+        self.magnitude = nn.Parameter(torch.ones(out_features, device=device, dtype=torch.float32 if half else dtype)
+                                      ) if dora else None
         self._norm_cache: Optional[tuple] = None
         self._base_norm_cache: Optional[tuple] = None
         self.reset_parameters()
@@ -105,7 +109,8 @@ class LoRAAdapter(SliceAdapter):
         """`m / n - 1` per row of the slice (differentiable in `m` only), where `n` are `_weight_norms(W)`; computed
         as `(m - n) / n` so that it keeps its precision when `m` is close to `n`."""
         n = self._cached_norms(W)
-        return (self.magnitude.to(n.dtype) - n) / n
+        zero = n == 0  # an all-zero row (a padded vocabulary row of a head) stays zero, instead of 0/0
+        return ((self.magnitude.to(n.dtype) - n) / n.masked_fill(zero, 1)).masked_fill(zero, 0)
 
     def factors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[C, P]` with `C Pᵀ = (alpha / r) B A x` for `AdaptedLinear`'s in-place slice update."""
@@ -143,7 +148,7 @@ class LoRAAdapter(SliceAdapter):
         if self.magnitude is None:
             return Wm
         n = torch.linalg.vector_norm(Wm, dim=1)
-        return Wm * (self.magnitude.to(Wm.dtype) / n).unsqueeze(1)
+        return Wm * (self.magnitude.to(Wm.dtype) / n.masked_fill(n == 0, 1)).unsqueeze(1)  # (0 rows stay 0)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}" + (", DoRA" if self.magnitude is not None else "")
@@ -236,11 +241,13 @@ class _DoRARescale(torch.autograd.Function):
         return gy, gt, None
 
 
-def dora_rescale(y: torch.Tensor, t: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """`y + t (y - b)`, in place where autograd allows it (`_DoRARescale`); `t` and `b` in `y`'s dtype."""
+def dora_rescale(y: torch.Tensor, t: torch.Tensor, b: Optional[torch.Tensor], in_place: bool = True) -> torch.Tensor:
+    """`y + t (y - b)`, in place where autograd allows it (`_DoRARescale`); `t` and `b` in `y`'s dtype. `in_place`
+    False (`AdaptedLinear.in_place_outputs`: code after the layer may modify its output in place, which would change
+    what `_DoRARescale` keeps) takes the out-of-place form when a backward may follow."""
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return y.addcmul_(y if b is None else y - b, t)
-    if torch.compiler.is_compiling() or y._base is not None or not y.requires_grad:  # out of place
+    if not in_place or torch.compiler.is_compiling() or y._base is not None or not y.requires_grad:  # out of place
         return y + t * (y if b is None else y - b)
     return _DoRARescale.apply(y, t, b)
 
