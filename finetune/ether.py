@@ -74,7 +74,7 @@ def setup(
             as ours. A head tied to the embeddings trains them too; they keep the model's dtype.
         ether_layers: Adapt the layers above in these transformer blocks only (PEFT's layers_to_transform):
             indices from 0 and inclusive ranges separated by commas (0-7,30,31), or a list; unset: every block.
-            Cannot be combined with the head, which is in no block.
+            The head, in no block, is adapted when targeted, as PEFT adapts a module named in full.
         oft_coft: Constrained OFT: keep each skew-symmetric block within Frobenius norm `oft_eps` of zero.
         oft_eps: COFT radius per block, with `--oft_coft true`; null (unset) means 6e-5, the OFT authors' and
             PEFT's number. Their code bounds each block by `eps / sqrt(nb)`: pass that value to reproduce their

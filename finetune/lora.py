@@ -69,7 +69,7 @@ def setup(
             as ours. A head tied to the embeddings trains them too; they keep the model's dtype.
         lora_layers: Adapt the layers above in these transformer blocks only (PEFT's layers_to_transform):
             indices from 0 and inclusive ranges separated by commas (0-7,30,31), or a list; unset: every block.
-            Cannot be combined with the head, which is in no block.
+            The head, in no block, is adapted when targeted, as PEFT adapts a module named in full.
         precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
             16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in

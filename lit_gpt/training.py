@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from lit_gpt.adapters.config import field_name
+from lit_gpt.adapters.config import field_name, format_layers
 from lit_gpt.adapters.state import REGULARISERS  # adapter settings a resume may change
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.config import CONFIG_FILENAME, Config, read_yaml_file
@@ -1098,7 +1098,10 @@ def check_resume_matches(saved: Any, ckpt: Path, method: str, adapter_config: Op
     now = adapter_config.to_dict()
     differ = [k for k in now if k not in REGULARISERS and k in was and was[k] != now[k]]
     if differ:
-        detail = "; ".join(f"{k} was {was[k]!r}, now {now[k]!r}"
+        def show(key: str, value: Any) -> str:  # (blocks as the flag spells them)
+            return format_layers(value) if key == "layers" and isinstance(value, list) else repr(value)
+
+        detail = "; ".join(f"{k} was {show(k, was[k])}, now {show(k, now[k])}"
                            + (f" ({field_name(k)})" if field_name(k) != k else "") for k in differ)
         raise ValueError(
             f"--resume {str(ckpt)!r} was trained with another adapter configuration ({detail}): resume with the "
@@ -1298,16 +1301,25 @@ def layers_from_flag(given: Optional[Union[int, str, Sequence[int]]], flag: str)
     if given is None:
         return None
     items = [given] if isinstance(given, int) else given.split(",") if isinstance(given, str) else list(given)
+    how = f"pass indices from 0 and inclusive ranges separated by commas (e.g. {flag} 0-3,8), or leave it unset for " \
+          "every block"
+    if isinstance(given, str) and not given.strip():
+        raise ValueError(f"{flag} is empty: {how}.")
     layers = set()
     for item in items:
         text = str(item).strip()
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", text)
         if isinstance(item, bool) or m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise ValueError(f"{flag} {given}: {text!r} is not a block index or a range of them: pass indices from 0 "
-                             f"and inclusive ranges separated by commas (e.g. {flag} 0-3,8), or leave it unset for "
-                             "every block.")
-        layers.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+            raise ValueError(f"{flag} {given}: {text!r} is not a block index or a range of them: {how}.")
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last > MAX_BLOCK_INDEX:  # (a typo's range is not built: no model has that many blocks)
+            raise ValueError(f"{flag} {given}: block {last} is past the blocks of any model: pass indices from 0 to "
+                             "the model's number of layers - 1.")
+        layers.update(range(first, last + 1))
     return sorted(layers)
+
+
+MAX_BLOCK_INDEX = 100_000
 
 
 def train_modules_from_flag(given: Optional[Union[str, Sequence[str]]]) -> list[str]:
@@ -1712,8 +1724,6 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> st
             parts.append(f"nb{adapter_config.nb}")
         parts.append("-".join(adapter_config.targets))  # (all-linear too: a resume finds earlier runs' folders)
         if getattr(adapter_config, "layers", None) is not None:
-            from lit_gpt.adapters.config import format_layers
-
             parts.append("layers" + format_layers(adapter_config.layers).replace(",", "."))
         if getattr(adapter_config, "train_modules", None):
             parts.append("train-" + "-".join(re.sub(r"[^A-Za-z0-9.]+", "", m) for m in adapter_config.train_modules))

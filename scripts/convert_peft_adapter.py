@@ -128,8 +128,8 @@ def import_adapter(peft_dir: Path, checkpoint_dir: Path, adapter_path: Path,
     tensors under the lit names; a head tied to the embeddings must be saved equal to them (ensure_weight_tying),
     and lit_gpt's fused q/k/v must be saved whole.
 
-    Refused, with the reason: bias other than "none", q/k/v adapted on some layers only with other modules
-    adapted in other layers (lit_gpt's q/k/v are one layer),
+    Refused, with the reason: bias other than "none", other q/k/v projections adapted in different blocks
+    (lit_gpt's q/k/v are one layer),
     OFT with num_cayley_neumann_terms <= 2 or a Cayley-Neumann adapter saved before PEFT 0.18, tensors whose
     shapes do not fit the checkpoint, and adapter_model.bin (a pickle: re-save with safe_serialization=True).
 

@@ -12,7 +12,8 @@ import transformers
 
 from lit_gpt import GPT
 from lit_gpt.adapters import (
-    AdapterConfig, adapted_layers, adapter_config_of, apply_adapters, load_adapters, merge_adapters, plan_report, save_adapters,
+    AdapterConfig, adapted_layers, adapter_config_of, apply_adapters, load_adapters, merge_adapters, plan_report,
+    save_adapters,
 )
 from lit_gpt.adapters.base import block_index
 from lit_gpt.training import layers_from_flag, run_name
@@ -52,6 +53,15 @@ def test_only_the_blocks_given_are_adapted_and_the_file_rebuilds_them(method, op
     torch.testing.assert_close(merge_adapters(again)(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_file_for_other_blocks_names_them(tmp_path):
+    path = save_adapters(apply_adapters(GPT(tiny_config()), AdapterConfig(method="lora", layers=[0])), tmp_path / "a.pth")
+    model = apply_adapters(GPT(tiny_config()), AdapterConfig(method="lora", layers=[1]))
+    with pytest.raises(ValueError, match=r"trained with other targets or blocks, or on another base model \(it says "
+                                         r".*targets \['query', 'value'\] in block 0; this model has targets "
+                                         r"\['query', 'value'\] in block 1\)\.$"):
+        load_adapters(model, path)
+
+
 def test_any_model_by_pefts_block_numbers():
     cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
                                    num_key_value_heads=2, vocab_size=32)
@@ -60,22 +70,32 @@ def test_any_model_by_pefts_block_numbers():
     assert names(hf) == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
 
 
+def test_a_layer_named_in_full_is_adapted_whatever_the_blocks():
+    """As PEFT adapts a module target_modules names exactly: the head (in no block), a full name in another block."""
+    model = apply_adapters(GPT(tiny_config(n_layer=3)), AdapterConfig(
+        method="lora", targets=["query", "head", "transformer.h.0.attn.proj", "mlp.proj"], layers=[2]))
+    assert sorted(names(model)) == ["lm_head", "transformer.h.0.attn.proj", "transformer.h.2.attn.qkv",
+                                    "transformer.h.2.mlp.proj"]
+
+
 @pytest.mark.parametrize("targets, layers, message", [
-    (["query"], [3], r"^layers=\[3\]: the model has blocks 0-1, so block 3 does not exist: pass indices from 0 to 1\.$"),
-    (["query", "head"], [0], r"^The adapter target 'head' is in no transformer block, so layers=\[0\] leaves none of "
-                             r"them: drop it from the targets, or change layers\.$"),
+    (["query"], [3, 4], r"^layers 3-4: the model has blocks 0-1, so blocks 3-4 do not exist: pass indices from 0 to "
+                        r"1\.$"),
     (["transformer.h.1.*"], [0], r"^The adapter target 'transformer\.h\.1\.\*' selects layers only in block 1, so "
-                                 r"layers=\[0\] leaves none of them"),
+                                 r"layers 0 leaves none of them: drop it from the targets, or change layers\.$"),
 ])
 def test_blocks_that_leave_a_target_empty_are_one_sentence(targets, layers, message):
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match=message):
         apply_adapters(model, AdapterConfig(method="lora", targets=targets, layers=layers))
     assert names(model) == []
+    with pytest.raises(ValueError, match=r"^layers 0: the model has no numbered blocks .*: leave layers unset\.$"):
+        apply_adapters(torch.nn.Sequential(torch.nn.Linear(2, 2)), AdapterConfig(method="lora", targets=["0"],
+                                                                               layers=[0]))
 
 
 @pytest.mark.parametrize("layers", [[], [-1], [True], "0", [0.5]])
-def test_bad_layers_values_are_one_sentence(layers):
+def test_bad_layers_values_are_one_sentence(layers):  # (the flag's sentence says "leave it unset" for None)
     with pytest.raises(ValueError, match=r"^layers must be a non-empty list of block indices \(integers from 0\), or "
                                          r"None for every block, got .*\.$"):
         AdapterConfig(layers=layers)
@@ -85,10 +105,13 @@ def test_the_flag_takes_indices_ranges_and_lists():
     assert layers_from_flag("0-2, 5,1", "--lora_layers") == [0, 1, 2, 5]
     assert layers_from_flag(7, "--lora_layers") == [7] and layers_from_flag([3, 1], "--lora_layers") == [1, 3]
     assert layers_from_flag(None, "--lora_layers") is None
-    for bad in ("3-1", "", "a", "-1", [True]):
+    for bad in ("3-1", " ", "a", "-1", [True]):
         with pytest.raises(ValueError, match=r"^--ether_layers .*: pass indices from 0 and inclusive ranges separated "
                                              r"by commas \(e\.g\. --ether_layers 0-3,8\), or leave it unset"):
             layers_from_flag(bad, "--ether_layers")
+    with pytest.raises(ValueError, match=r"^--ether_layers 0-1000000000: block 1000000000 is past the blocks of any "
+                                         r"model"):  # at once, without building the range
+        layers_from_flag("0-1000000000", "--ether_layers")
     config = AdapterConfig(method="lora", layers=[5, 0, 1, 2, 1])
     assert config.layers == [0, 1, 2, 5] and "targets query, value in blocks 0-2,5)" in config.describe()
     assert "_layers0-2.5_" in run_name("lora", config, TrainArgs())

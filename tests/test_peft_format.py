@@ -173,9 +173,12 @@ IMPORT_CASES = {
                                                    "down_proj"])),
     "llama_regex": ("llama", dict(r=3, lora_alpha=5, target_modules=r".*\.(q_proj|v_proj|lm_head)")),
     "llama_all_linear": ("llama", dict(r=2, lora_alpha=16, target_modules="all-linear")),
-    # the same layers in some blocks: AdapterConfig.layers
-    "llama_layers": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                                   layers_to_transform=[1])),
+    # the same layers in some blocks: AdapterConfig.layers (lm_head, named in full, whatever the blocks)
+    "llama_layers": ("llama", dict(r=4, lora_alpha=8, layers_to_transform=[1],
+                                   target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"])),
+    # q_proj in one block, down_proj in every one: that block as the layers, down_proj by full names
+    "llama_q_in_one_block": ("llama", dict(r=4, lora_alpha=8,
+                                           target_modules=r".*(layers\.0\.self_attn\.q_proj|down_proj)")),
     "gpt2": ("gpt2", dict(r=4, lora_alpha=7, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
     "gpt_neox_rslora": ("gpt_neox", dict(r=4, lora_alpha=3, use_rslora=True,
                                          target_modules=["query_key_value", "dense"])),
@@ -196,7 +199,7 @@ def test_import_computes_what_peft_computes(case, bases, tmp_path):
     peft_scale = alpha_peft / (math.sqrt(r_peft) if lora_config.get("use_rslora") else r_peft)
     assert config.alpha / config.r == pytest.approx(peft_scale)
     assert config.dropout == lora_config.get("lora_dropout", 0.0)
-    assert config.layers == lora_config.get("layers_to_transform")
+    assert config.layers == lora_config.get("layers_to_transform", config.layers)
     torch.testing.assert_close(logits(load_finetuned(folder, adapter)), expected, **TOL)
 
 
@@ -242,7 +245,10 @@ def test_import_targets(bases, tmp_path):
     base, folder = bases["llama"]
     _, peft_dir = save_peft(base, tmp_path, **IMPORT_CASES["llama_layers"][1])
     config = read_adapter_config(import_peft_adapter(peft_dir, folder, tmp_path / "a.pth"))
-    assert (config.targets, config.layers) == (["query", "value", "projection", "mlp.proj"], [1])
+    assert (config.targets, config.layers) == (["query", "value", "projection", "mlp.proj", "head"], [1])
+    _, peft_dir = save_peft(base, tmp_path / "one", **IMPORT_CASES["llama_q_in_one_block"][1])
+    config = read_adapter_config(import_peft_adapter(peft_dir, folder, tmp_path / "o.pth"))
+    assert (config.targets, config.layers) == (["query", "transformer.h.0.mlp.proj", "transformer.h.1.mlp.proj"], [0])
     _, peft_dir = save_peft(base, tmp_path / "names", r=4, lora_alpha=8,
                             target_modules=r".*(layers\.1\.self_attn\.o_proj|down_proj)")
     config = read_adapter_config(import_peft_adapter(peft_dir, folder, tmp_path / "n.pth"))
@@ -367,7 +373,10 @@ def edit_config(peft_dir: Path, **changes) -> None:
     (dict(peft_type="IA3"), ["IA3", "only LORA"]),
     (dict(init_lora_weights="pissa"), ["init_lora_weights='pissa'", "path_initial_model_for_weight_conversion"]),
     (dict(rank_pattern={"o_proj": 2}), ["rank 4", "r=2"]),
-    (dict(target_modules=["q_proj", "v_proj"]), ["o_proj", "do not select", "ignore"]),
+    (dict(target_modules=["q_proj", "v_proj"]), ["o_proj", "does not select", "ignore"]),
+    (dict(target_modules=".*proj", layers_to_transform=[0]), ["layers_to_transform with a regular expression",
+                                                              "PEFT refuses too"]),
+    (dict(layers_to_transform=[0], layers_pattern="h"), ["does not select", "layers_to_transform or layers_pattern"]),
     (dict(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]), ["selects", "down_proj", "incomplete"]),
 ])
 def test_import_refuses_in_one_sentence(changes, words, llama_peft, tmp_path):
@@ -397,26 +406,30 @@ def test_peft_weights_alone_as_adapter_path_say_what_is_missing(llama_peft, tmp_
         read_finetuned(alone, folder)
 
 
-def test_import_refuses_q_proj_on_some_layers_and_other_modules_on_others(bases, tmp_path):
+def test_import_refuses_other_qkv_projections_in_other_blocks(bases, tmp_path):
     base, folder = bases["llama"]
     _, peft_dir = save_peft(base, tmp_path, r=4, lora_alpha=8,
-                            target_modules=r".*(layers\.0\.self_attn\.q_proj|down_proj)")
-    with pytest.raises(ValueError, match="some layers only.*cannot express"):
+                            target_modules=r".*(layers\.0\.self_attn\.q_proj|layers\.1\.self_attn\.v_proj)")
+    with pytest.raises(ValueError, match=r"adapts other query/key/value projections in block 0 than in block 1, "
+                                         r"which lit_gpt's fused QKV layer cannot express"):
         import_peft_adapter(peft_dir, folder, tmp_path / "out.pth")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_export_of_some_blocks_writes_layers_to_transform(family, bases, tmp_path):
+@pytest.mark.parametrize("family, targets, names", [
+    ("llama", ["query", "value", "mlp", "head"], ["down_proj", "gate_proj", "q_proj", "up_proj", "v_proj", "lm_head"]),
+    ("gpt2", ["query", "value", "mlp"], ["c_attn", "c_fc", "mlp.c_proj"]),  # (GPT-2's head is tied: not adapted)
+    # a layer outside the blocks, named in full: PEFT adapts it whatever layers_to_transform says
+    ("llama", ["query", "transformer.h.0.attn.proj"], ["q_proj", "model.layers.0.self_attn.o_proj"]),
+])
+def test_export_of_some_blocks_writes_layers_to_transform(family, targets, names, bases, tmp_path):
     _, folder = bases[family]
     model = GPT.from_checkpoint(folder).eval()
-    apply_adapters(model, AdapterConfig(method="lora", r=4, alpha=6.0, targets=["query", "value", "mlp"], layers=[1]))
+    apply_adapters(model, AdapterConfig(method="lora", r=4, alpha=6.0, targets=targets, layers=[1]))
     randomize_lora(model)
     adapter = save_adapters(model, tmp_path / "a.safetensors")
     out = export_peft_adapter(adapter, folder, tmp_path / "peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["layers_to_transform"] == [1]
-    assert cfg["target_modules"] == (["down_proj", "gate_proj", "q_proj", "up_proj", "v_proj"] if family == "llama"
-                                     else ["c_attn", "c_fc", "mlp.c_proj"])
+    assert (cfg["target_modules"], cfg["layers_to_transform"]) == (names, [1])
     torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), out)), logits(model), **TOL)
     back = read_adapter_config(import_peft_adapter(out, folder, tmp_path / "back.pth"))
     assert back.to_dict() == read_adapter_config(adapter).to_dict()

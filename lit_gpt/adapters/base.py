@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from lit_gpt import recompute
 from lit_gpt.adapters.config import (
-    ALL_LINEAR, GPT_TARGETS, GPT_TRAIN_MODULES, AdapterConfig, field_name, format_layers, setting,
+    ALL_LINEAR, GPT_TARGETS, GPT_TRAIN_MODULES, AdapterConfig, blocks_phrase, field_name, format_layers, setting,
 )
 
 FULL = "full"  # the slice name of a layer adapted as a whole
@@ -571,7 +571,8 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[dict[str,
 
     candidates = [n for n, m in modules.items() if n and is_adaptable(m)]
     all_linear: set[str] = set()
-    selected = {"head": ["lm_head"]} if "head" in named else {}  # target -> its layers (where it can miss blocks)
+    selected: dict[str, list[str]] = {}  # pattern -> its layers (which `layers` may leave empty)
+    exact = {"lm_head"} if "head" in named else set()  # layers a target names exactly: kept whatever the blocks
     for pattern in patterns:
         if pattern == ALL_LINEAR:
             head = _output_head(model)
@@ -582,6 +583,7 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[dict[str,
         if not hits:
             raise ValueError(_no_match(model, modules, pattern, gpt))
         selected[pattern] = hits
+        exact.update(n for n in hits if n == pattern)
         for n in hits:
             if n in plan:
                 raise ValueError(f"Layer {n!r} is matched by more than one adapter target: list it once.")
@@ -589,7 +591,7 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[dict[str,
             plan[n] = ([sname for sname, _, _ in _slice_layout(model, n, modules[n])]
                        if gpt and n.endswith("attn.qkv") else [FULL])
     if config.layers is not None:
-        plan = _in_layers(plan, candidates, config.layers, selected)
+        plan = _in_layers(plan, candidates, config.layers, selected, exact)
         all_linear &= set(plan)
     return plan, all_linear  # (a layer two targets select is refused above)
 
@@ -603,28 +605,32 @@ def block_index(name: str) -> Optional[int]:
 
 def _layers_setting(layers: list[int]) -> str:
     flag = field_name("layers")
-    return f"{flag} {format_layers(layers)}" if flag != "layers" else f"layers={layers!r}"
+    return f"{flag} {format_layers(layers)}" if flag != "layers" else f"layers {format_layers(layers)}"
 
 
 def _in_layers(plan: dict[str, list[str]], candidates: list[str], layers: list[int],
-               selected: dict[str, list[str]]) -> dict[str, list[str]]:
-    """`plan` without the layers outside the blocks `layers` (PEFT's `layers_to_transform`, which leaves out what is
-    in no block); refuses a block the model does not have and a target (`selected`: its layers) left empty."""
+               selected: dict[str, list[str]], exact: set[str]) -> dict[str, list[str]]:
+    """`plan` without the layers outside the blocks `layers`, as PEFT's `layers_to_transform` leaves them out (what
+    is in no block too), but for those a target names `exact`ly (the head; a module's full name), which PEFT adapts
+    whatever the blocks. Refuses a block the model does not have and a target (`selected`: its layers) left empty."""
     blocks = {i for i in map(block_index, candidates) if i is not None}
     missing = [i for i in layers if i not in blocks]
+    if not blocks:
+        raise ValueError(f"{_layers_setting(layers)}: the model has no numbered blocks (a block is the first number "
+                         "between dots after the first name, as in 'model.layers.3.mlp', as PEFT reads it), so there "
+                         f"is nothing to choose from: leave {field_name('layers')} unset.")
     if missing:
-        have = f"blocks {format_layers(sorted(blocks))}" if blocks else "no numbered blocks"
-        raise ValueError(f"{_layers_setting(layers)}: the model has {have}, so block "
-                         f"{format_layers(missing)} does not exist: pass indices from 0 to {max(blocks, default=0)}.")
+        raise ValueError(f"{_layers_setting(layers)}: the model has blocks {format_layers(sorted(blocks))}, so "
+                         f"{blocks_phrase(missing)} {'do' if len(missing) > 1 else 'does'} not exist: pass indices "
+                         f"from 0 to {max(blocks)}.")
+    kept = {n: s for n, s in plan.items() if block_index(n) in layers or n in exact}
     for target, hits in selected.items():
-        if not any(block_index(n) in layers for n in hits):
+        if not any(n in kept for n in hits):
             where = sorted({i for i in map(block_index, hits) if i is not None})
-            why = (f"selects layers only in block{'s' if len(where) > 1 else ''} {format_layers(where)}" if where
-                   else "is in no transformer block")
-            raise ValueError(f"The adapter target {target!r} {why}, so "
-                             f"{_layers_setting(layers)} leaves none of them: drop it from the "
-                             f"{field_name('targets')}, or change {field_name('layers')}.")
-    return {n: s for n, s in plan.items() if block_index(n) in layers}
+            why = f"selects layers only in {blocks_phrase(where)}" if where else "selects layers in no numbered block"
+            raise ValueError(f"The adapter target {target!r} {why}, so {_layers_setting(layers)} leaves none of "
+                             f"them: drop it from the {field_name('targets')}, or change {field_name('layers')}.")
+    return kept
 
 
 # transformers' layer names (PEFT's target_modules) and the lit_gpt.GPT target that adapts the same layer

@@ -89,11 +89,11 @@ class AdapterConfig:
         upper_triangle: OFT stores only the strict upper triangle of each ``R_i`` (``k(k-1)/2`` numbers, ``R_i``'s
             lower triangle is zero), half the parameters of full blocks for the same set of rotations.
         train_modules: modules trained in full beside the adapters (PEFT's ``modules_to_save``).
-        layers: only the targets inside these transformer blocks (indices from 0) take adapters (PEFT's
-            ``layers_to_transform``); ``None``: every block. A module's block is the number after
-            ``transformer.h.`` on a ``lit_gpt.GPT``, else the first number between dots in its name
-            (``model.layers.3.self_attn.q_proj`` is in block 3), as PEFT reads it; a target outside every block (an
-            output head) cannot be combined with it.
+        layers: only the layers the targets select inside these transformer blocks (indices from 0) take adapters
+            (PEFT's ``layers_to_transform``); ``None``: every block. A module's block is the first number between
+            dots after the first name (``transformer.h.3.attn.qkv``, ``model.layers.3.self_attn.q_proj``: block 3),
+            as PEFT reads it. As in PEFT, a layer a target names exactly (the ``head``, a module's full name) is
+            adapted whatever the blocks.
     """
 
     method: str = "ether"
@@ -144,8 +144,9 @@ class AdapterConfig:
                              f"{self.train_modules!r}.")
         if self.layers is not None and (not isinstance(self.layers, list) or not self.layers or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
-            raise ValueError(f"{n('layers')} must be a non-empty list of block indices (integers from 0), or None for "
-                             f"every block, got {self.layers!r}.")
+            every = "leave it unset" if n("layers") != "layers" else "None"
+            raise ValueError(f"{n('layers')} must be a non-empty list of block indices (integers from 0), or {every} "
+                             f"for every block, got {self.layers!r}.")
         for name in ("targets", "train_modules"):
             for t in getattr(self, name):
                 if t.startswith("re:"):
@@ -258,8 +259,7 @@ class AdapterConfig:
         if self.dropout:
             parts.append(f"dropout={self.dropout:g}")
         trained = f"; trains {', '.join(self.train_modules)} in full" if self.train_modules else ""
-        where = "" if self.layers is None else \
-            f" in block{'s' if len(self.layers) > 1 else ''} {format_layers(self.layers)}"
+        where = "" if self.layers is None else f" in {blocks_phrase(self.layers)}"
         return f"{self.method} ({', '.join(parts)}; targets {', '.join(self.targets)}{where}{trained})"
 
 
@@ -272,3 +272,8 @@ def format_layers(layers: list[int]) -> str:
         else:
             runs.append([i, i])
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def blocks_phrase(layers: list[int]) -> str:
+    """`block 3` or `blocks 0-2,5`."""
+    return f"block{'s' if len(layers) > 1 else ''} {format_layers(layers)}"

@@ -635,8 +635,10 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     adapted = {m for m in modules if any(k.startswith(f"{PEFT_PREFIX}{m}.") for k in tensors)}
     layers = finetuned.payload["adapter_config"].get("layers")
-    if layers is not None:  # as a PEFT user writes it: layer names, and the blocks in layers_to_transform
-        peft_config["target_modules"] = _module_names(adapted, {m for m in modules if block_index(m) in layers})
+    if layers is not None:  # as a PEFT user writes it: layer names, and the blocks in layers_to_transform; layers
+        # outside them (the head) by their full names, which PEFT adapts whatever the blocks
+        inside = {m for m in modules if block_index(m) in layers}
+        peft_config["target_modules"] = _module_names(adapted & inside, inside) + sorted(adapted - inside)
         peft_config["layers_to_transform"] = list(layers)
     # a module transformers 5 names otherwise (GPT-NeoX's head): adapted under both names, PEFT finds the one the
     # running transformers has (the other matches nothing, and its tensors are not loaded)
@@ -734,6 +736,9 @@ def read_peft_config(peft_dir: Path) -> dict:
                              f"implement: {fix}.")
     if cfg.get("target_modules") is None:
         raise ValueError(f"{where} has no target_modules: save the adapter again with PEFT.")
+    if isinstance(cfg["target_modules"], str) and cfg.get("layers_to_transform") not in (None, []):
+        raise ValueError(f"{where} sets layers_to_transform with a regular expression as target_modules, which PEFT "
+                         "refuses too: put the blocks in the regular expression, or list the module names.")
     to_save = cfg.get("modules_to_save")
     if to_save is not None and not (isinstance(to_save, list) and all(isinstance(m, str) and m for m in to_save)):
         raise ValueError(f"{where} has modules_to_save={to_save!r}, which is not a list of module names: save the "
@@ -800,6 +805,8 @@ def peft_selects(cfg: dict, module: str, output_head: str) -> bool:
         if targets.lower() == "all-linear":
             return module != output_head
         return re.fullmatch(targets, module) is not None
+    if module in targets:  # a module named exactly: whatever layers_to_transform says
+        return True
     if not any(_matches(t, module) for t in targets):
         return False
     layers = cfg.get("layers_to_transform")
@@ -867,13 +874,15 @@ def _split_fused(A: torch.Tensor, B_full: torch.Tensor, slices: list[tuple[str, 
 def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: str
              ) -> tuple[list[str], Optional[list[int]]]:
     """`AdapterConfig.targets` and `.layers` that adapt exactly the `(lit layer, slice)` pairs of `adapted` in
-    `model`: the same layers in some blocks only (PEFT's `layers_to_transform`) as those blocks; else the GPT's
-    named targets where a kind of layer is adapted on every block, module names for the other linear layers."""
+    `model`: the same layers in some blocks only (PEFT's `layers_to_transform`) as those blocks; q/k/v in some blocks
+    only as those blocks, the other layers by their full names (which `layers` keeps); else the GPT's named targets
+    where a kind of layer is adapted on every block, module names for the other linear layers."""
     n = config.n_layer
     shape = [frozenset((layer[len(f"transformer.h.{i}."):], s) for layer, s in adapted
                        if layer.startswith(f"transformer.h.{i}.")) for i in range(n)]
     used = [i for i in range(n) if shape[i]]
-    if used and len(used) < n and _HEAD not in {layer for layer, _ in adapted} and len({shape[i] for i in used}) == 1:
+    head = ["head"] if _HEAD in {layer for layer, _ in adapted} else []
+    if used and len(used) < n and len({shape[i] for i in used}) == 1:
         kinds = shape[used[0]]
         targets = [s for s in ("query", "key", "value") if (_ATTN, s) in kinds]
         if any(layer == _PROJ for layer, _ in kinds):
@@ -881,17 +890,20 @@ def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: s
         mlp = [f"mlp.{child}" for child, m in model.transformer.h[used[0]].mlp.named_children() if is_adaptable(m)]
         chosen = sorted(layer for layer, _ in kinds if layer.startswith("mlp."))
         targets += ["mlp"] if chosen == sorted(mlp) else chosen
-        return targets, used
+        return targets + head, used
     qkv = [frozenset(s for layer, s in adapted if layer == f"transformer.h.{i}.{_ATTN}") for i in range(n)]
-    if len(set(qkv)) > 1:
-        which = sorted({i for i in range(n) if qkv[i] != qkv[0]} | {0})
+    with_qkv = [i for i in range(n) if qkv[i]]
+    if len({qkv[i] for i in with_qkv}) > 1:
+        which = [i for i in with_qkv if qkv[i] != qkv[with_qkv[0]]]
         raise ValueError(
-            f"{where} adapts the attention's query/key/value projections on some layers only (layers "
-            f"{', '.join(map(str, which[:4]))}{' …' if len(which) > 4 else ''} differ: per-layer target_modules, or "
-            "layers_to_transform with other modules adapted outside those layers), which lit_gpt's fused QKV layer "
-            "cannot express: adapt the same modules in every layer of layers_to_transform, or merge the adapter into "
-            "the base with PEFT (merge_and_unload)."
+            f"{where} adapts other query/key/value projections in block {with_qkv[0]} than in block "
+            f"{', '.join(map(str, which[:4]))}{' …' if len(which) > 4 else ''}, which lit_gpt's fused QKV layer "
+            "cannot express: adapt the same ones in every block that has any, or merge the adapter into the base "
+            "with PEFT (merge_and_unload)."
         )
+    if with_qkv and len(with_qkv) < n:  # those blocks as the layers; the rest by full names, which layers keeps
+        rest = sorted({layer for layer, _ in adapted if not layer.endswith(_ATTN)} - {_HEAD})
+        return [s for s in ("query", "key", "value") if s in qkv[with_qkv[0]]] + head + rest, with_qkv
     targets = [s for s in ("query", "key", "value") if s in qkv[0]]
     layers = {layer for layer, _ in adapted if not layer.endswith(_ATTN)}
     proj = [f"transformer.h.{i}.{_PROJ}" for i in range(n)]
@@ -1075,9 +1087,10 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
             raise ValueError(f"{weights!r} holds {kind} tensors for {module!r}, which {PEFT_CONFIG_FILENAME}'s "
                              "modules_to_save trains in full, so PEFT would not adapt it (a module is either adapted "
                              f"or trained in full): fix modules_to_save in {str(peft_dir / PEFT_CONFIG_FILENAME)!r}.")
-        raise ValueError(f"{weights!r} holds {kind} tensors for {module!r}, which {PEFT_CONFIG_FILENAME}'s "
-                         "target_modules do not select, so PEFT would ignore them: fix target_modules in "
-                         f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r}.")
+        fields = ("target_modules" if cfg.get("layers_to_transform") in (None, []) else
+                  "target_modules, layers_to_transform or layers_pattern")
+        raise ValueError(f"{weights!r} holds {kind} tensors for {module!r}, which {PEFT_CONFIG_FILENAME} does not "
+                         f"select, so PEFT would ignore them: fix {fields} in {str(peft_dir / PEFT_CONFIG_FILENAME)!r}.")
     # (a renamed module without tensors was named as the other transformers names it, which then selects nothing)
     saved = saved - {old for old in renamed.values() if not any(k.startswith(f"{old}.") for k in trained)}
     missing = next((k for k in sorted(parameters) if _inside(k, saved) and k not in trained), None)

@@ -29,7 +29,7 @@ from lit_gpt.adapters.base import (
     adapted_layers, adapter_config_of, build_adapters, install_adapters, parameter_names, train_module_names,
     trained_module_state_dict, trained_modules,
 )
-from lit_gpt.adapters.config import AdapterConfig, setting
+from lit_gpt.adapters.config import AdapterConfig, blocks_phrase, setting
 from lit_gpt.utils import atomic_path, atomic_save, load_file
 
 # what PEFT's save_pretrained writes (`lit_gpt.adapters.peft_format` converts it): this config file beside the
@@ -422,9 +422,13 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any], wh
             detail = f"this model's {missing[0]!r} is missing from it"
         else:
             detail = f"its {unexpected[0]!r} has no place in this model"
+        def placed(config: AdapterConfig) -> str:
+            return f"targets {config.targets}" + ("" if config.layers is None else f" in {blocks_phrase(config.layers)}")
+
+        mine = f"; this model has {placed(current)}" if current is not None else ""
         raise ValueError(
-            f"{where} does not fit this model's adapters ({detail}): it was trained with other targets or on "
-            f"another base model (it says {obj.get('base_model')!r}, targets {saved_config.targets})."
+            f"{where} does not fit this model's adapters ({detail}): it was trained with other targets or blocks, "
+            f"or on another base model (it says {obj.get('base_model')!r}, {placed(saved_config)}{mine})."
         )
     if built is not None:
         install_adapters(model, saved_config, built)
