@@ -31,6 +31,7 @@ def setup(
     lora_targets: Optional[Union[str, list[str]]] = None,
     lora_train_modules: Optional[Union[str, list[str]]] = None,
     lora_layers: Optional[Union[int, str, list[int]]] = None,
+    loraplus_lr_ratio: Optional[float] = None,
     precision: Optional[str] = None,
     adapter_float32: Optional[bool] = None,
     devices: int = 1,
@@ -70,6 +71,9 @@ def setup(
         lora_layers: Adapt the layers above in these transformer blocks only (PEFT's layers_to_transform):
             indices from 0 and inclusive ranges separated by commas (0-7,30,31), or a list; unset: every block.
             The head, in no block, is adapted when targeted, as PEFT adapts a module named in full.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): train B, and as PEFT every
+            one-dimensional tensor (DoRA's magnitudes, trained norms), at --train.learning_rate times this ratio
+            (the paper suggests 16); unset: one rate for every tensor.
         precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
             16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in

@@ -617,7 +617,7 @@ def _run_io(io: dict, hparams: dict, method: str, cwd: Optional[Path]) -> dict:
 
             adapter = hparams.get("adapter_config")
             name = run_name(method, SimpleNamespace(**adapter) if isinstance(adapter, dict) else None,
-                            SimpleNamespace(**hparams.get("train", {})))
+                            SimpleNamespace(**hparams.get("train", {})), hparams.get("loraplus_lr_ratio"))
         except Exception:  # a file from another version: keep the recorded run directory
             name = None
         if name is not None and io["out_dir"] == str(Path(io["log_dir"]) / name):

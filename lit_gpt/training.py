@@ -1166,7 +1166,7 @@ def check_same_training_data(saved: dict, now: dict, data_dir: Path, ckpt: Path)
 
 
 def changed_training_flags(saved: dict, train: TrainArgs, steps: int, n_samples: int, precision: str,
-                           adapter_float32: bool = False) -> list[str]:
+                           adapter_float32: bool = False, loraplus_lr_ratio: Optional[float] = None) -> list[str]:
     """`--train.X old -> new` for each training setting of this run that differs from the checkpoint's (none for
     checkpoints written before the settings were recorded in them), and `--precision`, `--adapter_float32` likewise."""
     changed = []
@@ -1174,6 +1174,8 @@ def changed_training_flags(saved: dict, train: TrainArgs, steps: int, n_samples:
         changed.append(f"--precision {saved['precision']} -> {precision}")
     if saved.get("adapter_float32") not in (None, adapter_float32):
         changed.append(f"--adapter_float32 {str(saved['adapter_float32']).lower()} -> {str(adapter_float32).lower()}")
+    if "loraplus_lr_ratio" in saved and saved["loraplus_lr_ratio"] != loraplus_lr_ratio:
+        changed.append(f"--loraplus_lr_ratio {_or_null(saved['loraplus_lr_ratio'])} -> {_or_null(loraplus_lr_ratio)}")
     was = saved.get("train")
     if not isinstance(was, dict):
         return changed
@@ -1186,12 +1188,40 @@ def changed_training_flags(saved: dict, train: TrainArgs, steps: int, n_samples:
     return changed
 
 
-def use_optimiser_flags(optimizer: torch.optim.Optimizer, train: TrainArgs) -> None:
+def loraplus_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable tensors LoRA+ (Hayou et al. 2024, arXiv 2402.12354) gives the higher rate, as PEFT's
+    `create_loraplus_optimizer` picks them: LoRA's `B` and every one-dimensional trainable tensor (DoRA's magnitudes,
+    and the norms and biases of modules trained in full)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim == 1 or (
+        ".adapters." in n and n.endswith(".B")))]
+
+
+def optimizer_groups(model: nn.Module, train: TrainArgs, loraplus_lr_ratio: Optional[float] = None) -> list[dict]:
+    """AdamW's parameter groups: every trainable tensor at `--train.learning_rate`, but with LoRA+
+    (`--loraplus_lr_ratio`) those of `loraplus_parameters` at that rate times the ratio."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if loraplus_lr_ratio is None:
+        return [{"params": trainable}]
+    plus = {id(p) for p in loraplus_parameters(model)}
+    groups = [{"params": [p for p in trainable if id(p) not in plus]},
+              {"params": [p for p in trainable if id(p) in plus], "lr": train.learning_rate * loraplus_lr_ratio}]
+    return [g for g in groups if g["params"]]
+
+
+def _or_null(value: Optional[float]) -> str:
+    return "null" if value is None else f"{value:g}"
+
+
+def use_optimiser_flags(optimizer: torch.optim.Optimizer, train: TrainArgs, plus: Optional[set[int]] = None,
+                        loraplus_lr_ratio: Optional[float] = None) -> None:
     """Loading a checkpoint's optimizer state restored its lr, weight decay and betas: put this run's flags back,
-    keeping AdamW's moments and step counts (`initial_lr` is the base rate the scheduler scales)."""
+    keeping AdamW's moments and step counts (`initial_lr` is the base rate the scheduler scales); the group of the
+    parameters `plus` (their ids: `loraplus_parameters`) at the rate times `loraplus_lr_ratio`."""
     for group in optimizer.param_groups:
-        group.update(lr=train.learning_rate, initial_lr=train.learning_rate, weight_decay=train.weight_decay,
-                     betas=(train.beta1, train.beta2))
+        lr = train.learning_rate
+        if loraplus_lr_ratio is not None and any(id(p) in (plus or ()) for p in group["params"]):
+            lr *= loraplus_lr_ratio
+        group.update(lr=lr, initial_lr=lr, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2))
 
 
 class MetricsCSV:
@@ -1407,7 +1437,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         method=method, adapter_config=adapter_config, io=args["io"], train=args["train"], eval=args["eval"],
         precision=args["precision"], devices=args["devices"], num_nodes=args["num_nodes"], seed=args["seed"],
         resume=args["resume"], cli_args=cli_args, adapter_float32=args.get("adapter_float32"),
-        logger_name=args.get("logger_name", "tensorboard"),
+        logger_name=args.get("logger_name", "tensorboard"), loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
     )
 
 
@@ -1435,6 +1465,7 @@ def finetune(
     cli_args: dict,
     adapter_float32: Optional[bool] = None,
     logger_name: str = "tensorboard",
+    loraplus_lr_ratio: Optional[float] = None,
 ) -> Path:
     """Fine-tune the checkpoint in `io.checkpoint_dir` with `adapter_config` (None: every weight); returns the run
     directory."""
@@ -1449,7 +1480,11 @@ def finetune(
     inferred_checkpoint = io.checkpoint_dir is None
     given_val = io.val_data_dir is not None
     given_out = io.out_dir is not None
-    io = resolve_io(io, run_name(method, adapter_config, train), resume)
+    if loraplus_lr_ratio is not None and not (isinstance(loraplus_lr_ratio, (int, float))
+                                              and not isinstance(loraplus_lr_ratio, bool) and loraplus_lr_ratio > 0):
+        raise ValueError(f"--loraplus_lr_ratio {loraplus_lr_ratio}: pass a positive number (the LoRA+ paper's and "
+                         "PEFT's suggestion is 16), or leave it unset for one learning rate.")
+    io = resolve_io(io, run_name(method, adapter_config, train, loraplus_lr_ratio), resume)
     check_run_dir(io.out_dir, given_out, resume)
     # the data first: a typo in --io.train_data_dir is about the data, not about its parent folder not being a model
     train_data = load_data_dir(io.train_data_dir, "train", "--io.train_data_dir")
@@ -1499,7 +1534,8 @@ def finetune(
         if saved["step"] > steps:
             raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
                              "run: raise --train.max_steps, or resume from an earlier checkpoint.")
-        changed = changed_training_flags(saved, train, steps, len(train_data), precision, adapter_float32)
+        changed = changed_training_flags(saved, train, steps, len(train_data), precision, adapter_float32,
+                                         loraplus_lr_ratio)
         was_world = saved.get("world_size", (saved.get("data") or {}).get("world_size"))
         if was_world not in (None, world_size):
             changed.append(f"--devices × --num_nodes {was_world} -> {world_size}")
@@ -1545,9 +1581,9 @@ def finetune(
                      f"step{'s' if warmup != 1 else ''} (instead of --train.lr_warmup_steps).")
     model = fabric.setup_module(model)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        trainable, lr=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
+        optimizer_groups(model, train, loraplus_lr_ratio), lr=train.learning_rate, weight_decay=train.weight_decay,
+        betas=(train.beta1, train.beta2)
     )
     optimizer = fabric.setup_optimizers(optimizer)
 
@@ -1558,7 +1594,7 @@ def finetune(
     if saved is not None:
         # AdamW's moments and step counts from the checkpoint; its lr, weight decay and betas from the flags
         load_trainable_state(model.module, optimizer.optimizer, saved["model"], saved["optimizer"], ckpt)
-        use_optimiser_flags(optimizer.optimizer, train)
+        use_optimiser_flags(optimizer.optimizer, train, {id(p) for p in loraplus_parameters(model)}, loraplus_lr_ratio)
         state["step"] = saved["step"]
         state["data"] = saved["data"]
         state["last_good"] = ckpt
@@ -1629,7 +1665,7 @@ def finetune(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng,
              "precision_state": fabric.strategy.precision.state_dict(),  # 16-mixed's GradScaler; {} otherwise
              "world_size": fabric.world_size, "method": method, "train": asdict(train), "precision": precision,
-             "adapter_float32": adapter_float32,
+             "adapter_float32": adapter_float32, "loraplus_lr_ratio": loraplus_lr_ratio,
              "validated": validated,  # whether a validation ran at this step before it was written
              "data_fingerprint": fingerprint,
              "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),
@@ -1715,7 +1751,8 @@ def final_filename(method: str) -> str:
 FINAL_FILENAMES = tuple(final_filename(method) for method in ("ether", "lora", "full"))
 
 
-def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> str:
+def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs,
+             loraplus_lr_ratio: Optional[float] = None) -> str:
     parts = [method]
     if adapter_config is not None:
         if method == "lora":
@@ -1731,6 +1768,8 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs) -> st
             parts.append("flip")
         if getattr(adapter_config, "dora", False):
             parts.append("dora")
+        if loraplus_lr_ratio is not None:
+            parts.append(f"plus{loraplus_lr_ratio:g}")
     parts += [f"lr{train.learning_rate:g}", f"bs{train.global_batch_size}"]
     return "_".join(parts)
 
