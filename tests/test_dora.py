@@ -231,6 +231,7 @@ def test_dry_run_counts_one_magnitude_per_adapted_row():
     lora = 4_194_304  # Llama-2-7B, q and v, r = 8 (METHODS.md's table)
     report = plan_report("Llama-2-7b-hf", AdapterConfig(method="lora", r=8, dora=True), "bf16-true")
     assert f"trainable parameters: {lora + 32 * (4096 + 4096):,}\n" in report
+    assert "gradients: 17.00 MiB" in report  # float32 under bf16-true, as the training keeps DoRA's adapter
 
 
 def test_finetune_lora_dora_trains_and_merges(tiny_ckpt, tmp_path):  # noqa: F811

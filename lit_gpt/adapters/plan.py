@@ -36,9 +36,10 @@ def format_bytes(n: float) -> str:
 
 
 def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], precision: str = "bf16-true",
-                adapter_float32: bool = False, world_size: int = 1) -> str:
+                adapter_float32: Optional[bool] = None, world_size: int = 1) -> str:
     """A plain-text plan for fine-tuning `model` (a name of `Config.from_name`, or a checkpoint's `Config`) with
-    `config` (`None`: full fine-tuning) at Lightning `precision`; `adapter_float32`: the flag of that name;
+    `config` (`None`: full fine-tuning) at Lightning `precision`; `adapter_float32`: the flag of that name (None:
+    unset, true for DoRA under bf16-true: `lit_gpt.training.resolve_adapter_float32`);
     `world_size` processes (devices × nodes) shard the weights, gradients and AdamW state with FSDP2."""
     precision = PRECISION_ALIASES.get(precision, precision)
     if precision not in PRECISION_BYTES:
@@ -53,8 +54,9 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     trainable = num_parameters(gpt, requires_grad=True)
     frozen = num_parameters(gpt, requires_grad=False)
     nbytes, meaning = PRECISION_BYTES[precision]
-    from lit_gpt.training import keeps_trainable_float32  # (16-true, and bf16-true with --adapter_float32)
+    from lit_gpt.training import keeps_trainable_float32, resolve_adapter_float32  # (16-true; bf16-true with it)
 
+    adapter_float32 = resolve_adapter_float32(adapter_float32, config, precision)
     trainable_bytes = 4 if keeps_trainable_float32(precision, config, adapter_float32) else nbytes
     # the modules trained in full keep the model's dtype (`lit_gpt.training.cast_trainable_float32`)
     full = sum(p.numel() for p in {id(p): p for p in trained_module_state_dict(gpt).values()}.values())
