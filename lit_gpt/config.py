@@ -71,6 +71,9 @@ class Config:
     attn_bias: Optional[bool] = None  # bias of the fused QKV projection (Qwen2: True while `bias` is False)
     lm_head_bias: bool = False
     tie_embeddings: bool = False
+    # Qwen3: a norm of the config's norm class over each query and key head (`attn.norm_q`, `attn.norm_k`, of
+    # head_size weights), after the head split and before RoPE
+    norm_qk: bool = False
     norm_class_name: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     norm_eps: float = 1e-5
     mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP"] = "GptNeoxMLP"
@@ -356,6 +359,29 @@ for size, layers, embd, heads, groups, inter, tied in (
                 padded_vocab_size=151936 if size in ("0.5B", "1.5B", "3B") else 152064, n_layer=layers,
                 n_embd=embd, n_head=heads, n_query_groups=groups, intermediate_size=inter, norm_eps=1e-6,
                 rope_base=1000000, attn_bias=True, tie_embeddings=tied,
+            )
+        )
+
+# Qwen3 (dense): Qwen2 without the QKV bias, with a head_dim of 128 at every size (so not always n_embd / n_head) and
+# RMSNorm on each query and key head (norm_qk). The plain repo names are the hybrid thinking/chat models, "-Base" the
+# pretrained ones (32B has none), "-2507" the 4B updates with a 256K context
+for size, layers, embd, heads, inter, tied in (
+    ("0.6B", 28, 1024, 16, 3072, True),
+    ("1.7B", 28, 2048, 16, 6144, True),
+    ("4B", 36, 2560, 32, 9728, True),
+    ("8B", 36, 4096, 32, 12288, False),
+    ("14B", 40, 5120, 40, 17408, False),
+    ("32B", 64, 5120, 64, 25600, False),
+):
+    variants = [("", 40960, 1000000)] + ([("-Base", 32768, 1000000)] if size != "32B" else [])
+    if size == "4B":
+        variants += [("-Instruct-2507", 262144, 5000000), ("-Thinking-2507", 262144, 5000000)]
+    for suffix, block, base in variants:
+        configs.append(
+            _llama(
+                "Qwen", f"Qwen3-{size}{suffix}", block_size=block, vocab_size=151643, padded_vocab_size=151936,
+                n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=8, head_size=128, intermediate_size=inter,
+                norm_eps=1e-6, rope_base=base, norm_qk=True, tie_embeddings=tied,
             )
         )
 

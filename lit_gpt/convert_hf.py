@@ -8,16 +8,18 @@ fine-tuned variants and unlisted sizes convert as they are.
 Export (`convert_lit_checkpoint`) writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
 `config.json` (`config_to_hf`), safetensors weights, `generation_config.json` and the tokenizer files.
 
-Families: llama, mistral, qwen2, phi, gpt2, gpt_neox. Both directions work tensor by tensor (safetensors `safe_open`
-per shard, `.bin` shards memory-mapped), so a conversion holds one copy of the weights, not two.
+Families: llama, mistral, qwen2, qwen3 (dense), phi, gpt2, gpt_neox. Both directions work tensor by tensor
+(safetensors `safe_open` per shard, `.bin` shards memory-mapped), so a conversion holds one copy of the weights, not
+two.
 
 Decisions worth knowing:
-* Sliding-window attention (Mistral v0.1, Qwen2 with `use_sliding_window`) equals full causal attention for
+* Sliding-window attention (Mistral v0.1, Qwen2/Qwen3 with `use_sliding_window`) equals full causal attention for
   sequences no longer than the window, so such a model is imported with `block_size` capped at the window: inside it
   the logits are exact, and `GPT` refuses longer inputs instead of silently attending too far.
 * Export picks the architecture from the config's shape. A Mistral checkpoint is exported as `llama` (the same
   computation once the window is the block size); a model with a bias on the QKV projection only is exported as
-  `qwen2`, because transformers' llama `attention_bias` also puts a bias on `o_proj`.
+  `qwen2`, because transformers' llama `attention_bias` also puts a bias on `o_proj`; one with per-head query/key
+  norms (`norm_qk`) as `qwen3`, whose `q_norm`/`k_norm` are lit's `attn.norm_q`/`attn.norm_k`.
 * Export writes one `model.safetensors` up to `max_shard_bytes` (5 GB by default, the size the Hub recommends per
   file) and numbered shards plus `model.safetensors.index.json` beyond it.
 """
@@ -35,7 +37,7 @@ import torch
 
 from lit_gpt.config import Config, hf_name_to_config, name_to_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "gpt2", "gpt_neox")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "gpt2", "gpt_neox")
 HF_CONFIG_FILENAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # files a transformers model folder needs besides weights and config.json; copied as they are on export
@@ -70,6 +72,11 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
         num_key_value_heads=32,
+    ),
+    "qwen3": dict(
+        hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+        num_key_value_heads=32, head_dim=128, attention_bias=False,
     ),
     "phi": dict(
         hidden_act="gelu_new", max_position_embeddings=2048, layer_norm_eps=1e-5, rope_theta=10000.0,
@@ -150,7 +157,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             block_size=int(need("max_position_embeddings")), pos_embedding="rope", rope_base=float(rope_base),
             rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
         )
-        if model_type in ("llama", "mistral", "qwen2"):
+        if model_type in ("llama", "mistral", "qwen2", "qwen3"):
             if hf["hidden_act"] not in ("silu", "swish"):  # transformers' "swish" is SiLU
                 raise ConversionError(
                     f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
@@ -164,6 +171,14 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                         "only, as Qwen2 does)."
                     )
                 bias = attn_bias = bool(hf["attention_bias"])
+            elif model_type == "qwen3":
+                if hf["attention_bias"]:
+                    raise ConversionError(
+                        "config.json sets attention_bias=true; lit_gpt's Config cannot put a bias on Qwen3's q/k/v "
+                        "and o_proj but not on its MLP (Qwen2's bias on q/k/v only, or none, it can)."
+                    )
+                bias = attn_bias = False
+                arch["norm_qk"] = True
             else:
                 bias, attn_bias = False, model_type == "qwen2"
             arch.update(
@@ -279,7 +294,7 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
         partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf["rotary_pct"]))
     else:
         base = merged.get("rope_theta", hf["rope_theta"])
-        # transformers' Llama, Mistral and Qwen2 rotate the whole head whatever partial_rotary_factor says
+        # transformers' Llama, Mistral, Qwen2 and Qwen3 rotate the whole head whatever partial_rotary_factor says
         partial = (merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
                    if model_type == "phi" else 1.0)
     if rope_type == "default":
@@ -303,7 +318,7 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
 def _sliding_window(hf: dict, model_type: str) -> Optional[int]:
     if model_type == "mistral":
         return hf.get("sliding_window")
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         window = hf["sliding_window"] if hf["use_sliding_window"] else None
         if window is None:
             return None
@@ -320,6 +335,8 @@ def hf_model_type(config: Config) -> str:
     if config.pos_embedding == "learned":
         return "gpt2"
     if config.mlp_class_name == "LLaMAMLP":
+        if config.norm_qk:
+            return "qwen3"
         return "qwen2" if config.attn_bias and not config.bias else "llama"
     return "phi" if config.shared_attention_norm else "gpt_neox"
 
@@ -338,14 +355,21 @@ def config_to_hf(config: Config) -> dict:
             problems.append(what)
 
     gelu = {"none": "gelu", "tanh": "gelu_new"}[c.gelu_approximate]
-    if model_type in ("llama", "qwen2"):
+    if model_type != "qwen3":
+        require(not c.norm_qk, "norm_qk=True (of the transformers families, only Qwen3, with the SwiGLU MLP, has "
+                               "per-head query/key norms)")
+    if model_type in ("llama", "qwen2", "qwen3"):
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
         require(c.rotary_percentage == 1.0, f"rotary_percentage={c.rotary_percentage} (needs 1.0)")
         require(not c.lm_head_bias, "lm_head_bias=True")
-        require(c.bias == c.attn_bias or model_type == "qwen2", "bias=True with attn_bias=False")
+        require(c.bias == c.attn_bias or model_type != "llama", "bias=True with attn_bias=False")
+        if model_type == "qwen3":
+            require(not c.attn_bias and not c.bias, "a bias (transformers' Qwen3 has none, or one on q/k/v and o_proj "
+                                                    "both)")
+        architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(model_type, "LlamaForCausalLM")
         hf = dict(
-            architectures=["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
+            architectures=[architecture],
             model_type=model_type, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
             num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_query_groups,
             head_dim=c.head_size, hidden_act="silu", max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
@@ -355,6 +379,8 @@ def config_to_hf(config: Config) -> dict:
             hf.update(attention_bias=c.bias, mlp_bias=c.bias)
         else:
             hf.update(use_sliding_window=False, sliding_window=None)
+            if model_type == "qwen3":
+                hf.update(attention_bias=False)
     elif model_type == "phi":
         require(c.norm_class_name == "LayerNorm", f"norm_class_name={c.norm_class_name!r} (needs 'LayerNorm')")
         require(c.parallel_residual, "parallel_residual=False with a shared attention norm")
@@ -435,11 +461,14 @@ _LAYER_MODULES = {
     "attention.dense": ("attn.proj", False), "attn.c_proj": ("attn.proj", True),
     "attn.c_attn": ("attn.qkv", True),
     "mlp.gate_proj": ("mlp.fc_1", False), "mlp.up_proj": ("mlp.fc_2", False), "mlp.down_proj": ("mlp.proj", False),
+    "self_attn.q_norm": ("attn.norm_q", False), "self_attn.k_norm": ("attn.norm_k", False),  # Qwen3
     "mlp.fc1": ("mlp.fc", False), "mlp.fc2": ("mlp.proj", False),
     "mlp.dense_h_to_4h": ("mlp.fc", False), "mlp.dense_4h_to_h": ("mlp.proj", False),
     "mlp.c_fc": ("mlp.fc", True), "mlp.c_proj": ("mlp.proj", True),
 }
 _SPLIT_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
+# of a model without `norm_qk`, these are unexpected tensors like any other unknown one
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 # buffers some checkpoints carry (causal masks, RoPE frequencies); recomputed by the model, never weights
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|^(?:layers|h)\.\d+\.(?:attn|attention)\.(?:bias|masked_bias))$")
 
@@ -479,7 +508,7 @@ def iter_hf_to_lit(
             t = t.reshape(config.n_head, 3, hs, *t.shape[1:])
             qkv = torch.cat([t[:, i].reshape(config.n_head * hs, *t.shape[3:]) for i in range(3)])
             yield f"{prefix}.attn.qkv.{param}", cast(qkv)
-        elif module in _LAYER_MODULES:
+        elif module in _LAYER_MODULES and (config.norm_qk or module not in _QK_NORMS):
             lit_module, transposed = _LAYER_MODULES[module]
             if transposed and param == "weight":
                 t = t.t().contiguous()
@@ -582,7 +611,7 @@ def iter_lit_to_hf(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
     c = config
-    llama_like = model_type in ("llama", "mistral", "qwen2")
+    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3")
     prefix = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}.get(model_type, "model.")
     layers = "h" if model_type == "gpt2" else "layers"
     globals_ = {
@@ -603,6 +632,7 @@ def iter_lit_to_hf(
             model_type, "mlp.down_proj"
         ),
         "mlp.fc": {"gpt2": "mlp.c_fc", "gpt_neox": "mlp.dense_h_to_4h"}.get(model_type, "mlp.fc1"),
+        "attn.norm_q": "self_attn.q_norm", "attn.norm_k": "self_attn.k_norm",
     }
     lm_head = "embed_out" if model_type == "gpt_neox" else "lm_head"
     q_size, kv_size = c.n_head * c.head_size, c.n_query_groups * c.head_size
@@ -644,7 +674,8 @@ def iter_lit_to_hf(
                 for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                     yield f"{base}.self_attn.{name}.{param}", cast(part.clone())
             continue
-        if sub not in modules or (sub in ("mlp.fc_1", "mlp.fc_2") and not llama_like):
+        if (sub not in modules or (sub in ("mlp.fc_1", "mlp.fc_2") and not llama_like)
+                or (sub in ("attn.norm_q", "attn.norm_k") and model_type != "qwen3")):
             raise ConversionError(f"Unexpected tensor {key!r} in the lit checkpoint for a {model_type} export.")
         transposed = model_type == "gpt2" and param == "weight" and sub in ("attn.proj", "mlp.fc", "mlp.proj")
         yield f"{base}.{modules[sub]}.{param}", cast(t.t() if transposed else t)

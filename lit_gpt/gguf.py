@@ -7,7 +7,9 @@ metadata and rebuilds a Hugging Face `tokenizer.json` from the `tokenizer.ggml.*
 Why the permutation: Hugging Face Llama checkpoints rotate the two halves of each head ("rotate half"), llama.cpp
 rotates adjacent pairs. Its converter therefore reorders the rows of every head of `attn_q`/`attn_k` so that the
 rows forming a rotation pair sit next to each other: HF row `s * hd/2 + j` (half `s`, frequency `j`) becomes GGUF
-row `2 * j + s`. Qwen2 uses llama.cpp's "neox" rope, which is rotate-half already, so its weights are stored as is.
+row `2 * j + s`. Qwen2 and Qwen3 use llama.cpp's "neox" rope, which is rotate-half already, so their weights are
+stored as is. Qwen3's per-head query/key norms are `blk.N.attn_q_norm` / `attn_k_norm` (lit `attn.norm_q`/`norm_k`),
+of `qwen3.attention.key_length` (its head_dim) features.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
 _PERMUTED_QK = ("llama",)
 
@@ -41,11 +43,14 @@ _BLOCK_TENSORS = {
     "ffn_norm.weight": "norm_2.weight",
     "attn_output.weight": "attn.proj.weight",
     "attn_output.bias": "attn.proj.bias",
+    "attn_q_norm.weight": "attn.norm_q.weight",  # Qwen3
+    "attn_k_norm.weight": "attn.norm_k.weight",
     "ffn_gate.weight": "mlp.fc_1.weight",
     "ffn_up.weight": "mlp.fc_2.weight",
     "ffn_down.weight": "mlp.proj.weight",
 }
 _QKV = ("attn_q", "attn_k", "attn_v")
+_QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
 
 
 class GGUFImportError(ValueError):
@@ -144,6 +149,7 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         bias=False,
         attn_bias=attn_bias,
         tie_embeddings="output.weight" not in tensor_shapes,
+        norm_qk=arch == "qwen3",  # (a qwen3 file without attn_q_norm/attn_k_norm lacks tensors: `_check_complete`)
         norm_class_name="RMSNorm",
         norm_eps=float(metadata.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
         mlp_class_name="LLaMAMLP",
@@ -261,7 +267,7 @@ def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
         if layer >= config.n_layer:
             raise GGUFImportError(f"{str(path)!r}: tensor {name!r} is beyond the file's block_count {config.n_layer}.")
         prefix = f"transformer.h.{layer}."
-        if local in _BLOCK_TENSORS:
+        if local in _BLOCK_TENSORS and (config.norm_qk or local not in _QK_NORMS):
             yield prefix + _BLOCK_TENSORS[local], dequantize(tensor, path).to(dtype)
             continue
         stem, _, kind = local.rpartition(".")

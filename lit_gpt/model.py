@@ -6,6 +6,8 @@ Module names (stable; adapters, converters and FSDP wrapping rely on them):
     transformer.wpe                 learned positions (GPT-2 only)
     transformer.h[i].norm_1         pre-attention norm
     transformer.h[i].attn.qkv       fused projection; rows are [all query heads | all key heads | all value heads]
+    transformer.h[i].attn.norm_q    per-head query norm, weight of head_size (only with `norm_qk`, Qwen3)
+    transformer.h[i].attn.norm_k    per-head key norm (only with `norm_qk`)
     transformer.h[i].attn.proj      attention output
     transformer.h[i].norm_2         pre-MLP norm (absent when the attention norm is shared, Phi)
     transformer.h[i].mlp.fc_1/fc_2  SwiGLU gate / up (LLaMAMLP);   .mlp.fc  (GptNeoxMLP)
@@ -33,9 +35,10 @@ NO_KV_CACHE = "input_pos was given but no KV cache is set: call model.set_kv_cac
 
 
 class GPT(nn.Module):
-    """A decoder-only transformer described by a `Config`: Llama, Mistral, Qwen2, Phi, GPT-NeoX/Pythia and GPT-2
-    styles (norms, MLP, rotary or learned positions, grouped queries, parallel residual), one fused QKV projection
-    per layer. `GPT.from_checkpoint(dir)` loads a lit checkpoint; `apply_adapters(model, config)` adapts it."""
+    """A decoder-only transformer described by a `Config`: Llama, Mistral, Qwen2, Qwen3, Phi, GPT-NeoX/Pythia and
+    GPT-2 styles (norms, MLP, rotary or learned positions, grouped queries, parallel residual, per-head query/key
+    norms), one fused QKV projection per layer. `GPT.from_checkpoint(dir)` loads a lit checkpoint;
+    `apply_adapters(model, config)` adapts it."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -265,6 +268,9 @@ class CausalSelfAttention(nn.Module):
         self.kv_size = config.n_query_groups * hs
         self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.attn_bias)
         self.proj = nn.Linear(self.q_size, config.n_embd, bias=config.bias)
+        if config.norm_qk:  # (no attributes otherwise: the state dict of every other family stays as it was)
+            self.norm_q = build_norm(config, hs)
+            self.norm_k = build_norm(config, hs)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
@@ -275,6 +281,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)
         k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
         v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+        if c.norm_qk:  # over each head's features, before RoPE (the cache keeps normed, rotated keys)
+            q, k = self.norm_q(q), self.norm_k(k)
         if c.rope_n_elem > 0:
             q = apply_rope(q, cos, sin, c.rope_n_elem)
             k = apply_rope(k, cos, sin, c.rope_n_elem)
@@ -391,10 +399,12 @@ def _layer_norm(x, weight, bias, shape, eps):
     return F.layer_norm(x, shape, weight, bias, eps)
 
 
-def build_norm(config: Config) -> nn.Module:
+def build_norm(config: Config, size: Optional[int] = None) -> nn.Module:
+    """The config's norm over `size` features (default: the model width)."""
+    size = size or config.n_embd
     if config.norm_class_name == "RMSNorm":
-        return RMSNorm(config.n_embd, eps=config.norm_eps)
-    return LayerNorm(config.n_embd, eps=config.norm_eps)
+        return RMSNorm(size, eps=config.norm_eps)
+    return LayerNorm(size, eps=config.norm_eps)
 
 
 def rope_inv_freq(config: Config, device=None) -> torch.Tensor:

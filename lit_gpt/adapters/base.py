@@ -706,7 +706,7 @@ def _refusal(model: nn.Module, name: str, module: nn.Module, owners: dict[int, l
 HF_TRAIN_MODULE_NAMES = {"embed_tokens": "transformer.wte", "embed_in": "transformer.wte", "lm_head": "lm_head",
                          "embed_out": "lm_head", "input_layernorm": "norm_1", "post_attention_layernorm": "norm_2",
                          "norm": "transformer.ln_f", "final_layer_norm": "transformer.ln_f",
-                         "final_layernorm": "transformer.ln_f"}
+                         "final_layernorm": "transformer.ln_f", "q_norm": "attn.norm_q", "k_norm": "attn.norm_k"}
 
 
 def _has_parameters(module: nn.Module) -> bool:

@@ -10,8 +10,8 @@ the rows of its bias, so `lit_gpt.convert_hf.iter_lit_to_hf` (applied to row num
 which lit rows each transformers module's rows are: one name table for weights and adapters.
 
 Our LoRA on the fused QKV projection has one `A`/`B` per slice (query, key, value). Where transformers splits the
-projection (llama, mistral, qwen2, phi: q_proj/k_proj/v_proj) each slice is one PEFT module. Where it keeps it
-fused (GPT-2's `c_attn`, GPT-NeoX's interleaved `query_key_value`) PEFT has one `A` for the whole layer; both
+projection (llama, mistral, qwen2, qwen3, phi: q_proj/k_proj/v_proj) each slice is one PEFT module. Where it keeps
+it fused (GPT-2's `c_attn`, GPT-NeoX's interleaved `query_key_value`) PEFT has one `A` for the whole layer; both
 directions are exact:
 
 * export: slices with one shared `A` (an import of a PEFT adapter) give that `A` and the slices' `B` rows; slices
