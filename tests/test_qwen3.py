@@ -137,6 +137,7 @@ def test_gguf_qwen3_file_without_its_query_key_norms_is_refused(tmp_path, byte_l
         convert_gguf(path, tmp_path / "ckpt")
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # (transformers' deprecations that PEFT's code triggers)
 def test_peft_lora_imports_and_exports_with_peft_logits(converted, tmp_path):
     pytest.importorskip("peft")
     from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapter
