@@ -73,7 +73,8 @@ def setup(
             The head, in no block, is adapted when targeted, as PEFT adapts a module named in full.
         loraplus_lr_ratio: LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): train B, and as PEFT every
             one-dimensional tensor (DoRA's magnitudes, trained norms), at --train.learning_rate times this ratio
-            (the paper suggests 16); unset: one rate for every tensor.
+            (the paper suggests 16); unset: one rate for every tensor. --train.weight_decay applies to both
+            (PEFT's own loraplus_weight_decay is 0 unless set).
         precision: `bf16-true`, `16-true`, `16-mixed`, `32-true`, … (default: bf16-true on GPUs with bfloat16,
             16-mixed on older GPUs, 32-true on the CPU).
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in

@@ -239,7 +239,8 @@ def one_line_error(message: str, fn: Callable[..., Any], args: Sequence[str] = (
 
 
 # options of one finetune script that users bring to another (a recipe or a command line of the other method)
-METHOD_FLAG_SCRIPTS = {"--lora_": "finetune/lora.py", "--ether_": "finetune/ether.py", "--oft_": "finetune/ether.py",
+METHOD_FLAG_SCRIPTS = {"--lora_": "finetune/lora.py", "--loraplus_": "finetune/lora.py",
+                       "--ether_": "finetune/ether.py", "--oft_": "finetune/ether.py",
                        "--Htype": "finetune/ether.py",
                        # and a data preparation script's (its --print_config, or a recipe of it)
                        "--json_path": "scripts/prepare_json.py", "--csv_path": "scripts/prepare_csv.py",
@@ -289,6 +290,10 @@ NO_EQUIVALENT = {
                              "--train.beta2)"),
     "multiline": ("--multi_turn", "a message continues on the next line when a line ends with \\"),
     "use_dora": (_TRAINING, "DoRA is --lora_dora true (finetune/lora.py)"),
+    # PEFT's create_loraplus_optimizer's other settings
+    "loraplus_weight_decay": ("--loraplus_lr_ratio", "--train.weight_decay applies to both LoRA+ groups"),
+    "loraplus_lr_embedding": ("--loraplus_lr_ratio", "embeddings take no LoRA here (train them in full with "
+                                                     "--lora_train_modules embeddings)"),
     "modules_to_save": (_TRAINING, "modules trained in full beside the adapter are --lora_train_modules or "
                                    "--ether_train_modules (head, embeddings, norms, or module names)"),
     "max_tokens": (_TRAINING, "the run's length is set by --train.max_steps or --train.epochs"),

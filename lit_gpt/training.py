@@ -1045,7 +1045,7 @@ def resolve_resume(resume: Optional[str | Path], out_dir: Path, others: Optional
         if ckpt is None:
             hint = ""
             if others:
-                hint = (f" (the default --io.out_dir names the learning rate and batch size; to resume "
+                hint = (" (the default --io.out_dir names the learning rate, LoRA+ ratio and batch size; to resume "
                         f"{'one of these runs' if len(others) > 1 else 'the run'} with new ones, pass its folder as "
                         f"--io.out_dir: {', '.join(str(d) for d in others)})")
             print_once(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0{hint}.")
@@ -1480,8 +1480,8 @@ def finetune(
     inferred_checkpoint = io.checkpoint_dir is None
     given_val = io.val_data_dir is not None
     given_out = io.out_dir is not None
-    if loraplus_lr_ratio is not None and not (isinstance(loraplus_lr_ratio, (int, float))
-                                              and not isinstance(loraplus_lr_ratio, bool) and loraplus_lr_ratio > 0):
+    if loraplus_lr_ratio is not None and not (isinstance(loraplus_lr_ratio, (int, float)) and not isinstance(
+            loraplus_lr_ratio, bool) and 0 < loraplus_lr_ratio < math.inf):
         raise ValueError(f"--loraplus_lr_ratio {loraplus_lr_ratio}: pass a positive number (the LoRA+ paper's and "
                          "PEFT's suggestion is 16), or leave it unset for one learning rate.")
     io = resolve_io(io, run_name(method, adapter_config, train, loraplus_lr_ratio), resume)
@@ -1768,9 +1768,9 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs,
             parts.append("flip")
         if getattr(adapter_config, "dora", False):
             parts.append("dora")
-        if loraplus_lr_ratio is not None:
-            parts.append(f"plus{loraplus_lr_ratio:g}")
-    parts += [f"lr{train.learning_rate:g}", f"bs{train.global_batch_size}"]
+    # (the rates last, `other_runs` offers the same run with other ones to `--resume auto`)
+    plus = "" if loraplus_lr_ratio is None else f"-plus{loraplus_lr_ratio:g}"
+    parts += [f"lr{train.learning_rate:g}{plus}", f"bs{train.global_batch_size}"]
     return "_".join(parts)
 
 

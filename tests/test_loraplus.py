@@ -13,7 +13,7 @@ import transformers
 
 from lit_gpt.adapters import AdapterConfig, apply_adapters
 from lit_gpt.args import TrainArgs
-from lit_gpt.training import loraplus_parameters, optimizer_groups, use_optimiser_flags
+from lit_gpt.training import loraplus_parameters, optimizer_groups, run_name, use_optimiser_flags
 from lit_gpt.utils import load_file
 from test_final_folder import train
 from test_training import tiny_ckpt  # noqa: F401 (a fixture)
@@ -70,7 +70,15 @@ def test_a_run_steps_b_at_the_higher_rate_and_resumes_with_it(tiny_ckpt, tmp_pat
         assert [row["step"] for row in csv.DictReader(f) if row.get("loss")][-1] == "2"
 
 
-def test_a_ratio_that_is_not_positive_is_one_sentence(tiny_ckpt, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match=r"^--loraplus_lr_ratio 0: pass a positive number \(the LoRA\+ paper's and "
-                                         r"PEFT's suggestion is 16\), or leave it unset for one learning rate\.$"):
-        train("lora", tmp_path / "run", tiny_ckpt, loraplus_lr_ratio=0)
+@pytest.mark.parametrize("ratio", [0, -1.0, float("inf")])
+def test_a_ratio_that_is_not_positive_is_one_sentence(ratio, tiny_ckpt, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match=rf"^--loraplus_lr_ratio {ratio}: pass a positive number \(the LoRA\+ paper's "
+                                         r"and PEFT's suggestion is 16\), or leave it unset for one learning rate\.$"):
+        train("lora", tmp_path / "run", tiny_ckpt, loraplus_lr_ratio=ratio)
+
+
+def test_the_run_name_keeps_the_ratio_with_the_rates():
+    """`--resume auto` offers a run that differs in its rates only (`other_runs`): the ratio sits with them."""
+    config = AdapterConfig(method="lora")
+    plain, plus = run_name("lora", config, TrainArgs()), run_name("lora", config, TrainArgs(), 16)
+    assert plus == plain.replace("_bs", "-plus16_bs") and plus.rsplit("_lr", 1)[0] == plain.rsplit("_lr", 1)[0]

@@ -125,7 +125,8 @@ def test_a_resume_goes_on_in_the_directory_of_its_checkpoint(tiny_ckpt, tmp_path
     capsys.readouterr()
     in_log_dir(tiny_ckpt, logs, dict(TRAIN, learning_rate=5e-3), resume="auto")
     out = capsys.readouterr().out
-    assert ("starting from step 0 (the default --io.out_dir names the learning rate and batch size; to resume the "
+    assert ("starting from step 0 (the default --io.out_dir names the learning rate, LoRA+ ratio and batch size; to "
+            "resume the "
             f"run with new ones, pass its folder as --io.out_dir: {run})") in out
     fresh = next(d for d in logs.iterdir() if d != run)
     in_log_dir(tiny_ckpt, logs, dict(TRAIN, learning_rate=2e-3), resume=str(run / "checkpoints" / "step-000004.pth"))

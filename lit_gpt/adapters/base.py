@@ -752,6 +752,9 @@ def _no_train_match(model: nn.Module, modules: dict[str, nn.Module], pattern: st
     if gpt:
         ours = HF_TRAIN_MODULE_NAMES.get(pattern.rsplit(".", 1)[-1])
         instead = f" ({pattern!r} is {ours!r} here)" if ours else ""
+        if pattern == "norm":  # (as a suffix, PEFT's modules_to_save selects every norm with it)
+            instead = " ('norm' is 'transformer.ln_f' here; 'norms' is every norm, which PEFT's modules_to_save " \
+                      "'norm' selects)"
         return (f"The {flag} entry {pattern!r} matches no module of {what}; the named train modules of a lit_gpt.GPT "
                 f"are {', '.join(GPT_TRAIN_MODULES)}{instead}, or write module names such as 'transformer.ln_f'.")
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
