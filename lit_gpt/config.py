@@ -403,6 +403,15 @@ configs.append(
     )
 )
 
+# Phi-3 (llama-shaped; its fused qkv_proj and gate_up_proj are split on import). Its config.json's sliding window of
+# 2047 caps the block size, as for Mistral v0.1 (convert_hf.py)
+configs.append(
+    _llama(
+        "microsoft", "Phi-3-mini-4k-instruct", block_size=2047, vocab_size=32064, padded_vocab_size=32064, n_layer=32,
+        n_embd=3072, n_head=32, n_query_groups=32, intermediate_size=8192, norm_eps=1e-5,
+    )
+)
+
 # GPT-2
 for hf_name, layers, embd, heads in (
     ("gpt2", 12, 768, 12),

@@ -8,9 +8,9 @@ fine-tuned variants and unlisted sizes convert as they are.
 Export (`convert_lit_checkpoint`) writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
 `config.json` (`config_to_hf`), safetensors weights, `generation_config.json` and the tokenizer files.
 
-Families: llama, mistral, qwen2, qwen3 (dense), phi, gpt2, gpt_neox. Both directions work tensor by tensor
-(safetensors `safe_open` per shard, `.bin` shards memory-mapped), so a conversion holds one copy of the weights, not
-two.
+Families: llama, mistral, qwen2, qwen3 (dense), phi, phi3 (Phi-3, Phi-4), gpt2, gpt_neox. Both directions work
+tensor by tensor (safetensors `safe_open` per shard, `.bin` shards memory-mapped), so a conversion holds one copy of
+the weights, not two.
 
 Decisions worth knowing:
 * Sliding-window attention (Mistral v0.1, Qwen2/Qwen3 with `use_sliding_window`) equals full causal attention for
@@ -19,7 +19,9 @@ Decisions worth knowing:
 * Export picks the architecture from the config's shape. A Mistral checkpoint is exported as `llama` (the same
   computation once the window is the block size); a model with a bias on the QKV projection only is exported as
   `qwen2`, because transformers' llama `attention_bias` also puts a bias on `o_proj`; one with per-head query/key
-  norms (`norm_qk`) as `qwen3`, whose `q_norm`/`k_norm` are lit's `attn.norm_q`/`attn.norm_k`.
+  norms (`norm_qk`) as `qwen3`, whose `q_norm`/`k_norm` are lit's `attn.norm_q`/`attn.norm_k`. A Phi-3 (its q/k/v
+  in one `qkv_proj`, its gate and up projections in one `gate_up_proj`) is exported as `llama`, the same
+  computation, unless it rotates part of each head only, which transformers' Llama cannot: then as `phi3`.
 * Export writes one `model.safetensors` up to `max_shard_bytes` (5 GB by default, the size the Hub recommends per
   file) and numbered shards plus `model.safetensors.index.json` beyond it.
 """
@@ -37,7 +39,7 @@ import torch
 
 from lit_gpt.config import Config, hf_name_to_config, name_to_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "gpt2", "gpt_neox")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gpt_neox")
 HF_CONFIG_FILENAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # files a transformers model folder needs besides weights and config.json; copied as they are on export
@@ -77,6 +79,10 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
         num_key_value_heads=32, head_dim=128, attention_bias=False,
+    ),
+    "phi3": dict(
+        hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, sliding_window=None,
     ),
     "phi": dict(
         hidden_act="gelu_new", max_position_embeddings=2048, layer_norm_eps=1e-5, rope_theta=10000.0,
@@ -157,7 +163,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             block_size=int(need("max_position_embeddings")), pos_embedding="rope", rope_base=float(rope_base),
             rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
         )
-        if model_type in ("llama", "mistral", "qwen2", "qwen3"):
+        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
             if hf["hidden_act"] not in ("silu", "swish"):  # transformers' "swish" is SiLU
                 raise ConversionError(
                     f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
@@ -179,7 +185,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                     )
                 bias = attn_bias = False
                 arch["norm_qk"] = True
-            else:
+            else:  # (Phi-3's projections have no bias)
                 bias, attn_bias = False, model_type == "qwen2"
             arch.update(
                 bias=bias, attn_bias=attn_bias, norm_class_name="RMSNorm", norm_eps=float(hf["rms_norm_eps"]),
@@ -295,8 +301,9 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
     else:
         base = merged.get("rope_theta", hf["rope_theta"])
         # transformers' Llama, Mistral, Qwen2 and Qwen3 rotate the whole head whatever partial_rotary_factor says
+        # (Phi and Phi-3 rotate that part of it)
         partial = (merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-                   if model_type == "phi" else 1.0)
+                   if model_type in ("phi", "phi3") else 1.0)
     if rope_type == "default":
         return base, None, partial
     if rope_type == "llama3":
@@ -316,7 +323,7 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
 
 
 def _sliding_window(hf: dict, model_type: str) -> Optional[int]:
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return hf.get("sliding_window")
     if model_type in ("qwen2", "qwen3"):
         window = hf["sliding_window"] if hf["use_sliding_window"] else None
@@ -337,6 +344,8 @@ def hf_model_type(config: Config) -> str:
     if config.mlp_class_name == "LLaMAMLP":
         if config.norm_qk:
             return "qwen3"
+        if config.rotary_percentage < 1.0 and not config.bias and not config.attn_bias:
+            return "phi3"  # (transformers' Llama rotates whole heads)
         return "qwen2" if config.attn_bias and not config.bias else "llama"
     return "phi" if config.shared_attention_norm else "gpt_neox"
 
@@ -358,16 +367,18 @@ def config_to_hf(config: Config) -> dict:
     if model_type != "qwen3":
         require(not c.norm_qk, "norm_qk=True (of the transformers families, only Qwen3, with the SwiGLU MLP, has "
                                "per-head query/key norms)")
-    if model_type in ("llama", "qwen2", "qwen3"):
+    if model_type in ("llama", "qwen2", "qwen3", "phi3"):
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
-        require(c.rotary_percentage == 1.0, f"rotary_percentage={c.rotary_percentage} (needs 1.0)")
+        require(c.rotary_percentage == 1.0 or model_type == "phi3",
+                f"rotary_percentage={c.rotary_percentage} (needs 1.0)")
         require(not c.lm_head_bias, "lm_head_bias=True")
         require(c.bias == c.attn_bias or model_type != "llama", "bias=True with attn_bias=False")
         if model_type == "qwen3":
             require(not c.attn_bias and not c.bias, "a bias (transformers' Qwen3 has none, or one on q/k/v and o_proj "
                                                     "both)")
-        architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(model_type, "LlamaForCausalLM")
+        architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}.get(
+            model_type, "LlamaForCausalLM")
         hf = dict(
             architectures=[architecture],
             model_type=model_type, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
@@ -377,6 +388,10 @@ def config_to_hf(config: Config) -> dict:
         )
         if model_type == "llama":
             hf.update(attention_bias=c.bias, mlp_bias=c.bias)
+        elif model_type == "phi3":
+            require(c.rope_adjustments is None, "rope_adjustments (Phi-3 has no llama3 rope scaling)")
+            hf.update(partial_rotary_factor=c.rotary_percentage, sliding_window=None, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attention_dropout=0.0)
         else:
             hf.update(use_sliding_window=False, sliding_window=None)
             if model_type == "qwen3":
@@ -467,6 +482,8 @@ _LAYER_MODULES = {
     "mlp.c_fc": ("mlp.fc", True), "mlp.c_proj": ("mlp.proj", True),
 }
 _SPLIT_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
+# Phi-3's fused layers: its q/k/v rows are lit's layout already; its gate_up_proj is [gate | up]
+_FUSED_QKV, _GATE_UP = "self_attn.qkv_proj", "mlp.gate_up_proj"
 # of a model without `norm_qk`, these are unexpected tensors like any other unknown one
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 # buffers some checkpoints carry (causal masks, RoPE frequencies); recomputed by the model, never weights
@@ -503,6 +520,12 @@ def iter_hf_to_lit(
             if len(parts) == 3:
                 del pending[(layer, param)]
                 yield f"{prefix}.attn.qkv.{param}", cast(torch.cat((parts["q"], parts["k"], parts["v"])))
+        elif module == _FUSED_QKV:
+            yield f"{prefix}.attn.qkv.{param}", cast(t)
+        elif module == _GATE_UP:
+            gate, up = t.chunk(2)
+            yield f"{prefix}.mlp.fc_1.{param}", cast(gate.clone())
+            yield f"{prefix}.mlp.fc_2.{param}", cast(up.clone())
         elif module == "attention.query_key_value":
             # GPT-NeoX interleaves per head: rows are [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]
             t = t.reshape(config.n_head, 3, hs, *t.shape[1:])
@@ -611,7 +634,8 @@ def iter_lit_to_hf(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
     c = config
-    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3")
+    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3")
+    gate_up: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # Phi-3: (layer, param) -> the half seen first
     prefix = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}.get(model_type, "model.")
     layers = "h" if model_type == "gpt2" else "layers"
     globals_ = {
@@ -663,6 +687,8 @@ def iter_lit_to_hf(
             if model_type == "gpt2":
                 fused = torch.cat((q, k, v))
                 yield f"{base}.attn.c_attn.{param}", cast(fused.t() if param == "weight" else fused)
+            elif model_type == "phi3":
+                yield f"{base}.self_attn.qkv_proj.{param}", cast(t)
             elif model_type == "gpt_neox":
                 rest = t.shape[1:]
                 heads = [x.reshape(c.n_head, c.head_size, *rest) for x in (q, k, v)]
@@ -677,8 +703,18 @@ def iter_lit_to_hf(
         if (sub not in modules or (sub in ("mlp.fc_1", "mlp.fc_2") and not llama_like)
                 or (sub in ("attn.norm_q", "attn.norm_k") and model_type != "qwen3")):
             raise ConversionError(f"Unexpected tensor {key!r} in the lit checkpoint for a {model_type} export.")
+        if model_type == "phi3" and sub in ("mlp.fc_1", "mlp.fc_2"):
+            halves = gate_up.setdefault((layer, param), {})
+            halves[sub] = t
+            if len(halves) == 2:
+                del gate_up[(layer, param)]
+                yield f"{base}.mlp.gate_up_proj.{param}", cast(torch.cat((halves["mlp.fc_1"], halves["mlp.fc_2"])))
+            continue
         transposed = model_type == "gpt2" and param == "weight" and sub in ("attn.proj", "mlp.fc", "mlp.proj")
         yield f"{base}.{modules[sub]}.{param}", cast(t.t() if transposed else t)
+    if gate_up:
+        (layer, param), halves = next(iter(gate_up.items()))
+        raise ConversionError(f"The lit checkpoint has only {next(iter(halves))}.{param} of layer {layer}'s MLP.")
     if model_type == "phi" and not seen_lm_head_bias:
         # transformers' Phi always has an output bias; zeros compute what a bias-free head computes
         yield "lm_head.bias", torch.zeros(c.padded_vocab_size, dtype=dtype or torch.float32)

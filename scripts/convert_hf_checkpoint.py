@@ -26,8 +26,8 @@ def main(
 
     Args:
         checkpoint_dir: A folder as `scripts/download.py` leaves it (e.g. checkpoints/meta-llama/Llama-2-7b-hf):
-            config.json plus *.safetensors or pytorch_model*.bin. Types: llama, mistral, qwen2, qwen3, phi, gpt2,
-            gpt_neox.
+            config.json plus *.safetensors or pytorch_model*.bin. Types: llama, mistral, qwen2, qwen3, phi, phi3
+            (Phi-3, Phi-4), gpt2, gpt_neox.
             A sliding attention window (Mistral v0.1) becomes the block_size, within which it is exact.
         dtype: Cast the weights to this dtype; by default they keep the dtype they are stored in.
         model_name: Name recorded in model_config.yaml (e.g. meta-llama/Llama-2-7b-hf); defaults to the folder name.

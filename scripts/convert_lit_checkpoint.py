@@ -20,8 +20,9 @@ def main(
 
     The result loads with `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` and computes the same
     logits as the lit model. The architecture follows the config's shape: llama (Mistral exports as llama), qwen2
-    (bias on the QKV projection only), qwen3 (per-head query/key norms), phi, gpt_neox or gpt2. Adapter checkpoints
-    must be merged first (scripts/merge_ether.py, scripts/merge_lora.py).
+    (bias on the QKV projection only), qwen3 (per-head query/key norms), phi3 (a SwiGLU model rotating part of each
+    head; other Phi-3s export as llama), phi, gpt_neox or gpt2. Adapter checkpoints must be merged first
+    (scripts/merge_ether.py, scripts/merge_lora.py).
 
     Args:
         checkpoint_dir: A lit checkpoint directory (lit_model.pth + model_config.yaml + tokenizer files).

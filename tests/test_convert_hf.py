@@ -50,6 +50,7 @@ _LLAMA = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
     max_position_embeddings=64, rms_norm_eps=1e-5,
 )
+_PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)  # (Phi3Config's own are past a tiny vocabulary)
 # the smallest tokenizer.json the tokenizers library loads: an export loads the tokenizer before it copies it
 TOKENIZER_JSON = '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}'
 # (model_type, HF config kwargs, transformers class, lit fields the conversion must produce)
@@ -88,6 +89,15 @@ FAMILIES = {
     "qwen2_qkv_bias": (
         "qwen2", dict(_LLAMA, num_key_value_heads=2, rope_theta=1e6), "Qwen2ForCausalLM",
         dict(bias=False, attn_bias=True, rope_base=1e6),
+    ),
+    # Phi-3 / Phi-4: q/k/v in one qkv_proj, gate and up in one gate_up_proj; exported as the Llama it computes,
+    # unless it rotates part of each head only (Phi-4-mini's 0.75)
+    "phi3": ("phi3", dict(_LLAMA, **_PHI3_TOKENS, num_key_value_heads=2), "LlamaForCausalLM",
+             dict(n_query_groups=2)),
+    "phi3_partial": (
+        "phi3", dict(_LLAMA, **_PHI3_TOKENS, num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=16,
+                     max_position_embeddings=64),
+        "Phi3ForCausalLM", dict(rotary_percentage=0.5, block_size=16),
     ),
     "phi": (
         "phi",
@@ -237,7 +247,7 @@ def test_mistral_sliding_window_caps_block_size(tmp_path):
         model(idx)
 
 
-@pytest.mark.parametrize("family", ["llama3_rope", "qwen2_qkv_bias", "phi", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama3_rope", "qwen2_qkv_bias", "phi", "phi3_partial", "gpt2", "gpt_neox"])
 def test_state_dict_round_trip_reproduces_the_hf_files(family, tmp_path):
     """hf -> lit -> hf gives back exactly the tensors transformers wrote, names included."""
     model_type, kwargs, _, _ = FAMILIES[family]
@@ -633,6 +643,29 @@ def test_config_json_read_as_transformers_reads_it():
             config_from_hf(dict(_LLAMA, model_type=model_type))
     with pytest.raises(ConversionError, match="num_attention_heads=4 and num_key_value_heads=3: "):
         config_from_hf(dict(_LLAMA, model_type="llama", num_key_value_heads=3))
+
+
+def test_a_peft_adapter_on_phi3s_fused_layers_says_what_to_do(tmp_path):
+    """The import splits Phi-3's weights, not a PEFT adapter on its fused qkv_proj: one sentence instead of 'another
+    base model'."""
+    import copy
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from lit_gpt.adapters.peft_format import import_peft_adapter
+
+    model_type, kwargs, _, _ = FAMILIES["phi3"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_model.save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(r=2, target_modules=["qkv_proj"]))
+        adapted.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"adapts 'model\.layers\.0\.self_attn\.qkv_proj', one of Phi-3's fused layers, "
+                                         r"which the import does not split into lit_gpt's layers: merge the adapter "
+                                         r"into the base with PEFT \(merge_and_unload\)"):
+        import_peft_adapter(tmp_path / "peft", tmp_path / "hf", tmp_path / "a.pth")
 
 
 def test_partial_rotary_factor_of_a_llama_computes_what_transformers_computes(tmp_path):

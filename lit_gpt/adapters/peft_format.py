@@ -1063,6 +1063,12 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
     if not found:
         raise ValueError(f"{weights!r} holds no {kind} tensors: save the adapter again with PEFT.")
     for module, got in sorted(found.items()):
+        if module not in modules and module.rsplit(".", 1)[-1] in ("qkv_proj", "gate_up_proj"):
+            raise ValueError(
+                f"{weights!r} adapts {module!r}, one of Phi-3's fused layers, which the import does not split into "
+                "lit_gpt's layers: merge the adapter into the base with PEFT (merge_and_unload) and convert that "
+                "model with scripts/convert_hf_checkpoint.py."
+            )
         if module not in modules:
             raise ValueError(
                 f"{weights!r} adapts {module!r}, which the transformers export of {ckpt!r} does not have: pass the "
