@@ -8,7 +8,8 @@ Why the permutation: Hugging Face Llama checkpoints rotate the two halves of eac
 rotates adjacent pairs. Its converter therefore reorders the rows of every head of `attn_q`/`attn_k` so that the
 rows forming a rotation pair sit next to each other: HF row `s * hd/2 + j` (half `s`, frequency `j`) becomes GGUF
 row `2 * j + s`. Qwen2 and Qwen3 use llama.cpp's "neox" rope, which is rotate-half already, so their weights are
-stored as is. Qwen3's per-head query/key norms are `blk.N.attn_q_norm` / `attn_k_norm` (lit `attn.norm_q`/`norm_k`),
+stored as is, as are Phi-3's (its q/k/v in one `attn_qkv`, its gate and up projections in one `ffn_up`, gate first,
+as transformers' `qkv_proj` and `gate_up_proj`). Qwen3's per-head query/key norms are `blk.N.attn_q_norm` / `attn_k_norm` (lit `attn.norm_q`/`norm_k`),
 of `qwen3.attention.key_length` (its head_dim) features.
 """
 
@@ -26,7 +27,7 @@ import torch
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
 _PERMUTED_QK = ("llama",)
 
@@ -131,10 +132,18 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
     vocab_size = len(tokens) if tokens else int(metadata.get(key("vocab_size"), padded_vocab))
     attn_bias = "blk.0.attn_q.bias" in tensor_shapes
     general_name = metadata.get("general.name") or path.stem
+    block_size = int(metadata.get(key("context_length"), 4096))
+    if arch == "phi3":
+        if "rope_factors_long.weight" in tensor_shapes:
+            raise GGUFImportError(f"{str(path)!r} is a long-context Phi-3 (longrope scaling, rope_factors_long), "
+                                  "which lit_gpt cannot compute; use a 4k-context Phi-3 or Phi-4.")
+        window = metadata.get(key("attention.sliding_window"))
+        if window and int(window) < block_size:  # exact up to the window, as for Mistral v0.1 (convert_hf.py)
+            block_size = int(window)
 
     return Config(
         name=str(general_name),
-        block_size=int(metadata.get(key("context_length"), 4096)),
+        block_size=block_size,
         vocab_size=min(vocab_size, padded_vocab),
         padded_vocab_size=padded_vocab,
         n_layer=int(_require(metadata, key("block_count"), path)),
@@ -267,6 +276,14 @@ def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
         if layer >= config.n_layer:
             raise GGUFImportError(f"{str(path)!r}: tensor {name!r} is beyond the file's block_count {config.n_layer}.")
         prefix = f"transformer.h.{layer}."
+        if arch == "phi3" and local == "attn_qkv.weight":
+            yield prefix + "attn.qkv.weight", dequantize(tensor, path).to(dtype)
+            continue
+        if arch == "phi3" and local == "ffn_up.weight":
+            gate, up = dequantize(tensor, path).to(dtype).chunk(2)
+            yield prefix + "mlp.fc_1.weight", gate.clone()
+            yield prefix + "mlp.fc_2.weight", up.clone()
+            continue
         if local in _BLOCK_TENSORS and (config.norm_qk or local not in _QK_NORMS):
             yield prefix + _BLOCK_TENSORS[local], dequantize(tensor, path).to(dtype)
             continue

@@ -102,6 +102,7 @@ HF_TO_GGUF = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",  # Qwen3
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused layers, stored as they are
 }
 
 
@@ -158,6 +159,9 @@ def hf_model(kind: str, vocab_size: int, **kw):
     torch.manual_seed(0)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
+    elif kind == "phi3":
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**base, pad_token_id=0, bos_token_id=0,
+                                                                     eos_token_id=0))
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**base))
     with torch.no_grad():  # HF's 0.02-std init makes every logit ~0; larger weights make the comparison mean more
@@ -202,6 +206,29 @@ def test_gguf_with_a_head_size_other_than_width_over_heads(tmp_path, byte_level_
     hf = hf_model("llama", len(tokens), head_dim=24, num_hidden_layers=1)
     config, _ = import_and_compare(tmp_path, hf, "llama", tokenizer_metadata(tokens, merges))
     assert (config.n_embd, config.n_head, config.head_size, config.rope_n_elem) == (64, 4, 24, 24)
+
+
+def test_phi3_gguf_with_its_fused_layers_partial_rope_and_a_sliding_window(tmp_path, byte_level_vocab):
+    """llama.cpp keeps Phi-3's qkv_proj and gate_up_proj whole (attn_qkv, ffn_up) and its rotate-half RoPE; a
+    sliding window caps the block size, within which the logits are exact."""
+    tokens, merges = byte_level_vocab
+    hf = hf_model("phi3", len(tokens), num_hidden_layers=1, partial_rotary_factor=0.5, sliding_window=32)
+    rope = {"phi3.rope.dimension_count": 8, "phi3.attention.sliding_window": 32}
+    tensors = gguf_tensors_from_hf(hf, "phi3")
+    path = write_gguf(tmp_path / "phi3.gguf", "phi3", {**model_metadata(hf.config, "phi3"), **rope,
+                                                       **tokenizer_metadata(tokens, merges)}, tensors)
+    config = convert_gguf(path, tmp_path / "ckpt")
+    assert (config.block_size, config.rope_n_elem, config.head_size) == (32, 8, 16)
+    model = GPT.from_checkpoint(tmp_path / "ckpt").eval()
+    idx = torch.randint(0, len(tokens), (2, 32))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0)
+    long_context = write_gguf(tmp_path / "long.gguf", "phi3", {**model_metadata(hf.config, "phi3"), **rope,
+                                                               **tokenizer_metadata(tokens, merges)},
+                              {**tensors, "rope_factors_long.weight": (np.ones(4, dtype=np.float32), Q.F32)})
+    with pytest.raises(GGUFImportError, match=r"long\.gguf' is a long-context Phi-3 \(longrope scaling"):
+        convert_gguf(long_context, tmp_path / "out")
 
 
 @pytest.mark.slow
