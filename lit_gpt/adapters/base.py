@@ -604,8 +604,8 @@ def block_index(name: str) -> Optional[int]:
 
 
 def _layers_setting(layers: list[int]) -> str:
-    flag = field_name("layers")
-    return f"{flag} {format_layers(layers)}" if flag != "layers" else f"layers {format_layers(layers)}"
+    """`--lora_layers 0-3` inside `named_by_flags`, else `layers 0-3`."""
+    return f"{field_name('layers')} {format_layers(layers)}"
 
 
 def _in_layers(plan: dict[str, list[str]], candidates: list[str], layers: list[int],
