@@ -62,7 +62,9 @@ def setup(
         lora_head: Adapt the output head (unset: false, or as --lora_targets says).
         lora_targets: The adapted layers in one flag, instead of the six above: names separated by commas
             (query,value,mlp) or a list, or all-linear (PEFT's rule: every linear layer but the output head);
-            transformers' names (q_proj, v_proj, gate_proj, ...) are taken as ours. A layer flag given too must agree.
+            transformers' names (q_proj, v_proj, gate_proj, ...) are taken as ours; module names (attn.proj,
+            transformer.h.0.attn.qkv) and patterns ("re:<regex>") select layers as the Python API's targets do. A
+            layer flag given too must agree.
         lora_train_modules: Modules trained in full beside the adapter (PEFT's modules_to_save), saved in its file
             and merged with it: names separated by commas or a list, of head (the output head), embeddings (token
             embeddings, and GPT-2's positions), norms (every norm), or module names (transformer.ln_f, norm_1) and

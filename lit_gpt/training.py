@@ -1275,21 +1275,24 @@ DEFAULT_TARGETS = ("query", "value")
 
 
 def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
-    """`--*_targets`'s value as named targets of a lit_gpt.GPT, in their canonical order: names separated by commas
-    or a list, `all-linear` (PEFT's rule: every linear layer but the output head), and transformers' layer names
-    (q_proj, v_proj, ...) taken as the target they are here."""
+    """`--*_targets`'s value as targets of a lit_gpt.GPT, the named ones in their canonical order, then module names
+    and patterns sorted: names separated by commas or a list, `all-linear` (PEFT's rule: every linear layer but the
+    output head), transformers' layer names (q_proj, v_proj, ...) taken as the target they are here, and module names
+    (`attn.proj`, `transformer.h.0.attn.qkv`), globs and `re:` patterns (`AdapterConfig.targets`)."""
     from lit_gpt.adapters.base import HF_TARGET_NAMES
     from lit_gpt.adapters.config import ALL_LINEAR, GPT_TARGETS
 
-    items = given.split(",") if isinstance(given, str) else list(given)
+    items = _split_names(given) if isinstance(given, str) else list(given)
     names = [str(item).strip() for item in items if str(item).strip()]
     if not names:
         raise ValueError(f"{flag} names no layer: pass {ALL_LINEAR} or some of {', '.join(GPT_TARGETS)} (e.g. "
                          f"{flag} query,value).")
-    chosen, mlp_names = set(), set()
+    chosen, mlp_names, patterns = set(), set(), set()
     for name in names:
         ours = name.lower()
-        if ours == ALL_LINEAR:
+        if name.startswith("re:") or "." in name or any(c in name for c in "*?["):
+            patterns.add(name)  # a module name or pattern, as the API takes it (checked when it is applied)
+        elif ours == ALL_LINEAR:
             chosen.update(t for t in GPT_TARGETS if t != "head")
         elif ours in GPT_TARGETS:
             chosen.add(ours)
@@ -1300,14 +1303,15 @@ def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
         else:
             raise ValueError(f"{flag}: {name!r} is not a layer name here: pass {ALL_LINEAR} or some of "
                              f"{', '.join(GPT_TARGETS)} (transformers' q_proj, k_proj, v_proj, o_proj, gate_proj, "
-                             "up_proj, down_proj and lm_head are taken too).")
+                             "up_proj, down_proj and lm_head are taken too), module names such as attn.proj, or "
+                             "'re:<regex>' patterns.")
     if mlp_names and not any(family <= mlp_names for family in _HF_MLP_LAYERS):
         family = next((f for f in _HF_MLP_LAYERS if mlp_names & f), sorted(mlp_names))
         layers = [n for n in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h")
                   if n in family] or ["c_fc", "c_proj"]  # (GPT-2's)
         raise ValueError(f"{flag}: {', '.join(sorted(mlp_names))} is only part of the MLP here, whose target, mlp, "
                          f"adapts all of its linear layers ({', '.join(layers)}): pass mlp (or all of them).")
-    return [t for t in GPT_TARGETS if t in chosen]
+    return [t for t in GPT_TARGETS if t in chosen] + sorted(patterns)
 
 
 # transformers' names of one MLP's linear layers (GPT-2's c_fc/c_proj: the mlp target, c_proj also naming attention's)
@@ -1759,7 +1763,9 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs,
             parts.append(f"r{adapter_config.r}")
         else:
             parts.append(f"nb{adapter_config.nb}")
-        parts.append("-".join(adapter_config.targets))  # (all-linear too: a resume finds earlier runs' folders)
+        # (all-linear too: a resume finds earlier runs' folders; a pattern's characters a folder name cannot hold
+        # are dropped)
+        parts.append("-".join(re.sub(r"[^A-Za-z0-9.]+", "", t) for t in adapter_config.targets))
         if getattr(adapter_config, "layers", None) is not None:
             parts.append("layers" + format_layers(adapter_config.layers).replace(",", "."))
         if getattr(adapter_config, "train_modules", None):

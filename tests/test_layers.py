@@ -16,7 +16,7 @@ from lit_gpt.adapters import (
     save_adapters,
 )
 from lit_gpt.adapters.base import block_index
-from lit_gpt.training import layers_from_flag, run_name
+from lit_gpt.training import layers_from_flag, run_name, targets_from_flags
 from lit_gpt.args import TrainArgs
 from lit_gpt.utils import load_file
 from test_adapters import randomize_adapters, tiny_config
@@ -54,7 +54,8 @@ def test_only_the_blocks_given_are_adapted_and_the_file_rebuilds_them(method, op
 
 
 def test_a_file_for_other_blocks_names_them(tmp_path):
-    path = save_adapters(apply_adapters(GPT(tiny_config()), AdapterConfig(method="lora", layers=[0])), tmp_path / "a.pth")
+    saved = apply_adapters(GPT(tiny_config()), AdapterConfig(method="lora", layers=[0]))
+    path = save_adapters(saved, tmp_path / "a.pth")
     model = apply_adapters(GPT(tiny_config()), AdapterConfig(method="lora", layers=[1]))
     with pytest.raises(ValueError, match=r"trained with other targets or blocks, or on another base model \(it says "
                                          r".*targets \['query', 'value'\] in block 0; this model has targets "
@@ -115,6 +116,20 @@ def test_the_flag_takes_indices_ranges_and_lists():
     config = AdapterConfig(method="lora", layers=[5, 0, 1, 2, 1])
     assert config.layers == [0, 1, 2, 5] and "targets query, value in blocks 0-2,5)" in config.describe()
     assert "_layers0-2.5_" in run_name("lora", config, TrainArgs())
+
+
+def test_the_targets_flag_takes_module_names_and_patterns_too():
+    pattern = r"re:transformer\.h\.\d{1,2}\.attn\.proj"  # (its comma is not a separator)
+    targets = targets_from_flags("lora", f"mlp.proj,value,{pattern},q_proj")
+    assert targets == ["query", "value", "mlp.proj", pattern]
+    name = run_name("lora", AdapterConfig(method="lora", targets=targets), TrainArgs())
+    assert "_query-value-mlp.proj-re" in name and not set("\\/*{}:") & set(name)
+    per_layer = 8 * (4096 + 4096) + 8 * (11008 + 4096)  # LoRA r 8 on q and on the MLP's down projection
+    assert f"trainable parameters: {32 * per_layer:,}\n" in plan_report(
+        "Llama-2-7b-hf", AdapterConfig(method="lora", r=8, targets=targets_from_flags("lora", "query,mlp.proj")))
+    with pytest.raises(ValueError, match=r"^--lora_targets: 'quary' is not a layer name here: .*, module names such "
+                                         r"as attn\.proj, or 're:<regex>' patterns\.$"):
+        targets_from_flags("lora", "query,quary")
 
 
 def test_dry_run_counts_the_blocks_given():

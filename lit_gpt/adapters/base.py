@@ -662,7 +662,8 @@ def _no_match(model: nn.Module, modules: dict[str, nn.Module], pattern: str, gpt
         ours = HF_TARGET_NAMES.get(pattern.rsplit(".", 1)[-1])
         instead = f" ({pattern!r} is {ours!r} here)" if ours else ""
         return (f"Adapter target {pattern!r} matches no nn.Linear or Conv1D module of {what}; the named targets of a "
-                f"lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}{instead}.")
+                f"lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}{instead}, and its layers are named as in "
+                "'transformer.h.0.attn.qkv' (attn.qkv, attn.proj, mlp.fc_1, mlp.fc_2, mlp.proj, mlp.fc, lm_head).")
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and is_adaptable(m)})
     layers = ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
     if pattern in GPT_TARGETS:  # e.g. AdapterConfig's default targets, which name a lit_gpt.GPT's layers
