@@ -601,7 +601,8 @@ def test_targets_tied_head_and_unknown_names():
         apply_adapters(GPT(tiny_config()), AdapterConfig(targets=["querry"], nb=4))
     # PEFT's target_modules (transformers' layer names): the lit_gpt.GPT target of the same layer is named
     with pytest.raises(ValueError, match=r"'q_proj' matches no nn\.Linear .* or all-linear \('q_proj' is 'query' "
-                                         r"here\)\.$"):
+                                         r"here\), and its layers are named as in 'transformer\.h\.0\.attn\.qkv' "
+                                         r"\(attn\.qkv, attn\.proj, .*\)\.$"):
         apply_adapters(GPT(tiny_config()), AdapterConfig(targets=["q_proj", "v_proj"], nb=4))
     # generic names and patterns also work on a GPT; every other parameter is frozen
     model = apply_adapters(GPT(tiny_config()), AdapterConfig(targets=["attn.proj", "re:.*mlp\\.fc_[12]"], nb=4))
