@@ -1757,19 +1757,20 @@ FINAL_FILENAMES = tuple(final_filename(method) for method in ("ether", "lora", "
 
 def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs,
              loraplus_lr_ratio: Optional[float] = None) -> str:
+    def names(items: list[str]) -> str:  # (the characters of a pattern a folder name cannot hold are dropped)
+        return "-".join(re.sub(r"[^A-Za-z0-9.]+", "", item) for item in items)
+
     parts = [method]
     if adapter_config is not None:
         if method == "lora":
             parts.append(f"r{adapter_config.r}")
         else:
             parts.append(f"nb{adapter_config.nb}")
-        # (all-linear too: a resume finds earlier runs' folders; a pattern's characters a folder name cannot hold
-        # are dropped)
-        parts.append("-".join(re.sub(r"[^A-Za-z0-9.]+", "", t) for t in adapter_config.targets))
+        parts.append(names(adapter_config.targets))  # (all-linear too: a resume finds earlier runs' folders)
         if getattr(adapter_config, "layers", None) is not None:
             parts.append("layers" + format_layers(adapter_config.layers).replace(",", "."))
         if getattr(adapter_config, "train_modules", None):
-            parts.append("train-" + "-".join(re.sub(r"[^A-Za-z0-9.]+", "", m) for m in adapter_config.train_modules))
+            parts.append("train-" + names(adapter_config.train_modules))
         if getattr(adapter_config, "flip_side", False):
             parts.append("flip")
         if getattr(adapter_config, "dora", False):

@@ -882,16 +882,20 @@ def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: s
                        if layer.startswith(f"transformer.h.{i}.")) for i in range(n)]
     used = [i for i in range(n) if shape[i]]
     head = ["head"] if _HEAD in {layer for layer, _ in adapted} else []
+    qkv = [frozenset(s for layer, s in shape[i] if layer == _ATTN) for i in range(n)]
+
+    def named_qkv(block: int) -> list[str]:
+        return [s for s in ("query", "key", "value") if s in qkv[block]]
+
     if used and len(used) < n and len({shape[i] for i in used}) == 1:
         kinds = shape[used[0]]
-        targets = [s for s in ("query", "key", "value") if (_ATTN, s) in kinds]
+        targets = named_qkv(used[0])
         if any(layer == _PROJ for layer, _ in kinds):
             targets.append("projection")
         mlp = [f"mlp.{child}" for child, m in model.transformer.h[used[0]].mlp.named_children() if is_adaptable(m)]
         chosen = sorted(layer for layer, _ in kinds if layer.startswith("mlp."))
         targets += ["mlp"] if chosen == sorted(mlp) else chosen
         return targets + head, used
-    qkv = [frozenset(s for layer, s in adapted if layer == f"transformer.h.{i}.{_ATTN}") for i in range(n)]
     with_qkv = [i for i in range(n) if qkv[i]]
     if len({qkv[i] for i in with_qkv}) > 1:
         which = [i for i in with_qkv if qkv[i] != qkv[with_qkv[0]]]
@@ -903,8 +907,8 @@ def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: s
         )
     if with_qkv and len(with_qkv) < n:  # those blocks as the layers; the rest by full names, which layers keeps
         rest = sorted({layer for layer, _ in adapted if not layer.endswith(_ATTN)} - {_HEAD})
-        return [s for s in ("query", "key", "value") if s in qkv[with_qkv[0]]] + head + rest, with_qkv
-    targets = [s for s in ("query", "key", "value") if s in qkv[0]]
+        return named_qkv(with_qkv[0]) + head + rest, with_qkv
+    targets = named_qkv(0)
     layers = {layer for layer, _ in adapted if not layer.endswith(_ATTN)}
     proj = [f"transformer.h.{i}.{_PROJ}" for i in range(n)]
     if all(p in layers for p in proj):
