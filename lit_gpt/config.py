@@ -63,7 +63,8 @@ class Config:
     rotary_percentage: float = 1.0
     rope_base: float = 10000.0
     # Llama-3.1 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_seq_len"}; None for plain RoPE
+    # "original_max_seq_len"}; linear scaling (positions divided by the factor, Gemma 3): {"factor"} alone;
+    # None for plain RoPE
     rope_adjustments: Optional[dict] = None
     parallel_residual: bool = False
     shared_attention_norm: bool = False
@@ -76,9 +77,30 @@ class Config:
     norm_qk: bool = False
     norm_class_name: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     norm_eps: float = 1e-5
-    mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP"] = "GptNeoxMLP"
-    # "none" is exact GELU (Pythia), "tanh" the approximation (GPT-2's and Phi's gelu_new)
+    # Gemma: every RMSNorm scales by (1 + weight), its weights stored as Gemma stores them (zeros at init)
+    norm_unit_offset: bool = False
+    # "GemmaMLP" is the gated MLP of "LLaMAMLP" with GELU (`gelu_approximate`) in place of SiLU
+    mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP"] = "GptNeoxMLP"
+    # "none" is exact GELU (Pythia), "tanh" the approximation (GPT-2's and Phi's gelu_new, Gemma's)
     gelu_approximate: Literal["none", "tanh"] = "none"
+    # Gemma: token embeddings times sqrt(n_embd), that factor rounded to the activations' dtype first
+    scale_embeddings: bool = False
+    # Gemma 2/3: a norm of the attention's output and one of the MLP's, before each residual add
+    # (`transformer.h[i].post_attention_norm`, `.post_mlp_norm`)
+    post_attention_norm: bool = False
+    post_mlp_norm: bool = False
+    # attention scores scaled by 1/sqrt(attention_scores_scalar) instead of 1/sqrt(head_size) (Gemma's
+    # query_pre_attn_scalar)
+    attention_scores_scalar: Optional[int] = None
+    # Gemma 2: attention scores and output logits squashed as cap * tanh(x / cap)
+    attention_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    # sliding-window attention: a token attends to itself and the sliding_window_size - 1 tokens before it, in the
+    # blocks whose entry of sliding_window_indices (one 0 or 1 per block) is 1, or in every block when it is None
+    sliding_window_size: Optional[int] = None
+    sliding_window_indices: Optional[list[int]] = None
+    # Gemma 3: the RoPE base of the sliding-window blocks (the other blocks use rope_base and rope_adjustments)
+    rope_local_base_freq: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.name and self.hf_config.get("name"):
@@ -98,9 +120,7 @@ class Config:
             raise ValueError(
                 f"n_head={self.n_head} must be a multiple of n_query_groups={self.n_query_groups}."
             )
-        if self.intermediate_size is None:
-            if self.mlp_class_name == "LLaMAMLP":
-                raise ValueError(f"Config {self.name!r}: LLaMAMLP needs an explicit intermediate_size.")
+        if self.intermediate_size is None and self.mlp_class_name == "GptNeoxMLP":
             self.intermediate_size = 4 * self.n_embd
         if self.attn_bias is None:
             self.attn_bias = self.bias
@@ -111,11 +131,48 @@ class Config:
                 f"gives {self.rope_n_elem} rotary features, but RoPE rotates pairs: choose a rotary_percentage that "
                 "gives an even number."
             )
+        self._check_gemma_fields()
         if self.shared_attention_norm and not self.parallel_residual:
             raise ValueError(
                 f"Config {self.name!r}: shared_attention_norm=true needs parallel_residual=true (the MLP reads the "
                 "attention's norm only in the parallel block)."
             )
+
+    def _check_gemma_fields(self) -> None:
+        def fail(what: str) -> None:
+            raise ValueError(f"Config {self.name!r}: {what}.")
+
+        if self.mlp_class_name in ("LLaMAMLP", "GemmaMLP") and self.intermediate_size is None:
+            fail(f"{self.mlp_class_name} needs an explicit intermediate_size")
+        if self.norm_unit_offset and self.norm_class_name != "RMSNorm":
+            fail("norm_unit_offset=true needs norm_class_name 'RMSNorm'")
+        for key in ("attention_logit_softcapping", "final_logit_softcapping", "attention_scores_scalar",
+                    "sliding_window_size", "rope_local_base_freq"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                fail(f"{key}={value!r} must be a positive number or null")
+        if self.sliding_window_size is not None and self.sliding_window_size != int(self.sliding_window_size):
+            fail(f"sliding_window_size={self.sliding_window_size!r} must be a whole number of tokens")
+        indices = self.sliding_window_indices
+        if indices is not None:
+            if self.sliding_window_size is None:
+                fail("sliding_window_indices is set but sliding_window_size is not; set both or neither")
+            if len(indices) != self.n_layer or any(i not in (0, 1) for i in indices):
+                fail(f"sliding_window_indices must be a list of {self.n_layer} entries (one per block), each 0 or 1, "
+                     f"got {indices!r}")
+        if self.rope_local_base_freq is not None and self.sliding_window_size is None:
+            fail("rope_local_base_freq is the RoPE base of the sliding-window blocks, but sliding_window_size is "
+                 "not set")
+        if self.parallel_residual and (self.post_attention_norm or self.post_mlp_norm):
+            fail("post_attention_norm and post_mlp_norm need parallel_residual=false")
+
+    def sliding_window(self, block_idx: int) -> Optional[int]:
+        """The window of block `block_idx`'s attention, or None for full causal attention."""
+        if self.sliding_window_size is None:
+            return None
+        if self.sliding_window_indices is not None and not self.sliding_window_indices[block_idx]:
+            return None
+        return int(self.sliding_window_size)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -384,6 +441,53 @@ for size, layers, embd, heads, inter, tied in (
                 norm_eps=1e-6, rope_base=base, norm_qk=True, tie_embeddings=tied,
             )
         )
+
+# Gemma: GeGLU MLP (tanh GELU), RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(n_embd), tied head, heads of
+# 256 (so not n_embd / n_head). Gemma 2 adds norms after the attention and the MLP, soft-capped attention scores and
+# logits, and a 4096-token sliding window in every other block (the first, third, ...); Gemma 3 drops the soft caps,
+# adds per-head query/key norms, and gives its sliding-window blocks (five in six) a RoPE base of their own
+_gemma = dict(
+    padded_vocab_size=256000, vocab_size=256000, block_size=8192, bias=False, norm_class_name="RMSNorm",
+    norm_unit_offset=True, norm_eps=1e-6, mlp_class_name="GemmaMLP", gelu_approximate="tanh", scale_embeddings=True,
+    parallel_residual=False, tie_embeddings=True, head_size=256,
+)
+for name, layers, embd, heads, groups, inter in (
+    ("gemma-2b", 18, 2048, 8, 1, 16384),
+    ("gemma-7b", 28, 3072, 16, 16, 24576),
+):
+    for suffix in ("", "-it"):
+        configs.append(dict(_gemma, hf_config=dict(org="google", name=name + suffix), n_layer=layers, n_embd=embd,
+                            n_head=heads, n_query_groups=groups, intermediate_size=inter))
+for name, layers, embd, heads, groups, inter, head_size, scalar in (
+    ("gemma-2-2b", 26, 2304, 8, 4, 9216, 256, 256),
+    ("gemma-2-9b", 42, 3584, 16, 8, 14336, 256, 256),
+    ("gemma-2-27b", 46, 4608, 32, 16, 36864, 128, 144),
+):
+    for suffix in ("", "-it"):
+        configs.append(dict(
+            _gemma, hf_config=dict(org="google", name=name + suffix), n_layer=layers, n_embd=embd, n_head=heads,
+            n_query_groups=groups, intermediate_size=inter, head_size=head_size, post_attention_norm=True,
+            post_mlp_norm=True, attention_scores_scalar=scalar, attention_logit_softcapping=50.0,
+            final_logit_softcapping=30.0, sliding_window_size=4096,
+            sliding_window_indices=[1 - i % 2 for i in range(layers)],
+        ))
+# Gemma 3: 1B is a text model; 4B, 12B and 27B are multimodal, and these are their text models (what
+# convert_hf_checkpoint.py imports of them), with linear RoPE scaling in their global blocks
+for size, vocab, block, layers, embd, heads, groups, inter, head_size, scalar, window, rope in (
+    ("1b", 262144, 32768, 26, 1152, 4, 1, 6912, 256, 256, 512, None),
+    ("4b", 262208, 131072, 34, 2560, 8, 4, 10240, 256, 256, 1024, dict(factor=8.0)),
+    ("12b", 262208, 131072, 48, 3840, 16, 8, 15360, 256, 256, 1024, dict(factor=8.0)),
+    ("27b", 262208, 131072, 62, 5376, 32, 16, 21504, 128, 168, 1024, dict(factor=8.0)),
+):
+    for suffix in ("-pt", "-it"):
+        configs.append(dict(
+            _gemma, hf_config=dict(org="google", name=f"gemma-3-{size}{suffix}"), vocab_size=vocab,
+            padded_vocab_size=vocab, block_size=block, n_layer=layers, n_embd=embd, n_head=heads,
+            n_query_groups=groups, intermediate_size=inter, head_size=head_size, post_attention_norm=True,
+            post_mlp_norm=True, norm_qk=True, attention_scores_scalar=scalar, rope_base=1000000,
+            rope_adjustments=rope, rope_local_base_freq=10000, sliding_window_size=window,
+            sliding_window_indices=[int((i + 1) % 6 != 0) for i in range(layers)],
+        ))
 
 # Phi
 configs.append(

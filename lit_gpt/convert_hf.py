@@ -8,14 +8,19 @@ fine-tuned variants and unlisted sizes convert as they are.
 Export (`convert_lit_checkpoint`) writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
 `config.json` (`config_to_hf`), safetensors weights, `generation_config.json` and the tokenizer files.
 
-Families: llama, mistral, qwen2, qwen3 (dense), phi, phi3 (Phi-3, Phi-4), gpt2, gpt_neox. Both directions work
+Families: llama, mistral, qwen2, qwen3 (dense), phi, phi3 (Phi-3, Phi-4), gemma, gemma2, gemma3_text (Gemma 3's
+text model, `Gemma3ForCausalLM`), gpt2, gpt_neox. Both directions work
 tensor by tensor (safetensors `safe_open` per shard, `.bin` shards memory-mapped), so a conversion holds one copy of
 the weights, not two.
 
 Decisions worth knowing:
 * Sliding-window attention (Mistral v0.1, Qwen2/Qwen3 with `use_sliding_window`) equals full causal attention for
   sequences no longer than the window, so such a model is imported with `block_size` capped at the window: inside it
-  the logits are exact, and `GPT` refuses longer inputs instead of silently attending too far.
+  the logits are exact, and `GPT` refuses longer inputs instead of silently attending too far. Gemma 2 and 3 mix
+  sliding-window and global blocks, so their windows are kept (`sliding_window_size`, `sliding_window_indices`) and
+  their full context stays usable.
+* Gemma's norms scale by `1 + weight`; lit stores the weights as transformers does (`norm_unit_offset`), so import
+  and export copy them unchanged.
 * Export picks the architecture from the config's shape. A Mistral checkpoint is exported as `llama` (the same
   computation once the window is the block size); a model with a bias on the QKV projection only is exported as
   `qwen2`, because transformers' llama `attention_bias` also puts a bias on `o_proj`; one with per-head query/key
@@ -39,7 +44,9 @@ import torch
 
 from lit_gpt.config import Config, hf_name_to_config, name_to_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gpt_neox")
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 HF_CONFIG_FILENAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # files a transformers model folder needs besides weights and config.json; copied as they are on export
@@ -54,6 +61,23 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+
+# multimodal model types whose text model is imported alone (the vision tower dropped): {type: text model's type}
+MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text"}
+
+
+def text_config(hf_config: dict) -> dict:
+    """`hf_config` itself, or the `text_config` of a multimodal model in `MULTIMODAL_TEXT_TYPES` (with its name)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in MULTIMODAL_TEXT_TYPES:
+        return hf_config
+    text = hf_config.get("text_config")
+    if not isinstance(text, dict):
+        raise ConversionError(f"config.json of model_type {model_type!r} has no text_config object, which describes "
+                              "the text model lit_gpt imports.")
+    return {**text, "model_type": MULTIMODAL_TEXT_TYPES[model_type],
+            **{k: hf_config[k] for k in ("_name_or_path", LIT_NAME_KEY) if k in hf_config}}
 
 
 class ConversionError(ValueError):
@@ -88,6 +112,22 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="gelu_new", max_position_embeddings=2048, layer_norm_eps=1e-5, rope_theta=10000.0,
         partial_rotary_factor=0.5, tie_word_embeddings=False, qk_layernorm=False,
     ),
+    "gemma": dict(
+        hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=True, attention_bias=False, num_key_value_heads=16, head_dim=256,
+    ),
+    "gemma2": dict(
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6,
+        rope_theta=10000.0, tie_word_embeddings=True, attention_bias=False, num_key_value_heads=4, head_dim=256,
+        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+    ),
+    "gemma3_text": dict(  # (a multimodal Gemma 3's text_config leaves out even its width and depth)
+        vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, tie_word_embeddings=True, attention_bias=False,
+        num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+        sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None,
+    ),
     "gpt2": dict(
         activation_function="gelu_new", n_positions=1024, n_inner=None, layer_norm_epsilon=1e-5,
         tie_word_embeddings=True, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
@@ -110,7 +150,9 @@ LIT_NAME_KEY = "lit_gpt_name"
 
 
 def config_from_hf(hf_config: dict, name: str = "") -> Config:
-    """The `Config` of a Hugging Face `config.json` (as a dict) for the families in `SUPPORTED_MODEL_TYPES`."""
+    """The `Config` of a Hugging Face `config.json` (as a dict) for the families in `SUPPORTED_MODEL_TYPES`, and of
+    the text model of a multimodal Gemma 3 (`MULTIMODAL_TEXT_TYPES`)."""
+    hf_config = text_config(hf_config)
     model_type = hf_config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(
@@ -156,6 +198,9 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                 f"config.json has num_attention_heads={n_head} and num_key_value_heads={n_query_groups}{default}: "
                 "the attention heads must be a multiple of the key/value heads; set num_key_value_heads."
             )
+        local_base = None
+        if model_type == "gemma3_text":
+            hf, local_base = _gemma3_rope(hf)
         rope_base, rope_adjustments, partial = _rope_from_hf(hf, model_type)
         arch = dict(
             n_layer=int(need("num_hidden_layers")), n_embd=n_embd, n_head=n_head, head_size=int(head_size),
@@ -195,6 +240,10 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             if window is not None and window < arch["block_size"]:
                 # full causal attention is exactly sliding-window attention up to the window length
                 arch["block_size"] = int(window)
+        elif model_type in GEMMA_TYPES:
+            arch.update(_gemma_arch(hf, model_type, arch["n_layer"]))
+            if local_base is not None and arch.get("sliding_window_size") is not None:
+                arch["rope_local_base_freq"] = float(local_base)
         elif model_type == "phi":
             if hf["qk_layernorm"]:
                 raise ConversionError("config.json sets qk_layernorm=true, which lit_gpt's Phi does not implement.")
@@ -229,13 +278,15 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
 
 
 _INT_FIELDS = (
-    "n_embd", "n_head", "n_layer", "n_positions", "n_inner", "hidden_size", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "vocab_size", "sliding_window",
-    "max_window_layers", "original_max_position_embeddings",
+    "n_embd", "n_head", "n_layer", "n_positions", "n_inner", "hidden_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
+    "vocab_size", "sliding_window", "max_window_layers", "original_max_position_embeddings", "query_pre_attn_scalar",
+    "sliding_window_pattern",
 )
 _FLOAT_FIELDS = (
     "layer_norm_epsilon", "rms_norm_eps", "layer_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct",
-    "partial_rotary_factor", "factor", "low_freq_factor", "high_freq_factor",
+    "partial_rotary_factor", "factor", "low_freq_factor", "high_freq_factor", "attn_logit_softcapping",
+    "final_logit_softcapping", "rope_local_base_freq",
 )
 
 
@@ -249,7 +300,10 @@ def _check_field_types(hf_config: dict, prefix: str = "") -> None:
         if key in ("rope_scaling", "rope_parameters") and not prefix:
             if not isinstance(value, dict):
                 raise ConversionError(f"config.json field {name!r} must be an object or null, got {value!r}.")
-            if not all(isinstance(v, dict) for v in value.values()):  # per-layer-type parameters are refused later
+            if all(isinstance(v, dict) for v in value.values()):  # per layer type (Gemma 3)
+                for layer_type, params in value.items():
+                    _check_field_types(params, prefix=f"{name}.{layer_type}.")
+            else:
                 _check_field_types(value, prefix=f"{name}.")
         elif key in _INT_FIELDS and not (
                 type(value) is int or (isinstance(value, float) and value.is_integer())):
@@ -306,6 +360,10 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
                    if model_type in ("phi", "phi3") else 1.0)
     if rope_type == "default":
         return base, None, partial
+    if rope_type == "linear":
+        if "factor" not in merged:
+            raise ConversionError("config.json's linear rope scaling lacks the field 'factor'.")
+        return base, dict(factor=float(merged["factor"])), partial
     if rope_type == "llama3":
         try:
             adjustments = dict(
@@ -318,8 +376,72 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
             raise ConversionError(f"config.json's llama3 rope scaling lacks the field {missing.args[0]!r}.") from None
         return base, adjustments, partial
     raise ConversionError(
-        f"config.json uses rope scaling type {rope_type!r}; lit_gpt supports plain RoPE and 'llama3' scaling only."
+        f"config.json uses rope scaling type {rope_type!r}; lit_gpt supports plain RoPE, 'linear' and 'llama3' "
+        "scaling only."
     )
+
+
+def _gemma3_rope(hf: dict) -> tuple[dict, Optional[float]]:
+    """Gemma 3's two RoPEs: `hf` with the full-attention blocks' parameters as plain keys, and the base of the
+    sliding-window blocks. transformers 5 writes them per layer type in `rope_parameters`; transformers 4 wrote
+    `rope_theta`, `rope_scaling` (of the full-attention blocks) and `rope_local_base_freq`."""
+    params = hf.get("rope_parameters") or {}
+    if not (params and all(isinstance(v, dict) for v in params.values())):
+        return hf, hf["rope_local_base_freq"]
+    unknown = sorted(set(params) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ConversionError(f"config.json's rope_parameters has the layer type(s) {unknown}, which Gemma 3 has not; "
+                              "expected 'full_attention' and 'sliding_attention'.")
+    local = dict(params.get("sliding_attention") or {})
+    if (local.get("rope_type") or "default") != "default":
+        raise ConversionError(f"config.json's rope_parameters.sliding_attention has rope_type {local['rope_type']!r}; "
+                              "lit_gpt's sliding-window blocks use plain RoPE only.")
+    full = dict(params.get("full_attention") or {})
+    full.setdefault("rope_theta", hf["rope_theta"])
+    return {**hf, "rope_parameters": full}, local.get("rope_theta", hf["rope_local_base_freq"])
+
+
+def _gemma_arch(hf: dict, model_type: str, n_layer: int) -> dict:
+    """The Config fields of a Gemma, Gemma 2 or Gemma 3 (text) config.json beyond the common ones."""
+    if hf["attention_bias"]:
+        raise ConversionError(
+            "config.json sets attention_bias=true; lit_gpt's Config cannot put a bias on Gemma's q/k/v and o_proj but "
+            "not on its MLP."
+        )
+    if hf.get("use_bidirectional_attention"):
+        raise ConversionError("config.json sets use_bidirectional_attention=true (an encoder); lit_gpt's models are "
+                              "causal decoders.")
+    if model_type == "gemma":
+        # transformers reads Gemma 1's "gelu" as the tanh approximation the model was trained with
+        act = hf.get("hidden_activation") or hf["hidden_act"]
+        approximate = "tanh" if act == "gelu" else _gelu(act, "hidden_act")
+    else:
+        approximate = _gelu(hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
+                            "hidden_activation")
+    arch = dict(
+        bias=False, attn_bias=False, norm_class_name="RMSNorm", norm_eps=float(hf["rms_norm_eps"]),
+        norm_unit_offset=True, mlp_class_name="GemmaMLP", gelu_approximate=approximate, scale_embeddings=True,
+        parallel_residual=False,
+    )
+    if model_type == "gemma":
+        return arch
+    arch.update(post_attention_norm=True, post_mlp_norm=True, norm_qk=model_type == "gemma3_text",
+                attention_scores_scalar=int(hf["query_pre_attn_scalar"]))
+    for ours, theirs in (("attention_logit_softcapping", "attn_logit_softcapping"),
+                         ("final_logit_softcapping", "final_logit_softcapping")):
+        if hf.get(theirs) is not None:
+            arch[ours] = float(hf[theirs])
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # transformers' default pattern: every 2nd (Gemma 2) / 6th (Gemma 3) block is global
+        every = 2 if model_type == "gemma2" else int(hf["sliding_window_pattern"])
+        layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    if len(layer_types) != n_layer or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+        raise ConversionError(
+            f"config.json's layer_types must list {n_layer} entries, each 'sliding_attention' or 'full_attention'.")
+    if hf.get("sliding_window") is not None and "sliding_attention" in layer_types:
+        arch.update(sliding_window_size=int(hf["sliding_window"]),
+                    sliding_window_indices=[int(t == "sliding_attention") for t in layer_types])
+    return arch
 
 
 def _sliding_window(hf: dict, model_type: str) -> Optional[int]:
@@ -341,6 +463,10 @@ def hf_model_type(config: Config) -> str:
     """The transformers architecture that computes exactly what `GPT(config)` computes."""
     if config.pos_embedding == "learned":
         return "gpt2"
+    if config.mlp_class_name == "GemmaMLP":
+        if config.norm_qk:
+            return "gemma3_text"
+        return "gemma2" if config.post_attention_norm or config.post_mlp_norm else "gemma"
     if config.mlp_class_name == "LLaMAMLP":
         if config.norm_qk:
             return "qwen3"
@@ -364,10 +490,23 @@ def config_to_hf(config: Config) -> dict:
             problems.append(what)
 
     gelu = {"none": "gelu", "tanh": "gelu_new"}[c.gelu_approximate]
-    if model_type != "qwen3":
-        require(not c.norm_qk, "norm_qk=True (of the transformers families, only Qwen3, with the SwiGLU MLP, has "
-                               "per-head query/key norms)")
-    if model_type in ("llama", "qwen2", "qwen3", "phi3"):
+    if model_type not in ("qwen3", "gemma3_text"):
+        require(not c.norm_qk, "norm_qk=True (of the transformers families, only Qwen3 and Gemma 3 have per-head "
+                               "query/key norms)")
+    if model_type not in GEMMA_TYPES:
+        gemma_fields = ("norm_unit_offset", "scale_embeddings", "post_attention_norm", "post_mlp_norm",
+                        "attention_scores_scalar", "attention_logit_softcapping", "final_logit_softcapping",
+                        "rope_local_base_freq")
+        for key in gemma_fields:
+            require(not getattr(c, key), f"{key}={getattr(c, key)!r} (only the Gemma families, with mlp_class_name "
+                                         "'GemmaMLP', have it)")
+        require(c.sliding_window_size is None, "sliding_window_size (sliding-window blocks are exported as Gemma 2/3 "
+                                               "only; lit_gpt imports other families' windows as block_size)")
+        require(not c.rope_adjustments or set(c.rope_adjustments) != {"factor"},
+                "linear rope_adjustments (exported as Gemma 3 only)")
+    if model_type in GEMMA_TYPES:
+        hf = _gemma_to_hf(c, model_type, require)
+    elif model_type in ("llama", "qwen2", "qwen3", "phi3"):
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
         require(c.rotary_percentage == 1.0 or model_type == "phi3",
@@ -446,10 +585,55 @@ def config_to_hf(config: Config) -> dict:
     return hf
 
 
+def _gemma_to_hf(c: Config, model_type: str, require) -> dict:
+    require(c.norm_class_name == "RMSNorm" and c.norm_unit_offset,
+            "norm_class_name other than 'RMSNorm' with norm_unit_offset=True (Gemma's norm)")
+    require(c.scale_embeddings, "scale_embeddings=False (Gemma scales its embeddings)")
+    require(not c.bias and not c.attn_bias and not c.lm_head_bias, "a bias (Gemma's linear layers have none)")
+    require(c.rotary_percentage == 1.0, f"rotary_percentage={c.rotary_percentage} (needs 1.0)")
+    require(not c.parallel_residual, "parallel_residual=True")
+    require(c.post_attention_norm == c.post_mlp_norm, "only one of post_attention_norm and post_mlp_norm")
+    architecture = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+    hf = dict(
+        architectures=[architecture[model_type]], model_type=model_type, hidden_size=c.n_embd,
+        intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_query_groups, head_dim=c.head_size, max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, attention_bias=False,
+    )
+    act = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}[c.gelu_approximate]
+    if model_type == "gemma":
+        require(c.gelu_approximate == "tanh", "gelu_approximate='none' (transformers runs Gemma 1 with the tanh GELU)")
+        require(c.attention_scores_scalar in (None, c.head_size), "attention_scores_scalar (Gemma 1 has none)")
+        require(c.sliding_window_size is None, "sliding_window_size (Gemma 1 has no sliding window)")
+        require(c.attention_logit_softcapping is None and c.final_logit_softcapping is None,
+                "logit soft-capping (Gemma 1 has none)")
+        require(c.rope_adjustments is None, "rope_adjustments (Gemma 1 has plain RoPE)")
+        hf.update(hidden_act=act)
+        return hf
+    window = c.sliding_window_size
+    hf.update(
+        hidden_activation=act, hidden_act=act, query_pre_attn_scalar=c.attention_scores_scalar or c.head_size,
+        attn_logit_softcapping=c.attention_logit_softcapping, final_logit_softcapping=c.final_logit_softcapping,
+        sliding_window=window,
+        layer_types=["sliding_attention" if c.sliding_window(i) else "full_attention" for i in range(c.n_layer)],
+    )
+    if model_type == "gemma2":
+        require(c.rope_adjustments is None, "rope_adjustments (Gemma 2 has plain RoPE)")
+        require(c.rope_local_base_freq is None, "rope_local_base_freq (Gemma 2 has one RoPE base)")
+    else:
+        adj = c.rope_adjustments
+        require(not adj or set(adj) == {"factor"}, "llama3 rope_adjustments (Gemma 3 scales RoPE linearly)")
+        hf.update(rope_scaling=_rope_scaling_to_hf(c),
+                  rope_local_base_freq=c.rope_local_base_freq if c.rope_local_base_freq is not None else c.rope_base)
+    return hf
+
+
 def _rope_scaling_to_hf(config: Config) -> Optional[dict]:
     adj = config.rope_adjustments
     if not adj:
         return None
+    if set(adj) == {"factor"}:
+        return dict(rope_type="linear", factor=adj["factor"])
     return dict(
         rope_type="llama3", factor=adj["factor"], low_freq_factor=adj["low_freq_factor"],
         high_freq_factor=adj["high_freq_factor"], original_max_position_embeddings=adj["original_max_seq_len"],
@@ -460,6 +644,10 @@ def _rope_scaling_to_hf(config: Config) -> Optional[dict]:
 # state dicts
 ###################################################################################################
 _PREFIX = re.compile(r"^(?:model|transformer|gpt_neox)\.")
+# a multimodal Gemma 3's text model, as transformers >= 4.52 and as transformers 4.50/4.51 saved it; its vision tower
+# and projector, which the text model does not use
+_MULTIMODAL_TEXT = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|language_model\.)")
+_MULTIMODAL_OTHER = re.compile(r"^(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
 _LAYER = re.compile(r"^(?:layers|h)\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBALS = {
     "embed_tokens": "transformer.wte", "wte": "transformer.wte", "embed_in": "transformer.wte",
@@ -484,6 +672,10 @@ _LAYER_MODULES = {
 _SPLIT_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
 # Phi-3's fused layers: its q/k/v rows are lit's layout already; its gate_up_proj is [gate | up]
 _FUSED_QKV, _GATE_UP = "self_attn.qkv_proj", "mlp.gate_up_proj"
+# Gemma 2/3's sandwich norms: its post_attention_layernorm follows the attention (lit's post_attention_norm) and its
+# pre_feedforward_layernorm is lit's norm_2; in every other family post_attention_layernorm is norm_2
+_GEMMA_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "norm_2",
+                "post_feedforward_layernorm": "post_mlp_norm"}
 # of a model without `norm_qk`, these are unexpected tensors like any other unknown one
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 # buffers some checkpoints carry (causal masks, RoPE frequencies); recomputed by the model, never weights
@@ -501,7 +693,9 @@ def iter_hf_to_lit(
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     for hf_key, t in tensors:
-        key = _PREFIX.sub("", hf_key)
+        if _MULTIMODAL_OTHER.match(hf_key):
+            continue
+        key = _PREFIX.sub("", _MULTIMODAL_TEXT.sub("", hf_key))
         if _IGNORED.search(key):
             continue
         module, _, param = key.rpartition(".")
@@ -531,6 +725,8 @@ def iter_hf_to_lit(
             t = t.reshape(config.n_head, 3, hs, *t.shape[1:])
             qkv = torch.cat([t[:, i].reshape(config.n_head * hs, *t.shape[3:]) for i in range(3)])
             yield f"{prefix}.attn.qkv.{param}", cast(qkv)
+        elif module in _GEMMA_NORMS and config.post_attention_norm:
+            yield f"{prefix}.{_GEMMA_NORMS[module]}.{param}", cast(t)
         elif module in _LAYER_MODULES and (config.norm_qk or module not in _QK_NORMS):
             lit_module, transposed = _LAYER_MODULES[module]
             if transposed and param == "weight":
@@ -634,7 +830,7 @@ def iter_lit_to_hf(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
     c = config
-    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3")
+    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES)
     gate_up: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # Phi-3: (layer, param) -> the half seen first
     prefix = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}.get(model_type, "model.")
     layers = "h" if model_type == "gpt2" else "layers"
@@ -658,6 +854,8 @@ def iter_lit_to_hf(
         "mlp.fc": {"gpt2": "mlp.c_fc", "gpt_neox": "mlp.dense_h_to_4h"}.get(model_type, "mlp.fc1"),
         "attn.norm_q": "self_attn.q_norm", "attn.norm_k": "self_attn.k_norm",
     }
+    if c.post_attention_norm or c.post_mlp_norm:  # Gemma 2/3 (`_GEMMA_NORMS`)
+        modules.update({lit: hf for hf, lit in _GEMMA_NORMS.items()})
     lm_head = "embed_out" if model_type == "gpt_neox" else "lm_head"
     q_size, kv_size = c.n_head * c.head_size, c.n_query_groups * c.head_size
     seen_lm_head_bias = False
@@ -701,7 +899,8 @@ def iter_lit_to_hf(
                     yield f"{base}.self_attn.{name}.{param}", cast(part.clone())
             continue
         if (sub not in modules or (sub in ("mlp.fc_1", "mlp.fc_2") and not llama_like)
-                or (sub in ("attn.norm_q", "attn.norm_k") and model_type != "qwen3")):
+                or (sub in ("attn.norm_q", "attn.norm_k") and model_type not in ("qwen3", "gemma3_text"))
+                or (sub in ("post_attention_norm", "post_mlp_norm") and model_type not in GEMMA_TYPES)):
             raise ConversionError(f"Unexpected tensor {key!r} in the lit checkpoint for a {model_type} export.")
         if model_type == "phi3" and sub in ("mlp.fc_1", "mlp.fc_2"):
             halves = gate_up.setdefault((layer, param), {})
@@ -848,6 +1047,8 @@ def convert_hf_checkpoint(
             "`python scripts/download.py --repo_id ORG/NAME` (it fetches config.json with the weights)."
         )
     hf_config = read_hf_config(hf_config_path)
+    multimodal = hf_config.get("model_type") in MULTIMODAL_TEXT_TYPES
+    hf_config = text_config(hf_config)
     # an export of ours names the model it came from, so a round trip keeps the name adapters were trained under
     config = config_from_hf(hf_config, name=model_name or hf_config.get(LIT_NAME_KEY) or checkpoint_dir.name)
     files = find_hf_weight_files(checkpoint_dir)
@@ -863,6 +1064,9 @@ def convert_hf_checkpoint(
     check_lit_state_dict(lit_sd, config, f"the checkpoint in {checkpoint_dir}", hf_config.get("model_type"))
     atomic_save(lit_sd, checkpoint_dir / WEIGHTS_FILENAME)
     config.save(checkpoint_dir)
+    if multimodal:
+        print(f"Note: {str(checkpoint_dir)!r} holds a multimodal model; converted its text model (images are not "
+              "supported), which exports as a text-only transformers model.", file=sys.stderr)
     return config
 
 

@@ -106,7 +106,7 @@ def _prefill_last_logits(model: nn.Module, prompt: torch.Tensor, device: torch.d
     input_pos = torch.arange(prompt.size(0), device=device)
     if type(model) is GPT:
         hidden = model(prompt.view(1, -1), input_pos=input_pos, lm_head=False)
-        return model.lm_head(hidden[:, -1:])[0, -1]
+        return model.logits(hidden[:, -1:])[0, -1]
     return model(prompt.view(1, -1), input_pos=input_pos)[0, -1]
 
 
@@ -218,7 +218,7 @@ def _last_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, p
 
     if type(model) is GPT:
         hidden = model(idx, input_pos=input_pos, lm_head=False, pad_lengths=pad_lengths)
-        return model.lm_head(hidden[:, -1])
+        return model.logits(hidden[:, -1])
     return model(idx, input_pos=input_pos, pad_lengths=pad_lengths)[:, -1]
 
 

@@ -272,7 +272,7 @@ class LitGPTLM(TemplateLM):
             hidden = self.model(batch.to(self._device), lm_head=False)
             picked = torch.cat([hidden[row, start:end] for row, (start, end) in enumerate(spans)])
             # over the padded vocabulary, as the exported transformers model (and so HFLM) normalises
-            logits = self.model.lm_head(picked)
+            logits = self.model.logits(picked)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         return list(logprobs.split([end - start for start, end in spans]))
 

@@ -9,9 +9,11 @@ Module names (stable; adapters, converters and FSDP wrapping rely on them):
     transformer.h[i].attn.norm_q    per-head query norm, weight of head_size (only with `norm_qk`, Qwen3)
     transformer.h[i].attn.norm_k    per-head key norm (only with `norm_qk`)
     transformer.h[i].attn.proj      attention output
+    transformer.h[i].post_attention_norm  norm of the attention output (only with `post_attention_norm`, Gemma 2/3)
     transformer.h[i].norm_2         pre-MLP norm (absent when the attention norm is shared, Phi)
-    transformer.h[i].mlp.fc_1/fc_2  SwiGLU gate / up (LLaMAMLP);   .mlp.fc  (GptNeoxMLP)
+    transformer.h[i].mlp.fc_1/fc_2  gate / up (LLaMAMLP, GemmaMLP);   .mlp.fc  (GptNeoxMLP)
     transformer.h[i].mlp.proj       MLP output
+    transformer.h[i].post_mlp_norm  norm of the MLP output (only with `post_mlp_norm`, Gemma 2/3)
     transformer.ln_f                final norm
     lm_head                         output projection (shares `wte.weight` when `tie_embeddings`)
 """
@@ -35,10 +37,10 @@ NO_KV_CACHE = "input_pos was given but no KV cache is set: call model.set_kv_cac
 
 
 class GPT(nn.Module):
-    """A decoder-only transformer described by a `Config`: Llama, Mistral, Qwen2, Qwen3, Phi, GPT-NeoX/Pythia and
-    GPT-2 styles (norms, MLP, rotary or learned positions, grouped queries, parallel residual, per-head query/key
-    norms), one fused QKV projection per layer. `GPT.from_checkpoint(dir)` loads a lit checkpoint;
-    `apply_adapters(model, config)` adapts it."""
+    """A decoder-only transformer described by a `Config`: Llama, Mistral, Qwen2, Qwen3, Phi, Gemma, GPT-NeoX/Pythia
+    and GPT-2 styles (norms, MLP, rotary or learned positions, grouped queries, parallel residual, per-head query/key
+    norms, sliding-window and soft-capped attention), one fused QKV projection per layer.
+    `GPT.from_checkpoint(dir)` loads a lit checkpoint; `apply_adapters(model, config)` adapts it."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -55,8 +57,10 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        # (length, device) -> (cos, sin) in float32; rebuilt on demand, never saved
+        # (length, device) -> (cos, sin) in float32; rebuilt on demand, never saved; `_local_rope_cache` is that of
+        # the sliding-window blocks when they have a RoPE base of their own (`rope_local_base_freq`)
         self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._local_rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         # recompute each block in backward instead of keeping its activations (set by the training loop)
         self.activation_checkpointing = False
 
@@ -84,18 +88,46 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     # ------------------------------------------------------------------ rope
-    def rope_cache(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self._rope_cache
+    def rope_cache(self, length: int, device: torch.device, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of at least `length` positions; `local`: those of the sliding-window blocks' own base."""
+        attr = "_local_rope_cache" if local else "_rope_cache"
+        cache = getattr(self, attr)
         if cache is None or cache[0].size(0) < length or cache[0].device != device:
             # grow geometrically so generation does not rebuild it every token
             n = max(length, 2 * cache[0].size(0) if cache is not None else 0, 256)
             if torch.compiler.is_compiling():
-                cache = build_rope_cache(n, self.config, device)
+                cache = build_rope_cache(n, self.config, device, local)
             else:  # never an inference tensor (one built while generating could not take part in training)
                 with torch.inference_mode(False):
-                    cache = build_rope_cache(n, self.config, device)
-            self._rope_cache = cache
+                    cache = build_rope_cache(n, self.config, device, local)
+            setattr(self, attr, cache)
         return cache
+
+    def _rope(self, length: int, device: torch.device, dtype: torch.dtype, rows: Optional[torch.Tensor],
+              local: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(cos, sin) in `dtype` of positions `rows` (tensor of positions, any shape) or of the first `length`."""
+        if self.config.rope_n_elem == 0:
+            return None, None
+        cos, sin = self.rope_cache(length, device, local)
+        if rows is None:
+            cos, sin = cos[:length], sin[:length]
+        else:
+            cos, sin = cos[rows], sin[rows]
+        return cos.to(dtype), sin.to(dtype)
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(idx)
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(positions)
+        if self.config.scale_embeddings:  # the factor in x's dtype first, as Gemma computes it
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output projection of final hidden states, soft-capped where the config says so (Gemma 2)."""
+        out = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else softcap(out, cap)
 
     # ------------------------------------------------------------------ kv cache
     def set_kv_cache(
@@ -157,27 +189,43 @@ class GPT(nn.Module):
                 raise RuntimeError(NO_KV_CACHE)
             needed = self.transformer.h[0].attn.kv_cache.k.size(2)
 
-        x = self.transformer.wte(idx)
-        if self.config.pos_embedding == "learned":
-            x = x + self.transformer.wpe(positions)
-        cos = sin = None
-        if self.config.rope_n_elem > 0:
-            cos, sin = self.rope_cache(needed, idx.device)
-            if input_pos is None:
-                cos, sin = cos[:T], sin[:T]
-            else:
-                cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        x = self._embed(idx, positions)
+        ropes = self._block_ropes(needed, idx.device, x.dtype, input_pos)
+        # the mask of the sliding-window blocks (None: the plain causal one serves, as for the other blocks)
+        window_mask = self._window_mask(positions, T, needed, idx.device)
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
+            cos, sin = ropes[block.attn.local_rope]
+            mask = window_mask if block.attn.window is not None else None
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, input_pos)
+                x = block(x, cos, sin, input_pos, mask)
         x = self.transformer.ln_f(x)
         if labels is not None:
-            return chunked_cross_entropy(x[:, :-1], labels[:, 1:], self.lm_head)
-        return self.lm_head(x) if lm_head else x
+            return chunked_cross_entropy(x[:, :-1], labels[:, 1:], self.lm_head,
+                                         final_softcap=self.config.final_logit_softcapping)
+        return self.logits(x) if lm_head else x
+
+    def _block_ropes(self, length: int, device: torch.device, dtype: torch.dtype, rows: Optional[torch.Tensor]
+                     ) -> dict[bool, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """{local: (cos, sin)}: the RoPE tables of the blocks with the global base (False) and, when the config
+        gives the sliding-window blocks a base of their own, of those (True)."""
+        ropes = {False: self._rope(length, device, dtype, rows)}
+        if self.config.rope_local_base_freq is not None:
+            ropes[True] = self._rope(length, device, dtype, rows, local=True)
+        return ropes
+
+    def _window_mask(self, positions: torch.Tensor, T: int, cache_len: int, device: torch.device
+                     ) -> Optional[torch.Tensor]:
+        """The boolean mask (T, keys) of the sliding-window blocks' attention: causal and at most the window back;
+        None where plain causal attention is the same (no key is ever further back than the window)."""
+        window = self.config.sliding_window_size
+        if window is None or max(T, cache_len) <= window:
+            return None
+        keys = torch.arange(cache_len, device=device)
+        back = positions[:, None] - keys[None, :]
+        return (back >= 0) & (back < window)
 
     def _forward_padded(
         self, idx: torch.Tensor, input_pos: Optional[torch.Tensor], pad_lengths: torch.Tensor, lm_head: bool
@@ -191,15 +239,10 @@ class GPT(nn.Module):
         cache_len = self.transformer.h[0].attn.kv_cache.k.size(2)
         # padding columns get position 0; whatever they compute is never attended to by a real token
         positions = (input_pos[None, :] - pad_lengths[:, None]).clamp(min=0)  # (B, T)
-        x = self.transformer.wte(idx)
-        if self.config.pos_embedding == "learned":
-            x = x + self.transformer.wpe(positions)
-        cos = sin = None
-        if self.config.rope_n_elem > 0:
-            cos, sin = self.rope_cache(cache_len, idx.device)
-            # (B, 1, T, n): broadcasts over the heads of (B, heads, T, head_size)
-            cos = cos[positions].unsqueeze(1).to(x.dtype)
-            sin = sin[positions].unsqueeze(1).to(x.dtype)
+        x = self._embed(idx, positions)
+        # (B, 1, T, n): broadcasts over the heads of (B, heads, T, head_size)
+        ropes = {local: (None, None) if cos is None else (cos.unsqueeze(1), sin.unsqueeze(1))
+                 for local, (cos, sin) in self._block_ropes(cache_len, idx.device, x.dtype, positions).items()}
         columns = torch.arange(cache_len, device=idx.device)
         causal = input_pos[:, None] >= columns[None, :]  # (T, S)
         real = columns[None, :] >= pad_lengths[:, None]  # (B, S)
@@ -207,16 +250,22 @@ class GPT(nn.Module):
         # poison real rows (0 attention weight times NaN is NaN)
         itself = input_pos[:, None] == columns[None, :]
         mask = ((causal[None] & real[:, None]) | itself[None]).unsqueeze(1)  # (B, 1, T, S)
+        window_mask = None
+        if self.config.sliding_window_size is not None:  # a row's padding shifts its positions and columns alike
+            window_mask = mask & (input_pos[:, None] - columns[None, :] < self.config.sliding_window_size)
         for block in self.transformer.h:
-            x = block(x, cos, sin, input_pos, mask)
+            cos, sin = ropes[block.attn.local_rope]
+            x = block(x, cos, sin, input_pos, mask if block.attn.window is None else window_mask)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x) if lm_head else x
+        return self.logits(x) if lm_head else x
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024, ignore_index: int = -100
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024, ignore_index: int = -100,
+    final_softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `head(hidden)` against `targets`, over the positions whose target is not ignored.
+    """Mean cross-entropy of `head(hidden)` (soft-capped in float32 by `final_softcap`) against `targets`, over the
+    positions whose target is not ignored.
 
     Only those positions go through the output projection (prompt tokens masked out of the loss cost nothing there),
     and when they exceed `chunk_size` each chunk's logits are recomputed in backward rather than kept.
@@ -228,7 +277,10 @@ def chunked_cross_entropy(
         return hidden.sum() * 0.0 + sum(p.sum() for p in head.parameters() if p.requires_grad) * 0.0
 
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), t, reduction="sum")
+        logits = head(h).float()
+        if final_softcap is not None:
+            logits = softcap(logits, final_softcap)
+        return F.cross_entropy(logits, t, reduction="sum")
 
     if n <= chunk_size:
         return chunk_loss(hidden, targets) / n
@@ -244,8 +296,13 @@ class Block(nn.Module):
         super().__init__()
         self.norm_1 = build_norm(config)
         self.attn = CausalSelfAttention(config, block_idx)
+        # (no attributes without them: the state dict of every other family stays as it was)
+        if config.post_attention_norm:
+            self.post_attention_norm = build_norm(config)
         self.norm_2 = None if config.shared_attention_norm else build_norm(config)
-        self.mlp = LLaMAMLP(config) if config.mlp_class_name == "LLaMAMLP" else GptNeoxMLP(config)
+        self.mlp = {"LLaMAMLP": LLaMAMLP, "GemmaMLP": GemmaMLP}.get(config.mlp_class_name, GptNeoxMLP)(config)
+        if config.post_mlp_norm:
+            self.post_mlp_norm = build_norm(config)
         self.parallel_residual = config.parallel_residual
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
@@ -254,8 +311,13 @@ class Block(nn.Module):
         if self.parallel_residual:
             mlp_in = x_normed if self.norm_2 is None else self.norm_2(x)
             return x + h + self.mlp(mlp_in)
+        if hasattr(self, "post_attention_norm"):
+            h = self.post_attention_norm(h)
         x = x + h
-        return x + self.mlp(self.norm_2(x))
+        h = self.mlp(self.norm_2(x))
+        if hasattr(self, "post_mlp_norm"):
+            h = self.post_mlp_norm(h)
+        return x + h
 
 
 class CausalSelfAttention(nn.Module):
@@ -271,10 +333,14 @@ class CausalSelfAttention(nn.Module):
         if config.norm_qk:  # (no attributes otherwise: the state dict of every other family stays as it was)
             self.norm_q = build_norm(config, hs)
             self.norm_k = build_norm(config, hs)
+        self.window = config.sliding_window(block_idx)
+        # whether this block rotates with the sliding-window blocks' own RoPE base
+        self.local_rope = self.window is not None and config.rope_local_base_freq is not None
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
-        """`mask` (boolean, broadcastable to `(B, heads, T, cache length)`) replaces the causal mask of a cached decode."""
+        """`mask` (boolean, broadcastable to `(B, heads, T, keys)`) replaces the causal mask (the model passes the
+        sliding-window one, and that of a left-padded batch)."""
         B, T, _ = x.shape
         c = self.config
         q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
@@ -293,17 +359,41 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache(input_pos, k, v)
             if mask is None:
                 mask = input_pos[:, None] >= torch.arange(k.size(2), device=k.device)[None, :]
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            scale=1.0 / math.sqrt(c.head_size),
-            enable_gqa=c.n_query_groups != c.n_head,
-        )
+        scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        if c.attention_logit_softcapping is not None:
+            y = softcapped_attention(q, k, v, mask, scale, c.attention_logit_softcapping)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                scale=scale,
+                enable_gqa=c.n_query_groups != c.n_head,
+            )
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.proj(y)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """`cap * tanh(x / cap)`: about x for small x, never beyond ±cap (Gemma 2's attention and output logits)."""
+    return torch.tanh(x / cap) * cap
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                         scale: float, cap: float) -> torch.Tensor:
+    """Attention whose scaled scores are soft-capped before the mask and softmax (float32), as Gemma 2 computes it.
+    `mask` None means causal. Scaled-dot-product attention has no such step, so this forms the scores."""
+    if k.size(1) != q.size(1):  # grouped queries: each key/value head serves n_head / n_query_groups query heads
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = softcap(torch.matmul(q, k.transpose(-2, -1)) * scale, cap)
+    if mask is None:
+        T, S = q.size(-2), k.size(-2)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class KVCache(nn.Module):
@@ -350,24 +440,45 @@ class LLaMAMLP(nn.Module):
         h = fused(self.fc_2, x) if fused is not None else None
         if h is not None:
             return self.proj(h)
-        a, b = F.silu(self.fc_1(x)), self.fc_2(x)
+        return self._gated(F.silu(self.fc_1(x)), self.fc_2(x))
+
+    def _gated(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         h = a * b
         if recompute.keeps(a) and recompute.keeps(b):  # the product keeps both: an adapter on proj rebuilds h
             recompute.mark(h, torch.mul, a, b, form="mul" if a.dtype == b.dtype else None)
         return self.proj(h)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 whatever the input dtype (as Llama's reference does)."""
+class GemmaMLP(LLaMAMLP):
+    """Gemma's gated MLP: `proj(gelu(fc_1(x)) * fc_2(x))`, GELU as `gelu_approximate` says (Gemma's is "tanh"). No
+    fused path: the adapters' fused gate-and-up node computes SiLU."""
 
-    def __init__(self, size: int, eps: float = 1e-6) -> None:
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x):
+        return self._gated(F.gelu(self.fc_1(x), approximate=self.approximate), self.fc_2(x))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the input dtype (as Llama's reference does). With
+    `unit_offset` (Gemma) it scales by `1 + weight`, in float32 before the cast back, as Gemma does."""
+
+    def __init__(self, size: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(size) if unit_offset else torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            y = _rms_unit_scale(xf, rstd, self.weight, x.dtype)
+            if recompute.keeps(xf):
+                recompute.mark(y, functools.partial(_rms_unit_scale, dtype=x.dtype), xf, rstd, self.weight)
+            return y
         y = _rms_scale(xf, rstd, self.weight, x.dtype)
         if recompute.keeps(xf):  # the norm keeps xf and rstd: an adapter on the next layer rebuilds y from them
             # with the weight in x's dtype, y is recompute's "scale" form: weight * (xf * rstd).to(x.dtype)
@@ -377,11 +488,15 @@ class RMSNorm(nn.Module):
         return y
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        (nn.init.zeros_ if self.unit_offset else nn.init.ones_)(self.weight)
 
 
 def _rms_scale(xf: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight * (xf * rstd).to(dtype)
+
+
+def _rms_unit_scale(xf: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return ((xf * rstd) * (1.0 + weight.float())).to(dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -403,14 +518,18 @@ def build_norm(config: Config, size: Optional[int] = None) -> nn.Module:
     """The config's norm over `size` features (default: the model width)."""
     size = size or config.n_embd
     if config.norm_class_name == "RMSNorm":
-        return RMSNorm(size, eps=config.norm_eps)
+        return RMSNorm(size, eps=config.norm_eps, unit_offset=config.norm_unit_offset)
     return LayerNorm(size, eps=config.norm_eps)
 
 
-def rope_inv_freq(config: Config, device=None) -> torch.Tensor:
+def rope_inv_freq(config: Config, device=None, local: bool = False) -> torch.Tensor:
+    """RoPE's frequencies; `local`: those of the sliding-window blocks' own base (`rope_local_base_freq`, plain)."""
     n = config.rope_n_elem
-    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, device=device, dtype=torch.float32) / n))
-    adj = config.rope_adjustments
+    base = config.rope_local_base_freq if local else config.rope_base
+    inv_freq = 1.0 / (base ** (torch.arange(0, n, 2, device=device, dtype=torch.float32) / n))
+    adj = None if local else config.rope_adjustments
+    if adj and set(adj) == {"factor"}:  # linear scaling (Gemma 3): positions divided by the factor
+        return inv_freq / adj["factor"]
     if adj:
         # Llama-3.1 scaling: long wavelengths are slowed by `factor`, short ones kept, the band between blended
         factor, lo, hi = adj["factor"], adj["low_freq_factor"], adj["high_freq_factor"]
@@ -421,8 +540,9 @@ def rope_inv_freq(config: Config, device=None) -> torch.Tensor:
     return inv_freq
 
 
-def build_rope_cache(length: int, config: Config, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = rope_inv_freq(config, device)
+def build_rope_cache(length: int, config: Config, device=None, local: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(config, device, local)
     t = torch.arange(length, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # (length, rope_n_elem), the "rotate half" layout

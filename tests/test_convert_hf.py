@@ -188,6 +188,10 @@ def test_defaults_for_keys_a_config_json_leaves_out_are_transformers_own():
         instance = AutoConfig.for_model(model_type)
         signature = inspect.signature(type(instance).__init__).parameters
         rope = getattr(instance, "rope_parameters", None) or {}
+        if "full_attention" in rope:  # Gemma 3: per layer type, and the window pattern a kwarg of __post_init__
+            rope = dict(rope_theta=rope["full_attention"]["rope_theta"],
+                        rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+                        sliding_window_pattern=instance._sliding_window_pattern)
         for key, ours in defaults.items():
             if key in signature:
                 theirs = signature[key].default

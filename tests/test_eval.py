@@ -145,6 +145,42 @@ def test_tiny_model_matches_lm_eval_hf_backend(tiny_ckpt, tmp_path):
     assert ours["results"]["lit_ppl"]["word_perplexity,none"] > 1
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma2_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """`tiny_ckpt`'s tokenizer under a random tiny Gemma 2: sliding windows shorter than the scored windows,
+    soft-capped scores and logits (which every log-likelihood must go through), scaled embeddings."""
+    d = tmp_path_factory.mktemp("eval") / "tiny-gemma2"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((tiny_ckpt / "tokenizer.json").read_bytes())
+    # (named: transformers would otherwise pick its Gemma tokenizer class for a gemma2 config, which wants <unk>)
+    config = dict(json.loads((tiny_ckpt / "tokenizer_config.json").read_text()),
+                  tokenizer_class="PreTrainedTokenizerFast")
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    cfg = Config(name="tiny-gemma2", block_size=128, n_layer=2, n_embd=64, n_head=4, n_query_groups=2,
+                 vocab_size=400, padding_multiple=64, bias=False, norm_class_name="RMSNorm", norm_unit_offset=True,
+                 mlp_class_name="GemmaMLP", gelu_approximate="tanh", intermediate_size=128, scale_embeddings=True,
+                 post_attention_norm=True, post_mlp_norm=True, attention_scores_scalar=24, tie_embeddings=True,
+                 attention_logit_softcapping=5.0, final_logit_softcapping=4.0, sliding_window_size=8,
+                 sliding_window_indices=[1, 0])
+    cfg.save(d)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if "wte" in name else 2.0 / math.sqrt(p.size(-1)))
+    save_model_weights(model, d)
+    return d
+
+
+@pytest.mark.slow
+def test_tiny_gemma2_matches_lm_eval_hf_backend(tiny_gemma2_ckpt, tmp_path):
+    hf_dir = _export_hf(tiny_gemma2_ckpt, tmp_path / "hf")
+    assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "gemma2"
+    ref = _evaluate(_hf_lm(hf_dir, batch_size=4, max_length=32))
+    ours = _evaluate(_our_lm(tiny_gemma2_ckpt, batch_size=3, max_length=32))
+    assert_same_results(ours, ref, rel=1e-4)
+
+
 @pytest.mark.slow
 def test_smollm2_matches_lm_eval_hf_backend(smollm2_checkpoint, tmp_path):
     hf_dir = _export_hf(smollm2_checkpoint, tmp_path / "hf")

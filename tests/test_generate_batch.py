@@ -9,8 +9,13 @@ from lit_gpt.generate import generate, generate_batch
 from tests.test_generate import GPT2_LIKE, greedy_without_cache, tiny_model
 
 PROMPTS = [[3, 14, 15, 9, 26, 5], [7], [40, 2, 33], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
-ARCHS = [{}, GPT2_LIKE, dict(rotary_percentage=0.5, parallel_residual=True, shared_attention_norm=True)]
-ARCH_IDS = ["llama", "gpt2", "partial-rope-parallel"]
+# Gemma 2/3 style: sliding windows shorter than the prompts, soft-capped scores and logits, a second RoPE base
+GEMMA_LIKE = dict(mlp_class_name="GemmaMLP", gelu_approximate="tanh", norm_unit_offset=True, scale_embeddings=True,
+                  post_attention_norm=True, post_mlp_norm=True, attention_scores_scalar=24, norm_qk=True,
+                  attention_logit_softcapping=5.0, final_logit_softcapping=4.0, sliding_window_size=3,
+                  sliding_window_indices=[1, 0], rope_local_base_freq=100.0, rope_adjustments=dict(factor=2.0))
+ARCHS = [{}, GPT2_LIKE, dict(rotary_percentage=0.5, parallel_residual=True, shared_attention_norm=True), GEMMA_LIKE]
+ARCH_IDS = ["llama", "gpt2", "partial-rope-parallel", "gemma-windows"]
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

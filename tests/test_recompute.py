@@ -22,6 +22,10 @@ NEOX = dict(norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", parallel_r
 # GPT-2 (and Phi): tanh-approximated GELU, which the MLP's rebuild must recompute as such
 GPT2 = dict(norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", parallel_residual=False, bias=True,
             gelu_approximate="tanh")
+# Gemma: norms scaling by 1 + weight, a GELU-gated MLP, norms after the attention and the MLP (their outputs go to
+# the residual, not to an adapted layer: nothing to rebuild there)
+GEMMA = dict(norm_class_name="RMSNorm", norm_unit_offset=True, mlp_class_name="GemmaMLP", gelu_approximate="tanh",
+             parallel_residual=False, bias=False, scale_embeddings=True, post_attention_norm=True, post_mlp_norm=True)
 
 
 def gpt(arch: dict, dtype=torch.float32) -> GPT:
@@ -58,7 +62,7 @@ def path(request):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("arch", [LLAMA, NEOX, GPT2], ids=["llama", "neox", "gpt2"])
+@pytest.mark.parametrize("arch", [LLAMA, NEOX, GPT2, GEMMA], ids=["llama", "neox", "gpt2", "gemma"])
 def test_rebuilt_inputs_give_the_same_gradients_and_keep_less(path, method, arch):
     base = gpt(arch)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -89,10 +93,11 @@ def test_activation_checkpointing_gives_the_same_gradients(method):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_bfloat16_gradients_unchanged():
+@pytest.mark.parametrize("arch", [LLAMA, GEMMA], ids=["llama", "gemma"])
+def test_bfloat16_gradients_unchanged(arch):
     """bf16 weights and activations (the eager path on the CPU): RMSNorm's float32 copy of its input and `1/rms`
-    rebuild the bf16 output exactly."""
-    model = adapted(gpt(LLAMA, torch.bfloat16), "etherplus")
+    rebuild the bf16 output exactly (Gemma's `1 + weight` in float32 too)."""
+    model = adapted(gpt(arch, torch.bfloat16), "etherplus")
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     a = grads(model, idx)
     with recompute.disabled():
