@@ -349,18 +349,15 @@ for size, layers, embd, heads, groups, inter in (("1B", 16, 2048, 32, 8, 8192), 
         )
 
 # Mistral
-configs.append(
-    _llama(
-        "mistralai", "Mistral-7B-v0.1", block_size=4096, vocab_size=32000, padded_vocab_size=32000, n_layer=32,
-        n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
+# (v0.1: a 32K context with a 4096-token sliding window in every block)
+for instruct in ("", "-Instruct"):
+    configs.append(
+        _llama(
+            "mistralai", f"Mistral-7B{instruct}-v0.1", block_size=32768, vocab_size=32000, padded_vocab_size=32000,
+            n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
+            sliding_window_size=4096,
+        )
     )
-)
-configs.append(
-    _llama(
-        "mistralai", "Mistral-7B-Instruct-v0.1", block_size=4096, vocab_size=32000, padded_vocab_size=32000,
-        n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
-    )
-)
 for instruct in ("", "-Instruct"):
     configs.append(
         _llama(
@@ -507,12 +504,12 @@ configs.append(
     )
 )
 
-# Phi-3 (llama-shaped; its fused qkv_proj and gate_up_proj are split on import). Its config.json's sliding window of
-# 2047 caps the block size, as for Mistral v0.1 (convert_hf.py)
+# Phi-3 (llama-shaped; its fused qkv_proj and gate_up_proj are split on import), with a 2047-token sliding window in
+# every block of its 4096-token context
 configs.append(
     _llama(
-        "microsoft", "Phi-3-mini-4k-instruct", block_size=2047, vocab_size=32064, padded_vocab_size=32064, n_layer=32,
-        n_embd=3072, n_head=32, n_query_groups=32, intermediate_size=8192, norm_eps=1e-5,
+        "microsoft", "Phi-3-mini-4k-instruct", block_size=4096, vocab_size=32064, padded_vocab_size=32064, n_layer=32,
+        n_embd=3072, n_head=32, n_query_groups=32, intermediate_size=8192, norm_eps=1e-5, sliding_window_size=2047,
     )
 )
 

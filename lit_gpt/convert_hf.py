@@ -14,19 +14,19 @@ tensor by tensor (safetensors `safe_open` per shard, `.bin` shards memory-mapped
 the weights, not two.
 
 Decisions worth knowing:
-* Sliding-window attention (Mistral v0.1, Qwen2/Qwen3 with `use_sliding_window`) equals full causal attention for
-  sequences no longer than the window, so such a model is imported with `block_size` capped at the window: inside it
-  the logits are exact, and `GPT` refuses longer inputs instead of silently attending too far. Gemma 2 and 3 mix
-  sliding-window and global blocks, so their windows are kept (`sliding_window_size`, `sliding_window_indices`) and
-  their full context stays usable.
+* Sliding-window attention (Mistral v0.1, Phi-3, Qwen2/Qwen3 with `use_sliding_window`, Gemma 2 and 3) is kept as
+  such (`sliding_window_size`, and `sliding_window_indices` where only some blocks have it), so the model's whole
+  context (`max_position_embeddings`) stays usable with the logits transformers computes beyond the window.
+  (Checkpoints converted before lit_gpt had sliding windows carry `block_size` capped at the window instead: up to
+  it, full causal attention is the same computation.)
 * Gemma's norms scale by `1 + weight`; lit stores the weights as transformers does (`norm_unit_offset`), so import
   and export copy them unchanged.
-* Export picks the architecture from the config's shape. A Mistral checkpoint is exported as `llama` (the same
-  computation once the window is the block size); a model with a bias on the QKV projection only is exported as
+* Export picks the architecture from the config's shape. A Llama-shaped model is exported as `llama`, or as
+  `mistral` with a sliding window in every block (Mistral v0.1); one with a bias on the QKV projection only as
   `qwen2`, because transformers' llama `attention_bias` also puts a bias on `o_proj`; one with per-head query/key
   norms (`norm_qk`) as `qwen3`, whose `q_norm`/`k_norm` are lit's `attn.norm_q`/`attn.norm_k`. A Phi-3 (its q/k/v
-  in one `qkv_proj`, its gate and up projections in one `gate_up_proj`) is exported as `llama`, the same
-  computation, unless it rotates part of each head only, which transformers' Llama cannot: then as `phi3`.
+  in one `qkv_proj`, its gate and up projections in one `gate_up_proj`) is exported as the `llama` or `mistral` it
+  computes, unless it rotates part of each head only, which those cannot: then as `phi3`.
 * Export writes one `model.safetensors` up to `max_shard_bytes` (5 GB by default, the size the Hub recommends per
   file) and numbered shards plus `model.safetensors.index.json` beyond it.
 """
@@ -236,10 +236,9 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                 bias=bias, attn_bias=attn_bias, norm_class_name="RMSNorm", norm_eps=float(hf["rms_norm_eps"]),
                 mlp_class_name="LLaMAMLP", parallel_residual=False,
             )
-            window = _sliding_window(hf, model_type)
-            if window is not None and window < arch["block_size"]:
-                # full causal attention is exactly sliding-window attention up to the window length
-                arch["block_size"] = int(window)
+            window = _sliding_window(hf, model_type, arch["n_layer"])
+            if window is not None and window[0] < arch["block_size"]:
+                arch.update(sliding_window_size=window[0], sliding_window_indices=window[1])
         elif model_type in GEMMA_TYPES:
             arch.update(_gemma_arch(hf, model_type, arch["n_layer"]))
             if local_base is not None and arch.get("sliding_window_size") is not None:
@@ -444,18 +443,25 @@ def _gemma_arch(hf: dict, model_type: str, n_layer: int) -> dict:
     return arch
 
 
-def _sliding_window(hf: dict, model_type: str) -> Optional[int]:
+def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[int, Optional[list[int]]]]:
+    """(window, `Config.sliding_window_indices`: None for every block) of a llama-shaped family, or None."""
     if model_type in ("mistral", "phi3"):
-        return hf.get("sliding_window")
+        window = hf.get("sliding_window")
+        return (int(window), None) if window else None
     if model_type in ("qwen2", "qwen3"):
         window = hf["sliding_window"] if hf["use_sliding_window"] else None
         if window is None:
             return None
         layer_types = hf.get("layer_types") or [
-            "sliding_attention" if i >= hf["max_window_layers"] else "full_attention"
-            for i in range(hf["num_hidden_layers"])
+            "sliding_attention" if i >= hf["max_window_layers"] else "full_attention" for i in range(n_layer)
         ]
-        return window if "sliding_attention" in layer_types else None
+        if len(layer_types) != n_layer or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+            raise ConversionError(
+                f"config.json's layer_types must list {n_layer} entries, each 'sliding_attention' or 'full_attention'.")
+        flags = [int(t == "sliding_attention") for t in layer_types]
+        if not any(flags):
+            return None
+        return int(window), None if all(flags) else flags
     return None
 
 
@@ -472,7 +478,10 @@ def hf_model_type(config: Config) -> str:
             return "qwen3"
         if config.rotary_percentage < 1.0 and not config.bias and not config.attn_bias:
             return "phi3"  # (transformers' Llama rotates whole heads)
-        return "qwen2" if config.attn_bias and not config.bias else "llama"
+        if config.attn_bias and not config.bias:
+            return "qwen2"
+        # (transformers' Llama has no sliding window; Mistral is Llama with one in every block)
+        return "mistral" if config.sliding_window_size is not None else "llama"
     return "phi" if config.shared_attention_norm else "gpt_neox"
 
 
@@ -500,24 +509,30 @@ def config_to_hf(config: Config) -> dict:
         for key in gemma_fields:
             require(not getattr(c, key), f"{key}={getattr(c, key)!r} (only the Gemma families, with mlp_class_name "
                                          "'GemmaMLP', have it)")
-        require(c.sliding_window_size is None, "sliding_window_size (sliding-window blocks are exported as Gemma 2/3 "
-                                               "only; lit_gpt imports other families' windows as block_size)")
         require(not c.rope_adjustments or set(c.rope_adjustments) != {"factor"},
                 "linear rope_adjustments (exported as Gemma 3 only)")
+    if model_type not in ("mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES):
+        require(c.sliding_window_size is None, f"sliding_window_size (transformers' {model_type} has no sliding "
+                                               "window)")
+    if model_type in ("mistral", "phi3"):
+        require(c.sliding_window_indices is None, f"sliding_window_indices (transformers' {model_type} has the "
+                                                  "window in every block)")
     if model_type in GEMMA_TYPES:
         hf = _gemma_to_hf(c, model_type, require)
-    elif model_type in ("llama", "qwen2", "qwen3", "phi3"):
+    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
         require(c.rotary_percentage == 1.0 or model_type == "phi3",
                 f"rotary_percentage={c.rotary_percentage} (needs 1.0)")
         require(not c.lm_head_bias, "lm_head_bias=True")
         require(c.bias == c.attn_bias or model_type != "llama", "bias=True with attn_bias=False")
+        require(not c.bias or model_type == "llama", "a bias (on every linear layer: only transformers' Llama has "
+                                                     "that, and it has no sliding window)")
         if model_type == "qwen3":
             require(not c.attn_bias and not c.bias, "a bias (transformers' Qwen3 has none, or one on q/k/v and o_proj "
                                                     "both)")
-        architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}.get(
-            model_type, "LlamaForCausalLM")
+        architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                        "mistral": "MistralForCausalLM"}.get(model_type, "LlamaForCausalLM")
         hf = dict(
             architectures=[architecture],
             model_type=model_type, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
@@ -525,14 +540,23 @@ def config_to_hf(config: Config) -> dict:
             head_dim=c.head_size, hidden_act="silu", max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
             rope_theta=c.rope_base, rope_scaling=_rope_scaling_to_hf(c),
         )
+        window = c.sliding_window_size
         if model_type == "llama":
             hf.update(attention_bias=c.bias, mlp_bias=c.bias)
+        elif model_type == "mistral":
+            hf.update(sliding_window=window)
         elif model_type == "phi3":
             require(c.rope_adjustments is None, "rope_adjustments (Phi-3 has no llama3 rope scaling)")
-            hf.update(partial_rotary_factor=c.rotary_percentage, sliding_window=None, resid_pdrop=0.0,
+            hf.update(partial_rotary_factor=c.rotary_percentage, sliding_window=window, resid_pdrop=0.0,
                       embd_pdrop=0.0, attention_dropout=0.0)
         else:
             hf.update(use_sliding_window=False, sliding_window=None)
+            if window is not None:
+                flags = [1 if c.sliding_window(i) else 0 for i in range(c.n_layer)]
+                # layer_types is what transformers reads now; max_window_layers what it read before it (the same
+                # blocks when the windowed ones are the last ones, as Qwen's own configs have them)
+                hf.update(use_sliding_window=True, sliding_window=window, max_window_layers=flags.index(1),
+                          layer_types=["sliding_attention" if f else "full_attention" for f in flags])
             if model_type == "qwen3":
                 hf.update(attention_bias=False)
     elif model_type == "phi":

@@ -84,7 +84,7 @@ FAMILIES = {
     ),
     "mistral_gqa": (
         "mistral", dict(_LLAMA, num_key_value_heads=2, sliding_window=16, max_position_embeddings=64),
-        "LlamaForCausalLM", dict(n_query_groups=2, block_size=16),
+        "MistralForCausalLM", dict(n_query_groups=2, block_size=64, sliding_window_size=16),
     ),
     "qwen2_qkv_bias": (
         "qwen2", dict(_LLAMA, num_key_value_heads=2, rope_theta=1e6), "Qwen2ForCausalLM",
@@ -97,7 +97,7 @@ FAMILIES = {
     "phi3_partial": (
         "phi3", dict(_LLAMA, **_PHI3_TOKENS, num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=16,
                      max_position_embeddings=64),
-        "Phi3ForCausalLM", dict(rotary_percentage=0.5, block_size=16),
+        "Phi3ForCausalLM", dict(rotary_percentage=0.5, block_size=64, sliding_window_size=16),
     ),
     "phi": (
         "phi",
@@ -236,19 +236,51 @@ def test_llama3_rope_scaling_changes_the_logits(tmp_path):
     assert (lit_logits(plain.eval(), idx) - hf_logits(hf_model, idx)).abs().max() > 1e-3
 
 
-def test_mistral_sliding_window_caps_block_size(tmp_path):
-    """Sliding-window attention equals causal attention up to the window: import caps block_size there."""
-    model_type, kwargs, _, _ = FAMILIES["mistral_gqa"]
-    hf_model = make_hf_model(model_type, **kwargs)
-    hf_model.save_pretrained(tmp_path)
-    convert_hf_checkpoint(tmp_path)
-    model = GPT.from_checkpoint(tmp_path).eval()
-    assert model.config.block_size == kwargs["sliding_window"]
-    idx = torch.randint(0, VOCAB, (1, kwargs["sliding_window"] + 1))
-    torch.testing.assert_close(lit_logits(model, idx[:, :-1]), hf_logits(hf_model, idx[:, :-1]), **TOL)
-    # one token past the window the two attentions differ, so lit refuses instead of answering differently
-    with pytest.raises(ValueError, match="block_size"):
-        model(idx)
+@pytest.mark.parametrize("model_type,kwargs,exported", [
+    ("mistral", dict(sliding_window=6), "MistralForCausalLM"),
+    ("phi3", dict(**_PHI3_TOKENS, sliding_window=6), "MistralForCausalLM"),
+    ("phi3", dict(**_PHI3_TOKENS, sliding_window=6, partial_rotary_factor=0.5), "Phi3ForCausalLM"),
+    # the windows in blocks 1 and up only (max_window_layers), as Qwen's configs have them
+    ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), "Qwen2ForCausalLM"),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, head_dim=16), "Qwen3ForCausalLM"),
+], ids=["mistral", "phi3", "phi3_partial", "qwen2", "qwen3"])
+def test_sliding_windows_are_kept_through_import_decoding_and_export(model_type, kwargs, exported, tmp_path):
+    """A 6-token window against 20-token inputs: the whole context stays usable, with transformers' logits past the
+    window, through a KV-cache decode, and in the exported model."""
+    hf_model = make_hf_model(model_type, **dict(_LLAMA, num_key_value_heads=2, max_position_embeddings=64, **kwargs))
+    hf_model.save_pretrained(tmp_path / "hf")
+    config = convert_hf_checkpoint(tmp_path / "hf")
+    assert (config.block_size, config.sliding_window_size) == (64, 6)
+    assert config.sliding_window_indices == ([0, 1] if model_type.startswith("qwen") else None)
+    model = GPT.from_checkpoint(tmp_path / "hf").eval()
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    expected = hf_logits(hf_model, idx)
+    torch.testing.assert_close(lit_logits(model, idx), expected, **TOL)
+    full = GPT(Config(**{**config.to_dict(), "sliding_window_size": None, "sliding_window_indices": None}))
+    full.load_state_dict(model.state_dict())
+    assert (lit_logits(full.eval(), idx) - expected).abs().max() > 1e-3  # the window matters here
+    model.set_kv_cache(batch_size=2, max_seq_length=24)
+    with torch.no_grad():
+        steps = [model(idx[:, :4], input_pos=torch.arange(4))]
+        steps += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(4, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, **TOL)
+    convert_lit_checkpoint(tmp_path / "hf", tmp_path / "export")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32, attn_implementation="eager")
+    assert type(back).__name__ == exported
+    torch.testing.assert_close(hf_logits(back.eval(), idx), expected, **TOL)
+
+
+def test_windows_transformers_cannot_export_are_refused():
+    base = dict(name="t", n_layer=2, n_embd=32, n_head=4, vocab_size=64, block_size=32, bias=False,
+                norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=48, sliding_window_size=4)
+    config_to_hf(Config(**base))  # Mistral's
+    with pytest.raises(ConversionError, match="sliding_window_indices .transformers' mistral has the window in every"):
+        config_to_hf(Config(**base, sliding_window_indices=[0, 1]))
+    with pytest.raises(ConversionError, match="a bias .on every linear layer"):
+        config_to_hf(Config(**{**base, "bias": True}))
+    with pytest.raises(ConversionError, match="sliding_window_size .transformers' gpt_neox has no sliding window"):
+        config_to_hf(Config(**{**base, "norm_class_name": "LayerNorm", "mlp_class_name": "GptNeoxMLP", "bias": True,
+                               "parallel_residual": True}))
 
 
 @pytest.mark.parametrize("family", ["llama3_rope", "qwen2_qkv_bias", "phi", "phi3_partial", "gpt2", "gpt_neox"])

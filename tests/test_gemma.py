@@ -167,7 +167,7 @@ def test_what_lit_gpt_cannot_express_is_refused():
     llama = Config(name="t", n_layer=2, n_embd=32, n_head=4, vocab_size=64, block_size=32, bias=False,
                    norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=48)
     for change in (dict(scale_embeddings=True), dict(final_logit_softcapping=30.0), dict(norm_unit_offset=True),
-                   dict(sliding_window_size=8)):
+                   dict(post_mlp_norm=True), dict(attention_scores_scalar=8)):
         field = next(iter(change))
         with pytest.raises(ConversionError, match=f"cannot be exported.*{field}"):
             config_to_hf(Config(**{**llama.to_dict(), **change}))
