@@ -9,8 +9,14 @@ rotates adjacent pairs. Its converter therefore reorders the rows of every head 
 rows forming a rotation pair sit next to each other: HF row `s * hd/2 + j` (half `s`, frequency `j`) becomes GGUF
 row `2 * j + s`. Qwen2 and Qwen3 use llama.cpp's "neox" rope, which is rotate-half already, so their weights are
 stored as is, as are Phi-3's (its q/k/v in one `attn_qkv`, its gate and up projections in one `ffn_up`, gate first,
-as transformers' `qkv_proj` and `gate_up_proj`). Qwen3's per-head query/key norms are `blk.N.attn_q_norm` / `attn_k_norm` (lit `attn.norm_q`/`norm_k`),
-of `qwen3.attention.key_length` (its head_dim) features.
+as transformers' `qkv_proj` and `gate_up_proj`). Qwen3's per-head query/key norms are `blk.N.attn_q_norm` /
+`attn_k_norm` (lit `attn.norm_q`/`norm_k`), of `qwen3.attention.key_length` (its head_dim) features.
+
+Gemma (1, 2, 3) also uses neox rope, so its q/k rows are as transformers stores them. Its RMSNorms scale by
+`1 + weight`; llama.cpp's converter stores every `*norm.weight` plus 1 (its graph multiplies by the weight), so the
+import subtracts 1 again (lit keeps transformers' convention, `Config.norm_unit_offset`). What the file does not say
+(the sliding-window layer pattern, Gemma 3's local RoPE base, the attention scale) is decided as llama.cpp decides
+it when it loads the file (`_gemma_fields`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import torch
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
 _PERMUTED_QK = ("llama",)
+_GEMMA = ("gemma", "gemma2", "gemma3")
 
 # llama.cpp token types (llama_token_type in llama.h / gguf.TokenType)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -46,12 +53,18 @@ _BLOCK_TENSORS = {
     "attn_output.bias": "attn.proj.bias",
     "attn_q_norm.weight": "attn.norm_q.weight",  # Qwen3
     "attn_k_norm.weight": "attn.norm_k.weight",
+    "post_attention_norm.weight": "post_attention_norm.weight",  # Gemma 2/3 (`ffn_norm` is then the pre-MLP norm)
+    "post_ffw_norm.weight": "post_mlp_norm.weight",
     "ffn_gate.weight": "mlp.fc_1.weight",
     "ffn_up.weight": "mlp.fc_2.weight",
     "ffn_down.weight": "mlp.proj.weight",
 }
 _QKV = ("attn_q", "attn_k", "attn_v")
-_QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
+# block tensors that exist only with a Config flag: GGUF name -> that flag
+_OPTIONAL_TENSORS = {
+    "attn_q_norm.weight": "norm_qk", "attn_k_norm.weight": "norm_qk",
+    "post_attention_norm.weight": "post_attention_norm", "post_ffw_norm.weight": "post_mlp_norm",
+}
 
 
 class GGUFImportError(ValueError):
@@ -137,16 +150,20 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         if "rope_factors_long.weight" in tensor_shapes:
             raise GGUFImportError(f"{str(path)!r} is a long-context Phi-3 (longrope scaling, rope_factors_long), "
                                   "which lit_gpt cannot compute; use a 4k-context Phi-3 or Phi-4.")
-        window = metadata.get(key("attention.sliding_window"))
-        if window and int(window) < block_size:  # exact up to the window, as for Mistral v0.1 (convert_hf.py)
-            block_size = int(window)
-
+    n_layer = int(_require(metadata, key("block_count"), path))
+    family: dict[str, Any] = dict(norm_qk=arch == "qwen3", mlp_class_name="LLaMAMLP")
+    if arch == "phi3":  # a sliding window in every block, as transformers' Phi-3 (convert_hf.py)
+        window = int(metadata.get(key("attention.sliding_window")) or 0)
+        if 0 < window < block_size:
+            family["sliding_window_size"] = window
+    if arch in _GEMMA:
+        family = _gemma_fields(metadata, arch, n_layer, n_embd, n_head, head_size, path)
     return Config(
         name=str(general_name),
         block_size=block_size,
         vocab_size=min(vocab_size, padded_vocab),
         padded_vocab_size=padded_vocab,
-        n_layer=int(_require(metadata, key("block_count"), path)),
+        n_layer=n_layer,
         n_head=n_head,
         n_query_groups=int(n_kv),
         head_size=head_size,
@@ -158,22 +175,107 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         bias=False,
         attn_bias=attn_bias,
         tie_embeddings="output.weight" not in tensor_shapes,
-        norm_qk=arch == "qwen3",  # (a qwen3 file without attn_q_norm/attn_k_norm lacks tensors: `_check_complete`)
         norm_class_name="RMSNorm",
-        norm_eps=float(metadata.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
-        mlp_class_name="LLaMAMLP",
+        norm_eps=_decimal(metadata.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
         parallel_residual=False,
+        # (a qwen3/gemma3 file without attn_q_norm/attn_k_norm, or a gemma2/3 one without its post-norms, lacks
+        # tensors: `_check_complete`)
+        **family,
     )
+
+
+def _decimal(value: float) -> float:
+    # GGUF stores such floats as float32: 1e-6 reads back as 9.99999997e-07; the shortest decimal of that float32
+    # is the value the model's config.json had (and the one the HF conversion gives)
+    return float(str(np.float32(value)))
+
+
+# Gemma 2 and 3 sizes whose attention scale llama.cpp takes from n_embd / n_head (the 27B models): it sets its model
+# type from the block count alone (`llama_model::load_hparams`, case LLM_ARCH_GEMMA2: 46 -> LLM_TYPE_27B,
+# LLM_ARCH_GEMMA3: 62 -> LLM_TYPE_27B), after gemma_pytorch's config.py (query_pre_attn_scalar = 144 and 168)
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_attention_scores_scalar(arch: str, n_layer: int, n_embd: int, n_head: int, head_size: int) -> Optional[int]:
+    """transformers' `query_pre_attn_scalar` of the scale llama.cpp gives a Gemma file's attention scores.
+
+    llama.cpp does not read it from the file: `f_attention_scale` is 1/sqrt(n_embd / n_head) (an integer division)
+    for what it takes to be a 27B model and 1/sqrt(head_dim) otherwise; Gemma 1 scales by 1/sqrt(head_dim) (None).
+    """
+    if arch == "gemma":
+        return None
+    return n_embd // n_head if n_layer == _GEMMA_27B_BLOCKS.get(arch) else head_size
+
+
+def _gemma_fields(metadata: dict, arch: str, n_layer: int, n_embd: int, n_head: int, head_size: int,
+                  path: Path) -> dict[str, Any]:
+    """The Config fields of a gemma/gemma2/gemma3 file beyond the llama-like ones, as llama.cpp loads them."""
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+
+    # llama.cpp requires the epsilon for Gemma (the generic default of 1e-5 would be wrong: Gemma's is 1e-6)
+    _require(metadata, key("attention.layer_norm_rms_epsilon"), path)
+    fields: dict[str, Any] = dict(
+        norm_unit_offset=True, mlp_class_name="GemmaMLP", gelu_approximate="tanh", scale_embeddings=True,
+        norm_qk=arch == "gemma3",
+        attention_scores_scalar=gemma_attention_scores_scalar(arch, n_layer, n_embd, n_head, head_size),
+    )
+    if arch == "gemma":
+        return fields
+    fields.update(post_attention_norm=True, post_mlp_norm=True)
+    if arch == "gemma2":
+        # llama.cpp's defaults when the keys are absent (llama-hparams.h; its converter always writes them)
+        fields.update(attention_logit_softcapping=float(metadata.get(key("attn_logit_softcapping"), 50.0)),
+                      final_logit_softcapping=float(metadata.get(key("final_logit_softcapping"), 30.0)))
+        window = int(metadata.get(key("attention.sliding_window"), 4096))
+    else:
+        # Gemma 3 has no attention soft-capping (llama.cpp ignores the key); a final one only when the file says so
+        final = float(metadata.get(key("final_logit_softcapping"), 0.0))
+        if final:
+            fields["final_logit_softcapping"] = final
+        # no window (or 0): llama.cpp runs every block with full attention
+        window = int(metadata.get(key("attention.sliding_window"), 0))
+    if window > 0:
+        sliding = _sliding_window_blocks(metadata, arch, n_layer, path)
+        if any(sliding):
+            fields.update(sliding_window_size=window, sliding_window_indices=sliding)
+            if arch == "gemma3":  # hard-coded by llama.cpp unless a newer file states it
+                fields["rope_local_base_freq"] = float(metadata.get(key("rope.freq_base_swa"), 10000.0))
+    return fields
+
+
+def _sliding_window_blocks(metadata: dict, arch: str, n_layer: int, path: Path) -> list[int]:
+    """1 for each block with sliding-window attention, 0 for full attention.
+
+    llama.cpp hard-codes a period (gemma2: 2, gemma3: 6; a newer file may state one, or a bool per block, as
+    `{arch}.attention.sliding_window_pattern`) and marks block i as sliding unless it is the last of its period,
+    `i % period < period - 1` (llama_hparams::set_swa_pattern), so blocks 0, 2, 4.. (Gemma 2) or five in six
+    (Gemma 3) slide, as in transformers' layer_types.
+    """
+    pattern = metadata.get(f"{arch}.attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layer:
+            raise GGUFImportError(
+                f"{str(path)!r}: {arch}.attention.sliding_window_pattern lists {len(pattern)} blocks but the model has "
+                f"{n_layer}; convert the model to GGUF again."
+            )
+        return [int(bool(p)) for p in pattern]
+    period = int(pattern)
+    return [int(period == 0 or i % period < period - 1) for i in range(n_layer)]
 
 
 def _rope_adjustments(metadata: dict, arch: str, path: Path, rope_freqs: Optional[np.ndarray],
                       rope_dims: int) -> Optional[dict]:
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     factor = float(metadata.get(f"{arch}.rope.scaling.factor", 1.0))
+    if arch == "gemma3" and scaling == "linear" and factor != 1.0:
+        # Gemma 3 4B+ (factor 8): llama.cpp divides the positions of the full-attention blocks by the factor and
+        # leaves the sliding-window blocks unscaled (rope_freq_scale_train_swa = 1), as Config.rope_adjustments does
+        return {"factor": factor}
     if scaling not in ("none", "") and factor != 1.0:
         raise GGUFImportError(
             f"{str(path)!r} uses {scaling!r} RoPE scaling (factor {factor}); only Llama-3.1-style frequency "
-            "scaling (a rope_freqs tensor) can be imported."
+            "scaling (a rope_freqs tensor) and Gemma 3's linear scaling can be imported."
         )
     if rope_freqs is None:
         return None
@@ -254,6 +356,15 @@ def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
+def _shifted(value: torch.Tensor, name: str, arch: str) -> torch.Tensor:
+    # undo the +1 llama.cpp's Gemma converters add to every `*norm.weight` (GemmaModel/Gemma2Model/Gemma3Model
+    # modify_tensors). They add in float32 (a bfloat16 checkpoint is upcast first), so the file holds w + 1 rounded
+    # by at most 2**-24 for -1 < w < 1 (not at all for a bfloat16 w with |w| >= 2**-16): the weight comes back as
+    # transformers' up to that rounding, and where w + 1 lies in [0.5, 2] the subtraction is exact, so `1 + weight`,
+    # what the model computes, is exactly the scale llama.cpp multiplies by
+    return value - 1 if arch in _GEMMA and name.endswith("norm.weight") else value
+
+
 def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
                      dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """`(lit name, tensor)` pairs from a reader's `tensors`, dequantized one tensor at a time so memory holds the
@@ -267,7 +378,7 @@ def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
         if name in _GLOBAL_TENSORS:
             if name == "output.weight" and config.tie_embeddings:
                 continue
-            yield _GLOBAL_TENSORS[name], dequantize(tensor, path).to(dtype)
+            yield _GLOBAL_TENSORS[name], _shifted(dequantize(tensor, path), name, arch).to(dtype)
             continue
         parts = name.split(".", 2)
         if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
@@ -284,8 +395,8 @@ def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
             yield prefix + "mlp.fc_1.weight", gate.clone()
             yield prefix + "mlp.fc_2.weight", up.clone()
             continue
-        if local in _BLOCK_TENSORS and (config.norm_qk or local not in _QK_NORMS):
-            yield prefix + _BLOCK_TENSORS[local], dequantize(tensor, path).to(dtype)
+        if local in _BLOCK_TENSORS and (local not in _OPTIONAL_TENSORS or getattr(config, _OPTIONAL_TENSORS[local])):
+            yield prefix + _BLOCK_TENSORS[local], _shifted(dequantize(tensor, path), name, arch).to(dtype)
             continue
         stem, _, kind = local.rpartition(".")
         if stem not in _QKV or kind not in ("weight", "bias"):

@@ -209,16 +209,17 @@ def test_gguf_with_a_head_size_other_than_width_over_heads(tmp_path, byte_level_
 
 
 def test_phi3_gguf_with_its_fused_layers_partial_rope_and_a_sliding_window(tmp_path, byte_level_vocab):
-    """llama.cpp keeps Phi-3's qkv_proj and gate_up_proj whole (attn_qkv, ffn_up) and its rotate-half RoPE; a
-    sliding window caps the block size, within which the logits are exact."""
+    """llama.cpp keeps Phi-3's qkv_proj and gate_up_proj whole (attn_qkv, ffn_up) and its rotate-half RoPE; its
+    sliding window (8 tokens here, against 32-token inputs) stays one, as in transformers."""
     tokens, merges = byte_level_vocab
-    hf = hf_model("phi3", len(tokens), num_hidden_layers=1, partial_rotary_factor=0.5, sliding_window=32)
-    rope = {"phi3.rope.dimension_count": 8, "phi3.attention.sliding_window": 32}
+    hf = hf_model("phi3", len(tokens), num_hidden_layers=1, partial_rotary_factor=0.5, sliding_window=8)
+    rope = {"phi3.rope.dimension_count": 8, "phi3.attention.sliding_window": 8}
     tensors = gguf_tensors_from_hf(hf, "phi3")
     path = write_gguf(tmp_path / "phi3.gguf", "phi3", {**model_metadata(hf.config, "phi3"), **rope,
                                                        **tokenizer_metadata(tokens, merges)}, tensors)
     config = convert_gguf(path, tmp_path / "ckpt")
-    assert (config.block_size, config.rope_n_elem, config.head_size) == (32, 8, 16)
+    assert (config.rope_n_elem, config.head_size, config.sliding_window_size) == (8, 16, 8)
+    assert config.block_size == hf.config.max_position_embeddings > 32
     model = GPT.from_checkpoint(tmp_path / "ckpt").eval()
     idx = torch.randint(0, len(tokens), (2, 32))
     with torch.no_grad():
