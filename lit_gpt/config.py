@@ -40,6 +40,12 @@ def read_yaml_file(path: Path | str, fix: str) -> Any:
         raise ValueError(f"{str(path)!r} is not UTF-8 text{fix}") from None
 
 
+def _repeat_pattern(flags: list[int], n: int) -> list[int]:
+    """`flags` continued (or cut) to `n` entries by repeating its shortest period."""
+    period = next(p for p in range(1, len(flags) + 1) if all(f == flags[i % p] for i, f in enumerate(flags)))
+    return [flags[i % period] for i in range(n)]
+
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 
@@ -194,6 +200,9 @@ class Config:
         if "vocab_size" in overrides and "padded_vocab_size" not in overrides:
             # the padded size is derived from the vocabulary; recompute it for the overridden one
             conf.pop("padded_vocab_size", None)
+        if "n_layer" in overrides and "sliding_window_indices" not in overrides and conf.get("sliding_window_indices"):
+            # a smaller (or larger) model of the same family: the named config's pattern of windowed blocks goes on
+            conf["sliding_window_indices"] = _repeat_pattern(conf["sliding_window_indices"], overrides["n_layer"])
         conf.update(overrides)
         return cls(**conf)
 

@@ -32,6 +32,7 @@ import torch.utils.checkpoint
 
 from lit_gpt import recompute
 from lit_gpt.config import Config
+from lit_gpt.softcap import softcap, softcapped_attention
 
 NO_KV_CACHE = "input_pos was given but no KV cache is set: call model.set_kv_cache() first."
 
@@ -374,26 +375,6 @@ class CausalSelfAttention(nn.Module):
             )
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.proj(y)
-
-
-def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """`cap * tanh(x / cap)`: about x for small x, never beyond ±cap (Gemma 2's attention and output logits)."""
-    return torch.tanh(x / cap) * cap
-
-
-def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                         scale: float, cap: float) -> torch.Tensor:
-    """Attention whose scaled scores are soft-capped before the mask and softmax (float32), as Gemma 2 computes it.
-    `mask` None means causal. Scaled-dot-product attention has no such step, so this forms the scores."""
-    if k.size(1) != q.size(1):  # grouped queries: each key/value head serves n_head / n_query_groups query heads
-        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    scores = softcap(torch.matmul(q, k.transpose(-2, -1)) * scale, cap)
-    if mask is None:
-        T, S = q.size(-2), k.size(-2)
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class KVCache(nn.Module):

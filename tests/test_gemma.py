@@ -301,3 +301,12 @@ def test_hub_style_multimodal_config_gives_the_named_config():
     assert config_from_hf(theirs.to_dict(), name="google/gemma-3-4b-it") == ours
     with pytest.raises(ConversionError, match="model_type 'gemma3' has no text_config object"):
         config_from_hf({"model_type": "gemma3"})
+
+
+def test_a_named_config_with_fewer_blocks_keeps_its_window_pattern():
+    """`Config.from_name(name, n_layer=2)` (a small model of the family, for tests and benchmarks) continues the
+    named config's pattern of sliding-window blocks instead of failing on a list of the original length."""
+    assert Config.from_name("gemma-2-9b", n_layer=3).sliding_window_indices == [1, 0, 1]
+    assert Config.from_name("gemma-3-1b-it", n_layer=8).sliding_window_indices == [1, 1, 1, 1, 1, 0, 1, 1]
+    assert Config.from_name("gemma-3-1b-it", n_layer=2, sliding_window_indices=[0, 1]).sliding_window_indices == [0, 1]
+    assert Config.from_name("Mistral-7B-v0.1", n_layer=2).sliding_window_indices is None
