@@ -1,4 +1,5 @@
-"""Benchmark lit_gpt's GPT against transformers' LlamaForCausalLM on the same random Llama (CPU by default).
+"""Benchmark lit_gpt's GPT against transformers' LlamaForCausalLM on the same random Llama (CPU by default), or
+against Gemma2ForCausalLM / Gemma3ForCausalLM on a random Gemma 2 / Gemma 3 of the same sizes (`--model_type`).
 
 Measures a training step (forward + backward) and greedy generation (ours `lit_gpt.generate.generate` with its KV
 cache, theirs `model.generate(do_sample=False)`), with identical weights, prompt and number of new tokens. A and B
@@ -59,6 +60,7 @@ def main(
     repeats: int = 5,
     threads: Optional[int] = None,
     device: str = "cpu",
+    model_type: str = "llama",
     write_docs: bool = False,
 ) -> None:
     """Time our GPT against transformers' LlamaForCausalLM on one random Llama config.
@@ -68,7 +70,7 @@ def main(
         n_embd: Model width.
         n_head: Attention heads.
         n_query_groups: Key/value heads (grouped-query attention when fewer than n_head).
-        intermediate_size: SwiGLU hidden size.
+        intermediate_size: Gated MLP's hidden size.
         vocab_size: Vocabulary size.
         batch_size: Sequences per training step.
         seq_len: Tokens per sequence in the training step.
@@ -77,6 +79,8 @@ def main(
         repeats: Timed runs per side and measurement (after one warm-up each).
         threads: torch intra-op threads (default: torch's choice).
         device: "cpu" or "cuda".
+        model_type: "llama", or "gemma2" / "gemma3_text" for transformers' Gemma 2 / Gemma 3 (soft-capped
+            attention, norms after attention and MLP, sliding windows of transformers' default size).
         write_docs: Replace (or add) this benchmark's section of docs/benchmarks.md with the results.
     """
     import transformers
@@ -86,14 +90,21 @@ def main(
     command = command_line()
     print(f"$ {command}")
     torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(
+    if model_type not in ("llama", "gemma2", "gemma3_text"):
+        raise ValueError(f"--model_type {model_type!r}: choose llama, gemma2 or gemma3_text.")
+    sizes = dict(
         vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=intermediate_size, num_hidden_layers=n_layer,
         num_attention_heads=n_head, num_key_value_heads=n_query_groups, max_position_embeddings=2048,
         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
-    hf_config._attn_implementation = "sdpa"
-    theirs = transformers.LlamaForCausalLM(hf_config).to(device)
-    config = config_from_hf(hf_config.to_dict(), name="bench-llama")
+    if model_type != "llama":  # (Gemma's default head_dim is 256 whatever the width)
+        sizes.update(head_dim=n_embd // n_head)
+    hf_config = transformers.AutoConfig.for_model(model_type, **sizes)
+    # SDPA where transformers has it for the family (its Gemma 2 has only eager attention, for the soft cap)
+    attention = "eager" if model_type == "gemma2" else "sdpa"
+    theirs = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention).to(device)
+    family = type(theirs).__name__
+    config = config_from_hf(hf_config.to_dict(), name=f"bench-{model_type}")
     ours = GPT(config).to(device)
     ours.load_state_dict(hf_to_lit_state_dict(theirs.state_dict(), config), strict=False)
     ours.tie_weights()
@@ -145,7 +156,7 @@ def main(
                      new_tokens / med(gen[f"{clock}_theirs"])))
     threads_used = torch.get_num_threads()
     setup = (
-        f"Llama config: {n_layer} layers, width {n_embd}, {n_head} heads / {n_query_groups} KV heads, MLP "
+        f"{family} config: {n_layer} layers, width {n_embd}, {n_head} heads / {n_query_groups} KV heads, MLP "
         f"{intermediate_size}, vocab {vocab_size}; train batch {batch_size}x{seq_len}; generation {prompt_len} prompt "
         f"+ {new_tokens} new tokens; {repeats} interleaved runs after a warm-up; {device}, {threads_used} threads"
     )
@@ -164,7 +175,7 @@ def main(
     if write_docs:
         table = "\n".join(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.3f} |" for name, a, b in rows)
         section = (
-            f"## GPT vs transformers LlamaForCausalLM (`bench/model.py`)\n\n"
+            f"## GPT vs transformers {family} (`bench/model.py`)\n\n"
             f"Run on {date.today().isoformat()}: `{command}`\n\n{setup}. {env}.\n\n"
             "| measurement (median) | ours | transformers | ours / transformers |\n|---|---|---|---|\n"
             f"{table}\n\nSame weights on both sides: max |logit difference| {diff:.2e}, identical greedy tokens: "
@@ -176,7 +187,7 @@ def main(
             "training step in `aten::mm` (ours issues fewer, larger matmuls: one fused QKV projection instead of "
             "three).\n"
         )
-        write_section("bench/model.py", section)
+        write_section("bench/model.py" + ("" if model_type == "llama" else f" {model_type}"), section)
 
 
 if __name__ == "__main__":
