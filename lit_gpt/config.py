@@ -40,6 +40,10 @@ def read_yaml_file(path: Path | str, fix: str) -> Any:
         raise ValueError(f"{str(path)!r} is not UTF-8 text{fix}") from None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _repeat_pattern(flags: list[int], n: int) -> list[int]:
     """`flags` continued (or cut) to `n` entries by repeating its shortest period."""
     period = next(p for p in range(1, len(flags) + 1) if all(f == flags[i % p] for i, f in enumerate(flags)))
@@ -53,7 +57,8 @@ def find_multiple(n: int, k: int) -> int:
 @dataclass
 class Config:
     name: str = ""
-    hf_config: dict = field(default_factory=dict)  # {"org": ..., "name": ...}
+    # {"org": ..., "name": ...}: the Hub model; with "multimodal": true, the text model of that (multimodal) model
+    hf_config: dict = field(default_factory=dict)
     block_size: int = 4096
     vocab_size: int = 50254
     padding_multiple: int = 512
@@ -148,6 +153,10 @@ class Config:
         def fail(what: str) -> None:
             raise ValueError(f"Config {self.name!r}: {what}.")
 
+        for key, known in (("mlp_class_name", ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP")),
+                           ("norm_class_name", ("LayerNorm", "RMSNorm"))):
+            if getattr(self, key) not in known:
+                fail(f"{key}={getattr(self, key)!r} is none of {', '.join(repr(k) for k in known)}")
         if self.mlp_class_name in ("LLaMAMLP", "GemmaMLP") and self.intermediate_size is None:
             fail(f"{self.mlp_class_name} needs an explicit intermediate_size")
         if self.norm_unit_offset and self.norm_class_name != "RMSNorm":
@@ -155,17 +164,29 @@ class Config:
         for key in ("attention_logit_softcapping", "final_logit_softcapping", "attention_scores_scalar",
                     "sliding_window_size", "rope_local_base_freq"):
             value = getattr(self, key)
-            if value is not None and not value > 0:
+            if value is not None and (not _is_number(value) or not value > 0):
                 fail(f"{key}={value!r} must be a positive number or null")
-        if self.sliding_window_size is not None and self.sliding_window_size != int(self.sliding_window_size):
-            fail(f"sliding_window_size={self.sliding_window_size!r} must be a whole number of tokens")
+        for key in ("attention_scores_scalar", "sliding_window_size"):
+            value = getattr(self, key)
+            if value is not None and value != int(value):
+                fail(f"{key}={value!r} must be a whole number")
         indices = self.sliding_window_indices
         if indices is not None:
             if self.sliding_window_size is None:
                 fail("sliding_window_indices is set but sliding_window_size is not; set both or neither")
-            if len(indices) != self.n_layer or any(i not in (0, 1) for i in indices):
+            if (not isinstance(indices, list) or len(indices) != self.n_layer
+                    or any(type(i) is not int or i not in (0, 1) for i in indices)):
                 fail(f"sliding_window_indices must be a list of {self.n_layer} entries (one per block), each 0 or 1, "
                      f"got {indices!r}")
+            if not any(indices):
+                fail("sliding_window_indices has no 1, so no block has a window: set it and sliding_window_size to "
+                     "null")
+        adj = self.rope_adjustments
+        llama3 = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
+        if adj is not None and (not isinstance(adj, dict) or set(adj) not in ({"factor"}, llama3)
+                                or not all(_is_number(v) and v > 0 for v in adj.values())):
+            fail(f"rope_adjustments={adj!r} must be null, {{factor}} (linear scaling) or "
+                 f"{{{', '.join(sorted(llama3))}}} (Llama 3.1's), with positive numbers")
         if self.rope_local_base_freq is not None and self.sliding_window_size is None:
             fail("rope_local_base_freq is the RoPE base of the sliding-window blocks, but sliding_window_size is "
                  "not set")
@@ -486,8 +507,10 @@ for size, vocab, block, layers, embd, heads, groups, inter, head_size, scalar, w
     ("27b", 262208, 131072, 62, 5376, 32, 16, 21504, 128, 168, 1024, dict(factor=8.0)),
 ):
     for suffix in ("-pt", "-it"):
+        # (`multimodal`: the Hub model holds more than this text model, so it is not the base transformers loads)
+        hub = dict(org="google", name=f"gemma-3-{size}{suffix}", **({"multimodal": True} if size != "1b" else {}))
         configs.append(dict(
-            _gemma, hf_config=dict(org="google", name=f"gemma-3-{size}{suffix}"), vocab_size=vocab,
+            _gemma, hf_config=hub, vocab_size=vocab,
             padded_vocab_size=vocab, block_size=block, n_layer=layers, n_embd=embd, n_head=heads,
             n_query_groups=groups, intermediate_size=inter, head_size=head_size, post_attention_norm=True,
             post_mlp_norm=True, norm_qk=True, attention_scores_scalar=scalar, rope_base=1000000,

@@ -76,8 +76,12 @@ def text_config(hf_config: dict) -> dict:
     if not isinstance(text, dict):
         raise ConversionError(f"config.json of model_type {model_type!r} has no text_config object, which describes "
                               "the text model lit_gpt imports.")
-    return {**text, "model_type": MULTIMODAL_TEXT_TYPES[model_type],
+    return {**text, "model_type": MULTIMODAL_TEXT_TYPES[model_type], _MULTIMODAL_KEY: model_type,
             **{k: hf_config[k] for k in ("_name_or_path", LIT_NAME_KEY) if k in hf_config}}
+
+
+# what `text_config` marks a multimodal model's text config with (`Config.hf_config["multimodal"]` then says so)
+_MULTIMODAL_KEY = "_lit_gpt_text_of"
 
 
 class ConversionError(ValueError):
@@ -267,9 +271,10 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
     # the HF vocab_size is the embedding's row count, padding included
     vocab = int(need("vocab_size"))
     org, short = _split_name(name or hf_config.get("_name_or_path") or "")
+    hub = dict(org=org, name=short or model_type, **({"multimodal": True} if _MULTIMODAL_KEY in hf_config else {}))
     try:
         return Config(
-            name=short or model_type, hf_config=dict(org=org, name=short or model_type), vocab_size=vocab,
+            name=short or model_type, hf_config=hub, vocab_size=vocab,
             padded_vocab_size=vocab, tie_embeddings=bool(hf["tie_word_embeddings"]), **arch,
         )
     except ValueError as e:  # e.g. an odd number of rotary features: the sentence names the field, not the file

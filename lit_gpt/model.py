@@ -364,6 +364,14 @@ class CausalSelfAttention(nn.Module):
         if c.attention_logit_softcapping is not None:
             y = softcapped_attention(q, k, v, mask, scale, c.attention_logit_softcapping)
         else:
+            gqa = c.n_query_groups != c.n_head
+            if gqa and mask is not None and T > 1 and q.is_cuda:
+                # of CUDA's kernels only flash attention (no mask) and the math one (which keeps every score for
+                # backward) take enable_gqa: with a mask (a sliding window, a padded batch), repeat the key/value
+                # heads instead so that the memory-efficient kernel runs
+                k = k.repeat_interleave(c.n_head // c.n_query_groups, dim=1)
+                v = v.repeat_interleave(c.n_head // c.n_query_groups, dim=1)
+                gqa = False
             y = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -371,7 +379,7 @@ class CausalSelfAttention(nn.Module):
                 attn_mask=mask,
                 is_causal=mask is None and T > 1,
                 scale=scale,
-                enable_gqa=c.n_query_groups != c.n_head,
+                enable_gqa=gqa,
             )
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.proj(y)

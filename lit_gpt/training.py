@@ -1362,7 +1362,7 @@ def train_modules_from_flag(given: Optional[Union[str, Sequence[str]]]) -> list[
     transformers' names of the same modules (PEFT's modules_to_save: embed_tokens, input_layernorm, ...). In one
     order whatever the given one (the named modules first, then the rest sorted), `lm_head` as `head`, so that a run
     spelled otherwise is the same run (its folder's name, a resume)."""
-    from lit_gpt.adapters.base import HF_TRAIN_MODULE_NAMES
+    from lit_gpt.adapters.base import hf_train_module
     from lit_gpt.adapters.config import GPT_TRAIN_MODULES
 
     if given is None:
@@ -1371,7 +1371,7 @@ def train_modules_from_flag(given: Optional[Union[str, Sequence[str]]]) -> list[
     names = set()
     for item in (str(item).strip() for item in items):
         if item:
-            name = HF_TRAIN_MODULE_NAMES.get(item, item)
+            name = hf_train_module(item) or item  # (a family-dependent name stays: the model resolves it)
             names.add("head" if name == "lm_head" else name)
     return [n for n in GPT_TRAIN_MODULES if n in names] + sorted(names - set(GPT_TRAIN_MODULES))
 

@@ -181,6 +181,13 @@ def test_what_lit_gpt_cannot_express_is_refused():
     (dict(attention_logit_softcapping=-1.0), "attention_logit_softcapping=-1.0 must be a positive number"),
     (dict(norm_class_name="LayerNorm"), "norm_unit_offset=true needs norm_class_name 'RMSNorm'"),
     (dict(intermediate_size=None), "GemmaMLP needs an explicit intermediate_size"),
+    (dict(sliding_window_size="4"), "sliding_window_size='4' must be a positive number"),  # (a quoted YAML value)
+    (dict(sliding_window_size=True), "sliding_window_size=True must be a positive number"),
+    (dict(sliding_window_indices=[True, False, True, False]), "each 0 or 1"),
+    (dict(sliding_window_indices=[0, 0, 0, 0]), "sliding_window_indices has no 1"),
+    (dict(rope_adjustments={"factor": 8.0, "low_freq_factor": 1.0}), r"rope_adjustments=.* must be null, \{factor\}"),
+    (dict(rope_adjustments={"factor": 0}), "with positive numbers"),
+    (dict(mlp_class_name="GemmaMlp"), "mlp_class_name='GemmaMlp' is none of 'GptNeoxMLP', 'LLaMAMLP', 'GemmaMLP'"),
 ])
 def test_inconsistent_configs_are_refused_naming_the_field(change, message):
     fields = dict(name="t", n_layer=4, n_embd=32, n_head=4, vocab_size=64, block_size=32, bias=False,
@@ -261,16 +268,15 @@ def test_named_configs_have_transformers_and_the_published_parameter_count(name)
     assert type(theirs).__name__ == EXPORTED_CLASS[hf["model_type"]]
     count = sum(p.numel() for p in theirs.parameters())
     assert sum(p.numel() for p in ours.parameters()) == count == PUBLISHED.get(name, count)
-    assert Config.from_name(name.removesuffix("-pt") + "-it").to_dict() == {**c.to_dict(), "name": c.name.removesuffix(
-        "-pt") + "-it", "hf_config": {"org": "google", "name": c.name.removesuffix("-pt") + "-it"}}
+    it = name.removesuffix("-pt") + "-it"
+    assert Config.from_name(it).to_dict() == {**c.to_dict(), "name": it, "hf_config": {**c.hf_config, "name": it}}
 
 
-def test_multimodal_gemma3_imports_its_text_model(tmp_path, capsys):
-    """A `Gemma3ForConditionalGeneration` folder (as the 4B, 12B and 27B come): its text model is converted, the
-    vision tower and projector dropped with a note, and the logits of text-only inputs are the multimodal model's."""
-    text = {**TINY, **FAMILIES["gemma3_text"]}
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory):
+    """(a random tiny `Gemma3ForConditionalGeneration`, as the 4B, 12B and 27B come; its folder, converted)."""
     config = transformers.AutoConfig.for_model(
-        "gemma3", text_config=text, mm_tokens_per_image=4,
+        "gemma3", text_config={**TINY, **FAMILIES["gemma3_text"]}, mm_tokens_per_image=4,
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14))
     torch.manual_seed(0)
@@ -279,12 +285,49 @@ def test_multimodal_gemma3_imports_its_text_model(tmp_path, capsys):
         for p in hf.parameters():
             p.normal_(0.0, 0.2)
     assert any(k.startswith("model.vision_tower.") for k in hf.state_dict())
+    folder = tmp_path_factory.mktemp("gemma3-mm") / "hf"
+    hf.save_pretrained(folder)
+    convert_hf_checkpoint(folder)
+    return hf, folder
+
+
+def test_multimodal_gemma3_imports_its_text_model(multimodal, tmp_path, capsys):
+    """Its text model is converted, the vision tower and projector dropped with a note, and the logits of text-only
+    inputs are the multimodal model's."""
+    hf, _ = multimodal
     hf.save_pretrained(tmp_path / "hf")
     lit_config = convert_hf_checkpoint(tmp_path / "hf")
     assert "converted its text model" in capsys.readouterr().err
-    assert lit_config == config_from_hf(tiny("gemma3_text").config.to_dict(), name="hf")
+    text_only = config_from_hf(tiny("gemma3_text").config.to_dict(), name="hf")
+    assert lit_config == Config(**{**text_only.to_dict(), "hf_config": {**text_only.hf_config, "multimodal": True}})
     model = GPT.from_checkpoint(tmp_path / "hf").eval()
     torch.testing.assert_close(lit_logits(model, IDX), hf_logits(hf, IDX), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # (transformers' deprecations that PEFT's code triggers)
+@pytest.mark.parametrize("targets", [r".*language_model.*\.(q_proj|v_proj)", ["q_proj", "v_proj"]],
+                         ids=["regex-on-the-text-model", "list-also-adapting-the-vision-tower"])
+def test_peft_adapter_trained_on_a_multimodal_gemma3(multimodal, targets, tmp_path, capsys):
+    """A PEFT LoRA trained on the multimodal model names its modules `model.language_model.layers...` (and, with a
+    list of names, adapts the vision tower's q/v too): imported onto the text model's conversion, it gives the
+    multimodal PeftModel's logits, the vision tower's tensors dropped with a note. Exported back, the adapter names
+    the text model's transformers export as its base (PEFT would find none of its modules in the Hub model)."""
+    pytest.importorskip("peft")
+    from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapter
+    from lit_gpt.merge import load_finetuned
+    from test_peft_format import hf_export, logits, peft_model, save_peft
+
+    hf, folder = multimodal
+    peft, peft_dir = save_peft(hf, tmp_path, r=4, lora_alpha=8, target_modules=targets)
+    expected = logits(peft)
+    adapter = import_peft_adapter(peft_dir, folder, tmp_path / "imported.safetensors")
+    assert ("also adapts the vision tower" in capsys.readouterr().err) == isinstance(targets, list)
+    torch.testing.assert_close(logits(load_finetuned(folder, adapter)), expected, **TOL)
+
+    out = export_peft_adapter(adapter, folder, tmp_path / "peft_export")
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base.endswith("peft_export-base-hf")
+    torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), out)), expected, **TOL)
 
 
 def test_hub_style_multimodal_config_gives_the_named_config():
@@ -297,8 +340,11 @@ def test_hub_style_multimodal_config_gives_the_named_config():
            "vision_config": {"model_type": "siglip_vision_model"}}
     ours = config_from_hf(hub, name="google/gemma-3-4b-it")
     assert ours == Config.from_name("gemma-3-4b-it")
+    assert ours.hf_config == {"org": "google", "name": "gemma-3-4b-it", "multimodal": True}
+    # transformers' reading of the same file: its text config alone is that text model, not a multimodal one
     theirs = transformers.AutoConfig.for_model(**{k: v for k, v in hub.items() if k != "architectures"}).text_config
-    assert config_from_hf(theirs.to_dict(), name="google/gemma-3-4b-it") == ours
+    assert config_from_hf(theirs.to_dict(), name="google/gemma-3-4b-it") == Config(
+        **{**ours.to_dict(), "hf_config": {"org": "google", "name": "gemma-3-4b-it"}})
     with pytest.raises(ConversionError, match="model_type 'gemma3' has no text_config object"):
         config_from_hf({"model_type": "gemma3"})
 
@@ -310,3 +356,26 @@ def test_a_named_config_with_fewer_blocks_keeps_its_window_pattern():
     assert Config.from_name("gemma-3-1b-it", n_layer=8).sliding_window_indices == [1, 1, 1, 1, 1, 0, 1, 1]
     assert Config.from_name("gemma-3-1b-it", n_layer=2, sliding_window_indices=[0, 1]).sliding_window_indices == [0, 1]
     assert Config.from_name("Mistral-7B-v0.1", n_layer=2).sliding_window_indices is None
+
+
+def test_peft_norm_names_in_train_modules_mean_the_gemma_modules():
+    """PEFT's modules_to_save names of Gemma 2/3's norms (`--*_train_modules post_attention_layernorm`) select the
+    norms transformers' Gemma has under them: its post_attention_layernorm follows the attention; in every other
+    family it is the pre-MLP norm, lit's norm_2."""
+    from lit_gpt.adapters.base import train_module_names
+    from lit_gpt.training import train_modules_from_flag
+
+    with torch.device("meta"):
+        gemma2 = GPT(Config.from_name("gemma-2-2b", n_layer=2))
+        llama = GPT(Config.from_name("Llama-3.2-1B", n_layer=2))
+
+    def trained(model, flag):
+        return train_module_names(model, AdapterConfig(method="lora", train_modules=train_modules_from_flag(flag)))
+
+    expected = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "norm_2",
+                "post_feedforward_layernorm": "post_mlp_norm", "input_layernorm": "norm_1"}
+    for flag, ours in expected.items():
+        assert trained(gemma2, flag) == [f"transformer.h.{i}.{ours}" for i in range(2)], flag
+    assert trained(llama, "post_attention_layernorm") == ["transformer.h.0.norm_2", "transformer.h.1.norm_2"]
+    with pytest.raises(ValueError, match="'pre_feedforward_layernorm' matches no module of GPT"):
+        trained(llama, "pre_feedforward_layernorm")

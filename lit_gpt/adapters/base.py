@@ -705,9 +705,28 @@ def _refusal(model: nn.Module, name: str, module: nn.Module, owners: dict[int, l
 
 # transformers' names of modules PEFT's modules_to_save lists, and the same modules of a lit_gpt.GPT
 HF_TRAIN_MODULE_NAMES = {"embed_tokens": "transformer.wte", "embed_in": "transformer.wte", "lm_head": "lm_head",
-                         "embed_out": "lm_head", "input_layernorm": "norm_1", "post_attention_layernorm": "norm_2",
-                         "norm": "transformer.ln_f", "final_layer_norm": "transformer.ln_f",
-                         "final_layernorm": "transformer.ln_f", "q_norm": "attn.norm_q", "k_norm": "attn.norm_k"}
+                         "embed_out": "lm_head", "input_layernorm": "norm_1", "norm": "transformer.ln_f",
+                         "final_layer_norm": "transformer.ln_f", "final_layernorm": "transformer.ln_f",
+                         "q_norm": "attn.norm_q", "k_norm": "attn.norm_k"}
+# ... and those whose module depends on the family (`hf_train_module`): Gemma 2/3's post_attention_layernorm follows
+# the attention (lit's post_attention_norm), its pre_feedforward_layernorm is the pre-MLP norm every other family
+# calls post_attention_layernorm (lit's norm_2)
+_HF_NORMS = {"post_attention_layernorm": "norm_2"}
+_HF_GEMMA_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "norm_2",
+                   "post_feedforward_layernorm": "post_mlp_norm"}
+
+
+def hf_train_module(name: str, model: Optional[nn.Module] = None) -> Optional[str]:
+    """The lit_gpt.GPT module (a suffix of its names) that transformers' module name `name` is in `model`'s family,
+    or None for a name that is not one of theirs. Without `model`, only the names that mean one module in every
+    family (the family-dependent ones, e.g. post_attention_layernorm, give None)."""
+    if name in HF_TRAIN_MODULE_NAMES:
+        return HF_TRAIN_MODULE_NAMES[name]
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    gemma = getattr(config, "post_attention_norm", False) or getattr(config, "post_mlp_norm", False)
+    return (_HF_GEMMA_NORMS if gemma else _HF_NORMS).get(name)
 
 
 def _has_parameters(module: nn.Module) -> bool:
@@ -735,6 +754,9 @@ def train_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     for pattern in config.train_modules:
         if gpt and pattern in GPT_TRAIN_MODULES:
             hits = _gpt_train_modules(model, pattern)
+        elif gpt and pattern not in HF_TRAIN_MODULE_NAMES and hf_train_module(pattern, model):
+            ours = hf_train_module(pattern, model)  # (a family-dependent transformers name, e.g. Gemma 2's norms)
+            hits = [n for n in modules if n and _match(ours, n)]
         else:
             hits = [n for n in modules if n and _match(pattern, n)]
         hits = [n for n in hits if _has_parameters(modules[n])]
@@ -751,7 +773,7 @@ def _no_train_match(model: nn.Module, modules: dict[str, nn.Module], pattern: st
         return (f"The {flag} entry {pattern!r} matches only modules without parameters in {what}: name modules that "
                 "have some.")
     if gpt:
-        ours = HF_TRAIN_MODULE_NAMES.get(pattern.rsplit(".", 1)[-1])
+        ours = hf_train_module(pattern.rsplit(".", 1)[-1], model)
         instead = f" ({pattern!r} is {ours!r} here)" if ours else ""
         if pattern == "norm":  # (as a suffix, PEFT's modules_to_save selects every norm with it)
             instead = " ('norm' is 'transformer.ln_f' here; 'norms' is every norm, which PEFT's modules_to_save " \

@@ -166,9 +166,42 @@ def hf_linear_modules(config: Config) -> dict[str, HFModule]:
 
 
 def _base_model_name(config: Config) -> Optional[str]:
-    """The Hub name of the model `config` was converted from (`org/name`), None where it is not known."""
+    """The Hub name of the model `config` was converted from (`org/name`), None where it is not known or names a
+    multimodal model whose text model `config` is (transformers loads that Hub id with other module names)."""
     org, name = config.hf_config.get("org"), config.hf_config.get("name")
-    return f"{org}/{name}" if org and name else None
+    return f"{org}/{name}" if org and name and not config.hf_config.get("multimodal") else None
+
+
+# a multimodal Gemma 3's text model in its PEFT adapters (transformers >= 4.52, and 4.50/4.51), and its vision parts,
+# which lit_gpt does not have
+_PEFT_TEXT_PREFIXES = ((f"{PEFT_PREFIX}model.language_model.", f"{PEFT_PREFIX}model."),
+                       (f"{PEFT_PREFIX}language_model.model.", f"{PEFT_PREFIX}model."),
+                       (f"{PEFT_PREFIX}language_model.lm_head.", f"{PEFT_PREFIX}lm_head."))
+_PEFT_VISION = re.compile(rf"{re.escape(PEFT_PREFIX)}(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
+
+
+def _text_model_tensors(tensors: dict[str, torch.Tensor], weights: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter trained on a multimodal Gemma 3, named as on its text model; the vision tower's
+    dropped with a note (images are not supported)."""
+    out, vision = {}, 0
+    for key, t in tensors.items():
+        if _PEFT_VISION.match(key):
+            vision += 1
+            continue
+        for old, new in _PEFT_TEXT_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = t
+    if vision:
+        print(f"Note: {weights!r} also adapts the vision tower ({vision} tensors); lit_gpt imports the text model's "
+              "adapter only (it does not read images).", file=sys.stderr)
+    return out
+
+
+def _multimodal_name(module: str) -> str:
+    """A text model's module as a multimodal Gemma 3 (transformers >= 4.52) names it."""
+    return f"model.language_model.{module[len('model.'):]}" if module.startswith("model.") else module
 
 
 def _matches(piece: str, module: str) -> bool:
@@ -1017,18 +1050,21 @@ def _inside(name: str, modules: set[str]) -> bool:
 
 
 def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckpt: str,
-                    parameters: dict[str, torch.Size], saved: set[str], renamed: dict[str, str]
-                    ) -> tuple[dict[str, dict], dict]:
+                    parameters: dict[str, torch.Size], saved: set[str], renamed: dict[str, str],
+                    multimodal: bool = False) -> tuple[dict[str, dict], dict]:
     """The adapter tensors of `adapter_model.safetensors` by transformers module and part (`A`/`B`, `oft_R`,
     `hra_u`), checked against the modules of the checkpoint's export and the config's selection of them; and the
     tensors of the modules PEFT trains in full (`saved`: `_saved_modules`), by their names in the export, whose
     shapes `parameters` gives. Tensors under a module's transformers-5 name (`_RENAMED_MODULES`) count as the
-    export's (`renamed`: new name -> that name)."""
+    export's (`renamed`: new name -> that name). `multimodal`: the checkpoint is the text model of a multimodal
+    Gemma 3, whose adapters name its modules inside the multimodal model (`_text_model_tensors`)."""
     kind = cfg["peft_type"]
     dora = kind == "LORA" and bool(cfg.get("use_dora"))
     pattern, parts = TENSOR_NAMES["DORA" if dora else kind]
     tensors = _read_peft_tensors(peft_dir)
     weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
+    if multimodal:
+        tensors = _text_model_tensors(tensors, weights)
     for new, old in renamed.items():
         for key in [k for k in tensors if k.startswith(f"{PEFT_PREFIX}{new}.")]:
             t, alias = tensors.pop(key), f"{PEFT_PREFIX}{old}.{key[len(PEFT_PREFIX) + len(new) + 1:]}"
@@ -1087,7 +1123,8 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
     head = next((m for m, info in modules.items() if info.lit == _HEAD), None)
     other_name = {old: new for new, old in renamed.items()}  # (selected under either of its transformers names)
     selected = {m for m in modules if peft_selects(cfg, m, head)
-                or (m in other_name and peft_selects(cfg, other_name[m], other_name[m]))}
+                or (m in other_name and peft_selects(cfg, other_name[m], other_name[m]))
+                or (multimodal and peft_selects(cfg, _multimodal_name(m), head))}
     for module in sorted(selected - set(found)):
         raise ValueError(f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r} selects {module!r} (target_modules) but "
                          f"{weights!r} has no {kind} tensors for it: the folder is incomplete or from another base "
@@ -1395,7 +1432,8 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
     parameters = hf_parameters(config)
     renamed = {new: old for old, new in _RENAMED_MODULES.get(config_to_hf(config)["model_type"], {}).items()}
     found, trained = _module_tensors(peft_dir, cfg, modules, ckpt, parameters,
-                                     _saved_modules(cfg, config, parameters), renamed)
+                                     _saved_modules(cfg, config, parameters), renamed,
+                                     multimodal=config_to_hf(config)["model_type"] == "gemma3_text")
     with torch.device("meta"):
         model = GPT(config)
     read = {"LORA": _lora_slices, "OFT": _oft_slices, "HRA": _hra_slices}[cfg["peft_type"]]
