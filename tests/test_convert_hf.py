@@ -173,6 +173,23 @@ def lit_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         return model(idx)
 
 
+def assert_decodes_like(model: GPT, idx: torch.Tensor, expected: torch.Tensor, prefill: int) -> None:
+    """Decoding with the KV cache, a prefill of `prefill` tokens and then one token at a time, gives `expected` (the
+    logits of the whole sequence at once)."""
+    model.set_kv_cache(batch_size=idx.size(0), max_seq_length=idx.size(1) + 4)
+    with torch.no_grad():
+        steps = [model(idx[:, :prefill], input_pos=torch.arange(prefill))]
+        steps += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(prefill, idx.size(1))]
+    model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, **TOL)
+
+
+def exported(checkpoint_dir: Path, out: Path):
+    """The transformers model scripts/convert_lit_checkpoint.py writes for `checkpoint_dir`, loaded (eager)."""
+    convert_lit_checkpoint(checkpoint_dir, out)
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+
+
 SAVE_MODE = {"gpt2": "bin", "qwen2_qkv_bias": "sharded"}
 
 
@@ -236,7 +253,7 @@ def test_llama3_rope_scaling_changes_the_logits(tmp_path):
     assert (lit_logits(plain.eval(), idx) - hf_logits(hf_model, idx)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("model_type,kwargs,exported", [
+@pytest.mark.parametrize("model_type,kwargs,exported_class", [
     ("mistral", dict(sliding_window=6), "MistralForCausalLM"),
     ("phi3", dict(**_PHI3_TOKENS, sliding_window=6), "MistralForCausalLM"),
     ("phi3", dict(**_PHI3_TOKENS, sliding_window=6, partial_rotary_factor=0.5), "Phi3ForCausalLM"),
@@ -244,7 +261,7 @@ def test_llama3_rope_scaling_changes_the_logits(tmp_path):
     ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), "Qwen2ForCausalLM"),
     ("qwen3", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, head_dim=16), "Qwen3ForCausalLM"),
 ], ids=["mistral", "phi3", "phi3_partial", "qwen2", "qwen3"])
-def test_sliding_windows_are_kept_through_import_decoding_and_export(model_type, kwargs, exported, tmp_path):
+def test_sliding_windows_are_kept_through_import_decoding_and_export(model_type, kwargs, exported_class, tmp_path):
     """A 6-token window against 20-token inputs: the whole context stays usable, with transformers' logits past the
     window, through a KV-cache decode, and in the exported model."""
     hf_model = make_hf_model(model_type, **dict(_LLAMA, num_key_value_heads=2, max_position_embeddings=64, **kwargs))
@@ -259,15 +276,10 @@ def test_sliding_windows_are_kept_through_import_decoding_and_export(model_type,
     full = GPT(Config(**{**config.to_dict(), "sliding_window_size": None, "sliding_window_indices": None}))
     full.load_state_dict(model.state_dict())
     assert (lit_logits(full.eval(), idx) - expected).abs().max() > 1e-3  # the window matters here
-    model.set_kv_cache(batch_size=2, max_seq_length=24)
-    with torch.no_grad():
-        steps = [model(idx[:, :4], input_pos=torch.arange(4))]
-        steps += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(4, 20)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), expected, **TOL)
-    convert_lit_checkpoint(tmp_path / "hf", tmp_path / "export")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32, attn_implementation="eager")
-    assert type(back).__name__ == exported
-    torch.testing.assert_close(hf_logits(back.eval(), idx), expected, **TOL)
+    assert_decodes_like(model, idx, expected, prefill=4)
+    back = exported(tmp_path / "hf", tmp_path / "export")
+    assert type(back).__name__ == exported_class
+    torch.testing.assert_close(hf_logits(back, idx), expected, **TOL)
 
 
 def test_windows_transformers_cannot_export_are_refused():

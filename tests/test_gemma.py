@@ -24,12 +24,12 @@ from lit_gpt.convert_hf import (  # noqa: E402
     config_from_hf,
     config_to_hf,
     convert_hf_checkpoint,
-    convert_lit_checkpoint,
     hf_to_lit_state_dict,
     lit_to_hf_state_dict,
 )
 import test_adapters  # noqa: E402
-from test_convert_hf import TOL, hf_logits, lit_logits, make_hf_model, save_hf  # noqa: E402
+from test_convert_hf import (  # noqa: E402
+    TOL, assert_decodes_like, exported, hf_logits, lit_logits, make_hf_model, save_hf)
 
 one_thread = test_adapters.one_thread  # autouse: one intra-op thread for tiny tensors
 randomize_adapters = test_adapters.randomize_adapters
@@ -85,18 +85,11 @@ def test_import_kv_cache_and_export_match_transformers(model_type, tied, tmp_pat
     expected = hf_logits(hf, IDX)
     torch.testing.assert_close(lit_logits(model, IDX), expected, **TOL)
 
-    # decoding with the KV cache: a prefill shorter than the window's reach, then one token at a time past it
-    model.set_kv_cache(batch_size=2, max_seq_length=16)
-    with torch.no_grad():
-        prefill = model(IDX[:, :3], input_pos=torch.arange(3))
-        steps = [model(IDX[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(3, 12)]
-    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, **TOL)
-
-    convert_lit_checkpoint(tmp_path / "hf", tmp_path / "export")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
-    assert type(exported).__name__ == EXPORTED_CLASS[model_type]
-    torch.testing.assert_close(hf_logits(exported, IDX), expected, **TOL)
+    # a prefill shorter than the window's reach, then one token at a time past it
+    assert_decodes_like(model, IDX, expected, prefill=3)
+    back = exported(tmp_path / "hf", tmp_path / "export")
+    assert type(back).__name__ == EXPORTED_CLASS[model_type]
+    torch.testing.assert_close(hf_logits(back, IDX), expected, **TOL)
 
 
 def test_windows_and_soft_caps_matter_in_these_tests():

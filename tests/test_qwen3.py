@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.adapters import AdapterConfig, apply_adapters, merge_adapters, save_adapters  # noqa: E402
@@ -21,12 +20,12 @@ from lit_gpt.convert_hf import (  # noqa: E402
     config_from_hf,
     config_to_hf,
     convert_hf_checkpoint,
-    convert_lit_checkpoint,
     hf_to_lit_state_dict,
     lit_to_hf_state_dict,
 )
 import test_adapters  # noqa: E402
-from test_convert_hf import TOL, hf_logits, lit_logits, make_hf_model, save_hf  # noqa: E402
+from test_convert_hf import (  # noqa: E402
+    TOL, assert_decodes_like, exported, hf_logits, lit_logits, make_hf_model, save_hf)
 
 try:  # (the GGUF tests need the gguf package; test_gguf skips the whole module without it)
     from test_gguf import byte_level_vocab  # noqa: F401 (a fixture)
@@ -69,17 +68,10 @@ def test_import_kv_cache_and_export_match_transformers(tied, tmp_path):
     torch.testing.assert_close(lit_logits(model, IDX), expected, **TOL)
 
     # decoding with the KV cache (which holds normed, rotated keys): a prefill, then one token at a time
-    model.set_kv_cache(batch_size=2, max_seq_length=16)
-    with torch.no_grad():
-        prefill = model(IDX[:, :9], input_pos=torch.arange(9))
-        steps = [model(IDX[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(9, 12)]
-    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, **TOL)
-
-    convert_lit_checkpoint(tmp_path / "hf", tmp_path / "export")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
-    assert type(exported).__name__ == "Qwen3ForCausalLM" and exported.config.head_dim == 16
-    torch.testing.assert_close(hf_logits(exported, IDX), expected, **TOL)
+    assert_decodes_like(model, IDX, expected, prefill=9)
+    back = exported(tmp_path / "hf", tmp_path / "export")
+    assert type(back).__name__ == "Qwen3ForCausalLM" and back.config.head_dim == 16
+    torch.testing.assert_close(hf_logits(back, IDX), expected, **TOL)
 
 
 def test_state_dict_round_trip_reproduces_the_hf_tensors(converted):
