@@ -378,24 +378,16 @@ for size, layers, embd, heads, groups, inter in (("1B", 16, 2048, 32, 8, 8192), 
             )
         )
 
-# Mistral
-# (v0.1: a 32K context with a 4096-token sliding window in every block)
-for instruct in ("", "-Instruct"):
-    configs.append(
-        _llama(
-            "mistralai", f"Mistral-7B{instruct}-v0.1", block_size=32768, vocab_size=32000, padded_vocab_size=32000,
-            n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
-            sliding_window_size=4096,
+# Mistral (v0.1: a 4096-token sliding window in every block of its 32K context)
+for version, vocab, extra in (("v0.1", 32000, dict(sliding_window_size=4096)), ("v0.3", 32768, dict(rope_base=1e6))):
+    for instruct in ("", "-Instruct"):
+        configs.append(
+            _llama(
+                "mistralai", f"Mistral-7B{instruct}-{version}", block_size=32768, vocab_size=vocab,
+                padded_vocab_size=vocab, n_layer=32, n_embd=4096, n_head=32, n_query_groups=8,
+                intermediate_size=14336, norm_eps=1e-5, **extra,
+            )
         )
-    )
-for instruct in ("", "-Instruct"):
-    configs.append(
-        _llama(
-            "mistralai", f"Mistral-7B{instruct}-v0.3", block_size=32768, vocab_size=32768, padded_vocab_size=32768,
-            n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
-            rope_base=1000000,
-        )
-    )
 
 # TinyLlama
 configs.append(

@@ -297,13 +297,11 @@ class Block(nn.Module):
         super().__init__()
         self.norm_1 = build_norm(config)
         self.attn = CausalSelfAttention(config, block_idx)
-        # (no attributes without them: the state dict of every other family stays as it was)
-        if config.post_attention_norm:
-            self.post_attention_norm = build_norm(config)
+        # (None: no module, so the state dict of every other family stays as it was)
+        self.post_attention_norm = build_norm(config) if config.post_attention_norm else None
         self.norm_2 = None if config.shared_attention_norm else build_norm(config)
         self.mlp = {"LLaMAMLP": LLaMAMLP, "GemmaMLP": GemmaMLP}.get(config.mlp_class_name, GptNeoxMLP)(config)
-        if config.post_mlp_norm:
-            self.post_mlp_norm = build_norm(config)
+        self.post_mlp_norm = build_norm(config) if config.post_mlp_norm else None
         self.parallel_residual = config.parallel_residual
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
@@ -312,11 +310,11 @@ class Block(nn.Module):
         if self.parallel_residual:
             mlp_in = x_normed if self.norm_2 is None else self.norm_2(x)
             return x + h + self.mlp(mlp_in)
-        if hasattr(self, "post_attention_norm"):
+        if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
         x = x + h
         h = self.mlp(self.norm_2(x))
-        if hasattr(self, "post_mlp_norm"):
+        if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h
 
