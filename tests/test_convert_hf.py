@@ -693,27 +693,46 @@ def test_config_json_read_as_transformers_reads_it():
         config_from_hf(dict(_LLAMA, model_type="llama", num_key_value_heads=3))
 
 
-def test_a_peft_adapter_on_phi3s_fused_layers_says_what_to_do(tmp_path):
-    """The import splits Phi-3's weights, not a PEFT adapter on its fused qkv_proj: one sentence instead of 'another
-    base model'."""
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("family", ["phi3", "phi3_partial"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "oft"])
+def test_peft_adapters_on_phi3s_fused_layers_import(family, kind, tmp_path):
+    """PEFT's usual Phi-3 targets are its fused qkv_proj and gate_up_proj: the import splits such an adapter into
+    adapters on the layers they fuse (rows of lora_B and of DoRA's magnitudes with the rows, transforms of the inputs
+    copied), with PeftModel's logits; whether the checkpoint exports q/k/v apart (a llama) or fused (a Phi-3 rotating
+    part of each head). An export back to the fused gate_up_proj is refused in one sentence."""
     import copy
     import warnings
 
     peft = pytest.importorskip("peft")
-    from lit_gpt.adapters.peft_format import import_peft_adapter
+    from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapter
+    from lit_gpt.merge import load_finetuned
+    from test_peft_format import logits, randomize_lora
 
-    model_type, kwargs, _, _ = FAMILIES["phi3"]
+    model_type, kwargs, _, _ = FAMILIES[family]
     hf_model = make_hf_model(model_type, **kwargs)
     hf_model.save_pretrained(tmp_path / "hf")
     convert_hf_checkpoint(tmp_path / "hf")
+    targets = ["qkv_proj", "gate_up_proj", "down_proj"]
+    config = (peft.OFTConfig(oft_block_size=8, r=0, target_modules=targets) if kind == "oft" else
+              peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=kind == "dora"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adapted = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(r=2, target_modules=["qkv_proj"]))
-        adapted.save_pretrained(tmp_path / "peft")
-    with pytest.raises(ValueError, match=r"adapts 'model\.layers\.0\.self_attn\.qkv_proj', one of Phi-3's fused layers, "
-                                         r"which the import does not split into lit_gpt's layers: merge the adapter "
-                                         r"into the base with PEFT \(merge_and_unload\)"):
-        import_peft_adapter(tmp_path / "peft", tmp_path / "hf", tmp_path / "a.pth")
+        adapted = peft.get_peft_model(copy.deepcopy(hf_model), config)
+    randomize_lora(adapted, 3)
+    with torch.no_grad():  # (OFT starts at the identity too: random skew blocks)
+        for name, p in adapted.named_parameters():
+            if "oft_R" in name or "magnitude" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    adapted.save_pretrained(tmp_path / "peft")
+    expected = logits(adapted.eval())
+    assert (expected - logits(hf_model)).abs().max() > 1e-3
+    path = import_peft_adapter(tmp_path / "peft", tmp_path / "hf", tmp_path / "a.safetensors")
+    torch.testing.assert_close(logits(load_finetuned(tmp_path / "hf", path)), expected, rtol=1e-4, atol=1e-4)
+    if family == "phi3_partial":
+        with pytest.raises(ValueError, match="fuses into one gate_up_proj, where a PEFT adapter would have to be one "
+                                             "transform of both"):
+            export_peft_adapter(path, tmp_path / "hf", tmp_path / "back")
 
 
 def test_partial_rotary_factor_of_a_llama_computes_what_transformers_computes(tmp_path):

@@ -156,8 +156,11 @@ def hf_linear_modules(config: Config) -> dict[str, HFModule]:
         if not is_adaptable(module):
             continue
         out_features, in_features = module.weight.shape
-        # B's rows are laid out as a bias's: the conversion moves row numbers as it moves a bias
-        for key, rows in iter_lit_to_hf([(f"{name}.bias", torch.arange(out_features))], config, model_type):
+        # B's rows are laid out as a bias's: the conversion moves row numbers as it moves a bias. (Phi-3's export
+        # has the gate and up projections in one gate_up_proj, two lit layers: they are named as apart here, as
+        # the import splits an adapter on gate_up_proj, `_split_phi3_fused`, and the export refuses them.)
+        as_type = "llama" if model_type == "phi3" and name.endswith((".mlp.fc_1", ".mlp.fc_2")) else model_type
+        for key, rows in iter_lit_to_hf([(f"{name}.bias", torch.arange(out_features))], config, as_type):
             hf_module = key.rpartition(".")[0]
             if name != _HEAD and hf_module in ("lm_head", "embed_out"):
                 continue  # the zero output bias a Phi export adds, not this layer's
@@ -667,6 +670,13 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     else:
         peft_config, tensors = _hra_export(model, modules, repr(where), dtype)
     adapted = {m for m in modules if any(k.startswith(f"{PEFT_PREFIX}{m}.") for k in tensors)}
+    apart = sorted(m for m in adapted if m.endswith((".mlp.gate_proj", ".mlp.up_proj")))
+    if apart and config_to_hf(config)["model_type"] == "phi3":
+        raise ValueError(
+            f"{where!r} adapts the MLP's gate and up projections (mlp.fc_1, mlp.fc_2), which the transformers export "
+            f"of {str(checkpoint_dir)!r} (a Phi-3 rotating part of each head) fuses into one gate_up_proj, where a "
+            f"PEFT adapter would have to be one transform of both: {merge_instead}."
+        )
     layers = finetuned.payload["adapter_config"].get("layers")
     if layers is not None:  # as a PEFT user writes it: layer names, and the blocks in layers_to_transform; layers
         # outside them (the head) by their full names, which PEFT adapts whatever the blocks
@@ -1049,6 +1059,39 @@ def _inside(name: str, modules: set[str]) -> bool:
     return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
 
 
+# Phi-3's fused layers, and the layers they are apart: {fused: (the parts in row order)}
+_PHI3_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+# the adapter tensors of one output row each (split with the rows); every other one acts on the inputs (copied)
+_ROW_TENSORS = ("lora_B.weight", "lora_magnitude_vector")
+
+
+def _split_phi3_fused(tensors: dict[str, torch.Tensor], modules: dict[str, HFModule]) -> dict[str, str]:
+    """Adapters on Phi-3's fused qkv_proj and gate_up_proj (PEFT's usual Phi-3 targets) as adapters on the layers
+    they fuse, where the checkpoint's export has those apart (`tensors` changed in place): the parts' rows of
+    `lora_B` (and of DoRA's magnitudes) are the fused layer's rows, in order, and the transforms of the inputs
+    (`lora_A`, `oft_R`, `hra_u`) are each part's too, so the parts compute what the fused layer computes. Returns
+    {part: fused layer} of the modules made."""
+    made = {}
+    for key in [k for k in tensors if k.startswith(PEFT_PREFIX)]:
+        for fused, parts in _PHI3_FUSED.items():
+            head, sep, tail = key[len(PEFT_PREFIX):].partition(f".{fused}.")
+            names = [f"{head}.{part}" for part in parts]
+            if not sep or not all(n in modules for n in names):
+                continue
+            t = tensors.pop(key)
+            sizes = [len(modules[n].rows) for n in names]
+            pieces = t.split(sizes) if tail in _ROW_TENSORS else [t] * len(names)
+            if tail in _ROW_TENSORS and t.shape[0] != sum(sizes):
+                raise ValueError(f"{key} has {t.shape[0]} rows, but the {fused} it adapts has {sum(sizes)}: the "
+                                 "adapter was trained on another base model; pass the --checkpoint_dir converted "
+                                 "from that model.")
+            for name, piece in zip(names, pieces):
+                tensors[f"{PEFT_PREFIX}{name}.{tail}"] = piece.clone()
+                made[name] = f"{head}.{fused}"
+    return made
+
+
 def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckpt: str,
                     parameters: dict[str, torch.Size], saved: set[str], renamed: dict[str, str],
                     multimodal: bool = False) -> tuple[dict[str, dict], dict]:
@@ -1065,6 +1108,7 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
     weights = str(peft_dir / PEFT_WEIGHTS_FILENAME)
     if multimodal:
         tensors = _text_model_tensors(tensors, weights)
+    fused = _split_phi3_fused(tensors, modules)  # (a part is selected where its fused layer is)
     for new, old in renamed.items():
         for key in [k for k in tensors if k.startswith(f"{PEFT_PREFIX}{new}.")]:
             t, alias = tensors.pop(key), f"{PEFT_PREFIX}{old}.{key[len(PEFT_PREFIX) + len(new) + 1:]}"
@@ -1105,9 +1149,8 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
     for module, got in sorted(found.items()):
         if module not in modules and module.rsplit(".", 1)[-1] in ("qkv_proj", "gate_up_proj"):
             raise ValueError(
-                f"{weights!r} adapts {module!r}, one of Phi-3's fused layers, which the import does not split into "
-                "lit_gpt's layers: merge the adapter into the base with PEFT (merge_and_unload) and convert that "
-                "model with scripts/convert_hf_checkpoint.py."
+                f"{weights!r} adapts {module!r}, one of Phi-3's fused layers, which {ckpt!r} does not have: pass the "
+                "--checkpoint_dir converted from the model the adapter was trained on."
             )
         if module not in modules:
             raise ValueError(
@@ -1124,7 +1167,8 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
     other_name = {old: new for new, old in renamed.items()}  # (selected under either of its transformers names)
     selected = {m for m in modules if peft_selects(cfg, m, head)
                 or (m in other_name and peft_selects(cfg, other_name[m], other_name[m]))
-                or (multimodal and peft_selects(cfg, _multimodal_name(m), head))}
+                or (multimodal and peft_selects(cfg, _multimodal_name(m), head))
+                or (m in fused and peft_selects(cfg, fused[m], head))}
     for module in sorted(selected - set(found)):
         raise ValueError(f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r} selects {module!r} (target_modules) but "
                          f"{weights!r} has no {kind} tensors for it: the folder is incomplete or from another base "
