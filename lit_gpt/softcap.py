@@ -50,21 +50,27 @@ def _block_mask(mask: Optional[torch.Tensor], start: int, stop: int, queries: in
     return mask[..., start:stop, :] if mask.size(-2) != 1 else mask
 
 
+def _attend(q, k, v, mask, scale: float, cap: float, rows: int, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The eager form's output, `rows` queries at a time; each query's log-sum-exp into `lse` when given."""
+    T, S = q.size(-2), k.size(-2)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for start in range(0, T, rows):
+        stop = min(T, start + rows)
+        scores, _ = _capped_scores(q[..., start:stop, :], k, scale, cap, _block_mask(mask, start, stop, T, S,
+                                                                                      q.device))
+        scores = scores.float()
+        if lse is not None:
+            lse[..., start:stop] = torch.logsumexp(scores, dim=-1)
+        out[..., start:stop, :] = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
+    return out
+
+
 class SoftcappedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float, cap: float, block_elements: int):
-        T, S = q.size(-2), k.size(-2)
-        rows = _rows(q, S, block_elements)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        rows = _rows(q, k.size(-2), block_elements)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        for start in range(0, T, rows):
-            stop = min(T, start + rows)
-            scores, _ = _capped_scores(q[..., start:stop, :], k, scale, cap, _block_mask(mask, start, stop, T, S,
-                                                                                          q.device))
-            scores = scores.float()
-            lse[..., start:stop] = torch.logsumexp(scores, dim=-1)
-            probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            out[..., start:stop, :] = torch.matmul(probs, v)
+        out = _attend(q, k, v, mask, scale, cap, rows, lse)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.scale, ctx.cap, ctx.rows = scale, cap, rows
         return out
@@ -103,4 +109,6 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if k.size(1) != q.size(1):  # grouped queries: each key/value head serves n_head / n_query_groups query heads
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    return SoftcappedAttention.apply(q, k, v, mask, scale, cap, block_elements)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return SoftcappedAttention.apply(q, k, v, mask, scale, cap, block_elements)
+    return _attend(q, k, v, mask, scale, cap, _rows(q, k.size(-2), block_elements))  # (nothing to keep)

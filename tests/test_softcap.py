@@ -109,3 +109,17 @@ def test_keeps_no_score_matrix_for_backward():
     ours = kept(lambda *a: softcapped_attention(*a, None, SCALE, CAP), q, k, v)
     assert ours == 4 * (B * H * n * HS * 4) + B * H * n * 4  # q, expanded k and v, the output; the log-sum-exp
     assert kept(lambda *a: eager(*a, None), q, k, v) > 8 * B * H * n * n
+
+
+@pytest.mark.parametrize("block", [None, 7], ids=["one-block", "blocks-of-7-queries"])
+def test_without_gradients_the_output_is_the_same(block):
+    """Inference (no_grad, or inputs that need no gradient) takes the forward alone, with the same result."""
+    q, k, v, _ = inputs()
+    kw = {} if block is None else {"block_elements": B * H * T * block}
+    mask = window(T, T)
+    with_graph = softcapped_attention(q, k, v, mask, SCALE, CAP, **kw)
+    with torch.no_grad():
+        plain = softcapped_attention(q, k, v, mask, SCALE, CAP, **kw)
+    assert plain.grad_fn is None and torch.equal(plain, with_graph)
+    if block is None:
+        assert torch.equal(plain, eager(q, k, v, mask))
