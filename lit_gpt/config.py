@@ -75,7 +75,8 @@ class Config:
     rope_base: float = 10000.0
     # Llama-3.1 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
     # "original_max_seq_len"}; linear scaling (positions divided by the factor, Gemma 3): {"factor"} alone;
-    # None for plain RoPE
+    # LongRoPE (Phi-3.5, Phi-4-mini): {"short_factor", "long_factor" (one per rotated pair), "original_max_seq_len",
+    # "attention_factor"}; None for plain RoPE
     rope_adjustments: Optional[dict] = None
     parallel_residual: bool = False
     shared_attention_norm: bool = False
@@ -183,10 +184,21 @@ class Config:
                      "null")
         adj = self.rope_adjustments
         llama3 = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
-        if adj is not None and (not isinstance(adj, dict) or set(adj) not in ({"factor"}, llama3)
-                                or not all(_is_number(v) and v > 0 for v in adj.values())):
-            fail(f"rope_adjustments={adj!r} must be null, {{factor}} (linear scaling) or "
-                 f"{{{', '.join(sorted(llama3))}}} (Llama 3.1's), with positive numbers")
+        longrope = {"short_factor", "long_factor", "original_max_seq_len", "attention_factor"}
+        known = isinstance(adj, dict) and set(adj) in ({"factor"}, llama3, longrope)
+        values = list(adj.values()) if known else []
+        if known and set(adj) == longrope:
+            lists = [adj[k] if isinstance(adj[k], list) else [None] for k in ("short_factor", "long_factor")]
+            values = [adj["original_max_seq_len"], adj["attention_factor"], *lists[0], *lists[1]]
+        if adj is not None and (not known or not all(_is_number(v) and v > 0 for v in values)):
+            fail(f"rope_adjustments={adj!r} must be null, {{factor}} (linear scaling), "
+                 f"{{{', '.join(sorted(llama3))}}} (Llama 3.1's) or {{{', '.join(sorted(longrope))}}} (LongRoPE's, "
+                 "with lists of factors), with positive numbers")
+        if isinstance(adj, dict) and set(adj) == longrope:
+            half = self.rope_n_elem // 2
+            if any(len(adj[k]) != half for k in ("short_factor", "long_factor")):
+                fail(f"rope_adjustments' short_factor and long_factor need one factor per rotated pair of features, "
+                     f"{half}, got {len(adj['short_factor'])} and {len(adj['long_factor'])}")
         if self.rope_local_base_freq is not None and self.sliding_window_size is None:
             fail("rope_local_base_freq is the RoPE base of the sliding-window blocks, but sliding_window_size is "
                  "not set")

@@ -19,6 +19,9 @@ Decisions worth knowing:
   context (`max_position_embeddings`) stays usable with the logits transformers computes beyond the window.
   (Checkpoints converted before lit_gpt had sliding windows carry `block_size` capped at the window instead: up to
   it, full causal attention is the same computation.)
+* LongRoPE (Phi-3.5, Phi-4-mini, the 128K Phi-3s) picks its long or short factors per forward call, by whether
+  the call's last position is past the original context, as transformers does: a KV-cache decode that crosses it
+  keeps the keys rotated before with the short factors. Such a model exports as `phi3`.
 * Gemma's norms scale by `1 + weight`; lit stores the weights as transformers does (`norm_unit_offset`), so import
   and export copy them unchanged.
 * Export picks the architecture from the config's shape. A Llama-shaped model is exported as `llama`, or as
@@ -34,6 +37,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -379,10 +383,29 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
         except KeyError as missing:
             raise ConversionError(f"config.json's llama3 rope scaling lacks the field {missing.args[0]!r}.") from None
         return base, adjustments, partial
+    if rope_type in ("longrope", "su") and model_type == "phi3":  # ("su": its name in Phi-3's first configs)
+        return base, _longrope_from_hf(hf, merged), partial
     raise ConversionError(
         f"config.json uses rope scaling type {rope_type!r}; lit_gpt supports plain RoPE, 'linear' and 'llama3' "
-        "scaling only."
+        "scaling, and Phi-3's 'longrope'."
     )
+
+
+def _longrope_from_hf(hf: dict, params: dict) -> dict:
+    """`Config.rope_adjustments` of LongRoPE (Phi-3.5, Phi-4-mini): its factors, original context, and the factor
+    cos and sin are scaled by, computed as transformers computes it when the file does not give it."""
+    original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    missing = [k for k, v in (("short_factor", params.get("short_factor")), ("long_factor", params.get("long_factor")),
+                              ("original_max_position_embeddings", original)) if v is None]
+    if missing:
+        raise ConversionError(f"config.json's longrope scaling lacks {', '.join(repr(m) for m in missing)}.")
+    attention = params.get("attention_factor")
+    if attention is None:  # from the context's growth, as the LongRoPE paper sets it
+        factor = params.get("factor") or hf["max_position_embeddings"] / original
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dict(short_factor=[float(f) for f in params["short_factor"]],
+                long_factor=[float(f) for f in params["long_factor"]],
+                original_max_seq_len=int(original), attention_factor=float(attention))
 
 
 def _gemma3_rope(hf: dict) -> tuple[dict, Optional[float]]:
@@ -481,8 +504,9 @@ def hf_model_type(config: Config) -> str:
     if config.mlp_class_name == "LLaMAMLP":
         if config.norm_qk:
             return "qwen3"
-        if config.rotary_percentage < 1.0 and not config.bias and not config.attn_bias:
-            return "phi3"  # (transformers' Llama rotates whole heads)
+        longrope = bool(config.rope_adjustments) and "long_factor" in config.rope_adjustments
+        if (config.rotary_percentage < 1.0 or longrope) and not config.bias and not config.attn_bias:
+            return "phi3"  # (transformers' Llama rotates whole heads; LongRoPE is Phi-3's)
         if config.attn_bias and not config.bias:
             return "qwen2"
         # (transformers' Llama has no sliding window; Mistral is Llama with one in every block)
@@ -516,6 +540,9 @@ def config_to_hf(config: Config) -> dict:
                                          "'GemmaMLP', have it)")
         require(not c.rope_adjustments or set(c.rope_adjustments) != {"factor"},
                 "linear rope_adjustments (exported as Gemma 3 only)")
+    if model_type != "phi3":
+        require(not c.rope_adjustments or "long_factor" not in c.rope_adjustments,
+                "LongRoPE rope_adjustments (exported as Phi-3 only, a model without biases or query/key norms)")
     if model_type not in ("mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES):
         require(c.sliding_window_size is None, f"sliding_window_size (transformers' {model_type} has no sliding "
                                                "window)")
@@ -551,9 +578,12 @@ def config_to_hf(config: Config) -> dict:
         elif model_type == "mistral":
             hf.update(sliding_window=window)
         elif model_type == "phi3":
-            require(c.rope_adjustments is None, "rope_adjustments (Phi-3 has no llama3 rope scaling)")
+            adj = c.rope_adjustments
+            require(not adj or "long_factor" in adj, "rope_adjustments other than LongRoPE's (Phi-3 has no other)")
             hf.update(partial_rotary_factor=c.rotary_percentage, sliding_window=window, resid_pdrop=0.0,
                       embd_pdrop=0.0, attention_dropout=0.0)
+            if adj:
+                hf.update(original_max_position_embeddings=adj["original_max_seq_len"])
         else:
             hf.update(use_sliding_window=False, sliding_window=None)
             if window is not None:
@@ -663,6 +693,10 @@ def _rope_scaling_to_hf(config: Config) -> Optional[dict]:
         return None
     if set(adj) == {"factor"}:
         return dict(rope_type="linear", factor=adj["factor"])
+    if "long_factor" in adj:
+        return dict(rope_type="longrope", type="longrope", short_factor=adj["short_factor"],
+                    long_factor=adj["long_factor"], attention_factor=adj["attention_factor"],
+                    original_max_position_embeddings=adj["original_max_seq_len"])
     return dict(
         rope_type="llama3", factor=adj["factor"], low_freq_factor=adj["low_freq_factor"],
         high_freq_factor=adj["high_freq_factor"], original_max_position_embeddings=adj["original_max_seq_len"],

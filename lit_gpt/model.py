@@ -58,10 +58,8 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        # (length, device) -> (cos, sin) in float32; rebuilt on demand, never saved; `_local_rope_cache` is that of
-        # the sliding-window blocks when they have a RoPE base of their own (`rope_local_base_freq`)
-        self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self._local_rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # (cos, sin) in float32 by table (`rope_cache`'s `local`, `long`); rebuilt on demand, never saved
+        self._rope_caches: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         # recompute each block in backward instead of keeping its activations (set by the training loop)
         self.activation_checkpointing = False
 
@@ -89,19 +87,20 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     # ------------------------------------------------------------------ rope
-    def rope_cache(self, length: int, device: torch.device, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of at least `length` positions; `local`: those of the sliding-window blocks' own base."""
-        attr = "_local_rope_cache" if local else "_rope_cache"
-        cache = getattr(self, attr)
+    def rope_cache(self, length: int, device: torch.device, local: bool = False, long: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of at least `length` positions; `local`: those of the sliding-window blocks' own base; `long`:
+        LongRoPE's long factors (`rope_adjustments`)."""
+        cache = self._rope_caches.get((local, long))
         if cache is None or cache[0].size(0) < length or cache[0].device != device:
             # grow geometrically so generation does not rebuild it every token
             n = max(length, 2 * cache[0].size(0) if cache is not None else 0, 256)
             if torch.compiler.is_compiling():
-                cache = build_rope_cache(n, self.config, device, local)
+                cache = build_rope_cache(n, self.config, device, local, long)
             else:  # never an inference tensor (one built while generating could not take part in training)
                 with torch.inference_mode(False):
-                    cache = build_rope_cache(n, self.config, device, local)
-            setattr(self, attr, cache)
+                    cache = build_rope_cache(n, self.config, device, local, long)
+            self._rope_caches[(local, long)] = cache
         return cache
 
     def _rope(self, length: int, device: torch.device, dtype: torch.dtype, rows: Optional[torch.Tensor],
@@ -109,7 +108,15 @@ class GPT(nn.Module):
         """(cos, sin) in `dtype` of positions `rows` (tensor of positions, any shape) or of the first `length`."""
         if self.config.rope_n_elem == 0:
             return None, None
-        cos, sin = self.rope_cache(length, device, local)
+        long = False
+        adj = self.config.rope_adjustments
+        if adj and "long_factor" in adj and not local:
+            # LongRoPE (Phi-3.5, Phi-4-mini): the long factors for a whole forward whose last position is past the
+            # original context, the short ones otherwise (as transformers decides it, call by call: keys already in
+            # a KV cache keep the rotation they were made with)
+            last = length if rows is None else int(rows.max()) + 1
+            long = last > adj["original_max_seq_len"]
+        cos, sin = self.rope_cache(length, device, local, long)
         if rows is None:
             cos, sin = cos[:length], sin[:length]
         else:
@@ -509,12 +516,16 @@ def build_norm(config: Config, size: Optional[int] = None) -> nn.Module:
     return LayerNorm(size, eps=config.norm_eps)
 
 
-def rope_inv_freq(config: Config, device=None, local: bool = False) -> torch.Tensor:
-    """RoPE's frequencies; `local`: those of the sliding-window blocks' own base (`rope_local_base_freq`, plain)."""
+def rope_inv_freq(config: Config, device=None, local: bool = False, long: bool = False) -> torch.Tensor:
+    """RoPE's frequencies; `local`: those of the sliding-window blocks' own base (`rope_local_base_freq`, plain);
+    `long`: with LongRoPE's long factors rather than its short ones."""
     n = config.rope_n_elem
     base = config.rope_local_base_freq if local else config.rope_base
-    inv_freq = 1.0 / (base ** (torch.arange(0, n, 2, device=device, dtype=torch.float32) / n))
     adj = None if local else config.rope_adjustments
+    if adj and "long_factor" in adj:  # LongRoPE: one factor per frequency divides it
+        factors = torch.tensor(adj["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (factors * base ** (torch.arange(0, n, 2, device=device, dtype=torch.int64).float() / n))
+    inv_freq = 1.0 / (base ** (torch.arange(0, n, 2, device=device, dtype=torch.float32) / n))
     if adj and set(adj) == {"factor"}:  # linear scaling (Gemma 3): positions divided by the factor
         return inv_freq / adj["factor"]
     if adj:
@@ -527,12 +538,15 @@ def rope_inv_freq(config: Config, device=None, local: bool = False) -> torch.Ten
     return inv_freq
 
 
-def build_rope_cache(length: int, config: Config, device=None, local: bool = False
+def build_rope_cache(length: int, config: Config, device=None, local: bool = False, long: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = rope_inv_freq(config, device, local)
+    inv_freq = rope_inv_freq(config, device, local, long)
     t = torch.arange(length, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # (length, rope_n_elem), the "rotate half" layout
+    adj = config.rope_adjustments
+    if adj and "attention_factor" in adj and not local:  # LongRoPE scales cos and sin (so the scores) too
+        return emb.cos() * adj["attention_factor"], emb.sin() * adj["attention_factor"]
     return emb.cos(), emb.sin()
 
 

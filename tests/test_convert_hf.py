@@ -7,6 +7,7 @@ Every family is built as a small random transformers model, saved the way the Hu
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -914,3 +915,45 @@ def arch_of(config: Config) -> dict:
     for field in ("name", "hf_config", "vocab_size", "padding_multiple"):
         d.pop(field)
     return d
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5], ids=["phi3.5-like", "phi4-mini-like"])
+def test_longrope_matches_transformers_short_long_decoding_and_export(partial, tmp_path):
+    """LongRoPE (Phi-3.5-mini, Phi-4-mini): per-frequency short factors while a forward's last position is within the
+    original context (16 here), long ones past it, cos and sin scaled by the attention factor transformers derives
+    from the context's growth (64 / 16). A KV-cache decode crossing the original context keeps each key's rotation,
+    as transformers' own cached decode does; the export is a Phi3ForCausalLM with the same logits."""
+    g = torch.Generator().manual_seed(0)
+    half = int(16 * partial) // 2
+    short, long = (1 + torch.rand(half, generator=g)).tolist(), (1 + 4 * torch.rand(half, generator=g)).tolist()
+    hf_model = make_hf_model("phi3", **dict(
+        _LLAMA, **_PHI3_TOKENS, num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=16,
+        partial_rotary_factor=partial, rope_scaling=dict(type="longrope", short_factor=short, long_factor=long)))
+    hf_model.save_pretrained(tmp_path / "hf")
+    config = convert_hf_checkpoint(tmp_path / "hf")
+    adj = config.rope_adjustments
+    assert adj["original_max_seq_len"] == 16
+    assert adj["attention_factor"] == pytest.approx((1 + math.log(64 / 16) / math.log(16)) ** 0.5)
+    model = GPT.from_checkpoint(tmp_path / "hf").eval()
+    same_factors = GPT(Config(**{**config.to_dict(), "rope_adjustments": {**adj, "long_factor": short}})).eval()
+    same_factors.load_state_dict(model.state_dict())
+    for T in (12, 30):
+        idx = torch.randint(0, VOCAB, (2, T), generator=g)
+        expected = hf_logits(hf_model, idx)
+        torch.testing.assert_close(lit_logits(model, idx), expected, **TOL)
+        assert ((lit_logits(same_factors, idx) - expected).abs().max() > 1e-3) == (T > 16)  # the long factors count
+
+    idx = torch.randint(0, VOCAB, (1, 30), generator=g)
+    with torch.no_grad():  # transformers' cached decode: a prefill within the original context, then token by token
+        out = hf_model(input_ids=idx[:, :10], use_cache=True)
+        steps = [out.logits]
+        for t in range(10, 30):
+            out = hf_model(input_ids=idx[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    assert_decodes_like(model, idx, torch.cat(steps, dim=1), prefill=10)
+    assert (torch.cat(steps, dim=1) - hf_logits(hf_model, idx)).abs().max() > 1e-3  # (not the one-pass logits)
+
+    back = exported(tmp_path / "hf", tmp_path / "export")
+    assert type(back).__name__ == "Phi3ForCausalLM"
+    idx = torch.randint(0, VOCAB, (2, 30), generator=g)
+    torch.testing.assert_close(hf_logits(back, idx), hf_logits(hf_model, idx), **TOL)
