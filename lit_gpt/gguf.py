@@ -112,8 +112,10 @@ def _architecture(metadata: dict, path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- config
 def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], path: Path | str,
-                     rope_freqs: Optional[np.ndarray] = None) -> Config:
-    """The lit `Config` a GGUF file describes. `tensor_shapes` are numpy-order shapes (`(out, in)`)."""
+                     rope_freqs: Optional[np.ndarray] = None,
+                     rope_factors: Optional[dict[str, np.ndarray]] = None) -> Config:
+    """The lit `Config` a GGUF file describes. `tensor_shapes` are numpy-order shapes (`(out, in)`); `rope_freqs`
+    and `rope_factors` ({name: values} of `_ROPE_FACTORS`) the RoPE tensors the file holds, if any."""
     path = Path(path)
     arch = _architecture(metadata, path)
 
@@ -146,10 +148,6 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
     attn_bias = "blk.0.attn_q.bias" in tensor_shapes
     general_name = metadata.get("general.name") or path.stem
     block_size = int(metadata.get(key("context_length"), 4096))
-    if arch == "phi3":
-        if "rope_factors_long.weight" in tensor_shapes:
-            raise GGUFImportError(f"{str(path)!r} is a long-context Phi-3 (longrope scaling, rope_factors_long), "
-                                  "which lit_gpt cannot compute; use a 4k-context Phi-3 or Phi-4.")
     n_layer = int(_require(metadata, key("block_count"), path))
     family: dict[str, Any] = dict(norm_qk=arch == "qwen3", mlp_class_name="LLaMAMLP")
     if arch == "phi3":  # a sliding window in every block, as transformers' Phi-3 (convert_hf.py)
@@ -171,7 +169,8 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         intermediate_size=int(_require(metadata, key("feed_forward_length"), path)),
         rotary_percentage=rope_dims / head_size,
         rope_base=float(metadata.get(key("rope.freq_base"), 10000.0)),
-        rope_adjustments=_rope_adjustments(metadata, arch, path, rope_freqs, rope_dims),
+        rope_adjustments=(_longrope(metadata, arch, path, rope_factors, block_size) if rope_factors
+                          else _rope_adjustments(metadata, arch, path, rope_freqs, rope_dims)),
         bias=False,
         attn_bias=attn_bias,
         tie_embeddings="output.weight" not in tensor_shapes,
@@ -182,6 +181,28 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         # tensors: `_check_complete`)
         **family,
     )
+
+
+# LongRoPE's factors (Phi-3.5, Phi-4-mini, the 128K Phi-3s), folded into Config.rope_adjustments
+_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _longrope(metadata: dict, arch: str, path: Path, factors: dict[str, np.ndarray], context: int) -> dict:
+    """`Config.rope_adjustments` of a file with LongRoPE factors. (llama.cpp uses the long ones for a whole session
+    whose context exceeds the original; lit_gpt decides per forward call, as transformers does, which is what the
+    model computes with its Hugging Face weights.)"""
+    missing = [n for n in _ROPE_FACTORS if n not in factors]
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    if missing or not original:
+        what = ", ".join(missing) if missing else f"{arch}.rope.scaling.original_context_length"
+        raise GGUFImportError(f"{str(path)!r} has LongRoPE factors but lacks {what}; convert the model to GGUF again.")
+    attention = metadata.get(f"{arch}.rope.scaling.attn_factor")
+    if attention is None:  # (as transformers derives it from the context's growth)
+        growth = context / int(original)
+        attention = 1.0 if growth <= 1.0 else math.sqrt(1 + math.log(growth) / math.log(int(original)))
+    return dict(short_factor=[float(f) for f in factors["rope_factors_short.weight"]],
+                long_factor=[float(f) for f in factors["rope_factors_long.weight"]],
+                original_max_seq_len=int(original), attention_factor=_decimal(attention))
 
 
 def _decimal(value: float) -> float:
@@ -373,7 +394,7 @@ def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
     pending: dict[int, dict[str, torch.Tensor]] = {}
     for tensor in tensors:
         name = tensor.name
-        if name == "rope_freqs.weight":  # folded into config.rope_adjustments
+        if name == "rope_freqs.weight" or name in _ROPE_FACTORS:  # folded into config.rope_adjustments
             continue
         if name in _GLOBAL_TENSORS:
             if name == "output.weight" and config.tie_embeddings:
@@ -637,7 +658,8 @@ def convert_gguf(gguf_path: Path | str, checkpoint_dir: Path | str, dtype: torch
     arch = _architecture(metadata, gguf_path)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in tensors}
     rope_freqs = next((dequantize(t, gguf_path).numpy() for t in tensors if t.name == "rope_freqs.weight"), None)
-    config = config_from_gguf(metadata, shapes, gguf_path, rope_freqs=rope_freqs)
+    rope_factors = {t.name: dequantize(t, gguf_path).numpy() for t in tensors if t.name in _ROPE_FACTORS}
+    config = config_from_gguf(metadata, shapes, gguf_path, rope_freqs=rope_freqs, rope_factors=rope_factors)
     # build the tokenizer before the long weight pass so a vocabulary problem fails fast
     tokenizer = tokenizer_from_gguf(metadata, gguf_path)
     tokenizer_config, generation_config = tokenizer_configs_from_gguf(metadata, config.block_size)

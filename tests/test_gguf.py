@@ -225,11 +225,36 @@ def test_phi3_gguf_with_its_fused_layers_partial_rope_and_a_sliding_window(tmp_p
     with torch.no_grad():
         ours, theirs = model(idx), hf(idx).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0)
-    long_context = write_gguf(tmp_path / "long.gguf", "phi3", {**model_metadata(hf.config, "phi3"), **rope,
-                                                               **tokenizer_metadata(tokens, merges)},
-                              {**tensors, "rope_factors_long.weight": (np.ones(4, dtype=np.float32), Q.F32)})
-    with pytest.raises(GGUFImportError, match=r"long\.gguf' is a long-context Phi-3 \(longrope scaling"):
-        convert_gguf(long_context, tmp_path / "out")
+
+
+def test_long_context_phi3_gguf_with_longrope_factors(tmp_path, byte_level_vocab):
+    """A 128K Phi-3 / Phi-3.5 / Phi-4-mini file: llama.cpp stores LongRoPE's factors as rope_factors_long/short and
+    the original context and attention factor as metadata; imported, the model computes transformers' logits past
+    the original context (16 here). A file without its short factors is refused in one sentence."""
+    tokens, merges = byte_level_vocab
+    g = torch.Generator().manual_seed(0)
+    short, long = 1 + torch.rand(4, generator=g), 1 + 4 * torch.rand(4, generator=g)
+    hf = hf_model("phi3", len(tokens), num_hidden_layers=1, partial_rotary_factor=0.5, max_position_embeddings=64,
+                  original_max_position_embeddings=16,
+                  rope_scaling=dict(type="longrope", short_factor=short.tolist(), long_factor=long.tolist()))
+    metadata = {**model_metadata(hf.config, "phi3"), "phi3.rope.dimension_count": 8,
+                "phi3.rope.scaling.original_context_length": 16,
+                "phi3.rope.scaling.attn_factor": math.sqrt(1 + math.log(64 / 16) / math.log(16)),
+                **tokenizer_metadata(tokens, merges)}
+    factors = {"rope_factors_long.weight": (long.numpy(), Q.F32), "rope_factors_short.weight": (short.numpy(), Q.F32)}
+    tensors = gguf_tensors_from_hf(hf, "phi3")
+    path = write_gguf(tmp_path / "phi3.gguf", "phi3", metadata, {**tensors, **factors})
+    config = convert_gguf(path, tmp_path / "ckpt")
+    assert config.rope_adjustments["original_max_seq_len"] == 16 and config.block_size == 64
+    model = GPT.from_checkpoint(tmp_path / "ckpt").eval()
+    idx = torch.randint(0, len(tokens), (2, 30), generator=g)
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0)
+    incomplete = write_gguf(tmp_path / "long.gguf", "phi3", metadata,
+                            {**tensors, "rope_factors_long.weight": factors["rope_factors_long.weight"]})
+    with pytest.raises(GGUFImportError, match=r"long\.gguf' has LongRoPE factors but lacks rope_factors_short"):
+        convert_gguf(incomplete, tmp_path / "out")
 
 
 @pytest.mark.slow
