@@ -696,7 +696,7 @@ def test_config_json_read_as_transformers_reads_it():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("family", ["phi3", "phi3_partial"])
-@pytest.mark.parametrize("kind", ["lora", "dora", "oft"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "oft", "lora-rank-pattern"])
 def test_peft_adapters_on_phi3s_fused_layers_import(family, kind, tmp_path):
     """PEFT's usual Phi-3 targets are its fused qkv_proj and gate_up_proj: the import splits such an adapter into
     adapters on the layers they fuse (rows of lora_B and of DoRA's magnitudes with the rows, transforms of the inputs
@@ -715,8 +715,10 @@ def test_peft_adapters_on_phi3s_fused_layers_import(family, kind, tmp_path):
     hf_model.save_pretrained(tmp_path / "hf")
     convert_hf_checkpoint(tmp_path / "hf")
     targets = ["qkv_proj", "gate_up_proj", "down_proj"]
+    # (rank_pattern: the fused layers' own ranks and scales, which the parts they are split into keep)
+    patterns = dict(rank_pattern={"qkv_proj": 4}, alpha_pattern={"gate_up_proj": 3}) if kind.endswith("pattern") else {}
     config = (peft.OFTConfig(oft_block_size=8, r=0, target_modules=targets) if kind == "oft" else
-              peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=kind == "dora"))
+              peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=kind == "dora", **patterns))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adapted = peft.get_peft_model(copy.deepcopy(hf_model), config)

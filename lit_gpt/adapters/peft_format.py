@@ -1094,13 +1094,14 @@ def _split_phi3_fused(tensors: dict[str, torch.Tensor], modules: dict[str, HFMod
 
 def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckpt: str,
                     parameters: dict[str, torch.Size], saved: set[str], renamed: dict[str, str],
-                    multimodal: bool = False) -> tuple[dict[str, dict], dict]:
+                    multimodal: bool = False) -> tuple[dict[str, dict], dict, dict[str, str]]:
     """The adapter tensors of `adapter_model.safetensors` by transformers module and part (`A`/`B`, `oft_R`,
     `hra_u`), checked against the modules of the checkpoint's export and the config's selection of them; and the
     tensors of the modules PEFT trains in full (`saved`: `_saved_modules`), by their names in the export, whose
     shapes `parameters` gives. Tensors under a module's transformers-5 name (`_RENAMED_MODULES`) count as the
     export's (`renamed`: new name -> that name). `multimodal`: the checkpoint is the text model of a multimodal
-    Gemma 3, whose adapters name its modules inside the multimodal model (`_text_model_tensors`)."""
+    Gemma 3, whose adapters name its modules inside the multimodal model (`_text_model_tensors`). Also returns
+    {part: fused layer} of the adapters on Phi-3's fused layers it split (`_split_phi3_fused`)."""
     kind = cfg["peft_type"]
     dora = kind == "LORA" and bool(cfg.get("use_dora"))
     pattern, parts = TENSOR_NAMES["DORA" if dora else kind]
@@ -1190,7 +1191,19 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
         raise ValueError(f"{str(peft_dir / PEFT_CONFIG_FILENAME)!r} trains {module!r} in full beside the {kind} "
                          f"layers (modules_to_save) but {weights!r} has no {PEFT_PREFIX}{missing}: the folder is "
                          "incomplete or from another base model; copy the whole folder PEFT wrote.")
-    return found, trained
+    return found, trained, fused
+
+
+def _patterns_for_parts(cfg: dict, fused: dict[str, str]) -> dict:
+    """`cfg` with `rank_pattern` / `alpha_pattern` giving each part of a split fused layer (`_split_phi3_fused`) the
+    value its fused layer has (the parts' own names first, as PEFT takes the first matching key)."""
+    out = dict(cfg)
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(field) or {}
+        parts = {re.escape(part): _pattern_value(patterns, whole, None) for part, whole in fused.items()}
+        if patterns:
+            out[field] = {**{k: v for k, v in parts.items() if v is not None}, **patterns}
+    return out
 
 
 def _hit_slices(model: GPT, info: HFModule) -> list[tuple[str, int, int]]:
@@ -1475,9 +1488,10 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
     modules = hf_linear_modules(config)
     parameters = hf_parameters(config)
     renamed = {new: old for old, new in _RENAMED_MODULES.get(config_to_hf(config)["model_type"], {}).items()}
-    found, trained = _module_tensors(peft_dir, cfg, modules, ckpt, parameters,
-                                     _saved_modules(cfg, config, parameters), renamed,
-                                     multimodal=config_to_hf(config)["model_type"] == "gemma3_text")
+    found, trained, fused = _module_tensors(peft_dir, cfg, modules, ckpt, parameters,
+                                            _saved_modules(cfg, config, parameters), renamed,
+                                            multimodal=config_to_hf(config)["model_type"] == "gemma3_text")
+    cfg = _patterns_for_parts(cfg, fused)
     with torch.device("meta"):
         model = GPT(config)
     read = {"LORA": _lora_slices, "OFT": _oft_slices, "HRA": _hra_slices}[cfg["peft_type"]]
