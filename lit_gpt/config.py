@@ -8,6 +8,7 @@ fine-tuned variant or an unlisted size never depends on this table.
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +39,13 @@ def read_yaml_file(path: Path | str, fix: str) -> Any:
         raise ValueError(f"{str(path)!r} is not valid YAML ({yaml_problem(e)}){fix}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{str(path)!r} is not UTF-8 text{fix}") from None
+
+
+def longrope_attention_factor(growth: float, original: int) -> float:
+    """LongRoPE's scale of cos and sin where a checkpoint does not give it: sqrt(1 + ln(growth) / ln(original)) for a
+    context grown `growth` times from `original` tokens (the LongRoPE paper's choice, which transformers and
+    llama.cpp's converter take too)."""
+    return 1.0 if growth <= 1.0 else math.sqrt(1 + math.log(growth) / math.log(original))
 
 
 def _is_number(value: Any) -> bool:

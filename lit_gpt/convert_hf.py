@@ -37,7 +37,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import sys
@@ -46,7 +45,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
-from lit_gpt.config import Config, hf_name_to_config, name_to_config
+from lit_gpt.config import Config, hf_name_to_config, longrope_attention_factor, name_to_config
 
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
@@ -402,7 +401,7 @@ def _longrope_from_hf(hf: dict, params: dict) -> dict:
     attention = params.get("attention_factor")
     if attention is None:  # from the context's growth, as the LongRoPE paper sets it
         factor = params.get("factor") or hf["max_position_embeddings"] / original
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        attention = longrope_attention_factor(factor, original)
     return dict(short_factor=[float(f) for f in params["short_factor"]],
                 long_factor=[float(f) for f in params["long_factor"]],
                 original_max_seq_len=int(original), attention_factor=float(attention))
@@ -462,13 +461,24 @@ def _gemma_arch(hf: dict, model_type: str, n_layer: int) -> dict:
     if layer_types is None:  # transformers' default pattern: every 2nd (Gemma 2) / 6th (Gemma 3) block is global
         every = 2 if model_type == "gemma2" else int(hf["sliding_window_pattern"])
         layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
-    if len(layer_types) != n_layer or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+    flags = _window_flags(layer_types, n_layer)
+    if hf.get("sliding_window") is not None and any(flags):
+        arch.update(sliding_window_size=int(hf["sliding_window"]), sliding_window_indices=flags)
+    return arch
+
+
+def _window_flags(layer_types: Any, n_layer: int) -> list[int]:
+    """`Config.sliding_window_indices` of transformers' `layer_types` (1 for each "sliding_attention" block)."""
+    if (not isinstance(layer_types, list) or len(layer_types) != n_layer
+            or not set(layer_types) <= {"sliding_attention", "full_attention"}):
         raise ConversionError(
             f"config.json's layer_types must list {n_layer} entries, each 'sliding_attention' or 'full_attention'.")
-    if hf.get("sliding_window") is not None and "sliding_attention" in layer_types:
-        arch.update(sliding_window_size=int(hf["sliding_window"]),
-                    sliding_window_indices=[int(t == "sliding_attention") for t in layer_types])
-    return arch
+    return [int(t == "sliding_attention") for t in layer_types]
+
+
+def _layer_types(c: Config) -> list[str]:
+    """transformers' `layer_types` of `c`'s blocks (the inverse of `_window_flags`)."""
+    return ["sliding_attention" if c.sliding_window(i) else "full_attention" for i in range(c.n_layer)]
 
 
 def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[int, Optional[list[int]]]]:
@@ -483,10 +493,7 @@ def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[i
         layer_types = hf.get("layer_types") or [
             "sliding_attention" if i >= hf["max_window_layers"] else "full_attention" for i in range(n_layer)
         ]
-        if len(layer_types) != n_layer or not set(layer_types) <= {"sliding_attention", "full_attention"}:
-            raise ConversionError(
-                f"config.json's layer_types must list {n_layer} entries, each 'sliding_attention' or 'full_attention'.")
-        flags = [int(t == "sliding_attention") for t in layer_types]
+        flags = _window_flags(layer_types, n_layer)
         if not any(flags):
             return None
         return int(window), None if all(flags) else flags
@@ -587,11 +594,11 @@ def config_to_hf(config: Config) -> dict:
         else:
             hf.update(use_sliding_window=False, sliding_window=None)
             if window is not None:
-                flags = [1 if c.sliding_window(i) else 0 for i in range(c.n_layer)]
                 # layer_types is what transformers reads now; max_window_layers what it read before it (the same
                 # blocks when the windowed ones are the last ones, as Qwen's own configs have them)
-                hf.update(use_sliding_window=True, sliding_window=window, max_window_layers=flags.index(1),
-                          layer_types=["sliding_attention" if f else "full_attention" for f in flags])
+                types = _layer_types(c)
+                hf.update(use_sliding_window=True, sliding_window=window, layer_types=types,
+                          max_window_layers=types.index("sliding_attention"))
             if model_type == "qwen3":
                 hf.update(attention_bias=False)
     elif model_type == "phi":
@@ -674,7 +681,7 @@ def _gemma_to_hf(c: Config, model_type: str, require) -> dict:
         hidden_activation=act, hidden_act=act, query_pre_attn_scalar=c.attention_scores_scalar or c.head_size,
         attn_logit_softcapping=c.attention_logit_softcapping, final_logit_softcapping=c.final_logit_softcapping,
         sliding_window=window,
-        layer_types=["sliding_attention" if c.sliding_window(i) else "full_attention" for i in range(c.n_layer)],
+        layer_types=_layer_types(c),
     )
     if model_type == "gemma2":
         require(c.rope_adjustments is None, "rope_adjustments (Gemma 2 has plain RoPE)")
@@ -710,7 +717,7 @@ _PREFIX = re.compile(r"^(?:model|transformer|gpt_neox)\.")
 # a multimodal Gemma 3's text model, as transformers >= 4.52 and as transformers 4.50/4.51 saved it; its vision tower
 # and projector, which the text model does not use
 _MULTIMODAL_TEXT = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|language_model\.)")
-_MULTIMODAL_OTHER = re.compile(r"^(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
+MULTIMODAL_OTHER = re.compile(r"^(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
 _LAYER = re.compile(r"^(?:layers|h)\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBALS = {
     "embed_tokens": "transformer.wte", "wte": "transformer.wte", "embed_in": "transformer.wte",
@@ -756,7 +763,7 @@ def iter_hf_to_lit(
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     for hf_key, t in tensors:
-        if _MULTIMODAL_OTHER.match(hf_key):
+        if MULTIMODAL_OTHER.match(hf_key):
             continue
         key = _PREFIX.sub("", _MULTIMODAL_TEXT.sub("", hf_key))
         if _IGNORED.search(key):

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from lit_gpt.config import CONFIG_FILENAME, Config
+from lit_gpt.config import CONFIG_FILENAME, Config, longrope_attention_factor
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
@@ -198,8 +198,7 @@ def _longrope(metadata: dict, arch: str, path: Path, factors: dict[str, np.ndarr
         raise GGUFImportError(f"{str(path)!r} has LongRoPE factors but lacks {what}; convert the model to GGUF again.")
     attention = metadata.get(f"{arch}.rope.scaling.attn_factor")
     if attention is None:  # (as transformers derives it from the context's growth)
-        growth = context / int(original)
-        attention = 1.0 if growth <= 1.0 else math.sqrt(1 + math.log(growth) / math.log(int(original)))
+        attention = longrope_attention_factor(context / int(original), int(original))
     return dict(short_factor=[float(f) for f in factors["rope_factors_short.weight"]],
                 long_factor=[float(f) for f in factors["rope_factors_long.weight"]],
                 original_max_seq_len=int(original), attention_factor=_decimal(attention))

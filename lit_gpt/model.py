@@ -258,9 +258,9 @@ class GPT(nn.Module):
         # poison real rows (0 attention weight times NaN is NaN)
         itself = input_pos[:, None] == columns[None, :]
         mask = ((causal[None] & real[:, None]) | itself[None]).unsqueeze(1)  # (B, 1, T, S)
-        window_mask = None
-        if self.config.sliding_window_size is not None:  # a row's padding shifts its positions and columns alike
-            window_mask = mask & (input_pos[:, None] - columns[None, :] < self.config.sliding_window_size)
+        # (a row's padding shifts its positions and columns alike: the window counts back over columns)
+        window = self._window_mask(input_pos, T, cache_len, idx.device)
+        window_mask = mask if window is None else mask & window
         for block in self.transformer.h:
             cos, sin = ropes[block.attn.local_rope]
             x = block(x, cos, sin, input_pos, mask if block.attn.window is None else window_mask)

@@ -84,7 +84,8 @@ from lit_gpt.adapters.state import (
     write_adapter_file,
 )
 from lit_gpt.config import Config
-from lit_gpt.convert_hf import ConversionError, config_to_hf, iter_hf_to_lit, iter_lit_to_hf
+from lit_gpt.convert_hf import (
+    MULTIMODAL_OTHER, ConversionError, config_to_hf, iter_hf_to_lit, iter_lit_to_hf)
 from lit_gpt.model import GPT
 from lit_gpt.utils import (
     WEIGHTS_FILENAME,
@@ -175,12 +176,10 @@ def _base_model_name(config: Config) -> Optional[str]:
     return f"{org}/{name}" if org and name and not config.hf_config.get("multimodal") else None
 
 
-# a multimodal Gemma 3's text model in its PEFT adapters (transformers >= 4.52, and 4.50/4.51), and its vision parts,
-# which lit_gpt does not have
+# a multimodal Gemma 3's text model in its PEFT adapters (transformers >= 4.52, and 4.50/4.51)
 _PEFT_TEXT_PREFIXES = ((f"{PEFT_PREFIX}model.language_model.", f"{PEFT_PREFIX}model."),
                        (f"{PEFT_PREFIX}language_model.model.", f"{PEFT_PREFIX}model."),
                        (f"{PEFT_PREFIX}language_model.lm_head.", f"{PEFT_PREFIX}lm_head."))
-_PEFT_VISION = re.compile(rf"{re.escape(PEFT_PREFIX)}(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
 
 
 def _text_model_tensors(tensors: dict[str, torch.Tensor], weights: str) -> dict[str, torch.Tensor]:
@@ -188,7 +187,7 @@ def _text_model_tensors(tensors: dict[str, torch.Tensor], weights: str) -> dict[
     dropped with a note (images are not supported)."""
     out, vision = {}, 0
     for key, t in tensors.items():
-        if _PEFT_VISION.match(key):
+        if key.startswith(PEFT_PREFIX) and MULTIMODAL_OTHER.match(key[len(PEFT_PREFIX):]):
             vision += 1
             continue
         for old, new in _PEFT_TEXT_PREFIXES:
