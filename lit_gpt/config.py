@@ -99,8 +99,9 @@ class Config:
     norm_eps: float = 1e-5
     # Gemma: every RMSNorm scales by (1 + weight), its weights stored as Gemma stores them (zeros at init)
     norm_unit_offset: bool = False
-    # "GemmaMLP" is the gated MLP of "LLaMAMLP" with GELU (`gelu_approximate`) in place of SiLU
-    mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP"] = "GptNeoxMLP"
+    # "GemmaMLP" is the gated MLP of "LLaMAMLP" with GELU (`gelu_approximate`) in place of SiLU; "LLaMAMoE" is a
+    # mixture of "LLaMAMLP" experts (below)
+    mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP", "LLaMAMoE"] = "GptNeoxMLP"
     # "none" is exact GELU (Pythia), "tanh" the approximation (GPT-2's and Phi's gelu_new, Gemma's)
     gelu_approximate: Literal["none", "tanh"] = "none"
     # Gemma: token embeddings times sqrt(n_embd), that factor rounded to the activations' dtype first
@@ -121,6 +122,14 @@ class Config:
     sliding_window_indices: Optional[list[int]] = None
     # Gemma 3: the RoPE base of the sliding-window blocks (the other blocks use rope_base and rope_adjustments)
     rope_local_base_freq: Optional[float] = None
+    # mixture of experts (Mixtral, Qwen3-MoE; mlp_class_name "LLaMAMoE"): the router `mlp.gate` sends each token to
+    # the n_expert_per_token of the n_expert SwiGLU experts (`mlp.experts[e]`, moe_intermediate_size wide, or
+    # intermediate_size when that is None) with the largest softmax probabilities, and sums their outputs weighted
+    # by those probabilities, renormalised to sum to 1 unless moe_norm_topk is false
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    moe_intermediate_size: Optional[int] = None
+    moe_norm_topk: bool = True
 
     def __post_init__(self) -> None:
         if not self.name and self.hf_config.get("name"):
@@ -162,12 +171,13 @@ class Config:
         def fail(what: str) -> None:
             raise ValueError(f"Config {self.name!r}: {what}.")
 
-        for key, known in (("mlp_class_name", ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP")),
+        for key, known in (("mlp_class_name", ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP", "LLaMAMoE")),
                            ("norm_class_name", ("LayerNorm", "RMSNorm"))):
             if getattr(self, key) not in known:
                 fail(f"{key}={getattr(self, key)!r} is none of {', '.join(repr(k) for k in known)}")
         if self.mlp_class_name in ("LLaMAMLP", "GemmaMLP") and self.intermediate_size is None:
             fail(f"{self.mlp_class_name} needs an explicit intermediate_size")
+        self._check_experts(fail)
         if self.norm_unit_offset and self.norm_class_name != "RMSNorm":
             fail("norm_unit_offset=true needs norm_class_name 'RMSNorm'")
         for key in ("attention_logit_softcapping", "final_logit_softcapping", "attention_scores_scalar",
@@ -212,6 +222,32 @@ class Config:
                  "not set")
         if self.parallel_residual and (self.post_attention_norm or self.post_mlp_norm):
             fail("post_attention_norm and post_mlp_norm need parallel_residual=false")
+
+    def _check_experts(self, fail) -> None:
+        moe = self.mlp_class_name == "LLaMAMoE"
+        for key in ("n_expert", "n_expert_per_token"):
+            value = getattr(self, key)
+            if type(value) is not int or value < 0:
+                fail(f"{key}={value!r} must be a whole number, 0 or more")
+        if not moe:
+            if self.n_expert or self.n_expert_per_token or self.moe_intermediate_size is not None:
+                fail(f"n_expert, n_expert_per_token and moe_intermediate_size describe the experts of "
+                     f"mlp_class_name 'LLaMAMoE', not of {self.mlp_class_name!r}: set them to 0, 0 and null, or "
+                     "mlp_class_name to 'LLaMAMoE'")
+            return
+        if self.n_expert < 1 or not 1 <= self.n_expert_per_token <= self.n_expert:
+            fail(f"mlp_class_name 'LLaMAMoE' needs n_expert of 1 or more and n_expert_per_token from 1 to n_expert, "
+                 f"got n_expert={self.n_expert} and n_expert_per_token={self.n_expert_per_token}")
+        width = self.moe_intermediate_size
+        if width is not None and (type(width) is not int or width < 1):
+            fail(f"moe_intermediate_size={width!r} must be a positive whole number or null")
+        if width is None and self.intermediate_size is None:
+            fail("mlp_class_name 'LLaMAMoE' needs moe_intermediate_size or intermediate_size (the experts' width)")
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """The hidden width of each expert of a "LLaMAMoE" MLP."""
+        return self.moe_intermediate_size if self.moe_intermediate_size is not None else self.intermediate_size
 
     def sliding_window(self, block_idx: int) -> Optional[int]:
         """The window of block `block_idx`'s attention, or None for full causal attention."""
@@ -408,6 +444,17 @@ for version, vocab, extra in (("v0.1", 32000, dict(sliding_window_size=4096)), (
                 intermediate_size=14336, norm_eps=1e-5, **extra,
             )
         )
+
+# Mixtral (Jiang et al. 2024, "Mixtral of Experts"): Mistral's attention without a window, eight experts, two per
+# token; 46,702,792,704 parameters, as its Hub config.json gives
+for instruct in ("", "-Instruct"):
+    configs.append(
+        _llama(
+            "mistralai", f"Mixtral-8x7B{instruct}-v0.1", block_size=32768, vocab_size=32000, padded_vocab_size=32000,
+            n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336, norm_eps=1e-5,
+            rope_base=1e6, mlp_class_name="LLaMAMoE", n_expert=8, n_expert_per_token=2,
+        )
+    )
 
 # TinyLlama
 configs.append(

@@ -8,8 +8,8 @@ fine-tuned variants and unlisted sizes convert as they are.
 Export (`convert_lit_checkpoint`) writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
 `config.json` (`config_to_hf`), safetensors weights, `generation_config.json` and the tokenizer files.
 
-Families: llama, mistral, qwen2, qwen3 (dense), phi, phi3 (Phi-3, Phi-4), gemma, gemma2, gemma3_text (Gemma 3's
-text model, `Gemma3ForCausalLM`), gpt2, gpt_neox. Both directions work
+Families: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, phi, phi3 (Phi-3, Phi-4), gemma, gemma2, gemma3_text
+(Gemma 3's text model, `Gemma3ForCausalLM`), gpt2, gpt_neox. Both directions work
 tensor by tensor (safetensors `safe_open` per shard, `.bin` shards memory-mapped), so a conversion holds one copy of
 the weights, not two.
 
@@ -30,6 +30,9 @@ Decisions worth knowing:
   norms (`norm_qk`) as `qwen3`, whose `q_norm`/`k_norm` are lit's `attn.norm_q`/`attn.norm_k`. A Phi-3 (its q/k/v
   in one `qkv_proj`, its gate and up projections in one `gate_up_proj`) is exported as the `llama` or `mistral` it
   computes, unless it rotates part of each head only, which those cannot: then as `phi3`.
+* A mixture of experts (Mixtral, Qwen3-MoE) is read from and written in its Hub layout, one tensor per expert and
+  projection (`block_sparse_moe.experts.3.w1`), which is also what transformers 5 saves. A model with norms on the
+  query/key heads exports as `qwen3_moe`, else as `mixtral`.
 * Export writes one `model.safetensors` up to `max_shard_bytes` (5 GB by default, the size the Hub recommends per
   file) and numbered shards plus `model.safetensors.index.json` beyond it.
 """
@@ -48,7 +51,10 @@ import torch
 from lit_gpt.config import Config, hf_name_to_config, longrope_attention_factor, name_to_config
 
 SUPPORTED_MODEL_TYPES = (
-    "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2", "gemma3_text",
+    "gpt2", "gpt_neox")
+# the llama-shaped families whose MLP is a mixture of experts (lit's "LLaMAMoE")
+MOE_TYPES = ("mixtral", "qwen3_moe")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 HF_CONFIG_FILENAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -101,6 +107,11 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu", max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, sliding_window=4096, num_key_value_heads=8,
     ),
+    "mixtral": dict(
+        hidden_act="silu", max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, rope_theta=1e6,
+        tie_word_embeddings=False, sliding_window=None, num_key_value_heads=8, num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
     "qwen2": dict(
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
@@ -110,6 +121,12 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
         num_key_value_heads=32, head_dim=128, attention_bias=False,
+    ),
+    "qwen3_moe": dict(
+        hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, num_key_value_heads=4,
+        attention_bias=False, num_experts_per_tok=8, num_experts=128, moe_intermediate_size=768,
+        norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=None,
     ),
     "phi3": dict(
         hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -215,7 +232,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             block_size=int(need("max_position_embeddings")), pos_embedding="rope", rope_base=float(rope_base),
             rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
         )
-        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", *MOE_TYPES):
             if hf["hidden_act"] not in ("silu", "swish"):  # transformers' "swish" is SiLU
                 raise ConversionError(
                     f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
@@ -229,7 +246,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                         "only, as Qwen2 does)."
                     )
                 bias = attn_bias = bool(hf["attention_bias"])
-            elif model_type == "qwen3":
+            elif model_type in ("qwen3", "qwen3_moe"):
                 if hf["attention_bias"]:
                     raise ConversionError(
                         "config.json sets attention_bias=true; lit_gpt's Config cannot put a bias on Qwen3's q/k/v "
@@ -243,6 +260,8 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                 bias=bias, attn_bias=attn_bias, norm_class_name="RMSNorm", norm_eps=float(hf["rms_norm_eps"]),
                 mlp_class_name="LLaMAMLP", parallel_residual=False,
             )
+            if model_type in MOE_TYPES:
+                arch.update(_experts_from_hf(hf, model_type, arch["n_layer"]))
             window = _sliding_window(hf, model_type, arch["n_layer"])
             if window is not None and window[0] < arch["block_size"]:
                 arch.update(sliding_window_size=window[0], sliding_window_indices=window[1])
@@ -288,7 +307,8 @@ _INT_FIELDS = (
     "n_embd", "n_head", "n_layer", "n_positions", "n_inner", "hidden_size", "num_attention_heads",
     "num_key_value_heads", "head_dim", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
     "vocab_size", "sliding_window", "max_window_layers", "original_max_position_embeddings", "query_pre_attn_scalar",
-    "sliding_window_pattern",
+    "sliding_window_pattern", "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "decoder_sparse_step",
 )
 _FLOAT_FIELDS = (
     "layer_norm_epsilon", "rms_norm_eps", "layer_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct",
@@ -483,8 +503,9 @@ def _layer_types(c: Config) -> list[str]:
 
 def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[int, Optional[list[int]]]]:
     """(window, `Config.sliding_window_indices`: None for every block) of a llama-shaped family, or None."""
-    if model_type in ("mistral", "phi3"):
-        window = hf.get("sliding_window")
+    if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):
+        # (transformers' Qwen3-MoE has the window in every block, when use_sliding_window says so)
+        window = hf.get("sliding_window") if model_type != "qwen3_moe" or hf["use_sliding_window"] else None
         return (int(window), None) if window else None
     if model_type in ("qwen2", "qwen3"):
         window = hf["sliding_window"] if hf["use_sliding_window"] else None
@@ -500,6 +521,24 @@ def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[i
     return None
 
 
+def _experts_from_hf(hf: dict, model_type: str, n_layer: int) -> dict:
+    """The `Config` fields of a Mixtral's or Qwen3-MoE's experts."""
+    if model_type == "mixtral":
+        return dict(mlp_class_name="LLaMAMoE", n_expert=int(hf["num_local_experts"]),
+                    n_expert_per_token=int(hf["num_experts_per_tok"]))
+    # (transformers 5 writes num_local_experts; Qwen's own files, num_experts)
+    n_expert = hf.get("num_local_experts") or hf["num_experts"]
+    dense = sorted(set(hf["mlp_only_layers"] or []) | {
+        i for i in range(n_layer) if (i + 1) % int(hf["decoder_sparse_step"] or 1)})
+    if dense:
+        raise ConversionError(
+            f"config.json gives blocks {dense[:8]} a dense MLP (mlp_only_layers={hf['mlp_only_layers']}, "
+            f"decoder_sparse_step={hf['decoder_sparse_step']}); lit_gpt's Qwen3-MoE has experts in every block, as "
+            "Qwen's released models do.")
+    return dict(mlp_class_name="LLaMAMoE", n_expert=int(n_expert), n_expert_per_token=int(hf["num_experts_per_tok"]),
+                moe_intermediate_size=int(hf["moe_intermediate_size"]), moe_norm_topk=bool(hf["norm_topk_prob"]))
+
+
 def hf_model_type(config: Config) -> str:
     """The transformers architecture that computes exactly what `GPT(config)` computes."""
     if config.pos_embedding == "learned":
@@ -508,6 +547,8 @@ def hf_model_type(config: Config) -> str:
         if config.norm_qk:
             return "gemma3_text"
         return "gemma2" if config.post_attention_norm or config.post_mlp_norm else "gemma"
+    if config.mlp_class_name == "LLaMAMoE":
+        return "qwen3_moe" if config.norm_qk else "mixtral"
     if config.mlp_class_name == "LLaMAMLP":
         if config.norm_qk:
             return "qwen3"
@@ -535,9 +576,9 @@ def config_to_hf(config: Config) -> dict:
             problems.append(what)
 
     gelu = {"none": "gelu", "tanh": "gelu_new"}[c.gelu_approximate]
-    if model_type not in ("qwen3", "gemma3_text"):
-        require(not c.norm_qk, "norm_qk=True (of the transformers families, only Qwen3 and Gemma 3 have per-head "
-                               "query/key norms)")
+    if model_type not in ("qwen3", "qwen3_moe", "gemma3_text"):
+        require(not c.norm_qk, "norm_qk=True (of the transformers families, only Qwen3, Qwen3-MoE and Gemma 3 have "
+                               "per-head query/key norms)")
     if model_type not in GEMMA_TYPES:
         gemma_fields = ("norm_unit_offset", "scale_embeddings", "post_attention_norm", "post_mlp_norm",
                         "attention_scores_scalar", "attention_logit_softcapping", "final_logit_softcapping",
@@ -550,15 +591,15 @@ def config_to_hf(config: Config) -> dict:
     if model_type != "phi3":
         require(not c.rope_adjustments or "long_factor" not in c.rope_adjustments,
                 "LongRoPE rope_adjustments (exported as Phi-3 only, a model without biases or query/key norms)")
-    if model_type not in ("mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES):
+    if model_type not in ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", *GEMMA_TYPES):
         require(c.sliding_window_size is None, f"sliding_window_size (transformers' {model_type} has no sliding "
                                                "window)")
-    if model_type in ("mistral", "phi3"):
+    if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):
         require(c.sliding_window_indices is None, f"sliding_window_indices (transformers' {model_type} has the "
                                                   "window in every block)")
     if model_type in GEMMA_TYPES:
         hf = _gemma_to_hf(c, model_type, require)
-    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", *MOE_TYPES):
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
         require(c.rotary_percentage == 1.0 or model_type == "phi3",
@@ -567,11 +608,17 @@ def config_to_hf(config: Config) -> dict:
         require(c.bias == c.attn_bias or model_type != "llama", "bias=True with attn_bias=False")
         require(not c.bias or model_type == "llama", "a bias (on every linear layer: only transformers' Llama has "
                                                      "that, and it has no sliding window)")
-        if model_type == "qwen3":
+        if model_type in ("qwen3", "qwen3_moe"):
             require(not c.attn_bias and not c.bias, "a bias (transformers' Qwen3 has none, or one on q/k/v and o_proj "
                                                     "both)")
+        if model_type == "mixtral":
+            require(c.moe_norm_topk, "moe_norm_topk=False (Mixtral renormalises the chosen experts' weights)")
+            require(c.expert_intermediate_size == c.intermediate_size,
+                    f"moe_intermediate_size={c.moe_intermediate_size} differing from intermediate_size (Mixtral's "
+                    "experts are intermediate_size wide)")
         architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                        "mistral": "MistralForCausalLM"}.get(model_type, "LlamaForCausalLM")
+                        "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                        "qwen3_moe": "Qwen3MoeForCausalLM"}.get(model_type, "LlamaForCausalLM")
         hf = dict(
             architectures=[architecture],
             model_type=model_type, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
@@ -582,8 +629,11 @@ def config_to_hf(config: Config) -> dict:
         window = c.sliding_window_size
         if model_type == "llama":
             hf.update(attention_bias=c.bias, mlp_bias=c.bias)
-        elif model_type == "mistral":
+        elif model_type in ("mistral", "mixtral"):
             hf.update(sliding_window=window)
+            if model_type == "mixtral":
+                hf.update(num_local_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token,
+                          router_jitter_noise=0.0, output_router_logits=False)
         elif model_type == "phi3":
             adj = c.rope_adjustments
             require(not adj or "long_factor" in adj, "rope_adjustments other than LongRoPE's (Phi-3 has no other)")
@@ -591,6 +641,12 @@ def config_to_hf(config: Config) -> dict:
                       embd_pdrop=0.0, attention_dropout=0.0)
             if adj:
                 hf.update(original_max_position_embeddings=adj["original_max_seq_len"])
+        elif model_type == "qwen3_moe":
+            # (num_experts: Qwen's own name, which transformers 4 reads and 5 maps to num_local_experts)
+            hf.update(use_sliding_window=window is not None, sliding_window=window, attention_bias=False,
+                      num_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token,
+                      moe_intermediate_size=c.expert_intermediate_size, norm_topk_prob=c.moe_norm_topk,
+                      decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False)
         else:
             hf.update(use_sliding_window=False, sliding_window=None)
             if window is not None:
@@ -746,6 +802,12 @@ _FUSED_QKV, _GATE_UP = "self_attn.qkv_proj", "mlp.gate_up_proj"
 # pre_feedforward_layernorm is lit's norm_2; in every other family post_attention_layernorm is norm_2
 _GEMMA_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "norm_2",
                 "post_feedforward_layernorm": "post_mlp_norm"}
+# a mixture of experts' router and experts: Mixtral's (block_sparse_moe, w1/w3/w2) and Qwen3-MoE's (mlp,
+# gate_proj/up_proj/down_proj), lit's `mlp.gate` and `mlp.experts.{e}.fc_1/fc_2/proj`
+_ROUTER = ("block_sparse_moe.gate", "mlp.gate")
+_EXPERT = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)$")
+_FUSED_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_EXPERT_PARTS = {"w1": "fc_1", "w3": "fc_2", "w2": "proj", "gate_proj": "fc_1", "up_proj": "fc_2", "down_proj": "proj"}
 # of a model without `norm_qk`, these are unexpected tensors like any other unknown one
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 # buffers some checkpoints carry (causal masks, RoPE frequencies); recomputed by the model, never weights
@@ -773,6 +835,14 @@ def iter_hf_to_lit(
             # a tied head is yielded too: `untie_differing_head` drops it, or unties the config as transformers does
             yield f"{_GLOBALS[module]}.{param}", cast(t)
             continue
+        fused = _FUSED_EXPERTS.match(key) if config.n_expert else None
+        if fused:  # transformers 5's layout in memory: every expert's projection in one tensor
+            layer, name = fused.group(1), fused.group(2)
+            for e, w in enumerate(t.unbind(0)):
+                parts = w.chunk(2) if name == "gate_up_proj" else (w,)
+                for part, lit_name in zip(parts, ("fc_1", "fc_2") if name == "gate_up_proj" else ("proj",)):
+                    yield f"transformer.h.{layer}.mlp.experts.{e}.{lit_name}.weight", cast(part.clone())
+            continue
         m = _LAYER.match(key)
         if m is None:
             raise ConversionError(f"Unexpected tensor {hf_key!r}: lit_gpt does not know where it belongs.")
@@ -797,6 +867,10 @@ def iter_hf_to_lit(
             yield f"{prefix}.attn.qkv.{param}", cast(qkv)
         elif module in _GEMMA_NORMS and config.post_attention_norm:
             yield f"{prefix}.{_GEMMA_NORMS[module]}.{param}", cast(t)
+        elif config.n_expert and module in _ROUTER:
+            yield f"{prefix}.mlp.gate.{param}", cast(t)
+        elif config.n_expert and (expert := _EXPERT.match(module)):
+            yield f"{prefix}.mlp.experts.{expert.group(1)}.{_EXPERT_PARTS[expert.group(2)]}.{param}", cast(t)
         elif module in _LAYER_MODULES and (config.norm_qk or module not in _QK_NORMS):
             lit_module, transposed = _LAYER_MODULES[module]
             if transposed and param == "weight":
@@ -901,6 +975,9 @@ def iter_lit_to_hf(
         raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
     c = config
     llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES)
+    moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    expert_parts = {"fc_1": "w1", "fc_2": "w3", "proj": "w2"} if model_type == "mixtral" else {
+        "fc_1": "gate_proj", "fc_2": "up_proj", "proj": "down_proj"}
     gate_up: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # Phi-3: (layer, param) -> the half seen first
     prefix = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}.get(model_type, "model.")
     layers = "h" if model_type == "gpt2" else "layers"
@@ -968,8 +1045,15 @@ def iter_lit_to_hf(
                 for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                     yield f"{base}.self_attn.{name}.{param}", cast(part.clone())
             continue
+        if model_type in MOE_TYPES and sub == "mlp.gate":
+            yield f"{base}.{moe}.gate.{param}", cast(t)
+            continue
+        expert = re.match(r"^mlp\.experts\.(\d+)\.(fc_1|fc_2|proj)$", sub)
+        if model_type in MOE_TYPES and expert:
+            yield f"{base}.{moe}.experts.{expert.group(1)}.{expert_parts[expert.group(2)]}.{param}", cast(t)
+            continue
         if (sub not in modules or (sub in ("mlp.fc_1", "mlp.fc_2") and not llama_like)
-                or (sub in ("attn.norm_q", "attn.norm_k") and model_type not in ("qwen3", "gemma3_text"))
+                or (sub in ("attn.norm_q", "attn.norm_k") and model_type not in ("qwen3", "qwen3_moe", "gemma3_text"))
                 or (sub in ("post_attention_norm", "post_mlp_norm") and model_type not in GEMMA_TYPES)):
             raise ConversionError(f"Unexpected tensor {key!r} in the lit checkpoint for a {model_type} export.")
         if model_type == "phi3" and sub in ("mlp.fc_1", "mlp.fc_2"):

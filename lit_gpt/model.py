@@ -307,7 +307,8 @@ class Block(nn.Module):
         # (None: no module, so the state dict of every other family stays as it was)
         self.post_attention_norm = build_norm(config) if config.post_attention_norm else None
         self.norm_2 = None if config.shared_attention_norm else build_norm(config)
-        self.mlp = {"LLaMAMLP": LLaMAMLP, "GemmaMLP": GemmaMLP}.get(config.mlp_class_name, GptNeoxMLP)(config)
+        self.mlp = {"LLaMAMLP": LLaMAMLP, "GemmaMLP": GemmaMLP, "LLaMAMoE": LLaMAMoE}.get(
+            config.mlp_class_name, GptNeoxMLP)(config)
         self.post_mlp_norm = build_norm(config) if config.post_mlp_norm else None
         self.parallel_residual = config.parallel_residual
 
@@ -421,11 +422,12 @@ class GptNeoxMLP(nn.Module):
 
 
 class LLaMAMLP(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
-        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        width = intermediate_size or config.intermediate_size
+        self.fc_1 = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.proj = nn.Linear(width, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         # adapters with output-side transforms on fc_1 or fc_2 may run them with the SiLU and the product as one
@@ -453,6 +455,42 @@ class GemmaMLP(LLaMAMLP):
 
     def forward(self, x):
         return self._gated(F.gelu(self.fc_1(x), approximate=self.approximate), self.fc_2(x))
+
+
+class LLaMAMoE(nn.Module):
+    """A mixture of SwiGLU experts (Mixtral's sparse MoE block): the router `gate` scores the experts of each token,
+    which goes to the `n_expert_per_token` most probable; their outputs are summed, weighted by those probabilities
+    (renormalised to sum to 1 with `moe_norm_topk`). The routing is computed in float32 (or float64), as transformers
+    computes it.
+
+    Every expert runs, on no tokens if none chose it, so that every adapter of every expert is in the autograd graph
+    of every step: with FSDP each process must reduce the same gradients, whichever experts its tokens chose."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(
+            LLaMAMLP(config, config.expert_intermediate_size) for _ in range(config.n_expert))
+        self.n_expert_per_token = config.n_expert_per_token
+        self.norm_topk = config.moe_norm_topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x)
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        weights, chosen = probs.topk(self.n_expert_per_token, dim=-1)  # (tokens, k)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        # the (token, slot) pairs grouped by expert, tokens in order within each: one sort, one read of the counts
+        order = chosen.reshape(-1).argsort(stable=True)
+        counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).tolist()
+        tokens = (order // self.n_expert_per_token).split(counts)
+        token_weights = weights.reshape(-1)[order].split(counts)
+        y = torch.zeros_like(x)
+        for expert, idx, w in zip(self.experts, tokens, token_weights):
+            y.index_add_(0, idx, (expert(x[idx]) * w[:, None]).to(x.dtype))
+        return y.reshape(shape)
 
 
 class RMSNorm(nn.Module):

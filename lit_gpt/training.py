@@ -1307,15 +1307,16 @@ def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
                              "'re:<regex>' patterns.")
     if mlp_names and not any(family <= mlp_names for family in _HF_MLP_LAYERS):
         family = next((f for f in _HF_MLP_LAYERS if mlp_names & f), sorted(mlp_names))
-        layers = [n for n in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h")
-                  if n in family] or ["c_fc", "c_proj"]  # (GPT-2's)
+        layers = [n for n in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h",
+                              "w1", "w2", "w3") if n in family] or ["c_fc", "c_proj"]  # (GPT-2's)
         raise ValueError(f"{flag}: {', '.join(sorted(mlp_names))} is only part of the MLP here, whose target, mlp, "
                          f"adapts all of its linear layers ({', '.join(layers)}): pass mlp (or all of them).")
     return [t for t in GPT_TARGETS if t in chosen] + sorted(patterns)
 
 
 # transformers' names of one MLP's linear layers (GPT-2's c_fc/c_proj: the mlp target, c_proj also naming attention's)
-_HF_MLP_LAYERS = ({"gate_proj", "up_proj", "down_proj"}, {"fc1", "fc2"}, {"dense_h_to_4h", "dense_4h_to_h"})
+_HF_MLP_LAYERS = ({"gate_proj", "up_proj", "down_proj"}, {"fc1", "fc2"}, {"dense_h_to_4h", "dense_4h_to_h"},
+                  {"w1", "w2", "w3"})  # (Mixtral's experts')
 
 
 def _split_names(given: str) -> list[str]:

@@ -100,6 +100,17 @@ FAMILIES = {
                      max_position_embeddings=64),
         "Phi3ForCausalLM", dict(rotary_percentage=0.5, block_size=64, sliding_window_size=16),
     ),
+    # mixtures of experts: a router and SwiGLU experts in every block, Qwen3-MoE's narrower than intermediate_size
+    "mixtral": (
+        "mixtral", dict(_LLAMA, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+        "MixtralForCausalLM", dict(mlp_class_name="LLaMAMoE", n_expert=4, n_expert_per_token=2, rope_base=1e6),
+    ),
+    "qwen3_moe": (
+        "qwen3_moe", dict(_LLAMA, num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
+                          norm_topk_prob=True, head_dim=16),
+        "Qwen3MoeForCausalLM", dict(n_expert=6, n_expert_per_token=3, moe_intermediate_size=40, moe_norm_topk=True,
+                                    norm_qk=True, head_size=16),
+    ),
     "phi": (
         "phi",
         dict(
@@ -296,7 +307,8 @@ def test_windows_transformers_cannot_export_are_refused():
                                "parallel_residual": True}))
 
 
-@pytest.mark.parametrize("family", ["llama3_rope", "qwen2_qkv_bias", "phi", "phi3_partial", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama3_rope", "qwen2_qkv_bias", "phi", "phi3_partial", "gpt2", "gpt_neox",
+                                    "mixtral", "qwen3_moe"])
 def test_state_dict_round_trip_reproduces_the_hf_files(family, tmp_path):
     """hf -> lit -> hf gives back exactly the tensors transformers wrote, names included."""
     model_type, kwargs, _, _ = FAMILIES[family]

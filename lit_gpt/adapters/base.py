@@ -516,7 +516,10 @@ def _plan_gpt(model: nn.Module, named: set[str]) -> dict[str, list[str]]:
         if "projection" in named:
             plan[f"{prefix}.attn.proj"] = [FULL]
         if "mlp" in named:
-            for child, module in block.mlp.named_children():
+            # a mixture of experts: every expert's layers, not the router (`mlp.gate`, which a target names alone)
+            experts = getattr(block.mlp, "experts", None)
+            for child, module in (block.mlp.named_children() if experts is None else
+                                  ((f"experts.{n}", m) for n, m in experts.named_modules() if n)):
                 if is_adaptable(module):
                     plan[f"{prefix}.mlp.{child}"] = [FULL]
     if "head" in named:
@@ -637,7 +640,8 @@ def _in_layers(plan: dict[str, list[str]], candidates: list[str], layers: list[i
 HF_TARGET_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "projection",
                    "dense": "projection", "gate_proj": "mlp", "up_proj": "mlp",
                    "down_proj": "mlp", "fc1": "mlp", "fc2": "mlp", "c_fc": "mlp", "dense_h_to_4h": "mlp",
-                   "dense_4h_to_h": "mlp", "lm_head": "head", "query_key_value": "query, key and value",
+                   "dense_4h_to_h": "mlp", "w1": "mlp", "w2": "mlp", "w3": "mlp", "lm_head": "head",
+                   "query_key_value": "query, key and value",
                    "c_attn": "query, key and value", "qkv_proj": "query, key and value"}
 
 
@@ -663,7 +667,8 @@ def _no_match(model: nn.Module, modules: dict[str, nn.Module], pattern: str, gpt
         instead = f" ({pattern!r} is {ours!r} here)" if ours else ""
         return (f"Adapter target {pattern!r} matches no nn.Linear or Conv1D module of {what}; the named targets of a "
                 f"lit_gpt.GPT are {', '.join(GPT_TARGETS)} or {ALL_LINEAR}{instead}, and its layers are named as in "
-                "'transformer.h.0.attn.qkv' (attn.qkv, attn.proj, mlp.fc_1, mlp.fc_2, mlp.proj, mlp.fc, lm_head).")
+                "'transformer.h.0.attn.qkv' (attn.qkv, attn.proj, mlp.fc_1, mlp.fc_2, mlp.proj, mlp.fc, lm_head; a "
+                "mixture of experts' mlp.gate and mlp.experts.0.fc_1).")
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and is_adaptable(m)})
     layers = ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
     if pattern in GPT_TARGETS:  # e.g. AdapterConfig's default targets, which name a lit_gpt.GPT's layers
