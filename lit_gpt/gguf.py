@@ -12,6 +12,14 @@ stored as is, as are Phi-3's (its q/k/v in one `attn_qkv`, its gate and up proje
 as transformers' `qkv_proj` and `gate_up_proj`). Qwen3's per-head query/key norms are `blk.N.attn_q_norm` /
 `attn_k_norm` (lit `attn.norm_q`/`norm_k`), of `qwen3.attention.key_length` (its head_dim) features.
 
+Mixtures of experts (lit's "LLaMAMoE"): Mixtral is a `llama` file with `llama.expert_count` and
+`llama.expert_used_count`, Qwen3-MoE a `qwen3moe` one (Qwen3's attention with per-head q/k norms). The router is
+`blk.N.ffn_gate_inp` (lit `mlp.gate`); llama.cpp's converter stacks each block's experts into one 3-D tensor per
+projection, `ffn_gate_exps`/`ffn_up_exps`/`ffn_down_exps` (`torch.stack(..., dim=0)` of the HF experts, so the
+gguf reader's numpy shape, the reverse of GGUF's `ne`, is `(n_expert, out, in)`), while older files
+hold one 2-D tensor per expert, `blk.N.ffn_gate.E` (llama.cpp's LLM_TENSOR_FFN_GATE_EXP,
+"blk.%d.ffn_gate.%d"). Both become lit's `mlp.experts.E.fc_1` (gate), `fc_2` (up) and `proj` (down).
+
 Gemma (1, 2, 3) also uses neox rope, so its q/k rows are as transformers stores them. Its RMSNorms scale by
 `1 + weight`; llama.cpp's converter stores every `*norm.weight` plus 1 (its graph multiplies by the weight), so the
 import subtracts 1 again (lit keeps transformers' convention, `Config.norm_unit_offset`). What the file does not say
@@ -33,7 +41,7 @@ import torch
 from lit_gpt.config import CONFIG_FILENAME, Config, longrope_attention_factor
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma", "gemma2", "gemma3")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
 _PERMUTED_QK = ("llama",)
 _GEMMA = ("gemma", "gemma2", "gemma3")
@@ -65,6 +73,12 @@ _OPTIONAL_TENSORS = {
     "attn_q_norm.weight": "norm_qk", "attn_k_norm.weight": "norm_qk",
     "post_attention_norm.weight": "post_attention_norm", "post_ffw_norm.weight": "post_mlp_norm",
 }
+# a mixture of experts' tensors: the router, the stacked experts (GGUF projection -> lit expert layer) and the
+# older one-tensor-per-expert names
+_DENSE_MLP = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+_EXPERT_PARTS = {"gate": "fc_1", "up": "fc_2", "down": "proj"}
+_STACKED_EXPERTS = re.compile(r"^ffn_(gate|up|down)_exps\.weight$")
+_ONE_EXPERT = re.compile(r"^ffn_(gate|up|down)\.(\d+)\.weight$")
 
 
 class GGUFImportError(ValueError):
@@ -149,7 +163,9 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
     general_name = metadata.get("general.name") or path.stem
     block_size = int(metadata.get(key("context_length"), 4096))
     n_layer = int(_require(metadata, key("block_count"), path))
-    family: dict[str, Any] = dict(norm_qk=arch == "qwen3", mlp_class_name="LLaMAMLP")
+    intermediate_size = int(_require(metadata, key("feed_forward_length"), path))
+    family: dict[str, Any] = dict(norm_qk=arch in ("qwen3", "qwen3moe"), mlp_class_name="LLaMAMLP")
+    family.update(_expert_fields(metadata, arch, tensor_shapes, intermediate_size, path))
     if arch == "phi3":  # a sliding window in every block, as transformers' Phi-3 (convert_hf.py)
         window = int(metadata.get(key("attention.sliding_window")) or 0)
         if 0 < window < block_size:
@@ -166,7 +182,7 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         n_query_groups=int(n_kv),
         head_size=head_size,
         n_embd=n_embd,
-        intermediate_size=int(_require(metadata, key("feed_forward_length"), path)),
+        intermediate_size=intermediate_size,
         rotary_percentage=rope_dims / head_size,
         rope_base=float(metadata.get(key("rope.freq_base"), 10000.0)),
         rope_adjustments=(_longrope(metadata, arch, path, rope_factors, block_size) if rope_factors
@@ -181,6 +197,54 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         # tensors: `_check_complete`)
         **family,
     )
+
+
+def _expert_fields(metadata: dict, arch: str, tensor_shapes: dict[str, tuple[int, ...]], intermediate_size: int,
+                   path: Path) -> dict[str, Any]:
+    """The Config fields of a mixture of experts (none for a dense model), as llama.cpp loads a llama (Mixtral) or
+    qwen3moe file.
+
+    llama.cpp routes both with a softmax over every expert, keeps the `expert_used_count` most probable and always
+    renormalises their weights to sum to 1: the `norm_w` argument of their `build_moe_ffn` calls is a literal
+    `true` (ggml-org/llama.cpp, src/models/llama.cpp and src/models/qwen3moe.cpp: `LLM_FFN_SILU, true,
+    hparams.expert_weights_scale, LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX`; `build_moe_ffn` in src/llama-graph.cpp
+    divides by the weights' sum when norm_w), whatever a `{arch}.expert_weights_norm` key says, so `moe_norm_topk` is
+    True, as in Mixtral and in Qwen3-30B-A3B's config (norm_topk_prob true). A Qwen3-MoE with norm_topk_prob false
+    would run differently in transformers than in llama.cpp; the import reproduces llama.cpp. (`build_moe_ffn`
+    scales the weights by `expert_weights_scale` unless it is 0, its default, or 1: another value is refused.)
+    """
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+
+    routed = any(n.endswith(".ffn_gate_inp.weight") for n in tensor_shapes)
+    if arch not in ("llama", "qwen3moe") or (arch == "llama" and not metadata.get(key("expert_count")) and not routed):
+        return {}  # dense (llama.cpp reads a llama file with no or 0 experts as dense)
+    n_expert = int(_require(metadata, key("expert_count"), path))
+    n_used = int(_require(metadata, key("expert_used_count"), path))
+    if not 1 <= n_used <= n_expert:
+        raise GGUFImportError(f"{str(path)!r} has {key('expert_used_count')}={n_used}, which is not from 1 to its "
+                              f"{key('expert_count')} {n_expert}.")
+    # what lit_gpt's LLaMAMoE has no counterpart for: shared experts (Qwen2-MoE's, Granite-MoE-shared's), a
+    # scale on the routing weights, another gating function than softmax (gguf.ExpertGatingFuncType: 1; 0 is
+    # unset)
+    for name, accepted in (("expert_shared_feed_forward_length", (0,)), ("expert_shared_count", (0,)),
+                           ("expert_weights_scale", (0.0, 1.0)), ("expert_gating_func", (0, 1))):
+        value = metadata.get(key(name))
+        if value is not None and value not in accepted:
+            raise GGUFImportError(f"{str(path)!r} sets {key(name)}={value}, which lit_gpt's mixture of experts "
+                                  "cannot express.")
+    shared = next((n for n in tensor_shapes if "_shexp." in n), None)
+    if shared is not None:
+        raise GGUFImportError(f"{str(path)!r} has the shared-expert tensor {shared!r}, which lit_gpt's mixture of "
+                              "experts cannot express.")
+    fields: dict[str, Any] = dict(mlp_class_name="LLaMAMoE", n_expert=n_expert, n_expert_per_token=n_used,
+                                  moe_norm_topk=True)
+    if arch == "qwen3moe":
+        # llama.cpp's fallback without the key: n_ff / n_expert_used (llama_model_qwen3moe::load_arch_tensors)
+        fields["moe_intermediate_size"] = int(metadata.get(key("expert_feed_forward_length"))
+                                              or intermediate_size // n_used)
+    # (Mixtral's experts are feed_forward_length wide: llama.cpp's llama creates ffn_*_exps of n_ff)
+    return fields
 
 
 # LongRoPE's factors (Phi-3.5, Phi-4-mini, the 128K Phi-3s), folded into Config.rope_adjustments
@@ -415,6 +479,13 @@ def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
             yield prefix + "mlp.fc_1.weight", gate.clone()
             yield prefix + "mlp.fc_2.weight", up.clone()
             continue
+        if config.n_expert and (local == "ffn_gate_inp.weight" or _STACKED_EXPERTS.match(local)
+                                or _ONE_EXPERT.match(local)):
+            yield from _expert_weights(tensor, local, prefix, config, path, dtype)
+            continue
+        if config.n_expert and local in _DENSE_MLP:
+            raise GGUFImportError(f"{str(path)!r}: tensor {name!r} is a dense feed-forward layer, but the file's "
+                                  f"{arch}.expert_count gives every block a mixture of experts.")
         if local in _BLOCK_TENSORS and (local not in _OPTIONAL_TENSORS or getattr(config, _OPTIONAL_TENSORS[local])):
             yield prefix + _BLOCK_TENSORS[local], _shifted(dequantize(tensor, path), name, arch).to(dtype)
             continue
@@ -433,6 +504,29 @@ def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
     if pending:
         incomplete = sorted({key // 2 for key in pending})
         raise GGUFImportError(f"{str(path)!r}: layers {incomplete} lack one of attn_q, attn_k, attn_v.")
+
+
+def _expert_weights(tensor, local: str, prefix: str, config: Config, path: Path,
+                    dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The lit tensors of a block's router, stacked experts (one per expert) or single expert."""
+    value = dequantize(tensor, path)
+    if local == "ffn_gate_inp.weight":
+        yield prefix + "mlp.gate.weight", value.to(dtype)
+        return
+    one = _ONE_EXPERT.match(local)
+    if one is not None:
+        expert = int(one[2])
+        if expert >= config.n_expert:
+            raise GGUFImportError(f"{str(path)!r}: tensor {tensor.name!r} is of expert {expert}, but the file has "
+                                  f"{config.n_expert} experts.")
+        yield f"{prefix}mlp.experts.{expert}.{_EXPERT_PARTS[one[1]]}.weight", value.to(dtype)
+        return
+    part = _EXPERT_PARTS[_STACKED_EXPERTS.match(local)[1]]
+    if value.ndim != 3 or value.shape[0] != config.n_expert:
+        raise GGUFImportError(f"{str(path)!r}: tensor {tensor.name!r} has shape {tuple(value.shape)}, not "
+                              f"{config.n_expert} stacked experts.")
+    for expert in range(config.n_expert):  # (a copy each: no expert keeps the whole stack alive)
+        yield f"{prefix}mlp.experts.{expert}.{part}.weight", value[expert].to(dtype).clone()
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
