@@ -1,5 +1,6 @@
 """Benchmark lit_gpt's GPT against transformers' LlamaForCausalLM on the same random Llama (CPU by default), or
-against Gemma2ForCausalLM / Gemma3ForCausalLM on a random Gemma 2 / Gemma 3 of the same sizes (`--model_type`).
+against Gemma2ForCausalLM / Gemma3ForCausalLM / MixtralForCausalLM on a random Gemma 2 / Gemma 3 / Mixtral of the
+same sizes (`--model_type`).
 
 Measures a training step (forward + backward) and greedy generation (ours `lit_gpt.generate.generate` with its KV
 cache, theirs `model.generate(do_sample=False)`), with identical weights, prompt and number of new tokens. A and B
@@ -80,7 +81,8 @@ def main(
         threads: torch intra-op threads (default: torch's choice).
         device: "cpu" or "cuda".
         model_type: "llama", or "gemma2" / "gemma3_text" for transformers' Gemma 2 / Gemma 3 (soft-capped
-            attention, norms after attention and MLP, sliding windows of transformers' default size).
+            attention, norms after attention and MLP, sliding windows of transformers' default size), or "mixtral"
+            (Mixtral's mixture of experts: 8 experts of intermediate_size, 2 per token).
         write_docs: Replace (or add) this benchmark's section of docs/benchmarks.md with the results.
     """
     import transformers
@@ -90,15 +92,17 @@ def main(
     command = command_line()
     print(f"$ {command}")
     torch.manual_seed(0)
-    if model_type not in ("llama", "gemma2", "gemma3_text"):
-        raise ValueError(f"--model_type {model_type!r}: choose llama, gemma2 or gemma3_text.")
+    if model_type not in ("llama", "gemma2", "gemma3_text", "mixtral"):
+        raise ValueError(f"--model_type {model_type!r}: choose llama, gemma2, gemma3_text or mixtral.")
     sizes = dict(
         vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=intermediate_size, num_hidden_layers=n_layer,
         num_attention_heads=n_head, num_key_value_heads=n_query_groups, max_position_embeddings=2048,
         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
-    if model_type != "llama":  # (Gemma's default head_dim is 256 whatever the width)
+    if model_type in ("gemma2", "gemma3_text"):  # (Gemma's default head_dim is 256 whatever the width)
         sizes.update(head_dim=n_embd // n_head)
+    if model_type == "mixtral":
+        sizes.update(num_local_experts=8, num_experts_per_tok=2)
     hf_config = transformers.AutoConfig.for_model(model_type, **sizes)
     # SDPA where transformers has it for the family (its Gemma 2 has only eager attention, for the soft cap)
     attention = "eager" if model_type == "gemma2" else "sdpa"
@@ -155,9 +159,10 @@ def main(
         rows.append((f"greedy generation, tokens per {clock} s", new_tokens / med(gen[f"{clock}_ours"]),
                      new_tokens / med(gen[f"{clock}_theirs"])))
     threads_used = torch.get_num_threads()
+    mlp = f"{intermediate_size}" + (" x 8 experts, 2 per token" if model_type == "mixtral" else "")
     setup = (
         f"{family} config: {n_layer} layers, width {n_embd}, {n_head} heads / {n_query_groups} KV heads, MLP "
-        f"{intermediate_size}, vocab {vocab_size}; train batch {batch_size}x{seq_len}; generation {prompt_len} prompt "
+        f"{mlp}, vocab {vocab_size}; train batch {batch_size}x{seq_len}; generation {prompt_len} prompt "
         f"+ {new_tokens} new tokens; {repeats} interleaved runs after a warm-up; {device}, {threads_used} threads"
     )
     env = (
