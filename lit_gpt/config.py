@@ -528,6 +528,23 @@ for size, layers, embd, heads, inter, tied in (
             )
         )
 
+# Qwen3-MoE: Qwen3's attention (4 key/value heads) and 128 experts in every block, 8 per token, their weights
+# renormalised (norm_topk_prob); 30.5B and 235B parameters in all, 3.3B and 22B active per token (Qwen3 technical
+# report, Yang et al. 2025)
+for size, layers, embd, heads, expert_width, inter, variants in (
+    ("30B-A3B", 48, 2048, 32, 768, 6144, (("", 40960), ("-Base", 32768))),
+    ("235B-A22B", 94, 4096, 64, 1536, 12288, (("", 40960),)),
+):
+    for suffix, block in variants:
+        configs.append(
+            _llama(
+                "Qwen", f"Qwen3-{size}{suffix}", block_size=block, vocab_size=151643, padded_vocab_size=151936,
+                n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=4, head_size=128, intermediate_size=inter,
+                norm_eps=1e-6, rope_base=1000000, norm_qk=True, mlp_class_name="LLaMAMoE", n_expert=128,
+                n_expert_per_token=8, moe_intermediate_size=expert_width,
+            )
+        )
+
 # Gemma: GeGLU MLP (tanh GELU), RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(n_embd), tied head, heads of
 # 256 (so not n_embd / n_head). Gemma 2 adds norms after the attention and the MLP, soft-capped attention scores and
 # logits, and a 4096-token sliding window in every other block (the first, third, ...); Gemma 3 drops the soft caps,

@@ -135,6 +135,23 @@ def test_named_config_has_the_published_parameter_count():
                                                          "hf_config": {"org": "", "name": "mixtral"}}
 
 
+@pytest.mark.parametrize("name,total,active", [("Qwen3-30B-A3B", 30_532_122_624, 3_353_032_704),
+                                               ("Qwen3-235B-A22B", 235_093_634_560, 22_190_763_520)])
+def test_qwen3_moe_named_configs_have_transformers_count_and_the_published_active_size(name, total, active):
+    """30.5B / 3.3B active and 235B / 22B active (the Qwen3 technical report's figures); the dry run says both."""
+    from lit_gpt.adapters.plan import plan_report
+
+    c = Config.from_name(name)
+    hf = config_to_hf(c)
+    assert (hf["model_type"], hf["num_experts"], hf["norm_topk_prob"]) == ("qwen3_moe", 128, True)
+    with torch.device("meta"):
+        theirs = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**hf))
+    assert sum(p.numel() for p in theirs.parameters()) == total
+    report = plan_report(name, None)
+    assert f"trainable parameters: {total:,}" in report  # (full fine-tuning)
+    assert f"parameters active per token: {active:,} (8 of 128 experts per token)" in report
+
+
 def test_what_cannot_be_expressed_is_refused():
     qwen = {**HF["qwen3_moe"][1], "model_type": "qwen3_moe"}
     with pytest.raises(ConversionError, match=r"gives blocks \[0\] a dense MLP \(mlp_only_layers=\[0\]"):

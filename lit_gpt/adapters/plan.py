@@ -75,6 +75,14 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
         f"trainable parameters: {trainable:,}"
         + (f" ({full:,} of them in the modules trained in full)" if full else ""),
         f"frozen parameters: {frozen:,}",
+    ]
+    if model_config.n_expert:  # a token runs k experts of n: the compute per token is that of the active ones
+        experts = sum(p.numel() for name, p in gpt.named_parameters() if ".mlp.experts." in name)
+        per_expert = experts // model_config.n_expert
+        active = trainable + frozen - experts + per_expert * model_config.n_expert_per_token
+        lines.append(f"parameters active per token: {active:,} ({model_config.n_expert_per_token} of "
+                     f"{model_config.n_expert} experts per token)")
+    lines += [
         f"precision: {precision} ({meaning}, {nbytes} bytes per parameter"
         + (f"; the {'adapter' if full else 'trainable'} ones float32, {trainable_bytes} bytes)"
            if trainable_bytes != nbytes else ")"),
