@@ -125,11 +125,14 @@ class Config:
     # mixture of experts (Mixtral, Qwen3-MoE; mlp_class_name "LLaMAMoE"): the router `mlp.gate` sends each token to
     # the n_expert_per_token of the n_expert SwiGLU experts (`mlp.experts[e]`, moe_intermediate_size wide, or
     # intermediate_size when that is None) with the largest softmax probabilities, and sums their outputs weighted
-    # by those probabilities, renormalised to sum to 1 unless moe_norm_topk is false
+    # by those probabilities, renormalised to sum to 1 unless moe_norm_topk is false; with
+    # shared_expert_intermediate_size (Qwen2-MoE), every token also goes through a shared SwiGLU expert of that width
+    # (`mlp.shared_expert`), its output scaled by sigmoid(`mlp.shared_expert_gate`(x)), a linear layer to one number
     n_expert: int = 0
     n_expert_per_token: int = 0
     moe_intermediate_size: Optional[int] = None
     moe_norm_topk: bool = True
+    shared_expert_intermediate_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.name and self.hf_config.get("name"):
@@ -230,17 +233,20 @@ class Config:
             if type(value) is not int or value < 0:
                 fail(f"{key}={value!r} must be a whole number, 0 or more")
         if not moe:
-            if self.n_expert or self.n_expert_per_token or self.moe_intermediate_size is not None:
-                fail(f"n_expert, n_expert_per_token and moe_intermediate_size describe the experts of "
-                     f"mlp_class_name 'LLaMAMoE', not of {self.mlp_class_name!r}: set them to 0, 0 and null, or "
-                     "mlp_class_name to 'LLaMAMoE'")
+            if (self.n_expert or self.n_expert_per_token or self.moe_intermediate_size is not None
+                    or self.shared_expert_intermediate_size is not None):
+                fail(f"n_expert, n_expert_per_token, moe_intermediate_size and shared_expert_intermediate_size "
+                     f"describe the experts of mlp_class_name 'LLaMAMoE', not of {self.mlp_class_name!r}: set them "
+                     "to 0, 0, null and null, or mlp_class_name to 'LLaMAMoE'")
             return
         if self.n_expert < 1 or not 1 <= self.n_expert_per_token <= self.n_expert:
             fail(f"mlp_class_name 'LLaMAMoE' needs n_expert of 1 or more and n_expert_per_token from 1 to n_expert, "
                  f"got n_expert={self.n_expert} and n_expert_per_token={self.n_expert_per_token}")
+        for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+            width = getattr(self, key)
+            if width is not None and (type(width) is not int or width < 1):
+                fail(f"{key}={width!r} must be a positive whole number or null")
         width = self.moe_intermediate_size
-        if width is not None and (type(width) is not int or width < 1):
-            fail(f"moe_intermediate_size={width!r} must be a positive whole number or null")
         if width is None and self.intermediate_size is None:
             fail("mlp_class_name 'LLaMAMoE' needs moe_intermediate_size or intermediate_size (the experts' width)")
 

@@ -8,8 +8,8 @@ fine-tuned variants and unlisted sizes convert as they are.
 Export (`convert_lit_checkpoint`) writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
 `config.json` (`config_to_hf`), safetensors weights, `generation_config.json` and the tokenizer files.
 
-Families: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, phi, phi3 (Phi-3, Phi-4), gemma, gemma2, gemma3_text
-(Gemma 3's text model, `Gemma3ForCausalLM`), gpt2, gpt_neox. Both directions work
+Families: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, phi, phi3 (Phi-3, Phi-4), gemma, gemma2,
+gemma3_text (Gemma 3's text model, `Gemma3ForCausalLM`), gpt2, gpt_neox. Both directions work
 tensor by tensor (safetensors `safe_open` per shard, `.bin` shards memory-mapped), so a conversion holds one copy of
 the weights, not two.
 
@@ -30,9 +30,10 @@ Decisions worth knowing:
   norms (`norm_qk`) as `qwen3`, whose `q_norm`/`k_norm` are lit's `attn.norm_q`/`attn.norm_k`. A Phi-3 (its q/k/v
   in one `qkv_proj`, its gate and up projections in one `gate_up_proj`) is exported as the `llama` or `mistral` it
   computes, unless it rotates part of each head only, which those cannot: then as `phi3`.
-* A mixture of experts (Mixtral, Qwen3-MoE) is read from and written in its Hub layout, one tensor per expert and
-  projection (`block_sparse_moe.experts.3.w1`), which is also what transformers 5 saves. A model with norms on the
-  query/key heads exports as `qwen3_moe`, else as `mixtral`.
+* A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) is read from and written in its Hub layout, one tensor per
+  expert and projection (`block_sparse_moe.experts.3.w1`), which is also what transformers 5 saves. A model with a
+  shared expert exports as `qwen2_moe`, else one with norms on the query/key heads as `qwen3_moe`, else as
+  `mixtral`.
 * Export writes one `model.safetensors` up to `max_shard_bytes` (5 GB by default, the size the Hub recommends per
   file) and numbered shards plus `model.safetensors.index.json` beyond it.
 """
@@ -51,10 +52,10 @@ import torch
 from lit_gpt.config import Config, hf_name_to_config, longrope_attention_factor, name_to_config
 
 SUPPORTED_MODEL_TYPES = (
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2", "gemma3_text",
-    "gpt2", "gpt_neox")
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2",
+    "gemma3_text", "gpt2", "gpt_neox")
 # the llama-shaped families whose MLP is a mixture of experts (lit's "LLaMAMoE")
-MOE_TYPES = ("mixtral", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 HF_CONFIG_FILENAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -116,6 +117,12 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
         num_key_value_heads=32,
+    ),
+    "qwen2_moe": dict(
+        hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+        num_key_value_heads=16, qkv_bias=True, num_experts_per_tok=4, num_experts=60, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=None,
     ),
     "qwen3": dict(
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -254,6 +261,8 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                     )
                 bias = attn_bias = False
                 arch["norm_qk"] = True
+            elif model_type == "qwen2_moe":  # (its q/k/v have a bias unless qkv_bias says otherwise; o_proj none)
+                bias, attn_bias = False, bool(hf["qkv_bias"])
             else:  # (Phi-3's projections have no bias)
                 bias, attn_bias = False, model_type == "qwen2"
             arch.update(
@@ -507,7 +516,7 @@ def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[i
         # (transformers' Qwen3-MoE has the window in every block, when use_sliding_window says so)
         window = hf.get("sliding_window") if model_type != "qwen3_moe" or hf["use_sliding_window"] else None
         return (int(window), None) if window else None
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen2_moe", "qwen3"):
         window = hf["sliding_window"] if hf["use_sliding_window"] else None
         if window is None:
             return None
@@ -521,8 +530,11 @@ def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[i
     return None
 
 
+_MOE_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
+
+
 def _experts_from_hf(hf: dict, model_type: str, n_layer: int) -> dict:
-    """The `Config` fields of a Mixtral's or Qwen3-MoE's experts."""
+    """The `Config` fields of a Mixtral's, Qwen2-MoE's or Qwen3-MoE's experts."""
     if model_type == "mixtral":
         return dict(mlp_class_name="LLaMAMoE", n_expert=int(hf["num_local_experts"]),
                     n_expert_per_token=int(hf["num_experts_per_tok"]))
@@ -533,10 +545,13 @@ def _experts_from_hf(hf: dict, model_type: str, n_layer: int) -> dict:
     if dense:
         raise ConversionError(
             f"config.json gives blocks {dense[:8]} a dense MLP (mlp_only_layers={hf['mlp_only_layers']}, "
-            f"decoder_sparse_step={hf['decoder_sparse_step']}); lit_gpt's Qwen3-MoE has experts in every block, as "
-            "Qwen's released models do.")
-    return dict(mlp_class_name="LLaMAMoE", n_expert=int(n_expert), n_expert_per_token=int(hf["num_experts_per_tok"]),
-                moe_intermediate_size=int(hf["moe_intermediate_size"]), moe_norm_topk=bool(hf["norm_topk_prob"]))
+            f"decoder_sparse_step={hf['decoder_sparse_step']}); lit_gpt's {_MOE_NAMES[model_type]} has experts in "
+            "every block, as Qwen's released models do.")
+    fields = dict(mlp_class_name="LLaMAMoE", n_expert=int(n_expert), n_expert_per_token=int(hf["num_experts_per_tok"]),
+                  moe_intermediate_size=int(hf["moe_intermediate_size"]), moe_norm_topk=bool(hf["norm_topk_prob"]))
+    if model_type == "qwen2_moe":
+        fields["shared_expert_intermediate_size"] = int(hf["shared_expert_intermediate_size"])
+    return fields
 
 
 def hf_model_type(config: Config) -> str:
@@ -548,6 +563,8 @@ def hf_model_type(config: Config) -> str:
             return "gemma3_text"
         return "gemma2" if config.post_attention_norm or config.post_mlp_norm else "gemma"
     if config.mlp_class_name == "LLaMAMoE":
+        if config.shared_expert_intermediate_size is not None:
+            return "qwen2_moe"
         return "qwen3_moe" if config.norm_qk else "mixtral"
     if config.mlp_class_name == "LLaMAMLP":
         if config.norm_qk:
@@ -591,7 +608,7 @@ def config_to_hf(config: Config) -> dict:
     if model_type != "phi3":
         require(not c.rope_adjustments or "long_factor" not in c.rope_adjustments,
                 "LongRoPE rope_adjustments (exported as Phi-3 only, a model without biases or query/key norms)")
-    if model_type not in ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", *GEMMA_TYPES):
+    if model_type not in ("mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", *GEMMA_TYPES):
         require(c.sliding_window_size is None, f"sliding_window_size (transformers' {model_type} has no sliding "
                                                "window)")
     if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):
@@ -618,7 +635,8 @@ def config_to_hf(config: Config) -> dict:
                     "experts are intermediate_size wide)")
         architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                         "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
-                        "qwen3_moe": "Qwen3MoeForCausalLM"}.get(model_type, "LlamaForCausalLM")
+                        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
+            model_type, "LlamaForCausalLM")
         hf = dict(
             architectures=[architecture],
             model_type=model_type, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
@@ -657,6 +675,11 @@ def config_to_hf(config: Config) -> dict:
                           max_window_layers=types.index("sliding_attention"))
             if model_type == "qwen3":
                 hf.update(attention_bias=False)
+            if model_type == "qwen2_moe":
+                hf.update(qkv_bias=c.attn_bias, num_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token,
+                          moe_intermediate_size=c.expert_intermediate_size, norm_topk_prob=c.moe_norm_topk,
+                          shared_expert_intermediate_size=c.shared_expert_intermediate_size, decoder_sparse_step=1,
+                          mlp_only_layers=[], output_router_logits=False)
     elif model_type == "phi":
         require(c.norm_class_name == "LayerNorm", f"norm_class_name={c.norm_class_name!r} (needs 'LayerNorm')")
         require(c.parallel_residual, "parallel_residual=False with a shared attention norm")
@@ -805,6 +828,11 @@ _GEMMA_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforw
 # a mixture of experts' router and experts: Mixtral's (block_sparse_moe, w1/w3/w2) and Qwen3-MoE's (mlp,
 # gate_proj/up_proj/down_proj), lit's `mlp.gate` and `mlp.experts.{e}.fc_1/fc_2/proj`
 _ROUTER = ("block_sparse_moe.gate", "mlp.gate")
+# Qwen2-MoE's shared expert and its gate, lit's `mlp.shared_expert.fc_1/fc_2/proj` and `mlp.shared_expert_gate`
+_SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "mlp.shared_expert.fc_1",
+                  "mlp.shared_expert.up_proj": "mlp.shared_expert.fc_2",
+                  "mlp.shared_expert.down_proj": "mlp.shared_expert.proj",
+                  "mlp.shared_expert_gate": "mlp.shared_expert_gate"}
 _EXPERT = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)$")
 _FUSED_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _EXPERT_PARTS = {"w1": "fc_1", "w3": "fc_2", "w2": "proj", "gate_proj": "fc_1", "up_proj": "fc_2", "down_proj": "proj"}
@@ -869,6 +897,8 @@ def iter_hf_to_lit(
             yield f"{prefix}.{_GEMMA_NORMS[module]}.{param}", cast(t)
         elif config.n_expert and module in _ROUTER:
             yield f"{prefix}.mlp.gate.{param}", cast(t)
+        elif config.shared_expert_intermediate_size and module in _SHARED_EXPERT:
+            yield f"{prefix}.{_SHARED_EXPERT[module]}.{param}", cast(t)
         elif config.n_expert and (expert := _EXPERT.match(module)):
             yield f"{prefix}.mlp.experts.{expert.group(1)}.{_EXPERT_PARTS[expert.group(2)]}.{param}", cast(t)
         elif module in _LAYER_MODULES and (config.norm_qk or module not in _QK_NORMS):
@@ -1047,6 +1077,9 @@ def iter_lit_to_hf(
             continue
         if model_type in MOE_TYPES and sub == "mlp.gate":
             yield f"{base}.{moe}.gate.{param}", cast(t)
+            continue
+        if model_type == "qwen2_moe" and sub in _SHARED_EXPERT.values():
+            yield f"{base}.{next(k for k, v in _SHARED_EXPERT.items() if v == sub)}.{param}", cast(t)
             continue
         expert = re.match(r"^mlp\.experts\.(\d+)\.(fc_1|fc_2|proj)$", sub)
         if model_type in MOE_TYPES and expert:

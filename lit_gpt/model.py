@@ -461,7 +461,8 @@ class LLaMAMoE(nn.Module):
     """A mixture of SwiGLU experts (Mixtral's sparse MoE block): the router `gate` scores the experts of each token,
     which goes to the `n_expert_per_token` most probable; their outputs are summed, weighted by those probabilities
     (renormalised to sum to 1 with `moe_norm_topk`). The routing is computed in float32 (or float64), as transformers
-    computes it.
+    computes it. With `shared_expert_intermediate_size` (Qwen2-MoE), a shared expert adds its output, scaled by
+    `sigmoid(shared_expert_gate(x))`, for every token.
 
     Every expert runs, on no tokens if none chose it, so that every adapter of every expert is in the autograd graph
     of every step: with FSDP each process must reduce the same gradients, whichever experts its tokens chose."""
@@ -473,6 +474,9 @@ class LLaMAMoE(nn.Module):
             LLaMAMLP(config, config.expert_intermediate_size) for _ in range(config.n_expert))
         self.n_expert_per_token = config.n_expert_per_token
         self.norm_topk = config.moe_norm_topk
+        shared = config.shared_expert_intermediate_size
+        self.shared_expert = LLaMAMLP(config, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -490,6 +494,8 @@ class LLaMAMoE(nn.Module):
         y = torch.zeros_like(x)
         for expert, idx, w in zip(self.experts, tokens, token_weights):
             y.index_add_(0, idx, (expert(x[idx]) * w[:, None]).to(x.dtype))
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(shape)
 
 

@@ -20,15 +20,15 @@ def main(
     Reads config.json and the weights (model.safetensors, pytorch_model.bin, or their shards with an index file) one
     tensor at a time. The model config is derived from the folder's own config.json, so fine-tuned variants and sizes
     missing from lit_gpt's named-config table convert as they are. Supported model types: llama, mistral, mixtral,
-    qwen2, qwen3, qwen3_moe, phi, phi3, gemma, gemma2, gemma3_text, gpt2, gpt_neox, and the text model of a
-    multimodal gemma3 (its vision tower is left out). Sliding attention windows (Mistral v0.1, Phi-3, Gemma 2 and 3) are kept
-    as such, so the whole context (max_position_embeddings) is usable, computed as transformers computes it.
+    qwen2, qwen2_moe, qwen3, qwen3_moe, phi, phi3, gemma, gemma2, gemma3_text, gpt2, gpt_neox, and the text model of a
+    multimodal gemma3 (its vision tower is left out). Sliding attention windows (Mistral v0.1, Phi-3, Gemma 2 and 3)
+    are kept as such, so the whole context (max_position_embeddings) is usable, computed as transformers computes it.
 
     Args:
         checkpoint_dir: A folder as `scripts/download.py` leaves it (e.g. checkpoints/meta-llama/Llama-2-7b-hf):
-            config.json plus *.safetensors or pytorch_model*.bin. Types: llama, mistral, mixtral, qwen2, qwen3,
-            qwen3_moe, phi, phi3 (Phi-3, Phi-4), gemma, gemma2, gemma3_text (Gemma3ForCausalLM), gemma3 (its text
-            model), gpt2, gpt_neox.
+            config.json plus *.safetensors or pytorch_model*.bin. Types: llama, mistral, mixtral, qwen2, qwen2_moe,
+            qwen3, qwen3_moe, phi, phi3 (Phi-3, Phi-4), gemma, gemma2, gemma3_text (Gemma3ForCausalLM), gemma3 (its
+            text model), gpt2, gpt_neox.
         dtype: Cast the weights to this dtype; by default they keep the dtype they are stored in.
         model_name: Name recorded in model_config.yaml (e.g. meta-llama/Llama-2-7b-hf); defaults to the folder name.
             It only names the config: every size comes from config.json.

@@ -18,13 +18,13 @@ def main(
 ) -> None:
     """Write config.json, safetensors weights, generation_config.json and the tokenizer files into `output_dir`.
 
-    The result loads with `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` and computes the same
-    logits as the lit model. The architecture follows the config's shape: llama, or mistral with a sliding window
-    in every block; mixtral (a mixture of experts), or qwen3_moe with per-head query/key norms; qwen2 (bias on the
-    QKV projection only), qwen3 (per-head query/key norms), phi3 (a SwiGLU model rotating part of each head; other
-    Phi-3s export as llama or mistral), gemma, gemma2, gemma3_text (a multimodal Gemma 3's text model exports as
-    this), phi, gpt_neox or gpt2. Adapter checkpoints must be merged first
-    (scripts/merge_ether.py, scripts/merge_lora.py).
+    The result loads with `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` and computes the same logits
+    as the lit model. The architecture follows the config's shape: llama, or mistral with a sliding window in every
+    block; mixtral (a mixture of experts), qwen2_moe with a shared expert, or qwen3_moe with per-head query/key norms;
+    qwen2 (bias on the QKV projection only), qwen3 (per-head query/key norms), phi3 (a SwiGLU model rotating part of
+    each head; other Phi-3s export as llama or mistral), gemma, gemma2, gemma3_text (a multimodal Gemma 3's text model
+    exports as this), phi, gpt_neox or gpt2. Adapter checkpoints must be merged first (scripts/merge_ether.py,
+    scripts/merge_lora.py).
 
     Args:
         checkpoint_dir: A lit checkpoint directory (lit_model.pth + model_config.yaml + tokenizer files).

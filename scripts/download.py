@@ -49,8 +49,8 @@ def main(
 ) -> None:
     """Download a transformers model from the Hugging Face Hub into `checkpoints/<repo_id>` and convert it.
 
-    Without --repo_id, prints the models lit_gpt has a named config for, one `org/name` per line
-    (`python scripts/download.py | grep meta`). Any Hub repo of a supported type (llama, mistral, mixtral, qwen2,
+    Without --repo_id, prints the models lit_gpt has a named config for, one `org/name` per line (`python
+    scripts/download.py | grep meta`). Any Hub repo of a supported type (llama, mistral, mixtral, qwen2, qwen2_moe,
     qwen3, qwen3_moe, phi, phi3, gemma, gemma2, gemma3_text, gemma3's text model, gpt2, gpt_neox) works, listed or
     not: the conversion reads the repo's own config.json.
 

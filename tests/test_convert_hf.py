@@ -111,6 +111,12 @@ FAMILIES = {
         "Qwen3MoeForCausalLM", dict(n_expert=6, n_expert_per_token=3, moe_intermediate_size=40, moe_norm_topk=True,
                                     norm_qk=True, head_size=16),
     ),
+    "qwen2_moe": (
+        "qwen2_moe", dict(_LLAMA, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40,
+                          shared_expert_intermediate_size=56),
+        "Qwen2MoeForCausalLM", dict(n_expert=6, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+                                    moe_norm_topk=False, attn_bias=True, bias=False),
+    ),
     "phi": (
         "phi",
         dict(
@@ -308,7 +314,7 @@ def test_windows_transformers_cannot_export_are_refused():
 
 
 @pytest.mark.parametrize("family", ["llama3_rope", "qwen2_qkv_bias", "phi", "phi3_partial", "gpt2", "gpt_neox",
-                                    "mixtral", "qwen3_moe"])
+                                    "mixtral", "qwen3_moe", "qwen2_moe"])
 def test_state_dict_round_trip_reproduces_the_hf_files(family, tmp_path):
     """hf -> lit -> hf gives back exactly the tensors transformers wrote, names included."""
     model_type, kwargs, _, _ = FAMILIES[family]

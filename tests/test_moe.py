@@ -33,6 +33,9 @@ HF = {
                                     norm_topk_prob=True, head_dim=16)),
     "qwen3_moe_unnormalised": ("qwen3_moe", dict(_BASE, num_experts=6, num_experts_per_tok=3,
                                                  moe_intermediate_size=24, norm_topk_prob=False)),
+    # a shared expert (with its sigmoid gate) beside the routed ones, and a bias on q/k/v
+    "qwen2_moe": ("qwen2_moe", dict(_BASE, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+                                    shared_expert_intermediate_size=40, norm_topk_prob=False)),
 }
 IDX = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1))
 
@@ -169,7 +172,7 @@ def test_what_cannot_be_expressed_is_refused():
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")  # (transformers' and PEFT's notes)
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_peft_lora_both_ways_with_peft_logits(family, tmp_path):
     """A PEFT LoRA on the attention imports with PeftModel's logits; our LoRA on every linear layer, the experts'
     included (saved in the Hub's per-expert names, which transformers 5 and PEFT fold into its fused experts),
@@ -192,13 +195,41 @@ def test_peft_lora_both_ways_with_peft_logits(family, tmp_path):
     torch.testing.assert_close(logits(load_finetuned(folder, adapter)), expected, **TOL)
 
     model = GPT.from_checkpoint(folder).eval()
-    apply_adapters(model, AdapterConfig(method="lora", r=4, alpha=6.0, targets=["all-linear"]))
+    # (PEFT on transformers 5 leaves out a Qwen2-MoE's routed experts: that export says so, see below)
+    targets = ["query", "value", "projection", "*.shared_expert.*"] if family == "qwen2_moe" else ["all-linear"]
+    apply_adapters(model, AdapterConfig(method="lora", r=4, alpha=6.0, targets=targets))
     randomize_lora(model)
     ours = logits(model)
     out = export_peft_adapter(save_adapters(model, tmp_path / "a.safetensors"), folder, tmp_path / "peft_export")
     torch.testing.assert_close(logits(peft_model(hf_export(folder, tmp_path), out)), ours, **TOL)
     back = import_peft_adapter(out, folder, tmp_path / "back.safetensors")
     torch.testing.assert_close(logits(load_finetuned(folder, back)), ours, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("family,targets,note", [
+    ("qwen2_moe", ["mlp"], "PEFT on transformers 5 applies a Qwen2-MoE's shared-expert adapters only"),
+    ("mixtral", ["mlp.experts.0.fc_1", "mlp.experts.0.fc_2"], "it adapts some experts only (0.w1, 0.w3)"),
+    ("mixtral", ["mlp"], None),
+])
+def test_peft_export_says_when_peft_on_transformers_5_would_leave_experts_out(family, targets, note, tmp_path,
+                                                                              capsys):
+    pytest.importorskip("peft")
+    from lit_gpt.adapters import save_adapters
+    from lit_gpt.adapters.peft_format import export_peft_adapter
+
+    model_type, kwargs = HF[family]
+    make_hf_model(model_type, **kwargs).save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf")
+    model = GPT.from_checkpoint(tmp_path / "hf")
+    apply_adapters(model, AdapterConfig(method="lora", r=2, targets=targets))
+    capsys.readouterr()
+    export_peft_adapter(save_adapters(model, tmp_path / "a.safetensors"), tmp_path / "hf", tmp_path / "peft")
+    err = capsys.readouterr().err
+    if note is None:
+        assert "Note:" not in err
+    else:
+        assert note in err and "load this PEFT folder with transformers 4" in err
 
 
 @pytest.fixture(scope="module")

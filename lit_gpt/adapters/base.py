@@ -516,11 +516,11 @@ def _plan_gpt(model: nn.Module, named: set[str]) -> dict[str, list[str]]:
         if "projection" in named:
             plan[f"{prefix}.attn.proj"] = [FULL]
         if "mlp" in named:
-            # a mixture of experts: every expert's layers, not the router (`mlp.gate`, which a target names alone)
-            experts = getattr(block.mlp, "experts", None)
-            for child, module in (block.mlp.named_children() if experts is None else
-                                  ((f"experts.{n}", m) for n, m in experts.named_modules() if n)):
-                if is_adaptable(module):
+            # a mixture of experts: every expert's layers (a shared expert's too), not the routers (`mlp.gate`,
+            # `mlp.shared_expert_gate`, which a target names alone)
+            moe = getattr(block.mlp, "experts", None) is not None
+            for child, module in (block.mlp.named_modules() if moe else block.mlp.named_children()):
+                if is_adaptable(module) and not (moe and child in ("gate", "shared_expert_gate")):
                     plan[f"{prefix}.mlp.{child}"] = [FULL]
     if "head" in named:
         plan["lm_head"] = [FULL]

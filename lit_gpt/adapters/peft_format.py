@@ -676,6 +676,7 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
             f"of {str(checkpoint_dir)!r} (a Phi-3 rotating part of each head) fuses into one gate_up_proj, where a "
             f"PEFT adapter would have to be one transform of both: {merge_instead}."
         )
+    _note_fused_experts(adapted, peft_config, config, where)
     layers = finetuned.payload["adapter_config"].get("layers")
     if layers is not None:  # as a PEFT user writes it: layer names, and the blocks in layers_to_transform; layers
         # outside them (the head) by their full names, which PEFT adapts whatever the blocks
@@ -724,6 +725,28 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     if style is None:  # an earlier export's would be taken for this adapter's
         (output_dir / PROMPT_STYLE_FILENAME).unlink(missing_ok=True)
     return output_dir
+
+
+def _note_fused_experts(adapted: set[str], peft_config: dict, config: Config, where: str) -> None:
+    """A note where the folder adapts a mixture's routed experts in a way PEFT on transformers 5 does not load as
+    written: transformers 5 keeps each block's experts fused in one tensor, and PEFT (0.21, measured) converts
+    per-expert adapters onto it only when every expert's layer is named alike (`gate_proj`), and for a Qwen2-MoE
+    not at all (it adapts the shared expert alone). transformers 4, which keeps one module per expert, loads them."""
+    experts = sorted(m for m in adapted if ".experts." in m)
+    if not experts:
+        return
+    model_type = config_to_hf(config)["model_type"]
+    names = peft_config.get("target_modules") or []
+    some = [t for t in names if re.search(r"(^|\.)\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)$", t)]
+    if model_type == "qwen2_moe":
+        why = "PEFT on transformers 5 applies a Qwen2-MoE's shared-expert adapters only, not the routed experts'"
+    elif some:
+        why = (f"it adapts some experts only ({', '.join(some[:3])}{', ...' if len(some) > 3 else ''}), which PEFT "
+               "on transformers 5, whose experts are one fused tensor per block, does not load")
+    else:
+        return
+    print(f"Note: {where!r}: {why}; load this PEFT folder with transformers 4 (one module per expert), or use the "
+          "adapter file itself with lit_gpt.", file=sys.stderr)
 
 
 def _note_dropped_dropout(adapter_config: dict, method: str, where: str) -> None:
