@@ -22,6 +22,7 @@ def setup(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     lora_dora: bool = False,
+    lora_init: str = "default",
     lora_query: Optional[bool] = None,
     lora_key: Optional[bool] = None,
     lora_value: Optional[bool] = None,
@@ -54,6 +55,12 @@ def setup(
         lora_dropout: Dropout on the input of the LoRA branch.
         lora_dora: DoRA (PEFT's use_dora): also train a magnitude per output row of every adapted layer, which
             rescales the row of `W + B A` to it (one more vector per layer; merges like plain LoRA).
+        lora_init: How A and B start (PEFT's init_lora_weights): default (A Kaiming-uniform, B zero), gaussian
+            (A normal, std 1/r), pissa (B A = the top r singular components of the base weight, by a full SVD, on
+            a GPU when there is one), pissa_niter_<k> (a randomized SVD of k iterations: far faster on a large
+            model, e.g. pissa_niter_4) or olora (B A from the QR decomposition of the base weight). For pissa and
+            olora the base weights stay as they are: the adapter keeps its starting factors and subtracts them
+            (it merges and exports to PEFT as a plain LoRA of rank 2r).
         lora_query: Adapt the attention queries (unset: true, or as --lora_targets says).
         lora_key: Adapt the attention keys (unset: false, or as --lora_targets says).
         lora_value: Adapt the attention values (unset: true, or as --lora_targets says).
@@ -108,7 +115,8 @@ def setup(
     )
     with named_by_flags(LORA_FLAGS):  # errors name the flags, not the fields
         adapter = AdapterConfig(method="lora", r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dora=lora_dora,
-                                targets=targets, train_modules=train_modules_from_flag(lora_train_modules),
+                                init=lora_init, targets=targets,
+                                train_modules=train_modules_from_flag(lora_train_modules),
             layers=layers_from_flag(lora_layers, "--lora_layers"))
         run_entrypoint("lora", adapter, flags)
 

@@ -273,7 +273,9 @@ FLAG_SYNONYMS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps", "num_
                  "bf16": "precision", "fp16": "precision",
                  # PEFT's LoraConfig(target_modules=...): one flag per adapter script
                  "target_modules": ("lora_targets", "ether_targets"),
-                 "layers_to_transform": ("lora_layers", "ether_layers")}
+                 "layers_to_transform": ("lora_layers", "ether_layers"),
+                 # PEFT's LoraConfig(init_lora_weights=...)
+                 "init_lora_weights": "lora_init"}
 # names of other tools' settings that have no flag here: (a flag of the scripts the note is for, what to do instead)
 _TRAINING = "--train.learning_rate"
 NO_EQUIVALENT = {

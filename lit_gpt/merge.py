@@ -766,8 +766,9 @@ def _adapters_to_file_precision(model: nn.Module, saved: dict[str, torch.Tensor]
     # modules trained in full are written in the model's dtype (by identity: a training checkpoint also names a
     # tied one by its other name)
     trained = {id(p) for p in trained_module_state_dict(model).values()}
+    buffers = dict(model.named_buffers())  # (an adapter's buffers: PiSSA's starting factors)
     for key, value in saved.items():
-        p = params[key]
+        p = params.get(key, buffers.get(key))
         if id(p) not in trained and value.is_floating_point() and value.dtype != p.dtype:
             p.data = value.to(device=p.device, dtype=torch.promote_types(value.dtype, p.dtype))
 

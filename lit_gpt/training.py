@@ -75,6 +75,7 @@ ETHER_FLAGS = {"method": "--Htype", "nb": "--ether_nb", "targets": "--ether_targ
                "neumann_terms": "--oft_neumann_terms", "train_modules": "--ether_train_modules",
                "layers": "--ether_layers"}
 LORA_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "dora": "--lora_dora",
+              "init": "--lora_init",
               "targets": "--lora_targets or --lora_* layer flags", "train_modules": "--lora_train_modules",
               "layers": "--lora_layers"}
 
@@ -1776,6 +1777,8 @@ def run_name(method: str, adapter_config: Optional[Any], train: TrainArgs,
             parts.append("flip")
         if getattr(adapter_config, "dora", False):
             parts.append("dora")
+        if getattr(adapter_config, "init", "default") != "default":
+            parts.append(adapter_config.init.replace("_niter_", "-niter"))
     # (the rates last, `other_runs` offers the same run with other ones to `--resume auto`)
     plus = "" if loraplus_lr_ratio is None else f"-plus{loraplus_lr_ratio:g}"
     parts += [f"lr{train.learning_rate:g}{plus}", f"bs{train.global_batch_size}"]

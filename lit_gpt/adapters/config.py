@@ -16,6 +16,13 @@ from typing import Any, Iterator, Optional
 MULTIPLICATIVE_METHODS = ("ether", "etherplus", "etherplusHH", "oft")
 METHODS = MULTIPLICATIVE_METHODS + ("lora",)
 
+
+
+def starts_from_base(init: str) -> bool:
+    """Whether a LoRA `init` starts `B A` at a part of the base weight (PiSSA, OLoRA), kept as `A_0`, `B_0`."""
+    return init in ("pissa", "olora") or init.startswith("pissa_niter_")
+
+
 # the named targets of a `lit_gpt.GPT` (see the module names at the top of `lit_gpt/model.py`)
 GPT_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 # PEFT's "all-linear" convention: every linear layer but the output head
@@ -80,6 +87,17 @@ class AdapterConfig:
             taken per output row and treated as a constant in backward (as the paper suggests and PEFT does).
             ``m`` starts at the base rows' norms, so the layer starts as the base layer; it is float32 on a
             half-precision model (as in PEFT), where bfloat16 would round AdamW's steps near 1 away.
+        init: LoRA only: how ``A`` and ``B`` start (PEFT's ``init_lora_weights``). ``default``: ``A``
+            Kaiming-uniform, ``B = 0``; ``gaussian``: ``A ~ N(0, 1/r²)``, ``B = 0``; ``pissa`` (Meng et al., arXiv
+            2404.02948): ``B A`` starts as the top ``r`` singular components of the base weight, ``B = U_r
+            sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_rᵀ`` (``s = alpha / r``), computed by a full SVD (on a GPU when
+            there is one), or ``pissa_niter_<k>``: a randomized SVD of ``k`` subspace iterations (``torch.svd_lowrank``,
+            far faster on a large model; its random start is fixed, so a resumed run computes the same factors);
+            ``olora`` (Büyükakyüz, arXiv 2406.01775): ``B = Q_r``, ``A = R_r`` of the QR decomposition of the base
+            weight. Those two change what the base computes in PEFT (``W - s B_0 A_0``); here the base stays as it
+            is and the adapter keeps its starting factors ``A_0``, ``B_0`` (saved in its file, never trained) and
+            adds ``s (B A - B_0 A_0) x``: the same layer, which merges and exports to PEFT as a plain LoRA of rank
+            ``2 r`` on the original base.
         coft: constrained OFT: each skew block ``S_i`` is rescaled inside the forward so ``‖S_i‖_F <= eps``.
         eps: the COFT radius, per block. 6e-5 is the OFT authors' and PEFT's default number; note that their
             code bounds ``‖S_i‖_F`` by ``eps / sqrt(nb)``: pass that value to reproduce their constraint.
@@ -106,6 +124,7 @@ class AdapterConfig:
     r: int = 8
     alpha: float = 16.0
     dora: bool = False
+    init: str = "default"
     coft: bool = False
     eps: float = 6e-5
     block_share: bool = False
@@ -203,6 +222,16 @@ class AdapterConfig:
                 raise ValueError(f"{n('neumann_terms')} is an OFT option and does not apply to LoRA.")
             if self.block_size is not None:
                 raise ValueError(f"{n('block_size')} does not apply to LoRA: set its rank with {n('r')}.")
+        if not isinstance(self.init, str) or not re.fullmatch(r"default|gaussian|pissa|pissa_niter_[1-9]\d*|olora",
+                                                              self.init):
+            raise ValueError(f"{n('init')} must be default, gaussian, pissa, pissa_niter_<k> (k a positive number of "
+                             f"iterations) or olora, got {self.init!r}.")
+        if self.init != "default" and self.method != "lora":
+            raise ValueError(f"{n('init')} {self.init} is a LoRA option; {setting('method', self.method)} does not use "
+                             "it.")
+        if self.dora and starts_from_base(self.init):
+            raise ValueError(f"{n('init')} {self.init} and {n('dora')} do not go together here: DoRA's norms would "
+                             f"need the starting factors too; drop one of them.")
         if self.dora and self.method != "lora":
             raise ValueError(f"{n('dora')} (DoRA) is a LoRA option; {setting('method', self.method)} does not use it.")
         if self.method != "oft":
@@ -242,6 +271,8 @@ class AdapterConfig:
         """One line for logs and the dry-run report."""
         if self.method == "lora":
             parts = [f"r={self.r}", f"alpha={self.alpha:g}"] + (["DoRA"] if self.dora else [])
+            if self.init != "default":
+                parts.append(f"init={self.init}")
         else:
             parts = [f"block_size={self.block_size}" if self.block_size else f"nb={self.nb}"]
             if self.flip_side:

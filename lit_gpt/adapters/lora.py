@@ -12,12 +12,20 @@ of PEFT's `(rows x in)` matrix (`||W_i||²` is kept while the frozen `W` is unch
 place as `y + (m/n - 1) (y - b)`, `m/n - 1` computed in float32 as `(m - n) / n`, keeping only the result for
 backward (`_DoRARescale`). Without gradients, in eval mode (chat, generation, evaluation), `n` is kept between calls
 until a weight changes.
+
+PiSSA and OLoRA (`AdapterConfig.init`) start `B A` at a part of the base weight, `B_0 A_0`. PEFT then subtracts it
+from the base weight, so its adapter fits only that changed base. Here the base weight stays as it is: the adapter
+keeps `A_0` and `B_0` (buffers saved in its file, never trained) and adds `s (B A - B_0 A_0) x`, computed as the LoRA
+of rank 2r with `[A; A_0]` and `[B, -B_0]`: the same layer as PEFT's (it starts as the base layer and trains the same
+`A`, `B`), which merges and exports as a plain LoRA on the original base.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -25,7 +33,21 @@ import torch.nn.functional as F
 
 from lit_gpt import recompute
 from lit_gpt.adapters.base import SliceAdapter, autocast_on, compute_dtype, register_method
-from lit_gpt.adapters.config import AdapterConfig
+from lit_gpt.adapters.config import AdapterConfig, starts_from_base
+
+# set while adapters are built to receive saved tensors (`load_adapters`): PiSSA/OLoRA skip their decomposition
+_LOADING: ContextVar[bool] = ContextVar("lit_gpt_lora_loading", default=False)
+
+
+@contextmanager
+def skipping_base_init(skip: bool = True) -> Iterator[None]:
+    """Within: LoRA adapters built from the base weight (PiSSA, OLoRA) skip its decomposition, because their
+    tensors are about to be loaded (an adapter file, a checkpoint)."""
+    token = _LOADING.set(skip)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
 
 
 class LoRAAdapter(SliceAdapter):
@@ -34,10 +56,15 @@ class LoRAAdapter(SliceAdapter):
     additive = True
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, device=None, dtype=None,
-                 dora: bool = False) -> None:
+                 dora: bool = False, init: str = "default") -> None:
         super().__init__()
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
+        self.init = init
+        # PiSSA/OLoRA: the starting factors, subtracted back (module docstring); None for the other inits
+        from_base = starts_from_base(init)
+        self.register_buffer("A0", torch.zeros(r, in_features, device=device, dtype=dtype) if from_base else None)
+        self.register_buffer("B0", torch.zeros(out_features, r, device=device, dtype=dtype) if from_base else None)
         self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
         # DoRA's magnitude: set from the base weight by `init_from_base` (`build_adapters` calls it). In float32 on a
@@ -51,16 +78,41 @@ class LoRAAdapter(SliceAdapter):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """A Kaiming-uniform, B zero (DoRA's magnitude is the base weight's: `init_from_base`)."""
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        """A Kaiming-uniform (or N(0, 1/r²) for the `gaussian` init, as PEFT's), B zero (DoRA's magnitude, and PiSSA's
+        and OLoRA's factors, come from the base weight: `init_from_base`)."""
+        if self.init == "gaussian":
+            nn.init.normal_(self.A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
 
     @torch.no_grad()
     def init_from_base(self, W: torch.Tensor) -> None:
-        """DoRA: `m` = the norms of the rows of this slice's base weight `W` `(rows, in)`, so that with `B = 0` the
-        layer computes the base layer."""
+        """From this slice's base weight `W` `(rows, in)`: DoRA's `m`, the norms of its rows, so that with `B = 0`
+        the layer computes the base layer; PiSSA's and OLoRA's starting factors (`A = A_0`, `B = B_0`), unless they
+        are about to be loaded (`skipping_base_init`) or `W` has no values (the meta device)."""
         if self.magnitude is not None:
             self.magnitude.copy_(torch.linalg.vector_norm(W, dim=1, dtype=compute_dtype(W)))
+        if self.A0 is None or _LOADING.get() or W.is_meta:
+            return
+        A0, B0 = base_factors(W, self.r, self.scaling, self.init)
+        for buffer, param, value in ((self.A0, self.A, A0), (self.B0, self.B, B0)):
+            buffer.copy_(value)
+            param.copy_(buffer)  # (the same rounding: B A - B_0 A_0 starts at zero exactly)
+
+    def _AB(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors the layer computes with: `A`, `B`, or for PiSSA/OLoRA `[A; A_0]`, `[B, -B_0]`."""
+        if self.A0 is None:
+            return self.A, self.B
+        return (torch.cat((self.A, self.A0.to(self.A.dtype))),
+                torch.cat((self.B, -self.B0.to(self.B.dtype)), dim=1))
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """`(A, B, rank, alpha)` of the plain LoRA this adapter computes (rank 2r, alpha 2 alpha for PiSSA/OLoRA:
+        the same scale), as a PEFT export writes it."""
+        A, B = self._AB()
+        k = A.shape[0] // self.r
+        return A, B, k * self.r, k * self.alpha
 
     def train(self, mode: bool = True) -> "LoRAAdapter":
         self._norm_cache = None
@@ -114,7 +166,8 @@ class LoRAAdapter(SliceAdapter):
 
     def factors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[C, P]` with `C Pᵀ = (alpha / r) B A x` for `AdaptedLinear`'s in-place slice update."""
-        return [F.linear(x, self.A.to(x.dtype)), (self.B * self.scaling).to(x.dtype)]
+        A, B = self._AB()
+        return [F.linear(x, A.to(x.dtype)), (B * self.scaling).to(x.dtype)]
 
     @staticmethod
     def linear_slices(
@@ -135,11 +188,12 @@ class LoRAAdapter(SliceAdapter):
             return None
         spans = tuple((lo, hi) for lo, hi, _ in parts)
         return _LoRALinear.apply(x, W, bias, spans, tuple(ad.scaling for ad in ads),
-                                 *[p.to(x.dtype) for ad in ads for p in (ad.A, ad.B)])
+                                 *[p.to(x.dtype) for ad in ads for p in ad._AB()])
 
     def delta_weight(self) -> torch.Tensor:
         dtype = compute_dtype(self.A)
-        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scaling
+        A, B = self._AB()
+        return (B.to(dtype) @ A.to(dtype)) * self.scaling
 
     def merged_rows(self, W: torch.Tensor) -> torch.Tensor:
         """This slice's rows of the merged weight, from its base rows `W` `(rows, in)` (in the compute dtype):
@@ -151,7 +205,36 @@ class LoRAAdapter(SliceAdapter):
         return Wm * (self.magnitude.to(Wm.dtype) / n.masked_fill(n == 0, 1)).unsqueeze(1)  # (0 rows stay 0)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}" + (", DoRA" if self.magnitude is not None else "")
+        return (f"r={self.r}, alpha={self.alpha:g}" + (", DoRA" if self.magnitude is not None else "")
+                + ("" if self.init == "default" else f", init={self.init}"))
+
+
+@torch.no_grad()
+def base_factors(W: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(A_0, B_0)` in `W`'s dtype and device, of the base weight `W` `(rows, in)` (PEFT's `pissa_init` and
+    `olora_init`, written from the papers): PiSSA, `s B_0 A_0` = the top `r` singular components of `W`; OLoRA,
+    `B_0 = Q_r`, `A_0 = R_r` of `W = Q R`. Computed in float32 (float64 stays), on a GPU when there is one and `W`
+    is on the CPU (a full SVD of a 4096-square matrix takes seconds there, minutes on a CPU)."""
+    dtype = compute_dtype(W)
+    device = W.device
+    if device.type == "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    M = W.detach().to(device=device, dtype=dtype)
+    if init == "olora":
+        Q, R = torch.linalg.qr(M)
+        A0, B0 = R[:r], Q[:, :r]
+    else:
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:  # pissa_niter_<k>: a random start of its own, so a resumed run (which recomputes it) gets the same
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(0)
+                U, S, V = torch.svd_lowrank(M, q=r, niter=int(init.rsplit("_", 1)[1]))
+            Vh = V.t()
+        root = (S / scaling).sqrt()
+        A0, B0 = root[:, None] * Vh, U * root[None, :]
+    return A0.to(device=W.device, dtype=W.dtype).contiguous(), B0.to(device=W.device, dtype=W.dtype).contiguous()
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -255,4 +338,4 @@ def dora_rescale(y: torch.Tensor, t: torch.Tensor, b: Optional[torch.Tensor], in
 @register_method("lora")
 def build_lora(config: AdapterConfig, layer: str, in_features: int, out_features: int, device, dtype):
     return LoRAAdapter(in_features, out_features, config.r, config.alpha, device=device, dtype=dtype,
-                       dora=config.dora)
+                       dora=config.dora, init=config.init)

@@ -346,18 +346,20 @@ def _export_factors(layer, rows: torch.Tensor
     adapted = [(lo, hi, ad) for lo, hi, ad in covered if ad is not None]
     if not adapted:
         return None
+    # (PiSSA's and OLoRA's adapters compute a plain LoRA of rank 2r on the original base: `LoRAAdapter.effective`)
+    factors = [tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in ad.effective()) for _, _, ad in adapted]
     first = adapted[0][2]
-    r, alpha = first.r, first.alpha
-    if len(adapted) == len(covered) and all(torch.equal(ad.A, first.A) for _, _, ad in adapted):
-        A, B = first.A.detach(), torch.zeros(layer.out_features, r, dtype=first.B.dtype)
-        for lo, hi, ad in adapted:
-            B[lo:hi] = ad.B.detach()
+    A0, B0, r, alpha = factors[0]
+    if len(adapted) == len(covered) and all(torch.equal(A, A0) for A, *_ in factors):
+        A, B = A0, torch.zeros(layer.out_features, r, dtype=B0.dtype)
+        for (lo, hi, _), (_, Bs, _, _) in zip(adapted, factors):
+            B[lo:hi] = Bs
     else:  # one A per slice: the block form, rank k r with k times the alpha (the same scale)
         k = len(adapted)
-        A = torch.cat([ad.A.detach() for _, _, ad in adapted])
-        B = torch.zeros(layer.out_features, k * r, dtype=first.B.dtype)
-        for i, (lo, hi, ad) in enumerate(adapted):
-            B[lo:hi, i * r:(i + 1) * r] = ad.B.detach()
+        A = torch.cat([As for As, *_ in factors])
+        B = torch.zeros(layer.out_features, k * r, dtype=B0.dtype)
+        for i, ((lo, hi, _), (_, Bs, _, _)) in enumerate(zip(adapted, factors)):
+            B[lo:hi, i * r:(i + 1) * r] = Bs
         r, alpha = k * r, k * alpha
     magnitude = None
     if first.magnitude is not None:  # rows without an adapter keep their norm: PEFT's DoRA then leaves them as they are

@@ -61,7 +61,9 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     # the modules trained in full keep the model's dtype (`lit_gpt.training.cast_trainable_float32`)
     full = sum(p.numel() for p in {id(p): p for p in trained_module_state_dict(gpt).values()}.values())
     trained_bytes = (trainable - full) * trainable_bytes + full * nbytes
-    weights = frozen * nbytes + trained_bytes
+    # PiSSA's and OLoRA's starting factors, kept beside the adapter (buffers: never trained), in the model's dtype
+    starting = sum(b.numel() for name, b in gpt.named_buffers() if ".adapters." in name)
+    weights = frozen * nbytes + trained_bytes + starting * nbytes
     grads = trained_bytes
     adam = 2 * trained_bytes
     method = "full fine-tuning" if config is None else config.describe()
@@ -86,7 +88,8 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
         f"precision: {precision} ({meaning}, {nbytes} bytes per parameter"
         + (f"; the {'adapter' if full else 'trainable'} ones float32, {trainable_bytes} bytes)"
            if trainable_bytes != nbytes else ")"),
-        f"weights: {format_bytes(weights)}",
+        f"weights: {format_bytes(weights)}" + (f" (with the adapter's {starting:,} starting factors, "
+                                                f"{format_bytes(starting * nbytes)})" if starting else ""),
         f"gradients: {format_bytes(grads)}",
         f"AdamW state: {format_bytes(adam)} (2 tensors per trainable parameter)",
         f"total before activations: {format_bytes(weights + grads + adam)}",

@@ -67,7 +67,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _aliases(model: nn.Module, names: Iterable[str]) -> set[str]:
     """Every name of the parameters called `names` (a weight tied to another module has two)."""
     wanted = set(names)
-    return {n for group in parameter_names(model).values() if wanted.intersection(group) for n in group}
+    buffers = wanted & {n for n, _ in model.named_buffers()}  # (an adapter's buffers: PiSSA's starting factors)
+    return buffers | {n for group in parameter_names(model).values() if wanted.intersection(group) for n in group}
 
 
 def _base_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -111,6 +112,9 @@ def adapter_payload(
     if state_dict is None:
         state_dict = own
     else:  # (a trained weight tied to another module may come under both names: the model's first is kept)
+        # the adapters' buffers (PiSSA's starting factors) are the model's own: a checkpoint holds the trained tensors
+        buffers = {k for k in own if k not in state_dict and k in dict(model.named_buffers())}
+        state_dict = {**state_dict, **{k: own[k] for k in buffers}}
         if not set(own) <= set(state_dict) or not set(state_dict) <= _aliases(model, own):
             raise ValueError("save_adapters: the given state_dict's keys are not the model's adapter keys.")
         state_dict = {k: state_dict[k] for k in own}
@@ -385,7 +389,10 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any], wh
     current = adapter_config_of(model)
     built = None
     if current is None:
-        built = build_adapters(model, saved_config)
+        from lit_gpt.adapters.lora import skipping_base_init
+
+        with skipping_base_init():  # (PiSSA's factors are in the file: no decomposition of the base weights)
+            built = build_adapters(model, saved_config)
         own = {f"{name}.adapters.{sname}.{k}": v for name, _, _, adapters in built
                for sname, ad in adapters.items() for k, v in ad.state_dict().items()}
         own.update({f"{name}.{k}": p for name in train_module_names(model, saved_config)
@@ -435,8 +442,17 @@ def load_adapters(model: nn.Module, path_or_obj: Union[str, Path, dict, Any], wh
 
     params = dict(model.named_parameters(remove_duplicate=False))
     names = parameter_names(model)
+    buffers = dict(model.named_buffers())
     with torch.no_grad():
         for key, value in saved.items():
+            if key in buffers:  # (PiSSA's starting factors)
+                owner_name, _, attr = key.rpartition(".")
+                owner = model.get_submodule(owner_name)
+                if buffers[key].is_meta:
+                    owner.register_buffer(attr, value.to(dtype=buffers[key].dtype))
+                else:
+                    buffers[key].copy_(value)
+                continue
             p = params[key]
             if p.is_meta:  # a new tensor, under every name of the old one (a weight tied to another module)
                 new = nn.Parameter(value.to(dtype=p.dtype), requires_grad=p.requires_grad)
