@@ -465,7 +465,8 @@ class LLaMAMoE(nn.Module):
     `sigmoid(shared_expert_gate(x))`, for every token.
 
     Every expert runs, on no tokens if none chose it, so that every adapter of every expert is in the autograd graph
-    of every step: with FSDP each process must reduce the same gradients, whichever experts its tokens chose."""
+    of every step: with FSDP each process must reduce the same gradients, whichever experts its tokens chose.
+    Without gradients (generation, evaluation) such an expert is skipped: a decoded token runs its k experts only."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -492,8 +493,10 @@ class LLaMAMoE(nn.Module):
         tokens = (order // self.n_expert_per_token).split(counts)
         token_weights = weights.reshape(-1)[order].split(counts)
         y = torch.zeros_like(x)
-        for expert, idx, w in zip(self.experts, tokens, token_weights):
-            y.index_add_(0, idx, (expert(x[idx]) * w[:, None]).to(x.dtype))
+        every = torch.is_grad_enabled()  # (without gradients, as in generation, an expert no token chose is skipped)
+        for expert, idx, w, n in zip(self.experts, tokens, token_weights, counts):
+            if n or every:
+                y.index_add_(0, idx, (expert(x[idx]) * w[:, None]).to(x.dtype))
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(shape)
