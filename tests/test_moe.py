@@ -207,12 +207,14 @@ def test_peft_lora_both_ways_with_peft_logits(family, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
-@pytest.mark.parametrize("family,targets,note", [
-    ("qwen2_moe", ["mlp"], "PEFT on transformers 5 applies a Qwen2-MoE's shared-expert adapters only"),
-    ("mixtral", ["mlp.experts.0.fc_1", "mlp.experts.0.fc_2"], "it adapts some experts only (0.w1, 0.w3)"),
-    ("mixtral", ["mlp"], None),
+@pytest.mark.parametrize("family,targets,method,note", [
+    ("qwen2_moe", ["mlp"], "lora", "PEFT on transformers 5 applies a Qwen2-MoE's shared-expert adapters only"),
+    ("mixtral", ["mlp.experts.0.fc_1", "mlp.experts.0.fc_2"], "lora", "it adapts some experts only (0.w1, 0.w3)"),
+    ("mixtral", ["mlp"], "oft", "leaves out or refuses OFT adapters on experts (it converts plain LoRA only)"),
+    ("qwen3_moe", ["mlp.gate"], "ether", "whose router is not a linear module, cannot put HRA on it"),
+    ("mixtral", ["mlp"], "lora", None),
 ])
-def test_peft_export_says_when_peft_on_transformers_5_would_leave_experts_out(family, targets, note, tmp_path,
+def test_peft_export_says_when_peft_on_transformers_5_would_leave_experts_out(family, targets, method, note, tmp_path,
                                                                               capsys):
     pytest.importorskip("peft")
     from lit_gpt.adapters import save_adapters
@@ -222,7 +224,8 @@ def test_peft_export_says_when_peft_on_transformers_5_would_leave_experts_out(fa
     make_hf_model(model_type, **kwargs).save_pretrained(tmp_path / "hf")
     convert_hf_checkpoint(tmp_path / "hf")
     model = GPT.from_checkpoint(tmp_path / "hf")
-    apply_adapters(model, AdapterConfig(method="lora", r=2, targets=targets))
+    apply_adapters(model, AdapterConfig(method=method, targets=targets, **({"r": 2} if method == "lora" else
+                                                                           {"nb": 2})))
     capsys.readouterr()
     export_peft_adapter(save_adapters(model, tmp_path / "a.safetensors"), tmp_path / "hf", tmp_path / "peft")
     err = capsys.readouterr().err
@@ -280,3 +283,51 @@ def test_two_fsdp_processes_equal_one_process_and_the_result_merges(moe_ckpt, tm
     idx = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(idx), adapted(idx), atol=1e-4, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("targets,layers", [(["mlp.gate"], None), (["mlp.gate", "query"], [1]),
+                                            (["mlp.gate", "mlp"], None)])
+def test_a_router_adapter_goes_to_peft_and_back(targets, layers, tmp_path):
+    """The router adapted (alone, in some blocks, beside the experts): its PEFT export imports back to the same
+    layers (it used to become the named target mlp, which is the experts, and crash)."""
+    pytest.importorskip("peft")
+    from lit_gpt.adapters import save_adapters
+    from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapter
+    from lit_gpt.merge import load_finetuned
+    from test_peft_format import logits, randomize_lora
+
+    model_type, kwargs = HF["qwen3_moe"]
+    make_hf_model(model_type, **kwargs).save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf")
+    model = GPT.from_checkpoint(tmp_path / "hf").eval()
+    apply_adapters(model, AdapterConfig(method="lora", r=2, targets=targets, layers=layers))
+    randomize_lora(model)
+    out = export_peft_adapter(save_adapters(model, tmp_path / "a.safetensors"), tmp_path / "hf", tmp_path / "peft")
+    back = load_finetuned(tmp_path / "hf", import_peft_adapter(out, tmp_path / "hf", tmp_path / "b.safetensors"))
+    adapted = {n.rsplit(".adapters", 1)[0] for n, p in back.named_parameters() if ".adapters." in n}
+    assert adapted == {n.rsplit(".adapters", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(logits(back), logits(model), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
+def test_an_expert_lora_trained_with_dropout_exports_without_it_and_loads_in_peft(tmp_path, capsys):
+    """PEFT on transformers 5 refuses lora_dropout on fused experts; the dropout changes nothing an export computes,
+    so it is written as 0, with a note (finetune/lora.py trains with 0.05 by default)."""
+    pytest.importorskip("peft")
+    from lit_gpt.adapters import save_adapters
+    from lit_gpt.adapters.peft_format import export_peft_adapter
+    from test_peft_format import hf_export, logits, peft_model, randomize_lora
+
+    model_type, kwargs = HF["mixtral"]
+    make_hf_model(model_type, **kwargs).save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf")
+    model = GPT.from_checkpoint(tmp_path / "hf").eval()
+    apply_adapters(model, AdapterConfig(method="lora", r=2, dropout=0.05, targets=["all-linear"]))
+    randomize_lora(model)
+    model.eval()
+    capsys.readouterr()
+    out = export_peft_adapter(save_adapters(model, tmp_path / "a.safetensors"), tmp_path / "hf", tmp_path / "peft")
+    assert "trained with lora_dropout=0.05, which PEFT on transformers 5 refuses" in capsys.readouterr().err
+    assert __import__("json").loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0
+    torch.testing.assert_close(logits(peft_model(hf_export(tmp_path / "hf", tmp_path), out)), logits(model), **TOL)

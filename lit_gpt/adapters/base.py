@@ -516,15 +516,20 @@ def _plan_gpt(model: nn.Module, named: set[str]) -> dict[str, list[str]]:
         if "projection" in named:
             plan[f"{prefix}.attn.proj"] = [FULL]
         if "mlp" in named:
-            # a mixture of experts: every expert's layers (a shared expert's too), not the routers (`mlp.gate`,
-            # `mlp.shared_expert_gate`, which a target names alone)
-            moe = getattr(block.mlp, "experts", None) is not None
-            for child, module in (block.mlp.named_modules() if moe else block.mlp.named_children()):
-                if is_adaptable(module) and not (moe and child in ("gate", "shared_expert_gate")):
-                    plan[f"{prefix}.mlp.{child}"] = [FULL]
+            for child in mlp_target_layers(block.mlp):
+                plan[f"{prefix}.mlp.{child}"] = [FULL]
     if "head" in named:
         plan["lm_head"] = [FULL]
     return plan
+
+
+def mlp_target_layers(mlp: nn.Module) -> list[str]:
+    """The layers of a `lit_gpt.GPT` block's MLP that the `mlp` target adapts, by their names in it: its linear
+    layers, and in a mixture of experts every expert's (a shared expert's too), not the routers (`gate`,
+    `shared_expert_gate`, which a target names alone)."""
+    moe = getattr(mlp, "experts", None) is not None
+    return [child for child, module in (mlp.named_modules() if moe else mlp.named_children())
+            if is_adaptable(module) and not (moe and child in ("gate", "shared_expert_gate"))]
 
 
 def _slice_layout(model: nn.Module, name: str, module: nn.Module) -> list[tuple[str, int, int]]:

@@ -69,6 +69,7 @@ from lit_gpt.adapters.base import (
     block_index,
     compute_dtype,
     is_adaptable,
+    mlp_target_layers,
     train_module_names,
     trained_module_state_dict,
 )
@@ -678,7 +679,7 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
             f"of {str(checkpoint_dir)!r} (a Phi-3 rotating part of each head) fuses into one gate_up_proj, where a "
             f"PEFT adapter would have to be one transform of both: {merge_instead}."
         )
-    _note_fused_experts(adapted, peft_config, config, where)
+    _note_fused_experts(adapted, peft_config, config, where, method)
     layers = finetuned.payload["adapter_config"].get("layers")
     if layers is not None:  # as a PEFT user writes it: layer names, and the blocks in layers_to_transform; layers
         # outside them (the head) by their full names, which PEFT adapts whatever the blocks
@@ -729,26 +730,41 @@ def export_peft_adapter(adapter_path: Union[str, Path], checkpoint_dir: Union[st
     return output_dir
 
 
-def _note_fused_experts(adapted: set[str], peft_config: dict, config: Config, where: str) -> None:
-    """A note where the folder adapts a mixture's routed experts in a way PEFT on transformers 5 does not load as
-    written: transformers 5 keeps each block's experts fused in one tensor, and PEFT (0.21, measured) converts
-    per-expert adapters onto it only when every expert's layer is named alike (`gate_proj`), and for a Qwen2-MoE
-    not at all (it adapts the shared expert alone). transformers 4, which keeps one module per expert, loads them."""
+def _note_fused_experts(adapted: set[str], peft_config: dict, config: Config, where: str, method: str) -> None:
+    """A note where the folder adapts a mixture's routed experts or router in a way PEFT on transformers 5 does not
+    load as written (measured with PEFT 0.21, transformers 5.24): transformers 5 keeps each block's experts fused in
+    one tensor and its router is not a linear module. PEFT converts per-expert adapters onto the fused tensor only
+    for plain LoRA without dropout (it drops OFT's and HRA's on experts silently, and refuses DoRA's), only when
+    every expert's layer is named alike (`gate_proj`), and for a Qwen2-MoE not at all (it adapts the shared expert
+    alone); it adapts a router with LoRA only. transformers 4, with one module per expert, loads them all.
+    A LoRA's dropout, the one thing in the way that changes nothing the export computes, is written as 0."""
     experts = sorted(m for m in adapted if ".experts." in m)
-    if not experts:
+    routers = sorted(m for m in adapted if m.endswith((".block_sparse_moe.gate", ".mlp.gate")))
+    if not experts and not routers:
         return
     model_type = config_to_hf(config)["model_type"]
     names = peft_config.get("target_modules") or []
     some = [t for t in names if re.search(r"(^|\.)\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)$", t)]
-    if model_type == "qwen2_moe":
+    kind = {"lora": "DoRA" if peft_config.get("use_dora") else "LoRA", "oft": "OFT", "ether": "HRA"}[method]
+    why = None
+    if experts and model_type == "qwen2_moe":
         why = "PEFT on transformers 5 applies a Qwen2-MoE's shared-expert adapters only, not the routed experts'"
-    elif some:
+    elif experts and kind != "LoRA":
+        why = (f"PEFT on transformers 5, whose experts are one fused tensor per block, leaves out or refuses {kind} "
+               "adapters on experts (it converts plain LoRA only)")
+    elif experts and some:
         why = (f"it adapts some experts only ({', '.join(some[:3])}{', ...' if len(some) > 3 else ''}), which PEFT "
                "on transformers 5, whose experts are one fused tensor per block, does not load")
-    else:
-        return
-    print(f"Note: {where!r}: {why}; load this PEFT folder with transformers 4 (one module per expert), or use the "
-          "adapter file itself with lit_gpt.", file=sys.stderr)
+    elif routers and kind != "LoRA":
+        why = f"PEFT on transformers 5, whose router is not a linear module, cannot put {kind} on it"
+    if why is not None:
+        print(f"Note: {where!r}: {why}; load this PEFT folder with transformers 4 (one module per expert), or use "
+              "the adapter file itself with lit_gpt.", file=sys.stderr)
+    elif experts and kind == "LoRA" and peft_config.get("lora_dropout"):
+        print(f"Note: {where!r} trained with lora_dropout={peft_config['lora_dropout']:g}, which PEFT on transformers 5 "
+              "refuses on a mixture's fused experts: the export writes 0, which computes the same (training it "
+              "further in PEFT runs without dropout).", file=sys.stderr)
+        peft_config["lora_dropout"] = 0.0
 
 
 def _note_dropped_dropout(adapter_config: dict, method: str, where: str) -> None:
@@ -959,7 +975,7 @@ def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: s
         targets = named_qkv(used[0])
         if any(layer == _PROJ for layer, _ in kinds):
             targets.append("projection")
-        mlp = [f"mlp.{child}" for child, m in model.transformer.h[used[0]].mlp.named_children() if is_adaptable(m)]
+        mlp = [f"mlp.{child}" for child in mlp_target_layers(model.transformer.h[used[0]].mlp)]
         chosen = sorted(layer for layer, _ in kinds if layer.startswith("mlp."))
         targets += ["mlp"] if chosen == sorted(mlp) else chosen
         return targets + head, used
@@ -982,7 +998,7 @@ def _targets(adapted: set[tuple[str, str]], config: Config, model: GPT, where: s
         targets.append("projection")
         layers -= set(proj)
     mlp = [f"transformer.h.{i}.mlp.{child}" for i in range(n)
-           for child, m in model.transformer.h[i].mlp.named_children() if is_adaptable(m)]
+           for child in mlp_target_layers(model.transformer.h[i].mlp)]
     if all(m in layers for m in mlp):
         targets.append("mlp")
         layers -= set(mlp)
