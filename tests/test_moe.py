@@ -331,3 +331,40 @@ def test_an_expert_lora_trained_with_dropout_exports_without_it_and_loads_in_pef
     assert "trained with lora_dropout=0.05, which PEFT on transformers 5 refuses" in capsys.readouterr().err
     assert __import__("json").loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0
     torch.testing.assert_close(logits(peft_model(hf_export(tmp_path / "hf", tmp_path), out)), logits(model), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_router_trained_in_full_goes_to_peft_and_back(family, tmp_path):
+    """transformers 5 names Mixtral's router mlp.gate (its files block_sparse_moe.gate): a router trained in full
+    (PEFT's modules_to_save) is exported under both names, and a folder PEFT wrote on transformers 5 imports."""
+    peft = pytest.importorskip("peft")
+    from lit_gpt.adapters import save_adapters
+    from lit_gpt.adapters.peft_format import export_peft_adapter, import_peft_adapter
+    from lit_gpt.merge import load_finetuned
+    from test_peft_format import hf_export, logits, peft_model, randomize_lora
+
+    model_type, kwargs = HF[family]
+    base = make_hf_model(model_type, **kwargs)
+    base.save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf")
+    model = GPT.from_checkpoint(tmp_path / "hf").eval()
+    apply_adapters(model, AdapterConfig(method="lora", r=2, targets=["query"], train_modules=["mlp.gate"]))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.gate.weight.mul_(-2.0)
+    ours = logits(model)
+    out = export_peft_adapter(save_adapters(model, tmp_path / "a.safetensors"), tmp_path / "hf", tmp_path / "peft")
+    torch.testing.assert_close(logits(peft_model(hf_export(tmp_path / "hf", tmp_path), out)), ours, **TOL)
+
+    native = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4,
+                                                                       target_modules=["q_proj"],
+                                                                       modules_to_save=["gate"]))
+    randomize_lora(native)
+    with torch.no_grad():
+        for name, p in native.named_parameters():
+            if "modules_to_save" in name:
+                p.mul_(-2.0)
+    native.save_pretrained(tmp_path / "native")
+    adapter = import_peft_adapter(tmp_path / "native", tmp_path / "hf", tmp_path / "n.safetensors")
+    torch.testing.assert_close(logits(load_finetuned(tmp_path / "hf", adapter)), logits(native.eval()), **TOL)

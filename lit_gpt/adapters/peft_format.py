@@ -235,6 +235,17 @@ _PEFT_WRAPPERS = ("base_model", "base_model.model")
 _RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"}}
 
 
+def _renamed_modules(config: Config) -> dict[str, str]:
+    """`_RENAMED_MODULES` of `config`'s export, and Mixtral's routers, which transformers 5 names `mlp.gate` (its
+    files `block_sparse_moe.gate`): old name -> new name."""
+    model_type = config_to_hf(config)["model_type"]
+    renamed = dict(_RENAMED_MODULES.get(model_type, {}))
+    if model_type == "mixtral":
+        renamed.update({f"model.layers.{i}.block_sparse_moe.gate": f"model.layers.{i}.mlp.gate"
+                        for i in range(config.n_layer)})
+    return renamed
+
+
 def _save_matches(piece: str, module: str) -> bool:
     """PEFT's matching of a `modules_to_save` entry (`peft.utils.other._set_trainable`): the end of the module's name,
     as a string (`norm` selects `input_layernorm` too)."""
@@ -328,7 +339,7 @@ def _train_modules_export(model: GPT, saved: dict[str, torch.Tensor], adapted: s
                          "scripts/merge_ether.py) and export the merged checkpoint "
                          "(scripts/convert_lit_checkpoint.py).")
     tensors = {f"{PEFT_PREFIX}{k}": v.contiguous() for k, v in hf_sd.items() if k.rpartition(".")[0] in owners}
-    for old, new in _RENAMED_MODULES.get(model_type, {}).items():
+    for old, new in _renamed_modules(config).items():
         if old in owners:
             names = sorted(names + [new])
             tensors.update({f"{PEFT_PREFIX}{new}.{k[len(old) + 1:]}": v.clone() for k, v in hf_sd.items()
@@ -1083,7 +1094,7 @@ def _saved_modules(cfg: dict, config: Config, parameters: dict[str, torch.Size])
     (PEFT keeps one tensor for both)."""
     names = cfg.get("modules_to_save") or []
     model_type = config_to_hf(config)["model_type"]
-    renamed = _RENAMED_MODULES.get(model_type, {})
+    renamed = _renamed_modules(config)
     chosen = {m for m in _hf_modules(parameters)
               if any(_save_matches(n, m) or (m in renamed and _save_matches(n, renamed[m])) for n in names)}
     if chosen and config.tie_embeddings and cfg.get("ensure_weight_tying"):
@@ -1527,7 +1538,7 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
     config = Config.from_checkpoint(checkpoint_dir)
     modules = hf_linear_modules(config)
     parameters = hf_parameters(config)
-    renamed = {new: old for old, new in _RENAMED_MODULES.get(config_to_hf(config)["model_type"], {}).items()}
+    renamed = {new: old for old, new in _renamed_modules(config).items()}
     found, trained, fused = _module_tensors(peft_dir, cfg, modules, ckpt, parameters,
                                             _saved_modules(cfg, config, parameters), renamed,
                                             multimodal=config_to_hf(config)["model_type"] == "gemma3_text")
