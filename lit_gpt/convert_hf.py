@@ -536,6 +536,10 @@ _MOE_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen
 def _experts_from_hf(hf: dict, model_type: str, n_layer: int) -> dict:
     """The `Config` fields of a Mixtral's, Qwen2-MoE's or Qwen3-MoE's experts."""
     if model_type == "mixtral":
+        if hf.get("router_jitter_noise"):
+            print(f"Note: config.json sets router_jitter_noise={hf['router_jitter_noise']}, the noise transformers "
+                  "multiplies a Mixtral's router inputs by in training; lit_gpt trains without it (inference is the "
+                  "same), and an export writes 0.", file=sys.stderr)
         return dict(mlp_class_name="LLaMAMoE", n_expert=int(hf["num_local_experts"]),
                     n_expert_per_token=int(hf["num_experts_per_tok"]))
     # (transformers 5 writes num_local_experts; Qwen's own files, num_experts)

@@ -1302,16 +1302,21 @@ def _target_names(given: Union[str, Sequence[str]], flag: str) -> list[str]:
             if HF_TARGET_NAMES[ours] == "mlp":
                 mlp_names.add(ours)
         else:
-            raise ValueError(f"{flag}: {name!r} is not a layer name here: pass {ALL_LINEAR} or some of "
+            router = (" (a mixture of experts' router is mlp.gate)" if ours in ("gate", "router", "block_sparse_moe")
+                      else "")
+            raise ValueError(f"{flag}: {name!r} is not a layer name here{router}: pass {ALL_LINEAR} or some of "
                              f"{', '.join(GPT_TARGETS)} (transformers' q_proj, k_proj, v_proj, o_proj, gate_proj, "
-                             "up_proj, down_proj and lm_head are taken too), module names such as attn.proj, or "
-                             "'re:<regex>' patterns.")
+                             "up_proj, down_proj and lm_head are taken too), module names such as attn.proj or "
+                             "mlp.gate, or 're:<regex>' patterns.")
     if mlp_names and not any(family <= mlp_names for family in _HF_MLP_LAYERS):
         family = next((f for f in _HF_MLP_LAYERS if mlp_names & f), sorted(mlp_names))
         layers = [n for n in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h",
                               "w1", "w2", "w3") if n in family] or ["c_fc", "c_proj"]  # (GPT-2's)
         raise ValueError(f"{flag}: {', '.join(sorted(mlp_names))} is only part of the MLP here, whose target, mlp, "
-                         f"adapts all of its linear layers ({', '.join(layers)}): pass mlp (or all of them).")
+                         f"adapts all of its linear layers ({', '.join(layers)}): pass mlp (or all of them), or name "
+                         "ours for some (the gate projection, gate_proj or w1, is mlp.fc_1; the up projection, "
+                         "up_proj or w3, mlp.fc_2; the down projection, down_proj or w2, mlp.proj; in a mixture of "
+                         "experts a pattern such as 're:.*experts\\.\\d+\\.fc_1').")
     return [t for t in GPT_TARGETS if t in chosen] + sorted(patterns)
 
 

@@ -21,8 +21,9 @@ def main(
     tensor at a time. The model config is derived from the folder's own config.json, so fine-tuned variants and sizes
     missing from lit_gpt's named-config table convert as they are. Supported model types: llama, mistral, mixtral,
     qwen2, qwen2_moe, qwen3, qwen3_moe, phi, phi3, gemma, gemma2, gemma3_text, gpt2, gpt_neox, and the text model of a
-    multimodal gemma3 (its vision tower is left out). Sliding attention windows (Mistral v0.1, Phi-3, Gemma 2 and 3)
-    are kept as such, so the whole context (max_position_embeddings) is usable, computed as transformers computes it.
+    multimodal gemma3 (its vision tower is left out). Sliding attention windows (Mistral v0.1, Phi-3, Gemma 2 and 3,
+    and Mixtral and the Qwen families where their config.json sets one) are kept as such, so the whole context
+    (max_position_embeddings) is usable, computed as transformers computes it.
 
     Args:
         checkpoint_dir: A folder as `scripts/download.py` leaves it (e.g. checkpoints/meta-llama/Llama-2-7b-hf):

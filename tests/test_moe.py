@@ -152,7 +152,9 @@ def test_qwen3_moe_named_configs_have_transformers_count_and_the_published_activ
     assert sum(p.numel() for p in theirs.parameters()) == total
     report = plan_report(name, None)
     assert f"trainable parameters: {total:,}" in report  # (full fine-tuning)
-    assert f"parameters active per token: {active:,} (8 of 128 experts per token)" in report
+    assert f"model parameters active per token: {active:,} (8 of 128 experts per token;" in report
+    adapted = plan_report(name, AdapterConfig(method="lora", targets=["query", "value"]))
+    assert f"model parameters active per token: {active:,} (8 of 128 experts per token;" in adapted
 
 
 def test_what_cannot_be_expressed_is_refused():
@@ -368,3 +370,10 @@ def test_a_router_trained_in_full_goes_to_peft_and_back(family, tmp_path):
     native.save_pretrained(tmp_path / "native")
     adapter = import_peft_adapter(tmp_path / "native", tmp_path / "hf", tmp_path / "n.safetensors")
     torch.testing.assert_close(logits(load_finetuned(tmp_path / "hf", adapter)), logits(native.eval()), **TOL)
+
+
+def test_a_mixtral_routers_training_noise_is_named_when_it_is_dropped(capsys):
+    config_from_hf({**HF["mixtral"][1], "model_type": "mixtral", "router_jitter_noise": 0.1})
+    assert "router_jitter_noise=0.1" in capsys.readouterr().err
+    config_from_hf({**HF["mixtral"][1], "model_type": "mixtral", "router_jitter_noise": 0.0})
+    assert capsys.readouterr().err == ""

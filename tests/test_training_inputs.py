@@ -695,7 +695,8 @@ def test_targets_flag_takes_names_all_linear_and_peft_names_and_refuses_a_contra
     # one MLP layer is not a target here: mlp adapts all of them, which PEFT's gate_proj alone would not
     with pytest.raises(ValueError, match=r"^--ether_targets: gate_proj, up_proj is only part of the MLP here, whose "
                                          r"target, mlp, adapts all of its linear layers \(gate_proj, up_proj, "
-                                         r"down_proj\): pass mlp \(or all of them\)\.$"):
+                                         r"down_proj\): pass mlp \(or all of them\), or name ours for some \(the "
+                                         r"gate projection, gate_proj or w1, is mlp\.fc_1;"):
         targets_from_flags("ether", "q_proj,up_proj,gate_proj", **unset)
     assert targets_from_flags("ether", "c_attn", **unset) == ["query", "key", "value"]
     # a layer flag that agrees (a config file's query/value true) is fine; one that contradicts is one sentence

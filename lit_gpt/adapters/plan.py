@@ -79,11 +79,12 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
         f"frozen parameters: {frozen:,}",
     ]
     if model_config.n_expert:  # a token runs k experts of n: the compute per token is that of the active ones
-        experts = sum(p.numel() for name, p in gpt.named_parameters() if ".mlp.experts." in name)
+        base = {name: p.numel() for name, p in gpt.named_parameters() if ".adapters." not in name}
+        experts = sum(n for name, n in base.items() if ".mlp.experts." in name)
         per_expert = experts // model_config.n_expert
-        active = trainable + frozen - experts + per_expert * model_config.n_expert_per_token
-        lines.append(f"parameters active per token: {active:,} ({model_config.n_expert_per_token} of "
-                     f"{model_config.n_expert} experts per token)")
+        active = sum(base.values()) - experts + per_expert * model_config.n_expert_per_token
+        lines.append(f"model parameters active per token: {active:,} ({model_config.n_expert_per_token} of "
+                     f"{model_config.n_expert} experts per token; the adapter not counted)")
     lines += [
         f"precision: {precision} ({meaning}, {nbytes} bytes per parameter"
         + (f"; the {'adapter' if full else 'trainable'} ones float32, {trainable_bytes} bytes)"
