@@ -128,7 +128,7 @@ def test_the_targets_flag_takes_module_names_and_patterns_too():
     assert f"trainable parameters: {32 * per_layer:,}\n" in plan_report(
         "Llama-2-7b-hf", AdapterConfig(method="lora", r=8, targets=targets_from_flags("lora", "query,mlp.proj")))
     with pytest.raises(ValueError, match=r"^--lora_targets: 'quary' is not a layer name here: .*, module names such "
-                                         r"as attn\.proj, or 're:<regex>' patterns\.$"):
+                                         r"as attn\.proj or mlp\.gate, or 're:<regex>' patterns\.$"):
         targets_from_flags("lora", "query,quary")
 
 
