@@ -837,6 +837,7 @@ _SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "mlp.shared_expert.fc_1",
                   "mlp.shared_expert.up_proj": "mlp.shared_expert.fc_2",
                   "mlp.shared_expert.down_proj": "mlp.shared_expert.proj",
                   "mlp.shared_expert_gate": "mlp.shared_expert_gate"}
+_SHARED_EXPERT_HF = {lit: hf for hf, lit in _SHARED_EXPERT.items()}
 _EXPERT = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)$")
 _FUSED_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _EXPERT_PARTS = {"w1": "fc_1", "w3": "fc_2", "w2": "proj", "gate_proj": "fc_1", "up_proj": "fc_2", "down_proj": "proj"}
@@ -1082,8 +1083,8 @@ def iter_lit_to_hf(
         if model_type in MOE_TYPES and sub == "mlp.gate":
             yield f"{base}.{moe}.gate.{param}", cast(t)
             continue
-        if model_type == "qwen2_moe" and sub in _SHARED_EXPERT.values():
-            yield f"{base}.{next(k for k, v in _SHARED_EXPERT.items() if v == sub)}.{param}", cast(t)
+        if model_type == "qwen2_moe" and sub in _SHARED_EXPERT_HF:
+            yield f"{base}.{_SHARED_EXPERT_HF[sub]}.{param}", cast(t)
             continue
         expert = re.match(r"^mlp\.experts\.(\d+)\.(fc_1|fc_2|proj)$", sub)
         if model_type in MOE_TYPES and expert:

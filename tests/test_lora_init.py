@@ -15,6 +15,7 @@ from lit_gpt import GPT, Config
 from lit_gpt.adapters import AdapterConfig, apply_adapters, merge_adapters, save_adapters
 from lit_gpt.adapters.lora import base_factors
 import test_adapters
+from test_training import tiny_ckpt  # noqa: F401 (a fixture)
 
 one_thread = test_adapters.one_thread  # autouse: one intra-op thread for tiny tensors
 
@@ -142,13 +143,13 @@ def test_what_does_not_go_together_is_refused_naming_the_flag():
 
 
 @pytest.mark.slow
-def test_a_pissa_run_resumes_where_it_left_off_and_merges(tmp_path):
+def test_a_pissa_run_resumes_where_it_left_off_and_merges(tiny_ckpt, tmp_path):  # noqa: F811
     """A run stopped after step 2's checkpoint and resumed (which decomposes the base weights again) ends where the
     uninterrupted run did; --merge true then writes a model that computes the adapted one."""
     from lit_gpt.merge import load_finetuned
     from test_training import common_flags, final_tensors, run_cli
 
-    ckpt = _tiny_ckpt(tmp_path)
+    ckpt = tiny_ckpt
     run = tmp_path / "run"
     flags = [*common_flags(ckpt, run, 4, **{"--train.save_interval": "2"}), "--lora_init", "pissa_niter_2",
              "--lora_dropout", "0", "--lora_targets", "all-linear", "--train.learning_rate", "1e-2"]
@@ -169,19 +170,3 @@ def test_a_pissa_run_resumes_where_it_left_off_and_merges(tmp_path):
     for k in uninterrupted:
         torch.testing.assert_close(resumed[k], uninterrupted[k], atol=1e-5, rtol=0, msg=k)
 
-
-def _tiny_ckpt(tmp_path):
-    """tests/test_training.py's tiny checkpoint with its data (its fixture is module-scoped there)."""
-    import test_training
-
-    return test_training.tiny_ckpt.__wrapped__(_Factory(tmp_path))
-
-
-class _Factory:
-    def __init__(self, root):
-        self.root = root
-
-    def mktemp(self, name):
-        path = self.root / name
-        path.mkdir()
-        return path

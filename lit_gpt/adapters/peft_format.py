@@ -348,6 +348,7 @@ def _train_modules_export(model: GPT, saved: dict[str, torch.Tensor], adapted: s
 
 
 # ---------------------------------------------------------------------------------------------- export
+@torch.no_grad()
 def _export_factors(layer, rows: torch.Tensor
                     ) -> Optional[tuple[torch.Tensor, torch.Tensor, int, float, Optional[torch.Tensor]]]:
     """`(A, B, rank, lora_alpha, magnitude)` of the transformers module whose rows are the lit `rows` of the adapted
@@ -359,7 +360,7 @@ def _export_factors(layer, rows: torch.Tensor
     if not adapted:
         return None
     # (PiSSA's and OLoRA's adapters compute a plain LoRA of rank 2r on the original base: `LoRAAdapter.effective`)
-    factors = [tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in ad.effective()) for _, _, ad in adapted]
+    factors = [ad.effective() for _, _, ad in adapted]
     first = adapted[0][2]
     A0, B0, r, alpha = factors[0]
     if len(adapted) == len(covered) and all(torch.equal(A, A0) for A, *_ in factors):
