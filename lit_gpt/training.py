@@ -116,7 +116,14 @@ def launch(fabric, grace: float = 30.0) -> None:
     one hung in a collective may never return. Rank 0 usually learns of the death first, in its next collective, and
     ends with a `PeerLostError` naming the intact checkpoint, but when the watcher's poll comes first the run vanishes
     with exit -9 and no word of the checkpoint. Here the watcher still kills the other processes at once, but gives
-    rank 0 `grace` seconds to say so and exit before it kills it too."""
+    rank 0 `grace` seconds to say so and exit before it kills it too.
+
+    Every process also prints its Python stack if it crashes (`faulthandler`: a segmentation fault, an abort), so a
+    rank that dies of one says where."""
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     try:
         from lightning.fabric.strategies.launchers import subprocess_script
         watcher = subprocess_script._ChildProcessObserver
@@ -127,6 +134,8 @@ def launch(fabric, grace: float = 30.0) -> None:
     class PatientWatcher(watcher):
         def _terminate_all(self) -> None:
             for proc in self._child_processes:
+                if proc.poll() is None:  # (not one whose end `how_peers_ended` is to tell)
+                    _STOPPED_BY_WATCHER.add(proc.pid)
                 proc.send_signal(self._termination_signal)
             time.sleep(grace)  # a daemon thread: gone with rank 0 when it exits in time
             os.kill(self._main_pid, self._termination_signal)
@@ -141,6 +150,38 @@ def launch(fabric, grace: float = 30.0) -> None:
 class PeerLostError(RuntimeError):
     """Another process of a multi-process run ended without a word (killed, out of memory) in the middle of a
     collective; the message names the intact checkpoint."""
+
+
+# the processes `launch`'s watcher killed because another had died
+_STOPPED_BY_WATCHER: set[int] = set()
+
+
+def how_peers_ended(fabric, wait: float = 5.0) -> Optional[str]:
+    """On the process that launched the others (rank 0 of a node): how those that have ended did, in words (`rank 1
+    was killed by SIGKILL`), waiting up to `wait` seconds for one to end; None when none has or it cannot know. Those
+    the launcher's watcher stopped after another died are left out."""
+    procs = list(getattr(getattr(fabric.strategy, "launcher", None), "procs", None) or ())
+    deadline = time.monotonic() + wait
+    while procs and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first = getattr(fabric, "node_rank", 0) * (len(procs) + 1)  # the launched processes are local ranks 1, 2, ...
+    said = []
+    for i, proc in enumerate(procs, start=first + 1):
+        code = proc.poll()
+        if code is None or proc.pid in _STOPPED_BY_WATCHER:
+            continue
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            why = {"SIGKILL": ", as the system's out-of-memory killer does",
+                   "SIGSEGV": ", a crash whose stack is printed above",
+                   "SIGABRT": ", an abort whose stack is printed above"}.get(name, "")
+            said.append(f"rank {i} was killed by {name}{why}")
+        else:
+            said.append(f"rank {i} exited with code {code}" + (", after the error printed above" if code else ""))
+    return "; ".join(said) or None
 
 
 # what a collective raises when a peer's connection is gone (gloo on the CPU; NCCL's DistBackendError)
@@ -1703,8 +1744,10 @@ def finetune(
                 raise
             kept = (f"the last complete checkpoint, {state['last_good']}, is intact: run the same command with "
                     "--resume auto" if state["last_good"] is not None else "no checkpoint was written yet")
+            how = how_peers_ended(fabric)
+            how = f": {how}" if how else " (killed? out of memory?)"
             raise PeerLostError(f"Another process of the run ended without a word while rank {fabric.global_rank} "
-                                f"waited for it (killed? out of memory?); {kept}.") from None
+                                f"waited for it{how}; {kept}.") from None
         finally:  # flush the TensorBoard logs whatever happened, so a failed run still shows its curves
             for logger in fabric.loggers:
                 logger.finalize(status)

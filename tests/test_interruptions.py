@@ -224,8 +224,9 @@ def test_a_rank_killed_outright_stops_the_other_in_one_line_naming_the_checkpoin
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: Another process of the run ended without a word while rank 0 waited for it "
-                           "(killed? out of memory?); the last complete checkpoint, "), last
+    assert last.startswith("error: Another process of the run ended without a word while rank 0 waited for it: "
+                           "rank 1 was killed by SIGKILL, as the system's out-of-memory killer does; the last "
+                           "complete checkpoint, "), last
     named = Path(last.split("checkpoint, ")[1].split(", is intact")[0])
     assert named.is_file() and load_file(named, mmap=False)["model"]
 
@@ -261,6 +262,50 @@ def test_the_watcher_of_a_killed_rank_lets_rank_0_exit_on_its_own_then_kills_it(
     assert proc.returncode == code, proc.stderr[-3000:]
     assert f"other: {-signal.SIGKILL}" in proc.stdout  # the other processes: not kept waiting
     assert time.monotonic() - started < 50
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="processes end by POSIX signals here")
+def test_rank_0_says_how_the_processes_it_launched_ended(monkeypatch):
+    """What rank 0's one line says of the other ranks (their exit code or signal), from the processes Fabric's
+    launcher started; nothing when none has ended within the wait, nor of one the launcher's watcher killed."""
+    from types import SimpleNamespace
+
+    from lit_gpt import training
+    from lit_gpt.training import how_peers_ended
+
+    def fabric(*codes):
+        procs = [subprocess.Popen([sys.executable, "-c", code]) for code in codes]
+        return SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=procs)), node_rank=0), procs
+
+    f, procs = fabric("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "import time; time.sleep(30)",
+                      "raise SystemExit(3)")
+    for p in (procs[0], procs[2]):
+        p.wait(timeout=30)
+    assert how_peers_ended(f) == ("rank 1 was killed by SIGSEGV, a crash whose stack is printed above; "
+                                  "rank 3 exited with code 3, after the error printed above")
+    procs[1].kill()
+    procs[1].wait()
+    monkeypatch.setattr(training, "_STOPPED_BY_WATCHER", {procs[1].pid})  # (killed by the watcher, not by the OS)
+    assert how_peers_ended(f).startswith("rank 1 was killed by SIGSEGV, a crash whose stack is printed above; rank 3")
+    assert how_peers_ended(fabric()[0]) is None
+    assert how_peers_ended(SimpleNamespace(strategy=SimpleNamespace())) is None  # (one device: no launcher)
+    f, procs = fabric("import time; time.sleep(30)")
+    started = time.monotonic()
+    assert how_peers_ended(f, wait=0.3) is None and time.monotonic() - started < 5
+    procs[0].kill()
+    procs[0].wait()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX signal's exit code")
+def test_a_crash_in_a_training_process_prints_its_python_stack():
+    """`launch` turns on faulthandler in every process of a run (each runs it): a segmentation fault in a rank
+    shows where it happened instead of ending the process without a word."""
+    script = ("import ctypes; from lit_gpt.training import launch\n"
+              "class Fabric:\n    def launch(self): pass\n"
+              "launch(Fabric())\nctypes.string_at(0)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGSEGV and "Fatal Python error: Segmentation fault" in proc.stderr, proc.stderr
 
 
 def _parent_pid(proc_dir: Path) -> int:
