@@ -13,12 +13,17 @@ as transformers' `qkv_proj` and `gate_up_proj`). Qwen3's per-head query/key norm
 `attn_k_norm` (lit `attn.norm_q`/`norm_k`), of `qwen3.attention.key_length` (its head_dim) features.
 
 Mixtures of experts (lit's "LLaMAMoE"): Mixtral is a `llama` file with `llama.expert_count` and
-`llama.expert_used_count`, Qwen3-MoE a `qwen3moe` one (Qwen3's attention with per-head q/k norms). The router is
-`blk.N.ffn_gate_inp` (lit `mlp.gate`); llama.cpp's converter stacks each block's experts into one 3-D tensor per
-projection, `ffn_gate_exps`/`ffn_up_exps`/`ffn_down_exps` (`torch.stack(..., dim=0)` of the HF experts, so the
-gguf reader's numpy shape, the reverse of GGUF's `ne`, is `(n_expert, out, in)`), while older files
-hold one 2-D tensor per expert, `blk.N.ffn_gate.E` (llama.cpp's LLM_TENSOR_FFN_GATE_EXP,
-"blk.%d.ffn_gate.%d"). Both become lit's `mlp.experts.E.fc_1` (gate), `fc_2` (up) and `proj` (down).
+`llama.expert_used_count`, Qwen3-MoE a `qwen3moe` one (Qwen3's attention with per-head q/k norms), Qwen2-MoE a
+`qwen2moe` one (Qwen2's attention, q/k/v biases, plus a shared expert). The router is `blk.N.ffn_gate_inp` (lit
+`mlp.gate`); llama.cpp's converter stacks each block's experts into one 3-D tensor per projection,
+`ffn_gate_exps`/`ffn_up_exps`/`ffn_down_exps` (`torch.stack(..., dim=0)` of the HF experts, so the gguf reader's
+numpy shape, the reverse of GGUF's `ne`, is `(n_expert, out, in)`), while older files hold one 2-D tensor per
+expert, `blk.N.ffn_gate.E` (llama.cpp's LLM_TENSOR_FFN_GATE_EXP, "blk.%d.ffn_gate.%d"). Both become lit's
+`mlp.experts.E.fc_1` (gate), `fc_2` (up) and `proj` (down). Qwen2-MoE's shared expert is
+`ffn_gate_shexp`/`ffn_up_shexp`/`ffn_down_shexp` (lit `mlp.shared_expert.fc_1`/`fc_2`/`proj`) and its gate
+`ffn_gate_inp_shexp` (lit `mlp.shared_expert_gate`, one output), a vector of `n_embd` in llama.cpp's loader, stored
+`(1, n_embd)` by the current converter and `(n_embd,)` by older, squeezing ones. llama.cpp renormalises the chosen
+experts' weights for llama and qwen3moe files but not for qwen2moe ones (`_expert_fields`).
 
 Gemma (1, 2, 3) also uses neox rope, so its q/k rows are as transformers stores them. Its RMSNorms scale by
 `1 + weight`; llama.cpp's converter stores every `*norm.weight` plus 1 (its graph multiplies by the weight), so the
@@ -41,7 +46,7 @@ import torch
 from lit_gpt.config import CONFIG_FILENAME, Config, longrope_attention_factor
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3", "gemma", "gemma2", "gemma3")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
 _PERMUTED_QK = ("llama",)
 _GEMMA = ("gemma", "gemma2", "gemma3")
@@ -79,6 +84,15 @@ _DENSE_MLP = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 _EXPERT_PARTS = {"gate": "fc_1", "up": "fc_2", "down": "proj"}
 _STACKED_EXPERTS = re.compile(r"^ffn_(gate|up|down)_exps\.weight$")
 _ONE_EXPERT = re.compile(r"^ffn_(gate|up|down)\.(\d+)\.weight$")
+# architectures whose blocks are mixtures of experts (a llama file only with experts: Mixtral)
+_MOE = ("llama", "qwen2moe", "qwen3moe")
+# Qwen2-MoE's shared expert (llama.cpp's LLM_TENSOR_FFN_*_SHEXP, "blk.%d.ffn_gate_shexp" ...) and its gate
+_SHARED_EXPERT = {
+    "ffn_gate_shexp.weight": "mlp.shared_expert.fc_1.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.fc_2.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+}
 
 
 class GGUFImportError(ValueError):
@@ -201,48 +215,61 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
 
 def _expert_fields(metadata: dict, arch: str, tensor_shapes: dict[str, tuple[int, ...]], intermediate_size: int,
                    path: Path) -> dict[str, Any]:
-    """The Config fields of a mixture of experts (none for a dense model), as llama.cpp loads a llama (Mixtral) or
-    qwen3moe file.
+    """The Config fields of a mixture of experts (none for a dense model), as llama.cpp loads a llama (Mixtral),
+    qwen2moe or qwen3moe file.
 
-    llama.cpp routes both with a softmax over every expert, keeps the `expert_used_count` most probable and always
-    renormalises their weights to sum to 1: the `norm_w` argument of their `build_moe_ffn` calls is a literal
-    `true` (ggml-org/llama.cpp, src/models/llama.cpp and src/models/qwen3moe.cpp: `LLM_FFN_SILU, true,
-    hparams.expert_weights_scale, LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX`; `build_moe_ffn` in src/llama-graph.cpp
-    divides by the weights' sum when norm_w), whatever a `{arch}.expert_weights_norm` key says, so `moe_norm_topk` is
-    True, as in Mixtral and in Qwen3-30B-A3B's config (norm_topk_prob true). A Qwen3-MoE with norm_topk_prob false
-    would run differently in transformers than in llama.cpp; the import reproduces llama.cpp. (`build_moe_ffn`
-    scales the weights by `expert_weights_scale` unless it is 0, its default, or 1: another value is refused.)
+    llama.cpp routes all three with a softmax over every expert and keeps the `expert_used_count` most probable.
+    Whether it renormalises their weights to sum to 1 is the `norm_w` argument of `build_moe_ffn` (src/llama-graph.cpp
+    divides by the weights' sum when it is true), a literal in each graph, whatever a `{arch}.expert_weights_norm` key
+    says: `true` for llama and qwen3moe (src/models/llama.cpp and src/models/qwen3moe.cpp: `LLM_FFN_SILU, true,
+    hparams.expert_weights_scale, LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX`), so `moe_norm_topk` is True, as in Mixtral
+    and Qwen3-30B-A3B (norm_topk_prob true); `false` for qwen2moe (src/models/qwen2moe.cpp: `LLM_FFN_SILU, false`),
+    so it is False, as in transformers' Qwen2MoeConfig default (norm_topk_prob false). A Qwen3-MoE with
+    norm_topk_prob false, or a Qwen2-MoE with true, would run differently in transformers than in llama.cpp (the
+    converter does not write the flag for either); the import reproduces llama.cpp. (`build_moe_ffn` scales the
+    weights by `expert_weights_scale` unless it is 0, its default, or 1: another value is refused.)
+
+    Qwen2-MoE's shared expert (llama_model_qwen2moe in src/models/qwen2moe.cpp) runs on every token, on the same
+    normed input, and its output is multiplied by sigmoid(`ffn_gate_inp_shexp` . x) (computed as silu(g) / g) before
+    it is added to the routed experts' sum: lit's `shared_expert` and `shared_expert_gate`. Widths when the keys are
+    absent or 0, as llama.cpp's loader falls back: the experts `feed_forward_length / expert_used_count` (qwen2moe,
+    qwen3moe), the shared expert `feed_forward_length` (`n_ff_shexp ? n_ff_shexp : n_ff`).
     """
     def key(name: str) -> str:
         return f"{arch}.{name}"
 
     routed = any(n.endswith(".ffn_gate_inp.weight") for n in tensor_shapes)
-    if arch not in ("llama", "qwen3moe") or (arch == "llama" and not metadata.get(key("expert_count")) and not routed):
+    if arch not in _MOE or (arch == "llama" and not metadata.get(key("expert_count")) and not routed):
         return {}  # dense (llama.cpp reads a llama file with no or 0 experts as dense)
     n_expert = int(_require(metadata, key("expert_count"), path))
     n_used = int(_require(metadata, key("expert_used_count"), path))
     if not 1 <= n_used <= n_expert:
         raise GGUFImportError(f"{str(path)!r} has {key('expert_used_count')}={n_used}, which is not from 1 to its "
                               f"{key('expert_count')} {n_expert}.")
-    # what lit_gpt's LLaMAMoE has no counterpart for: shared experts (Qwen2-MoE's, Granite-MoE-shared's), a
-    # scale on the routing weights, another gating function than softmax (gguf.ExpertGatingFuncType: 1; 0 is
-    # unset)
-    for name, accepted in (("expert_shared_feed_forward_length", (0,)), ("expert_shared_count", (0,)),
-                           ("expert_weights_scale", (0.0, 1.0)), ("expert_gating_func", (0, 1))):
+    # what lit_gpt's LLaMAMoE has no counterpart for: a shared expert outside qwen2moe (Granite-MoE-shared's, ...;
+    # llama.cpp's llama and qwen3moe graphs have none), more than one shared expert, a scale on the routing weights,
+    # another gating function than softmax (gguf.ExpertGatingFuncType: 1; 0 is unset)
+    shared_fields: tuple = (("expert_shared_count", (0, 1)),) if arch == "qwen2moe" else (
+        ("expert_shared_feed_forward_length", (0,)), ("expert_shared_count", (0,)))
+    for name, accepted in shared_fields + (("expert_weights_scale", (0.0, 1.0)), ("expert_gating_func", (0, 1))):
         value = metadata.get(key(name))
         if value is not None and value not in accepted:
             raise GGUFImportError(f"{str(path)!r} sets {key(name)}={value}, which lit_gpt's mixture of experts "
                                   "cannot express.")
     shared = next((n for n in tensor_shapes if "_shexp." in n), None)
-    if shared is not None:
+    if shared is not None and arch != "qwen2moe":
         raise GGUFImportError(f"{str(path)!r} has the shared-expert tensor {shared!r}, which lit_gpt's mixture of "
-                              "experts cannot express.")
+                              f"experts cannot express in a {arch} model.")
     fields: dict[str, Any] = dict(mlp_class_name="LLaMAMoE", n_expert=n_expert, n_expert_per_token=n_used,
-                                  moe_norm_topk=True)
-    if arch == "qwen3moe":
-        # llama.cpp's fallback without the key: n_ff / n_expert_used (llama_model_qwen3moe::load_arch_tensors)
+                                  moe_norm_topk=arch != "qwen2moe")
+    if arch in ("qwen2moe", "qwen3moe"):
+        # llama.cpp's fallback without the key: n_ff / n_expert_used (load_arch_tensors of llama_model_qwen2moe and
+        # llama_model_qwen3moe)
         fields["moe_intermediate_size"] = int(metadata.get(key("expert_feed_forward_length"))
                                               or intermediate_size // n_used)
+    if arch == "qwen2moe":
+        fields["shared_expert_intermediate_size"] = int(metadata.get(key("expert_shared_feed_forward_length"))
+                                                        or intermediate_size)
     # (Mixtral's experts are feed_forward_length wide: llama.cpp's llama creates ffn_*_exps of n_ff)
     return fields
 
@@ -482,6 +509,12 @@ def iter_lit_weights(tensors: list, config: Config, arch: str, path: Path | str,
         if config.n_expert and (local == "ffn_gate_inp.weight" or _STACKED_EXPERTS.match(local)
                                 or _ONE_EXPERT.match(local)):
             yield from _expert_weights(tensor, local, prefix, config, path, dtype)
+            continue
+        if config.shared_expert_intermediate_size and local in _SHARED_EXPERT:
+            value = dequantize(tensor, path)
+            if local == "ffn_gate_inp_shexp.weight" and value.ndim == 1:  # (n_embd,): llama.cpp's shape, squeezed
+                value = value[None]
+            yield prefix + _SHARED_EXPERT[local], value.to(dtype)
             continue
         if config.n_expert and local in _DENSE_MLP:
             raise GGUFImportError(f"{str(path)!r}: tensor {name!r} is a dense feed-forward layer, but the file's "
