@@ -377,3 +377,60 @@ def test_a_mixtral_routers_training_noise_is_named_when_it_is_dropped(capsys):
     assert "router_jitter_noise=0.1" in capsys.readouterr().err
     config_from_hf({**HF["mixtral"][1], "model_type": "mixtral", "router_jitter_noise": 0.0})
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("parameters", [["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                                        ["experts.down_proj", "experts.gate_up_proj"], ["experts.down_proj"]],
+                         ids=["both", "both-nested-the-other-way", "down-only"])
+def test_a_peft_lora_on_transformers_5_fused_experts_imports(family, parameters, tmp_path):
+    """PEFT on transformers 5 puts LoRA on a block's fused experts with target_parameters (one ParamWrapper per
+    parameter, nested): imported as LoRA on each expert's layers, it computes PeftModel's logits."""
+    peft = pytest.importorskip("peft")
+    from lit_gpt.adapters.peft_format import import_peft_adapter
+    from lit_gpt.merge import load_finetuned
+
+    model_type, kwargs = HF[family]
+    make_hf_model(model_type, **kwargs).save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(IDX).logits
+    config = peft.LoraConfig(r=2, lora_alpha=3, target_parameters=parameters, target_modules=["q_proj"],
+                             init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        expected = model(IDX).logits
+    model.save_pretrained(tmp_path / "peft")
+    assert (expected - plain).abs().max() > 1e-2
+    ours = load_finetuned(tmp_path / "hf", import_peft_adapter(tmp_path / "peft", tmp_path / "hf",
+                                                               tmp_path / "a.safetensors")).eval()
+    adapted = {n.split(".adapters")[0] for n, _ in ours.named_parameters() if ".adapters." in n}
+    parts = {"gate_up_proj": {"fc_1", "fc_2"}, "down_proj": {"proj"}}
+    assert {n.rsplit(".", 1)[1] for n in adapted if ".experts." in n} == set().union(
+        *(parts[p.rsplit(".", 1)[1]] for p in parameters))
+    assert sum(".experts." in n for n in adapted) == len(adapted) - 2  # (and the two blocks' attention)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDX), expected, **TOL)
+
+
+def test_target_parameters_other_than_fused_experts_are_refused(tmp_path):
+    import json
+
+    from lit_gpt.adapters.peft_format import import_peft_adapter
+
+    model_type, kwargs = HF["mixtral"]
+    make_hf_model(model_type, **kwargs).save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf")
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(
+        dict(peft_type="LORA", r=2, lora_alpha=2, target_modules=[], target_parameters=["self_attn.q_proj.weight"])))
+    with pytest.raises(ValueError, match=r"adapter_config\.json' sets target_parameters=\['self_attn\.q_proj\.weight'\]"
+                                         r", LoRA on parameters instead of linear modules \(other than a mixture's "
+                                         r"fused experts\), which lit_gpt's LoRA does not implement: retrain"):
+        import_peft_adapter(tmp_path / "peft", tmp_path / "hf", tmp_path / "a.safetensors")

@@ -113,7 +113,7 @@ UNSUPPORTED_SETTINGS = {
     "lora_bias": "a bias on lora_B",
     "trainable_token_indices": "trained rows of the embedding",
     "layer_replication": "duplicated layers",
-    "target_parameters": "LoRA on parameters instead of linear modules",
+    "target_parameters": "LoRA on parameters instead of linear modules (other than a mixture's fused experts)",
     "alora_invocation_tokens": "activated LoRA (aLoRA), which is active only after its invocation tokens",
     "use_qalora": "QALoRA (a pooled input to lora_A)",
     "use_bdlora": "BD-LoRA (block-diagonal factors)",
@@ -826,6 +826,8 @@ def read_peft_config(peft_dir: Path) -> dict:
             f"holds only its own tensors: {fix}."
         )
     for key, what in UNSUPPORTED_SETTINGS.items():
+        if key == "target_parameters" and peft_type == "LORA" and _fused_expert_parameters(cfg.get(key)):
+            continue  # (LoRA on transformers 5's fused experts: `_split_fused_experts`)
         if cfg.get(key):
             raise ValueError(f"{where} sets {key}={cfg[key]!r}, {what}, which lit_gpt's {ours} does not "
                              f"implement: {fix}.")
@@ -1118,6 +1120,68 @@ _PHI3_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "s
 _ROW_TENSORS = ("lora_B.weight", "lora_magnitude_vector")
 
 
+# the fused expert parameters of transformers 5's mixtures (MixtralExperts, Qwen2MoeExperts, Qwen3MoeExperts), each
+# `(n_expert, out, in)`: PEFT's `target_parameters` LoRA on them is a ParamWrapper
+_FUSED_EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def _fused_expert_parameters(names: Any) -> bool:
+    """Whether `target_parameters` names only fused expert parameters (and at least one)."""
+    return (isinstance(names, list) and bool(names)
+            and all(isinstance(n, str) and n.endswith(_FUSED_EXPERT_PARAMETERS) for n in names))
+
+
+def _split_fused_experts(tensors: dict[str, torch.Tensor], modules: dict[str, HFModule], config: Config,
+                         weights: str, ckpt: str) -> set[str]:
+    """LoRA on transformers 5's fused experts (PEFT's `target_parameters`, a `ParamWrapper` per parameter, nested
+    when one module has two: `experts.lora_A`, `experts.base_layer.lora_A`, ...) as LoRA on each expert's layers of
+    the checkpoint's export, where they are apart (`tensors` changed in place). A wrapper's `lora_A` is
+    `(rank * n_expert, in)` with expert e's rows at `e * rank ...`, its `lora_B` `(out, rank * n_expert)` with
+    expert e's columns at `e, e + n_expert, ...` (PEFT's `ParamWrapper.get_delta_weight`), and the update of
+    expert e is `scaling * B_e A_e` on its `(out, in)` slice. Which parameter a wrapper adapts shows in its shapes:
+    gate_up_proj takes n_embd inputs to twice the expert width (the gate's rows, then the up projection's: each
+    part gets those rows of B_e and the same A_e), down_proj the expert width to n_embd. Returns the modules made."""
+    made: set[str] = set()
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key in list(tensors):
+        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+\.experts)((?:\.base_layer)*)\.lora_(A|B)\.weight", key)
+        if m is not None and config.n_expert:
+            groups.setdefault((m[1], m[2]), {})[m[3]] = tensors.pop(key)
+    n, width, n_embd = config.n_expert, config.expert_intermediate_size, config.n_embd
+    for (path, nesting), pair in sorted(groups.items()):
+        where = f"{PEFT_PREFIX}{path}{nesting}"
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{weights!r} has {where}.lora_{'A' if 'B' in pair else 'B'}.weight missing: the file is "
+                             "incomplete; save the adapter again with PEFT.")
+        A, B = pair["A"], pair["B"]
+        shapes = (A.ndim == 2 and B.ndim == 2 and A.shape[0] % n == 0 and B.shape[1] == A.shape[0])
+        kind = ("gate_up" if shapes and (A.shape[1], B.shape[0]) == (n_embd, 2 * width) else
+                "down" if shapes and (A.shape[1], B.shape[0]) == (width, n_embd) else None)
+        base = next((b for b in (path, path.replace(".mlp.experts", ".block_sparse_moe.experts"))
+                     if f"{b}.0.gate_proj" in modules or f"{b}.0.w1" in modules), None)
+        if kind is None or base is None:
+            raise ValueError(
+                f"{weights!r} adapts the fused experts {where!r} with lora_A {list(A.shape)} and lora_B "
+                f"{list(B.shape)}, which fit neither gate_up_proj nor down_proj of the {n} experts of {ckpt!r}: the "
+                "adapter was trained on another base model; pass the --checkpoint_dir converted from that model."
+            )
+        names = (("gate_proj", "up_proj", "down_proj") if f"{base}.0.gate_proj" in modules else ("w1", "w3", "w2"))
+        r = A.shape[0] // n
+        A_e, B_e = A.reshape(n, r, A.shape[1]), B.reshape(B.shape[0], r, n)
+        for e in range(n):
+            parts = ([(names[0], slice(0, width)), (names[1], slice(width, 2 * width))] if kind == "gate_up"
+                     else [(names[2], slice(None))])
+            for part, rows in parts:
+                module = f"{base}.{e}.{part}"
+                if f"{PEFT_PREFIX}{module}.lora_A.weight" in tensors:
+                    raise ValueError(f"{weights!r} adapts {module!r} twice, as a module and in the fused experts "
+                                     f"{where!r}: save the adapter again with PEFT.")
+                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A_e[e].clone()
+                tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B_e[rows, :, e].clone()
+                made.add(module)
+    return made
+
+
 def _split_phi3_fused(tensors: dict[str, torch.Tensor], modules: dict[str, HFModule]) -> dict[str, str]:
     """Adapters on Phi-3's fused qkv_proj and gate_up_proj (PEFT's usual Phi-3 targets) as adapters on the layers
     they fuse, where the checkpoint's export has those apart (`tensors` changed in place): the parts' rows of
@@ -1145,7 +1209,7 @@ def _split_phi3_fused(tensors: dict[str, torch.Tensor], modules: dict[str, HFMod
 
 
 def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckpt: str,
-                    parameters: dict[str, torch.Size], saved: set[str], renamed: dict[str, str],
+                    parameters: dict[str, torch.Size], saved: set[str], renamed: dict[str, str], config: Config,
                     multimodal: bool = False) -> tuple[dict[str, dict], dict, dict[str, str]]:
     """The adapter tensors of `adapter_model.safetensors` by transformers module and part (`A`/`B`, `oft_R`,
     `hra_u`), checked against the modules of the checkpoint's export and the config's selection of them; and the
@@ -1153,7 +1217,8 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
     shapes `parameters` gives. Tensors under a module's transformers-5 name (`_RENAMED_MODULES`) count as the
     export's (`renamed`: new name -> that name). `multimodal`: the checkpoint is the text model of a multimodal
     Gemma 3, whose adapters name its modules inside the multimodal model (`_text_model_tensors`). Also returns
-    {part: fused layer} of the adapters on Phi-3's fused layers it split (`_split_phi3_fused`)."""
+    {part: fused layer} of the adapters on Phi-3's fused layers it split (`_split_phi3_fused`). LoRA on a mixture's
+    fused experts (`target_parameters`) becomes LoRA on each expert's layers (`_split_fused_experts`)."""
     kind = cfg["peft_type"]
     dora = kind == "LORA" and bool(cfg.get("use_dora"))
     pattern, parts = TENSOR_NAMES["DORA" if dora else kind]
@@ -1162,6 +1227,8 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
     if multimodal:
         tensors = _text_model_tensors(tensors, weights)
     fused = _split_phi3_fused(tensors, modules)  # (a part is selected where its fused layer is)
+    # (selected by target_parameters)
+    experts = _split_fused_experts(tensors, modules, config, weights, ckpt) if cfg.get("target_parameters") else set()
     for new, old in renamed.items():
         for key in [k for k in tensors if k.startswith(f"{PEFT_PREFIX}{new}.")]:
             t, alias = tensors.pop(key), f"{PEFT_PREFIX}{old}.{key[len(PEFT_PREFIX) + len(new) + 1:]}"
@@ -1218,7 +1285,7 @@ def _module_tensors(peft_dir: Path, cfg: dict, modules: dict[str, HFModule], ckp
                              "the adapter again with PEFT.")
     head = next((m for m, info in modules.items() if info.lit == _HEAD), None)
     other_name = {old: new for new, old in renamed.items()}  # (selected under either of its transformers names)
-    selected = {m for m in modules if peft_selects(cfg, m, head)
+    selected = {m for m in modules if peft_selects(cfg, m, head) or m in experts
                 or (m in other_name and peft_selects(cfg, other_name[m], other_name[m]))
                 or (multimodal and peft_selects(cfg, _multimodal_name(m), head))
                 or (m in fused and peft_selects(cfg, fused[m], head))}
@@ -1541,7 +1608,7 @@ def peft_adapter_payload(peft_dir: Union[str, Path], checkpoint_dir: Union[str, 
     parameters = hf_parameters(config)
     renamed = {new: old for old, new in _renamed_modules(config).items()}
     found, trained, fused = _module_tensors(peft_dir, cfg, modules, ckpt, parameters,
-                                            _saved_modules(cfg, config, parameters), renamed,
+                                            _saved_modules(cfg, config, parameters), renamed, config,
                                             multimodal=config_to_hf(config)["model_type"] == "gemma3_text")
     cfg = _patterns_for_parts(cfg, fused)
     with torch.device("meta"):
