@@ -105,9 +105,9 @@ def _prefill_last_logits(model: nn.Module, prompt: torch.Tensor, device: torch.d
 
     input_pos = torch.arange(prompt.size(0), device=device)
     if type(model) is GPT:
-        hidden = model(prompt.view(1, -1), input_pos=input_pos, lm_head=False)
+        hidden = model(prompt.view(1, -1), input_pos=input_pos, lm_head=False, input_pos_maxp1=prompt.size(0))
         return model.logits(hidden[:, -1:])[0, -1]
-    return model(prompt.view(1, -1), input_pos=input_pos)[0, -1]
+    return model(prompt.view(1, -1), input_pos=input_pos, input_pos_maxp1=prompt.size(0))[0, -1]
 
 
 @torch.inference_mode()
@@ -126,7 +126,7 @@ def generate_stream(
     """Yield new token ids one by one as they are decided.
 
     Args:
-        model: A `lit_gpt.GPT` (anything with `config.block_size`, `set_kv_cache` and `model(idx, input_pos)`).
+        model: A `lit_gpt.GPT` (or a wrapper of one, with its `config`, `set_kv_cache` and forward arguments).
         prompt: 1-D tensor of prompt token ids, on the model's device.
         max_new_tokens: At most this many tokens are generated; fewer when the prompt plus them would exceed the
             model's `block_size`.
@@ -169,7 +169,8 @@ def generate_stream(
             emitted = safe
             if step + 1 == max_new_tokens:
                 break
-            logits = model(token.view(1, 1), input_pos=input_pos)[0, -1]
+            # (attention reads the cache up to this token only)
+            logits = model(token.view(1, 1), input_pos=input_pos, input_pos_maxp1=T + step + 1)[0, -1]
             input_pos.add_(1)
         yield from generated[emitted:]
     finally:
@@ -211,15 +212,16 @@ def _ends_with_stop(tokens: list[int], stops: list[tuple[int, ...]]) -> int:
     return 0
 
 
-def _last_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
+def _last_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, pad_lengths: torch.Tensor,
+                 maxp1: int) -> torch.Tensor:
     """`(B, vocab)` logits of each row's last position; a plain `GPT` projects only that position (see
-    `_prefill_last_logits`)."""
+    `_prefill_last_logits`). `maxp1`: the columns of the cache written so far, these included."""
     from lit_gpt.model import GPT
 
     if type(model) is GPT:
-        hidden = model(idx, input_pos=input_pos, lm_head=False, pad_lengths=pad_lengths)
+        hidden = model(idx, input_pos=input_pos, lm_head=False, pad_lengths=pad_lengths, input_pos_maxp1=maxp1)
         return model.logits(hidden[:, -1])
-    return model(idx, input_pos=input_pos, pad_lengths=pad_lengths)[:, -1]
+    return model(idx, input_pos=input_pos, pad_lengths=pad_lengths, input_pos_maxp1=maxp1)[:, -1]
 
 
 def _keep_rows(model: nn.Module, rows: torch.Tensor) -> None:
@@ -257,7 +259,7 @@ def generate_batch(
     draw from the same distributions, though not the same random numbers.
 
     Args:
-        model: A `lit_gpt.GPT` (anything whose forward takes `input_pos` and `pad_lengths`, with `set_kv_cache`).
+        model: A `lit_gpt.GPT` (or a wrapper of one, with its `config`, `set_kv_cache` and forward arguments).
         prompts: 1-D tensors of prompt token ids on the model's device, of any lengths.
         pad_id: The token id fed at padding positions (never attended to; any valid id).
         The other arguments are those of `generate_stream`.
@@ -288,7 +290,7 @@ def generate_batch(
         active = list(range(len(prompts)))  # original index of each batch row still generating
         model.set_kv_cache(batch_size=len(prompts), max_seq_length=longest + max_new_tokens, device=device)
         try:
-            logits = _last_logits(model, idx, torch.arange(longest, device=device), pad_lengths)
+            logits = _last_logits(model, idx, torch.arange(longest, device=device), pad_lengths, longest)
             input_pos = torch.tensor([longest], device=device)
             for step in range(max_new_tokens):
                 tokens = sample(logits, temperature, top_k, top_p, generator)
@@ -307,7 +309,7 @@ def generate_batch(
                     _keep_rows(model, rows)
                     tokens, pad_lengths = tokens.index_select(0, rows), pad_lengths.index_select(0, rows)
                     active = [active[row] for row in keep]
-                logits = _last_logits(model, tokens.view(-1, 1), input_pos, pad_lengths)
+                logits = _last_logits(model, tokens.view(-1, 1), input_pos, pad_lengths, longest + step + 1)
                 input_pos.add_(1)
         finally:
             model.clear_kv_cache()

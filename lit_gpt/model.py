@@ -177,6 +177,7 @@ class GPT(nn.Module):
         lm_head: bool = True,
         labels: Optional[torch.Tensor] = None,
         pad_lengths: Optional[torch.Tensor] = None,
+        input_pos_maxp1: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits `(B, T, padded_vocab_size)` for token ids `(B, T)`.
 
@@ -189,9 +190,36 @@ class GPT(nn.Module):
         `pad_lengths` (`(B,)`, with `input_pos` and a KV cache) decodes a left-padded batch: row b's first
         `pad_lengths[b]` cache columns are padding, its token at column t gets position t - pad_lengths[b], and no
         real token ever attends to a padding column.
+
+        `input_pos_maxp1` (with `input_pos`): a number above every position written to the KV cache so far, this
+        call's included (as litgpt's argument of that name). Attention then reads that many cache columns instead of
+        all of them: early tokens of a long generation do not pay for the whole cache. Generation passes it.
         """
-        if pad_lengths is not None:
-            return self._forward_padded(idx, input_pos, pad_lengths, lm_head)
+        if input_pos_maxp1 is not None:
+            self._limit_kv_caches(input_pos, input_pos_maxp1)
+        try:
+            if pad_lengths is not None:
+                return self._forward_padded(idx, input_pos, pad_lengths, lm_head)
+            return self._forward(idx, input_pos, lm_head, labels)
+        finally:
+            if input_pos_maxp1 is not None:
+                self._limit_kv_caches(None, None)
+
+    def _limit_kv_caches(self, input_pos: Optional[torch.Tensor], maxp1: Optional[int]) -> None:
+        """Have the whole-length KV caches return their first `maxp1` columns (None: all of them)."""
+        if maxp1 is not None:
+            cache = self.transformer.h[0].attn.kv_cache
+            if input_pos is None or cache is None:
+                raise ValueError("input_pos_maxp1 needs input_pos and a KV cache: call model.set_kv_cache() first.")
+            if isinstance(maxp1, bool) or not isinstance(maxp1, int) or not 1 <= maxp1 <= cache.max_seq_length:
+                raise ValueError(f"input_pos_maxp1 must be an int from 1 to the KV cache's {cache.max_seq_length} "
+                                 f"positions, got {maxp1!r}.")
+        for block in self.transformer.h:
+            if isinstance(block.attn.kv_cache, KVCache):
+                block.attn.kv_cache.limit = maxp1
+
+    def _forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor], lm_head: bool,
+                 labels: Optional[torch.Tensor]) -> torch.Tensor:
         T = idx.size(1)
         if input_pos is None:
             if T > self.config.block_size:
@@ -209,7 +237,8 @@ class GPT(nn.Module):
         x = self._embed(idx, positions)
         ropes = self._block_ropes(needed, idx.device, x.dtype, input_pos)
         # the mask of the sliding-window blocks (None: the plain causal one serves, as for the other blocks)
-        window_mask = self._window_mask(positions, T, needed, idx.device, self._ring_columns(input_pos))
+        window_mask = self._window_mask(positions, T, self._columns_read(needed), idx.device,
+                                        self._ring_columns(input_pos))
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
             cos, sin = ropes[block.attn.local_rope]
@@ -232,6 +261,13 @@ class GPT(nn.Module):
         if self.config.rope_local_base_freq is not None:
             ropes[True] = self._rope(length, device, dtype, rows, local=True)
         return ropes
+
+    def _columns_read(self, cache_len: int) -> int:
+        """How many columns of a whole-length KV cache attention reads (`input_pos_maxp1`'s limit, else all)."""
+        for block in self.transformer.h:
+            if isinstance(block.attn.kv_cache, KVCache):
+                return block.attn.kv_cache.limit or cache_len
+        return cache_len
 
     def _ring_columns(self, input_pos: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The cache columns (positions) of the keys a sliding-window block with a `RingKVCache` attends to: its
@@ -268,13 +304,14 @@ class GPT(nn.Module):
         if pad_lengths.shape != (B,):
             raise ValueError(f"pad_lengths must have shape ({B},) for a batch of {B} rows, got {tuple(pad_lengths.shape)}.")
         cache_len = self.transformer.h[0].attn.kv_cache.max_seq_length
+        read = self._columns_read(cache_len)
         # padding columns get position 0; whatever they compute is never attended to by a real token
         positions = (input_pos[None, :] - pad_lengths[:, None]).clamp(min=0)  # (B, T)
         x = self._embed(idx, positions)
         # (B, 1, T, n): broadcasts over the heads of (B, heads, T, head_size)
         ropes = {local: (None, None) if cos is None else (cos.unsqueeze(1), sin.unsqueeze(1))
                  for local, (cos, sin) in self._block_ropes(cache_len, idx.device, x.dtype, positions).items()}
-        columns = torch.arange(cache_len, device=idx.device)
+        columns = torch.arange(read, device=idx.device)
         causal = input_pos[:, None] >= columns[None, :]  # (T, S)
         real = columns[None, :] >= pad_lengths[:, None]  # (B, S)
         # a padding query may see itself only: a row with no visible key would give NaN, and NaN values in the cache
@@ -289,7 +326,7 @@ class GPT(nn.Module):
             window = self._window_mask(input_pos, T, cache_len, idx.device, ring)  # (causal, and no empty slot)
             window_mask = ((window[None] & real[:, None]) | itself[None]).unsqueeze(1)
         else:
-            window = self._window_mask(input_pos, T, cache_len, idx.device)
+            window = self._window_mask(input_pos, T, read, idx.device)
             window_mask = mask if window is None else mask & window
         for block in self.transformer.h:
             cos, sin = ropes[block.attn.local_rope]
@@ -422,11 +459,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class KVCache(nn.Module):
-    """The keys and values of `max_seq_length` positions, written at `input_pos`; attention reads all of them."""
+    """The keys and values of `max_seq_length` positions, written at `input_pos`; attention reads all of them, or
+    the first `limit`."""
 
     def __init__(self, batch_size: int, max_seq_length: int, config: Config, device, dtype) -> None:
         super().__init__()
         self.max_seq_length = max_seq_length
+        self.limit: Optional[int] = None  # return only the first `limit` columns (`GPT.forward`'s input_pos_maxp1)
         shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
@@ -436,6 +475,8 @@ class KVCache(nn.Module):
         self.v = self.v.to(v.dtype)
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
+        if self.limit is not None:
+            return self.k[:, :, :self.limit], self.v[:, :, :self.limit]
         return self.k, self.v
 
 

@@ -122,3 +122,50 @@ def test_the_benchmark_runs_and_checks_both_sides_generate_alike():
     r = subprocess.run([sys.executable, "bench/window_cache.py", "--arch", "llama"], cwd=repo, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and r.stderr == "error: --arch 'llama': choose one of mistral, gemma3.\n"
+
+
+@pytest.mark.parametrize("arch", [{}, ARCHS["gemma-like"]], ids=["llama", "gemma-like"])
+def test_input_pos_maxp1_reads_only_the_written_columns_and_changes_nothing(arch):
+    """`input_pos_maxp1` (litgpt's argument): attention reads the cache up to the newest token; the logits are those
+    of reading all of it, for a prefill and each decoded token, alone and in a left-padded batch."""
+    model = tiny_model(**arch)
+    prompt, steps = torch.tensor([PROMPT]), [7, 1, 30, 2]
+    with torch.inference_mode():
+        out = {}
+        for limited in (True, False):
+            model.set_kv_cache(1, 20)
+            kw = dict(input_pos_maxp1=len(PROMPT)) if limited else {}
+            logits = [model(prompt, torch.arange(len(PROMPT)), **kw)[0]]
+            for i, token in enumerate(steps):
+                kw = dict(input_pos_maxp1=len(PROMPT) + i + 1) if limited else {}
+                logits.append(model(torch.tensor([[token]]), torch.tensor([len(PROMPT) + i]), **kw)[0])
+            out[limited] = torch.cat(logits)
+        torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
+        idx, pads = _left_padded([[3, 14, 15], PROMPT], pad_id=49)
+        batched = {}
+        for limited in (True, False):
+            model.set_kv_cache(2, 20)
+            kw = dict(input_pos_maxp1=idx.size(1)) if limited else {}
+            batched[limited] = model(idx, torch.arange(idx.size(1)), pad_lengths=pads, **kw)
+        torch.testing.assert_close(batched[True], batched[False], rtol=1e-5, atol=1e-5)
+        caches = [b.attn.kv_cache for b in model.transformer.h if type(b.attn.kv_cache) is KVCache]
+        assert caches and all(c.limit is None for c in caches)  # (set for one call only)
+        for bad in (0, 21, 3.0, True):
+            with pytest.raises(ValueError, match=rf"input_pos_maxp1 must be an int from 1 to the KV cache's 20 "
+                                                 rf"positions, got {bad!r}\."):
+                model(prompt, torch.arange(len(PROMPT)), input_pos_maxp1=bad)
+        model.clear_kv_cache()
+        with pytest.raises(ValueError, match="input_pos_maxp1 needs input_pos and a KV cache"):
+            model(prompt, input_pos_maxp1=5)
+
+
+def test_the_decode_columns_benchmark_runs_and_checks_both_sides_generate_alike():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/decode_columns.py", "--n_layer", "1", "--prompt", "8", "--new", "6",
+                        "--repeats", "1", "--threads", "1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any(line.startswith("| 6 | ") for line in r.stdout.splitlines()), r.stdout
