@@ -123,7 +123,10 @@ def launch(fabric, grace: float = 30.0) -> None:
     import faulthandler
 
     if not faulthandler.is_enabled():
-        faulthandler.enable()
+        try:
+            faulthandler.enable()
+        except (AttributeError, OSError, ValueError, RuntimeError):  # a stderr without a file descriptor (Jupyter)
+            pass
     try:
         from lightning.fabric.strategies.launchers import subprocess_script
         watcher = subprocess_script._ChildProcessObserver
