@@ -462,6 +462,17 @@ for instruct in ("", "-Instruct"):
         )
     )
 
+# Mixtral-8x22B (Mistral AI's announcement, April 2024: 141B parameters, 39B active per token, a 64K context): the
+# base model has Mixtral-8x7B's 32000-token vocabulary, the Instruct one the 32768 tokens of Mistral's v3 tokenizer
+for instruct, vocab in (("", 32000), ("-Instruct", 32768)):
+    configs.append(
+        _llama(
+            "mistralai", f"Mixtral-8x22B{instruct}-v0.1", block_size=65536, vocab_size=vocab, padded_vocab_size=vocab,
+            n_layer=56, n_embd=6144, n_head=48, n_query_groups=8, intermediate_size=16384, norm_eps=1e-5,
+            rope_base=1e6, mlp_class_name="LLaMAMoE", n_expert=8, n_expert_per_token=2,
+        )
+    )
+
 # TinyLlama
 configs.append(
     _llama(

@@ -138,6 +138,23 @@ def test_named_config_has_the_published_parameter_count():
                                                          "hf_config": {"org": "", "name": "mixtral"}}
 
 
+@pytest.mark.parametrize("name,total,active", [("Mixtral-8x22B-v0.1", 140_620_634_112, 39_152_031_744),
+                                               ("Mixtral-8x22B-Instruct-v0.1", 140_630_071_296, 39_161_468_928)])
+def test_mixtral_8x22b_has_transformers_count_and_the_published_size(name, total, active):
+    """141B parameters, 39B active per token (Mistral AI's announcement), as transformers counts the same config;
+    the dry run says both."""
+    from lit_gpt.adapters.plan import plan_report
+
+    c = Config.from_name(name)
+    with torch.device("meta"):
+        theirs = transformers.MixtralForCausalLM(transformers.MixtralConfig(**config_to_hf(c)))
+    assert sum(p.numel() for p in theirs.parameters()) == total and round(total / 1e9) == 141
+    report = plan_report(name, None)
+    assert f"trainable parameters: {total:,}" in report
+    assert f"model parameters active per token: {active:,} (2 of 8 experts per token;" in report
+    assert round(active / 1e9) == 39
+
+
 @pytest.mark.parametrize("name,total,active", [("Qwen3-30B-A3B", 30_532_122_624, 3_353_032_704),
                                                ("Qwen3-235B-A22B", 235_093_634_560, 22_190_763_520)])
 def test_qwen3_moe_named_configs_have_transformers_count_and_the_published_active_size(name, total, active):
