@@ -484,8 +484,8 @@ class RingKVCache(nn.Module):
     """A sliding-window block's cache: the keys and values of its last `window` positions, position p in slot
     p % window, and `columns` the position each slot holds (-1: none yet). A call returns the slots' keys and
     values (none on the first call) followed by those of `input_pos` (the model's mask, from `columns`, lets each
-    query see the window back from it), then keeps the last `window` of the new ones in their slots. Positions must come in order, each chunk
-    after the last: a slot once overwritten is gone."""
+    query see the window back from it), then keeps the last `window` of the new ones in their slots. Positions must
+    come in order, each chunk after the last: a slot once overwritten is gone."""
 
     def __init__(self, batch_size: int, max_seq_length: int, window: int, config: Config, device, dtype) -> None:
         super().__init__()
