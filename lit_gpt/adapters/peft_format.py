@@ -1166,11 +1166,11 @@ def _split_fused_experts(tensors: dict[str, torch.Tensor], modules: dict[str, HF
                 "adapter was trained on another base model; pass the --checkpoint_dir converted from that model."
             )
         names = (("gate_proj", "up_proj", "down_proj") if f"{base}.0.gate_proj" in modules else ("w1", "w3", "w2"))
+        parts = ([(names[0], slice(0, width)), (names[1], slice(width, 2 * width))] if kind == "gate_up"
+                 else [(names[2], slice(None))])
         r = A.shape[0] // n
         A_e, B_e = A.reshape(n, r, A.shape[1]), B.reshape(B.shape[0], r, n)
         for e in range(n):
-            parts = ([(names[0], slice(0, width)), (names[1], slice(width, 2 * width))] if kind == "gate_up"
-                     else [(names[2], slice(None))])
             for part, rows in parts:
                 module = f"{base}.{e}.{part}"
                 if f"{PEFT_PREFIX}{module}.lora_A.weight" in tensors:
