@@ -69,6 +69,12 @@ class TrainArgs:
     """Log metrics every this many optimizer steps."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory, ~30% more compute)."""
+    router_aux_loss_coef: float = 0.0
+    """Mixture-of-experts models: add this times the routers' load-balancing loss (Switch Transformer's, as
+    transformers computes it with output_router_logits) to the training loss, logged as `router_aux_loss`; the
+    logged `loss` and the validation loss stay the cross-entropy. 0: none (transformers' default). Mixtral's config
+    says 0.02, Qwen-MoE's 0.001. With adapters its gradient reaches the adapters of earlier blocks, and the router
+    only where `mlp.gate` is adapted or trained."""
 
     def gradient_accumulation_iters(self, devices: int, num_nodes: int = 1) -> int:
         """Micro-batches per optimizer step on each of `devices` × `num_nodes` processes."""
@@ -115,6 +121,10 @@ class TrainArgs:
         for flag, beta in (("--train.beta1", self.beta1), ("--train.beta2", self.beta2)):
             if not 0 <= beta < 1:
                 raise ValueError(f"{flag} {beta}: pass a value in [0, 1) (AdamW's moment decay, e.g. 0.9 or 0.999).")
+        coef = self.router_aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < math.inf:
+            raise ValueError(f"--train.router_aux_loss_coef {coef}: pass 0 (no load-balancing loss) or a positive "
+                             "number (Mixtral's 0.02, Qwen-MoE's 0.001).")
         if self.max_norm is not None and not 0 < self.max_norm < math.inf:
             raise ValueError(
                 f"--train.max_norm {self.max_norm}: pass a positive gradient-norm bound, or leave it unset for no "

@@ -178,7 +178,9 @@ class GPT(nn.Module):
         labels: Optional[torch.Tensor] = None,
         pad_lengths: Optional[torch.Tensor] = None,
         input_pos_maxp1: Optional[int] = None,
-    ) -> torch.Tensor:
+        router_aux_loss: bool = False,
+        lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits `(B, T, padded_vocab_size)` for token ids `(B, T)`.
 
         `input_pos` (shape `(T,)`) are the positions of `idx` when decoding with a KV cache (`set_kv_cache`).
@@ -194,7 +196,16 @@ class GPT(nn.Module):
         `input_pos_maxp1` (with `input_pos`): a number above every position written to the KV cache so far, this
         call's included (as litgpt's argument of that name). Attention then reads that many cache columns instead of
         all of them: early tokens of a long generation do not pay for the whole cache. Generation passes it.
+
+        `router_aux_loss=True` (a mixture-of-experts model) returns `(output, aux)`: `aux` is the load-balancing loss
+        of the routing of every MoE block (`load_balancing_loss`), which training adds, scaled, to the loss.
+        `lengths` (`(B,)`) are then the real tokens of each right-padded row: the padding after them is left out of
+        it, as transformers leaves out what its `attention_mask` masks.
         """
+        if router_aux_loss:
+            return self._with_router_aux_loss(idx, input_pos, lm_head, labels, lengths)
+        if lengths is not None:
+            raise ValueError("lengths (the rows' real tokens) is for router_aux_loss=True only.")
         if input_pos_maxp1 is not None:
             self._limit_kv_caches(input_pos, input_pos_maxp1)
         try:
@@ -204,6 +215,29 @@ class GPT(nn.Module):
         finally:
             if input_pos_maxp1 is not None:
                 self._limit_kv_caches(None, None)
+
+    def _with_router_aux_loss(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor], lm_head: bool,
+                              labels: Optional[torch.Tensor], lengths: Optional[torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        moes = [block.mlp for block in self.transformer.h if isinstance(block.mlp, LLaMAMoE)]
+        if not moes:
+            raise ValueError(f"router_aux_loss=True needs a mixture-of-experts model (mlp_class_name 'LLaMAMoE'): "
+                             f"{self.config.name!r} has no router to balance.")
+        B, T = idx.shape
+        mask = None
+        if lengths is not None:
+            if lengths.shape != (B,):
+                raise ValueError(f"lengths must have shape ({B},) for a batch of {B} rows, got {tuple(lengths.shape)}.")
+            mask = (torch.arange(T, device=idx.device)[None, :] < lengths.to(idx.device)[:, None]).reshape(-1)
+        routing: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for moe in moes:  # (recorded in this forward only: activation checkpointing's rerun in backward records none)
+            moe.routing = routing
+        try:
+            out = self._forward(idx, input_pos, lm_head, labels)
+        finally:
+            for moe in moes:
+                moe.routing = None
+        return out, load_balancing_loss(routing, self.config.n_expert, mask)
 
     def _limit_kv_caches(self, input_pos: Optional[torch.Tensor], maxp1: Optional[int]) -> None:
         """Have the whole-length KV caches return their first `maxp1` columns (None: all of them)."""
@@ -364,6 +398,37 @@ def chunked_cross_entropy(
         for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))
     )
     return total / n
+
+
+def load_balancing_loss(routing: list[tuple[torch.Tensor, torch.Tensor]], n_expert: int,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch Transformer's auxiliary load-balancing loss (Fedus et al., JMLR 2022, arXiv 2101.03961, eqs. 4-6) over
+    the routing of every MoE block, as transformers computes it for Mixtral and Qwen-MoE: `n_expert * sum_e f_e P_e`,
+    where `f_e` is how often expert `e` is among a token's chosen ones and `P_e` its mean router probability, both
+    averaged over the real tokens (`mask`, flat `(tokens,)`, True where real; default: all) of all blocks together.
+
+    `routing` holds each block's `(probs, chosen)`: the router's probabilities `(tokens, n_expert)` and the indices of
+    the chosen experts `(tokens, k)`. The loss is `k` when every expert gets the same share of tokens and of
+    probability, and grows as the routing concentrates; the gradient reaches the probabilities only (`f_e` counts)."""
+    if not routing:
+        raise ValueError("load_balancing_loss needs the routing of at least one MoE block.")
+    device, dtype = routing[0][0].device, routing[0][0].dtype  # (float32, or float64 for a float64 model)
+    counts = torch.zeros(n_expert, device=device, dtype=dtype)
+    prob_sums = torch.zeros(n_expert, device=device, dtype=dtype)
+    rows = torch.zeros((), device=device, dtype=dtype)
+    for probs, chosen in routing:
+        k = chosen.size(-1)
+        if mask is None:
+            counts = counts.index_add(0, chosen.reshape(-1), torch.ones(chosen.numel(), device=device, dtype=dtype))
+            prob_sums = prob_sums + probs.sum(0)
+            rows = rows + probs.size(0)
+        else:  # (index_add, not bincount: no wait for the device to say how many experts were chosen)
+            real = mask.to(device=device, dtype=dtype)
+            counts = counts.index_add(0, chosen.reshape(-1), real.repeat_interleave(k))
+            prob_sums = prob_sums + (probs * real[:, None]).sum(0)
+            rows = rows + real.sum()
+    rows = rows.clamp(min=1)  # (a batch of padding only: a loss of 0, not NaN)
+    return n_expert * ((counts / rows) * (prob_sums / rows)).sum()
 
 
 class Block(nn.Module):
@@ -585,6 +650,8 @@ class LLaMAMoE(nn.Module):
         shared = config.shared_expert_intermediate_size
         self.shared_expert = LLaMAMLP(config, shared) if shared else None
         self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False) if shared else None
+        # while a list (`GPT.forward(..., router_aux_loss=True)`), each forward appends its (probs, chosen)
+        self.routing: Optional[list] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -592,6 +659,8 @@ class LLaMAMoE(nn.Module):
         logits = self.gate(x)
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         weights, chosen = probs.topk(self.n_expert_per_token, dim=-1)  # (tokens, k)
+        if self.routing is not None:
+            self.routing.append((probs, chosen))
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         # the (token, slot) pairs grouped by expert, tokens in order within each: one sort, one read of the counts

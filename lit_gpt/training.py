@@ -1158,7 +1158,7 @@ def check_resume_matches(saved: Any, ckpt: Path, method: str, adapter_config: Op
 # schedule's length too, `changed_training_flags`), the batch size, clipping and truncation; AdamW's moments and the
 # step counter come from the checkpoint
 RESUME_FROM_FLAGS = ("learning_rate", "min_lr", "lr_warmup_steps", "lr_warmup_fraction", "weight_decay", "beta1",
-                     "beta2", "global_batch_size", "max_norm", "max_seq_length")
+                     "beta2", "global_batch_size", "max_norm", "max_seq_length", "router_aux_loss_coef")
 
 
 # what fixes the order of the training data, by the flags that set it (the number of processes and the micro-batch
@@ -1559,6 +1559,10 @@ def finetune(
                       train.max_seq_length is not None)
     world_size = devices * num_nodes
     check_tied_head(config, adapter_config, method)
+    if train.router_aux_loss_coef and config.mlp_class_name != "LLaMAMoE":
+        raise ValueError(f"--train.router_aux_loss_coef {train.router_aux_loss_coef}: {io.checkpoint_dir} "
+                         f"({config.name}) is not a mixture-of-experts model and has no router to balance; leave it "
+                         "at 0.")
     if adapter_config is not None:  # an nb that does not divide a width fails here, on the meta device, in ms
         with torch.device("meta"):
             apply_adapters(GPT(config), adapter_config)
@@ -1872,6 +1876,7 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
     validating = len(val_data) > 0 and eval.max_iters > 0
 
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # a GradScaler under 16-mixed, else None
+    aux_coef = train.router_aux_loss_coef  # (a mixture-of-experts model: `finetune` refuses it for others)
 
     def non_finite(what: str, step: int) -> NonFiniteLossError:
         return _non_finite_error(what, step, state["last_good"], precision, max_norm=train.max_norm)
@@ -1906,21 +1911,29 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
         while state["step"] < steps:
             t0 = time.perf_counter()
             step = state["step"] + 1
-            loss_sum, tokens = torch.zeros((), device=fabric.device), 0
+            loss_sum, aux_sum, tokens = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device), 0
             for i in range(accum):
                 batch = next(batches)
                 input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
                 with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                    loss = model(input_ids, labels=labels)
-                    fabric.backward(loss / accum)
+                    if aux_coef:
+                        loss, aux = model(input_ids, labels=labels, lengths=batch["lengths"].to(fabric.device),
+                                          router_aux_loss=True)
+                        fabric.backward((loss + aux_coef * aux) / accum)
+                        aux_sum += aux.detach()
+                    else:
+                        loss = model(input_ids, labels=labels)
+                        fabric.backward(loss / accum)
                 loss_sum += loss.detach()
                 tokens += input_ids.numel()
-            # one all-reduce (mean) for the loss and for whether any rank was asked to stop
+            # one all-reduce (mean) for the losses and for whether any rank was asked to stop
             asked = float(stop.signum) if stop is not None else 0.0
-            both = torch.stack([loss_sum / accum, torch.full_like(loss_sum, asked)])  # (no host-to-device copy)
-            loss_val, stopping = fabric.all_reduce(both).tolist()
+            both = torch.stack([loss_sum / accum, torch.full_like(loss_sum, asked), aux_sum / accum])  # (no copy in)
+            loss_val, stopping, aux_val = fabric.all_reduce(both).tolist()
             if not math.isfinite(loss_val):
                 raise non_finite(f"The training loss became {loss_val}", step)
+            if not math.isfinite(aux_val):
+                raise non_finite(f"The routers' load-balancing loss became {aux_val}", step)
             if train.max_norm:
                 try:
                     # 16-mixed: an overflow is the loss scaler's to handle (it skips the step and lowers the scale)
@@ -1940,6 +1953,8 @@ def fit(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, tr
             trained["tokens"] += tokens * fabric.world_size
             metrics = {"loss": loss_val, "lr": lr, "step_time": dt,
                        "tokens_per_sec": tokens * fabric.world_size / dt, "step": step}
+            if aux_coef:
+                metrics["router_aux_loss"] = aux_val
             if step % train.log_interval == 0 or step == steps:
                 log_metrics(metrics, step)
             progress.update(metrics)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 
 import pytest
 import torch
@@ -277,10 +278,12 @@ def moe_ckpt(tmp_path_factory):
 @pytest.mark.slow
 def test_two_fsdp_processes_equal_one_process_and_the_result_merges(moe_ckpt, tmp_path):
     """LoRA on every expert with FSDP2 on two CPU processes: each process's tokens choose other experts, and the run
-    neither hangs nor differs from one process; the adapter then merges into a model that generates."""
+    neither hangs nor differs from one process, with the routers' load-balancing loss too (its gradient reaches the
+    adapters of earlier blocks through their outputs); the adapter then merges into a model that generates."""
     from test_training import common_flags, final_tensors, run_cli
 
-    flags = ["--lora_targets", "all-linear", "--lora_r", "4", "--lora_dropout", "0", "--train.learning_rate", "1e-2"]
+    flags = ["--lora_targets", "all-linear", "--lora_r", "4", "--lora_dropout", "0", "--train.learning_rate", "1e-2",
+             "--train.router_aux_loss_coef", "0.1"]
     one, two = tmp_path / "one", tmp_path / "two"
     cpu = dict(CUDA_VISIBLE_DEVICES="")
     r = run_cli("lora.py", *common_flags(moe_ckpt, one, 3), *flags, **cpu)
@@ -291,6 +294,9 @@ def test_two_fsdp_processes_equal_one_process_and_the_result_merges(moe_ckpt, tm
     assert set(a) == set(b) and any(".experts.3.fc_2." in k for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
+    logged = [[float(row["router_aux_loss"]) for row in csv.DictReader(
+        (d / "logs" / "metrics.csv").read_text().splitlines()) if row.get("router_aux_loss")] for d in (one, two)]
+    assert len(logged[0]) == 3 and logged[0] == pytest.approx(logged[1], abs=1e-5)
 
     import merge_lora
     from lit_gpt.merge import load_finetuned

@@ -151,11 +151,11 @@ def collate(
     batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0, ignore_index: int = -100,
     max_seq_length: Optional[int] = None, pad_to_length: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
-    """Stack examples into ``{"input_ids": (B, T), "labels": (B, T)}`` int64 tensors.
+    """Stack examples into ``{"input_ids": (B, T), "labels": (B, T), "lengths": (B,)}`` int64 tensors.
 
     Each example is first cut to `max_seq_length`; then `input_ids` are right-padded with `pad_id` and `labels` with
     `ignore_index` to the longest example, or to `pad_to_length` (fixed shapes, e.g. for a compiled model). The pad
-    id never reaches the loss, so the tokenizer's EOS or 0 both work.
+    id never reaches the loss, so the tokenizer's EOS or 0 both work. `lengths` are the rows' tokens before padding.
     """
     if not batch:
         raise ValueError("collate() got an empty batch.")
@@ -174,7 +174,7 @@ def collate(
     for i, (x, y) in enumerate(zip(ids, labels)):
         out_ids[i, : len(x)] = x
         out_labels[i, : len(y)] = y
-    return {"input_ids": out_ids, "labels": out_labels}
+    return {"input_ids": out_ids, "labels": out_labels, "lengths": torch.tensor([len(x) for x in ids])}
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
