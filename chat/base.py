@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 from lit_gpt.cli import run_cli, silence_stdout  # noqa: E402
 from lit_gpt.data.prompts import PromptStyle, PromptStyleName, prompt_style_from_name  # noqa: E402
-from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
+from lit_gpt.generate import PromptCache, check_sampling, generate_stream  # noqa: E402
 from lit_gpt.merge import PRECISIONS, checkpoint_dir_for, load_finetuned, resolve_prompt_style  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer, check_utf8  # noqa: E402
 from lit_gpt.utils import check_checkpoint_dir, resolve_device  # noqa: E402
@@ -111,7 +111,8 @@ def main(
     (multi-turn); otherwise Alpaca. An adapter whose format is unknown gets a warning naming the one used.
 
     With piped standard input only the answers are printed to stdout, one per message. Speed (tokens/s, time to
-    first token) goes to stderr after each answer.
+    first token) goes to stderr after each answer, with how many prompt tokens came from the KV cache, which stays
+    from one answer to the next: a turn computes what it adds to the conversation, not all of it again.
 
     Args:
         checkpoint_dir: A lit checkpoint: a merged one (scripts/merge_ether.py, merge_lora.py) or the base model
@@ -193,6 +194,8 @@ def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator
     device = model.transformer.wte.weight.device
     block_size = model.config.block_size
     refused = 0
+    # the conversation's KV cache stays from one answer to the next: a turn prefills what it adds, not it all again
+    cache = PromptCache(model)
     while True:
         message = read_message(sys.stdin, interactive)
         if message is None or message.strip() in QUIT_COMMANDS:
@@ -201,6 +204,7 @@ def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator
             return refused
         if message.strip() == RESET_COMMAND:
             conversation.reset()
+            cache.reset()
             continue
         if not message.strip():
             continue
@@ -229,7 +233,7 @@ def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator
                 yield token
 
         stream = generate_stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 eos_id=tokenizer.stop_ids, generator=generator)
+                                 eos_id=tokenizer.stop_ids, generator=generator, prompt_cache=cache)
         if interactive:
             print(">> Model: ", end="", flush=True)
         pieces = []
@@ -243,7 +247,8 @@ def chat_loop(model, tokenizer: Tokenizer, conversation: Conversation, generator
         cut = ("; stopped at the end of the model's context" if count < max_new_tokens
                and ids.numel() + count >= block_size else "")
         print(f"[{count} tokens in {elapsed:.2f} s: {count / max(elapsed, 1e-9):.2f} tokens/s, first token after "
-              f"{ttft}, prompt {ids.numel()} tokens{cut}]", file=sys.stderr, flush=True)
+              f"{ttft}, prompt {ids.numel()} tokens ({cache.reused} of them cached){cut}]", file=sys.stderr,
+              flush=True)
 
 
 if __name__ == "__main__":

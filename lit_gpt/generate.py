@@ -93,8 +93,64 @@ def _held_back(tokens: list[int], stops: list[tuple[int, ...]]) -> int:
     return longest
 
 
-def _prefill_last_logits(model: nn.Module, prompt: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Logits of the last prompt position after filling the KV cache with the whole prompt.
+class PromptCache:
+    """A conversation's KV cache kept from one `generate_stream(..., prompt_cache=...)` call to the next, with the
+    token ids it holds (the last call's prompt and the answer tokens decoded after it). A call whose prompt starts
+    with some of them computes only the rest: a chat's next turn prefills its new message, not the whole
+    conversation again (llama.cpp's prompt cache, HF's past_key_values passed back in).
+
+    It grows by half again when a call needs more room, keeping what it holds. A prompt that shares nothing, or
+    a sliding-window model whose ring caches have moved past the shared part, is prefilled whole; `reset()` frees
+    the cache. One per model and conversation: the model holds the cache while it exists."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.tokens: list[int] = []  # the ids whose keys and values the cache holds, at positions 0, 1, ...
+        self.capacity = 0  # the cache's positions (0: none yet)
+        self.writing = False  # a forward that writes the cache has not returned (an error in it leaves it unknown)
+        self.held = None  # the first block's cache object, to notice a cache set or cleared by someone else
+        self.reused = 0  # the prompt positions the last call took from the cache
+
+    def reset(self) -> None:
+        if self.capacity and self._first_cache() is self.held:
+            self.model.clear_kv_cache()
+        self.tokens, self.capacity, self.writing, self.held = [], 0, False, None
+
+    def _first_cache(self):
+        return self.model.transformer.h[0].attn.kv_cache
+
+    def start(self, prompt: list[int], needed: int) -> int:
+        """Make room for `needed` positions and return the position from which `prompt` must be prefilled: past
+        the longest prefix the cache holds, but at least its last token (whose logits the caller needs)."""
+        if self.writing or self._first_cache() is not self.held:
+            # an error (or an interruption) inside a forward leaves what the cache holds unknown; generation
+            # without this PromptCache replaces the model's cache (and frees it at its end)
+            self.reset()
+        shared = 0
+        for a, b in zip(self.tokens, prompt[:-1]):
+            if a != b:
+                break
+            shared += 1
+        if needed > self.capacity:  # (a first call allocates what it needs; later ones half as much again)
+            capacity = min(self.model.config.block_size, max(needed, self.capacity * 3 // 2))
+            if self.capacity and shared:
+                self.model.resize_kv_cache(capacity, keep=shared)
+            else:
+                self.model.set_kv_cache(batch_size=1, max_seq_length=capacity)
+                shared = 0
+            self.capacity, self.held = capacity, self._first_cache()
+        if shared and not self.model.rewind_kv_cache(shared):
+            shared = 0
+        if not shared:
+            self.model.rewind_kv_cache(0)
+        self.tokens, self.reused = prompt[:shared], shared
+        return shared
+
+
+def _prefill_last_logits(model: nn.Module, prompt: torch.Tensor, device: torch.device, start: int = 0
+                         ) -> torch.Tensor:
+    """Logits of the last prompt position after filling the KV cache with the prompt (from position `start`, the
+    cache holding the positions before it).
 
     A plain `GPT` projects only that position onto the vocabulary: over every prompt position the projection was
     ~18% of a short prefill (SmolLM2-135M, 38 tokens, bench/chat.py) and, for a long prompt and a large vocabulary,
@@ -103,11 +159,12 @@ def _prefill_last_logits(model: nn.Module, prompt: torch.Tensor, device: torch.d
     """
     from lit_gpt.model import GPT
 
-    input_pos = torch.arange(prompt.size(0), device=device)
+    input_pos = torch.arange(start, prompt.size(0), device=device)
+    idx = prompt[start:].view(1, -1)
     if type(model) is GPT:
-        hidden = model(prompt.view(1, -1), input_pos=input_pos, lm_head=False, input_pos_maxp1=prompt.size(0))
+        hidden = model(idx, input_pos=input_pos, lm_head=False, input_pos_maxp1=prompt.size(0))
         return model.logits(hidden[:, -1:])[0, -1]
-    return model(prompt.view(1, -1), input_pos=input_pos, input_pos_maxp1=prompt.size(0))[0, -1]
+    return model(idx, input_pos=input_pos, input_pos_maxp1=prompt.size(0))[0, -1]
 
 
 @torch.inference_mode()
@@ -122,6 +179,7 @@ def generate_stream(
     stop_tokens: StopTokens = (),
     eos_id: Union[int, Sequence[int], None] = None,
     generator: Optional[torch.Generator] = None,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[int]:
     """Yield new token ids one by one as they are decided.
 
@@ -136,6 +194,8 @@ def generate_stream(
         stop_tokens: Stop sequences: each an int or a sequence of ids (e.g. a chat template's end-of-turn).
         eos_id: End-of-sequence id(s); generation stops there. Neither EOS nor a stop sequence is yielded.
         generator: Random generator for reproducible sampling.
+        prompt_cache: Keep the KV cache for the next call (`PromptCache`), which then prefills only what its
+            prompt adds to this one's prompt and answer; default: a cache for this call, freed at its end.
     """
     if prompt.ndim != 1:
         raise ValueError(f"generate expects a 1-D prompt of token ids, got shape {tuple(prompt.shape)}.")
@@ -151,9 +211,18 @@ def generate_stream(
     stops = _normalize_stops(stop_tokens, eos_id)
     device = prompt.device
 
-    model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens, device=device)
+    cache = prompt_cache
+    start = 0
+    if cache is None:
+        model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens, device=device)
+    else:
+        start = cache.start(prompt.tolist(), T + max_new_tokens)
     try:
-        logits = _prefill_last_logits(model, prompt, device)
+        if cache is not None:
+            cache.writing = True
+        logits = _prefill_last_logits(model, prompt, device, start)
+        if cache is not None:
+            cache.tokens, cache.writing = prompt.tolist(), False
         generated: list[int] = []
         emitted = 0
         input_pos = torch.tensor([T], device=device)
@@ -170,11 +239,17 @@ def generate_stream(
             if step + 1 == max_new_tokens:
                 break
             # (attention reads the cache up to this token only)
+            if cache is not None:
+                cache.writing = True
             logits = model(token.view(1, 1), input_pos=input_pos, input_pos_maxp1=T + step + 1)[0, -1]
+            if cache is not None:
+                cache.tokens.append(generated[-1])
+                cache.writing = False
             input_pos.add_(1)
         yield from generated[emitted:]
     finally:
-        model.clear_kv_cache()
+        if cache is None:
+            model.clear_kv_cache()
 
 
 def generate(

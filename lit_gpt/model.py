@@ -168,6 +168,53 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
+    def resize_kv_cache(self, max_seq_length: int, keep: int) -> None:
+        """Give every block a KV cache of `max_seq_length` positions holding what its cache holds for positions 0 to
+        `keep` - 1 (written in order, as generation writes them), as `set_kv_cache` would have made it: a
+        sliding-window block's ring when the window is shorter, the whole length otherwise."""
+        if not 0 <= keep <= max_seq_length <= self.config.block_size:
+            raise ValueError(f"resize_kv_cache needs 0 <= keep ({keep}) <= max_seq_length ({max_seq_length}) <= the "
+                             f"block size ({self.config.block_size}).")
+        for block in self.transformer.h:
+            old = block.attn.kv_cache
+            if old is None:
+                raise RuntimeError(NO_KV_CACHE)
+            window = block.attn.window
+            B, device, dtype = old.k.size(0), old.k.device, old.k.dtype
+            if isinstance(old, RingKVCache):  # (a ring stays a ring: its window is below the old length already)
+                old.max_seq_length = max_seq_length
+                continue
+            if window is not None and window < max_seq_length:
+                new = RingKVCache(B, max_seq_length, window, self.config, device, dtype)
+                if keep:
+                    positions = torch.arange(max(0, keep - window), keep, device=device)
+                    new(positions, old.k[:, :, positions], old.v[:, :, positions])
+            else:
+                new = KVCache(B, max_seq_length, self.config, device, dtype)
+                new.k[:, :, :keep] = old.k[:, :, :keep]
+                new.v[:, :, :keep] = old.v[:, :, :keep]
+            block.attn.kv_cache = new
+
+    def rewind_kv_cache(self, length: int) -> bool:
+        """Forget the cached positions from `length` on, so that decoding goes on at position `length` with the
+        keys and values before it (a chat's next turn keeps those of the conversation so far). False, with nothing
+        forgotten, when a sliding-window block's ring no longer holds the window before `length` (positions
+        written since have taken its slots): the caller must then fill the cache from position 0 again."""
+        rings = [block.attn.kv_cache for block in self.transformer.h
+                 if isinstance(block.attn.kv_cache, RingKVCache)]
+        if rings and length > 0:  # (every ring holds the same positions: those of the last `window` written)
+            ring = rings[0]
+            held = ring.columns[ring.columns >= 0]
+            if held.numel() == 0:
+                return False
+            low, high = (int(x) for x in torch.aminmax(held))
+            if low > max(0, length - ring.window + 1) or high < length - 1:
+                return False
+        for ring in rings:
+            ring.columns.masked_fill_(ring.columns >= length, -1)
+            ring.empty = ring.empty or length == 0
+        return True
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,

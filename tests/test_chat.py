@@ -2,6 +2,7 @@
 same prompt; !quit and end of input exit cleanly; an unmerged adapter answers like its merged checkpoint."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -227,7 +228,8 @@ def test_read_message_and_conversation_rules(tiny):
 
 @pytest.mark.slow
 def test_real_smollm2_chat_template_multi_turn(smollm2_checkpoint):
-    """The real SmolLM2-135M-Instruct: its chat template, two turns, each the greedy `generate` answer."""
+    """The real SmolLM2-135M-Instruct: its chat template, two turns, each the greedy `generate` answer; the second
+    turn takes the first one's prompt and answer from the KV cache kept between turns (`PromptCache`)."""
     first, second = "What is the capital of France?", "And of Italy?"
     r = chat("--checkpoint_dir", str(smollm2_checkpoint), *GREEDY, stdin=f"{first}\n{second}\n", timeout=600)
     assert r.returncode == 0, r.stderr
@@ -238,6 +240,9 @@ def test_real_smollm2_chat_template_multi_turn(smollm2_checkpoint):
     a2 = greedy_answer(model, tokenizer, tokenizer.apply_chat_template(messages))
     assert r.stdout == f"{a1}\n{a2}\n"
     assert "Paris" in a1
+    cached = [int(n) for n in re.findall(r"\((\d+) of them cached\)", r.stderr)]
+    first_prompt = tokenizer.encode(tokenizer.apply_chat_template(messages[:1])).numel()
+    assert cached[0] == 0 and cached[1] >= first_prompt + len(tokenizer.encode(a1, bos=False)) - 1, r.stderr
 
 
 @pytest.mark.parametrize("typed", ["quit", "exit", "  Exit "])
