@@ -562,6 +562,24 @@ for size, layers, embd, heads, expert_width, inter, variants in (
             )
         )
 
+# Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention (QKV bias), routed experts whose weights are not
+# renormalised, and a shared expert scaled by a sigmoid gate in every block; 14.3B parameters in all, 2.7B active per
+# token (Qwen's Qwen1.5-MoE announcement, 2024), and 57B, 14B active (Qwen2 technical report, Yang et al. 2024)
+for name, chat, block, layers, embd, heads, groups, expert_width, shared, experts, per_token in (
+    ("Qwen1.5-MoE-A2.7B", "-Chat", 8192, 24, 2048, 16, 16, 1408, 5632, 60, 4),
+    ("Qwen2-57B-A14B", "-Instruct", 32768, 28, 3584, 28, 4, 2560, 20480, 64, 8),
+):
+    for suffix in ("", chat):
+        configs.append(
+            _llama(
+                "Qwen", f"{name}{suffix}", block_size=block, vocab_size=151643, padded_vocab_size=151936,
+                n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=groups, intermediate_size=shared,
+                norm_eps=1e-6, rope_base=1000000, attn_bias=True, mlp_class_name="LLaMAMoE", n_expert=experts,
+                n_expert_per_token=per_token, moe_intermediate_size=expert_width, moe_norm_topk=False,
+                shared_expert_intermediate_size=shared,
+            )
+        )
+
 # Gemma: GeGLU MLP (tanh GELU), RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(n_embd), tied head, heads of
 # 256 (so not n_embd / n_head). Gemma 2 adds norms after the attention and the MLP, soft-capped attention scores and
 # logits, and a 4096-token sliding window in every other block (the first, third, ...); Gemma 3 drops the soft caps,

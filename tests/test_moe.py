@@ -175,6 +175,29 @@ def test_qwen3_moe_named_configs_have_transformers_count_and_the_published_activ
     assert f"model parameters active per token: {active:,} (8 of 128 experts per token;" in adapted
 
 
+@pytest.mark.parametrize("name,total,active,published", [
+    ("Qwen1.5-MoE-A2.7B", 14_315_784_192, 2_689_173_504, (14.3, 2.7)),
+    ("Qwen1.5-MoE-A2.7B-Chat", 14_315_784_192, 2_689_173_504, (14.3, 2.7)),
+    ("Qwen2-57B-A14B", 57_408_658_944, 14_249_270_784, (57, 14)),
+    ("Qwen2-57B-A14B-Instruct", 57_408_658_944, 14_249_270_784, (57, 14))])
+def test_qwen2_moe_named_configs_have_transformers_count_and_the_published_size(name, total, active, published):
+    """14.3B / 2.7B active (Qwen's Qwen1.5-MoE announcement) and 57B / 14B active (the Qwen2 technical report), as
+    transformers counts the same config, its shared expert included; the dry run says both."""
+    from lit_gpt.adapters.plan import plan_report
+
+    c = Config.from_name(name)
+    hf = config_to_hf(c)
+    assert (hf["model_type"], hf["norm_topk_prob"], hf["qkv_bias"]) == ("qwen2_moe", False, True)
+    with torch.device("meta"):
+        theirs = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**hf))
+    assert sum(p.numel() for p in theirs.parameters()) == total
+    digits = 1 if published[0] % 1 else 0
+    assert (round(total / 1e9, digits), round(active / 1e9, digits)) == published
+    report = plan_report(name, None)
+    assert f"trainable parameters: {total:,}" in report
+    assert f"model parameters active per token: {active:,} ({c.n_expert_per_token} of {c.n_expert} experts" in report
+
+
 def test_what_cannot_be_expressed_is_refused():
     qwen = {**HF["qwen3_moe"][1], "model_type": "qwen3_moe"}
     with pytest.raises(ConversionError, match=r"gives blocks \[0\] a dense MLP \(mlp_only_layers=\[0\]"):
