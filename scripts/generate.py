@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from lit_gpt import GPT, Tokenizer  # noqa: E402
 from lit_gpt.tokenizer import check_utf8  # noqa: E402
 from lit_gpt.data.prompts import prompt_style_from_name  # noqa: E402
-from lit_gpt.generate import check_sampling, generate_stream  # noqa: E402
+from lit_gpt.generate import PromptCache, check_sampling, generate_stream  # noqa: E402
 from lit_gpt.merge import (  # noqa: E402
     PRECISIONS,
     checkpoint_dir_for,
@@ -73,6 +73,7 @@ def main(
     With --num_samples N above 1, the model is loaded once and answers N times: stdout then holds N blocks, each a
     header line `--- sample I of N ---` followed by the answer, with a blank line between blocks (an answer may have
     blank lines of its own, so the headers are what tell them apart); each sample's tokens/s line goes to stderr.
+    The samples after the first take the prompt from the KV cache the first one filled: they compute no prefill.
 
     Args:
         checkpoint_dir: A lit checkpoint (lit_model.pth, model_config.yaml and tokenizer files): a merged one, or
@@ -153,12 +154,14 @@ def main(
             count += 1
             yield token
 
+    # the samples after the first take the prompt's keys and values from the cache the first one filled
+    cache = PromptCache(model) if num_samples > 1 else None
     for i in range(num_samples):
         count = 0
         start = time.perf_counter()
         stream = generate_stream(
             model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_id=tokenizer.stop_ids, generator=generator,
+            eos_id=tokenizer.stop_ids, generator=generator, prompt_cache=cache,
         )
         try:
             if num_samples > 1:
@@ -174,7 +177,8 @@ def main(
             return
         elapsed = time.perf_counter() - start
         print(
-            f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.2f} tokens/s (prompt of {ids.numel()} tokens, "
+            f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.2f} tokens/s (prompt of {ids.numel()} tokens"
+            f"{f', {cache.reused} of them cached' if cache is not None else ''}, "
             f"{device.type}, {str(torch_dtype).removeprefix('torch.')})",
             file=sys.stderr,
         )

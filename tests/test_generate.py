@@ -298,6 +298,9 @@ def test_num_samples_prints_that_many_seeded_answers(tmp_path, capsys):
     assert samples[0] + "\n" == one  # the same first draws
     assert len(set(samples)) == 3 and all(samples)  # one generator, seeded once: the draws go on
     assert err.count("tokens/s") == 3 and "greedy" not in err
+    # the samples after the first prefill only the prompt's last token (`PromptCache`)
+    prompt_tokens = int(re.search(r"prompt of (\d+) tokens", err)[1])
+    assert re.findall(r"(\d+) of them cached", err) == ["0"] + [str(prompt_tokens - 1)] * 2
     assert run(num_samples=3)[0] == out  # reproducible
     assert run(num_samples=3, seed=43)[0] != out
 
