@@ -928,6 +928,13 @@ def check_tied_head(config: Config, adapter_config: Any, method: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- learning rate
+def check_router_aux_loss(train: TrainArgs, config: Config, model: str) -> None:
+    """`--train.router_aux_loss_coef` balances the routers of a mixture of experts: refused for other models."""
+    if train.router_aux_loss_coef and config.mlp_class_name != "LLaMAMoE":
+        raise ValueError(f"--train.router_aux_loss_coef {train.router_aux_loss_coef}: {model} is not a "
+                         "mixture-of-experts model and has no router to balance; leave it at 0.")
+
+
 def warmup_warning(warmup_steps: int, steps: int, fraction: Optional[float] = None) -> str:
     """The note for a warm-up as long as the run: its learning rate never reaches the one asked for (litgpt caps the
     warm-up instead; a run that later raises --train.max_steps would then differ from one that had them all along)."""
@@ -1478,6 +1485,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         else:
             model = Config.from_name(model)
         check_tied_head(model, adapter_config, method)
+        check_router_aux_loss(args["train"], model, model.name)
         precision = args["precision"] or default_precision(args["devices"] * args["num_nodes"])
         check_precision(precision, adapter_config, args["devices"] * args["num_nodes"])
         adapter_float32 = resolve_adapter_float32(args.get("adapter_float32"), adapter_config, precision)
@@ -1559,10 +1567,7 @@ def finetune(
                       train.max_seq_length is not None)
     world_size = devices * num_nodes
     check_tied_head(config, adapter_config, method)
-    if train.router_aux_loss_coef and config.mlp_class_name != "LLaMAMoE":
-        raise ValueError(f"--train.router_aux_loss_coef {train.router_aux_loss_coef}: {io.checkpoint_dir} "
-                         f"({config.name}) is not a mixture-of-experts model and has no router to balance; leave it "
-                         "at 0.")
+    check_router_aux_loss(train, config, f"{io.checkpoint_dir} ({config.name})")
     if adapter_config is not None:  # an nb that does not divide a width fails here, on the meta device, in ms
         with torch.device("meta"):
             apply_adapters(GPT(config), adapter_config)

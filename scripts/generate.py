@@ -73,7 +73,7 @@ def main(
     With --num_samples N above 1, the model is loaded once and answers N times: stdout then holds N blocks, each a
     header line `--- sample I of N ---` followed by the answer, with a blank line between blocks (an answer may have
     blank lines of its own, so the headers are what tell them apart); each sample's tokens/s line goes to stderr.
-    The samples after the first take the prompt from the KV cache the first one filled: they compute no prefill.
+    The samples after the first take the prompt from the KV cache the first one filled: they feed its last token only.
 
     Args:
         checkpoint_dir: A lit checkpoint (lit_model.pth, model_config.yaml and tokenizer files): a merged one, or

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from test_moe import HF, moe_ckpt, tiny_moe  # noqa: F401 (moe_ckpt: a fixture)
 from test_training import tiny_ckpt  # noqa: F401 (a fixture)
 
 one_thread = test_adapters.one_thread  # autouse: one intra-op thread for tiny tensors
+REPO = Path(__file__).resolve().parents[1]
 
 IDX = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(2))
 LENGTHS = torch.tensor([20, 13, 7])  # right padding after these
@@ -126,6 +130,11 @@ def test_a_model_without_experts_is_refused_before_training(tiny_ckpt, tmp_path)
                                          r"and has no router to balance; leave it at 0\.$"):
         _train_full(tiny_ckpt, tmp_path / "run", 0.02)
     assert not (tmp_path / "run").exists()
+    r = subprocess.run([sys.executable, "finetune/lora.py", "--model_name", "Llama-2-7b-hf", "--dry_run", "true",
+                        "--train.router_aux_loss_coef", "0.02"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        "error: --train.router_aux_loss_coef 0.02: Llama-2-7b-hf is not a mixture-of-experts model and has no router "
+        "to balance; leave it at 0."), r.stderr
 
 
 def _train_full(ckpt, out, coef: float, lr: float = 1e-2, data=None):
