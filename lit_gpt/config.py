@@ -86,6 +86,9 @@ class Config:
     # LongRoPE (Phi-3.5, Phi-4-mini): {"short_factor", "long_factor" (one per rotated pair), "original_max_seq_len",
     # "attention_factor"}; None for plain RoPE
     rope_adjustments: Optional[dict] = None
+    # the blocks that rotate their queries and keys: those whose entry (one 0 or 1 per block) is 1, every block when
+    # None; the others attend without position embeddings (NoPE: SmolLM3's every fourth block)
+    rope_indices: Optional[list[int]] = None
     parallel_residual: bool = False
     shared_attention_norm: bool = False
     bias: bool = True  # bias of every linear layer unless overridden below
@@ -203,6 +206,14 @@ class Config:
             if not any(indices):
                 fail("sliding_window_indices has no 1, so no block has a window: set it and sliding_window_size to "
                      "null")
+        rope = self.rope_indices
+        if rope is not None:
+            if self.pos_embedding != "rope":
+                fail(f"rope_indices is set but pos_embedding is {self.pos_embedding!r}; set it to null")
+            if (not isinstance(rope, list) or len(rope) != self.n_layer
+                    or any(type(i) is not int or i not in (0, 1) for i in rope)):
+                fail(f"rope_indices must be a list of {self.n_layer} entries (one per block), each 0 or 1, got "
+                     f"{rope!r}")
         adj = self.rope_adjustments
         llama3 = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
         longrope = {"short_factor", "long_factor", "original_max_seq_len", "attention_factor"}
@@ -254,6 +265,10 @@ class Config:
     def expert_intermediate_size(self) -> int:
         """The hidden width of each expert of a "LLaMAMoE" MLP."""
         return self.moe_intermediate_size if self.moe_intermediate_size is not None else self.intermediate_size
+
+    def rope_in_block(self, block_idx: int) -> bool:
+        """Whether block `block_idx` rotates its queries and keys (RoPE), or attends without positions (NoPE)."""
+        return self.rope_n_elem > 0 and (self.rope_indices is None or bool(self.rope_indices[block_idx]))
 
     def sliding_window(self, block_idx: int) -> Optional[int]:
         """The window of block `block_idx`'s attention, or None for full causal attention."""

@@ -53,7 +53,7 @@ from lit_gpt.config import Config, hf_name_to_config, longrope_attention_factor,
 
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2",
-    "gemma3_text", "gpt2", "gpt_neox")
+    "gemma3_text", "gpt2", "gpt_neox", "smollm3")
 # the llama-shaped families whose MLP is a mixture of experts (lit's "LLaMAMoE")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -128,6 +128,11 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
         num_key_value_heads=32, head_dim=128, attention_bias=False,
+    ),
+    "smollm3": dict(
+        hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=2000000.0,
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, num_key_value_heads=4,
+        use_sliding_window=False, sliding_window=None, no_rope_layers=None, no_rope_layer_interval=4,
     ),
     "qwen3_moe": dict(
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -239,13 +244,15 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             block_size=int(need("max_position_embeddings")), pos_embedding="rope", rope_base=float(rope_base),
             rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
         )
-        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", *MOE_TYPES):
+        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *MOE_TYPES):
             if hf["hidden_act"] not in ("silu", "swish"):  # transformers' "swish" is SiLU
                 raise ConversionError(
                     f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
                     "SwiGLU with 'silu'."
                 )
-            if model_type == "llama":
+            if model_type == "smollm3":
+                arch["rope_indices"] = _rope_layers(hf, arch["n_layer"])
+            if model_type in ("llama", "smollm3"):
                 if bool(hf["attention_bias"]) != bool(hf["mlp_bias"]):
                     raise ConversionError(
                         f"config.json sets attention_bias={hf['attention_bias']} but mlp_bias={hf['mlp_bias']}; "
@@ -516,18 +523,36 @@ def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[i
         # (transformers' Qwen3-MoE has the window in every block, when use_sliding_window says so)
         window = hf.get("sliding_window") if model_type != "qwen3_moe" or hf["use_sliding_window"] else None
         return (int(window), None) if window else None
-    if model_type in ("qwen2", "qwen2_moe", "qwen3"):
+    if model_type in ("qwen2", "qwen2_moe", "qwen3", "smollm3"):
         window = hf["sliding_window"] if hf["use_sliding_window"] else None
         if window is None:
             return None
+        # (SmolLM3's default: the window in its NoPE blocks)
         layer_types = hf.get("layer_types") or [
-            "sliding_attention" if i >= hf["max_window_layers"] else "full_attention" for i in range(n_layer)
+            ("sliding_attention" if not _rope_layers(hf, n_layer)[i] else "full_attention") if model_type == "smollm3"
+            else "sliding_attention" if i >= hf["max_window_layers"] else "full_attention" for i in range(n_layer)
         ]
         flags = _window_flags(layer_types, n_layer)
         if not any(flags):
             return None
         return int(window), None if all(flags) else flags
     return None
+
+
+def _rope_layers(hf: dict, n_layer: int) -> list[int]:
+    """SmolLM3's `no_rope_layers` (1: the block uses RoPE, 0: NoPE), or transformers' default from
+    `no_rope_layer_interval` (every such block, counting from 1, NoPE), refused in one sentence when malformed."""
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        every = hf.get("no_rope_layer_interval")
+        if type(every) is not int or every < 1:
+            raise ConversionError(f"config.json sets no_rope_layer_interval={every!r}; it must be a whole number, 1 "
+                                  "or more (or give no_rope_layers).")
+        flags = [int((i + 1) % every != 0) for i in range(n_layer)]
+    if not isinstance(flags, list) or len(flags) != n_layer or any(f not in (0, 1) or type(f) is bool for f in flags):
+        raise ConversionError(f"config.json sets no_rope_layers={flags!r}; it must list {n_layer} entries (one per "
+                              "layer), each 1 (RoPE) or 0 (no position embedding).")
+    return [int(f) for f in flags]
 
 
 _MOE_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
@@ -571,6 +596,8 @@ def hf_model_type(config: Config) -> str:
             return "qwen2_moe"
         return "qwen3_moe" if config.norm_qk else "mixtral"
     if config.mlp_class_name == "LLaMAMLP":
+        if config.rope_indices is not None:
+            return "smollm3"  # (the one transformers family with blocks that have no RoPE)
         if config.norm_qk:
             return "qwen3"
         longrope = bool(config.rope_adjustments) and "long_factor" in config.rope_adjustments
@@ -612,7 +639,11 @@ def config_to_hf(config: Config) -> dict:
     if model_type != "phi3":
         require(not c.rope_adjustments or "long_factor" not in c.rope_adjustments,
                 "LongRoPE rope_adjustments (exported as Phi-3 only, a model without biases or query/key norms)")
-    if model_type not in ("mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", *GEMMA_TYPES):
+    if model_type != "smollm3":
+        require(c.rope_indices is None, "rope_indices (of the transformers families, only SmolLM3 has blocks without "
+                                        "RoPE, and an MLP of mlp_class_name 'LLaMAMLP')")
+    if model_type not in ("mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3",
+                          *GEMMA_TYPES):
         require(c.sliding_window_size is None, f"sliding_window_size (transformers' {model_type} has no sliding "
                                                "window)")
     if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):
@@ -620,15 +651,15 @@ def config_to_hf(config: Config) -> dict:
                                                   "window in every block)")
     if model_type in GEMMA_TYPES:
         hf = _gemma_to_hf(c, model_type, require)
-    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", *MOE_TYPES):
+    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *MOE_TYPES):
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
         require(c.rotary_percentage == 1.0 or model_type == "phi3",
                 f"rotary_percentage={c.rotary_percentage} (needs 1.0)")
         require(not c.lm_head_bias, "lm_head_bias=True")
-        require(c.bias == c.attn_bias or model_type != "llama", "bias=True with attn_bias=False")
-        require(not c.bias or model_type == "llama", "a bias (on every linear layer: only transformers' Llama has "
-                                                     "that, and it has no sliding window)")
+        require(c.bias == c.attn_bias or model_type not in ("llama", "smollm3"), "bias=True with attn_bias=False")
+        require(not c.bias or model_type in ("llama", "smollm3"), "a bias (on every linear layer: only transformers' "
+                                                                  "Llama and SmolLM3 have that)")
         if model_type in ("qwen3", "qwen3_moe"):
             require(not c.attn_bias and not c.bias, "a bias (transformers' Qwen3 has none, or one on q/k/v and o_proj "
                                                     "both)")
@@ -639,7 +670,8 @@ def config_to_hf(config: Config) -> dict:
                     "experts are intermediate_size wide)")
         architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                         "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
-                        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
+                        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                        "smollm3": "SmolLM3ForCausalLM"}.get(
             model_type, "LlamaForCausalLM")
         hf = dict(
             architectures=[architecture],
@@ -651,6 +683,11 @@ def config_to_hf(config: Config) -> dict:
         window = c.sliding_window_size
         if model_type == "llama":
             hf.update(attention_bias=c.bias, mlp_bias=c.bias)
+        elif model_type == "smollm3":
+            # (layer_types places the window, which transformers' SmolLM3 takes in any blocks)
+            hf.update(attention_bias=c.bias, mlp_bias=c.bias, no_rope_layers=list(c.rope_indices),
+                      no_rope_layer_interval=4, use_sliding_window=window is not None, sliding_window=window,
+                      layer_types=_layer_types(c))
         elif model_type in ("mistral", "mixtral"):
             hf.update(sliding_window=window)
             if model_type == "mixtral":
@@ -1009,7 +1046,7 @@ def iter_lit_to_hf(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
     c = config
-    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES)
+    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *GEMMA_TYPES)
     moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
     expert_parts = {"fc_1": "w1", "fc_2": "w3", "proj": "w2"} if model_type == "mixtral" else {
         "fc_1": "gate_proj", "fc_2": "up_proj", "proj": "down_proj"}

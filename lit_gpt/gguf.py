@@ -46,9 +46,14 @@ import torch
 from lit_gpt.config import CONFIG_FILENAME, Config, longrope_attention_factor
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3", "gemma", "gemma2", "gemma3")
-# architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope
-_PERMUTED_QK = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3", "gemma", "gemma2", "gemma3",
+                           "smollm3")
+# architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope (its converter's
+# SmolLM3Model is a LlamaModel, which permutes them)
+_PERMUTED_QK = ("llama", "smollm3")
+# llama.cpp's SmolLM3 skips RoPE in every fourth block, (il + 1) % 4 == 0 (n_no_rope_layer_step, set to 4 in
+# src/models/smollm3.cpp: no GGUF key holds it), as transformers' default no_rope_layer_interval does
+_SMOLLM3_NO_ROPE_STEP = 4
 _GEMMA = ("gemma", "gemma2", "gemma3")
 
 # llama.cpp token types (llama_token_type in llama.h / gguf.TokenType)
@@ -186,6 +191,8 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
             family["sliding_window_size"] = window
     if arch in _GEMMA:
         family = _gemma_fields(metadata, arch, n_layer, n_embd, n_head, head_size, path)
+    if arch == "smollm3":
+        family["rope_indices"] = [int((i + 1) % _SMOLLM3_NO_ROPE_STEP != 0) for i in range(n_layer)]
     return Config(
         name=str(general_name),
         block_size=block_size,

@@ -520,6 +520,7 @@ class CausalSelfAttention(nn.Module):
             self.norm_q = build_norm(config, hs)
             self.norm_k = build_norm(config, hs)
         self.window = config.sliding_window(block_idx)
+        self.rope = config.rope_in_block(block_idx)  # (False: no position embedding, SmolLM3's NoPE blocks)
         # whether this block rotates with the sliding-window blocks' own RoPE base
         self.local_rope = self.window is not None and config.rope_local_base_freq is not None
         self.kv_cache: Optional[KVCache] = None
@@ -535,7 +536,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
         if c.norm_qk:  # over each head's features, before RoPE (the cache keeps normed, rotated keys)
             q, k = self.norm_q(q), self.norm_k(k)
-        if c.rope_n_elem > 0:
+        if self.rope:
             q = apply_rope(q, cos, sin, c.rope_n_elem)
             k = apply_rope(k, cos, sin, c.rope_n_elem)
 

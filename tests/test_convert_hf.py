@@ -54,6 +54,7 @@ _LLAMA = dict(
 _PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)  # (Phi3Config's own are past a tiny vocabulary)
 # the smallest tokenizer.json the tokenizers library loads: an export loads the tokenizer before it copies it
 TOKENIZER_JSON = '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}'
+_SMOLLM3_TOKENS = _PHI3_TOKENS  # (SmolLM3Config's too)
 # (model_type, HF config kwargs, transformers class, lit fields the conversion must produce)
 FAMILIES = {
     "llama": ("llama", dict(_LLAMA, num_key_value_heads=4), "LlamaForCausalLM", dict(tie_embeddings=False)),
@@ -100,6 +101,12 @@ FAMILIES = {
                      max_position_embeddings=64),
         "Phi3ForCausalLM", dict(rotary_percentage=0.5, block_size=64, sliding_window_size=16),
     ),
+    # SmolLM3: Llama with no position embedding (NoPE) in some blocks: every second one here, or a list
+    "smollm3": ("smollm3", dict(_LLAMA, **_SMOLLM3_TOKENS, num_hidden_layers=4, no_rope_layer_interval=2),
+                "SmolLM3ForCausalLM", dict(rope_indices=[1, 0, 1, 0], tie_embeddings=True, rope_base=2e6)),
+    "smollm3_list": ("smollm3", dict(_LLAMA, **_SMOLLM3_TOKENS, num_hidden_layers=3, no_rope_layers=[0, 1, 1],
+                                     tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+                     "SmolLM3ForCausalLM", dict(rope_indices=[0, 1, 1], tie_embeddings=False, bias=True)),
     # mixtures of experts: a router and SwiGLU experts in every block, Qwen3-MoE's narrower than intermediate_size
     "mixtral": (
         "mixtral", dict(_LLAMA, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
@@ -271,6 +278,18 @@ def test_llama3_rope_scaling_changes_the_logits(tmp_path):
     assert (lit_logits(plain.eval(), idx) - hf_logits(hf_model, idx)).abs().max() > 1e-3
 
 
+def test_smollm3_blocks_without_rope_change_the_logits(tmp_path):
+    """Guards the SmolLM3 cases above from passing vacuously: with RoPE in every block the logits must differ."""
+    model_type, kwargs, _, _ = FAMILIES["smollm3"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_model.save_pretrained(tmp_path)
+    config = convert_hf_checkpoint(tmp_path)
+    everywhere = GPT(Config(**{**config.to_dict(), "rope_indices": None}))
+    everywhere.load_state_dict(GPT.from_checkpoint(tmp_path).state_dict())
+    idx = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert (lit_logits(everywhere.eval(), idx) - hf_logits(hf_model, idx)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("model_type,kwargs,exported_class", [
     ("mistral", dict(sliding_window=6), "MistralForCausalLM"),
     ("phi3", dict(**_PHI3_TOKENS, sliding_window=6), "MistralForCausalLM"),
@@ -278,7 +297,10 @@ def test_llama3_rope_scaling_changes_the_logits(tmp_path):
     # the windows in blocks 1 and up only (max_window_layers), as Qwen's configs have them
     ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), "Qwen2ForCausalLM"),
     ("qwen3", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, head_dim=16), "Qwen3ForCausalLM"),
-], ids=["mistral", "phi3", "phi3_partial", "qwen2", "qwen3"])
+    # (SmolLM3's default: the window in its NoPE blocks, here block 1)
+    ("smollm3", dict(_SMOLLM3_TOKENS, use_sliding_window=True, sliding_window=6, no_rope_layer_interval=2),
+     "SmolLM3ForCausalLM"),
+], ids=["mistral", "phi3", "phi3_partial", "qwen2", "qwen3", "smollm3"])
 def test_sliding_windows_are_kept_through_import_decoding_and_export(model_type, kwargs, exported_class, tmp_path):
     """A 6-token window against 20-token inputs: the whole context stays usable, with transformers' logits past the
     window, through a KV-cache decode, and in the exported model."""
@@ -286,7 +308,7 @@ def test_sliding_windows_are_kept_through_import_decoding_and_export(model_type,
     hf_model.save_pretrained(tmp_path / "hf")
     config = convert_hf_checkpoint(tmp_path / "hf")
     assert (config.block_size, config.sliding_window_size) == (64, 6)
-    assert config.sliding_window_indices == ([0, 1] if model_type.startswith("qwen") else None)
+    assert config.sliding_window_indices == ([0, 1] if model_type.startswith(("qwen", "smollm3")) else None)
     model = GPT.from_checkpoint(tmp_path / "hf").eval()
     idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     expected = hf_logits(hf_model, idx)

@@ -123,7 +123,7 @@ def gguf_tensors_from_hf(hf_model, arch: str, qtypes: dict = None) -> dict:
             _, _, layer, rest = name.split(".", 3)
             module, kind = rest.rsplit(".", 1)
             gname = f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
-            if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+            if arch in ("llama", "smollm3") and module in ("self_attn.q_proj", "self_attn.k_proj"):
                 heads = cfg.num_attention_heads if module == "self_attn.q_proj" else cfg.num_key_value_heads
                 array = llama_cpp_permute(array, heads)
         qtype = (qtypes or {}).get(gname.split(".", 2)[-1] if gname.startswith("blk.") else gname, Q.F32)
@@ -159,6 +159,9 @@ def hf_model(kind: str, vocab_size: int, **kw):
     torch.manual_seed(0)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
+    elif kind == "smollm3":
+        model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**base, pad_token_id=0, bos_token_id=0,
+                                                                           eos_token_id=0))
     elif kind == "phi3":
         model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**base, pad_token_id=0, bos_token_id=0,
                                                                      eos_token_id=0))
@@ -258,6 +261,16 @@ def test_long_context_phi3_gguf_with_longrope_factors(tmp_path, byte_level_vocab
 
 
 @pytest.mark.slow
+def test_smollm3_gguf_skips_rope_in_every_fourth_block_as_llama_cpp_does(tmp_path, byte_level_vocab):
+    """llama.cpp's converter permutes SmolLM3's q/k rows as Llama's, and its graph leaves RoPE out of blocks 4, 8, ...
+    (a step of 4 no GGUF key states): transformers' SmolLM3 with its default no_rope_layer_interval of 4."""
+    tokens, merges = byte_level_vocab
+    hf = hf_model("smollm3", len(tokens), num_hidden_layers=5, tie_word_embeddings=True)
+    assert hf.config.no_rope_layers == [1, 1, 1, 0, 1]
+    config, _ = import_and_compare(tmp_path, hf, "smollm3", tokenizer_metadata(tokens, merges))
+    assert config.rope_indices == [1, 1, 1, 0, 1] and config.tie_embeddings
+
+
 def test_qwen2_gguf_with_biases_and_tied_embeddings(tmp_path, byte_level_vocab):
     tokens, merges = byte_level_vocab
     hf = hf_model("qwen2", len(tokens), tie_word_embeddings=True)
