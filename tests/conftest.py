@@ -21,6 +21,10 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # Lightning gives its loggers a StreamHandler on the sys.stderr of the moment it is first imported: imported
+    # inside a test that captures output (capsys), that handler would write to the test's capture after it closed,
+    # and a later test's output would hold a "--- Logging error ---" traceback. Imported now, before any test.
+    import lightning.fabric  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2 (real weights)
