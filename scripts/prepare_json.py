@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.data.prompts import PromptStyleName
 from lit_gpt.cli import run_cli
-from lit_gpt.data.prepare import check_rows, prepare_own_rows, read_records
+from lit_gpt.data.prepare import chat_rows, check_rows, is_chat_data, prepare_own_rows, read_records
 
 
 def prepare(
@@ -24,11 +24,18 @@ def prepare(
     prompt_style: PromptStyleName = "alpaca",
     system_prompt: Optional[str] = None,
 ) -> Path:
-    """Tokenize a JSON or JSON Lines file of instruction/input/output objects into train.pt and test.pt.
+    """Tokenize a JSON or JSON Lines file of instruction/input/output objects, or of conversations, into train.pt
+    and test.pt.
 
-    Each object needs "instruction" and "output"; "input" is optional. The file is split at random into train.pt
-    and test.pt, unless the validation rows come in a file of their own (--val_json_path, or a --json_path folder
-    holding train.json and val.json, as litgpt takes them): then all of those rows are test.pt.
+    Each object needs "instruction" and "output"; "input" is optional. A chat data file instead holds a
+    conversation per object, as "messages" (role and content: OpenAI's, Hugging Face's and TRL's format) or
+    "conversations" (ShareGPT's from and value): an optional system message, then user and assistant messages in
+    turn. Each assistant message becomes an example whose prompt is the conversation before it, so the model learns
+    every answer. Pass --prompt_style chat_template (or chatml), which renders conversations as chat does: other
+    styles write one instruction, and refuse earlier turns and system messages.
+    The file is split at random into train.pt and test.pt (a conversation's examples stay together), unless the
+    validation rows come in a file of their own (--val_json_path, or a --json_path folder holding train.json and
+    val.json, as litgpt takes them): then all of those rows are test.pt.
 
     Args:
         json_path: The JSON (a list of objects) or JSON Lines (one object per line) file, UTF-8, or a folder
@@ -45,7 +52,10 @@ def prepare(
         system_prompt: System message for the chatml/chat_template styles.
     """
     def read(path: Path, flag: str) -> list[dict]:
-        return check_rows(read_records(path, flag), path, required=("instruction", "output"), optional=("input",))
+        records = read_records(path, flag)
+        if is_chat_data(records):
+            return chat_rows(records, path)
+        return check_rows(records, path, required=("instruction", "output"), optional=("input",))
 
     return prepare_own_rows(
         json_path, "--json_path", val_json_path, "--val_json_path", (".json", ".jsonl"), read,

@@ -400,6 +400,80 @@ def check_rows(
     return checked
 
 
+# chat data: the OpenAI / Hugging Face / TRL `messages` format, and ShareGPT's `conversations`
+_CHAT_FIELDS = {"messages": ("role", "content"), "conversations": ("from", "value")}
+_CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+
+
+def is_chat_data(records: Sequence[Any]) -> bool:
+    """Whether a data file's records are conversations (`messages` or `conversations`) rather than
+    instruction/output rows: decided by its first record."""
+    return bool(records) and isinstance(records[0], dict) and any(key in records[0] for key in _CHAT_FIELDS)
+
+
+def chat_rows(records: Sequence[Any], path: Path | str) -> list[dict]:
+    """The conversations of a chat data file, each `{"turns": [...]}` with a row per assistant message: its user
+    message as the instruction, its text as the output, the messages before it as `history` and the conversation's
+    system message as `system`. A conversation stays whole when rows are split into train and test.
+
+    Each record holds `messages` (`{"role", "content"}`: system, user, assistant) or `conversations` (ShareGPT's
+    `{"from", "value"}`: system, human, gpt): an optional system message, then user and assistant messages in turn,
+    ending with an assistant's. Anything else stops preparation with one sentence naming the file, row and message."""
+    out = []
+    for number, record in enumerate(records, start=1):
+        where = f"{str(path)!r} row {number}"
+        field = next((k for k in _CHAT_FIELDS if isinstance(record, dict) and k in record), None)
+        if field is None:
+            raise DataPreparationError(
+                f"{where} has no 'messages' (or 'conversations') list, which row 1 has: every row of a chat data "
+                "file is a conversation.")
+        role_key, text_key = _CHAT_FIELDS[field]
+        messages = record[field]
+        if not isinstance(messages, list) or not messages:
+            raise DataPreparationError(f"{where} field {field!r} must be a non-empty list of messages.")
+        system, turns, history = None, [], []
+        for i, message in enumerate(messages, start=1):
+            at = f"{where} message {i}"
+            if not isinstance(message, dict):
+                raise DataPreparationError(f"{at} is a {type(message).__name__}, not an object with {role_key!r} "
+                                           f"and {text_key!r}.")
+            role = _CHAT_ROLES.get(message.get(role_key)) if isinstance(message.get(role_key), str) else None
+            if role is None:
+                known = "system, user, assistant" if field == "messages" else "system, human, gpt"
+                raise DataPreparationError(f"{at} has {role_key} {message.get(role_key)!r}; it must be one of "
+                                           f"{known}.")
+            text = message.get(text_key)
+            if not isinstance(text, str):
+                raise DataPreparationError(f"{at} field {text_key!r} is a {type(text).__name__}; it must be text.")
+            if not text.isascii():
+                check_no_surrogate(text, at)
+            expected = "user" if len(history) % 2 == 0 else "assistant"
+            if role == "system" and i == 1:
+                system = text
+                continue
+            if role != expected:
+                raise DataPreparationError(
+                    f"{at} is a {role} message where a{'n' if expected == 'assistant' else ''} {expected} message "
+                    f"belongs: a conversation is an optional system message first, then user and assistant "
+                    f"messages in turn.")
+            if role == "assistant":
+                turn = {"instruction": history[-1]["content"], "input": "", "output": text,
+                        "history": list(history[:-1]), "conversation": True}
+                if system is not None:
+                    turn["system"] = system
+                turns.append(turn)
+            history.append({"role": role, "content": text})
+        if not history:
+            raise DataPreparationError(f"{where} has no user and assistant messages, only a system message.")
+        if len(history) % 2:
+            raise DataPreparationError(f"{where} ends with a user message that has no answer: a conversation ends "
+                                       "with an assistant message, whose text is what the model learns.")
+        out.append({"turns": turns})
+    if not out:
+        raise DataPreparationError(f"{str(path)!r} has no rows.")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # splitting, tokenizing, writing
 
@@ -540,13 +614,29 @@ class SplitStats:
 
 
 def prompt_text(prompt_style: PromptStyle, row: dict) -> str:
-    """A row's prompt; a multi-turn row's earlier turns (`history`) come first where the style renders
-    conversations (`apply_messages`: chatml, chat_template)."""
-    history = row.get("history")
-    if history and hasattr(prompt_style, "apply_messages"):
-        return prompt_style.apply_messages(list(history) + [
-            {"role": "user", "content": user_message(row["instruction"], row.get("input", ""))}])
+    """A row's prompt; a multi-turn row's earlier turns (`history`), after its conversation's `system` message,
+    come first where the style renders conversations (`apply_messages`: chatml, chat_template)."""
+    history, system = row.get("history"), row.get("system")
+    if (history or system) and hasattr(prompt_style, "apply_messages"):
+        return prompt_style.apply_messages(
+            ([{"role": "system", "content": system}] if system else []) + list(history or [])
+            + [{"role": "user", "content": user_message(row["instruction"], row.get("input", ""))}])
     return prompt_style.apply(row["instruction"], row.get("input", ""))
+
+
+def check_chat_rows(rows: Sequence[dict], prompt_style: PromptStyle, style_name: str) -> None:
+    """Rows of a chat data file (`chat_rows`) whose earlier turns or system message the prompt style would drop
+    (it renders one instruction), or whose system message `--system_prompt` would duplicate, are refused."""
+    chat = [r for r in rows if r.get("conversation")]
+    if any(r.get("history") or r.get("system") for r in chat) and not hasattr(prompt_style, "apply_messages"):
+        raise DataPreparationError(
+            f"The data holds multi-turn conversations or system messages, which --prompt_style {style_name} drops "
+            "(it writes one instruction and its answer): pass --prompt_style chat_template (the checkpoint's own "
+            "chat template) or chatml.")
+    if any(r.get("system") for r in chat) and getattr(prompt_style, "system_prompt", None):
+        raise DataPreparationError(
+            "The data's conversations have system messages of their own, and --system_prompt would add a second "
+            "one: leave --system_prompt out.")
 
 
 def tokenize_rows(
@@ -555,7 +645,8 @@ def tokenize_rows(
 ) -> tuple[list[dict], SplitStats]:
     from tqdm import tqdm
 
-    rows = list(rows)
+    # a conversation (`chat_rows`) is a row per assistant message
+    rows = [turn for row in rows for turn in row.get("turns", [row])]
     samples, stats = [], SplitStats(rows=len(rows))
     for row in tqdm(rows, desc=desc, disable=None, mininterval=2.0):
         prompt = prompt_text(prompt_style, row)
@@ -586,6 +677,8 @@ def write_prepared(
     style = prompt_style_from_name(prompt_style, checkpoint_dir=checkpoint_dir, system_prompt=system_prompt,
                                    tokenizer=tokenizer)
     stats, samples = {}, {}
+    for rows in (train_rows, test_rows):
+        check_chat_rows([turn for row in rows for turn in row.get("turns", [row])], style, prompt_style)
     for split, rows in (("train", train_rows), ("test", test_rows)):
         samples[split], stats[split] = tokenize_rows(rows, tokenizer, style, max_seq_length, mask_inputs,
                                                      ignore_index, desc=f"{dataset} {split}")
@@ -636,6 +729,13 @@ def write_prepared(
               f"max_seq_length={max_seq_length}{dropped}; longest {s.longest} tokens.")
     print(f"Wrote {str(destination_path / TRAIN_FILENAME)!r}, {TEST_FILENAME} and {PREPARE_CONFIG_FILENAME}.")
     return config
+
+
+def _count(rows: Sequence[dict]) -> str:
+    """"N rows", or for conversations (`chat_rows`) "N conversations (M answers)"."""
+    if rows and "turns" in rows[0]:
+        return f"{len(rows):,} conversations ({sum(len(r['turns']) for r in rows):,} answers)"
+    return f"{len(rows):,} rows"
 
 
 def check_ignore_index(ignore_index: int) -> None:
@@ -707,7 +807,7 @@ def prepare_instruction_data(
         extra = {"seed": seed, "test_split_fraction": test_split_fraction, **(extra or {})}
     else:
         train_rows = rows
-    print(f"train has {len(train_rows):,} rows, test has {len(test_rows):,} rows.")
+    print(f"train has {_count(train_rows)}, test has {_count(test_rows)}.")
     write_prepared(
         destination_path, train_rows, test_rows, dataset=dataset, checkpoint_dir=checkpoint_dir,
         max_seq_length=max_seq_length, prompt_style=prompt_style, system_prompt=system_prompt,
