@@ -98,6 +98,9 @@ class Config:
     # Qwen3: a norm of the config's norm class over each query and key head (`attn.norm_q`, `attn.norm_k`, of
     # head_size weights), after the head split and before RoPE
     norm_qk: bool = False
+    # "all" (OLMo 2/3): those norms span all the query heads and all the key heads together (n_head * head_size and
+    # n_query_groups * head_size weights), before the head split
+    norm_qk_type: Literal["head", "all"] = "head"
     norm_class_name: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     norm_eps: float = 1e-5
     # Gemma: every RMSNorm scales by (1 + weight), its weights stored as Gemma stores them (zeros at init)
@@ -113,6 +116,8 @@ class Config:
     # (`transformer.h[i].post_attention_norm`, `.post_mlp_norm`)
     post_attention_norm: bool = False
     post_mlp_norm: bool = False
+    # False (OLMo 2/3): no norm before the attention and the MLP (`norm_1`, `norm_2`): the post norms alone
+    pre_norms: bool = True
     # attention scores scaled by 1/sqrt(attention_scores_scalar) instead of 1/sqrt(head_size) (Gemma's
     # query_pre_attn_scalar)
     attention_scores_scalar: Optional[int] = None
@@ -236,6 +241,13 @@ class Config:
                  "not set")
         if self.parallel_residual and (self.post_attention_norm or self.post_mlp_norm):
             fail("post_attention_norm and post_mlp_norm need parallel_residual=false")
+        if not self.pre_norms and not (self.post_attention_norm and self.post_mlp_norm):
+            fail("pre_norms=false (no norm before the attention and the MLP) needs post_attention_norm and "
+                 "post_mlp_norm")
+        if self.norm_qk_type not in ("head", "all"):
+            fail(f"norm_qk_type={self.norm_qk_type!r} is none of 'head', 'all'")
+        if self.norm_qk_type == "all" and not self.norm_qk:
+            fail("norm_qk_type='all' is the width of the query/key norms, but norm_qk is false")
 
     def _check_experts(self, fail) -> None:
         moe = self.mlp_class_name == "LLaMAMoE"

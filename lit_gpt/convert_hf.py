@@ -53,7 +53,9 @@ from lit_gpt.config import Config, hf_name_to_config, longrope_attention_factor,
 
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2",
-    "gemma3_text", "gpt2", "gpt_neox", "smollm3")
+    "gemma3_text", "gpt2", "gpt_neox", "smollm3", "olmo2", "olmo3")
+# OLMo 2/3: norms after the attention and the MLP only, and query/key norms over all the heads
+OLMO_TYPES = ("olmo2", "olmo3")
 # the llama-shaped families whose MLP is a mixture of experts (lit's "LLaMAMoE")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -133,6 +135,14 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=2000000.0,
         tie_word_embeddings=True, attention_bias=False, mlp_bias=False, num_key_value_heads=4,
         use_sliding_window=False, sliding_window=None, no_rope_layers=None, no_rope_layer_interval=4,
+    ),
+    "olmo2": dict(
+        hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, attention_bias=False,
+    ),
+    "olmo3": dict(
+        hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
+        tie_word_embeddings=False, attention_bias=False, sliding_window=4096, layer_types=None,
     ),
     "qwen3_moe": dict(
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -235,8 +245,8 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                 "the attention heads must be a multiple of the key/value heads; set num_key_value_heads."
             )
         local_base = None
-        if model_type == "gemma3_text":
-            hf, local_base = _gemma3_rope(hf)
+        if model_type in ("gemma3_text", "olmo3"):
+            hf, local_base = _per_type_rope(hf, model_type)
         rope_base, rope_adjustments, partial = _rope_from_hf(hf, model_type)
         arch = dict(
             n_layer=int(need("num_hidden_layers")), n_embd=n_embd, n_head=n_head, head_size=int(head_size),
@@ -244,7 +254,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             block_size=int(need("max_position_embeddings")), pos_embedding="rope", rope_base=float(rope_base),
             rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
         )
-        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *MOE_TYPES):
+        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *OLMO_TYPES, *MOE_TYPES):
             if hf["hidden_act"] not in ("silu", "swish"):  # transformers' "swish" is SiLU
                 raise ConversionError(
                     f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
@@ -260,6 +270,14 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                         "only, as Qwen2 does)."
                     )
                 bias = attn_bias = bool(hf["attention_bias"])
+            elif model_type in OLMO_TYPES:
+                if hf["attention_bias"]:
+                    raise ConversionError(
+                        "config.json sets attention_bias=true; lit_gpt's Config cannot put a bias on OLMo's q/k/v and "
+                        "o_proj but not on its MLP.")
+                bias = attn_bias = False
+                arch.update(norm_qk=True, norm_qk_type="all", pre_norms=False, post_attention_norm=True,
+                            post_mlp_norm=True)
             elif model_type in ("qwen3", "qwen3_moe"):
                 if hf["attention_bias"]:
                     raise ConversionError(
@@ -281,6 +299,8 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             window = _sliding_window(hf, model_type, arch["n_layer"])
             if window is not None and window[0] < arch["block_size"]:
                 arch.update(sliding_window_size=window[0], sliding_window_indices=window[1])
+                if local_base is not None and float(local_base) != arch["rope_base"]:  # (OLMo 3)
+                    arch["rope_local_base_freq"] = float(local_base)
         elif model_type in GEMMA_TYPES:
             arch.update(_gemma_arch(hf, model_type, arch["n_layer"]))
             if local_base is not None and arch.get("sliding_window_size") is not None:
@@ -443,16 +463,17 @@ def _longrope_from_hf(hf: dict, params: dict) -> dict:
                 original_max_seq_len=int(original), attention_factor=float(attention))
 
 
-def _gemma3_rope(hf: dict) -> tuple[dict, Optional[float]]:
-    """Gemma 3's two RoPEs: `hf` with the full-attention blocks' parameters as plain keys, and the base of the
-    sliding-window blocks. transformers 5 writes them per layer type in `rope_parameters`; transformers 4 wrote
-    `rope_theta`, `rope_scaling` (of the full-attention blocks) and `rope_local_base_freq`."""
+def _per_type_rope(hf: dict, model_type: str) -> tuple[dict, Optional[float]]:
+    """Gemma 3's and OLMo 3's two RoPEs: `hf` with the full-attention blocks' parameters as plain keys, and the base
+    of the sliding-window blocks. transformers 5 writes them per layer type in `rope_parameters`; for Gemma 3
+    transformers 4 wrote `rope_theta`, `rope_scaling` (of the full-attention blocks) and `rope_local_base_freq`."""
     params = hf.get("rope_parameters") or {}
     if not (params and all(isinstance(v, dict) for v in params.values())):
-        return hf, hf["rope_local_base_freq"]
+        return hf, hf.get("rope_local_base_freq")
     unknown = sorted(set(params) - {"full_attention", "sliding_attention"})
     if unknown:
-        raise ConversionError(f"config.json's rope_parameters has the layer type(s) {unknown}, which Gemma 3 has not; "
+        family = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3"}[model_type]
+        raise ConversionError(f"config.json's rope_parameters has the layer type(s) {unknown}, which {family} has not; "
                               "expected 'full_attention' and 'sliding_attention'.")
     local = dict(params.get("sliding_attention") or {})
     if (local.get("rope_type") or "default") != "default":
@@ -460,7 +481,7 @@ def _gemma3_rope(hf: dict) -> tuple[dict, Optional[float]]:
                               "lit_gpt's sliding-window blocks use plain RoPE only.")
     full = dict(params.get("full_attention") or {})
     full.setdefault("rope_theta", hf["rope_theta"])
-    return {**hf, "rope_parameters": full}, local.get("rope_theta", hf["rope_local_base_freq"])
+    return {**hf, "rope_parameters": full}, local.get("rope_theta", hf.get("rope_local_base_freq"))
 
 
 def _gemma_arch(hf: dict, model_type: str, n_layer: int) -> dict:
@@ -523,6 +544,13 @@ def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[i
         # (transformers' Qwen3-MoE has the window in every block, when use_sliding_window says so)
         window = hf.get("sliding_window") if model_type != "qwen3_moe" or hf["use_sliding_window"] else None
         return (int(window), None) if window else None
+    if model_type == "olmo3":  # (transformers' default: the window in three blocks of four, the fourth global)
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n_layer)]
+        flags = _window_flags(layer_types, n_layer)
+        if hf.get("sliding_window") is None or not any(flags):
+            return None
+        return int(hf["sliding_window"]), None if all(flags) else flags
     if model_type in ("qwen2", "qwen2_moe", "qwen3", "smollm3"):
         window = hf["sliding_window"] if hf["use_sliding_window"] else None
         if window is None:
@@ -596,6 +624,8 @@ def hf_model_type(config: Config) -> str:
             return "qwen2_moe"
         return "qwen3_moe" if config.norm_qk else "mixtral"
     if config.mlp_class_name == "LLaMAMLP":
+        if not config.pre_norms:  # (the one transformers family with post norms only)
+            return "olmo3" if config.sliding_window_size is not None else "olmo2"
         if config.rope_indices is not None:
             return "smollm3"  # (the one transformers family with blocks that have no RoPE)
         if config.norm_qk:
@@ -624,13 +654,22 @@ def config_to_hf(config: Config) -> dict:
             problems.append(what)
 
     gelu = {"none": "gelu", "tanh": "gelu_new"}[c.gelu_approximate]
-    if model_type not in ("qwen3", "qwen3_moe", "gemma3_text"):
-        require(not c.norm_qk, "norm_qk=True (of the transformers families, only Qwen3, Qwen3-MoE and Gemma 3 have "
-                               "per-head query/key norms)")
+    if model_type not in ("qwen3", "qwen3_moe", "gemma3_text", *OLMO_TYPES):
+        require(not c.norm_qk, "norm_qk=True (of the transformers families, only Qwen3, Qwen3-MoE, Gemma 3 and OLMo "
+                               "2/3 have query/key norms)")
+    if model_type in OLMO_TYPES:
+        require(c.norm_qk and c.norm_qk_type == "all", "no norm_qk over all the heads (norm_qk_type 'all': OLMo 2/3 "
+                                                       "has it)")
+        require(c.post_attention_norm and c.post_mlp_norm, "pre_norms=False without both post norms")
+    else:
+        require(c.pre_norms, "pre_norms=False (of the transformers families, only OLMo 2/3, with mlp_class_name "
+                             "'LLaMAMLP', has no norm before the attention and the MLP)")
+        require(c.norm_qk_type == "head", "norm_qk_type='all' (only OLMo 2/3 norms all the heads at once)")
     if model_type not in GEMMA_TYPES:
-        gemma_fields = ("norm_unit_offset", "scale_embeddings", "post_attention_norm", "post_mlp_norm",
-                        "attention_scores_scalar", "attention_logit_softcapping", "final_logit_softcapping",
-                        "rope_local_base_freq")
+        gemma_fields = ("norm_unit_offset", "scale_embeddings", "attention_scores_scalar",
+                        "attention_logit_softcapping", "final_logit_softcapping")
+        gemma_fields += () if model_type in OLMO_TYPES else ("post_attention_norm", "post_mlp_norm")
+        gemma_fields += () if model_type == "olmo3" else ("rope_local_base_freq",)
         for key in gemma_fields:
             require(not getattr(c, key), f"{key}={getattr(c, key)!r} (only the Gemma families, with mlp_class_name "
                                          "'GemmaMLP', have it)")
@@ -643,7 +682,7 @@ def config_to_hf(config: Config) -> dict:
         require(c.rope_indices is None, "rope_indices (of the transformers families, only SmolLM3 has blocks without "
                                         "RoPE, and an MLP of mlp_class_name 'LLaMAMLP')")
     if model_type not in ("mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3",
-                          *GEMMA_TYPES):
+                          "olmo3", *GEMMA_TYPES):
         require(c.sliding_window_size is None, f"sliding_window_size (transformers' {model_type} has no sliding "
                                                "window)")
     if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):
@@ -651,7 +690,7 @@ def config_to_hf(config: Config) -> dict:
                                                   "window in every block)")
     if model_type in GEMMA_TYPES:
         hf = _gemma_to_hf(c, model_type, require)
-    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *MOE_TYPES):
+    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *OLMO_TYPES, *MOE_TYPES):
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
         require(c.rotary_percentage == 1.0 or model_type == "phi3",
@@ -663,6 +702,9 @@ def config_to_hf(config: Config) -> dict:
         if model_type in ("qwen3", "qwen3_moe"):
             require(not c.attn_bias and not c.bias, "a bias (transformers' Qwen3 has none, or one on q/k/v and o_proj "
                                                     "both)")
+        if model_type in OLMO_TYPES:
+            require(not c.attn_bias and not c.bias, "a bias (transformers' OLMo 2/3 has none, or one on q/k/v and "
+                                                    "o_proj both)")
         if model_type == "mixtral":
             require(c.moe_norm_topk, "moe_norm_topk=False (Mixtral renormalises the chosen experts' weights)")
             require(c.expert_intermediate_size == c.intermediate_size,
@@ -671,7 +713,8 @@ def config_to_hf(config: Config) -> dict:
         architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                         "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
                         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                        "smollm3": "SmolLM3ForCausalLM"}.get(
+                        "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                        "olmo3": "Olmo3ForCausalLM"}.get(
             model_type, "LlamaForCausalLM")
         hf = dict(
             architectures=[architecture],
@@ -683,6 +726,15 @@ def config_to_hf(config: Config) -> dict:
         window = c.sliding_window_size
         if model_type == "llama":
             hf.update(attention_bias=c.bias, mlp_bias=c.bias)
+        elif model_type in OLMO_TYPES:
+            hf.update(attention_bias=False)
+            if model_type == "olmo3":  # (its RoPE per layer type, as transformers 5 writes it)
+                local = c.rope_local_base_freq if c.rope_local_base_freq is not None else c.rope_base
+                require(c.rope_adjustments is None, "rope_adjustments (exported for OLMo 3 as plain RoPE only)")
+                hf.pop("rope_scaling")
+                hf.update(sliding_window=window, layer_types=_layer_types(c), rope_parameters={
+                    "full_attention": {"rope_type": "default", "rope_theta": c.rope_base},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": local}})
         elif model_type == "smollm3":
             # (layer_types places the window, which transformers' SmolLM3 takes in any blocks)
             hf.update(attention_bias=c.bias, mlp_bias=c.bias, no_rope_layers=list(c.rope_indices),
@@ -1046,7 +1098,7 @@ def iter_lit_to_hf(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
     c = config
-    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *GEMMA_TYPES)
+    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *OLMO_TYPES, *GEMMA_TYPES)
     moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
     expert_parts = {"fc_1": "w1", "fc_2": "w3", "proj": "w2"} if model_type == "mixtral" else {
         "fc_1": "gate_proj", "fc_2": "up_proj", "proj": "down_proj"}
@@ -1128,8 +1180,9 @@ def iter_lit_to_hf(
             yield f"{base}.{moe}.experts.{expert.group(1)}.{expert_parts[expert.group(2)]}.{param}", cast(t)
             continue
         if (sub not in modules or (sub in ("mlp.fc_1", "mlp.fc_2") and not llama_like)
-                or (sub in ("attn.norm_q", "attn.norm_k") and model_type not in ("qwen3", "qwen3_moe", "gemma3_text"))
-                or (sub in ("post_attention_norm", "post_mlp_norm") and model_type not in GEMMA_TYPES)):
+                or (sub in ("attn.norm_q", "attn.norm_k")
+                    and model_type not in ("qwen3", "qwen3_moe", "gemma3_text", *OLMO_TYPES))
+                or (sub in ("post_attention_norm", "post_mlp_norm") and model_type not in (*GEMMA_TYPES, *OLMO_TYPES))):
             raise ConversionError(f"Unexpected tensor {key!r} in the lit checkpoint for a {model_type} export.")
         if model_type == "phi3" and sub in ("mlp.fc_1", "mlp.fc_2"):
             halves = gate_up.setdefault((layer, param), {})

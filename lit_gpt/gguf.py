@@ -47,7 +47,7 @@ from lit_gpt.config import CONFIG_FILENAME, Config, longrope_attention_factor
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3", "gemma", "gemma2", "gemma3",
-                           "smollm3")
+                           "smollm3", "olmo2")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope (its converter's
 # SmolLM3Model is a LlamaModel, which permutes them)
 _PERMUTED_QK = ("llama", "smollm3")
@@ -193,6 +193,8 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         family = _gemma_fields(metadata, arch, n_layer, n_embd, n_head, head_size, path)
     if arch == "smollm3":
         family["rope_indices"] = [int((i + 1) % _SMOLLM3_NO_ROPE_STEP != 0) for i in range(n_layer)]
+    if arch == "olmo2":
+        family.update(_olmo2_fields(metadata, n_layer, block_size))
     return Config(
         name=str(general_name),
         block_size=block_size,
@@ -218,6 +220,20 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         # tensors: `_check_complete`)
         **family,
     )
+
+
+def _olmo2_fields(metadata: dict, n_layer: int, block_size: int) -> dict[str, Any]:
+    """OLMo 2's blocks as llama.cpp's olmo2 graph runs them: norms after the attention and the MLP only
+    (`post_attention_norm`, `post_ffw_norm`), query and key norms over all the heads (`attn_q_norm` of n_embd
+    weights), rotate-half RoPE (LLAMA_ROPE_TYPE_NEOX: its converter leaves q/k unpermuted). An OLMo 3 file is an
+    olmo2 one with `olmo2.attention.sliding_window`: llama.cpp then windows three blocks of four, every fourth global
+    (`set_swa_pattern(4)`), as transformers' Olmo3Config does by default."""
+    fields: dict[str, Any] = dict(norm_qk=True, norm_qk_type="all", pre_norms=False, post_attention_norm=True,
+                                  post_mlp_norm=True)
+    window = int(metadata.get("olmo2.attention.sliding_window") or 0)
+    if 0 < window < block_size:
+        fields.update(sliding_window_size=window, sliding_window_indices=[int(i % 4 < 3) for i in range(n_layer)])
+    return fields
 
 
 def _expert_fields(metadata: dict, arch: str, tensor_shapes: dict[str, tuple[int, ...]], intermediate_size: int,

@@ -4,13 +4,15 @@ Module names (stable; adapters, converters and FSDP wrapping rely on them):
 
     transformer.wte                 token embedding
     transformer.wpe                 learned positions (GPT-2 only)
-    transformer.h[i].norm_1         pre-attention norm
+    transformer.h[i].norm_1         pre-attention norm (an Identity without `pre_norms`, OLMo 2/3)
     transformer.h[i].attn.qkv       fused projection; rows are [all query heads | all key heads | all value heads]
-    transformer.h[i].attn.norm_q    per-head query norm, weight of head_size (only with `norm_qk`, Qwen3)
-    transformer.h[i].attn.norm_k    per-head key norm (only with `norm_qk`)
+    transformer.h[i].attn.norm_q    per-head query norm, weight of head_size (only with `norm_qk`, Qwen3); over all
+                                    the query heads with `norm_qk_type` "all" (OLMo 2/3)
+    transformer.h[i].attn.norm_k    key norm (only with `norm_qk`), likewise
     transformer.h[i].attn.proj      attention output
     transformer.h[i].post_attention_norm  norm of the attention output (only with `post_attention_norm`, Gemma 2/3)
-    transformer.h[i].norm_2         pre-MLP norm (absent when the attention norm is shared, Phi)
+    transformer.h[i].norm_2         pre-MLP norm (absent when the attention norm is shared, Phi; an Identity
+                                    without `pre_norms`)
     transformer.h[i].mlp.fc_1/fc_2  gate / up (LLaMAMLP, GemmaMLP);   .mlp.fc  (GptNeoxMLP)
     transformer.h[i].mlp.proj       MLP output
     transformer.h[i].post_mlp_norm  norm of the MLP output (only with `post_mlp_norm`, Gemma 2/3)
@@ -481,11 +483,13 @@ def load_balancing_loss(routing: list[tuple[torch.Tensor, torch.Tensor]], n_expe
 class Block(nn.Module):
     def __init__(self, config: Config, block_idx: int) -> None:
         super().__init__()
-        self.norm_1 = build_norm(config)
+        # (OLMo 2/3, pre_norms=False: none, the post norms alone; an Identity, holding no weights)
+        self.norm_1 = build_norm(config) if config.pre_norms else nn.Identity()
         self.attn = CausalSelfAttention(config, block_idx)
         # (None: no module, so the state dict of every other family stays as it was)
         self.post_attention_norm = build_norm(config) if config.post_attention_norm else None
-        self.norm_2 = None if config.shared_attention_norm else build_norm(config)
+        self.norm_2 = (None if config.shared_attention_norm else
+                       build_norm(config) if config.pre_norms else nn.Identity())
         self.mlp = {"LLaMAMLP": LLaMAMLP, "GemmaMLP": GemmaMLP, "LLaMAMoE": LLaMAMoE}.get(
             config.mlp_class_name, GptNeoxMLP)(config)
         self.post_mlp_norm = build_norm(config) if config.post_mlp_norm else None
@@ -517,8 +521,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.attn_bias)
         self.proj = nn.Linear(self.q_size, config.n_embd, bias=config.bias)
         if config.norm_qk:  # (no attributes otherwise: the state dict of every other family stays as it was)
-            self.norm_q = build_norm(config, hs)
-            self.norm_k = build_norm(config, hs)
+            every = config.norm_qk_type == "all"  # (OLMo 2/3: over all the heads at once)
+            self.norm_q = build_norm(config, self.q_size if every else hs)
+            self.norm_k = build_norm(config, self.kv_size if every else hs)
         self.window = config.sliding_window(block_idx)
         self.rope = config.rope_in_block(block_idx)  # (False: no position embedding, SmolLM3's NoPE blocks)
         # whether this block rotates with the sliding-window blocks' own RoPE base
@@ -531,10 +536,13 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         c = self.config
         q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        if c.norm_qk and c.norm_qk_type == "all":  # over all the heads' features (OLMo 2/3), before RoPE
+            q, k = self.norm_q(q), self.norm_k(k)
         q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)
         k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
         v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
-        if c.norm_qk:  # over each head's features, before RoPE (the cache keeps normed, rotated keys)
+        if c.norm_qk and c.norm_qk_type == "head":
+            # over each head's features, before RoPE (the cache keeps normed, rotated keys)
             q, k = self.norm_q(q), self.norm_k(k)
         if self.rope:
             q = apply_rope(q, cos, sin, c.rope_n_elem)

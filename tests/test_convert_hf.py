@@ -107,6 +107,15 @@ FAMILIES = {
     "smollm3_list": ("smollm3", dict(_LLAMA, **_SMOLLM3_TOKENS, num_hidden_layers=3, no_rope_layers=[0, 1, 1],
                                      tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
                      "SmolLM3ForCausalLM", dict(rope_indices=[0, 1, 1], tie_embeddings=False, bias=True)),
+    # OLMo 2: norms after the attention and the MLP only, query/key norms over all the heads; OLMo 3 adds a window
+    # in three blocks of four, whose RoPE base may differ
+    "olmo2": ("olmo2", dict(_LLAMA, **_PHI3_TOKENS, num_key_value_heads=2), "Olmo2ForCausalLM",
+              dict(pre_norms=False, post_attention_norm=True, post_mlp_norm=True, norm_qk=True, norm_qk_type="all")),
+    "olmo3": ("olmo3", dict(_LLAMA, **_PHI3_TOKENS, num_hidden_layers=4, sliding_window=6, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}), "Olmo3ForCausalLM",
+        dict(pre_norms=False, sliding_window_size=6, sliding_window_indices=[1, 1, 1, 0], rope_base=10000.0,
+             rope_local_base_freq=500.0)),
     # mixtures of experts: a router and SwiGLU experts in every block, Qwen3-MoE's narrower than intermediate_size
     "mixtral": (
         "mixtral", dict(_LLAMA, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
@@ -230,10 +239,11 @@ def test_defaults_for_keys_a_config_json_leaves_out_are_transformers_own():
         instance = AutoConfig.for_model(model_type)
         signature = inspect.signature(type(instance).__init__).parameters
         rope = getattr(instance, "rope_parameters", None) or {}
-        if "full_attention" in rope:  # Gemma 3: per layer type, and the window pattern a kwarg of __post_init__
+        # Gemma 3's and OLMo 3's RoPE: per layer type (Gemma 3's window pattern a kwarg of __post_init__)
+        if "full_attention" in rope:
             rope = dict(rope_theta=rope["full_attention"]["rope_theta"],
                         rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
-                        sliding_window_pattern=instance._sliding_window_pattern)
+                        sliding_window_pattern=getattr(instance, "_sliding_window_pattern", None))
         for key, ours in defaults.items():
             if key in signature:
                 theirs = signature[key].default
@@ -300,7 +310,9 @@ def test_smollm3_blocks_without_rope_change_the_logits(tmp_path):
     # (SmolLM3's default: the window in its NoPE blocks, here block 1)
     ("smollm3", dict(_SMOLLM3_TOKENS, use_sliding_window=True, sliding_window=6, no_rope_layer_interval=2),
      "SmolLM3ForCausalLM"),
-], ids=["mistral", "phi3", "phi3_partial", "qwen2", "qwen3", "smollm3"])
+    ("olmo3", dict(_PHI3_TOKENS, sliding_window=6, layer_types=["full_attention", "sliding_attention"]),
+     "Olmo3ForCausalLM"),
+], ids=["mistral", "phi3", "phi3_partial", "qwen2", "qwen3", "smollm3", "olmo3"])
 def test_sliding_windows_are_kept_through_import_decoding_and_export(model_type, kwargs, exported_class, tmp_path):
     """A 6-token window against 20-token inputs: the whole context stays usable, with transformers' logits past the
     window, through a KV-cache decode, and in the exported model."""
@@ -308,7 +320,7 @@ def test_sliding_windows_are_kept_through_import_decoding_and_export(model_type,
     hf_model.save_pretrained(tmp_path / "hf")
     config = convert_hf_checkpoint(tmp_path / "hf")
     assert (config.block_size, config.sliding_window_size) == (64, 6)
-    assert config.sliding_window_indices == ([0, 1] if model_type.startswith(("qwen", "smollm3")) else None)
+    assert config.sliding_window_indices == ([0, 1] if model_type.startswith(("qwen", "smollm3", "olmo3")) else None)
     model = GPT.from_checkpoint(tmp_path / "hf").eval()
     idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     expected = hf_logits(hf_model, idx)
@@ -999,3 +1011,31 @@ def test_longrope_matches_transformers_short_long_decoding_and_export(partial, t
     assert type(back).__name__ == "Phi3ForCausalLM"
     idx = torch.randint(0, VOCAB, (2, 30), generator=g)
     torch.testing.assert_close(hf_logits(back, idx), hf_logits(hf_model, idx), **TOL)
+
+
+def test_olmo_and_smollm3_fields_are_refused_where_they_cannot_hold_or_export():
+    """The new fields (OLMo's pre_norms and norm_qk_type, SmolLM3's rope_indices) in one sentence naming them: an
+    inconsistent Config, a config.json the conversion cannot express, and an export no transformers family runs."""
+    from lit_gpt.convert_hf import config_from_hf, config_to_hf
+
+    llama = dict(name="t", n_layer=2, n_embd=32, n_head=4, vocab_size=64, block_size=32, bias=False,
+                 norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=48)
+    for change, message in ((dict(pre_norms=False), "pre_norms=false .* needs post_attention_norm and post_mlp_norm"),
+                            (dict(norm_qk_type="all"), "norm_qk_type='all' is the width .* but norm_qk is false"),
+                            (dict(norm_qk=True, norm_qk_type="some"), "norm_qk_type='some' is none of 'head', 'all'"),
+                            (dict(rope_indices=[1]), r"rope_indices must be a list of 2 entries"),
+                            (dict(rope_indices=[1, 2]), r"each 0 or 1, got \[1, 2\]")):
+        with pytest.raises(ValueError, match=message):
+            Config(**{**llama, **change})
+    for change, field in ((dict(norm_qk=True, norm_qk_type="all"), "norm_qk_type='all'"),
+                          (dict(pre_norms=False, post_attention_norm=True, post_mlp_norm=True), "no norm_qk over all")):
+        with pytest.raises(ConversionError, match=f"cannot be exported.*{field}"):
+            config_to_hf(Config(**{**llama, **change}))
+    olmo = dict(_LLAMA, model_type="olmo2")
+    with pytest.raises(ConversionError, match="attention_bias=true; lit_gpt's Config cannot put a bias on OLMo's"):
+        config_from_hf({**olmo, "attention_bias": True})
+    smollm3 = dict(_LLAMA, model_type="smollm3")
+    with pytest.raises(ConversionError, match=r"no_rope_layers=\[1\]; it must list 2 entries \(one per layer\)"):
+        config_from_hf({**smollm3, "no_rope_layers": [1]})
+    with pytest.raises(ConversionError, match="no_rope_layer_interval=0; it must be a whole number, 1 or more"):
+        config_from_hf({**smollm3, "no_rope_layer_interval": 0})

@@ -101,7 +101,8 @@ HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",  # Qwen3
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",  # Qwen3, OLMo 2
+    "post_attention_layernorm_olmo2": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm",
     "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused layers, stored as they are
 }
 
@@ -122,6 +123,8 @@ def gguf_tensors_from_hf(hf_model, arch: str, qtypes: dict = None) -> dict:
         else:
             _, _, layer, rest = name.split(".", 3)
             module, kind = rest.rsplit(".", 1)
+            if arch == "olmo2" and module == "post_attention_layernorm":  # (after the attention, not before the MLP)
+                module = "post_attention_layernorm_olmo2"
             gname = f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
             if arch in ("llama", "smollm3") and module in ("self_attn.q_proj", "self_attn.k_proj"):
                 heads = cfg.num_attention_heads if module == "self_attn.q_proj" else cfg.num_key_value_heads
@@ -143,7 +146,7 @@ def model_metadata(hf_config, arch: str) -> dict:
         f"{arch}.feed_forward_length": c.intermediate_size,
         f"{arch}.attention.head_count": c.num_attention_heads,
         f"{arch}.attention.head_count_kv": c.num_key_value_heads,
-        f"{arch}.rope.freq_base": float(c.rope_parameters["rope_theta"]),
+        f"{arch}.rope.freq_base": float(c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]),
         f"{arch}.rope.dimension_count": head_dim,
         f"{arch}.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
         f"{arch}.vocab_size": c.vocab_size,
@@ -159,6 +162,10 @@ def hf_model(kind: str, vocab_size: int, **kw):
     torch.manual_seed(0)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
+    elif kind in ("olmo2", "olmo3"):
+        config = getattr(transformers, "Olmo2Config" if kind == "olmo2" else "Olmo3Config")(
+            **base, pad_token_id=0, eos_token_id=0)
+        model = getattr(transformers, "Olmo2ForCausalLM" if kind == "olmo2" else "Olmo3ForCausalLM")(config)
     elif kind == "smollm3":
         model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**base, pad_token_id=0, bos_token_id=0,
                                                                            eos_token_id=0))
@@ -269,6 +276,19 @@ def test_smollm3_gguf_skips_rope_in_every_fourth_block_as_llama_cpp_does(tmp_pat
     assert hf.config.no_rope_layers == [1, 1, 1, 0, 1]
     config, _ = import_and_compare(tmp_path, hf, "smollm3", tokenizer_metadata(tokens, merges))
     assert config.rope_indices == [1, 1, 1, 0, 1] and config.tie_embeddings
+
+
+@pytest.mark.parametrize("kind", ["olmo2", "olmo3"])
+def test_olmo2_gguf_with_post_norms_whole_width_qk_norms_and_olmo3_windows(kind, tmp_path, byte_level_vocab):
+    """An olmo2 GGUF file (unpermuted q/k, rotate-half RoPE); OLMo 3 is one with a sliding window, which llama.cpp
+    gives three blocks of four, as transformers' Olmo3 does."""
+    tokens, merges = byte_level_vocab
+    extra = dict(sliding_window=8, num_hidden_layers=4) if kind == "olmo3" else {}
+    hf = hf_model(kind, len(tokens), **extra)
+    meta = {"olmo2.attention.sliding_window": 8} if kind == "olmo3" else {}
+    config, _ = import_and_compare(tmp_path, hf, "olmo2", {**tokenizer_metadata(tokens, merges), **meta})
+    assert (config.pre_norms, config.norm_qk_type) == (False, "all")
+    assert config.sliding_window_indices == ([1, 1, 1, 0] if kind == "olmo3" else None)
 
 
 def test_qwen2_gguf_with_biases_and_tied_embeddings(tmp_path, byte_level_vocab):
