@@ -589,6 +589,25 @@ for size, layers, embd, heads, expert_width, inter, variants in (
             )
         )
 
+# OLMo 2 (AI2, arXiv 2501.00656): norms after the attention and the MLP only, RMSNorm over all the query heads and
+# all the key heads, a 4096-token context; 1.5B, 7.3B, 13.7B and 32.2B parameters, -SFT, -DPO and -Instruct the
+# post-trained ones
+for name, layers, embd, heads, groups, inter in (
+    ("OLMo-2-0425-1B", 16, 2048, 16, 16, 8192),
+    ("OLMo-2-1124-7B", 32, 4096, 32, 32, 11008),
+    ("OLMo-2-1124-13B", 40, 5120, 40, 40, 13824),
+    ("OLMo-2-0325-32B", 64, 5120, 40, 8, 27648),
+):
+    for suffix in ("", "-SFT", "-DPO", "-Instruct"):
+        configs.append(
+            _llama(
+                "allenai", f"{name}{suffix}", block_size=4096, vocab_size=100278, padded_vocab_size=100352,
+                n_layer=layers, n_embd=embd, n_head=heads, n_query_groups=groups, intermediate_size=inter,
+                norm_eps=1e-6, rope_base=500000, norm_qk=True, norm_qk_type="all", pre_norms=False,
+                post_attention_norm=True, post_mlp_norm=True,
+            )
+        )
+
 # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention (QKV bias), routed experts whose weights are not
 # renormalised, and a shared expert scaled by a sigmoid gate in every block; 14.3B parameters in all, 2.7B active per
 # token (Qwen's Qwen1.5-MoE announcement, 2024), and 57B, 14B active (Qwen2 technical report, Yang et al. 2024)

@@ -210,3 +210,21 @@ def test_transformers_builds_the_same_number_of_parameters(name):
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     assert num_parameters(model) == meta_param_count(Config.from_name(name))
+
+
+@pytest.mark.parametrize("name,total,published", [("OLMo-2-0425-1B", 1_484_916_736, 1.5),
+                                                  ("OLMo-2-1124-7B-Instruct", 7_298_617_344, 7.3),
+                                                  ("OLMo-2-1124-13B", 13_716_198_400, 13.7),
+                                                  ("OLMo-2-0325-32B", 32_234_279_936, 32.2)])
+def test_olmo2_named_configs_have_transformers_count_and_the_published_size(name, total, published):
+    """OLMo 2's 1B, 7B, 13B and 32B: 1.5B, 7.3B, 13.7B and 32.2B parameters (the sizes AI2 gives them), as
+    transformers' Olmo2ForCausalLM counts the same config."""
+    transformers = pytest.importorskip("transformers")
+    from lit_gpt.convert_hf import config_to_hf
+
+    config = Config.from_name(name)
+    hf = config_to_hf(config)
+    assert hf["model_type"] == "olmo2"
+    with torch.device("meta"):
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**hf))
+    assert num_parameters(model) == meta_param_count(config) == total and round(total / 1e9, 1) == published
