@@ -84,7 +84,8 @@ class Config:
     # Llama-3.1 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
     # "original_max_seq_len"}; linear scaling (positions divided by the factor, Gemma 3): {"factor"} alone;
     # LongRoPE (Phi-3.5, Phi-4-mini): {"short_factor", "long_factor" (one per rotated pair), "original_max_seq_len",
-    # "attention_factor"}; None for plain RoPE
+    # "attention_factor"}; YaRN (long-context Qwen, OLMo 3): {"factor", "original_max_seq_len", "beta_fast",
+    # "beta_slow", "attention_factor"} and an optional bool "truncate"; None for plain RoPE
     rope_adjustments: Optional[dict] = None
     # the blocks that rotate their queries and keys: those whose entry (one 0 or 1 per block) is 1, every block when
     # None; the others attend without position embeddings (NoPE: SmolLM3's every fourth block)
@@ -222,15 +223,21 @@ class Config:
         adj = self.rope_adjustments
         llama3 = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
         longrope = {"short_factor", "long_factor", "original_max_seq_len", "attention_factor"}
-        known = isinstance(adj, dict) and set(adj) in ({"factor"}, llama3, longrope)
-        values = list(adj.values()) if known else []
-        if known and set(adj) == longrope:
+        yarn = {"factor", "original_max_seq_len", "beta_fast", "beta_slow", "attention_factor"}
+        # (YaRN's optional `truncate`, a bool: false keeps the ramp's bounds unrounded, as gpt-oss has it)
+        truncate = adj.get("truncate", False) if isinstance(adj, dict) else False
+        keys = set(adj) - {"truncate"} if isinstance(adj, dict) and set(adj) - {"truncate"} == yarn else (
+            set(adj) if isinstance(adj, dict) else None)
+        known = keys in ({"factor"}, llama3, longrope, yarn) and isinstance(truncate, bool)
+        values = [adj[k] for k in keys] if known else []
+        if known and keys == longrope:
             lists = [adj[k] if isinstance(adj[k], list) else [None] for k in ("short_factor", "long_factor")]
             values = [adj["original_max_seq_len"], adj["attention_factor"], *lists[0], *lists[1]]
         if adj is not None and (not known or not all(_is_number(v) and v > 0 for v in values)):
             fail(f"rope_adjustments={adj!r} must be null, {{factor}} (linear scaling), "
-                 f"{{{', '.join(sorted(llama3))}}} (Llama 3.1's) or {{{', '.join(sorted(longrope))}}} (LongRoPE's, "
-                 "with lists of factors), with positive numbers")
+                 f"{{{', '.join(sorted(llama3))}}} (Llama 3.1's), {{{', '.join(sorted(longrope))}}} (LongRoPE's, "
+                 f"with lists of factors) or {{{', '.join(sorted(yarn))}}} (YaRN's, and a bool truncate), with "
+                 "positive numbers")
         if isinstance(adj, dict) and set(adj) == longrope:
             half = self.rope_n_elem // 2
             if any(len(adj[k]) != half for k in ("short_factor", "long_factor")):

@@ -41,6 +41,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -299,7 +300,8 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             window = _sliding_window(hf, model_type, arch["n_layer"])
             if window is not None and window[0] < arch["block_size"]:
                 arch.update(sliding_window_size=window[0], sliding_window_indices=window[1])
-                if local_base is not None and float(local_base) != arch["rope_base"]:  # (OLMo 3)
+                # (OLMo 3: a base of their own, or plain RoPE where the global blocks scale theirs)
+                if local_base is not None and (float(local_base) != arch["rope_base"] or arch["rope_adjustments"]):
                     arch["rope_local_base_freq"] = float(local_base)
         elif model_type in GEMMA_TYPES:
             arch.update(_gemma_arch(hf, model_type, arch["n_layer"]))
@@ -440,10 +442,37 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[dict], flo
         return base, adjustments, partial
     if rope_type in ("longrope", "su") and model_type == "phi3":  # ("su": its name in Phi-3's first configs)
         return base, _longrope_from_hf(hf, merged), partial
+    if rope_type == "yarn":
+        return base, _yarn_from_hf(hf, merged), partial
     raise ConversionError(
-        f"config.json uses rope scaling type {rope_type!r}; lit_gpt supports plain RoPE, 'linear' and 'llama3' "
-        "scaling, and Phi-3's 'longrope'."
+        f"config.json uses rope scaling type {rope_type!r}; lit_gpt supports plain RoPE, 'linear', 'llama3' and "
+        "'yarn' scaling, and Phi-3's 'longrope'."
     )
+
+
+def _yarn_from_hf(hf: dict, params: dict) -> dict:
+    """`Config.rope_adjustments` of YaRN: what transformers leaves implicit made explicit, as it computes it: the
+    factor from the context's growth, beta_fast 32 and beta_slow 1, and the scale of cos and sin from the factor
+    (0.1 ln(factor) + 1, the YaRN paper's; DeepSeek's mscale and mscale_all_dim make it a ratio of two such)."""
+    original = params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if original is None:
+        raise ConversionError("config.json's yarn rope scaling lacks the field 'original_max_position_embeddings' "
+                              "(the context the model was pretrained with).")
+    factor = params.get("factor") or hf["max_position_embeddings"] / original
+
+    def scale(mscale: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, every = params.get("mscale"), params.get("mscale_all_dim")
+        attention = scale(mscale) / scale(every) if mscale and every else scale()
+    adj = dict(factor=float(factor), original_max_seq_len=int(original),
+               beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+               attention_factor=float(attention))
+    if params.get("truncate", True) is False:
+        adj["truncate"] = False
+    return adj
 
 
 def _longrope_from_hf(hf: dict, params: dict) -> dict:
@@ -730,11 +759,13 @@ def config_to_hf(config: Config) -> dict:
             hf.update(attention_bias=False)
             if model_type == "olmo3":  # (its RoPE per layer type, as transformers 5 writes it)
                 local = c.rope_local_base_freq if c.rope_local_base_freq is not None else c.rope_base
-                require(c.rope_adjustments is None, "rope_adjustments (exported for OLMo 3 as plain RoPE only)")
-                hf.pop("rope_scaling")
+                adj = c.rope_adjustments
+                require(not adj or "beta_fast" in adj, "rope_adjustments other than YaRN's (exported for OLMo 3)")
+                require(not adj or c.rope_local_base_freq is not None,
+                        "YaRN rope_adjustments in the sliding-window blocks too (OLMo 3 scales its global ones only)")
+                full = {"rope_type": "default", **(hf.pop("rope_scaling") or {}), "rope_theta": c.rope_base}
                 hf.update(sliding_window=window, layer_types=_layer_types(c), rope_parameters={
-                    "full_attention": {"rope_type": "default", "rope_theta": c.rope_base},
-                    "sliding_attention": {"rope_type": "default", "rope_theta": local}})
+                    "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}})
         elif model_type == "smollm3":
             # (layer_types places the window, which transformers' SmolLM3 takes in any blocks)
             hf.update(attention_bias=c.bias, mlp_bias=c.bias, no_rope_layers=list(c.rope_indices),
@@ -872,6 +903,11 @@ def _rope_scaling_to_hf(config: Config) -> Optional[dict]:
         return None
     if set(adj) == {"factor"}:
         return dict(rope_type="linear", factor=adj["factor"])
+    if "beta_fast" in adj:
+        return dict(rope_type="yarn", factor=adj["factor"],
+                    original_max_position_embeddings=adj["original_max_seq_len"], beta_fast=adj["beta_fast"],
+                    beta_slow=adj["beta_slow"], attention_factor=adj["attention_factor"],
+                    truncate=adj.get("truncate", True))
     if "long_factor" in adj:
         return dict(rope_type="longrope", type="longrope", short_factor=adj["short_factor"],
                     long_factor=adj["long_factor"], attention_factor=adj["attention_factor"],

@@ -807,6 +807,8 @@ def rope_inv_freq(config: Config, device=None, local: bool = False, long: bool =
     inv_freq = 1.0 / (base ** (torch.arange(0, n, 2, device=device, dtype=torch.float32) / n))
     if adj and set(adj) == {"factor"}:  # linear scaling (Gemma 3): positions divided by the factor
         return inv_freq / adj["factor"]
+    if adj and "beta_fast" in adj:
+        return _yarn(inv_freq, n, base, adj)
     if adj:
         # Llama-3.1 scaling: long wavelengths are slowed by `factor`, short ones kept, the band between blended
         factor, lo, hi = adj["factor"], adj["low_freq_factor"], adj["high_freq_factor"]
@@ -817,6 +819,28 @@ def rope_inv_freq(config: Config, device=None, local: bool = False, long: bool =
     return inv_freq
 
 
+def _yarn(inv_freq: torch.Tensor, n: int, base: float, adj: dict) -> torch.Tensor:
+    """YaRN's frequencies (Peng et al. 2023, arXiv 2309.00071, "NTK-by-parts"): a frequency that turns more than
+    `beta_fast` times over the original context keeps its value (extrapolated), one that turns fewer than
+    `beta_slow` times is divided by `factor` (interpolated, as linear scaling does), and those between are blended
+    along a linear ramp over the feature index. The ramp's ends are the (fractional) indices at which a frequency
+    turns `beta_fast` and `beta_slow` times, rounded outwards unless `truncate` is false. (Its scale of cos and sin,
+    `attention_factor`, is `build_rope_cache`'s.)"""
+    original = adj["original_max_seq_len"]
+
+    def index_turning(turns: float) -> float:  # where base^(-2i/n) * original / (2 pi) == turns
+        return n * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = index_turning(adj["beta_fast"]), index_turning(adj["beta_slow"])
+    if adj.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, n - 1)
+    if high == low:
+        high += 0.001
+    ramp = ((torch.arange(n // 2, device=inv_freq.device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / adj["factor"] * ramp + inv_freq * (1 - ramp)
+
+
 def build_rope_cache(length: int, config: Config, device=None, local: bool = False, long: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = rope_inv_freq(config, device, local, long)
@@ -824,7 +848,7 @@ def build_rope_cache(length: int, config: Config, device=None, local: bool = Fal
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # (length, rope_n_elem), the "rotate half" layout
     adj = config.rope_adjustments
-    if adj and "attention_factor" in adj and not local:  # LongRoPE scales cos and sin (so the scores) too
+    if adj and "attention_factor" in adj and not local:  # LongRoPE and YaRN scale cos and sin (so the scores) too
         return emb.cos() * adj["attention_factor"], emb.sin() * adj["attention_factor"]
     return emb.cos(), emb.sin()
 

@@ -702,8 +702,8 @@ def test_missing_directory_config_or_weights(tmp_path):
 def test_unsupported_model_type_and_fields():
     with pytest.raises(ConversionError, match="model_type 'bert'.*supported model types are llama, mistral"):
         config_from_hf({"model_type": "bert", "hidden_size": 64})
-    with pytest.raises(ConversionError, match="rope scaling type 'yarn'"):
-        config_from_hf(dict(_LLAMA, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ConversionError, match="rope scaling type 'dynamic'"):
+        config_from_hf(dict(_LLAMA, model_type="llama", rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
     # both spellings at once, disagreeing: which one transformers applies depends on its version
     with pytest.raises(ConversionError, match=r"both rope_scaling \(type 'linear'\) and rope_parameters \(type 'def"):
         config_from_hf(dict(_LLAMA, model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0},
@@ -1039,3 +1039,50 @@ def test_olmo_and_smollm3_fields_are_refused_where_they_cannot_hold_or_export():
         config_from_hf({**smollm3, "no_rope_layers": [1]})
     with pytest.raises(ConversionError, match="no_rope_layer_interval=0; it must be a whole number, 1 or more"):
         config_from_hf({**smollm3, "no_rope_layer_interval": 0})
+
+
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 1000.0}
+
+
+@pytest.mark.parametrize("model_type,kwargs", [
+    ("qwen2", dict(rope_parameters=_YARN)),
+    ("llama", dict(rope_parameters={**_YARN, "beta_fast": 8, "beta_slow": 2, "truncate": False})),  # (gpt-oss's)
+    ("llama", dict(rope_parameters={**_YARN, "mscale": 1.0, "mscale_all_dim": 0.5})),  # (DeepSeek's scale)
+    ("qwen3", dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+                   rope_theta=1000.0, head_dim=16)),  # (transformers 4's keys, as Qwen's model cards give them)
+    ("olmo3", dict(_PHI3_TOKENS, sliding_window=6, rope_parameters={
+        "full_attention": _YARN, "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+], ids=["qwen2", "llama_betas_untruncated", "llama_mscale", "qwen3_legacy_keys", "olmo3_global_blocks"])
+def test_yarn_rope_scaling_matches_transformers_past_the_original_context(model_type, kwargs, tmp_path):
+    """A context of 64 grown from 16 with YaRN: transformers' logits at 48 tokens, through a KV-cache decode and in
+    the export; without the scaling they differ."""
+    hf_model = make_hf_model(model_type, **dict(_LLAMA, num_hidden_layers=4, num_key_value_heads=2, **kwargs))
+    hf_model.save_pretrained(tmp_path / "hf")
+    config = convert_hf_checkpoint(tmp_path / "hf")
+    assert config.rope_adjustments["factor"] == 4.0 and config.rope_adjustments["original_max_seq_len"] == 16
+    model = GPT.from_checkpoint(tmp_path / "hf").eval()
+    idx = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    expected = hf_logits(hf_model, idx)
+    torch.testing.assert_close(lit_logits(model, idx), expected, **TOL)
+    plain = GPT(Config(**{**config.to_dict(), "rope_adjustments": None}))
+    plain.load_state_dict(model.state_dict())
+    assert (lit_logits(plain.eval(), idx) - expected).abs().max() > 1e-3
+    assert_decodes_like(model, idx, expected, prefill=20)
+    back = exported(tmp_path / "hf", tmp_path / "export")
+    torch.testing.assert_close(hf_logits(back, idx), expected, **TOL)
+
+
+def test_yarn_settings_that_cannot_hold_are_refused_in_one_sentence():
+    from lit_gpt.convert_hf import config_from_hf
+
+    with pytest.raises(ConversionError, match="yarn rope scaling lacks the field 'original_max_position_embeddings'"):
+        config_from_hf(dict(_LLAMA, model_type="llama", rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                          "rope_theta": 1e4}))
+    fields = dict(name="t", n_layer=1, n_embd=32, n_head=4, vocab_size=64, block_size=64, bias=False,
+                  norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=48)
+    yarn = dict(factor=4.0, original_max_seq_len=16, beta_fast=32.0, beta_slow=1.0, attention_factor=1.1)
+    Config(**fields, rope_adjustments={**yarn, "truncate": False})
+    for bad in ({**yarn, "truncate": "no"}, {**yarn, "beta_fast": 0},
+                {k: v for k, v in yarn.items() if k != "beta_slow"}):
+        with pytest.raises(ValueError, match=r"rope_adjustments=.* must be null, .* \(YaRN's, and a bool truncate\)"):
+            Config(**fields, rope_adjustments=bad)
