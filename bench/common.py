@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import shlex
 import statistics
+from datetime import date
 import sys
 import time
 from contextlib import contextmanager
@@ -105,6 +106,16 @@ def saved_bytes(model: nn.Module, step_fn: Callable[[], torch.Tensor]) -> int:
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
     return sum(seen.values()) + grads
+
+
+def report_table(name: str, title: str, setup: str, table: list[str], write: bool) -> None:
+    """Print the command, the setup and the table; with `write`, record them as docs/benchmarks.md's section `name`
+    under the heading `title`."""
+    command = command_line()
+    print(f"$ {command}\n{setup}\n" + "\n".join(table))
+    if write:
+        section = f"## {title}\n\nRun on {date.today()}: `{command}`\n\n{setup}\n\n" + "\n".join(table) + "\n"
+        write_section(name, section)
 
 
 def write_section(name: str, section: str, path: Path = BENCHMARKS_MD) -> None:

@@ -10,14 +10,13 @@ printed. Example:
 from __future__ import annotations
 
 import sys
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, interleaved_ms, machine, patched, write_section  # noqa: E402
+from common import interleaved_ms, machine, patched, report_table  # noqa: E402
 
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.generate import generate  # noqa: E402
@@ -65,17 +64,11 @@ def main(
         ms = interleaved_ms([lambda: run(n, True), lambda: run(n, False)], repeats, device=device)
         rate = [n / (t / 1e3) for t in ms]
         table.append(f"| {n} | {rate[0]:.1f} | {rate[1]:.1f} | {rate[0] / rate[1]:.2f} |")
-    command = command_line()
     setup = (f"{model_name}{f' ({n_layer} blocks)' if n_layer else ''}, random weights; a {prompt}-token prompt, "
              f"greedy; tokens/s include the prefill; {dtype} on {device}, {threads} threads; {repeats} interleaved "
              f"runs, medians; torch {torch.__version__}, {machine()}")
-    print(f"$ {command}\n{setup}\n" + "\n".join(table))
-    if write:
-        write_section(
-            f"bench/decode_columns.py {device} {dtype}",
-            "## Decoding reads the KV cache up to the newest token (`bench/decode_columns.py`)\n\n"
-            f"Run on {date.today()}: `{command}`\n\n{setup}\n\n" + "\n".join(table) + "\n",
-        )
+    report_table(f"bench/decode_columns.py {device} {dtype}",
+                 "Decoding reads the KV cache up to the newest token (`bench/decode_columns.py`)", setup, table, write)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, machine, sync, write_section  # noqa: E402
+from common import machine, report_table, sync  # noqa: E402
 
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.generate import PromptCache, generate_stream  # noqa: E402
@@ -102,17 +101,11 @@ def main(
     fresh_total = statistics.median(r[1] for r in fresh_runs)
     kept_total = statistics.median(r[1] for r in kept_runs)
     table.append(f"| whole conversation | | {fresh_total:.0f} | {kept_total:.0f} | {kept_total / fresh_total:.2f} |")
-    command = command_line()
     setup = (f"{model_name}{f' ({n_layer} blocks)' if n_layer else ''}, random weights; {turns} turns of a "
              f"{message}-token message and a {answer}-token greedy answer; {dtype} on {device}, {threads} threads; "
              f"{repeats} interleaved conversations, medians; torch {torch.__version__}, {machine()}")
-    print(f"$ {command}\n{setup}\n" + "\n".join(table))
-    if write:
-        write_section(
-            f"bench/prompt_cache.py {device} {dtype}",
-            "## Chat keeps the KV cache between turns (`bench/prompt_cache.py`)\n\n"
-            f"Run on {date.today()}: `{command}`\n\n{setup}\n\n" + "\n".join(table) + "\n",
-        )
+    report_table(f"bench/prompt_cache.py {device} {dtype}",
+                 "Chat keeps the KV cache between turns (`bench/prompt_cache.py`)", setup, table, write)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ timings, medians, and the ratios ours / eager. Example:
 from __future__ import annotations
 
 import sys
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, interleaved_ms, machine, write_section  # noqa: E402
+from common import interleaved_ms, machine, report_table  # noqa: E402
 
 from lit_gpt.softcap import softcapped_attention  # noqa: E402
 
@@ -85,17 +84,12 @@ def main(
         kept = [kept_bytes(f) / 2**20 for f in forms]
         table.append(f"| {n} | {times[0]:.1f} | {times[1]:.1f} | {times[1] / times[0]:.2f} | {kept[0]:.1f} | "
                      f"{kept[1]:.1f} | {kept[1] / kept[0]:.3f} |")
-    command = command_line()
     setup = (f"one attention layer, {heads} query / {groups} key-value heads of {hs}, cap {cap:g}, batch {batch}, "
              f"{dtype} on {device}, {threads} threads; {repeats} interleaved timings of forward + backward, medians; "
              f"kept = bytes autograd keeps for backward; torch {torch.__version__}, {machine()}")
-    print(f"$ {command}\n{setup}\n" + "\n".join(table))
-    if write:
-        write_section(
-            f"bench/softcap_attention.py {device} {dtype}",
-            f"## Gemma 2's soft-capped attention: eager vs recomputed scores (`bench/softcap_attention.py`)\n\n"
-            f"Run on {date.today()}: `{command}`\n\n{setup}\n\n" + "\n".join(table) + "\n",
-        )
+    report_table(f"bench/softcap_attention.py {device} {dtype}",
+                 "Gemma 2's soft-capped attention: eager vs recomputed scores (`bench/softcap_attention.py`)", setup,
+                 table, write)
 
 
 if __name__ == "__main__":

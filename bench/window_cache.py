@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import sys
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, interleaved_ms, machine, patched, write_section  # noqa: E402
+from common import interleaved_ms, machine, patched, report_table  # noqa: E402
 
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.generate import generate  # noqa: E402
@@ -93,19 +92,14 @@ def main(
              f"| whole length | {ms[3]:.0f} | {ms[1]:.0f} | {rate[1]:.1f} | {sizes[False]:.1f} |",
              f"| ring / whole | {ms[2] / ms[3]:.2f} | {ms[0] / ms[1]:.2f} | {rate[0] / rate[1]:.2f} | "
              f"{sizes[True] / sizes[False]:.3f} |"]
-    command = command_line()
     windowed = sum(config.sliding_window(i) is not None for i in range(config.n_layer))
     setup = (f"{arch}-like, {config.n_layer} blocks ({windowed} with a {window}-token window), n_embd {config.n_embd}, "
              f"{config.n_query_groups} key/value heads of {config.head_size}; a {prompt}-token prompt, {new} greedy "
              f"tokens; {dtype} on {device}, {threads} threads; {repeats} interleaved runs, medians; torch "
              f"{torch.__version__}, {machine()}")
-    print(f"$ {command}\n{setup}\n" + "\n".join(table))
-    if write:
-        write_section(
-            f"bench/window_cache.py {arch} {device} {dtype}",
-            f"## Sliding windows: ring caches vs whole-length caches in generation (`bench/window_cache.py`, "
-            f"{arch})\n\nRun on {date.today()}: `{command}`\n\n{setup}\n\n" + "\n".join(table) + "\n",
-        )
+    report_table(f"bench/window_cache.py {arch} {device} {dtype}",
+                 f"Sliding windows: ring caches vs whole-length caches in generation (`bench/window_cache.py`, {arch})",
+                 setup, table, write)
 
 
 if __name__ == "__main__":
