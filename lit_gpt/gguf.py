@@ -406,10 +406,12 @@ def _rope_adjustments(metadata: dict, arch: str, path: Path, rope_freqs: Optiona
         # Gemma 3 4B+ (factor 8): llama.cpp divides the positions of the full-attention blocks by the factor and
         # leaves the sliding-window blocks unscaled (rope_freq_scale_train_swa = 1), as Config.rope_adjustments does
         return {"factor": factor}
+    if scaling == "yarn" and factor != 1.0:
+        return _yarn(metadata, arch, path, factor)
     if scaling not in ("none", "") and factor != 1.0:
         raise GGUFImportError(
             f"{str(path)!r} uses {scaling!r} RoPE scaling (factor {factor}); only Llama-3.1-style frequency "
-            "scaling (a rope_freqs tensor) and Gemma 3's linear scaling can be imported."
+            "scaling (a rope_freqs tensor), YaRN and Gemma 3's linear scaling can be imported."
         )
     if rope_freqs is None:
         return None
@@ -417,6 +419,32 @@ def _rope_adjustments(metadata: dict, arch: str, path: Path, rope_freqs: Optiona
         np.asarray(rope_freqs, dtype=np.float64), float(metadata.get(f"{arch}.rope.freq_base", 10000.0)), rope_dims,
         int(metadata.get(f"{arch}.rope.scaling.original_context_length", 8192)), path,
     )
+
+
+def _yarn(metadata: dict, arch: str, path: Path, factor: float) -> dict:
+    """`Config.rope_adjustments` of a file with YaRN scaling, as ggml's rope runs it (`rope_yarn` in ggml-cpu's
+    ops.cpp): each frequency blended between its own value and itself divided by the factor, along a ramp between
+    the dimensions at which a frequency turns `yarn_beta_fast` (default 32) and `yarn_beta_slow` (default 1) times
+    over the original context, rounded outwards (`ggml_rope_yarn_corr_dims`); cos and sin scaled by
+    1 + 0.1 ln(factor). That is transformers' yarn with its defaults. The knobs llama.cpp has beyond it (DeepSeek's
+    `yarn_log_multiplier`, an attention or extrapolation factor of its own) are refused rather than guessed."""
+    def key(name: str) -> str:
+        return f"{arch}.rope.scaling.{name}"
+
+    original = metadata.get(key("original_context_length"))
+    if not original:
+        raise GGUFImportError(f"{str(path)!r} uses YaRN RoPE scaling but lacks {key('original_context_length')!r}, "
+                              "the context the model was pretrained with.")
+    for knob, neutral in (("yarn_log_multiplier", 0.0), ("yarn_attn_factor", 1.0), ("attn_factor", 1.0),
+                          ("yarn_ext_factor", 1.0)):
+        if key(knob) in metadata and float(metadata[key(knob)]) != neutral:
+            raise GGUFImportError(f"{str(path)!r} sets {key(knob)!r} to {metadata[key(knob)]}, a YaRN setting the "
+                                  "import does not reproduce; only plain YaRN (factor, original context, betas) can "
+                                  "be imported.")
+    return dict(factor=factor, original_max_seq_len=int(original),
+                beta_fast=float(metadata.get(key("yarn_beta_fast"), 32.0)),
+                beta_slow=float(metadata.get(key("yarn_beta_slow"), 1.0)),
+                attention_factor=1.0 + 0.1 * math.log(factor))
 
 
 def _llama3_rope_from_factors(factors: np.ndarray, base: float, rope_dims: int, original_len: int,

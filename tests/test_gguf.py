@@ -291,6 +291,32 @@ def test_olmo2_gguf_with_post_norms_whole_width_qk_norms_and_olmo3_windows(kind,
     assert config.sliding_window_indices == ([1, 1, 1, 0] if kind == "olmo3" else None)
 
 
+def test_yarn_scaled_qwen2_gguf_matches_transformers_past_the_original_context(tmp_path, byte_level_vocab):
+    """A qwen2 file with YaRN scaling (type, factor, original context: what llama.cpp's converter writes for
+    Qwen's long-context setting): transformers' yarn logits over 48 tokens grown from 16."""
+    tokens, merges = byte_level_vocab
+    hf = hf_model("qwen2", len(tokens), rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1000.0,
+                                                         "original_max_position_embeddings": 16})
+    meta = {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+            "qwen2.rope.scaling.original_context_length": 16, "qwen2.rope.freq_base": 1000.0}
+    tensors = gguf_tensors_from_hf(hf, "qwen2")
+    path = write_gguf(tmp_path / "yarn.gguf", "qwen2", {**model_metadata(hf.config, "qwen2"),
+                                                       **tokenizer_metadata(tokens, merges), **meta}, tensors)
+    config = convert_gguf(path, tmp_path / "ckpt")
+    assert config.rope_adjustments["factor"] == 4.0 and config.rope_adjustments["original_max_seq_len"] == 16
+    model = GPT.from_checkpoint(tmp_path / "ckpt").eval()
+    idx = torch.randint(0, hf.config.vocab_size, (2, 48))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0)
+    # DeepSeek's log multiplier is a knob the import does not reproduce: refused, naming it
+    path = write_gguf(tmp_path / "deepseek.gguf", "qwen2", {**model_metadata(hf.config, "qwen2"), **meta,
+                                                           **tokenizer_metadata(tokens, merges),
+                                                           "qwen2.rope.scaling.yarn_log_multiplier": 0.1}, tensors)
+    with pytest.raises(GGUFImportError, match="sets 'qwen2.rope.scaling.yarn_log_multiplier' to 0.1"):
+        convert_gguf(path, tmp_path / "ckpt2")
+
+
 def test_qwen2_gguf_with_biases_and_tied_embeddings(tmp_path, byte_level_vocab):
     tokens, merges = byte_level_vocab
     hf = hf_model("qwen2", len(tokens), tie_word_embeddings=True)
