@@ -48,6 +48,10 @@ def longrope_attention_factor(growth: float, original: int) -> float:
     return 1.0 if growth <= 1.0 else math.sqrt(1 + math.log(growth) / math.log(original))
 
 
+# Granite's scalings (`Config.embedding_multiplier` ...): null where a family has none
+GRANITE_FIELDS = ("embedding_multiplier", "residual_multiplier", "attention_scale", "logits_scaling")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -125,6 +129,13 @@ class Config:
     # Gemma 2: attention scores and output logits squashed as cap * tanh(x / cap)
     attention_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
+    # Granite (IBM): token embeddings times `embedding_multiplier`, the attention and MLP outputs times
+    # `residual_multiplier` before each residual add, attention scores times `attention_scale` (instead of
+    # 1/sqrt(head_size)), and output logits divided by `logits_scaling`
+    embedding_multiplier: Optional[float] = None
+    residual_multiplier: Optional[float] = None
+    attention_scale: Optional[float] = None
+    logits_scaling: Optional[float] = None
     # sliding-window attention: a token attends to itself and the sliding_window_size - 1 tokens before it, in the
     # blocks whose entry of sliding_window_indices (one 0 or 1 per block) is 1, or in every block when it is None
     sliding_window_size: Optional[int] = None
@@ -193,7 +204,7 @@ class Config:
         if self.norm_unit_offset and self.norm_class_name != "RMSNorm":
             fail("norm_unit_offset=true needs norm_class_name 'RMSNorm'")
         for key in ("attention_logit_softcapping", "final_logit_softcapping", "attention_scores_scalar",
-                    "sliding_window_size", "rope_local_base_freq"):
+                    "sliding_window_size", "rope_local_base_freq", *GRANITE_FIELDS):
             value = getattr(self, key)
             if value is not None and (not _is_number(value) or not value > 0):
                 fail(f"{key}={value!r} must be a positive number or null")
@@ -248,6 +259,10 @@ class Config:
                  "not set")
         if self.parallel_residual and (self.post_attention_norm or self.post_mlp_norm):
             fail("post_attention_norm and post_mlp_norm need parallel_residual=false")
+        if self.parallel_residual and self.residual_multiplier is not None:
+            fail("residual_multiplier needs parallel_residual=false")
+        if self.attention_scale is not None and self.attention_scores_scalar is not None:
+            fail("attention_scale and attention_scores_scalar both set the attention's scale; set one")
         if not self.pre_norms and not (self.post_attention_norm and self.post_mlp_norm):
             fail("pre_norms=false (no norm before the attention and the MLP) needs post_attention_norm and "
                  "post_mlp_norm")

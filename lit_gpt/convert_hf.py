@@ -50,11 +50,11 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
-from lit_gpt.config import Config, hf_name_to_config, longrope_attention_factor, name_to_config
+from lit_gpt.config import GRANITE_FIELDS, Config, hf_name_to_config, longrope_attention_factor, name_to_config
 
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2",
-    "gemma3_text", "gpt2", "gpt_neox", "smollm3", "olmo2", "olmo3")
+    "gemma3_text", "gpt2", "gpt_neox", "smollm3", "olmo2", "olmo3", "granite")
 # OLMo 2/3: norms after the attention and the MLP only, and query/key norms over all the heads
 OLMO_TYPES = ("olmo2", "olmo3")
 # the llama-shaped families whose MLP is a mixture of experts (lit's "LLaMAMoE")
@@ -136,6 +136,11 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=2000000.0,
         tie_word_embeddings=True, attention_bias=False, mlp_bias=False, num_key_value_heads=4,
         use_sliding_window=False, sliding_window=None, no_rope_layers=None, no_rope_layer_interval=4,
+    ),
+    "granite": dict(
+        hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, embedding_multiplier=1.0,
+        residual_multiplier=1.0, attention_multiplier=1.0, logits_scaling=1.0,
     ),
     "olmo2": dict(
         hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -255,7 +260,8 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             block_size=int(need("max_position_embeddings")), pos_embedding="rope", rope_base=float(rope_base),
             rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
         )
-        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *OLMO_TYPES, *MOE_TYPES):
+        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", *OLMO_TYPES,
+                          *MOE_TYPES):
             if hf["hidden_act"] not in ("silu", "swish"):  # transformers' "swish" is SiLU
                 raise ConversionError(
                     f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
@@ -263,7 +269,9 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
                 )
             if model_type == "smollm3":
                 arch["rope_indices"] = _rope_layers(hf, arch["n_layer"])
-            if model_type in ("llama", "smollm3"):
+            if model_type == "granite":  # (its scalings; 1.0, or an attention scale of 1/sqrt(head_size), is none)
+                arch.update(_granite_fields(hf, int(head_size)))
+            if model_type in ("llama", "smollm3", "granite"):
                 if bool(hf["attention_bias"]) != bool(hf["mlp_bias"]):
                     raise ConversionError(
                         f"config.json sets attention_bias={hf['attention_bias']} but mlp_bias={hf['mlp_bias']}; "
@@ -596,6 +604,19 @@ def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[i
     return None
 
 
+def _granite_fields(hf: dict, head_size: int) -> dict:
+    """Granite's four scalings as Config fields (those that change nothing left out)."""
+    fields = {}
+    for key, field in (("embedding_multiplier", "embedding_multiplier"), ("residual_multiplier", "residual_multiplier"),
+                       ("attention_multiplier", "attention_scale"), ("logits_scaling", "logits_scaling")):
+        value = hf[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConversionError(f"config.json sets {key}={value!r}; it must be a positive number.")
+        if value != (head_size ** -0.5 if key == "attention_multiplier" else 1.0):
+            fields[field] = float(value)
+    return fields
+
+
 def _rope_layers(hf: dict, n_layer: int) -> list[int]:
     """SmolLM3's `no_rope_layers` (1: the block uses RoPE, 0: NoPE), or transformers' default from
     `no_rope_layer_interval` (every such block, counting from 1, NoPE), refused in one sentence when malformed."""
@@ -653,6 +674,8 @@ def hf_model_type(config: Config) -> str:
             return "qwen2_moe"
         return "qwen3_moe" if config.norm_qk else "mixtral"
     if config.mlp_class_name == "LLaMAMLP":
+        if any(getattr(config, key) is not None for key in GRANITE_FIELDS):
+            return "granite"
         if not config.pre_norms:  # (the one transformers family with post norms only)
             return "olmo3" if config.sliding_window_size is not None else "olmo2"
         if config.rope_indices is not None:
@@ -694,6 +717,10 @@ def config_to_hf(config: Config) -> dict:
         require(c.pre_norms, "pre_norms=False (of the transformers families, only OLMo 2/3, with mlp_class_name "
                              "'LLaMAMLP', has no norm before the attention and the MLP)")
         require(c.norm_qk_type == "head", "norm_qk_type='all' (only OLMo 2/3 norms all the heads at once)")
+    if model_type != "granite":
+        for key in GRANITE_FIELDS:
+            require(getattr(c, key) is None, f"{key}={getattr(c, key)!r} (of the transformers families, only Granite "
+                                             "has it, with mlp_class_name 'LLaMAMLP')")
     if model_type not in GEMMA_TYPES:
         gemma_fields = ("norm_unit_offset", "scale_embeddings", "attention_scores_scalar",
                         "attention_logit_softcapping", "final_logit_softcapping")
@@ -719,15 +746,17 @@ def config_to_hf(config: Config) -> dict:
                                                   "window in every block)")
     if model_type in GEMMA_TYPES:
         hf = _gemma_to_hf(c, model_type, require)
-    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *OLMO_TYPES, *MOE_TYPES):
+    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", *OLMO_TYPES,
+                        *MOE_TYPES):
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
         require(c.rotary_percentage == 1.0 or model_type == "phi3",
                 f"rotary_percentage={c.rotary_percentage} (needs 1.0)")
         require(not c.lm_head_bias, "lm_head_bias=True")
-        require(c.bias == c.attn_bias or model_type not in ("llama", "smollm3"), "bias=True with attn_bias=False")
-        require(not c.bias or model_type in ("llama", "smollm3"), "a bias (on every linear layer: only transformers' "
-                                                                  "Llama and SmolLM3 have that)")
+        require(c.bias == c.attn_bias or model_type not in ("llama", "smollm3", "granite"),
+                "bias=True with attn_bias=False")
+        require(not c.bias or model_type in ("llama", "smollm3", "granite"),
+                "a bias (on every linear layer: only transformers' Llama, SmolLM3 and Granite have that)")
         if model_type in ("qwen3", "qwen3_moe"):
             require(not c.attn_bias and not c.bias, "a bias (transformers' Qwen3 has none, or one on q/k/v and o_proj "
                                                     "both)")
@@ -743,7 +772,7 @@ def config_to_hf(config: Config) -> dict:
                         "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
                         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                         "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                        "olmo3": "Olmo3ForCausalLM"}.get(
+                        "olmo3": "Olmo3ForCausalLM", "granite": "GraniteForCausalLM"}.get(
             model_type, "LlamaForCausalLM")
         hf = dict(
             architectures=[architecture],
@@ -755,6 +784,11 @@ def config_to_hf(config: Config) -> dict:
         window = c.sliding_window_size
         if model_type == "llama":
             hf.update(attention_bias=c.bias, mlp_bias=c.bias)
+        elif model_type == "granite":
+            require(window is None, "sliding_window_size (transformers' Granite has no sliding window)")
+            hf.update(attention_bias=c.bias, mlp_bias=c.bias, embedding_multiplier=c.embedding_multiplier or 1.0,
+                      residual_multiplier=c.residual_multiplier or 1.0, logits_scaling=c.logits_scaling or 1.0,
+                      attention_multiplier=c.attention_scale or c.head_size ** -0.5)
         elif model_type in OLMO_TYPES:
             hf.update(attention_bias=False)
             if model_type == "olmo3":  # (its RoPE per layer type, as transformers 5 writes it)
@@ -1134,7 +1168,8 @@ def iter_lit_to_hf(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
     c = config
-    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", *OLMO_TYPES, *GEMMA_TYPES)
+    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", *OLMO_TYPES,
+                                *GEMMA_TYPES)
     moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
     expert_parts = {"fc_1": "w1", "fc_2": "w3", "proj": "w2"} if model_type == "mixtral" else {
         "fc_1": "gate_proj", "fc_2": "up_proj", "proj": "down_proj"}

@@ -47,10 +47,10 @@ from lit_gpt.config import CONFIG_FILENAME, Config, longrope_attention_factor
 from lit_gpt.utils import WEIGHTS_FILENAME, atomic_paths, check_output_dir
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3", "gemma", "gemma2", "gemma3",
-                           "smollm3", "olmo2")
+                           "smollm3", "olmo2", "granite")
 # architectures whose attn_q/attn_k rows llama.cpp permutes for its interleaved ("normal") rope (its converter's
-# SmolLM3Model is a LlamaModel, which permutes them)
-_PERMUTED_QK = ("llama", "smollm3")
+# SmolLM3Model and GraniteModel are LlamaModels, which permute them)
+_PERMUTED_QK = ("llama", "smollm3", "granite")
 # llama.cpp's SmolLM3 skips RoPE in every fourth block, (il + 1) % 4 == 0 (n_no_rope_layer_step, set to 4 in
 # src/models/smollm3.cpp: no GGUF key holds it), as transformers' default no_rope_layer_interval does
 _SMOLLM3_NO_ROPE_STEP = 4
@@ -195,6 +195,8 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         family["rope_indices"] = [int((i + 1) % _SMOLLM3_NO_ROPE_STEP != 0) for i in range(n_layer)]
     if arch == "olmo2":
         family.update(_olmo2_fields(metadata, n_layer, block_size))
+    if arch == "granite":
+        family.update(_granite_fields(metadata, path))
     return Config(
         name=str(general_name),
         block_size=block_size,
@@ -220,6 +222,23 @@ def config_from_gguf(metadata: dict, tensor_shapes: dict[str, tuple[int, ...]], 
         # tensors: `_check_complete`)
         **family,
     )
+
+
+def _granite_fields(metadata: dict, path: Path) -> dict[str, Any]:
+    """Granite's scalings as llama.cpp's granite graph applies them: token embeddings times `embedding_scale`,
+    each block's attention and MLP outputs times `residual_scale`, attention scores times `attention.scale` (0 or
+    absent: 1/sqrt(head_size)), logits divided by `logit_scale`; absent (or neutral) ones are left out."""
+    fields: dict[str, Any] = {}
+    for key, field, neutral in (("embedding_scale", "embedding_multiplier", 1.0),
+                                ("residual_scale", "residual_multiplier", 1.0),
+                                ("attention.scale", "attention_scale", 0.0), ("logit_scale", "logits_scaling", 1.0)):
+        value = metadata.get(f"granite.{key}")
+        if value is None or float(value) == neutral:
+            continue
+        if not float(value) > 0:
+            raise GGUFImportError(f"{str(path)!r} sets granite.{key} to {value}; it must be a positive number.")
+        fields[field] = float(value)
+    return fields
 
 
 def _olmo2_fields(metadata: dict, n_layer: int, block_size: int) -> dict[str, Any]:

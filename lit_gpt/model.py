@@ -131,11 +131,16 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions)
         if self.config.scale_embeddings:  # the factor in x's dtype first, as Gemma computes it
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        if self.config.embedding_multiplier is not None:  # (Granite)
+            x = x * self.config.embedding_multiplier
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output projection of final hidden states, soft-capped where the config says so (Gemma 2)."""
+        """The output projection of final hidden states, soft-capped (Gemma 2) or divided (Granite) where the config
+        says so."""
         out = self.lm_head(hidden)
+        if self.config.logits_scaling is not None:
+            out = out / self.config.logits_scaling
         cap = self.config.final_logit_softcapping
         return out if cap is None else softcap(out, cap)
 
@@ -333,7 +338,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if labels is not None:
             return chunked_cross_entropy(x[:, :-1], labels[:, 1:], self.lm_head,
-                                         final_softcap=self.config.final_logit_softcapping)
+                                         final_softcap=self.config.final_logit_softcapping,
+                                         logits_scaling=self.config.logits_scaling)
         return self.logits(x) if lm_head else x
 
     def _block_ropes(self, length: int, device: torch.device, dtype: torch.dtype, rows: Optional[torch.Tensor]
@@ -420,10 +426,10 @@ class GPT(nn.Module):
 
 def chunked_cross_entropy(
     hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024, ignore_index: int = -100,
-    final_softcap: Optional[float] = None,
+    final_softcap: Optional[float] = None, logits_scaling: Optional[float] = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `head(hidden)` (soft-capped in float32 by `final_softcap`) against `targets`, over the
-    positions whose target is not ignored.
+    """Mean cross-entropy of `head(hidden)` (divided by `logits_scaling`, then soft-capped in float32 by
+    `final_softcap`) against `targets`, over the positions whose target is not ignored.
 
     Only those positions go through the output projection (prompt tokens masked out of the loss cost nothing there),
     and when they exceed `chunk_size` each chunk's logits are recomputed in backward rather than kept.
@@ -436,6 +442,8 @@ def chunked_cross_entropy(
 
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
+        if logits_scaling is not None:
+            logits = logits / logits_scaling
         if final_softcap is not None:
             logits = softcap(logits, final_softcap)
         return F.cross_entropy(logits, t, reduction="sum")
@@ -494,6 +502,7 @@ class Block(nn.Module):
             config.mlp_class_name, GptNeoxMLP)(config)
         self.post_mlp_norm = build_norm(config) if config.post_mlp_norm else None
         self.parallel_residual = config.parallel_residual
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         x_normed = self.norm_1(x)
@@ -503,10 +512,14 @@ class Block(nn.Module):
             return x + h + self.mlp(mlp_in)
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
+        if self.residual_multiplier is not None:  # (Granite)
+            h = h * self.residual_multiplier
         x = x + h
         h = self.mlp(self.norm_2(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
+        if self.residual_multiplier is not None:
+            h = h * self.residual_multiplier
         return x + h
 
 
@@ -554,7 +567,7 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache(input_pos, k, v)
             if mask is None:
                 mask = input_pos[:, None] >= torch.arange(k.size(2), device=k.device)[None, :]
-        scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        scale = c.attention_scale or 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         if c.attention_logit_softcapping is not None:
             y = softcapped_attention(q, k, v, mask, scale, c.attention_logit_softcapping)
         else:

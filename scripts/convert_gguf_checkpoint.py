@@ -13,7 +13,7 @@ from lit_gpt.gguf import convert_gguf  # noqa: E402
 
 def main(gguf_path: Path, checkpoint_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
     """Dequantize a llama (Mixtral's experts included), qwen2, qwen2moe, qwen3, qwen3moe, phi3, gemma, gemma2,
-    gemma3 (text), smollm3 or olmo2 (OLMo 3 included) GGUF file into `checkpoint_dir`.
+    gemma3 (text), smollm3, olmo2 (OLMo 3 included) or granite GGUF file into `checkpoint_dir`.
 
     Writes lit_model.pth, model_config.yaml, tokenizer.json, tokenizer_config.json (with the chat template) and
     generation_config.json. Quantized tensors are dequantized one at a time.

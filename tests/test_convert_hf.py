@@ -116,6 +116,14 @@ FAMILIES = {
         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}), "Olmo3ForCausalLM",
         dict(pre_norms=False, sliding_window_size=6, sliding_window_indices=[1, 1, 1, 0], rope_base=10000.0,
              rope_local_base_freq=500.0)),
+    # Granite: embeddings, residual branches, attention scores and logits scaled by constants of its config
+    "granite": ("granite", dict(_LLAMA, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                attention_multiplier=0.0625, logits_scaling=8.0), "GraniteForCausalLM",
+                dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_scale=0.0625, logits_scaling=8.0)),
+    "granite_bias_tied": ("granite", dict(_LLAMA, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                          embedding_multiplier=4.0, attention_multiplier=0.25),
+                          "GraniteForCausalLM", dict(bias=True, tie_embeddings=True, residual_multiplier=None,
+                                                     logits_scaling=None, attention_scale=None)),
     # mixtures of experts: a router and SwiGLU experts in every block, Qwen3-MoE's narrower than intermediate_size
     "mixtral": (
         "mixtral", dict(_LLAMA, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
@@ -1086,3 +1094,27 @@ def test_yarn_settings_that_cannot_hold_are_refused_in_one_sentence():
                 {k: v for k, v in yarn.items() if k != "beta_slow"}):
         with pytest.raises(ValueError, match=r"rope_adjustments=.* must be null, .* \(YaRN's, and a bool truncate\)"):
             Config(**fields, rope_adjustments=bad)
+
+
+def test_granite_loss_is_transformers_and_its_scalings_are_refused_elsewhere(tmp_path):
+    """Training's chunked loss divides the logits by logits_scaling as transformers' GraniteForCausalLM does; the
+    scalings export as Granite only, and a non-positive one is refused."""
+    from lit_gpt.convert_hf import config_from_hf, config_to_hf
+
+    model_type, kwargs, _, _ = FAMILIES["granite"]
+    hf_model = make_hf_model(model_type, **kwargs)
+    hf_model.save_pretrained(tmp_path)
+    convert_hf_checkpoint(tmp_path)
+    model = GPT.from_checkpoint(tmp_path).eval()
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, labels=idx), hf_model(idx, labels=idx).loss)
+    with pytest.raises(ConversionError, match=r"residual_multiplier=0; it must be a positive number"):
+        config_from_hf({**kwargs, "model_type": "granite", "residual_multiplier": 0})
+    gemma_like = Config(name="t", n_layer=1, n_embd=32, n_head=4, vocab_size=64, block_size=32, bias=False,
+                        norm_class_name="RMSNorm", mlp_class_name="GemmaMLP", intermediate_size=48,
+                        logits_scaling=8.0)
+    with pytest.raises(ConversionError, match="cannot be exported.*logits_scaling=8.0 .*only Granite"):
+        config_to_hf(gemma_like)
+    with pytest.raises(ValueError, match="attention_scale and attention_scores_scalar both set"):
+        Config(**{**gemma_like.to_dict(), "attention_scale": 0.1, "attention_scores_scalar": 16})

@@ -126,7 +126,7 @@ def gguf_tensors_from_hf(hf_model, arch: str, qtypes: dict = None) -> dict:
             if arch == "olmo2" and module == "post_attention_layernorm":  # (after the attention, not before the MLP)
                 module = "post_attention_layernorm_olmo2"
             gname = f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
-            if arch in ("llama", "smollm3") and module in ("self_attn.q_proj", "self_attn.k_proj"):
+            if arch in ("llama", "smollm3", "granite") and module in ("self_attn.q_proj", "self_attn.k_proj"):
                 heads = cfg.num_attention_heads if module == "self_attn.q_proj" else cfg.num_key_value_heads
                 array = llama_cpp_permute(array, heads)
         qtype = (qtypes or {}).get(gname.split(".", 2)[-1] if gname.startswith("blk.") else gname, Q.F32)
@@ -162,6 +162,8 @@ def hf_model(kind: str, vocab_size: int, **kw):
     torch.manual_seed(0)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
+    elif kind == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**base))
     elif kind in ("olmo2", "olmo3"):
         config = getattr(transformers, "Olmo2Config" if kind == "olmo2" else "Olmo3Config")(
             **base, pad_token_id=0, eos_token_id=0)
@@ -289,6 +291,20 @@ def test_olmo2_gguf_with_post_norms_whole_width_qk_norms_and_olmo3_windows(kind,
     config, _ = import_and_compare(tmp_path, hf, "olmo2", {**tokenizer_metadata(tokens, merges), **meta})
     assert (config.pre_norms, config.norm_qk_type) == (False, "all")
     assert config.sliding_window_indices == ([1, 1, 1, 0] if kind == "olmo3" else None)
+
+
+def test_granite_gguf_with_its_four_scalings(tmp_path, byte_level_vocab):
+    """A granite file: llama.cpp's converter permutes q/k as Llama's and renames the multipliers to embedding_scale,
+    residual_scale, attention.scale and logit_scale; transformers' Granite with the same values."""
+    tokens, merges = byte_level_vocab
+    scalings = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                    logits_scaling=8.0)
+    hf = hf_model("granite", len(tokens), **scalings)
+    meta = {"granite.embedding_scale": 12.0, "granite.residual_scale": 0.22, "granite.attention.scale": 0.0625,
+            "granite.logit_scale": 8.0}
+    config, _ = import_and_compare(tmp_path, hf, "granite", {**tokenizer_metadata(tokens, merges), **meta})
+    assert (config.embedding_multiplier, config.residual_multiplier, config.attention_scale,
+            config.logits_scaling) == pytest.approx((12.0, 0.22, 0.0625, 8.0))  # (float32 in the file)
 
 
 def test_yarn_scaled_qwen2_gguf_matches_transformers_past_the_original_context(tmp_path, byte_level_vocab):
