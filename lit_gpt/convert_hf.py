@@ -60,6 +60,8 @@ OLMO_TYPES = ("olmo2", "olmo3")
 # the llama-shaped families whose MLP is a mixture of experts (lit's "LLaMAMoE")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+# the families of Llama's shape (RMSNorm, SwiGLU, q/k/v/o projections), converted by one path each way
+LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", *OLMO_TYPES, *MOE_TYPES)
 HF_CONFIG_FILENAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # files a transformers model folder needs besides weights and config.json; copied as they are on export
@@ -260,8 +262,7 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
             block_size=int(need("max_position_embeddings")), pos_embedding="rope", rope_base=float(rope_base),
             rope_adjustments=rope_adjustments, rotary_percentage=float(partial),
         )
-        if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", *OLMO_TYPES,
-                          *MOE_TYPES):
+        if model_type in LLAMA_SHAPED:
             if hf["hidden_act"] not in ("silu", "swish"):  # transformers' "swish" is SiLU
                 raise ConversionError(
                     f"config.json sets hidden_act={hf['hidden_act']!r}; the {model_type} MLP lit_gpt implements is "
@@ -592,11 +593,11 @@ def _sliding_window(hf: dict, model_type: str, n_layer: int) -> Optional[tuple[i
         window = hf["sliding_window"] if hf["use_sliding_window"] else None
         if window is None:
             return None
-        # (SmolLM3's default: the window in its NoPE blocks)
-        layer_types = hf.get("layer_types") or [
-            ("sliding_attention" if not _rope_layers(hf, n_layer)[i] else "full_attention") if model_type == "smollm3"
-            else "sliding_attention" if i >= hf["max_window_layers"] else "full_attention" for i in range(n_layer)
-        ]
+        layer_types = hf.get("layer_types")
+        if not layer_types:  # (SmolLM3's default: the window in its NoPE blocks; Qwen's: past max_window_layers)
+            windowed = ([not rope for rope in _rope_layers(hf, n_layer)] if model_type == "smollm3"
+                        else [i >= hf["max_window_layers"] for i in range(n_layer)])
+            layer_types = ["sliding_attention" if w else "full_attention" for w in windowed]
         flags = _window_flags(layer_types, n_layer)
         if not any(flags):
             return None
@@ -746,8 +747,7 @@ def config_to_hf(config: Config) -> dict:
                                                   "window in every block)")
     if model_type in GEMMA_TYPES:
         hf = _gemma_to_hf(c, model_type, require)
-    elif model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", *OLMO_TYPES,
-                        *MOE_TYPES):
+    elif model_type in LLAMA_SHAPED:
         require(c.norm_class_name == "RMSNorm", f"norm_class_name={c.norm_class_name!r} (needs 'RMSNorm')")
         require(not c.parallel_residual, "parallel_residual=True")
         require(c.rotary_percentage == 1.0 or model_type == "phi3",
@@ -1168,8 +1168,7 @@ def iter_lit_to_hf(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"Cannot export to model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
     c = config
-    llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", *OLMO_TYPES,
-                                *GEMMA_TYPES)
+    llama_like = model_type in GEMMA_TYPES or (model_type in LLAMA_SHAPED and model_type not in MOE_TYPES)
     moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
     expert_parts = {"fc_1": "w1", "fc_2": "w3", "proj": "w2"} if model_type == "mixtral" else {
         "fc_1": "gate_proj", "fc_2": "up_proj", "proj": "down_proj"}

@@ -645,8 +645,7 @@ def tokenize_rows(
 ) -> tuple[list[dict], SplitStats]:
     from tqdm import tqdm
 
-    # a conversation (`chat_rows`) is a row per assistant message
-    rows = [turn for row in rows for turn in row.get("turns", [row])]
+    rows = list(rows)
     samples, stats = [], SplitStats(rows=len(rows))
     for row in tqdm(rows, desc=desc, disable=None, mininterval=2.0):
         prompt = prompt_text(prompt_style, row)
@@ -677,9 +676,12 @@ def write_prepared(
     style = prompt_style_from_name(prompt_style, checkpoint_dir=checkpoint_dir, system_prompt=system_prompt,
                                    tokenizer=tokenizer)
     stats, samples = {}, {}
-    for rows in (train_rows, test_rows):
-        check_chat_rows([turn for row in rows for turn in row.get("turns", [row])], style, prompt_style)
-    for split, rows in (("train", train_rows), ("test", test_rows)):
+    # a conversation (`chat_rows`) is a row per assistant message
+    splits = {split: [turn for row in rows for turn in row.get("turns", [row])]
+              for split, rows in (("train", train_rows), ("test", test_rows))}
+    for rows in splits.values():
+        check_chat_rows(rows, style, prompt_style)
+    for split, rows in splits.items():
         samples[split], stats[split] = tokenize_rows(rows, tokenizer, style, max_seq_length, mask_inputs,
                                                      ignore_index, desc=f"{dataset} {split}")
     # nothing is written unless there is something to train on: a failed run leaves the directory as it was
