@@ -37,6 +37,7 @@ def setup(
     oft_neumann_terms: int = 0,
     precision: Optional[str] = None,
     adapter_float32: bool = False,
+    quantize: Optional[str] = None,
     devices: int = 1,
     num_nodes: int = 1,
     seed: int = 1337,
@@ -89,6 +90,10 @@ def setup(
         adapter_float32: Under `--precision bf16-true`, keep the adapter's weights, gradients and AdamW state in
             float32 (PEFT's default; always so under 16-true), so that Adam steps below half a bfloat16 spacing
             are not rounded away; the frozen model and the activations stay bfloat16.
+        quantize: Keep the frozen linear weights of the transformer blocks in `nf4` (QLoRA's 4-bit NormalFloat,
+            0.56 bytes per weight) or `int8` (1 byte), dequantized layer by layer as they compute: QLoRA when
+            the method is LoRA. The embeddings, norms, output head and what trains keep --precision's dtype;
+            the adapter trains against the quantized weights and merges into the checkpoint's own.
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.

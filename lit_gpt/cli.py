@@ -287,7 +287,8 @@ NO_EQUIVALENT = {
                                 "takes a fraction of one epoch (warmup_ratio × epochs), or --train.lr_warmup_steps "
                                 "steps"),
     "use_rslora": (_TRAINING, "rsLoRA's scale alpha / sqrt(r) is --lora_alpha alpha × sqrt(r) here"),
-    "quantize": (_TRAINING, "the frozen weights are not quantized here: --precision bf16-true halves their memory"),
+    "quantize": (_TRAINING, "full fine-tuning trains every weight, and a weight that trains is not quantized: "
+                            "QLoRA is finetune/lora.py --quantize nf4 (finetune/ether.py takes it too)"),
     "optimizer": (_TRAINING, "training uses AdamW (--train.learning_rate, --train.weight_decay, --train.beta1, "
                              "--train.beta2)"),
     "multiline": ("--multi_turn", "a message continues on the next line when a line ends with \\"),

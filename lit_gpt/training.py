@@ -45,6 +45,7 @@ from lit_gpt.adapters.state import REGULARISERS  # adapter settings a resume may
 from lit_gpt.args import EvalArgs, IOArgs, TrainArgs
 from lit_gpt.config import CONFIG_FILENAME, Config, read_yaml_file
 from lit_gpt.model import GPT
+from lit_gpt.quantize import check_kind, quantize_model, quantize_note
 from lit_gpt.utils import (
     FINAL_DIRNAME,
     MERGED_DIRNAME,
@@ -1218,10 +1219,14 @@ def check_same_training_data(saved: dict, now: dict, data_dir: Path, ckpt: Path)
 
 
 def changed_training_flags(saved: dict, train: TrainArgs, steps: int, n_samples: int, precision: str,
-                           adapter_float32: bool = False, loraplus_lr_ratio: Optional[float] = None) -> list[str]:
+                           adapter_float32: bool = False, loraplus_lr_ratio: Optional[float] = None,
+                           quantize: Optional[str] = None) -> list[str]:
     """`--train.X old -> new` for each training setting of this run that differs from the checkpoint's (none for
-    checkpoints written before the settings were recorded in them), and `--precision`, `--adapter_float32` likewise."""
+    checkpoints written before the settings were recorded in them), and `--precision`, `--adapter_float32`,
+    `--quantize` likewise."""
     changed = []
+    if "quantize" in saved and saved["quantize"] != quantize:
+        changed.append(f"--quantize {saved['quantize'] or 'null'} -> {quantize or 'null'}")
     if saved.get("precision") not in (None, precision):
         changed.append(f"--precision {saved['precision']} -> {precision}")
     if saved.get("adapter_float32") not in (None, adapter_float32):
@@ -1460,6 +1465,7 @@ def targets_from_flags(prefix: str, targets: Optional[Union[str, Sequence[str]]]
 
 def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Optional[Path]:
     """What every `finetune/*.py` does with its parsed flags: plan (`--dry_run`) or train."""
+    check_kind(args.get("quantize"))
     if args["dry_run"]:
         from lit_gpt.adapters import plan_report
 
@@ -1490,7 +1496,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         check_precision(precision, adapter_config, args["devices"] * args["num_nodes"])
         adapter_float32 = resolve_adapter_float32(args.get("adapter_float32"), adapter_config, precision)
         print(plan_report(model, adapter_config, precision, adapter_float32=adapter_float32,
-                          world_size=args["devices"] * args["num_nodes"]))
+                          world_size=args["devices"] * args["num_nodes"], quantize=args.get("quantize")))
         return None
     # the flags only: never a class or module a script happened to have in scope
     cli_args = {k: v for k, v in args.items() if k not in ("io", "train", "eval", "adapter", "targets", "extra")
@@ -1501,6 +1507,7 @@ def run_entrypoint(method: str, adapter_config: Optional[Any], args: dict) -> Op
         precision=args["precision"], devices=args["devices"], num_nodes=args["num_nodes"], seed=args["seed"],
         resume=args["resume"], cli_args=cli_args, adapter_float32=args.get("adapter_float32"),
         logger_name=args.get("logger_name", "tensorboard"), loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
+        quantize=args.get("quantize"),
     )
 
 
@@ -1529,6 +1536,7 @@ def finetune(
     adapter_float32: Optional[bool] = None,
     logger_name: str = "tensorboard",
     loraplus_lr_ratio: Optional[float] = None,
+    quantize: Optional[str] = None,
 ) -> Path:
     """Fine-tune the checkpoint in `io.checkpoint_dir` with `adapter_config` (None: every weight); returns the run
     directory."""
@@ -1599,7 +1607,7 @@ def finetune(
             raise ValueError(f"--resume {str(ckpt)!r} is at step {saved['step']}, past the {steps} steps of this "
                              "run: raise --train.max_steps, or resume from an earlier checkpoint.")
         changed = changed_training_flags(saved, train, steps, len(train_data), precision, adapter_float32,
-                                         loraplus_lr_ratio)
+                                         loraplus_lr_ratio, quantize)
         was_world = saved.get("world_size", (saved.get("data") or {}).get("world_size"))
         if was_world not in (None, world_size):
             changed.append(f"--devices × --num_nodes {was_world} -> {world_size}")
@@ -1622,6 +1630,9 @@ def finetune(
     load_model_weights(model, io.checkpoint_dir / "lit_model.pth", dtype=precision_dtype(precision))
     if adapter_config is not None:
         apply_adapters(model, adapter_config)
+    if quantize is not None:  # made on the training device, one weight at a time (FSDP2: every process keeps all)
+        fabric.print(quantize_note(model, quantize))
+        quantize_model(model, quantize, device=fabric.device)
     model.activation_checkpointing = train.activation_checkpointing
     if keeps_trainable_float32(precision, adapter_config, adapter_float32):
         why = ("float16 ones round AdamW's steps to NaN" if precision.startswith("16-true")
@@ -1729,7 +1740,7 @@ def finetune(
             {"model": msd, "optimizer": osd, "step": step, "data": data_state, "rng": rng,
              "precision_state": fabric.strategy.precision.state_dict(),  # 16-mixed's GradScaler; {} otherwise
              "world_size": fabric.world_size, "method": method, "train": asdict(train), "precision": precision,
-             "adapter_float32": adapter_float32, "loraplus_lr_ratio": loraplus_lr_ratio,
+             "adapter_float32": adapter_float32, "loraplus_lr_ratio": loraplus_lr_ratio, "quantize": quantize,
              "validated": validated,  # whether a validation ran at this step before it was written
              "data_fingerprint": fingerprint,
              "adapter_config": adapter_config.to_dict() if adapter_config is not None else None}, path),

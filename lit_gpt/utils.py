@@ -811,12 +811,18 @@ def load_model_weights(
 
 
 def num_parameters(module: nn.Module, requires_grad: Optional[bool] = None) -> int:
+    """The parameters of `module` (those that train, or not, with `requires_grad`), frozen weights kept quantized
+    (`lit_gpt.quantize`) included."""
+    from lit_gpt.quantize import Quantized
+
     seen, total = set(), 0
     for p in module.parameters():
         if id(p) in seen or (requires_grad is not None and p.requires_grad != requires_grad):
             continue
         seen.add(id(p))
         total += p.numel()
+    if requires_grad is not True:
+        total += sum(m.numel() for m in module.modules() if isinstance(m, Quantized))
     return total
 
 

@@ -420,4 +420,4 @@ def test_a_litgpt_finetune_config_gets_every_change_it_needs_in_one_sentence(tmp
         f"error: --config {str(config)!r} is a litgpt config (litgpt.data.JSON): prepare its data with `python "
         "scripts/prepare_json.py --json_path data.json --checkpoint_dir checkpoints/org/model` and pass the folder it "
         "writes as io.train_data_dir; move checkpoint_dir and out_dir under io: (io.checkpoint_dir, io.out_dir); "
-        "delete quantize, train.max_tokens (no setting here; see --help).\n")
+        "delete train.max_tokens (no setting here; see --help).\n")

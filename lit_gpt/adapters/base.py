@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import fnmatch
 import re
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -256,23 +257,63 @@ class AdaptedLinear(nn.Module):
         self.config = config
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.adapters_enabled = True
+        self.quantized = None  # `quantize`: the frozen weight in 4 or 8 bits, in place of `weight`
 
     # ------------------------------------------------------------------ helpers
     def base_weight(self) -> torch.Tensor:
-        """The weight as `(out, in)` (a view for `Conv1D`)."""
-        return self.weight.t() if self.transposed else self.weight
+        """The weight as `(out, in)` (a view for `Conv1D`; dequantized, outside autograd's care, if quantized)."""
+        W = self.weight if self.quantized is None else self.quantized.dequantize()
+        return W.t() if self.transposed else W
+
+    def stored_shape(self) -> tuple[int, ...]:
+        """The base weight's shape as stored (`(in, out)` for `Conv1D`), quantized or not."""
+        return tuple(self.weight.shape) if self.quantized is None else self.quantized.shape
+
+    @contextmanager
+    def _weight(self) -> Iterator[torch.Tensor]:
+        """`base_weight()` for a pass autograd records: a quantized weight is not kept for backward
+        (`lit_gpt.quantize.Quantized.unkept`)."""
+        if self.quantized is None:
+            yield self.base_weight()
+            return
+        with self.quantized.unkept() as W:
+            yield W.t() if self.transposed else W
+
+    @torch.no_grad()
+    def quantize(self, kind: str, device: Optional[torch.device] = None) -> None:
+        """Keep the frozen base weight in `kind`'s codes (`lit_gpt.quantize`), made on `device` (default: the
+        weight's), in place of the `weight` parameter. DoRA's magnitudes are set again from the dequantized rows,
+        which the layer computes with from now on, so that it still starts as the quantized base layer."""
+        from lit_gpt.quantize import Quantized
+
+        if self.quantized is not None:
+            raise ValueError(f"this layer's weight is already quantized ({self.quantized.kind}).")
+        if self.weight.requires_grad:
+            raise ValueError("a weight that trains cannot be quantized: only frozen base weights are.")
+        W = self.weight if device is None else self.weight.to(device)
+        self.quantized = Quantized(W, kind)
+        del self.weight
+        W = self.base_weight()
+        for name, lo, hi in self.slices:
+            ad = self._adapter(name)
+            if getattr(ad, "magnitude", None) is not None:
+                ad.magnitude.copy_(torch.linalg.vector_norm(W[lo:hi], dim=1, dtype=compute_dtype(W)))
 
     def _adapter(self, name: str) -> Optional[SliceAdapter]:
         return self.adapters[name] if name in self.adapters else None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.base_weight()
-        if not self.adapters_enabled or len(self.adapters) == 0:
-            return F.linear(x, W, self.bias)
-        if next(iter(self.adapters.values())).additive:
-            return self._forward_additive(x, W)
-        return self._forward_multiplicative(x, W)
+        with self._weight() as W:
+            if not self.adapters_enabled or len(self.adapters) == 0:
+                return F.linear(x, W, self.bias)
+            if next(iter(self.adapters.values())).additive:
+                return self._forward_additive(x, W)
+            return self._forward_multiplicative(x, W)
+
+    def _forward_unkept(self, x: torch.Tensor, output_side: bool) -> torch.Tensor:
+        with self._weight() as W:
+            return self._forward_multiplicative(x, W, output_side=output_side)
 
     def _forward_additive(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         parts = [(lo, hi, self._adapter(name)) for name, lo, hi in self.slices if name in self.adapters]
@@ -404,8 +445,8 @@ class AdaptedLinear(nn.Module):
         if not hasattr(kind, "swiglu_outputs") or not kind.swiglu_runs(x, present):
             return None
         return kind.swiglu_outputs(
-            lambda: self._forward_multiplicative(x, self.base_weight(), output_side=False),
-            lambda: other._forward_multiplicative(x, other.base_weight(), output_side=False),
+            lambda: self._forward_unkept(x, output_side=False),
+            lambda: other._forward_unkept(x, output_side=False),
             *transforms,
         )
 
@@ -469,7 +510,8 @@ class AdaptedLinear(nn.Module):
     def to_base(self) -> nn.Module:
         """The base module with the adapters folded into its weight."""
         base = self.__dict__["_base_module"]
-        base.weight = nn.Parameter(self.merged_weight(), requires_grad=self.weight.requires_grad)
+        frozen = self.quantized is not None or not self.weight.requires_grad
+        base.weight = nn.Parameter(self.merged_weight(), requires_grad=not frozen)
         if self.bias is not None:
             base.bias = self.bias
         return base

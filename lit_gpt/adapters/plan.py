@@ -36,11 +36,12 @@ def format_bytes(n: float) -> str:
 
 
 def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], precision: str = "bf16-true",
-                adapter_float32: Optional[bool] = None, world_size: int = 1) -> str:
+                adapter_float32: Optional[bool] = None, world_size: int = 1, quantize: Optional[str] = None) -> str:
     """A plain-text plan for fine-tuning `model` (a name of `Config.from_name`, or a checkpoint's `Config`) with
     `config` (`None`: full fine-tuning) at Lightning `precision`; `adapter_float32`: the flag of that name (None:
     unset, true for DoRA under bf16-true: `lit_gpt.training.resolve_adapter_float32`);
-    `world_size` processes (devices × nodes) shard the weights, gradients and AdamW state with FSDP2."""
+    `world_size` processes (devices × nodes) shard the weights, gradients and AdamW state with FSDP2; `quantize`:
+    the frozen linear weights kept in that format (`lit_gpt.quantize`; every process keeps all of them)."""
     precision = PRECISION_ALIASES.get(precision, precision)
     if precision not in PRECISION_BYTES:
         raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}.")
@@ -63,7 +64,15 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
     trained_bytes = (trainable - full) * trainable_bytes + full * nbytes
     # PiSSA's and OLoRA's starting factors, kept beside the adapter (buffers: never trained), in the model's dtype
     starting = sum(b.numel() for name, b in gpt.named_buffers() if ".adapters." in name)
-    weights = frozen * nbytes + trained_bytes + starting * nbytes
+    quantized, quantized_bytes = 0, 0
+    if quantize is not None:
+        from lit_gpt.quantize import DESCRIPTIONS, check_kind, quantizable, quantized_nbytes
+
+        check_kind(quantize)
+        shapes = [tuple(m.weight.shape) for *_, m in quantizable(gpt)]
+        quantized = sum(a * b for a, b in shapes)
+        quantized_bytes = sum(quantized_nbytes(shape, quantize) for shape in shapes)
+    weights = (frozen - quantized) * nbytes + quantized_bytes + trained_bytes + starting * nbytes
     grads = trained_bytes
     adam = 2 * trained_bytes
     method = "full fine-tuning" if config is None else config.describe()
@@ -91,12 +100,23 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
            if trainable_bytes != nbytes else ")"),
         f"weights: {format_bytes(weights)}" + (f" (with the adapter's {starting:,} starting factors, "
                                                 f"{format_bytes(starting * nbytes)})" if starting else ""),
+    ]
+    if quantize is not None:
+        lines.append(f"quantized: {len(shapes)} frozen linear weights ({quantized:,} parameters) in "
+                     f"{DESCRIPTIONS[quantize]}, {format_bytes(quantized_bytes)} in place of "
+                     f"{format_bytes(quantized * nbytes)}")
+    lines += [
         f"gradients: {format_bytes(grads)}",
         f"AdamW state: {format_bytes(adam)} (2 tensors per trainable parameter)",
         f"total before activations: {format_bytes(weights + grads + adam)}",
     ]
     if world_size > 1:  # FSDP2 shards every parameter (so its gradient and AdamW state) evenly over the processes
-        largest_block = max((num_parameters(block) for block in gpt.transformer.h), default=0) * nbytes
-        lines.append(f"per device, sharded over {world_size}: {format_bytes((weights + grads + adam) / world_size)}, "
+        gathered = {id(p) for p in gpt.parameters()} - {id(m.weight) for *_, m in quantizable(gpt)} if quantize else None
+        largest_block = max((sum(p.numel() for p in block.parameters() if gathered is None or id(p) in gathered)
+                             for block in gpt.transformer.h), default=0) * nbytes
+        sharded = weights - quantized_bytes + grads + adam
+        kept = (f" and the {format_bytes(quantized_bytes)} of quantized weights, which every device keeps,"
+                if quantize else "")
+        lines.append(f"per device, sharded over {world_size}: {format_bytes(sharded / world_size)},{kept} "
                      f"and up to {format_bytes(2 * largest_block)} for the gathered blocks in use")
     return "\n".join(lines)

@@ -73,7 +73,7 @@ def _aliases(model: nn.Module, names: Iterable[str]) -> set[str]:
 
 def _base_shapes(model: nn.Module) -> dict[str, list[int]]:
     """The stored shape of every adapted layer's weight (`(in, out)` for a `Conv1D`), by parameter name."""
-    return {f"{name}.weight": list(layer.weight.shape) for name, layer in adapted_layers(model)}
+    return {f"{name}.weight": list(layer.stored_shape()) for name, layer in adapted_layers(model)}
 
 
 def _base_model_name(model: nn.Module) -> Optional[str]:
