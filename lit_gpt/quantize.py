@@ -52,8 +52,25 @@ def check_kind(kind: Optional[str], flag: str = "--quantize") -> Optional[str]:
                      "unset to keep the frozen weights in the training dtype.")
 
 
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
 def _levels(device: torch.device) -> torch.Tensor:
-    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    key = ("levels", device)
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return _TABLES[key]
+
+
+def _byte_pairs(device: torch.device) -> torch.Tensor:
+    """`(256,)` int64: the two float32 levels a byte of codes stands for (high half first), as one 8-byte item, so
+    that one lookup per byte decodes it (a third of the time of looking up `(256, 2)` rows on a CPU)."""
+    key = ("pairs", device)
+    if key not in _TABLES:
+        levels = _levels(device)
+        pairs = torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=1).contiguous()
+        _TABLES[key] = pairs.view(torch.int64).view(-1)
+    return _TABLES[key]
 
 
 def _quantize_nf4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,15 +145,15 @@ class Quantized(nn.Module):
         if self.kind == "int8":
             cols = self.shape[1]
             r0, r1 = start // cols, -(-stop // cols)
-            rows = self.codes[r0 * cols:r1 * cols].view(r1 - r0, cols).float() * scales[r0:r1, None] * (1 / 127)
+            rows = self.codes[r0 * cols:r1 * cols].view(r1 - r0, cols).float().mul_(scales[r0:r1, None]).mul_(1 / 127)
             out = rows.to(self.dtype).reshape(-1)[start - r0 * cols:stop - r0 * cols]
         else:
             b0, b1 = start // BLOCK, -(-stop // BLOCK)
             packed = self.codes[b0 * BLOCK // 2:b1 * BLOCK // 2]
             if packed.numel() < (b1 - b0) * BLOCK // 2:  # the ragged last block
                 packed = F.pad(packed, (0, (b1 - b0) * BLOCK // 2 - packed.numel()))
-            idx = torch.stack((packed >> 4, packed & 15), dim=1).view(b1 - b0, BLOCK).long()
-            values = _levels(packed.device)[idx] * scales[b0:b1, None]
+            pairs = _byte_pairs(packed.device).index_select(0, packed.int()).view(torch.float32)
+            values = pairs.view(b1 - b0, BLOCK).mul_(scales[b0:b1, None])
             out = values.to(self.dtype).reshape(-1)[start - b0 * BLOCK:stop - b0 * BLOCK]
         return out.view(self.shape) if (start, stop) == (0, n) else out
 
