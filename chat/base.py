@@ -13,6 +13,7 @@ from lit_gpt.cli import run_cli, silence_stdout  # noqa: E402
 from lit_gpt.data.prompts import PromptStyle, PromptStyleName, prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import PromptCache, check_sampling, generate_stream  # noqa: E402
 from lit_gpt.merge import PRECISIONS, checkpoint_dir_for, load_finetuned, resolve_prompt_style  # noqa: E402
+from lit_gpt.quantize import check_kind  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer, check_utf8  # noqa: E402
 from lit_gpt.utils import check_checkpoint_dir, resolve_device  # noqa: E402
 
@@ -98,6 +99,7 @@ def main(
     system_prompt: Optional[str] = None,
     multi_turn: bool = True,
     seed: int = 1234,
+    quantize: Optional[str] = None,
 ) -> None:
     """Chat with a model, streaming each answer as it is generated.
 
@@ -133,10 +135,15 @@ def main(
             it and a whole answer, the oldest exchanges are forgotten, with a note on stderr); fixed-format styles
             such as Alpaca are always single-turn.
         seed: Random seed for sampling.
+        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight) or `int8` (1 byte): keep the linear
+            weights of the transformer blocks, adapted ones too, in that format (`lit_gpt/quantize.py`), for a
+            model that would not fit on the device otherwise; each weight is decoded at every forward pass, so
+            tokens come slower.
     """
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
     check_sampling(temperature, top_k, top_p, flag_prefix="--")
+    check_kind(quantize)
     torch_device = resolve_device(device)
     if precision is None:
         precision = "bf16-true" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
@@ -154,7 +161,7 @@ def main(
             style = prompt_style_from_name(
                 getattr(style, "name"), checkpoint_dir, system_prompt=system_prompt, tokenizer=tokenizer
             )
-    model = load_finetuned(checkpoint_dir, adapter_path, device=torch_device, dtype=dtype)
+    model = load_finetuned(checkpoint_dir, adapter_path, device=torch_device, dtype=dtype, quantize=quantize)
     conversation = Conversation(style, multi_turn)
     generator = torch.Generator(device=torch_device).manual_seed(seed)
 

@@ -42,6 +42,7 @@ def main(
     fewshot_as_multiturn: Optional[bool] = None,
     gen_kwargs: Optional[Union[str, dict[str, Any]]] = None,
     log_samples: bool = False,
+    quantize: Optional[str] = None,
 ) -> dict:
     """Run lm-eval tasks on a lit checkpoint, write lm-eval's results JSON and print its results table.
 
@@ -97,10 +98,15 @@ def main(
             do_sample, temperature, top_k and top_p; others are refused.
         log_samples: Also write every document's prompt(s), answers and scores, one JSON Lines file per task next
             to the results JSON (<its name without .json>_samples_<task>.jsonl), to inspect or compare runs.
+        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight) or `int8` (1 byte): keep the linear
+            weights of the transformer blocks, adapted ones too, in that format (`lit_gpt/quantize.py`), for a
+            model that would not fit on the device otherwise; each weight is decoded at every forward pass, so
+            tokens come slower.
     """
     import json
 
     from lit_gpt.merge import checkpoint_dir_for
+    from lit_gpt.quantize import check_kind
     from lit_gpt.utils import atomic_write_text, check_output_file, resolve_device
 
     checkpoint_dir = checkpoint_dir_for(checkpoint_dir, adapter_path)
@@ -125,6 +131,7 @@ def main(
     if fewshot_as_multiturn is None:
         fewshot_as_multiturn = apply_chat_template
     torch_device = resolve_device(device)
+    check_kind(quantize)
     # the offline switches the user set, which an unreachable-Hub error then names
     switched_off = [k for k in OFFLINE_SWITCHES if os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")]
 
@@ -161,7 +168,7 @@ def main(
     tasks = top_level_items(loaded)
 
     model = LitGPTLM(checkpoint_dir=checkpoint_dir, adapter_path=adapter_path, batch_size=batch_size,
-                     device=torch_device, precision=precision, max_length=max_length)
+                     device=torch_device, precision=precision, max_length=max_length, quantize=quantize)
     results = lm_eval.simple_evaluate(
         model=model, tasks=tasks, task_manager=task_manager, num_fewshot=num_fewshot, limit=limit,
         bootstrap_iters=bootstrap_iters, log_samples=log_samples, apply_chat_template=apply_chat_template,

@@ -64,11 +64,13 @@ def load_eval_model(
     adapter_path: Optional[Union[Path, str]] = None,
     device: Optional[Union[torch.device, str]] = None,
     dtype: Optional[torch.dtype] = None,
+    quantize: Optional[str] = None,
 ) -> GPT:
-    """The base model of `checkpoint_dir`, with the unmerged adapter of `adapter_path` on top when given."""
+    """The base model of `checkpoint_dir`, with the unmerged adapter of `adapter_path` on top when given (its linear
+    weights kept in `quantize`'s format, if given: `lit_gpt.quantize`)."""
     from lit_gpt.merge import load_finetuned
 
-    return load_finetuned(checkpoint_dir, adapter_path=adapter_path, device=device, dtype=dtype)
+    return load_finetuned(checkpoint_dir, adapter_path=adapter_path, device=device, dtype=dtype, quantize=quantize)
 
 
 @register_model("lit_gpt")
@@ -93,6 +95,8 @@ class LitGPTLM(TemplateLM):
         max_gen_toks: Tokens to generate when a task does not say.
         add_bos_token: Force BOS on (True) or off (False); default the tokenizer's own setting, as `HFLM` does.
         max_batch_size: Accepted for lm-eval's API; the batch size is fixed.
+        quantize: `nf4` or `int8`: keep the blocks' linear weights in that format (`lit_gpt.quantize`), for a model
+            that would not fit otherwise; each is decoded at every forward pass.
     """
 
     _DEFAULT_MAX_GEN_TOKS = 256
@@ -111,6 +115,7 @@ class LitGPTLM(TemplateLM):
         max_gen_toks: int = _DEFAULT_MAX_GEN_TOKS,
         add_bos_token: Optional[bool] = None,
         max_batch_size: Optional[int] = None,
+        quantize: Optional[str] = None,
     ) -> None:
         super().__init__()
         if model is None and checkpoint_dir is None:
@@ -139,7 +144,8 @@ class LitGPTLM(TemplateLM):
         # results then say which merge they are of (a re-merge of a resumed run keeps the folder's name)
         self.merge_info = read_merge_info(checkpoint_dir) if model is None else None
         if model is None:
-            model = load_eval_model(checkpoint_dir, adapter_path, device=self._device, dtype=weight_dtype)
+            model = load_eval_model(checkpoint_dir, adapter_path, device=self._device, dtype=weight_dtype,
+                                    quantize=quantize)
         elif adapter_path is not None:
             raise ValueError("Pass adapter_path with checkpoint_dir, not with an already built model.")
         else:

@@ -368,6 +368,7 @@ def load_finetuned(
     adapter_path: Optional[PathLike] = None,
     device: Optional[Union[torch.device, str]] = None,
     dtype: Optional[torch.dtype] = None,
+    quantize: Optional[str] = None,
 ) -> GPT:
     """The base checkpoint with the fine-tuned weights of `adapter_path` on top, in eval mode.
 
@@ -375,10 +376,19 @@ def load_finetuned(
     fine-tuning file (`lit_model_finetuned.pth`, a plain lit state dict) replaces the base weights it holds.
     The base is memory-mapped, so only the weights actually replaced or cast cost memory.
     Weights trained on another base model are refused with one sentence, before the base weights are read.
+    `quantize` (`nf4`, `int8`): the blocks' linear weights (adapted ones too) are kept in that format
+    (`lit_gpt.quantize`), each made on `device` from the memory-mapped file, so the device never holds the
+    unquantized model.
     """
     from lit_gpt.adapters import load_adapters
+    from lit_gpt.quantize import check_kind, quantize_model
 
+    check_kind(quantize)
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    if quantize is not None:  # loaded on the CPU (memory-mapped), quantized onto the device
+        model = load_finetuned(checkpoint_dir, adapter_path, device=None, dtype=dtype).requires_grad_(False)
+        quantize_model(model, quantize, device=None if device is None else torch.device(device))
+        return model.to(device) if device is not None else model
     if adapter_path is None:
         return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
     finetuned = read_finetuned(adapter_path, checkpoint_dir)

@@ -49,7 +49,7 @@ def check_kind(kind: Optional[str], flag: str = "--quantize") -> Optional[str]:
         hint = (f" (litgpt's {kind} runs bitsandbytes; here the same formats are written in torch: "
                 f"{kind[4:].split('-')[0]!r} is the name)")
     raise ValueError(f"{flag} {kind!r} is not a quantization here{hint}: pass one of {', '.join(KINDS)}, or leave it "
-                     "unset to keep the frozen weights in the training dtype.")
+                     "unset to keep the weights unquantized.")
 
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}

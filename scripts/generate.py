@@ -9,10 +9,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lit_gpt import GPT, Tokenizer  # noqa: E402
+from lit_gpt import Tokenizer  # noqa: E402
 from lit_gpt.tokenizer import check_utf8  # noqa: E402
 from lit_gpt.data.prompts import prompt_style_from_name  # noqa: E402
 from lit_gpt.generate import PromptCache, check_sampling, generate_stream  # noqa: E402
+from lit_gpt.quantize import check_kind  # noqa: E402
 from lit_gpt.merge import (  # noqa: E402
     PRECISIONS,
     checkpoint_dir_for,
@@ -67,6 +68,7 @@ def main(
     system_prompt: Optional[str] = None,
     seed: int = 1234,
     num_samples: int = 1,
+    quantize: Optional[str] = None,
 ) -> None:
     """Generate an answer to `--prompt` with the model in `--checkpoint_dir` and print tokens/s to stderr.
 
@@ -98,6 +100,10 @@ def main(
             same seed gives the same samples again (the first one is the answer --num_samples 1 gives).
         num_samples: How many answers to sample for the prompt from the one loaded model (at least 1); above 1,
             each is printed after a line `--- sample I of N ---`, with a blank line between them.
+        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight) or `int8` (1 byte): keep the linear
+            weights of the transformer blocks, adapted ones too, in that format (`lit_gpt/quantize.py`), for a
+            model that would not fit on the device otherwise; each weight is decoded at every forward pass, so
+            tokens come slower.
     """
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}.")
@@ -106,6 +112,7 @@ def main(
     if system_prompt is not None and not chat_template:
         raise ValueError("--system_prompt needs a prompt format; it is unused with --chat_template false.")
     check_sampling(temperature, top_k, top_p, flag_prefix="--")
+    check_kind(quantize)
     check_utf8(prompt, "--prompt")
     checkpoint_dir = checkpoint_dir_for(checkpoint_dir, adapter_path)
     if adapter_path is None:
@@ -139,10 +146,7 @@ def main(
         greedy = "--temperature 0" if temperature == 0 else "--top_k 1"
         print(f"Note: {greedy} is greedy decoding, so the {num_samples} samples will be identical.", file=sys.stderr)
     # the prompt before the model: its mistakes need no weights
-    if adapter_path is not None:
-        model = load_finetuned(checkpoint_dir, adapter_path, device=device, dtype=torch_dtype)
-    else:
-        model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=torch_dtype).eval()
+    model = load_finetuned(checkpoint_dir, adapter_path, device=device, dtype=torch_dtype, quantize=quantize)
 
     # seeded once: each sample goes on from where the one before left the generator
     generator = torch.Generator(device=device).manual_seed(seed)

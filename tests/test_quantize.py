@@ -393,3 +393,56 @@ def test_a_quantized_forward_is_linear_on_the_dequantized_weight():
     torch.testing.assert_close(y, F.linear(x, layer.quantized.dequantize(), base.bias), rtol=0, atol=0)
     (g,) = torch.autograd.grad(y.sum(), [x])
     torch.testing.assert_close(g, layer.quantized.dequantize().sum(0).expand(4, 64), rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def base_and_run(tmp_path_factory):
+    from test_merge import make_base, make_run
+
+    root = tmp_path_factory.mktemp("quantized-inference")
+    base = make_base(root / "tiny-llama")
+    run = make_run(root / "run", base, AdapterConfig(method="etherplus", nb=4, targets=["query", "value", "mlp"]))
+    return base, run
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_a_model_loaded_quantized_computes_with_its_dequantized_weights(base_and_run, adapter):
+    from lit_gpt.merge import load_finetuned
+
+    base, run = base_and_run
+    model = load_finetuned(base, run if adapter else None, quantize="nf4")
+    quantized = [m for m in model.modules() if isinstance(m, Quantized)]
+    assert len(quantized) == 2 * 5 and not model.training
+    assert any(isinstance(m, AdaptedLinear) and m.quantized is not None for m in model.modules()) == adapter
+    x = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), with_dequantized_weights(model)(x), rtol=0, atol=0)
+        assert not torch.allclose(model(x), load_finetuned(base, run if adapter else None)(x))
+
+
+def test_chat_generate_and_eval_take_quantize(base_and_run):
+    """chat/base.py's greedy answer is the quantized model's; scripts/generate.py and the lm-eval backend load it."""
+    import subprocess
+    import sys
+
+    from lit_gpt import Tokenizer
+    from lit_gpt.lm_eval import LitGPTLM
+    from lit_gpt.merge import load_finetuned
+    from test_chat import GREEDY, REPO, greedy_answer
+
+    base, run = base_and_run
+    r = subprocess.run([sys.executable, "chat/base.py", "--adapter_path", str(run), *GREEDY, "--quantize", "nf4"],
+                       input="Add two and three.\n", capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    from lit_gpt.data import prompt_style_from_name
+
+    model, tokenizer = load_finetuned(base, run, quantize="nf4"), Tokenizer(base)
+    assert r.stdout == greedy_answer(model, tokenizer, prompt_style_from_name("flan").apply("Add two and three.")) + "\n"
+    r = subprocess.run([sys.executable, "scripts/generate.py", "--checkpoint_dir", str(base), *GREEDY,
+                        "--quantize", "int8"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0 and r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "scripts/generate.py", "--checkpoint_dir", str(base), "--quantize", "fp4"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode != 0 and "--quantize 'fp4' is not a quantization here: pass one of nf4, int8" in r.stderr
+    lm = LitGPTLM(checkpoint_dir=base, quantize="int8", device="cpu", precision="32-true")
+    assert sum(isinstance(m, Quantized) for m in lm.model.modules()) == 2 * 5
