@@ -446,3 +446,56 @@ def test_chat_generate_and_eval_take_quantize(base_and_run):
     assert r.returncode != 0 and "--quantize 'fp4' is not a quantization here: pass one of nf4, int8" in r.stderr
     lm = LitGPTLM(checkpoint_dir=base, quantize="int8", device="cpu", precision="32-true")
     assert sum(isinstance(m, Quantized) for m in lm.model.modules()) == 2 * 5
+
+
+@pytest.mark.slow
+def test_real_smollm2_quantized_as_bitsandbytes_does_and_qlora_trains(smollm2_checkpoint, tmp_path):
+    """SmolLM2-135M's own weights: our NF4 model computes what the weights bitsandbytes dequantizes compute, bit for
+    bit; on a short text int8 costs 0.24% of the loss and NF4 8% (measured 2.5955 / 2.6017 / 2.802 nats: a 135M
+    model loses more to 4 bits than the 7B+ models of QLoRA's paper); and a QLoRA run's loss falls."""
+    import json
+
+    import prepare_json
+
+    from lit_gpt import Tokenizer
+    from lit_gpt.merge import load_finetuned
+
+    text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the capital "
+            "of Germany. Water boils at one hundred degrees Celsius at sea level.")
+    ids = Tokenizer(smollm2_checkpoint).encode(text)[None]
+    losses = {}
+    with torch.no_grad():
+        for kind in (None, "int8", "nf4"):
+            model = load_finetuned(smollm2_checkpoint, quantize=kind)
+            losses[kind] = model(ids, labels=ids).item()
+        try:
+            bnb_f = bnb_functional()
+        except pytest.skip.Exception:
+            bnb_f = None
+        if bnb_f is not None:
+            reference = load_finetuned(smollm2_checkpoint)
+            for m in reference.transformer.h.modules():
+                if type(m) is nn.Linear:
+                    m.weight.copy_(bnb_f.dequantize_4bit(*bnb_f.quantize_4bit(m.weight, blocksize=BLOCK,
+                                                                              quant_type="nf4")))
+            assert reference(ids, labels=ids).item() == losses["nf4"]
+    assert abs(losses["int8"] / losses[None] - 1) < 0.01
+    assert 0.01 < losses["nf4"] / losses[None] - 1 < 0.15
+
+    rows = [{"instruction": "What is the secret word?", "input": "", "output": "The secret word is pineapple."},
+            {"instruction": "Name the project.", "input": "", "output": "The project is lit-ether."}] * 8
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    prepare_json.prepare(json_path=tmp_path / "rows.json", destination_path=tmp_path / "data",
+                         checkpoint_dir=smollm2_checkpoint, max_seq_length=128, test_split_fraction=0.125)
+    out = tmp_path / "run"
+    r = run_cli("lora.py", "--io.train_data_dir", str(tmp_path / "data"), "--io.checkpoint_dir",
+                str(smollm2_checkpoint), "--io.out_dir", str(out), "--train.learning_rate", "2e-3",
+                "--train.max_steps", "8", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
+                "--train.lr_warmup_steps", "1", "--eval.interval", "0", "--eval.max_iters", "2",
+                "--eval.max_new_tokens", "0", "--precision", "32-true", "--lora_r", "8", "--lora_targets",
+                "all-linear", "--quantize", "nf4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--quantize nf4: 150 frozen linear weights" in r.stdout
+    with open(out / "logs" / "metrics.csv") as f:
+        trained = [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+    assert len(trained) == 8 and sum(trained[-2:]) < 0.5 * sum(trained[:2]), trained
