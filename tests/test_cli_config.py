@@ -195,7 +195,7 @@ def test_a_lora_runs_file_given_to_ether_names_lora(tmp_path, capsys, monkeypatc
 
 @pytest.mark.parametrize("path", sorted((REPO / "config_hub" / "finetune").glob("*/*.yaml")), ids=str)
 def test_config_hub_yamls_are_passed_on_as_they_are(path, monkeypatch):
-    module, script = (lora, "finetune/lora.py") if path.stem == "lora" else (ether, "finetune/ether.py")
+    module, script = (lora, "finetune/lora.py") if path.stem.endswith("lora") else (ether, "finetune/ether.py")
     args = ["--config", str(path), "--train.max_steps", "3"]
     assert run_config_args(args, module.setup, script) == args
     flags = parsed_flags(monkeypatch, module, script, *args)

@@ -116,15 +116,6 @@ def test_codes_scales_and_dequantized_weights_equal_bitsandbytes(dtype):
         assert torch.equal(ours.dequantize(), bnb_f.int8_vectorwise_dequant(codes, scales).to(dtype))
 
 
-class Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.lin = layer
-
-    def forward(self, x):
-        return self.lin(x)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qlora_layer_equals_peft_lora_on_a_bitsandbytes_linear4bit(dtype):
     """PEFT's QLoRA layer (LoRA on bitsandbytes' Linear4bit, its double quantization off) and ours, the same A, B:
@@ -132,6 +123,7 @@ def test_qlora_layer_equals_peft_lora_on_a_bitsandbytes_linear4bit(dtype):
     bnb_functional()
     peft = pytest.importorskip("peft")
     import bitsandbytes as bnb
+    from test_adapters_hf import Holder
 
     torch.manual_seed(0)
     base = nn.Linear(128, 96, bias=True).to(dtype)
