@@ -102,13 +102,13 @@ def main(
     lora = AdapterConfig(method="lora", r=lora_r, alpha=2 * lora_r, targets=["query", "value"])
 
     def ours(kind):
-        model = apply_adapters(lit_model(config, dict(state_dict), device), lora)
+        model = apply_adapters(lit_model(config, dict(state_dict), device), lora).to(device)
         if kind is not None:
-            model = model.to(device)
             quantize_model(model, kind)
-        return model.to(device)
+        return model
 
-    sides = {"ours, unquantized": ours(None), "ours, --quantize nf4": ours("nf4"), "ours, --quantize int8": ours("int8")}
+    sides = {"ours, unquantized": ours(None)}
+    sides.update({f"ours, --quantize {kind}": ours(kind) for kind in ("nf4", "int8")})
     try:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401

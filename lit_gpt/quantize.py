@@ -201,10 +201,12 @@ def _unpack(saved):
 class QuantizedLinear(nn.Module):
     """`nn.Linear` with its weight `Quantized`: `F.linear(x, W, b)` with `W` dequantized for the pass only."""
 
-    def __init__(self, base: nn.Linear, kind: str) -> None:
+    def __init__(self, base: nn.Linear, kind: str, device: Optional[torch.device] = None) -> None:
+        """`base`'s weight quantized on `device` (default: where it is); `base` itself is left as it is."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.quantized = Quantized(base.weight, kind)
+        with torch.no_grad():
+            self.quantized = Quantized(base.weight if device is None else base.weight.to(device), kind)
         self.bias = base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,11 +254,8 @@ def quantize_model(model: nn.Module, kind: str, device: Optional[torch.device] =
     for parent, child, module in list(quantizable(model)):
         if isinstance(module, AdaptedLinear):
             module.quantize(kind, device)
-        else:
-            with torch.no_grad():
-                if device is not None:
-                    module.weight = nn.Parameter(module.weight.to(device), requires_grad=False)
-                setattr(parent, child, QuantizedLinear(module, kind))
+        else:  # (the device copy of the weight lives only while it is quantized)
+            setattr(parent, child, QuantizedLinear(module, kind, device))
         done += 1
     return done
 

@@ -429,7 +429,8 @@ def test_chat_generate_and_eval_take_quantize(base_and_run):
     from lit_gpt.data import prompt_style_from_name
 
     model, tokenizer = load_finetuned(base, run, quantize="nf4"), Tokenizer(base)
-    assert r.stdout == greedy_answer(model, tokenizer, prompt_style_from_name("flan").apply("Add two and three.")) + "\n"
+    flan = prompt_style_from_name("flan")
+    assert r.stdout == greedy_answer(model, tokenizer, flan.apply("Add two and three.")) + "\n"
     r = subprocess.run([sys.executable, "scripts/generate.py", "--checkpoint_dir", str(base), *GREEDY,
                         "--quantize", "int8"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0 and r.stdout, r.stderr

@@ -293,11 +293,11 @@ class AdaptedLinear(nn.Module):
         W = self.weight if device is None else self.weight.to(device)
         self.quantized = Quantized(W, kind)
         del self.weight
-        W = self.base_weight()
-        for name, lo, hi in self.slices:
-            ad = self._adapter(name)
-            if getattr(ad, "magnitude", None) is not None:
-                ad.magnitude.copy_(torch.linalg.vector_norm(W[lo:hi], dim=1, dtype=compute_dtype(W)))
+        dora = [(lo, hi, ad) for name, lo, hi in self.slices
+                for ad in (self._adapter(name),) if getattr(ad, "magnitude", None) is not None]
+        W = self.base_weight() if dora else None
+        for lo, hi, ad in dora:
+            ad.magnitude.copy_(torch.linalg.vector_norm(W[lo:hi], dim=1, dtype=compute_dtype(W)))
 
     def _adapter(self, name: str) -> Optional[SliceAdapter]:
         return self.adapters[name] if name in self.adapters else None

@@ -111,7 +111,8 @@ def plan_report(model: Union[str, Config], config: Optional[AdapterConfig], prec
         f"total before activations: {format_bytes(weights + grads + adam)}",
     ]
     if world_size > 1:  # FSDP2 shards every parameter (so its gradient and AdamW state) evenly over the processes
-        gathered = {id(p) for p in gpt.parameters()} - {id(m.weight) for *_, m in quantizable(gpt)} if quantize else None
+        gathered = None if quantize is None else (
+            {id(p) for p in gpt.parameters()} - {id(m.weight) for *_, m in quantizable(gpt)})
         largest_block = max((sum(p.numel() for p in block.parameters() if gathered is None or id(p) in gathered)
                              for block in gpt.transformer.h), default=0) * nbytes
         sharded = weights - quantized_bytes + grads + adam
