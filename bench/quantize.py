@@ -108,7 +108,7 @@ def main(
         return model
 
     sides = {"ours, unquantized": ours(None)}
-    sides.update({f"ours, --quantize {kind}": ours(kind) for kind in ("nf4", "int8")})
+    sides.update({f"ours, --quantize {kind}": ours(kind) for kind in ("nf4", "nf4-dq", "int8")})
     try:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401

@@ -135,10 +135,10 @@ def main(
             it and a whole answer, the oldest exchanges are forgotten, with a note on stderr); fixed-format styles
             such as Alpaca are always single-turn.
         seed: Random seed for sampling.
-        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight) or `int8` (1 byte): keep the linear
-            weights of the transformer blocks, adapted ones too, in that format (`lit_gpt/quantize.py`), for a
-            model that would not fit on the device otherwise; each weight is decoded at every forward pass, so
-            tokens come slower.
+        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight), `nf4-dq` (with QLoRA's double
+            quantization, 0.52) or `int8` (1 byte): keep the linear weights of the transformer blocks,
+            adapted ones too, in that format (`lit_gpt/quantize.py`), for a model that would not fit on the
+            device otherwise; each weight is decoded at every forward pass, so tokens come slower.
     """
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")

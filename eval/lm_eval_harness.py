@@ -98,10 +98,10 @@ def main(
             do_sample, temperature, top_k and top_p; others are refused.
         log_samples: Also write every document's prompt(s), answers and scores, one JSON Lines file per task next
             to the results JSON (<its name without .json>_samples_<task>.jsonl), to inspect or compare runs.
-        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight) or `int8` (1 byte): keep the linear
-            weights of the transformer blocks, adapted ones too, in that format (`lit_gpt/quantize.py`), for a
-            model that would not fit on the device otherwise; each weight is decoded at every forward pass, so
-            tokens come slower.
+        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight), `nf4-dq` (with QLoRA's double
+            quantization, 0.52) or `int8` (1 byte): keep the linear weights of the transformer blocks,
+            adapted ones too, in that format (`lit_gpt/quantize.py`), for a model that would not fit on the
+            device otherwise; each weight is decoded at every forward pass, so tokens come slower.
     """
     import json
 

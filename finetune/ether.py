@@ -91,9 +91,10 @@ def setup(
             float32 (PEFT's default; always so under 16-true), so that Adam steps below half a bfloat16 spacing
             are not rounded away; the frozen model and the activations stay bfloat16.
         quantize: Keep the frozen linear weights of the transformer blocks in `nf4` (QLoRA's 4-bit NormalFloat,
-            0.56 bytes per weight) or `int8` (1 byte), dequantized layer by layer as they compute: QLoRA when
-            the method is LoRA. The embeddings, norms, output head and what trains keep --precision's dtype;
-            the adapter trains against the quantized weights and merges into the checkpoint's own.
+            0.56 bytes per weight), `nf4-dq` (its scales in 8 bits too, QLoRA's double quantization: 0.52) or
+            `int8` (1 byte), dequantized layer by layer as they compute: QLoRA when the method is LoRA. The
+            embeddings, norms, output head and what trains keep --precision's dtype; the adapter trains
+            against the quantized weights and merges into the checkpoint's own.
         devices: Devices per node; more than one shards the model with FSDP2.
         num_nodes: Number of nodes.
         seed: Random seed for initialisation and data order.

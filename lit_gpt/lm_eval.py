@@ -95,8 +95,8 @@ class LitGPTLM(TemplateLM):
         max_gen_toks: Tokens to generate when a task does not say.
         add_bos_token: Force BOS on (True) or off (False); default the tokenizer's own setting, as `HFLM` does.
         max_batch_size: Accepted for lm-eval's API; the batch size is fixed.
-        quantize: `nf4` or `int8`: keep the blocks' linear weights in that format (`lit_gpt.quantize`), for a model
-            that would not fit otherwise; each is decoded at every forward pass.
+        quantize: `nf4`, `nf4-dq` or `int8`: keep the blocks' linear weights in that format (`lit_gpt.quantize`),
+            for a model that would not fit otherwise; each is decoded at every forward pass.
     """
 
     _DEFAULT_MAX_GEN_TOKS = 256

@@ -5,6 +5,10 @@
   the nearest of the 16 NF4 levels (the paper's Appendix E), two 4-bit codes per byte, the first in the high
   half. 0.5625 bytes per weight. The codes and scales are those of bitsandbytes' `quantize_4bit(...,
   blocksize=64, quant_type="nf4")` without its double quantization (the tests compare them where it is installed).
+* ``nf4-dq``: NF4 with QLoRA's double quantization of the scales (bitsandbytes' `compress_statistics=True`, PEFT's
+  `bnb_4bit_use_double_quant`, litgpt's `bnb.nf4-dq`): the absmax values, less their mean, in blocks of 256, each
+  block divided by its largest magnitude and stored as the nearest value of the 8-bit dynamic map of Dettmers
+  (2015, arXiv 1511.04561; signed, 7 exponent bits), with a float32 scale per 256 blocks. 0.5158 bytes per weight.
 * ``int8``: one int8 per weight and a float32 scale per output row, `round(127 w / absmax_row)`, bitsandbytes'
   `int8_vectorwise_quant`. 1 byte per weight plus 4 per row.
 
@@ -27,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KINDS = ("nf4", "int8")
+KINDS = ("nf4", "nf4-dq", "int8")
 BLOCK = 64  # nf4 elements per absmax
+BLOCK2 = 256  # nf4-dq absmax values per second-level scale
 
 # the 16 NF4 levels, as float32: QLoRA (Dettmers et al., 2023), Appendix E
 NF4_LEVELS = (
@@ -45,9 +50,9 @@ def check_kind(kind: Optional[str], flag: str = "--quantize") -> Optional[str]:
     if kind is None or kind in KINDS:
         return kind
     hint = ""
-    if isinstance(kind, str) and kind.startswith("bnb."):
-        hint = (f" (litgpt's {kind} runs bitsandbytes; here the same formats are written in torch: "
-                f"{kind[4:].split('-')[0]!r} is the name)")
+    if isinstance(kind, str) and kind.startswith("bnb.") and kind[4:] in KINDS:
+        hint = (f" (litgpt's {kind} runs bitsandbytes; here the same format is written in torch: {kind[4:]!r} is "
+                "its name)")
     raise ValueError(f"{flag} {kind!r} is not a quantization here{hint}: pass one of {', '.join(KINDS)}, or leave it "
                      "unset to keep the weights unquantized.")
 
@@ -73,24 +78,44 @@ def _byte_pairs(device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
+def _dynamic_map(device: torch.device) -> torch.Tensor:
+    """`(256,)` float32, sorted: the signed 8-bit dynamic data type (Dettmers 2015): for each exponent `e` from -6
+    to 0, the `2^(e+6)` midpoints of `2^(e+6) + 1` steps from 0.1 to 1, times `10^e`, with both signs; and 0, 1."""
+    key = ("dynamic", device)
+    if key not in _TABLES:
+        values = [0.0, 1.0]
+        for i in range(7):
+            steps = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+            mids = (steps[:-1] + steps[1:]) / 2.0
+            values += (10 ** (i - 6) * mids).tolist() + (-(10 ** (i - 6)) * mids).tolist()
+        _TABLES[key] = torch.tensor(sorted(values), dtype=torch.float32, device=device)
+    return _TABLES[key]
+
+
+def _blockwise_nearest(x: torch.Tensor, levels: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` (float32, flat) in blocks of `block` (a ragged last one too): each block scaled by the reciprocal of its
+    absmax, every value the index of the nearest of the sorted `levels`. Returns (uint8 indices, absmax)."""
+    n = x.numel()
+    pad = -n % block
+    blocks = F.pad(x, (0, pad)).view(-1, block) if pad else x.view(-1, block)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]
+    codes = torch.bucketize(scaled, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
+    return codes.view(-1)[:n], absmax
+
+
 def _quantize_nf4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = W.reshape(-1)
-    pad = -flat.numel() % BLOCK
-    levels = _levels(W.device)
-    bounds = (levels[1:] + levels[:-1]) / 2  # a value goes to the nearest level
     codes, scales = [], []
     step = _ROWS_AT_A_TIME * BLOCK
     for at in range(0, flat.numel(), step):
-        part = flat[at:at + step].float()
-        if part.numel() % BLOCK:
-            part = F.pad(part, (0, pad))
-        blocks = part.view(-1, BLOCK)
-        absmax = blocks.abs().amax(dim=1)
-        normalized = blocks / absmax.masked_fill(absmax == 0, 1)[:, None]
-        c = torch.bucketize(normalized, bounds).to(torch.uint8).view(-1, 2)
+        c, absmax = _blockwise_nearest(flat[at:at + step].float(), _levels(W.device), BLOCK)
+        if c.numel() % 2:  # (the ragged end: its last byte's low half is the level 0)
+            c = F.pad(c, (0, 1), value=7)
+        c = c.view(-1, 2)
         codes.append(c[:, 0] << 4 | c[:, 1])
         scales.append(absmax)
-    return torch.cat(codes)[:-(-flat.numel() // 2)], torch.cat(scales)  # a ragged end keeps its bytes only
+    return torch.cat(codes), torch.cat(scales)
 
 
 def _quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +143,17 @@ class Quantized(nn.Module):
         self.kind = kind
         self.shape = tuple(W.shape)
         with torch.no_grad():
-            codes, scales = (_quantize_nf4 if kind == "nf4" else _quantize_int8)(W.detach())
+            codes, scales = (_quantize_int8 if kind == "int8" else _quantize_nf4)(W.detach())
+            offset = scales2 = None
+            if kind == "nf4-dq":  # the scales themselves, less their mean, in 8 bits
+                offset = scales.mean()
+                scales, scales2 = _blockwise_nearest(scales - offset, _dynamic_map(W.device), BLOCK2)
         self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scales", scales.view(torch.int32), persistent=False)
+        # float32 values are kept as their int32 bits: a model's dtype cast leaves them as they are
+        self.register_buffer("scales", scales if kind == "nf4-dq" else scales.view(torch.int32), persistent=False)
+        if kind == "nf4-dq":
+            self.register_buffer("scales2", scales2.view(torch.int32), persistent=False)
+            self.register_buffer("offset", offset.reshape(1).view(torch.int32), persistent=False)
         self.register_buffer("probe", torch.empty(0, dtype=W.dtype, device=W.device), persistent=False)
 
     @property
@@ -135,14 +168,24 @@ class Quantized(nn.Module):
         return self.shape[0] * self.shape[1]
 
     def nbytes(self) -> int:
-        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * 4
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "probe")
+
+    def block_scales(self, b0: int, b1: int) -> torch.Tensor:
+        """The float32 absmax of NF4 blocks `b0` to `b1` (decoded from their 8 bits with `nf4-dq`)."""
+        if self.kind != "nf4-dq":
+            return self.scales.view(torch.float32)[b0:b1]
+        c0, c1 = b0 // BLOCK2, -(-b1 // BLOCK2)
+        values = _dynamic_map(self.codes.device)[self.scales[c0 * BLOCK2:c1 * BLOCK2].long()]
+        values = F.pad(values, (0, (c1 - c0) * BLOCK2 - values.numel())).view(c1 - c0, BLOCK2)
+        values = values * self.scales2.view(torch.float32)[c0:c1, None]
+        return values.view(-1)[b0 - c0 * BLOCK2:b1 - c0 * BLOCK2] + self.offset.view(torch.float32)
 
     def dequantize(self, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """The weight, or the elements `[start, stop)` of it flattened (whole blocks are decoded, then cut)."""
         n = self.numel()
         stop = n if stop is None else stop
-        scales = self.scales.view(torch.float32)
         if self.kind == "int8":
+            scales = self.scales.view(torch.float32)
             cols = self.shape[1]
             r0, r1 = start // cols, -(-stop // cols)
             rows = self.codes[r0 * cols:r1 * cols].view(r1 - r0, cols).float().mul_(scales[r0:r1, None]).mul_(1 / 127)
@@ -153,7 +196,7 @@ class Quantized(nn.Module):
             if packed.numel() < (b1 - b0) * BLOCK // 2:  # the ragged last block
                 packed = F.pad(packed, (0, (b1 - b0) * BLOCK // 2 - packed.numel()))
             pairs = _byte_pairs(packed.device).index_select(0, packed.int()).view(torch.float32)
-            values = pairs.view(b1 - b0, BLOCK).mul_(scales[b0:b1, None])
+            values = pairs.view(b1 - b0, BLOCK).mul_(self.block_scales(b0, b1)[:, None])
             out = values.to(self.dtype).reshape(-1)[start - b0 * BLOCK:stop - b0 * BLOCK]
         return out.view(self.shape) if (start, stop) == (0, n) else out
 
@@ -260,7 +303,9 @@ def quantize_model(model: nn.Module, kind: str, device: Optional[torch.device] =
     return done
 
 
-DESCRIPTIONS = {"nf4": "4-bit NormalFloat (QLoRA's NF4, blocks of 64)", "int8": "int8 (a scale per row)"}
+DESCRIPTIONS = {"nf4": "4-bit NormalFloat (QLoRA's NF4, blocks of 64)",
+                "nf4-dq": "4-bit NormalFloat with its scales in 8 bits (QLoRA's NF4 and double quantization)",
+                "int8": "int8 (a scale per row)"}
 
 
 def quantize_note(model: nn.Module, kind: str) -> str:
@@ -281,4 +326,7 @@ def quantized_nbytes(shape: tuple[int, int], kind: str) -> int:
     rows, cols = shape
     if kind == "int8":
         return rows * cols + 4 * rows
-    return -(-rows * cols // 2) + 4 * -(-rows * cols // BLOCK)
+    blocks = -(-rows * cols // BLOCK)
+    if kind == "nf4-dq":
+        return -(-rows * cols // 2) + blocks + 4 * -(-blocks // BLOCK2) + 4
+    return -(-rows * cols // 2) + 4 * blocks

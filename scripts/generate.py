@@ -100,10 +100,10 @@ def main(
             same seed gives the same samples again (the first one is the answer --num_samples 1 gives).
         num_samples: How many answers to sample for the prompt from the one loaded model (at least 1); above 1,
             each is printed after a line `--- sample I of N ---`, with a blank line between them.
-        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight) or `int8` (1 byte): keep the linear
-            weights of the transformer blocks, adapted ones too, in that format (`lit_gpt/quantize.py`), for a
-            model that would not fit on the device otherwise; each weight is decoded at every forward pass, so
-            tokens come slower.
+        quantize: `nf4` (QLoRA's 4-bit NormalFloat, 0.56 bytes per weight), `nf4-dq` (with QLoRA's double
+            quantization, 0.52) or `int8` (1 byte): keep the linear weights of the transformer blocks,
+            adapted ones too, in that format (`lit_gpt/quantize.py`), for a model that would not fit on the
+            device otherwise; each weight is decoded at every forward pass, so tokens come slower.
     """
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}.")
