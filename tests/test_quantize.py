@@ -279,6 +279,39 @@ def test_training_a_quantized_model_is_training_on_its_dequantized_weights(metho
             assert torch.equal(grads[k], ref_grads[k]), k
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_on_a_gpu_the_codes_are_the_cpus_and_training_is_on_the_dequantized_weights(method, kw):
+    """Quantized on the GPU (`quantize_model(device=)`, as training does): the CPU's codes; the loss and gradients
+    of the fused GPU paths equal those of the same model holding the dequantized weights."""
+    on_cpu = quantized_gpt(method, kw, "nf4-dq", torch.bfloat16)
+    torch.manual_seed(0)
+    model = GPT(tiny(n_embd=64, intermediate_size=128)).to(torch.bfloat16)
+    apply_adapters(model, AdapterConfig(method=method, targets="all-linear", **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    quantize_model(model, "nf4-dq", device=torch.device("cuda"))
+    model.cuda()
+    cpu_codes = {n: m for n, m in on_cpu.named_modules() if isinstance(m, Quantized)}
+    gpu_codes = {n: m for n, m in model.named_modules() if isinstance(m, Quantized)}
+    assert cpu_codes.keys() == gpu_codes.keys() and gpu_codes
+    for name, m in gpu_codes.items():
+        assert m.codes.is_cuda and torch.equal(m.codes.cpu(), cpu_codes[name].codes), name
+        assert torch.equal(m.dequantize().cpu(), cpu_codes[name].dequantize()), name
+    ref = with_dequantized_weights(model)
+    x = torch.randint(0, 61, (2, 40), device="cuda")
+    loss, ref_loss = model(x, labels=x), ref(x, labels=x)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    loss.backward()
+    ref_loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-2, atol=1e-3, msg=k)
+
+
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_autograd_keeps_no_dequantized_weight_between_forward_and_backward(method, kw, monkeypatch):
     made = []
