@@ -245,7 +245,9 @@ METHODS = [
 ]
 
 
-def quantized_gpt(method, kw, kind="nf4", dtype=torch.float32, targets="all-linear", **model_kw):
+def quantized_gpt(method, kw, kind="nf4", dtype=torch.float32, targets="all-linear", device=None, **model_kw):
+    """A tiny adapted GPT, its adapters away from their start, quantized on `device` (default: the CPU) and moved
+    there."""
     torch.manual_seed(0)
     model = GPT(tiny(n_embd=64, intermediate_size=128, **model_kw)).to(dtype)
     apply_adapters(model, AdapterConfig(method=method, targets=targets, **kw))
@@ -253,8 +255,8 @@ def quantized_gpt(method, kw, kind="nf4", dtype=torch.float32, targets="all-line
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(std=0.1)
-    quantize_model(model, kind)
-    return model
+    quantize_model(model, kind, device=device)
+    return model if device is None else model.to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -285,15 +287,7 @@ def test_on_a_gpu_the_codes_are_the_cpus_and_training_is_on_the_dequantized_weig
     """Quantized on the GPU (`quantize_model(device=)`, as training does): the CPU's codes; the loss and gradients
     of the fused GPU paths equal those of the same model holding the dequantized weights."""
     on_cpu = quantized_gpt(method, kw, "nf4-dq", torch.bfloat16)
-    torch.manual_seed(0)
-    model = GPT(tiny(n_embd=64, intermediate_size=128)).to(torch.bfloat16)
-    apply_adapters(model, AdapterConfig(method=method, targets="all-linear", **kw))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.1)
-    quantize_model(model, "nf4-dq", device=torch.device("cuda"))
-    model.cuda()
+    model = quantized_gpt(method, kw, "nf4-dq", torch.bfloat16, device=torch.device("cuda"))
     cpu_codes = {n: m for n, m in on_cpu.named_modules() if isinstance(m, Quantized)}
     gpu_codes = {n: m for n, m in model.named_modules() if isinstance(m, Quantized)}
     assert cpu_codes.keys() == gpu_codes.keys() and gpu_codes
